@@ -1,0 +1,122 @@
+// The backward pass: reverse topological order over the nodes reachable from the root.
+//
+// Gradients arriving at the same node from several uses are summed before its backward function runs;
+// gradients reaching a leaf are added into leaf.grad(), which therefore accumulates across uses and
+// across backward() calls until zero_grad(). Each node's backward function (and what it saved) is
+// dropped as soon as it has run, unless retain_graph is set; running through it again is an error.
+#pragma once
+
+#include <algorithm>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include "rex/autograd/graph.hpp"
+#include "rex/core/factory.hpp"
+
+namespace rex::detail {
+
+// acc += g; the first gradient is copied so that a leaf's .grad() never aliases another tensor.
+inline void accumulate_leaf_grad(AutogradMeta& leaf, const Tensor& g) {
+  if (!leaf.grad.defined()) {
+    leaf.grad = g.clone();
+    return;
+  }
+  float* acc = leaf.grad.data<float>();
+  const float* add = g.data<float>();
+  for (int64_t i = 0, n = g.numel(); i < n; ++i) acc[i] += add[i];
+}
+
+// Returns a + b as a new tensor (neither input may be written: either could be shared).
+inline Tensor sum_of_grads(const Tensor& a, const Tensor& b) {
+  Tensor out = Tensor::empty(a.shape());
+  const float *pa = a.data<float>(), *pb = b.data<float>();
+  float* po = out.data<float>();
+  for (int64_t i = 0, n = a.numel(); i < n; ++i) po[i] = pa[i] + pb[i];
+  return out;
+}
+
+// Nodes reachable from `root`, each before every node that produced one of its inputs.
+inline std::vector<Node*> topological_order(Node* root) {
+  std::vector<Node*> post_order;
+  std::unordered_set<Node*> visited{root};
+  std::vector<std::pair<Node*, size_t>> stack{{root, 0}};  // (node, next input to visit)
+  while (!stack.empty()) {
+    auto& [node, next] = stack.back();
+    if (next < node->inputs.size()) {
+      const auto& input = node->inputs[next++];
+      Node* child = input ? input->grad_fn.get() : nullptr;
+      if (child && visited.insert(child).second) stack.emplace_back(child, 0);
+    } else {
+      post_order.push_back(node);
+      stack.pop_back();
+    }
+  }
+  std::reverse(post_order.begin(), post_order.end());
+  return post_order;
+}
+
+inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retain_graph) {
+  REX_CHECK(root.requires_grad(),
+            "backward: this tensor does not require a gradient (no input of its graph was marked "
+            "with requires_grad_, or it was computed under NoGradGuard)");
+  REX_CHECK(root_grad.defined() && root_grad.shape() == root.shape(), "backward: gradient of shape ",
+            root_grad.defined() ? root_grad.shape().str() : "undefined", " for a tensor of shape ",
+            root.shape());
+  REX_CHECK(root_grad.dtype() == DType::f32, "backward: the gradient must be f32");
+  NoGradGuard no_grad;
+  AutogradMeta& root_meta = *root.impl().autograd;
+  if (!root_meta.grad_fn) {
+    accumulate_leaf_grad(root_meta, root_grad);
+    return;
+  }
+
+  std::unordered_map<Node*, Tensor> pending{{root_meta.grad_fn.get(), root_grad}};
+  for (Node* node : topological_order(root_meta.grad_fn.get())) {
+    auto it = pending.find(node);
+    if (it == pending.end()) continue;  // no gradient flowed into this node
+    Tensor grad = std::move(it->second);
+    pending.erase(it);
+
+    REX_CHECK(node->backward != nullptr, "backward: the graph through '", node->op,
+              "' was released by an earlier backward(); pass retain_graph=true to that call to "
+              "backpropagate through it twice");
+    std::vector<bool> needs(node->inputs.size());
+    for (size_t i = 0; i < needs.size(); ++i) needs[i] = node->inputs[i] != nullptr;
+    GradList grads = node->backward(grad, needs);
+    if (!retain_graph) node->backward = nullptr;
+
+    REX_CHECK(grads.size() == node->inputs.size(), "backward of '", node->op, "' returned ",
+              grads.size(), " gradients for ", node->inputs.size(), " inputs");
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (!node->inputs[i] || !grads[i].defined()) continue;
+      REX_CHECK(grads[i].shape() == node->input_shapes[i], "backward of '", node->op,
+                "' returned a gradient of shape ", grads[i].shape(), " for input ", i,
+                " of shape ", node->input_shapes[i]);
+      AutogradMeta& input = *node->inputs[i];
+      if (input.grad_fn) {
+        Tensor& slot = pending[input.grad_fn.get()];
+        slot = slot.defined() ? sum_of_grads(slot, grads[i]) : grads[i];
+      } else {
+        accumulate_leaf_grad(input, grads[i]);
+      }
+    }
+  }
+}
+
+}  // namespace rex::detail
+
+namespace rex {
+
+inline void Tensor::backward(bool retain_graph) const {
+  REX_CHECK(numel() == 1, "backward: called without a gradient on a tensor of shape ", shape(),
+            "; pass the output gradient, or reduce to a scalar first");
+  detail::run_backward(*this, ones(shape()), retain_graph);
+}
+
+inline void Tensor::backward(const Tensor& grad_output, bool retain_graph) const {
+  detail::run_backward(*this, grad_output, retain_graph);
+}
+
+}  // namespace rex

@@ -1,0 +1,126 @@
+// The autograd graph: define-by-run, one node per op output.
+//
+// An op that has an input requiring a gradient calls detail::record(output, "name", {inputs},
+// backward_fn). The node keeps the inputs' AutogradMeta (not their buffers) and a backward function
+// that captured exactly what it needs. backward_fn takes the output gradient and returns one gradient
+// per input (undefined where the input needs none); it may take a second argument, a vector<bool>
+// saying which inputs need a gradient, to skip work.
+//
+// Leaves (parameters and inputs marked with requires_grad_) accumulate into their .grad(); interior
+// tensors pass gradients on. NoGradGuard turns recording off in a scope (backward runs under it, so
+// gradient code builds no graph).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "rex/core/tensor.hpp"
+
+namespace rex {
+namespace detail {
+
+using GradList = std::vector<Tensor>;
+
+struct Node {
+  std::string_view op;  // the op's name, for error messages
+  std::vector<std::shared_ptr<AutogradMeta>> inputs;  // null where an input needs no gradient
+  std::vector<Shape> input_shapes;
+  std::function<GradList(const Tensor&, const std::vector<bool>&)> backward;  // null once released
+};
+
+struct AutogradMeta {
+  bool requires_grad = false;
+  std::shared_ptr<Node> grad_fn;  // null for leaves
+  Tensor grad;                    // accumulated gradient (leaves only)
+};
+
+inline bool& grad_mode_flag() {
+  thread_local bool enabled = true;
+  return enabled;
+}
+
+}  // namespace detail
+
+inline bool grad_enabled() { return detail::grad_mode_flag(); }
+
+// While alive, ops record no graph (for evaluation, optimiser updates, gradient code).
+class NoGradGuard {
+ public:
+  NoGradGuard() : previous_(detail::grad_mode_flag()) { detail::grad_mode_flag() = false; }
+  ~NoGradGuard() { detail::grad_mode_flag() = previous_; }
+  NoGradGuard(const NoGradGuard&) = delete;
+  NoGradGuard& operator=(const NoGradGuard&) = delete;
+
+ private:
+  bool previous_;
+};
+
+inline bool Tensor::requires_grad() const {
+  return impl().autograd != nullptr && impl().autograd->requires_grad;
+}
+
+inline bool Tensor::is_leaf() const {
+  return impl().autograd == nullptr || impl().autograd->grad_fn == nullptr;
+}
+
+inline Tensor& Tensor::requires_grad_(bool enabled) {
+  REX_CHECK(is_leaf(), "requires_grad_: only leaf tensors can be marked (this one was produced by ",
+            impl().autograd->grad_fn->op, "); use detach() first");
+  REX_CHECK(!enabled || dtype() == DType::f32, "requires_grad_: ", dtype(),
+            " tensors are not differentiable");
+  if (!impl().autograd) impl().autograd = std::make_shared<detail::AutogradMeta>();
+  impl().autograd->requires_grad = enabled;
+  return *this;
+}
+
+inline Tensor Tensor::grad() const { return impl().autograd ? impl().autograd->grad : Tensor(); }
+
+inline void Tensor::zero_grad() {
+  if (impl().autograd) impl().autograd->grad = Tensor();
+}
+
+namespace detail {
+
+// True when an op on these inputs must record a node.
+inline bool any_requires_grad(std::initializer_list<const Tensor*> inputs) {
+  if (!grad_enabled()) return false;
+  for (const Tensor* t : inputs)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+// Attaches a node to `output` if grad mode is on and some input requires a gradient; returns output.
+template <class BackwardFn>
+Tensor record(Tensor output, std::string_view op, const std::vector<Tensor>& inputs,
+              BackwardFn&& backward_fn) {
+  if (!grad_enabled()) return output;
+  auto node = std::make_shared<Node>();
+  bool any = false;
+  for (const Tensor& in : inputs) {
+    const bool needs = in.defined() && in.requires_grad();
+    node->inputs.push_back(needs ? in.impl().autograd : nullptr);
+    node->input_shapes.push_back(in.defined() ? in.shape() : Shape{});
+    any = any || needs;
+  }
+  if (!any) return output;
+  REX_CHECK(output.impl().autograd == nullptr, op, ": internal error, the output already has a node");
+  node->op = op;
+  if constexpr (std::is_invocable_v<BackwardFn, const Tensor&, const std::vector<bool>&>) {
+    node->backward = std::forward<BackwardFn>(backward_fn);
+  } else {
+    node->backward = [fn = std::forward<BackwardFn>(backward_fn)](
+                         const Tensor& grad, const std::vector<bool>&) { return fn(grad); };
+  }
+  auto meta = std::make_shared<AutogradMeta>();
+  meta->requires_grad = true;
+  meta->grad_fn = std::move(node);
+  output.impl().autograd = std::move(meta);
+  return output;
+}
+
+}  // namespace detail
+}  // namespace rex

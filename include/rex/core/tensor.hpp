@@ -1,0 +1,200 @@
+// Tensor: a shared handle to an N-d array.
+//
+// Layout is always contiguous row-major: a Tensor is (storage, element offset, shape, dtype). That one
+// rule keeps every kernel a flat loop or a plain GEMM. Views exist only where the layout allows them
+// without strides: reshape, and slicing a run of the leading axis; transpose and permute copy. Copying a
+// Tensor copies the handle, not the values (clone() copies the values).
+//
+// The autograd fields (requires_grad, grad, the node that produced the tensor) live in a separate
+// AutogradMeta that a graph node refers to, so the graph never keeps activation buffers alive unless a
+// backward function saved them on purpose. Definitions that need the graph types are in
+// rex/autograd/graph.hpp; include rex/rex.hpp to get everything.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <ostream>
+#include <vector>
+
+#include "rex/core/dtype.hpp"
+#include "rex/core/error.hpp"
+#include "rex/core/shape.hpp"
+#include "rex/core/storage.hpp"
+
+namespace rex {
+
+class Tensor;
+
+namespace detail {
+
+struct AutogradMeta;
+
+struct TensorImpl {
+  std::shared_ptr<Storage> storage;
+  int64_t offset = 0;  // in elements
+  Shape shape;
+  DType dtype = DType::f32;
+  std::shared_ptr<AutogradMeta> autograd;  // null for a tensor outside any graph
+};
+
+}  // namespace detail
+
+class Tensor {
+ public:
+  Tensor() = default;  // an undefined tensor (e.g. "no gradient")
+  explicit Tensor(std::shared_ptr<detail::TensorImpl> impl) : impl_(std::move(impl)) {}
+
+  // Uninitialised storage; use rex::zeros & co. unless every element is written next.
+  static Tensor empty(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu()) {
+    auto impl = std::make_shared<detail::TensorImpl>();
+    impl->storage =
+        std::make_shared<detail::Storage>(static_cast<size_t>(shape.numel()) * dtype_size(dtype), device);
+    impl->shape = shape;
+    impl->dtype = dtype;
+    return Tensor(std::move(impl));
+  }
+
+  bool defined() const { return impl_ != nullptr; }
+  const Shape& shape() const { return checked().shape; }
+  int64_t rank() const { return shape().rank(); }
+  int64_t dim(int64_t axis) const { return shape()[shape().normalize_axis(axis, "dim")]; }
+  int64_t numel() const { return shape().numel(); }
+  DType dtype() const { return checked().dtype; }
+  Device device() const { return checked().storage->device(); }
+
+  // Raw element pointer; T must match the dtype (float for f32, int32_t for i32).
+  template <class T>
+  T* data() const {
+    const auto& impl = checked();
+    REX_CHECK(impl.dtype == dtype_of<T>(), "data<", dtype_name(dtype_of<T>()), ">() on a ",
+              impl.dtype, " tensor");
+    return static_cast<T*>(impl.storage->data()) + impl.offset;
+  }
+
+  // Element access for tests and small programs (slow: bounds-checked, converts to float).
+  float at(std::initializer_list<int64_t> index) const {
+    const Shape& s = shape();
+    REX_CHECK(static_cast<int64_t>(index.size()) == s.rank(), "at: ", index.size(),
+              " indices for shape ", s);
+    int64_t flat = 0, axis = 0;
+    for (int64_t i : index) {
+      REX_CHECK(i >= 0 && i < s[axis], "at: index ", i, " out of range for axis ", axis, " of ", s);
+      flat = flat * s[axis++] + i;
+    }
+    return flat_value(flat);
+  }
+  float item() const {
+    REX_CHECK(numel() == 1, "item: tensor of shape ", shape(), " has ", numel(), " elements, not 1");
+    return flat_value(0);
+  }
+  template <class T = float>
+  std::vector<T> to_vector() const {
+    const T* p = data<T>();
+    return std::vector<T>(p, p + numel());
+  }
+
+  // Deep copy of the values, outside any graph.
+  Tensor clone() const {
+    Tensor out = empty(shape(), dtype(), device());
+    std::copy_n(static_cast<const char*>(checked().storage->data()) +
+                    checked().offset * static_cast<int64_t>(dtype_size(dtype())),
+                numel() * static_cast<int64_t>(dtype_size(dtype())),
+                static_cast<char*>(out.impl_->storage->data()));
+    return out;
+  }
+  // Same values and storage, cut from the graph: gradients do not flow through the result.
+  Tensor detach() const {
+    auto impl = std::make_shared<detail::TensorImpl>(checked());
+    impl->autograd = nullptr;
+    return Tensor(std::move(impl));
+  }
+  // Sets every element; not recorded in the graph (for initialisation and tests).
+  Tensor& fill_(float value) {
+    if (dtype() == DType::i32) {
+      std::fill_n(data<int32_t>(), numel(), static_cast<int32_t>(value));
+    } else {
+      std::fill_n(data<float>(), numel(), value);
+    }
+    return *this;
+  }
+
+  // Autograd (defined in rex/autograd/graph.hpp and rex/autograd/engine.hpp).
+  bool requires_grad() const;
+  // Marks a leaf as a parameter whose gradient is accumulated by backward().
+  Tensor& requires_grad_(bool enabled = true);
+  bool is_leaf() const;
+  Tensor grad() const;  // undefined until a backward pass reached this leaf
+  void zero_grad();     // drops the accumulated gradient
+  // Backpropagates from a scalar (gradient 1), or from any tensor given its output gradient.
+  // The graph is released afterwards unless retain_graph is true.
+  void backward(bool retain_graph = false) const;
+  void backward(const Tensor& grad_output, bool retain_graph = false) const;
+
+  detail::TensorImpl& impl() const { return checked(); }
+  bool shares_storage_with(const Tensor& other) const {
+    return impl_ && other.impl_ && impl_->storage == other.impl_->storage;
+  }
+
+ private:
+  detail::TensorImpl& checked() const {
+    REX_CHECK(impl_ != nullptr, "use of an undefined tensor");
+    return *impl_;
+  }
+  float flat_value(int64_t i) const {
+    return dtype() == DType::i32 ? static_cast<float>(data<int32_t>()[i]) : data<float>()[i];
+  }
+
+  std::shared_ptr<detail::TensorImpl> impl_;
+};
+
+namespace detail {
+
+// A tensor sharing `base`'s storage, starting `offset` elements after base's first element.
+inline Tensor make_view(const Tensor& base, int64_t offset, const Shape& shape) {
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = base.impl().storage;
+  impl->offset = base.impl().offset + offset;
+  impl->shape = shape;
+  impl->dtype = base.dtype();
+  return Tensor(std::move(impl));
+}
+
+inline void print_values(std::ostream& out, const Tensor& t, int64_t axis, int64_t& flat) {
+  constexpr int64_t kEdge = 3;  // elements shown at each end of a long axis
+  const int64_t n = t.shape()[axis];
+  const int64_t inner = t.shape().numel(axis + 1, t.rank());
+  out << "[";
+  for (int64_t i = 0; i < n; ++i) {
+    if (n > 2 * kEdge && i == kEdge) {
+      out << "..., ";
+      flat += (n - 2 * kEdge) * inner;
+      i = n - kEdge - 1;
+      continue;
+    }
+    if (axis + 1 == t.rank()) {
+      out << (t.dtype() == DType::i32 ? static_cast<float>(t.data<int32_t>()[flat])
+                                      : t.data<float>()[flat]);
+      ++flat;
+    } else {
+      print_values(out, t, axis + 1, flat);
+    }
+    if (i + 1 < n) out << ", ";
+  }
+  out << "]";
+}
+
+}  // namespace detail
+
+// Prints shape, dtype and values, eliding the middle of long axes: tensor([2, 3], f32) [[...], ...].
+inline std::ostream& operator<<(std::ostream& out, const Tensor& t) {
+  if (!t.defined()) return out << "tensor(undefined)";
+  out << "tensor(" << t.shape() << ", " << t.dtype() << ") ";
+  if (t.rank() == 0) return out << t.item();
+  int64_t flat = 0;
+  detail::print_values(out, t, 0, flat);
+  return out;
+}
+
+}  // namespace rex

@@ -1,0 +1,93 @@
+// Reductions over one axis or over everything: sum, mean, max, each with keepdim.
+//
+// The reduced axis is seen as the middle of an [outer, n, inner] block. sum's backward broadcasts the
+// gradient back; mean is sum / n; max routes the gradient to the first position of each maximum
+// (ties go to the lowest index, as the saved argmax says).
+#pragma once
+
+#include <limits>
+#include <vector>
+
+#include "rex/ops/broadcast.hpp"
+#include "rex/ops/elementwise.hpp"
+#include "rex/ops/shape.hpp"
+
+namespace rex {
+namespace detail {
+
+// The shape left after reducing `axis`: extent 1 with keepdim, removed without.
+inline Shape reduced_shape(const Shape& in, int64_t axis, bool keepdim) {
+  std::vector<int64_t> dims = in.dims();
+  if (keepdim) {
+    dims[static_cast<size_t>(axis)] = 1;
+  } else {
+    dims.erase(dims.begin() + axis);
+  }
+  return Shape(std::move(dims));
+}
+
+}  // namespace detail
+
+inline Tensor sum(const Tensor& x, int64_t axis, bool keepdim = false) {
+  detail::check_f32("sum", x);
+  axis = x.shape().normalize_axis(axis, "sum");
+  const int64_t outer = x.shape().numel(0, axis), n = x.shape()[axis];
+  const int64_t inner = x.shape().numel(axis + 1, x.rank());
+  Tensor out = zeros(detail::reduced_shape(x.shape(), axis, keepdim));
+  const float* px = x.data<float>();
+  float* po = out.data<float>();
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < inner; ++i) po[o * inner + i] += px[(o * n + j) * inner + i];
+  return detail::record(out, "sum", {x}, [in_shape = x.shape(), axis](const Tensor& g) {
+    return detail::GradList{
+        broadcast_to(reshape(g, detail::reduced_shape(in_shape, axis, true).dims()), in_shape)};
+  });
+}
+
+// Sum of all elements, as a 0-d tensor.
+inline Tensor sum(const Tensor& x) { return sum(reshape(x, {-1}), 0); }
+
+inline Tensor mean(const Tensor& x, int64_t axis, bool keepdim = false) {
+  detail::check_f32("mean", x);
+  const int64_t n = x.dim(axis);
+  REX_CHECK(n > 0, "mean: axis ", axis, " of shape ", x.shape(), " is empty");
+  return mul(sum(x, axis, keepdim), 1.0f / static_cast<float>(n));
+}
+
+inline Tensor mean(const Tensor& x) { return mean(reshape(x, {-1}), 0); }
+
+inline Tensor max(const Tensor& x, int64_t axis, bool keepdim = false) {
+  detail::check_f32("max", x);
+  axis = x.shape().normalize_axis(axis, "max");
+  const int64_t outer = x.shape().numel(0, axis), n = x.shape()[axis];
+  const int64_t inner = x.shape().numel(axis + 1, x.rank());
+  REX_CHECK(n > 0, "max: axis ", axis, " of shape ", x.shape(), " is empty");
+  Tensor out = Tensor::empty(detail::reduced_shape(x.shape(), axis, keepdim));
+  std::vector<int64_t> argmax(static_cast<size_t>(outer * inner));  // flat index into x
+  const float* px = x.data<float>();
+  float* po = out.data<float>();
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t i = 0; i < inner; ++i) {
+      int64_t best = o * n * inner + i;
+      for (int64_t j = 1; j < n; ++j) {
+        const int64_t at = (o * n + j) * inner + i;
+        if (px[at] > px[best]) best = at;
+      }
+      po[o * inner + i] = px[best];
+      argmax[static_cast<size_t>(o * inner + i)] = best;
+    }
+  }
+  return detail::record(out, "max", {x},
+                        [in_shape = x.shape(), argmax = std::move(argmax)](const Tensor& g) {
+                          Tensor gx = zeros(in_shape);
+                          const float* pg = g.data<float>();
+                          float* pgx = gx.data<float>();
+                          for (size_t r = 0; r < argmax.size(); ++r) pgx[argmax[r]] += pg[r];
+                          return detail::GradList{gx};
+                        });
+}
+
+inline Tensor max(const Tensor& x) { return max(reshape(x, {-1}), 0); }
+
+}  // namespace rex

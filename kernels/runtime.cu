@@ -1,0 +1,32 @@
+// Device discovery for rex::cuda: how many GPUs the driver reports and what they are.
+#include <cuda_runtime.h>
+
+#include <cstdio>
+
+#include "rex/backend/cuda/runtime.hpp"
+#include "rex/core/error.hpp"
+
+namespace rex::cuda {
+
+int device_count() {
+  int count = 0;
+  // No driver or no device is not an error here: it means "run on the CPU".
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error state
+    return 0;
+  }
+  return count;
+}
+
+std::string device_description(int index) {
+  cudaDeviceProp prop{};
+  const cudaError_t status = cudaGetDeviceProperties(&prop, index);
+  REX_CHECK(status == cudaSuccess, "cudaGetDeviceProperties(", index,
+            ") failed: ", cudaGetErrorString(status));
+  char text[256];
+  std::snprintf(text, sizeof text, "%s (sm_%d%d, %.1f GiB)", prop.name, prop.major, prop.minor,
+                static_cast<double>(prop.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
+  return text;
+}
+
+}  // namespace rex::cuda
