@@ -4,7 +4,8 @@
 // weights w (a plain sum would hide errors in ops whose outputs sum to a constant, like softmax).
 // L is accumulated in double. For every element x_j of every input that requires a gradient:
 //   numeric_j = (L(x_j + h) - L(x_j - h)) / (actual distance between the two perturbed floats)
-// and the check passes when |analytic_j - numeric_j| <= atol + rtol * |numeric_j| for all j.
+// and the check passes when |analytic_j - numeric_j| <= atol + rtol * |numeric_j| for all j (a NaN
+// on either side fails).
 // Inputs should keep away from kinks (relu at 0, ties in max/top-k) by more than h.
 #pragma once
 
@@ -68,13 +69,14 @@ inline GradcheckResult gradcheck(const TensorFn& f, std::vector<Tensor> inputs,
       px[j] = original;
       const double numeric = (loss_plus - loss_minus) / (static_cast<double>(plus) - minus);
       const double got = analytic.defined() ? analytic.data<float>()[j] : 0.0;
-      const double excess =
+      const double raw =
           std::abs(got - numeric) - (options.atol + options.rtol * std::abs(numeric));
+      const double excess = std::isnan(raw) ? INFINITY : raw;  // a NaN on either side fails
       if (excess > result.worst_error) {
         result.worst_error = excess;
         std::ostringstream where;
-        where << "input " << k << " (shape " << x.shape() << ") element " << j
-              << ": autodiff " << got << ", central difference " << numeric;
+        where << "input " << k << " (shape " << x.shape() << ") element " << j << ": autodiff "
+              << got << ", central difference " << numeric;
         result.report = where.str();
       }
       if (excess > 0) result.ok = false;
@@ -86,8 +88,8 @@ inline GradcheckResult gradcheck(const TensorFn& f, std::vector<Tensor> inputs,
 }  // namespace rex::testing
 
 // CHECK_GRADIENTS(f, inputs[, options]) fails the current doctest case with the worst element.
-#define CHECK_GRADIENTS(...)                                               \
-  do {                                                                     \
+#define CHECK_GRADIENTS(...)                                              \
+  do {                                                                    \
     const auto gradcheck_result = ::rex::testing::gradcheck(__VA_ARGS__); \
-    CHECK_MESSAGE(gradcheck_result.ok, gradcheck_result.report);           \
+    CHECK_MESSAGE(gradcheck_result.ok, gradcheck_result.report);          \
   } while (0)

@@ -1,9 +1,10 @@
 // The backward pass: reverse topological order over the nodes reachable from the root.
 //
-// Gradients arriving at the same node from several uses are summed before its backward function runs;
-// gradients reaching a leaf are added into leaf.grad(), which therefore accumulates across uses and
-// across backward() calls until zero_grad(). Each node's backward function (and what it saved) is
-// dropped as soon as it has run, unless retain_graph is set; running through it again is an error.
+// Gradients arriving at the same node from several uses are summed before its backward function
+// runs; gradients reaching a leaf are added into leaf.grad(), which therefore accumulates across
+// uses and across backward() calls until zero_grad(). Each node's backward function (and what it
+// saved) is dropped as soon as it has run, unless retain_graph is set; running through it again is
+// an error.
 #pragma once
 
 #include <algorithm>
@@ -61,7 +62,8 @@ inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retai
   REX_CHECK(root.requires_grad(),
             "backward: this tensor does not require a gradient (no input of its graph was marked "
             "with requires_grad_, or it was computed under NoGradGuard)");
-  REX_CHECK(root_grad.defined() && root_grad.shape() == root.shape(), "backward: gradient of shape ",
+  REX_CHECK(root_grad.defined() && root_grad.shape() == root.shape(),
+            "backward: gradient of shape ",
             root_grad.defined() ? root_grad.shape().str() : "undefined", " for a tensor of shape ",
             root.shape());
   REX_CHECK(root_grad.dtype() == DType::f32, "backward: the gradient must be f32");
@@ -92,8 +94,8 @@ inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retai
     for (size_t i = 0; i < grads.size(); ++i) {
       if (!node->inputs[i] || !grads[i].defined()) continue;
       REX_CHECK(grads[i].shape() == node->input_shapes[i], "backward of '", node->op,
-                "' returned a gradient of shape ", grads[i].shape(), " for input ", i,
-                " of shape ", node->input_shapes[i]);
+                "' returned a gradient of shape ", grads[i].shape(), " for input ", i, " of shape ",
+                node->input_shapes[i]);
       AutogradMeta& input = *node->inputs[i];
       if (input.grad_fn) {
         Tensor& slot = pending[input.grad_fn.get()];

@@ -2,9 +2,9 @@
 //
 // An op that has an input requiring a gradient calls detail::record(output, "name", {inputs},
 // backward_fn). The node keeps the inputs' AutogradMeta (not their buffers) and a backward function
-// that captured exactly what it needs. backward_fn takes the output gradient and returns one gradient
-// per input (undefined where the input needs none); it may take a second argument, a vector<bool>
-// saying which inputs need a gradient, to skip work.
+// that captured exactly what it needs. backward_fn takes the output gradient and returns one
+// gradient per input (undefined where the input needs none); it may take a second argument, a
+// vector<bool> saying which inputs need a gradient, to skip work.
 //
 // Leaves (parameters and inputs marked with requires_grad_) accumulate into their .grad(); interior
 // tensors pass gradients on. NoGradGuard turns recording off in a scope (backward runs under it, so
@@ -26,10 +26,12 @@ namespace detail {
 using GradList = std::vector<Tensor>;
 
 struct Node {
-  std::string_view op;  // the op's name, for error messages
+  std::string_view op;                                // the op's name, for error messages
   std::vector<std::shared_ptr<AutogradMeta>> inputs;  // null where an input needs no gradient
   std::vector<Shape> input_shapes;
   std::function<GradList(const Tensor&, const std::vector<bool>&)> backward;  // null once released
+
+  ~Node();
 };
 
 struct AutogradMeta {
@@ -37,6 +39,24 @@ struct AutogradMeta {
   std::shared_ptr<Node> grad_fn;  // null for leaves
   Tensor grad;                    // accumulated gradient (leaves only)
 };
+
+// Frees the chain of producer nodes iteratively: a graph thousands of nodes deep would otherwise
+// recurse once per node while destroying itself and overflow the stack.
+inline Node::~Node() {
+  thread_local std::vector<std::shared_ptr<AutogradMeta>>* queue = nullptr;
+  if (queue) {
+    for (auto& input : inputs) queue->push_back(std::move(input));
+    return;
+  }
+  std::vector<std::shared_ptr<AutogradMeta>> own = std::move(inputs);
+  queue = &own;
+  while (!own.empty()) {
+    std::shared_ptr<AutogradMeta> last = std::move(own.back());
+    own.pop_back();
+    last.reset();  // may destroy a producer node, whose inputs join the queue
+  }
+  queue = nullptr;
+}
 
 inline bool& grad_mode_flag() {
   thread_local bool enabled = true;
@@ -93,7 +113,8 @@ inline bool any_requires_grad(std::initializer_list<const Tensor*> inputs) {
   return false;
 }
 
-// Attaches a node to `output` if grad mode is on and some input requires a gradient; returns output.
+// Attaches a node to `output` if grad mode is on and some input requires a gradient; returns
+// output.
 template <class BackwardFn>
 Tensor record(Tensor output, std::string_view op, const std::vector<Tensor>& inputs,
               BackwardFn&& backward_fn) {
@@ -107,7 +128,8 @@ Tensor record(Tensor output, std::string_view op, const std::vector<Tensor>& inp
     any = any || needs;
   }
   if (!any) return output;
-  REX_CHECK(output.impl().autograd == nullptr, op, ": internal error, the output already has a node");
+  REX_CHECK(output.impl().autograd == nullptr, op,
+            ": internal error, the output already has a node");
   node->op = op;
   if constexpr (std::is_invocable_v<BackwardFn, const Tensor&, const std::vector<bool>&>) {
     node->backward = std::forward<BackwardFn>(backward_fn);

@@ -1,8 +1,9 @@
 // Element types and devices.
 //
-// float32 carries values and gradients; int32 carries indices (token ids, expert ids, top-k positions)
-// and is never differentiable. bf16 and the CUDA device are named here so the Tensor type has room for
-// them; the CPU-only build rejects a CUDA request with a clear error instead of crashing.
+// float32 carries values and gradients; int32 carries indices (token ids, expert ids, top-k
+// positions) and is never differentiable. bf16 and the CUDA device are named here so the Tensor
+// type has room for them; the CPU-only build rejects a CUDA request with a clear error instead of
+// crashing.
 #pragma once
 
 #include <cstddef>
@@ -15,16 +16,20 @@ enum class DType { f32, i32 };
 
 inline size_t dtype_size(DType t) {
   switch (t) {
-    case DType::f32: return sizeof(float);
-    case DType::i32: return sizeof(int32_t);
+    case DType::f32:
+      return sizeof(float);
+    case DType::i32:
+      return sizeof(int32_t);
   }
   return 0;
 }
 
 inline const char* dtype_name(DType t) {
   switch (t) {
-    case DType::f32: return "f32";
-    case DType::i32: return "i32";
+    case DType::f32:
+      return "f32";
+    case DType::i32:
+      return "i32";
   }
   return "?";
 }
@@ -35,9 +40,13 @@ inline std::ostream& operator<<(std::ostream& out, DType t) { return out << dtyp
 template <class T>
 constexpr DType dtype_of();
 template <>
-constexpr DType dtype_of<float>() { return DType::f32; }
+constexpr DType dtype_of<float>() {
+  return DType::f32;
+}
 template <>
-constexpr DType dtype_of<int32_t>() { return DType::i32; }
+constexpr DType dtype_of<int32_t>() {
+  return DType::i32;
+}
 
 enum class DeviceType { cpu, cuda };
 

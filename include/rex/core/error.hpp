@@ -1,7 +1,8 @@
 // rex::Error and the REX_CHECK macro.
 //
-// Every user-facing failure (bad shapes, wrong dtype, released graph, bad files) throws rex::Error with
-// a message that names the operation and the values involved, so a caller can print e.what() and exit.
+// Every user-facing failure (bad shapes, wrong dtype, released graph, bad files) throws rex::Error
+// with a message that names the operation and the values involved, so a caller can print e.what()
+// and exit.
 #pragma once
 
 #include <sstream>
@@ -29,7 +30,7 @@ std::string concat(const Parts&... parts) {
 }  // namespace rex
 
 // REX_CHECK(cond, parts...) throws rex::Error(concat(parts...)) when cond is false.
-#define REX_CHECK(cond, ...)                                  \
-  do {                                                        \
+#define REX_CHECK(cond, ...)                                             \
+  do {                                                                   \
     if (!(cond)) throw ::rex::Error(::rex::detail::concat(__VA_ARGS__)); \
   } while (0)

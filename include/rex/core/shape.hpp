@@ -1,5 +1,5 @@
-// Shape: the extents of a tensor, row-major. A thin wrapper over std::vector<int64_t> that knows its
-// element count, normalises negative axes and prints itself as [2, 3, 4].
+// Shape: the extents of a tensor, row-major. A thin wrapper over std::vector<int64_t> that knows
+// its element count, normalises negative axes and prints itself as [2, 3, 4].
 #pragma once
 
 #include <cstdint>

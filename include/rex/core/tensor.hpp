@@ -1,13 +1,13 @@
 // Tensor: a shared handle to an N-d array.
 //
-// Layout is always contiguous row-major: a Tensor is (storage, element offset, shape, dtype). That one
-// rule keeps every kernel a flat loop or a plain GEMM. Views exist only where the layout allows them
-// without strides: reshape, and slicing a run of the leading axis; transpose and permute copy. Copying a
-// Tensor copies the handle, not the values (clone() copies the values).
+// Layout is always contiguous row-major: a Tensor is (storage, element offset, shape, dtype). That
+// one rule keeps every kernel a flat loop or a plain GEMM. Views exist only where the layout allows
+// them without strides: reshape, and slicing a run of the leading axis; transpose and permute copy.
+// Copying a Tensor copies the handle, not the values (clone() copies the values).
 //
 // The autograd fields (requires_grad, grad, the node that produced the tensor) live in a separate
-// AutogradMeta that a graph node refers to, so the graph never keeps activation buffers alive unless a
-// backward function saved them on purpose. Definitions that need the graph types are in
+// AutogradMeta that a graph node refers to, so the graph never keeps activation buffers alive
+// unless a backward function saved them on purpose. Definitions that need the graph types are in
 // rex/autograd/graph.hpp; include rex/rex.hpp to get everything.
 #pragma once
 
@@ -49,8 +49,8 @@ class Tensor {
   // Uninitialised storage; use rex::zeros & co. unless every element is written next.
   static Tensor empty(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu()) {
     auto impl = std::make_shared<detail::TensorImpl>();
-    impl->storage =
-        std::make_shared<detail::Storage>(static_cast<size_t>(shape.numel()) * dtype_size(dtype), device);
+    impl->storage = std::make_shared<detail::Storage>(
+        static_cast<size_t>(shape.numel()) * dtype_size(dtype), device);
     impl->shape = shape;
     impl->dtype = dtype;
     return Tensor(std::move(impl));
@@ -86,7 +86,8 @@ class Tensor {
     return flat_value(flat);
   }
   float item() const {
-    REX_CHECK(numel() == 1, "item: tensor of shape ", shape(), " has ", numel(), " elements, not 1");
+    REX_CHECK(numel() == 1, "item: tensor of shape ", shape(), " has ", numel(),
+              " elements, not 1");
     return flat_value(0);
   }
   template <class T = float>
@@ -187,7 +188,8 @@ inline void print_values(std::ostream& out, const Tensor& t, int64_t axis, int64
 
 }  // namespace detail
 
-// Prints shape, dtype and values, eliding the middle of long axes: tensor([2, 3], f32) [[...], ...].
+// Prints shape, dtype and values, eliding the middle of long axes: tensor([2, 3], f32) [[...],
+// ...].
 inline std::ostream& operator<<(std::ostream& out, const Tensor& t) {
   if (!t.defined()) return out << "tensor(undefined)";
   out << "tensor(" << t.shape() << ", " << t.dtype() << ") ";

@@ -1,8 +1,9 @@
 // broadcast_to and sum_to: the one place where broadcasting is undone.
 //
-// broadcast_to stretches a tensor to a larger shape (NumPy rules); its backward is sum_to, which sums
-// a gradient back down to the shape of the input it came from; sum_to's backward is broadcast_to.
-// Every op that broadcasts (add, mul, where, ...) reduces its input gradients with sum_to.
+// broadcast_to stretches a tensor to a larger shape (NumPy rules); its backward is sum_to, which
+// sums a gradient back down to the shape of the input it came from; sum_to's backward is
+// broadcast_to. Every op that broadcasts (add, mul, where, ...) reduces its input gradients with
+// sum_to.
 #pragma once
 
 #include "rex/backend/cpu/elementwise.hpp"
@@ -19,16 +20,15 @@ inline Tensor broadcast_to(const Tensor& x, const Shape& shape) {
   Tensor out = Tensor::empty(shape);
   const float* px = x.data<float>();
   float* po = out.data<float>();
-  detail::for_each_broadcast<1>(shape, {x.shape()}, [&](int64_t o, const auto& at) {
-    po[o] = px[at[0]];
-  });
+  detail::for_each_broadcast<1>(shape, {x.shape()},
+                                [&](int64_t o, const auto& at) { po[o] = px[at[0]]; });
   return detail::record(out, "broadcast_to", {x}, [in_shape = x.shape()](const Tensor& g) {
     return detail::GradList{sum_to(g, in_shape)};
   });
 }
 
-// Sums x over the axes along which `shape` was broadcast to x.shape(). Returns x itself (same handle)
-// when the shapes already agree.
+// Sums x over the axes along which `shape` was broadcast to x.shape(). Returns x itself (same
+// handle) when the shapes already agree.
 inline Tensor sum_to(const Tensor& x, const Shape& shape) {
   detail::check_f32("sum_to", x);
   if (x.shape() == shape) return x;
@@ -37,9 +37,8 @@ inline Tensor sum_to(const Tensor& x, const Shape& shape) {
   Tensor out = zeros(shape);
   const float* px = x.data<float>();
   float* po = out.data<float>();
-  detail::for_each_broadcast<1>(x.shape(), {shape}, [&](int64_t i, const auto& at) {
-    po[at[0]] += px[i];
-  });
+  detail::for_each_broadcast<1>(x.shape(), {shape},
+                                [&](int64_t i, const auto& at) { po[at[0]] += px[i]; });
   return detail::record(out, "sum_to", {x}, [out_shape = x.shape()](const Tensor& g) {
     return detail::GradList{broadcast_to(g, out_shape)};
   });

@@ -1,4 +1,5 @@
-// Small checks shared by every op: dtype and same-device requirements, with the op's name in the error.
+// Small checks shared by every op: dtype and same-device requirements, with the op's name in the
+// error.
 #pragma once
 
 #include <string_view>

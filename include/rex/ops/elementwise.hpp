@@ -71,8 +71,10 @@ inline Tensor mul(const Tensor& a, const Tensor& b) {
                         [a = a.detach(), b = b.detach()](const Tensor& g, const auto& needs) {
                           auto times = [](float x, float y) { return x * y; };
                           detail::GradList grads(2);
-                          if (needs[0]) grads[0] = sum_to(detail::zip(g, b, "mul", times), a.shape());
-                          if (needs[1]) grads[1] = sum_to(detail::zip(g, a, "mul", times), b.shape());
+                          if (needs[0])
+                            grads[0] = sum_to(detail::zip(g, b, "mul", times), a.shape());
+                          if (needs[1])
+                            grads[1] = sum_to(detail::zip(g, a, "mul", times), b.shape());
                           return grads;
                         });
 }
@@ -80,39 +82,42 @@ inline Tensor mul(const Tensor& a, const Tensor& b) {
 inline Tensor div(const Tensor& a, const Tensor& b) {
   detail::check_f32("div", a), detail::check_f32("div", b);
   Tensor out = detail::zip(a, b, "div", [](float x, float y) { return x / y; });
-  return detail::record(out, "div", {a, b},
-                        [sa = a.shape(), b = b.detach(), out = out.detach()](const Tensor& g,
-                                                                             const auto& needs) {
-                          // d(a/b)/da = 1/b;  d(a/b)/db = -a/b^2 = -(g/b) * out.
-                          Tensor g_over_b =
-                              detail::zip(g, b, "div", [](float gv, float bv) { return gv / bv; });
-                          detail::GradList grads(2);
-                          if (needs[0]) grads[0] = sum_to(g_over_b, sa);
-                          if (needs[1]) {
-                            Tensor gb = detail::zip(g_over_b, out, "div",
-                                                    [](float q, float o) { return -q * o; });
-                            grads[1] = sum_to(gb, b.shape());
-                          }
-                          return grads;
-                        });
+  return detail::record(
+      out, "div", {a, b},
+      [sa = a.shape(), b = b.detach(), out = out.detach()](const Tensor& g, const auto& needs) {
+        // d(a/b)/da = 1/b;  d(a/b)/db = -a/b^2 = -(g/b) * out.
+        Tensor g_over_b = detail::zip(g, b, "div", [](float gv, float bv) { return gv / bv; });
+        detail::GradList grads(2);
+        if (needs[0]) grads[0] = sum_to(g_over_b, sa);
+        if (needs[1]) {
+          Tensor gb = detail::zip(g_over_b, out, "div", [](float q, float o) { return -q * o; });
+          grads[1] = sum_to(gb, b.shape());
+        }
+        return grads;
+      });
 }
 
 // ---- scalar forms -------------------------------------------------------------------------------
 
 inline Tensor add(const Tensor& x, float s) {
-  return detail::pointwise_linear(x, "add_scalar", [s](float v) { return v + s; }, 1.0f);
+  return detail::pointwise_linear(
+      x, "add_scalar", [s](float v) { return v + s; }, 1.0f);
 }
 inline Tensor sub(const Tensor& x, float s) {
-  return detail::pointwise_linear(x, "sub_scalar", [s](float v) { return v - s; }, 1.0f);
+  return detail::pointwise_linear(
+      x, "sub_scalar", [s](float v) { return v - s; }, 1.0f);
 }
 inline Tensor sub(float s, const Tensor& x) {
-  return detail::pointwise_linear(x, "rsub_scalar", [s](float v) { return s - v; }, -1.0f);
+  return detail::pointwise_linear(
+      x, "rsub_scalar", [s](float v) { return s - v; }, -1.0f);
 }
 inline Tensor mul(const Tensor& x, float s) {
-  return detail::pointwise_linear(x, "mul_scalar", [s](float v) { return v * s; }, s);
+  return detail::pointwise_linear(
+      x, "mul_scalar", [s](float v) { return v * s; }, s);
 }
 inline Tensor div(const Tensor& x, float s) {
-  return detail::pointwise_linear(x, "div_scalar", [s](float v) { return v / s; }, 1.0f / s);
+  return detail::pointwise_linear(
+      x, "div_scalar", [s](float v) { return v / s; }, 1.0f / s);
 }
 inline Tensor div(float s, const Tensor& x) {
   return detail::pointwise_from_input(
@@ -135,7 +140,8 @@ inline Tensor operator/(float s, const Tensor& x) { return div(s, x); }
 // ---- unary math ---------------------------------------------------------------------------------
 
 inline Tensor neg(const Tensor& x) {
-  return detail::pointwise_linear(x, "neg", [](float v) { return -v; }, -1.0f);
+  return detail::pointwise_linear(
+      x, "neg", [](float v) { return -v; }, -1.0f);
 }
 inline Tensor operator-(const Tensor& x) { return neg(x); }
 

@@ -1,8 +1,8 @@
 // matmul: 2-d and batched matrix products with NumPy broadcasting of the leading (batch) axes.
 //
-// a is [..., m, k] and b is [..., k, n]; MatmulOptions{.transpose_a / .transpose_b} reads an operand
-// as its transpose without copying it (a stored [..., k, m], b stored [..., n, k]). The backward uses
-// the same flags, so no transpose is ever materialised:
+// a is [..., m, k] and b is [..., k, n]; MatmulOptions{.transpose_a / .transpose_b} reads an
+// operand as its transpose without copying it (a stored [..., k, m], b stored [..., n, k]). The
+// backward uses the same flags, so no transpose is ever materialised:
 //   C = op(A) op(B):  dA = dC op(B)^T  (or op(B) dC^T when A is read transposed)
 //                     dB = op(A)^T dC  (or dC^T op(A) when B is read transposed)
 // and sum_to folds the gradient of a broadcast operand back to its shape. A batched `a` times a 2-d
@@ -25,11 +25,11 @@ inline Tensor matmul(const Tensor& a, const Tensor& b, MatmulOptions options = {
   detail::check_f32("matmul", a), detail::check_f32("matmul", b);
   REX_CHECK(a.rank() >= 2 && b.rank() >= 2, "matmul: operands need at least 2 axes, got ",
             a.shape(), " and ", b.shape());
-  const auto [ta, tb] = options;
+  const bool ta = options.transpose_a, tb = options.transpose_b;
   const int64_t m = a.dim(ta ? -1 : -2), k = a.dim(ta ? -2 : -1);
   const int64_t kb = b.dim(tb ? -1 : -2), n = b.dim(tb ? -2 : -1);
-  REX_CHECK(k == kb, "matmul: inner extents differ: ", a.shape(), ta ? " (transposed)" : "", " and ",
-            b.shape(), tb ? " (transposed)" : "", " give ", k, " vs ", kb);
+  REX_CHECK(k == kb, "matmul: inner extents differ: ", a.shape(), ta ? " (transposed)" : "",
+            " and ", b.shape(), tb ? " (transposed)" : "", " give ", k, " vs ", kb);
 
   if (b.rank() == 2 && a.rank() > 2 && !ta) {
     std::vector<int64_t> out_dims = a.shape().dims();

@@ -1,7 +1,7 @@
 // Reductions over one axis or over everything: sum, mean, max, each with keepdim.
 //
-// The reduced axis is seen as the middle of an [outer, n, inner] block. sum's backward broadcasts the
-// gradient back; mean is sum / n; max routes the gradient to the first position of each maximum
+// The reduced axis is seen as the middle of an [outer, n, inner] block. sum's backward broadcasts
+// the gradient back; mean is sum / n; max routes the gradient to the first position of each maximum
 // (ties go to the lowest index, as the saved argmax says).
 #pragma once
 

@@ -1,9 +1,9 @@
 // Shape ops: reshape, permute/transpose, slice, concat, stack.
 //
-// reshape is always a view (storage is contiguous). slice is a view when the sliced axis is preceded
-// only by extents of 1 (e.g. slicing the leading axis), otherwise a copy. permute copies into the new
-// row-major order. Gradients: reshape back, inverse permutation, slice <-> zero-padded embedding,
-// concat <-> slices; stack is reshape + concat and needs no backward of its own.
+// reshape is always a view (storage is contiguous). slice is a view when the sliced axis is
+// preceded only by extents of 1 (e.g. slicing the leading axis), otherwise a copy. permute copies
+// into the new row-major order. Gradients: reshape back, inverse permutation, slice <-> zero-padded
+// embedding, concat <-> slices; stack is reshape + concat and needs no backward of its own.
 #pragma once
 
 #include <cstring>
@@ -170,13 +170,14 @@ inline Tensor concat(const std::vector<Tensor>& xs, int64_t axis) {
     sizes.push_back(x.shape()[axis]);
     start += x.shape()[axis];
   }
-  return detail::record(
-      out, "concat", xs, [starts, sizes, axis](const Tensor& g, const std::vector<bool>& needs) {
-        detail::GradList grads(starts.size());
-        for (size_t i = 0; i < starts.size(); ++i)
-          if (needs[i]) grads[i] = slice(g, axis, starts[i], starts[i] + sizes[i]);
-        return grads;
-      });
+  return detail::record(out, "concat", xs,
+                        [starts, sizes, axis](const Tensor& g, const std::vector<bool>& needs) {
+                          detail::GradList grads(starts.size());
+                          for (size_t i = 0; i < starts.size(); ++i)
+                            if (needs[i])
+                              grads[i] = slice(g, axis, starts[i], starts[i] + sizes[i]);
+                          return grads;
+                        });
 }
 
 // Joins tensors of one shape along a new axis inserted at `axis`.

@@ -1,10 +1,10 @@
 // CPU kernels for elementwise work: map (one input), zip (two inputs, broadcast), and the broadcast
 // iterator that zip, sum_to, broadcast_to and where share.
 //
-// Broadcasting follows NumPy: shapes are aligned at their last axis and an extent of 1 (or a missing
-// leading axis) stretches. The iterator walks the output in row-major order and keeps, per input, the
-// element offset, with stride 0 on stretched axes; the common cases (equal shapes, a scalar operand)
-// take flat loops that the compiler vectorises.
+// Broadcasting follows NumPy: shapes are aligned at their last axis and an extent of 1 (or a
+// missing leading axis) stretches. The iterator walks the output in row-major order and keeps, per
+// input, the element offset, with stride 0 on stretched axes; the common cases (equal shapes, a
+// scalar operand) take flat loops that the compiler vectorises.
 #pragma once
 
 #include <array>
@@ -102,9 +102,8 @@ Tensor zip(const Tensor& a, const Tensor& b, std::string_view op, F&& f) {
     const float va = pa[0];
     for (int64_t i = 0; i < n; ++i) po[i] = f(va, pb[i]);
   } else {
-    for_each_broadcast<2>(shape, {a.shape(), b.shape()}, [&](int64_t o, const auto& at) {
-      po[o] = f(pa[at[0]], pb[at[1]]);
-    });
+    for_each_broadcast<2>(shape, {a.shape(), b.shape()},
+                          [&](int64_t o, const auto& at) { po[o] = f(pa[at[0]], pb[at[1]]); });
   }
   return out;
 }

@@ -1,6 +1,7 @@
 // CPU GEMM: Eigen's product kernel run directly on rex buffers through Eigen::Map (no copies).
 // Transposed operands are expressed as .transpose() on the Map, which Eigen's GEMM reads in place.
-// With OpenMP enabled (the rex::rex CMake target does this), Eigen splits large products over threads.
+// With OpenMP enabled (the rex::rex CMake target does this), Eigen splits large products over
+// threads.
 #pragma once
 
 #include <Eigen/Core>

@@ -1,0 +1,40 @@
+// Timing helpers for the benchmarks: a monotonic clock, medians, and an interleaved A/B runner that
+// alternates the two contenders every repeat so that both see the same machine noise.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <utility>
+#include <vector>
+
+namespace rex::bench {
+
+inline double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+inline double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+// Runs a() and b() `warmup` times each, then `repeats` times alternating (a, b, a, b, ...),
+// returning the median seconds of each.
+template <class A, class B>
+std::pair<double, double> interleaved_medians(A&& a, B&& b, int warmup, int repeats) {
+  for (int i = 0; i < warmup; ++i) a(), b();
+  std::vector<double> ta, tb;
+  for (int i = 0; i < repeats; ++i) {
+    double t0 = now_seconds();
+    a();
+    double t1 = now_seconds();
+    b();
+    double t2 = now_seconds();
+    ta.push_back(t1 - t0);
+    tb.push_back(t2 - t1);
+  }
+  return {median(ta), median(tb)};
+}
+
+}  // namespace rex::bench

@@ -1,0 +1,150 @@
+// Indexing ops: row gather/scatter (the MoE dispatch and combine), embedding lookup, where,
+// masked_fill.
+//
+// gather_rows and scatter_add_rows are adjoint linear maps, so each one's backward is the other:
+//   y = gather_rows(x, idx):           y[i] = x[idx[i]]          dx = scatter_add_rows(g, idx, N)
+//   y = scatter_add_rows(s, idx, N):   y[r] = sum_{idx[i]=r} s[i]  ds = gather_rows(g, idx)
+// scatter_add_rows adds in index order on one thread, so repeated indices give bit-identical sums
+// on every run. embedding is gather_rows on the flattened ids, so its backward scatter-adds as
+// well. where(c, a, b) picks a where c is nonzero and b elsewhere: da = sum_to(g * c), db =
+// sum_to(g * !c). masked_fill(x, m, v) is where(m, v, x) with the output kept at x's shape: dx = g
+// * !m.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+#include "rex/ops/broadcast.hpp"
+#include "rex/ops/shape.hpp"
+
+namespace rex {
+namespace detail {
+
+// Checks that `index` is a 1-d i32 tensor whose values all lie in [0, num_rows).
+inline void check_row_indices(std::string_view op, const Tensor& index, int64_t num_rows) {
+  check_i32(op, index);
+  REX_CHECK(index.rank() == 1, op, ": index must be 1-d, got shape ", index.shape());
+  const int32_t* pi = index.data<int32_t>();
+  for (int64_t i = 0, n = index.numel(); i < n; ++i) {
+    REX_CHECK(pi[i] >= 0 && pi[i] < num_rows, op, ": index value ", pi[i], " at position ", i,
+              " is out of range [0, ", num_rows, ")");
+  }
+}
+
+// One flag per element of a condition tensor (f32 or i32): 1 where it is nonzero.
+inline std::vector<uint8_t> truth_values(std::string_view op, const Tensor& condition) {
+  check_defined(op, condition);
+  std::vector<uint8_t> truth(static_cast<size_t>(condition.numel()));
+  if (condition.dtype() == DType::i32) {
+    const int32_t* pc = condition.data<int32_t>();
+    for (size_t i = 0; i < truth.size(); ++i) truth[i] = pc[i] != 0;
+  } else {
+    const float* pc = condition.data<float>();
+    for (size_t i = 0; i < truth.size(); ++i) truth[i] = pc[i] != 0.0f;
+  }
+  return truth;
+}
+
+}  // namespace detail
+
+Tensor scatter_add_rows(const Tensor& src, const Tensor& index, int64_t num_rows);
+
+// Rows of x [N, d] picked by index [M] (values in [0, N), repeats allowed) -> [M, d].
+inline Tensor gather_rows(const Tensor& x, const Tensor& index) {
+  detail::check_f32("gather_rows", x);
+  REX_CHECK(x.rank() == 2, "gather_rows: x must be 2-d [N, d], got shape ", x.shape());
+  const int64_t num_rows = x.dim(0), d = x.dim(1);
+  detail::check_row_indices("gather_rows", index, num_rows);
+  const int64_t m = index.numel();
+  Tensor out = Tensor::empty(Shape{m, d});
+  const float* px = x.data<float>();
+  const int32_t* pi = index.data<int32_t>();
+  float* po = out.data<float>();
+  for (int64_t i = 0; i < m; ++i) std::copy_n(px + pi[i] * d, d, po + i * d);
+  return detail::record(out, "gather_rows", {x},
+                        [index = index.detach(), num_rows](const Tensor& g) {
+                          return detail::GradList{scatter_add_rows(g, index, num_rows)};
+                        });
+}
+
+// out [num_rows, d] = zeros, then out[index[i]] += src[i] for i = 0, 1, ... in order.
+inline Tensor scatter_add_rows(const Tensor& src, const Tensor& index, int64_t num_rows) {
+  detail::check_f32("scatter_add_rows", src);
+  REX_CHECK(src.rank() == 2, "scatter_add_rows: src must be 2-d [M, d], got shape ", src.shape());
+  REX_CHECK(num_rows >= 0, "scatter_add_rows: negative num_rows ", num_rows);
+  detail::check_row_indices("scatter_add_rows", index, num_rows);
+  REX_CHECK(index.numel() == src.dim(0), "scatter_add_rows: index ", index.shape(),
+            " does not have one entry per row of src ", src.shape());
+  const int64_t m = src.dim(0), d = src.dim(1);
+  Tensor out = zeros(Shape{num_rows, d});
+  const float* ps = src.data<float>();
+  const int32_t* pi = index.data<int32_t>();
+  float* po = out.data<float>();
+  for (int64_t i = 0; i < m; ++i) {
+    float* row = po + pi[i] * d;
+    const float* from = ps + i * d;
+    for (int64_t j = 0; j < d; ++j) row[j] += from[j];
+  }
+  return detail::record(out, "scatter_add_rows", {src}, [index = index.detach()](const Tensor& g) {
+    return detail::GradList{gather_rows(g, index)};
+  });
+}
+
+// Rows of weight [V, d] looked up by ids (i32, any shape) -> ids.shape + [d].
+inline Tensor embedding(const Tensor& weight, const Tensor& ids) {
+  detail::check_f32("embedding", weight);
+  REX_CHECK(weight.rank() == 2, "embedding: weight must be 2-d [V, d], got shape ", weight.shape());
+  detail::check_i32("embedding", ids);
+  Tensor flat_ids = reshape(ids, {-1});
+  detail::check_row_indices("embedding", flat_ids, weight.dim(0));
+  std::vector<int64_t> dims = ids.shape().dims();
+  dims.push_back(weight.dim(1));
+  return reshape(gather_rows(weight, flat_ids), std::move(dims));
+}
+
+// a where condition is nonzero, b elsewhere; condition (f32 or i32), a and b broadcast together.
+inline Tensor where(const Tensor& condition, const Tensor& a, const Tensor& b) {
+  std::vector<uint8_t> truth = detail::truth_values("where", condition);
+  detail::check_f32("where", a), detail::check_f32("where", b);
+  const Shape shape = detail::broadcast_shapes(
+      detail::broadcast_shapes(condition.shape(), a.shape(), "where"), b.shape(), "where");
+  Tensor out = Tensor::empty(shape);
+  const float *pa = a.data<float>(), *pb = b.data<float>();
+  float* po = out.data<float>();
+  detail::for_each_broadcast<3>(shape, {condition.shape(), a.shape(), b.shape()},
+                                [&](int64_t o, const auto& at) {
+                                  po[o] = truth[static_cast<size_t>(at[0])] ? pa[at[1]] : pb[at[2]];
+                                });
+  return detail::record(
+      out, "where", {a, b},
+      [truth = std::move(truth), sc = condition.shape(), sa = a.shape(), sb = b.shape()](
+          const Tensor& g, const std::vector<bool>& needs) {
+        // g routed by the condition: the masked g for the selected operand, zeros for the other.
+        auto routed = [&](bool when) {
+          Tensor part = Tensor::empty(g.shape());
+          const float* pg = g.data<float>();
+          float* pp = part.data<float>();
+          detail::for_each_broadcast<1>(g.shape(), {sc}, [&](int64_t o, const auto& at) {
+            pp[o] = (truth[static_cast<size_t>(at[0])] != 0) == when ? pg[o] : 0.0f;
+          });
+          return part;
+        };
+        detail::GradList grads(2);
+        if (needs[0]) grads[0] = sum_to(routed(true), sa);
+        if (needs[1]) grads[1] = sum_to(routed(false), sb);
+        return grads;
+      });
+}
+
+// x with `value` (which may be +-inf) wherever mask (f32 or i32, broadcastable to x) is nonzero.
+inline Tensor masked_fill(const Tensor& x, const Tensor& mask, float value) {
+  detail::check_f32("masked_fill", x);
+  detail::check_defined("masked_fill", mask);
+  REX_CHECK(detail::broadcast_shapes(mask.shape(), x.shape(), "masked_fill") == x.shape(),
+            "masked_fill: mask ", mask.shape(), " cannot be broadcast to x ", x.shape());
+  return where(mask, scalar(value), x);
+}
+
+}  // namespace rex

@@ -1,0 +1,94 @@
+// rope: rotary position embedding, "rotate half" convention (HF transformers' Llama / GPT-NeoX).
+//
+// x is [B, H, T, D] with D even; h = D / 2. Element i < h is paired with element i + h (the two
+// halves of the head, not adjacent elements). For position p = t + position_offset and i in [0, h):
+//   inv_freq_i = theta^(-2i / D)          angle(t, i) = p * inv_freq_i
+//   y[..., t, i]     = x[..., t, i] cos(angle) - x[..., t, i + h] sin(angle)
+//   y[..., t, i + h] = x[..., t, i + h] cos(angle) + x[..., t, i] sin(angle)
+// i.e. y = x * cos + rotate_half(x) * sin with rotate_half(x) = concat(-x[h:], x[:h]) and the [T,
+// h] tables repeated over both halves. The tables are computed once per call in double precision
+// (the angle and its cos/sin) and rounded to f32, so a twin should build them in float64 and cast
+// cos/sin to float32 (HF builds inv_freq and the angles in float32, which drifts by ~1e-7 *
+// position).
+//
+// Each pair is a 2-d rotation by +angle, so the backward is the rotation of g by -angle:
+//   dx[i] = g[i] cos + g[i + h] sin,   dx[i + h] = g[i + h] cos - g[i] sin.
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "rex/core/parallel.hpp"
+#include "rex/ops/common.hpp"
+
+namespace rex {
+namespace detail {
+
+struct RopeTable {
+  Tensor cos;  // [T, D/2]
+  Tensor sin;  // [T, D/2]
+};
+
+inline RopeTable rope_table(int64_t time, int64_t head_dim, float theta, int64_t position_offset) {
+  const int64_t half = head_dim / 2;
+  std::vector<double> inv_freq(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) {
+    inv_freq[static_cast<size_t>(i)] =
+        std::pow(static_cast<double>(theta), -2.0 * static_cast<double>(i) / head_dim);
+  }
+  RopeTable table{Tensor::empty(Shape{time, half}), Tensor::empty(Shape{time, half})};
+  float* pc = table.cos.data<float>();
+  float* ps = table.sin.data<float>();
+  for (int64_t t = 0; t < time; ++t) {
+    const double position = static_cast<double>(t + position_offset);
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = position * inv_freq[static_cast<size_t>(i)];
+      pc[t * half + i] = static_cast<float>(std::cos(angle));
+      ps[t * half + i] = static_cast<float>(std::sin(angle));
+    }
+  }
+  return table;
+}
+
+// Rotates every (i, i + D/2) pair of x [B, H, T, D] by +angle (direction 1) or -angle (direction
+// -1).
+inline Tensor rope_rotate(const Tensor& x, const RopeTable& table, float direction) {
+  const int64_t time = x.dim(2), head_dim = x.dim(3), half = head_dim / 2;
+  const int64_t rows = x.dim(0) * x.dim(1);
+  Tensor out = Tensor::empty(x.shape());
+  const float* px = x.data<float>();
+  const float* pc = table.cos.data<float>();
+  const float* ps = table.sin.data<float>();
+  float* po = out.data<float>();
+  REX_PARALLEL_FOR()
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t t = 0; t < time; ++t) {
+      const float* in = px + (r * time + t) * head_dim;
+      float* o = po + (r * time + t) * head_dim;
+      const float* c = pc + t * half;
+      const float* s = ps + t * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = in[i], b = in[i + half], sn = direction * s[i];
+        o[i] = a * c[i] - b * sn;
+        o[i + half] = b * c[i] + a * sn;
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace detail
+
+// Rotary position embedding of x [B, H, T, D] (D even) for positions position_offset .. + T - 1.
+inline Tensor rope(const Tensor& x, float theta = 10000.0f, int64_t position_offset = 0) {
+  detail::check_f32("rope", x);
+  REX_CHECK(x.rank() == 4, "rope: expected x of shape [B, H, T, D], got ", x.shape());
+  REX_CHECK(x.dim(3) % 2 == 0, "rope: the head size D must be even, got x ", x.shape());
+  REX_CHECK(theta > 0.0f, "rope: theta must be positive, got ", theta);
+  const detail::RopeTable table = detail::rope_table(x.dim(2), x.dim(3), theta, position_offset);
+  return detail::record(detail::rope_rotate(x, table, 1.0f), "rope", {x}, [table](const Tensor& g) {
+    return detail::GradList{detail::rope_rotate(g, table, -1.0f)};
+  });
+}
+
+}  // namespace rex

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up dependencies, builds everything (tests, examples, benchmarks; rex::cuda too when nvcc is
+# found) in build/, and runs the whole test suite through CTest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
+cmake --build build -j "$(nproc)"
+ctest --test-dir build --output-on-failure -j "$(nproc)"

@@ -1,0 +1,180 @@
+// Elementwise ops: forward values against std:: math, gradients by central differences,
+// broadcasting in every direction, scalar forms, and shape errors.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <functional>
+
+#include "gradcheck.hpp"
+
+using rex::Tensor;
+using rex::testing::GradcheckOptions;
+
+namespace {
+
+Tensor random_param(const rex::Shape& shape, uint64_t seed, float low = -2.0f, float high = 2.0f) {
+  rex::Generator gen(seed);
+  Tensor t = rex::uniform(shape, gen, low, high);
+  t.requires_grad_();
+  return t;
+}
+
+struct UnaryCase {
+  const char* name;
+  std::function<Tensor(const Tensor&)> op;
+  std::function<double(double)> reference;
+  float low, high;  // input range: inside the domain and away from kinks
+};
+
+}  // namespace
+
+TEST_CASE("unary math: values match the closed form and gradients match central differences") {
+  const std::vector<UnaryCase> cases = {
+      {"neg", [](const Tensor& x) { return rex::neg(x); }, [](double v) { return -v; }, -2, 2},
+      {"exp", [](const Tensor& x) { return rex::exp(x); }, [](double v) { return std::exp(v); }, -2,
+       2},
+      {"log", [](const Tensor& x) { return rex::log(x); }, [](double v) { return std::log(v); },
+       0.5, 3},
+      {"sqrt", [](const Tensor& x) { return rex::sqrt(x); }, [](double v) { return std::sqrt(v); },
+       0.5, 3},
+      {"rsqrt", [](const Tensor& x) { return rex::rsqrt(x); },
+       [](double v) { return 1.0 / std::sqrt(v); }, 0.5, 3},
+      {"pow 3", [](const Tensor& x) { return rex::pow(x, 3.0f); },
+       [](double v) { return v * v * v; }, -2, 2},
+      {"pow -1.5", [](const Tensor& x) { return rex::pow(x, -1.5f); },
+       [](double v) { return std::pow(v, -1.5); }, 0.5, 3},
+      {"tanh", [](const Tensor& x) { return rex::tanh(x); }, [](double v) { return std::tanh(v); },
+       -2, 2},
+      {"sigmoid", [](const Tensor& x) { return rex::sigmoid(x); },
+       [](double v) { return 1.0 / (1.0 + std::exp(-v)); }, -3, 3},
+      {"silu", [](const Tensor& x) { return rex::silu(x); },
+       [](double v) { return v / (1.0 + std::exp(-v)); }, -3, 3},
+      {"gelu", [](const Tensor& x) { return rex::gelu(x); },
+       [](double v) { return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))); }, -3, 3},
+      {"relu+", [](const Tensor& x) { return rex::relu(x); },
+       [](double v) { return v > 0 ? v : 0.0; }, 0.1, 2},
+      {"relu-", [](const Tensor& x) { return rex::relu(x); },
+       [](double v) { return v > 0 ? v : 0.0; }, -2, -0.1},
+  };
+  for (const UnaryCase& c : cases) {
+    CAPTURE(c.name);
+    for (const rex::Shape& shape : {rex::Shape{7}, rex::Shape{3, 5}, rex::Shape{2, 3, 4}}) {
+      Tensor x = random_param(shape, 11, c.low, c.high);
+      Tensor y = c.op(x);
+      REQUIRE(y.shape() == shape);
+      for (int64_t i = 0; i < x.numel(); ++i)
+        CHECK(y.data<float>()[i] == doctest::Approx(c.reference(x.data<float>()[i])).epsilon(1e-5));
+      CHECK_GRADIENTS([&](const auto& in) { return c.op(in[0]); }, {x});
+    }
+  }
+}
+
+TEST_CASE("relu mixes signs: gradient is 1 above zero and 0 below") {
+  Tensor x = rex::from_vector<float>({-1.5f, 0.5f, -0.2f, 2.0f});
+  x.requires_grad_();
+  rex::sum(rex::relu(x)).backward();
+  CHECK(x.grad().to_vector() == std::vector<float>{0, 1, 0, 1});
+}
+
+TEST_CASE("binary ops: values and gradients with equal shapes") {
+  Tensor a = random_param({3, 4}, 1), b = random_param({3, 4}, 2, 0.5f, 2.0f);
+  const float* pa = a.data<float>();
+  const float* pb = b.data<float>();
+  Tensor s = a + b, d = a - b, m = a * b, q = a / b;
+  for (int64_t i = 0; i < 12; ++i) {
+    CHECK(s.data<float>()[i] == pa[i] + pb[i]);
+    CHECK(d.data<float>()[i] == pa[i] - pb[i]);
+    CHECK(m.data<float>()[i] == pa[i] * pb[i]);
+    CHECK(q.data<float>()[i] == pa[i] / pb[i]);
+  }
+  CHECK_GRADIENTS([](const auto& x) { return x[0] + x[1]; }, {a, b});
+  CHECK_GRADIENTS([](const auto& x) { return x[0] - x[1]; }, {a, b});
+  CHECK_GRADIENTS([](const auto& x) { return x[0] * x[1]; }, {a, b});
+  CHECK_GRADIENTS([](const auto& x) { return x[0] / x[1]; }, {a, b});
+}
+
+TEST_CASE("binary ops broadcast both ways and reduce gradients back with sum_to") {
+  struct Pair {
+    rex::Shape a, b, out;
+  };
+  const std::vector<Pair> pairs = {
+      {{4, 3}, {3}, {4, 3}},                    // row vector
+      {{4, 1}, {1, 3}, {4, 3}},                 // outer product shape
+      {{2, 1, 3}, {4, 1}, {2, 4, 3}},           // missing leading axis on b
+      {{5}, {2, 3, 5}, {2, 3, 5}},              // a stretched over two leading axes
+      {{}, {2, 3}, {2, 3}},                     // 0-d scalar tensor
+      {{2, 3, 1, 2}, {3, 4, 1}, {2, 3, 4, 2}},  // 4-d
+  };
+  for (const Pair& p : pairs) {
+    CAPTURE(p.a.str());
+    CAPTURE(p.b.str());
+    Tensor a = random_param(p.a, 3), b = random_param(p.b, 4, 0.5f, 2.0f);
+    Tensor m = a * b;
+    REQUIRE(m.shape() == p.out);
+    // Naive check of one broadcast product: element by element through at().
+    std::vector<int64_t> idx(static_cast<size_t>(p.out.rank()), 0);
+    for (int64_t flat = 0; flat < p.out.numel(); ++flat) {
+      int64_t rem = flat, ia = 0, ib = 0, stride_a = 1, stride_b = 1;
+      for (int64_t axis = p.out.rank() - 1; axis >= 0; --axis) {
+        const int64_t i = rem % p.out[axis];
+        rem /= p.out[axis];
+        const int64_t aa = axis - (p.out.rank() - p.a.rank()),
+                      ab = axis - (p.out.rank() - p.b.rank());
+        if (aa >= 0) ia += (p.a[aa] == 1 ? 0 : i) * stride_a, stride_a *= p.a[aa];
+        if (ab >= 0) ib += (p.b[ab] == 1 ? 0 : i) * stride_b, stride_b *= p.b[ab];
+      }
+      CHECK(m.data<float>()[flat] == a.data<float>()[ia] * b.data<float>()[ib]);
+    }
+    CHECK_GRADIENTS([](const auto& x) { return x[0] + x[1]; }, {a, b});
+    CHECK_GRADIENTS([](const auto& x) { return x[0] - x[1]; }, {a, b});
+    CHECK_GRADIENTS([](const auto& x) { return x[0] * x[1]; }, {a, b});
+    CHECK_GRADIENTS([](const auto& x) { return x[0] / x[1]; }, {a, b});
+  }
+}
+
+TEST_CASE("scalar forms") {
+  Tensor x = random_param({2, 3}, 5, 0.5f, 2.0f);
+  const float* px = x.data<float>();
+  Tensor r1 = x + 2.0f, r2 = 2.0f - x, r3 = 3.0f * x, r4 = x / 4.0f, r5 = 2.0f / x, r6 = x - 1.0f;
+  for (int64_t i = 0; i < 6; ++i) {
+    CHECK(r1.data<float>()[i] == px[i] + 2.0f);
+    CHECK(r2.data<float>()[i] == 2.0f - px[i]);
+    CHECK(r3.data<float>()[i] == 3.0f * px[i]);
+    CHECK(r4.data<float>()[i] == px[i] / 4.0f);
+    CHECK(r5.data<float>()[i] == 2.0f / px[i]);
+    CHECK(r6.data<float>()[i] == px[i] - 1.0f);
+  }
+  CHECK_GRADIENTS([](const auto& in) { return in[0] + 2.0f; }, {x});
+  CHECK_GRADIENTS([](const auto& in) { return 2.0f - in[0]; }, {x});
+  CHECK_GRADIENTS([](const auto& in) { return in[0] * 3.0f; }, {x});
+  CHECK_GRADIENTS([](const auto& in) { return in[0] / 4.0f; }, {x});
+  CHECK_GRADIENTS([](const auto& in) { return 2.0f / in[0]; }, {x});
+  CHECK_GRADIENTS([](const auto& in) { return -in[0]; }, {x});
+}
+
+TEST_CASE("broadcast_to and sum_to are each other's gradient") {
+  Tensor x = random_param({3, 1}, 6);
+  Tensor b = rex::broadcast_to(x, {2, 3, 4});
+  CHECK(b.shape() == rex::Shape{2, 3, 4});
+  CHECK(b.at({1, 2, 3}) == x.at({2, 0}));
+  CHECK_GRADIENTS([](const auto& in) { return rex::broadcast_to(in[0], {2, 3, 4}); }, {x});
+  Tensor big = random_param({2, 3, 4}, 7);
+  Tensor s = rex::sum_to(big, {3, 1});
+  double expect = 0;
+  for (int64_t i = 0; i < 2; ++i)
+    for (int64_t k = 0; k < 4; ++k) expect += big.at({i, 1, k});
+  CHECK(s.at({1, 0}) == doctest::Approx(expect).epsilon(1e-6));
+  CHECK_GRADIENTS([](const auto& in) { return rex::sum_to(in[0], {3, 1}); }, {big});
+  CHECK_THROWS_AS(rex::broadcast_to(x, {2, 4}), rex::Error);
+  CHECK_THROWS_AS(rex::sum_to(big, {5}), rex::Error);
+}
+
+TEST_CASE("mismatched shapes name the op and both shapes") {
+  Tensor a = rex::ones({2, 3}), b = rex::ones({4, 3});
+  CHECK_THROWS_WITH_AS(a + b, "add: shapes [2, 3] and [4, 3] cannot be broadcast together",
+                       rex::Error);
+  CHECK_THROWS_WITH_AS(a * b, "mul: shapes [2, 3] and [4, 3] cannot be broadcast together",
+                       rex::Error);
+  CHECK_THROWS_WITH_AS(rex::exp(rex::arange(3, rex::DType::i32)),
+                       "exp: expected an f32 tensor, got i32 of shape [3]", rex::Error);
+}

@@ -1,0 +1,157 @@
+// Tests for rms_norm: forward against a double-precision loop, gradients (x and weight) by central
+// differences on 1-d, 2-d and 3-d inputs, the fused op against rms_norm_reference (values and
+// gradients), and the error messages.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "gradcheck.hpp"
+
+using rex::Shape;
+using rex::Tensor;
+
+namespace {
+
+// y = x / sqrt(mean(x^2) + eps) * w over the last axis, in double.
+std::vector<double> rms_norm_loop(const Tensor& x, const Tensor& w, double eps) {
+  const int64_t d = w.numel(), rows = x.numel() / d;
+  const float *px = x.data<float>(), *pw = w.data<float>();
+  std::vector<double> out(static_cast<size_t>(x.numel()));
+  for (int64_t i = 0; i < rows; ++i) {
+    double ms = 0;
+    for (int64_t j = 0; j < d; ++j) ms += static_cast<double>(px[i * d + j]) * px[i * d + j];
+    const double r = 1.0 / std::sqrt(ms / static_cast<double>(d) + eps);
+    for (int64_t j = 0; j < d; ++j) out[static_cast<size_t>(i * d + j)] = px[i * d + j] * r * pw[j];
+  }
+  return out;
+}
+
+void check_close(const Tensor& got, const std::vector<double>& want, double tol) {
+  REQUIRE(got.numel() == static_cast<int64_t>(want.size()));
+  for (int64_t i = 0; i < got.numel(); ++i) {
+    const double w = want[static_cast<size_t>(i)];
+    const float g = got.data<float>()[i];
+    CHECK_MESSAGE(std::abs(g - w) <= tol * (1.0 + std::abs(w)), "element ", i, ": got ", g,
+                  ", want ", w);
+  }
+}
+
+void check_close(const Tensor& got, const Tensor& want, double tol) {
+  REQUIRE(got.shape() == want.shape());
+  const std::vector<float> w = want.to_vector();
+  check_close(got, std::vector<double>(w.begin(), w.end()), tol);
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const rex::Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+Tensor param(const Shape& shape, rex::Generator& gen, float mean = 0.0f) {
+  Tensor x = rex::normal(shape, gen, mean, 1.0f);
+  x.requires_grad_();
+  return x;
+}
+
+}  // namespace
+
+TEST_CASE("rms_norm matches a double-precision loop") {
+  rex::Generator gen(1);
+  for (const Shape& shape : {Shape{5}, Shape{4, 8}, Shape{2, 3, 6}}) {
+    CAPTURE(shape);
+    const int64_t d = shape[shape.rank() - 1];
+    const Tensor x = rex::normal(shape, gen, 0.0f, 3.0f);
+    const Tensor w = rex::normal(Shape{d}, gen, 1.0f, 0.5f);
+    for (float eps : {1e-6f, 0.5f}) {
+      const Tensor y = rex::rms_norm(x, w, eps);
+      CHECK(y.shape() == shape);
+      check_close(y, rms_norm_loop(x, w, eps), 1e-6);
+    }
+  }
+  // Closed form: a row of equal values c normalises to sign(c) * w (eps = 0).
+  const Tensor y = rex::rms_norm(rex::full(Shape{2, 3}, -4.0f),
+                                 rex::from_vector<float>({1.0f, 2.0f, 3.0f}), 0.0f);
+  check_close(y, {-1, -2, -3, -1, -2, -3}, 1e-7);
+  // eps dominates an all-zero row: the output is exactly 0, not NaN.
+  for (float v : rex::rms_norm(rex::zeros(Shape{1, 4}), rex::ones(Shape{4})).to_vector())
+    CHECK(v == 0.0f);
+}
+
+TEST_CASE("rms_norm gradient") {
+  rex::Generator gen(2);
+  for (const Shape& shape : {Shape{7}, Shape{3, 5}, Shape{2, 3, 4}, Shape{4, 1, 6}}) {
+    CAPTURE(shape);
+    const int64_t d = shape[shape.rank() - 1];
+    CHECK_GRADIENTS([](const std::vector<Tensor>& in) { return rex::rms_norm(in[0], in[1]); },
+                    {param(shape, gen), param(Shape{d}, gen, 1.0f)});
+    CHECK_GRADIENTS([](const std::vector<Tensor>& in) { return rex::rms_norm(in[0], in[1], 0.3f); },
+                    {param(shape, gen), param(Shape{d}, gen, 1.0f)});
+  }
+  // Only one input requiring a gradient takes the skip paths of the backward.
+  const Tensor fixed_w = rex::normal(Shape{5}, gen, 1.0f, 0.5f);
+  const Tensor fixed_x = rex::normal(Shape{3, 5}, gen);
+  CHECK_GRADIENTS([&](const std::vector<Tensor>& in) { return rex::rms_norm(in[0], fixed_w); },
+                  {param(Shape{3, 5}, gen)});
+  CHECK_GRADIENTS([&](const std::vector<Tensor>& in) { return rex::rms_norm(fixed_x, in[0]); },
+                  {param(Shape{5}, gen, 1.0f)});
+}
+
+TEST_CASE("rms_norm_reference gradient") {
+  rex::Generator gen(3);
+  CHECK_GRADIENTS(
+      [](const std::vector<Tensor>& in) { return rex::rms_norm_reference(in[0], in[1]); },
+      {param(Shape{2, 3, 4}, gen), param(Shape{4}, gen, 1.0f)});
+}
+
+TEST_CASE("rms_norm matches rms_norm_reference (values and gradients of x and weight)") {
+  rex::Generator gen(4);
+  for (const Shape& shape : {Shape{6, 16}, Shape{2, 5, 12}, Shape{3, 2, 2, 7}}) {
+    CAPTURE(shape);
+    const int64_t d = shape[shape.rank() - 1];
+    Tensor x = param(shape, gen);
+    Tensor w = param(Shape{d}, gen, 1.0f);
+    const Tensor g = rex::normal(shape, gen);
+
+    const Tensor ref = rex::rms_norm_reference(x, w, 1e-5f);
+    ref.backward(g);
+    const Tensor ref_gx = x.grad(), ref_gw = w.grad();
+    x.zero_grad(), w.zero_grad();
+
+    const Tensor fused = rex::rms_norm(x, w, 1e-5f);
+    fused.backward(g);
+    check_close(fused, ref, 1e-6);
+    check_close(x.grad(), ref_gx, 1e-5);
+    check_close(w.grad(), ref_gw, 1e-5);
+  }
+}
+
+TEST_CASE("rms_norm rejects bad inputs with messages naming the op") {
+  const Tensor x = rex::zeros(Shape{2, 3});
+  CHECK_THROWS_AS(rex::rms_norm(x, rex::ones(Shape{4})), rex::Error);
+  CHECK(error_of([&] {
+          rex::rms_norm(x, rex::ones(Shape{4}));
+        }).find("rms_norm: x [2, 3] and weight [4]") != std::string::npos);
+  CHECK(error_of([&] {
+          rex::rms_norm(x, rex::ones(Shape{1, 3}));
+        }).find("rms_norm: x [2, 3] and weight [1, 3]") != std::string::npos);
+  CHECK(error_of([&] {
+          rex::rms_norm(rex::scalar(1.0f), rex::ones(Shape{1}));
+        }).find("rms_norm: x [] and weight [1]") != std::string::npos);
+  CHECK(error_of([&] {
+          rex::rms_norm(rex::arange(3, rex::DType::i32), rex::ones(Shape{3}));
+        }).find("rms_norm: expected an f32") != std::string::npos);
+  CHECK(error_of([&] {
+          rex::rms_norm(rex::zeros(Shape{2, 0}), rex::ones(Shape{0}));
+        }).find("rms_norm: the last axis of x [2, 0] is empty") != std::string::npos);
+  CHECK(error_of([&] { rex::rms_norm(x, rex::ones(Shape{3}), -1.0f); }).find("rms_norm: eps") !=
+        std::string::npos);
+  CHECK(error_of([&] {
+          rex::rms_norm_reference(x, rex::ones(Shape{2}));
+        }).find("rms_norm_reference: x [2, 3] and weight [2]") != std::string::npos);
+}

@@ -1,0 +1,162 @@
+// rope: forward against a double-precision loop, the rotation's invariants (pair norms, relative
+// positions, the offset), gradients, and error cases.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "gradcheck.hpp"
+
+using rex::Shape;
+using rex::Tensor;
+
+namespace {
+
+// y[..., t, i] and y[..., t, i + D/2] for every pair, from the formula, in double.
+std::vector<double> naive_rope(const Tensor& x, double theta, int64_t offset) {
+  const int64_t time = x.dim(2), dim = x.dim(3), half = dim / 2;
+  const float* px = x.data<float>();
+  std::vector<double> y(static_cast<size_t>(x.numel()));
+  for (int64_t r = 0; r < x.dim(0) * x.dim(1); ++r) {
+    for (int64_t t = 0; t < time; ++t) {
+      const int64_t base = (r * time + t) * dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const double angle = static_cast<double>(t + offset) * std::pow(theta, -2.0 * i / dim);
+        const double a = px[base + i], b = px[base + i + half];
+        y[static_cast<size_t>(base + i)] = a * std::cos(angle) - b * std::sin(angle);
+        y[static_cast<size_t>(base + i + half)] = b * std::cos(angle) + a * std::sin(angle);
+      }
+    }
+  }
+  return y;
+}
+
+// The same vector at every position: x[0, 0, t, :] = row for t < time.
+Tensor repeat_over_time(const Tensor& row, int64_t time) {
+  const int64_t dim = row.numel();
+  Tensor x = Tensor::empty(Shape{1, 1, time, dim});
+  for (int64_t t = 0; t < time; ++t)
+    for (int64_t i = 0; i < dim; ++i) x.data<float>()[t * dim + i] = row.data<float>()[i];
+  return x;
+}
+
+double dot_at(const Tensor& a, int64_t t, const Tensor& b, int64_t s) {
+  const int64_t dim = a.dim(3);
+  double total = 0;
+  for (int64_t i = 0; i < dim; ++i)
+    total += static_cast<double>(a.data<float>()[t * dim + i]) * b.data<float>()[s * dim + i];
+  return total;
+}
+
+}  // namespace
+
+TEST_CASE("rope matches the rotate-half formula") {
+  rex::Generator gen(7);
+  struct Case {
+    Shape shape;
+    float theta;
+    int64_t offset;
+  };
+  const std::vector<Case> cases = {{Shape{1, 1, 5, 2}, 10000.0f, 0},
+                                   {Shape{2, 3, 7, 8}, 10000.0f, 0},
+                                   {Shape{2, 2, 4, 16}, 500000.0f, 13},
+                                   {Shape{1, 3, 6, 6}, 100.0f, 1000}};
+  for (const Case& c : cases) {
+    CAPTURE(c.shape);
+    const Tensor x = rex::normal(c.shape, gen);
+    const Tensor y = rex::rope(x, c.theta, c.offset);
+    REQUIRE(y.shape() == c.shape);
+    const std::vector<double> want = naive_rope(x, c.theta, c.offset);
+    for (int64_t j = 0; j < y.numel(); ++j)
+      CHECK(y.data<float>()[j] == doctest::Approx(want[static_cast<size_t>(j)]).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("rope leaves position 0 unchanged and turns position p by p radians when D = 2") {
+  // D = 2: one pair with inv_freq 1, so position p rotates (a, b) by p radians.
+  const Tensor x = rex::from_vector<float>({3.0f, -1.0f, 3.0f, -1.0f}, Shape{1, 1, 2, 2});
+  const Tensor y = rex::rope(x);
+  CHECK(y.at({0, 0, 0, 0}) == 3.0f);
+  CHECK(y.at({0, 0, 0, 1}) == -1.0f);
+  CHECK(y.at({0, 0, 1, 0}) == doctest::Approx(3.0 * std::cos(1.0) + std::sin(1.0)));
+  CHECK(y.at({0, 0, 1, 1}) == doctest::Approx(-std::cos(1.0) + 3.0 * std::sin(1.0)));
+}
+
+TEST_CASE("rope preserves the norm of every (i, i + D/2) pair") {
+  rex::Generator gen(11);
+  const Tensor x = rex::normal(Shape{2, 3, 9, 10}, gen);
+  const Tensor y = rex::rope(x, 10000.0f, 5);
+  const int64_t half = 5;
+  for (int64_t row = 0; row < x.numel() / 10; ++row) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float* px = x.data<float>() + row * 10;
+      const float* py = y.data<float>() + row * 10;
+      const double before = std::hypot(px[i], px[i + half]);
+      const double after = std::hypot(py[i], py[i + half]);
+      CHECK(after == doctest::Approx(before).epsilon(1e-5));
+    }
+  }
+}
+
+TEST_CASE("rope dot products depend only on the relative position, and offset shifts positions") {
+  rex::Generator gen(3);
+  const int64_t time = 12, dim = 8;
+  const Tensor q = rex::rope(repeat_over_time(rex::normal(Shape{dim}, gen), time));
+  const Tensor k = rex::rope(repeat_over_time(rex::normal(Shape{dim}, gen), time));
+  for (int64_t t = 0; t < time; ++t) {
+    for (int64_t s = 0; s < time; ++s) {
+      // Shift both positions down to the smaller of them being 0.
+      const int64_t m = std::min(t, s);
+      CHECK(dot_at(q, t, k, s) == doctest::Approx(dot_at(q, t - m, k, s - m)).epsilon(1e-4));
+    }
+  }
+  // Position offset o at step t is position t + o.
+  const Tensor x = rex::normal(Shape{2, 2, 20, dim}, gen);
+  const Tensor late = rex::rope(rex::slice(x, 2, 4, 20), 10000.0f, 4);
+  const Tensor full = rex::slice(rex::rope(x), 2, 4, 20);
+  for (int64_t j = 0; j < late.numel(); ++j)
+    CHECK(late.data<float>()[j] == doctest::Approx(full.data<float>()[j]).epsilon(1e-5));
+}
+
+TEST_CASE("rope gradient") {
+  rex::Generator gen(5);
+  for (const Shape& shape : {Shape{1, 1, 3, 2}, Shape{2, 3, 4, 6}, Shape{1, 2, 5, 8}}) {
+    CAPTURE(shape);
+    Tensor x = rex::normal(shape, gen);
+    x.requires_grad_();
+    CHECK_GRADIENTS([](const std::vector<Tensor>& in) { return rex::rope(in[0]); }, {x});
+    CHECK_GRADIENTS([](const std::vector<Tensor>& in) { return rex::rope(in[0], 50.0f, 17); }, {x});
+  }
+}
+
+TEST_CASE("rope backward is the inverse rotation: rope then its gradient map is the identity") {
+  rex::Generator gen(9);
+  Tensor x = rex::normal(Shape{2, 2, 6, 4}, gen);
+  x.requires_grad_();
+  const Tensor g = rex::normal(x.shape(), gen);
+  rex::rope(x, 10000.0f, 3).backward(rex::rope(g, 10000.0f, 3));
+  for (int64_t j = 0; j < g.numel(); ++j)
+    CHECK(x.grad().data<float>()[j] == doctest::Approx(g.data<float>()[j]).epsilon(1e-5));
+}
+
+TEST_CASE("rope rejects bad inputs") {
+  auto message = [](auto&& f) {
+    try {
+      f();
+    } catch (const rex::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const Tensor x3 = rex::zeros(Shape{2, 3, 4});
+  CHECK_THROWS_AS(rex::rope(x3), rex::Error);
+  CHECK(message([&] { rex::rope(x3); }).find("rope") == 0);
+  CHECK(message([&] { rex::rope(x3); }).find("[2, 3, 4]") != std::string::npos);
+  const Tensor odd = rex::zeros(Shape{1, 2, 3, 5});
+  CHECK_THROWS_AS(rex::rope(odd), rex::Error);
+  CHECK(message([&] { rex::rope(odd); }).find("even") != std::string::npos);
+  CHECK_THROWS_AS(rex::rope(rex::zeros(Shape{1, 1, 2, 4}), 0.0f), rex::Error);
+  CHECK_THROWS_AS(rex::rope(rex::zeros(Shape{1, 1, 2, 4}), -1.0f), rex::Error);
+  CHECK_THROWS_AS(rex::rope(Tensor::empty(Shape{1, 1, 2, 4}, rex::DType::i32)), rex::Error);
+}

@@ -1,0 +1,374 @@
+// Tests for softmax, log_softmax and cross_entropy: forward against double-precision loops (large
+// logits, -inf entries), gradients by central differences, the fused ops against compositions of
+// existing rex ops (values and gradients), and the error messages.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "gradcheck.hpp"
+
+using rex::Shape;
+using rex::Tensor;
+
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Softmax of every row of the last axis, in double with the row maximum subtracted.
+std::vector<double> softmax_reference(const Tensor& x, bool log) {
+  const int64_t n = x.dim(-1), rows = x.numel() / n;
+  const float* px = x.data<float>();
+  std::vector<double> out(static_cast<size_t>(x.numel()));
+  for (int64_t r = 0; r < rows; ++r) {
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, static_cast<double>(px[r * n + j]));
+    double s = 0;
+    for (int64_t j = 0; j < n; ++j) s += std::exp(px[r * n + j] - m);
+    for (int64_t j = 0; j < n; ++j) {
+      const double shifted = px[r * n + j] - m;
+      out[static_cast<size_t>(r * n + j)] = log ? shifted - std::log(s) : std::exp(shifted) / s;
+    }
+  }
+  return out;
+}
+
+// Mean over counted rows of -log softmax(logits)[i, t_i], in double.
+double cross_entropy_reference(const Tensor& logits, const std::vector<int32_t>& targets,
+                               int32_t ignore_index) {
+  const std::vector<double> logp = softmax_reference(logits, /*log=*/true);
+  const int64_t classes = logits.dim(1);
+  double total = 0;
+  int count = 0;
+  for (size_t i = 0; i < targets.size(); ++i) {
+    if (targets[i] == ignore_index) continue;
+    total -= logp[i * static_cast<size_t>(classes) + static_cast<size_t>(targets[i])];
+    ++count;
+  }
+  return count ? total / count : 0.0;
+}
+
+// log_softmax from composed rex ops: x - max - log(sum(exp(x - max))).
+Tensor composed_log_softmax(const Tensor& x) {
+  const Tensor shifted = rex::sub(x, rex::max(x, -1, true));
+  return rex::sub(shifted, rex::log(rex::sum(rex::exp(shifted), -1, true)));
+}
+
+// A constant [rows, classes] tensor with 1 at (i, t_i) on counted rows, 0 elsewhere.
+Tensor one_hot(const std::vector<int32_t>& targets, int64_t classes, int32_t ignore_index) {
+  Tensor out = rex::zeros(Shape{static_cast<int64_t>(targets.size()), classes});
+  for (size_t i = 0; i < targets.size(); ++i)
+    if (targets[i] != ignore_index) out.data<float>()[i * classes + targets[i]] = 1.0f;
+  return out;
+}
+
+void check_close(const Tensor& got, const std::vector<double>& want, double tol) {
+  REQUIRE(got.numel() == static_cast<int64_t>(want.size()));
+  for (int64_t i = 0; i < got.numel(); ++i) {
+    const double w = want[static_cast<size_t>(i)];
+    const float g = got.data<float>()[i];
+    if (std::isinf(w)) {
+      CHECK(g == static_cast<float>(w));
+    } else {
+      CHECK_MESSAGE(std::abs(g - w) <= tol * (1.0 + std::abs(w)), "element ", i, ": got ", g,
+                    ", want ", w);
+    }
+  }
+}
+
+void check_close(const Tensor& got, const Tensor& want, double tol) {
+  REQUIRE(got.shape() == want.shape());
+  const std::vector<float> w = want.to_vector();
+  check_close(got, std::vector<double>(w.begin(), w.end()), tol);
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const rex::Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+Tensor param(const Shape& shape, rex::Generator& gen, float stddev = 1.0f) {
+  Tensor x = rex::normal(shape, gen, 0.0f, stddev);
+  x.requires_grad_();
+  return x;
+}
+
+// The lower-triangular causal mask of a [t, t] attention: 0 on and below the diagonal, -inf above.
+Tensor causal_mask(int64_t t) {
+  Tensor mask = rex::zeros(Shape{t, t});
+  for (int64_t i = 0; i < t; ++i)
+    for (int64_t j = i + 1; j < t; ++j) mask.data<float>()[i * t + j] = -kInf;
+  return mask;
+}
+
+}  // namespace
+
+TEST_CASE("softmax and log_softmax match a double-precision loop; rows sum to one") {
+  rex::Generator gen(1);
+  for (const Shape& shape : {Shape{7}, Shape{4, 9}, Shape{2, 3, 5}, Shape{3, 1}}) {
+    CAPTURE(shape);
+    const Tensor x = rex::normal(shape, gen, 0.0f, 3.0f);
+    const Tensor y = rex::softmax(x);
+    CHECK(y.shape() == shape);
+    check_close(y, softmax_reference(x, false), 1e-6);
+    check_close(rex::log_softmax(x), softmax_reference(x, true), 1e-6);
+    const int64_t n = shape[shape.rank() - 1];
+    for (int64_t r = 0; r < x.numel() / n; ++r) {
+      double s = 0;
+      for (int64_t j = 0; j < n; ++j) s += y.data<float>()[r * n + j];
+      CHECK(s == doctest::Approx(1.0).epsilon(1e-6));
+    }
+  }
+}
+
+TEST_CASE("softmax and log_softmax are stable for large logits") {
+  const Tensor x = rex::from_vector<float>(
+      {1000, 999, 998, -1000, -1001, -1002, 1000, 0, -1000, 1000, 1000, 1000}, Shape{4, 3});
+  const Tensor y = rex::softmax(x);
+  const Tensor logy = rex::log_softmax(x);
+  check_close(y, softmax_reference(x, false), 1e-6);
+  check_close(logy, softmax_reference(x, true), 1e-6);
+  // Closed forms: a shift by 1000 changes nothing; e^-1000 underflows to exactly 0 in float.
+  const double z = 1.0 + std::exp(-1.0) + std::exp(-2.0);
+  CHECK(y.at({0, 0}) == doctest::Approx(1.0 / z));
+  CHECK(y.at({1, 2}) == doctest::Approx(std::exp(-2.0) / z));
+  CHECK(y.at({2, 0}) == 1.0f);
+  CHECK(y.at({2, 1}) == 0.0f);
+  CHECK(y.at({3, 1}) == doctest::Approx(1.0 / 3.0));
+  CHECK(logy.at({2, 2}) == doctest::Approx(-2000.0));
+  CHECK(logy.at({3, 0}) == doctest::Approx(-std::log(3.0)));
+  for (float v : y.to_vector()) CHECK(std::isfinite(v));
+  for (float v : logy.to_vector()) CHECK(std::isfinite(v));
+}
+
+TEST_CASE("softmax and log_softmax handle -inf entries (causal mask)") {
+  rex::Generator gen(2);
+  const int64_t t = 5;
+  const Tensor x = rex::add(rex::normal(Shape{2, t, t}, gen, 0.0f, 2.0f), causal_mask(t));
+  const Tensor y = rex::softmax(x);
+  const Tensor logy = rex::log_softmax(x);
+  check_close(y, softmax_reference(x, false), 1e-6);
+  check_close(logy, softmax_reference(x, true), 1e-6);
+  for (int64_t b = 0; b < 2; ++b) {
+    for (int64_t i = 0; i < t; ++i) {
+      double s = 0;
+      for (int64_t j = 0; j < t; ++j) {
+        s += y.at({b, i, j});
+        if (j > i) {
+          CHECK(y.at({b, i, j}) == 0.0f);
+          CHECK(logy.at({b, i, j}) == -kInf);
+        }
+      }
+      CHECK(s == doctest::Approx(1.0).epsilon(1e-6));
+    }
+  }
+  // The first row of a causal mask has one entry left: probability exactly 1.
+  CHECK(y.at({0, 0, 0}) == 1.0f);
+  CHECK(logy.at({1, 0, 0}) == 0.0f);
+}
+
+TEST_CASE("softmax gradient") {
+  rex::Generator gen(3);
+  for (const Shape& shape : {Shape{5}, Shape{3, 7}, Shape{2, 3, 4}}) {
+    CAPTURE(shape);
+    CHECK_GRADIENTS([](const std::vector<Tensor>& in) { return rex::softmax(in[0]); },
+                    {param(shape, gen, 2.0f)});
+  }
+  // Through a causal mask: masked entries get gradient 0, the others the usual one.
+  const Tensor mask = causal_mask(4);
+  CHECK_GRADIENTS(
+      [&](const std::vector<Tensor>& in) { return rex::softmax(rex::add(in[0], mask)); },
+      {param(Shape{3, 4, 4}, gen)});
+}
+
+TEST_CASE("log_softmax gradient") {
+  rex::Generator gen(4);
+  for (const Shape& shape : {Shape{6}, Shape{4, 5}, Shape{2, 2, 3}}) {
+    CAPTURE(shape);
+    CHECK_GRADIENTS([](const std::vector<Tensor>& in) { return rex::log_softmax(in[0]); },
+                    {param(shape, gen, 2.0f)});
+  }
+}
+
+TEST_CASE("log_softmax gradient through -inf entries matches the closed form") {
+  // dx = g - softmax(x) * sum(g); with g = 0 on masked entries the masked dx is exactly 0.
+  rex::Generator gen(5);
+  const int64_t t = 4;
+  Tensor x = param(Shape{t, t}, gen);
+  const Tensor masked = rex::add(x, causal_mask(t));
+  Tensor g = rex::normal(Shape{t, t}, gen);
+  for (int64_t i = 0; i < t; ++i)
+    for (int64_t j = i + 1; j < t; ++j) g.data<float>()[i * t + j] = 0.0f;
+  rex::log_softmax(masked).backward(g);
+  const std::vector<double> p = softmax_reference(masked, false);
+  std::vector<double> want(static_cast<size_t>(t * t));
+  for (int64_t i = 0; i < t; ++i) {
+    double total = 0;
+    for (int64_t j = 0; j < t; ++j) total += g.at({i, j});
+    for (int64_t j = 0; j < t; ++j)
+      want[static_cast<size_t>(i * t + j)] =
+          g.at({i, j}) - p[static_cast<size_t>(i * t + j)] * total;
+  }
+  check_close(x.grad(), want, 1e-6);
+  for (int64_t i = 0; i < t; ++i)
+    for (int64_t j = i + 1; j < t; ++j) CHECK(x.grad().at({i, j}) == 0.0f);
+}
+
+TEST_CASE("softmax and log_softmax match composed rex ops (values and gradients)") {
+  rex::Generator gen(6);
+  for (const Shape& shape : {Shape{3, 8}, Shape{2, 4, 5}}) {
+    CAPTURE(shape);
+    Tensor x = param(shape, gen, 2.0f);
+    const Tensor g = rex::normal(shape, gen);
+
+    const Tensor composed = composed_log_softmax(x);
+    composed.backward(g);
+    const Tensor composed_grad = x.grad();
+    x.zero_grad();
+    const Tensor fused = rex::log_softmax(x);
+    fused.backward(g);
+    check_close(fused, composed, 1e-6);
+    check_close(x.grad(), composed_grad, 1e-5);
+
+    x.zero_grad();
+    const Tensor composed_p = rex::exp(composed_log_softmax(x));
+    composed_p.backward(g);
+    const Tensor composed_p_grad = x.grad();
+    x.zero_grad();
+    const Tensor p = rex::softmax(x);
+    p.backward(g);
+    check_close(p, composed_p, 1e-6);
+    check_close(x.grad(), composed_p_grad, 1e-5);
+  }
+}
+
+TEST_CASE("cross_entropy matches a double-precision loop") {
+  rex::Generator gen(7);
+  const Tensor logits = rex::normal(Shape{6, 5}, gen, 0.0f, 3.0f);
+  const std::vector<int32_t> targets{0, 4, 2, -100, 3, 1};
+  const Tensor loss = rex::cross_entropy(logits, rex::from_vector(targets));
+  CHECK(loss.rank() == 0);
+  CHECK(loss.item() == doctest::Approx(cross_entropy_reference(logits, targets, -100)));
+
+  // A custom ignore_index, which may also be a valid class.
+  const std::vector<int32_t> with_class_ignored{0, 4, 2, 2, 3, 1};
+  CHECK(rex::cross_entropy(logits, rex::from_vector(with_class_ignored), 2).item() ==
+        doctest::Approx(cross_entropy_reference(logits, with_class_ignored, 2)));
+
+  // Large logits stay finite; a -inf logit elsewhere in the row is fine.
+  const Tensor big = rex::from_vector<float>({1000, 0, -kInf, -1000, 999, 998}, Shape{2, 3});
+  const std::vector<int32_t> big_targets{0, 2};
+  const Tensor big_loss = rex::cross_entropy(big, rex::from_vector(big_targets));
+  // Row 0 [1000, 0, -inf], target 0: log(1 + e^-1000) = 0 in double. Row 1 [-1000, 999, 998],
+  // target 2: lse - 998 = 1 + log(e^-1999 + 1 + e^-1).
+  const double row1 = 1.0 + std::log(1.0 + std::exp(-1.0));
+  CHECK(big_loss.item() == doctest::Approx((0.0 + row1) / 2.0));
+}
+
+TEST_CASE("cross_entropy gradient") {
+  rex::Generator gen(8);
+  for (const auto& targets : {std::vector<int32_t>{1, 0, 3, 2, 4, 0, 2},
+                              std::vector<int32_t>{1, -100, 3, -100, 4, 0, -100}}) {
+    const Tensor t = rex::from_vector(targets);
+    CHECK_GRADIENTS([&](const std::vector<Tensor>& in) { return rex::cross_entropy(in[0], t); },
+                    {param(Shape{7, 5}, gen, 2.0f)});
+  }
+  const Tensor one = rex::from_vector<int32_t>({2});
+  CHECK_GRADIENTS([&](const std::vector<Tensor>& in) { return rex::cross_entropy(in[0], one); },
+                  {param(Shape{1, 3}, gen)});
+}
+
+TEST_CASE("cross_entropy matches composed rex ops (values and gradients)") {
+  rex::Generator gen(9);
+  for (const auto& targets :
+       {std::vector<int32_t>{3, 0, 1, 2}, std::vector<int32_t>{3, -100, 1, -100}}) {
+    const int64_t classes = 6;
+    Tensor logits = param(Shape{4, classes}, gen, 2.0f);
+    const Tensor onehot = one_hot(targets, classes, -100);
+    const float count = rex::sum(onehot).item();
+    const Tensor composed =
+        rex::div(rex::neg(rex::sum(rex::mul(composed_log_softmax(logits), onehot))), count);
+    composed.backward(rex::scalar(0.7f));
+    const Tensor composed_grad = logits.grad();
+    logits.zero_grad();
+    const Tensor fused = rex::cross_entropy(logits, rex::from_vector(targets));
+    fused.backward(rex::scalar(0.7f));
+    CHECK(fused.item() == doctest::Approx(composed.item()).epsilon(1e-5));
+    check_close(logits.grad(), composed_grad, 1e-5);
+    // Ignored rows get exactly zero gradient.
+    for (size_t i = 0; i < targets.size(); ++i)
+      if (targets[i] == -100)
+        for (int64_t j = 0; j < classes; ++j)
+          CHECK(logits.grad().at({static_cast<int64_t>(i), j}) == 0.0f);
+  }
+}
+
+TEST_CASE("cross_entropy with every row ignored is 0 with a zero gradient") {
+  rex::Generator gen(10);
+  Tensor logits = param(Shape{3, 4}, gen);
+  const Tensor loss = rex::cross_entropy(logits, rex::from_vector<int32_t>({-1, -1, -1}), -1);
+  CHECK(loss.item() == 0.0f);
+  loss.backward();
+  REQUIRE(logits.grad().defined());
+  for (float v : logits.grad().to_vector()) CHECK(v == 0.0f);
+}
+
+TEST_CASE("softmax ops reject bad inputs with messages naming the op") {
+  const Tensor x = rex::zeros(Shape{4, 5});
+  const Tensor targets = rex::from_vector<int32_t>({0, 1, 2, 3});
+
+  CHECK_THROWS_AS(rex::cross_entropy(x, rex::zeros(Shape{4})), rex::Error);
+  const std::string dtype = error_of([&] { rex::cross_entropy(x, rex::zeros(Shape{4})); });
+  CHECK(dtype.find("cross_entropy") != std::string::npos);
+  CHECK(dtype.find("i32") != std::string::npos);
+
+  CHECK_THROWS_AS(rex::cross_entropy(x, rex::from_vector<int32_t>({0, 1, 5, 3})), rex::Error);
+  const std::string range = error_of([&] {
+    rex::cross_entropy(x, rex::from_vector<int32_t>({0, 1, 5, 3}));
+  });
+  CHECK(range.find("cross_entropy") != std::string::npos);
+  CHECK(range.find("target 5 at row 2") != std::string::npos);
+  const std::string negative = error_of([&] {
+    rex::cross_entropy(x, rex::from_vector<int32_t>({0, 1, 2, -3}));
+  });
+  CHECK(negative.find("target -3 at row 3") != std::string::npos);
+
+  CHECK_THROWS_AS(rex::cross_entropy(x, rex::from_vector<int32_t>({0, 1, 2})), rex::Error);
+  const std::string rows = error_of([&] {
+    rex::cross_entropy(x, rex::from_vector<int32_t>({0, 1, 2}));
+  });
+  CHECK(rows.find("cross_entropy: logits [4, 5] and targets [3]") != std::string::npos);
+  const std::string rank = error_of([&] {
+    rex::cross_entropy(rex::zeros(Shape{2, 2, 5}), targets);
+  });
+  CHECK(rank.find("cross_entropy: logits [2, 2, 5]") != std::string::npos);
+  CHECK(error_of([&] { rex::cross_entropy(targets, targets); }).find("cross_entropy") !=
+        std::string::npos);
+
+  // A fully masked row has no softmax: an error naming the op and the row.
+  Tensor masked = rex::zeros(Shape{3, 4});
+  for (int64_t j = 0; j < 4; ++j) masked.data<float>()[4 + j] = -kInf;
+  CHECK_THROWS_AS(rex::softmax(masked), rex::Error);
+  CHECK(error_of([&] { rex::softmax(masked); }).find("softmax: row 1 of [3, 4] is entirely -inf") !=
+        std::string::npos);
+  CHECK(error_of([&] { rex::log_softmax(masked); }).find("log_softmax: row 1") !=
+        std::string::npos);
+  CHECK(error_of([&] {
+          rex::cross_entropy(masked, rex::from_vector<int32_t>({0, 1, 2}));
+        }).find("cross_entropy: row 1") != std::string::npos);
+  // ... unless that row is ignored.
+  CHECK(std::isfinite(rex::cross_entropy(masked, rex::from_vector<int32_t>({0, -100, 2})).item()));
+
+  CHECK(error_of([&] { rex::softmax(targets); }).find("softmax: expected an f32") !=
+        std::string::npos);
+  CHECK(error_of([&] { rex::softmax(rex::scalar(1.0f)); }).find("softmax") != std::string::npos);
+  CHECK(error_of([&] {
+          rex::log_softmax(rex::zeros(Shape{3, 0}));
+        }).find("log_softmax") != std::string::npos);
+}
