@@ -19,20 +19,25 @@ inline double median(std::vector<double> values) {
   return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
-// Runs a() and b() `warmup` times each, then `repeats` times alternating (a, b, a, b, ...),
-// returning the median seconds of each.
+// Runs a() and b() `warmup` times each, then `repeats` times interleaved, swapping which goes first
+// on every other repeat; returns the median seconds of each.
 template <class A, class B>
 std::pair<double, double> interleaved_medians(A&& a, B&& b, int warmup, int repeats) {
   for (int i = 0; i < warmup; ++i) a(), b();
+  auto timed = [](auto& f) {
+    const double start = now_seconds();
+    f();
+    return now_seconds() - start;
+  };
   std::vector<double> ta, tb;
   for (int i = 0; i < repeats; ++i) {
-    double t0 = now_seconds();
-    a();
-    double t1 = now_seconds();
-    b();
-    double t2 = now_seconds();
-    ta.push_back(t1 - t0);
-    tb.push_back(t2 - t1);
+    if (i % 2 == 0) {
+      ta.push_back(timed(a));
+      tb.push_back(timed(b));
+    } else {
+      tb.push_back(timed(b));
+      ta.push_back(timed(a));
+    }
   }
   return {median(ta), median(tb)};
 }

@@ -4,14 +4,16 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
-#include <functional>
 #include <string>
 #include <vector>
 
 #include "gradcheck.hpp"
+#include "testing.hpp"
 
 using rex::Shape;
 using rex::Tensor;
+using rex::testing::check_close;
+using rex::testing::error_message;
 
 namespace {
 
@@ -64,25 +66,6 @@ std::vector<double> naive_attention(const Tensor& q, const Tensor& k, const Tens
     }
   }
   return out;
-}
-
-void check_close(const Tensor& got, const Tensor& want, double tolerance) {
-  REQUIRE(got.defined());
-  REQUIRE(want.defined());
-  REQUIRE(got.shape() == want.shape());
-  for (int64_t j = 0; j < got.numel(); ++j) {
-    CHECK(got.data<float>()[j] ==
-          doctest::Approx(want.data<float>()[j]).epsilon(tolerance).scale(1.0));
-  }
-}
-
-std::string error_message(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const rex::Error& e) {
-    return e.what();
-  }
-  return "no error";
 }
 
 const std::vector<Dims> kShapes = {

@@ -6,18 +6,13 @@
 #include <functional>
 
 #include "gradcheck.hpp"
+#include "testing.hpp"
 
 using rex::Tensor;
 using rex::testing::GradcheckOptions;
+using rex::testing::random_uniform_param;
 
 namespace {
-
-Tensor random_param(const rex::Shape& shape, uint64_t seed, float low = -2.0f, float high = 2.0f) {
-  rex::Generator gen(seed);
-  Tensor t = rex::uniform(shape, gen, low, high);
-  t.requires_grad_();
-  return t;
-}
 
 struct UnaryCase {
   const char* name;
@@ -59,7 +54,8 @@ TEST_CASE("unary math: values match the closed form and gradients match central 
   for (const UnaryCase& c : cases) {
     CAPTURE(c.name);
     for (const rex::Shape& shape : {rex::Shape{7}, rex::Shape{3, 5}, rex::Shape{2, 3, 4}}) {
-      Tensor x = random_param(shape, 11, c.low, c.high);
+      rex::Generator gen(11);
+      Tensor x = random_uniform_param(shape, gen, c.low, c.high);
       Tensor y = c.op(x);
       REQUIRE(y.shape() == shape);
       for (int64_t i = 0; i < x.numel(); ++i)
@@ -77,7 +73,9 @@ TEST_CASE("relu mixes signs: gradient is 1 above zero and 0 below") {
 }
 
 TEST_CASE("binary ops: values and gradients with equal shapes") {
-  Tensor a = random_param({3, 4}, 1), b = random_param({3, 4}, 2, 0.5f, 2.0f);
+  rex::Generator gen_a(1), gen_b(2);
+  Tensor a = random_uniform_param({3, 4}, gen_a, -2.0f, 2.0f);
+  Tensor b = random_uniform_param({3, 4}, gen_b, 0.5f, 2.0f);
   const float* pa = a.data<float>();
   const float* pb = b.data<float>();
   Tensor s = a + b, d = a - b, m = a * b, q = a / b;
@@ -108,7 +106,9 @@ TEST_CASE("binary ops broadcast both ways and reduce gradients back with sum_to"
   for (const Pair& p : pairs) {
     CAPTURE(p.a.str());
     CAPTURE(p.b.str());
-    Tensor a = random_param(p.a, 3), b = random_param(p.b, 4, 0.5f, 2.0f);
+    rex::Generator gen_a(3), gen_b(4);
+    Tensor a = random_uniform_param(p.a, gen_a, -2.0f, 2.0f);
+    Tensor b = random_uniform_param(p.b, gen_b, 0.5f, 2.0f);
     Tensor m = a * b;
     REQUIRE(m.shape() == p.out);
     // Naive check of one broadcast product: element by element through at().
@@ -133,7 +133,8 @@ TEST_CASE("binary ops broadcast both ways and reduce gradients back with sum_to"
 }
 
 TEST_CASE("scalar forms") {
-  Tensor x = random_param({2, 3}, 5, 0.5f, 2.0f);
+  rex::Generator gen(5);
+  Tensor x = random_uniform_param({2, 3}, gen, 0.5f, 2.0f);
   const float* px = x.data<float>();
   Tensor r1 = x + 2.0f, r2 = 2.0f - x, r3 = 3.0f * x, r4 = x / 4.0f, r5 = 2.0f / x, r6 = x - 1.0f;
   for (int64_t i = 0; i < 6; ++i) {
@@ -153,12 +154,14 @@ TEST_CASE("scalar forms") {
 }
 
 TEST_CASE("broadcast_to and sum_to are each other's gradient") {
-  Tensor x = random_param({3, 1}, 6);
+  rex::Generator gen_x(6);
+  Tensor x = random_uniform_param({3, 1}, gen_x, -2.0f, 2.0f);
   Tensor b = rex::broadcast_to(x, {2, 3, 4});
   CHECK(b.shape() == rex::Shape{2, 3, 4});
   CHECK(b.at({1, 2, 3}) == x.at({2, 0}));
   CHECK_GRADIENTS([](const auto& in) { return rex::broadcast_to(in[0], {2, 3, 4}); }, {x});
-  Tensor big = random_param({2, 3, 4}, 7);
+  rex::Generator gen_big(7);
+  Tensor big = random_uniform_param({2, 3, 4}, gen_big, -2.0f, 2.0f);
   Tensor s = rex::sum_to(big, {3, 1});
   double expect = 0;
   for (int64_t i = 0; i < 2; ++i)

@@ -10,8 +10,10 @@
 #include <vector>
 
 #include "gradcheck.hpp"
+#include "testing.hpp"
 
 using namespace rex;
+using rex::testing::error_message;
 using rex::testing::gradcheck;
 
 namespace {
@@ -35,16 +37,6 @@ Tensor mask_of(const Shape& shape, DType dtype, Pick pick) {
     }
   }
   return m;
-}
-
-template <class F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const rex::Error& e) {
-    return e.what();
-  }
-  return "(no rex::Error thrown)";
 }
 
 bool contains(const std::string& text, const std::string& part) {

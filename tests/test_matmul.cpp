@@ -3,18 +3,13 @@
 #include <doctest/doctest.h>
 
 #include "gradcheck.hpp"
+#include "testing.hpp"
 
 using rex::Shape;
 using rex::Tensor;
+using rex::testing::random_normal_param;
 
 namespace {
-
-Tensor random_param(const Shape& shape, uint64_t seed) {
-  rex::Generator gen(seed);
-  Tensor t = rex::normal(shape, gen);
-  t.requires_grad_();
-  return t;
-}
 
 // Element (i, j) of op(a) for a 2-d tensor stored as given.
 double op_at(const Tensor& m, bool transposed, int64_t i, int64_t j) {
@@ -29,8 +24,9 @@ TEST_CASE("2-d matmul with every transpose combination matches a naive loop") {
     for (bool tb : {false, true}) {
       CAPTURE(ta);
       CAPTURE(tb);
-      Tensor a = random_param(ta ? Shape{k, m} : Shape{m, k}, 1);
-      Tensor b = random_param(tb ? Shape{n, k} : Shape{k, n}, 2);
+      rex::Generator gen_a(1), gen_b(2);
+      Tensor a = random_normal_param(ta ? Shape{k, m} : Shape{m, k}, gen_a);
+      Tensor b = random_normal_param(tb ? Shape{n, k} : Shape{k, n}, gen_b);
       Tensor c = rex::matmul(a, b, {.transpose_a = ta, .transpose_b = tb});
       REQUIRE(c.shape() == Shape{m, n});
       for (int64_t i = 0; i < m; ++i) {
@@ -65,7 +61,8 @@ TEST_CASE("batched matmul broadcasts leading axes") {
   for (const Case& c : cases) {
     CAPTURE(c.a.str());
     CAPTURE(c.b.str());
-    Tensor a = random_param(c.a, 3), b = random_param(c.b, 4);
+    rex::Generator gen_a(3), gen_b(4);
+    Tensor a = random_normal_param(c.a, gen_a), b = random_normal_param(c.b, gen_b);
     const rex::MatmulOptions options{.transpose_a = c.ta, .transpose_b = c.tb};
     Tensor out = rex::matmul(a, b, options);
     REQUIRE(out.shape() == c.out);
@@ -101,9 +98,11 @@ TEST_CASE("batched matmul broadcasts leading axes") {
 }
 
 TEST_CASE("matmul works on views and on 1-row / 1-column products") {
-  Tensor base = random_param({6, 4}, 5);
+  rex::Generator gen_base(5);
+  Tensor base = random_normal_param({6, 4}, gen_base);
   Tensor rows = rex::slice(base, 0, 2, 5);  // a view into base
-  Tensor w = random_param({4, 1}, 6);
+  rex::Generator gen_w(6);
+  Tensor w = random_normal_param({4, 1}, gen_w);
   Tensor out = rex::matmul(rows, w);
   for (int64_t i = 0; i < 3; ++i) {
     double expect = 0;

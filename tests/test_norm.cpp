@@ -8,9 +8,13 @@
 #include <vector>
 
 #include "gradcheck.hpp"
+#include "testing.hpp"
 
 using rex::Shape;
 using rex::Tensor;
+using rex::testing::check_close;
+using rex::testing::error_message;
+using rex::testing::random_normal_param;
 
 namespace {
 
@@ -26,37 +30,6 @@ std::vector<double> rms_norm_loop(const Tensor& x, const Tensor& w, double eps) 
     for (int64_t j = 0; j < d; ++j) out[static_cast<size_t>(i * d + j)] = px[i * d + j] * r * pw[j];
   }
   return out;
-}
-
-void check_close(const Tensor& got, const std::vector<double>& want, double tol) {
-  REQUIRE(got.numel() == static_cast<int64_t>(want.size()));
-  for (int64_t i = 0; i < got.numel(); ++i) {
-    const double w = want[static_cast<size_t>(i)];
-    const float g = got.data<float>()[i];
-    CHECK_MESSAGE(std::abs(g - w) <= tol * (1.0 + std::abs(w)), "element ", i, ": got ", g,
-                  ", want ", w);
-  }
-}
-
-void check_close(const Tensor& got, const Tensor& want, double tol) {
-  REQUIRE(got.shape() == want.shape());
-  const std::vector<float> w = want.to_vector();
-  check_close(got, std::vector<double>(w.begin(), w.end()), tol);
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const rex::Error& e) {
-    return e.what();
-  }
-  return "no error";
-}
-
-Tensor param(const Shape& shape, rex::Generator& gen, float mean = 0.0f) {
-  Tensor x = rex::normal(shape, gen, mean, 1.0f);
-  x.requires_grad_();
-  return x;
 }
 
 }  // namespace
@@ -89,24 +62,24 @@ TEST_CASE("rms_norm gradient") {
     CAPTURE(shape);
     const int64_t d = shape[shape.rank() - 1];
     CHECK_GRADIENTS([](const std::vector<Tensor>& in) { return rex::rms_norm(in[0], in[1]); },
-                    {param(shape, gen), param(Shape{d}, gen, 1.0f)});
+                    {random_normal_param(shape, gen), random_normal_param(Shape{d}, gen, 1.0f)});
     CHECK_GRADIENTS([](const std::vector<Tensor>& in) { return rex::rms_norm(in[0], in[1], 0.3f); },
-                    {param(shape, gen), param(Shape{d}, gen, 1.0f)});
+                    {random_normal_param(shape, gen), random_normal_param(Shape{d}, gen, 1.0f)});
   }
   // Only one input requiring a gradient takes the skip paths of the backward.
   const Tensor fixed_w = rex::normal(Shape{5}, gen, 1.0f, 0.5f);
   const Tensor fixed_x = rex::normal(Shape{3, 5}, gen);
   CHECK_GRADIENTS([&](const std::vector<Tensor>& in) { return rex::rms_norm(in[0], fixed_w); },
-                  {param(Shape{3, 5}, gen)});
+                  {random_normal_param(Shape{3, 5}, gen)});
   CHECK_GRADIENTS([&](const std::vector<Tensor>& in) { return rex::rms_norm(fixed_x, in[0]); },
-                  {param(Shape{5}, gen, 1.0f)});
+                  {random_normal_param(Shape{5}, gen, 1.0f)});
 }
 
 TEST_CASE("rms_norm_reference gradient") {
   rex::Generator gen(3);
   CHECK_GRADIENTS(
       [](const std::vector<Tensor>& in) { return rex::rms_norm_reference(in[0], in[1]); },
-      {param(Shape{2, 3, 4}, gen), param(Shape{4}, gen, 1.0f)});
+      {random_normal_param(Shape{2, 3, 4}, gen), random_normal_param(Shape{4}, gen, 1.0f)});
 }
 
 TEST_CASE("rms_norm matches rms_norm_reference (values and gradients of x and weight)") {
@@ -114,8 +87,8 @@ TEST_CASE("rms_norm matches rms_norm_reference (values and gradients of x and we
   for (const Shape& shape : {Shape{6, 16}, Shape{2, 5, 12}, Shape{3, 2, 2, 7}}) {
     CAPTURE(shape);
     const int64_t d = shape[shape.rank() - 1];
-    Tensor x = param(shape, gen);
-    Tensor w = param(Shape{d}, gen, 1.0f);
+    Tensor x = random_normal_param(shape, gen);
+    Tensor w = random_normal_param(Shape{d}, gen, 1.0f);
     const Tensor g = rex::normal(shape, gen);
 
     const Tensor ref = rex::rms_norm_reference(x, w, 1e-5f);
@@ -134,24 +107,25 @@ TEST_CASE("rms_norm matches rms_norm_reference (values and gradients of x and we
 TEST_CASE("rms_norm rejects bad inputs with messages naming the op") {
   const Tensor x = rex::zeros(Shape{2, 3});
   CHECK_THROWS_AS(rex::rms_norm(x, rex::ones(Shape{4})), rex::Error);
-  CHECK(error_of([&] {
+  CHECK(error_message([&] {
           rex::rms_norm(x, rex::ones(Shape{4}));
         }).find("rms_norm: x [2, 3] and weight [4]") != std::string::npos);
-  CHECK(error_of([&] {
+  CHECK(error_message([&] {
           rex::rms_norm(x, rex::ones(Shape{1, 3}));
         }).find("rms_norm: x [2, 3] and weight [1, 3]") != std::string::npos);
-  CHECK(error_of([&] {
+  CHECK(error_message([&] {
           rex::rms_norm(rex::scalar(1.0f), rex::ones(Shape{1}));
         }).find("rms_norm: x [] and weight [1]") != std::string::npos);
-  CHECK(error_of([&] {
+  CHECK(error_message([&] {
           rex::rms_norm(rex::arange(3, rex::DType::i32), rex::ones(Shape{3}));
         }).find("rms_norm: expected an f32") != std::string::npos);
-  CHECK(error_of([&] {
+  CHECK(error_message([&] {
           rex::rms_norm(rex::zeros(Shape{2, 0}), rex::ones(Shape{0}));
         }).find("rms_norm: the last axis of x [2, 0] is empty") != std::string::npos);
-  CHECK(error_of([&] { rex::rms_norm(x, rex::ones(Shape{3}), -1.0f); }).find("rms_norm: eps") !=
-        std::string::npos);
-  CHECK(error_of([&] {
+  CHECK(error_message([&] {
+          rex::rms_norm(x, rex::ones(Shape{3}), -1.0f);
+        }).find("rms_norm: eps") != std::string::npos);
+  CHECK(error_message([&] {
           rex::rms_norm_reference(x, rex::ones(Shape{2}));
         }).find("rms_norm_reference: x [2, 3] and weight [2]") != std::string::npos);
 }

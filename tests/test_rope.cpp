@@ -7,9 +7,11 @@
 #include <vector>
 
 #include "gradcheck.hpp"
+#include "testing.hpp"
 
 using rex::Shape;
 using rex::Tensor;
+using rex::testing::error_message;
 
 namespace {
 
@@ -141,21 +143,13 @@ TEST_CASE("rope backward is the inverse rotation: rope then its gradient map is 
 }
 
 TEST_CASE("rope rejects bad inputs") {
-  auto message = [](auto&& f) {
-    try {
-      f();
-    } catch (const rex::Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
   const Tensor x3 = rex::zeros(Shape{2, 3, 4});
   CHECK_THROWS_AS(rex::rope(x3), rex::Error);
-  CHECK(message([&] { rex::rope(x3); }).find("rope") == 0);
-  CHECK(message([&] { rex::rope(x3); }).find("[2, 3, 4]") != std::string::npos);
+  CHECK(error_message([&] { rex::rope(x3); }).find("rope") == 0);
+  CHECK(error_message([&] { rex::rope(x3); }).find("[2, 3, 4]") != std::string::npos);
   const Tensor odd = rex::zeros(Shape{1, 2, 3, 5});
   CHECK_THROWS_AS(rex::rope(odd), rex::Error);
-  CHECK(message([&] { rex::rope(odd); }).find("even") != std::string::npos);
+  CHECK(error_message([&] { rex::rope(odd); }).find("even") != std::string::npos);
   CHECK_THROWS_AS(rex::rope(rex::zeros(Shape{1, 1, 2, 4}), 0.0f), rex::Error);
   CHECK_THROWS_AS(rex::rope(rex::zeros(Shape{1, 1, 2, 4}), -1.0f), rex::Error);
   CHECK_THROWS_AS(rex::rope(Tensor::empty(Shape{1, 1, 2, 4}, rex::DType::i32)), rex::Error);

@@ -9,9 +9,13 @@
 #include <vector>
 
 #include "gradcheck.hpp"
+#include "testing.hpp"
 
 using rex::Shape;
 using rex::Tensor;
+using rex::testing::check_close;
+using rex::testing::error_message;
+using rex::testing::random_normal_param;
 
 namespace {
 
@@ -62,41 +66,6 @@ Tensor one_hot(const std::vector<int32_t>& targets, int64_t classes, int32_t ign
   for (size_t i = 0; i < targets.size(); ++i)
     if (targets[i] != ignore_index) out.data<float>()[i * classes + targets[i]] = 1.0f;
   return out;
-}
-
-void check_close(const Tensor& got, const std::vector<double>& want, double tol) {
-  REQUIRE(got.numel() == static_cast<int64_t>(want.size()));
-  for (int64_t i = 0; i < got.numel(); ++i) {
-    const double w = want[static_cast<size_t>(i)];
-    const float g = got.data<float>()[i];
-    if (std::isinf(w)) {
-      CHECK(g == static_cast<float>(w));
-    } else {
-      CHECK_MESSAGE(std::abs(g - w) <= tol * (1.0 + std::abs(w)), "element ", i, ": got ", g,
-                    ", want ", w);
-    }
-  }
-}
-
-void check_close(const Tensor& got, const Tensor& want, double tol) {
-  REQUIRE(got.shape() == want.shape());
-  const std::vector<float> w = want.to_vector();
-  check_close(got, std::vector<double>(w.begin(), w.end()), tol);
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const rex::Error& e) {
-    return e.what();
-  }
-  return "no error";
-}
-
-Tensor param(const Shape& shape, rex::Generator& gen, float stddev = 1.0f) {
-  Tensor x = rex::normal(shape, gen, 0.0f, stddev);
-  x.requires_grad_();
-  return x;
 }
 
 // The lower-triangular causal mask of a [t, t] attention: 0 on and below the diagonal, -inf above.
@@ -178,13 +147,13 @@ TEST_CASE("softmax gradient") {
   for (const Shape& shape : {Shape{5}, Shape{3, 7}, Shape{2, 3, 4}}) {
     CAPTURE(shape);
     CHECK_GRADIENTS([](const std::vector<Tensor>& in) { return rex::softmax(in[0]); },
-                    {param(shape, gen, 2.0f)});
+                    {random_normal_param(shape, gen, 0.0f, 2.0f)});
   }
   // Through a causal mask: masked entries get gradient 0, the others the usual one.
   const Tensor mask = causal_mask(4);
   CHECK_GRADIENTS(
       [&](const std::vector<Tensor>& in) { return rex::softmax(rex::add(in[0], mask)); },
-      {param(Shape{3, 4, 4}, gen)});
+      {random_normal_param(Shape{3, 4, 4}, gen)});
 }
 
 TEST_CASE("log_softmax gradient") {
@@ -192,7 +161,7 @@ TEST_CASE("log_softmax gradient") {
   for (const Shape& shape : {Shape{6}, Shape{4, 5}, Shape{2, 2, 3}}) {
     CAPTURE(shape);
     CHECK_GRADIENTS([](const std::vector<Tensor>& in) { return rex::log_softmax(in[0]); },
-                    {param(shape, gen, 2.0f)});
+                    {random_normal_param(shape, gen, 0.0f, 2.0f)});
   }
 }
 
@@ -200,7 +169,7 @@ TEST_CASE("log_softmax gradient through -inf entries matches the closed form") {
   // dx = g - softmax(x) * sum(g); with g = 0 on masked entries the masked dx is exactly 0.
   rex::Generator gen(5);
   const int64_t t = 4;
-  Tensor x = param(Shape{t, t}, gen);
+  Tensor x = random_normal_param(Shape{t, t}, gen);
   const Tensor masked = rex::add(x, causal_mask(t));
   Tensor g = rex::normal(Shape{t, t}, gen);
   for (int64_t i = 0; i < t; ++i)
@@ -224,7 +193,7 @@ TEST_CASE("softmax and log_softmax match composed rex ops (values and gradients)
   rex::Generator gen(6);
   for (const Shape& shape : {Shape{3, 8}, Shape{2, 4, 5}}) {
     CAPTURE(shape);
-    Tensor x = param(shape, gen, 2.0f);
+    Tensor x = random_normal_param(shape, gen, 0.0f, 2.0f);
     const Tensor g = rex::normal(shape, gen);
 
     const Tensor composed = composed_log_softmax(x);
@@ -277,11 +246,11 @@ TEST_CASE("cross_entropy gradient") {
                               std::vector<int32_t>{1, -100, 3, -100, 4, 0, -100}}) {
     const Tensor t = rex::from_vector(targets);
     CHECK_GRADIENTS([&](const std::vector<Tensor>& in) { return rex::cross_entropy(in[0], t); },
-                    {param(Shape{7, 5}, gen, 2.0f)});
+                    {random_normal_param(Shape{7, 5}, gen, 0.0f, 2.0f)});
   }
   const Tensor one = rex::from_vector<int32_t>({2});
   CHECK_GRADIENTS([&](const std::vector<Tensor>& in) { return rex::cross_entropy(in[0], one); },
-                  {param(Shape{1, 3}, gen)});
+                  {random_normal_param(Shape{1, 3}, gen)});
 }
 
 TEST_CASE("cross_entropy matches composed rex ops (values and gradients)") {
@@ -289,7 +258,7 @@ TEST_CASE("cross_entropy matches composed rex ops (values and gradients)") {
   for (const auto& targets :
        {std::vector<int32_t>{3, 0, 1, 2}, std::vector<int32_t>{3, -100, 1, -100}}) {
     const int64_t classes = 6;
-    Tensor logits = param(Shape{4, classes}, gen, 2.0f);
+    Tensor logits = random_normal_param(Shape{4, classes}, gen, 0.0f, 2.0f);
     const Tensor onehot = one_hot(targets, classes, -100);
     const float count = rex::sum(onehot).item();
     const Tensor composed =
@@ -311,7 +280,7 @@ TEST_CASE("cross_entropy matches composed rex ops (values and gradients)") {
 
 TEST_CASE("cross_entropy with every row ignored is 0 with a zero gradient") {
   rex::Generator gen(10);
-  Tensor logits = param(Shape{3, 4}, gen);
+  Tensor logits = random_normal_param(Shape{3, 4}, gen);
   const Tensor loss = rex::cross_entropy(logits, rex::from_vector<int32_t>({-1, -1, -1}), -1);
   CHECK(loss.item() == 0.0f);
   loss.backward();
@@ -324,51 +293,53 @@ TEST_CASE("softmax ops reject bad inputs with messages naming the op") {
   const Tensor targets = rex::from_vector<int32_t>({0, 1, 2, 3});
 
   CHECK_THROWS_AS(rex::cross_entropy(x, rex::zeros(Shape{4})), rex::Error);
-  const std::string dtype = error_of([&] { rex::cross_entropy(x, rex::zeros(Shape{4})); });
+  const std::string dtype = error_message([&] { rex::cross_entropy(x, rex::zeros(Shape{4})); });
   CHECK(dtype.find("cross_entropy") != std::string::npos);
   CHECK(dtype.find("i32") != std::string::npos);
 
   CHECK_THROWS_AS(rex::cross_entropy(x, rex::from_vector<int32_t>({0, 1, 5, 3})), rex::Error);
-  const std::string range = error_of([&] {
+  const std::string range = error_message([&] {
     rex::cross_entropy(x, rex::from_vector<int32_t>({0, 1, 5, 3}));
   });
   CHECK(range.find("cross_entropy") != std::string::npos);
   CHECK(range.find("target 5 at row 2") != std::string::npos);
-  const std::string negative = error_of([&] {
+  const std::string negative = error_message([&] {
     rex::cross_entropy(x, rex::from_vector<int32_t>({0, 1, 2, -3}));
   });
   CHECK(negative.find("target -3 at row 3") != std::string::npos);
 
   CHECK_THROWS_AS(rex::cross_entropy(x, rex::from_vector<int32_t>({0, 1, 2})), rex::Error);
-  const std::string rows = error_of([&] {
+  const std::string rows = error_message([&] {
     rex::cross_entropy(x, rex::from_vector<int32_t>({0, 1, 2}));
   });
   CHECK(rows.find("cross_entropy: logits [4, 5] and targets [3]") != std::string::npos);
-  const std::string rank = error_of([&] {
+  const std::string rank = error_message([&] {
     rex::cross_entropy(rex::zeros(Shape{2, 2, 5}), targets);
   });
   CHECK(rank.find("cross_entropy: logits [2, 2, 5]") != std::string::npos);
-  CHECK(error_of([&] { rex::cross_entropy(targets, targets); }).find("cross_entropy") !=
+  CHECK(error_message([&] { rex::cross_entropy(targets, targets); }).find("cross_entropy") !=
         std::string::npos);
 
   // A fully masked row has no softmax: an error naming the op and the row.
   Tensor masked = rex::zeros(Shape{3, 4});
   for (int64_t j = 0; j < 4; ++j) masked.data<float>()[4 + j] = -kInf;
   CHECK_THROWS_AS(rex::softmax(masked), rex::Error);
-  CHECK(error_of([&] { rex::softmax(masked); }).find("softmax: row 1 of [3, 4] is entirely -inf") !=
+  CHECK(error_message([&] {
+          rex::softmax(masked);
+        }).find("softmax: row 1 of [3, 4] is entirely -inf") != std::string::npos);
+  CHECK(error_message([&] { rex::log_softmax(masked); }).find("log_softmax: row 1") !=
         std::string::npos);
-  CHECK(error_of([&] { rex::log_softmax(masked); }).find("log_softmax: row 1") !=
-        std::string::npos);
-  CHECK(error_of([&] {
+  CHECK(error_message([&] {
           rex::cross_entropy(masked, rex::from_vector<int32_t>({0, 1, 2}));
         }).find("cross_entropy: row 1") != std::string::npos);
   // ... unless that row is ignored.
   CHECK(std::isfinite(rex::cross_entropy(masked, rex::from_vector<int32_t>({0, -100, 2})).item()));
 
-  CHECK(error_of([&] { rex::softmax(targets); }).find("softmax: expected an f32") !=
+  CHECK(error_message([&] { rex::softmax(targets); }).find("softmax: expected an f32") !=
         std::string::npos);
-  CHECK(error_of([&] { rex::softmax(rex::scalar(1.0f)); }).find("softmax") != std::string::npos);
-  CHECK(error_of([&] {
+  CHECK(error_message([&] { rex::softmax(rex::scalar(1.0f)); }).find("softmax") !=
+        std::string::npos);
+  CHECK(error_message([&] {
           rex::log_softmax(rex::zeros(Shape{3, 0}));
         }).find("log_softmax") != std::string::npos);
 }

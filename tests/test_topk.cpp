@@ -10,8 +10,10 @@
 #include <vector>
 
 #include "gradcheck.hpp"
+#include "testing.hpp"
 
 using namespace rex;
+using rex::testing::error_message;
 
 namespace {
 
@@ -38,7 +40,7 @@ Tensor distinct_rows(const Shape& shape, Generator& gen) {
 void check_against_naive(const Tensor& x, int64_t k) {
   const TopK result = topk(x, k);
   Shape expected_shape = x.shape();
-  expected_shape[x.rank() - 1] = k;
+  expected_shape.set(x.rank() - 1, k);
   REQUIRE(result.values.shape() == expected_shape);
   REQUIRE(result.indices.shape() == expected_shape);
   REQUIRE(result.indices.dtype() == DType::i32);
@@ -55,16 +57,6 @@ void check_against_naive(const Tensor& x, int64_t k) {
       CHECK(result.values.data<float>()[r * k + j] == px[r * n + want]);
     }
   }
-}
-
-template <class F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const rex::Error& e) {
-    return e.what();
-  }
-  return "(no rex::Error thrown)";
 }
 
 }  // namespace

@@ -18,17 +18,6 @@
 
 namespace rex::detail {
 
-// acc += g; the first gradient is copied so that a leaf's .grad() never aliases another tensor.
-inline void accumulate_leaf_grad(AutogradMeta& leaf, const Tensor& g) {
-  if (!leaf.grad.defined()) {
-    leaf.grad = g.clone();
-    return;
-  }
-  float* acc = leaf.grad.data<float>();
-  const float* add = g.data<float>();
-  for (int64_t i = 0, n = g.numel(); i < n; ++i) acc[i] += add[i];
-}
-
 // Returns a + b as a new tensor (neither input may be written: either could be shared).
 inline Tensor sum_of_grads(const Tensor& a, const Tensor& b) {
   Tensor out = Tensor::empty(a.shape());
@@ -36,6 +25,21 @@ inline Tensor sum_of_grads(const Tensor& a, const Tensor& b) {
   float* po = out.data<float>();
   for (int64_t i = 0, n = a.numel(); i < n; ++i) po[i] = pa[i] + pb[i];
   return out;
+}
+
+// acc += g; the first gradient is copied so that a leaf's .grad() never aliases another tensor.
+inline void accumulate_leaf_grad(AutogradMeta& leaf, const Tensor& g) {
+  if (!leaf.grad.defined()) {
+    leaf.grad = g.clone();
+    return;
+  }
+  if (g.shares_storage_with(leaf.grad)) {    // e.g. backward(x.grad()): adding in place would read
+    leaf.grad = sum_of_grads(leaf.grad, g);  // g while writing it
+    return;
+  }
+  float* acc = leaf.grad.data<float>();
+  const float* add = g.data<float>();
+  for (int64_t i = 0, n = g.numel(); i < n; ++i) acc[i] += add[i];
 }
 
 // Nodes reachable from `root`, each before every node that produced one of its inputs.

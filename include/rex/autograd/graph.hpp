@@ -11,6 +11,7 @@
 // gradient code builds no graph).
 #pragma once
 
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <string_view>
@@ -105,29 +106,18 @@ inline void Tensor::zero_grad() {
 
 namespace detail {
 
-// True when an op on these inputs must record a node.
-inline bool any_requires_grad(std::initializer_list<const Tensor*> inputs) {
-  if (!grad_enabled()) return false;
-  for (const Tensor* t : inputs)
-    if (t->defined() && t->requires_grad()) return true;
-  return false;
-}
-
 // Attaches a node to `output` if grad mode is on and some input requires a gradient; returns
 // output.
 template <class BackwardFn>
 Tensor record(Tensor output, std::string_view op, const std::vector<Tensor>& inputs,
               BackwardFn&& backward_fn) {
-  if (!grad_enabled()) return output;
+  auto needs_grad = [](const Tensor& in) { return in.defined() && in.requires_grad(); };
+  if (!grad_enabled() || std::none_of(inputs.begin(), inputs.end(), needs_grad)) return output;
   auto node = std::make_shared<Node>();
-  bool any = false;
   for (const Tensor& in : inputs) {
-    const bool needs = in.defined() && in.requires_grad();
-    node->inputs.push_back(needs ? in.impl().autograd : nullptr);
+    node->inputs.push_back(needs_grad(in) ? in.impl().autograd : nullptr);
     node->input_shapes.push_back(in.defined() ? in.shape() : Shape{});
-    any = any || needs;
   }
-  if (!any) return output;
   REX_CHECK(output.impl().autograd == nullptr, op,
             ": internal error, the output already has a node");
   node->op = op;

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <numbers>
 
+#include "rex/core/error.hpp"
+
 namespace rex {
 
 // One round of the splitmix64 finaliser: a bijective mix of 64 bits. Also the hash behind every
@@ -34,6 +36,7 @@ class Generator {
 
   // Uniform integer in [0, n) (n > 0), by rejection so that every value is equally likely.
   uint64_t below(uint64_t n) {
+    REX_CHECK(n > 0, "Generator::below: n must be positive");
     const uint64_t limit = UINT64_MAX - UINT64_MAX % n;
     uint64_t x = next_u64();
     while (x >= limit) x = next_u64();

@@ -20,7 +20,11 @@ class Shape {
 
   int64_t rank() const { return static_cast<int64_t>(dims_.size()); }
   int64_t operator[](int64_t axis) const { return dims_[static_cast<size_t>(axis)]; }
-  int64_t& operator[](int64_t axis) { return dims_[static_cast<size_t>(axis)]; }
+  // Sets one extent (re-checked like the constructor's).
+  void set(int64_t axis, int64_t extent) {
+    dims_[static_cast<size_t>(axis)] = extent;
+    validate();
+  }
   const std::vector<int64_t>& dims() const { return dims_; }
   auto begin() const { return dims_.begin(); }
   auto end() const { return dims_.end(); }
@@ -55,8 +59,13 @@ class Shape {
   friend std::ostream& operator<<(std::ostream& out, const Shape& s) { return out << s.str(); }
 
  private:
+  // Extents are non-negative and their product fits in int64_t, so numel() never overflows.
   void validate() const {
-    for (int64_t d : dims_) REX_CHECK(d >= 0, "shape: negative extent in ", str());
+    int64_t n = 1;
+    for (int64_t d : dims_) {
+      REX_CHECK(d >= 0, "shape: negative extent in ", str());
+      REX_CHECK(!__builtin_mul_overflow(n, d, &n), "shape: ", str(), " has too many elements");
+    }
   }
   std::vector<int64_t> dims_;
 };

@@ -1,15 +1,35 @@
 // Storage: one owned, 64-byte aligned buffer. Tensors share a Storage through shared_ptr, so a view
 // (reshape, slicing the leading axis) is a new Tensor pointing into the same buffer at an offset.
+//
+// Allocation goes to the C library. glibc by default hands blocks of about 128 KiB and more back to
+// the kernel on free (and trims freed heap top), so every op output of that size, and Eigen's GEMM
+// workspace, page-faults afresh: a 256x256 product spent half its time in ~100 page faults. On
+// first use rex therefore raises glibc's mmap and trim thresholds once, process-wide, so freed
+// blocks are reused; define REX_KEEP_MALLOC_DEFAULTS before including rex to opt out.
 #pragma once
 
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#if defined(__GLIBC__) && !defined(REX_KEEP_MALLOC_DEFAULTS)
+#include <malloc.h>
+#endif
 
 #include "rex/core/dtype.hpp"
 #include "rex/core/error.hpp"
 
 namespace rex::detail {
+
+inline void tune_allocator_once() {
+#if defined(__GLIBC__) && !defined(REX_KEEP_MALLOC_DEFAULTS)
+  static const bool tuned = [] {
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);   // blocks under 32 MiB come from the reusable heap
+    mallopt(M_TRIM_THRESHOLD, 256 << 20);  // keep up to 256 MiB of freed heap for reuse
+    return true;
+  }();
+  (void)tuned;
+#endif
+}
 
 class Storage {
  public:
@@ -18,6 +38,7 @@ class Storage {
   Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
     REX_CHECK(device.is_cpu(), "tensor on ", device,
               ": this build of rex has no CUDA backend (CPU only)");
+    tune_allocator_once();
     size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
     data_ = rounded == 0 ? nullptr : std::aligned_alloc(kAlignment, rounded);
     REX_CHECK(rounded == 0 || data_ != nullptr, "out of memory allocating ", bytes, " bytes");

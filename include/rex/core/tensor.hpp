@@ -12,6 +12,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
@@ -48,9 +49,12 @@ class Tensor {
 
   // Uninitialised storage; use rex::zeros & co. unless every element is written next.
   static Tensor empty(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu()) {
+    int64_t bytes = 0;
+    REX_CHECK(
+        !__builtin_mul_overflow(shape.numel(), static_cast<int64_t>(dtype_size(dtype)), &bytes),
+        "tensor of shape ", shape, " is too large to allocate");
     auto impl = std::make_shared<detail::TensorImpl>();
-    impl->storage = std::make_shared<detail::Storage>(
-        static_cast<size_t>(shape.numel()) * dtype_size(dtype), device);
+    impl->storage = std::make_shared<detail::Storage>(static_cast<size_t>(bytes), device);
     impl->shape = shape;
     impl->dtype = dtype;
     return Tensor(std::move(impl));
@@ -111,9 +115,13 @@ class Tensor {
     impl->autograd = nullptr;
     return Tensor(std::move(impl));
   }
-  // Sets every element; not recorded in the graph (for initialisation and tests).
+  // Sets every element; not recorded in the graph (for initialisation and tests). Like any write
+  // through data<T>(), it also changes what a pending backward reads if a graph saved this tensor
+  // (or a view of its storage): rex does not track in-place writes, so finish backward first.
   Tensor& fill_(float value) {
     if (dtype() == DType::i32) {
+      REX_CHECK(value >= -2147483648.0f && value < 2147483648.0f && value == std::trunc(value),
+                "fill_: ", value, " is not an i32 value");
       std::fill_n(data<int32_t>(), numel(), static_cast<int32_t>(value));
     } else {
       std::fill_n(data<float>(), numel(), value);

@@ -34,7 +34,8 @@ inline Tensor matmul(const Tensor& a, const Tensor& b, MatmulOptions options = {
   if (b.rank() == 2 && a.rank() > 2 && !ta) {
     std::vector<int64_t> out_dims = a.shape().dims();
     out_dims.back() = n;
-    return reshape(matmul(reshape(a, {-1, k}), b, options), out_dims);
+    const int64_t rows = a.shape().numel(0, a.rank() - 1);
+    return reshape(matmul(reshape(a, {rows, k}), b, options), out_dims);
   }
 
   const Shape batch_a(std::vector<int64_t>(a.shape().begin(), a.shape().end() - 2));

@@ -2,9 +2,11 @@
 //
 // The reduced axis is seen as the middle of an [outer, n, inner] block. sum's backward broadcasts
 // the gradient back; mean is sum / n; max routes the gradient to the first position of each maximum
-// (ties go to the lowest index, as the saved argmax says).
+// (ties go to the lowest index, as the saved argmax says). NaN counts as the largest value, so a
+// row holding one has maximum NaN whatever the order (as in PyTorch, and as topk ranks it).
 #pragma once
 
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -50,7 +52,7 @@ inline Tensor sum(const Tensor& x) { return sum(reshape(x, {-1}), 0); }
 
 inline Tensor mean(const Tensor& x, int64_t axis, bool keepdim = false) {
   detail::check_f32("mean", x);
-  const int64_t n = x.dim(axis);
+  const int64_t n = x.shape()[x.shape().normalize_axis(axis, "mean")];
   REX_CHECK(n > 0, "mean: axis ", axis, " of shape ", x.shape(), " is empty");
   return mul(sum(x, axis, keepdim), 1.0f / static_cast<float>(n));
 }
@@ -72,7 +74,7 @@ inline Tensor max(const Tensor& x, int64_t axis, bool keepdim = false) {
       int64_t best = o * n * inner + i;
       for (int64_t j = 1; j < n; ++j) {
         const int64_t at = (o * n + j) * inner + i;
-        if (px[at] > px[best]) best = at;
+        if (px[at] > px[best] || (std::isnan(px[at]) && !std::isnan(px[best]))) best = at;
       }
       po[o * inner + i] = px[best];
       argmax[static_cast<size_t>(o * inner + i)] = best;

@@ -24,6 +24,7 @@ inline void copy_axis_block(const Tensor& src, int64_t src_extent, int64_t src_s
   const char* ps = static_cast<const char*>(src.impl().storage->data()) + src.impl().offset * elem;
   char* pd = static_cast<char*>(dst.impl().storage->data()) + dst.impl().offset * elem;
   const size_t run = static_cast<size_t>(length * inner) * elem;
+  if (run == 0 || outer == 0) return;  // empty buffers may be null
   for (int64_t o = 0; o < outer; ++o) {
     std::memcpy(pd + static_cast<size_t>((o * dst_extent + dst_start) * inner) * elem,
                 ps + static_cast<size_t>((o * src_extent + src_start) * inner) * elem, run);
@@ -129,7 +130,7 @@ inline Tensor slice(const Tensor& x, int64_t axis, int64_t start, int64_t end) {
   REX_CHECK(0 <= start && start <= end && end <= extent, "slice: range [", start, ", ", end,
             ") is not within axis ", axis, " of shape ", x.shape());
   Shape out_shape = x.shape();
-  out_shape[axis] = end - start;
+  out_shape.set(axis, end - start);
   const int64_t outer = x.shape().numel(0, axis), inner = x.shape().numel(axis + 1, x.rank());
   Tensor out;
   if (outer == 1) {
@@ -149,16 +150,17 @@ inline Tensor concat(const std::vector<Tensor>& xs, int64_t axis) {
   for (const Tensor& x : xs) detail::check_defined("concat", x);
   const Shape& first = xs[0].shape();
   axis = first.normalize_axis(axis, "concat");
-  Shape out_shape = first;
-  out_shape[axis] = 0;
+  int64_t total = 0;
   for (const Tensor& x : xs) {
     bool compatible = x.rank() == first.rank() && x.dtype() == xs[0].dtype();
     for (int64_t a = 0; compatible && a < first.rank(); ++a)
       compatible = a == axis || x.shape()[a] == first[a];
     REX_CHECK(compatible, "concat: shape ", x.shape(), " (", x.dtype(), ") does not match ", first,
               " (", xs[0].dtype(), ") outside axis ", axis);
-    out_shape[axis] += x.shape()[axis];
+    total += x.shape()[axis];
   }
+  Shape out_shape = first;
+  out_shape.set(axis, total);
   Tensor out = Tensor::empty(out_shape, xs[0].dtype());
   const int64_t outer = first.numel(0, axis), inner = first.numel(axis + 1, first.rank());
   std::vector<int64_t> starts, sizes;

@@ -4,8 +4,9 @@
 // never overflow and -inf entries (a causal mask) give exp(-inf - m) = 0:
 //   softmax      y_j = exp(x_j - m) / s,   s = sum_k exp(x_k - m)
 //   log_softmax  y_j = x_j - m - log(s)
-// A row whose entries are all -inf has no softmax (s = 0); instead of returning NaN, every op here
-// throws rex::Error naming the row. Row sums are accumulated in double. Fused backwards, per row:
+// A row whose entries are all -inf (s = 0), or that holds a +inf, has no softmax; instead of
+// returning NaN, every op here throws rex::Error naming the row. Row sums are accumulated in
+// double. Fused backwards, per row:
 //   softmax      dx = y * (g - sum(g * y))        (saves y)
 //   log_softmax  dx = g - exp(y) * sum(g)         (saves y)
 // cross_entropy(logits [N, C], targets i32 [N]) is the mean over the rows whose target is not
@@ -43,6 +44,8 @@ inline float softmax_row_max(const float* row, int64_t n, std::string_view op, c
     if (row[j] > m) m = row[j];
   REX_CHECK(m != -std::numeric_limits<float>::infinity(), op, ": row ", r, " of ", shape,
             " is entirely -inf, which has no softmax");
+  REX_CHECK(m != std::numeric_limits<float>::infinity(), op, ": row ", r, " of ", shape,
+            " contains +inf, which has no softmax");
   return m;
 }
 
@@ -125,7 +128,9 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& targets,
   const int64_t rows = logits.dim(0), classes = logits.dim(1);
   const float* px = logits.data<float>();
   const int32_t* pt = targets.data<int32_t>();
-  std::vector<float> lse(static_cast<size_t>(rows), 0.0f);  // log-sum-exp of each counted row
+  // Log-sum-exp of each counted row, kept in double: the backward's exp(x - lse) would otherwise
+  // lose digits when the logits are large.
+  std::vector<double> lse(static_cast<size_t>(rows), 0.0);
   double total = 0;
   int64_t count = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -137,7 +142,7 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& targets,
     const float* row = px + r * classes;
     const float m = detail::softmax_row_max(row, classes, "cross_entropy", logits.shape(), r);
     const double row_lse = m + detail::log_sum_exp_shifted(row, classes, m);
-    lse[static_cast<size_t>(r)] = static_cast<float>(row_lse);
+    lse[static_cast<size_t>(r)] = row_lse;
     total += row_lse - row[t];
     ++count;
   }
@@ -154,10 +159,11 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& targets,
                           float* pgx = gx.data<float>();
                           for (int64_t r = 0; r < rows; ++r) {
                             if (pt[r] == ignore_index) continue;
-                            const float row_lse = lse[static_cast<size_t>(r)];
+                            const double row_lse = lse[static_cast<size_t>(r)];
                             for (int64_t j = 0; j < classes; ++j)
                               pgx[r * classes + j] =
-                                  scale * std::exp(px[r * classes + j] - row_lse);
+                                  scale *
+                                  static_cast<float>(std::exp(px[r * classes + j] - row_lse));
                             pgx[r * classes + pt[r]] -= scale;
                           }
                           return detail::GradList{gx};

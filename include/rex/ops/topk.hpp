@@ -31,7 +31,7 @@ inline TopK topk(const Tensor& x, int64_t k) {
             x.shape());
   const int64_t rows = x.numel() / n;
   Shape out_shape = x.shape();
-  out_shape[x.rank() - 1] = k;
+  out_shape.set(x.rank() - 1, k);
   Tensor values = Tensor::empty(out_shape);
   Tensor indices = Tensor::empty(out_shape, DType::i32);
   const float* px = x.data<float>();

@@ -1,0 +1,70 @@
+// Small helpers shared by the doctest test files, so each file keeps only what is specific to it.
+//
+// - error_message(f): the what() of the rex::Error that f throws, for checking message contents.
+// - check_close(got, want, tol): element by element |got - want| <= tol * (1 + |want|), computed in
+//   double; an infinite want must be matched exactly (same sign), a NaN on either side fails, and a
+//   failure names the element and both values.
+// - random_normal_param / random_uniform_param: random f32 tensors that require a gradient, drawn
+//   from a caller-owned Generator so a test fixes its values with one seed.
+//
+// Gradient checking lives in gradcheck.hpp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <doctest/doctest.h>
+#include <rex/rex.hpp>
+
+namespace rex::testing {
+
+// The message of the rex::Error that f() throws, or "(no rex::Error thrown)" when it returns.
+template <class F>
+std::string error_message(F&& f) {
+  try {
+    f();
+  } catch (const rex::Error& e) {
+    return e.what();
+  }
+  return "(no rex::Error thrown)";
+}
+
+inline void check_close(const Tensor& got, const std::vector<double>& want, double tol) {
+  REQUIRE(got.defined());
+  REQUIRE(got.numel() == static_cast<int64_t>(want.size()));
+  const float* g = got.data<float>();
+  for (int64_t i = 0; i < got.numel(); ++i) {
+    const double w = want[static_cast<size_t>(i)];
+    if (std::isinf(w)) {
+      CHECK_MESSAGE(g[i] == static_cast<float>(w), "element ", i, ": got ", g[i], ", want ", w);
+    } else {
+      CHECK_MESSAGE(std::abs(g[i] - w) <= tol * (1.0 + std::abs(w)), "element ", i, ": got ", g[i],
+                    ", want ", w);
+    }
+  }
+}
+
+inline void check_close(const Tensor& got, const Tensor& want, double tol) {
+  REQUIRE(got.defined());
+  REQUIRE(want.defined());
+  REQUIRE(got.shape() == want.shape());
+  const std::vector<float> w = want.to_vector();
+  check_close(got, std::vector<double>(w.begin(), w.end()), tol);
+}
+
+inline Tensor random_normal_param(const Shape& shape, Generator& gen, float mean = 0.0f,
+                                  float stddev = 1.0f) {
+  Tensor x = normal(shape, gen, mean, stddev);
+  x.requires_grad_();
+  return x;
+}
+
+inline Tensor random_uniform_param(const Shape& shape, Generator& gen, float low, float high) {
+  Tensor x = uniform(shape, gen, low, high);
+  x.requires_grad_();
+  return x;
+}
+
+}  // namespace rex::testing
