@@ -33,8 +33,8 @@ inline RopeTable rope_table(int64_t time, int64_t head_dim, float theta, int64_t
   const int64_t half = head_dim / 2;
   std::vector<double> inv_freq(static_cast<size_t>(half));
   for (int64_t i = 0; i < half; ++i) {
-    inv_freq[static_cast<size_t>(i)] =
-        std::pow(static_cast<double>(theta), -2.0 * static_cast<double>(i) / head_dim);
+    inv_freq[static_cast<size_t>(i)] = std::pow(
+        static_cast<double>(theta), -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
   }
   RopeTable table{Tensor::empty(Shape{time, half}), Tensor::empty(Shape{time, half})};
   float* pc = table.cos.data<float>();
