@@ -121,3 +121,18 @@ TEST_CASE("ops give correct gradients when only one input needs one") {
       },
       {random_param({2, 4}, 9)});
 }
+
+TEST_CASE("backward given a leaf's .grad() stays correct while that gradient fans out") {
+  // out = 2x + 3w (operands in both orders, so either branch may run first); the output gradient R
+  // is x's own .grad(). x's in-place accumulation must not change the R that w's branch reads.
+  for (bool x_first : {true, false}) {
+    CAPTURE(x_first);
+    Tensor x = rex::from_vector<float>({1.0f, 2.0f}).requires_grad_();
+    Tensor w = rex::from_vector<float>({5.0f, 7.0f}).requires_grad_();
+    rex::sum(x).backward();  // x.grad = R = [1, 1]
+    Tensor out = x_first ? rex::add(x * 2.0f, w * 3.0f) : rex::add(w * 3.0f, x * 2.0f);
+    out.backward(x.grad());
+    CHECK(x.grad().to_vector() == std::vector<float>{3.0f, 3.0f});
+    CHECK(w.grad().to_vector() == std::vector<float>{3.0f, 3.0f});
+  }
+}

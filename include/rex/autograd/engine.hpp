@@ -2,9 +2,10 @@
 //
 // Gradients arriving at the same node from several uses are summed before its backward function
 // runs; gradients reaching a leaf are added into leaf.grad(), which therefore accumulates across
-// uses and across backward() calls until zero_grad(). Each node's backward function (and what it
-// saved) is dropped as soon as it has run, unless retain_graph is set; running through it again is
-// an error.
+// uses and across backward() calls until zero_grad(). Accumulation writes leaf.grad() in place, so
+// no other gradient may share its storage: the first one is copied, and so is the root gradient.
+// Each node's backward function (and what it saved) is dropped as soon as it has run, unless
+// retain_graph is set; running through it again is an error.
 #pragma once
 
 #include <algorithm>
@@ -31,10 +32,6 @@ inline Tensor sum_of_grads(const Tensor& a, const Tensor& b) {
 inline void accumulate_leaf_grad(AutogradMeta& leaf, const Tensor& g) {
   if (!leaf.grad.defined()) {
     leaf.grad = g.clone();
-    return;
-  }
-  if (g.shares_storage_with(leaf.grad)) {    // e.g. backward(x.grad()): adding in place would read
-    leaf.grad = sum_of_grads(leaf.grad, g);  // g while writing it
     return;
   }
   float* acc = leaf.grad.data<float>();
@@ -73,12 +70,15 @@ inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retai
   REX_CHECK(root_grad.dtype() == DType::f32, "backward: the gradient must be f32");
   NoGradGuard no_grad;
   AutogradMeta& root_meta = *root.impl().autograd;
+  // The root gradient is copied: a caller may pass a leaf's own .grad(), which accumulation writes
+  // in place while gradients derived from it are still pending.
+  Tensor first_grad = root_grad.clone();
   if (!root_meta.grad_fn) {
-    accumulate_leaf_grad(root_meta, root_grad);
+    accumulate_leaf_grad(root_meta, first_grad);
     return;
   }
 
-  std::unordered_map<Node*, Tensor> pending{{root_meta.grad_fn.get(), root_grad}};
+  std::unordered_map<Node*, Tensor> pending{{root_meta.grad_fn.get(), std::move(first_grad)}};
   for (Node* node : topological_order(root_meta.grad_fn.get())) {
     auto it = pending.find(node);
     if (it == pending.end()) continue;  // no gradient flowed into this node
