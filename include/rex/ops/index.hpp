@@ -49,34 +49,21 @@ inline std::vector<uint8_t> truth_values(std::string_view op, const Tensor& cond
 
 }  // namespace detail
 
-Tensor scatter_add_rows(const Tensor& src, const Tensor& index, int64_t num_rows);
+namespace detail {
 
-// Rows of x [N, d] picked by index [M] (values in [0, N), repeats allowed) -> [M, d].
-inline Tensor gather_rows(const Tensor& x, const Tensor& index) {
-  detail::check_f32("gather_rows", x);
-  REX_CHECK(x.rank() == 2, "gather_rows: x must be 2-d [N, d], got shape ", x.shape());
-  const int64_t num_rows = x.dim(0), d = x.dim(1);
-  detail::check_row_indices("gather_rows", index, num_rows);
-  const int64_t m = index.numel();
+// The two row kernels, trusting their indices: the public ops check them once in the forward, and
+// each backward reuses indices that were already checked.
+inline Tensor gather_rows_values(const Tensor& x, const Tensor& index) {
+  const int64_t m = index.numel(), d = x.dim(1);
   Tensor out = Tensor::empty(Shape{m, d});
   const float* px = x.data<float>();
   const int32_t* pi = index.data<int32_t>();
   float* po = out.data<float>();
   for (int64_t i = 0; i < m; ++i) std::copy_n(px + pi[i] * d, d, po + i * d);
-  return detail::record(out, "gather_rows", {x},
-                        [index = index.detach(), num_rows](const Tensor& g) {
-                          return detail::GradList{scatter_add_rows(g, index, num_rows)};
-                        });
+  return out;
 }
 
-// out [num_rows, d] = zeros, then out[index[i]] += src[i] for i = 0, 1, ... in order.
-inline Tensor scatter_add_rows(const Tensor& src, const Tensor& index, int64_t num_rows) {
-  detail::check_f32("scatter_add_rows", src);
-  REX_CHECK(src.rank() == 2, "scatter_add_rows: src must be 2-d [M, d], got shape ", src.shape());
-  REX_CHECK(num_rows >= 0, "scatter_add_rows: negative num_rows ", num_rows);
-  detail::check_row_indices("scatter_add_rows", index, num_rows);
-  REX_CHECK(index.numel() == src.dim(0), "scatter_add_rows: index ", index.shape(),
-            " does not have one entry per row of src ", src.shape());
+inline Tensor scatter_add_rows_values(const Tensor& src, const Tensor& index, int64_t num_rows) {
   const int64_t m = src.dim(0), d = src.dim(1);
   Tensor out = zeros(Shape{num_rows, d});
   const float* ps = src.data<float>();
@@ -87,21 +74,49 @@ inline Tensor scatter_add_rows(const Tensor& src, const Tensor& index, int64_t n
     const float* from = ps + i * d;
     for (int64_t j = 0; j < d; ++j) row[j] += from[j];
   }
-  return detail::record(out, "scatter_add_rows", {src}, [index = index.detach()](const Tensor& g) {
-    return detail::GradList{gather_rows(g, index)};
-  });
+  return out;
+}
+
+// gather_rows with its checks reported under the name `op` (gather_rows itself, or embedding).
+inline Tensor gather_rows_as(std::string_view op, const Tensor& x, const Tensor& index) {
+  check_f32(op, x);
+  REX_CHECK(x.rank() == 2, op, ": rows are taken from a 2-d [N, d] tensor, got shape ", x.shape());
+  const int64_t num_rows = x.dim(0);
+  check_row_indices(op, index, num_rows);
+  return record(gather_rows_values(x, index), "gather_rows", {x},
+                [index = index.detach(), num_rows](const Tensor& g) {
+                  return GradList{scatter_add_rows_values(g, index, num_rows)};
+                });
+}
+
+}  // namespace detail
+
+// Rows of x [N, d] picked by index [M] (values in [0, N), repeats allowed) -> [M, d].
+inline Tensor gather_rows(const Tensor& x, const Tensor& index) {
+  return detail::gather_rows_as("gather_rows", x, index);
+}
+
+// out [num_rows, d] = zeros, then out[index[i]] += src[i] for i = 0, 1, ... in order.
+inline Tensor scatter_add_rows(const Tensor& src, const Tensor& index, int64_t num_rows) {
+  detail::check_f32("scatter_add_rows", src);
+  REX_CHECK(src.rank() == 2, "scatter_add_rows: src must be 2-d [M, d], got shape ", src.shape());
+  REX_CHECK(num_rows >= 0, "scatter_add_rows: negative num_rows ", num_rows);
+  detail::check_row_indices("scatter_add_rows", index, num_rows);
+  REX_CHECK(index.numel() == src.dim(0), "scatter_add_rows: index ", index.shape(),
+            " does not have one entry per row of src ", src.shape());
+  return detail::record(detail::scatter_add_rows_values(src, index, num_rows), "scatter_add_rows",
+                        {src}, [index = index.detach()](const Tensor& g) {
+                          return detail::GradList{detail::gather_rows_values(g, index)};
+                        });
 }
 
 // Rows of weight [V, d] looked up by ids (i32, any shape) -> ids.shape + [d].
 inline Tensor embedding(const Tensor& weight, const Tensor& ids) {
-  detail::check_f32("embedding", weight);
-  REX_CHECK(weight.rank() == 2, "embedding: weight must be 2-d [V, d], got shape ", weight.shape());
   detail::check_i32("embedding", ids);
-  Tensor flat_ids = reshape(ids, {-1});
-  detail::check_row_indices("embedding", flat_ids, weight.dim(0));
   std::vector<int64_t> dims = ids.shape().dims();
-  dims.push_back(weight.dim(1));
-  return reshape(gather_rows(weight, flat_ids), std::move(dims));
+  const Tensor rows = detail::gather_rows_as("embedding", weight, reshape(ids, {-1}));
+  dims.push_back(rows.dim(1));
+  return reshape(rows, std::move(dims));
 }
 
 // a where condition is nonzero, b elsewhere; condition (f32 or i32), a and b broadcast together.
