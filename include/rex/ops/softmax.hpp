@@ -22,6 +22,7 @@
 #include <string_view>
 #include <vector>
 
+#include "rex/backend/cpu/elementwise.hpp"
 #include "rex/ops/common.hpp"
 
 namespace rex {
@@ -60,13 +61,7 @@ inline double log_sum_exp_shifted(const float* row, int64_t n, float m) {
 
 inline Tensor softmax(const Tensor& x) {
   const int64_t n = detail::softmax_row_length(x, "softmax");
-  const int64_t rows = x.numel() / n;
-  Tensor y = Tensor::empty(x.shape());
-  const float* px = x.data<float>();
-  float* py = y.data<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = px + r * n;
-    float* out = py + r * n;
+  Tensor y = detail::map_rows(x, n, [&](const float* row, float* out, int64_t r) {
     const float m = detail::softmax_row_max(row, n, "softmax", x.shape(), r);
     double s = 0;
     for (int64_t j = 0; j < n; ++j) {
@@ -75,46 +70,33 @@ inline Tensor softmax(const Tensor& x) {
     }
     const auto inv = static_cast<float>(1.0 / s);
     for (int64_t j = 0; j < n; ++j) out[j] *= inv;
-  }
+  });
   return detail::record(y, "softmax", {x}, [y = y.detach(), n](const Tensor& g) {
-    Tensor gx = Tensor::empty(y.shape());
-    const float *pg = g.data<float>(), *py = y.data<float>();
-    float* pgx = gx.data<float>();
-    for (int64_t r = 0, rows = y.numel() / n; r < rows; ++r) {
-      const int64_t base = r * n;
-      double dot = 0;
-      for (int64_t j = 0; j < n; ++j) dot += static_cast<double>(pg[base + j]) * py[base + j];
-      const auto d = static_cast<float>(dot);
-      for (int64_t j = 0; j < n; ++j) pgx[base + j] = py[base + j] * (pg[base + j] - d);
-    }
-    return detail::GradList{gx};
+    return detail::GradList{
+        detail::map_rows(g, y, n, [n](const float* grow, const float* yrow, float* gx) {
+          double dot = 0;
+          for (int64_t j = 0; j < n; ++j) dot += static_cast<double>(grow[j]) * yrow[j];
+          const auto d = static_cast<float>(dot);
+          for (int64_t j = 0; j < n; ++j) gx[j] = yrow[j] * (grow[j] - d);
+        })};
   });
 }
 
 inline Tensor log_softmax(const Tensor& x) {
   const int64_t n = detail::softmax_row_length(x, "log_softmax");
-  const int64_t rows = x.numel() / n;
-  Tensor y = Tensor::empty(x.shape());
-  const float* px = x.data<float>();
-  float* py = y.data<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = px + r * n;
+  Tensor y = detail::map_rows(x, n, [&](const float* row, float* out, int64_t r) {
     const float m = detail::softmax_row_max(row, n, "log_softmax", x.shape(), r);
     const auto log_s = static_cast<float>(detail::log_sum_exp_shifted(row, n, m));
-    for (int64_t j = 0; j < n; ++j) py[r * n + j] = (row[j] - m) - log_s;
-  }
+    for (int64_t j = 0; j < n; ++j) out[j] = (row[j] - m) - log_s;
+  });
   return detail::record(y, "log_softmax", {x}, [y = y.detach(), n](const Tensor& g) {
-    Tensor gx = Tensor::empty(y.shape());
-    const float *pg = g.data<float>(), *py = y.data<float>();
-    float* pgx = gx.data<float>();
-    for (int64_t r = 0, rows = y.numel() / n; r < rows; ++r) {
-      const int64_t base = r * n;
-      double total = 0;
-      for (int64_t j = 0; j < n; ++j) total += pg[base + j];
-      const auto t = static_cast<float>(total);
-      for (int64_t j = 0; j < n; ++j) pgx[base + j] = pg[base + j] - std::exp(py[base + j]) * t;
-    }
-    return detail::GradList{gx};
+    return detail::GradList{
+        detail::map_rows(g, y, n, [n](const float* grow, const float* yrow, float* gx) {
+          double total = 0;
+          for (int64_t j = 0; j < n; ++j) total += grow[j];
+          const auto t = static_cast<float>(total);
+          for (int64_t j = 0; j < n; ++j) gx[j] = grow[j] - std::exp(yrow[j]) * t;
+        })};
   });
 }
 

@@ -118,4 +118,29 @@ Tensor zip3(const Tensor& a, const Tensor& b, const Tensor& c, F&& f) {
   return out;
 }
 
+// Row-wise kernels over the last axis, for fused ops that normalise rows (softmax and friends):
+// out has a's shape and f(a_row, out_row, r) fills row r, or f(a_row, b_row, out_row) when a second
+// tensor of the same shape is read alongside (a gradient and a saved output, say).
+template <class F>
+Tensor map_rows(const Tensor& a, int64_t row_length, F&& f) {
+  Tensor out = Tensor::empty(a.shape());
+  const float* pa = a.data<float>();
+  float* po = out.data<float>();
+  for (int64_t r = 0, rows = a.numel() / row_length; r < rows; ++r)
+    f(pa + r * row_length, po + r * row_length, r);
+  return out;
+}
+
+template <class F>
+Tensor map_rows(const Tensor& a, const Tensor& b, int64_t row_length, F&& f) {
+  Tensor out = Tensor::empty(a.shape());
+  const float *pa = a.data<float>(), *pb = b.data<float>();
+  float* po = out.data<float>();
+  for (int64_t r = 0, rows = a.numel() / row_length; r < rows; ++r) {
+    const int64_t at = r * row_length;
+    f(pa + at, pb + at, po + at);
+  }
+  return out;
+}
+
 }  // namespace rex::detail
