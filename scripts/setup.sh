@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs what rex needs to build and test, from Debian packages; installs only what is missing, so
-# running it again is quick and changes nothing. Uses sudo when not run as root.
+# Installs what rex needs to build and test, from Debian packages, plus any packages named as
+# arguments (scripts/train.sh adds the corpus and the plotting library). Installs only what is
+# missing, so running it again is quick and changes nothing. Uses sudo when not run as root.
 set -euo pipefail
 
-packages=(g++ make cmake libeigen3-dev doctest-dev nlohmann-json3-dev)
+packages=(g++ make cmake libeigen3-dev doctest-dev nlohmann-json3-dev "$@")
 
 missing=()
 for p in "${packages[@]}"; do

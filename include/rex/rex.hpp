@@ -1,4 +1,6 @@
-// rex: header-only tensors and reverse-mode autodiff for ReX-MoE research. Include this one header.
+// rex: header-only tensors and reverse-mode autodiff for ReX-MoE research. This header brings the
+// engine, the layers (rex::nn) and the optimisers (rex::optim), with Eigen as the only dependency.
+// Files and data (rex/io/*.hpp, rex/data/*.hpp) also need nlohmann/json and are included one by one.
 #pragma once
 
 #include "rex/autograd/engine.hpp"
@@ -10,6 +12,13 @@
 #include "rex/core/random.hpp"
 #include "rex/core/shape.hpp"
 #include "rex/core/tensor.hpp"
+#include "rex/nn/attention.hpp"
+#include "rex/nn/config.hpp"
+#include "rex/nn/layers.hpp"
+#include "rex/nn/module.hpp"
+#include "rex/nn/moe.hpp"
+#include "rex/nn/psr.hpp"
+#include "rex/nn/transformer.hpp"
 #include "rex/ops/attention.hpp"
 #include "rex/ops/broadcast.hpp"
 #include "rex/ops/elementwise.hpp"

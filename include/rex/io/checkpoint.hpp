@@ -1,0 +1,180 @@
+// What a run writes to disk, and reading it back.
+//
+// A model folder (what --checkpoint DIR and the PyTorch twin read) holds three files:
+//   config.json         the full run configuration (rex/io/config.hpp), vocab_size filled in
+//   vocab.json          the tokenizer (rex/data/tokenizer.hpp)
+//   model.safetensors   every parameter under its module-tree name, f32, plus metadata
+//                       {"format": "rex-model", "step": "<completed steps>"}
+// The training checkpoint is one file, checkpoint.safetensors, so that a single atomic rename makes
+// it either wholly the old state or wholly the new one:
+//   model.<name>                 every parameter
+//   optim.<name>.exp_avg | .exp_avg_sq | .step   AdamW state (rex/optim/adamw.hpp)
+//   metadata: format "rex-checkpoint", step (completed steps), config and vocab (JSON text),
+//             corpus_bytes and corpus_hash (to warn when a resume reads another corpus)
+// Nothing else is needed to resume exactly: batches and PSR masks are pure functions of
+// (seed, step), so the random state is the seed (in the config) and the step.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "rex/data/tokenizer.hpp"
+#include "rex/io/config.hpp"
+#include "rex/io/files.hpp"
+#include "rex/io/safetensors.hpp"
+#include "rex/nn/module.hpp"
+#include "rex/optim/adamw.hpp"
+
+namespace rex::detail {
+
+inline nlohmann::json parse_json_file(const std::string& path) {
+  try {
+    return nlohmann::json::parse(io::read_file(path));
+  } catch (const nlohmann::json::parse_error& e) {
+    throw Error(path + " is not valid JSON: " + e.what());
+  }
+}
+
+inline int64_t parse_step(const io::Metadata& metadata, const std::string& what) {
+  auto it = metadata.find("step");
+  REX_CHECK(it != metadata.end(), what, ": metadata has no \"step\"");
+  const std::string& text = it->second;
+  const bool is_count =
+      !text.empty() && text.size() <= 18 &&
+      std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
+  REX_CHECK(is_count, what, ": metadata \"step\" is not a step count: \"", text, "\"");
+  return std::stoll(text);
+}
+
+inline void check_format(const io::Metadata& metadata, const std::string& want,
+                         const std::string& what) {
+  auto it = metadata.find("format");
+  REX_CHECK(it != metadata.end() && it->second == want, what, ": not a ", want,
+            " file (metadata \"format\" is ",
+            it == metadata.end() ? std::string("missing") : "\"" + it->second + "\"", ")");
+}
+
+}  // namespace rex::detail
+
+namespace rex::io {
+
+inline std::string model_path(const std::string& dir) { return dir + "/model.safetensors"; }
+inline std::string checkpoint_path(const std::string& dir) {
+  return dir + "/checkpoint.safetensors";
+}
+
+inline TensorMap parameter_map(const nn::Module& model, const std::string& prefix = "") {
+  TensorMap out;
+  for (const auto& [name, p] : model.named_parameters()) out[prefix + name] = p.detach();
+  return out;
+}
+
+// 64-bit FNV-1a of the corpus bytes: a cheap fingerprint, not a security measure.
+inline uint64_t corpus_hash(std::string_view bytes) {
+  uint64_t h = 0xCBF29CE484222325ull;
+  for (unsigned char c : bytes) h = (h ^ c) * 0x100000001B3ull;
+  return h;
+}
+
+inline void save_model_folder(const std::string& dir, const nn::Module& model,
+                              const nn::RunConfig& config, const data::CharTokenizer& tokenizer,
+                              int64_t step) {
+  write_file_atomic(dir + "/config.json", to_json(config).dump(2) + "\n");
+  write_file_atomic(dir + "/vocab.json", tokenizer.to_json().dump() + "\n");
+  save_safetensors(model_path(dir), parameter_map(model),
+                   {{"format", "rex-model"}, {"step", std::to_string(step)}});
+}
+
+struct ModelFolder {
+  nn::RunConfig config;
+  data::CharTokenizer tokenizer;
+  TensorMap parameters;
+  int64_t step = 0;
+};
+
+inline ModelFolder load_model_folder(const std::string& dir) {
+  REX_CHECK(std::filesystem::is_directory(dir), "checkpoint folder ", dir, " does not exist");
+  ModelFolder out{parse_config(read_file(dir + "/config.json"), dir + "/config.json"),
+                  data::CharTokenizer::from_json(detail::parse_json_file(dir + "/vocab.json")),
+                  {},
+                  0};
+  SafetensorsContents contents = load_safetensors(model_path(dir));
+  detail::check_format(contents.metadata, "rex-model", model_path(dir));
+  out.step = detail::parse_step(contents.metadata, model_path(dir));
+  out.parameters = std::move(contents.tensors);
+  REX_CHECK(out.config.model.vocab_size == out.tokenizer.vocab_size(), dir,
+            ": config.json says vocab_size ", out.config.model.vocab_size, " but vocab.json has ",
+            out.tokenizer.vocab_size(), " symbols");
+  return out;
+}
+
+struct CheckpointInfo {
+  uint64_t corpus_bytes = 0;
+  uint64_t corpus_hash = 0;
+};
+
+inline void save_checkpoint(const std::string& dir, const nn::Module& model,
+                            const optim::AdamW& optimizer, const nn::RunConfig& config,
+                            const data::CharTokenizer& tokenizer, int64_t step,
+                            const CheckpointInfo& info) {
+  TensorMap tensors = parameter_map(model, "model.");
+  for (const auto& [name, t] : optimizer.state()) tensors["optim." + name] = t;
+  save_safetensors(checkpoint_path(dir), tensors,
+                   {{"format", "rex-checkpoint"},
+                    {"step", std::to_string(step)},
+                    {"config", to_json(config).dump()},
+                    {"vocab", tokenizer.to_json().dump()},
+                    {"corpus_bytes", std::to_string(info.corpus_bytes)},
+                    {"corpus_hash", std::to_string(info.corpus_hash)}});
+}
+
+struct Checkpoint {
+  nn::RunConfig config;
+  data::CharTokenizer tokenizer;
+  TensorMap model;      // parameter name -> value
+  TensorMap optimizer;  // AdamW state names -> value
+  int64_t step = 0;
+  CheckpointInfo info;
+};
+
+inline Checkpoint load_checkpoint(const std::string& dir) {
+  const std::string path = checkpoint_path(dir);
+  SafetensorsContents contents = load_safetensors(path);
+  detail::check_format(contents.metadata, "rex-checkpoint", path);
+  auto field = [&](const char* key) -> const std::string& {
+    auto it = contents.metadata.find(key);
+    REX_CHECK(it != contents.metadata.end(), path, ": metadata has no \"", key, "\"");
+    return it->second;
+  };
+  nlohmann::json vocab = nlohmann::json::parse(field("vocab"), nullptr, false);
+  REX_CHECK(!vocab.is_discarded(), path, ": metadata \"vocab\" is not valid JSON");
+  Checkpoint out{parse_config(field("config"), path + " (metadata \"config\")"),
+                 data::CharTokenizer::from_json(vocab),
+                 {},
+                 {},
+                 detail::parse_step(contents.metadata, path),
+                 {}};
+  try {
+    out.info.corpus_bytes = std::stoull(field("corpus_bytes"));
+    out.info.corpus_hash = std::stoull(field("corpus_hash"));
+  } catch (const std::logic_error&) {
+    throw Error(path + ": metadata corpus_bytes / corpus_hash are not numbers");
+  }
+  for (auto& [name, t] : contents.tensors) {
+    if (name.rfind("model.", 0) == 0) {
+      out.model[name.substr(6)] = t;
+    } else if (name.rfind("optim.", 0) == 0) {
+      out.optimizer[name.substr(6)] = t;
+    } else {
+      throw Error(path + ": unexpected tensor \"" + name + "\" (expected model.* and optim.*)");
+    }
+  }
+  return out;
+}
+
+}  // namespace rex::io

@@ -1,0 +1,196 @@
+// Run configuration: the model (transformer, MoE, PSR) and the training recipe, as plain structs.
+//
+// Every field is listed once, in for_each_field, with its JSON section, key and a one-line meaning.
+// That single table drives JSON reading and writing, `--set section.key=value` overrides, the
+// unknown-key check and the generated documentation (docs/formats.md is checked against it), so a
+// new field cannot be half-added. validate() rejects impossible combinations with a message naming
+// the keys involved. The defaults are the shipped tiny R4 + linear PSR model.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "rex/core/error.hpp"
+
+namespace rex::nn {
+
+struct MoeConfig {
+  int64_t experts_per_layer = 4;  // N: experts each layer owns
+  int64_t top_k = 2;              // k: experts each token is sent to
+  int64_t d_expert = 256;         // hidden width of one SwiGLU expert
+  int64_t reuse = 4;              // r: layers per block sharing one expert table (1 = vanilla MoE)
+  int64_t shared_experts = 0;     // always-on experts per layer (DeepSeekMoE style), width d_expert
+  bool renormalize = false;       // divide the top-k gates by their sum
+  double aux_loss_coef = 0.01;    // alpha of the Switch load-balancing loss
+  double z_loss_coef = 0.0;       // beta of the router z-loss
+};
+
+struct PsrConfig {
+  std::string schedule = "linear";  // "none" (all rN candidates), "linear" or "stepwise"
+  int64_t t_start = 200;            // t_s: steps up to t_s see N candidates
+  int64_t t_end = 1200;             // t_e: steps after t_e see all rN candidates
+};
+
+struct ModelConfig {
+  int64_t vocab_size = 0;  // set from the tokenizer; 0 in a config file means "from the data"
+  int64_t d_model = 128;
+  int64_t n_layers = 4;
+  int64_t n_heads = 4;
+  int64_t n_kv_heads = 2;
+  int64_t context = 64;
+  std::string ffn = "moe";  // "moe" or "dense"
+  int64_t d_ff = 512;       // hidden width of the dense SwiGLU FFN (ffn = "dense")
+  double rope_theta = 10000.0;
+  double norm_eps = 1e-5;
+  bool tie_embeddings = true;
+  double init_std = 0.02;
+  MoeConfig moe;
+  PsrConfig psr;
+};
+
+struct TrainConfig {
+  int64_t steps = 1500;
+  int64_t batch_size = 12;
+  double lr = 3e-3;
+  double min_lr_ratio = 0.1;
+  int64_t warmup = 100;
+  double weight_decay = 0.1;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double grad_clip = 1.0;
+  uint64_t seed = 1;
+  double train_fraction = 0.9;
+  int64_t log_interval = 25;
+  int64_t eval_interval = 250;
+  int64_t eval_batches = 16;
+  int64_t checkpoint_interval = 250;
+};
+
+struct RunConfig {
+  ModelConfig model;
+  TrainConfig train;
+};
+
+// Calls f(section, key, field, meaning) for every field of the run configuration, in file order.
+template <class Run, class F>
+void for_each_field(Run& c, F&& f) {
+  auto& m = c.model;
+  f("model", "vocab_size", m.vocab_size, "vocabulary size; 0 = taken from the tokenizer");
+  f("model", "d_model", m.d_model, "width of the residual stream");
+  f("model", "n_layers", m.n_layers, "number of transformer blocks");
+  f("model", "n_heads", m.n_heads, "query heads per attention layer");
+  f("model", "n_kv_heads", m.n_kv_heads,
+    "key/value heads (grouped-query attention; divides n_heads)");
+  f("model", "context", m.context, "tokens per training sequence (and the sampling window)");
+  f("model", "ffn", m.ffn, "\"moe\" (ReX-MoE layers) or \"dense\" (SwiGLU FFN, the baseline)");
+  f("model", "d_ff", m.d_ff, "hidden width of the dense FFN (ffn = \"dense\")");
+  f("model", "rope_theta", m.rope_theta, "RoPE base frequency");
+  f("model", "norm_eps", m.norm_eps, "RMSNorm epsilon");
+  f("model", "tie_embeddings", m.tie_embeddings, "LM head reuses the embedding matrix");
+  f("model", "init_std", m.init_std,
+    "std of the normal init (output projections: / sqrt(2 n_layers))");
+  auto& e = m.moe;
+  f("moe", "experts_per_layer", e.experts_per_layer, "N: experts owned by each layer");
+  f("moe", "top_k", e.top_k, "k: experts per token (at most N)");
+  f("moe", "d_expert", e.d_expert, "hidden width of one SwiGLU expert");
+  f("moe", "reuse", e.reuse, "r: layers per block sharing an expert table; 1 = vanilla MoE");
+  f("moe", "shared_experts", e.shared_experts, "always-active experts per layer (width d_expert)");
+  f("moe", "renormalize", e.renormalize, "divide the k gates of a token by their sum");
+  f("moe", "aux_loss_coef", e.aux_loss_coef, "alpha: weight of the load-balancing loss");
+  f("moe", "z_loss_coef", e.z_loss_coef, "beta: weight of the router z-loss");
+  auto& p = m.psr;
+  f("psr", "schedule", p.schedule, "\"none\", \"linear\" or \"stepwise\" candidate schedule");
+  f("psr", "t_start", p.t_start, "t_s: last step with N candidates");
+  f("psr", "t_end", p.t_end, "t_e: first step with all rN candidates");
+  auto& t = c.train;
+  f("train", "steps", t.steps, "optimizer steps in the whole run");
+  f("train", "batch_size", t.batch_size, "sequences per step");
+  f("train", "lr", t.lr, "peak learning rate");
+  f("train", "min_lr_ratio", t.min_lr_ratio, "cosine decay ends at lr * min_lr_ratio");
+  f("train", "warmup", t.warmup, "linear warmup steps");
+  f("train", "weight_decay", t.weight_decay, "AdamW decoupled decay (matrices only)");
+  f("train", "beta1", t.beta1, "AdamW beta1");
+  f("train", "beta2", t.beta2, "AdamW beta2");
+  f("train", "eps", t.eps, "AdamW epsilon");
+  f("train", "grad_clip", t.grad_clip, "clip the global gradient norm to this (0 = off)");
+  f("train", "seed", t.seed, "seed of the init, the batches and the PSR masks");
+  f("train", "train_fraction", t.train_fraction, "leading share of the corpus used for training");
+  f("train", "log_interval", t.log_interval, "steps between progress lines");
+  f("train", "eval_interval", t.eval_interval, "steps between validation evaluations");
+  f("train", "eval_batches", t.eval_batches, "validation batches per evaluation");
+  f("train", "checkpoint_interval", t.checkpoint_interval, "steps between checkpoints");
+}
+
+// Throws rex::Error naming the first impossible setting.
+inline void validate(const RunConfig& c) {
+  const ModelConfig& m = c.model;
+  const MoeConfig& e = m.moe;
+  const PsrConfig& p = m.psr;
+  const TrainConfig& t = c.train;
+  auto positive = [](const char* key, auto value) {
+    REX_CHECK(value > 0, "config: ", key, " must be positive, got ", value);
+  };
+  REX_CHECK(m.vocab_size >= 0, "config: model.vocab_size cannot be negative");
+  positive("model.d_model", m.d_model);
+  positive("model.n_layers", m.n_layers);
+  positive("model.n_heads", m.n_heads);
+  positive("model.n_kv_heads", m.n_kv_heads);
+  positive("model.context", m.context);
+  positive("model.norm_eps", m.norm_eps);
+  positive("model.rope_theta", m.rope_theta);
+  positive("model.init_std", m.init_std);
+  REX_CHECK(m.d_model % m.n_heads == 0, "config: model.d_model (", m.d_model,
+            ") must be divisible by model.n_heads (", m.n_heads, ")");
+  REX_CHECK((m.d_model / m.n_heads) % 2 == 0,
+            "config: the head width d_model / n_heads = ", m.d_model / m.n_heads,
+            " must be even for RoPE");
+  REX_CHECK(m.n_heads % m.n_kv_heads == 0, "config: model.n_heads (", m.n_heads,
+            ") must be a multiple of model.n_kv_heads (", m.n_kv_heads, ")");
+  REX_CHECK(m.ffn == "moe" || m.ffn == "dense",
+            "config: model.ffn must be \"moe\" or \"dense\", got \"", m.ffn, "\"");
+  if (m.ffn == "dense") {
+    positive("model.d_ff", m.d_ff);
+  } else {
+    positive("moe.experts_per_layer", e.experts_per_layer);
+    positive("moe.top_k", e.top_k);
+    positive("moe.d_expert", e.d_expert);
+    positive("moe.reuse", e.reuse);
+    REX_CHECK(e.top_k <= e.experts_per_layer, "config: moe.top_k (", e.top_k,
+              ") cannot exceed moe.experts_per_layer (", e.experts_per_layer,
+              "): under PSR a layer may see only N candidates");
+    REX_CHECK(m.n_layers % e.reuse == 0, "config: moe.reuse (", e.reuse,
+              ") must divide model.n_layers (", m.n_layers, ") into whole blocks");
+    REX_CHECK(e.shared_experts >= 0, "config: moe.shared_experts cannot be negative");
+    REX_CHECK(e.aux_loss_coef >= 0 && e.z_loss_coef >= 0,
+              "config: moe.aux_loss_coef and moe.z_loss_coef cannot be negative");
+    REX_CHECK(p.schedule == "none" || p.schedule == "linear" || p.schedule == "stepwise",
+              "config: psr.schedule must be \"none\", \"linear\" or \"stepwise\", got \"",
+              p.schedule, "\"");
+    if (p.schedule != "none") {
+      REX_CHECK(p.t_start >= 0 && p.t_end > p.t_start,
+                "config: PSR needs 0 <= psr.t_start < psr.t_end, got ", p.t_start, " and ",
+                p.t_end);
+    }
+  }
+  positive("train.steps", t.steps);
+  positive("train.batch_size", t.batch_size);
+  positive("train.lr", t.lr);
+  REX_CHECK(t.min_lr_ratio >= 0 && t.min_lr_ratio <= 1,
+            "config: train.min_lr_ratio must be in [0, 1]");
+  REX_CHECK(t.warmup >= 0 && t.warmup <= t.steps,
+            "config: train.warmup must be in [0, train.steps]");
+  REX_CHECK(t.weight_decay >= 0, "config: train.weight_decay cannot be negative");
+  REX_CHECK(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1,
+            "config: train.beta1 and train.beta2 must be in [0, 1)");
+  positive("train.eps", t.eps);
+  REX_CHECK(t.grad_clip >= 0, "config: train.grad_clip cannot be negative (0 turns clipping off)");
+  REX_CHECK(t.train_fraction > 0 && t.train_fraction < 1,
+            "config: train.train_fraction must be in (0, 1)");
+  positive("train.log_interval", t.log_interval);
+  positive("train.eval_interval", t.eval_interval);
+  positive("train.eval_batches", t.eval_batches);
+  positive("train.checkpoint_interval", t.checkpoint_interval);
+}
+
+}  // namespace rex::nn

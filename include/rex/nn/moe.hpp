@@ -1,0 +1,183 @@
+// ReX-MoE: the expert table shared by a block of r layers, the per-layer router over the whole
+// pool, PSR masking, top-k gating, the dropless sorted dispatch, and the auxiliary losses.
+//
+// Layer l belongs to block b = l / r. The block's ExpertTable holds P = rN SwiGLU experts, stored
+// once; layer l "owns" entries [(l mod r) N, (l mod r + 1) N) in the sense that a vanilla model
+// would have given it those, but its router W_l [P, d] scores all P of them. For a token h:
+//   s = softmax(W_l h)                       router probabilities over the pool
+//   s'_i = s_i keep_i                        PSR: masked experts' scores set to zero
+//   (g, i) = top-k of s'                     gates g_j = s'_{i_j}  (optionally g / sum g)
+//   y = sum_j g_j E_{i_j}(h)  + sum over shared experts S(h)
+// An expert chosen by several layers of its block is one set of parameter tensors used several
+// times in the graph, so its gradient is the sum of every use (leaf gradients accumulate).
+//
+// Dispatch (dropless, deterministic, no capacity factor): the T*k (token, slot) pairs are counting-
+// sorted by expert, the token rows are gathered in that order, each non-empty expert runs one GEMM
+// chain on its contiguous segment, the outputs are scattered back to slot order [T, k, d] and
+// reduced over k with the gates. Backward is the same graph read backwards: gather <-> scatter,
+// gate gradients are row dot products, weight gradients X^T dY per segment.
+//
+// Losses over the pool of size P, with f_i the share of the T*k routed slots sent to expert i and
+// p_i the mean router probability of expert i over the T tokens:
+//   load balance  alpha * P * sum_i f_i p_i     (1 * alpha when routing is uniform)
+//   z-loss        beta * mean_t (logsumexp_i (W_l h_t)_i)^2
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "rex/nn/config.hpp"
+#include "rex/nn/layers.hpp"
+#include "rex/nn/psr.hpp"
+#include "rex/ops/reduce.hpp"
+#include "rex/ops/softmax.hpp"
+#include "rex/ops/topk.hpp"
+
+namespace rex::nn {
+
+// The P = rN experts of one block, stored once.
+class ExpertTable : public Module {
+ public:
+  ExpertTable(int64_t size, int64_t dim, int64_t hidden, Generator& gen, float init_std,
+              float out_std) {
+    for (int64_t i = 0; i < size; ++i)
+      experts_.push_back(
+          register_module("experts." + std::to_string(i),
+                          std::make_shared<SwiGLU>(dim, hidden, gen, init_std, out_std)));
+  }
+  int64_t size() const { return static_cast<int64_t>(experts_.size()); }
+  const SwiGLU& expert(int64_t i) const { return *experts_.at(static_cast<size_t>(i)); }
+
+ private:
+  std::vector<std::shared_ptr<SwiGLU>> experts_;
+};
+
+// Where the PSR mask comes from: the 0-based step and the run's seed.
+struct RoutingStep {
+  int64_t step = 0;
+  uint64_t seed = 0;
+};
+
+// y [T, d] = sum_j gates[t, j] * table.expert(indices[t, j])(x[t]) by the sorted dispatch.
+// x [T, d] f32, indices [T, k] i32 (values in [0, table.size())), gates [T, k] f32.
+// If counts is given it receives the number of slots routed to each expert.
+inline Tensor dispatch_experts(const Tensor& x, const Tensor& indices, const Tensor& gates,
+                               const ExpertTable& table, std::vector<int64_t>* counts = nullptr) {
+  REX_CHECK(x.rank() == 2 && indices.rank() == 2 && gates.shape() == indices.shape() &&
+                indices.dim(0) == x.dim(0) && x.dim(0) > 0,
+            "dispatch_experts: expected x [T, d] with T > 0, indices and gates [T, k], got x ",
+            x.shape(), ", indices ", indices.shape(), ", gates ", gates.shape());
+  detail::check_i32("dispatch_experts", indices);
+  const int64_t tokens = x.dim(0), k = indices.dim(1), slots = tokens * k, pool = table.size();
+  const int32_t* expert_of_slot = indices.data<int32_t>();
+
+  // Counting sort of the slots by expert: offsets[e] .. offsets[e + 1] is expert e's segment.
+  std::vector<int64_t> offsets(static_cast<size_t>(pool + 1), 0);
+  for (int64_t s = 0; s < slots; ++s) {
+    const int32_t e = expert_of_slot[s];
+    REX_CHECK(e >= 0 && e < pool, "dispatch_experts: expert index ", e, " at slot ", s,
+              " is outside the table of ", pool);
+    ++offsets[static_cast<size_t>(e) + 1];
+  }
+  for (int64_t e = 0; e < pool; ++e) offsets[e + 1] += offsets[e];
+  Tensor sorted_slot = Tensor::empty({slots}, DType::i32);   // slot id at each sorted position
+  Tensor sorted_token = Tensor::empty({slots}, DType::i32);  // its token
+  std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
+  for (int64_t s = 0; s < slots; ++s) {
+    const int64_t pos = cursor[static_cast<size_t>(expert_of_slot[s])]++;
+    sorted_slot.data<int32_t>()[pos] = static_cast<int32_t>(s);
+    sorted_token.data<int32_t>()[pos] = static_cast<int32_t>(s / k);
+  }
+  if (counts) {
+    counts->assign(static_cast<size_t>(pool), 0);
+    for (int64_t e = 0; e < pool; ++e) (*counts)[e] = offsets[e + 1] - offsets[e];
+  }
+
+  // Gather, one expert per contiguous segment, scatter back to slot order, weighted sum over k.
+  const Tensor x_sorted = gather_rows(x, sorted_token);
+  std::vector<Tensor> segments;
+  for (int64_t e = 0; e < pool; ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;  // an expert no token chose costs nothing
+    segments.push_back(table.expert(e).forward(slice(x_sorted, 0, offsets[e], offsets[e + 1])));
+  }
+  const Tensor y_sorted = segments.size() == 1 ? segments[0] : concat(segments, 0);
+  const Tensor y_slots = scatter_add_rows(y_sorted, sorted_slot, slots);
+  return sum(reshape(y_slots, {tokens, k, x.dim(1)}) * reshape(gates, {tokens, k, 1}), 1);
+}
+
+struct MoeOutput {
+  Tensor y;                            // [T, d]
+  Tensor aux_loss;                     // scalar: load balance + z-loss, coefficients applied
+  std::vector<int64_t> expert_counts;  // routed slots per pool expert
+  int64_t candidates = 0;              // N_t at this step
+};
+
+class MoeLayer : public Module {
+ public:
+  MoeLayer(const ModelConfig& config, int64_t layer, std::shared_ptr<ExpertTable> table,
+           Generator& gen, float init_std, float out_std)
+      : config_(config.moe), psr_(config.psr), layer_(layer), table_(std::move(table)) {
+    router = register_module(
+        "router", std::make_shared<Linear>(config.d_model, table_->size(), gen, init_std));
+    for (int64_t i = 0; i < config_.shared_experts; ++i)
+      shared.push_back(register_module(
+          "shared." + std::to_string(i),
+          std::make_shared<SwiGLU>(config.d_model, config_.d_expert, gen, init_std, out_std)));
+  }
+
+  // x [T, d] -> y [T, d], the auxiliary loss and the routing counts at this step.
+  MoeOutput forward(const Tensor& x, const RoutingStep& at) const {
+    const int64_t pool = table_->size();
+    MoeOutput out;
+    const Tensor logits = router->forward(x);  // [T, P]
+    const Tensor probs = softmax(logits);
+
+    out.candidates = psr_candidates(psr_, config_.experts_per_layer, config_.reuse, at.step);
+    Tensor scores = probs;
+    if (out.candidates < pool) {
+      const std::vector<uint8_t> keep =
+          psr_keep_mask(at.seed, at.step, layer_, pool, out.candidates);
+      scores = probs * from_vector(std::vector<float>(keep.begin(), keep.end()));
+    }
+    const TopK top = topk(scores, config_.top_k);
+    Tensor gates = top.values;
+    if (config_.renormalize) gates = gates / sum(gates, -1, /*keepdim=*/true);
+
+    out.y = dispatch_experts(x, top.indices, gates, *table_, &out.expert_counts);
+    for (const auto& expert : shared) out.y = out.y + expert->forward(x);
+    out.aux_loss = auxiliary_loss(logits, probs, out.expert_counts, x.dim(0));
+    return out;
+  }
+
+  // Pool positions this layer would own in a vanilla model: [first, first + N).
+  int64_t first_own_expert() const { return (layer_ % config_.reuse) * config_.experts_per_layer; }
+  const ExpertTable& table() const { return *table_; }
+
+  std::shared_ptr<Linear> router;  // weight [P, d]
+  std::vector<std::shared_ptr<SwiGLU>> shared;
+
+ private:
+  Tensor auxiliary_loss(const Tensor& logits, const Tensor& probs,
+                        const std::vector<int64_t>& counts, int64_t tokens) const {
+    const int64_t pool = table_->size();
+    std::vector<float> routed_share(static_cast<size_t>(pool));
+    for (int64_t e = 0; e < pool; ++e)
+      routed_share[e] = static_cast<float>(counts[e]) / static_cast<float>(tokens * config_.top_k);
+    Tensor loss = sum(from_vector(routed_share) * mean(probs, 0)) *
+                  static_cast<float>(config_.aux_loss_coef * static_cast<double>(pool));
+    if (config_.z_loss_coef > 0) {
+      const Tensor row_max = max(logits, -1, /*keepdim=*/true).detach();
+      const Tensor lse = row_max + log(sum(exp(logits - row_max), -1, /*keepdim=*/true));
+      loss = loss + mean(lse * lse) * static_cast<float>(config_.z_loss_coef);
+    }
+    return loss;
+  }
+
+  MoeConfig config_;
+  PsrConfig psr_;
+  int64_t layer_;
+  std::shared_ptr<ExpertTable> table_;
+};
+
+}  // namespace rex::nn

@@ -1,0 +1,65 @@
+// Progressive Scaling Routing (PSR): how many experts of its pool a layer may choose from at step
+// t, and which ones.
+//
+// A ReX layer's router scores a pool of P = rN experts (its block's table). PSR starts training
+// with N candidates and widens to all rN:
+//   linear:    N_t = N                                         t <= t_s
+//              N_t = floor((1 + (r - 1)(t - t_s)/(t_e - t_s)) N)   t_s < t <= t_e
+//              N_t = rN                                        t > t_e
+//   stepwise:  the linear N_t rounded down to a multiple of N, so N_t jumps by N at r - 1 evenly
+//              spaced steps between t_s and t_e (and reaches rN at t_e);
+//   none:      N_t = rN (plain ReX; also what r = 1 always gives).
+// Integer arithmetic keeps the floor exact: floor((1 + a) N) = N + floor(a N).
+//
+// At every step, P - N_t experts of the pool are masked: their gating scores are set to zero before
+// top-k (rex/nn/moe.hpp). Which ones is a pure function of (seed, step, layer): a partial
+// Fisher-Yates shuffle driven by a Generator seeded from those three values. The same step always
+// masks the same experts, so a resumed run is identical to an uninterrupted one. t is the 0-based
+// index of the optimizer step being taken.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "rex/core/random.hpp"
+#include "rex/nn/config.hpp"
+
+namespace rex::nn {
+
+// N_t for a pool of r * N experts at step t.
+inline int64_t psr_candidates(const PsrConfig& psr, int64_t experts_per_layer, int64_t reuse,
+                              int64_t step) {
+  const int64_t n = experts_per_layer, pool = reuse * experts_per_layer;
+  if (psr.schedule == "none" || reuse == 1 || step > psr.t_end) return pool;
+  if (step <= psr.t_start) return n;
+  const int64_t done = step - psr.t_start, span = psr.t_end - psr.t_start;
+  const int64_t extra = (reuse - 1) * n * done / span;  // floor((r - 1) N (t - t_s) / (t_e - t_s))
+  if (psr.schedule == "stepwise") return n + extra / n * n;
+  REX_CHECK(psr.schedule == "linear", "psr: unknown schedule \"", psr.schedule, "\"");
+  return n + extra;
+}
+
+// keep[i] = 1 for the `candidates` experts of the pool that may be chosen at (seed, step, layer),
+// 0 for the pool - candidates masked ones.
+inline std::vector<uint8_t> psr_keep_mask(uint64_t seed, int64_t step, int64_t layer, int64_t pool,
+                                          int64_t candidates) {
+  REX_CHECK(candidates >= 1 && candidates <= pool, "psr: ", candidates,
+            " candidates out of a pool of ", pool);
+  std::vector<uint8_t> keep(static_cast<size_t>(pool), 1);
+  if (candidates == pool) return keep;
+  Generator gen(mix64(mix64(seed ^ 0x50535200ull) ^ static_cast<uint64_t>(step)) ^
+                mix64(static_cast<uint64_t>(layer)));
+  std::vector<int64_t> order(static_cast<size_t>(pool));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  // The first pool - candidates positions of a partial Fisher-Yates shuffle are the masked experts.
+  for (int64_t i = 0; i < pool - candidates; ++i) {
+    const int64_t j = i + static_cast<int64_t>(gen.below(static_cast<uint64_t>(pool - i)));
+    std::swap(order[static_cast<size_t>(i)], order[static_cast<size_t>(j)]);
+    keep[static_cast<size_t>(order[static_cast<size_t>(i)])] = 0;
+  }
+  return keep;
+}
+
+}  // namespace rex::nn

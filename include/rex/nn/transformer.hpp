@@ -1,0 +1,132 @@
+// The decoder-only language model: token embedding, n pre-norm blocks, final RMSNorm, LM head.
+//
+//   block l:  h = h + Attention(RMSNorm(h));  h = h + FFN_l(RMSNorm(h))
+// where FFN_l is a dense SwiGLU (ffn = "dense") or the ReX-MoE layer of rex/nn/moe.hpp, whose
+// experts live in expert_tables.{l / r}. The loss is the mean next-token cross-entropy plus, for
+// MoE models, the sum over layers of each layer's auxiliary loss.
+//
+// Parameter names (checkpoints, the PyTorch twin): embed.weight, layers.{l}.attn_norm.weight,
+// layers.{l}.attn.{q,k,v,o}.weight, layers.{l}.ffn_norm.weight,
+// layers.{l}.ffn.{gate,up,down}.weight (dense) or layers.{l}.moe.router.weight and
+// layers.{l}.moe.shared.{j}.{gate,up,down}.weight (MoE),
+// expert_tables.{b}.experts.{i}.{gate,up,down}.weight, norm.weight, lm_head.weight (untied only).
+#pragma once
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "rex/nn/attention.hpp"
+#include "rex/nn/moe.hpp"
+
+namespace rex::nn {
+
+struct LmOutput {
+  Tensor logits;    // [B * T, V]
+  Tensor lm_loss;   // mean cross-entropy (undefined without targets)
+  Tensor aux_loss;  // sum of the MoE layers' auxiliary losses (undefined for a dense model)
+  Tensor loss;      // lm_loss + aux_loss: what training minimises
+  std::vector<std::vector<int64_t>> expert_counts;  // per layer: routed slots per pool expert
+  int64_t candidates = 0;                           // PSR N_t at this step (0 for dense)
+};
+
+class TransformerBlock : public Module {
+ public:
+  TransformerBlock(const ModelConfig& c, int64_t layer, std::shared_ptr<ExpertTable> table,
+                   Generator& gen, float out_std) {
+    const float std = static_cast<float>(c.init_std), eps = static_cast<float>(c.norm_eps);
+    attn_norm = register_module("attn_norm", std::make_shared<RMSNorm>(c.d_model, eps));
+    attn = register_module("attn", std::make_shared<CausalSelfAttention>(
+                                       c.d_model, c.n_heads, c.n_kv_heads,
+                                       static_cast<float>(c.rope_theta), gen, std, out_std));
+    ffn_norm = register_module("ffn_norm", std::make_shared<RMSNorm>(c.d_model, eps));
+    if (table) {
+      moe = register_module("moe", std::make_shared<MoeLayer>(c, layer, table, gen, std, out_std));
+    } else {
+      ffn = register_module("ffn", std::make_shared<SwiGLU>(c.d_model, c.d_ff, gen, std, out_std));
+    }
+  }
+
+  // h [B, T, d] -> [B, T, d]; a MoE layer also reports into `out`.
+  Tensor forward(const Tensor& h, const RoutingStep& at, LmOutput& out) const {
+    const Tensor x = h + attn->forward(attn_norm->forward(h));
+    const Tensor normed = ffn_norm->forward(x);
+    if (!moe) return x + ffn->forward(normed);
+    const int64_t d = x.dim(2);
+    MoeOutput routed = moe->forward(reshape(normed, {-1, d}), at);
+    out.aux_loss = out.aux_loss.defined() ? out.aux_loss + routed.aux_loss : routed.aux_loss;
+    out.expert_counts.push_back(std::move(routed.expert_counts));
+    out.candidates = routed.candidates;
+    return x + reshape(routed.y, x.shape().dims());
+  }
+
+  std::shared_ptr<RMSNorm> attn_norm, ffn_norm;
+  std::shared_ptr<CausalSelfAttention> attn;
+  std::shared_ptr<SwiGLU> ffn;    // dense model
+  std::shared_ptr<MoeLayer> moe;  // MoE model
+};
+
+class TransformerLM : public Module {
+ public:
+  // Builds and initialises the model; the seed fixes every weight. The config must be valid
+  // (nn::validate) with vocab_size set.
+  TransformerLM(const ModelConfig& config, uint64_t seed) : config_(config) {
+    REX_CHECK(config.vocab_size > 0, "TransformerLM: vocab_size is not set");
+    Generator gen(seed);
+    const float std = static_cast<float>(config.init_std);
+    const float out_std = std / std::sqrt(2.0f * static_cast<float>(config.n_layers));
+    embed = register_module(
+        "embed", std::make_shared<Embedding>(config.vocab_size, config.d_model, gen, std));
+    const bool is_moe = config.ffn == "moe";
+    const int64_t reuse = config.moe.reuse;
+    std::vector<std::shared_ptr<ExpertTable>> tables;
+    for (int64_t l = 0; l < config.n_layers; ++l) {
+      if (is_moe && l % reuse == 0)
+        tables.push_back(std::make_shared<ExpertTable>(reuse * config.moe.experts_per_layer,
+                                                       config.d_model, config.moe.d_expert, gen,
+                                                       std, out_std));
+      layers.push_back(
+          register_module("layers." + std::to_string(l),
+                          std::make_shared<TransformerBlock>(
+                              config, l, is_moe ? tables.back() : nullptr, gen, out_std)));
+    }
+    for (size_t b = 0; b < tables.size(); ++b)
+      register_module("expert_tables." + std::to_string(b), tables[b]);
+    norm = register_module(
+        "norm", std::make_shared<RMSNorm>(config.d_model, static_cast<float>(config.norm_eps)));
+    if (!config.tie_embeddings)
+      lm_head = register_module(
+          "lm_head", std::make_shared<Linear>(config.d_model, config.vocab_size, gen, std));
+  }
+
+  // ids [B, T] i32 (T <= context); targets [B, T] i32 or undefined (then no losses).
+  LmOutput forward(const Tensor& ids, const Tensor& targets, const RoutingStep& at) const {
+    REX_CHECK(ids.rank() == 2 && ids.dim(1) >= 1 && ids.dim(1) <= config_.context,
+              "TransformerLM: ids must be [B, T] with 1 <= T <= context (", config_.context,
+              "), got ", ids.shape());
+    LmOutput out;
+    Tensor h = embed->forward(ids);
+    for (const auto& layer : layers) h = layer->forward(h, at, out);
+    h = reshape(norm->forward(h), {-1, config_.d_model});
+    out.logits = linear(h, lm_head ? lm_head->weight : embed->weight);
+    if (!targets.defined()) return out;
+    REX_CHECK(targets.shape() == ids.shape(), "TransformerLM: targets ", targets.shape(),
+              " do not match ids ", ids.shape());
+    out.lm_loss = cross_entropy(out.logits, reshape(targets, {-1}));
+    out.loss = out.aux_loss.defined() ? out.lm_loss + out.aux_loss : out.lm_loss;
+    return out;
+  }
+
+  const ModelConfig& config() const { return config_; }
+
+  std::shared_ptr<Embedding> embed;
+  std::vector<std::shared_ptr<TransformerBlock>> layers;
+  std::shared_ptr<RMSNorm> norm;
+  std::shared_ptr<Linear> lm_head;  // null when tied to embed
+
+ private:
+  ModelConfig config_;
+};
+
+}  // namespace rex::nn

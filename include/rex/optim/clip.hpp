@@ -1,0 +1,51 @@
+// Gradient clipping by global L2 norm, with torch.nn.utils.clip_grad_norm_ semantics: every
+// gradient is multiplied by min(1, max_norm / (norm + 1e-6)), in place.
+//
+// The norm is accumulated in double over all defined gradients (parameters without one are
+// skipped), so it does not depend on how the parameters are split into tensors. It takes the
+// optimiser's named Parameters so that a non-finite norm, which would otherwise poison every weight
+// on the next step, is reported with the first parameter whose gradient holds a NaN or an infinity.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "rex/optim/adamw.hpp"
+
+namespace rex::optim {
+
+// Returns the norm before clipping; max_norm <= 0 only measures it.
+inline double clip_grad_norm(const std::vector<Parameter>& params, double max_norm) {
+  double sum_sq = 0.0;
+  const Parameter* first_non_finite = nullptr;
+  for (const Parameter& p : params) {
+    const Tensor g = p.tensor.grad();
+    if (!g.defined()) continue;
+    const float* pg = g.data<float>();
+    double own = 0.0;
+    for (int64_t i = 0, n = g.numel(); i < n; ++i) own += static_cast<double>(pg[i]) * pg[i];
+    // A square of an f32 cannot overflow a double, so a non-finite sum means a non-finite element.
+    if (!std::isfinite(own) && first_non_finite == nullptr) first_non_finite = &p;
+    sum_sq += own;
+  }
+  const double norm = std::sqrt(sum_sq);
+  if (first_non_finite != nullptr) {
+    throw Error(
+        detail::concat("clip_grad_norm: gradient norm is ", std::isnan(norm) ? "nan" : "inf",
+                       "; first non-finite gradient in parameter ", first_non_finite->name));
+  }
+  const double coef = max_norm / (norm + 1e-6);
+  if (max_norm > 0.0 && coef < 1.0) {
+    const auto scale = static_cast<float>(coef);
+    for (const Parameter& p : params) {
+      const Tensor g = p.tensor.grad();
+      if (!g.defined()) continue;
+      float* pg = g.data<float>();
+      for (int64_t i = 0, n = g.numel(); i < n; ++i) pg[i] *= scale;
+    }
+  }
+  return norm;
+}
+
+}  // namespace rex::optim

@@ -1,0 +1,435 @@
+// Tests for rex/nn/moe.hpp and rex/nn/psr.hpp: the MoE layer (sorted dispatch, PSR masking, gates,
+// auxiliary losses) against a naive per-token loop written here, gradients by central differences,
+// the shared table's gradient as the sum of its layers' contributions, r = 1 against a vanilla MoE,
+// edge cases, and the PSR schedule and masks against closed forms.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <numeric>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "gradcheck.hpp"
+#include "testing.hpp"
+
+using namespace rex;
+using rex::testing::check_close;
+using rex::testing::error_message;
+
+namespace {
+
+nn::ModelConfig small_config(int64_t reuse, int64_t experts, int64_t top_k) {
+  nn::ModelConfig c;
+  c.d_model = 8;
+  c.n_layers = 2 * reuse;
+  c.moe.experts_per_layer = experts;
+  c.moe.top_k = top_k;
+  c.moe.d_expert = 5;
+  c.moe.reuse = reuse;
+  c.moe.aux_loss_coef = 0.05;
+  c.moe.z_loss_coef = 0.01;
+  c.psr.schedule = "linear";
+  c.psr.t_start = 10;
+  c.psr.t_end = 20;
+  c.init_std = 0.5;  // large enough that routing is far from uniform
+  return c;
+}
+
+struct Layers {
+  std::shared_ptr<nn::ExpertTable> table;
+  std::vector<std::shared_ptr<nn::MoeLayer>> moe;
+};
+
+// One block: a table of r*N experts and the r MoE layers that share it.
+Layers make_block(const nn::ModelConfig& c, uint64_t seed) {
+  Generator gen(seed);
+  Layers out;
+  out.table = std::make_shared<nn::ExpertTable>(c.moe.reuse * c.moe.experts_per_layer, c.d_model,
+                                                c.moe.d_expert, gen, 0.5f, 0.5f);
+  for (int64_t l = 0; l < c.moe.reuse; ++l)
+    out.moe.push_back(std::make_shared<nn::MoeLayer>(c, l, out.table, gen, 0.5f, 0.5f));
+  return out;
+}
+
+std::vector<Tensor> all_parameters(const Layers& block) {
+  std::vector<Tensor> params;
+  for (const auto& [name, p] : block.table->named_parameters()) params.push_back(p);
+  for (const auto& layer : block.moe)
+    for (const auto& [name, p] : layer->named_parameters()) params.push_back(p);
+  return params;
+}
+
+struct NaiveOutput {
+  Tensor y, aux_loss;
+  std::vector<int64_t> counts;
+};
+
+// The method written token by token: router probabilities, PSR mask, top-k by repeated argmax, the
+// gated sum over the chosen experts, shared experts, and the two auxiliary losses.
+NaiveOutput naive_moe(const nn::MoeLayer& layer, const nn::ModelConfig& c, const Tensor& x,
+                      const nn::RoutingStep& at, int64_t layer_index) {
+  const int64_t tokens = x.dim(0), pool = layer.table().size(), k = c.moe.top_k;
+  const int64_t candidates =
+      nn::psr_candidates(c.psr, c.moe.experts_per_layer, c.moe.reuse, at.step);
+  const std::vector<uint8_t> keep =
+      nn::psr_keep_mask(at.seed, at.step, layer_index, pool, candidates);
+  NaiveOutput out;
+  out.counts.assign(static_cast<size_t>(pool), 0);
+  std::vector<Tensor> rows, prob_rows, lse_terms;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const Tensor h = slice(x, 0, t, t + 1);  // [1, d]
+    const Tensor logits = matmul(h, layer.router->weight, {.transpose_b = true});
+    const Tensor probs = softmax(logits);
+    prob_rows.push_back(probs);
+    std::vector<float> score(static_cast<size_t>(pool));
+    for (int64_t i = 0; i < pool; ++i) score[i] = keep[i] ? probs.at({0, i}) : 0.0f;
+    std::vector<int64_t> chosen;
+    std::vector<uint8_t> taken(static_cast<size_t>(pool), 0);
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t best = -1;
+      for (int64_t i = 0; i < pool; ++i)
+        if (!taken[i] && (best < 0 || score[i] > score[best])) best = i;
+      taken[best] = 1;
+      chosen.push_back(best);
+      ++out.counts[best];
+    }
+    std::vector<Tensor> gates;
+    for (int64_t i : chosen) {
+      std::vector<float> onehot(static_cast<size_t>(pool), 0.0f);
+      onehot[i] = 1.0f;
+      gates.push_back(sum(probs * from_vector(onehot)));
+    }
+    if (c.moe.renormalize) {
+      Tensor total = gates[0];
+      for (size_t j = 1; j < gates.size(); ++j) total = total + gates[j];
+      for (Tensor& g : gates) g = g / total;
+    }
+    Tensor y = zeros({1, c.d_model});
+    for (size_t j = 0; j < chosen.size(); ++j)
+      y = y + gates[j] * layer.table().expert(chosen[j]).forward(h);
+    for (const auto& s : layer.shared) y = y + s->forward(h);
+    rows.push_back(y);
+    lse_terms.push_back(log(sum(exp(logits))));
+  }
+  out.y = concat(rows, 0);
+  // Load balance alpha * P * sum_i f_i p_i and z-loss beta * mean(lse^2).
+  Tensor mean_probs = mean(concat(prob_rows, 0), 0);
+  std::vector<float> share(static_cast<size_t>(pool));
+  for (int64_t i = 0; i < pool; ++i) share[i] = static_cast<float>(out.counts[i]) / (tokens * k);
+  Tensor lse = stack(lse_terms, 0);
+  out.aux_loss =
+      sum(from_vector(share) * mean_probs) * static_cast<float>(c.moe.aux_loss_coef * pool) +
+      mean(lse * lse) * static_cast<float>(c.moe.z_loss_coef);
+  return out;
+}
+
+// Gradients of sum(w * y) + aux with respect to every tensor in `params`, as copies.
+template <class Forward>
+std::vector<Tensor> gradients(const std::vector<Tensor>& params, const Tensor& weights,
+                              Forward forward) {
+  for (Tensor p : params) p.zero_grad();
+  auto [y, aux] = forward();
+  (sum(y * weights) + aux).backward();
+  std::vector<Tensor> grads;
+  for (const Tensor& p : params)
+    grads.push_back(p.grad().defined() ? p.grad().clone() : zeros(p.shape()));
+  return grads;
+}
+
+void check_against_naive(const nn::ModelConfig& c, int64_t step, uint64_t seed) {
+  const Layers block = make_block(c, seed);
+  Generator gen(seed + 1);
+  const int64_t tokens = 9;
+  Tensor x = testing::random_normal_param({tokens, c.d_model}, gen);
+  const Tensor weights = normal({tokens, c.d_model}, gen);
+  std::vector<Tensor> params = all_parameters(block);
+  params.push_back(x);
+  for (int64_t l = 0; l < c.moe.reuse; ++l) {
+    CAPTURE(l);
+    const nn::RoutingStep at{step, 77};
+    const nn::MoeOutput fast = block.moe[l]->forward(x, at);
+    const NaiveOutput slow = naive_moe(*block.moe[l], c, x, at, l);
+    check_close(fast.y, slow.y, 1e-5);
+    CHECK(fast.expert_counts == slow.counts);
+    check_close(fast.aux_loss, slow.aux_loss, 1e-5);
+    const auto g_fast = gradients(params, weights, [&] {
+      auto o = block.moe[l]->forward(x, at);
+      return std::pair{o.y, o.aux_loss};
+    });
+    const auto g_slow = gradients(params, weights, [&] {
+      auto o = naive_moe(*block.moe[l], c, x, at, l);
+      return std::pair{o.y, o.aux_loss};
+    });
+    for (size_t i = 0; i < params.size(); ++i) {
+      CAPTURE(i);
+      check_close(g_fast[i], g_slow[i], 1e-4);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("MoE layer output, counts, aux loss and every gradient match a naive per-token loop") {
+  SUBCASE("R2 during PSR (4 of 6 candidates), z-loss on") {
+    check_against_naive(small_config(2, 3, 2), 15, 1);
+  }
+  SUBCASE("R4 after PSR, renormalised gates, a shared expert") {
+    nn::ModelConfig c = small_config(4, 2, 2);
+    c.moe.renormalize = true;
+    c.moe.shared_experts = 1;
+    check_against_naive(c, 100, 2);
+  }
+  SUBCASE("R2 before PSR starts (N candidates), top-1") {
+    check_against_naive(small_config(2, 3, 1), 0, 3);
+  }
+}
+
+TEST_CASE("MoE layer gradients agree with central differences") {
+  nn::ModelConfig c = small_config(2, 2, 2);
+  c.moe.shared_experts = 1;
+  c.d_model = 4;
+  c.moe.d_expert = 3;
+  const Layers block = make_block(c, 5);
+  Generator gen(6);
+  std::vector<Tensor> inputs = all_parameters(block);
+  inputs.push_back(testing::random_normal_param({5, c.d_model}, gen));
+  auto f = [&](const std::vector<Tensor>& in) {
+    const nn::MoeOutput o = block.moe[1]->forward(in.back(), {100, 0});
+    return o.y + o.aux_loss;
+  };
+  // Keep the top-k choice fixed under the finite-difference step: check the routing margin first.
+  testing::GradcheckOptions options;
+  options.step = 1e-3f;
+  options.rtol = 2e-2;
+  CHECK_GRADIENTS(f, inputs, options);
+}
+
+TEST_CASE("the shared table's gradient is the sum of the gradients from each layer of its block") {
+  const nn::ModelConfig c = small_config(2, 3, 2);
+  const Layers block = make_block(c, 7);
+  Generator gen(8);
+  const Tensor x = normal({6, c.d_model}, gen);
+  const nn::RoutingStep at{100, 0};
+  const nn::NamedTensors table = block.table->named_parameters();
+  auto table_grads = [&](bool use0, bool use1) {
+    for (auto [name, p] : table) p.zero_grad();
+    Tensor loss = scalar(0.0f);
+    if (use0) loss = loss + sum(block.moe[0]->forward(x, at).y);
+    if (use1) loss = loss + sum(block.moe[1]->forward(x, at).y);
+    loss.backward();
+    std::vector<std::vector<float>> out;
+    for (const auto& [name, p] : table)
+      out.push_back(p.grad().defined() ? p.grad().to_vector()
+                                       : std::vector<float>(p.numel(), 0.0f));
+    return out;
+  };
+  const auto only0 = table_grads(true, false), only1 = table_grads(false, true);
+  const auto both = table_grads(true, true);
+  int64_t experts_used_by_both = 0;
+  for (size_t i = 0; i < table.size(); ++i) {
+    std::vector<double> want(only0[i].size());
+    bool used0 = false, used1 = false;
+    for (size_t j = 0; j < want.size(); ++j) {
+      want[j] = static_cast<double>(only0[i][j]) + only1[i][j];
+      used0 |= only0[i][j] != 0, used1 |= only1[i][j] != 0;
+    }
+    experts_used_by_both += used0 && used1;
+    check_close(from_vector(both[i]), want, 1e-6);
+  }
+  CHECK(experts_used_by_both > 0);  // the test is about sharing: some expert must serve both layers
+}
+
+TEST_CASE("r = 1 is vanilla MoE: each layer routes over its own N experts only") {
+  nn::ModelConfig c = small_config(1, 3, 2);
+  c.n_layers = 2;
+  c.vocab_size = 11;
+  c.context = 6;
+  c.n_heads = 2;
+  c.n_kv_heads = 1;
+  const nn::TransformerLM model(c, 3);
+  std::map<std::string, Tensor> params;
+  for (const auto& [name, p] : model.named_parameters()) params[name] = p;
+  CHECK(params.count("expert_tables.1.experts.2.down.weight") == 1);
+  CHECK(params.count("expert_tables.1.experts.3.down.weight") == 0);
+  CHECK(params.at("layers.1.moe.router.weight").shape() == Shape{3, 8});
+  // The PSR schedule is irrelevant for r = 1: every step sees the whole (own) pool.
+  for (int64_t step : {0, 15, 100}) CHECK(nn::psr_candidates(c.psr, 3, 1, step) == 3);
+  // A vanilla MoE written directly: softmax over the layer's own router, top-k, gated sum of its
+  // own experts. Check layer 1 (table 1) on random tokens.
+  Generator gen(4);
+  const Tensor x = normal({7, c.d_model}, gen);
+  const nn::MoeLayer& layer = *model.layers[1]->moe;
+  CHECK(&layer.table() != &model.layers[0]->moe->table());
+  const Tensor probs =
+      softmax(matmul(x, params.at("layers.1.moe.router.weight"), {.transpose_b = true}));
+  std::vector<double> want;
+  for (int64_t t = 0; t < 7; ++t) {
+    std::vector<int64_t> order(3);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return probs.at({t, a}) > probs.at({t, b});
+    });
+    Tensor y = zeros({1, c.d_model});
+    for (int64_t j = 0; j < 2; ++j) {
+      const std::string e = "expert_tables.1.experts." + std::to_string(order[j]);
+      const Tensor h = slice(x, 0, t, t + 1);
+      const Tensor hidden = silu(matmul(h, params.at(e + ".gate.weight"), {.transpose_b = true})) *
+                            matmul(h, params.at(e + ".up.weight"), {.transpose_b = true});
+      y = y + matmul(hidden, params.at(e + ".down.weight"), {.transpose_b = true}) *
+                  probs.at({t, order[j]});
+    }
+    for (float v : y.to_vector()) want.push_back(v);
+  }
+  check_close(layer.forward(x, {0, 0}).y, want, 1e-5);
+}
+
+TEST_CASE("MoE edge cases: unused experts, every token to one expert, k equal to the pool") {
+  SUBCASE("experts no token chose get no gradient and cost nothing") {
+    nn::ModelConfig c = small_config(2, 3, 1);
+    const Layers block = make_block(c, 9);
+    Generator gen(10);
+    const Tensor x = normal({2, c.d_model}, gen);  // 2 tokens, top-1: at most 2 of 6 experts used
+    for (auto [name, p] : block.table->named_parameters()) p.zero_grad();
+    const nn::MoeOutput out = block.moe[0]->forward(x, {100, 0});
+    sum(out.y).backward();
+    int64_t used = 0;
+    for (int64_t e = 0; e < 6; ++e) {
+      const Tensor g = block.table->named_parameters()[static_cast<size_t>(3 * e)].second.grad();
+      CHECK(g.defined() == (out.expert_counts[e] > 0));
+      used += out.expert_counts[e] > 0;
+    }
+    CHECK(used <= 2);
+    CHECK(std::accumulate(out.expert_counts.begin(), out.expert_counts.end(), int64_t{0}) == 2);
+  }
+  SUBCASE("all tokens routed to one expert") {
+    nn::ModelConfig c = small_config(2, 3, 1);
+    const Layers block = make_block(c, 11);
+    // Router rows 1..5 zero and row 0 = 50 * ones: expert 0 wins for inputs with a positive sum.
+    float* w = block.moe[0]->router->weight.data<float>();
+    std::fill_n(w, 6 * c.d_model, 0.0f);
+    std::fill_n(w, c.d_model, 50.0f);
+    const Tensor x = ones({5, c.d_model});
+    const nn::MoeOutput out = block.moe[0]->forward(x, {100, 0});
+    CHECK(out.expert_counts[0] == 5);
+    // y is expert 0's output scaled by its router probability p0 (about 1).
+    const Tensor logits = matmul(x, block.moe[0]->router->weight, {.transpose_b = true});
+    const float p0 = softmax(logits).at({0, 0});
+    check_close(out.y, block.table->expert(0).forward(x) * p0, 1e-5);
+    // Everything on one expert: f = (1, 0, ...), so the load balance is alpha * P * p0; every
+    // token's logsumexp is log(e^400 + 5) = 400 (to float precision), the z-loss beta * 400^2.
+    CHECK(out.aux_loss.item() ==
+          doctest::Approx(0.05 * 6 * p0 + 0.01 * 400.0 * 400.0).epsilon(1e-5));
+  }
+  SUBCASE("k equal to the whole pool: every expert sees every token") {
+    nn::ModelConfig c = small_config(1, 4, 4);
+    check_against_naive(c, 0, 12);
+    const Layers block = make_block(c, 13);
+    Generator gen(14);
+    const nn::MoeOutput out = block.moe[0]->forward(normal({3, c.d_model}, gen), {0, 0});
+    CHECK(out.expert_counts == std::vector<int64_t>(4, 3));
+  }
+}
+
+TEST_CASE("PSR schedule: N_t at t_s, the midpoint and t_e, and the stepwise variant") {
+  nn::PsrConfig psr;
+  psr.schedule = "linear";
+  psr.t_start = 100;
+  psr.t_end = 300;
+  const int64_t n = 4, r = 4;
+  // floor((1 + (r - 1)(t - t_s)/(t_e - t_s)) N), computed here in double.
+  auto closed_form = [&](int64_t t) {
+    if (t <= psr.t_start) return n;
+    if (t > psr.t_end) return r * n;
+    return static_cast<int64_t>(
+        std::floor((1.0 + (r - 1.0) * (t - psr.t_start) / (psr.t_end - psr.t_start)) * n));
+  };
+  CHECK(nn::psr_candidates(psr, n, r, 0) == 4);
+  CHECK(nn::psr_candidates(psr, n, r, 100) == 4);   // t_s
+  CHECK(nn::psr_candidates(psr, n, r, 200) == 10);  // midpoint: floor(2.5 * 4)
+  CHECK(nn::psr_candidates(psr, n, r, 300) == 16);  // t_e
+  CHECK(nn::psr_candidates(psr, n, r, 301) == 16);
+  for (int64_t t = 0; t < 400; ++t) CHECK(nn::psr_candidates(psr, n, r, t) == closed_form(t));
+  psr.schedule = "stepwise";
+  CHECK(nn::psr_candidates(psr, n, r, 166) == 4);
+  CHECK(nn::psr_candidates(psr, n, r, 167) == 8);  // first jump at t_s + (t_e - t_s) / (r - 1)
+  CHECK(nn::psr_candidates(psr, n, r, 200) == 8);
+  CHECK(nn::psr_candidates(psr, n, r, 234) == 12);
+  CHECK(nn::psr_candidates(psr, n, r, 300) == 16);
+  for (int64_t t = 0; t < 400; ++t)
+    CHECK(nn::psr_candidates(psr, n, r, t) == closed_form(t) / n * n);
+  psr.schedule = "none";
+  CHECK(nn::psr_candidates(psr, n, r, 0) == 16);
+}
+
+TEST_CASE(
+    "PSR masks: exact count, a pure function of (seed, step, layer), and masked experts never "
+    "win") {
+  const int64_t pool = 16;
+  std::set<std::string> distinct;  // masks as strings of 0/1 bytes
+  for (int64_t step = 0; step < 20; ++step) {
+    for (int64_t layer = 0; layer < 4; ++layer) {
+      for (int64_t cand : {1, 7, 15, 16}) {
+        const auto keep = nn::psr_keep_mask(42, step, layer, pool, cand);
+        CHECK(std::count(keep.begin(), keep.end(), 1) == cand);
+        CHECK(keep == nn::psr_keep_mask(42, step, layer, pool, cand));
+        if (cand == 7) distinct.insert(std::string(keep.begin(), keep.end()));
+      }
+    }
+  }
+  CHECK(distinct.size() > 70);  // 80 (step, layer) pairs: masks vary with both
+  CHECK(nn::psr_keep_mask(42, 3, 1, pool, 7) != nn::psr_keep_mask(43, 3, 1, pool, 7));
+  // Every expert is masked about equally often: counts over many steps within 20% of the mean.
+  std::vector<int64_t> kept(pool, 0);
+  for (int64_t step = 0; step < 4000; ++step) {
+    const auto keep = nn::psr_keep_mask(1, step, 0, pool, 8);
+    for (int64_t i = 0; i < pool; ++i) kept[i] += keep[i];
+  }
+  for (int64_t v : kept) CHECK(std::abs(v - 2000) < 400);
+  // In the layer, a masked expert is never chosen.
+  const nn::ModelConfig c = small_config(4, 2, 2);  // pool 8, PSR from step 10 to 20
+  const Layers block = make_block(c, 15);
+  Generator gen(16);
+  const Tensor x = normal({40, c.d_model}, gen);
+  for (int64_t step : {0, 12, 17}) {
+    const auto out = block.moe[2]->forward(x, {step, 9});
+    const int64_t cand = nn::psr_candidates(c.psr, 2, 4, step);
+    CHECK(out.candidates == cand);
+    const auto keep = nn::psr_keep_mask(9, step, 2, 8, cand);
+    for (int64_t e = 0; e < 8; ++e)
+      if (!keep[e]) CHECK(out.expert_counts[e] == 0);
+  }
+  CHECK(error_message([] {
+          nn::psr_keep_mask(1, 0, 0, 4, 5);
+        }).find("5 candidates out of a pool of 4") != std::string::npos);
+}
+
+TEST_CASE("config validation rejects impossible MoE settings with a message naming the keys") {
+  auto message = [](auto edit) {
+    nn::RunConfig c;
+    edit(c);
+    return error_message([&] { nn::validate(c); });
+  };
+  CHECK(message([](nn::RunConfig&) {}) == "(no rex::Error thrown)");
+  CHECK(message([](nn::RunConfig& c) {
+          c.model.moe.top_k = 5;
+        }).find("moe.top_k (5) cannot exceed moe.experts_per_layer (4)") != std::string::npos);
+  CHECK(message([](nn::RunConfig& c) {
+          c.model.moe.reuse = 3;
+        }).find("moe.reuse (3) must divide model.n_layers (4)") != std::string::npos);
+  CHECK(message([](nn::RunConfig& c) {
+          c.model.moe.experts_per_layer = 0;
+        }).find("moe.experts_per_layer must be positive") != std::string::npos);
+  CHECK(message([](nn::RunConfig& c) {
+          c.model.n_kv_heads = 3;
+        }).find("multiple of model.n_kv_heads") != std::string::npos);
+  CHECK(message([](nn::RunConfig& c) { c.model.psr.t_end = 10; }).find("psr.t_start < psr.t_end") !=
+        std::string::npos);
+  CHECK(message([](nn::RunConfig& c) { c.model.ffn = "sparse"; }).find("model.ffn must be") !=
+        std::string::npos);
+  CHECK(message([](nn::RunConfig& c) {
+          c.model.psr.schedule = "cubic";
+        }).find("psr.schedule must be") != std::string::npos);
+}

@@ -1,0 +1,410 @@
+// Tests for rex/optim: AdamW against PyTorch's update rule recomputed in double here (one step in
+// closed form, several steps with a naive loop), checkpoint round trips that must continue
+// bit-exactly, the cosine schedule against its closed forms, gradient clipping against
+// hand-computed norms, and every error case.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <numbers>
+#include <string>
+#include <vector>
+
+#include <rex/optim/adamw.hpp>
+#include <rex/optim/clip.hpp>
+#include <rex/optim/schedule.hpp>
+
+#include "testing.hpp"
+
+using namespace rex;
+using rex::optim::AdamW;
+using rex::optim::AdamWOptions;
+using rex::optim::CosineSchedule;
+using rex::optim::Parameter;
+using rex::testing::check_close;
+using rex::testing::error_message;
+
+namespace {
+
+Tensor param(const std::vector<float>& values, const Shape& shape) {
+  return from_vector<float>(values, shape).requires_grad_();
+}
+
+// Replaces p's gradient by exactly `values` (backward from a leaf copies the given gradient).
+void set_grad(Tensor p, const std::vector<float>& values) {
+  p.zero_grad();
+  p.backward(from_vector<float>(values, p.shape()));
+}
+
+std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+// torch.optim.AdamW's update for one tensor, in double, written out from the formula.
+struct ReferenceAdamW {
+  std::vector<double> p, m, v;
+  int step = 0;
+
+  explicit ReferenceAdamW(const std::vector<float>& initial)
+      : p(to_double(initial)), m(initial.size(), 0.0), v(initial.size(), 0.0) {}
+
+  void update(const std::vector<float>& grad, double lr, const AdamWOptions& o, bool decay) {
+    ++step;
+    const double b1 = o.beta1, b2 = o.beta2, eps = o.eps;
+    const double wd = decay ? static_cast<double>(o.weight_decay) : 0.0;
+    for (size_t i = 0; i < p.size(); ++i) {
+      const double g = grad[i];
+      p[i] *= 1.0 - lr * wd;
+      m[i] = b1 * m[i] + (1.0 - b1) * g;
+      v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+      const double m_hat = m[i] / (1.0 - std::pow(b1, step));
+      const double v_hat = v[i] / (1.0 - std::pow(b2, step));
+      p[i] -= lr * m_hat / (std::sqrt(v_hat) + eps);
+    }
+  }
+};
+
+// |got - want| <= 1e-6 |want|: relative, since learning rates are small numbers.
+void check_relative(float got, double want) {
+  CHECK_MESSAGE(std::abs(got - want) <= 1e-6 * std::abs(want), "got ", got, ", want ", want);
+}
+
+}  // namespace
+
+// ---- AdamW
+// ---------------------------------------------------------------------------------------
+
+TEST_CASE("AdamW: one step matches the closed form, with and without decay") {
+  // After one step m / (1 - beta1) = g and sqrt(v / (1 - beta2)) = |g|, so
+  //   p1 = p0 * (1 - lr * wd) - lr * g / (|g| + eps).
+  // g = 1e-8 = eps makes the fraction exactly 1/2: it pins eps outside the square root and after
+  // the bias correction (sqrt(v + eps) or (sqrt(v) + eps) / sqrt(1 - beta2) give other values).
+  const std::vector<float> p0 = {0.5f, -1.0f, 2.0f, 0.25f, -0.75f, 1.5f};
+  const std::vector<float> g = {0.3f, -2.0f, 1e-8f, 0.0f, -1e-8f, 5.0f};
+  Tensor w = param(p0, {2, 3}), b = param(p0, {2, 3}), frozen = param(p0, {2, 3});
+  AdamW opt({{"w", w}, {"b", b, false}, {"frozen", frozen}});
+  set_grad(w, g);
+  set_grad(b, g);
+  const double lr = 0.01, wd = 0.1, eps = static_cast<double>(1e-8f);
+  opt.step(static_cast<float>(lr));
+
+  std::vector<double> want_w, want_b, want_m, want_v;
+  for (size_t i = 0; i < p0.size(); ++i) {
+    const double gi = g[i], fraction = gi / (std::abs(gi) + eps);
+    want_w.push_back(p0[i] * (1.0 - lr * wd) - lr * fraction);
+    want_b.push_back(p0[i] - lr * fraction);
+    want_m.push_back(0.1 * gi);
+    want_v.push_back(0.05 * gi * gi);
+  }
+  check_close(w, want_w, 1e-6);
+  check_close(b, want_b, 1e-6);
+  CHECK(frozen.to_vector() == p0);  // no gradient: untouched
+
+  const auto state = opt.state();
+  check_close(state.at("w.exp_avg"), want_m, 1e-6);
+  check_close(state.at("w.exp_avg_sq"), want_v, 1e-6);
+  CHECK(state.at("w.step").item() == 1.0f);
+  CHECK(state.at("b.step").item() == 1.0f);
+  CHECK(state.at("frozen.step").item() == 0.0f);  // no gradient: its state does not advance
+  CHECK(state.at("frozen.exp_avg").to_vector() == std::vector<float>(6, 0.0f));
+}
+
+TEST_CASE("AdamW: three steps match a double-precision reference") {
+  const AdamWOptions options{.beta1 = 0.8f, .beta2 = 0.99f, .eps = 1e-6f, .weight_decay = 0.2f};
+  const std::vector<float> p0 = {0.5f, -1.0f, 2.0f, 0.25f, -0.75f, 1.5f};
+  const std::vector<std::vector<float>> grads = {{0.3f, -2.0f, 0.01f, 0.0f, -0.5f, 5.0f},
+                                                 {-0.1f, -1.0f, 0.02f, 3.0f, 0.5f, -4.0f},
+                                                 {0.2f, 0.5f, -0.03f, 1e-7f, 0.5f, 1.0f}};
+  const std::vector<float> lrs = {0.01f, 0.02f, 0.005f};
+  Tensor w = param(p0, {2, 3}), b = param(p0, {2, 3}), late = param(p0, {2, 3});
+  AdamW opt({{"w", w}, {"b", b, false}, {"late", late}}, options);
+  ReferenceAdamW ref_w(p0), ref_b(p0), ref_late(p0);
+  for (size_t t = 0; t < 3; ++t) {
+    opt.zero_grad();
+    set_grad(w, grads[t]);
+    set_grad(b, grads[t]);
+    ref_w.update(grads[t], lrs[t], options, true);
+    ref_b.update(grads[t], lrs[t], options, false);
+    if (t != 1) {  // `late` has no gradient at the second step: it neither decays nor counts it
+      set_grad(late, grads[t]);
+      ref_late.update(grads[t], lrs[t], options, true);
+    }
+    opt.step(lrs[t]);
+  }
+  check_close(w, ref_w.p, 1e-6);
+  check_close(b, ref_b.p, 1e-6);
+  check_close(late, ref_late.p, 1e-6);
+  const auto state = opt.state();
+  check_close(state.at("w.exp_avg"), ref_w.m, 1e-6);
+  check_close(state.at("w.exp_avg_sq"), ref_w.v, 1e-6);
+  check_close(state.at("late.exp_avg"), ref_late.m, 1e-6);
+  CHECK(state.at("w.step").item() == 3.0f);
+  CHECK(state.at("late.step").item() == 2.0f);
+  // The reference really differs between the three, so each comparison above means something.
+  CHECK(std::abs(ref_w.p[5] - ref_b.p[5]) > 1e-3);
+  CHECK(std::abs(ref_w.p[5] - ref_late.p[5]) > 1e-3);
+
+  opt.zero_grad();
+  for (const Parameter& p : opt.parameters()) CHECK_FALSE(p.tensor.grad().defined());
+  CHECK(opt.options().beta2 == 0.99f);
+}
+
+TEST_CASE("AdamW: state of a fresh optimiser is zeros with step 0") {
+  Tensor w = param({1, 2, 3, 4, 5, 6}, {2, 3}), s = param({7}, {1});
+  const AdamW opt({{"layer.w", w}, {"s", s, false}});
+  const auto state = opt.state();
+  std::vector<std::string> names;
+  for (const auto& [name, tensor] : state) names.push_back(name);
+  CHECK(names == std::vector<std::string>{"layer.w.exp_avg", "layer.w.exp_avg_sq", "layer.w.step",
+                                          "s.exp_avg", "s.exp_avg_sq", "s.step"});
+  CHECK(state.at("layer.w.exp_avg").shape() == Shape{2, 3});
+  CHECK(state.at("layer.w.exp_avg_sq").to_vector() == std::vector<float>(6, 0.0f));
+  CHECK(state.at("s.exp_avg").to_vector() == std::vector<float>{0.0f});
+  CHECK(state.at("s.step").dtype() == DType::i32);
+  CHECK(state.at("s.step").shape() == Shape{});
+  CHECK(state.at("s.step").item() == 0.0f);
+}
+
+namespace {
+
+// Two parameters whose gradient depends on their current values, so any difference in restored
+// state shows in the trajectory: g = p - target + 0.01 * t.
+struct Model {
+  Tensor w = param({0.5f, -1.0f, 2.0f, 0.25f, -0.75f, 1.5f}, {2, 3});
+  Tensor gain = param({1.0f, 0.9f, 1.1f}, {3});
+  std::vector<Parameter> parameters() { return {{"w", w}, {"gain", gain, false}}; }
+
+  void set_grads(int t) {
+    for (Tensor p : {w, gain}) {
+      std::vector<float> g = p.to_vector();
+      for (float& x : g) x = x - 0.3f + 0.01f * static_cast<float>(t);
+      set_grad(p, g);
+    }
+  }
+};
+
+void train(AdamW& opt, Model& model, int first, int last) {
+  const CosineSchedule schedule{.max_lr = 0.05f, .warmup = 2, .total = 8};
+  for (int t = first; t < last; ++t) {
+    model.set_grads(t);
+    opt.step(schedule.lr(t));
+  }
+}
+
+void check_same_state(const AdamW& a, const AdamW& b) {
+  const auto sa = a.state(), sb = b.state();
+  REQUIRE(sa.size() == sb.size());
+  for (const auto& [name, tensor] : sa) {
+    INFO(name);
+    if (tensor.dtype() == DType::i32) {
+      CHECK(tensor.to_vector<int32_t>() == sb.at(name).to_vector<int32_t>());
+    } else {
+      CHECK(tensor.to_vector() == sb.at(name).to_vector());
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("AdamW: state()/load_state() round trip continues bit-exactly") {
+  Model uninterrupted;
+  AdamW full(uninterrupted.parameters());
+  train(full, uninterrupted, 0, 6);
+
+  Model first_half;
+  AdamW before(first_half.parameters());
+  train(before, first_half, 0, 3);
+  auto saved = before.state();
+  const std::vector<float> saved_w = first_half.w.to_vector();
+  const std::vector<float> saved_gain = first_half.gain.to_vector();
+
+  // A new process: fresh tensors holding the saved weights, a fresh optimiser, the saved state.
+  Model resumed;
+  std::copy(saved_w.begin(), saved_w.end(), resumed.w.data<float>());
+  std::copy(saved_gain.begin(), saved_gain.end(), resumed.gain.data<float>());
+  AdamW after(resumed.parameters());
+  after.load_state(saved);
+  for (auto& [name, tensor] : saved) tensor.fill_(7.0f);  // load_state copied, did not alias
+  train(after, resumed, 3, 6);
+
+  CHECK(resumed.w.to_vector() == uninterrupted.w.to_vector());
+  CHECK(resumed.gain.to_vector() == uninterrupted.gain.to_vector());
+  check_same_state(after, full);
+  // state() copied too: the filled map did not reach the optimiser that produced it.
+  train(before, first_half, 3, 6);
+  CHECK(first_half.w.to_vector() == uninterrupted.w.to_vector());
+  check_same_state(before, full);
+  // And the trajectory depends on the state: resuming with fresh moments diverges.
+  Model cold;
+  std::copy(saved_w.begin(), saved_w.end(), cold.w.data<float>());
+  std::copy(saved_gain.begin(), saved_gain.end(), cold.gain.data<float>());
+  AdamW cold_opt(cold.parameters());
+  train(cold_opt, cold, 3, 6);
+  CHECK(cold.w.to_vector() != uninterrupted.w.to_vector());
+}
+
+TEST_CASE("AdamW: load_state rejects bad maps and changes nothing") {
+  Tensor w = param({1, 2, 3, 4, 5, 6}, {2, 3});
+  AdamW opt({{"w", w}});
+  set_grad(w, {1, -1, 2, -2, 3, -3});
+  opt.step(0.1f);
+  const auto good = opt.state();
+  auto with = [&](auto edit) {
+    auto s = good;
+    edit(s);
+    return error_message([&] { opt.load_state(s); });
+  };
+
+  std::string msg = with([](auto& s) { s.erase("w.exp_avg_sq"); });
+  CHECK(msg.find("AdamW::load_state: missing tensor 'w.exp_avg_sq'") != std::string::npos);
+  msg = with([](auto& s) { s["w.exp_avg"] = zeros({3, 2}); });
+  CHECK(msg.find("tensor 'w.exp_avg' has shape [3, 2], expected [2, 3]") != std::string::npos);
+  msg = with([](auto& s) { s["w.step"] = scalar(1.0f); });
+  CHECK(msg.find("tensor 'w.step' is f32, expected i32") != std::string::npos);
+  msg = with([](auto& s) { s["w.step"] = from_vector<int32_t>({1, 1}); });
+  CHECK(msg.find("tensor 'w.step' has shape [2], expected [] or [1]") != std::string::npos);
+  msg = with([](auto& s) { s["w.step"] = from_vector<int32_t>({-1}); });
+  CHECK(msg.find("tensor 'w.step' holds a negative step -1") != std::string::npos);
+  msg = with([](auto& s) { s["w.exp_avg"] = Tensor(); });
+  CHECK(msg.find("tensor 'w.exp_avg' is undefined") != std::string::npos);
+  msg = with([](auto& s) { s["v.exp_avg"] = zeros({2, 3}); });
+  CHECK(msg.find("AdamW::load_state: unknown tensor 'v.exp_avg'") != std::string::npos);
+
+  // Every failed load left the state as it was; a step of shape [1] is accepted.
+  const auto after = opt.state();
+  CHECK(after.at("w.exp_avg").to_vector() == good.at("w.exp_avg").to_vector());
+  CHECK(after.at("w.exp_avg_sq").to_vector() == good.at("w.exp_avg_sq").to_vector());
+  CHECK(after.at("w.step").item() == 1.0f);
+  auto rank1 = good;
+  rank1["w.step"] = from_vector<int32_t>({5});
+  opt.load_state(rank1);
+  CHECK(opt.state().at("w.step").item() == 5.0f);
+}
+
+TEST_CASE("AdamW: constructor and step errors") {
+  Tensor w = param({1, 2}, {2});
+  std::string msg = error_message([&] { AdamW({{"w", w}, {"w", param({1}, {1})}}); });
+  CHECK(msg.find("AdamW: duplicate parameter name 'w'") != std::string::npos);
+  msg = error_message([&] { AdamW({{"w", w}, {"u", Tensor()}}); });
+  CHECK(msg.find("AdamW: parameter 'u' is an undefined tensor") != std::string::npos);
+  msg = error_message([&] { AdamW({{"ids", from_vector<int32_t>({1, 2})}}); });
+  CHECK(msg.find("AdamW: parameter 'ids' is i32, not f32") != std::string::npos);
+  msg = error_message([&] { AdamW({{"twice", mul(w, 2.0f)}}); });
+  CHECK(msg.find("AdamW: parameter 'twice' is not a leaf") != std::string::npos);
+  msg = error_message([&] { AdamW({{"", w}}); });
+  CHECK(msg.find("AdamW: a parameter has an empty name") != std::string::npos);
+  msg = error_message([&] { AdamW({{"w", w}}, {.beta1 = 1.0f}); });
+  CHECK(msg.find("AdamW: beta1 1 is not in [0, 1)") != std::string::npos);
+  msg = error_message([&] { AdamW({{"w", w}}, {.beta2 = -0.5f}); });
+  CHECK(msg.find("AdamW: beta2 -0.5 is not in [0, 1)") != std::string::npos);
+  msg = error_message([&] { AdamW({{"w", w}}, {.eps = -1.0f}); });
+  CHECK(msg.find("AdamW: eps -1 is not a finite non-negative number") != std::string::npos);
+  msg = error_message([&] {
+    AdamW({{"w", w}}, {.weight_decay = std::numeric_limits<float>::quiet_NaN()});
+  });
+  CHECK(msg.find("AdamW: weight_decay nan is not a finite") != std::string::npos);
+
+  AdamW opt({{"w", w}});
+  msg = error_message([&] { opt.step(-0.1f); });
+  CHECK(msg.find("AdamW::step: learning rate -0.1 is not a finite non-negative number") !=
+        std::string::npos);
+  msg = error_message([&] { opt.step(std::numeric_limits<float>::infinity()); });
+  CHECK(msg.find("AdamW::step: learning rate inf") != std::string::npos);
+}
+
+// ---- CosineSchedule
+// ------------------------------------------------------------------------------
+
+TEST_CASE("CosineSchedule: warmup, cosine and floor against closed forms") {
+  const CosineSchedule s{.max_lr = 1e-3f, .warmup = 10, .total = 110, .min_ratio = 0.1f};
+  const double max = 1e-3f, min = 0.1 * max;
+  check_relative(s.lr(0), max / 10);          // (0 + 1) / warmup
+  check_relative(s.lr(4), max * 5 / 10);      // (4 + 1) / warmup
+  check_relative(s.lr(9), max);               // warmup - 1: the end of the ramp
+  check_relative(s.lr(10), max);              // warmup: cosine at progress 0
+  check_relative(s.lr(60), (min + max) / 2);  // progress 1/2: cos(pi / 2) = 0
+  // progress 99/100: 0.5 * (1 + cos(0.99 pi)) = cos^2(0.495 pi) = sin^2(0.005 pi)
+  check_relative(s.lr(109), min + (max - min) * std::pow(std::sin(0.005 * std::numbers::pi), 2));
+  check_relative(s.lr(110), min);  // total
+  check_relative(s.lr(5000), min);
+  for (int64_t step = 10; step < 110; ++step) CHECK(s.lr(step + 1) < s.lr(step));
+
+  // No warmup: the first step is at max_lr. Warmup == total: the ramp goes straight to the floor.
+  const CosineSchedule no_warmup{.max_lr = 2.0f, .warmup = 0, .total = 4, .min_ratio = 0.0f};
+  check_relative(no_warmup.lr(0), 2.0);
+  check_relative(no_warmup.lr(1), 2.0 * 0.5 * (1 + std::cos(std::numbers::pi / 4)));
+  CHECK(no_warmup.lr(4) == 0.0f);
+  const CosineSchedule all_warmup{.max_lr = 1.0f, .warmup = 4, .total = 4, .min_ratio = 0.5f};
+  check_relative(all_warmup.lr(3), 1.0);
+  check_relative(all_warmup.lr(4), 0.5);
+}
+
+TEST_CASE("CosineSchedule: errors") {
+  auto lr_error = [](CosineSchedule s, int64_t step = 0) {
+    return error_message([&] { s.lr(step); });
+  };
+  CHECK(lr_error({.max_lr = 1.0f, .warmup = 0, .total = 0})
+            .find("CosineSchedule: total 0 must be at least 1") != std::string::npos);
+  CHECK(lr_error({.max_lr = 1.0f, .warmup = -1, .total = 5})
+            .find("CosineSchedule: warmup -1 is negative") != std::string::npos);
+  CHECK(lr_error({.max_lr = 1.0f, .warmup = 6, .total = 5})
+            .find("CosineSchedule: warmup 6 is past total 5") != std::string::npos);
+  CHECK(lr_error({.max_lr = 1.0f, .warmup = 1, .total = 5, .min_ratio = 1.5f})
+            .find("CosineSchedule: min_ratio 1.5 is not in [0, 1]") != std::string::npos);
+  CHECK(lr_error({.max_lr = 1.0f, .warmup = 1, .total = 5, .min_ratio = -0.1f})
+            .find("min_ratio -0.1 is not in [0, 1]") != std::string::npos);
+  CHECK(lr_error({.max_lr = 0.0f, .warmup = 1, .total = 5})
+            .find("CosineSchedule: max_lr 0 is not a finite positive number") != std::string::npos);
+  CHECK(lr_error({.max_lr = 1.0f, .warmup = 1, .total = 5}, -3)
+            .find("CosineSchedule::lr: step -3 is negative") != std::string::npos);
+}
+
+// ---- clip_grad_norm
+// ------------------------------------------------------------------------------
+
+TEST_CASE("clip_grad_norm: global norm, scaling above max_norm, untouched below") {
+  Tensor a = param({0}, {1}), b = param({0}, {1}), none = param({9}, {1});
+  const std::vector<Parameter> params = {{"a", a}, {"none", none}, {"b", b}};
+  set_grad(a, {3});
+  set_grad(b, {-4});
+
+  CHECK(optim::clip_grad_norm(params, 0.0) == doctest::Approx(5.0));  // measure only
+  CHECK(optim::clip_grad_norm(params, 10.0) == doctest::Approx(5.0));
+  CHECK(a.grad().item() == 3.0f);  // below max_norm: untouched, bit for bit
+  CHECK(b.grad().item() == -4.0f);
+
+  CHECK(optim::clip_grad_norm(params, 1.0) == doctest::Approx(5.0));  // returns the norm before
+  const double scale = 1.0 / (5.0 + 1e-6);
+  check_close(a.grad(), {3.0 * scale}, 1e-7);
+  check_close(b.grad(), {-4.0 * scale}, 1e-7);
+  CHECK_FALSE(none.grad().defined());  // skipped, not created
+  CHECK(none.item() == 9.0f);
+  CHECK(optim::clip_grad_norm(params, 0.0) == doctest::Approx(1.0).epsilon(1e-6));
+
+  // A 2x3 gradient: 1 + 4 + 4 + 16 + 4 + 0 = 29. Values whose squares overflow f32 are summed in
+  // double: 3e20 and 4e20 give 5e20.
+  Tensor w = param(std::vector<float>(6, 0.0f), {2, 3});
+  set_grad(w, {1, -2, 2, 4, 2, 0});
+  CHECK(optim::clip_grad_norm({{"w", w}}, 0.0) == doctest::Approx(std::sqrt(29.0)));
+  set_grad(a, {3e20f});
+  set_grad(b, {4e20f});
+  CHECK(optim::clip_grad_norm(params, 0.0) == doctest::Approx(5e20).epsilon(1e-6));
+  CHECK(optim::clip_grad_norm({}, 1.0) == 0.0);
+}
+
+TEST_CASE("clip_grad_norm: a non-finite gradient names the first parameter holding one") {
+  Tensor a = param({0, 0}, {2}), b = param({0, 0}, {2}), c = param({0}, {1});
+  const std::vector<Parameter> params = {{"a", a}, {"b", b}, {"c", c}};
+  set_grad(a, {1, 2});
+  set_grad(b, {3, std::numeric_limits<float>::quiet_NaN()});
+  set_grad(c, {std::numeric_limits<float>::infinity()});
+  std::string msg = error_message([&] { optim::clip_grad_norm(params, 1.0); });
+  CHECK(
+      msg.find("clip_grad_norm: gradient norm is nan; first non-finite gradient in parameter b") !=
+      std::string::npos);
+  set_grad(b, {3, 4});
+  msg = error_message([&] { optim::clip_grad_norm(params, 1.0); });
+  CHECK(
+      msg.find("clip_grad_norm: gradient norm is inf; first non-finite gradient in parameter c") !=
+      std::string::npos);
+}

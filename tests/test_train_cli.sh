@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# End-to-end tests of examples/train_tiny_rex on a tiny model and a generated corpus:
+#  - resume equals uninterrupted: a run stopped at step 3 and resumed ends with byte-identical
+#    model, checkpoint, routing report and metrics (timing fields aside) as a run never stopped, also
+#    when the run that stopped had gone past its last checkpoint (its extra metrics lines are dropped);
+#  - --eval-only reproduces the final validation loss; --sample prints the requested characters;
+#  - bad inputs exit with status 1 (not a crash) and a message naming the problem.
+# Usage: test_train_cli.sh PATH/TO/train_tiny_rex WORK_DIR
+set -uo pipefail
+exe=$(realpath "$1")
+work=$2
+rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
+failures=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+
+for i in $(seq 1 300); do
+  echo "the quick brown fox $((i % 7)) jumps over the lazy dog $((i % 5)); and then it rests."
+done > corpus.txt
+cat > tiny.json <<'EOF'
+{"model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "context": 16},
+ "moe": {"experts_per_layer": 2, "top_k": 2, "d_expert": 16, "reuse": 2, "z_loss_coef": 0.001},
+ "psr": {"t_start": 2, "t_end": 5},
+ "train": {"steps": 8, "batch_size": 4, "warmup": 2, "log_interval": 2, "eval_interval": 4,
+           "eval_batches": 2, "checkpoint_interval": 4}}
+EOF
+train() { "$exe" --config tiny.json --data corpus.txt "$@"; }
+strip_timing() { sed -E 's/"(elapsed_s|tokens_per_s)":[^,}]*,?//g' "$1"; }
+same_run() {  # same_run A B: every file of the two run folders agrees
+  for f in model.safetensors checkpoint.safetensors routing.json config.json vocab.json; do
+    cmp -s "$1/$f" "$2/$f" || fail "$1/$f and $2/$f differ"
+  done
+  [ "$(strip_timing "$1/metrics.jsonl")" = "$(strip_timing "$2/metrics.jsonl")" ] ||
+    fail "$1/metrics.jsonl and $2/metrics.jsonl differ"
+}
+
+# ---- resume equals uninterrupted ----------------------------------------------------------------
+train --out whole > whole.log 2>&1 || fail "uninterrupted run failed: $(cat whole.log)"
+train --out split --stop-after 3 > split1.log 2>&1 || fail "first half failed: $(cat split1.log)"
+grep -q "stopped: checkpoint saved at step 3" split1.log || fail "no stop message: $(cat split1.log)"
+"$exe" --resume split --data corpus.txt > split2.log 2>&1 || fail "resume failed: $(cat split2.log)"
+grep -q "resuming at step 3 of 8" split2.log || fail "resume did not start at step 3"
+same_run whole split
+
+# A run that got to step 6 after its step-4 checkpoint, then "crashed": resuming from the step-4
+# checkpoint must drop its metrics lines past step 4 and end identical to the whole run.
+train --out crash --stop-after 4 > crash1.log 2>&1 || fail "crash run part 1 failed"
+cp crash/checkpoint.safetensors step4.safetensors
+"$exe" --resume crash --data corpus.txt --stop-after 2 > crash2.log 2>&1 || fail "crash run part 2 failed"
+grep -q '"step":6' crash/metrics.jsonl || fail "crash run did not log step 6"
+cp step4.safetensors crash/checkpoint.safetensors
+"$exe" --resume crash --data corpus.txt > crash3.log 2>&1 || fail "crash resume failed: $(cat crash3.log)"
+same_run whole crash
+
+# ---- evaluation and sampling ----------------------------------------------------------------
+final=$(grep '"kind":"eval"' whole/metrics.jsonl | tail -1 | sed -E 's/.*"val_loss":([^,}]*).*/\1/')
+eval_line=$("$exe" --eval-only --checkpoint whole --data corpus.txt 2>&1) || fail "eval-only failed: $eval_line"
+got=$(echo "$eval_line" | sed -E 's/.*"val_loss":([^,}]*).*/\1/')
+[ "$got" = "$final" ] || fail "--eval-only gave val_loss $got, training logged $final"
+echo "$eval_line" | grep -q '"step":8' || fail "--eval-only line lacks the step: $eval_line"
+sample=$("$exe" --sample 40 --checkpoint whole --prompt "the " --temperature 0 2>&1) || fail "sampling failed: $sample"
+[ "${#sample}" -eq 44 ] || fail "sample should be 4 + 40 characters, got ${#sample}: '$sample'"
+
+# ---- bad inputs ------------------------------------------------------------------------------
+expect_error() {  # expect_error "what the message must contain" command...
+  local want=$1
+  shift
+  local output status
+  output=$("$@" 2>&1)
+  status=$?
+  if [ $status -ne 1 ]; then
+    fail "'$*' exited with $status (want 1): $output"
+  elif ! grep -qF -- "$want" <<< "$output"; then
+    fail "'$*' did not say '$want': $output"
+  fi
+}
+: > empty.txt
+printf 'abcdefghijklmnopqrstuvwxyz0123456789' > short.txt
+printf '{"model": {"d_model": 32,}}' > malformed.json
+printf '{"model": {"d_modl": 32}}' > unknown_key.json
+printf '{"moe": {"top_k": 3, "experts_per_layer": 2}}' > impossible.json
+cp -r whole truncated && head -c 1000 whole/checkpoint.safetensors > truncated/checkpoint.safetensors
+cp -r whole corrupt && printf 'XXXXXXXX' | dd of=corrupt/model.safetensors bs=1 seek=0 conv=notrunc 2>/dev/null
+
+expect_error "missing.txt" train --out bad --data missing.txt
+expect_error "is empty" train --out bad --data empty.txt
+expect_error "context" train --out bad --data short.txt
+expect_error "is not valid JSON" "$exe" --config malformed.json --data corpus.txt --out bad
+expect_error 'unknown key "model.d_modl"' "$exe" --config unknown_key.json --data corpus.txt --out bad
+expect_error 'unknown key "train.stepz"' train --out bad --set train.stepz=3
+expect_error "moe.top_k (3) cannot exceed moe.experts_per_layer (2)" "$exe" --config impossible.json --data corpus.txt --out bad
+expect_error "no CUDA" train --out bad --device cuda
+expect_error "unknown option --stepz" train --out bad --stepz 3
+expect_error "already holds a run" train --out whole
+expect_error "checkpoint.safetensors" "$exe" --resume truncated --data corpus.txt
+expect_error "model.safetensors" "$exe" --eval-only --checkpoint corrupt --data corpus.txt
+expect_error "does not exist" "$exe" --eval-only --checkpoint nowhere --data corpus.txt
+expect_error "model.d_model cannot change in a resumed run" "$exe" --resume whole --data corpus.txt --set model.d_model=64
+
+if [ $failures -ne 0 ]; then
+  echo "$failures check(s) failed"
+  exit 1
+fi
+echo "train_tiny_rex: resume, evaluation, sampling and bad-input checks passed"
