@@ -32,18 +32,6 @@ bool contains(const std::string& msg, const std::string& part) {
   return msg.find(part) != std::string::npos;
 }
 
-// A fresh folder under the system temp folder, removed with everything in it at scope exit.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag)
-      : path(fs::temp_directory_path() / ("rex_" + tag + "_" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
 // Row b of an i32 [batch, context] tensor.
 std::vector<int32_t> row(const Tensor& t, int64_t b) {
   const int32_t* p = t.data<int32_t>() + b * t.dim(1);
@@ -75,7 +63,7 @@ TEST_CASE("CharTokenizer: the vocabulary of \"hello\" is e, h, l, o") {
 }
 
 TEST_CASE("CharTokenizer: encode/decode round trip on a text file") {
-  TempDir dir("data_tokenizer");
+  testing::TempDir dir("data_tokenizer");
   const std::string text =
       "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
       "\tTabs, digits 0123456789 and symbols ~!@#$%^&*()_+{}|:\"<>?\n";
@@ -169,7 +157,7 @@ TEST_CASE("CharTokenizer: errors") {
 }
 
 TEST_CASE("read_text_file: empty and missing files are errors naming the path") {
-  TempDir dir("data_files");
+  testing::TempDir dir("data_files");
   io::write_file_atomic(dir.file("empty.txt"), "");
   std::string msg = error_message([&] { data::read_text_file(dir.file("empty.txt")); });
   CHECK(msg == "read_text_file: " + dir.file("empty.txt") + ": file is empty");

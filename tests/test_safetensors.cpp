@@ -25,25 +25,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// A fresh folder under the system temp folder, removed with everything in it at scope exit.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag)
-      : path(fs::temp_directory_path() / ("rex_" + tag + "_" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-  std::vector<std::string> listing() const {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::directory_iterator(path))
-      names.push_back(entry.path().filename().string());
-    std::sort(names.begin(), names.end());
-    return names;
-  }
-};
-
 // The raw element bytes of a tensor, for bit-exact comparisons (NaN != NaN as floats).
 std::string raw_bytes(const Tensor& t) {
   const char* p = t.dtype() == DType::f32 ? reinterpret_cast<const char*>(t.data<float>())
@@ -113,7 +94,7 @@ TEST_CASE("safetensors: f32 and i32 tensors of several shapes round-trip bit for
   CHECK(io::to_safetensors(tensors) == bytes);  // same input, same bytes
 
   // Through a file on disk.
-  TempDir dir("safetensors_roundtrip");
+  testing::TempDir dir("safetensors_roundtrip");
   io::save_safetensors(dir.file("model.safetensors"), tensors);
   check_same(io::load_safetensors(dir.file("model.safetensors")).tensors, tensors);
   CHECK(io::read_file(dir.file("model.safetensors")) == bytes);
@@ -320,7 +301,7 @@ TEST_CASE("safetensors: a file cut short at any length is rejected, never read p
 }
 
 TEST_CASE("safetensors: load and save name the file in their errors; the writer checks names") {
-  TempDir dir("safetensors_errors");
+  testing::TempDir dir("safetensors_errors");
   const std::string path = dir.file("corrupt.safetensors");
   io::write_file_atomic(path, file_with("[]", ""));
   std::string msg = error_message([&] { io::load_safetensors(path); });
@@ -340,7 +321,7 @@ TEST_CASE("safetensors: load and save name the file in their errors; the writer 
 }
 
 TEST_CASE("write_file_atomic: replaces the file whole and leaves no temporary file") {
-  TempDir dir("atomic");
+  testing::TempDir dir("atomic");
   const std::string path = dir.file("state.bin");
   io::write_file_atomic(path, "a first, longer version of the file");
   CHECK(io::read_file(path) == "a first, longer version of the file");
@@ -354,7 +335,7 @@ TEST_CASE("write_file_atomic: replaces the file whole and leaves no temporary fi
 }
 
 TEST_CASE("write_file_atomic and read_file: errors name the path and the reason") {
-  TempDir dir("atomic_errors");
+  testing::TempDir dir("atomic_errors");
   const std::string in_missing = dir.file("no_such_folder/state.bin");
   std::string msg = error_message([&] { io::write_file_atomic(in_missing, "x"); });
   CHECK(msg.find("write_file_atomic: " + in_missing + ": cannot create ") == 0);

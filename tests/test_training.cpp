@@ -55,13 +55,6 @@ bool same_bytes(const Tensor& a, const Tensor& b) {
               : std::memcmp(a.data<int32_t>(), b.data<int32_t>(), a.numel() * 4) == 0);
 }
 
-std::string temp_folder(const std::string& name) {
-  const auto dir = std::filesystem::temp_directory_path() / ("rex_test_training_" + name);
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir.string();
-}
-
 }  // namespace
 
 TEST_CASE("transformer parameter names mirror the module tree and counts match closed forms") {
@@ -191,7 +184,8 @@ TEST_CASE("checkpoint and model folder round trips are bit-exact") {
     optimizer.zero_grad();
   }
   const data::CharTokenizer tokenizer = data::CharTokenizer::from_text("abcdefghijklm");
-  const std::string dir = temp_folder("roundtrip");
+  const testing::TempDir temp("training_roundtrip");
+  const std::string dir = temp.path.string();
   io::save_checkpoint(dir, model, optimizer, config, tokenizer, 2, {1234, 99});
   io::save_model_folder(dir, model, config, tokenizer, 2);
 
@@ -228,7 +222,6 @@ TEST_CASE("checkpoint and model folder round trips are bit-exact") {
                              std::filesystem::copy_options::overwrite_existing);
   CHECK(error_message([&] { io::load_checkpoint(dir); }).find("not a rex-checkpoint file") !=
         std::string::npos);
-  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("a short fixed-seed training run gets below the corpus's unigram entropy") {

@@ -7,10 +7,16 @@
 // - random_normal_param / random_uniform_param: random f32 tensors that require a gradient, drawn
 //   from a caller-owned Generator so a test fixes its values with one seed.
 //
+// - TempDir: a fresh folder under the system temp folder, removed with its contents at scope exit.
+//
 // Gradient checking lives in gradcheck.hpp.
 #pragma once
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -66,5 +72,26 @@ inline Tensor random_uniform_param(const Shape& shape, Generator& gen, float low
   x.requires_grad_();
   return x;
 }
+
+struct TempDir {
+  std::filesystem::path path;
+  explicit TempDir(const std::string& tag)
+      : path(std::filesystem::temp_directory_path() /
+             ("rex_" + tag + "_" + std::to_string(::getpid()))) {
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string file(const std::string& name) const { return (path / name).string(); }
+  std::vector<std::string> listing() const {
+    std::vector<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator(path))
+      names.push_back(entry.path().filename().string());
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+};
 
 }  // namespace rex::testing

@@ -30,3 +30,6 @@
 #include "rex/ops/shape.hpp"
 #include "rex/ops/softmax.hpp"
 #include "rex/ops/topk.hpp"
+#include "rex/optim/adamw.hpp"
+#include "rex/optim/clip.hpp"
+#include "rex/optim/schedule.hpp"
