@@ -181,3 +181,36 @@ TEST_CASE("mismatched shapes name the op and both shapes") {
   CHECK_THROWS_WITH_AS(rex::exp(rex::arange(3, rex::DType::i32)),
                        "exp: expected an f32 tensor, got i32 of shape [3]", rex::Error);
 }
+
+TEST_CASE("swiglu matches silu(a) * b in values and gradients, and central differences") {
+  using namespace rex;
+  using rex::testing::check_close;
+  Generator gen(31);
+  // 40000 elements: more than one parallel chunk, with a ragged last chunk.
+  for (const Shape& shape : {Shape{3, 5}, Shape{200, 200}}) {
+    CAPTURE(shape);
+    Tensor a = testing::random_normal_param(shape, gen, 0.0f, 3.0f);
+    Tensor b = testing::random_normal_param(shape, gen);
+    const Tensor weights = normal(shape, gen);
+    const Tensor fused = swiglu(a, b);
+    sum(fused * weights).backward();
+    const Tensor da = a.grad().clone(), db = b.grad().clone();
+    a.zero_grad(), b.zero_grad();
+    const Tensor composed = silu(a) * b;
+    sum(composed * weights).backward();
+    check_close(fused, composed, 1e-6);
+    check_close(da, a.grad(), 1e-5);
+    check_close(db, b.grad(), 1e-6);
+  }
+  Tensor a = testing::random_normal_param({4, 3}, gen, 0.0f, 2.0f);
+  Tensor b = testing::random_normal_param({4, 3}, gen);
+  CHECK_GRADIENTS([](const std::vector<Tensor>& in) { return swiglu(in[0], in[1]); }, {a, b});
+  // Saturated gates: large |a| gives exact zeros and the identity, not NaN.
+  const Tensor edge =
+      swiglu(from_vector<float>({-200.0f, 200.0f}), from_vector<float>({2.0f, 3.0f}));
+  CHECK(edge.at({0}) == 0.0f);
+  CHECK(edge.at({1}) == 600.0f);
+  CHECK(testing::error_message([] {
+          swiglu(zeros({2}), zeros({3}));
+        }).find("swiglu: a [2] and b [3] must have the same shape") != std::string::npos);
+}

@@ -433,3 +433,55 @@ TEST_CASE("config validation rejects impossible MoE settings with a message nami
           c.model.psr.schedule = "cubic";
         }).find("psr.schedule must be") != std::string::npos);
 }
+
+TEST_CASE(
+    "grouped_swiglu matches each expert's composed SwiGLU on its segment, and central "
+    "differences") {
+  Generator gen(21);
+  const int64_t d = 6, h = 5;
+  const std::vector<int64_t> offsets = {0, 3, 3, 7, 8};  // expert 1 gets no rows
+  std::vector<Tensor> gate, up, down, all;
+  for (int e = 0; e < 4; ++e) {
+    gate.push_back(testing::random_normal_param({h, d}, gen, 0.0f, 0.5f));
+    up.push_back(testing::random_normal_param({h, d}, gen, 0.0f, 0.5f));
+    down.push_back(testing::random_normal_param({d, h}, gen, 0.0f, 0.5f));
+  }
+  Tensor x = testing::random_normal_param({8, d}, gen);
+  const Tensor weights = normal({8, d}, gen);
+  all = {x};
+  for (const auto* list : {&gate, &up, &down}) all.insert(all.end(), list->begin(), list->end());
+  auto grads_of = [&](const Tensor& y) {
+    for (Tensor t : all) t.zero_grad();
+    sum(y * weights).backward();
+    std::vector<Tensor> out;
+    for (const Tensor& t : all) out.push_back(t.grad().defined() ? t.grad().clone() : Tensor());
+    return out;
+  };
+  const Tensor fused = grouped_swiglu(x, offsets, gate, up, down);
+  const auto fused_grads = grads_of(fused);
+  std::vector<Tensor> parts;
+  for (int e = 0; e < 4; ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;
+    const Tensor rows = slice(x, 0, offsets[e], offsets[e + 1]);
+    const Tensor hidden = silu(matmul(rows, gate[e], {.transpose_b = true})) *
+                          matmul(rows, up[e], {.transpose_b = true});
+    parts.push_back(matmul(hidden, down[e], {.transpose_b = true}));
+  }
+  const Tensor composed = concat(parts, 0);
+  const auto composed_grads = grads_of(composed);
+  check_close(fused, composed, 1e-5);
+  for (size_t i = 0; i < all.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(fused_grads[i].defined() == composed_grads[i].defined());
+    if (fused_grads[i].defined()) check_close(fused_grads[i], composed_grads[i], 1e-5);
+  }
+  CHECK(!fused_grads[2].defined());  // gate of the expert without rows
+  CHECK_GRADIENTS(
+      [&](const std::vector<Tensor>&) { return grouped_swiglu(x, offsets, gate, up, down); }, all);
+  CHECK(error_message([&] {
+          grouped_swiglu(x, {0, 3, 8}, gate, up, down);
+        }).find("experts + 1 offsets") != std::string::npos);
+  CHECK(error_message([&] {
+          grouped_swiglu(x, {0, 3, 2, 7, 8}, gate, up, down);
+        }).find("offsets decrease at expert 1") != std::string::npos);
+}

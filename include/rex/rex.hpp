@@ -24,6 +24,7 @@
 #include "rex/ops/elementwise.hpp"
 #include "rex/ops/index.hpp"
 #include "rex/ops/matmul.hpp"
+#include "rex/ops/moe.hpp"
 #include "rex/ops/norm.hpp"
 #include "rex/ops/reduce.hpp"
 #include "rex/ops/rope.hpp"

@@ -55,7 +55,8 @@ class RMSNorm : public Module {
   float eps_;
 };
 
-// SwiGLU(x) = down(silu(gate(x)) * up(x)), hidden width `hidden`. `out_std` initialises the output
+// SwiGLU(x) = down(silu(gate(x)) * up(x)), hidden width `hidden` (the middle is the fused swiglu
+// op). `out_std` initialises the output
 // projection (smaller in deep residual stacks).
 class SwiGLU : public Module {
  public:
@@ -65,7 +66,7 @@ class SwiGLU : public Module {
     down = register_module("down", std::make_shared<Linear>(hidden, dim, gen, out_std));
   }
   Tensor forward(const Tensor& x) const {
-    return down->forward(silu(gate->forward(x)) * up->forward(x));
+    return down->forward(swiglu(gate->forward(x), up->forward(x)));
   }
 
   std::shared_ptr<Linear> gate, up, down;

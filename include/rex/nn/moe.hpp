@@ -12,10 +12,11 @@
 // times in the graph, so its gradient is the sum of every use (leaf gradients accumulate).
 //
 // Dispatch (dropless, deterministic, no capacity factor): the T*k (token, slot) pairs are counting-
-// sorted by expert, the token rows are gathered in that order, each non-empty expert runs one GEMM
-// chain on its contiguous segment, the outputs are scattered back to slot order [T, k, d] and
-// reduced over k with the gates. Backward is the same graph read backwards: gather <-> scatter,
-// gate gradients are row dot products, weight gradients X^T dY per segment.
+// sorted by expert, the token rows are gathered in that order, each non-empty expert runs its
+// SwiGLU on its contiguous segment (grouped_swiglu, rex/ops/moe.hpp), the outputs are scattered
+// back to slot order [T, k, d] and reduced over k with the gates. Backward is the same graph read
+// backwards: gather <-> scatter, gate gradients are row dot products, weight gradients X^T dY per
+// segment.
 //
 // Losses over the pool of size P, with f_i the share of the T*k routed slots sent to expert i and
 // p_i the mean router probability of expert i over the T tokens:
@@ -30,6 +31,7 @@
 #include "rex/nn/config.hpp"
 #include "rex/nn/layers.hpp"
 #include "rex/nn/psr.hpp"
+#include "rex/ops/moe.hpp"
 #include "rex/ops/reduce.hpp"
 #include "rex/ops/softmax.hpp"
 #include "rex/ops/topk.hpp"
@@ -41,16 +43,25 @@ class ExpertTable : public Module {
  public:
   ExpertTable(int64_t size, int64_t dim, int64_t hidden, Generator& gen, float init_std,
               float out_std) {
-    for (int64_t i = 0; i < size; ++i)
+    for (int64_t i = 0; i < size; ++i) {
       experts_.push_back(
           register_module("experts." + std::to_string(i),
                           std::make_shared<SwiGLU>(dim, hidden, gen, init_std, out_std)));
+      gate_.push_back(experts_.back()->gate->weight);
+      up_.push_back(experts_.back()->up->weight);
+      down_.push_back(experts_.back()->down->weight);
+    }
   }
   int64_t size() const { return static_cast<int64_t>(experts_.size()); }
   const SwiGLU& expert(int64_t i) const { return *experts_.at(static_cast<size_t>(i)); }
+  // The weights of every expert, in table order, for grouped_swiglu.
+  const std::vector<Tensor>& gate_weights() const { return gate_; }
+  const std::vector<Tensor>& up_weights() const { return up_; }
+  const std::vector<Tensor>& down_weights() const { return down_; }
 
  private:
   std::vector<std::shared_ptr<SwiGLU>> experts_;
+  std::vector<Tensor> gate_, up_, down_;
 };
 
 // Where the PSR mask comes from: the 0-based step and the run's seed.
@@ -94,14 +105,10 @@ inline Tensor dispatch_experts(const Tensor& x, const Tensor& indices, const Ten
     for (int64_t e = 0; e < pool; ++e) (*counts)[e] = offsets[e + 1] - offsets[e];
   }
 
-  // Gather, one expert per contiguous segment, scatter back to slot order, weighted sum over k.
-  const Tensor x_sorted = gather_rows(x, sorted_token);
-  std::vector<Tensor> segments;
-  for (int64_t e = 0; e < pool; ++e) {
-    if (offsets[e + 1] == offsets[e]) continue;  // an expert no token chose costs nothing
-    segments.push_back(table.expert(e).forward(slice(x_sorted, 0, offsets[e], offsets[e + 1])));
-  }
-  const Tensor y_sorted = segments.size() == 1 ? segments[0] : concat(segments, 0);
+  // Gather, every expert on its contiguous segment, scatter back to slot order, sum over k.
+  const Tensor y_sorted =
+      grouped_swiglu(gather_rows(x, sorted_token), offsets, table.gate_weights(),
+                     table.up_weights(), table.down_weights());
   const Tensor y_slots = scatter_add_rows(y_sorted, sorted_slot, slots);
   return sum(reshape(y_slots, {tokens, k, x.dim(1)}) * reshape(gates, {tokens, k, 1}), 1);
 }

@@ -83,11 +83,16 @@ inline Tensor permute(const Tensor& x, const std::vector<int64_t>& perm) {
   Tensor out = Tensor::empty(out_shape);
   const float* px = x.data<float>();
   float* po = out.data<float>();
+  // When the last axis stays last (splitting or merging attention heads), its rows are contiguous
+  // in both tensors: copy whole rows and walk only the outer axes.
+  const bool keeps_rows = rank > 1 && in_strides[static_cast<size_t>(rank - 1)] == 1;
+  const int64_t block = keeps_rows ? out_dims.back() : 1;
+  const int64_t walked = keeps_rows ? rank - 1 : rank;
   std::vector<int64_t> index(perm.size(), 0);
   int64_t offset = 0;
-  for (int64_t o = 0, n = out.numel(); o < n; ++o) {
-    po[o] = px[offset];
-    for (int64_t axis = rank - 1; axis >= 0; --axis) {
+  for (int64_t o = 0, n = block == 0 ? 0 : out.numel() / block; o < n; ++o) {
+    std::copy_n(px + offset, block, po + o * block);
+    for (int64_t axis = walked - 1; axis >= 0; --axis) {
       const auto a = static_cast<size_t>(axis);
       offset += in_strides[a];
       if (++index[a] < out_dims[a]) break;

@@ -29,6 +29,7 @@
 
 #include "rex/autograd/graph.hpp"
 #include "rex/core/factory.hpp"
+#include "rex/core/parallel.hpp"
 
 namespace rex::optim {
 
@@ -83,7 +84,10 @@ class AdamW {
     const auto one_minus_beta1 = static_cast<float>(1.0 - beta1_d);
     const auto one_minus_beta2 = static_cast<float>(1.0 - beta2_d);
     const auto keep = static_cast<float>(1.0 - lr_d * static_cast<double>(options_.weight_decay));
-    for (size_t i = 0; i < params_.size(); ++i) {
+    // Parameters are independent: they are updated in parallel, each by one thread.
+    const auto count = static_cast<int64_t>(params_.size());
+    REX_PARALLEL_FOR(schedule(dynamic))
+    for (int64_t i = 0; i < count; ++i) {
       const Tensor g = params_[i].tensor.grad();
       if (!g.defined()) continue;
       Slot& s = slots_[i];

@@ -11,23 +11,32 @@
 #include <cstdint>
 #include <vector>
 
+#include "rex/core/parallel.hpp"
 #include "rex/optim/adamw.hpp"
 
 namespace rex::optim {
 
 // Returns the norm before clipping; max_norm <= 0 only measures it.
 inline double clip_grad_norm(const std::vector<Parameter>& params, double max_norm) {
-  double sum_sq = 0.0;
-  const Parameter* first_non_finite = nullptr;
-  for (const Parameter& p : params) {
-    const Tensor g = p.tensor.grad();
+  // Each parameter's sum of squares in parallel, then their total in parameter order, so the norm
+  // does not depend on the thread count.
+  const auto count = static_cast<int64_t>(params.size());
+  std::vector<double> own(params.size(), 0.0);
+  REX_PARALLEL_FOR(schedule(dynamic))
+  for (int64_t i = 0; i < count; ++i) {
+    const Tensor g = params[i].tensor.grad();
     if (!g.defined()) continue;
     const float* pg = g.data<float>();
-    double own = 0.0;
-    for (int64_t i = 0, n = g.numel(); i < n; ++i) own += static_cast<double>(pg[i]) * pg[i];
+    double total = 0.0;
+    for (int64_t j = 0, n = g.numel(); j < n; ++j) total += static_cast<double>(pg[j]) * pg[j];
+    own[i] = total;
+  }
+  double sum_sq = 0.0;
+  const Parameter* first_non_finite = nullptr;
+  for (int64_t i = 0; i < count; ++i) {
     // A square of an f32 cannot overflow a double, so a non-finite sum means a non-finite element.
-    if (!std::isfinite(own) && first_non_finite == nullptr) first_non_finite = &p;
-    sum_sq += own;
+    if (!std::isfinite(own[i]) && first_non_finite == nullptr) first_non_finite = &params[i];
+    sum_sq += own[i];
   }
   const double norm = std::sqrt(sum_sq);
   if (first_non_finite != nullptr) {

@@ -1,0 +1,117 @@
+// dump_rex: one training step of a rex model, written out for the PyTorch twin (twin.py) to redo.
+//
+//   dump_rex --config FILE.json [--set section.key=value ...] --step T --out DIR
+//
+// Builds the model from the config (model.vocab_size must be set) with train.seed, draws a batch
+// of train.batch_size x model.context token ids from the seed, and runs one step at PSR step T:
+// forward, backward, global-norm clipping at train.grad_clip, one AdamW step at train.lr (decay on
+// matrices only). DIR receives
+//   config.json, vocab.json, model.safetensors   the model before the step (the usual model folder)
+//   inputs.safetensors    ids, targets (I32 [B, T]); psr_keep.{l} (I32 [P]) for each MoE layer;
+//                         metadata: step
+//   expected.safetensors  logits [B*T, V], loss, lm_loss, aux_loss (scalars; aux 0 for dense),
+//                         grad.<param> (before clipping), after.<param> (after the AdamW step);
+//                         metadata: grad_norm
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <rex/data/tokenizer.hpp>
+#include <rex/io/checkpoint.hpp>
+#include <rex/io/config.hpp>
+#include <rex/rex.hpp>
+
+namespace {
+
+int run(int argc, char** argv) {
+  std::string config_path, out;
+  std::vector<std::string> overrides;
+  int64_t step = 0;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i], value = argv[i + 1];
+    if (flag == "--config") {
+      config_path = value;
+    } else if (flag == "--set") {
+      overrides.push_back(value);
+    } else if (flag == "--step") {
+      step = std::stoll(value);
+    } else if (flag == "--out") {
+      out = value;
+    } else {
+      throw rex::Error("dump_rex: unknown flag " + flag);
+    }
+  }
+  REX_CHECK(!config_path.empty() && !out.empty(),
+            "usage: dump_rex --config FILE --out DIR [--step T] [--set k=v ...]");
+  rex::nn::RunConfig config =
+      rex::io::parse_config(rex::io::read_file(config_path), config_path);
+  for (const std::string& o : overrides) rex::io::apply_override(config, o);
+  rex::nn::validate(config);
+  const rex::nn::ModelConfig& m = config.model;
+  REX_CHECK(m.vocab_size > 0 && m.vocab_size <= 256, "dump_rex: set model.vocab_size (1..256)");
+  const uint64_t seed = config.train.seed;
+
+  const rex::nn::TransformerLM model(m, seed);
+  std::vector<uint8_t> symbols(static_cast<size_t>(m.vocab_size));
+  for (size_t i = 0; i < symbols.size(); ++i) symbols[i] = static_cast<uint8_t>(i);
+  rex::io::save_model_folder(out, model, config, rex::data::CharTokenizer(symbols), 0);
+
+  rex::Generator gen(seed + 1);
+  const int64_t batch = config.train.batch_size, time = m.context;
+  std::vector<int32_t> ids(static_cast<size_t>(batch * time)), targets(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    ids[i] = static_cast<int32_t>(gen.below(static_cast<uint64_t>(m.vocab_size)));
+    targets[i] = static_cast<int32_t>(gen.below(static_cast<uint64_t>(m.vocab_size)));
+  }
+  rex::io::TensorMap inputs{{"ids", rex::from_vector(ids, {batch, time})},
+                            {"targets", rex::from_vector(targets, {batch, time})}};
+  if (m.ffn == "moe") {
+    const int64_t pool = m.moe.reuse * m.moe.experts_per_layer;
+    const int64_t candidates =
+        rex::nn::psr_candidates(m.psr, m.moe.experts_per_layer, m.moe.reuse, step);
+    for (int64_t l = 0; l < m.n_layers; ++l) {
+      const std::vector<uint8_t> keep = rex::nn::psr_keep_mask(seed, step, l, pool, candidates);
+      inputs["psr_keep." + std::to_string(l)] =
+          rex::from_vector(std::vector<int32_t>(keep.begin(), keep.end()));
+    }
+  }
+  rex::io::save_safetensors(out + "/inputs.safetensors", inputs, {{"step", std::to_string(step)}});
+
+  const rex::nn::LmOutput result =
+      model.forward(inputs.at("ids"), inputs.at("targets"), {step, seed});
+  result.loss.backward();
+  rex::io::TensorMap expected{
+      {"logits", result.logits},
+      {"loss", result.loss},
+      {"lm_loss", result.lm_loss},
+      {"aux_loss", result.aux_loss.defined() ? result.aux_loss : rex::scalar(0.0f)}};
+  std::vector<rex::optim::Parameter> params;
+  for (const auto& [name, p] : model.named_parameters()) {
+    expected["grad." + name] = p.grad().defined() ? p.grad().clone() : rex::zeros(p.shape());
+    params.push_back({name, p, p.rank() >= 2});
+  }
+  const double norm = rex::optim::clip_grad_norm(params, config.train.grad_clip);
+  const rex::nn::TrainConfig& t = config.train;
+  rex::optim::AdamW optimizer(params, {static_cast<float>(t.beta1), static_cast<float>(t.beta2),
+                                       static_cast<float>(t.eps),
+                                       static_cast<float>(t.weight_decay)});
+  optimizer.step(static_cast<float>(t.lr));
+  for (const auto& [name, p] : model.named_parameters()) expected["after." + name] = p.detach();
+  char norm_text[64];
+  std::snprintf(norm_text, sizeof norm_text, "%.17g", norm);
+  rex::io::save_safetensors(out + "/expected.safetensors", expected, {{"grad_norm", norm_text}});
+  std::printf("dump_rex: %s at step %lld -> %s (loss %.6f)\n", config_path.c_str(),
+              static_cast<long long>(step), out.c_str(), result.loss.item());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dump_rex: error: %s\n", e.what());
+    return 1;
+  }
+}

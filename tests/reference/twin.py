@@ -1,0 +1,463 @@
+#!/usr/bin/env python3
+"""The PyTorch twin of the rex transformer: redoes one rex training step and compares everything.
+
+Usage: python3 twin.py DIR [--perturb NAME]
+
+DIR is written by tests/reference/dump_rex (config.json, model.safetensors, inputs.safetensors,
+expected.safetensors; see dump_rex.cpp and docs/formats.md). The twin builds the same model as a
+torch.nn.Module, written from the model's math (not translated from rex's C++), so that agreement
+is evidence that both are right. Parameter names come out of nn.Module's own naming and equal
+rex's, so the checkpoint maps one to one. It loads the weights, runs forward + backward on the
+same batch with the same PSR masks, clips the gradients and takes one torch.optim.AdamW step, all
+in float32, and compares against rex: the logits, the three losses, every gradient (before
+clipping), the global gradient norm, and every parameter's AdamW update.
+
+Every comparison is norm-wise relative, ||twin - rex|| / max(||rex||, TINY), against one
+tolerance per group (TOLERANCES below). The script checks everything, prints one summary line per
+group and one line per failing tensor, and exits 1 if anything failed (2 for unreadable inputs),
+0 otherwise. --perturb NAME multiplies rex's expected tensor NAME by 1.01 first, to show that a
+1% error is caught.
+
+The optimizer step is compared as the update (after - before) so that the tolerance speaks about
+the step, not the much larger weights. At step 1 AdamW moves a weight by -lr * wd * p - lr * u
+with u(g) = g / (|g| + eps) (g the clipped gradient): a sign normalisation. Where |g| is near eps
+(a gradient that cancels down to the rounding level of its terms), u depends on digits of g that
+are rounding noise; a gradient that is zero up to rounding can even flip sign and move by +lr in
+one implementation and -lr in the other. Since |u'(g)| = eps / (|g| + eps)^2 falls with |g|,
+    |u(g_twin) - u(g_rex)| <= |g_twin - g_rex| * eps / (m + eps)^2,
+m = min(|g_twin|, |g_rex|) when the signs agree, else 0 (both g clipped): the part of the update
+difference that the measured gradient difference alone can explain. Elements where this bound
+exceeds MAX_UPDATE_NOISE (in units of lr) are "ill-conditioned", left out of the update norms and
+counted. The grad group has already bounded how much the gradients differ; more than
+TOLERANCES["ill_conditioned_fraction"] of all elements is a failure of its own.
+"""
+
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Norm-wise relative tolerances, per group. rex and PyTorch compute the same float32 math with
+# different reduction orders (rex sums softmax rows in double, fuses RMSNorm and attention), so they
+# agree to a few ulps, a little less after backward. Each tolerance is ~20-140x the largest error
+# measured over the seven twin_* cases (in parentheses), so another CPU's kernels still pass, while
+# a real bug (a wrong eps, formula, routing or missing term) is far above it; --perturb is 1e-2.
+TOLERANCES = {
+    # [B*T, V] logits after 4 layers: a few ulps per op (measured 2.7e-7).
+    "logits": 1e-5,
+    # scalar losses: means of values that already agree to ulps (measured 1.2e-7).
+    "losses": 1e-5,
+    # every gradient before clipping; backward sums many more terms (measured 7.3e-7).
+    "grad": 1e-4,
+    # the global norm: errors average out in a sum of squares (measured 7.8e-8).
+    "grad_norm": 1e-5,
+    # the AdamW update (after - before), ill-conditioned elements left out: u = g / (|g| + eps)
+    # hardly depends on g where |g| >> eps, so the rest agrees to about the f32 rounding of the
+    # weights and moments (measured 4.1e-6).
+    "update": 1e-4,
+    # share of all parameter elements that may be ill-conditioned: only gradients that cancel
+    # down to rounding level near eps should be (measured 3.0e-4).
+    "ill_conditioned_fraction": 5e-3,
+}
+TINY = 1e-30  # denominator floor: a tensor that is exactly zero in rex must be zero in the twin
+MAX_UPDATE_NOISE = 1e-4  # update elements the gradient difference may move by > 1e-4 lr: left out
+PERTURB_FACTOR = 1.01
+
+
+class TwinError(Exception):
+    """An unreadable or inconsistent input folder (as opposed to a numerical mismatch)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors, parsed by hand: u64 LE header length N, N bytes of JSON, then the data buffer.
+
+DTYPES = {"F32": np.dtype("<f4"), "I32": np.dtype("<i4")}
+
+
+def read_safetensors(path):
+    """Returns ({name: numpy array}, {metadata key: string}) of a safetensors file."""
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise TwinError(f"read_safetensors: {path}: cannot read ({e.strerror})") from e
+    if len(blob) < 8:
+        raise TwinError(f"read_safetensors: {name}: {len(blob)} bytes, too short for a header")
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    if 8 + header_len > len(blob):
+        raise TwinError(f"read_safetensors: {name}: header length {header_len} is past the end "
+                        f"of the file ({len(blob)} bytes)")
+    try:
+        header = json.loads(blob[8:8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TwinError(f"read_safetensors: {name}: malformed JSON header ({e})") from e
+    if not isinstance(header, dict):
+        raise TwinError(f"read_safetensors: {name}: the header is not a JSON object")
+    buffer = blob[8 + header_len:]
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for key, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise TwinError(f"read_safetensors: {name}: entry '{key}' lacks dtype, shape or "
+                            f"data_offsets [begin, end]") from e
+        if dtype not in DTYPES:
+            raise TwinError(f"read_safetensors: {name}: tensor '{key}' has dtype {dtype}; "
+                            f"only F32 and I32 are read")
+        count = math.prod(shape)
+        if not 0 <= begin <= end <= len(buffer) or end - begin != count * 4:
+            raise TwinError(f"read_safetensors: {name}: tensor '{key}' {dtype} {shape} has "
+                            f"offsets [{begin}, {end}] outside the {len(buffer)}-byte buffer or "
+                            f"not {count * 4} bytes long")
+        array = np.frombuffer(buffer, DTYPES[dtype], count, begin)
+        tensors[key] = array.reshape(shape).astype(DTYPES[dtype].newbyteorder("="))
+    return tensors, metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# The model, from the math.
+
+
+def f32(value):
+    """A config number rounded to float32, as rex holds it (eps, theta, coefficients, AdamW)."""
+    return float(np.float32(value))
+
+
+def rms_norm(x, weight, eps):
+    """x * rsqrt(mean(x^2) + eps) * weight over the last axis."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def rope_tables(time, head_dim, theta):
+    """cos, sin [T, D] for rotate-half RoPE: angles in float64, rounded to float32."""
+    half = head_dim // 2
+    inv_freq = theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / head_dim)
+    angle = torch.arange(time, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    cos, sin = angle.cos().float(), angle.sin().float()
+    return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+
+
+def apply_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, kv_heads, theta):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.theta = heads, kv_heads, dim // heads, theta
+        self.q = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x):
+        batch, time, _ = x.shape
+        cos, sin = rope_tables(time, self.head_dim, self.theta)
+
+        def split(t, n):  # [B, T, n*D] -> [B, n, T, D]
+            return t.reshape(batch, time, n, self.head_dim).transpose(1, 2)
+
+        q = apply_rope(split(self.q(x), self.heads), cos, sin)
+        k = apply_rope(split(self.k(x), self.kv_heads), cos, sin)
+        v = split(self.v(x), self.kv_heads)
+        group = self.heads // self.kv_heads  # query head h reads kv head h // group
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        future = torch.ones(time, time, dtype=torch.bool).triu(1)
+        probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+        merged = (probs @ v).transpose(1, 2).reshape(batch, time, self.heads * self.head_dim)
+        return self.o(merged)
+
+
+class ExpertTable(nn.Module):
+    """The r*N experts of one block; registered once, used by the block's r layers."""
+
+    def __init__(self, size, dim, hidden):
+        super().__init__()
+        self.experts = nn.ModuleList(SwiGLU(dim, hidden) for _ in range(size))
+
+
+class MoE(nn.Module):
+    def __init__(self, dim, pool, moe):
+        super().__init__()
+        self.top_k, self.renormalize = moe["top_k"], moe["renormalize"]
+        self.aux_coef = f32(moe["aux_loss_coef"] * pool)
+        self.z_coef = f32(moe["z_loss_coef"])
+        self.router = nn.Linear(dim, pool, bias=False)
+        self.shared = nn.ModuleList(SwiGLU(dim, moe["d_expert"])
+                                    for _ in range(moe["shared_experts"]))
+
+    def forward(self, x, table, keep):
+        """x [N, d]; keep [P] float (1 = may be chosen). Returns y [N, d] and the aux loss."""
+        tokens, pool = x.shape[0], len(table.experts)
+        logits = self.router(x)
+        probs = logits.softmax(-1)
+        gates, chosen = torch.topk(probs * keep, self.top_k, dim=-1)
+        if self.renormalize:
+            gates = gates / gates.sum(-1, keepdim=True)
+        y = torch.zeros_like(x)
+        for e in range(pool):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            if token.numel() == 0:  # unused: no gradient at all (and so no AdamW step), as in rex
+                continue
+            out = table.experts[e](x[token]) * gates[token, slot].unsqueeze(-1)
+            y = y.index_add(0, token, out)
+        for expert in self.shared:
+            y = y + expert(x)
+        share = torch.bincount(chosen.flatten(), minlength=pool).float() / (tokens * self.top_k)
+        aux = (share * probs.mean(0)).sum() * self.aux_coef
+        if self.z_coef > 0:
+            aux = aux + torch.logsumexp(logits, -1).pow(2).mean() * self.z_coef
+        return y, aux
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, pool):
+        super().__init__()
+        m = cfg["model"]
+        eps = f32(m["norm_eps"])
+        self.attn_norm = RMSNorm(m["d_model"], eps)
+        self.attn = Attention(m["d_model"], m["n_heads"], m["n_kv_heads"],
+                              f32(m["rope_theta"]))
+        self.ffn_norm = RMSNorm(m["d_model"], eps)
+        if m["ffn"] == "moe":
+            self.moe = MoE(m["d_model"], pool, cfg["moe"])
+        else:
+            self.ffn = SwiGLU(m["d_model"], m["d_ff"])
+
+    def forward(self, h, table, keep):
+        """Returns the new residual stream and this layer's aux loss (None for a dense layer)."""
+        h = h + self.attn(self.attn_norm(h))
+        x = self.ffn_norm(h)
+        if table is None:
+            return h + self.ffn(x), None
+        y, aux = self.moe(x.reshape(-1, x.shape[-1]), table, keep)
+        return h + y.reshape(h.shape), aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        m, moe = cfg["model"], cfg["moe"]
+        self.is_moe = m["ffn"] == "moe"
+        self.reuse = moe["reuse"]
+        pool = moe["reuse"] * moe["experts_per_layer"]
+        self.embed = nn.Embedding(m["vocab_size"], m["d_model"])
+        self.layers = nn.ModuleList(Block(cfg, pool) for _ in range(m["n_layers"]))
+        if self.is_moe:
+            self.expert_tables = nn.ModuleList(
+                ExpertTable(pool, m["d_model"], moe["d_expert"])
+                for _ in range(m["n_layers"] // moe["reuse"]))
+        self.norm = RMSNorm(m["d_model"], f32(m["norm_eps"]))
+        if not m["tie_embeddings"]:
+            self.lm_head = nn.Linear(m["d_model"], m["vocab_size"], bias=False)
+
+    def forward(self, ids, targets, keeps):
+        """Returns logits [B*T, V], loss, lm_loss, aux_loss."""
+        h = self.embed(ids)
+        aux_loss = torch.zeros(())
+        for index, layer in enumerate(self.layers):
+            table = self.expert_tables[index // self.reuse] if self.is_moe else None
+            h, aux = layer(h, table, keeps[index] if self.is_moe else None)
+            if aux is not None:
+                aux_loss = aux_loss + aux
+        h = self.norm(h).reshape(-1, h.shape[-1])
+        head = self.lm_head.weight if hasattr(self, "lm_head") else self.embed.weight
+        logits = F.linear(h, head)
+        lm_loss = F.cross_entropy(logits, targets.reshape(-1))
+        return logits, lm_loss + aux_loss, lm_loss, aux_loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison.
+
+
+class Report:
+    """Collects per-tensor errors by group; prints failures as they come and a summary per group."""
+
+    def __init__(self):
+        self.groups = {}  # group -> list of (name, rel, max_abs)
+        self.failed = False
+
+    def fail(self, message):
+        print(f"FAIL {message}")
+        self.failed = True
+
+    def compare(self, group, name, twin, rex, mask=None):
+        """Norm-wise relative error of twin against rex (float64 arithmetic on the values)."""
+        twin, rex = np.asarray(twin, np.float64), np.asarray(rex, np.float64)
+        if twin.shape != rex.shape:
+            self.fail(f"{name}: twin shape {list(twin.shape)} != rex shape {list(rex.shape)}")
+            return
+        keep = np.ones(rex.shape, bool) if mask is None else mask
+        diff = np.where(keep, twin - rex, 0.0)
+        rel = np.linalg.norm(diff) / max(np.linalg.norm(np.where(keep, rex, 0.0)), TINY)
+        where = np.unravel_index(np.argmax(np.abs(diff)), diff.shape) if diff.size else ()
+        max_abs = float(np.abs(diff[where])) if diff.size else 0.0
+        self.groups.setdefault(group, []).append((name, rel, max_abs))
+        if not rel <= TOLERANCES[group]:  # also catches NaN
+            self.fail(f"{name}: relative error {rel:.3e} > tolerance {TOLERANCES[group]:.0e}; "
+                      f"max |diff| {max_abs:.3e} at {list(map(int, where))}: "
+                      f"twin {twin[where]:.9g}, rex {rex[where]:.9g}")
+
+    def summary(self):
+        for group, rows in self.groups.items():
+            name, rel, _ = max(rows, key=lambda r: r[1])
+            max_abs = max(r[2] for r in rows)
+            status = "ok" if all(r[1] <= TOLERANCES[group] for r in rows) else "FAILED"
+            print(f"{group:<10} {len(rows):4d} tensors  max rel {rel:.3e} ({name})  "
+                  f"max |diff| {max_abs:.3e}  tol {TOLERANCES[group]:.0e}  {status}")
+
+
+def load_inputs(folder):
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise TwinError(f"twin.py: {folder}/config.json: cannot read ({e})") from e
+    for section in ("model", "moe", "psr", "train"):
+        if section not in cfg:
+            raise TwinError(f"twin.py: {folder}/config.json: missing section '{section}'")
+    weights, _ = read_safetensors(os.path.join(folder, "model.safetensors"))
+    inputs, _ = read_safetensors(os.path.join(folder, "inputs.safetensors"))
+    expected, meta = read_safetensors(os.path.join(folder, "expected.safetensors"))
+    if "grad_norm" not in meta:
+        raise TwinError("twin.py: expected.safetensors: metadata has no grad_norm")
+    return cfg, weights, inputs, expected, float(meta["grad_norm"])
+
+
+def load_weights(model, weights):
+    params = dict(model.named_parameters())
+    if set(params) != set(weights):
+        raise TwinError(f"twin.py: model.safetensors does not hold the twin's parameters: "
+                        f"missing {sorted(set(params) - set(weights))}, "
+                        f"unexpected {sorted(set(weights) - set(params))}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(p.shape) != weights[name].shape:
+                raise TwinError(f"twin.py: model.safetensors: '{name}' is "
+                                f"{list(weights[name].shape)}, the twin expects {list(p.shape)}")
+            p.copy_(torch.from_numpy(weights[name]))
+
+
+def run(folder, perturb):
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    cfg, weights, inputs, expected, rex_norm = load_inputs(folder)
+    if perturb is not None:
+        if perturb not in expected:
+            raise TwinError(f"twin.py: --perturb {perturb}: expected.safetensors has no such "
+                            f"tensor")
+        expected[perturb] = expected[perturb] * np.float32(PERTURB_FACTOR)
+        print(f"perturbed rex's {perturb} by x{PERTURB_FACTOR}: this run must fail")
+
+    model = Transformer(cfg)
+    load_weights(model, weights)
+    names = [name for name, _ in model.named_parameters()]
+    wanted = {"logits", "loss", "lm_loss", "aux_loss"} | {f"{kind}.{n}" for n in names
+                                                          for kind in ("grad", "after")}
+    if set(expected) != wanted:
+        raise TwinError(f"twin.py: expected.safetensors: missing "
+                        f"{sorted(wanted - set(expected))}, unexpected "
+                        f"{sorted(set(expected) - wanted)}")
+    ids = torch.from_numpy(inputs["ids"]).long()
+    targets = torch.from_numpy(inputs["targets"]).long()
+    keeps = [torch.from_numpy(inputs[f"psr_keep.{i}"]).float()
+             for i in range(cfg["model"]["n_layers"])] if model.is_moe else None
+
+    report = Report()
+    logits, loss, lm_loss, aux_loss = model(ids, targets, keeps)
+    report.compare("logits", "logits", logits.detach(), expected["logits"])
+    for name, value in (("loss", loss), ("lm_loss", lm_loss), ("aux_loss", aux_loss)):
+        report.compare("losses", name, value.detach(), expected[name])
+
+    loss.backward()
+    params = dict(model.named_parameters())
+    grads = {n: (p.grad.numpy().copy() if p.grad is not None else np.zeros(p.shape, np.float32))
+             for n, p in params.items()}
+    for n in names:
+        report.compare("grad", f"grad.{n}", grads[n], expected[f"grad.{n}"])
+
+    t = cfg["train"]
+    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t["grad_clip"])
+    report.compare("grad_norm", "grad_norm", float(norm), rex_norm)
+
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": f32(t["weight_decay"])},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=f32(t["lr"]), betas=(f32(t["beta1"]), f32(t["beta2"])),
+                                  eps=f32(t["eps"]))
+    optimizer.step()
+    clip_scale = min(1.0, t["grad_clip"] / (rex_norm + 1e-6)) if t["grad_clip"] > 0 else 1.0
+    eps = f32(t["eps"])
+    ill = total = 0
+    for n in names:
+        before = weights[n].astype(np.float64)
+        g_twin = grads[n].astype(np.float64) * clip_scale
+        g_rex = expected[f"grad.{n}"].astype(np.float64) * clip_scale
+        m = np.where(np.sign(g_twin) == np.sign(g_rex), np.minimum(abs(g_twin), abs(g_rex)), 0.0)
+        conditioned = abs(g_twin - g_rex) * eps / (m + eps) ** 2 <= MAX_UPDATE_NOISE
+        ill += int(conditioned.size - conditioned.sum())
+        total += conditioned.size
+        report.compare("update", f"after.{n} - before", params[n].detach().numpy() - before,
+                       expected[f"after.{n}"] - before, mask=conditioned)
+    share = ill / total
+    print(f"update: {ill} of {total} elements ill-conditioned ({share:.2e}), left out")
+    if share > TOLERANCES["ill_conditioned_fraction"]:
+        report.fail(f"update: {share:.2e} of the elements are ill-conditioned, more than "
+                    f"{TOLERANCES['ill_conditioned_fraction']:.0e}: the gradients disagree "
+                    f"elementwise or vanish")
+    report.summary()
+    print("twin: FAILED" if report.failed else "twin: all checks passed")
+    return 1 if report.failed else 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dir", help="folder written by dump_rex")
+    parser.add_argument("--perturb", metavar="NAME",
+                        help="multiply rex's expected tensor NAME by 1.01 before comparing")
+    args = parser.parse_args()
+    try:
+        return run(args.dir, args.perturb)
+    except TwinError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
