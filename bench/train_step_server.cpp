@@ -5,14 +5,17 @@
 // then reads commands on stdin, one per line, and answers one line each:
 //   steps N   -> "ms T"     N training steps (forward, backward, clipping, AdamW), T = wall ms
 //   loss      -> "loss L"   the loss of the last step
-//   rss       -> "rss KB"   peak resident memory of this process
+//   rss       -> "rss KIB"  peak resident memory of this process
+//   memory    -> "memory A P"  bytes of tensors a forward pass keeps alive for backward (A), and
+//                the peak bytes of live tensors during one whole training step (P)
+//   gemm N    -> "gemm G"   rex's best GFLOP/s of 5 N x N x N products (the machine's GEMM peak)
 //   quit
 // Batches are drawn from random token ids (the speed does not depend on the text) with a fixed
 // seed; the PSR step advances with the steps, as in training.
-#include <sys/resource.h>
-
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -22,6 +25,21 @@
 #include <rex/rex.hpp>
 
 namespace {
+
+// VmHWM of /proc/self/status: the peak resident memory of this program. (getrusage's ru_maxrss
+// would also count the parent's peak at fork time, since Linux keeps it across exec.)
+int64_t peak_rss_kib() {
+  std::ifstream status("/proc/self/status");
+  std::string key;
+  while (status >> key) {
+    if (key == "VmHWM:") {
+      int64_t kib = 0;
+      status >> kib;
+      return kib;
+    }
+  }
+  return -1;
+}
 
 int run(int argc, char** argv) {
   std::string config_path;
@@ -46,9 +64,9 @@ int run(int argc, char** argv) {
   rex::nn::TransformerLM model(config.model, t.seed);
   std::vector<rex::optim::Parameter> params;
   for (const auto& [name, p] : model.named_parameters()) params.push_back({name, p, p.rank() >= 2});
-  rex::optim::AdamW optimizer(params, {static_cast<float>(t.beta1), static_cast<float>(t.beta2),
-                                       static_cast<float>(t.eps),
-                                       static_cast<float>(t.weight_decay)});
+  rex::optim::AdamW optimizer(
+      params, {static_cast<float>(t.beta1), static_cast<float>(t.beta2), static_cast<float>(t.eps),
+               static_cast<float>(t.weight_decay)});
   rex::Generator gen(t.seed + 1);
   const int64_t batch = t.batch_size, time = config.model.context;
   auto random_ids = [&] {
@@ -80,9 +98,35 @@ int run(int argc, char** argv) {
     } else if (command == "loss") {
       std::printf("loss %.9g\n", last_loss);
     } else if (command == "rss") {
-      rusage usage{};
-      getrusage(RUSAGE_SELF, &usage);
-      std::printf("rss %ld\n", usage.ru_maxrss);
+      std::printf("rss %lld\n", static_cast<long long>(peak_rss_kib()));
+    } else if (command == "memory") {
+      optimizer.zero_grad();
+      const int64_t base = rex::allocated_bytes();
+      rex::reset_peak_allocated_bytes();
+      int64_t kept = 0;
+      {
+        const rex::nn::LmOutput out = model.forward(ids, targets, {step, t.seed});
+        kept = rex::allocated_bytes() - base;
+        out.loss.backward();
+      }
+      rex::optim::clip_grad_norm(params, t.grad_clip);
+      optimizer.step(static_cast<float>(t.lr));
+      optimizer.zero_grad();
+      ++step;
+      std::printf("memory %lld %lld\n", static_cast<long long>(kept),
+                  static_cast<long long>(rex::peak_allocated_bytes() - base));
+    } else if (command == "gemm") {
+      int64_t n = 0;
+      std::cin >> n;
+      const rex::Tensor a = rex::normal({n, n}, gen), b = rex::normal({n, n}, gen);
+      double best = 1e300;
+      for (int repeat = 0; repeat < 6; ++repeat) {
+        const auto start = std::chrono::steady_clock::now();
+        const rex::Tensor c = rex::matmul(a, b);
+        const std::chrono::duration<double> seconds = std::chrono::steady_clock::now() - start;
+        if (repeat > 0) best = std::min(best, seconds.count());
+      }
+      std::printf("gemm %.3f\n", 2.0 * static_cast<double>(n * n * n) / best / 1e9);
     } else if (command == "quit") {
       return 0;
     } else {

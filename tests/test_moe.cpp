@@ -434,9 +434,7 @@ TEST_CASE("config validation rejects impossible MoE settings with a message nami
         }).find("psr.schedule must be") != std::string::npos);
 }
 
-TEST_CASE(
-    "grouped_swiglu matches each expert's composed SwiGLU on its segment, and central "
-    "differences") {
+TEST_CASE("grouped_swiglu matches per-expert composed SwiGLUs and central differences") {
   Generator gen(21);
   const int64_t d = 6, h = 5;
   const std::vector<int64_t> offsets = {0, 3, 3, 7, 8};  // expert 1 gets no rows

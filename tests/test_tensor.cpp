@@ -122,3 +122,17 @@ TEST_CASE("a CUDA tensor in a CPU-only build is a clear error, not a crash") {
                        rex::Error);
   CHECK_THROWS_WITH_AS(Tensor().shape(), "use of an undefined tensor", rex::Error);
 }
+
+TEST_CASE("allocated_bytes counts live storage and peak_allocated_bytes its maximum") {
+  const int64_t before = rex::allocated_bytes();
+  rex::reset_peak_allocated_bytes();
+  {
+    const rex::Tensor a = rex::Tensor::empty({1000});                 // 4000 bytes
+    const rex::Tensor b = rex::Tensor::empty({10}, rex::DType::i32);  // 40 bytes
+    CHECK(rex::allocated_bytes() == before + 4040);
+    const rex::Tensor view = rex::reshape(a, {10, 100});  // shares a's storage: no new bytes
+    CHECK(rex::allocated_bytes() == before + 4040);
+  }
+  CHECK(rex::allocated_bytes() == before);
+  CHECK(rex::peak_allocated_bytes() == before + 4040);
+}

@@ -6,8 +6,13 @@
 // workspace, page-faults afresh: a 256x256 product spent half its time in ~100 page faults. On
 // first use rex therefore raises glibc's mmap and trim thresholds once, process-wide, so freed
 // blocks are reused; define REX_KEEP_MALLOC_DEFAULTS before including rex to opt out.
+//
+// rex::allocated_bytes() and rex::peak_allocated_bytes() count the bytes held by live tensor
+// storage (process-wide), e.g. to measure the activation memory a training step keeps for backward.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -19,6 +24,16 @@
 #include "rex/core/error.hpp"
 
 namespace rex::detail {
+
+struct AllocationCounters {
+  std::atomic<int64_t> live{0};
+  std::atomic<int64_t> peak{0};
+};
+
+inline AllocationCounters& allocation_counters() {
+  static AllocationCounters counters;
+  return counters;
+}
 
 inline void tune_allocator_once() {
 #if defined(__GLIBC__) && !defined(REX_KEEP_MALLOC_DEFAULTS)
@@ -42,8 +57,16 @@ class Storage {
     size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
     data_ = rounded == 0 ? nullptr : std::aligned_alloc(kAlignment, rounded);
     REX_CHECK(rounded == 0 || data_ != nullptr, "out of memory allocating ", bytes, " bytes");
+    AllocationCounters& counters = allocation_counters();
+    const int64_t live = counters.live += static_cast<int64_t>(bytes);
+    int64_t peak = counters.peak.load();
+    while (live > peak && !counters.peak.compare_exchange_weak(peak, live)) {
+    }
   }
-  ~Storage() { std::free(data_); }
+  ~Storage() {
+    allocation_counters().live -= static_cast<int64_t>(bytes_);
+    std::free(data_);
+  }
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
 
@@ -58,3 +81,14 @@ class Storage {
 };
 
 }  // namespace rex::detail
+
+namespace rex {
+
+// Bytes held by live tensor storage now, and the most held at once since the last reset.
+inline int64_t allocated_bytes() { return detail::allocation_counters().live.load(); }
+inline int64_t peak_allocated_bytes() { return detail::allocation_counters().peak.load(); }
+inline void reset_peak_allocated_bytes() {
+  detail::allocation_counters().peak.store(allocated_bytes());
+}
+
+}  // namespace rex

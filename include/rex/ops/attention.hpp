@@ -14,6 +14,8 @@
 // loop stays serial and Eigen's GEMM uses the threads instead.
 #pragma once
 
+#include <Eigen/Core>
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -45,6 +47,12 @@ inline int64_t check_attention_inputs(std::string_view op, const Tensor& q, cons
   return q.dim(1) / k.dim(1);
 }
 
+// A row of the [T, T] score matrix as an Eigen array, so that exp and the sums are vectorised.
+// Eigen computes the elements before the first aligned one with scalar code, and its scalar and
+// vectorised exp can differ in the last bit; the matrices are therefore Eigen arrays (aligned the
+// same way in every run), never std::vector, whose address would make results vary by run.
+using RowArray = Eigen::Map<Eigen::ArrayXf>;
+
 // s[T, T] = scale * q k^T (q and k are [T, D]); entries above the diagonal are left unspecified.
 inline void attention_scores(const float* q, const float* k, float* s, int64_t time,
                              int64_t head_dim, float scale) {
@@ -70,20 +78,16 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
   REX_PARALLEL_FOR(if (batch * heads > 1))
   for (int64_t bh = 0; bh < batch * heads; ++bh) {
     const int64_t kv = (bh / heads) * kv_heads + (bh % heads) / group;
-    std::vector<float> p(static_cast<size_t>(time * time));
+    Eigen::ArrayXf p(time * time);  // 64-byte aligned: see RowArray
     detail::attention_scores(pq + bh * block, pk + kv * block, p.data(), time, head_dim, scale);
     for (int64_t i = 0; i < time; ++i) {
       float* row = p.data() + i * time;
-      float peak = row[0];
-      for (int64_t j = 1; j <= i; ++j) peak = std::max(peak, row[j]);
-      double total = 0.0;
-      for (int64_t j = 0; j <= i; ++j) {
-        row[j] = std::exp(row[j] - peak);
-        total += row[j];
-      }
-      const float inverse = static_cast<float>(1.0 / total);
-      for (int64_t j = 0; j <= i; ++j) row[j] *= inverse;
-      for (int64_t j = i + 1; j < time; ++j) row[j] = 0.0f;
+      detail::RowArray visible(row, i + 1);  // the keys query i may see (Eigen: vectorised exp)
+      const float peak = visible.maxCoeff();
+      visible = (visible - peak).exp();
+      const double total = visible.cast<double>().sum();
+      visible *= static_cast<float>(1.0 / total);
+      std::fill(row + i + 1, row + time, 0.0f);
       pl[bh * time + i] = peak + static_cast<float>(std::log(total));
     }
     detail::gemm(p.data(), pv + kv * block, po + bh * block, time, head_dim, time, false, false);
@@ -105,8 +109,7 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
         float* pdv = needs[2] ? dv.data<float>() : nullptr;
         REX_PARALLEL_FOR(if (batch * kv_heads > 1))
         for (int64_t bkv = 0; bkv < batch * kv_heads; ++bkv) {
-          std::vector<float> p(static_cast<size_t>(time * time));
-          std::vector<float> ds(needs[0] || needs[1] ? p.size() : 0);
+          Eigen::ArrayXf p(time * time), ds(needs[0] || needs[1] ? time * time : 0);
           const float *k_h = pk + bkv * block, *v_h = pv + bkv * block;
           for (int64_t member = 0; member < group; ++member) {
             const int64_t bh = bkv * group + member;  // = b * Hq + kv head * G + member
@@ -115,9 +118,9 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
             detail::attention_scores(q_h, k_h, p.data(), time, head_dim, scale);
             for (int64_t i = 0; i < time; ++i) {
               float* row = p.data() + i * time;
-              const float row_lse = pl[bh * time + i];
-              for (int64_t j = 0; j <= i; ++j) row[j] = std::exp(row[j] - row_lse);
-              for (int64_t j = i + 1; j < time; ++j) row[j] = 0.0f;
+              detail::RowArray visible(row, i + 1);
+              visible = (visible - pl[bh * time + i]).exp();
+              std::fill(row + i + 1, row + time, 0.0f);
             }
             if (needs[2])
               detail::gemm(p.data(), g_h, pdv + bkv * block, time, head_dim, time, true, false,
@@ -126,13 +129,12 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
             // dS (already times the scale s) = s P * (dP - rowsum(dP * P)), with dP = dO v^T.
             detail::gemm(g_h, v_h, ds.data(), time, time, head_dim, false, true);
             for (int64_t i = 0; i < time; ++i) {
-              const float* prow = p.data() + i * time;
-              float* drow = ds.data() + i * time;
-              double dot = 0.0;
-              for (int64_t j = 0; j <= i; ++j) dot += static_cast<double>(drow[j]) * prow[j];
-              const float centre = static_cast<float>(dot);
-              for (int64_t j = 0; j <= i; ++j) drow[j] = scale * prow[j] * (drow[j] - centre);
-              for (int64_t j = i + 1; j < time; ++j) drow[j] = 0.0f;
+              const detail::RowArray prow(p.data() + i * time, i + 1);
+              detail::RowArray drow(ds.data() + i * time, i + 1);
+              const auto centre =
+                  static_cast<float>((drow.cast<double>() * prow.cast<double>()).sum());
+              drow = scale * prow * (drow - centre);
+              std::fill(ds.data() + i * time + i + 1, ds.data() + (i + 1) * time, 0.0f);
             }
             if (needs[0])
               detail::gemm(ds.data(), k_h, pdq + bh * block, time, head_dim, time, false, false);

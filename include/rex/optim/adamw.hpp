@@ -19,6 +19,7 @@
 // optimiser's buffers, which keep changing as it steps.
 #pragma once
 
+#include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
 #include <map>
@@ -93,23 +94,19 @@ class AdamW {
       Slot& s = slots_[i];
       ++s.step;
       const int64_t n = g.numel();
-      float* w = params_[i].tensor.data<float>();
-      const float* gp = g.data<float>();
-      float* m = s.exp_avg.data<float>();
-      float* v = s.exp_avg_sq.data<float>();
-      if (params_[i].decay) {
-        for (int64_t j = 0; j < n; ++j) w[j] *= keep;
-      }
+      // Eigen arrays vectorise the sqrt and the division, which a plain loop cannot be (std::sqrt
+      // may set errno); the expressions keep PyTorch's order of operations.
+      Eigen::Map<Eigen::ArrayXf> w(params_[i].tensor.data<float>(), n),
+          m(s.exp_avg.data<float>(), n), v(s.exp_avg_sq.data<float>(), n);
+      const Eigen::Map<const Eigen::ArrayXf> grad(g.data<float>(), n);
+      if (params_[i].decay) w *= keep;
       const double bias1 = 1.0 - std::pow(beta1_d, static_cast<double>(s.step));
       const double bias2 = 1.0 - std::pow(beta2_d, static_cast<double>(s.step));
       const auto neg_step_size = static_cast<float>(-(lr_d / bias1));
       const auto bias2_sqrt = static_cast<float>(std::sqrt(bias2));
-      for (int64_t j = 0; j < n; ++j) {
-        m[j] = m[j] * beta1 + one_minus_beta1 * gp[j];
-        v[j] = v[j] * beta2 + one_minus_beta2 * gp[j] * gp[j];
-        const float denom = std::sqrt(v[j]) / bias2_sqrt + eps;
-        w[j] = w[j] + neg_step_size * m[j] / denom;
-      }
+      m = m * beta1 + one_minus_beta1 * grad;
+      v = v * beta2 + one_minus_beta2 * grad * grad;
+      w = w + neg_step_size * m / (v.sqrt() / bias2_sqrt + eps);
     }
   }
 
