@@ -44,6 +44,7 @@ int64_t peak_rss_kib() {
 int run(int argc, char** argv) {
   std::string config_path;
   std::vector<std::string> overrides;
+  REX_CHECK(argc % 2 == 1, "train_step_server: every flag needs a value");
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--config") {
@@ -83,7 +84,7 @@ int run(int argc, char** argv) {
   while (std::cin >> command) {
     if (command == "steps") {
       int64_t n = 0;
-      std::cin >> n;
+      REX_CHECK(std::cin >> n && n >= 0, "train_step_server: steps expects a count");
       const auto start = std::chrono::steady_clock::now();
       for (int64_t i = 0; i < n; ++i, ++step) {
         const rex::nn::LmOutput out = model.forward(ids, targets, {step, t.seed});
@@ -117,7 +118,7 @@ int run(int argc, char** argv) {
                   static_cast<long long>(rex::peak_allocated_bytes() - base));
     } else if (command == "gemm") {
       int64_t n = 0;
-      std::cin >> n;
+      REX_CHECK(std::cin >> n && n > 0, "train_step_server: gemm expects a size");
       const rex::Tensor a = rex::normal({n, n}, gen), b = rex::normal({n, n}, gen);
       double best = 1e300;
       for (int repeat = 0; repeat < 6; ++repeat) {

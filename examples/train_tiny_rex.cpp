@@ -55,7 +55,8 @@ options:
   --seed S              same as --set train.seed=S (init, batches, PSR masks)
   --device cpu|cuda     where to train (default cpu)
   --resume DIR          continue the run saved in DIR (its config; --steps/--set may change only
-                        train.steps and the log/eval/checkpoint intervals)
+                        train.steps, train.eval_batches and the log/eval/checkpoint intervals;
+                        bit-exact when run with the same OMP_NUM_THREADS)
   --overwrite           allow --out to name a folder that already holds a run
   --stop-after N        save and stop after N steps of this invocation, as Ctrl-C does (for
                         time-boxed sessions; --resume continues exactly)
@@ -132,6 +133,7 @@ Options parse_args(int argc, char** argv) {
       o.checkpoint_dir = value;
     } else if (flag == "--stop-after") {
       o.stop_after = parse_count(flag, value);
+      if (o.stop_after == 0) usage_error("--stop-after expects at least 1 step");
     } else if (flag == "--sample") {
       o.sample = parse_count(flag, value);
     } else if (flag == "--prompt") {
@@ -351,7 +353,8 @@ rex::nn::RunConfig resumed_config(const rex::nn::RunConfig& saved, const Options
     for (const auto& [key, value] : keys.items())
       if (value != before[section][key] && !kResumableKeys.count(section + "." + key))
         usage_error("--resume: " + section + "." + key +
-                    " cannot change in a resumed run (only train.steps and the intervals can)");
+                    " cannot change in a resumed run (only train.steps, train.eval_batches and "
+                    "the intervals can)");
   return config;
 }
 
@@ -373,6 +376,10 @@ int train(const Options& o) {
   rex::nn::validate(config);
   Corpus corpus = load_corpus(o.data_path, saved ? std::optional(saved->tokenizer) : std::nullopt,
                               config.train.train_fraction);
+  REX_CHECK(
+      config.model.vocab_size == 0 || config.model.vocab_size == corpus.tokenizer.vocab_size(),
+      "config: model.vocab_size is ", config.model.vocab_size, " but ", o.data_path, " has ",
+      corpus.tokenizer.vocab_size(), " distinct bytes; leave it at 0 to take it from the data");
   config.model.vocab_size = corpus.tokenizer.vocab_size();
   rex::nn::validate(config);
   const rex::io::CheckpointInfo corpus_info{corpus.text.size(), rex::io::corpus_hash(corpus.text)};
@@ -386,7 +393,9 @@ int train(const Options& o) {
   const rex::data::BatchSampler val_batches = validation_sampler(corpus, config);
 
   std::filesystem::create_directories(out);
-  if (!saved && !o.overwrite && std::filesystem::exists(rex::io::checkpoint_path(out)))
+  const bool continuing_in_place = saved && out == o.resume_dir;
+  if (!continuing_in_place && !o.overwrite &&
+      std::filesystem::exists(rex::io::checkpoint_path(out)))
     usage_error(out + " already holds a run: continue it with --resume " + out +
                 ", or pass --overwrite to start again");
 

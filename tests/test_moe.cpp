@@ -85,7 +85,7 @@ NaiveOutput naive_moe(const nn::MoeLayer& layer, const nn::ModelConfig& c, const
     const Tensor probs = softmax(logits);
     prob_rows.push_back(probs);
     std::vector<float> score(static_cast<size_t>(pool));
-    for (int64_t i = 0; i < pool; ++i) score[i] = keep[i] ? probs.at({0, i}) : 0.0f;
+    for (int64_t i = 0; i < pool; ++i) score[i] = keep[i] ? probs.at({0, i}) : -1.0f;
     std::vector<int64_t> chosen;
     std::vector<uint8_t> taken(static_cast<size_t>(pool), 0);
     for (int64_t j = 0; j < k; ++j) {

@@ -94,6 +94,8 @@ expect_error "already holds a run" train --out whole
 expect_error "checkpoint.safetensors" "$exe" --resume truncated --data corpus.txt
 expect_error "model.safetensors" "$exe" --eval-only --checkpoint corrupt --data corpus.txt
 expect_error "does not exist" "$exe" --eval-only --checkpoint nowhere --data corpus.txt
+expect_error "leave it at 0" train --out bad --set model.vocab_size=5
+expect_error "--stop-after expects at least 1 step" train --out bad --stop-after 0
 expect_error "model.d_model cannot change in a resumed run" "$exe" --resume whole --data corpus.txt --set model.d_model=64
 
 if [ $failures -ne 0 ]; then

@@ -158,6 +158,27 @@ TEST_CASE("config JSON round trip, overrides, and errors naming the key") {
         std::string::npos);
   CHECK(error_message([&] { io::apply_override(c, "top_k=2"); }).find("section.key=value") !=
         std::string::npos);
+  // Integers out of their field's range are errors, never wrapped or undefined conversions.
+  CHECK(message("{\"train\": {\"steps\": 1e300}}").find("train.steps is out of range") !=
+        std::string::npos);
+  CHECK(message("{\"train\": {\"steps\": 9223372036854775808}}").find("train.steps is too large") !=
+        std::string::npos);
+  CHECK(message("{\"train\": {\"seed\": 1e20}}").find("train.seed is out of range") !=
+        std::string::npos);
+  nn::RunConfig big;
+  io::apply_override(big, "train.seed=18446744073709551615");
+  CHECK(big.train.seed == 18446744073709551615ull);
+  // A model built from an impossible config is refused, not crashed.
+  nn::ModelConfig broken = tiny_run("moe", 2).model;
+  broken.moe.reuse = 0;
+  CHECK(error_message([&] {
+          nn::TransformerLM model(broken, 1);
+        }).find("moe.reuse must be positive") != std::string::npos);
+  broken = tiny_run("moe", 2).model;
+  broken.n_layers = 3;
+  CHECK(error_message([&] {
+          nn::TransformerLM model(broken, 1);
+        }).find("must divide model.n_layers") != std::string::npos);
 }
 
 TEST_CASE("docs/formats.md lists every config key with its default") {

@@ -27,6 +27,7 @@ int run(int argc, char** argv) {
   std::string config_path, out;
   std::vector<std::string> overrides;
   int64_t step = 0;
+  REX_CHECK(argc % 2 == 1, "dump_rex: every flag needs a value");
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--config") {
@@ -34,7 +35,9 @@ int run(int argc, char** argv) {
     } else if (flag == "--set") {
       overrides.push_back(value);
     } else if (flag == "--step") {
-      step = std::stoll(value);
+      size_t used = 0;
+      step = std::stoll(value, &used);
+      REX_CHECK(used == value.size() && step >= 0, "dump_rex: --step expects a step number");
     } else if (flag == "--out") {
       out = value;
     } else {
@@ -43,8 +46,7 @@ int run(int argc, char** argv) {
   }
   REX_CHECK(!config_path.empty() && !out.empty(),
             "usage: dump_rex --config FILE --out DIR [--step T] [--set k=v ...]");
-  rex::nn::RunConfig config =
-      rex::io::parse_config(rex::io::read_file(config_path), config_path);
+  rex::nn::RunConfig config = rex::io::parse_config(rex::io::read_file(config_path), config_path);
   for (const std::string& o : overrides) rex::io::apply_override(config, o);
   rex::nn::validate(config);
   const rex::nn::ModelConfig& m = config.model;
@@ -92,9 +94,9 @@ int run(int argc, char** argv) {
   }
   const double norm = rex::optim::clip_grad_norm(params, config.train.grad_clip);
   const rex::nn::TrainConfig& t = config.train;
-  rex::optim::AdamW optimizer(params, {static_cast<float>(t.beta1), static_cast<float>(t.beta2),
-                                       static_cast<float>(t.eps),
-                                       static_cast<float>(t.weight_decay)});
+  rex::optim::AdamW optimizer(
+      params, {static_cast<float>(t.beta1), static_cast<float>(t.beta2), static_cast<float>(t.eps),
+               static_cast<float>(t.weight_decay)});
   optimizer.step(static_cast<float>(t.lr));
   for (const auto& [name, p] : model.named_parameters()) expected["after." + name] = p.detach();
   char norm_text[64];

@@ -225,7 +225,8 @@ class MoE(nn.Module):
         tokens, pool = x.shape[0], len(table.experts)
         logits = self.router(x)
         probs = logits.softmax(-1)
-        gates, chosen = torch.topk(probs * keep, self.top_k, dim=-1)
+        # Masked experts score -1 (not 0), so an underflowed probability cannot tie with them.
+        gates, chosen = torch.topk(probs * keep + (keep - 1), self.top_k, dim=-1)
         if self.renormalize:
             gates = gates / gates.sum(-1, keepdim=True)
         y = torch.zeros_like(x)

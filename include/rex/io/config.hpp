@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <set>
 #include <string>
 #include <type_traits>
@@ -31,14 +32,23 @@ void read_field(const nlohmann::json& j, const std::string& key, T& field) {
     REX_CHECK(j.is_string(), "config: ", key, " must be a string, got ", j.dump());
     field = j.get<std::string>();
   } else if constexpr (std::is_integral_v<T>) {
-    // 2.0 is accepted as 2; 2.5 is not.
+    // 2.0 is accepted as 2; 2.5 is not; values outside T's range are errors, not wrapped.
+    using Limits = std::numeric_limits<T>;
     REX_CHECK(j.is_number() && std::floor(j.get<double>()) == j.get<double>(), "config: ", key,
               " must be an integer, got ", j.dump());
-    if constexpr (std::is_unsigned_v<T>) {
-      REX_CHECK(j.get<double>() >= 0, "config: ", key, " cannot be negative, got ", j.dump());
-      field = j.is_number_unsigned() ? j.get<T>() : static_cast<T>(j.get<double>());
+    REX_CHECK(Limits::is_signed || j.get<double>() >= 0, "config: ", key,
+              " cannot be negative, got ", j.dump());
+    if (j.is_number_unsigned()) {
+      REX_CHECK(j.get<uint64_t>() <= static_cast<uint64_t>(Limits::max()), "config: ", key,
+                " is too large, got ", j.dump());
+      field = static_cast<T>(j.get<uint64_t>());
+    } else if (j.is_number_integer()) {
+      field = static_cast<T>(j.get<int64_t>());
     } else {
-      field = j.is_number_integer() ? j.get<T>() : static_cast<T>(j.get<double>());
+      const double v = j.get<double>(), bound = std::ldexp(1.0, Limits::digits);  // 2^63 or 2^64
+      REX_CHECK(v < bound && v >= (Limits::is_signed ? -bound : 0.0), "config: ", key,
+                " is out of range, got ", j.dump());
+      field = static_cast<T>(v);
     }
   } else {
     REX_CHECK(j.is_number(), "config: ", key, " must be a number, got ", j.dump());

@@ -122,13 +122,11 @@ void for_each_field(Run& c, F&& f) {
   f("train", "checkpoint_interval", t.checkpoint_interval, "steps between checkpoints");
 }
 
-// Throws rex::Error naming the first impossible setting.
-inline void validate(const RunConfig& c) {
-  const ModelConfig& m = c.model;
+// Throws rex::Error naming the first impossible model setting (TransformerLM calls it too).
+inline void validate(const ModelConfig& m) {
   const MoeConfig& e = m.moe;
   const PsrConfig& p = m.psr;
-  const TrainConfig& t = c.train;
-  auto positive = [](const char* key, auto value) {
+  auto positive = [](const char* key, double value) {
     REX_CHECK(value > 0, "config: ", key, " must be positive, got ", value);
   };
   REX_CHECK(m.vocab_size >= 0, "config: model.vocab_size cannot be negative");
@@ -167,12 +165,23 @@ inline void validate(const RunConfig& c) {
     REX_CHECK(p.schedule == "none" || p.schedule == "linear" || p.schedule == "stepwise",
               "config: psr.schedule must be \"none\", \"linear\" or \"stepwise\", got \"",
               p.schedule, "\"");
-    if (p.schedule != "none") {
+    if (p.schedule != "none" && e.reuse > 1) {  // with r = 1 there is nothing to schedule
       REX_CHECK(p.t_start >= 0 && p.t_end > p.t_start,
                 "config: PSR needs 0 <= psr.t_start < psr.t_end, got ", p.t_start, " and ",
                 p.t_end);
     }
   }
+  // Values the model uses as float must stay positive after rounding to float.
+  positive("model.norm_eps (as float)", static_cast<float>(m.norm_eps));
+}
+
+// Throws rex::Error naming the first impossible setting of the model or the training recipe.
+inline void validate(const RunConfig& c) {
+  validate(c.model);
+  const TrainConfig& t = c.train;
+  auto positive = [](const char* key, double value) {
+    REX_CHECK(value > 0, "config: ", key, " must be positive, got ", value);
+  };
   positive("train.steps", t.steps);
   positive("train.batch_size", t.batch_size);
   positive("train.lr", t.lr);
@@ -184,6 +193,7 @@ inline void validate(const RunConfig& c) {
   REX_CHECK(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1,
             "config: train.beta1 and train.beta2 must be in [0, 1)");
   positive("train.eps", t.eps);
+  positive("train.eps (as float)", static_cast<float>(t.eps));
   REX_CHECK(t.grad_clip >= 0, "config: train.grad_clip cannot be negative (0 turns clipping off)");
   REX_CHECK(t.train_fraction > 0 && t.train_fraction < 1,
             "config: train.train_fraction must be in (0, 1)");

@@ -5,7 +5,7 @@
 // once; layer l "owns" entries [(l mod r) N, (l mod r + 1) N) in the sense that a vanilla model
 // would have given it those, but its router W_l [P, d] scores all P of them. For a token h:
 //   s = softmax(W_l h)                       router probabilities over the pool
-//   s'_i = s_i keep_i                        PSR: masked experts' scores set to zero
+//   s'_i = s_i keep_i  (masked: -1)          PSR: masked experts are out of the race
 //   (g, i) = top-k of s'                     gates g_j = s'_{i_j}  (optionally g / sum g)
 //   y = sum_j g_j E_{i_j}(h)  + sum over shared experts S(h)
 // An expert chosen by several layers of its block is one set of parameter tensors used several
@@ -145,7 +145,11 @@ class MoeLayer : public Module {
     if (out.candidates < pool) {
       const std::vector<uint8_t> keep =
           psr_keep_mask(at.seed, at.step, layer_, pool, out.candidates);
-      scores = probs * from_vector(std::vector<float>(keep.begin(), keep.end()));
+      // s' = s keep + (keep - 1): masked experts score -1, below every probability, so that even
+      // a probability that underflowed to 0 never ties with a masked expert. The chosen gates and
+      // all gradients are those of zeroing the masked scores.
+      const Tensor keep_mask = from_vector(std::vector<float>(keep.begin(), keep.end()));
+      scores = probs * keep_mask + (keep_mask - 1.0f);
     }
     const TopK top = topk(scores, config_.top_k);
     Tensor gates = top.values;

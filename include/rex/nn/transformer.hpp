@@ -69,9 +69,10 @@ class TransformerBlock : public Module {
 
 class TransformerLM : public Module {
  public:
-  // Builds and initialises the model; the seed fixes every weight. The config must be valid
-  // (nn::validate) with vocab_size set.
+  // Builds and initialises the model; the seed fixes every weight. An invalid config (see
+  // nn::validate) or an unset vocab_size is an error.
   TransformerLM(const ModelConfig& config, uint64_t seed) : config_(config) {
+    validate(config);
     REX_CHECK(config.vocab_size > 0, "TransformerLM: vocab_size is not set");
     Generator gen(seed);
     const float std = static_cast<float>(config.init_std);
