@@ -27,8 +27,8 @@ struct MoeConfig {
 
 struct PsrConfig {
   std::string schedule = "linear";  // "none" (all rN candidates), "linear" or "stepwise"
-  int64_t t_start = 200;            // t_s: steps up to t_s see N candidates
-  int64_t t_end = 1200;             // t_e: steps after t_e see all rN candidates
+  int64_t t_start = 400;            // t_s: steps up to t_s see N candidates
+  int64_t t_end = 2800;             // t_e: steps after t_e see all rN candidates
 };
 
 struct ModelConfig {
@@ -49,7 +49,7 @@ struct ModelConfig {
 };
 
 struct TrainConfig {
-  int64_t steps = 1500;
+  int64_t steps = 3500;
   int64_t batch_size = 12;
   double lr = 3e-3;
   double min_lr_ratio = 0.1;
@@ -62,9 +62,9 @@ struct TrainConfig {
   uint64_t seed = 1;
   double train_fraction = 0.9;
   int64_t log_interval = 25;
-  int64_t eval_interval = 250;
+  int64_t eval_interval = 500;
   int64_t eval_batches = 16;
-  int64_t checkpoint_interval = 250;
+  int64_t checkpoint_interval = 500;
 };
 
 struct RunConfig {
