@@ -6,9 +6,9 @@
 //   numeric_j = (L(x_j + h) - L(x_j - h)) / (actual distance between the two perturbed floats)
 // and the check passes when |analytic_j - numeric_j| <= atol + rtol * |numeric_j| for all j (a NaN
 // on either side fails).
-// Inputs should keep away from kinks (relu at 0, ties in max/top-k) by more than h. With the default
-// h = 1e-2 and rtol = 1e-2 in float32 it catches gradient errors above about 1%; fused ops are also
-// compared with their composed references at about 1e-5.
+// Inputs should keep away from kinks (relu at 0, ties in max/top-k) by more than h. With the
+// default h = 1e-2 and rtol = 1e-2 in float32 it catches gradient errors above about 1%; fused ops
+// are also compared with their composed references at about 1e-5.
 #pragma once
 
 #include <cmath>

@@ -1,6 +1,7 @@
 // rex: header-only tensors and reverse-mode autodiff for ReX-MoE research. This header brings the
 // engine, the layers (rex::nn) and the optimisers (rex::optim), with Eigen as the only dependency.
-// Files and data (rex/io/*.hpp, rex/data/*.hpp) also need nlohmann/json and are included one by one.
+// Files and data (rex/io/*.hpp, rex/data/*.hpp) also need nlohmann/json and are included one by
+// one.
 #pragma once
 
 #include "rex/autograd/engine.hpp"
