@@ -1,7 +1,7 @@
 // train_mlp: the smallest end-to-end use of rex. A 2-hidden-layer MLP learns the synthetic
 // regression y = sin(2 x0) x1 + 0.5 x2^2 - 0.3 x3 from 4096 random points, with minibatch SGD +
-// momentum written out by hand (rex::optim arrives with the transformer). Prints train and held-out
-// MSE as it goes.
+// momentum written out by hand, so that the whole training loop is on one page (rex::optim has
+// AdamW for real models). Prints train and held-out MSE as it goes.
 //
 //   train_mlp [--steps N] [--batch B] [--hidden H] [--lr LR] [--seed S]
 #include <cmath>

@@ -196,6 +196,11 @@ rex::data::BatchSampler validation_sampler(const Corpus& corpus, const rex::nn::
                                  c.train.seed ^ kValidationSeedSalt, "validation");
 }
 
+// Evaluation and sampling route with the PSR mask of the last step trained.
+rex::nn::RoutingStep after_steps(int64_t completed_steps, uint64_t seed) {
+  return {std::max<int64_t>(completed_steps - 1, 0), seed};
+}
+
 struct Evaluation {
   double val_loss = 0;
   std::vector<std::vector<int64_t>> expert_counts;  // summed over the batches, per layer
@@ -293,18 +298,11 @@ std::string generate(const rex::nn::TransformerLM& model, const rex::data::CharT
   return tok.decode(produced);
 }
 
-std::vector<rex::optim::Parameter> optimizer_parameters(const rex::nn::TransformerLM& model) {
-  std::vector<rex::optim::Parameter> params;
-  // Decoupled weight decay on matrices only: none on norm gains (there are no biases).
-  for (const auto& [name, p] : model.named_parameters()) params.push_back({name, p, p.rank() >= 2});
-  return params;
-}
-
 // metrics.jsonl: one JSON object per line, appended and flushed as training goes. On resume, the
 // lines past the checkpoint's step (written after it by the run that stopped) are dropped first.
 class MetricsLog {
  public:
-  MetricsLog(const std::string& path, std::optional<int64_t> resume_step) : path_(path) {
+  MetricsLog(const std::string& path, std::optional<int64_t> resume_step) {
     if (resume_step && std::filesystem::exists(path)) {
       std::ifstream in(path);
       std::string line, kept;
@@ -327,7 +325,6 @@ class MetricsLog {
   }
 
  private:
-  std::string path_;
   std::FILE* file_;
 };
 
@@ -381,7 +378,6 @@ int train(const Options& o) {
       "config: model.vocab_size is ", config.model.vocab_size, " but ", o.data_path, " has ",
       corpus.tokenizer.vocab_size(), " distinct bytes; leave it at 0 to take it from the data");
   config.model.vocab_size = corpus.tokenizer.vocab_size();
-  rex::nn::validate(config);
   const rex::io::CheckpointInfo corpus_info{corpus.text.size(), rex::io::corpus_hash(corpus.text)};
   if (saved && (saved->info.corpus_bytes != corpus_info.corpus_bytes ||
                 saved->info.corpus_hash != corpus_info.corpus_hash))
@@ -400,9 +396,8 @@ int train(const Options& o) {
                 ", or pass --overwrite to start again");
 
   rex::nn::TransformerLM model(config.model, t.seed);
-  rex::optim::AdamW optimizer(optimizer_parameters(model),
-                              {static_cast<float>(t.beta1), static_cast<float>(t.beta2),
-                               static_cast<float>(t.eps), static_cast<float>(t.weight_decay)});
+  rex::optim::AdamW optimizer(rex::optim::decay_matrices(model.named_parameters()),
+                              rex::optim::adamw_options(t));
   int64_t step = 0;  // completed optimizer steps
   if (saved) {
     model.load_parameters(saved->model, rex::io::checkpoint_path(o.resume_dir));
@@ -441,8 +436,7 @@ int train(const Options& o) {
     rex::io::save_checkpoint(out, model, optimizer, config, corpus.tokenizer, step, corpus_info);
   };
   auto run_eval = [&](int64_t candidates) {
-    const Evaluation eval =
-        evaluate(model, val_batches, t.eval_batches, {std::max<int64_t>(step - 1, 0), t.seed});
+    const Evaluation eval = evaluate(model, val_batches, t.eval_batches, after_steps(step, t.seed));
     metrics.write({{"kind", "eval"}, {"step", step}, {"val_loss", eval.val_loss}});
     std::printf("eval  step %6lld | val_loss %.4f\n", static_cast<long long>(step), eval.val_loss);
     if (is_moe)
@@ -522,7 +516,7 @@ int train(const Options& o) {
     std::printf("--- sample (%lld characters, temperature %.2f) ---\n%s%s\n",
                 static_cast<long long>(o.sample), o.temperature, o.prompt.c_str(),
                 generate(model, corpus.tokenizer, o.prompt, o.sample, o.temperature, t.seed,
-                         {std::max<int64_t>(step - 1, 0), t.seed})
+                         after_steps(step, t.seed))
                     .c_str());
   }
   return 0;
@@ -550,7 +544,7 @@ int eval_only(const Options& o) {
       load_corpus(o.data_path, loaded.folder.tokenizer, config.train.train_fraction);
   const Evaluation eval =
       evaluate(*loaded.model, validation_sampler(corpus, config), config.train.eval_batches,
-               {std::max<int64_t>(loaded.folder.step - 1, 0), config.train.seed});
+               after_steps(loaded.folder.step, config.train.seed));
   std::printf(
       "%s\n",
       json({{"val_loss", eval.val_loss},
@@ -565,11 +559,10 @@ int eval_only(const Options& o) {
 int sample_only(const Options& o) {
   LoadedModel loaded = load_model(o.checkpoint_dir);
   const rex::nn::RunConfig& config = loaded.folder.config;
-  std::printf(
-      "%s%s\n", o.prompt.c_str(),
-      generate(*loaded.model, loaded.folder.tokenizer, o.prompt, o.sample, o.temperature,
-               config.train.seed, {std::max<int64_t>(loaded.folder.step - 1, 0), config.train.seed})
-          .c_str());
+  std::printf("%s%s\n", o.prompt.c_str(),
+              generate(*loaded.model, loaded.folder.tokenizer, o.prompt, o.sample, o.temperature,
+                       config.train.seed, after_steps(loaded.folder.step, config.train.seed))
+                  .c_str());
   return 0;
 }
 

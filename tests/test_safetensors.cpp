@@ -25,13 +25,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// The raw element bytes of a tensor, for bit-exact comparisons (NaN != NaN as floats).
-std::string raw_bytes(const Tensor& t) {
-  const char* p = t.dtype() == DType::f32 ? reinterpret_cast<const char*>(t.data<float>())
-                                          : reinterpret_cast<const char*>(t.data<int32_t>());
-  return std::string(p, static_cast<size_t>(t.numel()) * dtype_size(t.dtype()));
-}
-
 float from_bits(uint32_t bits) { return std::bit_cast<float>(bits); }
 
 // The 8-byte little-endian length prefix, byte by byte (independent of the host's memcpy).
@@ -74,7 +67,7 @@ void check_same(const io::TensorMap& got, const io::TensorMap& want) {
     const Tensor& g = got.at(name);
     CHECK_MESSAGE(g.shape() == t.shape(), name);
     CHECK_MESSAGE(g.dtype() == t.dtype(), name);
-    CHECK_MESSAGE(raw_bytes(g) == raw_bytes(t), name);
+    CHECK_MESSAGE(testing::raw_bytes(g) == testing::raw_bytes(t), name);
   }
 }
 

@@ -5,7 +5,6 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
-#include <cstring>
 #include <filesystem>
 #include <map>
 #include <string>
@@ -46,13 +45,6 @@ nn::RunConfig tiny_run(const std::string& ffn, int64_t reuse) {
   m.psr.t_start = 2;
   m.psr.t_end = 6;
   return c;
-}
-
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && a.dtype() == b.dtype() &&
-         (a.dtype() == DType::f32
-              ? std::memcmp(a.data<float>(), b.data<float>(), a.numel() * 4) == 0
-              : std::memcmp(a.data<int32_t>(), b.data<int32_t>(), a.numel() * 4) == 0);
 }
 
 }  // namespace
@@ -195,9 +187,7 @@ TEST_CASE("docs/formats.md lists every config key with its default") {
 TEST_CASE("checkpoint and model folder round trips are bit-exact") {
   const nn::RunConfig config = tiny_run("moe", 2);
   const nn::TransformerLM model(config.model, 3);
-  std::vector<optim::Parameter> params;
-  for (const auto& [name, p] : model.named_parameters()) params.push_back({name, p, p.rank() >= 2});
-  optim::AdamW optimizer(params);
+  optim::AdamW optimizer(optim::decay_matrices(model.named_parameters()));
   const Tensor ids = from_vector<int32_t>({1, 4, 2, 6, 0, 3, 3, 5}, {2, 4});
   for (int step = 0; step < 2; ++step) {  // non-trivial moments
     model.forward(ids, ids, {step, 0}).loss.backward();
@@ -218,10 +208,10 @@ TEST_CASE("checkpoint and model folder round trips are bit-exact") {
   CHECK(loaded.tokenizer.vocabulary() == tokenizer.vocabulary());
   REQUIRE(loaded.model.size() == model.named_parameters().size());
   for (const auto& [name, p] : model.named_parameters())
-    CHECK(same_bytes(loaded.model.at(name), p));
+    CHECK(testing::same_bytes(loaded.model.at(name), p));
   const auto state = optimizer.state();
   REQUIRE(loaded.optimizer.size() == state.size());
-  for (const auto& [name, t] : state) CHECK(same_bytes(loaded.optimizer.at(name), t));
+  for (const auto& [name, t] : state) CHECK(testing::same_bytes(loaded.optimizer.at(name), t));
 
   const io::ModelFolder folder = io::load_model_folder(dir);
   CHECK(folder.step == 2);
@@ -230,7 +220,7 @@ TEST_CASE("checkpoint and model folder round trips are bit-exact") {
   other.load_parameters(folder.parameters, "folder");
   const Tensor want = model.forward(ids, Tensor(), {5, 0}).logits;
   const Tensor got = other.forward(ids, Tensor(), {5, 0}).logits;
-  CHECK(same_bytes(got, want));
+  CHECK(testing::same_bytes(got, want));
 
   // Loading into a model of another shape, or a file of the other kind, fails with a clear message.
   nn::ModelConfig wider = config.model;
@@ -261,9 +251,7 @@ TEST_CASE("a short fixed-seed training run gets below the corpus's unigram entro
   c.model.psr.t_start = 20;
   c.model.psr.t_end = 80;
   const nn::TransformerLM model(c.model, 1);
-  std::vector<optim::Parameter> params;
-  for (const auto& [name, p] : model.named_parameters()) params.push_back({name, p, p.rank() >= 2});
-  optim::AdamW optimizer(params);
+  optim::AdamW optimizer(optim::decay_matrices(model.named_parameters()));
   const optim::CosineSchedule schedule{1e-2f, 10, 120, 0.1f};
   const data::BatchSampler train(split.train, 8, c.model.context, 1, "train");
   const data::BatchSampler validation(split.validation, 8, c.model.context, 2, "validation");

@@ -7,6 +7,8 @@
 // - random_normal_param / random_uniform_param: random f32 tensors that require a gradient, drawn
 //   from a caller-owned Generator so a test fixes its values with one seed.
 //
+// - raw_bytes / same_bytes: a tensor's element bytes, for bit-exact comparisons (NaN != NaN as
+//   floats).
 // - TempDir: a fresh folder under the system temp folder, removed with its contents at scope exit.
 //
 // Gradient checking lives in gradcheck.hpp.
@@ -71,6 +73,16 @@ inline Tensor random_uniform_param(const Shape& shape, Generator& gen, float low
   Tensor x = uniform(shape, gen, low, high);
   x.requires_grad_();
   return x;
+}
+
+inline std::string raw_bytes(const Tensor& t) {
+  const char* p = t.dtype() == DType::f32 ? reinterpret_cast<const char*>(t.data<float>())
+                                          : reinterpret_cast<const char*>(t.data<int32_t>());
+  return std::string(p, static_cast<size_t>(t.numel()) * dtype_size(t.dtype()));
+}
+
+inline bool same_bytes(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && a.dtype() == b.dtype() && raw_bytes(a) == raw_bytes(b);
 }
 
 struct TempDir {

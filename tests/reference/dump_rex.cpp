@@ -87,16 +87,12 @@ int run(int argc, char** argv) {
       {"loss", result.loss},
       {"lm_loss", result.lm_loss},
       {"aux_loss", result.aux_loss.defined() ? result.aux_loss : rex::scalar(0.0f)}};
-  std::vector<rex::optim::Parameter> params;
-  for (const auto& [name, p] : model.named_parameters()) {
+  for (const auto& [name, p] : model.named_parameters())
     expected["grad." + name] = p.grad().defined() ? p.grad().clone() : rex::zeros(p.shape());
-    params.push_back({name, p, p.rank() >= 2});
-  }
-  const double norm = rex::optim::clip_grad_norm(params, config.train.grad_clip);
   const rex::nn::TrainConfig& t = config.train;
-  rex::optim::AdamW optimizer(
-      params, {static_cast<float>(t.beta1), static_cast<float>(t.beta2), static_cast<float>(t.eps),
-               static_cast<float>(t.weight_decay)});
+  rex::optim::AdamW optimizer(rex::optim::decay_matrices(model.named_parameters()),
+                              rex::optim::adamw_options(t));
+  const double norm = rex::optim::clip_grad_norm(optimizer.parameters(), t.grad_clip);
   optimizer.step(static_cast<float>(t.lr));
   for (const auto& [name, p] : model.named_parameters()) expected["after." + name] = p.detach();
   char norm_text[64];

@@ -95,10 +95,11 @@ inline Tensor dispatch_experts(const Tensor& x, const Tensor& indices, const Ten
   Tensor sorted_slot = Tensor::empty({slots}, DType::i32);   // slot id at each sorted position
   Tensor sorted_token = Tensor::empty({slots}, DType::i32);  // its token
   std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
+  int32_t *slot_at = sorted_slot.data<int32_t>(), *token_at = sorted_token.data<int32_t>();
   for (int64_t s = 0; s < slots; ++s) {
     const int64_t pos = cursor[static_cast<size_t>(expert_of_slot[s])]++;
-    sorted_slot.data<int32_t>()[pos] = static_cast<int32_t>(s);
-    sorted_token.data<int32_t>()[pos] = static_cast<int32_t>(s / k);
+    slot_at[pos] = static_cast<int32_t>(s);
+    token_at[pos] = static_cast<int32_t>(s / k);
   }
   if (counts) {
     counts->assign(static_cast<size_t>(pool), 0);
@@ -161,8 +162,6 @@ class MoeLayer : public Module {
     return out;
   }
 
-  // Pool positions this layer would own in a vanilla model: [first, first + N).
-  int64_t first_own_expert() const { return (layer_ % config_.reuse) * config_.experts_per_layer; }
   const ExpertTable& table() const { return *table_; }
 
   std::shared_ptr<Linear> router;  // weight [P, d]

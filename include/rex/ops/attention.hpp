@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "rex/backend/cpu/arrays.hpp"
 #include "rex/backend/cpu/gemm.hpp"
 #include "rex/core/parallel.hpp"
 #include "rex/ops/elementwise.hpp"
@@ -47,12 +48,6 @@ inline int64_t check_attention_inputs(std::string_view op, const Tensor& q, cons
   return q.dim(1) / k.dim(1);
 }
 
-// A row of the [T, T] score matrix as an Eigen array, so that exp and the sums are vectorised.
-// Eigen computes the elements before the first aligned one with scalar code, and its scalar and
-// vectorised exp can differ in the last bit; the matrices are therefore Eigen arrays (aligned the
-// same way in every run), never std::vector, whose address would make results vary by run.
-using RowArray = Eigen::Map<Eigen::ArrayXf>;
-
 // s[T, T] = scale * q k^T (q and k are [T, D]); entries above the diagonal are left unspecified.
 inline void attention_scores(const float* q, const float* k, float* s, int64_t time,
                              int64_t head_dim, float scale) {
@@ -78,11 +73,11 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
   REX_PARALLEL_FOR(if (batch * heads > 1))
   for (int64_t bh = 0; bh < batch * heads; ++bh) {
     const int64_t kv = (bh / heads) * kv_heads + (bh % heads) / group;
-    Eigen::ArrayXf p(time * time);  // 64-byte aligned: see RowArray
+    Eigen::ArrayXf p(time * time);  // not std::vector: see backend/cpu/arrays.hpp
     detail::attention_scores(pq + bh * block, pk + kv * block, p.data(), time, head_dim, scale);
     for (int64_t i = 0; i < time; ++i) {
       float* row = p.data() + i * time;
-      detail::RowArray visible(row, i + 1);  // the keys query i may see (Eigen: vectorised exp)
+      detail::ArrayMap visible(row, i + 1);  // the keys query i may see (Eigen: vectorised exp)
       const float peak = visible.maxCoeff();
       visible = (visible - peak).exp();
       const double total = visible.cast<double>().sum();
@@ -118,7 +113,7 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
             detail::attention_scores(q_h, k_h, p.data(), time, head_dim, scale);
             for (int64_t i = 0; i < time; ++i) {
               float* row = p.data() + i * time;
-              detail::RowArray visible(row, i + 1);
+              detail::ArrayMap visible(row, i + 1);
               visible = (visible - pl[bh * time + i]).exp();
               std::fill(row + i + 1, row + time, 0.0f);
             }
@@ -129,8 +124,8 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
             // dS (already times the scale s) = s P * (dP - rowsum(dP * P)), with dP = dO v^T.
             detail::gemm(g_h, v_h, ds.data(), time, time, head_dim, false, true);
             for (int64_t i = 0; i < time; ++i) {
-              const detail::RowArray prow(p.data() + i * time, i + 1);
-              detail::RowArray drow(ds.data() + i * time, i + 1);
+              const detail::ArrayMap prow(p.data() + i * time, i + 1);
+              detail::ArrayMap drow(ds.data() + i * time, i + 1);
               const auto centre =
                   static_cast<float>((drow.cast<double>() * prow.cast<double>()).sum());
               drow = scale * prow * (drow - centre);

@@ -7,11 +7,10 @@
 //   pointwise_linear      y = f(x), dx = g * slope   (saves nothing; scalar add/mul)
 #pragma once
 
-#include <Eigen/Core>
 #include <cmath>
 #include <numbers>
 
-#include "rex/core/parallel.hpp"
+#include "rex/backend/cpu/arrays.hpp"
 #include "rex/ops/broadcast.hpp"
 
 namespace rex {
@@ -218,22 +217,6 @@ inline Tensor gelu(const Tensor& x) {
 }
 
 // ---- fused -----------------------------------------------------------------------------------
-
-namespace detail {
-
-// Runs f(first, count) over [0, n) in chunks, in parallel when n is large enough to pay for it.
-template <class F>
-void for_each_chunk(int64_t n, F f) {
-  constexpr int64_t kChunk = 16384;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  REX_PARALLEL_FOR(if (chunks > 1))
-  for (int64_t c = 0; c < chunks; ++c) f(c * kChunk, std::min(kChunk, n - c * kChunk));
-}
-
-using ArrayMap = Eigen::Map<Eigen::ArrayXf>;
-using ConstArrayMap = Eigen::Map<const Eigen::ArrayXf>;
-
-}  // namespace detail
 
 // swiglu(a, b) = silu(a) * b, the gate of a SwiGLU FFN, in one pass (a and b of the same shape).
 // With s = sigmoid(a):  y = a s b,  da = g b s (1 + a (1 - s)),  db = g a s.

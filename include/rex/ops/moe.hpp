@@ -19,17 +19,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "rex/backend/cpu/arrays.hpp"
 #include "rex/backend/cpu/gemm.hpp"
 #include "rex/core/parallel.hpp"
 #include "rex/ops/common.hpp"
 
 namespace rex {
-namespace detail {
-
-using ConstArrayRows = Eigen::Map<const Eigen::ArrayXf>;
-
-}  // namespace detail
-
 inline Tensor grouped_swiglu(const Tensor& x, const std::vector<int64_t>& offsets,
                              const std::vector<Tensor>& gate, const std::vector<Tensor>& up,
                              const std::vector<Tensor>& down) {
@@ -67,7 +62,7 @@ inline Tensor grouped_swiglu(const Tensor& x, const std::vector<int64_t>& offset
     float* u = pre_up.data<float>() + first * h;
     detail::gemm(px + first * d, gate[e].data<float>(), g, m, h, d, false, true);
     detail::gemm(px + first * d, up[e].data<float>(), u, m, h, d, false, true);
-    const detail::ConstArrayRows gv(g, m * h), uv(u, m * h);
+    const detail::ConstArrayMap gv(g, m * h), uv(u, m * h);
     const Eigen::ArrayXf a = gv / (1.0f + (-gv).exp()) * uv;
     detail::gemm(a.data(), down[e].data<float>(), y.data<float>() + first * d, m, d, h, false,
                  true);
@@ -98,7 +93,7 @@ inline Tensor grouped_swiglu(const Tensor& x, const std::vector<int64_t>& offset
           if (m == 0) continue;
           const Tensor &w_gate = weights[e], &w_up = weights[experts + e],
                        &w_down = weights[2 * experts + e];
-          const detail::ConstArrayRows gv(pre_gate.data<float>() + first * h, m * h),
+          const detail::ConstArrayMap gv(pre_gate.data<float>() + first * h, m * h),
               uv(pre_up.data<float>() + first * h, m * h);
           const Eigen::ArrayXf s = 1.0f / (1.0f + (-gv).exp());
           const Eigen::ArrayXf silu_g = gv * s;

@@ -19,7 +19,6 @@
 // optimiser's buffers, which keep changing as it steps.
 #pragma once
 
-#include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
 #include <map>
@@ -29,8 +28,9 @@
 #include <vector>
 
 #include "rex/autograd/graph.hpp"
+#include "rex/backend/cpu/arrays.hpp"
 #include "rex/core/factory.hpp"
-#include "rex/core/parallel.hpp"
+#include "rex/nn/config.hpp"
 
 namespace rex::optim {
 
@@ -45,6 +45,21 @@ struct Parameter {
   Tensor tensor;
   bool decay = true;
 };
+
+// The AdamW settings of a run's training config (kept in f32, as the update uses them).
+inline AdamWOptions adamw_options(const nn::TrainConfig& t) {
+  return {static_cast<float>(t.beta1), static_cast<float>(t.beta2), static_cast<float>(t.eps),
+          static_cast<float>(t.weight_decay)};
+}
+
+// One Parameter per (name, tensor) pair, e.g. from nn::Module::named_parameters(), with the
+// paper's decay rule: matrices decay, vectors (norm gains, biases) do not.
+inline std::vector<Parameter> decay_matrices(
+    const std::vector<std::pair<std::string, Tensor>>& named) {
+  std::vector<Parameter> params;
+  for (const auto& [name, tensor] : named) params.push_back({name, tensor, tensor.rank() >= 2});
+  return params;
+}
 
 class AdamW {
  public:
@@ -96,9 +111,9 @@ class AdamW {
       const int64_t n = g.numel();
       // Eigen arrays vectorise the sqrt and the division, which a plain loop cannot be (std::sqrt
       // may set errno); the expressions keep PyTorch's order of operations.
-      Eigen::Map<Eigen::ArrayXf> w(params_[i].tensor.data<float>(), n),
-          m(s.exp_avg.data<float>(), n), v(s.exp_avg_sq.data<float>(), n);
-      const Eigen::Map<const Eigen::ArrayXf> grad(g.data<float>(), n);
+      detail::ArrayMap w(params_[i].tensor.data<float>(), n), m(s.exp_avg.data<float>(), n),
+          v(s.exp_avg_sq.data<float>(), n);
+      const detail::ConstArrayMap grad(g.data<float>(), n);
       if (params_[i].decay) w *= keep;
       const double bias1 = 1.0 - std::pow(beta1_d, static_cast<double>(s.step));
       const double bias2 = 1.0 - std::pow(beta2_d, static_cast<double>(s.step));

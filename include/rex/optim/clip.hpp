@@ -7,12 +7,11 @@
 // on the next step, is reported with the first parameter whose gradient holds a NaN or an infinity.
 #pragma once
 
-#include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-#include "rex/core/parallel.hpp"
+#include "rex/backend/cpu/arrays.hpp"
 #include "rex/optim/adamw.hpp"
 
 namespace rex::optim {
@@ -28,8 +27,7 @@ inline double clip_grad_norm(const std::vector<Parameter>& params, double max_no
     const Tensor g = params[i].tensor.grad();
     if (!g.defined()) continue;
     // Eigen's vectorised reduction: a fixed summation tree, so the same on every run.
-    own[i] =
-        Eigen::Map<const Eigen::ArrayXf>(g.data<float>(), g.numel()).cast<double>().square().sum();
+    own[i] = detail::ConstArrayMap(g.data<float>(), g.numel()).cast<double>().square().sum();
   }
   double sum_sq = 0.0;
   const Parameter* first_non_finite = nullptr;
