@@ -24,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 # OpenBLAS (PyTorch's BLAS here) starts its own threads, one per core, beside PyTorch's OpenMP
@@ -44,30 +45,6 @@ DEFAULT_CONFIGS = {
 VOCAB = 73  # the King James Bible's byte vocabulary
 
 
-def full_config(path):
-    """The config file with every default filled in (as rex would see it), and the vocab set."""
-    defaults = {
-        "model": {"vocab_size": VOCAB, "d_model": 128, "n_layers": 4, "n_heads": 4,
-                  "n_kv_heads": 2, "context": 64, "ffn": "moe", "d_ff": 512,
-                  "rope_theta": 10000.0, "norm_eps": 1e-5, "tie_embeddings": True,
-                  "init_std": 0.02},
-        "moe": {"experts_per_layer": 4, "top_k": 2, "d_expert": 256, "reuse": 4,
-                "shared_experts": 0, "renormalize": False, "aux_loss_coef": 0.01,
-                "z_loss_coef": 0.0},
-        "psr": {"schedule": "none", "t_start": 200, "t_end": 1200},
-        "train": {"steps": 1500, "batch_size": 12, "lr": 0.003, "min_lr_ratio": 0.1,
-                  "warmup": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95,
-                  "eps": 1e-8, "grad_clip": 1.0, "seed": 1},
-    }
-    with open(path) as f:
-        given = json.load(f)
-    for section, values in given.items():
-        defaults.setdefault(section, {}).update(values)
-    defaults["model"]["vocab_size"] = VOCAB
-    defaults["psr"]["schedule"] = "none"
-    return defaults
-
-
 def training_flops(cfg):
     """FLOPs of one training step (forward + backward = 3 x forward), counting matmuls only."""
     m, e, t = cfg["model"], cfg["moe"], cfg["train"]
@@ -84,20 +61,27 @@ def training_flops(cfg):
 
 
 class RexServer:
-    def __init__(self, server, config_path, cfg, threads):
+    def __init__(self, server, config_path, threads):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         args = [server, "--config", config_path, "--set", f"model.vocab_size={VOCAB}",
                 "--set", "psr.schedule=none"]
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, env=env)
 
-    def ask(self, command):
+    def answer(self, command):
         self.process.stdin.write(command + "\n")
         self.process.stdin.flush()
-        line = self.process.stdout.readline().split()
+        line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"train_step_server stopped answering '{command}'")
-        return [float(v) for v in line[1:]]
+        return line
+
+    def ask(self, command):
+        return [float(v) for v in self.answer(command).split()[1:]]
+
+    def config(self):
+        """The configuration rex trains, every default filled in: the twin is built from it."""
+        return json.loads(self.answer("config"))
 
     def steps(self, n):
         return self.ask(f"steps {n}")[0] / 1000.0
@@ -113,8 +97,7 @@ class TorchTrainer:
         torch.manual_seed(cfg["train"]["seed"])
         self.model = twin.Transformer(cfg)
         t = cfg["train"]
-        params = dict(self.model.named_parameters())
-        self.params = list(params.values())
+        self.params = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": t["weight_decay"]},
              {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}],
@@ -164,12 +147,15 @@ def status_mib(key):
     return float("nan")
 
 
-def torch_memory(config_path, threads, steps=10):
+def torch_memory(cfg, threads, steps=10):
     """Peak resident memory of a fresh process that imports PyTorch and trains `steps` steps, and
     its resident memory right after the import (the baseline). Run as a child of this script."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-memory", config_path,
-                          "--threads", str(threads), "--steps", str(steps)],
-                         check=True, capture_output=True, text=True).stdout.split()
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as config_file:
+        json.dump(cfg, config_file)
+        config_file.flush()
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-memory",
+                              config_file.name, "--threads", str(threads), "--steps", str(steps)],
+                             check=True, capture_output=True, text=True).stdout.split()
     return float(out[0]), float(out[1])
 
 
@@ -194,12 +180,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--config", action="append", default=[],
                         help="NAME=FILE (default: dense and rex_r4 from examples/configs)")
-    parser.add_argument("--torch-memory", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-memory", metavar="FULL_CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_memory:  # child mode of torch_memory()
         torch.set_num_threads(int(args.threads))
         baseline = status_mib("VmRSS")
-        TorchTrainer(full_config(args.torch_memory)).steps(args.steps)
+        with open(args.torch_memory) as config_file:
+            TorchTrainer(json.load(config_file)).steps(args.steps)
         print(status_mib("VmHWM"), baseline)
         return
     if not os.path.exists(args.server):
@@ -212,12 +199,14 @@ def main():
           f"{args.repeats} repeats of {args.steps} steps after {args.warmup} warm-up blocks")
     rows = []
     for name, path in configs.items():
-        cfg = full_config(path)
+        probe = RexServer(args.server, path, 1)
+        cfg = probe.config()
+        probe.close()
         tokens = cfg["train"]["batch_size"] * cfg["model"]["context"]
         flops = training_flops(cfg)
         for threads in threads_list:
             torch.set_num_threads(threads)
-            rex = RexServer(args.server, path, cfg, threads)
+            rex = RexServer(args.server, path, threads)
             peak = max(torch_gemm_gflops(), rex.ask("gemm 1024")[0])
             trainer = TorchTrainer(cfg)
             for _ in range(args.warmup):
@@ -234,7 +223,7 @@ def main():
             rex_rss = rex.ask("rss")[0] / 1024
             rex.close()
             torch_saved = trainer.saved_bytes()
-            torch_peak, torch_base = torch_memory(path, threads)
+            torch_peak, torch_base = torch_memory(cfg, threads)
             rex_gflops = flops / (rex_ms / 1000) / 1e9
             rows.append((name, threads, rex_ms, torch_ms, tokens, rex_gflops, peak, kept,
                          torch_saved, step_peak, rex_rss, torch_peak, torch_base))

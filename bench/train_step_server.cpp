@@ -8,6 +8,7 @@
 //   rss       -> "rss KIB"  peak resident memory of this process
 //   memory    -> "memory A P"  bytes of tensors a forward pass keeps alive for backward (A), and
 //                the peak bytes of live tensors during one whole training step (P)
+//   config    -> the run configuration with every default filled in, as one JSON line
 //   gemm N    -> "gemm G"   rex's best GFLOP/s of 5 N x N x N products (the machine's GEMM peak)
 //   quit
 // Batches are drawn from random token ids (the speed does not depend on the text) with a fixed
@@ -63,11 +64,9 @@ int run(int argc, char** argv) {
   const rex::nn::TrainConfig& t = config.train;
 
   rex::nn::TransformerLM model(config.model, t.seed);
-  std::vector<rex::optim::Parameter> params;
-  for (const auto& [name, p] : model.named_parameters()) params.push_back({name, p, p.rank() >= 2});
-  rex::optim::AdamW optimizer(
-      params, {static_cast<float>(t.beta1), static_cast<float>(t.beta2), static_cast<float>(t.eps),
-               static_cast<float>(t.weight_decay)});
+  rex::optim::AdamW optimizer(rex::optim::decay_matrices(model.named_parameters()),
+                              rex::optim::adamw_options(t));
+  const std::vector<rex::optim::Parameter>& params = optimizer.parameters();
   rex::Generator gen(t.seed + 1);
   const int64_t batch = t.batch_size, time = config.model.context;
   auto random_ids = [&] {
@@ -116,6 +115,8 @@ int run(int argc, char** argv) {
       ++step;
       std::printf("memory %lld %lld\n", static_cast<long long>(kept),
                   static_cast<long long>(rex::peak_allocated_bytes() - base));
+    } else if (command == "config") {
+      std::printf("%s\n", rex::io::to_json(config).dump().c_str());
     } else if (command == "gemm") {
       int64_t n = 0;
       REX_CHECK(std::cin >> n && n > 0, "train_step_server: gemm expects a size");
