@@ -3,6 +3,7 @@
 
     python3 bench/bench_train.py [--server build/bench/train_step_server] [--threads 1,2]
                                  [--repeats 15] [--steps 4] [--warmup 3] [--config NAME=FILE ...]
+                                 [--device cpu|cuda] [--tf32] [--compile]
 
 For each config and thread count, rex (bench/train_step_server, a subprocess) and the PyTorch twin
 (tests/reference/twin.py's Transformer, in this process) alternate blocks of --steps training steps
@@ -17,6 +18,12 @@ Both sides train the same architecture from the same JSON config, on a fixed ran
 masking is switched off (psr.schedule = none) since it does not change the work per step. Their
 equality is the business of the twin tests (ctest -R twin), not of this script. PyTorch runs with
 OPENBLAS_NUM_THREADS=1 (see below) and torch.set_num_threads(threads).
+
+With --device cuda both run on the GPU (threads do not apply; the defaults become the GPU-sized
+configs gpu_dense and gpu_rex_r4), every timing waits for the GPU, the GEMM peak is the best 4096^3
+product, --tf32 lets both sides use TF32 tensor cores for GEMMs, and --compile adds a third runner,
+the twin under torch.compile (PyTorch 2.x). The twin's attention is then PyTorch's fused
+scaled_dot_product_attention. The memory table is CPU-only.
 """
 import argparse
 import json
@@ -42,7 +49,16 @@ DEFAULT_CONFIGS = {
     "dense": os.path.join(ROOT, "examples", "configs", "dense.json"),
     "rex_r4": os.path.join(ROOT, "examples", "configs", "tiny_rex.json"),
 }
+GPU_CONFIGS = {
+    "gpu_dense": os.path.join(ROOT, "examples", "configs", "gpu_dense.json"),
+    "gpu_rex_r4": os.path.join(ROOT, "examples", "configs", "gpu_rex_r4.json"),
+}
 VOCAB = 73  # the King James Bible's byte vocabulary
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def training_flops(cfg):
@@ -61,10 +77,10 @@ def training_flops(cfg):
 
 
 class RexServer:
-    def __init__(self, server, config_path, threads):
+    def __init__(self, server, config_path, threads, device="cpu", tf32=False):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         args = [server, "--config", config_path, "--set", f"model.vocab_size={VOCAB}",
-                "--set", "psr.schedule=none"]
+                "--set", "psr.schedule=none", "--device", device, "--tf32", str(int(tf32))]
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, env=env)
 
@@ -93,9 +109,10 @@ class RexServer:
 
 
 class TorchTrainer:
-    def __init__(self, cfg):
+    def __init__(self, cfg, device="cpu", compiled=False):
         torch.manual_seed(cfg["train"]["seed"])
-        self.model = twin.Transformer(cfg)
+        self.device = device
+        self.model = twin.Transformer(cfg).to(device)
         t = cfg["train"]
         self.params = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(
@@ -103,24 +120,28 @@ class TorchTrainer:
              {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}],
             lr=t["lr"], betas=(t["beta1"], t["beta2"]), eps=t["eps"])
         batch, time_steps = t["batch_size"], cfg["model"]["context"]
-        self.ids = torch.randint(0, VOCAB, (batch, time_steps))
-        self.targets = torch.randint(0, VOCAB, (batch, time_steps))
+        self.ids = torch.randint(0, VOCAB, (batch, time_steps), device=device)
+        self.targets = torch.randint(0, VOCAB, (batch, time_steps), device=device)
         layers = cfg["model"]["n_layers"]
         pool = cfg["moe"]["reuse"] * cfg["moe"]["experts_per_layer"]
-        self.keeps = [torch.ones(pool) for _ in range(layers)] if self.model.is_moe else None
+        self.keeps = ([torch.ones(pool, device=device) for _ in range(layers)]
+                      if self.model.is_moe else None)
         self.clip = t["grad_clip"]
+        self.forward = torch.compile(self.model) if compiled else self.model
 
     def step(self):
-        _, loss, _, _ = self.model(self.ids, self.targets, self.keeps)
+        _, loss, _, _ = self.forward(self.ids, self.targets, self.keeps)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def steps(self, n):
+        synchronize(self.device)
         start = time.perf_counter()
         for _ in range(n):
             self.step()
+        synchronize(self.device)
         return time.perf_counter() - start
 
     def saved_bytes(self):
@@ -159,13 +180,15 @@ def torch_memory(cfg, threads, steps=10):
     return float(out[0]), float(out[1])
 
 
-def torch_gemm_gflops(size=1024, repeats=5):
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def torch_gemm_gflops(size=1024, repeats=5, device="cpu"):
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best / 1e9
 
@@ -180,8 +203,14 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--config", action="append", default=[],
                         help="NAME=FILE (default: dense and rex_r4 from examples/configs)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--tf32", action="store_true", help="TF32 GEMMs on both sides (CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the twin under torch.compile (CUDA)")
     parser.add_argument("--torch-memory", metavar="FULL_CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda":
+        return main_cuda(args)
     if args.torch_memory:  # child mode of torch_memory()
         torch.set_num_threads(int(args.threads))
         baseline = status_mib("VmRSS")
@@ -257,6 +286,51 @@ def main():
         print(f"{name}: rex at its best ({best_rex[1]} threads, {best_rex[2]:.2f} ms/step) is "
               f"{best_torch[3] / best_rex[2]:.2f}x PyTorch at its best ({best_torch[1]} threads, "
               f"{best_torch[3]:.2f} ms/step) in tokens/s")
+
+
+def main_cuda(args):
+    """The GPU benchmark: rex, PyTorch eager and (with --compile) torch.compile, interleaved."""
+    if not torch.cuda.is_available():
+        sys.exit("bench_train: --device cuda but PyTorch sees no GPU")
+    twin.FUSED_ATTENTION = hasattr(torch.nn.functional, "scaled_dot_product_attention")
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    configs = dict(c.split("=", 1) for c in args.config) or GPU_CONFIGS
+    print(f"bench_train: torch {torch.__version__} on {torch.cuda.get_device_name()}, "
+          f"TF32 {'on' if args.tf32 else 'off'}, {args.repeats} repeats of {args.steps} steps "
+          f"after {args.warmup} warm-up blocks")
+    rows = []
+    for name, path in configs.items():
+        rex = RexServer(args.server, path, 1, "cuda", args.tf32)
+        cfg = rex.config()
+        tokens = cfg["train"]["batch_size"] * cfg["model"]["context"]
+        flops = training_flops(cfg)
+        peak = max(torch_gemm_gflops(4096, device="cuda"), rex.ask("gemm 4096")[0])
+        runners = [("rex", rex), ("eager", TorchTrainer(cfg, "cuda"))]
+        if args.compile:
+            runners.append(("compile", TorchTrainer(cfg, "cuda", compiled=True)))
+        for _ in range(args.warmup):
+            for _, runner in runners:
+                runner.steps(args.steps)
+        times = {label: [] for label, _ in runners}
+        for repeat in range(args.repeats):
+            order = runners[repeat % len(runners):] + runners[:repeat % len(runners)]
+            for label, runner in order:
+                times[label].append(runner.steps(args.steps) / args.steps)
+        rex.close()
+        ms = {label: statistics.median(values) * 1000 for label, values in times.items()}
+        rows.append((name, tokens, flops, peak, ms))
+        print(f"{name}: " + "  ".join(f"{label} {value:.2f} ms/step" for label, value in ms.items()),
+              flush=True)
+    print()
+    print("| config | runner | ms/step | tokens/s | rex speed-up | TFLOP/s | of GEMM peak |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, tokens, flops, peak, ms in rows:
+        for label, value in ms.items():
+            tflops = flops / (value / 1000) / 1e12
+            print(f"| {name} | {label} | {value:.2f} | {tokens / value * 1000:.0f} |"
+                  f" {value / ms['rex']:.2f}x | {tflops:.1f} | {tflops * 1e3 / peak:.1%}"
+                  f" ({peak / 1e3:.0f}) |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 // train_step_server: rex's side of bench/bench_train.py. Builds a model from a config and runs
 // training steps on command, so that the Python driver can interleave rex and PyTorch in one run.
 //
-//   train_step_server --config FILE.json [--set section.key=value ...]
+//   train_step_server --config FILE.json [--set section.key=value ...] [--device cpu|cuda]
+//                     [--tf32 0|1]
 // then reads commands on stdin, one per line, and answers one line each:
 //   steps N   -> "ms T"     N training steps (forward, backward, clipping, AdamW), T = wall ms
 //   loss      -> "loss L"   the loss of the last step
@@ -43,7 +44,8 @@ int64_t peak_rss_kib() {
 }
 
 int run(int argc, char** argv) {
-  std::string config_path;
+  std::string config_path, device_name = "cpu";
+  bool tf32 = false;
   std::vector<std::string> overrides;
   REX_CHECK(argc % 2 == 1, "train_step_server: every flag needs a value");
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -52,6 +54,12 @@ int run(int argc, char** argv) {
       config_path = argv[i + 1];
     } else if (flag == "--set") {
       overrides.push_back(argv[i + 1]);
+    } else if (flag == "--device") {
+      device_name = argv[i + 1];
+      REX_CHECK(device_name == "cpu" || device_name == "cuda",
+                "train_step_server: --device must be cpu or cuda");
+    } else if (flag == "--tf32") {
+      tf32 = std::string(argv[i + 1]) == "1";
     } else {
       throw rex::Error("train_step_server: unknown flag " + flag);
     }
@@ -63,7 +71,18 @@ int run(int argc, char** argv) {
   REX_CHECK(config.model.vocab_size > 0, "train_step_server: set model.vocab_size");
   const rex::nn::TrainConfig& t = config.train;
 
+  const rex::Device device = device_name == "cuda" ? rex::Device::cuda() : rex::Device::cpu();
+  if (device.is_cuda()) {
+    REX_CHECK(rex::detail::cuda_backend().device_count() > 0,
+              "train_step_server: --device cuda but no CUDA device was found");
+    rex::detail::cuda_backend().set_tf32(tf32);
+  }
+  // Work on the GPU is asynchronous: timings wait for it to finish.
+  auto finish = [&] {
+    if (device.is_cuda()) rex::detail::cuda_backend().synchronize();
+  };
   rex::nn::TransformerLM model(config.model, t.seed);
+  model.to(device);
   rex::optim::AdamW optimizer(rex::optim::decay_matrices(model.named_parameters()),
                               rex::optim::adamw_options(t));
   const std::vector<rex::optim::Parameter>& params = optimizer.parameters();
@@ -73,7 +92,7 @@ int run(int argc, char** argv) {
     std::vector<int32_t> ids(static_cast<size_t>(batch * time));
     for (int32_t& id : ids)
       id = static_cast<int32_t>(gen.below(static_cast<uint64_t>(config.model.vocab_size)));
-    return rex::from_vector(ids, {batch, time});
+    return rex::from_vector(ids, {batch, time}).to(device);
   };
   const rex::Tensor ids = random_ids(), targets = random_ids();
 
@@ -93,6 +112,7 @@ int run(int argc, char** argv) {
         optimizer.zero_grad();
         last_loss = out.loss.item();
       }
+      finish();
       const std::chrono::duration<double, std::milli> ms = std::chrono::steady_clock::now() - start;
       std::printf("ms %.6f\n", ms.count());
     } else if (command == "loss") {
@@ -120,11 +140,14 @@ int run(int argc, char** argv) {
     } else if (command == "gemm") {
       int64_t n = 0;
       REX_CHECK(std::cin >> n && n > 0, "train_step_server: gemm expects a size");
-      const rex::Tensor a = rex::normal({n, n}, gen), b = rex::normal({n, n}, gen);
+      const rex::Tensor a = rex::normal({n, n}, gen).to(device);
+      const rex::Tensor b = rex::normal({n, n}, gen).to(device);
       double best = 1e300;
       for (int repeat = 0; repeat < 6; ++repeat) {
+        finish();
         const auto start = std::chrono::steady_clock::now();
         const rex::Tensor c = rex::matmul(a, b);
+        finish();
         const std::chrono::duration<double> seconds = std::chrono::steady_clock::now() - start;
         if (repeat > 0) best = std::min(best, seconds.count());
       }

@@ -147,11 +147,21 @@ Options parse_args(int argc, char** argv) {
     }
   }
   if (o.device != "cpu" && o.device != "cuda") usage_error("--device must be cpu or cuda");
-  if (o.device == "cuda")
-    throw rex::Error(
-        "--device cuda: this version of rex has no CUDA tensor backend yet, so training runs on "
-        "the CPU only; use --device cpu");
   return o;
+}
+
+// The device named by --device; CUDA needs a build linked with rex::cuda and a GPU.
+rex::Device chosen_device(const Options& o) {
+  if (o.device == "cpu") return rex::Device::cpu();
+  int gpus = 0;
+  try {
+    gpus = rex::detail::cuda_backend().device_count();
+  } catch (const rex::Error& e) {
+    throw rex::Error(std::string("--device cuda: ") + e.what());
+  }
+  REX_CHECK(gpus > 0,
+            "--device cuda: no CUDA device was found (no GPU or no driver); use --device cpu");
+  return rex::Device::cuda();
 }
 
 std::string format_duration(double seconds) {
@@ -209,12 +219,13 @@ struct Evaluation {
 // Mean cross-entropy over the same train.eval_batches validation batches every time, with the PSR
 // mask of the step the model has reached.
 Evaluation evaluate(const rex::nn::TransformerLM& model, const rex::data::BatchSampler& sampler,
-                    int64_t batches, const rex::nn::RoutingStep& at) {
+                    int64_t batches, const rex::nn::RoutingStep& at, rex::Device device) {
   rex::NoGradGuard no_grad;
   Evaluation out;
   for (int64_t i = 0; i < batches; ++i) {
     const rex::data::Batch batch = sampler.sample(static_cast<uint64_t>(i));
-    const rex::nn::LmOutput result = model.forward(batch.inputs, batch.targets, at);
+    const rex::nn::LmOutput result =
+        model.forward(batch.inputs.to(device), batch.targets.to(device), at);
     out.val_loss += result.lm_loss.item() / static_cast<double>(batches);
     if (out.expert_counts.empty()) out.expert_counts.resize(result.expert_counts.size());
     for (size_t l = 0; l < result.expert_counts.size(); ++l) {
@@ -277,8 +288,10 @@ std::string generate(const rex::nn::TransformerLM& model, const rex::data::CharT
     const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(ids.size()) - context);
     std::vector<int32_t> window(ids.begin() + start, ids.end());
     const int64_t time = static_cast<int64_t>(window.size());
+    const rex::Device device = model.named_parameters().front().second.device();
     const rex::Tensor logits =
-        model.forward(rex::from_vector(window, {1, time}), rex::Tensor(), at).logits;
+        model.forward(rex::from_vector(window, {1, time}).to(device), rex::Tensor(), at)
+            .logits.to(rex::Device::cpu());
     const float* row = logits.data<float>() + (time - 1) * vocab;
     int32_t next = 0;
     if (temperature == 0) {
@@ -395,12 +408,17 @@ int train(const Options& o) {
     usage_error(out + " already holds a run: continue it with --resume " + out +
                 ", or pass --overwrite to start again");
 
+  // The model is built (and resumed) on the host, then moved; the optimiser's moments are created
+  // on the parameters' device. Checkpoints are host tensors either way, so they move freely
+  // between CPU and CUDA runs.
+  const rex::Device device = chosen_device(o);
   rex::nn::TransformerLM model(config.model, t.seed);
+  if (saved) model.load_parameters(saved->model, rex::io::checkpoint_path(o.resume_dir));
+  model.to(device);
   rex::optim::AdamW optimizer(rex::optim::decay_matrices(model.named_parameters()),
                               rex::optim::adamw_options(t));
   int64_t step = 0;  // completed optimizer steps
   if (saved) {
-    model.load_parameters(saved->model, rex::io::checkpoint_path(o.resume_dir));
     optimizer.load_state(saved->optimizer);
     step = saved->step;
   }
@@ -436,7 +454,8 @@ int train(const Options& o) {
     rex::io::save_checkpoint(out, model, optimizer, config, corpus.tokenizer, step, corpus_info);
   };
   auto run_eval = [&](int64_t candidates) {
-    const Evaluation eval = evaluate(model, val_batches, t.eval_batches, after_steps(step, t.seed));
+    const Evaluation eval =
+        evaluate(model, val_batches, t.eval_batches, after_steps(step, t.seed), device);
     metrics.write({{"kind", "eval"}, {"step", step}, {"val_loss", eval.val_loss}});
     std::printf("eval  step %6lld | val_loss %.4f\n", static_cast<long long>(step), eval.val_loss);
     if (is_moe)
@@ -454,7 +473,8 @@ int train(const Options& o) {
     const float lr = schedule.lr(step);
     const rex::nn::RoutingStep at{step, t.seed};
     const rex::data::Batch batch = train_batches.sample(static_cast<uint64_t>(step));
-    const rex::nn::LmOutput result = model.forward(batch.inputs, batch.targets, at);
+    const rex::nn::LmOutput result =
+        model.forward(batch.inputs.to(device), batch.targets.to(device), at);
     result.loss.backward();
     const double grad_norm = rex::optim::clip_grad_norm(optimizer.parameters(), t.grad_clip);
     optimizer.step(lr);
@@ -528,23 +548,25 @@ struct LoadedModel {
   std::unique_ptr<rex::nn::TransformerLM> model;
 };
 
-LoadedModel load_model(const std::string& dir) {
+LoadedModel load_model(const std::string& dir, rex::Device device) {
   if (dir.empty()) usage_error("--checkpoint DIR is required");
   LoadedModel out{rex::io::load_model_folder(dir), nullptr};
   rex::nn::validate(out.folder.config);
   out.model = std::make_unique<rex::nn::TransformerLM>(out.folder.config.model, 0);
   out.model->load_parameters(out.folder.parameters, rex::io::model_path(dir));
+  out.model->to(device);
   return out;
 }
 
 int eval_only(const Options& o) {
-  LoadedModel loaded = load_model(o.checkpoint_dir);
+  const rex::Device device = chosen_device(o);
+  LoadedModel loaded = load_model(o.checkpoint_dir, device);
   const rex::nn::RunConfig& config = loaded.folder.config;
   const Corpus corpus =
       load_corpus(o.data_path, loaded.folder.tokenizer, config.train.train_fraction);
   const Evaluation eval =
       evaluate(*loaded.model, validation_sampler(corpus, config), config.train.eval_batches,
-               after_steps(loaded.folder.step, config.train.seed));
+               after_steps(loaded.folder.step, config.train.seed), device);
   std::printf(
       "%s\n",
       json({{"val_loss", eval.val_loss},
@@ -557,7 +579,7 @@ int eval_only(const Options& o) {
 }
 
 int sample_only(const Options& o) {
-  LoadedModel loaded = load_model(o.checkpoint_dir);
+  LoadedModel loaded = load_model(o.checkpoint_dir, chosen_device(o));
   const rex::nn::RunConfig& config = loaded.folder.config;
   std::printf("%s%s\n", o.prompt.c_str(),
               generate(*loaded.model, loaded.folder.tokenizer, o.prompt, o.sample, o.temperature,

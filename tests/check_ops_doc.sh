@@ -1,12 +1,12 @@
 #!/bin/sh
-# Keeps docs/ops.md complete: every graph node an op records (detail::record / pointwise_* with a
+# Keeps docs/ops.md complete: every graph node an op records (detail::record / pointwise<Op> with a
 # literal name) must appear in the doc's node column, and every gradient test the doc names must exist
 # as a TEST_CASE. Usage: check_ops_doc.sh REPO_ROOT
 set -eu
 root=$1
 doc="$root/docs/ops.md"
 status=0
-for node in $(perl -0777 -ne 'while (/(?:record|pointwise_\w+)\([^"\[]*?"([a-z_]+)"/g) { print "$1\n" }' \
+for node in $(perl -0777 -ne 'while (/(?:record|pointwise(?:<[^>]*>)?)\([^"\[]*?"([a-z_]+)"/g) { print "$1\n" }' \
                 "$root"/include/rex/ops/*.hpp | sort -u); do
   if ! grep -q "| \`$node\` |" "$doc"; then
     echo "docs/ops.md does not list the node '$node'"

@@ -44,6 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Attention through torch's fused scaled_dot_product_attention instead of the explicit softmax.
+# Off for the twin checks (PyTorch 1.13 has no such kernel); bench_train.py turns it on for the GPU
+# benchmark so that PyTorch runs its best attention.
+FUSED_ATTENTION = False
+
 # Norm-wise relative tolerances, per group. rex and PyTorch compute the same float32 math with
 # different reduction orders (rex sums softmax rows in double, fuses RMSNorm and attention), so they
 # agree to a few ulps, a little less after backward. Each tolerance is ~20-140x the largest error
@@ -158,11 +163,11 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def rope_tables(time, head_dim, theta):
+def rope_tables(time, head_dim, theta, device=None):
     """cos, sin [T, D] for rotate-half RoPE: angles in float64, rounded to float32."""
     half = head_dim // 2
-    inv_freq = theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / head_dim)
-    angle = torch.arange(time, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    inv_freq = theta ** (-2.0 * torch.arange(half, dtype=torch.float64, device=device) / head_dim)
+    angle = torch.arange(time, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
     cos, sin = angle.cos().float(), angle.sin().float()
     return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
 
@@ -184,7 +189,7 @@ class Attention(nn.Module):
 
     def forward(self, x):
         batch, time, _ = x.shape
-        cos, sin = rope_tables(time, self.head_dim, self.theta)
+        cos, sin = rope_tables(time, self.head_dim, self.theta, x.device)
 
         def split(t, n):  # [B, T, n*D] -> [B, n, T, D]
             return t.reshape(batch, time, n, self.head_dim).transpose(1, 2)
@@ -195,10 +200,13 @@ class Attention(nn.Module):
         group = self.heads // self.kv_heads  # query head h reads kv head h // group
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
-        future = torch.ones(time, time, dtype=torch.bool).triu(1)
-        probs = scores.masked_fill(future, float("-inf")).softmax(-1)
-        merged = (probs @ v).transpose(1, 2).reshape(batch, time, self.heads * self.head_dim)
+        if FUSED_ATTENTION:  # PyTorch's own fused kernel, for the GPU benchmark only
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+            future = torch.ones(time, time, dtype=torch.bool, device=x.device).triu(1)
+            out = scores.masked_fill(future, float("-inf")).softmax(-1) @ v
+        merged = out.transpose(1, 2).reshape(batch, time, self.heads * self.head_dim)
         return self.o(merged)
 
 
@@ -289,7 +297,7 @@ class Transformer(nn.Module):
     def forward(self, ids, targets, keeps):
         """Returns logits [B*T, V], loss, lm_loss, aux_loss."""
         h = self.embed(ids)
-        aux_loss = torch.zeros(())
+        aux_loss = torch.zeros((), device=ids.device)
         for index, layer in enumerate(self.layers):
             table = self.expert_tables[index // self.reuse] if self.is_moe else None
             h, aux = layer(h, table, keeps[index] if self.is_moe else None)

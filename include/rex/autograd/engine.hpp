@@ -15,12 +15,15 @@
 #include <vector>
 
 #include "rex/autograd/graph.hpp"
+#include "rex/backend/cuda/dispatch.hpp"
 #include "rex/core/factory.hpp"
 
 namespace rex::detail {
 
 // Returns a + b as a new tensor (neither input may be written: either could be shared).
 inline Tensor sum_of_grads(const Tensor& a, const Tensor& b) {
+  common_device("backward", {a, b});
+  if (on_cuda(a)) return cuda_binary(BinaryOp::add, a, b, "backward");
   Tensor out = Tensor::empty(a.shape());
   const float *pa = a.data<float>(), *pb = b.data<float>();
   float* po = out.data<float>();
@@ -32,6 +35,13 @@ inline Tensor sum_of_grads(const Tensor& a, const Tensor& b) {
 inline void accumulate_leaf_grad(AutogradMeta& leaf, const Tensor& g) {
   if (!leaf.grad.defined()) {
     leaf.grad = g.clone();
+    return;
+  }
+  common_device("backward", {leaf.grad, g});
+  if (on_cuda(g)) {
+    cuda_backend().binary(BinaryOp::add, leaf.grad.device_data<float>(), g.device_data<float>(),
+                          leaf.grad.device_data<float>(),
+                          cuda_broadcast_index("backward", g.shape(), {g.shape(), g.shape()}));
     return;
   }
   float* acc = leaf.grad.data<float>();
@@ -118,7 +128,7 @@ namespace rex {
 inline void Tensor::backward(bool retain_graph) const {
   REX_CHECK(numel() == 1, "backward: called without a gradient on a tensor of shape ", shape(),
             "; pass the output gradient, or reduce to a scalar first");
-  detail::run_backward(*this, ones(shape()), retain_graph);
+  detail::run_backward(*this, ones(shape(), device()), retain_graph);
 }
 
 inline void Tensor::backward(const Tensor& grad_output, bool retain_graph) const {

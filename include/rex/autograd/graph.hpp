@@ -135,4 +135,12 @@ Tensor record(Tensor output, std::string_view op, const std::vector<Tensor>& inp
 }
 
 }  // namespace detail
+
+inline Tensor Tensor::to(Device target) const {
+  if (device() == target) return *this;
+  return detail::record(copy_to(target), "to", {*this}, [from = device()](const Tensor& g) {
+    return detail::GradList{g.copy_to(from)};
+  });
+}
+
 }  // namespace rex

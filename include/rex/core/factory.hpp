@@ -10,10 +10,18 @@
 
 namespace rex {
 
-inline Tensor full(const Shape& shape, float value) { return Tensor::empty(shape).fill_(value); }
-inline Tensor zeros(const Shape& shape) { return full(shape, 0.0f); }
-inline Tensor ones(const Shape& shape) { return full(shape, 1.0f); }
-inline Tensor scalar(float value) { return full(Shape{}, value); }
+inline Tensor full(const Shape& shape, float value, Device device = Device::cpu()) {
+  return Tensor::empty(shape, DType::f32, device).fill_(value);
+}
+inline Tensor zeros(const Shape& shape, Device device = Device::cpu()) {
+  return full(shape, 0.0f, device);
+}
+inline Tensor ones(const Shape& shape, Device device = Device::cpu()) {
+  return full(shape, 1.0f, device);
+}
+inline Tensor scalar(float value, Device device = Device::cpu()) {
+  return full(Shape{}, value, device);
+}
 
 // [0, 1, ..., n-1] as f32 (the default) or i32.
 inline Tensor arange(int64_t n, DType dtype = DType::f32) {

@@ -8,7 +8,11 @@
 // blocks are reused; define REX_KEEP_MALLOC_DEFAULTS before including rex to opt out.
 //
 // rex::allocated_bytes() and rex::peak_allocated_bytes() count the bytes held by live tensor
-// storage (process-wide), e.g. to measure the activation memory a training step keeps for backward.
+// storage (process-wide, host and device together), e.g. to measure the activation memory a
+// training step keeps for backward.
+//
+// CUDA storage comes from rex::cuda's caching allocator through the backend table
+// (rex/backend/cuda/backend.hpp); without rex::cuda, asking for it throws a clear rex::Error.
 #pragma once
 
 #include <atomic>
@@ -20,6 +24,7 @@
 #include <malloc.h>
 #endif
 
+#include "rex/backend/cuda/backend.hpp"
 #include "rex/core/dtype.hpp"
 #include "rex/core/error.hpp"
 
@@ -51,12 +56,15 @@ class Storage {
   static constexpr size_t kAlignment = 64;
 
   Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
-    REX_CHECK(device.is_cpu(), "tensor on ", device,
-              ": this build of rex has no CUDA backend (CPU only)");
-    tune_allocator_once();
-    size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
-    data_ = rounded == 0 ? nullptr : std::aligned_alloc(kAlignment, rounded);
-    REX_CHECK(rounded == 0 || data_ != nullptr, "out of memory allocating ", bytes, " bytes");
+    if (device.is_cuda()) {
+      REX_CHECK(device.index == 0, "tensor on ", device, ": rex uses one GPU, cuda:0");
+      data_ = cuda_backend().allocate(bytes);
+    } else {
+      tune_allocator_once();
+      size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
+      data_ = rounded == 0 ? nullptr : std::aligned_alloc(kAlignment, rounded);
+      REX_CHECK(rounded == 0 || data_ != nullptr, "out of memory allocating ", bytes, " bytes");
+    }
     AllocationCounters& counters = allocation_counters();
     const int64_t live = counters.live += static_cast<int64_t>(bytes);
     int64_t peak = counters.peak.load();
@@ -65,7 +73,11 @@ class Storage {
   }
   ~Storage() {
     allocation_counters().live -= static_cast<int64_t>(bytes_);
-    std::free(data_);
+    if (device_.is_cuda()) {
+      cuda_backend().release(data_);
+    } else {
+      std::free(data_);
+    }
   }
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;

@@ -5,6 +5,11 @@
 // them without strides: reshape, and slicing a run of the leading axis; transpose and permute copy.
 // Copying a Tensor copies the handle, not the values (clone() copies the values).
 //
+// A tensor lives on the CPU or on the GPU (Device::cuda(), with rex::cuda linked). data<T>() is the
+// host pointer and refuses a CUDA tensor; device_data<T>() is the raw pointer on either device, for
+// backend code. at(), item(), to_vector() and printing copy a CUDA tensor to the host first, and
+// to(device) copies between devices (recorded in the graph, so gradients flow back across).
+//
 // The autograd fields (requires_grad, grad, the node that produced the tensor) live in a separate
 // AutogradMeta that a graph node refers to, so the graph never keeps activation buffers alive
 // unless a backward function saved them on purpose. Definitions that need the graph types are in
@@ -14,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <memory>
 #include <ostream>
@@ -68,14 +74,27 @@ class Tensor {
   DType dtype() const { return checked().dtype; }
   Device device() const { return checked().storage->device(); }
 
-  // Raw element pointer; T must match the dtype (float for f32, int32_t for i32).
+  // Host element pointer; T must match the dtype (float for f32, int32_t for i32).
   template <class T>
   T* data() const {
+    REX_CHECK(checked().storage->device().is_cpu(), "data<", dtype_name(dtype_of<T>()), ">() on a ",
+              device(), " tensor of shape ", shape(),
+              ": copy it to the host first with .to(rex::Device::cpu())");
+    return device_data<T>();
+  }
+  // Element pointer on the tensor's own device (a device address for a CUDA tensor).
+  template <class T>
+  T* device_data() const {
     const auto& impl = checked();
     REX_CHECK(impl.dtype == dtype_of<T>(), "data<", dtype_name(dtype_of<T>()), ">() on a ",
               impl.dtype, " tensor");
     return static_cast<T*>(impl.storage->data()) + impl.offset;
   }
+  void* device_bytes() const {
+    return static_cast<char*>(checked().storage->data()) +
+           checked().offset * static_cast<int64_t>(dtype_size(dtype()));
+  }
+  int64_t nbytes() const { return numel() * static_cast<int64_t>(dtype_size(dtype())); }
 
   // Element access for tests and small programs (slow: bounds-checked, converts to float).
   float at(std::initializer_list<int64_t> index) const {
@@ -96,18 +115,46 @@ class Tensor {
   }
   template <class T = float>
   std::vector<T> to_vector() const {
+    if (device().is_cuda()) return copy_to(Device::cpu()).to_vector<T>();
     const T* p = data<T>();
     return std::vector<T>(p, p + numel());
   }
 
-  // Deep copy of the values, outside any graph.
-  Tensor clone() const {
-    Tensor out = empty(shape(), dtype(), device());
-    std::copy_n(static_cast<const char*>(checked().storage->data()) +
-                    checked().offset * static_cast<int64_t>(dtype_size(dtype())),
-                numel() * static_cast<int64_t>(dtype_size(dtype())),
-                static_cast<char*>(out.impl_->storage->data()));
+  // Deep copy of the values onto `device`, outside any graph (to() is the recorded form).
+  Tensor copy_to(Device target) const {
+    Tensor out = empty(shape(), dtype(), target);
+    out.copy_(*this);
     return out;
+  }
+  // Overwrites this tensor's values with src's (same shape and dtype, any devices); not recorded.
+  Tensor& copy_(const Tensor& src) {
+    REX_CHECK(src.shape() == shape() && src.dtype() == dtype(), "copy_: source ", src.shape(), " (",
+              src.dtype(), ") does not match ", shape(), " (", dtype(), ")");
+    if (device().is_cpu() && src.device().is_cpu()) {
+      std::copy_n(static_cast<const char*>(src.device_bytes()), nbytes(),
+                  static_cast<char*>(device_bytes()));
+    } else {
+      const detail::CudaCopy kind = src.device().is_cpu() ? detail::CudaCopy::host_to_device
+                                    : device().is_cpu()   ? detail::CudaCopy::device_to_host
+                                                          : detail::CudaCopy::device_to_device;
+      detail::cuda_backend().copy(device_bytes(), src.device_bytes(), static_cast<size_t>(nbytes()),
+                                  kind);
+    }
+    return *this;
+  }
+  // Deep copy of the values on the same device, outside any graph.
+  Tensor clone() const { return copy_to(device()); }
+  // Copy onto `device`, recorded in the graph (the gradient is copied back); the tensor itself
+  // when it is already there. Defined in rex/autograd/graph.hpp.
+  Tensor to(Device target) const;
+  // Moves this tensor's values (and its gradient, if any) onto `device` in place: every handle to
+  // it sees the new storage. For parameters before training; not recorded in the graph.
+  Tensor& move_to_(Device target) {
+    if (device() == target) return *this;
+    Tensor moved = copy_to(target);
+    checked().storage = moved.impl_->storage;
+    checked().offset = 0;
+    return *this;
   }
   // Same values and storage, cut from the graph: gradients do not flow through the result.
   Tensor detach() const {
@@ -119,12 +166,19 @@ class Tensor {
   // through data<T>(), it also changes what a pending backward reads if a graph saved this tensor
   // (or a view of its storage): rex does not track in-place writes, so finish backward first.
   Tensor& fill_(float value) {
+    uint32_t bits = 0;
     if (dtype() == DType::i32) {
       REX_CHECK(value >= -2147483648.0f && value < 2147483648.0f && value == std::trunc(value),
                 "fill_: ", value, " is not an i32 value");
-      std::fill_n(data<int32_t>(), numel(), static_cast<int32_t>(value));
+      const auto v = static_cast<int32_t>(value);
+      std::memcpy(&bits, &v, sizeof bits);
     } else {
-      std::fill_n(data<float>(), numel(), value);
+      std::memcpy(&bits, &value, sizeof bits);
+    }
+    if (device().is_cuda()) {
+      detail::cuda_backend().fill32(device_bytes(), numel(), bits);
+    } else {
+      std::fill_n(static_cast<uint32_t*>(device_bytes()), numel(), bits);
     }
     return *this;
   }
@@ -152,7 +206,17 @@ class Tensor {
     return *impl_;
   }
   float flat_value(int64_t i) const {
-    return dtype() == DType::i32 ? static_cast<float>(data<int32_t>()[i]) : data<float>()[i];
+    static_assert(sizeof(float) == sizeof(int32_t));
+    const char* at = static_cast<const char*>(device_bytes()) + i * sizeof(float);
+    float f = 0.0f;
+    int32_t n = 0;
+    void* into = dtype() == DType::i32 ? static_cast<void*>(&n) : static_cast<void*>(&f);
+    if (device().is_cuda()) {
+      detail::cuda_backend().copy(into, at, sizeof(float), detail::CudaCopy::device_to_host);
+    } else {
+      std::memcpy(into, at, sizeof(float));
+    }
+    return dtype() == DType::i32 ? static_cast<float>(n) : f;
   }
 
   std::shared_ptr<detail::TensorImpl> impl_;
@@ -200,6 +264,10 @@ inline void print_values(std::ostream& out, const Tensor& t, int64_t axis, int64
 // ...].
 inline std::ostream& operator<<(std::ostream& out, const Tensor& t) {
   if (!t.defined()) return out << "tensor(undefined)";
+  if (t.device().is_cuda()) {
+    out << t.device() << " ";
+    return out << t.copy_to(Device::cpu());
+  }
   out << "tensor(" << t.shape() << ", " << t.dtype() << ") ";
   if (t.rank() == 0) return out << t.item();
   int64_t flat = 0;

@@ -70,7 +70,8 @@ inline std::string checkpoint_path(const std::string& dir) {
 
 inline TensorMap parameter_map(const nn::Module& model, const std::string& prefix = "") {
   TensorMap out;
-  for (const auto& [name, p] : model.named_parameters()) out[prefix + name] = p.detach();
+  for (const auto& [name, p] : model.named_parameters())
+    out[prefix + name] = p.to(Device::cpu()).detach();
   return out;
 }
 

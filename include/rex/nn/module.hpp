@@ -59,8 +59,22 @@ class Module {
               " tensors but the model has ", params.size(), " parameters (",
               first_unknown(values, params), " is not one of them)");
     for (const auto& [name, p] : params) {
-      const Tensor& v = values.at(name);
-      std::copy_n(v.data<float>(), v.numel(), p.data<float>());
+      Tensor target = p;
+      target.copy_(values.at(name));
+    }
+  }
+
+  // Moves every parameter (and any gradient) onto `device` in place: the handles the model and
+  // the optimiser hold all see the new storage. Build the optimiser after moving the model.
+  void to(Device device) {
+    for (auto& [name, p] : named_parameters()) {
+      Tensor handle = p;
+      handle.move_to_(device);
+      const Tensor grad = handle.grad();
+      if (grad.defined()) {
+        Tensor moved_grad = grad;
+        moved_grad.move_to_(device);
+      }
     }
   }
 

@@ -81,7 +81,10 @@ inline Tensor dispatch_experts(const Tensor& x, const Tensor& indices, const Ten
             x.shape(), ", indices ", indices.shape(), ", gates ", gates.shape());
   detail::check_i32("dispatch_experts", indices);
   const int64_t tokens = x.dim(0), k = indices.dim(1), slots = tokens * k, pool = table.size();
-  const int32_t* expert_of_slot = indices.data<int32_t>();
+  // The routing plan (counting sort) is built on the host: on CUDA the per-expert GEMM sizes must
+  // be known there anyway, so the indices come over once and the two orderings go back.
+  const Tensor host_indices = indices.copy_to(Device::cpu());
+  const int32_t* expert_of_slot = host_indices.data<int32_t>();
 
   // Counting sort of the slots by expert: offsets[e] .. offsets[e + 1] is expert e's segment.
   std::vector<int64_t> offsets(static_cast<size_t>(pool + 1), 0);
@@ -107,6 +110,7 @@ inline Tensor dispatch_experts(const Tensor& x, const Tensor& indices, const Ten
   }
 
   // Gather, every expert on its contiguous segment, scatter back to slot order, sum over k.
+  sorted_slot = sorted_slot.to(x.device()), sorted_token = sorted_token.to(x.device());
   const Tensor y_sorted =
       grouped_swiglu(gather_rows(x, sorted_token), offsets, table.gate_weights(),
                      table.up_weights(), table.down_weights());
@@ -149,7 +153,8 @@ class MoeLayer : public Module {
       // s' = s keep + (keep - 1): masked experts score -1, below every probability, so that even
       // a probability that underflowed to 0 never ties with a masked expert. The chosen gates and
       // all gradients are those of zeroing the masked scores.
-      const Tensor keep_mask = from_vector(std::vector<float>(keep.begin(), keep.end()));
+      const Tensor keep_mask =
+          from_vector(std::vector<float>(keep.begin(), keep.end())).to(x.device());
       scores = probs * keep_mask + (keep_mask - 1.0f);
     }
     const TopK top = topk(scores, config_.top_k);
@@ -174,7 +179,7 @@ class MoeLayer : public Module {
     std::vector<float> routed_share(static_cast<size_t>(pool));
     for (int64_t e = 0; e < pool; ++e)
       routed_share[e] = static_cast<float>(counts[e]) / static_cast<float>(tokens * config_.top_k);
-    Tensor loss = sum(from_vector(routed_share) * mean(probs, 0)) *
+    Tensor loss = sum(from_vector(routed_share).to(probs.device()) * mean(probs, 0)) *
                   static_cast<float>(config_.aux_loss_coef * static_cast<double>(pool));
     if (config_.z_loss_coef > 0) {
       const Tensor row_max = max(logits, -1, /*keepdim=*/true).detach();

@@ -56,6 +56,32 @@ inline void attention_scores(const float* q, const float* k, float* s, int64_t t
     for (int64_t j = 0; j <= i; ++j) s[i * time + j] *= scale;
 }
 
+// causal_attention on CUDA: the fused kernels of rex::cuda, saving the same row log-sum-exp.
+inline Tensor cuda_causal_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                    int64_t kv_heads, float scale) {
+  const int64_t batch = q.dim(0), heads = q.dim(1), time = q.dim(2), head_dim = q.dim(3);
+  Tensor out = Tensor::empty(q.shape(), DType::f32, q.device());
+  Tensor lse = Tensor::empty(Shape{batch, heads, time}, DType::f32, q.device());
+  cuda_backend().attention(q.device_data<float>(), k.device_data<float>(), v.device_data<float>(),
+                           out.device_data<float>(), lse.device_data<float>(), batch, heads,
+                           kv_heads, time, head_dim, scale);
+  return record(
+      out, "causal_attention", {q, k, v},
+      [q = q.detach(), k = k.detach(), v = v.detach(), lse, kv_heads, scale](
+          const Tensor& g, const std::vector<bool>& needs) {
+        GradList grads(3);
+        const Tensor* inputs[] = {&q, &k, &v};
+        for (size_t i = 0; i < 3; ++i)
+          if (needs[i]) grads[i] = Tensor::empty(inputs[i]->shape(), DType::f32, q.device());
+        auto ptr = [](Tensor& t) { return t.defined() ? t.device_data<float>() : nullptr; };
+        cuda_backend().attention_backward(
+            q.device_data<float>(), k.device_data<float>(), v.device_data<float>(),
+            lse.device_data<float>(), g.device_data<float>(), ptr(grads[0]), ptr(grads[1]),
+            ptr(grads[2]), q.dim(0), q.dim(1), kv_heads, q.dim(2), q.dim(3), scale);
+        return grads;
+      });
+}
+
 }  // namespace detail
 
 // Causal softmax(q k^T / sqrt(D)) v for q [B, Hq, T, D] and k, v [B, Hkv, T, D], Hq a multiple of
@@ -66,6 +92,8 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
   const int64_t time = q.dim(2), head_dim = q.dim(3), block = time * head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
 
+  if (detail::common_device("causal_attention", {q, k, v}).is_cuda())
+    return detail::cuda_causal_attention(q, k, v, kv_heads, scale);
   Tensor out = Tensor::empty(q.shape());
   Tensor lse = Tensor::empty(Shape{batch, heads, time});
   const float *pq = q.data<float>(), *pk = k.data<float>(), *pv = v.data<float>();
@@ -151,6 +179,7 @@ inline Tensor causal_attention_reference(const Tensor& q, const Tensor& k, const
   Tensor future = zeros(Shape{time, time});
   for (int64_t i = 0; i < time; ++i)
     for (int64_t j = i + 1; j < time; ++j) future.data<float>()[i * time + j] = 1.0f;
+  future = future.to(q.device());
   const Tensor q5 = reshape(q, {batch, kv_heads, group, time, head_dim});
   const Tensor k5 = reshape(k, {batch, kv_heads, 1, time, head_dim});
   const Tensor v5 = reshape(v, {batch, kv_heads, 1, time, head_dim});

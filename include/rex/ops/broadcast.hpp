@@ -7,6 +7,7 @@
 #pragma once
 
 #include "rex/backend/cpu/elementwise.hpp"
+#include "rex/backend/cuda/dispatch.hpp"
 #include "rex/ops/common.hpp"
 
 namespace rex {
@@ -17,11 +18,17 @@ inline Tensor broadcast_to(const Tensor& x, const Shape& shape) {
   detail::check_f32("broadcast_to", x);
   REX_CHECK(detail::broadcast_shapes(x.shape(), shape, "broadcast_to") == shape,
             "broadcast_to: shape ", x.shape(), " cannot be broadcast to ", shape);
-  Tensor out = Tensor::empty(shape);
-  const float* px = x.data<float>();
-  float* po = out.data<float>();
-  detail::for_each_broadcast<1>(shape, {x.shape()},
-                                [&](int64_t o, const auto& at) { po[o] = px[at[0]]; });
+  Tensor out = Tensor::empty(shape, DType::f32, x.device());
+  if (detail::on_cuda(x)) {
+    detail::cuda_backend().broadcast_copy(
+        x.device_data<float>(), out.device_data<float>(),
+        detail::cuda_broadcast_index("broadcast_to", shape, {x.shape()}));
+  } else {
+    const float* px = x.data<float>();
+    float* po = out.data<float>();
+    detail::for_each_broadcast<1>(shape, {x.shape()},
+                                  [&](int64_t o, const auto& at) { po[o] = px[at[0]]; });
+  }
   return detail::record(out, "broadcast_to", {x}, [in_shape = x.shape()](const Tensor& g) {
     return detail::GradList{sum_to(g, in_shape)};
   });
@@ -34,11 +41,16 @@ inline Tensor sum_to(const Tensor& x, const Shape& shape) {
   if (x.shape() == shape) return x;
   REX_CHECK(detail::broadcast_shapes(shape, x.shape(), "sum_to") == x.shape(), "sum_to: shape ",
             x.shape(), " is not a broadcast of ", shape);
-  Tensor out = zeros(shape);
-  const float* px = x.data<float>();
-  float* po = out.data<float>();
-  detail::for_each_broadcast<1>(x.shape(), {shape},
-                                [&](int64_t i, const auto& at) { po[at[0]] += px[i]; });
+  Tensor out = zeros(shape, x.device());
+  if (detail::on_cuda(x)) {
+    detail::cuda_backend().sum_to(x.device_data<float>(), out.device_data<float>(), out.numel(),
+                                  detail::cuda_broadcast_index("sum_to", x.shape(), {shape}));
+  } else {
+    const float* px = x.data<float>();
+    float* po = out.data<float>();
+    detail::for_each_broadcast<1>(x.shape(), {shape},
+                                  [&](int64_t i, const auto& at) { po[at[0]] += px[i]; });
+  }
   return detail::record(out, "sum_to", {x}, [out_shape = x.shape()](const Tensor& g) {
     return detail::GradList{broadcast_to(g, out_shape)};
   });

@@ -1,44 +1,69 @@
 // Elementwise ops: binary arithmetic with broadcasting, scalar forms, and the unary math functions.
 //
-// Binary ops reduce each input gradient with sum_to (the shared broadcasting helper). Unary ops are
-// written through three helpers that fix what the backward saves:
-//   pointwise_from_input  y = f(x), dx = g * df(x)   (saves x)
-//   pointwise_from_output y = f(x), dx = g * df(y)   (saves y; exp, tanh, sigmoid, sqrt, rsqrt)
-//   pointwise_linear      y = f(x), dx = g * slope   (saves nothing; scalar add/mul)
+// Binary ops reduce each input gradient with sum_to (the shared broadcasting helper). Every unary
+// op is detail::pointwise<UnaryOp::...>: its formula and derivative are written once in
+// rex/backend/pointwise.hpp, shared by the CPU loops and the CUDA kernels, and the op code decides
+// what the backward saves: x (dx = g * f'(x)), y (exp, tanh, sigmoid, sqrt, rsqrt: dx = g * f'(y))
+// or nothing (the scalar forms and neg, whose slope is a constant).
 #pragma once
 
 #include <cmath>
 #include <numbers>
 
 #include "rex/backend/cpu/arrays.hpp"
+#include "rex/backend/cuda/dispatch.hpp"
+#include "rex/backend/pointwise.hpp"
 #include "rex/ops/broadcast.hpp"
 
 namespace rex {
 namespace detail {
 
-template <class F, class DF>
-Tensor pointwise_from_input(const Tensor& x, std::string_view op, F f, DF df) {
-  check_f32(op, x);
-  return record(map(x, f), op, {x}, [x = x.detach(), df](const Tensor& g) {
-    return GradList{zip(g, x, "grad", [df](float gv, float xv) { return gv * df(xv); })};
-  });
+// y = f(x) for the pointwise op Op, on x's device; the CPU instantiates one loop per op.
+template <UnaryOp Op>
+Tensor unary_values(const Tensor& x, float s) {
+  if (on_cuda(x)) return cuda_unary(Op, s, x);
+  return map(x, [s](float v) { return unary_value<Op>(v, s); });
 }
 
-template <class F, class DF>
-Tensor pointwise_from_output(const Tensor& x, std::string_view op, F f, DF df) {
-  check_f32(op, x);
-  Tensor y = map(x, f);
-  return record(y, op, {x}, [y = y.detach(), df](const Tensor& g) {
-    return GradList{zip(g, y, "grad", [df](float gv, float yv) { return gv * df(yv); })};
-  });
+// dx = g * slope(saved) where saved is x, or y for the ops that save their output.
+template <UnaryOp Op>
+Tensor unary_grad(const Tensor& g, const Tensor& saved, float s) {
+  common_device("backward", {g, saved});
+  if (on_cuda(g)) {
+    Tensor dx = Tensor::empty(g.shape(), DType::f32, g.device());
+    cuda_backend().unary_backward(Op, s, g.device_data<float>(), saved.device_data<float>(),
+                                  dx.device_data<float>(), g.numel());
+    return dx;
+  }
+  return zip(g, saved, "grad", [s](float gv, float v) { return gv * unary_slope<Op>(v, s); });
 }
 
-template <class F>
-Tensor pointwise_linear(const Tensor& x, std::string_view op, F f, float slope) {
+// The pointwise op Op as a graph node: what the backward saves (x, y or nothing) follows from the
+// op (see rex/backend/pointwise.hpp).
+template <UnaryOp Op>
+Tensor pointwise(const Tensor& x, std::string_view op, float s = 0.0f) {
   check_f32(op, x);
-  return record(map(x, f), op, {x}, [slope](const Tensor& g) {
-    return GradList{map(g, [slope](float gv) { return gv * slope; })};
-  });
+  Tensor y = unary_values<Op>(x, s);
+  constexpr bool kLinear = Op == UnaryOp::neg || Op == UnaryOp::add_scalar ||
+                           Op == UnaryOp::sub_scalar || Op == UnaryOp::rsub_scalar ||
+                           Op == UnaryOp::mul_scalar || Op == UnaryOp::div_scalar;
+  if constexpr (kLinear) {
+    // A constant slope: the backward saves nothing.
+    return record(y, op, {x}, [s](const Tensor& g) {
+      return GradList{unary_values<UnaryOp::mul_scalar>(g, unary_slope<Op>(0.0f, s))};
+    });
+  } else {
+    const Tensor saved = unary_saves_output(Op) ? y.detach() : x.detach();
+    return record(y, op, {x},
+                  [saved, s](const Tensor& g) { return GradList{unary_grad<Op>(g, saved, s)}; });
+  }
+}
+
+// a (op) b with broadcasting, on the inputs' device (the values only; no graph node).
+template <BinaryOp Op>
+Tensor binary_values(const Tensor& a, const Tensor& b, std::string_view name) {
+  if (common_device(name, {a, b}).is_cuda()) return cuda_binary(Op, a, b, name);
+  return zip(a, b, name, [](float x, float y) { return binary_value<Op>(x, y); });
 }
 
 }  // namespace detail
@@ -47,7 +72,7 @@ Tensor pointwise_linear(const Tensor& x, std::string_view op, F f, float slope) 
 
 inline Tensor add(const Tensor& a, const Tensor& b) {
   detail::check_f32("add", a), detail::check_f32("add", b);
-  Tensor out = detail::zip(a, b, "add", [](float x, float y) { return x + y; });
+  Tensor out = detail::binary_values<detail::BinaryOp::add>(a, b, "add");
   return detail::record(out, "add", {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) {
     return detail::GradList{sum_to(g, sa), sum_to(g, sb)};
   });
@@ -55,43 +80,45 @@ inline Tensor add(const Tensor& a, const Tensor& b) {
 
 inline Tensor sub(const Tensor& a, const Tensor& b) {
   detail::check_f32("sub", a), detail::check_f32("sub", b);
-  Tensor out = detail::zip(a, b, "sub", [](float x, float y) { return x - y; });
-  return detail::record(out, "sub", {a, b},
-                        [sa = a.shape(), sb = b.shape()](const Tensor& g, const auto& needs) {
-                          detail::GradList grads(2);
-                          if (needs[0]) grads[0] = sum_to(g, sa);
-                          if (needs[1]) grads[1] = sum_to(detail::map(g, std::negate<>()), sb);
-                          return grads;
-                        });
+  Tensor out = detail::binary_values<detail::BinaryOp::sub>(a, b, "sub");
+  return detail::record(
+      out, "sub", {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g, const auto& needs) {
+        detail::GradList grads(2);
+        if (needs[0]) grads[0] = sum_to(g, sa);
+        if (needs[1]) grads[1] = sum_to(detail::unary_values<detail::UnaryOp::neg>(g, 0.0f), sb);
+        return grads;
+      });
 }
 
 inline Tensor mul(const Tensor& a, const Tensor& b) {
   detail::check_f32("mul", a), detail::check_f32("mul", b);
-  Tensor out = detail::zip(a, b, "mul", [](float x, float y) { return x * y; });
-  return detail::record(out, "mul", {a, b},
-                        [a = a.detach(), b = b.detach()](const Tensor& g, const auto& needs) {
-                          auto times = [](float x, float y) { return x * y; };
-                          detail::GradList grads(2);
-                          if (needs[0])
-                            grads[0] = sum_to(detail::zip(g, b, "mul", times), a.shape());
-                          if (needs[1])
-                            grads[1] = sum_to(detail::zip(g, a, "mul", times), b.shape());
-                          return grads;
-                        });
+  Tensor out = detail::binary_values<detail::BinaryOp::mul>(a, b, "mul");
+  return detail::record(
+      out, "mul", {a, b}, [a = a.detach(), b = b.detach()](const Tensor& g, const auto& needs) {
+        using detail::BinaryOp;
+        detail::GradList grads(2);
+        if (needs[0])
+          grads[0] = sum_to(detail::binary_values<BinaryOp::mul>(g, b, "mul"), a.shape());
+        if (needs[1])
+          grads[1] = sum_to(detail::binary_values<BinaryOp::mul>(g, a, "mul"), b.shape());
+        return grads;
+      });
 }
 
 inline Tensor div(const Tensor& a, const Tensor& b) {
   detail::check_f32("div", a), detail::check_f32("div", b);
-  Tensor out = detail::zip(a, b, "div", [](float x, float y) { return x / y; });
+  Tensor out = detail::binary_values<detail::BinaryOp::div>(a, b, "div");
   return detail::record(
       out, "div", {a, b},
       [sa = a.shape(), b = b.detach(), out = out.detach()](const Tensor& g, const auto& needs) {
         // d(a/b)/da = 1/b;  d(a/b)/db = -a/b^2 = -(g/b) * out.
-        Tensor g_over_b = detail::zip(g, b, "div", [](float gv, float bv) { return gv / bv; });
+        using detail::BinaryOp;
+        Tensor g_over_b = detail::binary_values<BinaryOp::div>(g, b, "div");
         detail::GradList grads(2);
         if (needs[0]) grads[0] = sum_to(g_over_b, sa);
         if (needs[1]) {
-          Tensor gb = detail::zip(g_over_b, out, "div", [](float q, float o) { return -q * o; });
+          Tensor gb = detail::unary_values<detail::UnaryOp::neg>(
+              detail::binary_values<BinaryOp::mul>(g_over_b, out, "div"), 0.0f);
           grads[1] = sum_to(gb, b.shape());
         }
         return grads;
@@ -101,28 +128,22 @@ inline Tensor div(const Tensor& a, const Tensor& b) {
 // ---- scalar forms -------------------------------------------------------------------------------
 
 inline Tensor add(const Tensor& x, float s) {
-  return detail::pointwise_linear(
-      x, "add_scalar", [s](float v) { return v + s; }, 1.0f);
+  return detail::pointwise<detail::UnaryOp::add_scalar>(x, "add_scalar", s);
 }
 inline Tensor sub(const Tensor& x, float s) {
-  return detail::pointwise_linear(
-      x, "sub_scalar", [s](float v) { return v - s; }, 1.0f);
+  return detail::pointwise<detail::UnaryOp::sub_scalar>(x, "sub_scalar", s);
 }
 inline Tensor sub(float s, const Tensor& x) {
-  return detail::pointwise_linear(
-      x, "rsub_scalar", [s](float v) { return s - v; }, -1.0f);
+  return detail::pointwise<detail::UnaryOp::rsub_scalar>(x, "rsub_scalar", s);
 }
 inline Tensor mul(const Tensor& x, float s) {
-  return detail::pointwise_linear(
-      x, "mul_scalar", [s](float v) { return v * s; }, s);
+  return detail::pointwise<detail::UnaryOp::mul_scalar>(x, "mul_scalar", s);
 }
 inline Tensor div(const Tensor& x, float s) {
-  return detail::pointwise_linear(
-      x, "div_scalar", [s](float v) { return v / s; }, 1.0f / s);
+  return detail::pointwise<detail::UnaryOp::div_scalar>(x, "div_scalar", s);
 }
 inline Tensor div(float s, const Tensor& x) {
-  return detail::pointwise_from_input(
-      x, "rdiv_scalar", [s](float v) { return s / v; }, [s](float v) { return -s / (v * v); });
+  return detail::pointwise<detail::UnaryOp::rdiv_scalar>(x, "rdiv_scalar", s);
 }
 
 inline Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
@@ -138,83 +159,30 @@ inline Tensor operator*(float s, const Tensor& x) { return mul(x, s); }
 inline Tensor operator/(const Tensor& x, float s) { return div(x, s); }
 inline Tensor operator/(float s, const Tensor& x) { return div(s, x); }
 
-// ---- unary math ---------------------------------------------------------------------------------
+// ---- unary math (formulas and derivatives: rex/backend/pointwise.hpp) ---------------------------
 
-inline Tensor neg(const Tensor& x) {
-  return detail::pointwise_linear(
-      x, "neg", [](float v) { return -v; }, -1.0f);
-}
+inline Tensor neg(const Tensor& x) { return detail::pointwise<detail::UnaryOp::neg>(x, "neg"); }
 inline Tensor operator-(const Tensor& x) { return neg(x); }
-
-inline Tensor exp(const Tensor& x) {
-  return detail::pointwise_from_output(
-      x, "exp", [](float v) { return std::exp(v); }, [](float y) { return y; });
-}
-
-inline Tensor log(const Tensor& x) {
-  return detail::pointwise_from_input(
-      x, "log", [](float v) { return std::log(v); }, [](float v) { return 1.0f / v; });
-}
-
-inline Tensor sqrt(const Tensor& x) {
-  return detail::pointwise_from_output(
-      x, "sqrt", [](float v) { return std::sqrt(v); }, [](float y) { return 0.5f / y; });
-}
-
+inline Tensor exp(const Tensor& x) { return detail::pointwise<detail::UnaryOp::exp>(x, "exp"); }
+inline Tensor log(const Tensor& x) { return detail::pointwise<detail::UnaryOp::log>(x, "log"); }
+inline Tensor sqrt(const Tensor& x) { return detail::pointwise<detail::UnaryOp::sqrt>(x, "sqrt"); }
 inline Tensor rsqrt(const Tensor& x) {
-  return detail::pointwise_from_output(
-      x, "rsqrt", [](float v) { return 1.0f / std::sqrt(v); },
-      [](float y) { return -0.5f * y * y * y; });
+  return detail::pointwise<detail::UnaryOp::rsqrt>(x, "rsqrt");
 }
-
 // x^p for a scalar exponent p.
 inline Tensor pow(const Tensor& x, float p) {
-  return detail::pointwise_from_input(
-      x, "pow", [p](float v) { return std::pow(v, p); },
-      [p](float v) { return p * std::pow(v, p - 1.0f); });
+  return detail::pointwise<detail::UnaryOp::pow>(x, "pow", p);
 }
-
-inline Tensor tanh(const Tensor& x) {
-  return detail::pointwise_from_output(
-      x, "tanh", [](float v) { return std::tanh(v); }, [](float y) { return 1.0f - y * y; });
-}
-
-namespace detail {
-inline float sigmoid_value(float v) { return 1.0f / (1.0f + std::exp(-v)); }
-}  // namespace detail
-
+inline Tensor tanh(const Tensor& x) { return detail::pointwise<detail::UnaryOp::tanh>(x, "tanh"); }
 inline Tensor sigmoid(const Tensor& x) {
-  return detail::pointwise_from_output(x, "sigmoid", detail::sigmoid_value,
-                                       [](float y) { return y * (1.0f - y); });
+  return detail::pointwise<detail::UnaryOp::sigmoid>(x, "sigmoid");
 }
-
 // x * sigmoid(x); derivative s * (1 + x * (1 - s)).
-inline Tensor silu(const Tensor& x) {
-  return detail::pointwise_from_input(
-      x, "silu", [](float v) { return v * detail::sigmoid_value(v); },
-      [](float v) {
-        const float s = detail::sigmoid_value(v);
-        return s * (1.0f + v * (1.0f - s));
-      });
-}
-
+inline Tensor silu(const Tensor& x) { return detail::pointwise<detail::UnaryOp::silu>(x, "silu"); }
 // max(x, 0); the derivative at 0 is taken as 0.
-inline Tensor relu(const Tensor& x) {
-  return detail::pointwise_from_input(
-      x, "relu", [](float v) { return v > 0.0f ? v : 0.0f; },
-      [](float v) { return v > 0.0f ? 1.0f : 0.0f; });
-}
-
+inline Tensor relu(const Tensor& x) { return detail::pointwise<detail::UnaryOp::relu>(x, "relu"); }
 // Exact GELU, x * Phi(x) with the normal CDF Phi (PyTorch's default, not the tanh approximation).
-inline Tensor gelu(const Tensor& x) {
-  constexpr float kInvSqrt2 = static_cast<float>(1.0 / std::numbers::sqrt2);
-  constexpr float kInvSqrt2Pi = static_cast<float>(std::numbers::inv_sqrtpi / std::numbers::sqrt2);
-  return detail::pointwise_from_input(
-      x, "gelu", [](float v) { return 0.5f * v * (1.0f + std::erf(v * kInvSqrt2)); },
-      [](float v) {
-        return 0.5f * (1.0f + std::erf(v * kInvSqrt2)) + v * kInvSqrt2Pi * std::exp(-0.5f * v * v);
-      });
-}
+inline Tensor gelu(const Tensor& x) { return detail::pointwise<detail::UnaryOp::gelu>(x, "gelu"); }
 
 // ---- fused -----------------------------------------------------------------------------------
 
@@ -226,18 +194,31 @@ inline Tensor swiglu(const Tensor& a, const Tensor& b) {
   detail::check_f32("swiglu", a), detail::check_f32("swiglu", b);
   REX_CHECK(a.shape() == b.shape(), "swiglu: a ", a.shape(), " and b ", b.shape(),
             " must have the same shape");
-  Tensor y = Tensor::empty(a.shape());
-  const float *pa = a.data<float>(), *pb = b.data<float>();
-  float* py = y.data<float>();
-  detail::for_each_chunk(a.numel(), [&](int64_t first, int64_t count) {
-    const detail::ConstArrayMap av(pa + first, count), bv(pb + first, count);
-    detail::ArrayMap(py + first, count) = av / (1.0f + (-av).exp()) * bv;
-  });
+  const Device device = detail::common_device("swiglu", {a, b});
+  Tensor y = Tensor::empty(a.shape(), DType::f32, device);
+  if (device.is_cuda()) {
+    detail::cuda_backend().swiglu(a.device_data<float>(), b.device_data<float>(),
+                                  y.device_data<float>(), a.numel());
+  } else {
+    const float *pa = a.data<float>(), *pb = b.data<float>();
+    float* py = y.data<float>();
+    detail::for_each_chunk(a.numel(), [&](int64_t first, int64_t count) {
+      const detail::ConstArrayMap av(pa + first, count), bv(pb + first, count);
+      detail::ArrayMap(py + first, count) = av / (1.0f + (-av).exp()) * bv;
+    });
+  }
   return detail::record(
       y, "swiglu", {a, b},
       [a = a.detach(), b = b.detach()](const Tensor& g, const std::vector<bool>& needs) {
-        Tensor da = needs[0] ? Tensor::empty(a.shape()) : Tensor();
-        Tensor db = needs[1] ? Tensor::empty(a.shape()) : Tensor();
+        Tensor da = needs[0] ? Tensor::empty(a.shape(), DType::f32, a.device()) : Tensor();
+        Tensor db = needs[1] ? Tensor::empty(a.shape(), DType::f32, a.device()) : Tensor();
+        if (detail::on_cuda(a)) {
+          detail::cuda_backend().swiglu_backward(
+              a.device_data<float>(), b.device_data<float>(), g.device_data<float>(),
+              da.defined() ? da.device_data<float>() : nullptr,
+              db.defined() ? db.device_data<float>() : nullptr, a.numel());
+          return detail::GradList{da, db};
+        }
         const float *pa = a.data<float>(), *pb = b.data<float>(), *pg = g.data<float>();
         detail::for_each_chunk(a.numel(), [&](int64_t first, int64_t count) {
           const detail::ConstArrayMap av(pa + first, count), bv(pb + first, count),

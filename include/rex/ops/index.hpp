@@ -23,9 +23,11 @@ namespace rex {
 namespace detail {
 
 // Checks that `index` is a 1-d i32 tensor whose values all lie in [0, num_rows).
+// (On CUDA the kernels check the values themselves and throw the same message.)
 inline void check_row_indices(std::string_view op, const Tensor& index, int64_t num_rows) {
   check_i32(op, index);
   REX_CHECK(index.rank() == 1, op, ": index must be 1-d, got shape ", index.shape());
+  if (on_cuda(index)) return;
   const int32_t* pi = index.data<int32_t>();
   for (int64_t i = 0, n = index.numel(); i < n; ++i) {
     REX_CHECK(pi[i] >= 0 && pi[i] < num_rows, op, ": index value ", pi[i], " at position ", i,
@@ -47,6 +49,31 @@ inline std::vector<uint8_t> truth_values(std::string_view op, const Tensor& cond
   return truth;
 }
 
+// where on CUDA: one select kernel forward; the backward routes g with the same kernel against a
+// zero scalar.
+inline Tensor cuda_where(const Tensor& condition, const Tensor& a, const Tensor& b,
+                         const Shape& shape) {
+  const bool cond_i32 = condition.dtype() == DType::i32;
+  auto select = [cond_i32](const Tensor& cond, const Tensor& x, const Tensor& y,
+                           const Shape& out_shape) {
+    Tensor out = Tensor::empty(out_shape, DType::f32, x.device());
+    cuda_backend().select(
+        cond.device_bytes(), cond_i32, x.device_data<float>(), y.device_data<float>(),
+        out.device_data<float>(),
+        cuda_broadcast_index("where", out_shape, {cond.shape(), x.shape(), y.shape()}));
+    return out;
+  };
+  return record(select(condition, a, b, shape), "where", {a, b},
+                [condition = condition.detach(), sa = a.shape(), sb = b.shape(), select](
+                    const Tensor& g, const std::vector<bool>& needs) {
+                  const Tensor zero = zeros(Shape{}, g.device());
+                  GradList grads(2);
+                  if (needs[0]) grads[0] = sum_to(select(condition, g, zero, g.shape()), sa);
+                  if (needs[1]) grads[1] = sum_to(select(condition, zero, g, g.shape()), sb);
+                  return grads;
+                });
+}
+
 }  // namespace detail
 
 namespace detail {
@@ -55,6 +82,12 @@ namespace detail {
 // each backward reuses indices that were already checked.
 inline Tensor gather_rows_values(const Tensor& x, const Tensor& index) {
   const int64_t m = index.numel(), d = x.dim(1);
+  if (common_device("gather_rows", {x, index}).is_cuda()) {
+    Tensor out = Tensor::empty(Shape{m, d}, DType::f32, x.device());
+    cuda_backend().gather_rows(x.device_data<float>(), index.device_data<int32_t>(),
+                               out.device_data<float>(), m, d, x.dim(0));
+    return out;
+  }
   Tensor out = Tensor::empty(Shape{m, d});
   const float* px = x.data<float>();
   const int32_t* pi = index.data<int32_t>();
@@ -65,6 +98,12 @@ inline Tensor gather_rows_values(const Tensor& x, const Tensor& index) {
 
 inline Tensor scatter_add_rows_values(const Tensor& src, const Tensor& index, int64_t num_rows) {
   const int64_t m = src.dim(0), d = src.dim(1);
+  if (common_device("scatter_add_rows", {src, index}).is_cuda()) {
+    Tensor out = Tensor::empty(Shape{num_rows, d}, DType::f32, src.device());
+    cuda_backend().scatter_add_rows(src.device_data<float>(), index.device_data<int32_t>(),
+                                    out.device_data<float>(), m, d, num_rows);
+    return out;
+  }
   Tensor out = zeros(Shape{num_rows, d});
   const float* ps = src.data<float>();
   const int32_t* pi = index.data<int32_t>();
@@ -121,10 +160,13 @@ inline Tensor embedding(const Tensor& weight, const Tensor& ids) {
 
 // a where condition is nonzero, b elsewhere; condition (f32 or i32), a and b broadcast together.
 inline Tensor where(const Tensor& condition, const Tensor& a, const Tensor& b) {
-  std::vector<uint8_t> truth = detail::truth_values("where", condition);
+  detail::check_defined("where", condition);
   detail::check_f32("where", a), detail::check_f32("where", b);
   const Shape shape = detail::broadcast_shapes(
       detail::broadcast_shapes(condition.shape(), a.shape(), "where"), b.shape(), "where");
+  if (detail::common_device("where", {condition, a, b}).is_cuda())
+    return detail::cuda_where(condition, a, b, shape);
+  std::vector<uint8_t> truth = detail::truth_values("where", condition);
   Tensor out = Tensor::empty(shape);
   const float *pa = a.data<float>(), *pb = b.data<float>();
   float* po = out.data<float>();
@@ -159,7 +201,7 @@ inline Tensor masked_fill(const Tensor& x, const Tensor& mask, float value) {
   detail::check_defined("masked_fill", mask);
   REX_CHECK(detail::broadcast_shapes(mask.shape(), x.shape(), "masked_fill") == x.shape(),
             "masked_fill: mask ", mask.shape(), " cannot be broadcast to x ", x.shape());
-  return where(mask, scalar(value), x);
+  return where(mask, scalar(value, x.device()), x);
 }
 
 }  // namespace rex

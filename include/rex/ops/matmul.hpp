@@ -11,10 +11,35 @@
 
 #include "rex/backend/cpu/elementwise.hpp"
 #include "rex/backend/cpu/gemm.hpp"
+#include "rex/backend/cuda/dispatch.hpp"
 #include "rex/ops/broadcast.hpp"
 #include "rex/ops/shape.hpp"
 
 namespace rex {
+namespace detail {
+
+// The batched product on CUDA: one strided-batched cuBLAS call when every batch of an operand is
+// either its own or one shared matrix (the common cases), else one call per batch entry.
+inline void cuda_matmul(const Tensor& a, const Tensor& b, Tensor& out, const Shape& batch_a,
+                        const Shape& batch_b, const Shape& batch, int64_t m, int64_t n, int64_t k,
+                        bool ta, bool tb) {
+  const float *pa = a.device_data<float>(), *pb = b.device_data<float>();
+  float* pc = out.device_data<float>();
+  const int64_t count = batch.numel();
+  const bool a_uniform = batch_a.numel() == count || batch_a.numel() == 1;
+  const bool b_uniform = batch_b.numel() == count || batch_b.numel() == 1;
+  if (a_uniform && b_uniform) {
+    cuda_backend().gemm(pa, pb, pc, m, n, k, ta, tb, false, count, batch_a.numel() == 1 ? 0 : m * k,
+                        batch_b.numel() == 1 ? 0 : k * n, m * n);
+    return;
+  }
+  for_each_broadcast<2>(batch, {batch_a, batch_b}, [&](int64_t i, const auto& at) {
+    cuda_backend().gemm(pa + at[0] * m * k, pb + at[1] * k * n, pc + i * m * n, m, n, k, ta, tb,
+                        false, 1, 0, 0, 0);
+  });
+}
+
+}  // namespace detail
 
 struct MatmulOptions {
   bool transpose_a = false;
@@ -44,12 +69,17 @@ inline Tensor matmul(const Tensor& a, const Tensor& b, MatmulOptions options = {
   std::vector<int64_t> out_dims = batch.dims();
   out_dims.push_back(m);
   out_dims.push_back(n);
-  Tensor out = Tensor::empty(Shape(out_dims));
-  const float *pa = a.data<float>(), *pb = b.data<float>();
-  float* pc = out.data<float>();
-  detail::for_each_broadcast<2>(batch, {batch_a, batch_b}, [&](int64_t i, const auto& at) {
-    detail::gemm(pa + at[0] * m * k, pb + at[1] * k * n, pc + i * m * n, m, n, k, ta, tb);
-  });
+  const Device device = detail::common_device("matmul", {a, b});
+  Tensor out = Tensor::empty(Shape(out_dims), DType::f32, device);
+  if (device.is_cuda()) {
+    detail::cuda_matmul(a, b, out, batch_a, batch_b, batch, m, n, k, ta, tb);
+  } else {
+    const float *pa = a.data<float>(), *pb = b.data<float>();
+    float* pc = out.data<float>();
+    detail::for_each_broadcast<2>(batch, {batch_a, batch_b}, [&](int64_t i, const auto& at) {
+      detail::gemm(pa + at[0] * m * k, pb + at[1] * k * n, pc + i * m * n, m, n, k, ta, tb);
+    });
+  }
 
   return detail::record(
       out, "matmul", {a, b},

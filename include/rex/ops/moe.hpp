@@ -21,10 +21,109 @@
 
 #include "rex/backend/cpu/arrays.hpp"
 #include "rex/backend/cpu/gemm.hpp"
+#include "rex/backend/cuda/dispatch.hpp"
 #include "rex/core/parallel.hpp"
 #include "rex/ops/common.hpp"
 
 namespace rex {
+namespace detail {
+
+// The graph inputs of grouped_swiglu: x, then gate, up and down of every expert.
+inline std::vector<Tensor> grouped_swiglu_inputs(const Tensor& x, const std::vector<Tensor>& gate,
+                                                 const std::vector<Tensor>& up,
+                                                 const std::vector<Tensor>& down) {
+  std::vector<Tensor> inputs{x};
+  for (const auto* list : {&gate, &up, &down})
+    inputs.insert(inputs.end(), list->begin(), list->end());
+  return inputs;
+}
+
+// grouped_swiglu on CUDA: per-expert cuBLAS GEMMs on the segments (sizes known on the host from
+// offsets) and one fused swiglu kernel over all rows between them. Same formulas as the CPU form.
+inline Tensor cuda_grouped_swiglu(const Tensor& x, const std::vector<int64_t>& offsets,
+                                  const std::vector<Tensor>& gate, const std::vector<Tensor>& up,
+                                  const std::vector<Tensor>& down) {
+  const std::vector<Tensor> inputs = grouped_swiglu_inputs(x, gate, up, down);
+  for (const Tensor& t : inputs) common_device("grouped_swiglu", {x, t});
+  const auto experts = static_cast<int64_t>(gate.size());
+  const int64_t rows = x.dim(0), d = x.dim(1), h = gate[0].dim(0);
+  const Device device = x.device();
+  const CudaBackend& cuda = cuda_backend();
+  auto f = [](const Tensor& t) { return t.device_data<float>(); };
+  Tensor y = Tensor::empty({rows, d}, DType::f32, device);
+  Tensor pre_gate = Tensor::empty({rows, h}, DType::f32, device);
+  Tensor pre_up = Tensor::empty({rows, h}, DType::f32, device);
+  Tensor act = Tensor::empty({rows, h}, DType::f32, device);
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t first = offsets[e], m = offsets[e + 1] - first;
+    if (m == 0) continue;
+    cuda.gemm(f(x) + first * d, f(gate[e]), f(pre_gate) + first * h, m, h, d, false, true, false, 1,
+              0, 0, 0);
+    cuda.gemm(f(x) + first * d, f(up[e]), f(pre_up) + first * h, m, h, d, false, true, false, 1, 0,
+              0, 0);
+  }
+  cuda.swiglu(f(pre_gate), f(pre_up), f(act), rows * h);
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t first = offsets[e], m = offsets[e + 1] - first;
+    if (m == 0) continue;
+    cuda.gemm(f(act) + first * h, f(down[e]), f(y) + first * d, m, d, h, false, true, false, 1, 0,
+              0, 0);
+  }
+  std::vector<Tensor> weights;
+  for (size_t i = 1; i < inputs.size(); ++i) weights.push_back(inputs[i].detach());
+  return record(y, "grouped_swiglu", inputs,
+                [x = x.detach(), offsets, weights = std::move(weights), pre_gate, pre_up, experts,
+                 d, h, f](const Tensor& grad, const std::vector<bool>& needs) {
+                  const CudaBackend& cuda = cuda_backend();
+                  const int64_t rows = x.dim(0);
+                  const Device device = x.device();
+                  GradList grads(static_cast<size_t>(1 + 3 * experts));
+                  Tensor act = Tensor::empty({rows, h}, DType::f32, device);
+                  Tensor d_act = Tensor::empty({rows, h}, DType::f32, device);
+                  Tensor d_gate_pre = Tensor::empty({rows, h}, DType::f32, device);
+                  Tensor d_up_pre = Tensor::empty({rows, h}, DType::f32, device);
+                  cuda.swiglu(f(pre_gate), f(pre_up), f(act), rows * h);
+                  for (int64_t e = 0; e < experts; ++e) {
+                    const int64_t first = offsets[e], m = offsets[e + 1] - first;
+                    if (m == 0) continue;
+                    const auto down_slot = static_cast<size_t>(1 + 2 * experts + e);
+                    if (needs[down_slot]) {
+                      grads[down_slot] = Tensor::empty({d, h}, DType::f32, device);
+                      cuda.gemm(f(grad) + first * d, f(act) + first * h, f(grads[down_slot]), d, h,
+                                m, true, false, false, 1, 0, 0, 0);
+                    }
+                    cuda.gemm(f(grad) + first * d, f(weights[2 * experts + e]),
+                              f(d_act) + first * h, m, h, d, false, false, false, 1, 0, 0, 0);
+                  }
+                  cuda.swiglu_backward(f(pre_gate), f(pre_up), f(d_act), f(d_gate_pre), f(d_up_pre),
+                                       rows * h);
+                  Tensor dx = needs[0] ? Tensor::empty(x.shape(), DType::f32, device) : Tensor();
+                  for (int64_t e = 0; e < experts; ++e) {
+                    const int64_t first = offsets[e], m = offsets[e + 1] - first;
+                    if (m == 0) continue;
+                    for (int64_t kind = 0; kind < 2; ++kind) {  // gate, then up
+                      const auto slot = static_cast<size_t>(1 + kind * experts + e);
+                      if (!needs[slot]) continue;
+                      grads[slot] = Tensor::empty({h, d}, DType::f32, device);
+                      const Tensor& d_pre = kind == 0 ? d_gate_pre : d_up_pre;
+                      cuda.gemm(f(d_pre) + first * h, f(x) + first * d, f(grads[slot]), h, d, m,
+                                true, false, false, 1, 0, 0, 0);
+                    }
+                    if (dx.defined()) {
+                      float* out = f(dx) + first * d;
+                      cuda.gemm(f(d_gate_pre) + first * h, f(weights[e]), out, m, d, h, false,
+                                false, false, 1, 0, 0, 0);
+                      cuda.gemm(f(d_up_pre) + first * h, f(weights[experts + e]), out, m, d, h,
+                                false, false, true, 1, 0, 0, 0);
+                    }
+                  }
+                  grads[0] = dx;
+                  return grads;
+                });
+}
+
+}  // namespace detail
+
 inline Tensor grouped_swiglu(const Tensor& x, const std::vector<int64_t>& offsets,
                              const std::vector<Tensor>& gate, const std::vector<Tensor>& up,
                              const std::vector<Tensor>& down) {
@@ -51,6 +150,7 @@ inline Tensor grouped_swiglu(const Tensor& x, const std::vector<int64_t>& offset
               ", ", h, "]");
   }
 
+  if (detail::on_cuda(x)) return detail::cuda_grouped_swiglu(x, offsets, gate, up, down);
   Tensor y = Tensor::empty({rows, d}), pre_gate = Tensor::empty({rows, h}),
          pre_up = Tensor::empty({rows, h});
   const float* px = x.data<float>();
@@ -69,9 +169,8 @@ inline Tensor grouped_swiglu(const Tensor& x, const std::vector<int64_t>& offset
   }
 
   // Inputs: x, then gate, up and down of every expert; the backward keeps detached weights.
-  std::vector<Tensor> inputs{x}, weights;
-  for (const auto* list : {&gate, &up, &down})
-    inputs.insert(inputs.end(), list->begin(), list->end());
+  const std::vector<Tensor> inputs = detail::grouped_swiglu_inputs(x, gate, up, down);
+  std::vector<Tensor> weights;
   for (size_t i = 1; i < inputs.size(); ++i) weights.push_back(inputs[i].detach());
   return detail::record(
       y, "grouped_swiglu", inputs,

@@ -32,10 +32,33 @@ inline int64_t check_rms_norm_args(std::string_view op, const Tensor& x, const T
   return weight.dim(0);
 }
 
+// rms_norm on CUDA: the same formulas in the rex::cuda kernels; r stays on the device.
+inline Tensor cuda_rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t d) {
+  const int64_t rows = x.numel() / d;
+  Tensor y = Tensor::empty(x.shape(), DType::f32, x.device());
+  Tensor r = Tensor::empty(Shape{rows}, DType::f32, x.device());
+  cuda_backend().rms_norm(x.device_data<float>(), weight.device_data<float>(),
+                          y.device_data<float>(), r.device_data<float>(), rows, d, eps);
+  return record(y, "rms_norm", {x, weight},
+                [x = x.detach(), weight = weight.detach(), r, rows, d](
+                    const Tensor& g, const std::vector<bool>& needs) {
+                  GradList grads(2);
+                  if (needs[0]) grads[0] = Tensor::empty(x.shape(), DType::f32, x.device());
+                  if (needs[1]) grads[1] = Tensor::empty(weight.shape(), DType::f32, x.device());
+                  cuda_backend().rms_norm_backward(
+                      g.device_data<float>(), x.device_data<float>(), weight.device_data<float>(),
+                      r.device_data<float>(), needs[0] ? grads[0].device_data<float>() : nullptr,
+                      needs[1] ? grads[1].device_data<float>() : nullptr, rows, d);
+                  return grads;
+                });
+}
+
 }  // namespace detail
 
 inline Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps = 1e-6f) {
   const int64_t d = detail::check_rms_norm_args("rms_norm", x, weight, eps);
+  if (detail::common_device("rms_norm", {x, weight}).is_cuda())
+    return detail::cuda_rms_norm(x, weight, eps, d);
   const int64_t rows = x.numel() / d;
   Tensor y = Tensor::empty(x.shape());
   std::vector<float> r(static_cast<size_t>(rows));  // rsqrt(mean(x^2) + eps) per row

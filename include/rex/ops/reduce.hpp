@@ -35,12 +35,17 @@ inline Tensor sum(const Tensor& x, int64_t axis, bool keepdim = false) {
   axis = x.shape().normalize_axis(axis, "sum");
   const int64_t outer = x.shape().numel(0, axis), n = x.shape()[axis];
   const int64_t inner = x.shape().numel(axis + 1, x.rank());
-  Tensor out = zeros(detail::reduced_shape(x.shape(), axis, keepdim));
-  const float* px = x.data<float>();
-  float* po = out.data<float>();
-  for (int64_t o = 0; o < outer; ++o)
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t i = 0; i < inner; ++i) po[o * inner + i] += px[(o * n + j) * inner + i];
+  Tensor out = zeros(detail::reduced_shape(x.shape(), axis, keepdim), x.device());
+  if (detail::on_cuda(x)) {
+    detail::cuda_backend().sum_axis(x.device_data<float>(), out.device_data<float>(), outer, n,
+                                    inner);
+  } else {
+    const float* px = x.data<float>();
+    float* po = out.data<float>();
+    for (int64_t o = 0; o < outer; ++o)
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t i = 0; i < inner; ++i) po[o * inner + i] += px[(o * n + j) * inner + i];
+  }
   return detail::record(out, "sum", {x}, [in_shape = x.shape(), axis](const Tensor& g) {
     return detail::GradList{
         broadcast_to(reshape(g, detail::reduced_shape(in_shape, axis, true).dims()), in_shape)};
@@ -65,7 +70,22 @@ inline Tensor max(const Tensor& x, int64_t axis, bool keepdim = false) {
   const int64_t outer = x.shape().numel(0, axis), n = x.shape()[axis];
   const int64_t inner = x.shape().numel(axis + 1, x.rank());
   REX_CHECK(n > 0, "max: axis ", axis, " of shape ", x.shape(), " is empty");
-  Tensor out = Tensor::empty(detail::reduced_shape(x.shape(), axis, keepdim));
+  Tensor out =
+      Tensor::empty(detail::reduced_shape(x.shape(), axis, keepdim), DType::f32, x.device());
+  if (detail::on_cuda(x)) {
+    // The position of each maximum along the axis, kept on the device for the backward.
+    Tensor argmax = Tensor::empty(Shape{outer * inner}, DType::i32, x.device());
+    detail::cuda_backend().max_axis(x.device_data<float>(), out.device_data<float>(),
+                                    argmax.device_data<int32_t>(), outer, n, inner);
+    return detail::record(
+        out, "max", {x}, [in_shape = x.shape(), argmax, outer, n, inner](const Tensor& g) {
+          Tensor gx = Tensor::empty(in_shape, DType::f32, g.device());
+          detail::cuda_backend().max_axis_backward(g.device_data<float>(),
+                                                   argmax.device_data<int32_t>(),
+                                                   gx.device_data<float>(), outer, n, inner);
+          return detail::GradList{gx};
+        });
+  }
   std::vector<int64_t> argmax(static_cast<size_t>(outer * inner));  // flat index into x
   const float* px = x.data<float>();
   float* po = out.data<float>();

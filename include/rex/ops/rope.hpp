@@ -18,6 +18,7 @@
 #include <cmath>
 #include <vector>
 
+#include "rex/backend/cuda/dispatch.hpp"
 #include "rex/core/parallel.hpp"
 #include "rex/ops/common.hpp"
 
@@ -55,7 +56,14 @@ inline RopeTable rope_table(int64_t time, int64_t head_dim, float theta, int64_t
 inline Tensor rope_rotate(const Tensor& x, const RopeTable& table, float direction) {
   const int64_t time = x.dim(2), head_dim = x.dim(3), half = head_dim / 2;
   const int64_t rows = x.dim(0) * x.dim(1);
-  Tensor out = Tensor::empty(x.shape());
+  Tensor out = Tensor::empty(x.shape(), DType::f32, x.device());
+  if (on_cuda(x)) {
+    // The tables are built on the host (double precision) and copied over.
+    const Tensor cos = table.cos.to(x.device()), sin = table.sin.to(x.device());
+    cuda_backend().rope(x.device_data<float>(), cos.device_data<float>(), sin.device_data<float>(),
+                        out.device_data<float>(), rows, time, head_dim, direction);
+    return out;
+  }
   const float* px = x.data<float>();
   const float* pc = table.cos.data<float>();
   const float* ps = table.sin.data<float>();

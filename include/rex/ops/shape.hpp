@@ -10,6 +10,7 @@
 #include <numeric>
 #include <vector>
 
+#include "rex/backend/cuda/dispatch.hpp"
 #include "rex/ops/common.hpp"
 
 namespace rex {
@@ -21,10 +22,18 @@ inline void copy_axis_block(const Tensor& src, int64_t src_extent, int64_t src_s
                             int64_t dst_extent, int64_t dst_start, int64_t outer, int64_t length,
                             int64_t inner) {
   const size_t elem = dtype_size(src.dtype());
-  const char* ps = static_cast<const char*>(src.impl().storage->data()) + src.impl().offset * elem;
-  char* pd = static_cast<char*>(dst.impl().storage->data()) + dst.impl().offset * elem;
+  const char* ps = static_cast<const char*>(src.device_bytes());
+  char* pd = static_cast<char*>(dst.device_bytes());
   const size_t run = static_cast<size_t>(length * inner) * elem;
   if (run == 0 || outer == 0) return;  // empty buffers may be null
+  if (on_cuda(dst)) {
+    cuda_backend().copy_rows(pd + static_cast<size_t>(dst_start * inner) * elem,
+                             static_cast<size_t>(dst_extent * inner) * elem,
+                             ps + static_cast<size_t>(src_start * inner) * elem,
+                             static_cast<size_t>(src_extent * inner) * elem, run,
+                             static_cast<size_t>(outer));
+    return;
+  }
   for (int64_t o = 0; o < outer; ++o) {
     std::memcpy(pd + static_cast<size_t>((o * dst_extent + dst_start) * inner) * elem,
                 ps + static_cast<size_t>((o * src_extent + src_start) * inner) * elem, run);
@@ -80,7 +89,25 @@ inline Tensor permute(const Tensor& x, const std::vector<int64_t>& perm) {
     in_strides[static_cast<size_t>(i)] = x.shape().numel(p + 1, rank);
   }
   Shape out_shape(out_dims);
-  Tensor out = Tensor::empty(out_shape);
+  Tensor out = Tensor::empty(out_shape, DType::f32, x.device());
+  auto record_permute = [&] {
+    return detail::record(out, "permute", {x}, [inverse](const Tensor& g) {
+      return detail::GradList{permute(g, inverse)};
+    });
+  };
+  if (detail::on_cuda(x)) {
+    REX_CHECK(rank <= detail::kMaxCudaRank, "permute: shape ", x.shape(), " has more than ",
+              detail::kMaxCudaRank, " axes, the most the CUDA backend permutes");
+    std::vector<int64_t> axes(perm.size());
+    for (int64_t i = 0; i < rank; ++i)
+      axes[static_cast<size_t>(i)] =
+          x.shape().normalize_axis(perm[static_cast<size_t>(i)], "permute");
+    if (out.numel() > 0)
+      detail::cuda_backend().permute(x.device_bytes(), out.device_bytes(),
+                                     static_cast<int32_t>(rank), x.shape().dims().data(),
+                                     axes.data());
+    return record_permute();
+  }
   const float* px = x.data<float>();
   float* po = out.data<float>();
   // When the last axis stays last (splitting or merging attention heads), its rows are contiguous
@@ -100,9 +127,7 @@ inline Tensor permute(const Tensor& x, const std::vector<int64_t>& perm) {
       index[a] = 0;
     }
   }
-  return detail::record(out, "permute", {x}, [inverse](const Tensor& g) {
-    return detail::GradList{permute(g, inverse)};
-  });
+  return record_permute();
 }
 
 // Swaps two axes (a copy; matmul takes transposed operands without one, see MatmulOptions).
@@ -119,7 +144,7 @@ namespace detail {
 
 // The gradient of a slice: g placed at [start, start + len) of `axis` in zeros of `in_shape`.
 inline Tensor unslice(const Tensor& g, const Shape& in_shape, int64_t axis, int64_t start) {
-  Tensor out = zeros(in_shape);
+  Tensor out = zeros(in_shape, g.device());
   copy_axis_block(g, g.shape()[axis], 0, out, in_shape[axis], start, in_shape.numel(0, axis),
                   g.shape()[axis], in_shape.numel(axis + 1, in_shape.rank()));
   return out;
@@ -141,7 +166,7 @@ inline Tensor slice(const Tensor& x, int64_t axis, int64_t start, int64_t end) {
   if (outer == 1) {
     out = detail::make_view(x, start * inner, out_shape);
   } else {
-    out = Tensor::empty(out_shape, x.dtype());
+    out = Tensor::empty(out_shape, x.dtype(), x.device());
     detail::copy_axis_block(x, extent, start, out, end - start, 0, outer, end - start, inner);
   }
   return detail::record(out, "slice", {x}, [in_shape = x.shape(), axis, start](const Tensor& g) {
@@ -166,7 +191,9 @@ inline Tensor concat(const std::vector<Tensor>& xs, int64_t axis) {
   }
   Shape out_shape = first;
   out_shape.set(axis, total);
-  Tensor out = Tensor::empty(out_shape, xs[0].dtype());
+  Device device = xs[0].device();
+  for (const Tensor& x : xs) device = detail::common_device("concat", {xs[0], x});
+  Tensor out = Tensor::empty(out_shape, xs[0].dtype(), device);
   const int64_t outer = first.numel(0, axis), inner = first.numel(axis + 1, first.rank());
   std::vector<int64_t> starts, sizes;
   int64_t start = 0;

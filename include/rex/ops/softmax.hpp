@@ -14,6 +14,9 @@
 // It saves the logits and lse_i; its backward is g * (exp(logits - lse) - onehot(t)) / count on
 // counted rows and 0 on ignored rows. When every row is ignored (or N = 0) the loss is 0 and so is
 // the gradient.
+//
+// On CUDA (rex::cuda kernels, same formulas and double row sums) a row with no softmax cannot throw
+// from inside the kernel: it comes out as NaN instead. cross_entropy still checks its targets.
 #pragma once
 
 #include <cmath>
@@ -23,6 +26,7 @@
 #include <vector>
 
 #include "rex/backend/cpu/elementwise.hpp"
+#include "rex/backend/cuda/dispatch.hpp"
 #include "rex/ops/common.hpp"
 
 namespace rex {
@@ -57,10 +61,49 @@ inline double log_sum_exp_shifted(const float* row, int64_t n, float m) {
   return std::log(s);
 }
 
+// softmax or log_softmax (forward and backward entries given) as one CUDA graph node.
+template <class Forward, class Backward>
+Tensor cuda_row_op(const Tensor& x, int64_t n, std::string_view op, Forward forward,
+                   Backward backward) {
+  Tensor y = Tensor::empty(x.shape(), DType::f32, x.device());
+  const int64_t rows = x.numel() / n;
+  (cuda_backend().*forward)(x.device_data<float>(), y.device_data<float>(), rows, n);
+  return record(y, op, {x}, [y = y.detach(), rows, n, backward](const Tensor& g) {
+    Tensor dx = Tensor::empty(y.shape(), DType::f32, y.device());
+    (cuda_backend().*backward)(g.device_data<float>(), y.device_data<float>(),
+                               dx.device_data<float>(), rows, n);
+    return GradList{dx};
+  });
+}
+
+// cross_entropy on CUDA: the loss stays on the device; lse is saved in f32.
+inline Tensor cuda_cross_entropy(const Tensor& logits, const Tensor& targets,
+                                 int32_t ignore_index) {
+  const int64_t rows = logits.dim(0), classes = logits.dim(1);
+  Tensor lse = Tensor::empty(Shape{rows}, DType::f32, logits.device());
+  Tensor loss = Tensor::empty(Shape{}, DType::f32, logits.device());
+  const int64_t count = cuda_backend().cross_entropy(
+      logits.device_data<float>(), targets.device_data<int32_t>(), rows, classes, ignore_index,
+      lse.device_data<float>(), loss.device_data<float>());
+  return record(loss, "cross_entropy", {logits},
+                [logits = logits.detach(), targets = targets.detach(), lse, count,
+                 ignore_index](const Tensor& g) {
+                  Tensor gx = Tensor::empty(logits.shape(), DType::f32, logits.device());
+                  cuda_backend().cross_entropy_backward(
+                      logits.device_data<float>(), targets.device_data<int32_t>(),
+                      lse.device_data<float>(), g.device_data<float>(), gx.device_data<float>(),
+                      logits.dim(0), logits.dim(1), ignore_index, count);
+                  return GradList{gx};
+                });
+}
+
 }  // namespace detail
 
 inline Tensor softmax(const Tensor& x) {
   const int64_t n = detail::softmax_row_length(x, "softmax");
+  if (detail::on_cuda(x))
+    return detail::cuda_row_op(x, n, "softmax", &detail::CudaBackend::softmax,
+                               &detail::CudaBackend::softmax_backward);
   Tensor y = detail::map_rows(x, n, [&](const float* row, float* out, int64_t r) {
     const float m = detail::softmax_row_max(row, n, "softmax", x.shape(), r);
     double s = 0;
@@ -84,6 +127,9 @@ inline Tensor softmax(const Tensor& x) {
 
 inline Tensor log_softmax(const Tensor& x) {
   const int64_t n = detail::softmax_row_length(x, "log_softmax");
+  if (detail::on_cuda(x))
+    return detail::cuda_row_op(x, n, "log_softmax", &detail::CudaBackend::log_softmax,
+                               &detail::CudaBackend::log_softmax_backward);
   Tensor y = detail::map_rows(x, n, [&](const float* row, float* out, int64_t r) {
     const float m = detail::softmax_row_max(row, n, "log_softmax", x.shape(), r);
     const auto log_s = static_cast<float>(detail::log_sum_exp_shifted(row, n, m));
@@ -108,6 +154,8 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& targets,
             "cross_entropy: logits ", logits.shape(), " and targets ", targets.shape(),
             " do not match; expected logits [N, C] and targets [N]");
   const int64_t rows = logits.dim(0), classes = logits.dim(1);
+  if (detail::common_device("cross_entropy", {logits, targets}).is_cuda())
+    return detail::cuda_cross_entropy(logits, targets, ignore_index);
   const float* px = logits.data<float>();
   const int32_t* pt = targets.data<int32_t>();
   // Log-sum-exp of each counted row, kept in double: the backward's exp(x - lse) would otherwise

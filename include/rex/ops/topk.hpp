@@ -14,6 +14,7 @@
 #include <numeric>
 #include <vector>
 
+#include "rex/backend/cuda/dispatch.hpp"
 #include "rex/ops/common.hpp"
 
 namespace rex {
@@ -22,6 +23,26 @@ struct TopK {
   Tensor values;   // f32, x.shape with the last extent k, each row descending
   Tensor indices;  // i32, same shape: positions in x's last axis
 };
+
+namespace detail {
+
+inline TopK cuda_topk(const Tensor& x, int64_t k, int64_t rows, int64_t n, const Shape& out_shape) {
+  Tensor values = Tensor::empty(out_shape, DType::f32, x.device());
+  Tensor indices = Tensor::empty(out_shape, DType::i32, x.device());
+  cuda_backend().topk(x.device_data<float>(), values.device_data<float>(),
+                      indices.device_data<int32_t>(), rows, n, k);
+  values =
+      record(values, "topk", {x},
+             [in_shape = x.shape(), indices = indices.detach(), rows, n, k](const Tensor& g) {
+               Tensor gx = Tensor::empty(in_shape, DType::f32, g.device());
+               cuda_backend().topk_backward(g.device_data<float>(), indices.device_data<int32_t>(),
+                                            gx.device_data<float>(), rows, n, k);
+               return GradList{gx};
+             });
+  return TopK{values, indices};
+}
+
+}  // namespace detail
 
 inline TopK topk(const Tensor& x, int64_t k) {
   detail::check_f32("topk", x);
@@ -32,6 +53,7 @@ inline TopK topk(const Tensor& x, int64_t k) {
   const int64_t rows = x.numel() / n;
   Shape out_shape = x.shape();
   out_shape.set(x.rank() - 1, k);
+  if (detail::on_cuda(x)) return detail::cuda_topk(x, k, rows, n, out_shape);
   Tensor values = Tensor::empty(out_shape);
   Tensor indices = Tensor::empty(out_shape, DType::i32);
   const float* px = x.data<float>();

@@ -29,6 +29,7 @@
 
 #include "rex/autograd/graph.hpp"
 #include "rex/backend/cpu/arrays.hpp"
+#include "rex/backend/cuda/dispatch.hpp"
 #include "rex/core/factory.hpp"
 #include "rex/nn/config.hpp"
 
@@ -81,7 +82,8 @@ class AdamW {
                 p.tensor.dtype(), ", not f32");
       REX_CHECK(p.tensor.is_leaf(), "AdamW: parameter '", p.name,
                 "' is not a leaf (it was produced by an op); pass the parameter tensor itself");
-      slots_.push_back({zeros(p.tensor.shape()), zeros(p.tensor.shape()), 0});
+      slots_.push_back({zeros(p.tensor.shape(), p.tensor.device()),
+                        zeros(p.tensor.shape(), p.tensor.device()), 0});
     }
   }
   // Copies would share the moment buffers while counting steps apart.
@@ -109,16 +111,32 @@ class AdamW {
       Slot& s = slots_[i];
       ++s.step;
       const int64_t n = g.numel();
+      const double bias1 = 1.0 - std::pow(beta1_d, static_cast<double>(s.step));
+      const double bias2 = 1.0 - std::pow(beta2_d, static_cast<double>(s.step));
+      const auto neg_step_size = static_cast<float>(-(lr_d / bias1));
+      const auto bias2_sqrt = static_cast<float>(std::sqrt(bias2));
+      if (detail::on_cuda(g)) {
+        // One fused kernel per parameter, the same operations in the same order.
+        detail::common_device("AdamW::step", {params_[i].tensor, g});
+        const detail::AdamWScalars scalars{params_[i].decay ? keep : 1.0f,
+                                           beta1,
+                                           one_minus_beta1,
+                                           beta2,
+                                           one_minus_beta2,
+                                           neg_step_size,
+                                           bias2_sqrt,
+                                           eps};
+        detail::cuda_backend().adamw(params_[i].tensor.device_data<float>(), g.device_data<float>(),
+                                     s.exp_avg.device_data<float>(),
+                                     s.exp_avg_sq.device_data<float>(), n, scalars);
+        continue;
+      }
       // Eigen arrays vectorise the sqrt and the division, which a plain loop cannot be (std::sqrt
       // may set errno); the expressions keep PyTorch's order of operations.
       detail::ArrayMap w(params_[i].tensor.data<float>(), n), m(s.exp_avg.data<float>(), n),
           v(s.exp_avg_sq.data<float>(), n);
       const detail::ConstArrayMap grad(g.data<float>(), n);
       if (params_[i].decay) w *= keep;
-      const double bias1 = 1.0 - std::pow(beta1_d, static_cast<double>(s.step));
-      const double bias2 = 1.0 - std::pow(beta2_d, static_cast<double>(s.step));
-      const auto neg_step_size = static_cast<float>(-(lr_d / bias1));
-      const auto bias2_sqrt = static_cast<float>(std::sqrt(bias2));
       m = m * beta1 + one_minus_beta1 * grad;
       v = v * beta2 + one_minus_beta2 * grad * grad;
       w = w + neg_step_size * m / (v.sqrt() / bias2_sqrt + eps);
@@ -139,8 +157,8 @@ class AdamW {
     std::map<std::string, Tensor> out;
     for (size_t i = 0; i < params_.size(); ++i) {
       const std::string& name = params_[i].name;
-      out[name + ".exp_avg"] = slots_[i].exp_avg.clone();
-      out[name + ".exp_avg_sq"] = slots_[i].exp_avg_sq.clone();
+      out[name + ".exp_avg"] = slots_[i].exp_avg.copy_to(Device::cpu());
+      out[name + ".exp_avg_sq"] = slots_[i].exp_avg_sq.copy_to(Device::cpu());
       Tensor step = Tensor::empty(Shape{}, DType::i32);
       step.data<int32_t>()[0] = static_cast<int32_t>(slots_[i].step);
       out[name + ".step"] = step;
@@ -166,7 +184,7 @@ class AdamW {
       const Tensor& t = find(name, DType::f32);
       REX_CHECK(t.shape() == p.tensor.shape(), "AdamW::load_state: tensor '", name, "' has shape ",
                 t.shape(), ", expected ", p.tensor.shape());
-      return t.clone();
+      return t.copy_to(p.tensor.device());
     };
     std::vector<Slot> loaded;
     for (const Parameter& p : params_) {
@@ -175,7 +193,7 @@ class AdamW {
       const Tensor& step = find(name, DType::i32);
       REX_CHECK(step.shape() == Shape{} || step.shape() == Shape{1}, "AdamW::load_state: tensor '",
                 name, "' has shape ", step.shape(), ", expected [] or [1]");
-      slot.step = step.data<int32_t>()[0];
+      slot.step = static_cast<int32_t>(step.copy_to(Device::cpu()).data<int32_t>()[0]);
       REX_CHECK(slot.step >= 0, "AdamW::load_state: tensor '", name, "' holds a negative step ",
                 slot.step);
       loaded.push_back(std::move(slot));

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "rex/backend/cpu/arrays.hpp"
+#include "rex/backend/cuda/dispatch.hpp"
 #include "rex/optim/adamw.hpp"
 
 namespace rex::optim {
@@ -26,8 +27,16 @@ inline double clip_grad_norm(const std::vector<Parameter>& params, double max_no
   for (int64_t i = 0; i < count; ++i) {
     const Tensor g = params[i].tensor.grad();
     if (!g.defined()) continue;
+    if (detail::on_cuda(g)) continue;  // summed below, on the device
     // Eigen's vectorised reduction: a fixed summation tree, so the same on every run.
     own[i] = detail::ConstArrayMap(g.data<float>(), g.numel()).cast<double>().square().sum();
+  }
+  // CUDA gradients: a deterministic double reduction per tensor in rex::cuda (one at a time: the
+  // kernels share the stream).
+  for (int64_t i = 0; i < count; ++i) {
+    const Tensor g = params[i].tensor.grad();
+    if (g.defined() && detail::on_cuda(g))
+      own[i] = detail::cuda_backend().sum_squares(g.device_data<float>(), g.numel());
   }
   double sum_sq = 0.0;
   const Parameter* first_non_finite = nullptr;
@@ -48,6 +57,11 @@ inline double clip_grad_norm(const std::vector<Parameter>& params, double max_no
     for (const Parameter& p : params) {
       const Tensor g = p.tensor.grad();
       if (!g.defined()) continue;
+      if (detail::on_cuda(g)) {
+        detail::cuda_backend().unary(detail::UnaryOp::mul_scalar, scale, g.device_data<float>(),
+                                     g.device_data<float>(), g.numel());
+        continue;
+      }
       float* pg = g.data<float>();
       for (int64_t i = 0, n = g.numel(); i < n; ++i) pg[i] *= scale;
     }

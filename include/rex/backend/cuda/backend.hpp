@@ -1,0 +1,182 @@
+// The CUDA backend as the header-only ops see it: a table of host functions that rex::cuda (the
+// compiled kernels/) fills in. The ops test a tensor's device and call through the table; no CUDA
+// header and no CUDA symbol is ever referenced from include/, so the CPU path stays header-only.
+// A program built without rex::cuda gets a clear rex::Error from cuda_backend() instead.
+//
+// Contract of every entry: pointers are device memory unless named host_*; sizes are element
+// counts; work is queued on rex's one CUDA stream in call order (so buffers freed to the caching
+// allocator can be reused at once); any failing CUDA or cuBLAS call throws rex::Error naming the
+// call and CUDA's message. Results are deterministic: no floating-point atomics anywhere.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "rex/backend/pointwise.hpp"
+#include "rex/core/error.hpp"
+
+namespace rex::detail {
+
+// Up to this many axes in broadcast and permute launches (more is rejected by the op).
+inline constexpr int kMaxCudaRank = 8;
+
+// Row-major output extents plus, for up to three inputs, the element stride of each input along
+// each output axis (0 where the input is broadcast). Built by cuda_broadcast_index in the ops.
+struct CudaBroadcast {
+  int32_t rank = 0;
+  int64_t dims[kMaxCudaRank] = {};
+  int64_t strides[3][kMaxCudaRank] = {};
+};
+
+enum class CudaCopy : int32_t { host_to_device, device_to_host, device_to_device };
+
+struct CudaMemoryStats {
+  int64_t cached_bytes = 0;    // freed blocks kept by the caching allocator for reuse
+  int64_t reserved_bytes = 0;  // all bytes obtained from cudaMalloc and not yet returned
+  int64_t device_mallocs = 0;  // cudaMalloc calls since start (flat in steady state)
+};
+
+// The per-step scalars of one AdamW update (keep = 1 for parameters without weight decay).
+struct AdamWScalars {
+  float keep, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias2_sqrt, eps;
+};
+
+struct CudaBackend {
+  // ---- runtime and memory (kernels/memory.cu) ----
+  int (*device_count)();
+  void* (*allocate)(size_t bytes);  // from the caching allocator; never null (throws)
+  void (*release)(void* ptr);       // back to the cache, reusable by later launches at once
+  void (*copy)(void* dst, const void* src, size_t bytes, CudaCopy kind);  // synchronous to host
+  // rows blocks of row_bytes, from src every src_pitch bytes to dst every dst_pitch bytes (d2d).
+  void (*copy_rows)(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                    size_t row_bytes, size_t rows);
+  void (*fill32)(void* out, int64_t n, uint32_t bits);  // n 32-bit words set to `bits`
+  void (*synchronize)();
+  CudaMemoryStats (*memory_stats)();
+  void (*empty_cache)();  // returns every cached block to the driver
+
+  // ---- elementwise (kernels/elementwise.cu); the math is rex/backend/pointwise.hpp ----
+  void (*unary)(UnaryOp op, float s, const float* x, float* y, int64_t n);
+  // dx = g * unary_slope(op, saved, s), saved being x or y as unary_saves_output(op) says.
+  void (*unary_backward)(UnaryOp op, float s, const float* g, const float* saved, float* dx,
+                         int64_t n);
+  void (*binary)(BinaryOp op, const float* a, const float* b, float* out,
+                 const CudaBroadcast& index);  // strides[0] for a, [1] for b
+  // out = cond != 0 ? a : b; cond is f32 or i32 (cond_is_i32); strides[0..2] for cond, a, b.
+  void (*select)(const void* cond, bool cond_is_i32, const float* a, const float* b, float* out,
+                 const CudaBroadcast& index);
+  // out[o] = x[at(o)] with index.dims the output extents and strides[0] those of x.
+  void (*broadcast_copy)(const float* x, float* out, const CudaBroadcast& index);
+  // out (out_numel elements) = sum of x over the broadcast axes: index.dims are x's extents and
+  // strides[0] the strides of out along them (0 on summed axes). Summation order is fixed.
+  void (*sum_to)(const float* x, float* out, int64_t out_numel, const CudaBroadcast& index);
+  void (*swiglu)(const float* a, const float* b, float* y, int64_t n);
+  // da, db may be null (not needed); formulas as rex::swiglu.
+  void (*swiglu_backward)(const float* a, const float* b, const float* g, float* da, float* db,
+                          int64_t n);
+
+  // ---- reductions and row-wise fused ops (kernels/reduce.cu) ----
+  // x viewed as [outer, n, inner] reduced over n -> [outer, inner].
+  void (*sum_axis)(const float* x, float* out, int64_t outer, int64_t n, int64_t inner);
+  // argmax holds the position along n (first maximum; NaN wins, as on the CPU).
+  void (*max_axis)(const float* x, float* out, int32_t* argmax, int64_t outer, int64_t n,
+                   int64_t inner);
+  // gx [outer, n, inner] = 0 except gx[o, argmax[o, i], i] = g[o, i].
+  void (*max_axis_backward)(const float* g, const int32_t* argmax, float* gx, int64_t outer,
+                            int64_t n, int64_t inner);
+  void (*softmax)(const float* x, float* y, int64_t rows, int64_t n);
+  void (*softmax_backward)(const float* g, const float* y, float* dx, int64_t rows, int64_t n);
+  void (*log_softmax)(const float* x, float* y, int64_t rows, int64_t n);
+  void (*log_softmax_backward)(const float* g, const float* y, float* dx, int64_t rows, int64_t n);
+  // Mean NLL over the rows whose target is not ignore_index, written to *loss (device scalar);
+  // lse[r] receives each counted row's log-sum-exp. Returns the number of counted rows; a target
+  // out of [0, classes) throws rex::Error naming the row.
+  int64_t (*cross_entropy)(const float* logits, const int32_t* targets, int64_t rows,
+                           int64_t classes, int32_t ignore_index, float* lse, float* loss);
+  // gx = g / count * (softmax(logits) - onehot(target)) on counted rows, 0 on ignored rows; g is a
+  // device scalar.
+  void (*cross_entropy_backward)(const float* logits, const int32_t* targets, const float* lse,
+                                 const float* g, float* gx, int64_t rows, int64_t classes,
+                                 int32_t ignore_index, int64_t count);
+  // y = x * rstd * w per row of n, rstd[r] = 1 / sqrt(mean(x_r^2) + eps) (saved for backward).
+  void (*rms_norm)(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t n,
+                   float eps);
+  // dx and dw may be null. dw sums over rows in row order.
+  void (*rms_norm_backward)(const float* g, const float* x, const float* w, const float* rstd,
+                            float* dx, float* dw, int64_t rows, int64_t n);
+
+  // ---- indexing, routing and layout (kernels/index.cu) ----
+  // out[i] = x[index[i]] rows of d; an index outside [0, num_rows) throws rex::Error.
+  void (*gather_rows)(const float* x, const int32_t* index, float* out, int64_t m, int64_t d,
+                      int64_t num_rows);
+  // out [num_rows, d] = 0, then out[index[i]] += src[i] for i in increasing order (exactly the
+  // CPU's order, so results are bit-identical run to run); bad indices throw.
+  void (*scatter_add_rows)(const float* src, const int32_t* index, float* out, int64_t m, int64_t d,
+                           int64_t num_rows);
+  // Per row of n: the k largest values descending, ties to the lower position, NaN first.
+  void (*topk)(const float* x, float* values, int32_t* indices, int64_t rows, int64_t n, int64_t k);
+  // gx [rows, n] = 0 except gx[r, indices[r, j]] = g[r, j].
+  void (*topk_backward)(const float* g, const int32_t* indices, float* gx, int64_t rows, int64_t n,
+                        int64_t k);
+  // out = x with axes permuted (32-bit elements of either dtype): out axis i is x axis perm[i].
+  void (*permute)(const void* x, void* out, int32_t rank, const int64_t* host_dims,
+                  const int64_t* host_perm);
+  // RoPE, "rotate half" as rex/ops/rope.hpp: element i pairs with i + head_dim/2 (NOT 2i, 2i+1);
+  // x is [outer, time, head_dim], cos and sin are [time, head_dim / 2];
+  // y = rotation by `direction` (+1 forward, -1 for the backward), exactly rope_rotate's formula.
+  void (*rope)(const float* x, const float* cos, const float* sin, float* y, int64_t outer,
+               int64_t time, int64_t head_dim, float direction);
+
+  // ---- attention (kernels/attention.cu) ----
+  // Causal softmax(q k^T * scale) v with grouped-query heads; lse [B, Hq, T] is saved.
+  void (*attention)(const float* q, const float* k, const float* v, float* out, float* lse,
+                    int64_t batch, int64_t heads, int64_t kv_heads, int64_t time, int64_t head_dim,
+                    float scale);
+  // dq, dk, dv may be null. dk and dv sum over the query heads of a group in a fixed order.
+  void (*attention_backward)(const float* q, const float* k, const float* v, const float* lse,
+                             const float* g, float* dq, float* dk, float* dv, int64_t batch,
+                             int64_t heads, int64_t kv_heads, int64_t time, int64_t head_dim,
+                             float scale);
+
+  // ---- GEMM through cuBLAS (kernels/gemm.cu) ----
+  // Row-major c[m, n] (+)= op(a) op(b) like rex::detail::gemm, for `batch` products whose operands
+  // start every stride_* elements (a stride of 0 repeats one operand).
+  void (*gemm)(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k,
+               bool transpose_a, bool transpose_b, bool accumulate, int64_t batch, int64_t stride_a,
+               int64_t stride_b, int64_t stride_c);
+  void (*set_tf32)(bool enabled);  // TF32 tensor-core GEMMs (off by default: full fp32)
+
+  // ---- optimiser (kernels/optim.cu) ----
+  // One AdamW step on n elements with the scalars rex::optim::AdamW::step computes on the host,
+  // in its (PyTorch's) order of operations:
+  // p *= keep; m = m b1 + (1 - b1) g; v = v b2 + (1 - b2) g g; p += neg_step * m / (sqrt(v) / b2s +
+  // eps)
+  void (*adamw)(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
+                const AdamWScalars& scalars);
+  // Sum of squares in double with a fixed reduction tree (deterministic); returns to the host.
+  double (*sum_squares)(const float* x, int64_t n);
+};
+
+}  // namespace rex::detail
+
+#if defined(REX_WITH_CUDA)
+namespace rex::cuda {
+// Defined in kernels/backend.cu: the table of the compiled kernels.
+const rex::detail::CudaBackend& backend();
+}  // namespace rex::cuda
+#endif
+
+namespace rex::detail {
+
+// The CUDA backend, or a rex::Error saying that this program was built without it.
+inline const CudaBackend& cuda_backend() {
+#if defined(REX_WITH_CUDA)
+  return rex::cuda::backend();
+#else
+  throw Error(
+      "this program was built without rex's CUDA backend: link the rex::cuda CMake target "
+      "(built when the CUDA toolkit is found) to use CUDA tensors");
+#endif
+}
+
+}  // namespace rex::detail

@@ -1,0 +1,83 @@
+// Shared by the kernels/*.cu files: the stream every launch goes to, checked CUDA and cuBLAS calls
+// (a failure throws rex::Error naming the call and CUDA's message), launch-size helpers, and the
+// registration functions through which each file fills its part of the backend table.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "rex/backend/cuda/backend.hpp"
+#include "rex/core/error.hpp"
+
+namespace rex::cuda::detail {
+
+// rex's one stream (created on first use, on device 0).
+cudaStream_t stream();
+
+[[noreturn]] void throw_cuda_error(const char* call, cudaError_t status);
+[[noreturn]] void throw_cublas_error(const char* call, cublasStatus_t status);
+// Throws if the last kernel launch failed (bad configuration, or an earlier asynchronous fault).
+void check_launch(const char* kernel);
+
+// Launch configuration: 256 threads per block and enough blocks for n items (at least one).
+inline constexpr int kThreads = 256;
+inline unsigned int blocks_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 65535 * 32 ? 65535 * 32 : blocks));
+}
+
+// A device scratch buffer from the caching allocator, released when it goes out of scope.
+class Scratch {
+ public:
+  explicit Scratch(size_t bytes);
+  ~Scratch();
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+
+ private:
+  void* ptr_;
+};
+
+// Device flag for index checks inside kernels: a kernel that meets a bad index at position p does
+// atomicMin(flag.device(), p). read() copies it to the host (a synchronisation) and returns the
+// first bad position, or -1 when there was none.
+class ErrorFlag {
+ public:
+  ErrorFlag();
+  unsigned long long* device() const { return flag_.as<unsigned long long>(); }
+  int64_t read() const;
+
+ private:
+  Scratch flag_;
+};
+
+// Each file registers its entries in the table (kernels/backend.cu calls them all once).
+void register_memory(rex::detail::CudaBackend& table);
+void register_elementwise(rex::detail::CudaBackend& table);
+void register_reduce(rex::detail::CudaBackend& table);
+void register_index(rex::detail::CudaBackend& table);
+void register_attention(rex::detail::CudaBackend& table);
+void register_gemm(rex::detail::CudaBackend& table);
+void register_optim(rex::detail::CudaBackend& table);
+
+}  // namespace rex::cuda::detail
+
+// Checked calls: REX_CUDA(cudaMemcpyAsync(...)) and REX_CUBLAS(cublasSgemm(...)); after a
+// <<<...>>> launch, call check_launch("kernel name").
+#define REX_CUDA(call)                                                                         \
+  do {                                                                                         \
+    const cudaError_t rex_status_ = (call);                                                    \
+    if (rex_status_ != cudaSuccess) ::rex::cuda::detail::throw_cuda_error(#call, rex_status_); \
+  } while (0)
+#define REX_CUBLAS(call)                                           \
+  do {                                                             \
+    const cublasStatus_t rex_status_ = (call);                     \
+    if (rex_status_ != CUBLAS_STATUS_SUCCESS)                      \
+      ::rex::cuda::detail::throw_cublas_error(#call, rex_status_); \
+  } while (0)

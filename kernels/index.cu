@@ -1,0 +1,290 @@
+// Indexing, routing and layout kernels: row gather / scatter-add, top-k selection and its
+// backward, axis permutation, and the rotary position embedding.
+//
+// - gather_rows: a check kernel (one thread per index) flags the first bad index, the host reads
+// the
+//   flag (a synchronisation) and throws before anything is written; then one thread per output
+//   element copies, consecutive threads along a row so reads and writes are coalesced.
+// - scatter_add_rows: determinism without floating-point atomics. The index is copied to the host,
+//   checked there, and counting-sorted into a CSR: for each output row, the source positions that
+//   land on it in increasing order. One block per output row then sums its sources in that order
+//   (threads over the columns), starting from 0, exactly as the CPU's loop does; rows that receive
+//   nothing get 0.
+// - topk: one warp per row. Selection by repeated scan: the j-th pick is the best element that
+// ranks
+//   after pick j - 1 under the CPU's strict total order (NaN first, larger values first, ties to
+//   the lower position), so no "taken" marks are needed. Each lane scans a strided slice of the row
+//   and the warp combines the lane candidates with shuffles; a total order makes the result
+//   independent of the combination tree.
+// - topk_backward: one thread per element of gx, which looks for its column among the row's k
+//   indices (the last match wins, as the CPU's sequential writes do); no zero-fill pass, no races.
+// - permute: one thread per output element; extents and input strides are passed by value.
+// - rope: one thread per (row, i) pair of the "rotate half" convention (i paired with i + D/2, as
+//   rope_rotate on the CPU); products and sums use _rn intrinsics so that no FMA is contracted and
+//   the float operations are those the CPU writes.
+#include <vector>
+
+#include "common.cuh"
+
+namespace rex::cuda::detail {
+namespace {
+
+[[noreturn]] void throw_bad_index(const char* op, int32_t value, int64_t position,
+                                  int64_t num_rows) {
+  throw Error(rex::detail::concat(op, ": index value ", value, " at position ", position,
+                                  " is out of range [0, ", num_rows, ")"));
+}
+
+// ---- gather_rows ----
+
+__global__ void check_rows_kernel(const int32_t* index, int64_t m, int64_t num_rows,
+                                  unsigned long long* flag) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < m;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t r = index[i];
+    if (r < 0 || r >= num_rows) atomicMin(flag, static_cast<unsigned long long>(i));
+  }
+}
+
+__global__ void gather_rows_kernel(const float* x, const int32_t* index, float* out, int64_t m,
+                                   int64_t d) {
+  const int64_t total = m * d;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = e / d, j = e - i * d;
+    out[e] = x[static_cast<int64_t>(index[i]) * d + j];
+  }
+}
+
+void gather_rows(const float* x, const int32_t* index, float* out, int64_t m, int64_t d,
+                 int64_t num_rows) {
+  if (m == 0) return;
+  const ErrorFlag flag;
+  check_rows_kernel<<<blocks_for(m), kThreads, 0, stream()>>>(index, m, num_rows, flag.device());
+  check_launch("check_rows_kernel");
+  const int64_t bad = flag.read();
+  if (bad >= 0) {
+    int32_t value = 0;
+    REX_CUDA(cudaMemcpyAsync(&value, index + bad, sizeof value, cudaMemcpyDeviceToHost, stream()));
+    REX_CUDA(cudaStreamSynchronize(stream()));
+    throw_bad_index("gather_rows", value, bad, num_rows);
+  }
+  if (d == 0) return;
+  gather_rows_kernel<<<blocks_for(m * d), kThreads, 0, stream()>>>(x, index, out, m, d);
+  check_launch("gather_rows_kernel");
+}
+
+// ---- scatter_add_rows ----
+
+// Output row r sums src rows order[offsets[r]], ..., order[offsets[r + 1] - 1] in that order.
+__global__ void scatter_add_rows_kernel(const float* src, const int64_t* offsets,
+                                        const int64_t* order, float* out, int64_t num_rows,
+                                        int64_t d) {
+  for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
+    const int64_t begin = offsets[r], end = offsets[r + 1];
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      float acc = 0.0f;
+      for (int64_t s = begin; s < end; ++s) acc += src[order[s] * d + j];
+      out[r * d + j] = acc;
+    }
+  }
+}
+
+void scatter_add_rows(const float* src, const int32_t* index, float* out, int64_t m, int64_t d,
+                      int64_t num_rows) {
+  std::vector<int32_t> host_index(static_cast<size_t>(m));
+  if (m > 0) {
+    REX_CUDA(cudaMemcpyAsync(host_index.data(), index, static_cast<size_t>(m) * sizeof(int32_t),
+                             cudaMemcpyDeviceToHost, stream()));
+    REX_CUDA(cudaStreamSynchronize(stream()));
+  }
+  // Counting sort by output row; filling in increasing i keeps each row's sources in order.
+  std::vector<int64_t> offsets(static_cast<size_t>(num_rows) + 1, 0);
+  for (int64_t i = 0; i < m; ++i) {
+    const int32_t r = host_index[static_cast<size_t>(i)];
+    if (r < 0 || r >= num_rows) throw_bad_index("scatter_add_rows", r, i, num_rows);
+    ++offsets[static_cast<size_t>(r) + 1];
+  }
+  if (num_rows == 0 || d == 0) return;
+  for (int64_t r = 0; r < num_rows; ++r)
+    offsets[static_cast<size_t>(r) + 1] += offsets[static_cast<size_t>(r)];
+  std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+  std::vector<int64_t> order(static_cast<size_t>(m));
+  for (int64_t i = 0; i < m; ++i)
+    order[static_cast<size_t>(next[static_cast<size_t>(host_index[static_cast<size_t>(i)])]++)] = i;
+
+  const Scratch device_offsets(offsets.size() * sizeof(int64_t));
+  const Scratch device_order(order.size() * sizeof(int64_t));
+  REX_CUDA(cudaMemcpyAsync(device_offsets.as<int64_t>(), offsets.data(),
+                           offsets.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream()));
+  if (m > 0) {
+    REX_CUDA(cudaMemcpyAsync(device_order.as<int64_t>(), order.data(),
+                             order.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream()));
+  }
+  // The host vectors are freed on return: wait until the uploads have read them.
+  REX_CUDA(cudaStreamSynchronize(stream()));
+
+  // One block per output row, as many threads as the row has columns (a multiple of 32, <= 256).
+  const int threads = static_cast<int>(d >= kThreads ? kThreads : (d + 31) / 32 * 32);
+  const auto blocks = static_cast<unsigned int>(num_rows < 65535 * 32 ? num_rows : 65535 * 32);
+  scatter_add_rows_kernel<<<blocks, threads, 0, stream()>>>(
+      src, device_offsets.as<int64_t>(), device_order.as<int64_t>(), out, num_rows, d);
+  check_launch("scatter_add_rows_kernel");
+}
+
+// ---- topk ----
+
+// True when position i ranks before position j (rex::topk's comparator).
+__device__ bool ranks_before(const float* row, int64_t i, int64_t j) {
+  const float a = row[i], b = row[j];
+  if (isnan(a) || isnan(b)) return isnan(a) && (!isnan(b) || i < j);
+  return a > b || (a == b && i < j);
+}
+
+constexpr int kWarp = 32;
+
+__global__ void topk_kernel(const float* x, float* values, int32_t* indices, int64_t rows,
+                            int64_t n, int64_t k) {
+  const int lane = static_cast<int>(threadIdx.x % kWarp);
+  const int64_t warps_per_block = blockDim.x / kWarp;
+  const int64_t first = blockIdx.x * warps_per_block + threadIdx.x / kWarp;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps_per_block;
+  for (int64_t r = first; r < rows; r += stride) {
+    const float* row = x + r * n;
+    int64_t previous = -1;
+    for (int64_t j = 0; j < k; ++j) {
+      // This lane's best among its positions that rank after the previous pick (-1: none).
+      int64_t best = -1;
+      for (int64_t i = lane; i < n; i += kWarp) {
+        if (previous >= 0 && !ranks_before(row, previous, i)) continue;
+        if (best < 0 || ranks_before(row, i, best)) best = i;
+      }
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+        const int64_t other = __shfl_xor_sync(0xffffffffu, best, offset);
+        if (other >= 0 && (best < 0 || ranks_before(row, other, best))) best = other;
+      }
+      if (lane == 0) {
+        values[r * k + j] = row[best];
+        indices[r * k + j] = static_cast<int32_t>(best);
+      }
+      previous = best;
+    }
+  }
+}
+
+void topk(const float* x, float* values, int32_t* indices, int64_t rows, int64_t n, int64_t k) {
+  REX_CHECK(k >= 1 && k <= n, "topk: k = ", k, " is out of range [1, ", n, "]");
+  if (rows == 0) return;
+  const int64_t warps_per_block = kThreads / kWarp;
+  const int64_t blocks = (rows + warps_per_block - 1) / warps_per_block;
+  topk_kernel<<<static_cast<unsigned int>(blocks < 65535 * 32 ? blocks : 65535 * 32), kThreads, 0,
+                stream()>>>(x, values, indices, rows, n, k);
+  check_launch("topk_kernel");
+}
+
+__global__ void topk_backward_kernel(const float* g, const int32_t* indices, float* gx,
+                                     int64_t rows, int64_t n, int64_t k) {
+  const int64_t total = rows * n;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = e / n, c = e - r * n;
+    float value = 0.0f;
+    for (int64_t j = 0; j < k; ++j)
+      if (indices[r * k + j] == c) value = g[r * k + j];
+    gx[e] = value;
+  }
+}
+
+void topk_backward(const float* g, const int32_t* indices, float* gx, int64_t rows, int64_t n,
+                   int64_t k) {
+  if (rows == 0 || n == 0) return;
+  topk_backward_kernel<<<blocks_for(rows * n), kThreads, 0, stream()>>>(g, indices, gx, rows, n, k);
+  check_launch("topk_backward_kernel");
+}
+
+// ---- permute ----
+
+// Output extents and, per output axis, the input stride taken when that axis advances by one.
+struct PermuteIndex {
+  int32_t rank;
+  int64_t dims[rex::detail::kMaxCudaRank];
+  int64_t in_strides[rex::detail::kMaxCudaRank];
+};
+
+__global__ void permute_kernel(const uint32_t* x, uint32_t* out, int64_t total, PermuteIndex p) {
+  for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < total;
+       o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t rest = o, offset = 0;
+    for (int axis = p.rank - 1; axis >= 0; --axis) {
+      const int64_t q = rest / p.dims[axis];
+      offset += (rest - q * p.dims[axis]) * p.in_strides[axis];
+      rest = q;
+    }
+    out[o] = x[offset];
+  }
+}
+
+void permute(const void* x, void* out, int32_t rank, const int64_t* host_dims,
+             const int64_t* host_perm) {
+  REX_CHECK(rank >= 0 && rank <= rex::detail::kMaxCudaRank, "permute: rank ", rank,
+            " is more than the CUDA backend's ", rex::detail::kMaxCudaRank, " axes");
+  // Row-major strides of x, then each output axis i takes extent and stride of x axis perm[i].
+  int64_t x_strides[rex::detail::kMaxCudaRank] = {};
+  int64_t step = 1;
+  for (int axis = rank - 1; axis >= 0; --axis) {
+    x_strides[axis] = step;
+    step *= host_dims[axis];
+  }
+  PermuteIndex p{};
+  p.rank = rank;
+  int64_t total = 1;
+  for (int i = 0; i < rank; ++i) {
+    p.dims[i] = host_dims[host_perm[i]];
+    p.in_strides[i] = x_strides[host_perm[i]];
+    total *= p.dims[i];
+  }
+  if (total == 0) return;
+  permute_kernel<<<blocks_for(total), kThreads, 0, stream()>>>(
+      static_cast<const uint32_t*>(x), static_cast<uint32_t*>(out), total, p);
+  check_launch("permute_kernel");
+}
+
+// ---- rope ----
+
+__global__ void rope_kernel(const float* x, const float* cos, const float* sin, float* y,
+                            int64_t rows, int64_t time, int64_t half, float direction) {
+  const int64_t total = rows * half;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = e / half, i = e - row * half;
+    const int64_t t = row % time;
+    const int64_t base = row * 2 * half;
+    const float c = cos[t * half + i];
+    const float sn = __fmul_rn(direction, sin[t * half + i]);
+    const float a = x[base + i], b = x[base + i + half];
+    y[base + i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
+    y[base + i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, sn));
+  }
+}
+
+void rope(const float* x, const float* cos, const float* sin, float* y, int64_t outer, int64_t time,
+          int64_t head_dim, float direction) {
+  const int64_t half = head_dim / 2, rows = outer * time;
+  if (rows == 0 || half == 0) return;
+  rope_kernel<<<blocks_for(rows * half), kThreads, 0, stream()>>>(x, cos, sin, y, rows, time, half,
+                                                                  direction);
+  check_launch("rope_kernel");
+}
+
+}  // namespace
+
+void register_index(rex::detail::CudaBackend& table) {
+  table.gather_rows = gather_rows;
+  table.scatter_add_rows = scatter_add_rows;
+  table.topk = topk;
+  table.topk_backward = topk_backward;
+  table.permute = permute;
+  table.rope = rope;
+}
+
+}  // namespace rex::cuda::detail

@@ -1,0 +1,196 @@
+// The stream, error reporting, and device memory: a caching allocator, copies and fills.
+//
+// The caching allocator keeps freed blocks in bins by exact (rounded) size and hands them out again
+// before asking cudaMalloc, so a training loop whose shapes repeat stops calling cudaMalloc after
+// its first step. All work runs on one stream in order, so a block released by one op can be given
+// to the next op at once: the stream finishes the old reader before the new writer starts. When
+// cudaMalloc runs out of memory, the cache is returned to the driver and the call is retried once.
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "common.cuh"
+#include "rex/backend/cuda/runtime.hpp"
+
+namespace rex::cuda::detail {
+
+cudaStream_t stream() {
+  static cudaStream_t created = [] {
+    cudaStream_t s = nullptr;
+    REX_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    return s;
+  }();
+  return created;
+}
+
+void throw_cuda_error(const char* call, cudaError_t status) {
+  throw Error(rex::detail::concat("CUDA error in ", call, ": ", cudaGetErrorName(status), " (",
+                                  cudaGetErrorString(status), ")"));
+}
+
+void throw_cublas_error(const char* call, cublasStatus_t status) {
+  throw Error(rex::detail::concat("cuBLAS error in ", call, ": ", cublasGetStatusName(status), " (",
+                                  cublasGetStatusString(status), ")"));
+}
+
+void check_launch(const char* kernel) {
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess)
+    throw Error(rex::detail::concat("CUDA error launching ", kernel, ": ", cudaGetErrorName(status),
+                                    " (", cudaGetErrorString(status), ")"));
+}
+
+namespace {
+
+// Sizes are rounded up to 512 bytes (small) or 1 MiB (large) so that nearby sizes share bins.
+size_t rounded_size(size_t bytes) {
+  const size_t unit = bytes < (size_t{1} << 20) ? 512 : (size_t{1} << 20);
+  return bytes == 0 ? unit : (bytes + unit - 1) / unit * unit;
+}
+
+class CachingAllocator {
+ public:
+  void* allocate(size_t bytes) {
+    const size_t size = rounded_size(bytes);
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto bin = free_.find(size);
+    if (bin != free_.end() && !bin->second.empty()) {
+      void* ptr = bin->second.back();
+      bin->second.pop_back();
+      cached_ -= static_cast<int64_t>(size);
+      live_[ptr] = size;
+      return ptr;
+    }
+    void* ptr = nullptr;
+    cudaError_t status = cudaMalloc(&ptr, size);
+    if (status == cudaErrorMemoryAllocation) {
+      cudaGetLastError();
+      release_cache_locked();
+      status = cudaMalloc(&ptr, size);
+    }
+    if (status != cudaSuccess) {
+      cudaGetLastError();
+      if (status == cudaErrorMemoryAllocation)
+        throw Error(rex::detail::concat("CUDA out of memory allocating ", bytes, " bytes (",
+                                        reserved_, " bytes already reserved by rex)"));
+      throw_cuda_error("cudaMalloc", status);
+    }
+    ++mallocs_;
+    reserved_ += static_cast<int64_t>(size);
+    live_[ptr] = size;
+    return ptr;
+  }
+
+  void release(void* ptr) {
+    if (ptr == nullptr) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = live_.find(ptr);
+    if (it == live_.end()) return;  // not ours (cannot happen through Storage)
+    free_[it->second].push_back(ptr);
+    cached_ += static_cast<int64_t>(it->second);
+    live_.erase(it);
+  }
+
+  rex::detail::CudaMemoryStats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {cached_, reserved_, mallocs_};
+  }
+
+  void empty_cache() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    release_cache_locked();
+  }
+
+ private:
+  void release_cache_locked() {
+    // Blocks in the cache may still be read by queued work: finish it first.
+    cudaStreamSynchronize(stream());
+    for (auto& [size, blocks] : free_) {
+      for (void* ptr : blocks) {
+        cudaFree(ptr);
+        reserved_ -= static_cast<int64_t>(size);
+      }
+    }
+    free_.clear();
+    cached_ = 0;
+  }
+
+  std::mutex mutex_;
+  std::map<size_t, std::vector<void*>> free_;
+  std::unordered_map<void*, size_t> live_;
+  int64_t cached_ = 0, reserved_ = 0, mallocs_ = 0;
+};
+
+CachingAllocator& allocator() {
+  // Never destroyed: tensors released during static destruction must still find it.
+  static auto* instance = new CachingAllocator();
+  return *instance;
+}
+
+void* allocate(size_t bytes) { return allocator().allocate(bytes); }
+void release(void* ptr) { allocator().release(ptr); }
+rex::detail::CudaMemoryStats memory_stats() { return allocator().stats(); }
+void empty_cache() { allocator().empty_cache(); }
+
+void copy(void* dst, const void* src, size_t bytes, rex::detail::CudaCopy kind) {
+  if (bytes == 0) return;
+  using rex::detail::CudaCopy;
+  const cudaMemcpyKind direction = kind == CudaCopy::host_to_device   ? cudaMemcpyHostToDevice
+                                   : kind == CudaCopy::device_to_host ? cudaMemcpyDeviceToHost
+                                                                      : cudaMemcpyDeviceToDevice;
+  REX_CUDA(cudaMemcpyAsync(dst, src, bytes, direction, stream()));
+  // Host memory is pageable and may be freed by the caller right after: wait for the copy.
+  if (kind != CudaCopy::device_to_device) REX_CUDA(cudaStreamSynchronize(stream()));
+}
+
+void copy_rows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes,
+               size_t rows) {
+  if (row_bytes == 0 || rows == 0) return;
+  REX_CUDA(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows,
+                             cudaMemcpyDeviceToDevice, stream()));
+}
+
+__global__ void fill32_kernel(uint32_t* out, int64_t n, uint32_t bits) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = bits;
+}
+
+void fill32(void* out, int64_t n, uint32_t bits) {
+  if (n == 0) return;
+  fill32_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(static_cast<uint32_t*>(out), n, bits);
+  check_launch("fill32_kernel");
+}
+
+void synchronize() { REX_CUDA(cudaStreamSynchronize(stream())); }
+
+}  // namespace
+
+Scratch::Scratch(size_t bytes) : ptr_(allocate(bytes)) {}
+Scratch::~Scratch() { release(ptr_); }
+
+ErrorFlag::ErrorFlag() : flag_(sizeof(unsigned long long)) {
+  REX_CUDA(cudaMemsetAsync(flag_.as<void>(), 0xFF, sizeof(unsigned long long), stream()));
+}
+
+int64_t ErrorFlag::read() const {
+  unsigned long long value = 0;
+  copy(&value, flag_.as<void>(), sizeof value, rex::detail::CudaCopy::device_to_host);
+  return value == ~0ull ? -1 : static_cast<int64_t>(value);
+}
+
+void register_memory(rex::detail::CudaBackend& table) {
+  table.device_count = rex::cuda::device_count;
+  table.allocate = allocate;
+  table.release = release;
+  table.copy = copy;
+  table.copy_rows = copy_rows;
+  table.fill32 = fill32;
+  table.synchronize = synchronize;
+  table.memory_stats = memory_stats;
+  table.empty_cache = empty_cache;
+}
+
+}  // namespace rex::cuda::detail

@@ -1,0 +1,96 @@
+// Optimiser kernels: the AdamW update and the sum of squares behind gradient clipping.
+//
+// - adamw: one thread per element (grid-stride), each doing the whole update of its element with
+//   the scalars the host computed, in rex::optim::AdamW::step's (PyTorch's) order of operations.
+//   Products and sums use the _rn intrinsics so that nvcc contracts nothing into an FMA; sqrtf and
+//   the division are IEEE round-to-nearest (no fast-math), so each operation rounds as the CPU's.
+// - sum_squares: deterministic two-pass reduction in double. A fixed grid (kBlocks blocks of
+//   kThreads threads, whatever n is): each thread sums the squares of its strided elements in
+//   order, each block combines its threads with a fixed shared-memory tree into one partial, then
+//   a single block combines the kBlocks partials with the same tree. The result is copied to the
+//   host (a synchronisation). The tree is fixed, so the sum is the same on every run.
+#include "common.cuh"
+
+namespace rex::cuda::detail {
+namespace {
+
+__global__ void adamw_kernel(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
+                             int64_t n, rex::detail::AdamWScalars s) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float g = grad[i];
+    const float w = __fmul_rn(param[i], s.keep);
+    const float m = __fadd_rn(__fmul_rn(exp_avg[i], s.beta1), __fmul_rn(s.one_minus_beta1, g));
+    const float v =
+        __fadd_rn(__fmul_rn(exp_avg_sq[i], s.beta2), __fmul_rn(__fmul_rn(s.one_minus_beta2, g), g));
+    const float denom = __fadd_rn(sqrtf(v) / s.bias2_sqrt, s.eps);
+    exp_avg[i] = m;
+    exp_avg_sq[i] = v;
+    param[i] = __fadd_rn(w, __fmul_rn(s.neg_step_size, m) / denom);
+  }
+}
+
+void adamw(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
+           const rex::detail::AdamWScalars& scalars) {
+  if (n == 0) return;
+  adamw_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(param, grad, exp_avg, exp_avg_sq, n,
+                                                         scalars);
+  check_launch("adamw_kernel");
+}
+
+constexpr int kBlocks = 256;
+
+// Sums the blockDim.x (= kThreads, a power of two) values in `shared` by halving; the total ends
+// in shared[0]. Every thread of the block calls it.
+__device__ void block_tree_sum(double* shared) {
+  for (int width = kThreads / 2; width > 0; width /= 2) {
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < width) shared[threadIdx.x] += shared[threadIdx.x + width];
+  }
+  __syncthreads();
+}
+
+__global__ void sum_squares_partials_kernel(const float* x, int64_t n, double* partials) {
+  __shared__ double shared[kThreads];
+  double acc = 0.0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(kBlocks) * kThreads) {
+    const double value = x[i];
+    acc += value * value;
+  }
+  shared[threadIdx.x] = acc;
+  block_tree_sum(shared);
+  if (threadIdx.x == 0) partials[blockIdx.x] = shared[0];
+}
+
+__global__ void sum_partials_kernel(const double* partials, double* total) {
+  __shared__ double shared[kThreads];
+  double acc = 0.0;
+  for (int i = static_cast<int>(threadIdx.x); i < kBlocks; i += kThreads) acc += partials[i];
+  shared[threadIdx.x] = acc;
+  block_tree_sum(shared);
+  if (threadIdx.x == 0) *total = shared[0];
+}
+
+double sum_squares(const float* x, int64_t n) {
+  if (n == 0) return 0.0;
+  const Scratch partials((kBlocks + 1) * sizeof(double));
+  double* total = partials.as<double>() + kBlocks;
+  sum_squares_partials_kernel<<<kBlocks, kThreads, 0, stream()>>>(x, n, partials.as<double>());
+  check_launch("sum_squares_partials_kernel");
+  sum_partials_kernel<<<1, kThreads, 0, stream()>>>(partials.as<double>(), total);
+  check_launch("sum_partials_kernel");
+  double result = 0.0;
+  REX_CUDA(cudaMemcpyAsync(&result, total, sizeof result, cudaMemcpyDeviceToHost, stream()));
+  REX_CUDA(cudaStreamSynchronize(stream()));
+  return result;
+}
+
+}  // namespace
+
+void register_optim(rex::detail::CudaBackend& table) {
+  table.adamw = adamw;
+  table.sum_squares = sum_squares;
+}
+
+}  // namespace rex::cuda::detail

@@ -1,0 +1,498 @@
+// Reductions over one axis and the row-wise fused ops: sum_axis, max_axis (+ backward), softmax,
+// log_softmax, cross_entropy and rms_norm (each with its backward).
+//
+// Row-wise ops give each row one block (grid-stride over rows), with a block size chosen from the
+// row length alone (row_threads): the threads stride over the row so reads coalesce, and
+// block_reduce combines their partials with a warp-shuffle tree and then the warp totals in warp
+// order. The order of every sum depends only on the shape, so results are deterministic. As on the
+// CPU, the softmax row sums, the log-sum-exp and the rms_norm sums of squares and dot products
+// are accumulated in double; the rows with no softmax (all -inf, or a +inf) come out as NaN
+// instead of throwing. sum_axis and max_axis over a middle axis (inner > 1) give each output
+// element one thread that walks the axis in order, exactly as the CPU loop does (coalesced across
+// the inner index); over the last axis (inner == 1) they use the row scheme. cross_entropy writes
+// per-row losses, then one block sums them in double in a fixed tree; bad targets are reported
+// through an ErrorFlag. rms_norm's dw is a column sum: rows are cut into fixed chunks whose partial
+// sums (double, in row order) are added in chunk order by a second kernel.
+#include <algorithm>
+#include <cmath>
+
+#include "common.cuh"
+
+namespace rex::cuda::detail {
+namespace {
+
+__device__ inline int64_t thread_index() {
+  return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+}
+__device__ inline int64_t thread_count() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
+// Threads per block for rows of n elements (a multiple of 32, at most 512).
+int row_threads(int64_t n) {
+  if (n <= 64) return 32;
+  if (n <= 256) return 64;
+  if (n <= 1024) return 128;
+  if (n <= 4096) return 256;
+  return 512;
+}
+
+// Blocks for one block per row; the kernels loop over rows past gridDim.x.
+unsigned int row_blocks(int64_t rows) {
+  return static_cast<unsigned int>(std::min<int64_t>(rows, 65535 * 32));
+}
+
+struct Add {
+  template <class T>
+  __device__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
+struct Max {
+  __device__ float operator()(float a, float b) const { return b > a ? b : a; }
+};
+
+// Combines one value per thread over the whole block and returns the result to every thread. All
+// threads of the block must call it (blockDim.x a multiple of 32).
+template <class T, class Op>
+__device__ T block_reduce(T value, Op op) {
+  __shared__ T partial[32];
+  for (int offset = 16; offset > 0; offset /= 2)
+    value = op(value, __shfl_down_sync(0xffffffffu, value, offset));
+  __syncthreads();  // an earlier call's readers of partial are done
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = value;
+  __syncthreads();
+  T total = partial[0];
+  for (unsigned int w = 1; w < blockDim.x / 32; ++w) total = op(total, partial[w]);
+  return total;
+}
+
+// The maximum of a row over the block (NaN aside: a row holding NaN gives NaN downstream anyway).
+__device__ float block_row_max(const float* row, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) m = Max{}(m, row[j]);
+  return block_reduce(m, Max{});
+}
+
+// sum_j exp(row_j - m) over the block, in double.
+__device__ double block_exp_sum(const float* row, int64_t n, float m) {
+  double s = 0.0;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += expf(row[j] - m);
+  return block_reduce(s, Add{});
+}
+
+// ---- sum_axis ----
+
+__global__ void sum_rows_kernel(const float* x, float* out, int64_t rows, int64_t n) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float s = 0.0f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += x[r * n + j];
+    s = block_reduce(s, Add{});
+    if (threadIdx.x == 0) out[r] = s;
+  }
+}
+
+__global__ void sum_middle_kernel(const float* x, float* out, int64_t outer, int64_t n,
+                                  int64_t inner) {
+  for (int64_t item = thread_index(); item < outer * inner; item += thread_count()) {
+    const float* p = x + item / inner * n * inner + item % inner;
+    float s = 0.0f;
+    for (int64_t j = 0; j < n; ++j) s += p[j * inner];
+    out[item] = s;
+  }
+}
+
+void sum_axis(const float* x, float* out, int64_t outer, int64_t n, int64_t inner) {
+  if (outer == 0 || inner == 0) return;
+  if (inner == 1) {
+    sum_rows_kernel<<<row_blocks(outer), row_threads(n), 0, stream()>>>(x, out, outer, n);
+    check_launch("sum_rows_kernel");
+  } else {
+    sum_middle_kernel<<<blocks_for(outer * inner), kThreads, 0, stream()>>>(x, out, outer, n,
+                                                                            inner);
+    check_launch("sum_middle_kernel");
+  }
+}
+
+// ---- max_axis ----
+
+// True when (v at i) beats (best at best_i): NaN first, then the larger value, ties to the lower
+// position. This is the CPU's sequential rule made order-free, so any reduction tree agrees.
+__device__ inline bool beats(float v, int32_t i, float best, int32_t best_i) {
+  const bool v_nan = isnan(v), best_nan = isnan(best);
+  if (v_nan != best_nan) return v_nan;
+  if (!v_nan && v != best) return v > best;
+  return i < best_i;
+}
+
+__global__ void max_rows_kernel(const float* x, float* out, int32_t* argmax, int64_t rows,
+                                int64_t n) {
+  __shared__ float warp_value[32];
+  __shared__ int32_t warp_index[32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float best = -INFINITY;
+    int32_t best_i = INT32_MAX;  // loses to any element
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float v = x[r * n + j];
+      if (beats(v, static_cast<int32_t>(j), best, best_i)) {
+        best = v;
+        best_i = static_cast<int32_t>(j);
+      }
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      const float v = __shfl_down_sync(0xffffffffu, best, offset);
+      const int32_t i = __shfl_down_sync(0xffffffffu, best_i, offset);
+      if (beats(v, i, best, best_i)) {
+        best = v;
+        best_i = i;
+      }
+    }
+    __syncthreads();  // the previous row's readers are done
+    if (threadIdx.x % 32 == 0) {
+      warp_value[threadIdx.x / 32] = best;
+      warp_index[threadIdx.x / 32] = best_i;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      best = warp_value[0];
+      best_i = warp_index[0];
+      for (unsigned int w = 1; w < blockDim.x / 32; ++w) {
+        if (beats(warp_value[w], warp_index[w], best, best_i)) {
+          best = warp_value[w];
+          best_i = warp_index[w];
+        }
+      }
+      out[r] = best;
+      argmax[r] = best_i;
+    }
+  }
+}
+
+__global__ void max_middle_kernel(const float* x, float* out, int32_t* argmax, int64_t outer,
+                                  int64_t n, int64_t inner) {
+  for (int64_t item = thread_index(); item < outer * inner; item += thread_count()) {
+    const float* p = x + item / inner * n * inner + item % inner;
+    float best = p[0];
+    int32_t best_j = 0;
+    for (int64_t j = 1; j < n; ++j) {
+      const float v = p[j * inner];
+      if (v > best || (isnan(v) && !isnan(best))) {
+        best = v;
+        best_j = static_cast<int32_t>(j);
+      }
+    }
+    out[item] = best;
+    argmax[item] = best_j;
+  }
+}
+
+// n == 0 has no maximum (the op rejects it) and launches nothing.
+void max_axis(const float* x, float* out, int32_t* argmax, int64_t outer, int64_t n,
+              int64_t inner) {
+  if (outer == 0 || n == 0 || inner == 0) return;
+  if (inner == 1) {
+    max_rows_kernel<<<row_blocks(outer), row_threads(n), 0, stream()>>>(x, out, argmax, outer, n);
+    check_launch("max_rows_kernel");
+  } else {
+    max_middle_kernel<<<blocks_for(outer * inner), kThreads, 0, stream()>>>(x, out, argmax, outer,
+                                                                            n, inner);
+    check_launch("max_middle_kernel");
+  }
+}
+
+// One thread per element of gx: g where the element is its row's argmax, else 0.
+__global__ void max_axis_backward_kernel(const float* g, const int32_t* argmax, float* gx,
+                                         int64_t outer, int64_t n, int64_t inner) {
+  for (int64_t item = thread_index(); item < outer * n * inner; item += thread_count()) {
+    const int64_t at = item / (n * inner) * inner + item % inner, j = item / inner % n;
+    gx[item] = argmax[at] == j ? g[at] : 0.0f;
+  }
+}
+
+void max_axis_backward(const float* g, const int32_t* argmax, float* gx, int64_t outer, int64_t n,
+                       int64_t inner) {
+  const int64_t total = outer * n * inner;
+  if (total == 0) return;
+  max_axis_backward_kernel<<<blocks_for(total), kThreads, 0, stream()>>>(g, argmax, gx, outer, n,
+                                                                         inner);
+  check_launch("max_axis_backward_kernel");
+}
+
+// ---- softmax and log_softmax ----
+
+__global__ void softmax_kernel(const float* x, float* y, int64_t rows, int64_t n) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* row = x + r * n;
+    const float m = block_row_max(row, n);
+    const auto inv = static_cast<float>(1.0 / block_exp_sum(row, n, m));
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) y[r * n + j] = expf(row[j] - m) * inv;
+  }
+}
+
+__global__ void softmax_backward_kernel(const float* g, const float* y, float* dx, int64_t rows,
+                                        int64_t n) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float *grow = g + r * n, *yrow = y + r * n;
+    double dot = 0.0;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+      dot += static_cast<double>(grow[j]) * yrow[j];
+    const auto d = static_cast<float>(block_reduce(dot, Add{}));
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dx[r * n + j] = yrow[j] * (grow[j] - d);
+  }
+}
+
+__global__ void log_softmax_kernel(const float* x, float* y, int64_t rows, int64_t n) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* row = x + r * n;
+    const float m = block_row_max(row, n);
+    const auto log_s = static_cast<float>(log(block_exp_sum(row, n, m)));
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) y[r * n + j] = (row[j] - m) - log_s;
+  }
+}
+
+__global__ void log_softmax_backward_kernel(const float* g, const float* y, float* dx, int64_t rows,
+                                            int64_t n) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float *grow = g + r * n, *yrow = y + r * n;
+    double total = 0.0;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) total += grow[j];
+    const auto t = static_cast<float>(block_reduce(total, Add{}));
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+      dx[r * n + j] = grow[j] - expf(yrow[j]) * t;
+  }
+}
+
+void softmax(const float* x, float* y, int64_t rows, int64_t n) {
+  if (rows == 0 || n == 0) return;
+  softmax_kernel<<<row_blocks(rows), row_threads(n), 0, stream()>>>(x, y, rows, n);
+  check_launch("softmax_kernel");
+}
+
+void log_softmax(const float* x, float* y, int64_t rows, int64_t n) {
+  if (rows == 0 || n == 0) return;
+  log_softmax_kernel<<<row_blocks(rows), row_threads(n), 0, stream()>>>(x, y, rows, n);
+  check_launch("log_softmax_kernel");
+}
+
+void softmax_backward(const float* g, const float* y, float* dx, int64_t rows, int64_t n) {
+  if (rows == 0 || n == 0) return;
+  softmax_backward_kernel<<<row_blocks(rows), row_threads(n), 0, stream()>>>(g, y, dx, rows, n);
+  check_launch("softmax_backward_kernel");
+}
+
+void log_softmax_backward(const float* g, const float* y, float* dx, int64_t rows, int64_t n) {
+  if (rows == 0 || n == 0) return;
+  log_softmax_backward_kernel<<<row_blocks(rows), row_threads(n), 0, stream()>>>(g, y, dx, rows, n);
+  check_launch("log_softmax_backward_kernel");
+}
+
+// ---- cross_entropy ----
+
+// Per row: lse and the row's loss lse - logit[target] (double); both 0 on ignored rows and on rows
+// with a bad target, whose index goes to the flag.
+__global__ void cross_entropy_rows_kernel(const float* logits, const int32_t* targets, int64_t rows,
+                                          int64_t classes, int32_t ignore_index, float* lse,
+                                          double* row_loss, unsigned long long* bad) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int32_t t = targets[r];  // the same for the whole block: no divergence below
+    if (t == ignore_index || t < 0 || t >= classes) {
+      if (threadIdx.x == 0) {
+        if (t != ignore_index) atomicMin(bad, static_cast<unsigned long long>(r));
+        lse[r] = 0.0f;
+        row_loss[r] = 0.0;
+      }
+      continue;
+    }
+    const float* row = logits + r * classes;
+    const float m = block_row_max(row, classes);
+    const double row_lse = m + log(block_exp_sum(row, classes, m));
+    if (threadIdx.x == 0) {
+      lse[r] = static_cast<float>(row_lse);
+      row_loss[r] = row_lse - row[t];
+    }
+  }
+}
+
+// One block: the mean of the row losses over the counted rows, summed in double in a fixed tree.
+__global__ void cross_entropy_mean_kernel(const double* row_loss, const int32_t* targets,
+                                          int64_t rows, int32_t ignore_index, float* loss,
+                                          int64_t* count) {
+  double total = 0.0;
+  int64_t counted = 0;
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+    total += row_loss[r];
+    counted += targets[r] != ignore_index ? 1 : 0;
+  }
+  total = block_reduce(total, Add{});
+  counted = block_reduce(counted, Add{});
+  if (threadIdx.x == 0) {
+    *loss = counted > 0 ? static_cast<float>(total / static_cast<double>(counted)) : 0.0f;
+    *count = counted;
+  }
+}
+
+// A small synchronous device-to-host copy on rex's stream.
+void read_back(void* host, const void* device, size_t bytes) {
+  REX_CUDA(cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream()));
+  REX_CUDA(cudaStreamSynchronize(stream()));
+}
+
+int64_t cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t classes,
+                      int32_t ignore_index, float* lse, float* loss) {
+  Scratch row_loss(static_cast<size_t>(rows) * sizeof(double));
+  Scratch count(sizeof(int64_t));
+  ErrorFlag bad;
+  if (rows > 0) {
+    cross_entropy_rows_kernel<<<row_blocks(rows), row_threads(classes), 0, stream()>>>(
+        logits, targets, rows, classes, ignore_index, lse, row_loss.as<double>(), bad.device());
+    check_launch("cross_entropy_rows_kernel");
+  }
+  cross_entropy_mean_kernel<<<1, kThreads, 0, stream()>>>(row_loss.as<double>(), targets, rows,
+                                                          ignore_index, loss, count.as<int64_t>());
+  check_launch("cross_entropy_mean_kernel");
+  const int64_t bad_row = bad.read();
+  if (bad_row >= 0) {
+    int32_t target = 0;
+    read_back(&target, targets + bad_row, sizeof target);
+    throw Error(rex::detail::concat("cross_entropy: target ", target, " at row ", bad_row,
+                                    " is out of range [0, ", classes, ")"));
+  }
+  int64_t counted = 0;
+  read_back(&counted, count.as<int64_t>(), sizeof counted);
+  return counted;
+}
+
+// Per row: g / count * (exp(x - lse) - onehot(t)) on counted rows, 0 on ignored rows (and
+// everywhere when count == 0).
+__global__ void cross_entropy_backward_kernel(const float* logits, const int32_t* targets,
+                                              const float* lse, const float* g, float* gx,
+                                              int64_t rows, int64_t classes, int32_t ignore_index,
+                                              int64_t count) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int32_t t = targets[r];
+    float* grow = gx + r * classes;
+    if (count == 0 || t == ignore_index) {
+      for (int64_t j = threadIdx.x; j < classes; j += blockDim.x) grow[j] = 0.0f;
+      continue;
+    }
+    const float scale = *g / static_cast<float>(count), row_lse = lse[r];
+    const float* row = logits + r * classes;
+    for (int64_t j = threadIdx.x; j < classes; j += blockDim.x) {
+      const float p = scale * expf(row[j] - row_lse);
+      grow[j] = j == t ? p - scale : p;
+    }
+  }
+}
+
+void cross_entropy_backward(const float* logits, const int32_t* targets, const float* lse,
+                            const float* g, float* gx, int64_t rows, int64_t classes,
+                            int32_t ignore_index, int64_t count) {
+  if (rows == 0 || classes == 0) return;
+  cross_entropy_backward_kernel<<<row_blocks(rows), row_threads(classes), 0, stream()>>>(
+      logits, targets, lse, g, gx, rows, classes, ignore_index, count);
+  check_launch("cross_entropy_backward_kernel");
+}
+
+// ---- rms_norm ----
+
+__global__ void rms_norm_kernel(const float* x, const float* w, float* y, float* rstd, int64_t rows,
+                                int64_t n, float eps) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* row = x + r * n;
+    double squares = 0.0;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+      squares += static_cast<double>(row[j]) * row[j];
+    squares = block_reduce(squares, Add{});
+    const auto ri = static_cast<float>(1.0 / sqrt(squares / static_cast<double>(n) + eps));
+    if (threadIdx.x == 0) rstd[r] = ri;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) y[r * n + j] = row[j] * ri * w[j];
+  }
+}
+
+void rms_norm(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t n,
+              float eps) {
+  if (rows == 0 || n == 0) return;
+  rms_norm_kernel<<<row_blocks(rows), row_threads(n), 0, stream()>>>(x, w, y, rstd, rows, n, eps);
+  check_launch("rms_norm_kernel");
+}
+
+// dx = r * (g w - xhat * mean(g w xhat)) per row, xhat = x r.
+__global__ void rms_norm_dx_kernel(const float* g, const float* x, const float* w,
+                                   const float* rstd, float* dx, int64_t rows, int64_t n) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float *grow = g + r * n, *row = x + r * n;
+    const float ri = rstd[r];
+    double dot = 0.0;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+      dot += static_cast<double>(grow[j]) * w[j] * (row[j] * ri);
+    const auto mean_dot = static_cast<float>(block_reduce(dot, Add{}) / static_cast<double>(n));
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+      dx[r * n + j] = ri * (grow[j] * w[j] - row[j] * ri * mean_dot);
+  }
+}
+
+// partial[c, j] = sum over the rows of chunk c (in order, double) of g * xhat at column j.
+__global__ void rms_norm_dw_partial_kernel(const float* g, const float* x, const float* rstd,
+                                           double* partial, int64_t rows, int64_t n,
+                                           int64_t rows_per_chunk, int64_t chunks) {
+  for (int64_t item = thread_index(); item < chunks * n; item += thread_count()) {
+    const int64_t j = item % n, first = item / n * rows_per_chunk;
+    const int64_t last = min(rows, first + rows_per_chunk);
+    double s = 0.0;
+    for (int64_t r = first; r < last; ++r)
+      s += static_cast<double>(g[r * n + j]) * (x[r * n + j] * rstd[r]);
+    partial[item] = s;
+  }
+}
+
+// dw[j] = sum of the chunk partials in chunk order (0 when there are no rows).
+__global__ void rms_norm_dw_finish_kernel(const double* partial, float* dw, int64_t n,
+                                          int64_t chunks) {
+  for (int64_t j = thread_index(); j < n; j += thread_count()) {
+    double s = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) s += partial[c * n + j];
+    dw[j] = static_cast<float>(s);
+  }
+}
+
+void rms_norm_backward(const float* g, const float* x, const float* w, const float* rstd, float* dx,
+                       float* dw, int64_t rows, int64_t n) {
+  if (n == 0) return;
+  if (dx != nullptr && rows > 0) {
+    rms_norm_dx_kernel<<<row_blocks(rows), row_threads(n), 0, stream()>>>(g, x, w, rstd, dx, rows,
+                                                                          n);
+    check_launch("rms_norm_dx_kernel");
+  }
+  if (dw == nullptr) return;
+  // About 2^18 (chunk, column) threads, at least 16 rows each; fixed by the shape alone.
+  constexpr int64_t kTargetThreads = int64_t{1} << 18;
+  const int64_t rows_per_chunk =
+      std::max<int64_t>(16, (rows * n + kTargetThreads - 1) / kTargetThreads);
+  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  Scratch partial(static_cast<size_t>(chunks * n) * sizeof(double));
+  if (chunks > 0) {
+    rms_norm_dw_partial_kernel<<<blocks_for(chunks * n), kThreads, 0, stream()>>>(
+        g, x, rstd, partial.as<double>(), rows, n, rows_per_chunk, chunks);
+    check_launch("rms_norm_dw_partial_kernel");
+  }
+  rms_norm_dw_finish_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(partial.as<double>(), dw, n,
+                                                                      chunks);
+  check_launch("rms_norm_dw_finish_kernel");
+}
+
+}  // namespace
+
+void register_reduce(rex::detail::CudaBackend& table) {
+  table.sum_axis = sum_axis;
+  table.max_axis = max_axis;
+  table.max_axis_backward = max_axis_backward;
+  table.softmax = softmax;
+  table.softmax_backward = softmax_backward;
+  table.log_softmax = log_softmax;
+  table.log_softmax_backward = log_softmax_backward;
+  table.cross_entropy = cross_entropy;
+  table.cross_entropy_backward = cross_entropy_backward;
+  table.rms_norm = rms_norm;
+  table.rms_norm_backward = rms_norm_backward;
+}
+
+}  // namespace rex::cuda::detail

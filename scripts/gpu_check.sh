@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU run of the CUDA backend (docs/cuda.md): build with rex::cuda, run the whole suite with the
+# CUDA cases live, then compute-sanitizer memcheck over the CUDA op tests. Meant for a lent GPU
+# machine without network access: the header-only dependencies come from .deps/ (fill it with
+# `scripts/gpu_check.sh --collect-deps` on a machine that has the Debian packages). Results go to
+# ${OUT:-gpu-results}/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+deps=$PWD/.deps
+if [ "${1:-}" = "--collect-deps" ]; then
+  rm -rf "$deps" && mkdir -p "$deps/include" "$deps/cmake"
+  cp -r /usr/include/eigen3 /usr/include/doctest /usr/include/nlohmann "$deps/include/"
+  cp -r /usr/share/eigen3/cmake "$deps/cmake/eigen3"
+  cp -r /usr/lib/cmake/doctest "$deps/cmake/doctest"
+  cp -r /usr/share/cmake/nlohmann_json "$deps/cmake/nlohmann_json"
+  # The config files name their headers by absolute path: point them at the copies.
+  grep -rl "/usr/include" "$deps/cmake" | xargs sed -i "s|/usr/include|$deps/include|g"
+  echo "copied the header-only dependencies into $deps ($(du -sh "$deps" | cut -f1))"
+  exit 0
+fi
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+nvidia-smi -L | tee "$out/device.txt"
+args=()
+if [ -d "$deps" ]; then
+  # The copied config files hold this checkout's old path: rewrite it for wherever it is now.
+  grep -rl "/include" "$deps/cmake" | xargs sed -i -E "s|[^\" ;]*/\.deps/include|$deps/include|g"
+  args=(-DEigen3_DIR="$deps/cmake/eigen3" -Ddoctest_DIR="$deps/cmake/doctest"
+        -Dnlohmann_json_DIR="$deps/cmake/nlohmann_json")
+fi
+cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DREX_CUDA=ON "${args[@]}" > "$out/configure.log"
+cmake --build build-gpu -j "$(nproc)" > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+status=0
+(cd build-gpu && ctest --output-on-failure -j 4 -E "twin|package" > "../$out/ctest.log" 2>&1) ||
+  status=1
+tail -5 "$out/ctest.log"
+(cd build-gpu && ctest -R cuda -V > "../$out/ctest_cuda_verbose.log" 2>&1) || status=1
+grep -E "Test +#|SKIPPED|passed|failed" "$out/ctest_cuda_verbose.log" | tail -20
+compute-sanitizer --tool memcheck --error-exitcode 3 build-gpu/tests/test_cuda_ops \
+  > "$out/memcheck.log" 2>&1 || status=1
+tail -5 "$out/memcheck.log"
+exit $status
