@@ -11,11 +11,10 @@
 //   (threads over the columns), starting from 0, exactly as the CPU's loop does; rows that receive
 //   nothing get 0.
 // - topk: one warp per row. Selection by repeated scan: the j-th pick is the best element that
-// ranks
-//   after pick j - 1 under the CPU's strict total order (NaN first, larger values first, ties to
-//   the lower position), so no "taken" marks are needed. Each lane scans a strided slice of the row
-//   and the warp combines the lane candidates with shuffles; a total order makes the result
-//   independent of the combination tree.
+//   ranks after pick j - 1 under the CPU's strict total order (NaN first, larger values first,
+//   ties to the lower position), so no "taken" marks are needed. Each lane scans a strided slice
+//   of the row and the warp combines the lane candidates with shuffles; a total order makes the
+//   result independent of the combination tree.
 // - topk_backward: one thread per element of gx, which looks for its column among the row's k
 //   indices (the last match wins, as the CPU's sequential writes do); no zero-fill pass, no races.
 // - permute: one thread per output element; extents and input strides are passed by value.
