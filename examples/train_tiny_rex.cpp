@@ -349,9 +349,9 @@ extern "C" void on_interrupt(int) {
 }
 
 // The keys a resumed run may change; everything else must match the checkpoint.
-const std::set<std::string> kResumableKeys = {"train.steps", "train.log_interval",
-                                              "train.eval_interval", "train.eval_batches",
-                                              "train.checkpoint_interval"};
+const std::set<std::string> kResumableKeys = {
+    "train.steps",        "train.log_interval",        "train.eval_interval",
+    "train.eval_batches", "train.checkpoint_interval", "train.matmul_precision"};
 
 rex::nn::RunConfig resumed_config(const rex::nn::RunConfig& saved, const Options& o) {
   if (!o.config_path.empty())
@@ -363,8 +363,8 @@ rex::nn::RunConfig resumed_config(const rex::nn::RunConfig& saved, const Options
     for (const auto& [key, value] : keys.items())
       if (value != before[section][key] && !kResumableKeys.count(section + "." + key))
         usage_error("--resume: " + section + "." + key +
-                    " cannot change in a resumed run (only train.steps, train.eval_batches and "
-                    "the intervals can)");
+                    " cannot change in a resumed run (only train.steps, train.eval_batches, "
+                    "train.matmul_precision and the intervals can)");
   return config;
 }
 
@@ -412,6 +412,7 @@ int train(const Options& o) {
   // on the parameters' device. Checkpoints are host tensors either way, so they move freely
   // between CPU and CUDA runs.
   const rex::Device device = chosen_device(o);
+  if (device.is_cuda()) rex::detail::cuda_backend().set_tf32(t.matmul_precision == "tf32");
   rex::nn::TransformerLM model(config.model, t.seed);
   if (saved) model.load_parameters(saved->model, rex::io::checkpoint_path(o.resume_dir));
   model.to(device);

@@ -148,6 +148,14 @@ TEST_CASE("config JSON round trip, overrides, and errors naming the key") {
   CHECK(message("{\"model\": ").find("cfg.json is not valid JSON") != std::string::npos);
   CHECK(message("{\"train\": {\"seed\": -1}}").find("train.seed cannot be negative") !=
         std::string::npos);
+  nn::RunConfig precision;
+  io::apply_override(precision, "train.matmul_precision=tf32");
+  CHECK(precision.train.matmul_precision == "tf32");
+  io::apply_override(precision, "train.matmul_precision=bf16");
+  CHECK(error_message([&] {
+          nn::validate(precision);
+        }).find("train.matmul_precision must be \"fp32\" or \"tf32\", got \"bf16\"") !=
+        std::string::npos);
   CHECK(error_message([&] { io::apply_override(c, "top_k=2"); }).find("section.key=value") !=
         std::string::npos);
   // Integers out of their field's range are errors, never wrapped or undefined conversions.

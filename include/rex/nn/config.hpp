@@ -65,6 +65,7 @@ struct TrainConfig {
   int64_t eval_interval = 500;
   int64_t eval_batches = 16;
   int64_t checkpoint_interval = 500;
+  std::string matmul_precision = "fp32";
 };
 
 struct RunConfig {
@@ -120,6 +121,8 @@ void for_each_field(Run& c, F&& f) {
   f("train", "eval_interval", t.eval_interval, "steps between validation evaluations");
   f("train", "eval_batches", t.eval_batches, "validation batches per evaluation");
   f("train", "checkpoint_interval", t.checkpoint_interval, "steps between checkpoints");
+  f("train", "matmul_precision", t.matmul_precision,
+    "\"fp32\", or \"tf32\" for TF32 tensor-core GEMMs on CUDA (no effect on the CPU)");
 }
 
 // Throws rex::Error naming the first impossible model setting (TransformerLM calls it too).
@@ -201,6 +204,9 @@ inline void validate(const RunConfig& c) {
   positive("train.eval_interval", t.eval_interval);
   positive("train.eval_batches", t.eval_batches);
   positive("train.checkpoint_interval", t.checkpoint_interval);
+  REX_CHECK(t.matmul_precision == "fp32" || t.matmul_precision == "tf32",
+            "config: train.matmul_precision must be \"fp32\" or \"tf32\", got \"",
+            t.matmul_precision, "\"");
 }
 
 }  // namespace rex::nn
