@@ -56,7 +56,7 @@ __global__ void gather_rows_kernel(const float* x, const int32_t* index, float* 
 }
 
 void gather_rows(const float* x, const int32_t* index, float* out, int64_t m, int64_t d,
-                 int64_t num_rows) {
+                 int64_t num_rows, const char* op) {
   if (m == 0) return;
   const ErrorFlag flag;
   check_rows_kernel<<<blocks_for(m), kThreads, 0, stream()>>>(index, m, num_rows, flag.device());
@@ -66,7 +66,7 @@ void gather_rows(const float* x, const int32_t* index, float* out, int64_t m, in
     int32_t value = 0;
     REX_CUDA(cudaMemcpyAsync(&value, index + bad, sizeof value, cudaMemcpyDeviceToHost, stream()));
     REX_CUDA(cudaStreamSynchronize(stream()));
-    throw_bad_index("gather_rows", value, bad, num_rows);
+    throw_bad_index(op, value, bad, num_rows);
   }
   if (d == 0) return;
   gather_rows_kernel<<<blocks_for(m * d), kThreads, 0, stream()>>>(x, index, out, m, d);

@@ -145,11 +145,31 @@ void copy(void* dst, const void* src, size_t bytes, rex::detail::CudaCopy kind) 
   if (kind != CudaCopy::device_to_device) REX_CUDA(cudaStreamSynchronize(stream()));
 }
 
+// The largest pitch cudaMemcpy2DAsync accepts on this device (about 2 GiB on current GPUs).
+size_t max_pitch() {
+  static const size_t pitch = [] {
+    int device = 0, value = 0;
+    REX_CUDA(cudaGetDevice(&device));
+    REX_CUDA(cudaDeviceGetAttribute(&value, cudaDevAttrMaxPitch, device));
+    return static_cast<size_t>(value);
+  }();
+  return pitch;
+}
+
 void copy_rows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t row_bytes,
                size_t rows) {
   if (row_bytes == 0 || rows == 0) return;
-  REX_CUDA(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows,
-                             cudaMemcpyDeviceToDevice, stream()));
+  if (rows == 1) {
+    REX_CUDA(cudaMemcpyAsync(dst, src, row_bytes, cudaMemcpyDeviceToDevice, stream()));
+  } else if (dst_pitch <= max_pitch() && src_pitch <= max_pitch()) {
+    REX_CUDA(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows,
+                               cudaMemcpyDeviceToDevice, stream()));
+  } else {  // pitches past the 2-d copy's limit: one copy per row
+    for (size_t r = 0; r < rows; ++r)
+      REX_CUDA(cudaMemcpyAsync(static_cast<char*>(dst) + r * dst_pitch,
+                               static_cast<const char*>(src) + r * src_pitch, row_bytes,
+                               cudaMemcpyDeviceToDevice, stream()));
+  }
 }
 
 __global__ void fill32_kernel(uint32_t* out, int64_t n, uint32_t bits) {

@@ -290,14 +290,14 @@ void log_softmax_backward(const float* g, const float* y, float* dx, int64_t row
 // Per row: lse and the row's loss lse - logit[target] (double); both 0 on ignored rows and on rows
 // with a bad target, whose index goes to the flag.
 __global__ void cross_entropy_rows_kernel(const float* logits, const int32_t* targets, int64_t rows,
-                                          int64_t classes, int32_t ignore_index, float* lse,
+                                          int64_t classes, int32_t ignore_index, double* lse,
                                           double* row_loss, unsigned long long* bad) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int32_t t = targets[r];  // the same for the whole block: no divergence below
     if (t == ignore_index || t < 0 || t >= classes) {
       if (threadIdx.x == 0) {
         if (t != ignore_index) atomicMin(bad, static_cast<unsigned long long>(r));
-        lse[r] = 0.0f;
+        lse[r] = 0.0;
         row_loss[r] = 0.0;
       }
       continue;
@@ -306,7 +306,7 @@ __global__ void cross_entropy_rows_kernel(const float* logits, const int32_t* ta
     const float m = block_row_max(row, classes);
     const double row_lse = m + log(block_exp_sum(row, classes, m));
     if (threadIdx.x == 0) {
-      lse[r] = static_cast<float>(row_lse);
+      lse[r] = row_lse;
       row_loss[r] = row_lse - row[t];
     }
   }
@@ -337,7 +337,7 @@ void read_back(void* host, const void* device, size_t bytes) {
 }
 
 int64_t cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t classes,
-                      int32_t ignore_index, float* lse, float* loss) {
+                      int32_t ignore_index, double* lse, float* loss) {
   Scratch row_loss(static_cast<size_t>(rows) * sizeof(double));
   Scratch count(sizeof(int64_t));
   ErrorFlag bad;
@@ -364,7 +364,7 @@ int64_t cross_entropy(const float* logits, const int32_t* targets, int64_t rows,
 // Per row: g / count * (exp(x - lse) - onehot(t)) on counted rows, 0 on ignored rows (and
 // everywhere when count == 0).
 __global__ void cross_entropy_backward_kernel(const float* logits, const int32_t* targets,
-                                              const float* lse, const float* g, float* gx,
+                                              const double* lse, const float* g, float* gx,
                                               int64_t rows, int64_t classes, int32_t ignore_index,
                                               int64_t count) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -374,16 +374,17 @@ __global__ void cross_entropy_backward_kernel(const float* logits, const int32_t
       for (int64_t j = threadIdx.x; j < classes; j += blockDim.x) grow[j] = 0.0f;
       continue;
     }
-    const float scale = *g / static_cast<float>(count), row_lse = lse[r];
+    const float scale = *g / static_cast<float>(count);
+    const double row_lse = lse[r];
     const float* row = logits + r * classes;
     for (int64_t j = threadIdx.x; j < classes; j += blockDim.x) {
-      const float p = scale * expf(row[j] - row_lse);
+      const float p = scale * static_cast<float>(exp(row[j] - row_lse));
       grow[j] = j == t ? p - scale : p;
     }
   }
 }
 
-void cross_entropy_backward(const float* logits, const int32_t* targets, const float* lse,
+void cross_entropy_backward(const float* logits, const int32_t* targets, const double* lse,
                             const float* g, float* gx, int64_t rows, int64_t classes,
                             int32_t ignore_index, int64_t count) {
   if (rows == 0 || classes == 0) return;

@@ -463,12 +463,24 @@ TEST_CASE("cuda ops: errors name the problem") {
   Tensor bad = from_vector(std::vector<int32_t>{0, 7, 1}).to(kGpu);
   CHECK(error_message([&] { (void)gather_rows(x, bad); }).find("index value 7 at position 1") !=
         std::string::npos);
+  CHECK(error_message([&] { (void)embedding(x, bad); }).find("embedding: index value 7") !=
+        std::string::npos);
   CHECK(error_message([&] {
           (void)scatter_add_rows(ones({3, 3}, kGpu), bad, 4);
         }).find("index value 7") != std::string::npos);
   CHECK(error_message([&] {
           (void)cross_entropy(ones({3, 3}, kGpu), bad);
         }).find("target 7 at row 1") != std::string::npos);
+  if (kGpu.is_cuda()) {  // an optimiser built before the model moved keeps its state behind
+    Tensor w = ones({2, 2});
+    w.requires_grad_();
+    optim::AdamW early({{"w", w, true}});
+    w.move_to_(kGpu);
+    sum(w * 2.0f).backward();
+    CHECK(error_message([&] {
+            early.step(0.1f);
+          }).find("move the model before building the optimiser") != std::string::npos);
+  }
   // The stream is still usable after a reported error.
   CHECK(sum(x).item() == 12.0f);
 }

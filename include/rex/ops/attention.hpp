@@ -42,7 +42,7 @@ inline int64_t check_attention_inputs(std::string_view op, const Tensor& q, cons
             " must have the same shape");
   REX_CHECK(q.dim(0) == k.dim(0) && q.dim(2) == k.dim(2) && q.dim(3) == k.dim(3), op, ": q ",
             q.shape(), " and k, v ", k.shape(), " differ in batch, time or head size");
-  REX_CHECK(k.dim(1) > 0 && q.dim(1) % k.dim(1) == 0, op, ": ", q.dim(1),
+  REX_CHECK(k.dim(1) > 0 && q.dim(1) > 0 && q.dim(1) % k.dim(1) == 0, op, ": ", q.dim(1),
             " query heads are not a multiple of ", k.dim(1), " kv heads (q ", q.shape(), ", k ",
             k.shape(), ")");
   return q.dim(1) / k.dim(1);

@@ -80,12 +80,14 @@ namespace detail {
 
 // The two row kernels, trusting their indices: the public ops check them once in the forward, and
 // each backward reuses indices that were already checked.
-inline Tensor gather_rows_values(const Tensor& x, const Tensor& index) {
+// (`op` names the public op in the CUDA kernel's index error.)
+inline Tensor gather_rows_values(const Tensor& x, const Tensor& index,
+                                 std::string_view op = "gather_rows") {
   const int64_t m = index.numel(), d = x.dim(1);
-  if (common_device("gather_rows", {x, index}).is_cuda()) {
+  if (common_device(op, {x, index}).is_cuda()) {
     Tensor out = Tensor::empty(Shape{m, d}, DType::f32, x.device());
     cuda_backend().gather_rows(x.device_data<float>(), index.device_data<int32_t>(),
-                               out.device_data<float>(), m, d, x.dim(0));
+                               out.device_data<float>(), m, d, x.dim(0), op.data());
     return out;
   }
   Tensor out = Tensor::empty(Shape{m, d});
@@ -122,7 +124,7 @@ inline Tensor gather_rows_as(std::string_view op, const Tensor& x, const Tensor&
   REX_CHECK(x.rank() == 2, op, ": rows are taken from a 2-d [N, d] tensor, got shape ", x.shape());
   const int64_t num_rows = x.dim(0);
   check_row_indices(op, index, num_rows);
-  return record(gather_rows_values(x, index), "gather_rows", {x},
+  return record(gather_rows_values(x, index, op), "gather_rows", {x},
                 [index = index.detach(), num_rows](const Tensor& g) {
                   return GradList{scatter_add_rows_values(g, index, num_rows)};
                 });

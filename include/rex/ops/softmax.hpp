@@ -76,23 +76,23 @@ Tensor cuda_row_op(const Tensor& x, int64_t n, std::string_view op, Forward forw
   });
 }
 
-// cross_entropy on CUDA: the loss stays on the device; lse is saved in f32.
+// cross_entropy on CUDA: the loss stays on the device; lse is saved in double, as on the CPU.
 inline Tensor cuda_cross_entropy(const Tensor& logits, const Tensor& targets,
                                  int32_t ignore_index) {
   const int64_t rows = logits.dim(0), classes = logits.dim(1);
-  Tensor lse = Tensor::empty(Shape{rows}, DType::f32, logits.device());
+  const std::shared_ptr<void> lse = cuda_buffer(static_cast<size_t>(rows) * sizeof(double));
   Tensor loss = Tensor::empty(Shape{}, DType::f32, logits.device());
   const int64_t count = cuda_backend().cross_entropy(
       logits.device_data<float>(), targets.device_data<int32_t>(), rows, classes, ignore_index,
-      lse.device_data<float>(), loss.device_data<float>());
+      static_cast<double*>(lse.get()), loss.device_data<float>());
   return record(loss, "cross_entropy", {logits},
                 [logits = logits.detach(), targets = targets.detach(), lse, count,
                  ignore_index](const Tensor& g) {
                   Tensor gx = Tensor::empty(logits.shape(), DType::f32, logits.device());
                   cuda_backend().cross_entropy_backward(
                       logits.device_data<float>(), targets.device_data<int32_t>(),
-                      lse.device_data<float>(), g.device_data<float>(), gx.device_data<float>(),
-                      logits.dim(0), logits.dim(1), ignore_index, count);
+                      static_cast<const double*>(lse.get()), g.device_data<float>(),
+                      gx.device_data<float>(), logits.dim(0), logits.dim(1), ignore_index, count);
                   return GradList{gx};
                 });
 }

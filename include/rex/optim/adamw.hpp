@@ -102,12 +102,19 @@ class AdamW {
     const auto one_minus_beta1 = static_cast<float>(1.0 - beta1_d);
     const auto one_minus_beta2 = static_cast<float>(1.0 - beta2_d);
     const auto keep = static_cast<float>(1.0 - lr_d * static_cast<double>(options_.weight_decay));
-    // Parameters are independent: they are updated in parallel, each by one thread.
+    // Every tensor of one update must be on the parameter's device. Checked before any update,
+    // outside the parallel loop: an exception cannot leave an OpenMP region.
     const auto count = static_cast<int64_t>(params_.size());
-    REX_PARALLEL_FOR(schedule(dynamic))
     for (int64_t i = 0; i < count; ++i) {
       const Tensor g = params_[i].tensor.grad();
-      if (!g.defined()) continue;
+      const Device device = params_[i].tensor.device();
+      REX_CHECK(!g.defined() || (g.device() == device && slots_[i].exp_avg.device() == device),
+                "AdamW::step: parameter '", params_[i].name, "' is on ", device,
+                " but its gradient or optimiser state is not (state on ",
+                slots_[i].exp_avg.device(), "); move the model before building the optimiser");
+    }
+    auto update = [&](int64_t i) {
+      const Tensor g = params_[i].tensor.grad();
       Slot& s = slots_[i];
       ++s.step;
       const int64_t n = g.numel();
@@ -117,7 +124,6 @@ class AdamW {
       const auto bias2_sqrt = static_cast<float>(std::sqrt(bias2));
       if (detail::on_cuda(g)) {
         // One fused kernel per parameter, the same operations in the same order.
-        detail::common_device("AdamW::step", {params_[i].tensor, g});
         const detail::AdamWScalars scalars{params_[i].decay ? keep : 1.0f,
                                            beta1,
                                            one_minus_beta1,
@@ -129,7 +135,7 @@ class AdamW {
         detail::cuda_backend().adamw(params_[i].tensor.device_data<float>(), g.device_data<float>(),
                                      s.exp_avg.device_data<float>(),
                                      s.exp_avg_sq.device_data<float>(), n, scalars);
-        continue;
+        return;
       }
       // Eigen arrays vectorise the sqrt and the division, which a plain loop cannot be (std::sqrt
       // may set errno); the expressions keep PyTorch's order of operations.
@@ -140,7 +146,18 @@ class AdamW {
       m = m * beta1 + one_minus_beta1 * grad;
       v = v * beta2 + one_minus_beta2 * grad * grad;
       w = w + neg_step_size * m / (v.sqrt() / bias2_sqrt + eps);
-    }
+    };
+    auto has_grad_on = [&](int64_t i, bool cuda) {
+      const Tensor g = params_[i].tensor.grad();
+      return g.defined() && detail::on_cuda(g) == cuda;
+    };
+    // CUDA parameters one after another (their kernels share one stream); CPU parameters are
+    // independent and updated in parallel, each by one thread.
+    for (int64_t i = 0; i < count; ++i)
+      if (has_grad_on(i, true)) update(i);
+    REX_PARALLEL_FOR(schedule(dynamic))
+    for (int64_t i = 0; i < count; ++i)
+      if (has_grad_on(i, false)) update(i);
   }
 
   // Drops every parameter's gradient (the next backward() starts from nothing).

@@ -47,7 +47,8 @@ struct CudaBackend {
   void* (*allocate)(size_t bytes);  // from the caching allocator; never null (throws)
   void (*release)(void* ptr);       // back to the cache, reusable by later launches at once
   void (*copy)(void* dst, const void* src, size_t bytes, CudaCopy kind);  // synchronous to host
-  // rows blocks of row_bytes, from src every src_pitch bytes to dst every dst_pitch bytes (d2d).
+  // rows blocks of row_bytes, from src every src_pitch bytes to dst every dst_pitch bytes (d2d;
+  // any pitch, however large).
   void (*copy_rows)(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
                     size_t row_bytes, size_t rows);
   void (*fill32)(void* out, int64_t n, uint32_t bits);  // n 32-bit words set to `bits`
@@ -89,13 +90,14 @@ struct CudaBackend {
   void (*log_softmax)(const float* x, float* y, int64_t rows, int64_t n);
   void (*log_softmax_backward)(const float* g, const float* y, float* dx, int64_t rows, int64_t n);
   // Mean NLL over the rows whose target is not ignore_index, written to *loss (device scalar);
-  // lse[r] receives each counted row's log-sum-exp. Returns the number of counted rows; a target
-  // out of [0, classes) throws rex::Error naming the row.
+  // lse[r] receives each counted row's log-sum-exp, in double as on the CPU (the backward's
+  // exp(x - lse) would lose digits for large logits otherwise). Returns the number of counted
+  // rows; a target out of [0, classes) throws rex::Error naming the row.
   int64_t (*cross_entropy)(const float* logits, const int32_t* targets, int64_t rows,
-                           int64_t classes, int32_t ignore_index, float* lse, float* loss);
+                           int64_t classes, int32_t ignore_index, double* lse, float* loss);
   // gx = g / count * (softmax(logits) - onehot(target)) on counted rows, 0 on ignored rows; g is a
   // device scalar.
-  void (*cross_entropy_backward)(const float* logits, const int32_t* targets, const float* lse,
+  void (*cross_entropy_backward)(const float* logits, const int32_t* targets, const double* lse,
                                  const float* g, float* gx, int64_t rows, int64_t classes,
                                  int32_t ignore_index, int64_t count);
   // y = x * rstd * w per row of n, rstd[r] = 1 / sqrt(mean(x_r^2) + eps) (saved for backward).
@@ -106,9 +108,10 @@ struct CudaBackend {
                             float* dx, float* dw, int64_t rows, int64_t n);
 
   // ---- indexing, routing and layout (kernels/index.cu) ----
-  // out[i] = x[index[i]] rows of d; an index outside [0, num_rows) throws rex::Error.
+  // out[i] = x[index[i]] rows of d; an index outside [0, num_rows) throws rex::Error naming `op`
+  // (gather_rows or embedding).
   void (*gather_rows)(const float* x, const int32_t* index, float* out, int64_t m, int64_t d,
-                      int64_t num_rows);
+                      int64_t num_rows, const char* op);
   // out [num_rows, d] = 0, then out[index[i]] += src[i] for i in increasing order (exactly the
   // CPU's order, so results are bit-identical run to run); bad indices throw.
   void (*scatter_add_rows)(const float* src, const int32_t* index, float* out, int64_t m, int64_t d,
