@@ -147,8 +147,8 @@ class Tensor {
   // Copy onto `device`, recorded in the graph (the gradient is copied back); the tensor itself
   // when it is already there. Defined in rex/autograd/graph.hpp.
   Tensor to(Device target) const;
-  // Moves this tensor's values (and its gradient, if any) onto `device` in place: every handle to
-  // it sees the new storage. For parameters before training; not recorded in the graph.
+  // Moves this tensor's values onto `device` in place: every handle to it sees the new storage.
+  // For parameters before training (Module::to); not recorded in the graph.
   Tensor& move_to_(Device target) {
     if (device() == target) return *this;
     Tensor moved = copy_to(target);
@@ -166,19 +166,19 @@ class Tensor {
   // through data<T>(), it also changes what a pending backward reads if a graph saved this tensor
   // (or a view of its storage): rex does not track in-place writes, so finish backward first.
   Tensor& fill_(float value) {
-    uint32_t bits = 0;
-    if (dtype() == DType::i32) {
-      REX_CHECK(value >= -2147483648.0f && value < 2147483648.0f && value == std::trunc(value),
-                "fill_: ", value, " is not an i32 value");
-      const auto v = static_cast<int32_t>(value);
-      std::memcpy(&bits, &v, sizeof bits);
-    } else {
-      std::memcpy(&bits, &value, sizeof bits);
-    }
+    const bool integer = dtype() == DType::i32;
+    REX_CHECK(!integer ||
+                  (value >= -2147483648.0f && value < 2147483648.0f && value == std::trunc(value)),
+              "fill_: ", value, " is not an i32 value");
     if (device().is_cuda()) {
+      const int32_t as_integer = integer ? static_cast<int32_t>(value) : 0;
+      uint32_t bits = 0;  // the 32-bit pattern of the value in this dtype
+      std::memcpy(&bits, integer ? static_cast<const void*>(&as_integer) : &value, sizeof bits);
       detail::cuda_backend().fill32(device_bytes(), numel(), bits);
+    } else if (integer) {
+      std::fill_n(data<int32_t>(), numel(), static_cast<int32_t>(value));
     } else {
-      std::fill_n(static_cast<uint32_t*>(device_bytes()), numel(), bits);
+      std::fill_n(data<float>(), numel(), value);
     }
     return *this;
   }

@@ -83,7 +83,7 @@ inline Tensor dispatch_experts(const Tensor& x, const Tensor& indices, const Ten
   const int64_t tokens = x.dim(0), k = indices.dim(1), slots = tokens * k, pool = table.size();
   // The routing plan (counting sort) is built on the host: on CUDA the per-expert GEMM sizes must
   // be known there anyway, so the indices come over once and the two orderings go back.
-  const Tensor host_indices = indices.copy_to(Device::cpu());
+  const Tensor host_indices = indices.to(Device::cpu());  // itself on the CPU
   const int32_t* expert_of_slot = host_indices.data<int32_t>();
 
   // Counting sort of the slots by expert: offsets[e] .. offsets[e + 1] is expert e's segment.
