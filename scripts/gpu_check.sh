@@ -2,39 +2,36 @@
 # The GPU run of the CUDA backend (docs/cuda.md): build with rex::cuda, run the whole suite with the
 # CUDA cases live, then compute-sanitizer memcheck over the CUDA op tests. Meant for a lent GPU
 # machine without network access: the header-only dependencies come from .deps/ (fill it with
-# `scripts/gpu_check.sh --collect-deps` on a machine that has the Debian packages). Results go to
-# ${OUT:-gpu-results}/.
+# `scripts/gpu_check.sh --collect-deps` on a machine that has the Debian packages, then carry it).
+# Results go to ${OUT:-gpu-results}/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deps=$PWD/.deps
 if [ "${1:-}" = "--collect-deps" ]; then
-  rm -rf "$deps" && mkdir -p "$deps/include" "$deps/cmake"
+  # The copy mirrors the /usr layout, so the packages' own config files find their headers
+  # relative to themselves; doctest's names /usr outright and is made relative the same way.
+  rm -rf "$deps" && mkdir -p "$deps/include" "$deps/share/cmake" "$deps/share/eigen3" "$deps/lib/cmake"
   cp -r /usr/include/eigen3 /usr/include/doctest /usr/include/nlohmann "$deps/include/"
-  cp -r /usr/share/eigen3/cmake "$deps/cmake/eigen3"
-  cp -r /usr/lib/cmake/doctest "$deps/cmake/doctest"
-  cp -r /usr/share/cmake/nlohmann_json "$deps/cmake/nlohmann_json"
-  # The config files name their headers by absolute path: point them at the copies.
-  grep -rl "/usr/include" "$deps/cmake" | xargs sed -i "s|/usr/include|$deps/include|g"
+  cp -r /usr/share/eigen3/cmake "$deps/share/eigen3/"
+  cp -r /usr/share/cmake/nlohmann_json "$deps/share/cmake/"
+  cp -r /usr/lib/cmake/doctest "$deps/lib/cmake/"
+  sed -i 's|set(_IMPORT_PREFIX "/usr")|get_filename_component(_IMPORT_PREFIX "${CMAKE_CURRENT_LIST_DIR}/../../.." ABSOLUTE)|' \
+    "$deps/lib/cmake/doctest/doctestTargets.cmake"
   echo "copied the header-only dependencies into $deps ($(du -sh "$deps" | cut -f1))"
   exit 0
 fi
-out=${OUT:-gpu-results}
-mkdir -p "$out"
+mkdir -p "${OUT:-gpu-results}"
+out=$(cd "${OUT:-gpu-results}" && pwd)
 nvidia-smi -L | tee "$out/device.txt"
 args=()
-if [ -d "$deps" ]; then
-  # The copied config files hold this checkout's old path: rewrite it for wherever it is now.
-  grep -rl "/include" "$deps/cmake" | xargs sed -i -E "s|[^\" ;]*/\.deps/include|$deps/include|g"
-  args=(-DEigen3_DIR="$deps/cmake/eigen3" -Ddoctest_DIR="$deps/cmake/doctest"
-        -Dnlohmann_json_DIR="$deps/cmake/nlohmann_json")
-fi
+[ -d "$deps" ] && args=(-DCMAKE_PREFIX_PATH="$deps")
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DREX_CUDA=ON "${args[@]}" > "$out/configure.log"
 cmake --build build-gpu -j "$(nproc)" > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 status=0
-(cd build-gpu && ctest --output-on-failure -j 4 -E "twin|package" > "../$out/ctest.log" 2>&1) ||
+(cd build-gpu && ctest --output-on-failure -j 4 -E "twin|package" > "$out/ctest.log" 2>&1) ||
   status=1
 tail -5 "$out/ctest.log"
-(cd build-gpu && ctest -R cuda -V > "../$out/ctest_cuda_verbose.log" 2>&1) || status=1
+(cd build-gpu && ctest -R cuda -V > "$out/ctest_cuda_verbose.log" 2>&1) || status=1
 grep -E "Test +#|SKIPPED|passed|failed" "$out/ctest_cuda_verbose.log" | tail -20
 compute-sanitizer --tool memcheck --error-exitcode 3 build-gpu/tests/test_cuda_ops \
   > "$out/memcheck.log" 2>&1 || status=1
