@@ -72,6 +72,13 @@ __device__ float* block_workspace(float* spill, int64_t workspace_floats) {
   return spill ? spill + static_cast<int64_t>(blockIdx.x) * workspace_floats : shared;
 }
 
+// The offset of the k and v head that query row `row` of [B, Hq, T] reads (kv head of bh, above).
+__device__ inline int64_t kv_head_offset(int64_t row, int64_t heads, int64_t kv_heads, int64_t time,
+                                         int64_t head_dim) {
+  const int64_t bh = row / time, group = heads / kv_heads;
+  return ((bh / heads) * kv_heads + (bh % heads) / group) * time * head_dim;
+}
+
 // rows = B * Hq * T; workspace: q_i [D], p [T].
 __global__ void attention_forward_kernel(const float* q, const float* k, const float* v, float* out,
                                          float* lse, int64_t rows, int64_t heads, int64_t kv_heads,
@@ -82,12 +89,9 @@ __global__ void attention_forward_kernel(const float* q, const float* k, const f
   float* q_row = block_workspace(spill, workspace_floats);
   float* p = q_row + head_dim;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t group = heads / kv_heads;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t bh = row / time, i = row % time;
-    const int64_t kv = (bh / heads) * kv_heads + (bh % heads) / group;
-    const float* k_h = k + kv * time * head_dim;
-    const float* v_h = v + kv * time * head_dim;
+    const int64_t i = row % time, kv_at = kv_head_offset(row, heads, kv_heads, time, head_dim);
+    const float *k_h = k + kv_at, *v_h = v + kv_at;
     for (int64_t d = tid; d < head_dim; d += kBlock) q_row[d] = q[row * head_dim + d];
     __syncthreads();
 
@@ -135,12 +139,9 @@ __global__ void attention_backward_query_kernel(const float* q, const float* k, 
   float* p = g_row + head_dim;
   float* dp = p + time;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t group = heads / kv_heads;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t bh = row / time, i = row % time;
-    const int64_t kv = (bh / heads) * kv_heads + (bh % heads) / group;
-    const float* k_h = k + kv * time * head_dim;
-    const float* v_h = v + kv * time * head_dim;
+    const int64_t i = row % time, kv_at = kv_head_offset(row, heads, kv_heads, time, head_dim);
+    const float *k_h = k + kv_at, *v_h = v + kv_at;
     for (int64_t d = tid; d < head_dim; d += kBlock) {
       q_row[d] = q[row * head_dim + d];
       g_row[d] = g[row * head_dim + d];

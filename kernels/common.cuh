@@ -28,6 +28,12 @@ inline unsigned int blocks_for(int64_t n) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 65535 * 32 ? 65535 * 32 : blocks));
 }
 
+// Grid-stride loops: for (int64_t i = thread_index(); i < n; i += thread_count()).
+__device__ inline int64_t thread_index() {
+  return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+}
+__device__ inline int64_t thread_count() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
 // A device scratch buffer from the caching allocator, released when it goes out of scope.
 class Scratch {
  public:

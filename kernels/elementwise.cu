@@ -22,11 +22,6 @@ using rex::detail::CudaBroadcast;
 using rex::detail::kMaxCudaRank;
 using rex::detail::UnaryOp;
 
-__device__ inline int64_t thread_index() {
-  return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-}
-__device__ inline int64_t thread_count() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
-
 int64_t numel_of(const CudaBroadcast& index) {
   int64_t n = 1;
   for (int a = 0; a < index.rank; ++a) n *= index.dims[a];

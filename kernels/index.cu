@@ -38,8 +38,7 @@ namespace {
 
 __global__ void check_rows_kernel(const int32_t* index, int64_t m, int64_t num_rows,
                                   unsigned long long* flag) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < m;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t i = thread_index(); i < m; i += thread_count()) {
     const int32_t r = index[i];
     if (r < 0 || r >= num_rows) atomicMin(flag, static_cast<unsigned long long>(i));
   }
@@ -48,8 +47,7 @@ __global__ void check_rows_kernel(const int32_t* index, int64_t m, int64_t num_r
 __global__ void gather_rows_kernel(const float* x, const int32_t* index, float* out, int64_t m,
                                    int64_t d) {
   const int64_t total = m * d;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t e = thread_index(); e < total; e += thread_count()) {
     const int64_t i = e / d, j = e - i * d;
     out[e] = x[static_cast<int64_t>(index[i]) * d + j];
   }
@@ -184,8 +182,7 @@ void topk(const float* x, float* values, int32_t* indices, int64_t rows, int64_t
 __global__ void topk_backward_kernel(const float* g, const int32_t* indices, float* gx,
                                      int64_t rows, int64_t n, int64_t k) {
   const int64_t total = rows * n;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t e = thread_index(); e < total; e += thread_count()) {
     const int64_t r = e / n, c = e - r * n;
     float value = 0.0f;
     for (int64_t j = 0; j < k; ++j)
@@ -211,8 +208,7 @@ struct PermuteIndex {
 };
 
 __global__ void permute_kernel(const uint32_t* x, uint32_t* out, int64_t total, PermuteIndex p) {
-  for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < total;
-       o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t o = thread_index(); o < total; o += thread_count()) {
     int64_t rest = o, offset = 0;
     for (int axis = p.rank - 1; axis >= 0; --axis) {
       const int64_t q = rest / p.dims[axis];
@@ -253,8 +249,7 @@ void permute(const void* x, void* out, int32_t rank, const int64_t* host_dims,
 __global__ void rope_kernel(const float* x, const float* cos, const float* sin, float* y,
                             int64_t rows, int64_t time, int64_t half, float direction) {
   const int64_t total = rows * half;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t e = thread_index(); e < total; e += thread_count()) {
     const int64_t row = e / half, i = e - row * half;
     const int64_t t = row % time;
     const int64_t base = row * 2 * half;

@@ -173,9 +173,7 @@ void copy_rows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, s
 }
 
 __global__ void fill32_kernel(uint32_t* out, int64_t n, uint32_t bits) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = bits;
+  for (int64_t i = thread_index(); i < n; i += thread_count()) out[i] = bits;
 }
 
 void fill32(void* out, int64_t n, uint32_t bits) {

@@ -16,8 +16,7 @@ namespace {
 
 __global__ void adamw_kernel(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
                              int64_t n, rex::detail::AdamWScalars s) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t i = thread_index(); i < n; i += thread_count()) {
     const float g = grad[i];
     const float w = __fmul_rn(param[i], s.keep);
     const float m = __fadd_rn(__fmul_rn(exp_avg[i], s.beta1), __fmul_rn(s.one_minus_beta1, g));

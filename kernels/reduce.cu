@@ -21,11 +21,6 @@
 namespace rex::cuda::detail {
 namespace {
 
-__device__ inline int64_t thread_index() {
-  return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-}
-__device__ inline int64_t thread_count() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
-
 // Threads per block for rows of n elements (a multiple of 32, at most 512).
 int row_threads(int64_t n) {
   if (n <= 64) return 32;

@@ -23,10 +23,10 @@ std::string device_description(int index) {
   const cudaError_t status = cudaGetDeviceProperties(&prop, index);
   REX_CHECK(status == cudaSuccess, "cudaGetDeviceProperties(", index,
             ") failed: ", cudaGetErrorString(status));
-  char text[256];
-  std::snprintf(text, sizeof text, "%s (sm_%d%d, %.1f GiB)", prop.name, prop.major, prop.minor,
+  char memory[32];
+  std::snprintf(memory, sizeof memory, "%.1f GiB",
                 static_cast<double>(prop.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
-  return text;
+  return rex::detail::concat(prop.name, " (sm_", prop.major, prop.minor, ", ", memory, ")");
 }
 
 }  // namespace rex::cuda

@@ -52,16 +52,15 @@ inline RopeTable rope_table(int64_t time, int64_t head_dim, float theta, int64_t
 }
 
 // Rotates every (i, i + D/2) pair of x [B, H, T, D] by +angle (direction 1) or -angle (direction
-// -1).
+// -1). The table must be on x's device.
 inline Tensor rope_rotate(const Tensor& x, const RopeTable& table, float direction) {
   const int64_t time = x.dim(2), head_dim = x.dim(3), half = head_dim / 2;
   const int64_t rows = x.dim(0) * x.dim(1);
   Tensor out = Tensor::empty(x.shape(), DType::f32, x.device());
   if (on_cuda(x)) {
-    // The tables are built on the host (double precision) and copied over.
-    const Tensor cos = table.cos.to(x.device()), sin = table.sin.to(x.device());
-    cuda_backend().rope(x.device_data<float>(), cos.device_data<float>(), sin.device_data<float>(),
-                        out.device_data<float>(), rows, time, head_dim, direction);
+    cuda_backend().rope(x.device_data<float>(), table.cos.device_data<float>(),
+                        table.sin.device_data<float>(), out.device_data<float>(), rows, time,
+                        head_dim, direction);
     return out;
   }
   const float* px = x.data<float>();
@@ -93,7 +92,9 @@ inline Tensor rope(const Tensor& x, float theta = 10000.0f, int64_t position_off
   REX_CHECK(x.rank() == 4, "rope: expected x of shape [B, H, T, D], got ", x.shape());
   REX_CHECK(x.dim(3) % 2 == 0, "rope: the head size D must be even, got x ", x.shape());
   REX_CHECK(theta > 0.0f, "rope: theta must be positive, got ", theta);
-  const detail::RopeTable table = detail::rope_table(x.dim(2), x.dim(3), theta, position_offset);
+  // Built on the host in double precision, then copied once to x's device (the backward reuses it).
+  detail::RopeTable table = detail::rope_table(x.dim(2), x.dim(3), theta, position_offset);
+  table.cos = table.cos.to(x.device()), table.sin = table.sin.to(x.device());
   return detail::record(detail::rope_rotate(x, table, 1.0f), "rope", {x}, [table](const Tensor& g) {
     return detail::GradList{detail::rope_rotate(g, table, -1.0f)};
   });
