@@ -161,6 +161,7 @@ rex::Device chosen_device(const Options& o) {
   }
   REX_CHECK(gpus > 0,
             "--device cuda: no CUDA device was found (no GPU or no driver); use --device cpu");
+  std::printf("device: cuda:0, %s\n", rex::detail::cuda_backend().device_description(0).c_str());
   return rex::Device::cuda();
 }
 

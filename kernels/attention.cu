@@ -68,8 +68,8 @@ __device__ double block_sum(double value, double* partial) {
 
 // The workspace of this block: dynamic shared memory, or its slice of spill when spill is set.
 __device__ float* block_workspace(float* spill, int64_t workspace_floats) {
-  extern __shared__ float shared[];
-  return spill ? spill + static_cast<int64_t>(blockIdx.x) * workspace_floats : shared;
+  return spill ? spill + static_cast<int64_t>(blockIdx.x) * workspace_floats
+               : dynamic_shared<float>();
 }
 
 // The offset of the k and v head that query row `row` of [B, Hq, T] reads (kv head of bh, above).
@@ -262,10 +262,8 @@ void attention(const float* q, const float* k, const float* v, float* out, float
   if (rows == 0) return;
   const int64_t workspace_floats = head_dim + time;
   const Workspace space(rows, workspace_floats);
-  attention_forward_kernel<<<space.grid(), kBlock, space.shared_bytes(), stream()>>>(
-      q, k, v, out, lse, rows, heads, kv_heads, time, head_dim, scale, space.spill(),
-      workspace_floats);
-  check_launch("attention_forward_kernel");
+  REX_LAUNCH(attention_forward_kernel, space.grid(), kBlock, space.shared_bytes(), q, k, v, out,
+             lse, rows, heads, kv_heads, time, head_dim, scale, space.spill(), workspace_floats);
 }
 
 void attention_backward(const float* q, const float* k, const float* v, const float* lse,
@@ -279,18 +277,16 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
   const Scratch delta(static_cast<size_t>(rows) * sizeof(float));
   if (dq || dk) {
     const Workspace space(rows, workspace_floats);
-    attention_backward_query_kernel<<<space.grid(), kBlock, space.shared_bytes(), stream()>>>(
-        q, k, v, lse, g, dq, delta.as<float>(), rows, heads, kv_heads, time, head_dim, scale,
-        space.spill(), workspace_floats);
-    check_launch("attention_backward_query_kernel");
+    REX_LAUNCH(attention_backward_query_kernel, space.grid(), kBlock, space.shared_bytes(), q, k, v,
+               lse, g, dq, delta.as<float>(), rows, heads, kv_heads, time, head_dim, scale,
+               space.spill(), workspace_floats);
   }
   if (dk || dv) {
     const int64_t key_rows = batch * kv_heads * time;
     const Workspace space(key_rows, workspace_floats);
-    attention_backward_key_kernel<<<space.grid(), kBlock, space.shared_bytes(), stream()>>>(
-        q, k, v, lse, g, delta.as<float>(), dk, dv, key_rows, heads / kv_heads, time, head_dim,
-        scale, space.spill(), workspace_floats);
-    check_launch("attention_backward_key_kernel");
+    REX_LAUNCH(attention_backward_key_kernel, space.grid(), kBlock, space.shared_bytes(), q, k, v,
+               lse, g, delta.as<float>(), dk, dv, key_rows, heads / kv_heads, time, head_dim, scale,
+               space.spill(), workspace_floats);
   }
 }
 

@@ -1,6 +1,11 @@
 // Shared by the kernels/*.cu files: the stream every launch goes to, checked CUDA and cuBLAS calls
 // (a failure throws rex::Error naming the call and CUDA's message), launch-size helpers, and the
 // registration functions through which each file fills its part of the backend table.
+//
+// The same files also compile as plain C++ against rex's CUDA emulation (tests/cuda_emulation),
+// which runs every kernel on the CPU in CI. The two spellings that C++ cannot parse are written
+// through REX_LAUNCH (the <<<...>>> launch) and dynamic_shared<T>() (extern __shared__); under nvcc
+// they are exactly the CUDA syntax.
 #pragma once
 
 #include <cublas_v2.h>
@@ -26,6 +31,34 @@ inline constexpr int kThreads = 256;
 inline unsigned int blocks_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 65535 * 32 ? 65535 * 32 : blocks));
+}
+
+// REX_LAUNCH(kernel, grid, block, shared_bytes, args...) launches on rex's stream and then checks
+// the launch (check_launch with the kernel's name).
+#if defined(__CUDACC__)
+#define REX_LAUNCH(kernel, grid, block, shared_bytes, ...)                                   \
+  do {                                                                                       \
+    kernel<<<(grid), (block), (shared_bytes), ::rex::cuda::detail::stream()>>>(__VA_ARGS__); \
+    ::rex::cuda::detail::check_launch(#kernel);                                              \
+  } while (0)
+#else
+#define REX_LAUNCH(kernel, grid, block, shared_bytes, ...)                     \
+  do {                                                                         \
+    ::cuda_emulation::Launch(kernel, #kernel, (grid), (block), (shared_bytes), \
+                             ::rex::cuda::detail::stream())(__VA_ARGS__);      \
+    ::rex::cuda::detail::check_launch(#kernel);                                \
+  } while (0)
+#endif
+
+// The block's dynamic shared memory (the launch's shared_bytes), as T*.
+template <class T>
+__device__ inline T* dynamic_shared() {
+#if defined(__CUDACC__)
+  extern __shared__ __align__(16) unsigned char rex_dynamic_shared[];
+  return reinterpret_cast<T*>(rex_dynamic_shared);
+#else
+  return static_cast<T*>(::cuda_emulation::detail::dynamic_shared_memory());
+#endif
 }
 
 // Grid-stride loops: for (int64_t i = thread_index(); i < n; i += thread_count()).
@@ -74,8 +107,8 @@ void register_optim(rex::detail::CudaBackend& table);
 
 }  // namespace rex::cuda::detail
 
-// Checked calls: REX_CUDA(cudaMemcpyAsync(...)) and REX_CUBLAS(cublasSgemm(...)); after a
-// <<<...>>> launch, call check_launch("kernel name").
+// Checked calls: REX_CUDA(cudaMemcpyAsync(...)) and REX_CUBLAS(cublasSgemm(...)); launches go
+// through REX_LAUNCH, which checks them.
 #define REX_CUDA(call)                                                                         \
   do {                                                                                         \
     const cudaError_t rex_status_ = (call);                                                    \

@@ -77,14 +77,12 @@ __global__ void unary_backward_kernel(UnaryOp op, float s, const float* g, const
 
 void unary(UnaryOp op, float s, const float* x, float* y, int64_t n) {
   if (n == 0) return;
-  unary_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(op, s, x, y, n);
-  check_launch("unary_kernel");
+  REX_LAUNCH(unary_kernel, blocks_for(n), kThreads, 0, op, s, x, y, n);
 }
 
 void unary_backward(UnaryOp op, float s, const float* g, const float* saved, float* dx, int64_t n) {
   if (n == 0) return;
-  unary_backward_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(op, s, g, saved, dx, n);
-  check_launch("unary_backward_kernel");
+  REX_LAUNCH(unary_backward_kernel, blocks_for(n), kThreads, 0, op, s, g, saved, dx, n);
 }
 
 // Inputs read at i * step (step 1: in order, step 0: one element).
@@ -111,11 +109,9 @@ void binary(BinaryOp op, const float* a, const float* b, float* out, const CudaB
   if (n == 0) return;
   const int a_step = flat_step(index, 0), b_step = flat_step(index, 1);
   if (a_step >= 0 && b_step >= 0) {
-    binary_flat_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(op, a, a_step, b, b_step, out, n);
-    check_launch("binary_flat_kernel");
+    REX_LAUNCH(binary_flat_kernel, blocks_for(n), kThreads, 0, op, a, a_step, b, b_step, out, n);
   } else {
-    binary_strided_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(op, a, b, out, index, n);
-    check_launch("binary_strided_kernel");
+    REX_LAUNCH(binary_strided_kernel, blocks_for(n), kThreads, 0, op, a, b, out, index, n);
   }
 }
 
@@ -142,13 +138,10 @@ void launch_select(const Cond* cond, const float* a, const float* b, float* out,
   const int cond_step = flat_step(index, 0), a_step = flat_step(index, 1),
             b_step = flat_step(index, 2);
   if (cond_step >= 0 && a_step >= 0 && b_step >= 0) {
-    select_flat_kernel<Cond>
-        <<<blocks_for(n), kThreads, 0, stream()>>>(cond, cond_step, a, a_step, b, b_step, out, n);
-    check_launch("select_flat_kernel");
+    REX_LAUNCH(select_flat_kernel<Cond>, blocks_for(n), kThreads, 0, cond, cond_step, a, a_step, b,
+               b_step, out, n);
   } else {
-    select_strided_kernel<Cond>
-        <<<blocks_for(n), kThreads, 0, stream()>>>(cond, a, b, out, index, n);
-    check_launch("select_strided_kernel");
+    REX_LAUNCH(select_strided_kernel<Cond>, blocks_for(n), kThreads, 0, cond, a, b, out, index, n);
   }
 }
 
@@ -178,11 +171,9 @@ void broadcast_copy(const float* x, float* out, const CudaBroadcast& index) {
   if (n == 0) return;
   const int x_step = flat_step(index, 0);
   if (x_step >= 0) {
-    broadcast_copy_flat_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(x, x_step, out, n);
-    check_launch("broadcast_copy_flat_kernel");
+    REX_LAUNCH(broadcast_copy_flat_kernel, blocks_for(n), kThreads, 0, x, x_step, out, n);
   } else {
-    broadcast_copy_strided_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(x, out, index, n);
-    check_launch("broadcast_copy_strided_kernel");
+    REX_LAUNCH(broadcast_copy_strided_kernel, blocks_for(n), kThreads, 0, x, out, index, n);
   }
 }
 
@@ -241,8 +232,7 @@ void sum_to(const float* x, float* out, int64_t out_numel, const CudaBroadcast& 
       ++plan.kept;
     }
   }
-  sum_to_kernel<<<blocks_for(out_numel), kThreads, 0, stream()>>>(x, out, out_numel, plan);
-  check_launch("sum_to_kernel");
+  REX_LAUNCH(sum_to_kernel, blocks_for(out_numel), kThreads, 0, x, out, out_numel, plan);
 }
 
 __global__ void swiglu_kernel(const float* a, const float* b, float* y, int64_t n) {
@@ -264,15 +254,13 @@ __global__ void swiglu_backward_kernel(const float* a, const float* b, const flo
 
 void swiglu(const float* a, const float* b, float* y, int64_t n) {
   if (n == 0) return;
-  swiglu_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(a, b, y, n);
-  check_launch("swiglu_kernel");
+  REX_LAUNCH(swiglu_kernel, blocks_for(n), kThreads, 0, a, b, y, n);
 }
 
 void swiglu_backward(const float* a, const float* b, const float* g, float* da, float* db,
                      int64_t n) {
   if (n == 0 || (da == nullptr && db == nullptr)) return;
-  swiglu_backward_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(a, b, g, da, db, n);
-  check_launch("swiglu_backward_kernel");
+  REX_LAUNCH(swiglu_backward_kernel, blocks_for(n), kThreads, 0, a, b, g, da, db, n);
 }
 
 }  // namespace

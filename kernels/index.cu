@@ -57,8 +57,7 @@ void gather_rows(const float* x, const int32_t* index, float* out, int64_t m, in
                  int64_t num_rows, const char* op) {
   if (m == 0) return;
   const ErrorFlag flag;
-  check_rows_kernel<<<blocks_for(m), kThreads, 0, stream()>>>(index, m, num_rows, flag.device());
-  check_launch("check_rows_kernel");
+  REX_LAUNCH(check_rows_kernel, blocks_for(m), kThreads, 0, index, m, num_rows, flag.device());
   const int64_t bad = flag.read();
   if (bad >= 0) {
     int32_t value = 0;
@@ -67,8 +66,7 @@ void gather_rows(const float* x, const int32_t* index, float* out, int64_t m, in
     throw_bad_index(op, value, bad, num_rows);
   }
   if (d == 0) return;
-  gather_rows_kernel<<<blocks_for(m * d), kThreads, 0, stream()>>>(x, index, out, m, d);
-  check_launch("gather_rows_kernel");
+  REX_LAUNCH(gather_rows_kernel, blocks_for(m * d), kThreads, 0, x, index, out, m, d);
 }
 
 // ---- scatter_add_rows ----
@@ -124,9 +122,8 @@ void scatter_add_rows(const float* src, const int32_t* index, float* out, int64_
   // One block per output row, as many threads as the row has columns (a multiple of 32, <= 256).
   const int threads = static_cast<int>(d >= kThreads ? kThreads : (d + 31) / 32 * 32);
   const auto blocks = static_cast<unsigned int>(num_rows < 65535 * 32 ? num_rows : 65535 * 32);
-  scatter_add_rows_kernel<<<blocks, threads, 0, stream()>>>(
-      src, device_offsets.as<int64_t>(), device_order.as<int64_t>(), out, num_rows, d);
-  check_launch("scatter_add_rows_kernel");
+  REX_LAUNCH(scatter_add_rows_kernel, blocks, threads, 0, src, device_offsets.as<int64_t>(),
+             device_order.as<int64_t>(), out, num_rows, d);
 }
 
 // ---- topk ----
@@ -174,9 +171,8 @@ void topk(const float* x, float* values, int32_t* indices, int64_t rows, int64_t
   if (rows == 0) return;
   const int64_t warps_per_block = kThreads / kWarp;
   const int64_t blocks = (rows + warps_per_block - 1) / warps_per_block;
-  topk_kernel<<<static_cast<unsigned int>(blocks < 65535 * 32 ? blocks : 65535 * 32), kThreads, 0,
-                stream()>>>(x, values, indices, rows, n, k);
-  check_launch("topk_kernel");
+  REX_LAUNCH(topk_kernel, static_cast<unsigned int>(blocks < 65535 * 32 ? blocks : 65535 * 32),
+             kThreads, 0, x, values, indices, rows, n, k);
 }
 
 __global__ void topk_backward_kernel(const float* g, const int32_t* indices, float* gx,
@@ -194,8 +190,7 @@ __global__ void topk_backward_kernel(const float* g, const int32_t* indices, flo
 void topk_backward(const float* g, const int32_t* indices, float* gx, int64_t rows, int64_t n,
                    int64_t k) {
   if (rows == 0 || n == 0) return;
-  topk_backward_kernel<<<blocks_for(rows * n), kThreads, 0, stream()>>>(g, indices, gx, rows, n, k);
-  check_launch("topk_backward_kernel");
+  REX_LAUNCH(topk_backward_kernel, blocks_for(rows * n), kThreads, 0, g, indices, gx, rows, n, k);
 }
 
 // ---- permute ----
@@ -239,9 +234,8 @@ void permute(const void* x, void* out, int32_t rank, const int64_t* host_dims,
     total *= p.dims[i];
   }
   if (total == 0) return;
-  permute_kernel<<<blocks_for(total), kThreads, 0, stream()>>>(
-      static_cast<const uint32_t*>(x), static_cast<uint32_t*>(out), total, p);
-  check_launch("permute_kernel");
+  REX_LAUNCH(permute_kernel, blocks_for(total), kThreads, 0, static_cast<const uint32_t*>(x),
+             static_cast<uint32_t*>(out), total, p);
 }
 
 // ---- rope ----
@@ -265,9 +259,8 @@ void rope(const float* x, const float* cos, const float* sin, float* y, int64_t 
           int64_t head_dim, float direction) {
   const int64_t half = head_dim / 2, rows = outer * time;
   if (rows == 0 || half == 0) return;
-  rope_kernel<<<blocks_for(rows * half), kThreads, 0, stream()>>>(x, cos, sin, y, rows, time, half,
-                                                                  direction);
-  check_launch("rope_kernel");
+  REX_LAUNCH(rope_kernel, blocks_for(rows * half), kThreads, 0, x, cos, sin, y, rows, time, half,
+             direction);
 }
 
 }  // namespace

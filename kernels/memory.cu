@@ -178,8 +178,7 @@ __global__ void fill32_kernel(uint32_t* out, int64_t n, uint32_t bits) {
 
 void fill32(void* out, int64_t n, uint32_t bits) {
   if (n == 0) return;
-  fill32_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(static_cast<uint32_t*>(out), n, bits);
-  check_launch("fill32_kernel");
+  REX_LAUNCH(fill32_kernel, blocks_for(n), kThreads, 0, static_cast<uint32_t*>(out), n, bits);
 }
 
 void synchronize() { REX_CUDA(cudaStreamSynchronize(stream())); }
@@ -201,6 +200,7 @@ int64_t ErrorFlag::read() const {
 
 void register_memory(rex::detail::CudaBackend& table) {
   table.device_count = rex::cuda::device_count;
+  table.device_description = rex::cuda::device_description;
   table.allocate = allocate;
   table.release = release;
   table.copy = copy;

@@ -32,9 +32,8 @@ __global__ void adamw_kernel(float* param, const float* grad, float* exp_avg, fl
 void adamw(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
            const rex::detail::AdamWScalars& scalars) {
   if (n == 0) return;
-  adamw_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(param, grad, exp_avg, exp_avg_sq, n,
-                                                         scalars);
-  check_launch("adamw_kernel");
+  REX_LAUNCH(adamw_kernel, blocks_for(n), kThreads, 0, param, grad, exp_avg, exp_avg_sq, n,
+             scalars);
 }
 
 constexpr int kBlocks = 256;
@@ -75,10 +74,8 @@ double sum_squares(const float* x, int64_t n) {
   if (n == 0) return 0.0;
   const Scratch partials((kBlocks + 1) * sizeof(double));
   double* total = partials.as<double>() + kBlocks;
-  sum_squares_partials_kernel<<<kBlocks, kThreads, 0, stream()>>>(x, n, partials.as<double>());
-  check_launch("sum_squares_partials_kernel");
-  sum_partials_kernel<<<1, kThreads, 0, stream()>>>(partials.as<double>(), total);
-  check_launch("sum_partials_kernel");
+  REX_LAUNCH(sum_squares_partials_kernel, kBlocks, kThreads, 0, x, n, partials.as<double>());
+  REX_LAUNCH(sum_partials_kernel, 1, kThreads, 0, partials.as<double>(), total);
   double result = 0.0;
   REX_CUDA(cudaMemcpyAsync(&result, total, sizeof result, cudaMemcpyDeviceToHost, stream()));
   REX_CUDA(cudaStreamSynchronize(stream()));

@@ -99,12 +99,9 @@ __global__ void sum_middle_kernel(const float* x, float* out, int64_t outer, int
 void sum_axis(const float* x, float* out, int64_t outer, int64_t n, int64_t inner) {
   if (outer == 0 || inner == 0) return;
   if (inner == 1) {
-    sum_rows_kernel<<<row_blocks(outer), row_threads(n), 0, stream()>>>(x, out, outer, n);
-    check_launch("sum_rows_kernel");
+    REX_LAUNCH(sum_rows_kernel, row_blocks(outer), row_threads(n), 0, x, out, outer, n);
   } else {
-    sum_middle_kernel<<<blocks_for(outer * inner), kThreads, 0, stream()>>>(x, out, outer, n,
-                                                                            inner);
-    check_launch("sum_middle_kernel");
+    REX_LAUNCH(sum_middle_kernel, blocks_for(outer * inner), kThreads, 0, x, out, outer, n, inner);
   }
 }
 
@@ -185,12 +182,10 @@ void max_axis(const float* x, float* out, int32_t* argmax, int64_t outer, int64_
               int64_t inner) {
   if (outer == 0 || n == 0 || inner == 0) return;
   if (inner == 1) {
-    max_rows_kernel<<<row_blocks(outer), row_threads(n), 0, stream()>>>(x, out, argmax, outer, n);
-    check_launch("max_rows_kernel");
+    REX_LAUNCH(max_rows_kernel, row_blocks(outer), row_threads(n), 0, x, out, argmax, outer, n);
   } else {
-    max_middle_kernel<<<blocks_for(outer * inner), kThreads, 0, stream()>>>(x, out, argmax, outer,
-                                                                            n, inner);
-    check_launch("max_middle_kernel");
+    REX_LAUNCH(max_middle_kernel, blocks_for(outer * inner), kThreads, 0, x, out, argmax, outer, n,
+               inner);
   }
 }
 
@@ -207,9 +202,8 @@ void max_axis_backward(const float* g, const int32_t* argmax, float* gx, int64_t
                        int64_t inner) {
   const int64_t total = outer * n * inner;
   if (total == 0) return;
-  max_axis_backward_kernel<<<blocks_for(total), kThreads, 0, stream()>>>(g, argmax, gx, outer, n,
-                                                                         inner);
-  check_launch("max_axis_backward_kernel");
+  REX_LAUNCH(max_axis_backward_kernel, blocks_for(total), kThreads, 0, g, argmax, gx, outer, n,
+             inner);
 }
 
 // ---- softmax and log_softmax ----
@@ -258,26 +252,22 @@ __global__ void log_softmax_backward_kernel(const float* g, const float* y, floa
 
 void softmax(const float* x, float* y, int64_t rows, int64_t n) {
   if (rows == 0 || n == 0) return;
-  softmax_kernel<<<row_blocks(rows), row_threads(n), 0, stream()>>>(x, y, rows, n);
-  check_launch("softmax_kernel");
+  REX_LAUNCH(softmax_kernel, row_blocks(rows), row_threads(n), 0, x, y, rows, n);
 }
 
 void log_softmax(const float* x, float* y, int64_t rows, int64_t n) {
   if (rows == 0 || n == 0) return;
-  log_softmax_kernel<<<row_blocks(rows), row_threads(n), 0, stream()>>>(x, y, rows, n);
-  check_launch("log_softmax_kernel");
+  REX_LAUNCH(log_softmax_kernel, row_blocks(rows), row_threads(n), 0, x, y, rows, n);
 }
 
 void softmax_backward(const float* g, const float* y, float* dx, int64_t rows, int64_t n) {
   if (rows == 0 || n == 0) return;
-  softmax_backward_kernel<<<row_blocks(rows), row_threads(n), 0, stream()>>>(g, y, dx, rows, n);
-  check_launch("softmax_backward_kernel");
+  REX_LAUNCH(softmax_backward_kernel, row_blocks(rows), row_threads(n), 0, g, y, dx, rows, n);
 }
 
 void log_softmax_backward(const float* g, const float* y, float* dx, int64_t rows, int64_t n) {
   if (rows == 0 || n == 0) return;
-  log_softmax_backward_kernel<<<row_blocks(rows), row_threads(n), 0, stream()>>>(g, y, dx, rows, n);
-  check_launch("log_softmax_backward_kernel");
+  REX_LAUNCH(log_softmax_backward_kernel, row_blocks(rows), row_threads(n), 0, g, y, dx, rows, n);
 }
 
 // ---- cross_entropy ----
@@ -337,13 +327,11 @@ int64_t cross_entropy(const float* logits, const int32_t* targets, int64_t rows,
   Scratch count(sizeof(int64_t));
   ErrorFlag bad;
   if (rows > 0) {
-    cross_entropy_rows_kernel<<<row_blocks(rows), row_threads(classes), 0, stream()>>>(
-        logits, targets, rows, classes, ignore_index, lse, row_loss.as<double>(), bad.device());
-    check_launch("cross_entropy_rows_kernel");
+    REX_LAUNCH(cross_entropy_rows_kernel, row_blocks(rows), row_threads(classes), 0, logits,
+               targets, rows, classes, ignore_index, lse, row_loss.as<double>(), bad.device());
   }
-  cross_entropy_mean_kernel<<<1, kThreads, 0, stream()>>>(row_loss.as<double>(), targets, rows,
-                                                          ignore_index, loss, count.as<int64_t>());
-  check_launch("cross_entropy_mean_kernel");
+  REX_LAUNCH(cross_entropy_mean_kernel, 1, kThreads, 0, row_loss.as<double>(), targets, rows,
+             ignore_index, loss, count.as<int64_t>());
   const int64_t bad_row = bad.read();
   if (bad_row >= 0) {
     int32_t target = 0;
@@ -383,9 +371,8 @@ void cross_entropy_backward(const float* logits, const int32_t* targets, const d
                             const float* g, float* gx, int64_t rows, int64_t classes,
                             int32_t ignore_index, int64_t count) {
   if (rows == 0 || classes == 0) return;
-  cross_entropy_backward_kernel<<<row_blocks(rows), row_threads(classes), 0, stream()>>>(
-      logits, targets, lse, g, gx, rows, classes, ignore_index, count);
-  check_launch("cross_entropy_backward_kernel");
+  REX_LAUNCH(cross_entropy_backward_kernel, row_blocks(rows), row_threads(classes), 0, logits,
+             targets, lse, g, gx, rows, classes, ignore_index, count);
 }
 
 // ---- rms_norm ----
@@ -407,8 +394,7 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float* y, float*
 void rms_norm(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t n,
               float eps) {
   if (rows == 0 || n == 0) return;
-  rms_norm_kernel<<<row_blocks(rows), row_threads(n), 0, stream()>>>(x, w, y, rstd, rows, n, eps);
-  check_launch("rms_norm_kernel");
+  REX_LAUNCH(rms_norm_kernel, row_blocks(rows), row_threads(n), 0, x, w, y, rstd, rows, n, eps);
 }
 
 // dx = r * (g w - xhat * mean(g w xhat)) per row, xhat = x r.
@@ -454,9 +440,7 @@ void rms_norm_backward(const float* g, const float* x, const float* w, const flo
                        float* dw, int64_t rows, int64_t n) {
   if (n == 0) return;
   if (dx != nullptr && rows > 0) {
-    rms_norm_dx_kernel<<<row_blocks(rows), row_threads(n), 0, stream()>>>(g, x, w, rstd, dx, rows,
-                                                                          n);
-    check_launch("rms_norm_dx_kernel");
+    REX_LAUNCH(rms_norm_dx_kernel, row_blocks(rows), row_threads(n), 0, g, x, w, rstd, dx, rows, n);
   }
   if (dw == nullptr) return;
   // About 2^18 (chunk, column) threads, at least 16 rows each; fixed by the shape alone.
@@ -466,13 +450,11 @@ void rms_norm_backward(const float* g, const float* x, const float* w, const flo
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   Scratch partial(static_cast<size_t>(chunks * n) * sizeof(double));
   if (chunks > 0) {
-    rms_norm_dw_partial_kernel<<<blocks_for(chunks * n), kThreads, 0, stream()>>>(
-        g, x, rstd, partial.as<double>(), rows, n, rows_per_chunk, chunks);
-    check_launch("rms_norm_dw_partial_kernel");
+    REX_LAUNCH(rms_norm_dw_partial_kernel, blocks_for(chunks * n), kThreads, 0, g, x, rstd,
+               partial.as<double>(), rows, n, rows_per_chunk, chunks);
   }
-  rms_norm_dw_finish_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(partial.as<double>(), dw, n,
-                                                                      chunks);
-  check_launch("rms_norm_dw_finish_kernel");
+  REX_LAUNCH(rms_norm_dw_finish_kernel, blocks_for(n), kThreads, 0, partial.as<double>(), dw, n,
+             chunks);
 }
 
 }  // namespace

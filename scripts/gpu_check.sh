@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run of the CUDA backend (docs/cuda.md): build with rex::cuda, run the whole suite with the
-# CUDA cases live, then compute-sanitizer memcheck over the CUDA op tests. Meant for a lent GPU
+# CUDA cases live, then compute-sanitizer memcheck and racecheck over the CUDA op tests. (The CUDA
+# emulation is not built here: CI runs it; this script is about the real device.) Meant for a lent GPU
 # machine without network access: the header-only dependencies come from .deps/ (fill it with
 # `scripts/gpu_check.sh --collect-deps` on a machine that has the Debian packages, then carry it).
 # Results go to ${OUT:-gpu-results}/.
@@ -25,7 +26,8 @@ out=$(cd "${OUT:-gpu-results}" && pwd)
 nvidia-smi -L | tee "$out/device.txt"
 args=()
 [ -d "$deps" ] && args=(-DCMAKE_PREFIX_PATH="$deps")
-cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DREX_CUDA=ON "${args[@]}" > "$out/configure.log"
+cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DREX_CUDA=ON -DREX_CUDA_EMULATION=OFF "${args[@]}" \
+  > "$out/configure.log"
 cmake --build build-gpu -j "$(nproc)" > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 status=0
 (cd build-gpu && ctest --output-on-failure -j 4 -E "twin|package" > "$out/ctest.log" 2>&1) ||
@@ -36,4 +38,7 @@ grep -E "Test +#|SKIPPED|passed|failed" "$out/ctest_cuda_verbose.log" | tail -20
 compute-sanitizer --tool memcheck --error-exitcode 3 build-gpu/tests/test_cuda_ops \
   > "$out/memcheck.log" 2>&1 || status=1
 tail -5 "$out/memcheck.log"
+compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
+  build-gpu/tests/test_cuda_ops > "$out/racecheck.log" 2>&1 || status=1
+tail -5 "$out/racecheck.log"
 exit $status

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "rex/backend/pointwise.hpp"
 #include "rex/core/error.hpp"
@@ -44,6 +45,7 @@ struct AdamWScalars {
 struct CudaBackend {
   // ---- runtime and memory (kernels/memory.cu) ----
   int (*device_count)();
+  std::string (*device_description)(int index);  // "NVIDIA H200 (sm_90, 139.8 GiB)"
   void* (*allocate)(size_t bytes);  // from the caching allocator; never null (throws)
   void (*release)(void* ptr);       // back to the cache, reusable by later launches at once
   void (*copy)(void* dst, const void* src, size_t bytes, CudaCopy kind);  // synchronous to host

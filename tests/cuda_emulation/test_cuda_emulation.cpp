@@ -1,0 +1,331 @@
+// The CUDA emulation's own tests: each primitive against a closed form, every limit and check
+// against a kernel broken on purpose, whose failure must name the check, the kernel, the block and
+// thread, and the address where there is one. Also the runtime and cuBLAS subsets rex calls.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "self_test_kernels.hpp"
+
+using namespace cuda_emulation::self_test;
+
+namespace {
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+// The launch failed with `error`, and the message names `kernel` and each of `parts`.
+void check_caught(const Outcome& o, cudaError_t error, const std::string& kernel,
+                  const std::vector<std::string>& parts) {
+  CAPTURE(o.message);
+  CHECK(o.error == error);
+  CHECK(contains(o.message, "in kernel " + kernel + ", block ("));
+  CHECK(contains(o.message, "thread ("));
+  for (const std::string& part : parts) CHECK(contains(o.message, part));
+}
+
+}  // namespace
+
+TEST_CASE("a block reduction over a grid-stride loop sums 0..n-1") {
+  for (const auto& [n, blocks, threads] : std::vector<std::tuple<int, int, int>>{
+           {0, 1, 32}, {1, 1, 32}, {1000, 3, 128}, {5000, 2, 1024}}) {
+    CAPTURE(n);
+    const Outcome o = block_sum(n, blocks, threads);
+    REQUIRE(o.error == cudaSuccess);
+    CHECK(o.values[0] == doctest::Approx(0.5 * n * (n - 1)));
+  }
+}
+
+TEST_CASE("warp shuffles: down tree, xor butterfly, up scan, broadcast, 8-lane segments") {
+  const int threads = 64;
+  const Outcome o = warp_shuffles(threads);
+  REQUIRE(o.error == cudaSuccess);
+  for (int t = 0; t < threads; ++t) {
+    CAPTURE(t);
+    const int lane = t % 32, first = t - lane;  // values are t + 1
+    const double warp_sum = 32.0 * (first + 1) + 31.0 * 32.0 / 2.0;
+    CHECK(o.values[5 * t] == (lane == 0 ? warp_sum : -1.0));
+    CHECK(o.values[5 * t + 1] == warp_sum);
+    CHECK(o.values[5 * t + 2] == (lane + 1) * (first + 1) + lane * (lane + 1) / 2.0);
+    CHECK(o.values[5 * t + 3] == first + 5 + 1);
+    CHECK(o.values[5 * t + 4] == (t / 8) * 8 + 3 + 1);
+  }
+}
+
+TEST_CASE("a shared-memory inclusive scan gives the triangular numbers") {
+  for (const int threads : {1, 32, 100, 1024}) {
+    CAPTURE(threads);
+    const Outcome o = block_inclusive_scan(threads);
+    REQUIRE(o.error == cudaSuccess);
+    for (int t = 0; t < threads; ++t) CHECK(o.values[t] == (t + 1) * (t + 2) / 2.0);
+  }
+}
+
+TEST_CASE("atomics on device and shared memory: add, min, max, CAS, a histogram") {
+  const int blocks = 3, threads = 100, total = blocks * threads;
+  const Outcome o = atomics(blocks, threads);
+  REQUIRE(o.error == cudaSuccess);
+  CHECK(o.values[0] == total);
+  CHECK(o.values[1] == 0);
+  CHECK(o.values[2] == total - 1);
+  CHECK(o.values[3] == total * (total - 1) / 2.0);
+  for (int b = 0; b < 8; ++b) {
+    int count = 0;
+    for (int i = 0; i < total; ++i) count += i % 8 == b;
+    CHECK(o.values[4 + b] == count);
+  }
+}
+
+TEST_CASE("dynamic shared memory holds a block's row") {
+  for (const int n : {1, 96, 300, 12288}) {  // 12288 floats: all 48 KiB
+    CAPTURE(n);
+    const Outcome o = dynamic_shared_reverse(n);
+    REQUIRE(o.error == cudaSuccess);
+    for (int i = 0; i < n; ++i) CHECK(o.values[i] == n - 1 - i);
+  }
+}
+
+TEST_CASE("ballot, any and all over full and sparse masks") {
+  const int threads = 64;
+  const Outcome o = votes(threads);
+  REQUIRE(o.error == cudaSuccess);
+  for (int t = 0; t < threads; ++t) {
+    CAPTURE(t);
+    CHECK(o.values[4 * t] == 0xAAAAAAAAu);
+    CHECK(o.values[4 * t + 1] == 1);
+    CHECK(o.values[4 * t + 2] == (t < 32 ? 1 : 0));  // lanes 40..63 of warp 1 are not below 40
+    CHECK(o.values[4 * t + 3] == (t % 2 == 0 ? 0x5u : 0u));
+  }
+}
+
+TEST_CASE("caught: a full mask on a partial warp names lanes that do not exist") {
+  // 40 threads: warp 1 has lanes 0..7 only.
+  check_caught(
+      votes(40), cudaErrorLaunchFailure, "votes_kernel",
+      {"__ballot_sync", "names lanes 0xffffff00 that this warp does not have", "thread (32,0,0)"});
+}
+
+TEST_CASE("threads and blocks in three dimensions get their own coordinates") {
+  const Outcome o = coordinates(dim3(3, 2, 2), dim3(4, 3, 2));
+  REQUIRE(o.error == cudaSuccess);
+  for (size_t i = 0; i < o.values.size(); ++i) CHECK(o.values[i] == static_cast<double>(i));
+}
+
+TEST_CASE("grid-stride loops wrap around and visit every element once") {
+  for (const auto& [n, blocks, threads] : std::vector<std::tuple<int64_t, int, int>>{
+           {0, 1, 32}, {1, 1, 32}, {1000, 2, 64}, {257, 1, 256}}) {
+    CAPTURE(n);
+    const Outcome o = grid_stride_copy(n, blocks, threads);
+    REQUIRE(o.error == cudaSuccess);
+    for (int64_t i = 0; i < n; ++i) CHECK(o.values[static_cast<size_t>(i)] == 2 * i + 1);
+  }
+}
+
+TEST_CASE("caught: a missing __syncthreads races on shared memory") {
+  check_caught(missing_syncthreads(64), cudaErrorLaunchFailure, "missing_syncthreads_kernel",
+               {"shared-memory race", "static __shared__ storage", "since the last __syncthreads"});
+}
+
+TEST_CASE("caught: a read one element past the end of an allocation") {
+  const Outcome o = read_past_allocation(100);
+  check_caught(o, cudaErrorIllegalAddress, "read_past_kernel",
+               {"invalid device read of 4 bytes", "past the end of the 400-byte device allocation",
+                "thread (100,0,0)"});
+  CHECK(contains(o.message, "an illegal memory access was encountered"));
+}
+
+TEST_CASE("caught: a shuffle offset that reads a lane outside the mask") {
+  check_caught(wrong_shuffle_offset(), cudaErrorLaunchFailure, "wrong_offset_kernel",
+               {"__shfl_down_sync", "mask 0x0000ffff", "reads lane 16, which is not in the mask"});
+}
+
+TEST_CASE("caught: two threads write one shared word between barriers") {
+  check_caught(shared_write_race(32), cudaErrorLaunchFailure, "write_race_kernel",
+               {"shared-memory race: write of 4 bytes", "which thread (0,0,0) wrote"});
+}
+
+TEST_CASE("launch limits: 1024 threads run, 1025 are refused as on the device") {
+  CHECK(launch_with_threads(1024).error == cudaSuccess);
+  const Outcome o = launch_with_threads(1025);
+  CHECK(o.error == cudaErrorInvalidConfiguration);
+  CHECK(contains(o.message, "launch of empty_kernel"));
+  CHECK(contains(o.message, "1025 threads"));
+  const Outcome shared = too_much_dynamic_shared();
+  CHECK(shared.error == cudaErrorInvalidValue);
+  CHECK(contains(shared.message, "49156 bytes of dynamic shared memory"));
+}
+
+TEST_CASE("caught: a __syncthreads that only half the block reaches") {
+  check_caught(divergent_syncthreads(64), cudaErrorLaunchFailure, "divergent_barrier_kernel",
+               {"exited without reaching the __syncthreads at self_test_kernels.cu:"});
+  check_caught(exit_before_syncthreads(64), cudaErrorLaunchFailure, "early_exit_kernel",
+               {"thread (56,0,0) exited without reaching the __syncthreads"});
+}
+
+TEST_CASE("caught: shared memory read before any thread wrote it") {
+  check_caught(read_uninitialized_shared(), cudaErrorLaunchFailure, "uninitialized_kernel",
+               {"shared-memory read before written", "offset", "thread (0,0,0)"});
+}
+
+TEST_CASE("caught: freed and host pointers handed to a kernel, and a use after free") {
+  const Outcome freed = freed_pointer_argument();
+  CHECK(freed.error == cudaErrorInvalidDevicePointer);
+  CHECK(contains(freed.message, "launch of read_one_kernel: argument 0"));
+  CHECK(contains(freed.message, "use after free"));
+  const Outcome host = host_pointer_argument();
+  CHECK(host.error == cudaErrorInvalidDevicePointer);
+  CHECK(contains(host.message, "is not device memory"));
+  check_caught(use_after_free_through_table(), cudaErrorIllegalAddress, "read_through_table_kernel",
+               {"use after free", "of the 128-byte device allocation at 0x", "which was freed"});
+}
+
+TEST_CASE("caught: warp intrinsics waiting for exited lanes, and a deadlock") {
+  check_caught(shuffle_with_exited_lane(), cudaErrorLaunchFailure, "exited_lane_kernel",
+               {"exited while lanes"});
+  const Outcome o = warp_deadlock();
+  CHECK(o.error == cudaErrorLaunchFailure);
+  CHECK(contains(o.message, "deadlock"));
+  CHECK(contains(o.message, "in kernel deadlock_kernel, block (0,0,0)"));
+}
+
+TEST_CASE("a failed launch leaves the device usable") {
+  CHECK(read_past_allocation(10).error == cudaErrorIllegalAddress);
+  const Outcome o = block_sum(100, 1, 64);
+  REQUIRE(o.error == cudaSuccess);
+  CHECK(o.values[0] == 4950);
+}
+
+TEST_CASE("copies check their kinds against where the pointers live") {
+  float* device = nullptr;
+  REQUIRE(cudaMalloc(reinterpret_cast<void**>(&device), 64) == cudaSuccess);
+  std::vector<float> host(16, 2.0f), back(16, 0.0f);
+  CHECK(cudaMemcpy(device, host.data(), 64, cudaMemcpyHostToDevice) == cudaSuccess);
+  CHECK(cudaMemcpy(back.data(), device, 64, cudaMemcpyDeviceToHost) == cudaSuccess);
+  CHECK(back == host);
+  CHECK(cudaMemcpy(device, host.data(), 64, cudaMemcpyDeviceToHost) == cudaErrorInvalidValue);
+  CHECK(contains(cudaGetErrorString(cudaErrorInvalidValue), "device memory, not host memory"));
+  CHECK(cudaMemcpy(device, host.data(), 68, cudaMemcpyHostToDevice) == cudaErrorInvalidValue);
+  CHECK(contains(cudaGetErrorString(cudaErrorInvalidValue), "4 bytes past the end"));
+  // 2-d: two rows of 8 bytes from a pitch of 16 into a pitch of 8.
+  float* packed = nullptr;
+  REQUIRE(cudaMalloc(reinterpret_cast<void**>(&packed), 16) == cudaSuccess);
+  CHECK(cudaMemcpy2D(packed, 8, device, 16, 8, 2, cudaMemcpyDeviceToDevice) == cudaSuccess);
+  CHECK(cudaMemcpy2D(packed, 8, device, 16, 12, 2, cudaMemcpyDeviceToDevice) ==
+        cudaErrorInvalidPitchValue);
+  CHECK(cudaMemcpy2D(packed, 8, device, size_t{1} << 31, 8, 2, cudaMemcpyDeviceToDevice) ==
+        cudaErrorInvalidPitchValue);
+  CHECK(cudaFree(device) == cudaSuccess);
+  CHECK(cudaFree(device) == cudaErrorInvalidDevicePointer);
+  CHECK(cudaFree(packed) == cudaSuccess);
+  CHECK(cudaGetLastError() == cudaErrorInvalidDevicePointer);
+  CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+TEST_CASE("the device reports an H200's limits") {
+  cudaDeviceProp p{};
+  REQUIRE(cudaGetDeviceProperties(&p, 0) == cudaSuccess);
+  CHECK(contains(p.name, "H200"));
+  CHECK(contains(p.name, "emulation"));
+  CHECK(p.major == 9);
+  CHECK(p.maxThreadsPerBlock == 1024);
+  CHECK(p.sharedMemPerBlock == 48 * 1024);
+  CHECK(p.maxGridSize[1] == 65535);
+  int pitch = 0;
+  CHECK(cudaDeviceGetAttribute(&pitch, cudaDevAttrMaxPitch, 0) == cudaSuccess);
+  CHECK(pitch == 2147483647);
+  CHECK(cudaGetDeviceProperties(&p, 1) == cudaErrorInvalidDevice);
+}
+
+TEST_CASE("cuBLAS SGEMM against a naive loop, every transpose, strides, alpha and beta") {
+  const int m = 5, n = 4, k = 3, batch = 2;
+  for (const bool ta : {false, true})
+    for (const bool tb : {false, true}) {
+      CAPTURE(ta);
+      CAPTURE(tb);
+      const int lda = (ta ? k : m) + 1, ldb = (tb ? n : k) + 2, ldc = m + 1;
+      const long long sa = lda * (ta ? m : k) + 3, sb = ldb * (tb ? k : n), sc = ldc * n + 1;
+      std::vector<float> a(sa * batch), b(sb * batch), c(sc * batch);
+      for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>((i * 7) % 11) - 5.0f;
+      for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<float>((i * 5) % 13) - 6.0f;
+      for (size_t i = 0; i < c.size(); ++i) c[i] = static_cast<float>(i % 3);
+      float *da, *db, *dc;
+      cudaMalloc(reinterpret_cast<void**>(&da), a.size() * 4);
+      cudaMalloc(reinterpret_cast<void**>(&db), b.size() * 4);
+      cudaMalloc(reinterpret_cast<void**>(&dc), c.size() * 4);
+      cudaMemcpy(da, a.data(), a.size() * 4, cudaMemcpyHostToDevice);
+      cudaMemcpy(db, b.data(), b.size() * 4, cudaMemcpyHostToDevice);
+      cudaMemcpy(dc, c.data(), c.size() * 4, cudaMemcpyHostToDevice);
+      cublasHandle_t h = nullptr;
+      REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS);
+      const float alpha = 0.5f, beta = 2.0f;
+      REQUIRE(cublasSgemmStridedBatched(h, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                        tb ? CUBLAS_OP_T : CUBLAS_OP_N, m, n, k, &alpha, da, lda,
+                                        sa, db, ldb, sb, &beta, dc, ldc, sc,
+                                        batch) == CUBLAS_STATUS_SUCCESS);
+      std::vector<float> got(c.size());
+      cudaMemcpy(got.data(), dc, c.size() * 4, cudaMemcpyDeviceToHost);
+      for (int p = 0; p < batch; ++p)
+        for (int i = 0; i < m; ++i)
+          for (int j = 0; j < n; ++j) {
+            double s = 0;
+            for (int l = 0; l < k; ++l) {
+              const double av = ta ? a[p * sa + l + i * lda] : a[p * sa + i + l * lda];
+              const double bv = tb ? b[p * sb + j + l * ldb] : b[p * sb + l + j * ldb];
+              s += av * bv;
+            }
+            CHECK(got[p * sc + i + j * ldc] ==
+                  doctest::Approx(alpha * s + beta * c[p * sc + i + j * ldc]));
+          }
+      // Past the rows of C: untouched.
+      CHECK(got[m] == c[m]);
+      // beta = 0 never reads C (a NaN there is overwritten).
+      const float zero = 0.0f, nan = std::nanf("");
+      cudaMemcpy(dc, &nan, 4, cudaMemcpyHostToDevice);
+      REQUIRE(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &alpha, da, 1, db, 1, &zero, dc,
+                          1) == CUBLAS_STATUS_SUCCESS);
+      float one = 0;
+      cudaMemcpy(&one, dc, 4, cudaMemcpyDeviceToHost);
+      CHECK(one == alpha * a[0] * b[0]);
+      CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &alpha, da, m - 1, db, k, &zero, dc,
+                        m) == CUBLAS_STATUS_INVALID_VALUE);
+      CHECK(cublasSgemmStridedBatched(h, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                      tb ? CUBLAS_OP_T : CUBLAS_OP_N, m, n, k, &alpha, da, lda,
+                                      sa * 10, db, ldb, sb, &beta, dc, ldc, sc,
+                                      batch) == CUBLAS_STATUS_EXECUTION_FAILED);
+      CHECK(
+          contains(cublasGetStatusString(CUBLAS_STATUS_EXECUTION_FAILED), "operand A of batch 1"));
+      cublasDestroy(h);
+      cudaFree(da);
+      cudaFree(db);
+      cudaFree(dc);
+    }
+}
+
+TEST_CASE("cuBLAS TF32 mode rounds the inputs to 10 mantissa bits") {
+  float *da, *db, *dc;
+  cudaMalloc(reinterpret_cast<void**>(&da), 4);
+  cudaMalloc(reinterpret_cast<void**>(&db), 4);
+  cudaMalloc(reinterpret_cast<void**>(&dc), 4);
+  const float a = 1.0f + 0x1.0p-12f, b = 1.0f, alpha = 1.0f, beta = 0.0f;  // a is not a TF32
+  cudaMemcpy(da, &a, 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(db, &b, 4, cudaMemcpyHostToDevice);
+  cublasHandle_t h = nullptr;
+  cublasCreate(&h);
+  float c = 0;
+  for (const bool tf32 : {false, true}) {
+    cublasSetMathMode(h, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH);
+    REQUIRE(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &alpha, da, 1, db, 1, &beta, dc, 1) ==
+            CUBLAS_STATUS_SUCCESS);
+    cudaMemcpy(&c, dc, 4, cudaMemcpyDeviceToHost);
+    CHECK(c == (tf32 ? 1.0f : a));
+  }
+  cublasDestroy(h);
+  cudaFree(da);
+  cudaFree(db);
+  cudaFree(dc);
+}
