@@ -26,7 +26,7 @@ using rex::testing::error_message;
 namespace {
 
 // Built twice: against rex::cuda (a real GPU, or every case skipped) and against the CUDA
-// emulation (test_cuda_ops_emulated, CTest "emulated: ...", which runs the same kernels on the
+// emulation (test_cuda_ops_emulated, CTest "emulated/...", which runs the same kernels on the
 // CPU).
 const Device kGpu = Device::cuda();
 
