@@ -106,7 +106,11 @@ class Stacks {
     base_ = reinterpret_cast<char*>(aligned);
     madvise(base_, bytes, MADV_HUGEPAGE);
   }
-  void* top(int thread) const { return base_ + (thread + 1) * kStackBytes; }
+  // Each top is shifted by a different multiple of 64 bytes: tops 64 KiB apart would all map to the
+  // same cache sets and make every switch a cache miss (3x slower warp intrinsics).
+  void* top(int thread) const {
+    return base_ + (thread + 1) * kStackBytes - static_cast<size_t>(thread) % 64 * 64;
+  }
 
  private:
   char* base_ = nullptr;

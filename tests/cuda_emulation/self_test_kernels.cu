@@ -333,6 +333,11 @@ Outcome launch_with_threads(int threads) {
   return finish(&out);
 }
 
+Outcome launch_with_grid(dim3 grid) {
+  LAUNCH(empty_kernel, grid, 1, 0, nullptr);
+  return finish<int>(nullptr);
+}
+
 Outcome divergent_syncthreads(int threads) {
   Buffer<int> out(static_cast<size_t>(threads));
   LAUNCH(divergent_barrier_kernel, 1, threads, 0, out.get());

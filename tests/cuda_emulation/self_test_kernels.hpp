@@ -32,6 +32,7 @@ Outcome read_past_allocation(int n);
 Outcome wrong_shuffle_offset();
 Outcome shared_write_race(int threads);
 Outcome launch_with_threads(int threads);
+Outcome launch_with_grid(dim3 grid);
 Outcome divergent_syncthreads(int threads);
 Outcome exit_before_syncthreads(int threads);
 Outcome read_uninitialized_shared();

@@ -155,6 +155,11 @@ TEST_CASE("launch limits: 1024 threads run, 1025 are refused as on the device") 
   CHECK(o.error == cudaErrorInvalidConfiguration);
   CHECK(contains(o.message, "launch of empty_kernel"));
   CHECK(contains(o.message, "1025 threads"));
+  CHECK(launch_with_grid(dim3(1, 65535, 1)).error == cudaSuccess);
+  const Outcome grid = launch_with_grid(dim3(1, 65536, 1));
+  CHECK(grid.error == cudaErrorInvalidConfiguration);
+  CHECK(contains(grid.message, "a grid of (1,65536,1) blocks is past the limits"));
+  CHECK(launch_with_grid(dim3(0, 1, 1)).error == cudaErrorInvalidConfiguration);
   const Outcome shared = too_much_dynamic_shared();
   CHECK(shared.error == cudaErrorInvalidValue);
   CHECK(contains(shared.message, "49156 bytes of dynamic shared memory"));
@@ -224,6 +229,20 @@ TEST_CASE("copies check their kinds against where the pointers live") {
   CHECK(cudaFree(packed) == cudaSuccess);
   CHECK(cudaGetLastError() == cudaErrorInvalidDevicePointer);
   CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+TEST_CASE("device memory: out of memory is an error, not a crash") {
+  void* huge = nullptr;
+  CHECK(cudaMalloc(&huge, size_t{1} << 60) == cudaErrorMemoryAllocation);
+  CHECK(huge == nullptr);
+  CHECK(contains(cudaGetErrorString(cudaErrorMemoryAllocation), "half of the host's memory"));
+  void* fresh = nullptr;
+  REQUIRE(cudaMalloc(&fresh, 8) == cudaSuccess);
+  unsigned char bytes[8] = {};
+  cudaMemcpy(bytes, fresh, 8, cudaMemcpyDeviceToHost);
+  CHECK(bytes[0] == 0xFF);  // new memory is poisoned, not zero
+  CHECK(cudaFree(fresh) == cudaSuccess);
+  CHECK(cudaGetLastError() == cudaErrorMemoryAllocation);
 }
 
 TEST_CASE("the device reports an H200's limits") {
