@@ -46,8 +46,8 @@ struct CudaBackend {
   // ---- runtime and memory (kernels/memory.cu) ----
   int (*device_count)();
   std::string (*device_description)(int index);  // "NVIDIA H200 (sm_90, 139.8 GiB)"
-  void* (*allocate)(size_t bytes);  // from the caching allocator; never null (throws)
-  void (*release)(void* ptr);       // back to the cache, reusable by later launches at once
+  void* (*allocate)(size_t bytes);               // from the caching allocator; never null (throws)
+  void (*release)(void* ptr);  // back to the cache, reusable by later launches at once
   void (*copy)(void* dst, const void* src, size_t bytes, CudaCopy kind);  // synchronous to host
   // rows blocks of row_bytes, from src every src_pitch bytes to dst every dst_pitch bytes (d2d;
   // any pitch, however large).
