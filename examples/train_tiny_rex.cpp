@@ -44,6 +44,8 @@ const char* kUsage = R"(usage:
   train_tiny_rex --data FILE --out DIR [options]          train (or continue with --resume)
   train_tiny_rex --eval-only --checkpoint DIR --data FILE  print {"val_loss": ...} as one JSON line
   train_tiny_rex --sample N --checkpoint DIR               print N generated characters
+  (the two --checkpoint modes use the saved run as it is and refuse the training options --config,
+  --set, --steps, --seed, --out, --resume, --overwrite and --stop-after)
 
 options:
   --config FILE.json    run configuration (default: the built-in tiny R4 + PSR model; keys in
@@ -73,6 +75,7 @@ struct Options {
   std::string device = "cpu";
   std::string prompt = "\n";
   std::vector<std::string> overrides;
+  std::vector<std::string> training_flags;  // given options that only training uses
   bool eval_only = false, overwrite = false;
   int64_t sample = 0;
   int64_t stop_after = -1;  // steps of this invocation before saving and stopping; -1: no limit
@@ -107,6 +110,10 @@ Options parse_args(int argc, char** argv) {
       o.eval_only = true;
       continue;
     }
+    static const std::set<std::string> kTrainingFlags = {"--config",    "--set",       "--steps",
+                                                         "--seed",      "--out",       "--resume",
+                                                         "--overwrite", "--stop-after"};
+    if (kTrainingFlags.count(flag)) o.training_flags.push_back(flag);
     if (flag == "--overwrite") {
       o.overwrite = true;
       continue;
@@ -595,8 +602,13 @@ int sample_only(const Options& o) {
 int main(int argc, char** argv) {
   try {
     const Options o = parse_args(argc, argv);
-    if (o.eval_only) return eval_only(o);
-    if (!o.checkpoint_dir.empty()) {
+    if (o.eval_only || !o.checkpoint_dir.empty()) {
+      // The checkpoint modes use the run as it was saved: training options would be ignored.
+      const std::string mode = o.eval_only ? "--eval-only" : "--sample with --checkpoint";
+      if (!o.training_flags.empty())
+        usage_error(mode + " uses the run in --checkpoint as it was saved; " +
+                    o.training_flags.front() + " applies only to training");
+      if (o.eval_only) return eval_only(o);
       if (o.sample == 0) usage_error("--checkpoint needs --eval-only or --sample N");
       return sample_only(o);
     }

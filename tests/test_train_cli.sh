@@ -99,6 +99,11 @@ expect_error "does not exist" "$exe" --eval-only --checkpoint nowhere --data cor
 expect_error "leave it at 0" train --out bad --set model.vocab_size=5
 expect_error "--stop-after expects at least 1 step" train --out bad --stop-after 0
 expect_error "model.d_model cannot change in a resumed run" "$exe" --resume whole --data corpus.txt --set model.d_model=64
+# The checkpoint modes refuse the training options they would ignore.
+for option in "--set train.seed=2" "--steps 3" "--seed 2" "--config tiny.json" "--out elsewhere"; do
+  expect_error "${option%% *} applies only to training" "$exe" --eval-only --checkpoint whole --data corpus.txt $option
+  expect_error "${option%% *} applies only to training" "$exe" --sample 5 --checkpoint whole $option
+done
 
 if [ $failures -ne 0 ]; then
   echo "$failures check(s) failed"

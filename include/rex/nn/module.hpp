@@ -17,7 +17,6 @@
 
 #include "rex/autograd/graph.hpp"
 #include "rex/core/error.hpp"
-#include "rex/ops/shape.hpp"
 
 namespace rex::nn {
 

@@ -11,11 +11,12 @@
 //   none:      N_t = rN (plain ReX; also what r = 1 always gives).
 // Integer arithmetic keeps the floor exact: floor((1 + a) N) = N + floor(a N).
 //
-// At every step, P - N_t experts of the pool are masked: their gating scores are set to zero before
-// top-k (rex/nn/moe.hpp). Which ones is a pure function of (seed, step, layer): a partial
-// Fisher-Yates shuffle driven by a Generator seeded from those three values. The same step always
-// masks the same experts, so a resumed run is identical to an uninterrupted one. t is the 0-based
-// index of the optimizer step being taken.
+// At every step, P - N_t experts of the pool are masked: their gating scores are set to -1, below
+// every probability, before top-k (rex/nn/moe.hpp; the chosen gates and the gradients are those of
+// zeroing them, since a masked expert is never chosen). Which ones is a pure function of (seed,
+// step, layer): a partial Fisher-Yates shuffle driven by a Generator seeded from those three
+// values. The same step always masks the same experts, so a resumed run is identical to an
+// uninterrupted one. t is the 0-based index of the optimizer step being taken.
 #pragma once
 
 #include <algorithm>

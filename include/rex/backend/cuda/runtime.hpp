@@ -1,6 +1,6 @@
 // Host-side view of the CUDA runtime, implemented in kernels/runtime.cu (link rex::cuda).
 // Tests and programs ask here whether a GPU is present before touching CUDA tensors, and skip with
-// a message when it is not. The CUDA tensor backend itself is a later milestone.
+// a message when it is not. The CUDA tensor backend is the table in rex/backend/cuda/backend.hpp.
 #pragma once
 
 #include <string>
