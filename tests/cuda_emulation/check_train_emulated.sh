@@ -5,11 +5,13 @@
 # the learning rate moves; 2 evaluation batches). Each step's loss and lm_loss, and the final
 # validation loss, must agree within 1e-5 relative; the gradient norm within 1e-3 (it sums every
 # gradient of a model whose weights differ by float rounding after a few steps; measured 1.4e-4).
-# Usage: check_train_emulated.sh PATH/TO/train_tiny_rex_emulated CORPUS WORK_DIR
+# Usage: check_train_emulated.sh PATH/TO/train_tiny_rex_emulated CORPUS WORK_DIR [BATCH_SIZE]
+# (BATCH_SIZE 12 runs the default recipe's batch: about 14 minutes emulated, not for CI.)
 set -uo pipefail
 exe=$(realpath "$1")
 corpus=$2
 work=$3
+batch=${4:-1}
 rm -rf "$work" && mkdir -p "$work" || exit 1
 if [ ! -s "$corpus" ]; then  # no shared corpus here: make one
   corpus=$work/corpus.txt
@@ -20,7 +22,7 @@ fi
 
 run() {  # run DEVICE
   "$exe" --data "$corpus" --out "$work/$1" --device "$1" --steps 20 \
-    --set train.batch_size=1 --set train.warmup=5 --set train.log_interval=1 \
+    --set train.batch_size=$batch --set train.warmup=5 --set train.log_interval=1 \
     --set train.eval_batches=2 > "$work/$1.log" 2>&1 ||
     { echo "FAIL: the $1 run failed:"; cat "$work/$1.log"; exit 1; }
 }

@@ -15,8 +15,6 @@ namespace cuda_emulation::detail {
 // Makes `code` the last error (cudaGetLastError) and `message` its explanation, which
 // cudaGetErrorString(code) appends to CUDA's own text until the next error of that code.
 cudaError_t fail(cudaError_t code, const std::string& message);
-// "name (explanation)" pairs of the most recent error of each code, for tests of the emulation.
-std::string last_message(cudaError_t code);
 // cudaSuccess for the null stream or a live one; otherwise fails `call` with an invalid handle.
 cudaError_t check_stream(const char* call, cudaStream_t stream);
 const cudaDeviceProp& device_properties();  // the emulated H200

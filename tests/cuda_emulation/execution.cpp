@@ -104,8 +104,7 @@ class Stacks {
     for (int i = 0; i < kMaxBlockThreads; ++i) mprotect(base_ + i * each, page_, PROT_NONE);
   }
   // Each top is shifted by a different multiple of 64 bytes: tops a whole number of pages apart
-  // would all map to the same cache sets, and a warp intrinsic, which switches through 32 stacks
-  // in a row, ran about 15% slower that way.
+  // would all map to the same cache sets, and a warp intrinsic switches through 32 stacks in a row.
   void* top(int thread) const {
     return base_ + (thread + 1) * (kStackBytes + page_) - static_cast<size_t>(thread) % 64 * 64;
   }

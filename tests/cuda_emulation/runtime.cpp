@@ -25,7 +25,6 @@ struct ErrorState {
   std::mutex mutex;
   cudaError_t last = cudaSuccess;
   std::map<int, std::string> explained;  // code -> "CUDA's text [rex CUDA emulation: ...]"
-  std::map<int, std::string> message;    // code -> the explanation alone
 };
 
 ErrorState& errors() {
@@ -120,16 +119,8 @@ cudaError_t fail(cudaError_t code, const std::string& message) {
   ErrorState& e = errors();
   std::lock_guard<std::mutex> lock(e.mutex);
   e.last = code;
-  e.message[code] = message;
   e.explained[code] = std::string(standard_text(code)) + " [rex CUDA emulation: " + message + "]";
   return code;
-}
-
-std::string last_message(cudaError_t code) {
-  ErrorState& e = errors();
-  std::lock_guard<std::mutex> lock(e.mutex);
-  const auto it = e.message.find(code);
-  return it == e.message.end() ? std::string() : it->second;
 }
 
 cudaError_t check_stream(const char* call, cudaStream_t stream) {
