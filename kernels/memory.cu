@@ -134,15 +134,15 @@ void release(void* ptr) { allocator().release(ptr); }
 rex::detail::CudaMemoryStats memory_stats() { return allocator().stats(); }
 void empty_cache() { allocator().empty_cache(); }
 
-void copy(void* dst, const void* src, size_t bytes, rex::detail::CudaCopy kind) {
+void copy(void* dst, const void* src, size_t bytes, rex::detail::DeviceCopy kind) {
   if (bytes == 0) return;
-  using rex::detail::CudaCopy;
-  const cudaMemcpyKind direction = kind == CudaCopy::host_to_device   ? cudaMemcpyHostToDevice
-                                   : kind == CudaCopy::device_to_host ? cudaMemcpyDeviceToHost
-                                                                      : cudaMemcpyDeviceToDevice;
+  using rex::detail::DeviceCopy;
+  const cudaMemcpyKind direction = kind == DeviceCopy::host_to_device   ? cudaMemcpyHostToDevice
+                                   : kind == DeviceCopy::device_to_host ? cudaMemcpyDeviceToHost
+                                                                        : cudaMemcpyDeviceToDevice;
   REX_CUDA(cudaMemcpyAsync(dst, src, bytes, direction, stream()));
   // Host memory is pageable and may be freed by the caller right after: wait for the copy.
-  if (kind != CudaCopy::device_to_device) REX_CUDA(cudaStreamSynchronize(stream()));
+  if (kind != DeviceCopy::device_to_device) REX_CUDA(cudaStreamSynchronize(stream()));
 }
 
 // The largest pitch cudaMemcpy2DAsync accepts on this device (about 2 GiB on current GPUs).
@@ -194,21 +194,27 @@ ErrorFlag::ErrorFlag() : flag_(sizeof(unsigned long long)) {
 
 int64_t ErrorFlag::read() const {
   unsigned long long value = 0;
-  copy(&value, flag_.as<void>(), sizeof value, rex::detail::CudaCopy::device_to_host);
+  copy(&value, flag_.as<void>(), sizeof value, rex::detail::DeviceCopy::device_to_host);
   return value == ~0ull ? -1 : static_cast<int64_t>(value);
 }
 
 void register_memory(rex::detail::CudaBackend& table) {
   table.device_count = rex::cuda::device_count;
   table.device_description = rex::cuda::device_description;
-  table.allocate = allocate;
-  table.release = release;
-  table.copy = copy;
   table.copy_rows = copy_rows;
-  table.fill32 = fill32;
   table.synchronize = synchronize;
   table.memory_stats = memory_stats;
   table.empty_cache = empty_cache;
 }
 
 }  // namespace rex::cuda::detail
+
+namespace rex::cuda {
+
+const rex::detail::DeviceMemory& device_memory() {
+  static const rex::detail::DeviceMemory table{detail::allocate, detail::release, detail::copy,
+                                               detail::fill32};
+  return table;
+}
+
+}  // namespace rex::cuda

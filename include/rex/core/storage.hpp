@@ -11,8 +11,8 @@
 // storage (process-wide, host and device together), e.g. to measure the activation memory a
 // training step keeps for backward.
 //
-// CUDA storage comes from rex::cuda's caching allocator through the backend table
-// (rex/backend/cuda/backend.hpp); without rex::cuda, asking for it throws a clear rex::Error.
+// CUDA storage comes from rex::cuda's caching allocator through the device-memory hook
+// (rex/core/device_memory.hpp); without rex::cuda, asking for it throws a clear rex::Error.
 #pragma once
 
 #include <atomic>
@@ -24,7 +24,7 @@
 #include <malloc.h>
 #endif
 
-#include "rex/backend/cuda/backend.hpp"
+#include "rex/core/device_memory.hpp"
 #include "rex/core/dtype.hpp"
 #include "rex/core/error.hpp"
 
@@ -58,7 +58,7 @@ class Storage {
   Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
     if (device.is_cuda()) {
       REX_CHECK(device.index == 0, "tensor on ", device, ": rex uses one GPU, cuda:0");
-      data_ = cuda_backend().allocate(bytes);
+      data_ = device_memory().allocate(bytes);
     } else {
       tune_allocator_once();
       size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
@@ -74,7 +74,7 @@ class Storage {
   ~Storage() {
     allocation_counters().live -= static_cast<int64_t>(bytes_);
     if (device_.is_cuda()) {
-      cuda_backend().release(data_);
+      device_memory().release(data_);
     } else {
       std::free(data_);
     }

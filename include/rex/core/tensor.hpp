@@ -134,11 +134,11 @@ class Tensor {
       std::copy_n(static_cast<const char*>(src.device_bytes()), nbytes(),
                   static_cast<char*>(device_bytes()));
     } else {
-      const detail::CudaCopy kind = src.device().is_cpu() ? detail::CudaCopy::host_to_device
-                                    : device().is_cpu()   ? detail::CudaCopy::device_to_host
-                                                          : detail::CudaCopy::device_to_device;
-      detail::cuda_backend().copy(device_bytes(), src.device_bytes(), static_cast<size_t>(nbytes()),
-                                  kind);
+      const detail::DeviceCopy kind = src.device().is_cpu() ? detail::DeviceCopy::host_to_device
+                                      : device().is_cpu()   ? detail::DeviceCopy::device_to_host
+                                                            : detail::DeviceCopy::device_to_device;
+      detail::device_memory().copy(device_bytes(), src.device_bytes(),
+                                   static_cast<size_t>(nbytes()), kind);
     }
     return *this;
   }
@@ -174,7 +174,7 @@ class Tensor {
       const int32_t as_integer = integer ? static_cast<int32_t>(value) : 0;
       uint32_t bits = 0;  // the 32-bit pattern of the value in this dtype
       std::memcpy(&bits, integer ? static_cast<const void*>(&as_integer) : &value, sizeof bits);
-      detail::cuda_backend().fill32(device_bytes(), numel(), bits);
+      detail::device_memory().fill32(device_bytes(), numel(), bits);
     } else if (integer) {
       std::fill_n(data<int32_t>(), numel(), static_cast<int32_t>(value));
     } else {
@@ -212,7 +212,7 @@ class Tensor {
     int32_t n = 0;
     void* into = dtype() == DType::i32 ? static_cast<void*>(&n) : static_cast<void*>(&f);
     if (device().is_cuda()) {
-      detail::cuda_backend().copy(into, at, sizeof(float), detail::CudaCopy::device_to_host);
+      detail::device_memory().copy(into, at, sizeof(float), detail::DeviceCopy::device_to_host);
     } else {
       std::memcpy(into, at, sizeof(float));
     }

@@ -14,7 +14,7 @@
 #include <string>
 
 #include "rex/backend/pointwise.hpp"
-#include "rex/core/error.hpp"
+#include "rex/core/device_memory.hpp"
 
 namespace rex::detail {
 
@@ -29,8 +29,6 @@ struct CudaBroadcast {
   int64_t strides[3][kMaxCudaRank] = {};
 };
 
-enum class CudaCopy : int32_t { host_to_device, device_to_host, device_to_device };
-
 struct CudaMemoryStats {
   int64_t cached_bytes = 0;    // freed blocks kept by the caching allocator for reuse
   int64_t reserved_bytes = 0;  // all bytes obtained from cudaMalloc and not yet returned
@@ -43,17 +41,14 @@ struct AdamWScalars {
 };
 
 struct CudaBackend {
-  // ---- runtime and memory (kernels/memory.cu) ----
+  // ---- runtime and memory (kernels/memory.cu; allocate, release, copy and fill are core's
+  // device-memory hook, rex/core/device_memory.hpp) ----
   int (*device_count)();
   std::string (*device_description)(int index);  // "NVIDIA H200 (sm_90, 139.8 GiB)"
-  void* (*allocate)(size_t bytes);               // from the caching allocator; never null (throws)
-  void (*release)(void* ptr);  // back to the cache, reusable by later launches at once
-  void (*copy)(void* dst, const void* src, size_t bytes, CudaCopy kind);  // synchronous to host
   // rows blocks of row_bytes, from src every src_pitch bytes to dst every dst_pitch bytes (d2d;
   // any pitch, however large).
   void (*copy_rows)(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
                     size_t row_bytes, size_t rows);
-  void (*fill32)(void* out, int64_t n, uint32_t bits);  // n 32-bit words set to `bits`
   void (*synchronize)();
   CudaMemoryStats (*memory_stats)();
   void (*empty_cache)();  // returns every cached block to the driver
@@ -178,9 +173,7 @@ inline const CudaBackend& cuda_backend() {
 #if defined(REX_WITH_CUDA)
   return rex::cuda::backend();
 #else
-  throw Error(
-      "this program was built without rex's CUDA backend: link the rex::cuda CMake target "
-      "(built when the CUDA toolkit is found) to use CUDA tensors");
+  throw_built_without_cuda();
 #endif
 }
 

@@ -34,8 +34,8 @@ inline Device common_device(std::string_view op, std::initializer_list<Tensor> t
 // Raw device memory owned by whoever holds the pointer (a graph node, say): for values that have
 // no tensor dtype, such as cross_entropy's double-precision log-sum-exp.
 inline std::shared_ptr<void> cuda_buffer(size_t bytes) {
-  return std::shared_ptr<void>(cuda_backend().allocate(bytes),
-                               [](void* ptr) { cuda_backend().release(ptr); });
+  return std::shared_ptr<void>(device_memory().allocate(bytes),
+                               [](void* ptr) { device_memory().release(ptr); });
 }
 
 // The launch description of `out` (row-major) read through inputs of the shapes `ins`, each
