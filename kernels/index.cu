@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "rex/backend/counting_sort.hpp"
 
 namespace rex::cuda::detail {
 namespace {
@@ -93,28 +94,21 @@ void scatter_add_rows(const float* src, const int32_t* index, float* out, int64_
                              cudaMemcpyDeviceToHost, stream()));
     REX_CUDA(cudaStreamSynchronize(stream()));
   }
-  // Counting sort by output row; filling in increasing i keeps each row's sources in order.
-  std::vector<int64_t> offsets(static_cast<size_t>(num_rows) + 1, 0);
-  for (int64_t i = 0; i < m; ++i) {
-    const int32_t r = host_index[static_cast<size_t>(i)];
-    if (r < 0 || r >= num_rows) throw_bad_index("scatter_add_rows", r, i, num_rows);
-    ++offsets[static_cast<size_t>(r) + 1];
-  }
+  // The sources of each output row, in increasing order (one CSR: offsets and order).
+  const rex::detail::BucketOrder by_row = rex::detail::counting_sort(
+      host_index.data(), m, num_rows,
+      [num_rows](int32_t r, int64_t i) { throw_bad_index("scatter_add_rows", r, i, num_rows); });
   if (num_rows == 0 || d == 0) return;
-  for (int64_t r = 0; r < num_rows; ++r)
-    offsets[static_cast<size_t>(r) + 1] += offsets[static_cast<size_t>(r)];
-  std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
-  std::vector<int64_t> order(static_cast<size_t>(m));
-  for (int64_t i = 0; i < m; ++i)
-    order[static_cast<size_t>(next[static_cast<size_t>(host_index[static_cast<size_t>(i)])]++)] = i;
 
-  const Scratch device_offsets(offsets.size() * sizeof(int64_t));
-  const Scratch device_order(order.size() * sizeof(int64_t));
-  REX_CUDA(cudaMemcpyAsync(device_offsets.as<int64_t>(), offsets.data(),
-                           offsets.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream()));
+  const Scratch device_offsets(by_row.offsets.size() * sizeof(int64_t));
+  const Scratch device_order(by_row.order.size() * sizeof(int64_t));
+  REX_CUDA(cudaMemcpyAsync(device_offsets.as<int64_t>(), by_row.offsets.data(),
+                           by_row.offsets.size() * sizeof(int64_t), cudaMemcpyHostToDevice,
+                           stream()));
   if (m > 0) {
-    REX_CUDA(cudaMemcpyAsync(device_order.as<int64_t>(), order.data(),
-                             order.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream()));
+    REX_CUDA(cudaMemcpyAsync(device_order.as<int64_t>(), by_row.order.data(),
+                             by_row.order.size() * sizeof(int64_t), cudaMemcpyHostToDevice,
+                             stream()));
   }
   // The host vectors are freed on return: wait until the uploads have read them.
   REX_CUDA(cudaStreamSynchronize(stream()));

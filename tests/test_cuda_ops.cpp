@@ -584,3 +584,46 @@ TEST_CASE("cuda ops: errors name the problem") {
   // The stream is still usable after a reported error.
   CHECK(sum(x).item() == 12.0f);
 }
+
+TEST_CASE("cuda ops: permute_rows, and the MoE dispatch that permutes back with it") {
+  if (gpu_missing()) return;
+  Generator gen(17);
+  const int64_t n = 23;
+  std::vector<int32_t> order(static_cast<size_t>(n)), inverse(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+  for (int64_t i = n - 1; i > 0; --i)
+    std::swap(order[static_cast<size_t>(i)],
+              order[static_cast<size_t>(gen.below(static_cast<uint64_t>(i + 1)))]);
+  for (int64_t i = 0; i < n; ++i)
+    inverse[static_cast<size_t>(order[static_cast<size_t>(i)])] = static_cast<int32_t>(i);
+  compare_op(
+      "permute_rows",
+      {param({n, 7}, gen), constant(from_vector(order)), constant(from_vector(inverse))},
+      [](const auto& t) { return permute_rows(t[0], t[1], t[2]); }, 0.0);
+
+  // The plan is built on the host either way; on CUDA its orderings come back to the device.
+  const int64_t tokens = 9, k = 2, pool = 5, d = 6;
+  const Tensor indices = ids_tensor({tokens, k}, pool - 1, gen);  // expert 4 gets nothing
+  const nn::RoutingPlan on_cpu = nn::plan_routing(indices, pool);
+  const nn::RoutingPlan on_gpu = nn::plan_routing(indices.to(kGpu), pool);
+  CHECK(on_gpu.offsets == on_cpu.offsets);
+  CHECK(on_gpu.counts == on_cpu.counts);
+  for (const auto& [gpu_side, cpu_side] : {std::pair{on_gpu.sorted_slots, on_cpu.sorted_slots},
+                                           std::pair{on_gpu.slot_positions, on_cpu.slot_positions},
+                                           std::pair{on_gpu.sorted_tokens, on_cpu.sorted_tokens}}) {
+    CHECK(gpu_side.device() == kGpu);
+    CHECK(gpu_side.to(Device::cpu()).to_vector<int32_t>() == cpu_side.to_vector<int32_t>());
+  }
+  Generator table_gen(18), same_gen(18);
+  nn::ExpertTable cpu_table(pool, d, 4, table_gen, 0.5f, 0.5f);
+  nn::ExpertTable gpu_table(pool, d, 4, same_gen, 0.5f, 0.5f);
+  gpu_table.to(kGpu);
+  compare_op(
+      "dispatch_experts",
+      {param({tokens, d}, gen), constant(indices), param({tokens, k}, gen, 0.0f, 1.0f)},
+      [&](const auto& t) {
+        return nn::dispatch_experts(t[0], t[1], t[2],
+                                    t[0].device() == kGpu ? gpu_table : cpu_table);
+      },
+      1e-5);
+}

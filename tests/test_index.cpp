@@ -1,12 +1,15 @@
-// Tests for rex/ops/index.hpp: gather_rows, scatter_add_rows, embedding, where, masked_fill.
+// Tests for rex/ops/index.hpp: gather_rows, scatter_add_rows, permute_rows, embedding, where,
+// masked_fill.
 // Forwards are compared with naive loops written here, gradients with central differences, where
 // and masked_fill also with compositions of arithmetic ops (values and gradients).
 #include <doctest/doctest.h>
 
 #include <array>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gradcheck.hpp"
@@ -291,4 +294,83 @@ TEST_CASE("index ops: errors name the op and the offending values") {
   msg = error_message([&] { masked_fill(ones({3}), ones({2, 3}), 0.0f); });
   CHECK(contains(msg, "masked_fill"));
   CHECK(contains(msg, "[2, 3]"));
+}
+
+namespace {
+
+// A random permutation of 0 .. n - 1 and its inverse, as i32 tensors.
+std::pair<Tensor, Tensor> random_permutation(int64_t n, Generator& gen) {
+  std::vector<int32_t> order(static_cast<size_t>(n)), inverse(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+  for (int64_t i = n - 1; i > 0; --i)
+    std::swap(order[static_cast<size_t>(i)],
+              order[static_cast<size_t>(gen.below(static_cast<uint64_t>(i + 1)))]);
+  for (int64_t i = 0; i < n; ++i)
+    inverse[static_cast<size_t>(order[static_cast<size_t>(i)])] = static_cast<int32_t>(i);
+  return {from_vector(order), from_vector(inverse)};
+}
+
+}  // namespace
+
+TEST_CASE("permute_rows: forward moves every row, the same bits as the scatter-add it replaces") {
+  Generator gen(31);
+  const int64_t n = 9, d = 4;
+  Tensor x = normal({n, d}, gen);
+  x.data<float>()[5] = -0.0f;  // a signed zero
+  x.data<float>()[6] = std::numeric_limits<float>::infinity();
+  const auto [order, inverse] = random_permutation(n, gen);
+  const Tensor y = permute_rows(x, order, inverse);
+  REQUIRE(y.shape() == Shape{n, d});
+  const int32_t* po = order.data<int32_t>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < d; ++j)
+      CHECK(std::bit_cast<uint32_t>(y.at({i, j})) == std::bit_cast<uint32_t>(x.at({po[i], j})));
+  // y[i] = x[order[i]] is the scatter-add of x to rows inverse: each row receives one source, added
+  // to 0. The bits agree except that 0 + -0 = +0, so the one -0 of x comes back as +0 there.
+  const Tensor scattered = scatter_add_rows(x, inverse, n);
+  for (int64_t e = 0; e < n * d; ++e) {
+    const float a = y.data<float>()[e], b = scattered.data<float>()[e];
+    CAPTURE(e);
+    if (a == 0.0f && std::signbit(a)) {
+      CHECK(std::bit_cast<uint32_t>(b) == std::bit_cast<uint32_t>(0.0f));
+    } else {
+      CHECK(std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b));
+    }
+  }
+}
+
+TEST_CASE("permute_rows: gradient") {
+  Generator gen(32);
+  for (auto [n, d] : std::vector<std::array<int64_t, 2>>{{6, 3}, {1, 4}, {7, 1}}) {
+    Tensor x = normal({n, d}, gen).requires_grad_();
+    const auto [order, inverse] = random_permutation(n, gen);
+    CHECK_GRADIENTS(
+        [&](const std::vector<Tensor>& in) { return permute_rows(in[0], order, inverse); }, {x});
+  }
+  // The backward is the inverse permutation: permuting g back gives dx exactly.
+  Tensor x = normal({5, 2}, gen).requires_grad_();
+  const auto [order, inverse] = random_permutation(5, gen);
+  const Tensor g = normal({5, 2}, gen);
+  permute_rows(x, order, inverse).backward(g);
+  CHECK(x.grad().to_vector() == gather_rows(g, inverse).to_vector());
+}
+
+TEST_CASE("permute_rows: bad orders are refused with the op's name") {
+  const Tensor x = ones({3, 2});
+  const Tensor order = from_vector<int32_t>({2, 0, 1}), inverse = from_vector<int32_t>({1, 2, 0});
+  CHECK(permute_rows(x, order, inverse).shape() == Shape{3, 2});
+  std::string msg = error_message([&] { permute_rows(x, order, order); });
+  CHECK(contains(msg, "permute_rows"));
+  CHECK(contains(msg, "not the inverse"));
+  msg = error_message([&] { permute_rows(x, from_vector<int32_t>({0, 3, 1}), inverse); });
+  CHECK(contains(msg, "permute_rows"));
+  CHECK(contains(msg, "3"));
+  msg = error_message([&] { permute_rows(x, arange(2, DType::i32), arange(2, DType::i32)); });
+  CHECK(contains(msg, "permute_rows"));
+  CHECK(contains(msg, "one entry per row"));
+  CHECK(contains(error_message([&] { permute_rows(ones({3}), order, inverse); }), "permute_rows"));
+  CHECK(contains(error_message([&] {
+                   permute_rows(x, from_vector<float>({0, 1, 2}), inverse);
+                 }),
+                 "i32"));
 }

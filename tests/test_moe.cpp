@@ -484,3 +484,67 @@ TEST_CASE("grouped_swiglu matches per-expert composed SwiGLUs and central differ
           grouped_swiglu(x, {0, 3, 2, 7, 8}, gate, up, down);
         }).find("offsets decrease at expert 1") != std::string::npos);
 }
+
+TEST_CASE("plan_routing: slots counting-sorted by expert, their inverse, segments and tokens") {
+  const int64_t pool = 5, k = 2;
+  // 4 tokens, top-2; expert 4 gets nothing, expert 2 three slots.
+  const std::vector<int32_t> expert_of_slot = {2, 0, 0, 3, 2, 1, 3, 2};
+  const nn::RoutingPlan plan = nn::plan_routing(from_vector(expert_of_slot, Shape{4, k}), pool);
+  // Written out: for each expert in turn, its slots in increasing order.
+  std::vector<int32_t> sorted_slots, sorted_tokens;
+  std::vector<int64_t> offsets = {0}, counts;
+  for (int32_t e = 0; e < pool; ++e) {
+    for (int32_t s = 0; s < 8; ++s)
+      if (expert_of_slot[static_cast<size_t>(s)] == e) sorted_slots.push_back(s);
+    counts.push_back(static_cast<int64_t>(sorted_slots.size()) - offsets.back());
+    offsets.push_back(static_cast<int64_t>(sorted_slots.size()));
+  }
+  for (int32_t s : sorted_slots) sorted_tokens.push_back(s / static_cast<int32_t>(k));
+  CHECK(plan.offsets == offsets);
+  CHECK(plan.counts == counts);
+  CHECK(plan.counts == std::vector<int64_t>{2, 1, 3, 2, 0});
+  CHECK(plan.sorted_slots.to_vector<int32_t>() == sorted_slots);
+  CHECK(plan.sorted_tokens.to_vector<int32_t>() == sorted_tokens);
+  const std::vector<int32_t> positions = plan.slot_positions.to_vector<int32_t>();
+  for (size_t p = 0; p < sorted_slots.size(); ++p)
+    CHECK(positions[static_cast<size_t>(sorted_slots[p])] == static_cast<int32_t>(p));
+  const std::string msg = error_message([] {
+    nn::plan_routing(from_vector<int32_t>({0, 5}, Shape{1, 2}), 5);
+  });
+  CHECK(msg.find("plan_routing: expert index 5 at slot 1 is outside the table of 5") !=
+        std::string::npos);
+}
+
+TEST_CASE("dispatch_experts: permuting back gives the bits of the scatter-add it replaced") {
+  const nn::ModelConfig c = small_config(2, 3, 2);
+  const Layers block = make_block(c, 41);
+  Generator gen(42);
+  const int64_t tokens = 7, k = 2, pool = block.table->size();
+  const Tensor x = testing::random_normal_param({tokens, c.d_model}, gen);
+  const Tensor gates = testing::random_uniform_param({tokens, k}, gen, 0.0f, 1.0f);
+  Tensor indices = Tensor::empty({tokens, k}, DType::i32);
+  for (int64_t s = 0; s < tokens * k; ++s)  // experts 0 .. 4: expert 5 gets nothing
+    indices.data<int32_t>()[s] = static_cast<int32_t>(gen.below(static_cast<uint64_t>(pool - 1)));
+  const Tensor weights = normal({tokens, c.d_model}, gen);
+  std::vector<Tensor> params = {x, gates};
+  for (const auto& [name, p] : block.table->named_parameters()) params.push_back(p);
+  // The output and every gradient, as bytes.
+  auto bits = [&](const Tensor& y) {
+    for (Tensor p : params) p.zero_grad();
+    sum(y * weights).backward();
+    std::vector<std::string> out = {testing::raw_bytes(y)};
+    for (const Tensor& p : params)
+      out.push_back(p.grad().defined() ? testing::raw_bytes(p.grad()) : std::string());
+    return out;
+  };
+  const auto now = bits(nn::dispatch_experts(x, indices, gates, *block.table));
+  const nn::RoutingPlan plan = nn::plan_routing(indices, pool);
+  const Tensor y_sorted =
+      grouped_swiglu(gather_rows(x, plan.sorted_tokens), plan.offsets, block.table->gate_weights(),
+                     block.table->up_weights(), block.table->down_weights());
+  const Tensor scattered = scatter_add_rows(y_sorted, plan.sorted_slots, tokens * k);
+  const auto before =
+      bits(sum(reshape(scattered, {tokens, k, c.d_model}) * reshape(gates, {tokens, k, 1}), 1));
+  CHECK(now == before);
+  CHECK(now.back().empty());  // expert 5's down weight: no token, no gradient
+}

@@ -56,8 +56,7 @@ class RMSNorm : public Module {
 };
 
 // SwiGLU(x) = down(silu(gate(x)) * up(x)), hidden width `hidden` (the middle is the fused swiglu
-// op). `out_std` initialises the output
-// projection (smaller in deep residual stacks).
+// op). `out_std` initialises the output projection (smaller in deep residual stacks).
 class SwiGLU : public Module {
  public:
   SwiGLU(int64_t dim, int64_t hidden, Generator& gen, float init_std, float out_std) {

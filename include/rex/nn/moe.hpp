@@ -11,12 +11,13 @@
 // An expert chosen by several layers of its block is one set of parameter tensors used several
 // times in the graph, so its gradient is the sum of every use (leaf gradients accumulate).
 //
-// Dispatch (dropless, deterministic, no capacity factor): the T*k (token, slot) pairs are counting-
-// sorted by expert, the token rows are gathered in that order, each non-empty expert runs its
-// SwiGLU on its contiguous segment (grouped_swiglu, rex/ops/moe.hpp), the outputs are scattered
-// back to slot order [T, k, d] and reduced over k with the gates. Backward is the same graph read
-// backwards: gather <-> scatter, gate gradients are row dot products, weight gradients X^T dY per
-// segment.
+// Dispatch (dropless, deterministic, no capacity factor): plan_routing counting-sorts the T*k
+// (token, slot) pairs by expert, the token rows are gathered in that order, each non-empty expert
+// runs its SwiGLU on its contiguous segment (grouped_swiglu, rex/ops/moe.hpp), the outputs are
+// permuted back to slot order [T, k, d] (permute_rows: each slot gets exactly one row) and reduced
+// over k with the gates. Backward is the same graph read backwards: the gather's backward
+// scatter-adds into the tokens, the permutation's is the inverse permutation, gate gradients are
+// row dot products, weight gradients X^T dY per segment.
 //
 // Losses over the pool of size P, with f_i the share of the T*k routed slots sent to expert i and
 // p_i the mean router probability of expert i over the T tokens:
@@ -26,8 +27,10 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "rex/backend/counting_sort.hpp"
 #include "rex/nn/config.hpp"
 #include "rex/nn/layers.hpp"
 #include "rex/nn/psr.hpp"
@@ -70,6 +73,50 @@ struct RoutingStep {
   uint64_t seed = 0;
 };
 
+// The routing plan of one step: the T*k slots (slot s = t k + j is token t's j-th choice)
+// counting-sorted by expert, so that expert e's slots are the contiguous sorted positions
+// [offsets[e], offsets[e + 1]), in token order.
+struct RoutingPlan {
+  std::vector<int64_t> offsets;  // [P + 1], on the host: the grouped GEMMs' segments
+  std::vector<int64_t> counts;   // [P]: slots routed to each expert
+  Tensor sorted_slots;           // [T k] i32: the slot at each sorted position
+  Tensor slot_positions;         // [T k] i32: each slot's sorted position (the inverse)
+  Tensor sorted_tokens;          // [T k] i32: the token at each sorted position
+};
+
+// The plan for indices [T, k] i32 with values in [0, pool). Built on the host: on CUDA the
+// per-expert GEMM sizes must be known there anyway, so the indices come over once and the three
+// orderings go back.
+inline RoutingPlan plan_routing(const Tensor& indices, int64_t pool) {
+  detail::check_i32("plan_routing", indices);
+  REX_CHECK(indices.rank() == 2, "plan_routing: expected indices [T, k], got ", indices.shape());
+  const int64_t k = indices.dim(1), slots = indices.numel();
+  const Tensor host_indices = indices.to(Device::cpu());  // itself on the CPU
+  detail::BucketOrder by_expert = detail::counting_sort(
+      host_indices.data<int32_t>(), slots, pool, [pool](int32_t e, int64_t s) {
+        throw Error(detail::concat("plan_routing: expert index ", e, " at slot ", s,
+                                   " is outside the table of ", pool));
+      });
+  RoutingPlan plan;
+  plan.offsets = std::move(by_expert.offsets);
+  for (int64_t e = 0; e < pool; ++e) plan.counts.push_back(plan.offsets[e + 1] - plan.offsets[e]);
+  plan.sorted_slots = Tensor::empty({slots}, DType::i32);
+  plan.slot_positions = Tensor::empty({slots}, DType::i32);
+  plan.sorted_tokens = Tensor::empty({slots}, DType::i32);
+  int32_t* slot_at = plan.sorted_slots.data<int32_t>();
+  int32_t* position_of = plan.slot_positions.data<int32_t>();
+  int32_t* token_at = plan.sorted_tokens.data<int32_t>();
+  for (int64_t p = 0; p < slots; ++p) {
+    const int64_t s = by_expert.order[static_cast<size_t>(p)];
+    slot_at[p] = static_cast<int32_t>(s);
+    position_of[s] = static_cast<int32_t>(p);
+    token_at[p] = static_cast<int32_t>(s / k);
+  }
+  for (Tensor* t : {&plan.sorted_slots, &plan.slot_positions, &plan.sorted_tokens})
+    *t = t->to(indices.device());
+  return plan;
+}
+
 // y [T, d] = sum_j gates[t, j] * table.expert(indices[t, j])(x[t]) by the sorted dispatch.
 // x [T, d] f32, indices [T, k] i32 (values in [0, table.size())), gates [T, k] f32.
 // If counts is given it receives the number of slots routed to each expert.
@@ -79,43 +126,14 @@ inline Tensor dispatch_experts(const Tensor& x, const Tensor& indices, const Ten
                 indices.dim(0) == x.dim(0) && x.dim(0) > 0,
             "dispatch_experts: expected x [T, d] with T > 0, indices and gates [T, k], got x ",
             x.shape(), ", indices ", indices.shape(), ", gates ", gates.shape());
-  detail::check_i32("dispatch_experts", indices);
-  const int64_t tokens = x.dim(0), k = indices.dim(1), slots = tokens * k, pool = table.size();
-  // The routing plan (counting sort) is built on the host: on CUDA the per-expert GEMM sizes must
-  // be known there anyway, so the indices come over once and the two orderings go back.
-  const Tensor host_indices = indices.to(Device::cpu());  // itself on the CPU
-  const int32_t* expert_of_slot = host_indices.data<int32_t>();
-
-  // Counting sort of the slots by expert: offsets[e] .. offsets[e + 1] is expert e's segment.
-  std::vector<int64_t> offsets(static_cast<size_t>(pool + 1), 0);
-  for (int64_t s = 0; s < slots; ++s) {
-    const int32_t e = expert_of_slot[s];
-    REX_CHECK(e >= 0 && e < pool, "dispatch_experts: expert index ", e, " at slot ", s,
-              " is outside the table of ", pool);
-    ++offsets[static_cast<size_t>(e) + 1];
-  }
-  for (int64_t e = 0; e < pool; ++e) offsets[e + 1] += offsets[e];
-  Tensor sorted_slot = Tensor::empty({slots}, DType::i32);   // slot id at each sorted position
-  Tensor sorted_token = Tensor::empty({slots}, DType::i32);  // its token
-  std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
-  int32_t *slot_at = sorted_slot.data<int32_t>(), *token_at = sorted_token.data<int32_t>();
-  for (int64_t s = 0; s < slots; ++s) {
-    const int64_t pos = cursor[static_cast<size_t>(expert_of_slot[s])]++;
-    slot_at[pos] = static_cast<int32_t>(s);
-    token_at[pos] = static_cast<int32_t>(s / k);
-  }
-  if (counts) {
-    counts->assign(static_cast<size_t>(pool), 0);
-    for (int64_t e = 0; e < pool; ++e) (*counts)[e] = offsets[e + 1] - offsets[e];
-  }
-
-  // Gather, every expert on its contiguous segment, scatter back to slot order, sum over k.
-  sorted_slot = sorted_slot.to(x.device()), sorted_token = sorted_token.to(x.device());
+  const int64_t tokens = x.dim(0), k = indices.dim(1), d = x.dim(1);
+  const RoutingPlan plan = plan_routing(indices, table.size());
+  if (counts) *counts = plan.counts;
   const Tensor y_sorted =
-      grouped_swiglu(gather_rows(x, sorted_token), offsets, table.gate_weights(),
+      grouped_swiglu(gather_rows(x, plan.sorted_tokens), plan.offsets, table.gate_weights(),
                      table.up_weights(), table.down_weights());
-  const Tensor y_slots = scatter_add_rows(y_sorted, sorted_slot, slots);
-  return sum(reshape(y_slots, {tokens, k, x.dim(1)}) * reshape(gates, {tokens, k, 1}), 1);
+  const Tensor y_slots = permute_rows(y_sorted, plan.slot_positions, plan.sorted_slots);
+  return sum(reshape(y_slots, {tokens, k, d}) * reshape(gates, {tokens, k, 1}), 1);
 }
 
 struct MoeOutput {
@@ -146,17 +164,10 @@ class MoeLayer : public Module {
     const Tensor probs = softmax(logits);
 
     out.candidates = psr_candidates(psr_, config_.experts_per_layer, config_.reuse, at.step);
-    Tensor scores = probs;
-    if (out.candidates < pool) {
-      const std::vector<uint8_t> keep =
-          psr_keep_mask(at.seed, at.step, layer_, pool, out.candidates);
-      // s' = s keep + (keep - 1): masked experts score -1, below every probability, so that even
-      // a probability that underflowed to 0 never ties with a masked expert. The chosen gates and
-      // all gradients are those of zeroing the masked scores.
-      const Tensor keep_mask =
-          from_vector(std::vector<float>(keep.begin(), keep.end())).to(x.device());
-      scores = probs * keep_mask + (keep_mask - 1.0f);
-    }
+    const Tensor scores =
+        out.candidates < pool
+            ? psr_scores(probs, psr_keep_mask(at.seed, at.step, layer_, pool, out.candidates))
+            : probs;
     const TopK top = topk(scores, config_.top_k);
     Tensor gates = top.values;
     if (config_.renormalize) gates = gates / sum(gates, -1, /*keepdim=*/true);

@@ -1,5 +1,5 @@
 // Progressive Scaling Routing (PSR): how many experts of its pool a layer may choose from at step
-// t, and which ones.
+// t, which ones, and how the others are kept out of its top-k.
 //
 // A ReX layer's router scores a pool of P = rN experts (its block's table). PSR starts training
 // with N candidates and widens to all rN:
@@ -11,10 +11,10 @@
 //   none:      N_t = rN (plain ReX; also what r = 1 always gives).
 // Integer arithmetic keeps the floor exact: floor((1 + a) N) = N + floor(a N).
 //
-// At every step, P - N_t experts of the pool are masked: their gating scores are set to -1, below
-// every probability, before top-k (rex/nn/moe.hpp; the chosen gates and the gradients are those of
-// zeroing them, since a masked expert is never chosen). Which ones is a pure function of (seed,
-// step, layer): a partial Fisher-Yates shuffle driven by a Generator seeded from those three
+// At every step, P - N_t experts of the pool are masked: psr_scores sets their gating scores to -1,
+// below every probability, before top-k (in rex/nn/moe.hpp; the chosen gates and the gradients are
+// those of zeroing them, since a masked expert is never chosen). Which ones is a pure function of
+// (seed, step, layer): a partial Fisher-Yates shuffle driven by a Generator seeded from those three
 // values. The same step always masks the same experts, so a resumed run is identical to an
 // uninterrupted one. t is the 0-based index of the optimizer step being taken.
 #pragma once
@@ -24,8 +24,10 @@
 #include <numeric>
 #include <vector>
 
+#include "rex/core/factory.hpp"
 #include "rex/core/random.hpp"
 #include "rex/nn/config.hpp"
+#include "rex/ops/elementwise.hpp"
 
 namespace rex::nn {
 
@@ -61,6 +63,18 @@ inline std::vector<uint8_t> psr_keep_mask(uint64_t seed, int64_t step, int64_t l
     keep[static_cast<size_t>(order[static_cast<size_t>(i)])] = 0;
   }
   return keep;
+}
+
+// The router's scores with the PSR mask applied: s' = s keep + (keep - 1), probs [T, P], keep [P]
+// from psr_keep_mask. A masked expert scores -1, below every probability, so that even a
+// probability that underflowed to 0 never ties with it in top-k.
+inline Tensor psr_scores(const Tensor& probs, const std::vector<uint8_t>& keep) {
+  REX_CHECK(probs.rank() == 2 && probs.dim(1) == static_cast<int64_t>(keep.size()),
+            "psr_scores: probs ", probs.shape(), " do not have one column per expert of a pool of ",
+            keep.size());
+  const Tensor keep_mask =
+      from_vector(std::vector<float>(keep.begin(), keep.end())).to(probs.device());
+  return probs * keep_mask + (keep_mask - 1.0f);
 }
 
 }  // namespace rex::nn

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "rex/nn/attention.hpp"
@@ -29,6 +30,14 @@ struct LmOutput {
   Tensor loss;      // lm_loss + aux_loss: what training minimises
   std::vector<std::vector<int64_t>> expert_counts;  // per layer: routed slots per pool expert
   int64_t candidates = 0;                           // PSR N_t at this step (0 for dense)
+};
+
+// What one block computed: its output and, for a MoE block, what its router measured.
+struct BlockOutput {
+  Tensor h;                            // [B, T, d]
+  Tensor aux_loss;                     // the MoE layer's auxiliary loss (undefined when dense)
+  std::vector<int64_t> expert_counts;  // routed slots per pool expert (empty when dense)
+  int64_t candidates = 0;              // PSR N_t at this step (0 when dense)
 };
 
 class TransformerBlock : public Module {
@@ -48,17 +57,21 @@ class TransformerBlock : public Module {
     }
   }
 
-  // h [B, T, d] -> [B, T, d]; a MoE layer also reports into `out`.
-  Tensor forward(const Tensor& h, const RoutingStep& at, LmOutput& out) const {
+  // h [B, T, d] -> [B, T, d], with what a MoE layer measured.
+  BlockOutput forward(const Tensor& h, const RoutingStep& at) const {
     const Tensor x = h + attn->forward(attn_norm->forward(h));
     const Tensor normed = ffn_norm->forward(x);
-    if (!moe) return x + ffn->forward(normed);
-    const int64_t d = x.dim(2);
-    MoeOutput routed = moe->forward(reshape(normed, {-1, d}), at);
-    out.aux_loss = out.aux_loss.defined() ? out.aux_loss + routed.aux_loss : routed.aux_loss;
-    out.expert_counts.push_back(std::move(routed.expert_counts));
+    BlockOutput out;
+    if (!moe) {
+      out.h = x + ffn->forward(normed);
+      return out;
+    }
+    MoeOutput routed = moe->forward(reshape(normed, {-1, x.dim(2)}), at);
+    out.h = x + reshape(routed.y, x.shape().dims());
+    out.aux_loss = routed.aux_loss;
+    out.expert_counts = std::move(routed.expert_counts);
     out.candidates = routed.candidates;
-    return x + reshape(routed.y, x.shape().dims());
+    return out;
   }
 
   std::shared_ptr<RMSNorm> attn_norm, ffn_norm;
@@ -108,7 +121,14 @@ class TransformerLM : public Module {
               "), got ", ids.shape());
     LmOutput out;
     Tensor h = embed->forward(ids);
-    for (const auto& layer : layers) h = layer->forward(h, at, out);
+    for (const auto& layer : layers) {
+      BlockOutput block = layer->forward(h, at);
+      h = std::move(block.h);
+      if (!block.aux_loss.defined()) continue;  // a dense block measures nothing
+      out.aux_loss = out.aux_loss.defined() ? out.aux_loss + block.aux_loss : block.aux_loss;
+      out.expert_counts.push_back(std::move(block.expert_counts));
+      out.candidates = block.candidates;  // the same N_t in every layer
+    }
     h = reshape(norm->forward(h), {-1, config_.d_model});
     out.logits = linear(h, lm_head ? lm_head->weight : embed->weight);
     if (!targets.defined()) return out;

@@ -151,6 +151,34 @@ inline Tensor scatter_add_rows(const Tensor& src, const Tensor& index, int64_t n
                         });
 }
 
+// Rows of x [N, d] reordered by a permutation: y[i] = x[order[i]], where inverse is order's
+// inverse (inverse[order[i]] = i), both [N] i32. A permutation's adjoint is its inverse, so the
+// backward is the same row gather by the other index (dx[j] = g[inverse[j]]): unlike gather_rows,
+// whose backward must scatter-add, no step of it adds. (The ranges are checked on both devices, on
+// CUDA by the kernel; that the two are inverses only for CPU indices.)
+inline Tensor permute_rows(const Tensor& x, const Tensor& order, const Tensor& inverse) {
+  detail::check_f32("permute_rows", x);
+  REX_CHECK(x.rank() == 2, "permute_rows: rows are taken from a 2-d [N, d] tensor, got shape ",
+            x.shape());
+  const int64_t num_rows = x.dim(0);
+  detail::check_row_indices("permute_rows", order, num_rows);
+  detail::check_row_indices("permute_rows", inverse, num_rows);
+  REX_CHECK(order.numel() == num_rows && inverse.numel() == num_rows, "permute_rows: order ",
+            order.shape(), " and inverse ", inverse.shape(),
+            " must both have one entry per row of ", x.shape());
+  if (!detail::on_cuda(order) && !detail::on_cuda(inverse)) {
+    const int32_t *po = order.data<int32_t>(), *pi = inverse.data<int32_t>();
+    for (int64_t i = 0; i < num_rows; ++i)
+      REX_CHECK(pi[po[i]] == i, "permute_rows: inverse[order[", i, "]] = ", pi[po[i]], ", not ", i,
+                ": inverse is not the inverse of order");
+  }
+  return detail::record(
+      detail::gather_rows_values(x, order, "permute_rows"), "permute_rows", {x},
+      [inverse = inverse.detach()](const Tensor& g) {
+        return detail::GradList{detail::gather_rows_values(g, inverse, "permute_rows")};
+      });
+}
+
 // Rows of weight [V, d] looked up by ids (i32, any shape) -> ids.shape + [d].
 inline Tensor embedding(const Tensor& weight, const Tensor& ids) {
   detail::check_i32("embedding", ids);
