@@ -2,9 +2,8 @@
 // backward, axis permutation, and the rotary position embedding.
 //
 // - gather_rows: a check kernel (one thread per index) flags the first bad index, the host reads
-// the
-//   flag (a synchronisation) and throws before anything is written; then one thread per output
-//   element copies, consecutive threads along a row so reads and writes are coalesced.
+//   the flag (a synchronisation) and throws before anything is written; then one thread per
+//   output element copies, consecutive threads along a row so reads and writes are coalesced.
 // - scatter_add_rows: determinism without floating-point atomics. The index is copied to the host,
 //   checked there, and counting-sorted into a CSR: for each output row, the source positions that
 //   land on it in increasing order. One block per output row then sums its sources in that order
@@ -128,11 +127,10 @@ void scatter_add_rows(const float* src, const int32_t* index, float* out, int64_
 
 // ---- topk ----
 
-// True when position i ranks before position j (rex::topk's comparator).
+// True when position i of the row ranks before position j (rex::detail::ranks_before, the CPU's
+// comparator).
 __device__ bool ranks_before(const float* row, int64_t i, int64_t j) {
-  const float a = row[i], b = row[j];
-  if (isnan(a) || isnan(b)) return isnan(a) && (!isnan(b) || i < j);
-  return a > b || (a == b && i < j);
+  return rex::detail::ranks_before(row[i], i, row[j], j);
 }
 
 constexpr int kWarp = 32;
