@@ -1,7 +1,8 @@
 // CPU kernels for elementwise work (the CPU side of kernels/elementwise.cu): map (one input), zip
 // (two inputs, broadcast), the broadcast iterator that zip, sum_to, broadcast_to and where share,
-// and the entries cpu::add, cpu::select, cpu::swiglu and cpu::swiglu_backward, which take the
-// arguments of their rex/backend/cuda/backend.hpp counterparts.
+// and the entries cpu::add, broadcast_copy, sum_to, select, swiglu and swiglu_backward, which take
+// the arguments of their rex/backend/cuda/backend.hpp counterparts (shapes in place of the CUDA
+// launch description).
 //
 // Broadcasting follows NumPy (rex/backend/broadcast.hpp). The iterator walks the output in
 // row-major order and keeps, per input, the element offset, with stride 0 on stretched axes; the
@@ -126,6 +127,20 @@ namespace cpu {
 // out = a + b over n elements; out may be a (in-place accumulation).
 inline void add(const float* a, const float* b, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+// out [out_shape] = x [x_shape] stretched by broadcasting.
+inline void broadcast_copy(const float* x, float* out, const Shape& out_shape,
+                           const Shape& x_shape) {
+  for_each_broadcast<1>(out_shape, {x_shape},
+                        [&](int64_t o, const auto& at) { out[o] = x[at[0]]; });
+}
+
+// out [out_shape] (which must start zeroed) += x [x_shape] summed over the broadcast axes, in the
+// row-major order of x.
+inline void sum_to(const float* x, float* out, const Shape& x_shape, const Shape& out_shape) {
+  for_each_broadcast<1>(x_shape, {out_shape},
+                        [&](int64_t i, const auto& at) { out[at[0]] += x[i]; });
 }
 
 // out = cond != 0 ? a : b, broadcast to out_shape; cond is f32 or i32 (cond_is_i32), and ins holds

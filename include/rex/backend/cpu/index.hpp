@@ -1,6 +1,7 @@
-// CPU kernels for top-k selection and the rotary position embedding (the CPU side of those entries
-// of kernels/index.cu), with the arguments of their rex/backend/cuda/backend.hpp counterparts.
-// The formulas are in the file-top comments of rex/ops/topk.hpp and rex/ops/rope.hpp.
+// CPU kernels for top-k selection, axis permutation and the rotary position embedding (the CPU side
+// of those entries of kernels/index.cu), with the arguments of their rex/backend/cuda/backend.hpp
+// counterparts. The formulas are in the file-top comments of rex/ops/topk.hpp, shape.hpp and
+// rope.hpp. (gather_rows and scatter_add_rows keep their loops in rex/ops/index.hpp for now.)
 //
 // topk ranks each row with std::partial_sort over an index array under ranks_before (NaN first,
 // then larger values, ties to the lower position), a strict weak ordering.
@@ -37,6 +38,38 @@ inline void topk_backward(const float* g, const int32_t* indices, float* gx, int
                           int64_t n, int64_t k) {
   std::fill(gx, gx + rows * n, 0.0f);
   for (int64_t e = 0; e < rows * k; ++e) gx[(e / k) * n + indices[e]] = g[e];
+}
+
+// out = x with its axes permuted: out axis i is x axis perm[i], x having extents dims[0 .. rank).
+// When the last axis stays last (splitting or merging attention heads), its rows are contiguous in
+// both tensors: whole rows are copied and only the outer axes walked.
+inline void permute(const float* x, float* out, int64_t rank, const int64_t* dims,
+                    const int64_t* perm) {
+  std::vector<int64_t> out_dims(static_cast<size_t>(rank)), in_strides(static_cast<size_t>(rank));
+  int64_t total = 1;
+  for (int64_t i = 0; i < rank; ++i) {
+    const auto a = static_cast<size_t>(i);
+    out_dims[a] = dims[perm[i]];
+    total *= out_dims[a];
+    // in_strides[i]: the step in x when output axis i advances by one.
+    in_strides[a] = 1;
+    for (int64_t j = perm[i] + 1; j < rank; ++j) in_strides[a] *= dims[j];
+  }
+  const bool keeps_rows = rank > 1 && in_strides[static_cast<size_t>(rank - 1)] == 1;
+  const int64_t block = keeps_rows ? out_dims.back() : 1;
+  const int64_t walked = keeps_rows ? rank - 1 : rank;
+  std::vector<int64_t> index(static_cast<size_t>(rank), 0);
+  int64_t offset = 0;
+  for (int64_t o = 0, n = block == 0 ? 0 : total / block; o < n; ++o) {
+    std::copy_n(x + offset, block, out + o * block);
+    for (int64_t axis = walked - 1; axis >= 0; --axis) {
+      const auto a = static_cast<size_t>(axis);
+      offset += in_strides[a];
+      if (++index[a] < out_dims[a]) break;
+      offset -= in_strides[a] * out_dims[a];
+      index[a] = 0;
+    }
+  }
 }
 
 // x [outer, time, head_dim] rotated by `direction` (+1, or -1 for the backward) through the [time,
