@@ -237,8 +237,7 @@ void sum_to(const float* x, float* out, int64_t out_numel, const CudaBroadcast& 
 
 __global__ void swiglu_kernel(const float* a, const float* b, float* y, int64_t n) {
   for (int64_t i = thread_index(); i < n; i += thread_count()) {
-    const float av = a[i];
-    y[i] = av / (1.0f + expf(-av)) * b[i];
+    y[i] = rex::detail::swiglu_value(a[i], b[i]);
   }
 }
 
@@ -246,9 +245,9 @@ __global__ void swiglu_backward_kernel(const float* a, const float* b, const flo
                                        float* db, int64_t n) {
   for (int64_t i = thread_index(); i < n; i += thread_count()) {
     const float av = a[i], gv = g[i];
-    const float s = 1.0f / (1.0f + expf(-av));
-    if (da != nullptr) da[i] = gv * b[i] * s * (1.0f + av * (1.0f - s));
-    if (db != nullptr) db[i] = gv * av * s;
+    const float s = rex::detail::sigmoid_of(av);
+    if (da != nullptr) da[i] = rex::detail::swiglu_grad_a(gv, av, b[i], s);
+    if (db != nullptr) db[i] = rex::detail::swiglu_grad_b(gv, av, s);
   }
 }
 

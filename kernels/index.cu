@@ -2,9 +2,8 @@
 // backward, axis permutation, and the rotary position embedding.
 //
 // - gather_rows: a check kernel (one thread per index) flags the first bad index, the host reads
-// the
-//   flag (a synchronisation) and throws before anything is written; then one thread per output
-//   element copies, consecutive threads along a row so reads and writes are coalesced.
+//   the flag (a synchronisation) and throws before anything is written; then one thread per
+//   output element copies, consecutive threads along a row so reads and writes are coalesced.
 // - scatter_add_rows: determinism without floating-point atomics. The index is copied to the host,
 //   checked there, and counting-sorted into a CSR: for each output row, the source positions that
 //   land on it in increasing order. One block per output row then sums its sources in that order
@@ -122,11 +121,10 @@ void scatter_add_rows(const float* src, const int32_t* index, float* out, int64_
 
 // ---- topk ----
 
-// True when position i ranks before position j (rex::topk's comparator).
-__device__ bool ranks_before(const float* row, int64_t i, int64_t j) {
-  const float a = row[i], b = row[j];
-  if (isnan(a) || isnan(b)) return isnan(a) && (!isnan(b) || i < j);
-  return a > b || (a == b && i < j);
+// True when position i of the row ranks before position j (rex::detail::ranks_before, the CPU's
+// comparator).
+__device__ bool row_ranks_before(const float* row, int64_t i, int64_t j) {
+  return rex::detail::ranks_before(row[i], i, row[j], j);
 }
 
 constexpr int kWarp = 32;
@@ -144,12 +142,12 @@ __global__ void topk_kernel(const float* x, float* values, int32_t* indices, int
       // This lane's best among its positions that rank after the previous pick (-1: none).
       int64_t best = -1;
       for (int64_t i = lane; i < n; i += kWarp) {
-        if (previous >= 0 && !ranks_before(row, previous, i)) continue;
-        if (best < 0 || ranks_before(row, i, best)) best = i;
+        if (previous >= 0 && !row_ranks_before(row, previous, i)) continue;
+        if (best < 0 || row_ranks_before(row, i, best)) best = i;
       }
       for (int offset = kWarp / 2; offset > 0; offset /= 2) {
         const int64_t other = __shfl_xor_sync(0xffffffffu, best, offset);
-        if (other >= 0 && (best < 0 || ranks_before(row, other, best))) best = other;
+        if (other >= 0 && (best < 0 || row_ranks_before(row, other, best))) best = other;
       }
       if (lane == 0) {
         values[r * k + j] = row[best];

@@ -107,14 +107,9 @@ void sum_axis(const float* x, float* out, int64_t outer, int64_t n, int64_t inne
 
 // ---- max_axis ----
 
-// True when (v at i) beats (best at best_i): NaN first, then the larger value, ties to the lower
-// position. This is the CPU's sequential rule made order-free, so any reduction tree agrees.
-__device__ inline bool beats(float v, int32_t i, float best, int32_t best_i) {
-  const bool v_nan = isnan(v), best_nan = isnan(best);
-  if (v_nan != best_nan) return v_nan;
-  if (!v_nan && v != best) return v > best;
-  return i < best_i;
-}
+// Candidates are compared with rex::detail::ranks_before (NaN first, then the larger value, ties
+// to the lower position): a total order, so any reduction tree agrees with the CPU's loop.
+using rex::detail::ranks_before;
 
 __global__ void max_rows_kernel(const float* x, float* out, int32_t* argmax, int64_t rows,
                                 int64_t n) {
@@ -125,7 +120,7 @@ __global__ void max_rows_kernel(const float* x, float* out, int32_t* argmax, int
     int32_t best_i = INT32_MAX;  // loses to any element
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
       const float v = x[r * n + j];
-      if (beats(v, static_cast<int32_t>(j), best, best_i)) {
+      if (ranks_before(v, j, best, best_i)) {
         best = v;
         best_i = static_cast<int32_t>(j);
       }
@@ -133,7 +128,7 @@ __global__ void max_rows_kernel(const float* x, float* out, int32_t* argmax, int
     for (int offset = 16; offset > 0; offset /= 2) {
       const float v = __shfl_down_sync(0xffffffffu, best, offset);
       const int32_t i = __shfl_down_sync(0xffffffffu, best_i, offset);
-      if (beats(v, i, best, best_i)) {
+      if (ranks_before(v, i, best, best_i)) {
         best = v;
         best_i = i;
       }
@@ -148,7 +143,7 @@ __global__ void max_rows_kernel(const float* x, float* out, int32_t* argmax, int
       best = warp_value[0];
       best_i = warp_index[0];
       for (unsigned int w = 1; w < blockDim.x / 32; ++w) {
-        if (beats(warp_value[w], warp_index[w], best, best_i)) {
+        if (ranks_before(warp_value[w], warp_index[w], best, best_i)) {
           best = warp_value[w];
           best_i = warp_index[w];
         }
@@ -167,7 +162,7 @@ __global__ void max_middle_kernel(const float* x, float* out, int32_t* argmax, i
     int32_t best_j = 0;
     for (int64_t j = 1; j < n; ++j) {
       const float v = p[j * inner];
-      if (v > best || (isnan(v) && !isnan(best))) {
+      if (ranks_before(v, j, best, best_j)) {
         best = v;
         best_j = static_cast<int32_t>(j);
       }

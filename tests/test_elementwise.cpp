@@ -214,3 +214,28 @@ TEST_CASE("swiglu matches silu(a) * b in values and gradients, and central diffe
           swiglu(zeros({2}), zeros({3}));
         }).find("swiglu: a [2] and b [3] must have the same shape") != std::string::npos);
 }
+
+TEST_CASE(
+    "the SwiGLU formulas give the same values on floats (the kernels) and Eigen arrays (the "
+    "CPU)") {
+  Eigen::ArrayXf a(5), b(5), g(5);
+  a << -3.0f, -0.5f, 0.0f, 0.75f, 4.0f;
+  b << 1.5f, -2.0f, 0.25f, 3.0f, -1.0f;
+  g << 0.5f, 1.0f, -2.0f, 0.125f, 1.0f;
+  const Eigen::ArrayXf y = rex::detail::swiglu_value(a, b);
+  const Eigen::ArrayXf s = rex::detail::sigmoid_of(a);
+  const Eigen::ArrayXf da = rex::detail::swiglu_grad_a(g, a, b, s);
+  const Eigen::ArrayXf db = rex::detail::swiglu_grad_b(g, a, s);
+  for (int i = 0; i < 5; ++i) {
+    const float si = rex::detail::sigmoid_of(a[i]);
+    CHECK(y[i] == doctest::Approx(rex::detail::swiglu_value(a[i], b[i])).epsilon(1e-6));
+    CHECK(s[i] == doctest::Approx(si).epsilon(1e-6));
+    CHECK(da[i] == doctest::Approx(rex::detail::swiglu_grad_a(g[i], a[i], b[i], si)).epsilon(1e-6));
+    CHECK(db[i] == doctest::Approx(rex::detail::swiglu_grad_b(g[i], a[i], si)).epsilon(1e-6));
+    // And against the closed form: silu(a) b, its derivative in a times b, and silu(a).
+    const double ad = a[i], sd = 1.0 / (1.0 + std::exp(-ad));
+    CHECK(y[i] == doctest::Approx(ad * sd * b[i]).epsilon(1e-5));
+    CHECK(da[i] == doctest::Approx(g[i] * b[i] * sd * (1.0 + ad * (1.0 - sd))).epsilon(1e-5));
+    CHECK(db[i] == doctest::Approx(g[i] * ad * sd).epsilon(1e-5));
+  }
+}

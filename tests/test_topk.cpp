@@ -127,3 +127,19 @@ TEST_CASE("topk: errors name the op") {
   CHECK(error_message([&] { topk(scalar(1.0f), 1); }).find("topk") != std::string::npos);
   CHECK(error_message([&] { topk(zeros({3, 0}), 1); }).find("topk") != std::string::npos);
 }
+
+TEST_CASE(
+    "ranks_before, the ranking topk and max share: NaN first, then larger, ties to the lower "
+    "position") {
+  using rex::detail::ranks_before;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  CHECK(ranks_before(2.0f, 5, 1.0f, 0));
+  CHECK_FALSE(ranks_before(1.0f, 0, 2.0f, 5));
+  CHECK(ranks_before(1.0f, 0, 1.0f, 1));
+  CHECK_FALSE(ranks_before(1.0f, 1, 1.0f, 0));
+  CHECK(ranks_before(nan, 7, std::numeric_limits<float>::infinity(), 0));
+  CHECK_FALSE(ranks_before(std::numeric_limits<float>::infinity(), 0, nan, 7));
+  CHECK(ranks_before(nan, 2, nan, 3));
+  CHECK_FALSE(ranks_before(nan, 3, nan, 2));
+  CHECK_FALSE(ranks_before(1.0f, 4, 1.0f, 4));  // strict: never before itself
+}

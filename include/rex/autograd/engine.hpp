@@ -15,19 +15,15 @@
 #include <vector>
 
 #include "rex/autograd/graph.hpp"
-#include "rex/backend/cuda/dispatch.hpp"
+#include "rex/backend/dispatch.hpp"
 #include "rex/core/factory.hpp"
 
 namespace rex::detail {
 
 // Returns a + b as a new tensor (neither input may be written: either could be shared).
 inline Tensor sum_of_grads(const Tensor& a, const Tensor& b) {
-  common_device("backward", {a, b});
-  if (on_cuda(a)) return cuda_binary(BinaryOp::add, a, b, "backward");
-  Tensor out = Tensor::empty(a.shape());
-  const float *pa = a.data<float>(), *pb = b.data<float>();
-  float* po = out.data<float>();
-  for (int64_t i = 0, n = a.numel(); i < n; ++i) po[i] = pa[i] + pb[i];
+  Tensor out = Tensor::empty(a.shape(), DType::f32, a.device());
+  add_into(a, b, out, "backward");
   return out;
 }
 
@@ -37,16 +33,7 @@ inline void accumulate_leaf_grad(AutogradMeta& leaf, const Tensor& g) {
     leaf.grad = g.clone();
     return;
   }
-  common_device("backward", {leaf.grad, g});
-  if (on_cuda(g)) {
-    cuda_backend().binary(BinaryOp::add, leaf.grad.device_data<float>(), g.device_data<float>(),
-                          leaf.grad.device_data<float>(),
-                          cuda_broadcast_index("backward", g.shape(), {g.shape(), g.shape()}));
-    return;
-  }
-  float* acc = leaf.grad.data<float>();
-  const float* add = g.data<float>();
-  for (int64_t i = 0, n = g.numel(); i < n; ++i) acc[i] += add[i];
+  add_into(leaf.grad, g, leaf.grad, "backward");
 }
 
 // Nodes reachable from `root`, each before every node that produced one of its inputs.

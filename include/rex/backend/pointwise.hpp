@@ -6,11 +6,14 @@
 //
 // Unary ops carry one scalar s (the exponent of pow, the operand of the scalar forms). Their
 // backward is dx = g * unary_slope(op, saved, s), where `saved` is the input x or, for the ops
-// whose derivative is cheaper from the output, y (unary_saves_output says which).
+// whose derivative is cheaper from the output, y (the REX_UNARY_OPS list says which). The other
+// shared rules live here too: the NaN-first ranking of max and topk (ranks_before) and the SwiGLU
+// value and gradients, whose templates also take Eigen arrays (the CPU's vectorised form).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define REX_HOST_DEVICE __host__ __device__
@@ -20,35 +23,94 @@
 
 namespace rex::detail {
 
-enum class UnaryOp : int32_t {
-  neg,
-  exp,
-  log,
-  sqrt,
-  rsqrt,
-  pow,
-  tanh,
-  sigmoid,
-  silu,
-  relu,
-  gelu,
-  add_scalar,   // x + s
-  sub_scalar,   // x - s
-  rsub_scalar,  // s - x
-  mul_scalar,   // x * s
-  div_scalar,   // x / s
-  rdiv_scalar,  // s / x
-};
+// Every unary op, one row each: X(name, what its backward saves). The enum, the op-code switch
+// (with_unary_op) and unary_saves are generated from this list, so a new op is one row here plus
+// its formula (unary_value) and its derivative (unary_slope). `saves`: input (dx = g * f'(x)),
+// output (dx = g * f'(y), where the derivative is cheaper from y) or nothing (a constant slope).
+#define REX_UNARY_OPS(X)              \
+  X(neg, nothing)                     \
+  X(exp, output)                      \
+  X(log, input)                       \
+  X(sqrt, output)                     \
+  X(rsqrt, output)                    \
+  X(pow, input)                       \
+  X(tanh, output)                     \
+  X(sigmoid, output)                  \
+  X(silu, input)                      \
+  X(relu, input)                      \
+  X(gelu, input)                      \
+  X(add_scalar, nothing)  /* x + s */ \
+  X(sub_scalar, nothing)  /* x - s */ \
+  X(rsub_scalar, nothing) /* s - x */ \
+  X(mul_scalar, nothing)  /* x * s */ \
+  X(div_scalar, nothing)  /* x / s */ \
+  X(rdiv_scalar, input)   /* s / x */
+
+#define REX_UNARY_ENUM_ROW(name, saves) name,
+enum class UnaryOp : int32_t { REX_UNARY_OPS(REX_UNARY_ENUM_ROW) };
+#undef REX_UNARY_ENUM_ROW
 
 enum class BinaryOp : int32_t { add, sub, mul, div };
 
-// True where the backward reads the output y instead of the input x.
-REX_HOST_DEVICE constexpr bool unary_saves_output(UnaryOp op) {
-  return op == UnaryOp::exp || op == UnaryOp::sqrt || op == UnaryOp::rsqrt || op == UnaryOp::tanh ||
-         op == UnaryOp::sigmoid;
+// What a unary op's backward reads.
+enum class UnarySaves : int32_t { input, output, nothing };
+
+REX_HOST_DEVICE constexpr UnarySaves unary_saves(UnaryOp op) {
+  switch (op) {
+#define REX_UNARY_SAVES_ROW(name, saves) \
+  case UnaryOp::name:                    \
+    return UnarySaves::saves;
+    REX_UNARY_OPS(REX_UNARY_SAVES_ROW)
+#undef REX_UNARY_SAVES_ROW
+  }
+  return UnarySaves::input;
 }
 
-REX_HOST_DEVICE inline float sigmoid_of(float v) { return 1.0f / (1.0f + expf(-v)); }
+// exp of a float (C's expf, as in device code) or, on the CPU, of an Eigen array expression (its
+// vectorised exp), so that one formula template below serves the kernels and the Eigen loops.
+template <class T>
+REX_HOST_DEVICE inline auto exp_of(const T& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return expf(v);
+  } else {
+    return v.exp();
+  }
+}
+
+template <class T>
+REX_HOST_DEVICE inline auto sigmoid_of(const T& v) {
+  return 1.0f / (1.0f + exp_of(-v));
+}
+
+// NaN test without a library call (the same on host and device; rex never builds with
+// -ffast-math).
+REX_HOST_DEVICE inline bool is_nan(float v) { return v != v; }
+
+// The ranking of max, topk and their kernels: value a at position i ranks before value b at
+// position j when a is NaN and b is not, else when a > b, ties (and NaN against NaN) to the lower
+// position. A strict total order on (value, position), so any reduction tree picks the same winner.
+REX_HOST_DEVICE inline bool ranks_before(float a, int64_t i, float b, int64_t j) {
+  const bool a_nan = is_nan(a), b_nan = is_nan(b);
+  if (a_nan != b_nan) return a_nan;
+  if (!a_nan && a != b) return a > b;
+  return i < j;
+}
+
+// SwiGLU, y = silu(a) * b, for floats (the kernels) and Eigen arrays (the CPU). With
+// s = sigmoid(a), its gradients for an output gradient g are
+//   da = g b s (1 + a (1 - s)),   db = g a s.
+template <class A, class B>
+REX_HOST_DEVICE inline auto swiglu_value(const A& a, const B& b) {
+  return a / (1.0f + exp_of(-a)) * b;
+}
+template <class G, class A, class B, class S>
+REX_HOST_DEVICE inline auto swiglu_grad_a(const G& g, const A& a, const B& b, const S& s) {
+  return g * b * s * (1.0f + a * (1.0f - s));
+}
+template <class G, class A, class S>
+REX_HOST_DEVICE inline auto swiglu_grad_b(const G& g, const A& a, const S& s) {
+  return g * a * s;
+}
 
 template <UnaryOp Op>
 REX_HOST_DEVICE inline float unary_value(float v, float s) {
@@ -72,7 +134,7 @@ REX_HOST_DEVICE inline float unary_value(float v, float s) {
   if constexpr (Op == UnaryOp::rdiv_scalar) return s / v;
 }
 
-// d(output)/d(input) from `saved` (x, or y where unary_saves_output).
+// d(output)/d(input) from `saved` (x, or y where unary_saves says output).
 template <UnaryOp Op>
 REX_HOST_DEVICE inline float unary_slope(float saved, float s) {
   constexpr float kInvSqrt2 = 0.70710678118654752f;
@@ -122,40 +184,11 @@ struct BinaryTag {
 template <class F>
 REX_HOST_DEVICE inline void with_unary_op(UnaryOp op, F&& f) {
   switch (op) {
-    case UnaryOp::neg:
-      return f(UnaryTag<UnaryOp::neg>{});
-    case UnaryOp::exp:
-      return f(UnaryTag<UnaryOp::exp>{});
-    case UnaryOp::log:
-      return f(UnaryTag<UnaryOp::log>{});
-    case UnaryOp::sqrt:
-      return f(UnaryTag<UnaryOp::sqrt>{});
-    case UnaryOp::rsqrt:
-      return f(UnaryTag<UnaryOp::rsqrt>{});
-    case UnaryOp::pow:
-      return f(UnaryTag<UnaryOp::pow>{});
-    case UnaryOp::tanh:
-      return f(UnaryTag<UnaryOp::tanh>{});
-    case UnaryOp::sigmoid:
-      return f(UnaryTag<UnaryOp::sigmoid>{});
-    case UnaryOp::silu:
-      return f(UnaryTag<UnaryOp::silu>{});
-    case UnaryOp::relu:
-      return f(UnaryTag<UnaryOp::relu>{});
-    case UnaryOp::gelu:
-      return f(UnaryTag<UnaryOp::gelu>{});
-    case UnaryOp::add_scalar:
-      return f(UnaryTag<UnaryOp::add_scalar>{});
-    case UnaryOp::sub_scalar:
-      return f(UnaryTag<UnaryOp::sub_scalar>{});
-    case UnaryOp::rsub_scalar:
-      return f(UnaryTag<UnaryOp::rsub_scalar>{});
-    case UnaryOp::mul_scalar:
-      return f(UnaryTag<UnaryOp::mul_scalar>{});
-    case UnaryOp::div_scalar:
-      return f(UnaryTag<UnaryOp::div_scalar>{});
-    case UnaryOp::rdiv_scalar:
-      return f(UnaryTag<UnaryOp::rdiv_scalar>{});
+#define REX_UNARY_CASE_ROW(name, saves) \
+  case UnaryOp::name:                   \
+    return f(UnaryTag<UnaryOp::name>{});
+    REX_UNARY_OPS(REX_UNARY_CASE_ROW)
+#undef REX_UNARY_CASE_ROW
   }
 }
 

@@ -19,15 +19,13 @@ inline Tensor broadcast_to(const Tensor& x, const Shape& shape) {
   REX_CHECK(detail::broadcast_shapes(x.shape(), shape, "broadcast_to") == shape,
             "broadcast_to: shape ", x.shape(), " cannot be broadcast to ", shape);
   Tensor out = Tensor::empty(shape, DType::f32, x.device());
+  const float* px = x.device_data<float>();
+  float* po = out.device_data<float>();
   if (detail::on_cuda(x)) {
     detail::cuda_backend().broadcast_copy(
-        x.device_data<float>(), out.device_data<float>(),
-        detail::cuda_broadcast_index("broadcast_to", shape, {x.shape()}));
+        px, po, detail::cuda_broadcast_index("broadcast_to", shape, {x.shape()}));
   } else {
-    const float* px = x.data<float>();
-    float* po = out.data<float>();
-    detail::for_each_broadcast<1>(shape, {x.shape()},
-                                  [&](int64_t o, const auto& at) { po[o] = px[at[0]]; });
+    detail::cpu::broadcast_copy(px, po, shape, x.shape());
   }
   return detail::record(out, "broadcast_to", {x}, [in_shape = x.shape()](const Tensor& g) {
     return detail::GradList{sum_to(g, in_shape)};
@@ -42,14 +40,13 @@ inline Tensor sum_to(const Tensor& x, const Shape& shape) {
   REX_CHECK(detail::broadcast_shapes(shape, x.shape(), "sum_to") == x.shape(), "sum_to: shape ",
             x.shape(), " is not a broadcast of ", shape);
   Tensor out = zeros(shape, x.device());
+  const float* px = x.device_data<float>();
+  float* po = out.device_data<float>();
   if (detail::on_cuda(x)) {
-    detail::cuda_backend().sum_to(x.device_data<float>(), out.device_data<float>(), out.numel(),
+    detail::cuda_backend().sum_to(px, po, out.numel(),
                                   detail::cuda_broadcast_index("sum_to", x.shape(), {shape}));
   } else {
-    const float* px = x.data<float>();
-    float* po = out.data<float>();
-    detail::for_each_broadcast<1>(x.shape(), {shape},
-                                  [&](int64_t i, const auto& at) { po[at[0]] += px[i]; });
+    detail::cpu::sum_to(px, po, x.shape(), shape);
   }
   return detail::record(out, "sum_to", {x}, [out_shape = x.shape()](const Tensor& g) {
     return detail::GradList{broadcast_to(g, out_shape)};

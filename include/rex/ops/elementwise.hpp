@@ -2,15 +2,15 @@
 //
 // Binary ops reduce each input gradient with sum_to (the shared broadcasting helper). Every unary
 // op is detail::pointwise<UnaryOp::...>: its formula and derivative are written once in
-// rex/backend/pointwise.hpp, shared by the CPU loops and the CUDA kernels, and the op code decides
-// what the backward saves: x (dx = g * f'(x)), y (exp, tanh, sigmoid, sqrt, rsqrt: dx = g * f'(y))
-// or nothing (the scalar forms and neg, whose slope is a constant).
+// rex/backend/pointwise.hpp, shared by the CPU loops and the CUDA kernels, and its row in the
+// REX_UNARY_OPS list there says what the backward saves: x (dx = g * f'(x)), y (dx = g * f'(y)) or
+// nothing (a constant slope).
 #pragma once
 
 #include <cmath>
 #include <numbers>
 
-#include "rex/backend/cpu/arrays.hpp"
+#include "rex/backend/cpu/elementwise.hpp"
 #include "rex/backend/cuda/dispatch.hpp"
 #include "rex/backend/pointwise.hpp"
 #include "rex/ops/broadcast.hpp"
@@ -44,19 +44,18 @@ template <UnaryOp Op>
 Tensor pointwise(const Tensor& x, std::string_view op, float s = 0.0f) {
   check_f32(op, x);
   Tensor y = unary_values<Op>(x, s);
-  constexpr bool kLinear = Op == UnaryOp::neg || Op == UnaryOp::add_scalar ||
-                           Op == UnaryOp::sub_scalar || Op == UnaryOp::rsub_scalar ||
-                           Op == UnaryOp::mul_scalar || Op == UnaryOp::div_scalar;
-  if constexpr (kLinear) {
-    // A constant slope: the backward saves nothing.
-    return record(y, op, {x}, [s](const Tensor& g) {
+  constexpr UnarySaves saves = unary_saves(Op);
+  // Nothing for a constant slope; else x or y.
+  const Tensor saved = saves == UnarySaves::nothing  ? Tensor()
+                       : saves == UnarySaves::output ? y.detach()
+                                                     : x.detach();
+  return record(y, op, {x}, [saved, s](const Tensor& g) {
+    if constexpr (saves == UnarySaves::nothing) {
       return GradList{unary_values<UnaryOp::mul_scalar>(g, unary_slope<Op>(0.0f, s))};
-    });
-  } else {
-    const Tensor saved = unary_saves_output(Op) ? y.detach() : x.detach();
-    return record(y, op, {x},
-                  [saved, s](const Tensor& g) { return GradList{unary_grad<Op>(g, saved, s)}; });
-  }
+    } else {
+      return GradList{unary_grad<Op>(g, saved, s)};
+    }
+  });
 }
 
 // a (op) b with broadcasting, on the inputs' device (the values only; no graph node).
@@ -187,49 +186,32 @@ inline Tensor gelu(const Tensor& x) { return detail::pointwise<detail::UnaryOp::
 // ---- fused -----------------------------------------------------------------------------------
 
 // swiglu(a, b) = silu(a) * b, the gate of a SwiGLU FFN, in one pass (a and b of the same shape).
-// With s = sigmoid(a):  y = a s b,  da = g b s (1 + a (1 - s)),  db = g a s.
-// The backward recomputes s from a instead of saving it. Sigmoids go through Eigen's vectorised
-// exp; silu(a) * b composed from two ops is the reference the tests compare against.
+// With s = sigmoid(a):  y = a s b,  da = g b s (1 + a (1 - s)),  db = g a s (written once, in
+// rex/backend/pointwise.hpp). The backward recomputes s from a instead of saving it. On the CPU the
+// sigmoids go through Eigen's vectorised exp; silu(a) * b composed from two ops is the reference
+// the tests compare against.
 inline Tensor swiglu(const Tensor& a, const Tensor& b) {
   detail::check_f32("swiglu", a), detail::check_f32("swiglu", b);
   REX_CHECK(a.shape() == b.shape(), "swiglu: a ", a.shape(), " and b ", b.shape(),
             " must have the same shape");
   const Device device = detail::common_device("swiglu", {a, b});
   Tensor y = Tensor::empty(a.shape(), DType::f32, device);
-  if (device.is_cuda()) {
-    detail::cuda_backend().swiglu(a.device_data<float>(), b.device_data<float>(),
-                                  y.device_data<float>(), a.numel());
-  } else {
-    const float *pa = a.data<float>(), *pb = b.data<float>();
-    float* py = y.data<float>();
-    detail::for_each_chunk(a.numel(), [&](int64_t first, int64_t count) {
-      const detail::ConstArrayMap av(pa + first, count), bv(pb + first, count);
-      detail::ArrayMap(py + first, count) = av / (1.0f + (-av).exp()) * bv;
-    });
-  }
+  (device.is_cuda() ? detail::cuda_backend().swiglu : detail::cpu::swiglu)(
+      a.device_data<float>(), b.device_data<float>(), y.device_data<float>(), a.numel());
   return detail::record(
       y, "swiglu", {a, b},
       [a = a.detach(), b = b.detach()](const Tensor& g, const std::vector<bool>& needs) {
-        Tensor da = needs[0] ? Tensor::empty(a.shape(), DType::f32, a.device()) : Tensor();
-        Tensor db = needs[1] ? Tensor::empty(a.shape(), DType::f32, a.device()) : Tensor();
-        if (detail::on_cuda(a)) {
-          detail::cuda_backend().swiglu_backward(
-              a.device_data<float>(), b.device_data<float>(), g.device_data<float>(),
-              da.defined() ? da.device_data<float>() : nullptr,
-              db.defined() ? db.device_data<float>() : nullptr, a.numel());
-          return detail::GradList{da, db};
-        }
-        const float *pa = a.data<float>(), *pb = b.data<float>(), *pg = g.data<float>();
-        detail::for_each_chunk(a.numel(), [&](int64_t first, int64_t count) {
-          const detail::ConstArrayMap av(pa + first, count), bv(pb + first, count),
-              gv(pg + first, count);
-          const Eigen::ArrayXf s = 1.0f / (1.0f + (-av).exp());
-          if (da.defined())
-            detail::ArrayMap(da.data<float>() + first, count) =
-                gv * bv * s * (1.0f + av * (1.0f - s));
-          if (db.defined()) detail::ArrayMap(db.data<float>() + first, count) = gv * av * s;
-        });
-        return detail::GradList{da, db};
+        detail::GradList grads(2);
+        for (size_t i = 0; i < 2; ++i)
+          if (needs[i]) grads[i] = Tensor::empty(a.shape(), DType::f32, a.device());
+        auto pointer = [](const Tensor& t) {
+          return t.defined() ? t.device_data<float>() : nullptr;
+        };
+        (detail::on_cuda(a) ? detail::cuda_backend().swiglu_backward
+                            : detail::cpu::swiglu_backward)(
+            a.device_data<float>(), b.device_data<float>(), g.device_data<float>(),
+            pointer(grads[0]), pointer(grads[1]), a.numel());
+        return grads;
       });
 }
 

@@ -35,48 +35,23 @@ inline void check_row_indices(std::string_view op, const Tensor& index, int64_t 
   }
 }
 
-// One flag per element of a condition tensor (f32 or i32): 1 where it is nonzero.
-inline std::vector<uint8_t> truth_values(std::string_view op, const Tensor& condition) {
-  check_defined(op, condition);
-  std::vector<uint8_t> truth(static_cast<size_t>(condition.numel()));
-  if (condition.dtype() == DType::i32) {
-    const int32_t* pc = condition.data<int32_t>();
-    for (size_t i = 0; i < truth.size(); ++i) truth[i] = pc[i] != 0;
-  } else {
-    const float* pc = condition.data<float>();
-    for (size_t i = 0; i < truth.size(); ++i) truth[i] = pc[i] != 0.0f;
-  }
-  return truth;
-}
-
-// where on CUDA: one select kernel forward; the backward routes g with the same kernel against a
-// zero scalar.
-inline Tensor cuda_where(const Tensor& condition, const Tensor& a, const Tensor& b,
-                         const Shape& shape) {
+// out = condition != 0 ? a : b broadcast to `shape`, on the inputs' device (condition f32 or i32).
+inline Tensor select_values(const Tensor& condition, const Tensor& a, const Tensor& b,
+                            const Shape& shape) {
+  Tensor out = Tensor::empty(shape, DType::f32, a.device());
   const bool cond_i32 = condition.dtype() == DType::i32;
-  auto select = [cond_i32](const Tensor& cond, const Tensor& x, const Tensor& y,
-                           const Shape& out_shape) {
-    Tensor out = Tensor::empty(out_shape, DType::f32, x.device());
+  const void* pc = condition.device_bytes();
+  const float *pa = a.device_data<float>(), *pb = b.device_data<float>();
+  float* po = out.device_data<float>();
+  if (on_cuda(a)) {
     cuda_backend().select(
-        cond.device_bytes(), cond_i32, x.device_data<float>(), y.device_data<float>(),
-        out.device_data<float>(),
-        cuda_broadcast_index("where", out_shape, {cond.shape(), x.shape(), y.shape()}));
-    return out;
-  };
-  return record(select(condition, a, b, shape), "where", {a, b},
-                [condition = condition.detach(), sa = a.shape(), sb = b.shape(), select](
-                    const Tensor& g, const std::vector<bool>& needs) {
-                  const Tensor zero = zeros(Shape{}, g.device());
-                  GradList grads(2);
-                  if (needs[0]) grads[0] = sum_to(select(condition, g, zero, g.shape()), sa);
-                  if (needs[1]) grads[1] = sum_to(select(condition, zero, g, g.shape()), sb);
-                  return grads;
-                });
+        pc, cond_i32, pa, pb, po,
+        cuda_broadcast_index("where", shape, {condition.shape(), a.shape(), b.shape()}));
+  } else {
+    cpu::select(pc, cond_i32, pa, pb, po, shape, {condition.shape(), a.shape(), b.shape()});
+  }
+  return out;
 }
-
-}  // namespace detail
-
-namespace detail {
 
 // The two row kernels, trusting their indices: the public ops check them once in the forward, and
 // each backward reuses indices that were already checked.
@@ -194,33 +169,16 @@ inline Tensor where(const Tensor& condition, const Tensor& a, const Tensor& b) {
   detail::check_f32("where", a), detail::check_f32("where", b);
   const Shape shape = detail::broadcast_shapes(
       detail::broadcast_shapes(condition.shape(), a.shape(), "where"), b.shape(), "where");
-  if (detail::common_device("where", {condition, a, b}).is_cuda())
-    return detail::cuda_where(condition, a, b, shape);
-  std::vector<uint8_t> truth = detail::truth_values("where", condition);
-  Tensor out = Tensor::empty(shape);
-  const float *pa = a.data<float>(), *pb = b.data<float>();
-  float* po = out.data<float>();
-  detail::for_each_broadcast<3>(shape, {condition.shape(), a.shape(), b.shape()},
-                                [&](int64_t o, const auto& at) {
-                                  po[o] = truth[static_cast<size_t>(at[0])] ? pa[at[1]] : pb[at[2]];
-                                });
+  detail::common_device("where", {condition, a, b});
   return detail::record(
-      out, "where", {a, b},
-      [truth = std::move(truth), sc = condition.shape(), sa = a.shape(), sb = b.shape()](
+      detail::select_values(condition, a, b, shape), "where", {a, b},
+      [condition = condition.detach(), sa = a.shape(), sb = b.shape()](
           const Tensor& g, const std::vector<bool>& needs) {
-        // g routed by the condition: the masked g for the selected operand, zeros for the other.
-        auto routed = [&](bool when) {
-          Tensor part = Tensor::empty(g.shape());
-          const float* pg = g.data<float>();
-          float* pp = part.data<float>();
-          detail::for_each_broadcast<1>(g.shape(), {sc}, [&](int64_t o, const auto& at) {
-            pp[o] = (truth[static_cast<size_t>(at[0])] != 0) == when ? pg[o] : 0.0f;
-          });
-          return part;
-        };
+        // g routed by the condition: g for the selected operand, zeros for the other.
+        const Tensor zero = zeros(Shape{}, g.device());
         detail::GradList grads(2);
-        if (needs[0]) grads[0] = sum_to(routed(true), sa);
-        if (needs[1]) grads[1] = sum_to(routed(false), sb);
+        if (needs[0]) grads[0] = sum_to(detail::select_values(condition, g, zero, g.shape()), sa);
+        if (needs[1]) grads[1] = sum_to(detail::select_values(condition, zero, g, g.shape()), sb);
         return grads;
       });
 }

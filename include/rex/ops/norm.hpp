@@ -9,11 +9,11 @@
 // tests compare the fused op against (values and gradients).
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <string_view>
 #include <vector>
 
+#include "rex/backend/cpu/reduce.hpp"
 #include "rex/ops/elementwise.hpp"
 #include "rex/ops/reduce.hpp"
 
@@ -32,79 +32,55 @@ inline int64_t check_rms_norm_args(std::string_view op, const Tensor& x, const T
   return weight.dim(0);
 }
 
-// rms_norm on CUDA: the same formulas in the rex::cuda kernels; r stays on the device.
-inline Tensor cuda_rms_norm(const Tensor& x, const Tensor& weight, float eps, int64_t d) {
+struct RmsNormValues {
+  Tensor y;     // x's shape
+  Tensor rstd;  // [rows]: r = rsqrt(mean(x^2) + eps) per row, saved for the backward
+};
+
+inline RmsNormValues rms_norm_values(const Tensor& x, const Tensor& weight, float eps, int64_t d) {
   const int64_t rows = x.numel() / d;
-  Tensor y = Tensor::empty(x.shape(), DType::f32, x.device());
-  Tensor r = Tensor::empty(Shape{rows}, DType::f32, x.device());
-  cuda_backend().rms_norm(x.device_data<float>(), weight.device_data<float>(),
-                          y.device_data<float>(), r.device_data<float>(), rows, d, eps);
-  return record(y, "rms_norm", {x, weight},
-                [x = x.detach(), weight = weight.detach(), r, rows, d](
-                    const Tensor& g, const std::vector<bool>& needs) {
-                  GradList grads(2);
-                  if (needs[0]) grads[0] = Tensor::empty(x.shape(), DType::f32, x.device());
-                  if (needs[1]) grads[1] = Tensor::empty(weight.shape(), DType::f32, x.device());
-                  cuda_backend().rms_norm_backward(
-                      g.device_data<float>(), x.device_data<float>(), weight.device_data<float>(),
-                      r.device_data<float>(), needs[0] ? grads[0].device_data<float>() : nullptr,
-                      needs[1] ? grads[1].device_data<float>() : nullptr, rows, d);
-                  return grads;
-                });
+  RmsNormValues out{Tensor::empty(x.shape(), DType::f32, x.device()),
+                    Tensor::empty(Shape{rows}, DType::f32, x.device())};
+  const float *px = x.device_data<float>(), *pw = weight.device_data<float>();
+  float *py = out.y.device_data<float>(), *pr = out.rstd.device_data<float>();
+  if (on_cuda(x)) {
+    cuda_backend().rms_norm(px, pw, py, pr, rows, d, eps);
+  } else {
+    cpu::rms_norm(px, pw, py, pr, rows, d, eps);
+  }
+  return out;
+}
+
+// The gradients of x and weight (each left undefined where `needs` says it is not wanted).
+inline GradList rms_norm_grads(const Tensor& g, const Tensor& x, const Tensor& weight,
+                               const Tensor& rstd, const std::vector<bool>& needs) {
+  const int64_t d = weight.dim(0), rows = x.numel() / d;
+  GradList grads(2);
+  if (needs[0]) grads[0] = Tensor::empty(x.shape(), DType::f32, x.device());
+  if (needs[1]) grads[1] = Tensor::empty(weight.shape(), DType::f32, x.device());
+  float* dx = needs[0] ? grads[0].device_data<float>() : nullptr;
+  float* dw = needs[1] ? grads[1].device_data<float>() : nullptr;
+  const float *pg = g.device_data<float>(), *px = x.device_data<float>();
+  const float *pw = weight.device_data<float>(), *pr = rstd.device_data<float>();
+  if (on_cuda(x)) {
+    cuda_backend().rms_norm_backward(pg, px, pw, pr, dx, dw, rows, d);
+  } else {
+    cpu::rms_norm_backward(pg, px, pw, pr, dx, dw, rows, d);
+  }
+  return grads;
 }
 
 }  // namespace detail
 
 inline Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps = 1e-6f) {
   const int64_t d = detail::check_rms_norm_args("rms_norm", x, weight, eps);
-  if (detail::common_device("rms_norm", {x, weight}).is_cuda())
-    return detail::cuda_rms_norm(x, weight, eps, d);
-  const int64_t rows = x.numel() / d;
-  Tensor y = Tensor::empty(x.shape());
-  std::vector<float> r(static_cast<size_t>(rows));  // rsqrt(mean(x^2) + eps) per row
-  const float *px = x.data<float>(), *pw = weight.data<float>();
-  float* py = y.data<float>();
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* row = px + i * d;
-    double squares = 0;
-    for (int64_t j = 0; j < d; ++j) squares += static_cast<double>(row[j]) * row[j];
-    const auto ri = static_cast<float>(1.0 / std::sqrt(squares / static_cast<double>(d) + eps));
-    r[static_cast<size_t>(i)] = ri;
-    for (int64_t j = 0; j < d; ++j) py[i * d + j] = row[j] * ri * pw[j];
-  }
-  return detail::record(
-      y, "rms_norm", {x, weight},
-      [x = x.detach(), weight = weight.detach(), r = std::move(r), d](
-          const Tensor& g, const std::vector<bool>& needs) {
-        const int64_t rows = x.numel() / d;
-        const float *px = x.data<float>(), *pw = weight.data<float>(), *pg = g.data<float>();
-        Tensor gx = needs[0] ? Tensor::empty(x.shape()) : Tensor();
-        std::vector<double> gw_sum(needs[1] ? static_cast<size_t>(d) : 0, 0.0);
-        for (int64_t i = 0; i < rows; ++i) {
-          const float ri = r[static_cast<size_t>(i)];
-          const float* row = px + i * d;
-          const float* grow = pg + i * d;
-          if (needs[0]) {
-            double dot = 0;  // sum of gw * xhat over the row
-            for (int64_t j = 0; j < d; ++j)
-              dot += static_cast<double>(grow[j]) * pw[j] * (row[j] * ri);
-            const auto mean_dot = static_cast<float>(dot / static_cast<double>(d));
-            float* gxrow = gx.data<float>() + i * d;
-            for (int64_t j = 0; j < d; ++j)
-              gxrow[j] = ri * (grow[j] * pw[j] - row[j] * ri * mean_dot);
-          }
-          if (needs[1])
-            for (int64_t j = 0; j < d; ++j)
-              gw_sum[static_cast<size_t>(j)] += static_cast<double>(grow[j]) * (row[j] * ri);
-        }
-        detail::GradList grads{gx, Tensor()};
-        if (needs[1]) {
-          grads[1] = Tensor::empty(weight.shape());
-          for (int64_t j = 0; j < d; ++j)
-            grads[1].data<float>()[j] = static_cast<float>(gw_sum[static_cast<size_t>(j)]);
-        }
-        return grads;
-      });
+  detail::common_device("rms_norm", {x, weight});
+  detail::RmsNormValues values = detail::rms_norm_values(x, weight, eps, d);
+  return detail::record(values.y, "rms_norm", {x, weight},
+                        [x = x.detach(), weight = weight.detach(), rstd = values.rstd](
+                            const Tensor& g, const std::vector<bool>& needs) {
+                          return detail::rms_norm_grads(g, x, weight, rstd, needs);
+                        });
 }
 
 inline Tensor rms_norm_reference(const Tensor& x, const Tensor& weight, float eps = 1e-6f) {

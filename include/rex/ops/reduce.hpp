@@ -2,14 +2,14 @@
 //
 // The reduced axis is seen as the middle of an [outer, n, inner] block. sum's backward broadcasts
 // the gradient back; mean is sum / n; max routes the gradient to the first position of each maximum
-// (ties go to the lowest index, as the saved argmax says). NaN counts as the largest value, so a
-// row holding one has maximum NaN whatever the order (as in PyTorch, and as topk ranks it).
+// (ties go to the lowest index, as the saved i32 argmax says). NaN counts as the largest value, so
+// a row holding one has maximum NaN whatever the order (as in PyTorch, and as topk ranks it: both
+// use detail::ranks_before).
 #pragma once
 
-#include <cmath>
-#include <limits>
 #include <vector>
 
+#include "rex/backend/cpu/reduce.hpp"
 #include "rex/ops/broadcast.hpp"
 #include "rex/ops/elementwise.hpp"
 #include "rex/ops/shape.hpp"
@@ -36,16 +36,10 @@ inline Tensor sum(const Tensor& x, int64_t axis, bool keepdim = false) {
   const int64_t outer = x.shape().numel(0, axis), n = x.shape()[axis];
   const int64_t inner = x.shape().numel(axis + 1, x.rank());
   Tensor out = zeros(detail::reduced_shape(x.shape(), axis, keepdim), x.device());
-  if (detail::on_cuda(x)) {
-    detail::cuda_backend().sum_axis(x.device_data<float>(), out.device_data<float>(), outer, n,
-                                    inner);
-  } else {
-    const float* px = x.data<float>();
-    float* po = out.data<float>();
-    for (int64_t o = 0; o < outer; ++o)
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t i = 0; i < inner; ++i) po[o * inner + i] += px[(o * n + j) * inner + i];
-  }
+  const float* px = x.device_data<float>();
+  float* po = out.device_data<float>();
+  (detail::on_cuda(x) ? detail::cuda_backend().sum_axis : detail::cpu::sum_axis)(px, po, outer, n,
+                                                                                 inner);
   return detail::record(out, "sum", {x}, [in_shape = x.shape(), axis](const Tensor& g) {
     return detail::GradList{
         broadcast_to(reshape(g, detail::reduced_shape(in_shape, axis, true).dims()), in_shape)};
@@ -72,40 +66,18 @@ inline Tensor max(const Tensor& x, int64_t axis, bool keepdim = false) {
   REX_CHECK(n > 0, "max: axis ", axis, " of shape ", x.shape(), " is empty");
   Tensor out =
       Tensor::empty(detail::reduced_shape(x.shape(), axis, keepdim), DType::f32, x.device());
-  if (detail::on_cuda(x)) {
-    // The position of each maximum along the axis, kept on the device for the backward.
-    Tensor argmax = Tensor::empty(Shape{outer * inner}, DType::i32, x.device());
-    detail::cuda_backend().max_axis(x.device_data<float>(), out.device_data<float>(),
-                                    argmax.device_data<int32_t>(), outer, n, inner);
-    return detail::record(
-        out, "max", {x}, [in_shape = x.shape(), argmax, outer, n, inner](const Tensor& g) {
-          Tensor gx = Tensor::empty(in_shape, DType::f32, g.device());
-          detail::cuda_backend().max_axis_backward(g.device_data<float>(),
-                                                   argmax.device_data<int32_t>(),
-                                                   gx.device_data<float>(), outer, n, inner);
-          return detail::GradList{gx};
-        });
-  }
-  std::vector<int64_t> argmax(static_cast<size_t>(outer * inner));  // flat index into x
-  const float* px = x.data<float>();
-  float* po = out.data<float>();
-  for (int64_t o = 0; o < outer; ++o) {
-    for (int64_t i = 0; i < inner; ++i) {
-      int64_t best = o * n * inner + i;
-      for (int64_t j = 1; j < n; ++j) {
-        const int64_t at = (o * n + j) * inner + i;
-        if (px[at] > px[best] || (std::isnan(px[at]) && !std::isnan(px[best]))) best = at;
-      }
-      po[o * inner + i] = px[best];
-      argmax[static_cast<size_t>(o * inner + i)] = best;
-    }
-  }
+  // The position of each maximum along the axis, on x's device, saved for the backward.
+  Tensor argmax = Tensor::empty(Shape{outer * inner}, DType::i32, x.device());
+  (detail::on_cuda(x) ? detail::cuda_backend().max_axis : detail::cpu::max_axis)(
+      x.device_data<float>(), out.device_data<float>(), argmax.device_data<int32_t>(), outer, n,
+      inner);
   return detail::record(out, "max", {x},
-                        [in_shape = x.shape(), argmax = std::move(argmax)](const Tensor& g) {
-                          Tensor gx = zeros(in_shape);
-                          const float* pg = g.data<float>();
-                          float* pgx = gx.data<float>();
-                          for (size_t r = 0; r < argmax.size(); ++r) pgx[argmax[r]] += pg[r];
+                        [in_shape = x.shape(), argmax, outer, n, inner](const Tensor& g) {
+                          Tensor gx = Tensor::empty(in_shape, DType::f32, g.device());
+                          (detail::on_cuda(g) ? detail::cuda_backend().max_axis_backward
+                                              : detail::cpu::max_axis_backward)(
+                              g.device_data<float>(), argmax.device_data<int32_t>(),
+                              gx.device_data<float>(), outer, n, inner);
                           return detail::GradList{gx};
                         });
 }

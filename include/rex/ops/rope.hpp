@@ -18,8 +18,8 @@
 #include <cmath>
 #include <vector>
 
+#include "rex/backend/cpu/index.hpp"
 #include "rex/backend/cuda/dispatch.hpp"
-#include "rex/core/parallel.hpp"
 #include "rex/ops/common.hpp"
 
 namespace rex {
@@ -54,33 +54,12 @@ inline RopeTable rope_table(int64_t time, int64_t head_dim, float theta, int64_t
 // Rotates every (i, i + D/2) pair of x [B, H, T, D] by +angle (direction 1) or -angle (direction
 // -1). The table must be on x's device.
 inline Tensor rope_rotate(const Tensor& x, const RopeTable& table, float direction) {
-  const int64_t time = x.dim(2), head_dim = x.dim(3), half = head_dim / 2;
+  const int64_t time = x.dim(2), head_dim = x.dim(3);
   const int64_t rows = x.dim(0) * x.dim(1);
   Tensor out = Tensor::empty(x.shape(), DType::f32, x.device());
-  if (on_cuda(x)) {
-    cuda_backend().rope(x.device_data<float>(), table.cos.device_data<float>(),
-                        table.sin.device_data<float>(), out.device_data<float>(), rows, time,
-                        head_dim, direction);
-    return out;
-  }
-  const float* px = x.data<float>();
-  const float* pc = table.cos.data<float>();
-  const float* ps = table.sin.data<float>();
-  float* po = out.data<float>();
-  REX_PARALLEL_FOR()
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t t = 0; t < time; ++t) {
-      const float* in = px + (r * time + t) * head_dim;
-      float* o = po + (r * time + t) * head_dim;
-      const float* c = pc + t * half;
-      const float* s = ps + t * half;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = in[i], b = in[i + half], sn = direction * s[i];
-        o[i] = a * c[i] - b * sn;
-        o[i + half] = b * c[i] + a * sn;
-      }
-    }
-  }
+  (on_cuda(x) ? cuda_backend().rope : cpu::rope)(
+      x.device_data<float>(), table.cos.device_data<float>(), table.sin.device_data<float>(),
+      out.device_data<float>(), rows, time, head_dim, direction);
   return out;
 }
 

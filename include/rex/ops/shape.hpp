@@ -10,6 +10,7 @@
 #include <numeric>
 #include <vector>
 
+#include "rex/backend/cpu/index.hpp"
 #include "rex/backend/cuda/dispatch.hpp"
 #include "rex/ops/common.hpp"
 
@@ -75,59 +76,29 @@ inline Tensor permute(const Tensor& x, const std::vector<int64_t>& perm) {
   const int64_t rank = x.rank();
   REX_CHECK(static_cast<int64_t>(perm.size()) == rank, "permute: ", perm.size(),
             " axes given for shape ", x.shape());
-  std::vector<int64_t> out_dims(perm.size()), inverse(perm.size(), -1);
+  std::vector<int64_t> axes(perm.size()), out_dims(perm.size()), inverse(perm.size(), -1);
   for (int64_t i = 0; i < rank; ++i) {
     const int64_t p = x.shape().normalize_axis(perm[static_cast<size_t>(i)], "permute");
     REX_CHECK(inverse[static_cast<size_t>(p)] < 0, "permute: axis ", p, " appears twice");
     inverse[static_cast<size_t>(p)] = i;
+    axes[static_cast<size_t>(i)] = p;
     out_dims[static_cast<size_t>(i)] = x.shape()[p];
   }
-  // in_strides[i]: step in the input when output axis i advances by one.
-  std::vector<int64_t> in_strides(perm.size());
-  for (int64_t i = 0; i < rank; ++i) {
-    const int64_t p = x.shape().normalize_axis(perm[static_cast<size_t>(i)], "permute");
-    in_strides[static_cast<size_t>(i)] = x.shape().numel(p + 1, rank);
-  }
-  Shape out_shape(out_dims);
-  Tensor out = Tensor::empty(out_shape, DType::f32, x.device());
-  auto record_permute = [&] {
-    return detail::record(out, "permute", {x}, [inverse](const Tensor& g) {
-      return detail::GradList{permute(g, inverse)};
-    });
-  };
+  Tensor out = Tensor::empty(Shape(out_dims), DType::f32, x.device());
   if (detail::on_cuda(x)) {
     REX_CHECK(rank <= detail::kMaxCudaRank, "permute: shape ", x.shape(), " has more than ",
               detail::kMaxCudaRank, " axes, the most the CUDA backend permutes");
-    std::vector<int64_t> axes(perm.size());
-    for (int64_t i = 0; i < rank; ++i)
-      axes[static_cast<size_t>(i)] =
-          x.shape().normalize_axis(perm[static_cast<size_t>(i)], "permute");
     if (out.numel() > 0)
       detail::cuda_backend().permute(x.device_bytes(), out.device_bytes(),
                                      static_cast<int32_t>(rank), x.shape().dims().data(),
                                      axes.data());
-    return record_permute();
+  } else {
+    detail::cpu::permute(x.data<float>(), out.data<float>(), rank, x.shape().dims().data(),
+                         axes.data());
   }
-  const float* px = x.data<float>();
-  float* po = out.data<float>();
-  // When the last axis stays last (splitting or merging attention heads), its rows are contiguous
-  // in both tensors: copy whole rows and walk only the outer axes.
-  const bool keeps_rows = rank > 1 && in_strides[static_cast<size_t>(rank - 1)] == 1;
-  const int64_t block = keeps_rows ? out_dims.back() : 1;
-  const int64_t walked = keeps_rows ? rank - 1 : rank;
-  std::vector<int64_t> index(perm.size(), 0);
-  int64_t offset = 0;
-  for (int64_t o = 0, n = block == 0 ? 0 : out.numel() / block; o < n; ++o) {
-    std::copy_n(px + offset, block, po + o * block);
-    for (int64_t axis = walked - 1; axis >= 0; --axis) {
-      const auto a = static_cast<size_t>(axis);
-      offset += in_strides[a];
-      if (++index[a] < out_dims[a]) break;
-      offset -= in_strides[a] * out_dims[a];
-      index[a] = 0;
-    }
-  }
-  return record_permute();
+  return detail::record(out, "permute", {x}, [inverse](const Tensor& g) {
+    return detail::GradList{permute(g, inverse)};
+  });
 }
 
 // Swaps two axes (a copy; matmul takes transposed operands without one, see MatmulOptions).

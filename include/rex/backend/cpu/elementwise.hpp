@@ -1,10 +1,12 @@
-// CPU kernels for elementwise work: map (one input), zip (two inputs, broadcast), and the broadcast
-// iterator that zip, sum_to, broadcast_to and where share.
+// CPU kernels for elementwise work (the CPU side of kernels/elementwise.cu): map (one input), zip
+// (two inputs, broadcast), the broadcast iterator that zip, sum_to, broadcast_to and where share,
+// and the entries cpu::add, broadcast_copy, sum_to, select, swiglu and swiglu_backward, which take
+// the arguments of their rex/backend/cuda/backend.hpp counterparts (shapes in place of the CUDA
+// launch description).
 //
-// Broadcasting follows NumPy: shapes are aligned at their last axis and an extent of 1 (or a
-// missing leading axis) stretches. The iterator walks the output in row-major order and keeps, per
-// input, the element offset, with stride 0 on stretched axes; the common cases (equal shapes, a
-// scalar operand) take flat loops that the compiler vectorises.
+// Broadcasting follows NumPy (rex/backend/broadcast.hpp). The iterator walks the output in
+// row-major order and keeps, per input, the element offset, with stride 0 on stretched axes; the
+// common cases (equal shapes, a scalar operand) take flat loops that the compiler vectorises.
 #pragma once
 
 #include <array>
@@ -12,35 +14,12 @@
 #include <utility>
 #include <vector>
 
+#include "rex/backend/broadcast.hpp"
+#include "rex/backend/cpu/arrays.hpp"
+#include "rex/backend/pointwise.hpp"
 #include "rex/core/tensor.hpp"
 
 namespace rex::detail {
-
-// The NumPy broadcast of two shapes; `op` names the caller in the error.
-inline Shape broadcast_shapes(const Shape& a, const Shape& b, std::string_view op) {
-  const int64_t rank = std::max(a.rank(), b.rank());
-  std::vector<int64_t> dims(static_cast<size_t>(rank));
-  for (int64_t i = 0; i < rank; ++i) {
-    const int64_t da = i < rank - a.rank() ? 1 : a[i - (rank - a.rank())];
-    const int64_t db = i < rank - b.rank() ? 1 : b[i - (rank - b.rank())];
-    REX_CHECK(da == db || da == 1 || db == 1, op, ": shapes ", a, " and ", b,
-              " cannot be broadcast together");
-    dims[static_cast<size_t>(i)] = da == 1 ? db : da;
-  }
-  return Shape(std::move(dims));
-}
-
-// Row-major element strides of `in` seen through the rank of `out`, 0 on stretched axes.
-inline std::vector<int64_t> broadcast_strides(const Shape& in, const Shape& out) {
-  const int64_t lead = out.rank() - in.rank();
-  std::vector<int64_t> strides(static_cast<size_t>(out.rank()), 0);
-  int64_t stride = 1;
-  for (int64_t i = in.rank() - 1; i >= 0; --i) {
-    if (in[i] != 1) strides[static_cast<size_t>(i + lead)] = stride;
-    stride *= in[i];
-  }
-  return strides;
-}
 
 // Calls body(out_index, offsets) for every element of `out` in row-major order, where offsets[k] is
 // the element of input k (of shape ins[k], broadcastable to out) that lines up with it.
@@ -143,4 +122,57 @@ Tensor map_rows(const Tensor& a, const Tensor& b, int64_t row_length, F&& f) {
   return out;
 }
 
+namespace cpu {
+
+// out = a + b over n elements; out may be a (in-place accumulation).
+inline void add(const float* a, const float* b, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+// out [out_shape] = x [x_shape] stretched by broadcasting.
+inline void broadcast_copy(const float* x, float* out, const Shape& out_shape,
+                           const Shape& x_shape) {
+  for_each_broadcast<1>(out_shape, {x_shape},
+                        [&](int64_t o, const auto& at) { out[o] = x[at[0]]; });
+}
+
+// out [out_shape] (which must start zeroed) += x [x_shape] summed over the broadcast axes, in the
+// row-major order of x.
+inline void sum_to(const float* x, float* out, const Shape& x_shape, const Shape& out_shape) {
+  for_each_broadcast<1>(x_shape, {out_shape},
+                        [&](int64_t i, const auto& at) { out[at[0]] += x[i]; });
+}
+
+// out = cond != 0 ? a : b, broadcast to out_shape; cond is f32 or i32 (cond_is_i32), and ins holds
+// the shapes of cond, a and b.
+inline void select(const void* cond, bool cond_is_i32, const float* a, const float* b, float* out,
+                   const Shape& out_shape, const std::array<Shape, 3>& ins) {
+  const auto* cond_i32 = static_cast<const int32_t*>(cond);
+  const auto* cond_f32 = static_cast<const float*>(cond);
+  for_each_broadcast<3>(out_shape, ins, [&](int64_t o, const auto& at) {
+    const bool truth = cond_is_i32 ? cond_i32[at[0]] != 0 : cond_f32[at[0]] != 0.0f;
+    out[o] = truth ? a[at[1]] : b[at[2]];
+  });
+}
+
+// y = swiglu(a, b) in fixed chunks through Eigen's vectorised exp.
+inline void swiglu(const float* a, const float* b, float* y, int64_t n) {
+  for_each_chunk(n, [&](int64_t first, int64_t count) {
+    const ConstArrayMap av(a + first, count), bv(b + first, count);
+    ArrayMap(y + first, count) = swiglu_value(av, bv);
+  });
+}
+
+// da and db may be null (not needed); the sigmoid is recomputed from a.
+inline void swiglu_backward(const float* a, const float* b, const float* g, float* da, float* db,
+                            int64_t n) {
+  for_each_chunk(n, [&](int64_t first, int64_t count) {
+    const ConstArrayMap av(a + first, count), bv(b + first, count), gv(g + first, count);
+    const Eigen::ArrayXf s = sigmoid_of(av);
+    if (da != nullptr) ArrayMap(da + first, count) = swiglu_grad_a(gv, av, bv, s);
+    if (db != nullptr) ArrayMap(db + first, count) = swiglu_grad_b(gv, av, s);
+  });
+}
+
+}  // namespace cpu
 }  // namespace rex::detail

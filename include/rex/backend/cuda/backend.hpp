@@ -55,7 +55,7 @@ struct CudaBackend {
 
   // ---- elementwise (kernels/elementwise.cu); the math is rex/backend/pointwise.hpp ----
   void (*unary)(UnaryOp op, float s, const float* x, float* y, int64_t n);
-  // dx = g * unary_slope(op, saved, s), saved being x or y as unary_saves_output(op) says.
+  // dx = g * unary_slope(op, saved, s), saved being x or y as unary_saves(op) says.
   void (*unary_backward)(UnaryOp op, float s, const float* g, const float* saved, float* dx,
                          int64_t n);
   void (*binary)(BinaryOp op, const float* a, const float* b, float* out,

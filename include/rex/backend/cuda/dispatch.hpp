@@ -7,7 +7,7 @@
 #include <memory>
 #include <string_view>
 
-#include "rex/backend/cpu/elementwise.hpp"
+#include "rex/backend/broadcast.hpp"
 #include "rex/backend/cuda/backend.hpp"
 #include "rex/core/tensor.hpp"
 
@@ -71,6 +71,75 @@ inline Tensor cuda_unary(UnaryOp op, float s, const Tensor& x) {
   Tensor y = Tensor::empty(x.shape(), DType::f32, x.device());
   cuda_backend().unary(op, s, x.device_data<float>(), y.device_data<float>(), x.numel());
   return y;
+}
+
+// grouped_swiglu on CUDA, with the arguments of rex::detail::cpu::grouped_swiglu
+// (rex/backend/cpu/gemm.hpp; the sizes come from the host-side offsets): per-expert cuBLAS GEMMs on
+// the segments and one fused swiglu kernel over all rows between them.
+inline void cuda_grouped_swiglu(const float* x, const int64_t* offsets, int64_t experts,
+                                const float* const* gate, const float* const* up,
+                                const float* const* down, float* y, float* pre_gate, float* pre_up,
+                                int64_t d, int64_t h) {
+  const CudaBackend& cuda = cuda_backend();
+  const int64_t rows = offsets[experts];
+  const std::shared_ptr<void> act_buffer =
+      cuda_buffer(static_cast<size_t>(rows * h) * sizeof(float));
+  auto* act = static_cast<float*>(act_buffer.get());
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t first = offsets[e], m = offsets[e + 1] - first;
+    if (m == 0) continue;
+    cuda.gemm(x + first * d, gate[e], pre_gate + first * h, m, h, d, false, true, false, 1, 0, 0,
+              0);
+    cuda.gemm(x + first * d, up[e], pre_up + first * h, m, h, d, false, true, false, 1, 0, 0, 0);
+  }
+  cuda.swiglu(pre_gate, pre_up, act, rows * h);
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t first = offsets[e], m = offsets[e + 1] - first;
+    if (m == 0) continue;
+    cuda.gemm(act + first * h, down[e], y + first * d, m, d, h, false, true, false, 1, 0, 0, 0);
+  }
+}
+
+// The backward of cuda_grouped_swiglu, with the arguments of cpu::grouped_swiglu_backward.
+inline void cuda_grouped_swiglu_backward(const float* x, const int64_t* offsets, int64_t experts,
+                                         const float* const* gate, const float* const* up,
+                                         const float* const* down, const float* pre_gate,
+                                         const float* pre_up, const float* g, float* dx,
+                                         float* const* d_gate, float* const* d_up,
+                                         float* const* d_down, int64_t d, int64_t h) {
+  const CudaBackend& cuda = cuda_backend();
+  const int64_t rows = offsets[experts];
+  const size_t bytes = static_cast<size_t>(rows * h) * sizeof(float);
+  const std::shared_ptr<void> buffers[] = {cuda_buffer(bytes), cuda_buffer(bytes),
+                                           cuda_buffer(bytes), cuda_buffer(bytes)};
+  auto* act = static_cast<float*>(buffers[0].get());
+  auto* d_act = static_cast<float*>(buffers[1].get());
+  auto* d_pre_gate = static_cast<float*>(buffers[2].get());
+  auto* d_pre_up = static_cast<float*>(buffers[3].get());
+  cuda.swiglu(pre_gate, pre_up, act, rows * h);
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t first = offsets[e], m = offsets[e + 1] - first;
+    if (m == 0) continue;
+    if (d_down[e] != nullptr)
+      cuda.gemm(g + first * d, act + first * h, d_down[e], d, h, m, true, false, false, 1, 0, 0, 0);
+    cuda.gemm(g + first * d, down[e], d_act + first * h, m, h, d, false, false, false, 1, 0, 0, 0);
+  }
+  cuda.swiglu_backward(pre_gate, pre_up, d_act, d_pre_gate, d_pre_up, rows * h);
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t first = offsets[e], m = offsets[e + 1] - first;
+    if (m == 0) continue;
+    if (d_gate[e] != nullptr)
+      cuda.gemm(d_pre_gate + first * h, x + first * d, d_gate[e], h, d, m, true, false, false, 1, 0,
+                0, 0);
+    if (d_up[e] != nullptr)
+      cuda.gemm(d_pre_up + first * h, x + first * d, d_up[e], h, d, m, true, false, false, 1, 0, 0,
+                0);
+    if (dx != nullptr) {
+      float* out = dx + first * d;
+      cuda.gemm(d_pre_gate + first * h, gate[e], out, m, d, h, false, false, false, 1, 0, 0, 0);
+      cuda.gemm(d_pre_up + first * h, up[e], out, m, d, h, false, false, true, 1, 0, 0, 0);
+    }
+  }
 }
 
 }  // namespace rex::detail
