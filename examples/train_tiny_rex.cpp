@@ -131,14 +131,12 @@ Options parse_args(int argc, char** argv) {
 // The device named by --device; CUDA needs a build linked with rex::cuda and a GPU.
 rex::Device chosen_device(const Options& o) {
   if (o.device == "cpu") return rex::Device::cpu();
-  int gpus = 0;
   try {
-    gpus = rex::cuda_device_count();
+    REX_CHECK(rex::cuda_device_count() > 0,
+              "no CUDA device was found (no GPU or no driver); use --device cpu");
   } catch (const rex::Error& e) {
     throw rex::Error(std::string("--device cuda: ") + e.what());
   }
-  REX_CHECK(gpus > 0,
-            "--device cuda: no CUDA device was found (no GPU or no driver); use --device cpu");
   std::printf("device: cuda:0, %s\n", rex::cuda_device_description(0).c_str());
   return rex::Device::cuda();
 }
@@ -148,12 +146,12 @@ const std::string& required(const std::string& value, const std::string& option)
   return value;
 }
 
-// The --sample N characters that continue --prompt, generated with the PSR mask of `steps`.
+// --prompt and the --sample N characters that continue it, generated with the PSR mask of `steps`.
 std::string sample_text(const rex::nn::TransformerLM& model, const rex::data::CharTokenizer& tok,
                         const Options& o, uint64_t seed, int64_t steps) {
   if (o.prompt.empty()) usage_error("--prompt must not be empty");
-  return train::generate(model, tok, o.prompt, o.sample, o.temperature, seed,
-                         train::after_steps(steps, seed));
+  return o.prompt + train::generate(model, tok, o.prompt, o.sample, o.temperature, seed,
+                                    train::after_steps(steps, seed));
 }
 
 int train_run(const Options& o) {
@@ -164,8 +162,13 @@ int train_run(const Options& o) {
   if (!o.resume_dir.empty()) saved = train::load_checkpoint(o.resume_dir);
   if (saved && !o.config_path.empty())
     usage_error("--config cannot be combined with --resume: the run's config is in its checkpoint");
-  train::RunConfig config = saved ? train::resumed_config(saved->config, o.overrides)
-                                  : train::read_run_config(o.config_path, o.overrides);
+  train::RunConfig config;
+  try {
+    config = saved ? train::resumed_config(saved->config, o.overrides)
+                   : train::read_run_config(o.config_path, o.overrides);
+  } catch (const train::NotResumable& e) {
+    usage_error(e.what());
+  }
   const train::Corpus corpus = train::load_corpus(
       required(o.data_path, "--data FILE"), saved ? std::optional(saved->tokenizer) : std::nullopt,
       config.train.train_fraction);
@@ -186,7 +189,6 @@ int train_run(const Options& o) {
   const rex::Device device = chosen_device(o);
   rex::set_matmul_precision(device, t.matmul_precision);
   train::TrainingState run = train::start_training(config, device, saved ? &*saved : nullptr);
-  const rex::nn::TransformerLM& model = *run.model;
   int64_t& step = run.step;  // completed optimizer steps
   const rex::optim::CosineSchedule schedule = train::lr_schedule(t);
   train::MetricsLog metrics(out + "/metrics.jsonl", saved ? std::optional(step) : std::nullopt);
@@ -194,7 +196,7 @@ int train_run(const Options& o) {
   const int64_t tokens_per_step = t.batch_size * config.model.context;
   const bool is_moe = config.model.ffn == "moe";
   const int64_t pool = config.model.moe.reuse * config.model.moe.experts_per_layer;  // rN
-  std::printf("rex train_tiny_rex: %s, %d threads\n%s\n", train::model_summary(model).c_str(),
+  std::printf("rex train_tiny_rex: %s, %d threads\n%s\n", train::model_summary(*run.model).c_str(),
               Eigen::nbThreads(), train::corpus_summary(corpus).c_str());
   std::printf("%s step %lld of %lld, %lld tokens per step, writing to %s\n",
               saved ? "resuming at" : "starting at", ll(step), ll(t.steps), ll(tokens_per_step),
@@ -207,7 +209,7 @@ int train_run(const Options& o) {
     const float lr = schedule.lr(step);
     const rex::data::Batch batch = train_batches.sample(static_cast<uint64_t>(step)).to(device);
     const train::StepResult result =
-        train::train_step(model, run.optimizer, batch, {step, t.seed}, lr, t.grad_clip);
+        train::train_step(*run.model, run.optimizer, batch, {step, t.seed}, lr, t.grad_clip);
     const rex::nn::LmOutput& r = result.output;
     ++step;
     progress.count_step();
@@ -223,7 +225,7 @@ int train_run(const Options& o) {
       std::fflush(stdout);
     }
     if (step % t.eval_interval == 0 || last) {
-      const train::Evaluation eval = train::evaluate(model, val_batches, t.eval_batches,
+      const train::Evaluation eval = train::evaluate(*run.model, val_batches, t.eval_batches,
                                                      train::after_steps(step, t.seed), device);
       metrics.log_eval(step, eval.val_loss);
       std::printf("eval  step %6lld | val_loss %.4f\n", ll(step), eval.val_loss);
@@ -235,7 +237,7 @@ int train_run(const Options& o) {
     const bool stop =
         train::interrupted() || (!last && o.stop_after >= 0 && step - first_step >= o.stop_after);
     if (step % t.checkpoint_interval == 0 || last || stop)
-      train::save_run(out, model, run.optimizer, config, corpus.tokenizer, step, corpus_info);
+      train::save_run(out, *run.model, run.optimizer, config, corpus.tokenizer, step, corpus_info);
     if (stop) {
       std::printf("%s: checkpoint saved at step %lld; continue with --resume %s\n",
                   train::interrupted() ? "interrupted" : "stopped", ll(step), out.c_str());
@@ -249,9 +251,8 @@ int train_run(const Options& o) {
               train::format_duration(progress.elapsed_s()).c_str(), is_moe ? ", routing.json" : "",
               out.c_str());
   if (o.sample > 0)
-    std::printf("--- sample (%lld characters, temperature %.2f) ---\n%s%s\n", ll(o.sample),
-                o.temperature, o.prompt.c_str(),
-                sample_text(model, corpus.tokenizer, o, t.seed, step).c_str());
+    std::printf("--- sample (%lld characters, temperature %.2f) ---\n%s\n", ll(o.sample),
+                o.temperature, sample_text(*run.model, corpus.tokenizer, o, t.seed, step).c_str());
   return 0;
 }
 
@@ -267,10 +268,9 @@ int checkpoint_mode(const Options& o) {
       train::load_model(required(o.checkpoint_dir, "--checkpoint DIR"), device);
   const train::RunConfig& c = loaded.folder.config;
   if (!o.eval_only) {
-    std::printf(
-        "%s%s\n", o.prompt.c_str(),
-        sample_text(*loaded.model, loaded.folder.tokenizer, o, c.train.seed, loaded.folder.step)
-            .c_str());
+    std::printf("%s\n", sample_text(*loaded.model, loaded.folder.tokenizer, o, c.train.seed,
+                                    loaded.folder.step)
+                            .c_str());
     return 0;
   }
   const train::Corpus corpus = train::load_corpus(required(o.data_path, "--data FILE"),

@@ -13,7 +13,8 @@
 //             corpus_bytes and corpus_hash (to warn when a resume reads another corpus)
 // Nothing else is needed to resume exactly: batches and PSR masks are pure functions of
 // (seed, step), so the random state is the seed (in the config) and the step.
-// load_model rebuilds the model of a model folder, weights included.
+// load_model rebuilds the model of a model folder, weights included; start_training builds the
+// model and optimiser of a new run or of a resumed one.
 #pragma once
 
 #include <algorithm>

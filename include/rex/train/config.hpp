@@ -246,18 +246,23 @@ inline const std::set<std::string> kResumableKeys = {
     "train.steps",        "train.log_interval",        "train.eval_interval",
     "train.eval_batches", "train.checkpoint_interval", "train.matmul_precision"};
 
-// The saved config with `overrides` (section.key=value) applied, validated, or a rex::Error naming
-// the first changed key that is not resumable.
+// What resumed_config throws when an override changes any other key.
+struct NotResumable : Error {
+  using Error::Error;
+};
+
+// The saved config with `overrides` (section.key=value) applied, validated; NotResumable names the
+// first changed key that a resumed run must keep.
 inline RunConfig resumed_config(const RunConfig& saved, const std::vector<std::string>& overrides) {
   RunConfig config = saved;
   for (const std::string& assignment : overrides) apply_override(config, assignment);
   const nlohmann::json before = to_json(saved), after = to_json(config);
   for (const auto& [section, keys] : after.items())
     for (const auto& [key, value] : keys.items())
-      REX_CHECK(value == before[section][key] || kResumableKeys.count(section + "." + key),
-                "--resume: ", section, ".", key,
-                " cannot change in a resumed run (only train.steps, train.eval_batches, "
-                "train.matmul_precision and the intervals can)");
+      if (value != before[section][key] && !kResumableKeys.count(section + "." + key))
+        throw NotResumable("--resume: " + section + "." + key +
+                           " cannot change in a resumed run (only train.steps, "
+                           "train.eval_batches, train.matmul_precision and the intervals can)");
   validate(config);
   return config;
 }
