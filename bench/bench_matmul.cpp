@@ -14,6 +14,11 @@
 
 #include "timing.hpp"
 
+namespace {
+// rex's tensors are row-major, Eigen's default is column-major.
+using RowMajorMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+}  // namespace
+
 int main(int argc, char** argv) {
   int repeats = 0;  // 0: chosen per size so each contender runs about 0.3 s
   for (int i = 1; i < argc; ++i) {
@@ -41,9 +46,9 @@ int main(int argc, char** argv) {
   for (const Case& c : cases) {
     const rex::Tensor a = rex::normal({c.m, c.k}, gen), b = rex::normal({c.k, c.n}, gen);
     rex::Tensor eigen_out = rex::zeros({c.m, c.n});
-    Eigen::Map<const rex::detail::RowMajorMatrix> A(a.data<float>(), c.m, c.k);
-    Eigen::Map<const rex::detail::RowMajorMatrix> B(b.data<float>(), c.k, c.n);
-    Eigen::Map<rex::detail::RowMajorMatrix> C(eigen_out.data<float>(), c.m, c.n);
+    Eigen::Map<const RowMajorMatrix> A(a.data<float>(), c.m, c.k);
+    Eigen::Map<const RowMajorMatrix> B(b.data<float>(), c.k, c.n);
+    Eigen::Map<RowMajorMatrix> C(eigen_out.data<float>(), c.m, c.n);
     const double flops = 2.0 * static_cast<double>(c.m * c.k * c.n);
     const int n = repeats > 0 ? repeats : std::max(15, static_cast<int>(0.3 * 20e9 / flops));
     auto [t_rex, t_eigen] = rex::bench::interleaved_medians([&] { rex::matmul(a, b); },

@@ -22,9 +22,10 @@
 #include <string>
 #include <vector>
 
-#include <rex/io/config.hpp>
-#include <rex/io/files.hpp>
+#include <rex/backend/cuda/runtime.hpp>
 #include <rex/rex.hpp>
+#include <rex/train/config.hpp>
+#include <rex/train/step.hpp>
 
 namespace {
 
@@ -65,27 +66,20 @@ int run(int argc, char** argv) {
     }
   }
   REX_CHECK(!config_path.empty(), "usage: train_step_server --config FILE [--set k=v ...]");
-  rex::nn::RunConfig config = rex::io::parse_config(rex::io::read_file(config_path), config_path);
-  for (const std::string& o : overrides) rex::io::apply_override(config, o);
-  rex::nn::validate(config);
+  const rex::train::RunConfig config = rex::train::read_run_config(config_path, overrides);
   REX_CHECK(config.model.vocab_size > 0, "train_step_server: set model.vocab_size");
-  const rex::nn::TrainConfig& t = config.train;
+  const rex::train::TrainConfig& t = config.train;
 
   const rex::Device device = device_name == "cuda" ? rex::Device::cuda() : rex::Device::cpu();
-  if (device.is_cuda()) {
-    REX_CHECK(rex::detail::cuda_backend().device_count() > 0,
+  if (device.is_cuda())
+    REX_CHECK(rex::cuda_device_count() > 0,
               "train_step_server: --device cuda but no CUDA device was found");
-    rex::detail::cuda_backend().set_tf32(tf32);
-  }
+  rex::set_matmul_precision(device, tf32 ? "tf32" : "fp32");
   // Work on the GPU is asynchronous: timings wait for it to finish.
-  auto finish = [&] {
-    if (device.is_cuda()) rex::detail::cuda_backend().synchronize();
-  };
+  auto finish = [&] { rex::synchronize(device); };
   rex::nn::TransformerLM model(config.model, t.seed);
   model.to(device);
-  rex::optim::AdamW optimizer(rex::optim::decay_matrices(model.named_parameters()),
-                              rex::optim::adamw_options(t));
-  const std::vector<rex::optim::Parameter>& params = optimizer.parameters();
+  rex::optim::AdamW optimizer = rex::train::make_optimizer(model, t);
   rex::Generator gen(t.seed + 1);
   const int64_t batch = t.batch_size, time = config.model.context;
   auto random_ids = [&] {
@@ -94,8 +88,9 @@ int run(int argc, char** argv) {
       id = static_cast<int32_t>(gen.below(static_cast<uint64_t>(config.model.vocab_size)));
     return rex::from_vector(ids, {batch, time}).to(device);
   };
-  const rex::Tensor ids = random_ids(), targets = random_ids();
+  const rex::data::Batch sequences{random_ids(), random_ids()};
 
+  const float lr = static_cast<float>(t.lr);
   int64_t step = 0;
   float last_loss = 0;
   std::string command;
@@ -104,14 +99,10 @@ int run(int argc, char** argv) {
       int64_t n = 0;
       REX_CHECK(std::cin >> n && n >= 0, "train_step_server: steps expects a count");
       const auto start = std::chrono::steady_clock::now();
-      for (int64_t i = 0; i < n; ++i, ++step) {
-        const rex::nn::LmOutput out = model.forward(ids, targets, {step, t.seed});
-        out.loss.backward();
-        rex::optim::clip_grad_norm(params, t.grad_clip);
-        optimizer.step(static_cast<float>(t.lr));
-        optimizer.zero_grad();
-        last_loss = out.loss.item();
-      }
+      for (int64_t i = 0; i < n; ++i, ++step)
+        last_loss =
+            rex::train::train_step(model, optimizer, sequences, {step, t.seed}, lr, t.grad_clip)
+                .output.loss.item();
       finish();
       const std::chrono::duration<double, std::milli> ms = std::chrono::steady_clock::now() - start;
       std::printf("ms %.6f\n", ms.count());
@@ -120,23 +111,21 @@ int run(int argc, char** argv) {
     } else if (command == "rss") {
       std::printf("rss %lld\n", static_cast<long long>(peak_rss_kib()));
     } else if (command == "memory") {
-      optimizer.zero_grad();
+      // kept: a forward pass whose graph is then dropped; peak: a whole training step after it.
       const int64_t base = rex::allocated_bytes();
       rex::reset_peak_allocated_bytes();
       int64_t kept = 0;
       {
-        const rex::nn::LmOutput out = model.forward(ids, targets, {step, t.seed});
+        const rex::nn::LmOutput out =
+            model.forward(sequences.inputs, sequences.targets, {step, t.seed});
         kept = rex::allocated_bytes() - base;
-        out.loss.backward();
       }
-      rex::optim::clip_grad_norm(params, t.grad_clip);
-      optimizer.step(static_cast<float>(t.lr));
-      optimizer.zero_grad();
+      rex::train::train_step(model, optimizer, sequences, {step, t.seed}, lr, t.grad_clip);
       ++step;
       std::printf("memory %lld %lld\n", static_cast<long long>(kept),
                   static_cast<long long>(rex::peak_allocated_bytes() - base));
     } else if (command == "config") {
-      std::printf("%s\n", rex::io::to_json(config).dump().c_str());
+      std::printf("%s\n", rex::train::to_json(config).dump().c_str());
     } else if (command == "gemm") {
       int64_t n = 0;
       REX_CHECK(std::cin >> n && n > 0, "train_step_server: gemm expects a size");

@@ -48,7 +48,7 @@ for file in $(find "$root/kernels" -name '*.cu' -o -name '*.cuh' | sort); do
 done
 hits=$(find "$root/examples" "$root/bench" -name '*.cpp' -exec grep -Hn 'detail::' {} + || true)
 if [ -n "$hits" ]; then
-  echo "$hits"
+  printf "%s\n" "$hits"
   echo "examples/ and bench/ reach into rex::detail (above): give them a public helper instead"
   status=1
 fi

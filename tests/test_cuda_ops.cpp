@@ -13,10 +13,10 @@
 
 #include <rex/backend/cuda/runtime.hpp>
 #include <rex/data/tokenizer.hpp>
-#include <rex/io/checkpoint.hpp>
 #include <rex/nn/transformer.hpp>
 #include <rex/optim/clip.hpp>
 #include <rex/rex.hpp>
+#include <rex/train/checkpoint.hpp>
 
 #include "testing.hpp"
 
@@ -511,7 +511,7 @@ TEST_CASE("cuda ops: one TransformerLM training step matches the CPU step") {
 
 TEST_CASE("cuda ops: a checkpoint written by a CUDA run resumes on the CPU, and back") {
   if (gpu_missing()) return;
-  nn::RunConfig config;
+  train::RunConfig config;
   config.model.vocab_size = 11, config.model.d_model = 16, config.model.n_layers = 2;
   config.model.n_heads = 2, config.model.n_kv_heads = 1, config.model.context = 8;
   config.model.moe.experts_per_layer = 2, config.model.moe.d_expert = 8;
@@ -526,9 +526,9 @@ TEST_CASE("cuda ops: a checkpoint written by a CUDA run resumes on the CPU, and 
   optim::AdamW gpu_adam(optim::decay_matrices(gpu_model.named_parameters()));
   gpu_model.forward(ids.to(kGpu), targets.to(kGpu), {0, 1}).loss.backward();
   gpu_adam.step(1e-2f);
-  io::save_checkpoint(dir.path.string(), gpu_model, gpu_adam, config, tokenizer, 1, {});
+  train::save_checkpoint(dir.path.string(), gpu_model, gpu_adam, config, tokenizer, 1, {});
   // Loaded on the CPU: the same parameters, and the same next step as the GPU takes.
-  const io::Checkpoint saved = io::load_checkpoint(dir.path.string());
+  const train::Checkpoint saved = train::load_checkpoint(dir.path.string());
   nn::TransformerLM cpu_model(config.model, 99);
   cpu_model.load_parameters(saved.model, "checkpoint");
   optim::AdamW cpu_adam(optim::decay_matrices(cpu_model.named_parameters()));
@@ -546,9 +546,9 @@ TEST_CASE("cuda ops: a checkpoint written by a CUDA run resumes on the CPU, and 
     CHECK(relative_error(gpu_params[i].second, cpu_params[i].second) <= 1e-5);
   }
   // And the CPU checkpoint loads into a model on the GPU.
-  io::save_checkpoint(dir.path.string(), cpu_model, cpu_adam, config, tokenizer, 2, {});
+  train::save_checkpoint(dir.path.string(), cpu_model, cpu_adam, config, tokenizer, 2, {});
   nn::TransformerLM back(config.model, 5);
-  back.load_parameters(io::load_checkpoint(dir.path.string()).model, "checkpoint");
+  back.load_parameters(train::load_checkpoint(dir.path.string()).model, "checkpoint");
   back.to(kGpu);
   const auto back_params = back.named_parameters();
   for (size_t i = 0; i < cpu_params.size(); ++i)

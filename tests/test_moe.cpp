@@ -409,29 +409,29 @@ TEST_CASE(
 
 TEST_CASE("config validation rejects impossible MoE settings with a message naming the keys") {
   auto message = [](auto edit) {
-    nn::RunConfig c;
+    nn::ModelConfig c;
     edit(c);
     return error_message([&] { nn::validate(c); });
   };
-  CHECK(message([](nn::RunConfig&) {}) == "(no rex::Error thrown)");
-  CHECK(message([](nn::RunConfig& c) {
-          c.model.moe.top_k = 5;
+  CHECK(message([](nn::ModelConfig&) {}) == "(no rex::Error thrown)");
+  CHECK(message([](nn::ModelConfig& c) {
+          c.moe.top_k = 5;
         }).find("moe.top_k (5) cannot exceed moe.experts_per_layer (4)") != std::string::npos);
-  CHECK(message([](nn::RunConfig& c) {
-          c.model.moe.reuse = 3;
+  CHECK(message([](nn::ModelConfig& c) {
+          c.moe.reuse = 3;
         }).find("moe.reuse (3) must divide model.n_layers (4)") != std::string::npos);
-  CHECK(message([](nn::RunConfig& c) {
-          c.model.moe.experts_per_layer = 0;
+  CHECK(message([](nn::ModelConfig& c) {
+          c.moe.experts_per_layer = 0;
         }).find("moe.experts_per_layer must be positive") != std::string::npos);
-  CHECK(message([](nn::RunConfig& c) {
-          c.model.n_kv_heads = 3;
+  CHECK(message([](nn::ModelConfig& c) {
+          c.n_kv_heads = 3;
         }).find("multiple of model.n_kv_heads") != std::string::npos);
-  CHECK(message([](nn::RunConfig& c) { c.model.psr.t_end = 10; }).find("psr.t_start < psr.t_end") !=
+  CHECK(message([](nn::ModelConfig& c) { c.psr.t_end = 10; }).find("psr.t_start < psr.t_end") !=
         std::string::npos);
-  CHECK(message([](nn::RunConfig& c) { c.model.ffn = "sparse"; }).find("model.ffn must be") !=
+  CHECK(message([](nn::ModelConfig& c) { c.ffn = "sparse"; }).find("model.ffn must be") !=
         std::string::npos);
-  CHECK(message([](nn::RunConfig& c) {
-          c.model.psr.schedule = "cubic";
+  CHECK(message([](nn::ModelConfig& c) {
+          c.psr.schedule = "cubic";
         }).find("psr.schedule must be") != std::string::npos);
 }
 

@@ -1,9 +1,11 @@
 // Tests for the model and the training pieces around it: the transformer's parameter names and
 // counts (closed forms), its gradients by central differences, config JSON and overrides,
-// checkpoint and model-folder round trips (bit-exact), and a short fixed-seed training run whose
-// validation loss must fall below the corpus's unigram entropy.
+// checkpoint and model-folder round trips (bit-exact), a short fixed-seed training run whose
+// validation loss must fall below the corpus's unigram entropy, and the training library's pieces
+// (train_step's gradient hook, the resume rule, the routing report, sampling, metrics.jsonl).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -12,10 +14,12 @@
 
 #include <rex/data/dataset.hpp>
 #include <rex/data/tokenizer.hpp>
-#include <rex/io/checkpoint.hpp>
-#include <rex/io/config.hpp>
-#include <rex/optim/clip.hpp>
 #include <rex/optim/schedule.hpp>
+#include <rex/train/checkpoint.hpp>
+#include <rex/train/config.hpp>
+#include <rex/train/metrics.hpp>
+#include <rex/train/sample.hpp>
+#include <rex/train/step.hpp>
 
 #include "gradcheck.hpp"
 #include "testing.hpp"
@@ -25,8 +29,8 @@ using rex::testing::error_message;
 
 namespace {
 
-nn::RunConfig tiny_run(const std::string& ffn, int64_t reuse) {
-  nn::RunConfig c;
+train::RunConfig tiny_run(const std::string& ffn, int64_t reuse) {
+  train::RunConfig c;
   nn::ModelConfig& m = c.model;
   m.vocab_size = 13;
   m.d_model = 16;
@@ -55,7 +59,7 @@ TEST_CASE("transformer parameter names mirror the module tree and counts match c
       if (std::string(ffn) == "dense" && reuse > 1) continue;
       CAPTURE(ffn);
       CAPTURE(reuse);
-      const nn::RunConfig c = tiny_run(ffn, reuse);
+      const train::RunConfig c = tiny_run(ffn, reuse);
       const nn::ModelConfig& m = c.model;
       const nn::TransformerLM model(m, 1);
       std::map<std::string, Shape> shapes;
@@ -90,7 +94,7 @@ TEST_CASE("transformer parameter names mirror the module tree and counts match c
 TEST_CASE("transformer loss gradients agree with central differences (dense and R2 with PSR)") {
   for (const char* ffn : {"dense", "moe"}) {
     CAPTURE(ffn);
-    nn::RunConfig c = tiny_run(ffn, 2);
+    train::RunConfig c = tiny_run(ffn, 2);
     c.model.d_model = 8;
     c.model.n_heads = 2;
     c.model.n_kv_heads = 1;
@@ -120,20 +124,20 @@ TEST_CASE("transformer loss gradients agree with central differences (dense and 
 }
 
 TEST_CASE("config JSON round trip, overrides, and errors naming the key") {
-  nn::RunConfig c = tiny_run("moe", 2);
+  train::RunConfig c = tiny_run("moe", 2);
   c.train.seed = 12345678901234ull;
-  const nn::RunConfig back = io::parse_config(io::to_json(c).dump(), "test");
-  CHECK(io::to_json(back) == io::to_json(c));
-  io::apply_override(c, "moe.top_k=1");
-  io::apply_override(c, "psr.schedule=stepwise");
-  io::apply_override(c, "train.lr=2.5e-4");
-  io::apply_override(c, "model.tie_embeddings=false");
+  const train::RunConfig back = train::parse_config(train::to_json(c).dump(), "test");
+  CHECK(train::to_json(back) == train::to_json(c));
+  train::apply_override(c, "moe.top_k=1");
+  train::apply_override(c, "psr.schedule=stepwise");
+  train::apply_override(c, "train.lr=2.5e-4");
+  train::apply_override(c, "model.tie_embeddings=false");
   CHECK(c.model.moe.top_k == 1);
   CHECK(c.model.psr.schedule == "stepwise");
   CHECK(c.train.lr == 2.5e-4);
   CHECK(!c.model.tie_embeddings);
   auto message = [&](const std::string& text) {
-    return error_message([&] { io::parse_config(text, "cfg.json"); });
+    return error_message([&] { train::parse_config(text, "cfg.json"); });
   };
   CHECK(message("{\"model\": {\"d_model\": 2.5}}").find("model.d_model must be an integer") !=
         std::string::npos);
@@ -148,15 +152,15 @@ TEST_CASE("config JSON round trip, overrides, and errors naming the key") {
   CHECK(message("{\"model\": ").find("cfg.json is not valid JSON") != std::string::npos);
   CHECK(message("{\"train\": {\"seed\": -1}}").find("train.seed cannot be negative") !=
         std::string::npos);
-  nn::RunConfig precision;
-  io::apply_override(precision, "train.matmul_precision=tf32");
+  train::RunConfig precision;
+  train::apply_override(precision, "train.matmul_precision=tf32");
   CHECK(precision.train.matmul_precision == "tf32");
-  io::apply_override(precision, "train.matmul_precision=bf16");
+  train::apply_override(precision, "train.matmul_precision=bf16");
   CHECK(error_message([&] {
-          nn::validate(precision);
+          train::validate(precision);
         }).find("train.matmul_precision must be \"fp32\" or \"tf32\", got \"bf16\"") !=
         std::string::npos);
-  CHECK(error_message([&] { io::apply_override(c, "top_k=2"); }).find("section.key=value") !=
+  CHECK(error_message([&] { train::apply_override(c, "top_k=2"); }).find("section.key=value") !=
         std::string::npos);
   // Integers out of their field's range are errors, never wrapped or undefined conversions.
   CHECK(message("{\"train\": {\"steps\": 1e300}}").find("train.steps is out of range") !=
@@ -165,8 +169,8 @@ TEST_CASE("config JSON round trip, overrides, and errors naming the key") {
         std::string::npos);
   CHECK(message("{\"train\": {\"seed\": 1e20}}").find("train.seed is out of range") !=
         std::string::npos);
-  nn::RunConfig big;
-  io::apply_override(big, "train.seed=18446744073709551615");
+  train::RunConfig big;
+  train::apply_override(big, "train.seed=18446744073709551615");
   CHECK(big.train.seed == 18446744073709551615ull);
   // A model built from an impossible config is refused, not crashed.
   nn::ModelConfig broken = tiny_run("moe", 2).model;
@@ -183,8 +187,8 @@ TEST_CASE("config JSON round trip, overrides, and errors naming the key") {
 
 TEST_CASE("docs/formats.md lists every config key with its default") {
   const std::string doc = io::read_file(std::string(REX_SOURCE_DIR) + "/docs/formats.md");
-  nn::RunConfig defaults;
-  nn::for_each_field(
+  train::RunConfig defaults;
+  train::for_each_field(
       defaults, [&](const char* section, const char* key, const auto& value, const char*) {
         const std::string row = std::string("| `") + section + "." + key + "` | `" +
                                 nlohmann::json(value).dump() + "` |";
@@ -193,26 +197,23 @@ TEST_CASE("docs/formats.md lists every config key with its default") {
 }
 
 TEST_CASE("checkpoint and model folder round trips are bit-exact") {
-  const nn::RunConfig config = tiny_run("moe", 2);
+  const train::RunConfig config = tiny_run("moe", 2);
   const nn::TransformerLM model(config.model, 3);
   optim::AdamW optimizer(optim::decay_matrices(model.named_parameters()));
   const Tensor ids = from_vector<int32_t>({1, 4, 2, 6, 0, 3, 3, 5}, {2, 4});
-  for (int step = 0; step < 2; ++step) {  // non-trivial moments
-    model.forward(ids, ids, {step, 0}).loss.backward();
-    optimizer.step(1e-2f);
-    optimizer.zero_grad();
-  }
+  for (int64_t step = 0; step < 2; ++step)  // non-trivial moments
+    train::train_step(model, optimizer, {ids, ids}, {step, 0}, 1e-2f, /*grad_clip=*/0);
   const data::CharTokenizer tokenizer = data::CharTokenizer::from_text("abcdefghijklm");
   const testing::TempDir temp("training_roundtrip");
   const std::string dir = temp.path.string();
-  io::save_checkpoint(dir, model, optimizer, config, tokenizer, 2, {1234, 99});
-  io::save_model_folder(dir, model, config, tokenizer, 2);
+  train::save_checkpoint(dir, model, optimizer, config, tokenizer, 2, {1234, 99});
+  train::save_model_folder(dir, model, config, tokenizer, 2);
 
-  const io::Checkpoint loaded = io::load_checkpoint(dir);
+  const train::Checkpoint loaded = train::load_checkpoint(dir);
   CHECK(loaded.step == 2);
   CHECK(loaded.info.corpus_bytes == 1234);
   CHECK(loaded.info.corpus_hash == 99);
-  CHECK(io::to_json(loaded.config) == io::to_json(config));
+  CHECK(train::to_json(loaded.config) == train::to_json(config));
   CHECK(loaded.tokenizer.vocabulary() == tokenizer.vocabulary());
   REQUIRE(loaded.model.size() == model.named_parameters().size());
   for (const auto& [name, p] : model.named_parameters())
@@ -221,9 +222,9 @@ TEST_CASE("checkpoint and model folder round trips are bit-exact") {
   REQUIRE(loaded.optimizer.size() == state.size());
   for (const auto& [name, t] : state) CHECK(testing::same_bytes(loaded.optimizer.at(name), t));
 
-  const io::ModelFolder folder = io::load_model_folder(dir);
+  const train::ModelFolder folder = train::load_model_folder(dir);
   CHECK(folder.step == 2);
-  CHECK(io::to_json(folder.config) == io::to_json(config));
+  CHECK(train::to_json(folder.config) == train::to_json(config));
   nn::TransformerLM other(config.model, 77);  // different init, then the saved weights
   other.load_parameters(folder.parameters, "folder");
   const Tensor want = model.forward(ids, Tensor(), {5, 0}).logits;
@@ -237,9 +238,9 @@ TEST_CASE("checkpoint and model folder round trips are bit-exact") {
   CHECK(error_message([&] {
           wrong.load_parameters(folder.parameters, "folder");
         }).find("parameter embed.weight has shape [13, 16]") != std::string::npos);
-  std::filesystem::copy_file(io::model_path(dir), io::checkpoint_path(dir),
+  std::filesystem::copy_file(train::model_path(dir), train::checkpoint_path(dir),
                              std::filesystem::copy_options::overwrite_existing);
-  CHECK(error_message([&] { io::load_checkpoint(dir); }).find("not a rex-checkpoint file") !=
+  CHECK(error_message([&] { train::load_checkpoint(dir); }).find("not a rex-checkpoint file") !=
         std::string::npos);
 }
 
@@ -251,7 +252,7 @@ TEST_CASE("a short fixed-seed training run gets below the corpus's unigram entro
   while (text.size() < 30000) text += words[gen.below(6)];
   const data::CharTokenizer tokenizer = data::CharTokenizer::from_text(text);
   const data::TokenSplit split = data::split_tokens(tokenizer.encode(text));
-  nn::RunConfig c = tiny_run("moe", 2);
+  train::RunConfig c = tiny_run("moe", 2);
   c.model.vocab_size = tokenizer.vocab_size();
   c.model.d_model = 32;
   c.model.n_layers = 2;
@@ -261,7 +262,7 @@ TEST_CASE("a short fixed-seed training run gets below the corpus's unigram entro
   const nn::TransformerLM model(c.model, 1);
   optim::AdamW optimizer(optim::decay_matrices(model.named_parameters()));
   const optim::CosineSchedule schedule{1e-2f, 10, 120, 0.1f};
-  const data::BatchSampler train(split.train, 8, c.model.context, 1, "train");
+  const data::BatchSampler train_batches(split.train, 8, c.model.context, 1, "train");
   const data::BatchSampler validation(split.validation, 8, c.model.context, 2, "validation");
   auto val_loss = [&](int64_t step) {
     NoGradGuard no_grad;
@@ -276,13 +277,95 @@ TEST_CASE("a short fixed-seed training run gets below the corpus's unigram entro
   const double before = val_loss(0);
   CHECK(before > entropy);  // an untrained model is near log(V), above the unigram entropy
   for (int64_t step = 0; step < 120; ++step) {
-    const data::Batch b = train.sample(static_cast<uint64_t>(step));
-    model.forward(b.inputs, b.targets, {step, 1}).loss.backward();
-    optim::clip_grad_norm(optimizer.parameters(), 1.0);
-    optimizer.step(schedule.lr(step));
-    optimizer.zero_grad();
+    train::train_step(model, optimizer, train_batches.sample(static_cast<uint64_t>(step)),
+                      {step, 1}, schedule.lr(step), 1.0);
   }
   const double after = val_loss(119);
   MESSAGE("validation loss ", before, " -> ", after, ", unigram entropy ", entropy);
   CHECK(after < entropy - 0.3);
+}
+
+TEST_CASE("train_step shows the gradients before the update and leaves them cleared") {
+  const train::RunConfig c = tiny_run("moe", 2);
+  const nn::TransformerLM model(c.model, 1);
+  optim::AdamW optimizer = train::make_optimizer(model, c.train);
+  Generator gen(3);
+  std::vector<int32_t> ids(2 * 12);
+  for (int32_t& id : ids) id = static_cast<int32_t>(gen.below(13));
+  const data::Batch batch{from_vector(ids, {2, 12}), from_vector(ids, {2, 12})};
+  const Tensor before = model.named_parameters().front().second.clone();
+  int64_t with_gradient = 0;  // experts that PSR masks out at step 0 get none
+  const train::StepResult result =
+      train::train_step(model, optimizer, batch, {0, 1}, 1e-2f, 0.5, [&](const nn::LmOutput& out) {
+        CHECK(out.loss.defined());
+        for (const auto& [name, p] : model.named_parameters()) with_gradient += p.grad().defined();
+      });
+  CHECK(with_gradient > 0);
+  CHECK(result.grad_norm > 0);
+  CHECK(result.output.candidates == 3);  // PSR at step 0: N of the rN = 6 candidates
+  CHECK_FALSE(testing::same_bytes(before, model.named_parameters().front().second));
+  for (const auto& [name, p] : model.named_parameters()) CHECK_FALSE(p.grad().defined());
+}
+
+TEST_CASE("a resumed run may change only the resumable keys") {
+  const train::RunConfig saved = tiny_run("moe", 2);
+  const train::RunConfig longer =
+      train::resumed_config(saved, {"train.steps=9000", "train.eval_interval=7"});
+  CHECK(longer.train.steps == 9000);
+  CHECK(longer.train.eval_interval == 7);
+  CHECK(error_message([&] {
+          train::resumed_config(saved, {"model.d_model=64"});
+        }).find("--resume: model.d_model cannot change in a resumed run") != std::string::npos);
+  CHECK(error_message([&] {
+          train::resumed_config(saved, {"train.lr=1"});
+        }).find("train.lr cannot change") != std::string::npos);
+}
+
+TEST_CASE("the routing report splits each layer's routed slots into own and borrowed experts") {
+  nn::MoeConfig m;
+  m.experts_per_layer = 2;
+  m.reuse = 2;
+  // Layer 0 owns pool experts 0, 1; layer 1 owns 2, 3 (one block of two layers).
+  const nn::ExpertCounts counts = {{3, 1, 0, 4}, {0, 0, 0, 0}};
+  const std::vector<nn::LayerRouting> report = nn::routing_report(m, counts);
+  REQUIRE(report.size() == 2);
+  CHECK(report[0].own_experts == std::vector<int64_t>{0, 1});
+  CHECK(report[0].share == std::vector<double>{0.375, 0.125, 0.0, 0.5});
+  CHECK(report[0].own_share == 0.5);
+  CHECK(report[0].borrowed_share == 0.5);
+  CHECK(report[1].block == 0);
+  CHECK(report[1].own_experts == std::vector<int64_t>{2, 3});
+  CHECK(report[1].own_share == 0.0);  // nothing routed: every share is 0
+}
+
+TEST_CASE("sampling: temperature 0 is the arg max, and a seeded draw repeats") {
+  const std::vector<float> logits = {0.5f, 3.0f, -1.0f, 2.5f};
+  Generator gen(1);
+  CHECK(train::sample_token(logits.data(), 4, 0.0, gen) == 1);
+  std::vector<int32_t> first, second;
+  Generator a(7), b(7);
+  for (int i = 0; i < 50; ++i) {
+    first.push_back(train::sample_token(logits.data(), 4, 1.0, a));
+    second.push_back(train::sample_token(logits.data(), 4, 1.0, b));
+  }
+  CHECK(first == second);
+  CHECK(std::count(first.begin(), first.end(), 2) < 5);  // p = 0.02 at temperature 1
+}
+
+TEST_CASE("metrics.jsonl drops the lines past the checkpoint when a run resumes") {
+  const testing::TempDir dir("metrics");
+  const std::string path = (dir.path / "metrics.jsonl").string();
+  {
+    train::MetricsLog log(path, std::nullopt);
+    for (int64_t step = 1; step <= 5; ++step) log.log_eval(step, 1.0);
+  }
+  {
+    train::MetricsLog log(path, 3);
+    log.log_eval(4, 2.0);
+  }
+  CHECK(io::read_file(path) ==
+        "{\"kind\":\"eval\",\"step\":1,\"val_loss\":1.0}\n"
+        "{\"kind\":\"eval\",\"step\":2,\"val_loss\":1.0}\n"
+        "{\"kind\":\"eval\",\"step\":3,\"val_loss\":1.0}\n"
+        "{\"kind\":\"eval\",\"step\":4,\"val_loss\":2.0}\n");
 }

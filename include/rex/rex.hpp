@@ -1,7 +1,7 @@
 // rex: header-only tensors and reverse-mode autodiff for ReX-MoE research. This header brings the
 // engine, the layers (rex::nn) and the optimisers (rex::optim), with Eigen as the only dependency.
-// Files and data (rex/io/*.hpp, rex/data/*.hpp) also need nlohmann/json and are included one by
-// one.
+// Files, data and the training library (rex/io/*.hpp, rex/data/*.hpp, rex/train/*.hpp) also need
+// nlohmann/json and are included one by one.
 #pragma once
 
 #include "rex/autograd/engine.hpp"
@@ -19,6 +19,7 @@
 #include "rex/nn/module.hpp"
 #include "rex/nn/moe.hpp"
 #include "rex/nn/psr.hpp"
+#include "rex/nn/routing_report.hpp"
 #include "rex/nn/transformer.hpp"
 #include "rex/ops/attention.hpp"
 #include "rex/ops/broadcast.hpp"

@@ -17,9 +17,10 @@
 #include <vector>
 
 #include <rex/data/tokenizer.hpp>
-#include <rex/io/checkpoint.hpp>
-#include <rex/io/config.hpp>
 #include <rex/rex.hpp>
+#include <rex/train/checkpoint.hpp>
+#include <rex/train/config.hpp>
+#include <rex/train/step.hpp>
 
 namespace {
 
@@ -46,9 +47,7 @@ int run(int argc, char** argv) {
   }
   REX_CHECK(!config_path.empty() && !out.empty(),
             "usage: dump_rex --config FILE --out DIR [--step T] [--set k=v ...]");
-  rex::nn::RunConfig config = rex::io::parse_config(rex::io::read_file(config_path), config_path);
-  for (const std::string& o : overrides) rex::io::apply_override(config, o);
-  rex::nn::validate(config);
+  const rex::train::RunConfig config = rex::train::read_run_config(config_path, overrides);
   const rex::nn::ModelConfig& m = config.model;
   REX_CHECK(m.vocab_size > 0 && m.vocab_size <= 256, "dump_rex: set model.vocab_size (1..256)");
   const uint64_t seed = config.train.seed;
@@ -56,7 +55,7 @@ int run(int argc, char** argv) {
   const rex::nn::TransformerLM model(m, seed);
   std::vector<uint8_t> symbols(static_cast<size_t>(m.vocab_size));
   for (size_t i = 0; i < symbols.size(); ++i) symbols[i] = static_cast<uint8_t>(i);
-  rex::io::save_model_folder(out, model, config, rex::data::CharTokenizer(symbols), 0);
+  rex::train::save_model_folder(out, model, config, rex::data::CharTokenizer(symbols), 0);
 
   rex::Generator gen(seed + 1);
   const int64_t batch = config.train.batch_size, time = m.context;
@@ -79,27 +78,29 @@ int run(int argc, char** argv) {
   }
   rex::io::save_safetensors(out + "/inputs.safetensors", inputs, {{"step", std::to_string(step)}});
 
-  const rex::nn::LmOutput result =
-      model.forward(inputs.at("ids"), inputs.at("targets"), {step, seed});
-  result.loss.backward();
-  rex::io::TensorMap expected{
-      {"logits", result.logits},
-      {"loss", result.loss},
-      {"lm_loss", result.lm_loss},
-      {"aux_loss", result.aux_loss.defined() ? result.aux_loss : rex::scalar(0.0f)}};
-  for (const auto& [name, p] : model.named_parameters())
-    expected["grad." + name] = p.grad().defined() ? p.grad().clone() : rex::zeros(p.shape());
-  const rex::nn::TrainConfig& t = config.train;
-  rex::optim::AdamW optimizer(rex::optim::decay_matrices(model.named_parameters()),
-                              rex::optim::adamw_options(t));
-  const double norm = rex::optim::clip_grad_norm(optimizer.parameters(), t.grad_clip);
-  optimizer.step(static_cast<float>(t.lr));
+  // One training step; its forward pass and gradients (before clipping) are recorded on the way.
+  const rex::train::TrainConfig& t = config.train;
+  rex::optim::AdamW optimizer = rex::train::make_optimizer(model, t);
+  rex::io::TensorMap expected;
+  const rex::data::Batch tokens{inputs.at("ids"), inputs.at("targets")};
+  const rex::train::StepResult result = rex::train::train_step(
+      model, optimizer, tokens, {step, seed}, static_cast<float>(t.lr), t.grad_clip,
+      [&](const rex::nn::LmOutput& forward) {
+        expected = {
+            {"logits", forward.logits},
+            {"loss", forward.loss},
+            {"lm_loss", forward.lm_loss},
+            {"aux_loss", forward.aux_loss.defined() ? forward.aux_loss : rex::scalar(0.0f)}};
+        for (const auto& [name, p] : model.named_parameters())
+          expected["grad." + name] = p.grad().defined() ? p.grad().clone() : rex::zeros(p.shape());
+      });
   for (const auto& [name, p] : model.named_parameters()) expected["after." + name] = p.detach();
+  const double norm = result.grad_norm;
   char norm_text[64];
   std::snprintf(norm_text, sizeof norm_text, "%.17g", norm);
   rex::io::save_safetensors(out + "/expected.safetensors", expected, {{"grad_norm", norm_text}});
   std::printf("dump_rex: %s at step %lld -> %s (loss %.6f)\n", config_path.c_str(),
-              static_cast<long long>(step), out.c_str(), result.loss.item());
+              static_cast<long long>(step), out.c_str(), result.output.loss.item());
   return 0;
 }
 

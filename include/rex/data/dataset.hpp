@@ -50,6 +50,8 @@ inline TokenSplit split_tokens(const std::vector<int32_t>& tokens, double train_
 // window, i.e. each row of targets is its row of inputs shifted left by one token.
 struct Batch {
   Tensor inputs, targets;
+
+  Batch to(Device device) const { return {inputs.to(device), targets.to(device)}; }
 };
 
 class BatchSampler {

@@ -1,14 +1,16 @@
-// Run configuration: the model (transformer, MoE, PSR) and the training recipe, as plain structs.
+// Model configuration: the transformer, its MoE layers and PSR, as plain structs.
 //
 // Every field is listed once, in for_each_field, with its JSON section, key and a one-line meaning.
-// That single table drives JSON reading and writing, `--set section.key=value` overrides, the
-// unknown-key check and the generated documentation (docs/formats.md is checked against it), so a
-// new field cannot be half-added. validate() rejects impossible combinations with a message naming
-// the keys involved. The defaults are the shipped tiny R4 + linear PSR model.
+// With the training recipe's table (rex/train/config.hpp, which adds the "train" section) it
+// drives JSON reading and writing, `--set section.key=value` overrides, the unknown-key check and
+// the generated documentation (docs/formats.md is checked against it), so a new field cannot be
+// half-added. validate() rejects impossible combinations with a message naming the keys involved.
+// The defaults are the shipped tiny R4 + linear PSR model.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "rex/core/error.hpp"
 
@@ -48,35 +50,11 @@ struct ModelConfig {
   PsrConfig psr;
 };
 
-struct TrainConfig {
-  int64_t steps = 3500;
-  int64_t batch_size = 12;
-  double lr = 3e-3;
-  double min_lr_ratio = 0.1;
-  int64_t warmup = 100;
-  double weight_decay = 0.1;
-  double beta1 = 0.9;
-  double beta2 = 0.95;
-  double eps = 1e-8;
-  double grad_clip = 1.0;
-  uint64_t seed = 1;
-  double train_fraction = 0.9;
-  int64_t log_interval = 25;
-  int64_t eval_interval = 500;
-  int64_t eval_batches = 16;
-  int64_t checkpoint_interval = 500;
-  std::string matmul_precision = "fp32";
-};
-
-struct RunConfig {
-  ModelConfig model;
-  TrainConfig train;
-};
-
-// Calls f(section, key, field, meaning) for every field of the run configuration, in file order.
-template <class Run, class F>
-void for_each_field(Run& c, F&& f) {
-  auto& m = c.model;
+// Calls f(section, key, field, meaning) for every field of the model configuration (sections
+// model, moe and psr), in file order. Model is ModelConfig or const ModelConfig.
+template <class Model, class F>
+requires std::is_same_v<std::remove_const_t<Model>, ModelConfig>
+void for_each_field(Model& m, F&& f) {
   f("model", "vocab_size", m.vocab_size, "vocabulary size; 0 = taken from the tokenizer");
   f("model", "d_model", m.d_model, "width of the residual stream");
   f("model", "n_layers", m.n_layers, "number of transformer blocks");
@@ -104,25 +82,6 @@ void for_each_field(Run& c, F&& f) {
   f("psr", "schedule", p.schedule, "\"none\", \"linear\" or \"stepwise\" candidate schedule");
   f("psr", "t_start", p.t_start, "t_s: last step with N candidates");
   f("psr", "t_end", p.t_end, "t_e: first step with all rN candidates");
-  auto& t = c.train;
-  f("train", "steps", t.steps, "optimizer steps in the whole run");
-  f("train", "batch_size", t.batch_size, "sequences per step");
-  f("train", "lr", t.lr, "peak learning rate");
-  f("train", "min_lr_ratio", t.min_lr_ratio, "cosine decay ends at lr * min_lr_ratio");
-  f("train", "warmup", t.warmup, "linear warmup steps");
-  f("train", "weight_decay", t.weight_decay, "AdamW decoupled decay (matrices only)");
-  f("train", "beta1", t.beta1, "AdamW beta1");
-  f("train", "beta2", t.beta2, "AdamW beta2");
-  f("train", "eps", t.eps, "AdamW epsilon");
-  f("train", "grad_clip", t.grad_clip, "clip the global gradient norm to this (0 = off)");
-  f("train", "seed", t.seed, "seed of the init, the batches and the PSR masks");
-  f("train", "train_fraction", t.train_fraction, "leading share of the corpus used for training");
-  f("train", "log_interval", t.log_interval, "steps between progress lines");
-  f("train", "eval_interval", t.eval_interval, "steps between validation evaluations");
-  f("train", "eval_batches", t.eval_batches, "validation batches per evaluation");
-  f("train", "checkpoint_interval", t.checkpoint_interval, "steps between checkpoints");
-  f("train", "matmul_precision", t.matmul_precision,
-    "\"fp32\", or \"tf32\" for TF32 tensor-core GEMMs on CUDA (no effect on the CPU)");
 }
 
 // Throws rex::Error naming the first impossible model setting (TransformerLM calls it too).
@@ -176,37 +135,6 @@ inline void validate(const ModelConfig& m) {
   }
   // Values the model uses as float must stay positive after rounding to float.
   positive("model.norm_eps (as float)", static_cast<float>(m.norm_eps));
-}
-
-// Throws rex::Error naming the first impossible setting of the model or the training recipe.
-inline void validate(const RunConfig& c) {
-  validate(c.model);
-  const TrainConfig& t = c.train;
-  auto positive = [](const char* key, double value) {
-    REX_CHECK(value > 0, "config: ", key, " must be positive, got ", value);
-  };
-  positive("train.steps", t.steps);
-  positive("train.batch_size", t.batch_size);
-  positive("train.lr", t.lr);
-  REX_CHECK(t.min_lr_ratio >= 0 && t.min_lr_ratio <= 1,
-            "config: train.min_lr_ratio must be in [0, 1]");
-  REX_CHECK(t.warmup >= 0 && t.warmup <= t.steps,
-            "config: train.warmup must be in [0, train.steps]");
-  REX_CHECK(t.weight_decay >= 0, "config: train.weight_decay cannot be negative");
-  REX_CHECK(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1,
-            "config: train.beta1 and train.beta2 must be in [0, 1)");
-  positive("train.eps", t.eps);
-  positive("train.eps (as float)", static_cast<float>(t.eps));
-  REX_CHECK(t.grad_clip >= 0, "config: train.grad_clip cannot be negative (0 turns clipping off)");
-  REX_CHECK(t.train_fraction > 0 && t.train_fraction < 1,
-            "config: train.train_fraction must be in (0, 1)");
-  positive("train.log_interval", t.log_interval);
-  positive("train.eval_interval", t.eval_interval);
-  positive("train.eval_batches", t.eval_batches);
-  positive("train.checkpoint_interval", t.checkpoint_interval);
-  REX_CHECK(t.matmul_precision == "fp32" || t.matmul_precision == "tf32",
-            "config: train.matmul_precision must be \"fp32\" or \"tf32\", got \"",
-            t.matmul_precision, "\"");
 }
 
 }  // namespace rex::nn

@@ -31,7 +31,6 @@
 #include "rex/backend/cpu/arrays.hpp"
 #include "rex/backend/cuda/dispatch.hpp"
 #include "rex/core/factory.hpp"
-#include "rex/nn/config.hpp"
 
 namespace rex::optim {
 
@@ -46,12 +45,6 @@ struct Parameter {
   Tensor tensor;
   bool decay = true;
 };
-
-// The AdamW settings of a run's training config (kept in f32, as the update uses them).
-inline AdamWOptions adamw_options(const nn::TrainConfig& t) {
-  return {static_cast<float>(t.beta1), static_cast<float>(t.beta2), static_cast<float>(t.eps),
-          static_cast<float>(t.weight_decay)};
-}
 
 // One Parameter per (name, tensor) pair, e.g. from nn::Module::named_parameters(), with the
 // paper's decay rule: matrices decay, vectors (norm gains, biases) do not.

@@ -1,9 +1,18 @@
-// Host-side view of the CUDA runtime, implemented in kernels/runtime.cu (link rex::cuda).
-// Tests and programs ask here whether a GPU is present before touching CUDA tensors, and skip with
-// a message when it is not. The CUDA tensor backend is the table in rex/backend/cuda/backend.hpp.
+// Host-side view of the CUDA runtime. Tests and programs ask here whether a GPU is present before
+// touching CUDA tensors, and skip with a message when it is not.
+//
+// Two levels: rex::cuda::device_count / device_description are implemented in kernels/runtime.cu
+// and need rex::cuda linked. The rex:: functions below go through the backend table
+// (rex/backend/cuda/backend.hpp), so a program that is built with or without rex::cuda can call
+// them: without it they throw a rex::Error saying so (set_matmul_precision and synchronize do
+// nothing for the CPU).
 #pragma once
 
 #include <string>
+
+#include "rex/backend/cuda/backend.hpp"
+#include "rex/core/dtype.hpp"
+#include "rex/core/error.hpp"
 
 namespace rex::cuda {
 
@@ -14,3 +23,28 @@ int device_count();
 std::string device_description(int index = 0);
 
 }  // namespace rex::cuda
+
+namespace rex {
+
+// CUDA devices the driver reports (0: no GPU or no driver).
+inline int cuda_device_count() { return detail::cuda_backend().device_count(); }
+
+// The name, compute capability and memory of CUDA device `index`.
+inline std::string cuda_device_description(int index = 0) {
+  return detail::cuda_backend().device_description(index);
+}
+
+// Waits until the work queued on `device` has finished (GPU work is asynchronous; CPU work is not).
+inline void synchronize(Device device) {
+  if (device.is_cuda()) detail::cuda_backend().synchronize();
+}
+
+// Matrix products on `device` in full fp32 ("fp32", the default) or with TF32 tensor cores
+// ("tf32"). The CPU always computes in fp32.
+inline void set_matmul_precision(Device device, const std::string& precision) {
+  REX_CHECK(precision == "fp32" || precision == "tf32",
+            "set_matmul_precision: expected \"fp32\" or \"tf32\", got \"", precision, "\"");
+  if (device.is_cuda()) detail::cuda_backend().set_tf32(precision == "tf32");
+}
+
+}  // namespace rex

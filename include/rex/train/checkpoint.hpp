@@ -1,7 +1,7 @@
 // What a run writes to disk, and reading it back.
 //
 // A model folder (what --checkpoint DIR and the PyTorch twin read) holds three files:
-//   config.json         the full run configuration (rex/io/config.hpp), vocab_size filled in
+//   config.json         the full run configuration (rex/train/config.hpp), vocab_size filled in
 //   vocab.json          the tokenizer (rex/data/tokenizer.hpp)
 //   model.safetensors   every parameter under its module-tree name, f32, plus metadata
 //                       {"format": "rex-model", "step": "<completed steps>"}
@@ -13,22 +13,27 @@
 //             corpus_bytes and corpus_hash (to warn when a resume reads another corpus)
 // Nothing else is needed to resume exactly: batches and PSR masks are pure functions of
 // (seed, step), so the random state is the seed (in the config) and the step.
+// load_model rebuilds the model of a model folder, weights included; start_training builds the
+// model and optimiser of a new run or of a resumed one.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <string>
 
 #include <nlohmann/json.hpp>
 
 #include "rex/data/tokenizer.hpp"
-#include "rex/io/config.hpp"
 #include "rex/io/files.hpp"
 #include "rex/io/safetensors.hpp"
 #include "rex/nn/module.hpp"
+#include "rex/nn/transformer.hpp"
 #include "rex/optim/adamw.hpp"
+#include "rex/train/config.hpp"
+#include "rex/train/step.hpp"
 
 namespace rex::detail {
 
@@ -61,15 +66,15 @@ inline void check_format(const io::Metadata& metadata, const std::string& want,
 
 }  // namespace rex::detail
 
-namespace rex::io {
+namespace rex::train {
 
 inline std::string model_path(const std::string& dir) { return dir + "/model.safetensors"; }
 inline std::string checkpoint_path(const std::string& dir) {
   return dir + "/checkpoint.safetensors";
 }
 
-inline TensorMap parameter_map(const nn::Module& model, const std::string& prefix = "") {
-  TensorMap out;
+inline io::TensorMap parameter_map(const nn::Module& model, const std::string& prefix = "") {
+  io::TensorMap out;
   for (const auto& [name, p] : model.named_parameters())
     out[prefix + name] = p.to(Device::cpu()).detach();
   return out;
@@ -83,28 +88,28 @@ inline uint64_t corpus_hash(std::string_view bytes) {
 }
 
 inline void save_model_folder(const std::string& dir, const nn::Module& model,
-                              const nn::RunConfig& config, const data::CharTokenizer& tokenizer,
+                              const RunConfig& config, const data::CharTokenizer& tokenizer,
                               int64_t step) {
-  write_file_atomic(dir + "/config.json", to_json(config).dump(2) + "\n");
-  write_file_atomic(dir + "/vocab.json", tokenizer.to_json().dump() + "\n");
-  save_safetensors(model_path(dir), parameter_map(model),
-                   {{"format", "rex-model"}, {"step", std::to_string(step)}});
+  io::write_file_atomic(dir + "/config.json", to_json(config).dump(2) + "\n");
+  io::write_file_atomic(dir + "/vocab.json", tokenizer.to_json().dump() + "\n");
+  io::save_safetensors(model_path(dir), parameter_map(model),
+                       {{"format", "rex-model"}, {"step", std::to_string(step)}});
 }
 
 struct ModelFolder {
-  nn::RunConfig config;
+  RunConfig config;
   data::CharTokenizer tokenizer;
-  TensorMap parameters;
+  io::TensorMap parameters;
   int64_t step = 0;
 };
 
 inline ModelFolder load_model_folder(const std::string& dir) {
   REX_CHECK(std::filesystem::is_directory(dir), "checkpoint folder ", dir, " does not exist");
-  ModelFolder out{parse_config(read_file(dir + "/config.json"), dir + "/config.json"),
+  ModelFolder out{parse_config(io::read_file(dir + "/config.json"), dir + "/config.json"),
                   data::CharTokenizer::from_json(detail::parse_json_file(dir + "/vocab.json")),
                   {},
                   0};
-  SafetensorsContents contents = load_safetensors(model_path(dir));
+  io::SafetensorsContents contents = io::load_safetensors(model_path(dir));
   detail::check_format(contents.metadata, "rex-model", model_path(dir));
   out.step = detail::parse_step(contents.metadata, model_path(dir));
   out.parameters = std::move(contents.tensors);
@@ -117,35 +122,46 @@ inline ModelFolder load_model_folder(const std::string& dir) {
 struct CheckpointInfo {
   uint64_t corpus_bytes = 0;
   uint64_t corpus_hash = 0;
+  friend bool operator==(const CheckpointInfo&, const CheckpointInfo&) = default;
 };
 
 inline void save_checkpoint(const std::string& dir, const nn::Module& model,
-                            const optim::AdamW& optimizer, const nn::RunConfig& config,
+                            const optim::AdamW& optimizer, const RunConfig& config,
                             const data::CharTokenizer& tokenizer, int64_t step,
                             const CheckpointInfo& info) {
-  TensorMap tensors = parameter_map(model, "model.");
+  io::TensorMap tensors = parameter_map(model, "model.");
   for (const auto& [name, t] : optimizer.state()) tensors["optim." + name] = t;
-  save_safetensors(checkpoint_path(dir), tensors,
-                   {{"format", "rex-checkpoint"},
-                    {"step", std::to_string(step)},
-                    {"config", to_json(config).dump()},
-                    {"vocab", tokenizer.to_json().dump()},
-                    {"corpus_bytes", std::to_string(info.corpus_bytes)},
-                    {"corpus_hash", std::to_string(info.corpus_hash)}});
+  io::save_safetensors(checkpoint_path(dir), tensors,
+                       {{"format", "rex-checkpoint"},
+                        {"step", std::to_string(step)},
+                        {"config", to_json(config).dump()},
+                        {"vocab", tokenizer.to_json().dump()},
+                        {"corpus_bytes", std::to_string(info.corpus_bytes)},
+                        {"corpus_hash", std::to_string(info.corpus_hash)}});
+}
+
+// The model folder and the checkpoint of a run at `step`: everything --checkpoint and --resume
+// read.
+inline void save_run(const std::string& dir, const nn::Module& model, const optim::AdamW& optimizer,
+                     const RunConfig& config, const data::CharTokenizer& tokenizer, int64_t step,
+                     const CheckpointInfo& info) {
+  save_model_folder(dir, model, config, tokenizer, step);
+  save_checkpoint(dir, model, optimizer, config, tokenizer, step, info);
 }
 
 struct Checkpoint {
-  nn::RunConfig config;
+  RunConfig config;
   data::CharTokenizer tokenizer;
-  TensorMap model;      // parameter name -> value
-  TensorMap optimizer;  // AdamW state names -> value
+  io::TensorMap model;      // parameter name -> value
+  io::TensorMap optimizer;  // AdamW state names -> value
   int64_t step = 0;
   CheckpointInfo info;
+  std::string path;  // the file it was read from (for messages)
 };
 
 inline Checkpoint load_checkpoint(const std::string& dir) {
   const std::string path = checkpoint_path(dir);
-  SafetensorsContents contents = load_safetensors(path);
+  io::SafetensorsContents contents = io::load_safetensors(path);
   detail::check_format(contents.metadata, "rex-checkpoint", path);
   auto field = [&](const char* key) -> const std::string& {
     auto it = contents.metadata.find(key);
@@ -159,7 +175,8 @@ inline Checkpoint load_checkpoint(const std::string& dir) {
                  {},
                  {},
                  detail::parse_step(contents.metadata, path),
-                 {}};
+                 {},
+                 path};
   try {
     out.info.corpus_bytes = std::stoull(field("corpus_bytes"));
     out.info.corpus_hash = std::stoull(field("corpus_hash"));
@@ -178,4 +195,44 @@ inline Checkpoint load_checkpoint(const std::string& dir) {
   return out;
 }
 
-}  // namespace rex::io
+// A model folder, rebuilt: the model with the saved weights, on `device`.
+struct LoadedModel {
+  ModelFolder folder;
+  std::unique_ptr<nn::TransformerLM> model;
+};
+
+inline LoadedModel load_model(const std::string& dir, Device device) {
+  LoadedModel out{load_model_folder(dir), nullptr};
+  validate(out.folder.config);
+  out.model = std::make_unique<nn::TransformerLM>(out.folder.config.model, 0);
+  out.model->load_parameters(out.folder.parameters, model_path(dir));
+  out.model->to(device);
+  return out;
+}
+
+// What a training loop updates: the model and its optimiser after `step` completed steps.
+struct TrainingState {
+  std::unique_ptr<nn::TransformerLM> model;
+  optim::AdamW optimizer;
+  int64_t step = 0;
+};
+
+// A new run (the model initialised from train.seed) or, given `resume`, the run saved in it. The
+// model is built (and resumed) on the host, then moved to `device`; the optimiser's moments are
+// created on the parameters' device. Checkpoints are host tensors either way, so they move freely
+// between CPU and CUDA runs.
+inline TrainingState start_training(const RunConfig& config, Device device,
+                                    const Checkpoint* resume = nullptr) {
+  auto model = std::make_unique<nn::TransformerLM>(config.model, config.train.seed);
+  if (resume) model->load_parameters(resume->model, resume->path);
+  model->to(device);
+  optim::AdamW optimizer = make_optimizer(*model, config.train);
+  TrainingState state{std::move(model), std::move(optimizer), 0};
+  if (resume) {
+    state.optimizer.load_state(resume->optimizer);
+    state.step = resume->step;
+  }
+  return state;
+}
+
+}  // namespace rex::train

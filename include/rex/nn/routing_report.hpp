@@ -1,0 +1,62 @@
+// Where the routed tokens went, in the method's terms: per layer, the share of routed slots each
+// expert of its pool received, split into the layer's own experts and those borrowed from the other
+// layers of its block (docs/method.md). The counts are nn::LmOutput::expert_counts, summed over
+// forward passes with add_expert_counts.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "rex/nn/config.hpp"
+#include "rex/nn/transformer.hpp"
+
+namespace rex::nn {
+
+// Per layer: routed slots per pool expert.
+using ExpertCounts = std::vector<std::vector<int64_t>>;
+
+// total += the expert counts of one forward pass (total may start empty).
+inline void add_expert_counts(ExpertCounts& total, const LmOutput& out) {
+  if (total.empty()) total.resize(out.expert_counts.size());
+  for (size_t l = 0; l < out.expert_counts.size(); ++l) {
+    auto& layer = total[l];
+    layer.resize(out.expert_counts[l].size(), 0);
+    for (size_t e = 0; e < layer.size(); ++e) layer[e] += out.expert_counts[l][e];
+  }
+}
+
+struct LayerRouting {
+  int64_t layer = 0;
+  int64_t block = 0;                 // layer / reuse: the layers sharing one expert table
+  std::vector<int64_t> own_experts;  // pool indices of the experts this layer owns
+  std::vector<double> share;         // per pool expert: its share of the layer's routed slots
+  double own_share = 0;              // sum of share over own_experts
+  double borrowed_share = 0;         // 1 - own_share
+};
+
+inline std::vector<LayerRouting> routing_report(const MoeConfig& m, const ExpertCounts& counts) {
+  std::vector<LayerRouting> layers;
+  for (size_t l = 0; l < counts.size(); ++l) {
+    double total = 0;
+    for (int64_t v : counts[l]) total += static_cast<double>(v);
+    const auto layer = static_cast<int64_t>(l);
+    const int64_t first_own = layer % m.reuse * m.experts_per_layer;
+    LayerRouting r;
+    r.layer = layer;
+    r.block = layer / m.reuse;
+    for (size_t e = 0; e < counts[l].size(); ++e) {
+      const double s = total > 0 ? static_cast<double>(counts[l][e]) / total : 0.0;
+      r.share.push_back(s);
+      const auto index = static_cast<int64_t>(e);
+      if (index >= first_own && index < first_own + m.experts_per_layer) r.own_share += s;
+    }
+    for (int64_t e = first_own; e < first_own + m.experts_per_layer; ++e)
+      r.own_experts.push_back(e);
+    r.borrowed_share = 1.0 - r.own_share;
+    layers.push_back(std::move(r));
+  }
+  return layers;
+}
+
+}  // namespace rex::nn

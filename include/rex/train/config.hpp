@@ -1,0 +1,270 @@
+// The run configuration: the model (rex/nn/config.hpp) plus the training recipe, and its JSON form.
+//
+// TrainConfig's fields are listed once, in for_each_field, after the model's (nn::for_each_field):
+// that one table drives JSON reading and writing, `--set section.key=value` overrides, the
+// unknown-key check and docs/formats.md (checked against it). A config file holds up to four
+// sections, each optional, each key optional (missing keys keep their defaults):
+//   {"model": {...}, "moe": {...}, "psr": {...}, "train": {...}}
+// Unknown sections or keys and values of the wrong JSON type are errors that name the key: a typo
+// must not silently train the default model. The JSON functions know no field by name.
+// A resumed run keeps its saved config except for the keys in kResumableKeys.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <set>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "rex/core/error.hpp"
+#include "rex/io/files.hpp"
+#include "rex/nn/config.hpp"
+#include "rex/optim/adamw.hpp"
+
+namespace rex::train {
+
+struct TrainConfig {
+  int64_t steps = 3500;
+  int64_t batch_size = 12;
+  double lr = 3e-3;
+  double min_lr_ratio = 0.1;
+  int64_t warmup = 100;
+  double weight_decay = 0.1;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double grad_clip = 1.0;
+  uint64_t seed = 1;
+  double train_fraction = 0.9;
+  int64_t log_interval = 25;
+  int64_t eval_interval = 500;
+  int64_t eval_batches = 16;
+  int64_t checkpoint_interval = 500;
+  std::string matmul_precision = "fp32";
+};
+
+struct RunConfig {
+  nn::ModelConfig model;
+  TrainConfig train;
+};
+
+// Calls f(section, key, field, meaning) for every field of the run configuration, in file order.
+// Run is RunConfig or const RunConfig.
+template <class Run, class F>
+requires std::is_same_v<std::remove_const_t<Run>, RunConfig>
+void for_each_field(Run& c, F&& f) {
+  nn::for_each_field(c.model, f);
+  auto& t = c.train;
+  f("train", "steps", t.steps, "optimizer steps in the whole run");
+  f("train", "batch_size", t.batch_size, "sequences per step");
+  f("train", "lr", t.lr, "peak learning rate");
+  f("train", "min_lr_ratio", t.min_lr_ratio, "cosine decay ends at lr * min_lr_ratio");
+  f("train", "warmup", t.warmup, "linear warmup steps");
+  f("train", "weight_decay", t.weight_decay, "AdamW decoupled decay (matrices only)");
+  f("train", "beta1", t.beta1, "AdamW beta1");
+  f("train", "beta2", t.beta2, "AdamW beta2");
+  f("train", "eps", t.eps, "AdamW epsilon");
+  f("train", "grad_clip", t.grad_clip, "clip the global gradient norm to this (0 = off)");
+  f("train", "seed", t.seed, "seed of the init, the batches and the PSR masks");
+  f("train", "train_fraction", t.train_fraction, "leading share of the corpus used for training");
+  f("train", "log_interval", t.log_interval, "steps between progress lines");
+  f("train", "eval_interval", t.eval_interval, "steps between validation evaluations");
+  f("train", "eval_batches", t.eval_batches, "validation batches per evaluation");
+  f("train", "checkpoint_interval", t.checkpoint_interval, "steps between checkpoints");
+  f("train", "matmul_precision", t.matmul_precision,
+    "\"fp32\", or \"tf32\" for TF32 tensor-core GEMMs on CUDA (no effect on the CPU)");
+}
+
+// Throws rex::Error naming the first impossible setting of the model or the training recipe.
+inline void validate(const RunConfig& c) {
+  nn::validate(c.model);
+  const TrainConfig& t = c.train;
+  auto positive = [](const char* key, double value) {
+    REX_CHECK(value > 0, "config: ", key, " must be positive, got ", value);
+  };
+  positive("train.steps", t.steps);
+  positive("train.batch_size", t.batch_size);
+  positive("train.lr", t.lr);
+  REX_CHECK(t.min_lr_ratio >= 0 && t.min_lr_ratio <= 1,
+            "config: train.min_lr_ratio must be in [0, 1]");
+  REX_CHECK(t.warmup >= 0 && t.warmup <= t.steps,
+            "config: train.warmup must be in [0, train.steps]");
+  REX_CHECK(t.weight_decay >= 0, "config: train.weight_decay cannot be negative");
+  REX_CHECK(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1,
+            "config: train.beta1 and train.beta2 must be in [0, 1)");
+  positive("train.eps", t.eps);
+  positive("train.eps (as float)", static_cast<float>(t.eps));
+  REX_CHECK(t.grad_clip >= 0, "config: train.grad_clip cannot be negative (0 turns clipping off)");
+  REX_CHECK(t.train_fraction > 0 && t.train_fraction < 1,
+            "config: train.train_fraction must be in (0, 1)");
+  positive("train.log_interval", t.log_interval);
+  positive("train.eval_interval", t.eval_interval);
+  positive("train.eval_batches", t.eval_batches);
+  positive("train.checkpoint_interval", t.checkpoint_interval);
+  REX_CHECK(t.matmul_precision == "fp32" || t.matmul_precision == "tf32",
+            "config: train.matmul_precision must be \"fp32\" or \"tf32\", got \"",
+            t.matmul_precision, "\"");
+}
+
+// The AdamW hyperparameters of the recipe.
+inline optim::AdamWOptions adamw_options(const TrainConfig& t) {
+  return {static_cast<float>(t.beta1), static_cast<float>(t.beta2), static_cast<float>(t.eps),
+          static_cast<float>(t.weight_decay)};
+}
+
+}  // namespace rex::train
+
+namespace rex::detail {
+
+// Assigns a JSON value to a config field of type T, or throws naming `key`.
+template <class T>
+void read_field(const nlohmann::json& j, const std::string& key, T& field) {
+  if constexpr (std::is_same_v<T, bool>) {
+    REX_CHECK(j.is_boolean(), "config: ", key, " must be true or false, got ", j.dump());
+    field = j.get<bool>();
+  } else if constexpr (std::is_same_v<T, std::string>) {
+    REX_CHECK(j.is_string(), "config: ", key, " must be a string, got ", j.dump());
+    field = j.get<std::string>();
+  } else if constexpr (std::is_integral_v<T>) {
+    // 2.0 is accepted as 2; 2.5 is not; values outside T's range are errors, not wrapped.
+    using Limits = std::numeric_limits<T>;
+    REX_CHECK(j.is_number() && std::floor(j.get<double>()) == j.get<double>(), "config: ", key,
+              " must be an integer, got ", j.dump());
+    REX_CHECK(Limits::is_signed || j.get<double>() >= 0, "config: ", key,
+              " cannot be negative, got ", j.dump());
+    if (j.is_number_unsigned()) {
+      REX_CHECK(j.get<uint64_t>() <= static_cast<uint64_t>(Limits::max()), "config: ", key,
+                " is too large, got ", j.dump());
+      field = static_cast<T>(j.get<uint64_t>());
+    } else if (j.is_number_integer()) {
+      field = static_cast<T>(j.get<int64_t>());
+    } else {
+      const double v = j.get<double>(), bound = std::ldexp(1.0, Limits::digits);  // 2^63 or 2^64
+      REX_CHECK(v < bound && v >= (Limits::is_signed ? -bound : 0.0), "config: ", key,
+                " is out of range, got ", j.dump());
+      field = static_cast<T>(v);
+    }
+  } else {
+    REX_CHECK(j.is_number(), "config: ", key, " must be a number, got ", j.dump());
+    field = j.get<T>();
+  }
+}
+
+}  // namespace rex::detail
+
+namespace rex::train {
+
+// Applies the keys present in `j` on top of `config`.
+inline void apply_json(RunConfig& config, const nlohmann::json& j) {
+  REX_CHECK(j.is_object(), "config: the top level must be a JSON object, got ", j.type_name());
+  std::set<std::string> known_sections, seen;
+  train::for_each_field(
+      config, [&](const char* section, const char* key, auto& field, const char*) {
+        known_sections.insert(section);
+        if (!j.contains(section)) return;
+        const nlohmann::json& part = j.at(section);
+        REX_CHECK(part.is_object(), "config: section \"", section, "\" must be an object, got ",
+                  part.type_name());
+        if (!part.contains(key)) return;
+        seen.insert(std::string(section) + "." + key);
+        rex::detail::read_field(part.at(key), std::string(section) + "." + key, field);
+      });
+  for (const auto& [section, part] : j.items()) {
+    REX_CHECK(known_sections.count(section), "config: unknown section \"", section,
+              "\" (known: model, moe, psr, train)");
+    for (const auto& item : part.items()) {
+      const std::string name = section + "." + item.key();
+      REX_CHECK(seen.count(name), "config: unknown key \"", name,
+                "\" (docs/formats.md lists every key)");
+    }
+  }
+}
+
+inline nlohmann::json to_json(const RunConfig& config) {
+  nlohmann::json j = nlohmann::json::object();
+  train::for_each_field(config, [&](const char* section, const char* key, const auto& field,
+                                    const char*) { j[section][key] = field; });
+  return j;
+}
+
+inline RunConfig config_from_json(const nlohmann::json& j) {
+  RunConfig config;
+  apply_json(config, j);
+  return config;
+}
+
+// Parses JSON text; `what` names the source (a path) in errors.
+inline RunConfig parse_config(const std::string& text, const std::string& what) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw Error("config: " + what + " is not valid JSON: " + e.what());
+  }
+  try {
+    return config_from_json(j);
+  } catch (const Error& e) {
+    throw Error(std::string(e.what()) + " (in " + what + ")");
+  }
+}
+
+// Applies one `section.key=value` override. The value is read as JSON when it parses as JSON
+// (numbers, true/false, quoted strings) and as a plain string otherwise, so both
+// `psr.schedule=stepwise` and `train.lr=1e-3` work.
+inline void apply_override(RunConfig& config, const std::string& assignment) {
+  const size_t eq = assignment.find('=');
+  const size_t dot = assignment.find('.');
+  REX_CHECK(eq != std::string::npos && dot != std::string::npos && dot < eq,
+            "--set expects section.key=value (e.g. moe.top_k=2), got \"", assignment, "\"");
+  const std::string section = assignment.substr(0, dot);
+  const std::string key = assignment.substr(dot + 1, eq - dot - 1);
+  const std::string text = assignment.substr(eq + 1);
+  nlohmann::json value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (value.is_discarded()) value = text;
+  nlohmann::json patch;
+  patch[section][key] = value;
+  apply_json(config, patch);
+}
+
+// The config of a new run: the defaults, then the file at `path` (none if empty), then the
+// `overrides` (section.key=value), validated.
+inline RunConfig read_run_config(const std::string& path,
+                                 const std::vector<std::string>& overrides) {
+  RunConfig config;
+  if (!path.empty()) config = parse_config(io::read_file(path), path);
+  for (const std::string& assignment : overrides) apply_override(config, assignment);
+  validate(config);
+  return config;
+}
+
+// The keys a resumed run may change; everything else must match the checkpoint.
+inline const std::set<std::string> kResumableKeys = {
+    "train.steps",        "train.log_interval",        "train.eval_interval",
+    "train.eval_batches", "train.checkpoint_interval", "train.matmul_precision"};
+
+// What resumed_config throws when an override changes any other key.
+struct NotResumable : Error {
+  using Error::Error;
+};
+
+// The saved config with `overrides` (section.key=value) applied, validated; NotResumable names the
+// first changed key that a resumed run must keep.
+inline RunConfig resumed_config(const RunConfig& saved, const std::vector<std::string>& overrides) {
+  RunConfig config = saved;
+  for (const std::string& assignment : overrides) apply_override(config, assignment);
+  const nlohmann::json before = to_json(saved), after = to_json(config);
+  for (const auto& [section, keys] : after.items())
+    for (const auto& [key, value] : keys.items())
+      if (value != before[section][key] && !kResumableKeys.count(section + "." + key))
+        throw NotResumable("--resume: " + section + "." + key +
+                           " cannot change in a resumed run (only train.steps, "
+                           "train.eval_batches, train.matmul_precision and the intervals can)");
+  validate(config);
+  return config;
+}
+
+}  // namespace rex::train

@@ -1,0 +1,60 @@
+// Validation loss and the routing report. Evaluation and sampling route with the PSR mask of the
+// last step trained (after_steps), so that they see the candidates the model was trained with.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include <nlohmann/json.hpp>
+
+#include "rex/data/dataset.hpp"
+#include "rex/nn/routing_report.hpp"
+#include "rex/nn/transformer.hpp"
+
+namespace rex::train {
+
+inline nn::RoutingStep after_steps(int64_t completed_steps, uint64_t seed) {
+  return {std::max<int64_t>(completed_steps - 1, 0), seed};
+}
+
+struct Evaluation {
+  double val_loss = 0;
+  nn::ExpertCounts expert_counts;  // summed over the batches
+};
+
+// Mean cross-entropy over validation batches 0 .. batches-1 of `sampler`.
+inline Evaluation evaluate(const nn::TransformerLM& model, const data::BatchSampler& sampler,
+                           int64_t batches, const nn::RoutingStep& at, Device device) {
+  NoGradGuard no_grad;
+  Evaluation out;
+  for (int64_t i = 0; i < batches; ++i) {
+    const data::Batch batch = sampler.sample(static_cast<uint64_t>(i)).to(device);
+    const nn::LmOutput result = model.forward(batch.inputs, batch.targets, at);
+    out.val_loss += result.lm_loss.item() / static_cast<double>(batches);
+    nn::add_expert_counts(out.expert_counts, result);
+  }
+  return out;
+}
+
+// routing.json (docs/formats.md): nn::routing_report of an evaluation's expert counts.
+inline nlohmann::json routing_json(const nn::ModelConfig& c, const Evaluation& eval, int64_t step,
+                                   int64_t candidates) {
+  const nn::MoeConfig& m = c.moe;
+  nlohmann::json layers = nlohmann::json::array();
+  for (const nn::LayerRouting& r : nn::routing_report(m, eval.expert_counts))
+    layers.push_back({{"layer", r.layer},
+                      {"block", r.block},
+                      {"own_experts", r.own_experts},
+                      {"share", r.share},
+                      {"own_share", r.own_share},
+                      {"borrowed_share", r.borrowed_share}});
+  return {{"step", step},
+          {"reuse", m.reuse},
+          {"experts_per_layer", m.experts_per_layer},
+          {"top_k", m.top_k},
+          {"candidates", candidates},
+          {"source", "validation batches of the last evaluation"},
+          {"layers", layers}};
+}
+
+}  // namespace rex::train

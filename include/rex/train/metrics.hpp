@@ -1,0 +1,163 @@
+// metrics.jsonl: one JSON object per line, appended and flushed as training goes, so that a run
+// can be followed (and plotted) while it trains. On resume, the lines past the checkpoint's step
+// (written after it by the run that stopped) are dropped first, so that a resumed run's log equals
+// an uninterrupted one's. The records and their fields are listed in docs/formats.md. Progress
+// measures the tokens/s and ETA of the progress lines; model_summary and corpus_summary describe a
+// run in one line each.
+#pragma once
+
+#include <chrono>
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "rex/core/error.hpp"
+#include "rex/io/files.hpp"
+#include "rex/nn/transformer.hpp"
+#include "rex/train/corpus.hpp"
+#include "rex/train/step.hpp"
+
+namespace rex::detail {
+
+// printf into a std::string.
+inline std::string printf_string(const char* format, ...) {
+  va_list args, again;
+  va_start(args, format);
+  va_copy(again, args);
+  std::string out(static_cast<size_t>(std::vsnprintf(nullptr, 0, format, args)), '\0');
+  std::vsnprintf(out.data(), out.size() + 1, format, again);
+  va_end(again);
+  va_end(args);
+  return out;
+}
+
+}  // namespace rex::detail
+
+namespace rex::train {
+
+class MetricsLog {
+ public:
+  // resume_step: the step of the checkpoint a resumed run starts from; nullopt starts a new log.
+  MetricsLog(const std::string& path, std::optional<int64_t> resume_step) {
+    if (resume_step && std::filesystem::exists(path)) {
+      std::ifstream in(path);
+      std::string line, kept;
+      while (std::getline(in, line)) {
+        const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+        if (!j.is_discarded() && j.value("step", int64_t{0}) <= *resume_step) kept += line + "\n";
+      }
+      io::write_file_atomic(path, kept);
+    }
+    file_ = std::fopen(path.c_str(), resume_step ? "a" : "w");
+    REX_CHECK(file_ != nullptr, "cannot write ", path);
+  }
+  ~MetricsLog() { std::fclose(file_); }
+  MetricsLog(const MetricsLog&) = delete;
+  MetricsLog& operator=(const MetricsLog&) = delete;
+
+  void write(const nlohmann::json& record) {
+    std::fprintf(file_, "%s\n", record.dump().c_str());
+    std::fflush(file_);
+  }
+
+  // {"kind": "train", ...}: the step just completed (step = completed steps), its learning rate,
+  // the throughput since the last record and the seconds since the run (re)started.
+  void log_train(int64_t step, const StepResult& r, float lr, double tokens_per_s,
+                 double elapsed_s) {
+    const nn::LmOutput& out = r.output;
+    write({{"kind", "train"},
+           {"step", step},
+           {"loss", out.loss.item()},
+           {"lm_loss", out.lm_loss.item()},
+           {"aux_loss", aux_loss(out)},
+           {"lr", lr},
+           {"grad_norm", r.grad_norm},
+           {"tokens_per_s", tokens_per_s},
+           {"candidates", out.candidates},
+           {"elapsed_s", elapsed_s}});
+  }
+
+  // {"kind": "eval", ...}: the validation loss after `step` completed steps.
+  void log_eval(int64_t step, double val_loss) {
+    write({{"kind", "eval"}, {"step", step}, {"val_loss", val_loss}});
+  }
+
+ private:
+  std::FILE* file_;
+};
+
+// "4m05s" below an hour, "2h07m" from an hour on.
+inline std::string format_duration(double seconds) {
+  const long s = std::lround(seconds);
+  char text[32];
+  if (s >= 3600) {
+    std::snprintf(text, sizeof text, "%ldh%02ldm", s / 3600, s / 60 % 60);
+  } else {
+    std::snprintf(text, sizeof text, "%ldm%02lds", s / 60, s % 60);
+  }
+  return text;
+}
+
+// Throughput and time left of a training loop, measured over the steps since the last lap.
+class Progress {
+ public:
+  explicit Progress(int64_t tokens_per_step) : tokens_per_step_(tokens_per_step) {}
+
+  void count_step() { ++steps_; }
+
+  struct Lap {
+    double tokens_per_s;
+    double eta_s;      // at this lap's speed, for `steps_left` more steps
+    double elapsed_s;  // since the Progress was made
+  };
+
+  // Ends the current interval (at least one step) and starts the next.
+  Lap lap(int64_t steps_left) {
+    const auto now = Clock::now();
+    const double seconds = std::chrono::duration<double>(now - interval_start_).count();
+    const Lap out{static_cast<double>(steps_ * tokens_per_step_) / seconds,
+                  seconds / static_cast<double>(steps_) * static_cast<double>(steps_left),
+                  std::chrono::duration<double>(now - start_).count()};
+    interval_start_ = now;
+    steps_ = 0;
+    return out;
+  }
+
+  double elapsed_s() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  int64_t tokens_per_step_;
+  int64_t steps_ = 0;
+  Clock::time_point start_ = Clock::now(), interval_start_ = start_;
+};
+
+// "MoE R4 model, 4 layers, d_model 128, 1.23M parameters" (or "dense model, ...").
+inline std::string model_summary(const nn::TransformerLM& model) {
+  const nn::ModelConfig& c = model.config();
+  const std::string kind = c.ffn == "moe" ? "MoE R" + std::to_string(c.moe.reuse) : "dense";
+  return detail::printf_string("%s model, %lld layers, d_model %lld, %.2fM parameters",
+                               kind.c_str(), static_cast<long long>(c.n_layers),
+                               static_cast<long long>(c.d_model),
+                               static_cast<double>(model.parameter_count()) / 1e6);
+}
+
+// "corpus PATH: N bytes, vocab V, train A / validation B tokens, unigram entropy H nats".
+inline std::string corpus_summary(const Corpus& corpus) {
+  const int64_t vocab = corpus.tokenizer.vocab_size();
+  return detail::printf_string(
+      "corpus %s: %zu bytes, vocab %lld, train %zu / validation %zu tokens, unigram entropy %.4f "
+      "nats",
+      corpus.path.c_str(), corpus.text.size(), static_cast<long long>(vocab),
+      corpus.split.train.size(), corpus.split.validation.size(),
+      data::unigram_entropy(corpus.split.validation, vocab));
+}
+
+}  // namespace rex::train
