@@ -589,16 +589,9 @@ TEST_CASE("cuda ops: permute_rows, and the MoE dispatch that permutes back with 
   if (gpu_missing()) return;
   Generator gen(17);
   const int64_t n = 23;
-  std::vector<int32_t> order(static_cast<size_t>(n)), inverse(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = static_cast<int32_t>(i);
-  for (int64_t i = n - 1; i > 0; --i)
-    std::swap(order[static_cast<size_t>(i)],
-              order[static_cast<size_t>(gen.below(static_cast<uint64_t>(i + 1)))]);
-  for (int64_t i = 0; i < n; ++i)
-    inverse[static_cast<size_t>(order[static_cast<size_t>(i)])] = static_cast<int32_t>(i);
+  const auto [order, inverse] = testing::random_permutation(n, gen);
   compare_op(
-      "permute_rows",
-      {param({n, 7}, gen), constant(from_vector(order)), constant(from_vector(inverse))},
+      "permute_rows", {param({n, 7}, gen), constant(order), constant(inverse)},
       [](const auto& t) { return permute_rows(t[0], t[1], t[2]); }, 0.0);
 
   // The plan is built on the host either way; on CUDA its orderings come back to the device.

@@ -296,29 +296,13 @@ TEST_CASE("index ops: errors name the op and the offending values") {
   CHECK(contains(msg, "[2, 3]"));
 }
 
-namespace {
-
-// A random permutation of 0 .. n - 1 and its inverse, as i32 tensors.
-std::pair<Tensor, Tensor> random_permutation(int64_t n, Generator& gen) {
-  std::vector<int32_t> order(static_cast<size_t>(n)), inverse(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = static_cast<int32_t>(i);
-  for (int64_t i = n - 1; i > 0; --i)
-    std::swap(order[static_cast<size_t>(i)],
-              order[static_cast<size_t>(gen.below(static_cast<uint64_t>(i + 1)))]);
-  for (int64_t i = 0; i < n; ++i)
-    inverse[static_cast<size_t>(order[static_cast<size_t>(i)])] = static_cast<int32_t>(i);
-  return {from_vector(order), from_vector(inverse)};
-}
-
-}  // namespace
-
 TEST_CASE("permute_rows: forward moves every row, the same bits as the scatter-add it replaces") {
   Generator gen(31);
   const int64_t n = 9, d = 4;
   Tensor x = normal({n, d}, gen);
   x.data<float>()[5] = -0.0f;  // a signed zero
   x.data<float>()[6] = std::numeric_limits<float>::infinity();
-  const auto [order, inverse] = random_permutation(n, gen);
+  const auto [order, inverse] = testing::random_permutation(n, gen);
   const Tensor y = permute_rows(x, order, inverse);
   REQUIRE(y.shape() == Shape{n, d});
   const int32_t* po = order.data<int32_t>();
@@ -343,13 +327,13 @@ TEST_CASE("permute_rows: gradient") {
   Generator gen(32);
   for (auto [n, d] : std::vector<std::array<int64_t, 2>>{{6, 3}, {1, 4}, {7, 1}}) {
     Tensor x = normal({n, d}, gen).requires_grad_();
-    const auto [order, inverse] = random_permutation(n, gen);
+    const auto [order, inverse] = testing::random_permutation(n, gen);
     CHECK_GRADIENTS(
         [&](const std::vector<Tensor>& in) { return permute_rows(in[0], order, inverse); }, {x});
   }
   // The backward is the inverse permutation: permuting g back gives dx exactly.
   Tensor x = normal({5, 2}, gen).requires_grad_();
-  const auto [order, inverse] = random_permutation(5, gen);
+  const auto [order, inverse] = testing::random_permutation(5, gen);
   const Tensor g = normal({5, 2}, gen);
   permute_rows(x, order, inverse).backward(g);
   CHECK(x.grad().to_vector() == gather_rows(g, inverse).to_vector());

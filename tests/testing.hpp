@@ -9,6 +9,7 @@
 //
 // - raw_bytes / same_bytes: a tensor's element bytes, for bit-exact comparisons (NaN != NaN as
 //   floats).
+// - random_permutation: a random permutation of 0 .. n - 1 and its inverse, as i32 tensors.
 // - TempDir: a fresh folder under the system temp folder, removed with its contents at scope exit.
 //
 // Gradient checking lives in gradcheck.hpp.
@@ -21,12 +22,25 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <doctest/doctest.h>
 #include <rex/rex.hpp>
 
 namespace rex::testing {
+
+// A random permutation of 0 .. n - 1 (a Fisher-Yates shuffle) and its inverse, as i32 tensors.
+inline std::pair<Tensor, Tensor> random_permutation(int64_t n, Generator& gen) {
+  std::vector<int32_t> order(static_cast<size_t>(n)), inverse(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+  for (int64_t i = n - 1; i > 0; --i)
+    std::swap(order[static_cast<size_t>(i)],
+              order[static_cast<size_t>(gen.below(static_cast<uint64_t>(i + 1)))]);
+  for (int64_t i = 0; i < n; ++i)
+    inverse[static_cast<size_t>(order[static_cast<size_t>(i)])] = static_cast<int32_t>(i);
+  return {from_vector(order), from_vector(inverse)};
+}
 
 // The message of the rex::Error that f() throws, or "(no rex::Error thrown)" when it returns.
 template <class F>
