@@ -1,7 +1,10 @@
 // Tests for rex/io/files.hpp and rex/io/safetensors.hpp: bit-exact round trips (NaN payloads,
 // +-inf, -0.0, rank 0, zero elements, views), the exact bytes of files written out by hand in both
 // directions (so the format is checked independently of our own writer and reader), metadata, every
-// corruption the reader must reject, truncation at every length, and atomic file replacement.
+// corruption the reader must reject, truncation at every length, and atomic file replacement; the
+// per-tensor checksums (their own known answers, and flipped bits in rex's model and checkpoint
+// files refused naming the tensor), the config recorded in model.safetensors, and the clean-up of
+// temporary files left by killed writers.
 #include <doctest/doctest.h>
 
 #include <unistd.h>
@@ -16,6 +19,7 @@
 
 #include <rex/io/files.hpp>
 #include <rex/io/safetensors.hpp>
+#include <rex/train/checkpoint.hpp>
 
 #include "testing.hpp"
 
@@ -345,4 +349,236 @@ TEST_CASE("write_file_atomic and read_file: errors name the path and the reason"
   CHECK(msg == "read_file: " + dir.file("absent.txt") + ": file does not exist");
   msg = error_message([&] { io::read_file(dir.file("a_folder")); });
   CHECK(msg == "read_file: " + dir.file("a_folder") + ": is a directory, not a file");
+}
+
+TEST_CASE("safetensors: malformed files of the format's reference cases are refused") {
+  auto check = [](const std::string& msg, const std::string& want) {
+    CHECK_MESSAGE(msg.find("from_safetensors: bad.safetensors: ") == 0, msg);
+    CHECK_MESSAGE(msg.find(want) != std::string::npos, msg, "\n  should contain: ", want);
+  };
+  const std::string f32x2 = R"("dtype":"F32","shape":[2])";
+  const std::string eight(8, '\0');
+
+  // The header may not exceed 100 MB, even when the file is that long.
+  const std::string huge = length_prefix(100'000'008) + std::string(100'000'008, ' ');
+  check(error_message([&] { io::from_safetensors(huge, "bad.safetensors"); }),
+        "header length 100000008 is over the format's limit of 100000000 bytes");
+  // The header starts with '{': leading whitespace of any kind is refused; trailing padding is not.
+  for (const char* space : {" ", "\t", "\n", "\r"})
+    check(parse_error(std::string(space) + "{}     ", ""), "header starts with whitespace");
+  CHECK(io::from_safetensors(file_with("{}      ", ""), "ok").tensors.empty());
+  // Offsets: two tensors on the same bytes, one inside another, and a tensor past the buffer.
+  check(parse_error(R"({"a":{)" + f32x2 + R"(,"data_offsets":[0,8]},"b":{)" + f32x2 +
+                        R"(,"data_offsets":[0,8]}})",
+                    eight),
+        "overlap");
+  check(parse_error(R"({"a":{"dtype":"I32","shape":[3],"data_offsets":[0,12]},)"
+                    R"("b":{"dtype":"I32","shape":[1],"data_offsets":[4,8]}})",
+                    std::string(12, '\0')),
+        "overlap");
+  check(parse_error(R"({"a":{)" + f32x2 + R"(,"data_offsets":[0,8]},"b":{)" + f32x2 +
+                        R"(,"data_offsets":[8,16]}})",
+                    eight),
+        "are past the end of the buffer");
+  // dtype and shape disagree with the offsets: too few and too many bytes, rank 0, i32.
+  check(parse_error(R"({"a":{"dtype":"I32","shape":[3],"data_offsets":[0,8]}})", eight),
+        "dtype I32 and shape [3] need 12 bytes but data_offsets [0,8] span 8");
+  check(parse_error(R"({"a":{"dtype":"F32","shape":[],"data_offsets":[0,8]}})", eight),
+        "dtype F32 and shape [] need 4 bytes but data_offsets [0,8] span 8");
+  check(parse_error(R"({"a":{"dtype":"F32","shape":[1,1],"data_offsets":[0,8]}})", eight),
+        "need 4 bytes");
+  // Not JSON: invalid UTF-8, a trailing comma, a NUL byte, trailing garbage after the object.
+  check(parse_error("{\"\xFF\":1}", ""), "header is not valid JSON");
+  check(parse_error(R"({"a":{)" + f32x2 + R"(,"data_offsets":[0,8]},})", eight),
+        "header is not valid JSON");
+  check(parse_error(std::string("{}\0 junk", 8), ""), "header holds a NUL byte at offset 2");
+  check(parse_error("{}x", ""), "header is not valid JSON");
+  // A header length that ends inside the header's JSON.
+  check(error_message(
+            [&] { io::from_safetensors(length_prefix(3) + R"({"a":1})", "bad.safetensors"); }),
+        "header is not valid JSON");
+}
+
+namespace {
+
+// Bit-at-a-time CRC-32C, the definition the table-driven one must agree with.
+uint32_t crc32c_by_bits(const std::string& bytes) {
+  uint32_t crc = 0xFFFFFFFFu;
+  for (unsigned char c : bytes) {
+    crc ^= c;
+    for (int i = 0; i < 8; ++i) crc = crc & 1 ? (crc >> 1) ^ 0x82F63B78u : crc >> 1;
+  }
+  return ~crc;
+}
+
+// Flips ten bits spread over bytes [begin, end) of the file at `path`.
+void flip_ten_bits(const std::string& path, uint64_t begin, uint64_t end) {
+  std::string bytes = io::read_file(path);
+  REQUIRE(end > begin);
+  for (uint64_t i = 0; i < 10; ++i)
+    bytes[begin + i * (end - begin) / 10] ^= static_cast<char>(1 << (i % 8));
+  io::write_file_atomic(path, bytes);
+}
+
+// Where tensor `name`'s bytes lie in the file at `path`, from the file's own header.
+std::pair<uint64_t, uint64_t> tensor_span(const std::string& path, const std::string& name) {
+  const std::string bytes = io::read_file(path);
+  uint64_t header_length = 0;
+  std::memcpy(&header_length, bytes.data(), 8);
+  const nlohmann::json header = nlohmann::json::parse(bytes.substr(8, header_length));
+  const nlohmann::json& offsets = header.at(name).at("data_offsets");
+  return {8 + header_length + offsets[0].get<uint64_t>(),
+          8 + header_length + offsets[1].get<uint64_t>()};
+}
+
+train::RunConfig tiny_config() {
+  train::RunConfig c;
+  c.model.vocab_size = 13;
+  c.model.d_model = 16;
+  c.model.n_layers = 2;
+  c.model.n_heads = 2;
+  c.model.n_kv_heads = 1;
+  c.model.context = 8;
+  c.model.ffn = "dense";
+  c.model.d_ff = 24;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("crc32c: known answers and agreement with the bitwise definition at every alignment") {
+  CHECK(detail::crc32c("") == 0u);
+  CHECK(detail::crc32c("123456789") == 0xE3069283u);  // the standard check value of CRC-32C
+  CHECK(detail::crc32c(std::string(32, '\0')) == 0x8A9136AAu);
+  CHECK(detail::crc32c_hex("123456789") == "e3069283");
+  std::string bytes;
+  for (int i = 0; i < 100; ++i) bytes.push_back(static_cast<char>(i * 37 + 11));
+  for (size_t start = 0; start < 8; ++start)
+    for (size_t n = 0; start + n <= bytes.size(); n += 7)
+      CHECK(detail::crc32c(std::string_view(bytes).substr(start, n)) ==
+            crc32c_by_bits(bytes.substr(start, n)));
+}
+
+TEST_CASE("safetensors: checksums are written per tensor, checked, and optional") {
+  const io::TensorMap tensors = sample_tensors();
+  const io::Metadata metadata = io::with_checksums(tensors, {{"k", "v"}});
+  CHECK(metadata.size() == 1 + tensors.size());
+  CHECK(metadata.at("rex.crc32c.c.scalar") ==
+        detail::crc32c_hex(std::string_view(
+            reinterpret_cast<const char*>(tensors.at("c.scalar").data<float>()), 4)));
+  CHECK(metadata.at("rex.crc32c.d.empty") == "00000000");
+  const std::string bytes = io::to_safetensors(tensors, metadata);
+  const io::SafetensorsContents back = io::from_safetensors(bytes, "sum.safetensors");
+  check_same(back.tensors, tensors);
+  CHECK(back.metadata == metadata);
+
+  // A flipped bit in the last byte of the buffer (f.row, the last tensor in name order).
+  std::string damaged = bytes;
+  damaged.back() ^= 0x10;
+  std::string msg = error_message([&] { io::from_safetensors(damaged, "sum.safetensors"); });
+  CHECK(msg.find("from_safetensors: sum.safetensors: tensor 'f.row': its data do not match the "
+                 "checksum recorded in the file (crc32c ") == 0);
+  CHECK(msg.find("the file is corrupt") != std::string::npos);
+
+  // Without checksums the same damage loads (other writers' files are not checked).
+  std::string unchecked = io::to_safetensors(tensors, {{"k", "v"}});
+  unchecked.back() ^= 0x10;
+  CHECK(io::from_safetensors(unchecked, "plain").tensors.size() == tensors.size());
+
+  // A checksum for a tensor the file lacks, and a tensor without one among checksummed ones.
+  io::Metadata extra = metadata;
+  extra["rex.crc32c.ghost"] = "00000000";
+  msg = error_message([&] { io::from_safetensors(io::to_safetensors(tensors, extra), "x"); });
+  CHECK(msg.find("metadata \"rex.crc32c.ghost\" is the checksum of tensor 'ghost', which the "
+                 "file does not hold") != std::string::npos);
+  io::Metadata partial = metadata;
+  partial.erase("rex.crc32c.b.ids");
+  msg = error_message([&] { io::from_safetensors(io::to_safetensors(tensors, partial), "x"); });
+  CHECK(msg.find("tensor 'b.ids' has no checksum") != std::string::npos);
+}
+
+TEST_CASE("model and checkpoint files: ten flipped bits are refused naming the file and tensor") {
+  const train::RunConfig config = tiny_config();
+  const nn::TransformerLM model(config.model, 3);
+  const optim::AdamW optimizer(optim::decay_matrices(model.named_parameters()));
+  const data::CharTokenizer tokenizer = data::CharTokenizer::from_text("abcdefghijklm");
+  const testing::TempDir temp("checksummed_run");
+  const std::string dir = temp.path.string();
+  train::save_model_folder(dir, model, config, tokenizer, 4);
+  train::save_checkpoint(dir, model, optimizer, config, tokenizer, 4, {});
+  const std::string name = "layers.1.attn.q.weight";
+  REQUIRE(train::parameter_map(model).count(name) == 1);
+
+  const auto [model_begin, model_end] = tensor_span(train::model_path(dir), name);
+  flip_ten_bits(train::model_path(dir), model_begin, model_end);
+  std::string msg = error_message([&] { train::load_model_folder(dir); });
+  CHECK(msg.find("load_safetensors: " + train::model_path(dir) + ": tensor '" + name +
+                 "': its data do not match the checksum") == 0);
+
+  const auto [begin, end] = tensor_span(train::checkpoint_path(dir), "model." + name);
+  flip_ten_bits(train::checkpoint_path(dir), begin, end);
+  msg = error_message([&] { train::load_checkpoint(dir); });
+  CHECK(msg.find("load_safetensors: " + train::checkpoint_path(dir) + ": tensor 'model." + name +
+                 "': its data do not match the checksum") == 0);
+}
+
+TEST_CASE("model folder: a config.json that no longer matches model.safetensors is refused") {
+  const train::RunConfig config = tiny_config();
+  const nn::TransformerLM model(config.model, 3);
+  const data::CharTokenizer tokenizer = data::CharTokenizer::from_text("abcdefghijklm");
+  const testing::TempDir temp("recorded_config");
+  const std::string dir = temp.path.string();
+  train::save_model_folder(dir, model, config, tokenizer, 4);
+  CHECK(train::load_model_folder(dir).step == 4);
+
+  train::RunConfig edited = config;
+  edited.model.psr.t_end = 123;
+  io::write_file_atomic(dir + "/config.json", train::to_json(edited).dump(2));
+  const std::string msg = error_message([&] { train::load_model_folder(dir); });
+  CHECK(msg.find(dir + ": config.json does not match the config recorded in model.safetensors "
+                       "(first difference: psr.t_end (123 vs ") == 0);
+
+  // A folder written before the config was recorded (and without checksums) still loads.
+  const io::TensorMap parameters = train::parameter_map(model);
+  io::save_safetensors(train::model_path(dir), parameters,
+                       {{"format", "rex-model"}, {"step", "4"}});
+  CHECK(train::to_json(train::load_model_folder(dir).config) == train::to_json(edited));
+}
+
+TEST_CASE("remove_stale_temp_files: removes a dead writer's temporary file, never a live one's") {
+  testing::TempDir dir("stale_temp");
+  // pid_max is at most 2^22 = 4194304 on Linux, so no process has pid 99999999.
+  const std::string dead = dir.file("checkpoint.safetensors.tmp.99999999");
+  const std::string mine = dir.file("vocab.json.tmp." + std::to_string(::getpid()));
+  const std::string parent = dir.file("config.json.tmp." + std::to_string(::getppid()));
+  const std::string not_temp = dir.file("notes.tmp.draft");
+  for (const std::string& path : {dead, mine, parent, not_temp}) io::write_file_atomic(path, "x");
+  io::write_file_atomic(dir.file("model.safetensors"), "kept");
+
+  CHECK(io::remove_stale_temp_files(dir.path.string()) == std::vector<std::string>{dead});
+  CHECK(dir.listing() == std::vector<std::string>{fs::path(parent).filename().string(),
+                                                  "model.safetensors", "notes.tmp.draft",
+                                                  fs::path(mine).filename().string()});
+  CHECK(io::remove_stale_temp_files(dir.file("no_such_folder")).empty());
+
+  // A run clears its folder when it writes its model folder (and when it resumes).
+  io::write_file_atomic(dead, "left by a killed run");
+  const train::RunConfig config = tiny_config();
+  const nn::TransformerLM model(config.model, 3);
+  train::save_model_folder(dir.path.string(), model, config,
+                           data::CharTokenizer::from_text("abcdefghijklm"), 1);
+  CHECK(!fs::exists(dead));
+}
+
+TEST_CASE("fsync_folder: durable renames; a folder it cannot open is a clear error") {
+  testing::TempDir dir("fsync_folder");
+  io::fsync_folder(dir.path.string());
+  const std::string missing = dir.file("absent");
+  CHECK(error_message([&] { io::fsync_folder(missing); }) ==
+        "fsync_folder: " + missing + ": No such file or directory");
+  // write_file_atomic fsyncs the folder after the rename; that the file is whole and alone there
+  // is what can be observed without pulling the power (see the write_file_atomic tests above).
+  io::write_file_atomic(dir.file("a"), "content");
+  CHECK(io::read_file(dir.file("a")) == "content");
+  CHECK(dir.listing() == std::vector<std::string>{"a"});
 }

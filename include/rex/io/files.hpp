@@ -5,10 +5,18 @@
 // is then renamed over the target: rename within one file system is atomic, so a crash at any point
 // leaves either the old file or the complete new one, never a truncated mix. POSIX calls are used
 // (not iostreams) because fsync needs a file descriptor and errno gives the precise reason for a
-// failure, which every error message states next to the path.
+// failure, which every error message states next to the path. After the rename the folder itself is
+// fsynced, so that the new directory entry (not only the file's bytes) survives a power loss.
+//
+// A writer killed mid-write (kill -9, out of memory) leaves its "<name>.tmp.<pid>" behind, as large
+// as the file it was writing. remove_stale_temp_files deletes those of writers that are no longer
+// alive (kill(pid, 0) fails with ESRCH) and never one of a live process; runs call it when they
+// start or resume in a folder. A pid names a process on this machine only: two machines writing to
+// one shared folder must not run it.
 #pragma once
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -18,6 +26,7 @@
 #include <filesystem>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "rex/core/error.hpp"
 
@@ -35,6 +44,19 @@ inline std::string parent_folder(const std::string& path) {
   const std::string parent = std::filesystem::path(path).parent_path().string();
   return parent.empty() ? "." : parent;
 }
+
+// The pid in a temporary file name "<name>.tmp.<pid>", or -1 when the name is not one.
+inline pid_t temp_file_pid(const std::string& name) {
+  const size_t mark = name.rfind(".tmp.");
+  if (mark == std::string::npos || mark == 0) return -1;
+  const std::string digits = name.substr(mark + 5);
+  if (digits.empty() || digits.size() > 9 ||
+      digits.find_first_not_of("0123456789") != std::string::npos)
+    return -1;
+  return static_cast<pid_t>(std::stol(digits));
+}
+
+inline bool process_is_alive(pid_t pid) { return ::kill(pid, 0) == 0 || errno != ESRCH; }
 
 }  // namespace rex::detail
 
@@ -71,6 +93,18 @@ inline std::string read_file(const std::string& path) {
   return bytes;
 }
 
+// Makes the folder's entries (a rename into it) durable. File systems that cannot fsync a folder
+// (EINVAL) make their entries durable by other means, so that is not an error.
+inline void fsync_folder(const std::string& folder) {
+  const int fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int err = fd < 0 ? errno : 0;
+  if (fd >= 0) {
+    if (::fsync(fd) != 0 && errno != EINVAL) err = errno;
+    ::close(fd);
+  }
+  if (err != 0) throw Error(detail::concat("fsync_folder: ", folder, ": ", std::strerror(err)));
+}
+
 inline void write_file_atomic(const std::string& path, std::string_view bytes) {
   const std::string temp = path + ".tmp." + std::to_string(::getpid());
   const std::string folder = detail::parent_folder(path);
@@ -101,6 +135,21 @@ inline void write_file_atomic(const std::string& path, std::string_view bytes) {
   open = false;
   if (::close(fd) != 0) fail("close failed", errno);
   if (std::rename(temp.c_str(), path.c_str()) != 0) fail("cannot rename the temporary file", errno);
+  fsync_folder(folder);
+}
+
+// Removes the temporary files of dead writers ("<name>.tmp.<pid>" whose pid is not a live process)
+// in `folder`; returns their paths. A folder that does not exist holds none.
+inline std::vector<std::string> remove_stale_temp_files(const std::string& folder) {
+  std::vector<std::string> removed;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(folder, ec)) {
+    const pid_t pid = detail::temp_file_pid(entry.path().filename().string());
+    if (pid <= 0 || pid == ::getpid() || detail::process_is_alive(pid) || !entry.is_regular_file())
+      continue;
+    if (std::filesystem::remove(entry.path(), ec)) removed.push_back(entry.path().string());
+  }
+  return removed;
 }
 
 }  // namespace rex::io

@@ -4,13 +4,19 @@
 //   config.json         the full run configuration (rex/train/config.hpp), vocab_size filled in
 //   vocab.json          the tokenizer (rex/data/tokenizer.hpp)
 //   model.safetensors   every parameter under its module-tree name, f32, plus metadata
-//                       {"format": "rex-model", "step": "<completed steps>"}
+//                       {"format": "rex-model", "step": "<completed steps>",
+//                        "config": "<config.json's content, compact>"}
+//                       load_model_folder refuses a config.json that no longer matches it
+//                       (folders written before it was recorded load as they are)
 // The training checkpoint is one file, checkpoint.safetensors, so that a single atomic rename makes
 // it either wholly the old state or wholly the new one:
 //   model.<name>                 every parameter
 //   optim.<name>.exp_avg | .exp_avg_sq | .step   AdamW state (rex/optim/adamw.hpp)
 //   metadata: format "rex-checkpoint", step (completed steps), config and vocab (JSON text),
 //             corpus_bytes and corpus_hash (to warn when a resume reads another corpus)
+// Both files carry a CRC-32C of every tensor (rex/io/safetensors.hpp, with_checksums), which the
+// reader checks, and a run clears the temporary files of killed writers from its folder
+// (io::remove_stale_temp_files) when it writes its model folder and when it resumes.
 // Nothing else is needed to resume exactly: batches and PSR masks are pure functions of
 // (seed, step), so the random state is the seed (in the config) and the step.
 // load_model rebuilds the model of a model folder, weights included; start_training builds the
@@ -56,6 +62,17 @@ inline int64_t parse_step(const io::Metadata& metadata, const std::string& what)
   return std::stoll(text);
 }
 
+// The first key, as "section.key (a's value vs b's)", whose value differs between two configs'
+// to_json (which always have the same keys); "" when they are equal.
+inline std::string first_config_difference(const nlohmann::json& a, const nlohmann::json& b) {
+  for (const auto& [section, keys] : a.items())
+    for (const auto& [key, value] : keys.items())
+      if (b.at(section).at(key) != value)
+        return section + "." + key + " (" + value.dump() + " vs " + b.at(section).at(key).dump() +
+               ")";
+  return "";
+}
+
 inline void check_format(const io::Metadata& metadata, const std::string& want,
                          const std::string& what) {
   auto it = metadata.find("format");
@@ -90,10 +107,14 @@ inline uint64_t corpus_hash(std::string_view bytes) {
 inline void save_model_folder(const std::string& dir, const nn::Module& model,
                               const RunConfig& config, const data::CharTokenizer& tokenizer,
                               int64_t step) {
+  io::remove_stale_temp_files(dir);
   io::write_file_atomic(dir + "/config.json", to_json(config).dump(2) + "\n");
   io::write_file_atomic(dir + "/vocab.json", tokenizer.to_json().dump() + "\n");
-  io::save_safetensors(model_path(dir), parameter_map(model),
-                       {{"format", "rex-model"}, {"step", std::to_string(step)}});
+  const io::TensorMap parameters = parameter_map(model);
+  io::save_safetensors(model_path(dir), parameters,
+                       io::with_checksums(parameters, {{"format", "rex-model"},
+                                                       {"step", std::to_string(step)},
+                                                       {"config", to_json(config).dump()}}));
 }
 
 struct ModelFolder {
@@ -112,6 +133,15 @@ inline ModelFolder load_model_folder(const std::string& dir) {
   io::SafetensorsContents contents = io::load_safetensors(model_path(dir));
   detail::check_format(contents.metadata, "rex-model", model_path(dir));
   out.step = detail::parse_step(contents.metadata, model_path(dir));
+  if (auto recorded = contents.metadata.find("config"); recorded != contents.metadata.end()) {
+    const std::string difference = detail::first_config_difference(
+        to_json(out.config),
+        to_json(parse_config(recorded->second, model_path(dir) + " (metadata \"config\")")));
+    REX_CHECK(difference.empty(), dir,
+              ": config.json does not match the config recorded in model.safetensors (first "
+              "difference: ",
+              difference, "): config.json was edited after the model was saved");
+  }
   out.parameters = std::move(contents.tensors);
   REX_CHECK(out.config.model.vocab_size == out.tokenizer.vocab_size(), dir,
             ": config.json says vocab_size ", out.config.model.vocab_size, " but vocab.json has ",
@@ -131,13 +161,14 @@ inline void save_checkpoint(const std::string& dir, const nn::Module& model,
                             const CheckpointInfo& info) {
   io::TensorMap tensors = parameter_map(model, "model.");
   for (const auto& [name, t] : optimizer.state()) tensors["optim." + name] = t;
-  io::save_safetensors(checkpoint_path(dir), tensors,
-                       {{"format", "rex-checkpoint"},
-                        {"step", std::to_string(step)},
-                        {"config", to_json(config).dump()},
-                        {"vocab", tokenizer.to_json().dump()},
-                        {"corpus_bytes", std::to_string(info.corpus_bytes)},
-                        {"corpus_hash", std::to_string(info.corpus_hash)}});
+  io::save_safetensors(
+      checkpoint_path(dir), tensors,
+      io::with_checksums(tensors, {{"format", "rex-checkpoint"},
+                                   {"step", std::to_string(step)},
+                                   {"config", to_json(config).dump()},
+                                   {"vocab", tokenizer.to_json().dump()},
+                                   {"corpus_bytes", std::to_string(info.corpus_bytes)},
+                                   {"corpus_hash", std::to_string(info.corpus_hash)}}));
 }
 
 // The model folder and the checkpoint of a run at `step`: everything --checkpoint and --resume
@@ -161,6 +192,7 @@ struct Checkpoint {
 
 inline Checkpoint load_checkpoint(const std::string& dir) {
   const std::string path = checkpoint_path(dir);
+  io::remove_stale_temp_files(dir);
   io::SafetensorsContents contents = io::load_safetensors(path);
   detail::check_format(contents.metadata, "rex-checkpoint", path);
   auto field = [&](const char* key) -> const std::string& {
