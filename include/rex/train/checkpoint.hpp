@@ -46,7 +46,7 @@ namespace rex::detail {
 inline nlohmann::json parse_json_file(const std::string& path) {
   try {
     return nlohmann::json::parse(io::read_file(path));
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
     throw Error(path + " is not valid JSON: " + e.what());
   }
 }

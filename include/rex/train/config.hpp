@@ -202,7 +202,7 @@ inline RunConfig parse_config(const std::string& text, const std::string& what) 
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
     throw Error("config: " + what + " is not valid JSON: " + e.what());
   }
   try {
@@ -223,6 +223,12 @@ inline void apply_override(RunConfig& config, const std::string& assignment) {
   const std::string section = assignment.substr(0, dot);
   const std::string key = assignment.substr(dot + 1, eq - dot - 1);
   const std::string text = assignment.substr(eq + 1);
+  // Error messages show values as JSON, which cannot hold bytes that are not UTF-8.
+  try {
+    (void)nlohmann::json(assignment).dump();
+  } catch (const nlohmann::json::type_error&) {
+    throw Error("--set " + section + "." + key + ": the assignment is not valid UTF-8 text");
+  }
   nlohmann::json value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (value.is_discarded()) value = text;
   nlohmann::json patch;

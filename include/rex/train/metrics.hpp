@@ -50,8 +50,12 @@ class MetricsLog {
       std::ifstream in(path);
       std::string line, kept;
       while (std::getline(in, line)) {
+        // A line that is not a JSON object, or whose "step" is not an integer, is not a record
+        // of this log and is dropped like one that is not JSON.
         const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-        if (!j.is_discarded() && j.value("step", int64_t{0}) <= *resume_step) kept += line + "\n";
+        const bool is_record =
+            j.is_object() && (!j.contains("step") || j.at("step").is_number_integer());
+        if (is_record && j.value("step", int64_t{0}) <= *resume_step) kept += line + "\n";
       }
       io::write_file_atomic(path, kept);
     }
