@@ -51,6 +51,9 @@ class MetricsLog {
       std::string line, kept;
       while (std::getline(in, line)) {
         const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+        REX_CHECK(
+            j.is_discarded() || (j.is_object() && j.value("step", nlohmann::json(0)).is_number()),
+            path, ": a line is not a metrics record (an object with a numeric \"step\"): ", line);
         if (!j.is_discarded() && j.value("step", int64_t{0}) <= *resume_step) kept += line + "\n";
       }
       io::write_file_atomic(path, kept);
