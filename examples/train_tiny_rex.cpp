@@ -180,11 +180,11 @@ int train_run(const Options& o) {
   const train::TrainConfig& t = config.train;
   const rex::data::BatchSampler train_batches = train::train_sampler(corpus, config);
   const rex::data::BatchSampler val_batches = train::validation_sampler(corpus, config);
-  std::filesystem::create_directories(out);
   if (!(saved && out == o.resume_dir) && !o.overwrite &&
       std::filesystem::exists(train::checkpoint_path(out)))
     usage_error(out + " already holds a run: continue it with --resume " + out +
                 ", or pass --overwrite to start again");
+  train::create_run_folder(out, config);
 
   const rex::Device device = chosen_device(o);
   rex::set_matmul_precision(device, t.matmul_precision);

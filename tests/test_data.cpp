@@ -17,6 +17,7 @@
 #include <rex/data/dataset.hpp>
 #include <rex/data/tokenizer.hpp>
 #include <rex/io/files.hpp>
+#include <rex/io/json.hpp>
 
 #include "testing.hpp"
 
@@ -154,6 +155,34 @@ TEST_CASE("CharTokenizer: errors") {
   CHECK(contains(from_json(R"({"type": "char", "vocabulary": [2, 1]})"),
                  "is not above the one before it"));
   CHECK(contains(from_json(R"({"type": "char", "vocabulary": []})"), "the vocabulary is empty"));
+  // JSON built in code may hold strings that are not UTF-8: still a rex::Error, never the JSON
+  // library's exception from dumping them into the message.
+  CHECK(contains(error_message([] {
+                   CharTokenizer::from_json({{"type", "\xC3"}, {"vocabulary", {1}}});
+                 }),
+                 "type is \"\xEF\xBF\xBD\", not \"char\""));
+  CHECK(contains(error_message([] {
+                   CharTokenizer::from_json({{"type", "char"}, {"vocabulary", {"\xFF"}}});
+                 }),
+                 "is not a byte value"));
+}
+
+TEST_CASE("io::parse_json: parser errors and repeated keys are rex::Errors naming the source") {
+  auto message = [](const std::string& text) {
+    return error_message([&] { rex::io::parse_json(text, "vocab.json"); });
+  };
+  CHECK(contains(message("{\"type\": "), "vocab.json is not valid JSON"));
+  CHECK(contains(message("[1e999]"), "vocab.json is not valid JSON"));  // beyond double range
+  CHECK(contains(message("[\"\xC3\"]"), "vocab.json is not valid JSON"));
+  CHECK(contains(message(R"({"type": "char", "type": "char"})"),
+                 "vocab.json: key \"type\" appears twice"));
+  CHECK(contains(message(R"({"a": {"b": 1, "c": {"d": 2, "d": 3}}})"),
+                 "key \"a.c.d\" appears twice"));
+  CHECK(contains(message(R"([{"k": 1}, {"k": 1, "k": 2}])"), "key \"k\" appears twice"));
+  // Equal keys in different objects are fine.
+  CHECK(rex::io::parse_json(R"({"a": {"k": 1}, "b": {"k": 2}, "k": [{"k": 3}, {"k": 4}]})", "ok")
+            .at("b")
+            .at("k") == 2);
 }
 
 TEST_CASE("read_text_file: empty and missing files are errors naming the path") {

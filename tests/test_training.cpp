@@ -2,12 +2,14 @@
 // counts (closed forms), its gradients by central differences, config JSON and overrides,
 // checkpoint and model-folder round trips (bit-exact), a short fixed-seed training run whose
 // validation loss must fall below the corpus's unigram entropy, and the training library's pieces
-// (train_step's gradient hook, the resume rule, the routing report, sampling, metrics.jsonl).
+// (train_step's gradient hook, the resume rule, the routing report, sampling, metrics.jsonl), and
+// the refusals of configs that cannot be stored, computed with or fitted in memory.
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -368,4 +370,158 @@ TEST_CASE("metrics.jsonl drops the lines past the checkpoint when a run resumes"
         "{\"kind\":\"eval\",\"step\":2,\"val_loss\":1.0}\n"
         "{\"kind\":\"eval\",\"step\":3,\"val_loss\":1.0}\n"
         "{\"kind\":\"eval\",\"step\":4,\"val_loss\":2.0}\n");
+}
+
+TEST_CASE("config refusals: text that is not UTF-8, repeated keys, numbers beyond double range") {
+  auto message = [&](const std::string& text) {
+    return error_message([&] { train::parse_config(text, "cfg.json"); });
+  };
+  CHECK(message("{\"psr\": {\"schedule\": \"lin\xE9"
+                "ar\"}}")
+            .find("cfg.json is not valid JSON") != std::string::npos);
+  CHECK(message("{\"model\": {\"init_std\": 1e999}}").find("cfg.json is not valid JSON") !=
+        std::string::npos);
+  CHECK(message("{\"moe\": {\"top_k\": 1, \"top_k\": 2}}")
+            .find("cfg.json: key \"moe.top_k\" appears twice") != std::string::npos);
+  CHECK(message("{\"moe\": {}, \"moe\": {}}").find("key \"moe\" appears twice") !=
+        std::string::npos);
+  // The same key in two sections is no repeat.
+  CHECK(train::parse_config("{\"model\": {\"d_model\": 64}, \"train\": {\"seed\": 64}}", "ok.json")
+            .model.d_model == 64);
+  train::RunConfig c;
+  CHECK(error_message([&] {
+          train::apply_override(c, "psr.schedule=linear\xFF");
+        }).find("--set psr.schedule: the value is not valid UTF-8") != std::string::npos);
+  CHECK(error_message([&] {
+          train::apply_override(c, "psr.sch\xC3=linear");
+        }).find("--set: the key is not valid UTF-8") != std::string::npos);
+  // JSON built in code may hold any bytes: they are refused, and shown without dump() throwing.
+  nlohmann::json patch;
+  patch["psr"]["schedule"] = std::string("\xC3");
+  CHECK(error_message([&] {
+          train::apply_json(c, patch);
+        }).find("psr.schedule is not valid UTF-8 text") != std::string::npos);
+  patch = nlohmann::json::object();
+  patch["model"]["d_model"] = std::string("\xC3");
+  CHECK(error_message([&] {
+          train::apply_json(c, patch);
+        }).find("model.d_model must be an integer, got \"\xEF\xBF\xBD\"") != std::string::npos);
+}
+
+TEST_CASE("config refusals: every string key and every float-valued number, whatever model.ffn") {
+  auto refusal = [](auto&& change) {
+    train::RunConfig c = tiny_run("dense", 1);
+    change(c);
+    return error_message([&] { train::validate(c); });
+  };
+  // psr and moe keys have no effect on a dense model, but a bad value is still a mistake.
+  CHECK(refusal([](train::RunConfig& c) {
+          c.model.psr.schedule = "cosine";
+        }).find("psr.schedule must be \"none\", \"linear\" or \"stepwise\"") != std::string::npos);
+  CHECK(refusal([](train::RunConfig& c) {
+          c.model.psr.schedule = "\xFF";
+        }).find("psr.schedule is not valid UTF-8 text") != std::string::npos);
+  CHECK(refusal([](train::RunConfig& c) {
+          c.model.ffn = "dense\xC3";
+        }).find("model.ffn is not valid UTF-8 text") != std::string::npos);
+  CHECK(refusal([](train::RunConfig& c) {
+          c.train.matmul_precision = "\xE2\x82";
+        }).find("train.matmul_precision is not valid UTF-8 text") != std::string::npos);
+  CHECK(refusal([](train::RunConfig& c) {
+          c.model.init_std = 1e300;
+        }).find("model.init_std = 1e+300 is not a finite number within float range") !=
+        std::string::npos);
+  CHECK(refusal([](train::RunConfig& c) {
+          c.model.rope_theta = 1e300;
+        }).find("model.rope_theta = 1e+300") != std::string::npos);
+  CHECK(refusal([](train::RunConfig& c) {
+          c.model.moe.aux_loss_coef = 1e300;
+        }).find("moe.aux_loss_coef = 1e+300") != std::string::npos);
+  CHECK(refusal([](train::RunConfig& c) {
+          c.train.lr = std::numeric_limits<double>::infinity();
+        }).find("train.lr = inf") != std::string::npos);
+  CHECK(refusal([](train::RunConfig& c) {
+          c.train.grad_clip = std::nan("");
+        }).find("train.grad_clip = nan") != std::string::npos);
+  CHECK(refusal([](train::RunConfig&) {}) == "(no rex::Error thrown)");
+  // After validation the config always dumps (it did not: a bad string crashed the first
+  // checkpoint).
+  CHECK(train::to_json(tiny_run("moe", 2)).dump().size() > 0);
+}
+
+TEST_CASE("is_valid_utf8: well-formed sequences only") {
+  using rex::detail::is_valid_utf8;
+  CHECK(is_valid_utf8(""));
+  CHECK(is_valid_utf8("plain ASCII\n"));
+  CHECK(is_valid_utf8("caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80"));  // é, €, an emoji
+  CHECK(!is_valid_utf8("\xC3"));                                      // truncated
+  CHECK(!is_valid_utf8("\xA9"));                                      // stray continuation byte
+  CHECK(!is_valid_utf8("\xC0\xAF"));                                  // overlong '/'
+  CHECK(!is_valid_utf8("\xED\xA0\x80"));                              // a UTF-16 surrogate
+  CHECK(!is_valid_utf8("\xF4\x90\x80\x80"));                          // above U+10FFFF
+  CHECK(!is_valid_utf8("\xFF"));
+  CHECK(!is_valid_utf8("\xE2\x28\xA1"));  // bad continuation
+}
+
+TEST_CASE("memory estimate: the exact parameter count, and an oversize model refused with keys") {
+  for (const char* ffn : {"dense", "moe"}) {
+    for (int64_t reuse : {1, 2, 4}) {
+      for (bool tied : {true, false}) {
+        if (std::string(ffn) == "dense" && reuse > 1) continue;
+        CAPTURE(ffn);
+        CAPTURE(reuse);
+        CAPTURE(tied);
+        train::RunConfig c = tiny_run(ffn, reuse);
+        c.model.tie_embeddings = tied;
+        const train::MemoryEstimate e = train::estimate_training_memory(c.model, 4);
+        CHECK(e.parameters == static_cast<double>(nn::TransformerLM(c.model, 1).parameter_count()));
+        CHECK(e.parameter_bytes == 4 * e.parameters);
+        CHECK(e.optimizer_bytes == 2 * e.parameter_bytes);
+        CHECK(e.activation_bytes > 0);
+        CHECK(e.total_bytes() > 4 * e.parameter_bytes);
+      }
+    }
+  }
+  // The closed form of tiny_run("moe", 2) (d = 16, 4 layers, kv width 8, N = 3, r = 2, one shared
+  // expert of width 8, vocabulary 13, tied): embeddings, attention + norms, experts, routers.
+  const double d = 16, kv = 8, expert = 3 * d * 8;
+  const double want =
+      13 * d + d + 4 * (2 * d * d + 2 * kv * d + 2 * d) + 4 * (3 + 1) * expert + 4 * (2 * 3) * d;
+  CHECK(train::estimate_training_memory(tiny_run("moe", 2).model, 1).parameters == want);
+  // A vocabulary from the data (0) is counted as the largest byte vocabulary.
+  train::RunConfig from_data = tiny_run("dense", 1);
+  from_data.model.vocab_size = 0;
+  CHECK(train::estimate_training_memory(from_data.model, 1).parameters ==
+        train::estimate_training_memory(tiny_run("dense", 1).model, 1).parameters + (256 - 13) * d);
+
+  train::RunConfig huge;
+  huge.model.moe.experts_per_layer = 1000000;
+  const std::string message = error_message([&] { train::validate(huge); });
+  CHECK(message.find("GiB of memory of this machine") != std::string::npos);
+  CHECK(message.find("mostly the experts (model.n_layers x (moe.experts_per_layer") !=
+        std::string::npos);
+  CHECK(message.find("train.batch_size x model.context") != std::string::npos);
+  // A limit below the default model's needs refuses it too; the machine's memory does not.
+  const train::RunConfig defaults;
+  CHECK(error_message([&] {
+          train::check_fits_in_memory(defaults.model, defaults.train.batch_size, 1e6);
+        }).find("more than the ") != std::string::npos);
+  train::check_fits_in_memory(defaults.model, defaults.train.batch_size);
+  CHECK(train::physical_memory_bytes() > 0);
+}
+
+TEST_CASE("metrics.jsonl: a resumed run refuses a line that is not a metrics record") {
+  const testing::TempDir dir("metrics_bad");
+  const std::string path = (dir.path / "metrics.jsonl").string();
+  for (const char* line : {"[1, 2]", "{\"step\": \"three\"}", "7"}) {
+    CAPTURE(line);
+    io::write_file_atomic(path, std::string("{\"step\": 1}\n") + line + "\n");
+    CHECK(error_message([&] {
+            train::MetricsLog log(path, 3);
+          }).find("metrics.jsonl: a line is not a metrics record") != std::string::npos);
+  }
+  // A torn last line (not JSON at all, as a crash mid-write leaves it) is dropped as before.
+  io::write_file_atomic(path, "{\"step\": 1}\n{\"ste");
+  { train::MetricsLog log(path, 3); }
+  CHECK(io::read_file(path) == "{\"step\": 1}\n");
 }

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "rex/core/error.hpp"
+#include "rex/io/json.hpp"
 
 namespace rex::detail {
 
@@ -94,7 +95,8 @@ class CharTokenizer {
     const char* where = "CharTokenizer::from_json";
     REX_CHECK(j.is_object(), where, ": expected an object, got a JSON ", j.type_name());
     REX_CHECK(j.contains("type"), where, ": no \"type\" key");
-    REX_CHECK(j.at("type") == "char", where, ": type is ", j.at("type").dump(), ", not \"char\"");
+    REX_CHECK(j.at("type") == "char", where, ": type is ", io::json_text(j.at("type")),
+              ", not \"char\"");
     REX_CHECK(j.contains("vocabulary"), where, ": no \"vocabulary\" key");
     const nlohmann::json& list = j.at("vocabulary");
     REX_CHECK(list.is_array(), where, ": \"vocabulary\" is a JSON ", list.type_name(),
@@ -102,7 +104,8 @@ class CharTokenizer {
     std::vector<uint8_t> vocabulary;
     for (const nlohmann::json& byte : list) {
       REX_CHECK(byte.is_number_unsigned() && byte.get<uint64_t>() <= 255, where,
-                ": vocabulary entry ", byte.dump(), " is not a byte value (an integer 0..255)");
+                ": vocabulary entry ", io::json_text(byte),
+                " is not a byte value (an integer 0..255)");
       vocabulary.push_back(static_cast<uint8_t>(byte.get<uint64_t>()));
     }
     return CharTokenizer(std::move(vocabulary));

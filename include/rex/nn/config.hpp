@@ -4,15 +4,69 @@
 // With the training recipe's table (rex/train/config.hpp, which adds the "train" section) it
 // drives JSON reading and writing, `--set section.key=value` overrides, the unknown-key check and
 // the generated documentation (docs/formats.md is checked against it), so a new field cannot be
-// half-added. validate() rejects impossible combinations with a message naming the keys involved.
+// half-added. validate() rejects impossible combinations with a message naming the keys involved,
+// and any value the run could not store or compute with: a string that is not UTF-8 (JSON cannot
+// hold it) or a number that is not finite or beyond float range (the model computes in f32).
 // The defaults are the shipped tiny R4 + linear PSR model.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
+#include <string_view>
 #include <type_traits>
 
 #include "rex/core/error.hpp"
+
+namespace rex::detail {
+
+// Whether `text` is well-formed UTF-8: no stray continuation bytes, no truncated, overlong or
+// surrogate sequences, nothing above U+10FFFF.
+inline bool is_valid_utf8(std::string_view text) {
+  size_t i = 0;
+  while (i < text.size()) {
+    const auto byte = [&](size_t k) { return static_cast<uint8_t>(text[k]); };
+    const uint8_t lead = byte(i);
+    size_t length = 0;
+    uint32_t code = 0, min_code = 0;
+    if (lead < 0x80) {
+      ++i;
+      continue;
+    } else if ((lead & 0xE0) == 0xC0) {
+      length = 2, code = lead & 0x1Fu, min_code = 0x80;
+    } else if ((lead & 0xF0) == 0xE0) {
+      length = 3, code = lead & 0x0Fu, min_code = 0x800;
+    } else if ((lead & 0xF8) == 0xF0) {
+      length = 4, code = lead & 0x07u, min_code = 0x10000;
+    } else {
+      return false;
+    }
+    if (text.size() - i < length) return false;
+    for (size_t k = 1; k < length; ++k) {
+      if ((byte(i + k) & 0xC0) != 0x80) return false;
+      code = (code << 6) | (byte(i + k) & 0x3Fu);
+    }
+    if (code < min_code || code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF)) return false;
+    i += length;
+  }
+  return true;
+}
+
+// Throws naming `key` (section.key) when a config value cannot be stored or used: a string that
+// is not UTF-8, a number that is not finite or does not fit in a float.
+template <class T>
+void check_storable(const std::string& key, const T& field) {
+  if constexpr (std::is_same_v<T, std::string>) {
+    REX_CHECK(is_valid_utf8(field), "config: ", key, " is not valid UTF-8 text");
+  } else if constexpr (std::is_floating_point_v<T>) {
+    REX_CHECK(std::isfinite(field) && std::abs(field) <= std::numeric_limits<float>::max(),
+              "config: ", key, " = ", field,
+              " is not a finite number within float range (about 3.4e38)");
+  }
+}
+
+}  // namespace rex::detail
 
 namespace rex::nn {
 
@@ -91,6 +145,9 @@ inline void validate(const ModelConfig& m) {
   auto positive = [](const char* key, double value) {
     REX_CHECK(value > 0, "config: ", key, " must be positive, got ", value);
   };
+  nn::for_each_field(m, [](const char* section, const char* key, const auto& field, const char*) {
+    detail::check_storable(std::string(section) + "." + key, field);
+  });
   REX_CHECK(m.vocab_size >= 0, "config: model.vocab_size cannot be negative");
   positive("model.d_model", m.d_model);
   positive("model.n_layers", m.n_layers);
@@ -109,6 +166,10 @@ inline void validate(const ModelConfig& m) {
             ") must be a multiple of model.n_kv_heads (", m.n_kv_heads, ")");
   REX_CHECK(m.ffn == "moe" || m.ffn == "dense",
             "config: model.ffn must be \"moe\" or \"dense\", got \"", m.ffn, "\"");
+  // String keys are checked whatever model.ffn is: a typo is an error even where it has no effect.
+  REX_CHECK(p.schedule == "none" || p.schedule == "linear" || p.schedule == "stepwise",
+            "config: psr.schedule must be \"none\", \"linear\" or \"stepwise\", got \"", p.schedule,
+            "\"");
   if (m.ffn == "dense") {
     positive("model.d_ff", m.d_ff);
   } else {
@@ -124,9 +185,6 @@ inline void validate(const ModelConfig& m) {
     REX_CHECK(e.shared_experts >= 0, "config: moe.shared_experts cannot be negative");
     REX_CHECK(e.aux_loss_coef >= 0 && e.z_loss_coef >= 0,
               "config: moe.aux_loss_coef and moe.z_loss_coef cannot be negative");
-    REX_CHECK(p.schedule == "none" || p.schedule == "linear" || p.schedule == "stepwise",
-              "config: psr.schedule must be \"none\", \"linear\" or \"stepwise\", got \"",
-              p.schedule, "\"");
     if (p.schedule != "none" && e.reuse > 1) {  // with r = 1 there is nothing to schedule
       REX_CHECK(p.t_start >= 0 && p.t_end > p.t_start,
                 "config: PSR needs 0 <= psr.t_start < psr.t_end, got ", p.t_start, " and ",

@@ -44,11 +44,7 @@
 namespace rex::detail {
 
 inline nlohmann::json parse_json_file(const std::string& path) {
-  try {
-    return nlohmann::json::parse(io::read_file(path));
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(path + " is not valid JSON: " + e.what());
-  }
+  return io::parse_json(io::read_file(path), path);
 }
 
 inline int64_t parse_step(const io::Metadata& metadata, const std::string& what) {
@@ -104,11 +100,21 @@ inline uint64_t corpus_hash(std::string_view bytes) {
   return h;
 }
 
+inline void save_config(const std::string& dir, const RunConfig& config) {
+  io::write_file_atomic(dir + "/config.json", to_json(config).dump(2) + "\n");
+}
+
+// The run folder of a run about to start, with its config.json written before the first step.
+inline void create_run_folder(const std::string& dir, const RunConfig& config) {
+  std::filesystem::create_directories(dir);
+  save_config(dir, config);
+}
+
 inline void save_model_folder(const std::string& dir, const nn::Module& model,
                               const RunConfig& config, const data::CharTokenizer& tokenizer,
                               int64_t step) {
   io::remove_stale_temp_files(dir);
-  io::write_file_atomic(dir + "/config.json", to_json(config).dump(2) + "\n");
+  save_config(dir, config);
   io::write_file_atomic(dir + "/vocab.json", tokenizer.to_json().dump() + "\n");
   const io::TensorMap parameters = parameter_map(model);
   io::save_safetensors(model_path(dir), parameters,
@@ -200,8 +206,7 @@ inline Checkpoint load_checkpoint(const std::string& dir) {
     REX_CHECK(it != contents.metadata.end(), path, ": metadata has no \"", key, "\"");
     return it->second;
   };
-  nlohmann::json vocab = nlohmann::json::parse(field("vocab"), nullptr, false);
-  REX_CHECK(!vocab.is_discarded(), path, ": metadata \"vocab\" is not valid JSON");
+  const nlohmann::json vocab = io::parse_json(field("vocab"), path + ": metadata \"vocab\"");
   Checkpoint out{parse_config(field("config"), path + " (metadata \"config\")"),
                  data::CharTokenizer::from_json(vocab),
                  {},

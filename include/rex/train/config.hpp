@@ -6,7 +6,10 @@
 // sections, each optional, each key optional (missing keys keep their defaults):
 //   {"model": {...}, "moe": {...}, "psr": {...}, "train": {...}}
 // Unknown sections or keys and values of the wrong JSON type are errors that name the key: a typo
-// must not silently train the default model. The JSON functions know no field by name.
+// must not silently train the default model. The JSON functions know no field by name. Config text
+// is parsed strictly (io::parse_json): a key given twice, invalid UTF-8 or a number beyond
+// double range is an error naming the file; validate() also refuses a model too big to train on
+// this machine (rex/train/memory_estimate.hpp).
 // A resumed run keeps its saved config except for the keys in kResumableKeys.
 #pragma once
 
@@ -15,6 +18,7 @@
 #include <limits>
 #include <set>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -22,8 +26,10 @@
 
 #include "rex/core/error.hpp"
 #include "rex/io/files.hpp"
+#include "rex/io/json.hpp"
 #include "rex/nn/config.hpp"
 #include "rex/optim/adamw.hpp"
+#include "rex/train/memory_estimate.hpp"
 
 namespace rex::train {
 
@@ -83,6 +89,12 @@ void for_each_field(Run& c, F&& f) {
 inline void validate(const RunConfig& c) {
   nn::validate(c.model);
   const TrainConfig& t = c.train;
+  auto check_train_field = [](const char* section, const char* key, const auto& field,
+                              const char*) {
+    if (std::string_view(section) == "train")  // nn::validate checked the model's
+      detail::check_storable(std::string(section) + "." + key, field);
+  };
+  train::for_each_field(c, check_train_field);
   auto positive = [](const char* key, double value) {
     REX_CHECK(value > 0, "config: ", key, " must be positive, got ", value);
   };
@@ -108,6 +120,7 @@ inline void validate(const RunConfig& c) {
   REX_CHECK(t.matmul_precision == "fp32" || t.matmul_precision == "tf32",
             "config: train.matmul_precision must be \"fp32\" or \"tf32\", got \"",
             t.matmul_precision, "\"");
+  check_fits_in_memory(c.model, t.batch_size);
 }
 
 // The AdamW hyperparameters of the recipe.
@@ -124,32 +137,33 @@ namespace rex::detail {
 template <class T>
 void read_field(const nlohmann::json& j, const std::string& key, T& field) {
   if constexpr (std::is_same_v<T, bool>) {
-    REX_CHECK(j.is_boolean(), "config: ", key, " must be true or false, got ", j.dump());
+    REX_CHECK(j.is_boolean(), "config: ", key, " must be true or false, got ", io::json_text(j));
     field = j.get<bool>();
   } else if constexpr (std::is_same_v<T, std::string>) {
-    REX_CHECK(j.is_string(), "config: ", key, " must be a string, got ", j.dump());
+    REX_CHECK(j.is_string(), "config: ", key, " must be a string, got ", io::json_text(j));
+    check_storable(key, j.get<std::string>());
     field = j.get<std::string>();
   } else if constexpr (std::is_integral_v<T>) {
     // 2.0 is accepted as 2; 2.5 is not; values outside T's range are errors, not wrapped.
     using Limits = std::numeric_limits<T>;
     REX_CHECK(j.is_number() && std::floor(j.get<double>()) == j.get<double>(), "config: ", key,
-              " must be an integer, got ", j.dump());
+              " must be an integer, got ", io::json_text(j));
     REX_CHECK(Limits::is_signed || j.get<double>() >= 0, "config: ", key,
-              " cannot be negative, got ", j.dump());
+              " cannot be negative, got ", io::json_text(j));
     if (j.is_number_unsigned()) {
       REX_CHECK(j.get<uint64_t>() <= static_cast<uint64_t>(Limits::max()), "config: ", key,
-                " is too large, got ", j.dump());
+                " is too large, got ", io::json_text(j));
       field = static_cast<T>(j.get<uint64_t>());
     } else if (j.is_number_integer()) {
       field = static_cast<T>(j.get<int64_t>());
     } else {
       const double v = j.get<double>(), bound = std::ldexp(1.0, Limits::digits);  // 2^63 or 2^64
       REX_CHECK(v < bound && v >= (Limits::is_signed ? -bound : 0.0), "config: ", key,
-                " is out of range, got ", j.dump());
+                " is out of range, got ", io::json_text(j));
       field = static_cast<T>(v);
     }
   } else {
-    REX_CHECK(j.is_number(), "config: ", key, " must be a number, got ", j.dump());
+    REX_CHECK(j.is_number(), "config: ", key, " must be a number, got ", io::json_text(j));
     field = j.get<T>();
   }
 }
@@ -199,12 +213,7 @@ inline RunConfig config_from_json(const nlohmann::json& j) {
 
 // Parses JSON text; `what` names the source (a path) in errors.
 inline RunConfig parse_config(const std::string& text, const std::string& what) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error("config: " + what + " is not valid JSON: " + e.what());
-  }
+  const nlohmann::json j = io::parse_json(text, "config: " + what);
   try {
     return config_from_json(j);
   } catch (const Error& e) {
@@ -223,12 +232,9 @@ inline void apply_override(RunConfig& config, const std::string& assignment) {
   const std::string section = assignment.substr(0, dot);
   const std::string key = assignment.substr(dot + 1, eq - dot - 1);
   const std::string text = assignment.substr(eq + 1);
-  // Error messages show values as JSON, which cannot hold bytes that are not UTF-8.
-  try {
-    (void)nlohmann::json(assignment).dump();
-  } catch (const nlohmann::json::type_error&) {
-    throw Error("--set " + section + "." + key + ": the assignment is not valid UTF-8 text");
-  }
+  REX_CHECK(detail::is_valid_utf8(assignment.substr(0, eq)), "--set: the key is not valid UTF-8");
+  REX_CHECK(detail::is_valid_utf8(text), "--set ", section, ".", key,
+            ": the value is not valid UTF-8 text");
   nlohmann::json value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (value.is_discarded()) value = text;
   nlohmann::json patch;

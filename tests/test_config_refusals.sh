@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Bad configs and oversize models are refused by examples/train_tiny_rex before any work is done:
+# exit status 1 (not a crash, not a hang), a message naming the key or the file, within seconds,
+# and no checkpoint written. Also: config.json is in the run folder before the first step.
+# Usage: test_config_refusals.sh PATH/TO/train_tiny_rex WORK_DIR
+set -uo pipefail
+exe=$(realpath "$1")
+work=$2
+rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
+failures=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+
+for i in $(seq 1 100); do echo "the quick brown fox $((i % 7)) jumps over the lazy dog."; done > corpus.txt
+
+# refused "WANTED TEXT" ARGS...: the run exits with status 1 within 30 s, its message holds the
+# wanted text, and it wrote no checkpoint.
+refused() {
+  local want=$1
+  shift
+  rm -rf out
+  timeout 30 "$exe" --data corpus.txt --out out "$@" > log.txt 2>&1
+  local status=$?
+  [ "$status" -eq 1 ] || fail "$* exited with $status, not 1: $(tail -c 400 log.txt)"
+  grep -qF -- "$want" log.txt || fail "$*: the message lacks '$want': $(tail -c 400 log.txt)"
+  [ ! -e out/checkpoint.safetensors ] || fail "$*: a checkpoint was written"
+}
+
+# Text that is not UTF-8, on the command line and in a file, in any string key (also one that a
+# dense model does not use).
+refused "psr.schedule: the value is not valid UTF-8" --set "psr.schedule=$(printf 'linear\xff')"
+refused "model.ffn: the value is not valid UTF-8" --set "model.ffn=$(printf '\xc3')"
+refused 'psr.schedule must be "none", "linear" or "stepwise"' --set model.ffn=dense \
+  --set psr.schedule=cosine
+printf '{"psr": {"schedule": "lin\xe9ar"}}' > latin1.json
+refused "latin1.json is not valid JSON" --config latin1.json
+
+# Numbers beyond double range, repeated keys, and values beyond float range.
+echo '{"model": {"init_std": 1e999}}' > overflow.json
+refused "overflow.json is not valid JSON" --config overflow.json
+echo '{"model": {"d_model": 32, "n_heads": 2, "d_model": 64}}' > repeated.json
+refused 'repeated.json: key "model.d_model" appears twice' --config repeated.json
+echo '{"train": {"lr": 1e-3}, "train": {"lr": 1e-2}}' > repeated_section.json
+refused 'key "train" appears twice' --config repeated_section.json
+refused "model.init_std = 1e+300 is not a finite number within float range" --set model.init_std=1e300
+refused "moe.aux_loss_coef = 1e+300 is not a finite number" --set moe.aux_loss_coef=1e300
+refused "model.rope_theta = 1e+300 is not a finite number" --set model.rope_theta=1e300
+refused "model.init_std must be a number" --set model.init_std=1e999
+
+# A model too big for the machine: refused with the estimate and the keys, not allocated.
+refused "moe.experts_per_layer" --set moe.experts_per_layer=1000000
+grep -q "GiB of memory of this machine" log.txt || fail "no memory figures: $(cat log.txt)"
+refused "mostly the embeddings (model.vocab_size x model.d_model)" --set model.vocab_size=100000000000
+
+# A model folder whose vocab.json repeats a key or overflows a number.
+mkdir -p folder
+echo '{}' > folder/config.json
+echo '{"type": "char", "type": "char", "vocabulary": [97]}' > folder/vocab.json
+timeout 30 "$exe" --sample 3 --checkpoint folder > log.txt 2>&1
+[ $? -eq 1 ] && grep -qF 'vocab.json: key "type" appears twice' log.txt ||
+  fail "repeated key in vocab.json: $(cat log.txt)"
+echo '{"type": "char", "vocabulary": [1e999]}' > folder/vocab.json
+timeout 30 "$exe" --sample 3 --checkpoint folder > log.txt 2>&1
+[ $? -eq 1 ] && grep -qF 'vocab.json is not valid JSON' log.txt ||
+  fail "number overflow in vocab.json: $(cat log.txt)"
+
+# config.json is written before the first step: a run that fails right after starting (its
+# metrics.jsonl cannot be created) has already left a config.json that parses back.
+rm -rf out && mkdir -p out/metrics.jsonl
+timeout 30 "$exe" --data corpus.txt --out out --set train.steps=2 --set train.warmup=1 > log.txt 2>&1
+[ $? -eq 1 ] || fail "a run whose metrics.jsonl is a folder did not fail: $(cat log.txt)"
+grep -q '"d_model": 128' out/config.json 2>/dev/null || fail "no config.json before the first step"
+
+[ "$failures" -eq 0 ] && echo "ok: every bad config was refused" || exit 1
