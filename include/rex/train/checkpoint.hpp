@@ -147,13 +147,14 @@ inline void save_checkpoint(const std::string& dir, const nn::Module& model,
                         {"corpus_hash", std::to_string(info.corpus_hash)}});
 }
 
-// The model folder and the checkpoint of a run at `step`: everything --checkpoint and --resume
-// read.
+// The checkpoint and the model folder of a run at `step`: everything --resume and --checkpoint
+// read. The checkpoint comes first, so that a write that fails (a full disk) leaves the folder as
+// it was, and a folder is never ahead of its checkpoint.
 inline void save_run(const std::string& dir, const nn::Module& model, const optim::AdamW& optimizer,
                      const RunConfig& config, const data::CharTokenizer& tokenizer, int64_t step,
                      const CheckpointInfo& info) {
-  save_model_folder(dir, model, config, tokenizer, step);
   save_checkpoint(dir, model, optimizer, config, tokenizer, step, info);
+  save_model_folder(dir, model, config, tokenizer, step);
 }
 
 inline std::string kept_checkpoint_path(const std::string& dir, int64_t step) {
