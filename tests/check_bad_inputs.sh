@@ -13,7 +13,8 @@
 # Prints a table: probe, trials, clean. Usage: check_bad_inputs.sh PATH/TO/train_tiny_rex WORK_DIR
 set -uo pipefail
 exe=$(realpath "$1")
-work=$2
+work=$(realpath -m "$2")
+umount "$work/tmpfs" 2> /dev/null  # left mounted by a run that was killed
 rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
 
 declare -A trials clean
@@ -142,6 +143,7 @@ done
 
 # ---- disk full: a small tmpfs that holds the run's first checkpoints but not its later ones ------
 if mkdir -p tmpfs && mount -t tmpfs -o size=1m tmpfs tmpfs 2> /dev/null; then
+  trap 'umount "$work/tmpfs" 2> /dev/null' EXIT
   for keep in 1 2; do
     rm -rf tmpfs/run
     output=$("$exe" --config tiny.json --data corpus.txt --out tmpfs/run --steps 100000 \

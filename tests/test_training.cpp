@@ -20,6 +20,7 @@
 #include <rex/train/checkpoint.hpp>
 #include <rex/train/config.hpp>
 #include <rex/train/corpus.hpp>
+#include <rex/train/evaluate.hpp>
 #include <rex/train/metrics.hpp>
 #include <rex/train/sample.hpp>
 #include <rex/train/step.hpp>
@@ -471,4 +472,18 @@ TEST_CASE("a corpus must be a regular text file, and a prompt must be in its voc
         std::string::npos);
   CHECK(error_message([&] { train::check_prompt(tokenizer, ""); }).find("must not be empty") !=
         std::string::npos);
+}
+
+TEST_CASE("a validation loss that is not finite is an error, not a number") {
+  const train::RunConfig config = tiny_run("dense", 1);
+  const nn::TransformerLM model(config.model, 3);
+  const data::BatchSampler sampler({1, 4, 2, 6, 0, 3, 3, 5, 7, 8, 9, 10, 11, 12, 1, 2, 3, 4}, 2, 4,
+                                   1, "validation");
+  CHECK(std::isfinite(
+      train::evaluate(model, sampler, 2, train::after_steps(1, 1), Device::cpu()).val_loss));
+  Tensor weight = model.named_parameters().front().second;
+  weight.data<float>()[0] = std::nanf("");
+  CHECK(error_message([&] {
+          train::evaluate(model, sampler, 2, train::after_steps(1, 1), Device::cpu());
+        }).find("the validation loss over 2 batches is nan") != std::string::npos);
 }

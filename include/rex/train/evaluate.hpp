@@ -35,8 +35,8 @@ inline Evaluation evaluate(const nn::TransformerLM& model, const data::BatchSamp
     out.val_loss += result.lm_loss.item() / static_cast<double>(batches);
     nn::add_expert_counts(out.expert_counts, result);
   }
-  REX_CHECK(std::isfinite(out.val_loss), "evaluation after step ", at.step + 1,
-            ": the validation loss is ", out.val_loss,
+  REX_CHECK(std::isfinite(out.val_loss), "evaluation: the validation loss over ", batches,
+            " batches is ", out.val_loss,
             " (not finite): the model's weights have diverged (a learning rate too high?)");
   return out;
 }
