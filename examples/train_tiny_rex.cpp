@@ -1,11 +1,10 @@
 // train_tiny_rex: train a small ReX-MoE language model on a text file, evaluate it, sample from it
 // (three modes; kUsage below). The work is the training library (rex/train/); this file is the
-// command line, the resume policy and the progress lines. Training prints a progress line every
-// train.log_interval steps and a validation loss every train.eval_interval steps, and keeps DIR
-// current: the model folder (config.json, vocab.json, model.safetensors), checkpoint.safetensors
-// (everything --resume needs), metrics.jsonl and routing.json. Checkpoints are written atomically;
-// Ctrl-C finishes the step, saves and exits. File formats and config keys: docs/formats.md. The
-// method: docs/method.md.
+// command line, the resume policy and the progress lines. A run keeps DIR current: the model
+// folder (config.json, vocab.json, model.safetensors), checkpoint.safetensors (what --resume reads;
+// earlier ones are kept as checkpoint-<step>.safetensors), metrics.jsonl, routing.json. Checkpoints
+// are written atomically after a loss check (a diverging run stops with an error); Ctrl-C or
+// SIGTERM finishes the step, saves and exits. Formats, keys: docs/formats.md; docs/method.md.
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -36,14 +35,14 @@ options:
   --config FILE.json    run configuration (default: the built-in tiny R4 + PSR model; keys in
                         docs/formats.md)
   --set KEY=VALUE       override one config key, e.g. --set moe.reuse=1 (repeatable)
-  --data FILE           training text (any file; 90% train / 10% validation by default)
+  --data FILE           training text (a text file up to 1 GiB; 90% train / 10% validation)
   --out DIR             where the run is written (created if missing)
   --steps N             same as --set train.steps=N
   --seed S              same as --set train.seed=S (init, batches, PSR masks)
   --device cpu|cuda     where to train (default cpu)
   --resume DIR          continue the run saved in DIR (its config; --steps/--set may change only
-                        train.steps, train.eval_batches and the log/eval/checkpoint intervals;
-                        bit-exact when run with the same OMP_NUM_THREADS)
+                        the keys docs/formats.md marks resumable; bit-exact when run with the
+                        same OMP_NUM_THREADS)
   --overwrite           allow --out to name a folder that already holds a run
   --stop-after N        save and stop after N steps of this invocation, as Ctrl-C does (for
                         time-boxed sessions; --resume continues exactly)
@@ -149,7 +148,7 @@ const std::string& required(const std::string& value, const std::string& option)
 // --prompt and the --sample N characters that continue it, generated with the PSR mask of `steps`.
 std::string sample_text(const rex::nn::TransformerLM& model, const rex::data::CharTokenizer& tok,
                         const Options& o, uint64_t seed, int64_t steps) {
-  if (o.prompt.empty()) usage_error("--prompt must not be empty");
+  train::check_prompt(tok, o.prompt);
   return o.prompt + train::generate(model, tok, o.prompt, o.sample, o.temperature, seed,
                                     train::after_steps(steps, seed));
 }
@@ -159,7 +158,7 @@ int train_run(const Options& o) {
   const std::string out = o.out_dir.empty() ? o.resume_dir : o.out_dir;
   // Configuration, corpus and (when resuming) the saved state.
   std::optional<train::Checkpoint> saved;
-  if (!o.resume_dir.empty()) saved = train::load_checkpoint(o.resume_dir);
+  if (!o.resume_dir.empty()) saved = train::load_resume_checkpoint(o.resume_dir);
   if (saved && !o.config_path.empty())
     usage_error("--config cannot be combined with --resume: the run's config is in its checkpoint");
   train::RunConfig config;
@@ -173,18 +172,15 @@ int train_run(const Options& o) {
       required(o.data_path, "--data FILE"), saved ? std::optional(saved->tokenizer) : std::nullopt,
       config.train.train_fraction);
   train::take_vocab_size(config, corpus);
+  if (o.sample > 0) train::check_prompt(corpus.tokenizer, o.prompt);
   const train::CheckpointInfo corpus_info = train::corpus_info(corpus);
-  if (saved && saved->info != corpus_info)
-    std::fprintf(stderr, "warning: %s differs from the corpus this run was trained on\n",
-                 o.data_path.c_str());
+  if (saved) train::warn_if_other_corpus(corpus, saved->info);
   const train::TrainConfig& t = config.train;
   const rex::data::BatchSampler train_batches = train::train_sampler(corpus, config);
   const rex::data::BatchSampler val_batches = train::validation_sampler(corpus, config);
-  if (!(saved && out == o.resume_dir) && !o.overwrite &&
-      std::filesystem::exists(train::checkpoint_path(out)))
-    usage_error(out + " already holds a run: continue it with --resume " + out +
-                ", or pass --overwrite to start again");
-  train::create_run_folder(out, config);
+  train::RunSaver saver = train::prepare_run_folder(
+      out, config, t.keep_checkpoints,
+      saved && out == o.resume_dir ? std::optional(saved->step) : std::nullopt, o.overwrite);
 
   const rex::Device device = chosen_device(o);
   rex::set_matmul_precision(device, t.matmul_precision);
@@ -205,6 +201,7 @@ int train_run(const Options& o) {
   train::catch_interrupts();
   const int64_t first_step = step;
   train::Progress progress(tokens_per_step);
+  train::DivergenceGuard guard(t, config.model.vocab_size);
   while (step < t.steps) {
     const float lr = schedule.lr(step);
     const rex::data::Batch batch = train_batches.sample(static_cast<uint64_t>(step)).to(device);
@@ -213,6 +210,7 @@ int train_run(const Options& o) {
     const rex::nn::LmOutput& r = result.output;
     ++step;
     progress.count_step();
+    guard.record(r.lm_loss.item());
     const bool last = step == t.steps;
     if (step % t.log_interval == 0 || last) {
       const train::Progress::Lap lap = progress.lap(t.steps - step);
@@ -236,12 +234,14 @@ int train_run(const Options& o) {
     }
     const bool stop =
         train::interrupted() || (!last && o.stop_after >= 0 && step - first_step >= o.stop_after);
-    if (step % t.checkpoint_interval == 0 || last || stop)
-      train::save_run(out, *run.model, run.optimizer, config, corpus.tokenizer, step, corpus_info);
+    if (step % t.checkpoint_interval == 0 || last || stop) {
+      guard.check(step, saver.newest());
+      saver.save(*run.model, run.optimizer, config, corpus.tokenizer, step, corpus_info);
+    }
     if (stop) {
       std::printf("%s: checkpoint saved at step %lld; continue with --resume %s\n",
                   train::interrupted() ? "interrupted" : "stopped", ll(step), out.c_str());
-      return train::interrupted() ? 130 : 0;
+      return train::interrupted() ? train::interrupted_exit_status() : 0;
     }
   }
   if (saved && saved->step >= t.steps)

@@ -4,7 +4,10 @@
 #    model, checkpoint, routing report and metrics (timing fields aside) as a run never stopped, also
 #    when the run that stopped had gone past its last checkpoint (its extra metrics lines are dropped);
 #  - --eval-only reproduces the final validation loss; --sample prints the requested characters;
-#  - bad inputs exit with status 1 (not a crash) and a message naming the problem.
+#  - a diverging run (lr 100, lr 10) exits 1 naming the step and the cause, and the checkpoint it
+#    had written before still resumes; SIGTERM saves and exits (143) as Ctrl-C does;
+#  - bad inputs exit with status 1 (not a crash) and a message naming the problem; a metrics.jsonl
+#    line that is not a record is dropped with a warning. (tests/check_bad_inputs.sh goes further.)
 # Usage: test_train_cli.sh PATH/TO/train_tiny_rex WORK_DIR
 set -uo pipefail
 exe=$(realpath "$1")
@@ -60,6 +63,40 @@ echo "$eval_line" | grep -q '"step":8' || fail "--eval-only line lacks the step:
 sample=$("$exe" --sample 40 --checkpoint whole --prompt "the " --temperature 0 2>&1) || fail "sampling failed: $sample"
 [ "${#sample}" -eq 44 ] || fail "sample should be 4 + 40 characters, got ${#sample}: '$sample'"
 
+# ---- a diverging run stops before it saves, and its last good checkpoint resumes -----------------
+for lr in 100 10; do
+  output=$(train --out diverge$lr --set train.lr=$lr --set train.checkpoint_interval=1 2>&1)
+  status=$?
+  [ $status -eq 1 ] || fail "lr $lr: a diverging run exited with $status (want 1): $output"
+  for want in "training diverged at step 2" "learning rate too high (train.lr = $lr)" \
+    "the checkpoint of step 1 is kept"; do
+    grep -qF "$want" <<< "$output" || fail "lr $lr: the message lacks '$want': $output"
+  done
+  head -c 4096 diverge$lr/checkpoint.safetensors | grep -aqF '"step":"1"' ||
+    fail "lr $lr: checkpoint.safetensors is not the step-1 checkpoint"
+  output=$("$exe" --resume diverge$lr --data corpus.txt --steps 2 --set train.divergence_factor=0 2>&1) ||
+    fail "lr $lr: the kept checkpoint does not resume: $output"
+  grep -q "resuming at step 1 of 2" <<< "$output" || fail "lr $lr: resume did not start at step 1: $output"
+done
+
+# ---- SIGTERM (SLURM, Kubernetes, timeout) saves and exits as Ctrl-C does ------------------------
+"$exe" --config tiny.json --data corpus.txt --out term --steps 100000 --set train.log_interval=1 \
+  > term.log 2>&1 &
+pid=$!
+for _ in $(seq 1 600); do grep -q "^step" term.log && break; sleep 0.05; done
+kill -TERM $pid
+wait $pid
+status=$?
+[ $status -eq 143 ] || fail "SIGTERM: exit status $status (want 143): $(tail -3 term.log)"
+saved=$(sed -nE 's/^interrupted: checkpoint saved at step ([0-9]+).*/\1/p' term.log)
+if [ -z "$saved" ]; then
+  fail "SIGTERM: no 'checkpoint saved' line: $(tail -3 term.log)"
+else
+  "$exe" --resume term --data corpus.txt --steps $((saved + 1)) > term2.log 2>&1 ||
+    fail "SIGTERM: resume failed: $(cat term2.log)"
+  grep -q "resuming at step $saved of $((saved + 1))" term2.log || fail "SIGTERM: resume did not start at step $saved"
+fi
+
 # ---- bad inputs ------------------------------------------------------------------------------
 expect_error() {  # expect_error "what the message must contain" command...
   local want=$1
@@ -79,11 +116,21 @@ printf '{"model": {"d_model": 32,}}' > malformed.json
 printf '{"model": {"d_modl": 32}}' > unknown_key.json
 printf '{"moe": {"top_k": 3, "experts_per_layer": 2}}' > impossible.json
 cp -r whole truncated && head -c 1000 whole/checkpoint.safetensors > truncated/checkpoint.safetensors
+mkdir -p folder && printf 'text\0with a NUL byte, then more text to pass the length checks' > binary.bin
+truncate -s 1100M huge.txt  # sparse: refused by its size before it is read
 cp -r whole corrupt && printf 'XXXXXXXX' | dd of=corrupt/model.safetensors bs=1 seek=0 conv=notrunc 2>/dev/null
 
 expect_error "missing.txt" train --out bad --data missing.txt
 expect_error "is empty" train --out bad --data empty.txt
 expect_error "context" train --out bad --data short.txt
+expect_error "/dev/zero is not a regular file" train --out bad --data /dev/zero
+expect_error "folder is not a regular file" train --out bad --data folder
+expect_error "holds a NUL byte at offset 4" train --out bad --data binary.bin
+expect_error "more than the limit of 1073741824" train --out bad --data huge.txt
+expect_error "--prompt: CharTokenizer::encode" train --out prompt_first --sample 5 --prompt "Z"
+[ ! -e prompt_first ] || fail "--prompt was checked after the run folder was made"
+expect_error "train.divergence_factor must be 0 (no limit) or above 1" train --out bad --set train.divergence_factor=0.5
+expect_error "train.keep_checkpoints must be positive" train --out bad --set train.keep_checkpoints=0
 expect_error "is not valid JSON" "$exe" --config malformed.json --data corpus.txt --out bad
 expect_error 'unknown key "model.d_modl"' "$exe" --config unknown_key.json --data corpus.txt --out bad
 expect_error 'unknown key "train.stepz"' train --out bad --set train.stepz=3
@@ -104,6 +151,13 @@ for option in "--set train.seed=2" "--steps 3" "--seed 2" "--config tiny.json" "
   expect_error "${option%% *} applies only to training" "$exe" --eval-only --checkpoint whole --data corpus.txt $option
   expect_error "${option%% *} applies only to training" "$exe" --sample 5 --checkpoint whole $option
 done
+
+# A metrics.jsonl line that is JSON but not a record (or not JSON) is dropped with a warning.
+cp -r whole metrics_junk && printf '[1, 2]\n"text"\n{"kind": "train"}\nnot json\n' >> metrics_junk/metrics.jsonl
+output=$("$exe" --resume metrics_junk --data corpus.txt 2>&1) || fail "a junk metrics line is fatal: $output"
+[ "$(grep -c "is not a metrics record; dropped" <<< "$output")" -eq 4 ] ||
+  fail "junk metrics lines were not each reported: $output"
+grep -q '^\[1' metrics_junk/metrics.jsonl && fail "a junk metrics line was kept"
 
 if [ $failures -ne 0 ]; then
   echo "$failures check(s) failed"

@@ -2,8 +2,9 @@
 // counts (closed forms), its gradients by central differences, config JSON and overrides,
 // checkpoint and model-folder round trips (bit-exact), a short fixed-seed training run whose
 // validation loss must fall below the corpus's unigram entropy, and the training library's pieces
-// (train_step's gradient hook, the resume rule, the routing report, sampling, metrics.jsonl), and
-// the refusals of configs that cannot be stored, computed with or fitted in memory.
+// (train_step's gradient hook, the resume rule, the routing report, sampling, metrics.jsonl, the
+// divergence guard, kept checkpoints, the corpus and prompt checks), and the refusals of configs
+// that cannot be stored, computed with or fitted in memory.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -19,6 +20,8 @@
 #include <rex/optim/schedule.hpp>
 #include <rex/train/checkpoint.hpp>
 #include <rex/train/config.hpp>
+#include <rex/train/corpus.hpp>
+#include <rex/train/evaluate.hpp>
 #include <rex/train/metrics.hpp>
 #include <rex/train/sample.hpp>
 #include <rex/train/step.hpp>
@@ -510,18 +513,133 @@ TEST_CASE("memory estimate: the exact parameter count, and an oversize model ref
   CHECK(train::physical_memory_bytes() > 0);
 }
 
-TEST_CASE("metrics.jsonl: a resumed run refuses a line that is not a metrics record") {
+TEST_CASE("metrics.jsonl: a resumed run drops a line that is not a metrics record, and goes on") {
   const testing::TempDir dir("metrics_bad");
   const std::string path = (dir.path / "metrics.jsonl").string();
   for (const char* line : {"[1, 2]", "{\"step\": \"three\"}", "7"}) {
     CAPTURE(line);
-    io::write_file_atomic(path, std::string("{\"step\": 1}\n") + line + "\n");
-    CHECK(error_message([&] {
-            train::MetricsLog log(path, 3);
-          }).find("metrics.jsonl: a line is not a metrics record") != std::string::npos);
+    io::write_file_atomic(path, std::string("{\"step\": 1}\n") + line + "\n{\"step\": 2}\n");
+    { train::MetricsLog log(path, 3); }
+    CHECK(io::read_file(path) == "{\"step\": 1}\n{\"step\": 2}\n");
   }
-  // A torn last line (not JSON at all, as a crash mid-write leaves it) is dropped as before.
+  // A torn last line (not JSON at all, as a crash mid-write leaves it) is dropped as well.
   io::write_file_atomic(path, "{\"step\": 1}\n{\"ste");
   { train::MetricsLog log(path, 3); }
   CHECK(io::read_file(path) == "{\"step\": 1}\n");
+}
+
+TEST_CASE(
+    "the divergence guard: non-finite or far above the run's best stops, a normal run never") {
+  train::TrainConfig t;  // divergence_factor 3
+  const double ln_vocab = std::log(65.0);
+  train::DivergenceGuard normal(t, 65);
+  for (int step = 1; step <= 200; ++step) {  // a falling loss with noise, starting at ln(vocab)
+    normal.record(ln_vocab * std::exp(-step / 60.0) + 1.2 + 0.3 * std::sin(step));
+    CHECK_NOTHROW(normal.check(step, std::nullopt));
+  }
+  // The limit starts at 3 x ln(vocab): a loss of 3.5 x ln(vocab) at once stops the run.
+  train::DivergenceGuard at_once(t, 65);
+  at_once.record(3.5 * ln_vocab);
+  const std::string message = error_message([&] { at_once.check(1, 0); });
+  CHECK(message.find("training diverged at step 1") != std::string::npos);
+  CHECK(message.find("learning rate too high (train.lr = 0.003)") != std::string::npos);
+  CHECK(message.find("the checkpoint of step 0 is kept") != std::string::npos);
+  // After the loss has fallen to 1, a 10-step mean above 3 stops it; a non-finite loss always does.
+  train::DivergenceGuard fallen(t, 65);
+  for (int i = 0; i < 10; ++i) fallen.record(1.0);
+  for (int i = 0; i < 10; ++i) fallen.record(3.2);
+  CHECK(error_message([&] { fallen.check(20, 10); }).find("the limit is train.divergence_factor") !=
+        std::string::npos);
+  train::DivergenceGuard not_finite(t, 65);
+  not_finite.record(std::nan(""));
+  CHECK(error_message([&] {
+          not_finite.check(1, std::nullopt);
+        }).find("no checkpoint had been written yet") != std::string::npos);
+  t.divergence_factor = 0;  // no limit, but still no NaN
+  train::DivergenceGuard unlimited(t, 65);
+  unlimited.record(1e30);
+  CHECK_NOTHROW(unlimited.check(1, std::nullopt));
+  unlimited.record(std::numeric_limits<double>::infinity());
+  CHECK_THROWS(unlimited.check(2, std::nullopt));
+}
+
+TEST_CASE("a run folder keeps the last train.keep_checkpoints checkpoints, newest in place") {
+  const train::RunConfig config = tiny_run("dense", 1);
+  const nn::TransformerLM model(config.model, 3);
+  const optim::AdamW optimizer(optim::decay_matrices(model.named_parameters()));
+  const data::CharTokenizer tokenizer = data::CharTokenizer::from_text("abcdefghijklm");
+  const testing::TempDir temp("kept_checkpoints");
+  const std::string dir = temp.path.string();
+  auto kept_steps = [&] {
+    std::vector<int64_t> steps;
+    for (const auto& [step, path] : train::kept_checkpoints(dir)) steps.push_back(step);
+    return steps;
+  };
+  {
+    train::RunSaver saver = train::prepare_run_folder(dir, config, 3, std::nullopt, false);
+    for (int64_t step : {10, 20, 30, 40}) saver.save(model, optimizer, config, tokenizer, step, {});
+    CHECK(saver.newest() == 40);
+  }
+  CHECK(train::load_checkpoint(dir).step == 40);
+  CHECK(kept_steps() == std::vector<int64_t>{20, 30});
+  CHECK(error_message([&] {
+          train::prepare_run_folder(dir, config, 3, std::nullopt, false);
+        }).find("already holds a run") != std::string::npos);
+  // Resuming from step 40 and saving 50 keeps 40; a new run (--overwrite) drops the old run's.
+  train::prepare_run_folder(dir, config, 3, 40, false)
+      .save(model, optimizer, config, tokenizer, 50, {});
+  CHECK(kept_steps() == std::vector<int64_t>{30, 40});
+  train::prepare_run_folder(dir, config, 3, std::nullopt, true)
+      .save(model, optimizer, config, tokenizer, 5, {});
+  CHECK(kept_steps().empty());
+  // A refused newest checkpoint names the kept ones to go back to.
+  train::prepare_run_folder(dir, config, 2, 5, false)
+      .save(model, optimizer, config, tokenizer, 6, {});
+  io::write_file_atomic(train::checkpoint_path(dir), "torn");
+  const std::string message = error_message([&] { train::load_resume_checkpoint(dir); });
+  CHECK(message.find("checkpoint-5.safetensors (step 5)") != std::string::npos);
+}
+
+TEST_CASE("metrics.jsonl: a line that is not a record is dropped on resume, not fatal") {
+  const testing::TempDir dir("metrics_junk");
+  const std::string path = (dir.path / "metrics.jsonl").string();
+  io::write_file_atomic(path,
+                        "{\"kind\":\"eval\",\"step\":1,\"val_loss\":1.0}\n[1,2]\n\"text\"\n"
+                        "{\"kind\":\"eval\"}\n{\"step\":\"2\"}\nnot json\n");
+  { train::MetricsLog log(path, 3); }
+  CHECK(io::read_file(path) == "{\"kind\":\"eval\",\"step\":1,\"val_loss\":1.0}\n");
+}
+
+TEST_CASE("a corpus must be a regular text file, and a prompt must be in its vocabulary") {
+  const testing::TempDir dir("corpus_checks");
+  const std::string binary = (dir.path / "binary.bin").string();
+  io::write_file_atomic(binary, std::string("ab\0cd", 5));
+  CHECK(error_message([&] { train::read_corpus_text(binary); }).find("NUL byte at offset 2") !=
+        std::string::npos);
+  CHECK(error_message([&] {
+          train::read_corpus_text(dir.path.string());
+        }).find("is not a regular file") != std::string::npos);
+  CHECK(error_message([&] {
+          train::read_corpus_text("/dev/zero");
+        }).find("is not a regular file") != std::string::npos);
+  const data::CharTokenizer tokenizer = data::CharTokenizer::from_text("abc");
+  CHECK_NOTHROW(train::check_prompt(tokenizer, "cab"));
+  CHECK(error_message([&] { train::check_prompt(tokenizer, "abz"); }).find("--prompt") !=
+        std::string::npos);
+  CHECK(error_message([&] { train::check_prompt(tokenizer, ""); }).find("must not be empty") !=
+        std::string::npos);
+}
+
+TEST_CASE("a validation loss that is not finite is an error, not a number") {
+  const train::RunConfig config = tiny_run("dense", 1);
+  const nn::TransformerLM model(config.model, 3);
+  const data::BatchSampler sampler({1, 4, 2, 6, 0, 3, 3, 5, 7, 8, 9, 10, 11, 12, 1, 2, 3, 4}, 2, 4,
+                                   1, "validation");
+  CHECK(std::isfinite(
+      train::evaluate(model, sampler, 2, train::after_steps(1, 1), Device::cpu()).val_loss));
+  Tensor weight = model.named_parameters().front().second;
+  weight.data<float>()[0] = std::nanf("");
+  CHECK(error_message([&] {
+          train::evaluate(model, sampler, 2, train::after_steps(1, 1), Device::cpu());
+        }).find("the validation loss over 2 batches is nan") != std::string::npos);
 }

@@ -19,6 +19,12 @@
 // (io::remove_stale_temp_files) when it writes its model folder and when it resumes.
 // Nothing else is needed to resume exactly: batches and PSR masks are pure functions of
 // (seed, step), so the random state is the seed (in the config) and the step.
+// Kept checkpoints: before checkpoint.safetensors is replaced, the one it holds is kept as
+// checkpoint-<step>.safetensors (a hard link: nothing is copied), and only the newest
+// train.keep_checkpoints - 1 of those stay, so that one bad save never leaves a run without its
+// previous state. --resume DIR reads checkpoint.safetensors, the newest (a run that diverged
+// writes none, DivergenceGuard in rex/train/step.hpp); when that one is refused, the message lists
+// the kept ones, and copying one over checkpoint.safetensors goes back to it.
 // load_model rebuilds the model of a model folder, weights included; start_training builds the
 // model and optimiser of a new run or of a resumed one.
 #pragma once
@@ -28,6 +34,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -104,12 +111,6 @@ inline void save_config(const std::string& dir, const RunConfig& config) {
   io::write_file_atomic(dir + "/config.json", to_json(config).dump(2) + "\n");
 }
 
-// The run folder of a run about to start, with its config.json written before the first step.
-inline void create_run_folder(const std::string& dir, const RunConfig& config) {
-  std::filesystem::create_directories(dir);
-  save_config(dir, config);
-}
-
 inline void save_model_folder(const std::string& dir, const nn::Module& model,
                               const RunConfig& config, const data::CharTokenizer& tokenizer,
                               int64_t step) {
@@ -177,13 +178,92 @@ inline void save_checkpoint(const std::string& dir, const nn::Module& model,
                                    {"corpus_hash", std::to_string(info.corpus_hash)}}));
 }
 
-// The model folder and the checkpoint of a run at `step`: everything --checkpoint and --resume
-// read.
+// The checkpoint and the model folder of a run at `step`: everything --resume and --checkpoint
+// read. The checkpoint comes first, so that a write that fails (a full disk) leaves the folder as
+// it was, and a folder is never ahead of its checkpoint.
 inline void save_run(const std::string& dir, const nn::Module& model, const optim::AdamW& optimizer,
                      const RunConfig& config, const data::CharTokenizer& tokenizer, int64_t step,
                      const CheckpointInfo& info) {
-  save_model_folder(dir, model, config, tokenizer, step);
   save_checkpoint(dir, model, optimizer, config, tokenizer, step, info);
+  save_model_folder(dir, model, config, tokenizer, step);
+}
+
+inline std::string kept_checkpoint_path(const std::string& dir, int64_t step) {
+  return dir + "/checkpoint-" + std::to_string(step) + ".safetensors";
+}
+
+// The kept checkpoints in `dir`, step -> path, oldest first.
+inline std::map<int64_t, std::string> kept_checkpoints(const std::string& dir) {
+  std::map<int64_t, std::string> out;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+    const std::string name = entry.path().filename().string();
+    const std::string prefix = "checkpoint-", suffix = ".safetensors";
+    if (name.size() <= prefix.size() + suffix.size() || name.rfind(prefix, 0) != 0 ||
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
+      continue;
+    const std::string digits =
+        name.substr(prefix.size(), name.size() - prefix.size() - suffix.size());
+    if (digits.size() <= 18 &&
+        std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      out[std::stoll(digits)] = entry.path().string();
+  }
+  return out;
+}
+
+// Writes the run folder `dir` of one training invocation: save_run plus the kept checkpoints.
+class RunSaver {
+ public:
+  // resumed_step: the step of dir's checkpoint.safetensors when this invocation continues it;
+  // nullopt for a new run (the kept checkpoints of an earlier run in dir are removed at its first
+  // save). Kept checkpoints past resumed_step belong to a history the resume abandoned and go too.
+  RunSaver(std::string dir, int64_t keep, std::optional<int64_t> resumed_step)
+      : dir_(std::move(dir)), keep_(keep), newest_(resumed_step) {}
+
+  void save(const nn::Module& model, const optim::AdamW& optimizer, const RunConfig& config,
+            const data::CharTokenizer& tokenizer, int64_t step, const CheckpointInfo& info) {
+    const int64_t abandoned_after = newest_.value_or(-1);
+    for (const auto& [kept_step, path] : kept_checkpoints(dir_))
+      if (kept_step > abandoned_after) std::filesystem::remove(path);
+    if (newest_ && keep_ > 1 && *newest_ != step) keep_newest(*newest_);
+    save_run(dir_, model, optimizer, config, tokenizer, step, info);
+    newest_ = step;
+    std::map<int64_t, std::string> kept = kept_checkpoints(dir_);
+    while (static_cast<int64_t>(kept.size()) > keep_ - 1) {
+      std::filesystem::remove(kept.begin()->second);
+      kept.erase(kept.begin());
+    }
+  }
+
+  // The step of checkpoint.safetensors, when this invocation wrote it or resumed from it.
+  std::optional<int64_t> newest() const { return newest_; }
+
+ private:
+  // Keeps checkpoint.safetensors (at `step`) under its kept name.
+  void keep_newest(int64_t step) const {
+    const std::string from = checkpoint_path(dir_), to = kept_checkpoint_path(dir_, step);
+    std::error_code error;
+    std::filesystem::remove(to);
+    std::filesystem::create_hard_link(from, to, error);
+    if (error) std::filesystem::copy_file(from, to);
+  }
+
+  std::string dir_;
+  int64_t keep_;
+  std::optional<int64_t> newest_;
+};
+
+// Creates the run folder `out`, refusing one that holds another run unless `overwrite`, and
+// writes its config.json before the first step, so a config that cannot be saved fails at once.
+// resumed_step: the step of the checkpoint resumed from `out` itself.
+inline RunSaver prepare_run_folder(const std::string& out, const RunConfig& config, int64_t keep,
+                                   std::optional<int64_t> resumed_step, bool overwrite) {
+  std::filesystem::create_directories(out);
+  REX_CHECK(resumed_step || overwrite || !std::filesystem::exists(checkpoint_path(out)), out,
+            " already holds a run: continue it with --resume ", out,
+            ", or pass --overwrite to start again");
+  save_config(out, config);
+  return RunSaver(out, keep, resumed_step);
 }
 
 struct Checkpoint {
@@ -230,6 +310,21 @@ inline Checkpoint load_checkpoint(const std::string& dir) {
     }
   }
   return out;
+}
+
+// The checkpoint a run folder resumes from: checkpoint.safetensors, the newest. A refused one
+// names the kept earlier checkpoints to go back to.
+inline Checkpoint load_resume_checkpoint(const std::string& dir) {
+  try {
+    return load_checkpoint(dir);
+  } catch (const Error& e) {
+    std::string kept;
+    for (const auto& [step, path] : kept_checkpoints(dir))
+      kept = path + " (step " + std::to_string(step) + ")" + (kept.empty() ? "" : ", ") + kept;
+    if (kept.empty()) throw;
+    throw Error(std::string(e.what()) + "\nearlier checkpoints are kept: " + kept +
+                "; to go back to one, copy it over " + checkpoint_path(dir));
+  }
 }
 
 // A model folder, rebuilt: the model with the saved weights, on `device`.

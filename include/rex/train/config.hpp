@@ -50,6 +50,8 @@ struct TrainConfig {
   int64_t eval_interval = 500;
   int64_t eval_batches = 16;
   int64_t checkpoint_interval = 500;
+  int64_t keep_checkpoints = 2;
+  double divergence_factor = 3.0;
   std::string matmul_precision = "fp32";
 };
 
@@ -81,6 +83,10 @@ void for_each_field(Run& c, F&& f) {
   f("train", "eval_interval", t.eval_interval, "steps between validation evaluations");
   f("train", "eval_batches", t.eval_batches, "validation batches per evaluation");
   f("train", "checkpoint_interval", t.checkpoint_interval, "steps between checkpoints");
+  f("train", "keep_checkpoints", t.keep_checkpoints,
+    "checkpoints kept: the newest and the keep_checkpoints - 1 before it");
+  f("train", "divergence_factor", t.divergence_factor,
+    "stop when the recent loss exceeds this x the run's best (0 = no limit; see below)");
   f("train", "matmul_precision", t.matmul_precision,
     "\"fp32\", or \"tf32\" for TF32 tensor-core GEMMs on CUDA (no effect on the CPU)");
 }
@@ -117,6 +123,10 @@ inline void validate(const RunConfig& c) {
   positive("train.eval_interval", t.eval_interval);
   positive("train.eval_batches", t.eval_batches);
   positive("train.checkpoint_interval", t.checkpoint_interval);
+  positive("train.keep_checkpoints", t.keep_checkpoints);
+  REX_CHECK(t.divergence_factor == 0 || t.divergence_factor > 1,
+            "config: train.divergence_factor must be 0 (no limit) or above 1, got ",
+            t.divergence_factor);
   REX_CHECK(t.matmul_precision == "fp32" || t.matmul_precision == "tf32",
             "config: train.matmul_precision must be \"fp32\" or \"tf32\", got \"",
             t.matmul_precision, "\"");
@@ -254,9 +264,14 @@ inline RunConfig read_run_config(const std::string& path,
 }
 
 // The keys a resumed run may change; everything else must match the checkpoint.
-inline const std::set<std::string> kResumableKeys = {
-    "train.steps",        "train.log_interval",        "train.eval_interval",
-    "train.eval_batches", "train.checkpoint_interval", "train.matmul_precision"};
+inline const std::set<std::string> kResumableKeys = {"train.steps",
+                                                     "train.log_interval",
+                                                     "train.eval_interval",
+                                                     "train.eval_batches",
+                                                     "train.checkpoint_interval",
+                                                     "train.matmul_precision",
+                                                     "train.keep_checkpoints",
+                                                     "train.divergence_factor"};
 
 // What resumed_config throws when an override changes any other key.
 struct NotResumable : Error {
@@ -274,7 +289,8 @@ inline RunConfig resumed_config(const RunConfig& saved, const std::vector<std::s
       if (value != before[section][key] && !kResumableKeys.count(section + "." + key))
         throw NotResumable("--resume: " + section + "." + key +
                            " cannot change in a resumed run (only train.steps, "
-                           "train.eval_batches, train.matmul_precision and the intervals can)");
+                           "train.eval_batches, train.matmul_precision, train.keep_checkpoints, "
+                           "train.divergence_factor and the intervals can)");
   validate(config);
   return config;
 }

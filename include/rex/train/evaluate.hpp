@@ -1,8 +1,10 @@
 // Validation loss and the routing report. Evaluation and sampling route with the PSR mask of the
 // last step trained (after_steps), so that they see the candidates the model was trained with.
+// A validation loss that is not finite is an error, never a number to log or print.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include <nlohmann/json.hpp>
@@ -33,6 +35,9 @@ inline Evaluation evaluate(const nn::TransformerLM& model, const data::BatchSamp
     out.val_loss += result.lm_loss.item() / static_cast<double>(batches);
     nn::add_expert_counts(out.expert_counts, result);
   }
+  REX_CHECK(std::isfinite(out.val_loss), "evaluation: the validation loss over ", batches,
+            " batches is ", out.val_loss,
+            " (not finite): the model's weights have diverged (a learning rate too high?)");
   return out;
 }
 

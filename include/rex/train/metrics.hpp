@@ -1,9 +1,10 @@
 // metrics.jsonl: one JSON object per line, appended and flushed as training goes, so that a run
 // can be followed (and plotted) while it trains. On resume, the lines past the checkpoint's step
 // (written after it by the run that stopped) are dropped first, so that a resumed run's log equals
-// an uninterrupted one's. The records and their fields are listed in docs/formats.md. Progress
-// measures the tokens/s and ETA of the progress lines; model_summary and corpus_summary describe a
-// run in one line each.
+// an uninterrupted one's; a line that is not a record (not a JSON object with a whole-number
+// "step") is dropped with a warning. The records and their fields are listed in docs/formats.md.
+// Progress measures the tokens/s and ETA of the progress lines; model_summary and corpus_summary
+// describe a run in one line each.
 #pragma once
 
 #include <chrono>
@@ -49,13 +50,14 @@ class MetricsLog {
     if (resume_step && std::filesystem::exists(path)) {
       std::ifstream in(path);
       std::string line, kept;
-      while (std::getline(in, line)) {
-        // A line that is not a JSON object, or whose "step" is not an integer, is not a record
-        // of this log and is dropped like one that is not JSON.
+      for (int64_t number = 1; std::getline(in, line); ++number) {
         const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-        const bool is_record =
-            j.is_object() && (!j.contains("step") || j.at("step").is_number_integer());
-        if (is_record && j.value("step", int64_t{0}) <= *resume_step) kept += line + "\n";
+        if (!j.is_object() || !j.contains("step") || !j["step"].is_number_integer()) {
+          std::fprintf(stderr, "warning: %s line %lld is not a metrics record; dropped\n",
+                       path.c_str(), static_cast<long long>(number));
+        } else if (j["step"].get<int64_t>() <= *resume_step) {
+          kept += line + "\n";
+        }
       }
       io::write_file_atomic(path, kept);
     }

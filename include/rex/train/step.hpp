@@ -5,9 +5,20 @@
 //
 // The optimiser and the learning-rate schedule of a run come from its TrainConfig: AdamW with
 // decay on matrices only (optim::decay_matrices) and a warmup + cosine schedule.
+//
+// DivergenceGuard is the loss check a run passes before each checkpoint, so that a diverging run
+// stops with its last good checkpoint instead of overwriting it (the rule: docs/formats.md,
+// train.divergence_factor).
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <deque>
 #include <functional>
+#include <numeric>
+#include <optional>
+#include <string>
 
 #include "rex/data/dataset.hpp"
 #include "rex/nn/transformer.hpp"
@@ -49,5 +60,47 @@ inline StepResult train_step(
   optimizer.zero_grad();
   return result;
 }
+
+// The mean language-model loss of the last kWindow steps must be finite and at most
+// train.divergence_factor x the lowest such mean of this invocation, which starts at ln(vocab
+// size), the loss of a uniform guess (0 turns the limit off; a non-finite mean always fails).
+class DivergenceGuard {
+ public:
+  static constexpr size_t kWindow = 10;
+
+  DivergenceGuard(const TrainConfig& t, int64_t vocab_size)
+      : factor_(t.divergence_factor), lr_(t.lr), best_(std::log(static_cast<double>(vocab_size))) {}
+
+  void record(double lm_loss) {
+    window_.push_back(lm_loss);
+    if (window_.size() > kWindow) window_.pop_front();
+    if (window_.size() == kWindow) best_ = std::min(best_, mean());
+  }
+
+  // Throws rex::Error naming the step, the loss and the likely cause when the run diverged.
+  // last_saved: the step of the newest checkpoint in the run folder, which is kept.
+  void check(int64_t step, std::optional<int64_t> last_saved) const {
+    const double recent = mean();
+    if (window_.empty() || (std::isfinite(recent) && (factor_ <= 0 || recent <= factor_ * best_)))
+      return;
+    throw Error(detail::concat(
+        "training diverged at step ", step, ": the mean loss of the last ", window_.size(),
+        " steps is ", recent, "; the limit is train.divergence_factor (", factor_, ") x ", best_,
+        ", the lowest ", kWindow, "-step mean of this run (at most ln(vocab size)). The likely ",
+        "cause is a learning rate too high (train.lr = ", lr_,
+        "): lower train.lr, lengthen train.warmup or keep train.grad_clip on. Step ", step,
+        " was not saved; ",
+        last_saved ? "the checkpoint of step " + std::to_string(*last_saved) + " is kept"
+                   : std::string("no checkpoint had been written yet")));
+  }
+
+ private:
+  double mean() const {
+    return std::accumulate(window_.begin(), window_.end(), 0.0) /
+           static_cast<double>(window_.size());
+  }
+  double factor_, lr_, best_;
+  std::deque<double> window_;
+};
 
 }  // namespace rex::train

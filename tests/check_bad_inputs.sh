@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# The bad-input catalogue of train_tiny_rex (rex issue 13): every probe feeds the program something
+# that is not what it claims to be and asserts, for each trial,
+#   - a non-zero exit that is not a crash (status 1; a signal or an abort fails the trial),
+#   - a message naming the problem (the file, key or value), and
+#   - no existing file changed: every file of the run folder the trial points at has the same
+#     sha256 after it as before (new files, such as a kept copy of a checkpoint, may appear).
+# Probes: bad data (missing, empty, folder, /dev/zero, binary, too large), bad config (malformed
+# JSON, unknown key, wrong type, impossible values), checkpoints truncated to several lengths or
+# with a garbage header, kill -9 while checkpoints are written (the folder must still resume, or be
+# refused cleanly; nothing torn), disk full on a small tmpfs (skipped when one cannot be mounted)
+# and flipped bits in the tensor data (skipped while the checkpoint has no checksum metadata).
+# Prints a table: probe, trials, clean. Usage: check_bad_inputs.sh PATH/TO/train_tiny_rex WORK_DIR
+set -uo pipefail
+exe=$(realpath "$1")
+work=$(realpath -m "$2")
+umount "$work/tmpfs" 2> /dev/null  # left mounted by a run that was killed
+rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
+
+declare -A trials clean
+order=()
+failures=0
+record() {  # record PROBE OK(0|1) WHY
+  [ -n "${trials[$1]+x}" ] || { order+=("$1"); trials[$1]=0; clean[$1]=0; }
+  trials[$1]=$((trials[$1] + 1))
+  if [ "$2" -eq 0 ]; then
+    clean[$1]=$((clean[$1] + 1))
+  else
+    echo "FAIL [$1]: $3"
+    failures=$((failures + 1))
+  fi
+}
+fingerprint() { (cd "$1" 2> /dev/null && find . -type f -print0 | sort -z | xargs -0 -r sha256sum); }
+# unchanged FOLDER SUMS: every file FOLDER held (SUMS: its fingerprint then) is still there, unchanged.
+unchanged() { [ -z "$2" ] || (cd "$1" && sha256sum --quiet -c - <<< "$2" > /dev/null 2>&1); }
+
+# refused PROBE FOLDER WANT COMMAND...: COMMAND exits 1 saying WANT, and FOLDER is unchanged.
+refused() {
+  local probe=$1 folder=$2 want=$3
+  shift 3
+  local before output status
+  before=$(fingerprint "$folder")
+  output=$("$@" 2>&1)
+  status=$?
+  if [ $status -ne 1 ]; then
+    record "$probe" 1 "'$*' exited with $status (want 1): $(tail -c 600 <<< "$output")"
+  elif ! grep -qF -- "$want" <<< "$output"; then
+    record "$probe" 1 "'$*' did not say '$want': $(tail -c 600 <<< "$output")"
+  elif ! unchanged "$folder" "$before"; then
+    record "$probe" 1 "'$*' changed files in $folder"
+  else
+    record "$probe" 0 ""
+  fi
+}
+
+for i in $(seq 1 200); do
+  echo "a bad input must be refused $((i % 7)) with a message that names it $((i % 3))."
+done > corpus.txt
+cat > tiny.json <<'EOF'
+{"model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "context": 8},
+ "moe": {"experts_per_layer": 2, "top_k": 1, "d_expert": 8, "reuse": 1},
+ "train": {"steps": 4, "batch_size": 2, "warmup": 1, "log_interval": 2, "eval_interval": 4,
+           "eval_batches": 1, "checkpoint_interval": 4}}
+EOF
+"$exe" --config tiny.json --data corpus.txt --out good > good.log 2>&1 ||
+  { echo "the reference run failed: $(cat good.log)"; exit 1; }
+ckpt_size=$(stat -c %s good/checkpoint.safetensors)
+model_size=$(stat -c %s good/model.safetensors)
+fresh() { rm -rf "$1" && cp -r good "$1"; }
+
+# ---- bad data: refused whether it starts a run or resumes one ---------------------------------
+: > empty.txt
+mkdir -p folder.txt
+head -c 3000 /dev/urandom > binary.bin && printf '\0' >> binary.bin
+truncate -s 1100M huge.txt
+for case in "missing.txt|does not exist" "empty.txt|is empty" "folder.txt|is not a regular file" \
+  "/dev/zero|is not a regular file" "binary.bin|holds a NUL byte" "huge.txt|more than the limit"; do
+  data=${case%%|*} want=${case#*|}
+  refused "data" good "$want" "$exe" --resume good --data "$data"
+  refused "data" good "$want" "$exe" --config tiny.json --data "$data" --out good --overwrite
+  refused "data" good "$want" "$exe" --eval-only --checkpoint good --data "$data"
+done
+
+# ---- bad config: refused before --overwrite touches the folder --------------------------------
+printf '{"model": {"d_model": 32,}}' > malformed.json
+printf '{"model": {"d_modl": 32}}' > unknown_key.json
+printf '{"train": {"steps": "many"}}' > wrong_type.json
+printf '[1, 2]' > not_object.json
+printf '{"moe": {"top_k": 3, "experts_per_layer": 2}}' > impossible.json
+printf '{"train": {"lr": -1}}' > negative_lr.json
+for case in "malformed.json|is not valid JSON" "unknown_key.json|unknown key \"model.d_modl\"" \
+  "wrong_type.json|train.steps" "not_object.json|must be a JSON object" \
+  "impossible.json|cannot exceed moe.experts_per_layer" "negative_lr.json|train.lr must be positive"; do
+  refused "config" good "${case#*|}" "$exe" --config "${case%%|*}" --data corpus.txt --out good --overwrite
+done
+for set in "train.steps=-3|train.steps" "train.divergence_factor=1|train.divergence_factor" \
+  "train.keep_checkpoints=0|train.keep_checkpoints" "moe.top_k=7|moe.top_k"; do
+  refused "config" good "${set#*|}" "$exe" --config tiny.json --data corpus.txt --out good --overwrite --set "${set%%|*}"
+done
+
+# ---- truncated and garbage-header checkpoints ---------------------------------------------------
+for length in 0 1 7 8 100 $((ckpt_size / 2)) $((ckpt_size - 1)); do
+  fresh cut && truncate -s "$length" cut/checkpoint.safetensors
+  refused "truncated checkpoint" cut "checkpoint.safetensors" "$exe" --resume cut --data corpus.txt
+done
+for length in 0 8 100 $((model_size / 2)) $((model_size - 1)); do
+  fresh cut && truncate -s "$length" cut/model.safetensors
+  refused "truncated model" cut "model.safetensors" "$exe" --eval-only --checkpoint cut --data corpus.txt
+  refused "truncated model" cut "model.safetensors" "$exe" --sample 3 --checkpoint cut
+done
+for case in "checkpoint|--resume garbage" "model|--eval-only --checkpoint garbage"; do
+  file=${case%%|*}
+  fresh garbage && printf 'this is no JSON header at all' |
+    dd of=garbage/$file.safetensors bs=1 seek=8 conv=notrunc 2> /dev/null
+  refused "garbage header" garbage "$file.safetensors" "$exe" ${case#*|} --data corpus.txt
+done
+
+# ---- kill -9 while checkpoints are written: the folder resumes (or is refused), nothing torn ------
+for delay in 0.4 0.7 1.0 1.3; do
+  rm -rf killed
+  "$exe" --config tiny.json --data corpus.txt --out killed --steps 100000 \
+    --set train.checkpoint_interval=1 --set train.log_interval=1000 > killed.log 2>&1 &
+  pid=$!
+  sleep "$delay"
+  kill -9 $pid 2> /dev/null
+  wait $pid 2> /dev/null
+  if [ ! -e killed/checkpoint.safetensors ]; then
+    refused "kill -9" killed "does not exist" "$exe" --resume killed --data corpus.txt
+    continue
+  fi
+  output=$("$exe" --resume killed --data corpus.txt --stop-after 1 --steps 100000 2>&1)
+  status=$?
+  if [ $status -ne 0 ] && [ $status -ne 1 ]; then
+    record "kill -9" 1 "resume after kill -9 at ${delay}s exited with $status: $output"
+  elif [ $status -eq 1 ] && ! grep -q "error:" <<< "$output"; then
+    record "kill -9" 1 "resume after kill -9 at ${delay}s failed without a message: $output"
+  elif ! "$exe" --eval-only --checkpoint killed --data corpus.txt > /dev/null 2>&1; then
+    record "kill -9" 1 "the model folder after kill -9 at ${delay}s does not load"
+  else
+    record "kill -9" 0 ""
+  fi
+done
+
+# ---- disk full: a small tmpfs that holds the run's first checkpoints but not its later ones ------
+if mkdir -p tmpfs && mount -t tmpfs -o size=1m tmpfs tmpfs 2> /dev/null; then
+  trap 'umount "$work/tmpfs" 2> /dev/null' EXIT
+  for keep in 1 2; do
+    rm -rf tmpfs/run
+    output=$("$exe" --config tiny.json --data corpus.txt --out tmpfs/run --steps 100000 \
+      --set train.checkpoint_interval=1 --set train.keep_checkpoints=$keep \
+      --set train.log_interval=1000 --set train.eval_interval=100000 --stop-after 3 2>&1) ||
+      record "disk full" 1 "the run on the tmpfs failed before the disk was full: $output"
+    # Fill the disk to leave room for metrics.jsonl and the small files, not a checkpoint.
+    avail=$(($(stat -f -c '%a * %S' tmpfs)))
+    head -c $((avail - ckpt_size / 2)) /dev/zero > tmpfs/filler 2> /dev/null
+    refused "disk full" tmpfs/run "No space left on device" \
+      "$exe" --resume tmpfs/run --data corpus.txt --stop-after 1 --steps 100000
+    rm -f tmpfs/filler tmpfs/run/*.tmp.*
+    "$exe" --resume tmpfs/run --data corpus.txt --stop-after 1 --steps 100000 > /dev/null 2>&1 ||
+      record "disk full" 1 "the run does not resume once space is free again (keep $keep)"
+  done
+  umount tmpfs
+else
+  echo "disk full: skipped (cannot mount a tmpfs here: not root, or no permission)"
+fi
+
+# ---- flipped bits in the tensor data: refused once checkpoints carry checksums -----------------
+if head -c 65536 good/checkpoint.safetensors | grep -aqi "checksum"; then
+  for case in "checkpoint|--resume flipped" "model|--eval-only --checkpoint flipped"; do
+    file=${case%%|*}
+    size=$(stat -c %s good/$file.safetensors)
+    fresh flipped && printf '\x55' |
+      dd of=flipped/$file.safetensors bs=1 seek=$((size - 5)) conv=notrunc 2> /dev/null
+    refused "flipped bits" flipped "$file.safetensors" "$exe" ${case#*|} --data corpus.txt
+  done
+else
+  echo "flipped bits: skipped (the checkpoint metadata has no checksum key yet)"
+fi
+
+printf '\n%-22s %7s %7s\n' probe trials clean
+for probe in "${order[@]}"; do
+  printf '%-22s %7d %7d\n' "$probe" "${trials[$probe]}" "${clean[$probe]}"
+done
+if [ $failures -ne 0 ]; then
+  echo "$failures trial(s) failed"
+  exit 1
+fi
+echo "bad-input catalogue: every trial refused cleanly"
