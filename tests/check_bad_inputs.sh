@@ -9,7 +9,7 @@
 # JSON, unknown key, wrong type, impossible values), checkpoints truncated to several lengths or
 # with a garbage header, kill -9 while checkpoints are written (the folder must still resume, or be
 # refused cleanly; nothing torn), disk full on a small tmpfs (skipped when one cannot be mounted)
-# and flipped bits in the tensor data (skipped while the checkpoint has no checksum metadata).
+# and flipped bits in the tensor data (refused by the per-tensor checksums).
 # Prints a table: probe, trials, clean. Usage: check_bad_inputs.sh PATH/TO/train_tiny_rex WORK_DIR
 set -uo pipefail
 exe=$(realpath "$1")
@@ -164,18 +164,14 @@ else
   echo "disk full: skipped (cannot mount a tmpfs here: not root, or no permission)"
 fi
 
-# ---- flipped bits in the tensor data: refused once checkpoints carry checksums -----------------
-if head -c 65536 good/checkpoint.safetensors | grep -aqi "checksum"; then
-  for case in "checkpoint|--resume flipped" "model|--eval-only --checkpoint flipped"; do
-    file=${case%%|*}
-    size=$(stat -c %s good/$file.safetensors)
-    fresh flipped && printf '\x55' |
-      dd of=flipped/$file.safetensors bs=1 seek=$((size - 5)) conv=notrunc 2> /dev/null
-    refused "flipped bits" flipped "$file.safetensors" "$exe" ${case#*|} --data corpus.txt
-  done
-else
-  echo "flipped bits: skipped (the checkpoint metadata has no checksum key yet)"
-fi
+# ---- flipped bits in the tensor data: refused by the per-tensor checksums ----------------------
+for case in "checkpoint|--resume flipped" "model|--eval-only --checkpoint flipped"; do
+  file=${case%%|*}
+  size=$(stat -c %s good/$file.safetensors)
+  fresh flipped && printf '\x55' |
+    dd of=flipped/$file.safetensors bs=1 seek=$((size - 5)) conv=notrunc 2> /dev/null
+  refused "flipped bits" flipped "$file.safetensors" "$exe" ${case#*|} --data corpus.txt
+done
 
 printf '\n%-22s %7s %7s\n' probe trials clean
 for probe in "${order[@]}"; do

@@ -72,7 +72,7 @@ for lr in 100 10; do
     "the checkpoint of step 1 is kept"; do
     grep -qF "$want" <<< "$output" || fail "lr $lr: the message lacks '$want': $output"
   done
-  head -c 4096 diverge$lr/checkpoint.safetensors | grep -aqF '"step":"1"' ||
+  head -c 65536 diverge$lr/checkpoint.safetensors | grep -aqF '"step":"1"' ||
     fail "lr $lr: checkpoint.safetensors is not the step-1 checkpoint"
   output=$("$exe" --resume diverge$lr --data corpus.txt --steps 2 --set train.divergence_factor=0 2>&1) ||
     fail "lr $lr: the kept checkpoint does not resume: $output"

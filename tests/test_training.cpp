@@ -513,21 +513,6 @@ TEST_CASE("memory estimate: the exact parameter count, and an oversize model ref
   CHECK(train::physical_memory_bytes() > 0);
 }
 
-TEST_CASE("metrics.jsonl: a resumed run drops a line that is not a metrics record, and goes on") {
-  const testing::TempDir dir("metrics_bad");
-  const std::string path = (dir.path / "metrics.jsonl").string();
-  for (const char* line : {"[1, 2]", "{\"step\": \"three\"}", "7"}) {
-    CAPTURE(line);
-    io::write_file_atomic(path, std::string("{\"step\": 1}\n") + line + "\n{\"step\": 2}\n");
-    { train::MetricsLog log(path, 3); }
-    CHECK(io::read_file(path) == "{\"step\": 1}\n{\"step\": 2}\n");
-  }
-  // A torn last line (not JSON at all, as a crash mid-write leaves it) is dropped as well.
-  io::write_file_atomic(path, "{\"step\": 1}\n{\"ste");
-  { train::MetricsLog log(path, 3); }
-  CHECK(io::read_file(path) == "{\"step\": 1}\n");
-}
-
 TEST_CASE(
     "the divergence guard: non-finite or far above the run's best stops, a normal run never") {
   train::TrainConfig t;  // divergence_factor 3
@@ -600,14 +585,20 @@ TEST_CASE("a run folder keeps the last train.keep_checkpoints checkpoints, newes
   CHECK(message.find("checkpoint-5.safetensors (step 5)") != std::string::npos);
 }
 
-TEST_CASE("metrics.jsonl: a line that is not a record is dropped on resume, not fatal") {
-  const testing::TempDir dir("metrics_junk");
-  const std::string path = (dir.path / "metrics.jsonl").string();
-  io::write_file_atomic(path,
-                        "{\"kind\":\"eval\",\"step\":1,\"val_loss\":1.0}\n[1,2]\n\"text\"\n"
-                        "{\"kind\":\"eval\"}\n{\"step\":\"2\"}\nnot json\n");
-  { train::MetricsLog log(path, 3); }
-  CHECK(io::read_file(path) == "{\"kind\":\"eval\",\"step\":1,\"val_loss\":1.0}\n");
+TEST_CASE("a run resumed in place with a longer schedule keeps a model folder that loads") {
+  train::RunConfig config = tiny_run("dense", 1);
+  const nn::TransformerLM model(config.model, 3);
+  const optim::AdamW optimizer(optim::decay_matrices(model.named_parameters()));
+  const data::CharTokenizer tokenizer = data::CharTokenizer::from_text("abcdefghijklm");
+  const testing::TempDir temp("resume_in_place");
+  const std::string dir = temp.path.string();
+  train::prepare_run_folder(dir, config, 2, std::nullopt, false)
+      .save(model, optimizer, config, tokenizer, 4, {});
+  // --resume DIR --steps 9, stopped (killed) before its next save: config.json must still be the
+  // one model.safetensors records, or the folder would be refused as edited.
+  config.train.steps = 9;
+  train::prepare_run_folder(dir, config, 2, 4, false);
+  CHECK(train::load_model_folder(dir).config.train.steps == tiny_run("dense", 1).train.steps);
 }
 
 TEST_CASE("a corpus must be a regular text file, and a prompt must be in its vocabulary") {

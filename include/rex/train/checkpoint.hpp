@@ -253,16 +253,20 @@ class RunSaver {
   std::optional<int64_t> newest_;
 };
 
-// Creates the run folder `out`, refusing one that holds another run unless `overwrite`, and
-// writes its config.json before the first step, so a config that cannot be saved fails at once.
-// resumed_step: the step of the checkpoint resumed from `out` itself.
+// Creates the run folder `out` (removing the temporary files of dead writers), refusing one that
+// holds another run unless `overwrite`, and writes a new run's config.json before the first step,
+// so a config that cannot be saved fails at once. resumed_step: the step of the checkpoint resumed
+// from `out` itself.
 inline RunSaver prepare_run_folder(const std::string& out, const RunConfig& config, int64_t keep,
                                    std::optional<int64_t> resumed_step, bool overwrite) {
   std::filesystem::create_directories(out);
+  io::remove_stale_temp_files(out);  // left by writers that were killed mid-write
   REX_CHECK(resumed_step || overwrite || !std::filesystem::exists(checkpoint_path(out)), out,
             " already holds a run: continue it with --resume ", out,
             ", or pass --overwrite to start again");
-  save_config(out, config);
+  // A run resumed in place keeps the config.json that matches its model.safetensors until its
+  // next save.
+  if (!resumed_step) save_config(out, config);
   return RunSaver(out, keep, resumed_step);
 }
 
