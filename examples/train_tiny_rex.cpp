@@ -210,7 +210,7 @@ int train_run(const Options& o) {
     const rex::nn::LmOutput& r = result.output;
     ++step;
     progress.count_step();
-    guard.record(r.lm_loss.item());
+    guard.record(result.lm_loss);
     const bool last = step == t.steps;
     if (step % t.log_interval == 0 || last) {
       const train::Progress::Lap lap = progress.lap(t.steps - step);
@@ -218,7 +218,7 @@ int train_run(const Options& o) {
       const std::string n_t = " | N_t " + std::to_string(r.candidates) + "/" + std::to_string(pool);
       std::printf(
           "step %6lld/%lld | loss %.4f (lm %.4f, aux %.4f) | lr %.2e | %6.0f tok/s%s | ETA %s\n",
-          ll(step), ll(t.steps), r.loss.item(), r.lm_loss.item(), train::aux_loss(r), lr,
+          ll(step), ll(t.steps), r.loss.item(), result.lm_loss, train::aux_loss(r), lr,
           lap.tokens_per_s, is_moe ? n_t.c_str() : "", train::format_duration(lap.eta_s).c_str());
       std::fflush(stdout);
     }

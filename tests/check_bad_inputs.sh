@@ -12,14 +12,11 @@
 # and flipped bits in the tensor data (refused by the per-tensor checksums).
 # Prints a table: probe, trials, clean. Usage: check_bad_inputs.sh PATH/TO/train_tiny_rex WORK_DIR
 set -uo pipefail
-exe=$(realpath "$1")
-work=$(realpath -m "$2")
-umount "$work/tmpfs" 2> /dev/null  # left mounted by a run that was killed
-rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
+umount "$(realpath -m "$2")/tmpfs" 2> /dev/null  # left mounted by a run that was killed
+. "$(dirname "$0")/cli_common.sh" "$@"
 
 declare -A trials clean
 order=()
-failures=0
 record() {  # record PROBE OK(0|1) WHY
   [ -n "${trials[$1]+x}" ] || { order+=("$1"); trials[$1]=0; clean[$1]=0; }
   trials[$1]=$((trials[$1] + 1))

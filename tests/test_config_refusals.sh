@@ -4,11 +4,7 @@
 # and no checkpoint written. Also: config.json is in the run folder before the first step.
 # Usage: test_config_refusals.sh PATH/TO/train_tiny_rex WORK_DIR
 set -uo pipefail
-exe=$(realpath "$1")
-work=$2
-rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+. "$(dirname "$0")/cli_common.sh" "$@"
 
 for i in $(seq 1 100); do echo "the quick brown fox $((i % 7)) jumps over the lazy dog."; done > corpus.txt
 

@@ -10,11 +10,7 @@
 #    line that is not a record is dropped with a warning. (tests/check_bad_inputs.sh goes further.)
 # Usage: test_train_cli.sh PATH/TO/train_tiny_rex WORK_DIR
 set -uo pipefail
-exe=$(realpath "$1")
-work=$2
-rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+. "$(dirname "$0")/cli_common.sh" "$@"
 
 for i in $(seq 1 300); do
   echo "the quick brown fox $((i % 7)) jumps over the lazy dog $((i % 5)); and then it rests."

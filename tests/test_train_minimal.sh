@@ -3,9 +3,7 @@
 # model must bring the validation loss well below its starting value, which is about ln(vocab).
 # Usage: test_train_minimal.sh PATH/TO/train_rex_minimal WORK_DIR
 set -uo pipefail
-exe=$(realpath "$1")
-work=$2
-rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
+. "$(dirname "$0")/cli_common.sh" "$@"
 for i in $(seq 1 300); do
   echo "the quick brown fox $((i % 7)) jumps over the lazy dog $((i % 5)); and then it rests."
 done > corpus.txt

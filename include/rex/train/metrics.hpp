@@ -81,7 +81,7 @@ class MetricsLog {
     write({{"kind", "train"},
            {"step", step},
            {"loss", out.loss.item()},
-           {"lm_loss", out.lm_loss.item()},
+           {"lm_loss", r.lm_loss},
            {"aux_loss", aux_loss(out)},
            {"lr", lr},
            {"grad_norm", r.grad_norm},

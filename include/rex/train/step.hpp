@@ -39,6 +39,7 @@ inline optim::CosineSchedule lr_schedule(const TrainConfig& t) {
 
 struct StepResult {
   nn::LmOutput output;   // the forward pass (losses, PSR candidates, expert counts)
+  double lm_loss = 0;    // output.lm_loss on the host (DivergenceGuard reads it every step)
   double grad_norm = 0;  // global gradient norm before clipping
 };
 
@@ -52,8 +53,11 @@ inline StepResult train_step(
     const nn::TransformerLM& model, optim::AdamW& optimizer, const data::Batch& batch,
     const nn::RoutingStep& at, float lr, double grad_clip,
     const std::function<void(const nn::LmOutput&)>& inspect_gradients = nullptr) {
-  StepResult result{model.forward(batch.inputs, batch.targets, at), 0};
+  StepResult result{model.forward(batch.inputs, batch.targets, at)};
   result.output.loss.backward();
+  // Read once backward has been queued: clipping waits for the gradients right after anyway, so
+  // on CUDA this costs no wait of its own (reading it later would wait for AdamW too).
+  result.lm_loss = result.output.lm_loss.item();
   if (inspect_gradients) inspect_gradients(result.output);
   result.grad_norm = optim::clip_grad_norm(optimizer.parameters(), grad_clip);
   optimizer.step(lr);
