@@ -100,9 +100,9 @@ int run(int argc, char** argv) {
       REX_CHECK(std::cin >> n && n >= 0, "train_step_server: steps expects a count");
       const auto start = std::chrono::steady_clock::now();
       for (int64_t i = 0; i < n; ++i, ++step)
-        last_loss =
+        last_loss = static_cast<float>(
             rex::train::train_step(model, optimizer, sequences, {step, t.seed}, lr, t.grad_clip)
-                .output.loss.item();
+                .loss);
       finish();
       const std::chrono::duration<double, std::milli> ms = std::chrono::steady_clock::now() - start;
       std::printf("ms %.6f\n", ms.count());

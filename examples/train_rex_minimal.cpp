@@ -55,9 +55,8 @@ int main(int argc, char** argv) {
                             {step, t.seed}, lr, t.grad_clip);
       if ((step + 1) % t.log_interval == 0 || step + 1 == t.steps)
         std::printf("step %lld: loss %.4f (aux %.4f), lr %.2e, grad norm %.3f, N_t %lld\n",
-                    static_cast<long long>(step + 1), result.output.loss.item(),
-                    train::aux_loss(result.output), lr, result.grad_norm,
-                    static_cast<long long>(result.output.candidates));
+                    static_cast<long long>(step + 1), result.loss, result.aux_loss, lr,
+                    result.grad_norm, static_cast<long long>(result.candidates));
     }
 
     // One evaluation on the validation split, with the PSR mask of the last step trained.

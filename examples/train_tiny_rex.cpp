@@ -5,6 +5,10 @@
 // earlier ones are kept as checkpoint-<step>.safetensors), metrics.jsonl, routing.json. Checkpoints
 // are written atomically after a loss check (a diverging run stops with an error); Ctrl-C or
 // SIGTERM finishes the step, saves and exits. Formats, keys: docs/formats.md; docs/method.md.
+//
+// Under mpirun (or srun) it trains data parallel (docs/distributed.md): every rank takes its share
+// of each step's batch, gradients are summed across the ranks, and the run is the one-process run
+// up to rounding. Rank 0 writes the run folder and prints; the others print only errors.
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -16,13 +20,16 @@
 #include <vector>
 
 #include <rex/backend/cuda/runtime.hpp>
+#include <rex/dist/gradient_sync.hpp>
 #include <rex/rex.hpp>
+#include <rex/train/ranks.hpp>
 #include <rex/train/train.hpp>
 
 namespace {
 
 namespace train = rex::train;
 using nlohmann::json;
+using rex::dist::Communicator;
 
 const char* kUsage = R"(usage:
   train_tiny_rex --data FILE --out DIR [options]          train (or continue with --resume)
@@ -52,6 +59,9 @@ options:
   --prompt TEXT         text the sample continues (default: a newline)
   --temperature T       sampling temperature, 0 = greedy (default 0.8)
   --help                this text
+
+data parallel: mpirun -np N train_tiny_rex ... (train.batch_size a multiple of N x train.grad_accum;
+  each rank runs OMP_NUM_THREADS threads; docs/distributed.md)
 )";
 
 struct Options {
@@ -176,24 +186,40 @@ int train_run(const Options& o) {
   const train::CheckpointInfo corpus_info = train::corpus_info(corpus);
   if (saved) train::warn_if_other_corpus(corpus, saved->info);
   const train::TrainConfig& t = config.train;
+  Communicator& world = Communicator::world();
+  train::check_ranks_agree(world, config, corpus_info, saved ? saved->step : 0);
   const rex::data::BatchSampler train_batches = train::train_sampler(corpus, config);
   const rex::data::BatchSampler val_batches = train::validation_sampler(corpus, config);
-  train::RunSaver saver = train::prepare_run_folder(
-      out, config, t.keep_checkpoints,
-      saved && out == o.resume_dir ? std::optional(saved->step) : std::nullopt, o.overwrite);
+  std::optional<train::RunSaver> saver;  // rank 0 writes the run folder
+  if (world.is_root())
+    saver = train::prepare_run_folder(
+        out, config, t.keep_checkpoints,
+        saved && out == o.resume_dir ? std::optional(saved->step) : std::nullopt, o.overwrite);
 
   const rex::Device device = chosen_device(o);
   rex::set_matmul_precision(device, t.matmul_precision);
   train::TrainingState run = train::start_training(config, device, saved ? &*saved : nullptr);
   int64_t& step = run.step;  // completed optimizer steps
   const rex::optim::CosineSchedule schedule = train::lr_schedule(t);
-  train::MetricsLog metrics(out + "/metrics.jsonl", saved ? std::optional(step) : std::nullopt);
+  std::optional<train::MetricsLog> metrics;
+  if (world.is_root())
+    metrics.emplace(out + "/metrics.jsonl", saved ? std::optional(step) : std::nullopt);
+  std::optional<rex::dist::GradientSync> sync;
+  if (world.size() > 1) {
+    std::vector<rex::Tensor> params;
+    for (const rex::optim::Parameter& p : run.optimizer.parameters()) params.push_back(p.tensor);
+    sync.emplace(world, std::move(params));
+  }
+  const train::BatchSplit split{sync ? &*sync : nullptr, t.grad_accum};
 
   const int64_t tokens_per_step = t.batch_size * config.model.context;
   const bool is_moe = config.model.ffn == "moe";
   const int64_t pool = config.model.moe.reuse * config.model.moe.experts_per_layer;  // rN
-  std::printf("rex train_tiny_rex: %s, %d threads\n%s\n", train::model_summary(*run.model).c_str(),
-              Eigen::nbThreads(), train::corpus_summary(corpus).c_str());
+  std::printf("rex train_tiny_rex: %s, %d threads", train::model_summary(*run.model).c_str(),
+              Eigen::nbThreads());
+  if (world.size() > 1) std::printf(" per rank x %d ranks", world.size());
+  if (t.grad_accum > 1) std::printf(", %lld micro-batches per step", ll(t.grad_accum));
+  std::printf("\n%s\n", train::corpus_summary(corpus).c_str());
   std::printf("%s step %lld of %lld, %lld tokens per step, writing to %s\n",
               saved ? "resuming at" : "starting at", ll(step), ll(t.steps), ll(tokens_per_step),
               out.c_str());
@@ -204,44 +230,48 @@ int train_run(const Options& o) {
   train::DivergenceGuard guard(t, config.model.vocab_size);
   while (step < t.steps) {
     const float lr = schedule.lr(step);
-    const rex::data::Batch batch = train_batches.sample(static_cast<uint64_t>(step)).to(device);
-    const train::StepResult result =
-        train::train_step(*run.model, run.optimizer, batch, {step, t.seed}, lr, t.grad_clip);
-    const rex::nn::LmOutput& r = result.output;
+    const train::StepResult result = train::train_step(
+        *run.model, run.optimizer, train_batches.sample(static_cast<uint64_t>(step)),
+        {step, t.seed}, lr, t.grad_clip, split);
     ++step;
     progress.count_step();
     guard.record(result.lm_loss);
     const bool last = step == t.steps;
     if (step % t.log_interval == 0 || last) {
       const train::Progress::Lap lap = progress.lap(t.steps - step);
-      metrics.log_train(step, result, lr, lap.tokens_per_s, lap.elapsed_s);
-      const std::string n_t = " | N_t " + std::to_string(r.candidates) + "/" + std::to_string(pool);
+      if (metrics) metrics->log_train(step, result, lr, lap.tokens_per_s, lap.elapsed_s);
+      const std::string n_t =
+          " | N_t " + std::to_string(result.candidates) + "/" + std::to_string(pool);
       std::printf(
           "step %6lld/%lld | loss %.4f (lm %.4f, aux %.4f) | lr %.2e | %6.0f tok/s%s | ETA %s\n",
-          ll(step), ll(t.steps), r.loss.item(), result.lm_loss, train::aux_loss(r), lr,
-          lap.tokens_per_s, is_moe ? n_t.c_str() : "", train::format_duration(lap.eta_s).c_str());
+          ll(step), ll(t.steps), result.loss, result.lm_loss, result.aux_loss, lr, lap.tokens_per_s,
+          is_moe ? n_t.c_str() : "", train::format_duration(lap.eta_s).c_str());
       std::fflush(stdout);
     }
     if (step % t.eval_interval == 0 || last) {
-      const train::Evaluation eval = train::evaluate(*run.model, val_batches, t.eval_batches,
-                                                     train::after_steps(step, t.seed), device);
-      metrics.log_eval(step, eval.val_loss);
+      const train::Evaluation eval =
+          train::evaluate(*run.model, val_batches, t.eval_batches, train::after_steps(step, t.seed),
+                          device, &world);
       std::printf("eval  step %6lld | val_loss %.4f\n", ll(step), eval.val_loss);
-      if (is_moe)
+      if (metrics) metrics->log_eval(step, eval.val_loss);
+      if (is_moe && world.is_root())
         rex::io::write_file_atomic(
             out + "/routing.json",
-            train::routing_json(config.model, eval, step, r.candidates).dump(1) + "\n");
+            train::routing_json(config.model, eval, step, result.candidates).dump(1) + "\n");
     }
+    // Every rank stops at the same step: a signal may reach the ranks at different times.
+    const bool interrupted = world.any(train::interrupted());
     const bool stop =
-        train::interrupted() || (!last && o.stop_after >= 0 && step - first_step >= o.stop_after);
+        interrupted || (!last && o.stop_after >= 0 && step - first_step >= o.stop_after);
     if (step % t.checkpoint_interval == 0 || last || stop) {
-      guard.check(step, saver.newest());
-      saver.save(*run.model, run.optimizer, config, corpus.tokenizer, step, corpus_info);
+      guard.check(step, saver ? saver->newest() : std::nullopt);
+      if (saver)
+        saver->save(*run.model, run.optimizer, config, corpus.tokenizer, step, corpus_info);
     }
     if (stop) {
       std::printf("%s: checkpoint saved at step %lld; continue with --resume %s\n",
-                  train::interrupted() ? "interrupted" : "stopped", ll(step), out.c_str());
-      return train::interrupted() ? train::interrupted_exit_status() : 0;
+                  interrupted ? "interrupted" : "stopped", ll(step), out.c_str());
+      return interrupted ? train::interrupted_exit_status() : 0;
     }
   }
   if (saved && saved->step >= t.steps)
@@ -250,7 +280,7 @@ int train_run(const Options& o) {
   std::printf("done: %lld steps in %s; model, checkpoint, metrics.jsonl%s in %s\n", ll(step),
               train::format_duration(progress.elapsed_s()).c_str(), is_moe ? ", routing.json" : "",
               out.c_str());
-  if (o.sample > 0)
+  if (o.sample > 0 && world.is_root())
     std::printf("--- sample (%lld characters, temperature %.2f) ---\n%s\n", ll(o.sample),
                 o.temperature, sample_text(*run.model, corpus.tokenizer, o, t.seed, step).c_str());
   return 0;
@@ -275,9 +305,9 @@ int checkpoint_mode(const Options& o) {
   }
   const train::Corpus corpus = train::load_corpus(required(o.data_path, "--data FILE"),
                                                   loaded.folder.tokenizer, c.train.train_fraction);
-  const train::Evaluation eval =
-      train::evaluate(*loaded.model, train::validation_sampler(corpus, c), c.train.eval_batches,
-                      train::after_steps(loaded.folder.step, c.train.seed), device);
+  const train::Evaluation eval = train::evaluate(
+      *loaded.model, train::validation_sampler(corpus, c), c.train.eval_batches,
+      train::after_steps(loaded.folder.step, c.train.seed), device, &Communicator::world());
   const json line = {{"val_loss", eval.val_loss},
                      {"step", loaded.folder.step},
                      {"batches", c.train.eval_batches},
@@ -290,10 +320,24 @@ int checkpoint_mode(const Options& o) {
 
 int main(int argc, char** argv) {
   try {
-    const Options o = parse_args(argc, argv);
-    return o.eval_only || !o.checkpoint_dir.empty() ? checkpoint_mode(o) : train_run(o);
-  } catch (const std::exception& e) {
-    std::fflush(stdout);
+    Communicator& world = Communicator::world();
+    // Ranks other than 0 print nothing on stdout (rank 0 speaks for the run); errors still show.
+    if (!world.is_root() && !std::freopen("/dev/null", "w", stdout))
+      throw rex::Error("cannot silence stdout on rank " + std::to_string(world.rank()));
+    try {
+      const Options o = parse_args(argc, argv);
+      return o.eval_only || !o.checkpoint_dir.empty() ? checkpoint_mode(o) : train_run(o);
+    } catch (const rex::dist::CollectiveError& e) {  // the same on every rank: rank 0 says it
+      std::fflush(stdout);
+      if (world.is_root()) std::fprintf(stderr, "train_tiny_rex: error: %s\n", e.what());
+      return 1;
+    } catch (
+        const std::exception& e) {  // this rank's: it ends every rank (no rank is left waiting)
+      std::fflush(stdout);
+      std::fprintf(stderr, "train_tiny_rex: error%s: %s\n", world.where().c_str(), e.what());
+      world.fail(1);
+    }
+  } catch (const std::exception& e) {  // MPI could not start
     std::fprintf(stderr, "train_tiny_rex: error: %s\n", e.what());
     return 1;
   }

@@ -1,8 +1,10 @@
-// Device discovery for rex::cuda: how many GPUs the driver reports and what they are.
+// Device discovery for rex::cuda: how many GPUs the driver reports and what they are; and rex's
+// stream, for libraries that queue work behind rex's kernels (NCCL, rex/dist/).
 #include <cuda_runtime.h>
 
 #include <cstdio>
 
+#include "common.cuh"
 #include "rex/backend/cuda/runtime.hpp"
 #include "rex/core/error.hpp"
 
@@ -28,5 +30,7 @@ std::string device_description(int index) {
                 static_cast<double>(prop.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
   return rex::detail::concat(prop.name, " (sm_", prop.major, prop.minor, ", ", memory, ")");
 }
+
+void* stream_handle() { return detail::stream(); }
 
 }  // namespace rex::cuda

@@ -1,13 +1,13 @@
 #!/bin/sh
 # Keeps the layers pointing down: a header under include/rex/<layer>/ may include rex headers of its
 # own layer and of the layers before it in
-#   core -> backend -> autograd -> ops -> nn -> optim -> io -> data -> train
+#   core -> backend -> autograd -> ops -> nn -> optim -> dist -> io -> data -> train
 # (rex/rex.hpp, the umbrella, may include all). Within backend, cpu/ and cuda/ are siblings and do
 # not include each other. kernels/ implements the CUDA backend and may include core and backend
 # only. examples/ and bench/ use the public API: no rex::detail. Usage: check_layering.sh REPO_ROOT
 set -eu
 root=$1
-order="core backend autograd ops nn optim io data train"
+order="core backend autograd ops nn optim dist io data train"
 rank() {
   i=0
   for layer in $order; do

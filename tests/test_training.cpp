@@ -300,8 +300,8 @@ TEST_CASE("train_step shows the gradients before the update and leaves them clea
   const data::Batch batch{from_vector(ids, {2, 12}), from_vector(ids, {2, 12})};
   const Tensor before = model.named_parameters().front().second.clone();
   int64_t with_gradient = 0;  // experts that PSR masks out at step 0 get none
-  const train::StepResult result =
-      train::train_step(model, optimizer, batch, {0, 1}, 1e-2f, 0.5, [&](const nn::LmOutput& out) {
+  const train::StepResult result = train::train_step(
+      model, optimizer, batch, {0, 1}, 1e-2f, 0.5, {}, [&](const nn::LmOutput& out) {
         CHECK(out.loss.defined());
         for (const auto& [name, p] : model.named_parameters()) with_gradient += p.grad().defined();
       });

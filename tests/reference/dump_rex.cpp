@@ -84,7 +84,7 @@ int run(int argc, char** argv) {
   rex::io::TensorMap expected;
   const rex::data::Batch tokens{inputs.at("ids"), inputs.at("targets")};
   const rex::train::StepResult result = rex::train::train_step(
-      model, optimizer, tokens, {step, seed}, static_cast<float>(t.lr), t.grad_clip,
+      model, optimizer, tokens, {step, seed}, static_cast<float>(t.lr), t.grad_clip, {},
       [&](const rex::nn::LmOutput& forward) {
         expected = {
             {"logits", forward.logits},

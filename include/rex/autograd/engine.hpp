@@ -6,9 +6,15 @@
 // no other gradient may share its storage: the first one is copied, and so is the root gradient.
 // Each node's backward function (and what it saved) is dropped as soon as it has run, unless
 // retain_graph is set; running through it again is an error.
+//
+// A caller may ask to hear of each leaf as soon as its gradient is final (LeafReady): after the
+// last node in the order that takes the leaf as an input has run (or was skipped, no gradient
+// having reached it), nothing can add to that leaf any more. Data-parallel training starts
+// reducing a bucket of gradients there while backward goes on with earlier layers.
 #pragma once
 
 #include <algorithm>
+#include <functional>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -56,7 +62,62 @@ inline std::vector<Node*> topological_order(Node* root) {
   return post_order;
 }
 
-inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retain_graph) {
+// Runs one node's backward on the gradient pending for it (none reached it: nothing to do) and
+// passes the results on: to the nodes that produced its inputs, or into the leaves' .grad().
+inline void backward_through(Node* node, std::unordered_map<Node*, Tensor>& pending,
+                             bool retain_graph) {
+  auto it = pending.find(node);
+  if (it == pending.end()) return;
+  Tensor grad = std::move(it->second);
+  pending.erase(it);
+
+  REX_CHECK(node->backward != nullptr, "backward: the graph through '", node->op,
+            "' was released by an earlier backward(); pass retain_graph=true to that call to "
+            "backpropagate through it twice");
+  std::vector<bool> needs(node->inputs.size());
+  for (size_t i = 0; i < needs.size(); ++i) needs[i] = node->inputs[i] != nullptr;
+  GradList grads = node->backward(grad, needs);
+  if (!retain_graph) node->backward = nullptr;
+
+  REX_CHECK(grads.size() == node->inputs.size(), "backward of '", node->op, "' returned ",
+            grads.size(), " gradients for ", node->inputs.size(), " inputs");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (!node->inputs[i] || !grads[i].defined()) continue;
+    REX_CHECK(grads[i].shape() == node->input_shapes[i], "backward of '", node->op,
+              "' returned a gradient of shape ", grads[i].shape(), " for input ", i, " of shape ",
+              node->input_shapes[i]);
+    AutogradMeta& input = *node->inputs[i];
+    if (input.grad_fn) {
+      Tensor& slot = pending[input.grad_fn.get()];
+      slot = slot.defined() ? sum_of_grads(slot, grads[i]) : grads[i];
+    } else {
+      accumulate_leaf_grad(input, grads[i]);
+    }
+  }
+}
+
+// Told of every leaf reached by a backward pass once its gradient is final, in the order they
+// become final (a leaf that no gradient reached is told too: its .grad() is then as before).
+using LeafReady = std::function<void(AutogradMeta& leaf)>;
+
+// For each position of `order`, the leaves whose last use is the node at that position.
+inline std::vector<std::vector<AutogradMeta*>> leaves_final_after(const std::vector<Node*>& order) {
+  std::unordered_map<AutogradMeta*, size_t> last_use;
+  for (size_t p = 0; p < order.size(); ++p)
+    for (const auto& input : order[p]->inputs)
+      if (input && !input->grad_fn) last_use[input.get()] = p;
+  std::vector<std::vector<AutogradMeta*>> final_after(order.size());
+  for (size_t p = 0; p < order.size(); ++p)  // in the node's input order, each leaf once
+    for (const auto& input : order[p]->inputs)
+      if (input && !input->grad_fn && last_use.at(input.get()) == p) {
+        last_use[input.get()] = order.size();  // told once
+        final_after[p].push_back(input.get());
+      }
+  return final_after;
+}
+
+inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retain_graph,
+                         const LeafReady& on_leaf_ready = nullptr) {
   REX_CHECK(root.requires_grad(),
             "backward: this tensor does not require a gradient (no input of its graph was marked "
             "with requires_grad_, or it was computed under NoGradGuard)");
@@ -72,39 +133,18 @@ inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retai
   Tensor first_grad = root_grad.clone();
   if (!root_meta.grad_fn) {
     accumulate_leaf_grad(root_meta, first_grad);
+    if (on_leaf_ready) on_leaf_ready(root_meta);
     return;
   }
 
   std::unordered_map<Node*, Tensor> pending{{root_meta.grad_fn.get(), std::move(first_grad)}};
-  for (Node* node : topological_order(root_meta.grad_fn.get())) {
-    auto it = pending.find(node);
-    if (it == pending.end()) continue;  // no gradient flowed into this node
-    Tensor grad = std::move(it->second);
-    pending.erase(it);
-
-    REX_CHECK(node->backward != nullptr, "backward: the graph through '", node->op,
-              "' was released by an earlier backward(); pass retain_graph=true to that call to "
-              "backpropagate through it twice");
-    std::vector<bool> needs(node->inputs.size());
-    for (size_t i = 0; i < needs.size(); ++i) needs[i] = node->inputs[i] != nullptr;
-    GradList grads = node->backward(grad, needs);
-    if (!retain_graph) node->backward = nullptr;
-
-    REX_CHECK(grads.size() == node->inputs.size(), "backward of '", node->op, "' returned ",
-              grads.size(), " gradients for ", node->inputs.size(), " inputs");
-    for (size_t i = 0; i < grads.size(); ++i) {
-      if (!node->inputs[i] || !grads[i].defined()) continue;
-      REX_CHECK(grads[i].shape() == node->input_shapes[i], "backward of '", node->op,
-                "' returned a gradient of shape ", grads[i].shape(), " for input ", i, " of shape ",
-                node->input_shapes[i]);
-      AutogradMeta& input = *node->inputs[i];
-      if (input.grad_fn) {
-        Tensor& slot = pending[input.grad_fn.get()];
-        slot = slot.defined() ? sum_of_grads(slot, grads[i]) : grads[i];
-      } else {
-        accumulate_leaf_grad(input, grads[i]);
-      }
-    }
+  const std::vector<Node*> order = topological_order(root_meta.grad_fn.get());
+  const auto final_after =
+      on_leaf_ready ? leaves_final_after(order) : std::vector<std::vector<AutogradMeta*>>{};
+  for (size_t position = 0; position < order.size(); ++position) {
+    backward_through(order[position], pending, retain_graph);
+    if (on_leaf_ready)
+      for (AutogradMeta* leaf : final_after[position]) on_leaf_ready(*leaf);
   }
 }
 

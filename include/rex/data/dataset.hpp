@@ -7,6 +7,7 @@
 // The tokens are held through a shared_ptr, so copies of a sampler share one token vector.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -52,6 +53,20 @@ struct Batch {
   Tensor inputs, targets;
 
   Batch to(Device device) const { return {inputs.to(device), targets.to(device)}; }
+
+  // Rows [begin, begin + count) of both, on the CPU (a rank's or a micro-batch's share).
+  Batch rows(int64_t begin, int64_t count) const {
+    REX_CHECK(begin >= 0 && count >= 1 && begin + count <= inputs.dim(0), "Batch::rows: rows [",
+              begin, ", ", begin + count, ") of a batch of ", inputs.dim(0));
+    const int64_t context = inputs.dim(1);
+    auto cut = [&](const Tensor& all) {
+      const Tensor host = all.to(Device::cpu());
+      Tensor part = Tensor::empty(Shape{count, context}, DType::i32);
+      std::copy_n(host.data<int32_t>() + begin * context, count * context, part.data<int32_t>());
+      return part;
+    };
+    return {cut(inputs), cut(targets)};
+  }
 };
 
 class BatchSampler {

@@ -20,7 +20,8 @@
 // row dot products, weight gradients X^T dY per segment.
 //
 // Losses over the pool of size P, with f_i the share of the T*k routed slots sent to expert i and
-// p_i the mean router probability of expert i over the T tokens:
+// p_i the mean router probability of expert i over the T tokens (f from the whole step's batch
+// when this pass sees part of it: WholeBatchCounts below):
 //   load balance  alpha * P * sum_i f_i p_i     (1 * alpha when routing is uniform)
 //   z-loss        beta * mean_t (logsumexp_i (W_l h_t)_i)^2
 #pragma once
@@ -67,10 +68,23 @@ class ExpertTable : public Module {
   std::vector<Tensor> gate_, up_, down_;
 };
 
-// Where the PSR mask comes from: the 0-based step and the run's seed.
+// When a forward pass sees only part of a step's batch (one rank's share in data-parallel
+// training, one micro-batch under gradient accumulation), the load-balancing loss must still use
+// the routed shares f of the whole batch: f is a constant of the loss, and with the part's own f
+// the gradient would differ from that of one pass over the whole batch. WholeBatchCounts turns
+// the part's routed-slot counts of one layer into the whole batch's (rex/train/step.hpp).
+class WholeBatchCounts {
+ public:
+  virtual ~WholeBatchCounts() = default;
+  virtual std::vector<int64_t> of_layer(int64_t layer, const std::vector<int64_t>& part) = 0;
+};
+
+// Where the PSR mask comes from: the 0-based step and the run's seed; and, when this pass sees
+// part of the step's batch, where the whole batch's routing counts come from.
 struct RoutingStep {
   int64_t step = 0;
   uint64_t seed = 0;
+  WholeBatchCounts* whole_batch = nullptr;  // null: this pass sees the whole batch
 };
 
 // The routing plan of one step: the T*k slots (slot s = t k + j is token t's j-th choice)
@@ -174,7 +188,9 @@ class MoeLayer : public Module {
 
     out.y = dispatch_experts(x, top.indices, gates, *table_, &out.expert_counts);
     for (const auto& expert : shared) out.y = out.y + expert->forward(x);
-    out.aux_loss = auxiliary_loss(logits, probs, out.expert_counts, x.dim(0));
+    out.aux_loss = auxiliary_loss(
+        logits, probs,
+        at.whole_batch ? at.whole_batch->of_layer(layer_, out.expert_counts) : out.expert_counts);
     return out;
   }
 
@@ -184,12 +200,15 @@ class MoeLayer : public Module {
   std::vector<std::shared_ptr<SwiGLU>> shared;
 
  private:
+  // counts: the routed slots per expert of the whole batch, T k in all.
   Tensor auxiliary_loss(const Tensor& logits, const Tensor& probs,
-                        const std::vector<int64_t>& counts, int64_t tokens) const {
+                        const std::vector<int64_t>& counts) const {
     const int64_t pool = table_->size();
+    int64_t slots = 0;
+    for (int64_t c : counts) slots += c;
     std::vector<float> routed_share(static_cast<size_t>(pool));
     for (int64_t e = 0; e < pool; ++e)
-      routed_share[e] = static_cast<float>(counts[e]) / static_cast<float>(tokens * config_.top_k);
+      routed_share[e] = static_cast<float>(counts[e]) / static_cast<float>(slots);
     Tensor loss = sum(from_vector(routed_share).to(probs.device()) * mean(probs, 0)) *
                   static_cast<float>(config_.aux_loss_coef * static_cast<double>(pool));
     if (config_.z_loss_coef > 0) {

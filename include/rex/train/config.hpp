@@ -36,6 +36,7 @@ namespace rex::train {
 struct TrainConfig {
   int64_t steps = 3500;
   int64_t batch_size = 12;
+  int64_t grad_accum = 1;
   double lr = 3e-3;
   double min_lr_ratio = 0.1;
   int64_t warmup = 100;
@@ -69,6 +70,8 @@ void for_each_field(Run& c, F&& f) {
   auto& t = c.train;
   f("train", "steps", t.steps, "optimizer steps in the whole run");
   f("train", "batch_size", t.batch_size, "sequences per step");
+  f("train", "grad_accum", t.grad_accum,
+    "micro-batches each rank splits its share of a step into (same result, less memory)");
   f("train", "lr", t.lr, "peak learning rate");
   f("train", "min_lr_ratio", t.min_lr_ratio, "cosine decay ends at lr * min_lr_ratio");
   f("train", "warmup", t.warmup, "linear warmup steps");
@@ -106,6 +109,9 @@ inline void validate(const RunConfig& c) {
   };
   positive("train.steps", t.steps);
   positive("train.batch_size", t.batch_size);
+  positive("train.grad_accum", t.grad_accum);
+  REX_CHECK(t.batch_size % t.grad_accum == 0, "config: train.batch_size (", t.batch_size,
+            ") must be a multiple of train.grad_accum (", t.grad_accum, ")");
   positive("train.lr", t.lr);
   REX_CHECK(t.min_lr_ratio >= 0 && t.min_lr_ratio <= 1,
             "config: train.min_lr_ratio must be in [0, 1]");
@@ -130,7 +136,7 @@ inline void validate(const RunConfig& c) {
   REX_CHECK(t.matmul_precision == "fp32" || t.matmul_precision == "tf32",
             "config: train.matmul_precision must be \"fp32\" or \"tf32\", got \"",
             t.matmul_precision, "\"");
-  check_fits_in_memory(c.model, t.batch_size);
+  check_fits_in_memory(c.model, t.batch_size / t.grad_accum);  // one micro-batch's activations
 }
 
 // The AdamW hyperparameters of the recipe.
@@ -265,6 +271,7 @@ inline RunConfig read_run_config(const std::string& path,
 
 // The keys a resumed run may change; everything else must match the checkpoint.
 inline const std::set<std::string> kResumableKeys = {"train.steps",
+                                                     "train.grad_accum",
                                                      "train.log_interval",
                                                      "train.eval_interval",
                                                      "train.eval_batches",
@@ -289,8 +296,9 @@ inline RunConfig resumed_config(const RunConfig& saved, const std::vector<std::s
       if (value != before[section][key] && !kResumableKeys.count(section + "." + key))
         throw NotResumable("--resume: " + section + "." + key +
                            " cannot change in a resumed run (only train.steps, "
-                           "train.eval_batches, train.matmul_precision, train.keep_checkpoints, "
-                           "train.divergence_factor and the intervals can)");
+                           "train.grad_accum, train.eval_batches, train.matmul_precision, "
+                           "train.keep_checkpoints, train.divergence_factor and the intervals "
+                           "can)");
   validate(config);
   return config;
 }

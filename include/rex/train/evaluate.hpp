@@ -10,8 +10,10 @@
 #include <nlohmann/json.hpp>
 
 #include "rex/data/dataset.hpp"
+#include "rex/dist/communicator.hpp"
 #include "rex/nn/routing_report.hpp"
 #include "rex/nn/transformer.hpp"
+#include "rex/train/step.hpp"
 
 namespace rex::train {
 
@@ -24,16 +26,26 @@ struct Evaluation {
   nn::ExpertCounts expert_counts;  // summed over the batches
 };
 
-// Mean cross-entropy over validation batches 0 .. batches-1 of `sampler`.
+// Mean cross-entropy over validation batches 0 .. batches-1 of `sampler`. With several ranks
+// (comm), rank r evaluates the batches i with i mod ranks = r and the sums are reduced, so every
+// rank gets the whole evaluation.
 inline Evaluation evaluate(const nn::TransformerLM& model, const data::BatchSampler& sampler,
-                           int64_t batches, const nn::RoutingStep& at, Device device) {
+                           int64_t batches, const nn::RoutingStep& at, Device device,
+                           dist::Communicator* comm = nullptr) {
   NoGradGuard no_grad;
   Evaluation out;
-  for (int64_t i = 0; i < batches; ++i) {
+  const int64_t ranks = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
+  REX_CHECK(batches >= ranks, "evaluate: ", batches, " validation batches for ", ranks,
+            " ranks; train.eval_batches must be at least the number of ranks");
+  for (int64_t i = rank; i < batches; i += ranks) {
     const data::Batch batch = sampler.sample(static_cast<uint64_t>(i)).to(device);
     const nn::LmOutput result = model.forward(batch.inputs, batch.targets, at);
     out.val_loss += result.lm_loss.item() / static_cast<double>(batches);
     nn::add_expert_counts(out.expert_counts, result);
+  }
+  if (ranks > 1) {
+    comm->all_reduce_sum(&out.val_loss, 1);
+    all_reduce_counts(*comm, out.expert_counts);
   }
   REX_CHECK(std::isfinite(out.val_loss), "evaluation: the validation loss over ", batches,
             " batches is ", out.val_loss,

@@ -77,16 +77,15 @@ class MetricsLog {
   // the throughput since the last record and the seconds since the run (re)started.
   void log_train(int64_t step, const StepResult& r, float lr, double tokens_per_s,
                  double elapsed_s) {
-    const nn::LmOutput& out = r.output;
     write({{"kind", "train"},
            {"step", step},
-           {"loss", out.loss.item()},
+           {"loss", r.loss},
            {"lm_loss", r.lm_loss},
-           {"aux_loss", aux_loss(out)},
+           {"aux_loss", r.aux_loss},
            {"lr", lr},
            {"grad_norm", r.grad_norm},
            {"tokens_per_s", tokens_per_s},
-           {"candidates", out.candidates},
+           {"candidates", r.candidates},
            {"elapsed_s", elapsed_s}});
   }
 

@@ -3,6 +3,12 @@
 // one that must see the gradients before the update (the PyTorch twin's dump) passes
 // inspect_gradients, which runs between backward and clipping.
 //
+// The step's batch may be split across data-parallel ranks (rex/dist/) and into micro-batches
+// (train.grad_accum); the step is then the one-process step on the whole batch up to rounding:
+// the gradients are those of the whole batch's mean loss, the load-balancing loss uses the whole
+// batch's routed shares, and clipping and AdamW see the same gradients on every rank (the
+// argument: docs/distributed.md).
+//
 // The optimiser and the learning-rate schedule of a run come from its TrainConfig: AdamW with
 // decay on matrices only (optim::decay_matrices) and a warmup + cosine schedule.
 //
@@ -19,8 +25,11 @@
 #include <numeric>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "rex/data/dataset.hpp"
+#include "rex/dist/gradient_sync.hpp"
+#include "rex/nn/routing_report.hpp"
 #include "rex/nn/transformer.hpp"
 #include "rex/optim/adamw.hpp"
 #include "rex/optim/clip.hpp"
@@ -37,10 +46,26 @@ inline optim::CosineSchedule lr_schedule(const TrainConfig& t) {
   return {static_cast<float>(t.lr), t.warmup, t.steps, static_cast<float>(t.min_lr_ratio)};
 }
 
+// How a step's batch of train.batch_size sequences is split: across the ranks of `sync` (data
+// parallel; null: one process), then into grad_accum micro-batches on each rank. Shard
+// s = rank * grad_accum + m holds rows [s S, (s + 1) S) with S = batch / (ranks * grad_accum), so
+// the sequences trained on do not depend on the split.
+struct BatchSplit {
+  dist::GradientSync* sync = nullptr;
+  int64_t grad_accum = 1;
+
+  int ranks() const { return sync ? sync->communicator().size() : 1; }
+  int64_t shards() const { return ranks() * grad_accum; }
+};
+
 struct StepResult {
-  nn::LmOutput output;   // the forward pass (losses, PSR candidates, expert counts)
-  double lm_loss = 0;    // output.lm_loss on the host (DivergenceGuard reads it every step)
-  double grad_norm = 0;  // global gradient norm before clipping
+  nn::LmOutput output;  // the forward pass of the last micro-batch on this rank (the whole batch's
+                        // when nothing is split), for inspect_gradients
+  // Over the whole batch (all ranks, all micro-batches):
+  double loss = 0, lm_loss = 0, aux_loss = 0;  // aux_loss: 0 for a dense model
+  double grad_norm = 0;                        // global gradient norm before clipping
+  nn::ExpertCounts expert_counts;              // per layer: routed slots per pool expert
+  int64_t candidates = 0;                      // PSR N_t (0 for a dense model)
 };
 
 // The MoE auxiliary loss of a forward pass (0 for a dense model).
@@ -48,16 +73,147 @@ inline double aux_loss(const nn::LmOutput& out) {
   return out.aux_loss.defined() ? out.aux_loss.item() : 0.0;
 }
 
-// batch: on the model's device. grad_clip <= 0 measures the norm without clipping.
+// The per-layer counts flattened, summed across the ranks, and put back.
+inline void all_reduce_counts(dist::Communicator& comm, nn::ExpertCounts& counts) {
+  std::vector<int64_t> flat;
+  for (const auto& layer : counts) flat.insert(flat.end(), layer.begin(), layer.end());
+  comm.all_reduce_sum(flat);
+  size_t i = 0;
+  for (auto& layer : counts)
+    for (int64_t& c : layer) c = flat[i++];
+}
+
+}  // namespace rex::train
+
+namespace rex::detail {
+
+// The whole batch's routing counts while one rank sees its share, in one micro-batch: summed
+// across the ranks layer by layer as the forward pass reaches each MoE layer.
+class CountsAcrossRanks : public nn::WholeBatchCounts {
+ public:
+  CountsAcrossRanks(dist::Communicator& comm, int64_t layers)
+      : comm_(comm), whole_(static_cast<size_t>(layers)) {}
+  std::vector<int64_t> of_layer(int64_t layer, const std::vector<int64_t>& part) override {
+    std::vector<int64_t>& whole = whole_.at(static_cast<size_t>(layer));
+    whole = part;
+    comm_.all_reduce_sum(whole);
+    return whole;
+  }
+  const nn::ExpertCounts& whole() const { return whole_; }
+
+ private:
+  dist::Communicator& comm_;
+  nn::ExpertCounts whole_;
+};
+
+// The whole batch's routing counts under gradient accumulation, measured before training on it:
+// a forward pass without gradients over every micro-batch (the routing of the training passes
+// is then the same, which of_layer checks), summed across the ranks in one call.
+class CountsMeasuredFirst : public nn::WholeBatchCounts {
+ public:
+  CountsMeasuredFirst(const nn::TransformerLM& model, const std::vector<data::Batch>& micro,
+                      const nn::RoutingStep& at, dist::Communicator* comm) {
+    NoGradGuard no_grad;
+    for (const data::Batch& b : micro) {
+      const nn::LmOutput out = model.forward(b.inputs, b.targets, at);
+      nn::add_expert_counts(whole_, out);
+      per_micro_.push_back(out.expert_counts);
+    }
+    if (comm) train::all_reduce_counts(*comm, whole_);
+  }
+  void next_micro_batch(size_t m) { micro_ = m; }
+  const nn::ExpertCounts& whole() const { return whole_; }
+
+  std::vector<int64_t> of_layer(int64_t layer, const std::vector<int64_t>& part) override {
+    const auto l = static_cast<size_t>(layer);
+    REX_CHECK(part == per_micro_.at(micro_).at(l), "train_step: layer ", layer,
+              " routed micro-batch ", micro_,
+              " differently with gradients than without (the counting pass); please report this");
+    return whole_.at(l);
+  }
+
+ private:
+  std::vector<nn::ExpertCounts> per_micro_;
+  nn::ExpertCounts whole_;
+  size_t micro_ = 0;
+};
+
+}  // namespace rex::detail
+
+namespace rex::train {
+
+// One optimizer step on `batch` (the whole batch of the step, anywhere; each rank passes the same
+// one) split as `split` says: each shard's loss is backpropagated with gradient 1 / shards (exact
+// for a power of two), the gradients are summed across the ranks, so every rank holds the
+// gradient of the whole batch's mean loss; then clipping on its global norm and AdamW, the same
+// on every rank. The load-balancing loss uses the whole batch's routed shares (WholeBatchCounts).
+// grad_clip <= 0 measures the norm without clipping.
 inline StepResult train_step(
     const nn::TransformerLM& model, optim::AdamW& optimizer, const data::Batch& batch,
-    const nn::RoutingStep& at, float lr, double grad_clip,
+    const nn::RoutingStep& at, float lr, double grad_clip, const BatchSplit& split = {},
     const std::function<void(const nn::LmOutput&)>& inspect_gradients = nullptr) {
-  StepResult result{model.forward(batch.inputs, batch.targets, at)};
-  result.output.loss.backward();
-  // Read once backward has been queued: clipping waits for the gradients right after anyway, so
-  // on CUDA this costs no wait of its own (reading it later would wait for AdamW too).
-  result.lm_loss = result.output.lm_loss.item();
+  const int64_t shards = split.shards();
+  const Device device = optimizer.parameters().front().tensor.device();
+  dist::Communicator* comm = split.sync ? &split.sync->communicator() : nullptr;
+  StepResult result;
+  std::vector<data::Batch> micro;  // this rank's micro-batches, on the model's device
+  if (shards == 1) {
+    micro.push_back(batch.to(device));
+  } else {
+    const int64_t rows = batch.inputs.dim(0);
+    REX_CHECK(rows % shards == 0, "train_step: a batch of ", rows,
+              " sequences cannot be split into ", split.ranks(), " ranks x ", split.grad_accum,
+              " micro-batches (train.batch_size must be a multiple of ranks x train.grad_accum)");
+    const int64_t rank = comm ? comm->rank() : 0, size = rows / shards;
+    for (int64_t m = 0; m < split.grad_accum; ++m)
+      micro.push_back(batch.rows((rank * split.grad_accum + m) * size, size).to(device));
+  }
+  const bool is_moe = model.config().ffn == "moe";
+  const bool share_counts = is_moe && shards > 1 && model.config().moe.aux_loss_coef > 0;
+  std::optional<rex::detail::CountsMeasuredFirst> measured;
+  std::optional<rex::detail::CountsAcrossRanks> across;
+  nn::RoutingStep routing = at;
+  if (share_counts && split.grad_accum > 1) {
+    measured.emplace(model, micro, at, comm);
+    routing.whole_batch = &*measured;
+  } else if (share_counts) {
+    across.emplace(*comm, model.config().n_layers);
+    routing.whole_batch = &*across;
+  }
+  double loss_sum = 0, lm_sum = 0, aux_sum = 0;
+  for (size_t m = 0; m < micro.size(); ++m) {
+    if (measured) measured->next_micro_batch(m);
+    result.output = model.forward(micro[m].inputs, micro[m].targets, routing);
+    const bool last = m + 1 == micro.size();
+    if (shards == 1) {
+      result.output.loss.backward();
+    } else {
+      if (last && split.sync) split.sync->begin();
+      const Tensor seed = full(result.output.loss.shape(), 1.0f / static_cast<float>(shards),
+                               result.output.loss.device());
+      rex::detail::run_backward(result.output.loss, seed, /*retain_graph=*/false,
+                                last && split.sync ? split.sync->hook() : nullptr);
+    }
+    // Read once backward has been queued: clipping waits for the gradients right after anyway, so
+    // on CUDA this costs no wait of its own (reading it later would wait for AdamW too).
+    lm_sum += result.output.lm_loss.item();
+    loss_sum += result.output.loss.item();
+    aux_sum += aux_loss(result.output);
+    if (!routing.whole_batch) nn::add_expert_counts(result.expert_counts, result.output);
+  }
+  if (split.sync) split.sync->finish();
+  if (measured) result.expert_counts = measured->whole();
+  if (across) result.expert_counts = across->whole();
+  if (comm) {
+    std::vector<double> sums{loss_sum, lm_sum, aux_sum};
+    comm->all_reduce_sum(sums);
+    loss_sum = sums[0], lm_sum = sums[1], aux_sum = sums[2];
+    if (!routing.whole_batch) all_reduce_counts(*comm, result.expert_counts);
+  }
+  result.loss = loss_sum / static_cast<double>(shards);
+  result.lm_loss = lm_sum / static_cast<double>(shards);
+  result.aux_loss = aux_sum / static_cast<double>(shards);
+  result.candidates = result.output.candidates;
   if (inspect_gradients) inspect_gradients(result.output);
   result.grad_norm = optim::clip_grad_norm(optimizer.parameters(), grad_clip);
   optimizer.step(lr);

@@ -22,6 +22,9 @@ int device_count();
 // "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)" for device `index`; throws rex::Error if it is absent.
 std::string device_description(int index = 0);
 
+// rex's CUDA stream (a cudaStream_t), for work that must be ordered with rex's kernels (NCCL).
+void* stream_handle();
+
 }  // namespace rex::cuda
 
 namespace rex {

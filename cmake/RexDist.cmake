@@ -1,0 +1,31 @@
+# rex::dist: rex/dist/ with MPI behind it (REX_WITH_MPI), for data-parallel programs run under
+# mpirun or srun; with rex::cuda and NCCL (shipped with the CUDA toolkit) also the CUDA path
+# (REX_WITH_NCCL). Optional: without MPI the target is absent and rex/dist/ runs one process.
+find_package(MPI COMPONENTS CXX)
+if(NOT MPI_CXX_FOUND)
+  message(STATUS "rex: MPI not found, rex::dist is not built (on Debian: apt-get install "
+                 "libopenmpi-dev openmpi-bin)")
+  return()
+endif()
+add_library(rex_dist INTERFACE)
+add_library(rex::dist ALIAS rex_dist)
+set_target_properties(rex_dist PROPERTIES EXPORT_NAME dist)
+target_link_libraries(rex_dist INTERFACE rex::rex MPI::MPI_CXX)
+target_compile_definitions(rex_dist INTERFACE REX_WITH_MPI=1)
+set(REX_DIST_INSTALL rex_dist)
+set(REX_DIST_NCCL OFF)
+if(TARGET rex_cuda)
+  find_library(REX_NCCL_LIBRARY nccl HINTS ${CUDAToolkit_LIBRARY_DIR})
+  find_path(REX_NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS})
+  if(REX_NCCL_LIBRARY AND REX_NCCL_INCLUDE_DIR)
+    # The NCCL path is a second target, so that CPU-only programs do not link CUDA.
+    add_library(rex_dist_nccl INTERFACE)
+    add_library(rex::dist_nccl ALIAS rex_dist_nccl)
+    set_target_properties(rex_dist_nccl PROPERTIES EXPORT_NAME dist_nccl)
+    target_link_libraries(rex_dist_nccl INTERFACE rex_dist rex_cuda $<BUILD_INTERFACE:${REX_NCCL_LIBRARY}>)
+    target_include_directories(rex_dist_nccl INTERFACE $<BUILD_INTERFACE:${REX_NCCL_INCLUDE_DIR}>)
+    target_compile_definitions(rex_dist_nccl INTERFACE REX_WITH_NCCL=1)
+    set(REX_DIST_NCCL ON)
+  endif()
+endif()
+message(STATUS "rex: building rex::dist (MPI ${MPI_CXX_VERSION}; NCCL: ${REX_DIST_NCCL})")

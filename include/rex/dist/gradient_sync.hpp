@@ -1,0 +1,185 @@
+// GradientSync sums the parameters' gradients across the ranks of a data-parallel step, in a few
+// buckets, each started as soon as its gradients are final (the way PyTorch DDP and llm.c
+// overlap communication with backward).
+//
+// Buckets: the parameters in reverse order (backward produces the last layers' gradients first),
+// cut into runs of about bucket_bytes. A bucket is started when the backward pass has told
+// (detail::LeafReady) that every gradient in it is final; buckets start strictly in order, so that
+// every rank issues the same collectives in the same order whatever its graph looked like.
+// MPI advances a non-blocking reduction only inside MPI calls, so each leaf notice also tests the
+// buckets in flight. finish() starts what is left, waits, and writes the sums into .grad().
+//
+// A parameter with no gradient on some rank (an expert no local token was routed to) counts as
+// zero there: the sum is then the one-process gradient. Whether it has a gradient at all must be
+// the same on every rank, as in one process, because AdamW skips parameters without one (no step
+// count, no decay): each bucket carries one flag per parameter (1 where this rank has a
+// gradient), summed with the values, and a parameter gets a gradient where any rank had one.
+//
+// Host buffers go through MPI (one flat buffer per bucket); CUDA gradients through NCCL, in place,
+// one group per bucket (missing ones are zero-filled first; their flags go over MPI).
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <unordered_map>
+#include <vector>
+
+#include "rex/autograd/engine.hpp"
+#include "rex/core/factory.hpp"
+#include "rex/dist/communicator.hpp"
+
+namespace rex::dist {
+
+class GradientSync {
+ public:
+  // params: leaf tensors that require a gradient, on one device.
+  GradientSync(Communicator& comm, std::vector<Tensor> params,
+               size_t bucket_bytes = size_t{4} << 20)
+      : comm_(comm), params_(std::move(params)) {
+    REX_CHECK(!params_.empty(), "GradientSync: no parameters");
+    size_t bytes = 0;
+    for (size_t i = params_.size(); i-- > 0;) {
+      const Tensor& p = params_[i];
+      REX_CHECK(p.requires_grad() && p.is_leaf(), "GradientSync: parameter ", i,
+                " is not a leaf that requires a gradient");
+      REX_CHECK(p.device() == params_.front().device(),
+                "GradientSync: the parameters are on different devices");
+      if (buckets_.empty() || bytes >= bucket_bytes) {
+        buckets_.emplace_back();
+        bytes = 0;
+      }
+      Bucket& b = buckets_.back();
+      b.params.push_back(i);
+      b.offsets.push_back(b.values);
+      b.values += static_cast<size_t>(p.numel());
+      bytes += static_cast<size_t>(p.numel()) * sizeof(float);
+      bucket_of_[p.impl().autograd.get()] = {buckets_.size() - 1, b.params.size() - 1};
+    }
+    on_cuda_ = params_.front().device().is_cuda();
+    for (Bucket& b : buckets_)
+      b.buffer.resize(on_cuda_ ? b.params.size() : b.values + b.params.size());
+  }
+  GradientSync(const GradientSync&) = delete;
+  GradientSync& operator=(const GradientSync&) = delete;
+
+  size_t buckets() const { return buckets_.size(); }
+  // Buckets of the last step started while backward was still running (the rest: in finish()).
+  size_t started_during_backward() const { return started_early_; }
+  // Seconds the last finish() took: the communication backward did not hide.
+  double exposed_seconds() const { return exposed_seconds_; }
+  // overlap = false starts every bucket in finish(), after backward (to measure what overlap
+  // saves).
+  void set_overlap(bool overlap) { overlap_ = overlap; }
+  Communicator& communicator() const { return comm_; }
+
+  // Call before the backward pass whose gradients complete the step.
+  void begin() {
+    for (Bucket& b : buckets_) {
+      b.ready = 0;
+      b.is_ready.assign(b.params.size(), false);
+    }
+    next_to_start_ = 0;
+    started_early_ = 0;
+  }
+
+  // The hook for that backward pass (detail::run_backward's on_leaf_ready).
+  detail::LeafReady hook() {
+    return [this](detail::AutogradMeta& leaf) { leaf_ready(leaf); };
+  }
+
+  // Starts the buckets not yet started, waits for all and writes the sums into the gradients.
+  void finish() {
+    const auto began = std::chrono::steady_clock::now();
+    while (next_to_start_ < buckets_.size()) start(buckets_[next_to_start_++]);
+    for (Bucket& b : buckets_) {
+      b.request.wait();
+      unpack(b);
+    }
+    exposed_seconds_ =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+  }
+
+ private:
+  struct Bucket {
+    std::vector<size_t> params;   // indices into params_, in bucket order
+    std::vector<size_t> offsets;  // each parameter's first value in the buffer (host path)
+    size_t values = 0;            // gradient elements in the bucket
+    // Host: the values, then one has-gradient flag per parameter. CUDA: the flags only.
+    std::vector<float> buffer;
+    std::vector<bool> is_ready;
+    size_t ready = 0;
+    Request request;
+  };
+
+  void leaf_ready(detail::AutogradMeta& leaf) {
+    const auto it = bucket_of_.find(&leaf);
+    if (it == bucket_of_.end() || !overlap_) return;  // not one of ours, or wait for finish()
+    Bucket& b = buckets_[it->second.first];
+    if (!b.is_ready[it->second.second]) {
+      b.is_ready[it->second.second] = true;
+      ++b.ready;
+    }
+    while (next_to_start_ < buckets_.size() &&
+           buckets_[next_to_start_].ready == buckets_[next_to_start_].params.size()) {
+      start(buckets_[next_to_start_++]);
+      ++started_early_;
+    }
+    for (size_t i = 0; i < next_to_start_; ++i) buckets_[i].request.test();  // progress
+  }
+
+  void start(Bucket& b) {
+    const size_t n = b.params.size();
+    float* flags = b.buffer.data() + (on_cuda_ ? 0 : b.values);
+    for (size_t j = 0; j < n; ++j) {
+      const Tensor g = params_[b.params[j]].grad();
+      flags[j] = g.defined() ? 1.0f : 0.0f;
+      if (on_cuda_) continue;
+      float* out = b.buffer.data() + b.offsets[j];
+      const size_t count = static_cast<size_t>(params_[b.params[j]].numel());
+      if (g.defined())
+        std::memcpy(out, g.data<float>(), count * sizeof(float));
+      else
+        std::fill(out, out + count, 0.0f);
+    }
+    if (!on_cuda_) {
+      b.request = comm_.start_all_reduce_sum(b.buffer.data(), b.buffer.size());
+      return;
+    }
+    b.request = comm_.start_all_reduce_sum(flags, n);
+    b.request.wait();  // the flags decide which gradients exist before NCCL reduces them
+    comm_.group([&] {
+      for (size_t j = 0; j < n; ++j) {
+        if (flags[j] == 0.0f) continue;  // no rank has this gradient
+        detail::AutogradMeta& meta = *params_[b.params[j]].impl().autograd;
+        if (!meta.grad.defined())
+          meta.grad = zeros(params_[b.params[j]].shape(), params_[b.params[j]].device());
+        comm_.all_reduce_sum_device(meta.grad.device_data<float>(),
+                                    static_cast<size_t>(meta.grad.numel()));
+      }
+    });
+  }
+
+  void unpack(Bucket& b) {
+    if (on_cuda_) return;  // reduced in place
+    const float* flags = b.buffer.data() + b.values;
+    for (size_t j = 0; j < b.params.size(); ++j) {
+      if (flags[j] == 0.0f) continue;  // no rank has this gradient: none here either
+      const Tensor& p = params_[b.params[j]];
+      detail::AutogradMeta& meta = *p.impl().autograd;
+      if (!meta.grad.defined()) meta.grad = Tensor::empty(p.shape(), DType::f32);
+      std::memcpy(meta.grad.data<float>(), b.buffer.data() + b.offsets[j],
+                  static_cast<size_t>(p.numel()) * sizeof(float));
+    }
+  }
+
+  Communicator& comm_;
+  std::vector<Tensor> params_;
+  std::vector<Bucket> buckets_;
+  std::unordered_map<detail::AutogradMeta*, std::pair<size_t, size_t>> bucket_of_;
+  size_t next_to_start_ = 0, started_early_ = 0;
+  double exposed_seconds_ = 0;
+  bool on_cuda_ = false, overlap_ = true;
+};
+
+}  // namespace rex::dist

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# train_tiny_rex under mpirun -np 2 (docs/distributed.md), on a tiny model and a generated corpus:
+#  - a checkpoint written by 2 ranks resumes on 1 rank, and one written by 1 rank on 2, and each
+#    continues as the uninterrupted 2-rank run does (parameters within 1e-4 relative per tensor:
+#    rounding, see tests/dist/test_data_parallel.cpp; a lost optimizer state or a wrong step is
+#    orders of magnitude further);
+#  - ranks that disagree (config, data) refuse before the first step with one message naming the
+#    difference; an error on one rank ends the whole job within seconds; so does a rank killed
+#    with kill -9 mid-run; SIGTERM to the ranks saves one checkpoint at the same step and exits 143.
+# Usage: test_distributed_cli.sh PATH/TO/train_tiny_rex WORK_DIR MPIRUN
+set -uo pipefail
+compare="$(dirname "$(realpath "$0")")/compare_models.py"
+. "$(dirname "$0")/../cli_common.sh" "$1" "$2"
+mpi=("$3" --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1)
+
+for i in $(seq 1 300); do
+  echo "the quick brown fox $((i % 7)) jumps over the lazy dog $((i % 5)); and then it rests."
+done > corpus.txt
+cat > tiny.json <<'EOF'
+{"model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "context": 16},
+ "moe": {"experts_per_layer": 2, "top_k": 2, "d_expert": 16, "reuse": 2},
+ "psr": {"t_start": 2, "t_end": 10},
+ "train": {"steps": 16, "batch_size": 8, "warmup": 2, "log_interval": 4, "eval_interval": 8,
+           "eval_batches": 2, "checkpoint_interval": 8}}
+EOF
+ranks() { n=$1; shift; "${mpi[@]}" -np "$n" "$exe" "$@"; }
+# elapsed SECONDS COMMAND...: runs the command, fails the check if it took longer than SECONDS.
+within() {
+  limit=$1; shift
+  start=$(date +%s)
+  timeout 60 "$@"
+  status=$?
+  [ $(($(date +%s) - start)) -le "$limit" ] || fail "took more than ${limit}s: $*"
+  return $status
+}
+
+# ---- resume across world sizes -------------------------------------------------------------------
+ranks 2 --config tiny.json --data corpus.txt --out two > two.log 2>&1 || fail "2-rank run: $(cat two.log)"
+grep -q "x 2 ranks" two.log || fail "the 2-rank run does not say it has 2 ranks: $(head -3 two.log)"
+ranks 2 --config tiny.json --data corpus.txt --out two_then_one --stop-after 8 > a.log 2>&1 ||
+  fail "2-rank first half: $(cat a.log)"
+"$exe" --resume two_then_one --data corpus.txt > b.log 2>&1 || fail "1-rank resume: $(cat b.log)"
+grep -q "resuming at step 8 of 16" b.log || fail "the 1-rank resume did not start at step 8"
+python3 "$compare" two_then_one/model.safetensors two/model.safetensors 1e-4 ||
+  fail "2 ranks then 1 does not continue as 2 ranks do"
+"$exe" --config tiny.json --data corpus.txt --out one_then_two --stop-after 8 > c.log 2>&1 ||
+  fail "1-rank first half: $(cat c.log)"
+ranks 2 --resume one_then_two --data corpus.txt > d.log 2>&1 || fail "2-rank resume: $(cat d.log)"
+python3 "$compare" one_then_two/model.safetensors two/model.safetensors 1e-4 ||
+  fail "1 rank then 2 does not continue as 2 ranks do"
+[ "$(grep -c '"kind":"eval"' two/metrics.jsonl)" = 2 ] || fail "rank 0 alone writes metrics.jsonl"
+
+# ---- ranks that disagree, errors on one rank ------------------------------------------------------
+# A wrapper gives rank 1 other arguments ($RANK1_ARGS) or other data ($RANK1_DATA).
+cat > per_rank.sh <<EOF
+#!/bin/sh
+if [ "\$OMPI_COMM_WORLD_RANK" = 1 ]; then
+  exec "$exe" --config tiny.json --data "\${RANK1_DATA:-corpus.txt}" \$RANK1_ARGS "\$@"
+fi
+exec "$exe" --config tiny.json --data corpus.txt "\$@"
+EOF
+chmod +x per_rank.sh
+expect_refusal() {  # expect_refusal NAME PATTERN: the job failed fast, saying PATTERN
+  status=$1 name=$2 pattern=$3
+  [ "$status" -ne 0 ] || fail "$name: exit status 0"
+  grep -q "$pattern" "$name.log" || fail "$name: no message matching '$pattern': $(cat "$name.log")"
+}
+RANK1_ARGS="--set train.lr=0.002" within 20 "${mpi[@]}" -np 2 ./per_rank.sh --out mismatch \
+  > config_mismatch.log 2>&1
+expect_refusal $? config_mismatch "rank 1 differs from rank 0 in the config: train.lr"
+[ ! -e mismatch/checkpoint.safetensors ] || fail "config_mismatch: a checkpoint was written"
+head -c 20000 corpus.txt > other.txt
+RANK1_DATA=other.txt within 20 "${mpi[@]}" -np 2 ./per_rank.sh --out mismatch2 \
+  > data_mismatch.log 2>&1
+expect_refusal $? data_mismatch "rank 1 differs from rank 0 in the --data text"
+RANK1_DATA=missing.txt within 20 "${mpi[@]}" -np 2 ./per_rank.sh --out failing \
+  > one_rank_fails.log 2>&1
+expect_refusal $? one_rank_fails "error (rank 1 of 2): .*missing.txt"
+within 20 "${mpi[@]}" -np 2 "$exe" --config tiny.json --data corpus.txt --out odd \
+  --set train.batch_size=7 > batch_split.log 2>&1
+expect_refusal $? batch_split "train.batch_size (7) must be a multiple of the number of ranks (2)"
+
+# ---- a rank killed mid-run; SIGTERM ---------------------------------------------------------------
+long=(--config tiny.json --data corpus.txt --steps 100000 --set train.log_interval=1)
+ranks 2 "${long[@]}" --out killed > killed.log 2>&1 &
+job=$!
+for _ in $(seq 1 100); do grep -q "^step" killed.log && break; sleep 0.2; done
+pkill -9 -n -f "^$exe .*--out killed"  # the newest rank (not mpirun)
+start=$(date +%s)
+wait $job
+status=$?
+[ "$status" -ne 0 ] || fail "a job with a killed rank exited 0"
+[ $(($(date +%s) - start)) -le 20 ] || fail "a job with a killed rank took more than 20 s to end"
+
+ranks 2 "${long[@]}" --out term > term.log 2>&1 &
+job=$!
+for _ in $(seq 1 100); do grep -q "^step" term.log && break; sleep 0.2; done
+pkill -TERM -f "^$exe .*--out term"  # both ranks (not mpirun), as scancel does
+wait $job
+grep -q "interrupted: checkpoint saved at step" term.log || fail "SIGTERM: no save: $(tail -3 term.log)"
+"$exe" --resume term --data corpus.txt --stop-after 1 > term_resume.log 2>&1 ||
+  fail "the SIGTERM checkpoint does not resume: $(cat term_resume.log)"
+
+[ "$failures" -eq 0 ] && echo "data-parallel CLI checks passed"
+exit "$failures"
