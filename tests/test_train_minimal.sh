@@ -4,9 +4,7 @@
 # Usage: test_train_minimal.sh PATH/TO/train_rex_minimal WORK_DIR
 set -uo pipefail
 . "$(dirname "$0")/cli_common.sh" "$@"
-for i in $(seq 1 300); do
-  echo "the quick brown fox $((i % 7)) jumps over the lazy dog $((i % 5)); and then it rests."
-done > corpus.txt
+write_corpus > corpus.txt
 "$exe" corpus.txt model.d_model=32 model.n_layers=2 model.n_heads=2 model.n_kv_heads=1 \
   model.context=32 moe.experts_per_layer=2 moe.d_expert=32 moe.reuse=2 psr.t_start=5 \
   psr.t_end=20 train.steps=40 train.batch_size=8 train.warmup=5 train.lr=1e-2 \

@@ -13,9 +13,7 @@ compare="$(dirname "$(realpath "$0")")/compare_models.py"
 . "$(dirname "$0")/../cli_common.sh" "$1" "$2"
 mpi=("$3" --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1)
 
-for i in $(seq 1 300); do
-  echo "the quick brown fox $((i % 7)) jumps over the lazy dog $((i % 5)); and then it rests."
-done > corpus.txt
+write_corpus > corpus.txt
 cat > tiny.json <<'EOF'
 {"model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "context": 16},
  "moe": {"experts_per_layer": 2, "top_k": 2, "d_expert": 16, "reuse": 2},
