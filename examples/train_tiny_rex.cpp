@@ -199,6 +199,7 @@ int train_run(const Options& o) {
   const rex::Device device = chosen_device(o);
   rex::set_matmul_precision(device, t.matmul_precision);
   train::TrainingState run = train::start_training(config, device, saved ? &*saved : nullptr);
+  train::start_from_rank0(world, run);
   int64_t& step = run.step;  // completed optimizer steps
   const rex::optim::CosineSchedule schedule = train::lr_schedule(t);
   std::optional<train::MetricsLog> metrics;

@@ -59,6 +59,14 @@ timeout 30 "$exe" --sample 3 --checkpoint folder > log.txt 2>&1
 [ $? -eq 1 ] && grep -qF 'vocab.json is not valid JSON' log.txt ||
   fail "number overflow in vocab.json: $(cat log.txt)"
 
+# A JSON file far too large to be a config (a wrong path): refused by its size before it is read,
+# not read until memory runs out (a sparse 8 GiB file: no disk is used).
+truncate -s 8G huge.json
+timeout 30 "$exe" --data corpus.txt --out out_huge --config huge.json > log.txt 2>&1
+[ $? -eq 1 ] && grep -qF "huge.json: is 8589934592 bytes or more, above the 67108864" log.txt ||
+  fail "an 8 GiB --config: $(cat log.txt)"
+rm -f huge.json
+
 # config.json is written before the first step: a run that fails right after starting (its
 # metrics.jsonl cannot be created) has already left a config.json that parses back.
 rm -rf out && mkdir -p out/metrics.jsonl

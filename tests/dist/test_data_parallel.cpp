@@ -212,6 +212,45 @@ TEST_CASE("GradientSync: a gradient present on one rank only is summed there and
   for (int64_t i = 0; i < 2; ++i) CHECK(everywhere.grad().data<float>()[i] == expected);
 }
 
+TEST_CASE("tensor collectives: sum, mean, broadcast; every rank starts from rank 0's state") {
+  if (!several_ranks()) return;
+  Communicator& world = Communicator::world();
+  const float r = static_cast<float>(world.rank()), n = static_cast<float>(world.size());
+  Tensor sum_t = full({3}, r + 1.0f), mean_t = full({3}, r + 1.0f), bcast = full({2}, r + 5.0f);
+  Tensor counts = from_vector<int32_t>({world.rank(), 1});
+  world.all_reduce(sum_t);
+  world.all_reduce(mean_t, Communicator::Reduce::mean);
+  world.broadcast(bcast);
+  world.all_reduce(counts);
+  const float total = n * (n + 1) / 2;  // 1 + 2 + ... + n
+  for (int64_t i = 0; i < 3; ++i) CHECK(sum_t.data<float>()[i] == total);
+  for (int64_t i = 0; i < 3; ++i) CHECK(mean_t.data<float>()[i] == doctest::Approx(total / n));
+  for (int64_t i = 0; i < 2; ++i) CHECK(bcast.data<float>()[i] == 5.0f);
+  CHECK(counts.data<int32_t>()[1] == world.size());
+
+  // Rank 1's copy of the model and optimizer differs (a stale checkpoint): start_from_rank0 fixes
+  // it, and the two agree bit for bit.
+  const train::RunConfig config = tiny_run(corpus());
+  train::TrainingState run = train::start_training(config, Device::cpu());
+  if (world.rank() == 1) {
+    run.optimizer.parameters().front().tensor.data<float>()[0] += 1.0f;
+    auto state = run.optimizer.state();
+    state.begin()->second.data<float>()[0] = 7.0f;
+    run.optimizer.load_state(state);
+  }
+  train::start_from_rank0(world, run);
+  const auto state = run.optimizer.state();
+  for (const optim::Parameter& p : run.optimizer.parameters()) {
+    std::vector<float> mine = p.tensor.to_vector<float>(), root = mine;
+    Tensor shared = from_vector<float>(root);
+    world.broadcast(shared);
+    CHECK_MESSAGE(shared.to_vector<float>() == mine, p.name);
+  }
+  Tensor first_moment = state.begin()->second.clone();
+  world.broadcast(first_moment);
+  CHECK(first_moment.to_vector<float>() == state.begin()->second.to_vector<float>());
+}
+
 TEST_CASE("GradientSync starts buckets during backward, as their gradients become final") {
   if (!several_ranks()) return;
   const train::RunConfig config = tiny_run(corpus());

@@ -23,7 +23,9 @@
 #include <string>
 #include <vector>
 
+#include "rex/backend/cuda/dispatch.hpp"
 #include "rex/core/error.hpp"
+#include "rex/core/tensor.hpp"
 
 #if defined(REX_WITH_MPI)
 #include <mpi.h>
@@ -150,9 +152,7 @@ class Communicator {
                            static_cast<cudaStream_t>(rex::cuda::stream_handle())));
 #else
     (void)data, (void)n;
-    throw Error(
-        "data-parallel training on CUDA needs NCCL: this program was built without it (rex::dist "
-        "links NCCL when CMake finds it with the CUDA toolkit)");
+    throw_built_without_nccl();
 #endif
   }
   // Runs f, whose device reductions NCCL then launches together.
@@ -183,6 +183,50 @@ class Communicator {
     for (size_t r = 0; r < out.size(); ++r) out[r] = all.substr(starts[r], lengths[r]);
 #endif
     return out;
+  }
+
+  // Tensors, in place, on every rank: the sum (or the mean) over the ranks, and rank 0's values.
+  // f32 or i32 on the CPU (MPI); f32 on CUDA (NCCL, queued on rex's stream).
+  enum class Reduce { sum, mean };
+  void all_reduce(Tensor& t, Reduce op = Reduce::sum) {
+    if (size_ == 1) return;
+    check_collective_tensor("all_reduce", t);
+    if (t.device().is_cuda()) {
+      all_reduce_sum_device(t.device_data<float>(), static_cast<size_t>(t.numel()));
+    } else {
+#if defined(REX_WITH_MPI)
+      REX_MPI(MPI_Allreduce(MPI_IN_PLACE, host_bytes(t), checked_count(t.numel()), mpi_type(t),
+                            MPI_SUM, MPI_COMM_WORLD));
+#endif
+    }
+    if (op == Reduce::mean) {
+      REX_CHECK(t.dtype() == DType::f32, "dist::all_reduce: the mean needs an f32 tensor");
+      const float scale = 1.0f / static_cast<float>(size_);
+      if (t.device().is_cuda()) {
+        rex::detail::cuda_backend().unary(rex::detail::UnaryOp::mul_scalar, scale,
+                                          t.device_data<float>(), t.device_data<float>(),
+                                          t.numel());
+      } else {
+        for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] *= scale;
+      }
+    }
+  }
+  void broadcast(Tensor& t) {
+    if (size_ == 1) return;
+    check_collective_tensor("broadcast", t);
+    if (t.device().is_cuda()) {
+#if defined(REX_WITH_NCCL)
+      REX_NCCL(ncclBroadcast(t.device_data<float>(), t.device_data<float>(),
+                             static_cast<size_t>(t.numel()), ncclFloat, 0, nccl(),
+                             static_cast<cudaStream_t>(rex::cuda::stream_handle())));
+#else
+      throw_built_without_nccl();
+#endif
+      return;
+    }
+#if defined(REX_WITH_MPI)
+    REX_MPI(MPI_Bcast(host_bytes(t), checked_count(t.numel()), mpi_type(t), 0, MPI_COMM_WORLD));
+#endif
   }
 
   // Rank 0's text, on every rank.
@@ -263,6 +307,27 @@ class Communicator {
     (void)data, (void)n, (void)kind;
   }
 
+  [[noreturn]] static void throw_built_without_nccl() {
+    throw Error(
+        "collectives on CUDA tensors need NCCL: this program was built without it (rex::dist_nccl "
+        "exists when CMake finds NCCL with the CUDA toolkit and rex::cuda)");
+  }
+  static void check_collective_tensor(const char* what, const Tensor& t) {
+    REX_CHECK(t.defined(), "dist::", what, ": the tensor is undefined");
+    REX_CHECK(t.dtype() == DType::f32 || (t.dtype() == DType::i32 && !t.device().is_cuda()),
+              "dist::", what, ": f32 tensors (or i32 on the CPU), got ", t.dtype());
+  }
+  static void* host_bytes(const Tensor& t) {
+    return t.dtype() == DType::f32 ? static_cast<void*>(t.data<float>())
+                                   : static_cast<void*>(t.data<int32_t>());
+  }
+#if defined(REX_WITH_MPI)
+  static MPI_Datatype mpi_type(const Tensor& t) {
+    return t.dtype() == DType::f32 ? MPI_FLOAT : MPI_INT32_T;
+  }
+#endif
+
+  static int checked_count(int64_t n) { return checked_count(static_cast<size_t>(n)); }
   static int checked_count(size_t n) {
     REX_CHECK(n <= static_cast<size_t>(INT32_MAX), "dist: a collective of ", n,
               " elements is beyond MPI's int count");

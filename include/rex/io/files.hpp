@@ -21,9 +21,12 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <limits>
+#include <new>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -62,7 +65,14 @@ inline bool process_is_alive(pid_t pid) { return ::kill(pid, 0) == 0 || errno !=
 
 namespace rex::io {
 
-inline std::string read_file(const std::string& path) {
+// JSON files rex reads (configs, vocab.json) hold kilobytes; a larger one than this is refused
+// before it is read (a wrong path, e.g. a corpus or a checkpoint given as --config).
+inline constexpr uint64_t kMaxJsonFileBytes = uint64_t{64} << 20;
+
+// The whole file, at most max_bytes of it (more is an error naming the size; a file that grows
+// while read, or a pipe, is cut off there too); running out of memory is a rex::Error as well.
+inline std::string read_file(const std::string& path,
+                             uint64_t max_bytes = std::numeric_limits<uint64_t>::max()) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
@@ -74,20 +84,32 @@ inline std::string read_file(const std::string& path) {
     ::close(fd);
     throw Error(detail::concat("read_file: ", path, ": ", reason));
   };
+  auto too_large = [&](uint64_t bytes) {
+    fail(detail::concat("is ", bytes, " bytes or more, above the ", max_bytes,
+                        " this file may have (is it the file you meant?)"));
+  };
   struct stat info {};
   if (::fstat(fd, &info) != 0) fail(std::strerror(errno));
   if (S_ISDIR(info.st_mode)) fail("is a directory, not a file");
+  if (S_ISREG(info.st_mode) && static_cast<uint64_t>(info.st_size) > max_bytes)
+    too_large(static_cast<uint64_t>(info.st_size));
   std::string bytes;
-  if (S_ISREG(info.st_mode)) bytes.reserve(static_cast<size_t>(info.st_size));
-  char chunk[1 << 16];
-  for (;;) {
-    const ssize_t got = ::read(fd, chunk, sizeof chunk);
-    if (got == 0) break;
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      fail(detail::concat("read failed after ", bytes.size(), " bytes: ", std::strerror(errno)));
+  try {
+    if (S_ISREG(info.st_mode)) bytes.reserve(static_cast<size_t>(info.st_size));
+    char chunk[1 << 16];
+    for (;;) {
+      const ssize_t got = ::read(fd, chunk, sizeof chunk);
+      if (got == 0) break;
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        fail(detail::concat("read failed after ", bytes.size(), " bytes: ", std::strerror(errno)));
+      }
+      if (bytes.size() + static_cast<uint64_t>(got) > max_bytes) too_large(bytes.size() + got);
+      bytes.append(chunk, static_cast<size_t>(got));
     }
-    bytes.append(chunk, static_cast<size_t>(got));
+  } catch (const std::bad_alloc&) {
+    fail(detail::concat("out of memory after reading ", bytes.size(), " of ", info.st_size,
+                        " bytes"));
   }
   ::close(fd);
   return bytes;

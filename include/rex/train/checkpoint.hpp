@@ -51,7 +51,7 @@
 namespace rex::detail {
 
 inline nlohmann::json parse_json_file(const std::string& path) {
-  return io::parse_json(io::read_file(path), path);
+  return io::parse_json(io::read_file(path, io::kMaxJsonFileBytes), path);
 }
 
 inline int64_t parse_step(const io::Metadata& metadata, const std::string& what) {
@@ -133,7 +133,8 @@ struct ModelFolder {
 
 inline ModelFolder load_model_folder(const std::string& dir) {
   REX_CHECK(std::filesystem::is_directory(dir), "checkpoint folder ", dir, " does not exist");
-  ModelFolder out{parse_config(io::read_file(dir + "/config.json"), dir + "/config.json"),
+  ModelFolder out{parse_config(io::read_file(dir + "/config.json", io::kMaxJsonFileBytes),
+                               dir + "/config.json"),
                   data::CharTokenizer::from_json(detail::parse_json_file(dir + "/vocab.json")),
                   {},
                   0};

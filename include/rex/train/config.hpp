@@ -263,7 +263,7 @@ inline void apply_override(RunConfig& config, const std::string& assignment) {
 inline RunConfig read_run_config(const std::string& path,
                                  const std::vector<std::string>& overrides) {
   RunConfig config;
-  if (!path.empty()) config = parse_config(io::read_file(path), path);
+  if (!path.empty()) config = parse_config(io::read_file(path, io::kMaxJsonFileBytes), path);
   for (const std::string& assignment : overrides) apply_override(config, assignment);
   validate(config);
   return config;

@@ -3,10 +3,11 @@
 // own with rank 0's; when any differs, every rank stops before any work is done, with one message
 // naming each difference.
 // Also the split the run needs: train.batch_size a multiple of ranks x train.grad_accum, and at
-// least one validation batch per rank.
+// least one validation batch per rank; and the state every rank starts from: rank 0's.
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -74,6 +75,21 @@ inline void check_ranks_agree(dist::Communicator& comm, const RunConfig& config,
   if (!report.empty())
     throw dist::CollectiveError("the " + std::to_string(ranks) +
                                 " ranks of this run do not agree; no step was run:" + report);
+}
+
+// Every rank takes rank 0's parameters and optimizer state. They are equal already when every rank
+// built the model from the same seed or read the same checkpoint; this makes it so even when the
+// ranks' copies of a checkpoint differ (the agreement check compares config and step, not weights).
+inline void start_from_rank0(dist::Communicator& comm, TrainingState& run) {
+  if (comm.size() == 1) return;
+  NoGradGuard no_grad;
+  for (const optim::Parameter& p : run.optimizer.parameters()) {
+    Tensor values = p.tensor;
+    comm.broadcast(values);
+  }
+  std::map<std::string, Tensor> state = run.optimizer.state();  // host copies
+  for (auto& [name, value] : state) comm.broadcast(value);
+  run.optimizer.load_state(state);
 }
 
 }  // namespace rex::train
