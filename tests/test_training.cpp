@@ -341,6 +341,27 @@ TEST_CASE("the routing report splits each layer's routed slots into own and borr
   CHECK(report[1].block == 0);
   CHECK(report[1].own_experts == std::vector<int64_t>{2, 3});
   CHECK(report[1].own_share == 0.0);  // nothing routed: every share is 0
+  // Spread: entropy -sum s ln s, imbalance P max s, top-N experts (N = 2), overlap in the block.
+  CHECK(report[0].entropy == doctest::Approx(-(0.375 * std::log(0.375) + 0.125 * std::log(0.125) +
+                                               0.5 * std::log(0.5))));
+  CHECK(report[0].imbalance == doctest::Approx(4 * 0.5));
+  CHECK(report[0].top_experts == std::vector<int64_t>{0, 3});
+  CHECK(report[1].entropy == 0.0);
+  CHECK(report[1].top_experts == std::vector<int64_t>{0, 1});       // all tied at 0: lowest indices
+  CHECK(report[0].jaccard == std::vector<double>{1.0, 1.0 / 3.0});  // {0,3} vs {0,1}: 1 of 3
+  CHECK(report[1].jaccard == std::vector<double>{1.0 / 3.0, 1.0});
+}
+
+TEST_CASE("the routing report's overlap is per block: layers of other blocks are not compared") {
+  nn::MoeConfig m;
+  m.experts_per_layer = 1;
+  m.reuse = 1;  // vanilla: every layer its own block
+  const std::vector<nn::LayerRouting> report = nn::routing_report(m, {{5}, {2}});
+  REQUIRE(report.size() == 2);
+  CHECK(report[0].jaccard == std::vector<double>{1.0});
+  CHECK(report[1].block == 1);
+  CHECK(report[0].imbalance == 1.0);
+  CHECK(report[0].entropy == 0.0);
 }
 
 TEST_CASE("sampling: temperature 0 is the arg max, and a seeded draw repeats") {

@@ -1,11 +1,17 @@
 // Where the routed tokens went, in the method's terms: per layer, the share of routed slots each
 // expert of its pool received, split into the layer's own experts and those borrowed from the other
-// layers of its block (docs/method.md). The counts are nn::LmOutput::expert_counts, summed over
-// forward passes with add_expert_counts.
+// layers of its block (docs/method.md); how spread the routing is (entropy, load imbalance); and
+// how much the layers of one block pick the same experts (the Jaccard index of their top-N
+// experts, N = experts_per_layer, the number a vanilla layer would own). The counts are
+// nn::LmOutput::expert_counts, summed over forward passes with add_expert_counts.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
+#include <numeric>
 #include <vector>
 
 #include "rex/nn/config.hpp"
@@ -33,7 +39,22 @@ struct LayerRouting {
   std::vector<double> share;         // per pool expert: its share of the layer's routed slots
   double own_share = 0;              // sum of share over own_experts
   double borrowed_share = 0;         // 1 - own_share
+  double entropy = 0;                // -sum share log share (nats; ln P when every expert is equal)
+  double imbalance = 0;              // max share / mean share over the pool (1 when balanced)
+  std::vector<int64_t> top_experts;  // the N experts with the largest share (ties: lower index)
+  std::vector<double> jaccard;  // per layer of the block, in order: |top ∩ top'| / |top ∪ top'|
 };
+
+// |a ∩ b| / |a ∪ b| of two index sets (1 for two empty sets).
+inline double jaccard_index(std::vector<int64_t> a, std::vector<int64_t> b) {
+  std::sort(a.begin(), a.end());
+  std::sort(b.begin(), b.end());
+  std::vector<int64_t> both, either;
+  std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(both));
+  std::set_union(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(either));
+  return either.empty() ? 1.0
+                        : static_cast<double>(both.size()) / static_cast<double>(either.size());
+}
 
 inline std::vector<LayerRouting> routing_report(const MoeConfig& m, const ExpertCounts& counts) {
   std::vector<LayerRouting> layers;
@@ -54,8 +75,25 @@ inline std::vector<LayerRouting> routing_report(const MoeConfig& m, const Expert
     for (int64_t e = first_own; e < first_own + m.experts_per_layer; ++e)
       r.own_experts.push_back(e);
     r.borrowed_share = 1.0 - r.own_share;
+    double largest = 0;
+    for (double sh : r.share) {
+      if (sh > 0) r.entropy -= sh * std::log(sh);
+      largest = std::max(largest, sh);
+    }
+    r.imbalance = largest * static_cast<double>(r.share.size());
+    std::vector<int64_t> order(r.share.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return r.share[a] > r.share[b]; });
+    const auto top = std::min<size_t>(order.size(), static_cast<size_t>(m.experts_per_layer));
+    r.top_experts.assign(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(top));
+    std::sort(r.top_experts.begin(), r.top_experts.end());
     layers.push_back(std::move(r));
   }
+  for (LayerRouting& r : layers)
+    for (const LayerRouting& other : layers)
+      if (other.block == r.block)
+        r.jaccard.push_back(jaccard_index(r.top_experts, other.top_experts));
   return layers;
 }
 

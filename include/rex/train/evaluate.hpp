@@ -64,7 +64,11 @@ inline nlohmann::json routing_json(const nn::ModelConfig& c, const Evaluation& e
                       {"own_experts", r.own_experts},
                       {"share", r.share},
                       {"own_share", r.own_share},
-                      {"borrowed_share", r.borrowed_share}});
+                      {"borrowed_share", r.borrowed_share},
+                      {"entropy", r.entropy},
+                      {"imbalance", r.imbalance},
+                      {"top_experts", r.top_experts},
+                      {"jaccard", r.jaccard}});
   return {{"step", step},
           {"reuse", m.reuse},
           {"experts_per_layer", m.experts_per_layer},
