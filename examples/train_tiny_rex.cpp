@@ -255,10 +255,12 @@ int train_run(const Options& o) {
                           device, &world);
       std::printf("eval  step %6lld | val_loss %.4f\n", ll(step), eval.val_loss);
       if (metrics) metrics->log_eval(step, eval.val_loss);
-      if (is_moe && world.is_root())
-        rex::io::write_file_atomic(
-            out + "/routing.json",
-            train::routing_json(config.model, eval, step, result.candidates).dump(1) + "\n");
+      if (is_moe && world.is_root()) {
+        const nlohmann::json routing =
+            train::routing_json(config.model, eval, step, result.candidates);
+        if (metrics) metrics->log_routing(routing);
+        rex::io::write_file_atomic(out + "/routing.json", routing.dump(1) + "\n");
+      }
     }
     // Every rank stops at the same step: a signal may reach the ranks at different times.
     const bool interrupted = world.any(train::interrupted());

@@ -94,6 +94,15 @@ class MetricsLog {
     write({{"kind", "eval"}, {"step", step}, {"val_loss", val_loss}});
   }
 
+  // {"kind": "routing", "step", "candidates", "layers"}: the per-layer routing of the same
+  // evaluation (routing_json's "layers"), so that the log holds its history over training.
+  void log_routing(const nlohmann::json& routing) {
+    write({{"kind", "routing"},
+           {"step", routing.at("step")},
+           {"candidates", routing.at("candidates")},
+           {"layers", routing.at("layers")}});
+  }
+
  private:
   std::FILE* file_;
 };
