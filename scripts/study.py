@@ -174,8 +174,9 @@ def read_marker(run):
     return marker
 
 
-def write_marker(run, complete, wall_s=None):
-    record = {"settings": run["settings"], "complete": complete}
+def write_marker(run, complete, launch, wall_s=None):
+    """launch: {"jobs", "threads"} of the runner that trains it, which the speed depends on."""
+    record = {"settings": run["settings"], "complete": complete, "launch": launch}
     if wall_s is not None:
         record["wall_s"] = round(wall_s, 1)
     tmp = os.path.join(run["dir"], MARKER + ".tmp")
@@ -248,6 +249,7 @@ def train_all(runs, binary, jobs, threads, progress_interval=10.0):
     if not todo:
         return []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    launch = {"jobs": jobs, "threads": threads}
     running, failed = [], []
     start = time.monotonic()
     start_steps = sum(r["arm"]["steps"] if is_complete(r) else steps_done(r) for r in runs)
@@ -259,7 +261,7 @@ def train_all(runs, binary, jobs, threads, progress_interval=10.0):
                 run = todo.pop(0)
                 os.makedirs(run["dir"], exist_ok=True)
                 if read_marker(run) is None:
-                    write_marker(run, complete=False)
+                    write_marker(run, complete=False, launch=launch)
                 args = command(run, binary)
                 with open(os.path.join(run["dir"], "log.txt"), "a", encoding="utf-8") as log:
                     log.write("$ OMP_NUM_THREADS=%d %s\n" % (threads, " ".join(args)))
@@ -277,7 +279,8 @@ def train_all(runs, binary, jobs, threads, progress_interval=10.0):
                 running.remove(entry)
                 name = os.path.basename(run["dir"])
                 if process.returncode == 0:
-                    write_marker(run, complete=True, wall_s=time.monotonic() - began)
+                    write_marker(run, complete=True, launch=launch,
+                                 wall_s=time.monotonic() - began)
                     print(f"  done {name} in {format_duration(time.monotonic() - began)}",
                           flush=True)
                 else:
@@ -365,7 +368,7 @@ def load_run(run):
             # The first log interval includes the start-up; the median of the rest is the speed.
             "tokens_per_s": statistics.median(speeds[1:] if len(speeds) > 1 else speeds),
             "routing": sorted(routing, key=lambda r: r["step"]), "params": total,
-            "active_params": active, "config": config}
+            "active_params": active, "config": config, "launch": read_marker(run).get("launch")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,8 +453,10 @@ def summarize(study, runs):
                                     if finals_routing[0][k] is not None else None)
                                 for k in finals_routing[0]}
         arms.append(entry)
+    launches = sorted({json.dumps(r["launch"], sort_keys=True) for r in loaded.values()})
     return {"name": study["name"], "description": study["description"], "baseline": base,
-            "seeds": study["seeds"], "data": study["data"], "arms": arms}, loaded
+            "seeds": study["seeds"], "data": study["data"], "arms": arms,
+            "launches": [json.loads(x) for x in launches]}, loaded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +474,14 @@ def interval(d, digits=4):
     return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def write_markdown(summary, path, jobs, threads):
+def launched(launches):
+    """"2 runs at once, 1 thread each" for the runner settings the runs were trained with."""
+    known = [x for x in launches if x]
+    text = " or ".join(f"{x['jobs']} run(s) at once, {x['threads']} thread(s) each" for x in known)
+    return text + (" (some runs: not recorded)" if len(known) < len(launches) else "")
+
+
+def write_markdown(summary, path):
     lines = [f"# Study `{summary['name']}`", ""]
     if summary["description"]:
         lines += [summary["description"], ""]
@@ -477,8 +489,8 @@ def write_markdown(summary, path, jobs, threads):
               f"`{summary['baseline']}`. Validation loss in nats per character at the final step: "
               "mean ± sample std [95% t-interval of the mean] over seeds. The paired difference "
               "is the arm's loss minus the baseline's with the same seed (negative: the arm is "
-              f"better). tokens/s: the median per run, measured with {jobs} run(s) at once, "
-              f"{threads} thread(s) each; mean over seeds.", "",
+              f"better). tokens/s: the median per run (mean over seeds), measured with "
+              f"{launched(summary['launches'])}.", "",
               "| arm | seeds | final val loss | − baseline (paired) | tokens/s | params "
               "| active |",
               "| --- | ---: | --- | --- | ---: | ---: | ---: |"]
@@ -615,13 +627,13 @@ def plot_routing(summary, loaded, path):
     return True
 
 
-def report(study, runs, out, jobs, threads):
+def report(study, runs, out):
     summary, loaded = summarize(study, runs)
     if not summary["arms"]:
         raise StudyError("no run is complete yet: nothing to report")
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    write_markdown(summary, os.path.join(out, "study.md"), jobs, threads)
+    write_markdown(summary, os.path.join(out, "study.md"))
     written = ["study.md", "summary.json"]
     try:
         plot_study(summary, loaded, os.path.join(out, "study.png"))
@@ -669,7 +681,7 @@ def main():
                 raise StudyError(f"{len(failed)} run(s) failed: "
                                  + ", ".join(os.path.basename(r["dir"]) for r in failed)
                                  + "; fix the cause and run the same command to finish the study")
-        report(study, runs, out, jobs, args.threads)
+        report(study, runs, out)
     except StudyError as e:
         print(f"study: error: {e}", file=sys.stderr)
         sys.exit(1)

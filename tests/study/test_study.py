@@ -123,6 +123,7 @@ check("ETA" in result.stdout and "4/4 runs complete" in result.stdout, "progress
 
 summary = json.load(open(os.path.join(out, "summary.json"), encoding="utf-8"))
 check([a["name"] for a in summary["arms"]] == ["vanilla", "r2"], "arms in order")
+check(summary["launches"] == [{"jobs": 2, "threads": 1}], f"launches: {summary['launches']}")
 finals = {}
 for arm in summary["arms"]:
     name = arm["name"]
@@ -165,6 +166,7 @@ markdown = open(os.path.join(out, "study.md"), encoding="utf-8").read()
 check(f"{statistics.mean([finals['r2'][1], finals['r2'][2]]):.4f}" in markdown
       and "R2 + PSR (`r2`)" in markdown and f"{statistics.mean(diffs):.4f}" in markdown,
       "study.md holds the table")
+check("2 run(s) at once, 1 thread(s) each" in markdown, "study.md says how the runs were launched")
 
 # A second invocation finds everything complete and trains nothing.
 again = run_runner(study_file, "--out", out, "--binary", BINARY)
