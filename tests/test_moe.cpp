@@ -407,6 +407,56 @@ TEST_CASE(
         }).find("5 candidates out of a pool of 4") != std::string::npos);
 }
 
+TEST_CASE(
+    "PSR own_first masks keep the layer's own experts and draw the rest from the borrowed ones") {
+  nn::MoeConfig moe;
+  moe.experts_per_layer = 4;
+  moe.reuse = 4;  // pool 16; layer l owns [4 (l % 4), 4 (l % 4) + 4)
+  nn::PsrConfig psr;
+  CHECK(nn::psr_always_kept(psr, moe, 1).count == 0);  // the default, "random": nothing kept
+  psr.masks = "own_first";
+  std::vector<int64_t> borrowed_kept(16, 0);
+  for (int64_t step = 0; step < 2000; ++step) {
+    for (int64_t layer = 0; layer < 8; ++layer) {
+      const nn::AlwaysKept own = nn::psr_always_kept(psr, moe, layer);
+      CHECK(own.first == layer % 4 * 4);
+      CHECK(own.count == 4);
+      for (int64_t cand : {4, 9, 16}) {
+        const auto keep = nn::psr_keep_mask(5, step, layer, 16, cand, own);
+        CHECK(std::count(keep.begin(), keep.end(), 1) == cand);
+        for (int64_t e = own.first; e < own.first + 4; ++e) CHECK(keep[e] == 1);
+        if (cand == 9 && layer == 1)
+          for (int64_t e = 0; e < 16; ++e) borrowed_kept[e] += keep[e];
+      }
+    }
+  }
+  // Layer 1 keeps its own 4 always and 5 of the 12 borrowed ones, each about 5/12 of the time.
+  for (int64_t e = 0; e < 16; ++e) {
+    if (e >= 4 && e < 8) {
+      CHECK(borrowed_kept[e] == 2000);
+    } else {
+      CHECK(std::abs(static_cast<double>(borrowed_kept[e]) - 2000.0 * 5 / 12) < 100);
+    }
+  }
+  // With nothing kept, the mask is the random one, bit for bit.
+  CHECK(nn::psr_keep_mask(42, 3, 1, 16, 7, {}) == nn::psr_keep_mask(42, 3, 1, 16, 7));
+  CHECK(error_message([] {
+          nn::psr_keep_mask(1, 0, 0, 16, 3, {0, 4});
+        }).find("3 candidates out of a pool of 16 with 4 always kept") != std::string::npos);
+  // In a layer while N_t = N, own_first routes only to the layer's own experts.
+  nn::ModelConfig c = small_config(4, 2, 2);  // pool 8, PSR from step 10 to 20
+  c.psr.masks = "own_first";
+  const Layers block = make_block(c, 15);
+  Generator gen(16);
+  const Tensor x = normal({40, c.d_model}, gen);
+  for (int64_t layer = 0; layer < 4; ++layer) {
+    const auto out = block.moe[static_cast<size_t>(layer)]->forward(x, {3, 9});
+    CHECK(out.candidates == 2);
+    for (int64_t e = 0; e < 8; ++e)
+      if (e / 2 != layer) CHECK(out.expert_counts[e] == 0);
+  }
+}
+
 TEST_CASE("config validation rejects impossible MoE settings with a message naming the keys") {
   auto message = [](auto edit) {
     nn::ModelConfig c;

@@ -71,7 +71,8 @@ int run(int argc, char** argv) {
     const int64_t candidates =
         rex::nn::psr_candidates(m.psr, m.moe.experts_per_layer, m.moe.reuse, step);
     for (int64_t l = 0; l < m.n_layers; ++l) {
-      const std::vector<uint8_t> keep = rex::nn::psr_keep_mask(seed, step, l, pool, candidates);
+      const std::vector<uint8_t> keep = rex::nn::psr_keep_mask(
+          seed, step, l, pool, candidates, rex::nn::psr_always_kept(m.psr, m.moe, l));
       inputs["psr_keep." + std::to_string(l)] =
           rex::from_vector(std::vector<int32_t>(keep.begin(), keep.end()));
     }

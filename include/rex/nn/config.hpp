@@ -83,6 +83,7 @@ struct MoeConfig {
 
 struct PsrConfig {
   std::string schedule = "linear";  // "none" (all rN candidates), "linear" or "stepwise"
+  std::string masks = "random";     // which experts are candidates: "random" or "own_first"
   int64_t t_start = 400;            // t_s: steps up to t_s see N candidates
   int64_t t_end = 2800;             // t_e: steps after t_e see all rN candidates
 };
@@ -136,6 +137,9 @@ void for_each_field(Model& m, F&& f) {
   f("psr", "schedule", p.schedule, "\"none\", \"linear\" or \"stepwise\" candidate schedule");
   f("psr", "t_start", p.t_start, "t_s: last step with N candidates");
   f("psr", "t_end", p.t_end, "t_e: first step with all rN candidates");
+  f("psr", "masks", p.masks,
+    "\"random\": any N_t of the pool, redrawn every step; \"own_first\": the layer's own N "
+    "always, plus N_t - N borrowed ones redrawn every step");
 }
 
 // Throws rex::Error naming the first impossible model setting (TransformerLM calls it too).
@@ -170,6 +174,8 @@ inline void validate(const ModelConfig& m) {
   REX_CHECK(p.schedule == "none" || p.schedule == "linear" || p.schedule == "stepwise",
             "config: psr.schedule must be \"none\", \"linear\" or \"stepwise\", got \"", p.schedule,
             "\"");
+  REX_CHECK(p.masks == "random" || p.masks == "own_first",
+            "config: psr.masks must be \"random\" or \"own_first\", got \"", p.masks, "\"");
   if (m.ffn == "dense") {
     positive("model.d_ff", m.d_ff);
   } else {

@@ -180,7 +180,8 @@ class MoeLayer : public Module {
     out.candidates = psr_candidates(psr_, config_.experts_per_layer, config_.reuse, at.step);
     const Tensor scores =
         out.candidates < pool
-            ? psr_scores(probs, psr_keep_mask(at.seed, at.step, layer_, pool, out.candidates))
+            ? psr_scores(probs, psr_keep_mask(at.seed, at.step, layer_, pool, out.candidates,
+                                              psr_always_kept(psr_, config_, layer_)))
             : probs;
     const TopK top = topk(scores, config_.top_k);
     Tensor gates = top.values;

@@ -9,6 +9,9 @@
 //   stepwise:  the linear N_t rounded down to a multiple of N, so N_t jumps by N at r - 1 evenly
 //              spaced steps between t_s and t_e (and reaches rN at t_e);
 //   none:      N_t = rN (plain ReX; also what r = 1 always gives).
+// psr.masks chooses which N_t: "random" (the method as specified: any N_t of the pool, redrawn at
+// every step) or "own_first" (a diagnostic variant: the layer's own N experts always, plus
+// N_t - N of the borrowed ones, redrawn at every step).
 // Integer arithmetic keeps the floor exact: floor((1 + a) N) = N + floor(a N).
 //
 // At every step, P - N_t experts of the pool are masked: psr_scores sets their gating scores to -1,
@@ -44,21 +47,36 @@ inline int64_t psr_candidates(const PsrConfig& psr, int64_t experts_per_layer, i
   return n + extra;
 }
 
+// Experts PSR never masks in a layer: pool indices [first, first + count). With psr.masks =
+// "own_first" they are the layer's own N experts (so that while N_t = N the layer routes exactly as
+// a vanilla one); with "random", none.
+struct AlwaysKept {
+  int64_t first = 0, count = 0;
+};
+
+inline AlwaysKept psr_always_kept(const PsrConfig& psr, const MoeConfig& moe, int64_t layer) {
+  if (psr.masks != "own_first") return {};
+  return {layer % moe.reuse * moe.experts_per_layer, moe.experts_per_layer};
+}
+
 // keep[i] = 1 for the `candidates` experts of the pool that may be chosen at (seed, step, layer),
-// 0 for the pool - candidates masked ones.
+// 0 for the pool - candidates masked ones, drawn from the experts outside `kept`.
 inline std::vector<uint8_t> psr_keep_mask(uint64_t seed, int64_t step, int64_t layer, int64_t pool,
-                                          int64_t candidates) {
-  REX_CHECK(candidates >= 1 && candidates <= pool, "psr: ", candidates,
-            " candidates out of a pool of ", pool);
+                                          int64_t candidates, AlwaysKept kept = {}) {
+  REX_CHECK(candidates >= std::max<int64_t>(kept.count, 1) && candidates <= pool,
+            "psr: ", candidates, " candidates out of a pool of ", pool, " with ", kept.count,
+            " always kept");
   std::vector<uint8_t> keep(static_cast<size_t>(pool), 1);
   if (candidates == pool) return keep;
   Generator gen(mix64(mix64(seed ^ 0x50535200ull) ^ static_cast<uint64_t>(step)) ^
                 mix64(static_cast<uint64_t>(layer)));
-  std::vector<int64_t> order(static_cast<size_t>(pool));
-  std::iota(order.begin(), order.end(), int64_t{0});
+  std::vector<int64_t> order;  // the experts that may be masked
+  for (int64_t e = 0; e < pool; ++e)
+    if (e < kept.first || e >= kept.first + kept.count) order.push_back(e);
+  const auto maskable = static_cast<int64_t>(order.size());
   // The first pool - candidates positions of a partial Fisher-Yates shuffle are the masked experts.
   for (int64_t i = 0; i < pool - candidates; ++i) {
-    const int64_t j = i + static_cast<int64_t>(gen.below(static_cast<uint64_t>(pool - i)));
+    const int64_t j = i + static_cast<int64_t>(gen.below(static_cast<uint64_t>(maskable - i)));
     std::swap(order[static_cast<size_t>(i)], order[static_cast<size_t>(j)]);
     keep[static_cast<size_t>(order[static_cast<size_t>(i)])] = 0;
   }
