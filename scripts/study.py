@@ -622,7 +622,7 @@ def plot_routing(summary, loaded, path):
         row[3].yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(image, ax=row[3], fraction=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=75)
     plt.close(fig)
     return True
 

@@ -27,6 +27,7 @@ refused "psr.schedule: the value is not valid UTF-8" --set "psr.schedule=$(print
 refused "model.ffn: the value is not valid UTF-8" --set "model.ffn=$(printf '\xc3')"
 refused 'psr.schedule must be "none", "linear" or "stepwise"' --set model.ffn=dense \
   --set psr.schedule=cosine
+refused 'psr.masks must be "random" or "own_first"' --set psr.masks=own
 printf '{"psr": {"schedule": "lin\xe9ar"}}' > latin1.json
 refused "latin1.json is not valid JSON" --config latin1.json
 

@@ -483,6 +483,9 @@ TEST_CASE("config validation rejects impossible MoE settings with a message nami
   CHECK(message([](nn::ModelConfig& c) {
           c.psr.schedule = "cubic";
         }).find("psr.schedule must be") != std::string::npos);
+  CHECK(message([](nn::ModelConfig& c) {
+          c.psr.masks = "own";
+        }).find("psr.masks must be \"random\" or \"own_first\", got \"own\"") != std::string::npos);
 }
 
 TEST_CASE("grouped_swiglu matches per-expert composed SwiGLUs and central differences") {

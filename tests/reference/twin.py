@@ -406,6 +406,15 @@ def run(folder, perturb):
     targets = torch.from_numpy(inputs["targets"]).long()
     keeps = [torch.from_numpy(inputs[f"psr_keep.{i}"]).float()
              for i in range(cfg["model"]["n_layers"])] if model.is_moe else None
+    if model.is_moe and cfg["psr"].get("masks") == "own_first":
+        # The variant's promise, checked here rather than taken from rex: layer l keeps the N
+        # experts it owns, pool indices [(l mod r) N, (l mod r + 1) N).
+        n, r = cfg["moe"]["experts_per_layer"], cfg["moe"]["reuse"]
+        for layer, keep in enumerate(keeps):
+            own = keep[layer % r * n:(layer % r + 1) * n]
+            if not bool((own == 1).all()):
+                raise TwinError(f"twin.py: psr_keep.{layer} masks one of the layer's own experts "
+                                f"under psr.masks = own_first: {keep.tolist()}")
 
     report = Report()
     logits, loss, lm_loss, aux_loss = model(ids, targets, keeps)
