@@ -412,11 +412,16 @@ def describe(values):
     return {"n": n, "mean": mean, "std": std, "ci95": t_quantile(0.975, n - 1) * std / math.sqrt(n)}
 
 
+def block_overlaps(layer):
+    """A layer's Jaccard indices with the other layers of its block (not with itself)."""
+    return [j for other, j in enumerate(layer["jaccard"])
+            if other != layer["layer"] % len(layer["jaccard"])]
+
+
 def routing_summary(record):
     """Mean over layers of own share, entropy, imbalance and the off-diagonal block Jaccard."""
     layers = record["layers"]
-    pairs = [j for layer in layers for other, j in enumerate(layer["jaccard"])
-             if other != layer["layer"] % len(layer["jaccard"])]
+    pairs = [j for layer in layers for j in block_overlaps(layer)]
     return {"own_share": statistics.fmean(l["own_share"] for l in layers),
             "entropy": statistics.fmean(l["entropy"] for l in layers),
             "imbalance": statistics.fmean(l["imbalance"] for l in layers),
@@ -593,21 +598,20 @@ def plot_routing(summary, loaded, path):
 
         def per_layer(key, ax, ylabel):
             for layer in range(n_layers):
-                curves = [[(r["step"], key(r["layers"][layer], r["layers"])) for r in rs]
+                curves = [[(r["step"], key(r["layers"][layer])) for r in rs]
                           for rs in records]
                 steps, mean, _ = mean_curve(curves)
                 ax.plot(steps, mean, color=colours[layer], label=f"layer {layer}")
             ax.set(xlabel="step", ylabel=ylabel)
             ax.grid(alpha=0.3)
 
-        per_layer(lambda l, _: l["own_share"], row[0], "own share")
+        per_layer(lambda l: l["own_share"], row[0], "own share")
         row[0].set_title(f"{a['label']}", fontsize=9)
-        per_layer(lambda l, _: l["imbalance"], row[1], "imbalance (max / mean share)")
+        per_layer(lambda l: l["imbalance"], row[1], "imbalance (max / mean share)")
         width = len(records[0][0]["layers"][0]["jaccard"])
         if width > 1:
-            per_layer(lambda l, _: statistics.fmean(
-                j for i, j in enumerate(l["jaccard"]) if i != l["layer"] % width),
-                row[2], "Jaccard with the block's other layers")
+            per_layer(lambda l: statistics.fmean(block_overlaps(l)), row[2],
+                      "Jaccard with the block's other layers")
         else:
             row[2].text(0.5, 0.5, "one layer per block", ha="center", va="center")
             row[2].set_axis_off()
