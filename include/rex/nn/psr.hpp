@@ -24,7 +24,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <numeric>
 #include <vector>
 
 #include "rex/core/factory.hpp"

@@ -180,7 +180,7 @@ inline StepResult train_step(
     across.emplace(*comm, model.config().n_layers);
     routing.whole_batch = &*across;
   }
-  double loss_sum = 0, lm_sum = 0, aux_sum = 0;
+  double lm_sum = 0, aux_sum = 0;
   for (size_t m = 0; m < micro.size(); ++m) {
     if (measured) measured->next_micro_batch(m);
     result.output = model.forward(micro[m].inputs, micro[m].targets, routing);
@@ -192,25 +192,24 @@ inline StepResult train_step(
                               last && split.sync ? split.sync->hook() : nullptr);
     // Read once backward has been queued: clipping waits for the gradients right after anyway, so
     // on CUDA this costs no wait of its own (reading it later would wait for AdamW too). The
-    // total is their sum, which saves a third read (and, on CUDA, a third synchronisation).
+    // total loss is their sum, which saves a third read (and, on CUDA, a third synchronisation).
     const double lm = result.output.lm_loss.item(), aux = aux_loss(result.output);
     lm_sum += lm;
     aux_sum += aux;
-    loss_sum += lm + aux;
     if (!routing.whole_batch) nn::add_expert_counts(result.expert_counts, result.output);
   }
   if (split.sync) split.sync->finish();
   if (measured) result.expert_counts = measured->whole();
   if (across) result.expert_counts = across->whole();
   if (comm) {
-    std::vector<double> sums{loss_sum, lm_sum, aux_sum};
+    std::vector<double> sums{lm_sum, aux_sum};
     comm->all_reduce_sum(sums);
-    loss_sum = sums[0], lm_sum = sums[1], aux_sum = sums[2];
+    lm_sum = sums[0], aux_sum = sums[1];
     if (!routing.whole_batch) all_reduce_counts(*comm, result.expert_counts);
   }
-  result.loss = loss_sum / static_cast<double>(shards);
   result.lm_loss = lm_sum / static_cast<double>(shards);
   result.aux_loss = aux_sum / static_cast<double>(shards);
+  result.loss = result.lm_loss + result.aux_loss;
   result.candidates = result.output.candidates;
   if (inspect_gradients) inspect_gradients(result.output);
   result.grad_norm = optim::clip_grad_norm(optimizer.parameters(), grad_clip);
