@@ -11,6 +11,9 @@
 //                the peak bytes of live tensors during one whole training step (P)
 //   config    -> the run configuration with every default filled in, as one JSON line
 //   gemm N    -> "gemm G"   rex's best GFLOP/s of 5 N x N x N products (the machine's GEMM peak)
+//   save DIR  -> "saved"    writes DIR/model.safetensors (the parameters now) and
+//                DIR/batch.safetensors (ids, targets I32 [B, T]): a peer loads them, takes one step
+//                and compares its loss with rex's "loss" after "steps 1"
 //   quit
 // Batches are drawn from random token ids (the speed does not depend on the text) with a fixed
 // seed; the PSR step advances with the steps, as in training.
@@ -24,6 +27,7 @@
 
 #include <rex/backend/cuda/runtime.hpp>
 #include <rex/rex.hpp>
+#include <rex/train/checkpoint.hpp>
 #include <rex/train/config.hpp>
 #include <rex/train/step.hpp>
 
@@ -141,6 +145,14 @@ int run(int argc, char** argv) {
         if (repeat > 0) best = std::min(best, seconds.count());
       }
       std::printf("gemm %.3f\n", 2.0 * static_cast<double>(n * n * n) / best / 1e9);
+    } else if (command == "save") {
+      std::string dir;
+      REX_CHECK(std::cin >> dir, "train_step_server: save expects a folder");
+      rex::io::save_safetensors(rex::train::model_path(dir), rex::train::parameter_map(model));
+      rex::io::save_safetensors(dir + "/batch.safetensors",
+                                {{"ids", sequences.inputs.to(rex::Device::cpu())},
+                                 {"targets", sequences.targets.to(rex::Device::cpu())}});
+      std::printf("saved\n");
     } else if (command == "quit") {
       return 0;
     } else {
