@@ -33,7 +33,7 @@ PyTorch a fresh child, its baseline after `import torch` in parentheses).
 
 PSR masking is off (psr.schedule = none) since it does not change the work per step. PyTorch runs
 with OPENBLAS_NUM_THREADS=1 (see below) and torch.set_num_threads(threads), JAX on `threads` CPUs
-(its thread pools follow the CPU affinity; jax_twin.py), rex with OMP_NUM_THREADS.
+(its thread pools follow the CPU affinity), rex with OMP_NUM_THREADS.
 
 --scale replaces the configs by a ladder around rex_r4 (d_model 128 -> 512, context 64 -> 512,
 16 -> 64 experts per table) and times rex against the peers given with --peers (default: eager,
@@ -113,9 +113,11 @@ def training_flops(cfg):
 class LineServer:
     """A subprocess that answers one line per command line (train_step_server, jax_twin.py)."""
 
-    def __init__(self, args, env):
-        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env=env)
+    def __init__(self, args, env, cpus=None):
+        """cpus: the CPUs the process may run on (all when None)."""
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
 
     def answer(self, command):
         self.process.stdin.write(command + "\n")
@@ -154,9 +156,21 @@ class RexServer(LineServer):
 
 
 class JaxTwin(LineServer):
+    """XLA sizes its CPU thread pools from the process's CPU affinity: `threads` CPUs (and, for
+    one, no separate Eigen pool)."""
+
     def __init__(self, config_file, threads):
+        env = dict(os.environ)
+        if threads == 1:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false")
         super().__init__([sys.executable, os.path.join(ROOT, "bench", "jax_twin.py"),
-                          "--config", config_file, "--threads", str(threads)], dict(os.environ))
+                          "--config", config_file], env,
+                         cpus=sorted(os.sched_getaffinity(0))[:threads])
+
+    def capacity_report(self):
+        capacity, compiled, redone = (int(v) for v in self.ask("capacity"))
+        return (f"jax: MoE capacity {capacity} rows per expert at the end, {compiled} capacities "
+                f"compiled, {redone} steps redone for a larger one")
 
 
 class TorchTrainer:
@@ -330,6 +344,9 @@ def bench_one(name, path, overrides, threads, peers, args, measure_memory):
         else:
             peak = max(torch_gemm_gflops(4096, device="cuda"), rex.ask("gemm 4096")[0])
         seconds = time_runners(runners, args)
+        for label, runner in runners:
+            if label == "jax" and cfg["model"]["ffn"] == "moe":
+                print(f"{name} ({threads} thr) {runner.capacity_report()}", flush=True)
         memory = {}
         if measure_memory:
             kept, step_peak = rex.ask("memory")
@@ -347,7 +364,7 @@ def bench_one(name, path, overrides, threads, peers, args, measure_memory):
     return cfg, peak, seconds, memory
 
 
-def print_tables(rows, threads_list):
+def print_tables(rows):
     labels = list(rows[0][4])
     print()
     print("| config | threads | " + " | ".join(f"{label} ms/step" for label in labels) +
@@ -457,7 +474,7 @@ def main():
             print(f"{name} {threads} thr: " + "  ".join(
                 f"{label} {value * 1000:.2f} ms/step" for label, value in seconds.items()),
                 flush=True)
-    print_tables(rows, threads_list)
+    print_tables(rows)
 
 
 if __name__ == "__main__":

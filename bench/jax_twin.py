@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The JAX twin of the rex transformer, for bench/bench_train.py: one jit-compiled training step.
 
-    python3 bench/jax_twin.py --config FULL_CONFIG.json --threads N
+    python3 bench/jax_twin.py --config FULL_CONFIG.json
 
 reads commands on stdin and answers one line each, like bench/train_step_server:
     load DIR  -> "loaded"   the parameters of DIR/model.safetensors and the batch of
@@ -13,6 +13,10 @@ reads commands on stdin and answers one line each, like bench/train_step_server:
     capacity  -> "capacity C K R"  the MoE capacity now, how many capacities were compiled, and
                             how many steps were redone for a larger one (see below)
     quit
+
+It computes on the CPUs it may run on: XLA sizes its thread pools from the process's CPU affinity
+when jax is imported, so the launcher sets the affinity (bench_train.py does, for --threads; by
+hand: taskset -c 0 ...) and, for one thread, XLA_FLAGS=--xla_cpu_multi_thread_eigen=false.
 
 The model is written here from the maths of docs/method.md, as twin.py is for PyTorch: RMSNorm,
 RoPE (rotate-half, angles in float64 rounded to float32), grouped-query causal attention, SwiGLU,
@@ -28,8 +32,8 @@ token-slots are sorted by expert and placed at (expert, rank within the expert).
 dropped: the step also returns the largest expert's load, and when it exceeds the capacity the
 step is thrown away (the state is functional) and redone with the capacity raised to the next
 multiple of CAPACITY_QUANTUM above it. After a step that fits, the capacity shrinks to one quantum
-above its largest load (loads swing: one expert of the R4 config takes 585 of 1,536 slots at step
-2 and under 200 by step 20). jit compiles once per capacity and keeps it. The padding (capacity
+above its largest load (loads swing: in the R4 config's first steps the busiest expert takes several
+times its fair share, less once the load-balancing loss has acted). jit compiles once per capacity and keeps it. The padding (capacity
 minus load per expert), the redone steps and the compilations are costs rex does not have; they
 are what exact top-k routing costs under XLA's static shapes ("capacity" reports them).
 """
@@ -40,34 +44,24 @@ import os
 import sys
 import time
 
-
-def configure_threads(threads):
-    """XLA's CPU client sizes its thread pools at import time from the CPUs this process may run
-    on: restrict those to `threads` before `import jax` (and keep Eigen's own pool off at 1)."""
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
-    if threads == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false").strip()
-
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "reference"))
+from safetensors_np import read_safetensors  # noqa: E402
+
 CAPACITY_QUANTUM = 32
 
 
 def f32(value):
     """A config number rounded to float32, as rex holds it."""
-    import numpy as np
-
     return float(np.float32(value))
 
 
 def build(cfg):
     """The jit-compiled step and its helpers for the architecture of `cfg` (a full rex config)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     m, moe, t = cfg["model"], cfg["moe"], cfg["train"]
     d, heads, kv_heads = m["d_model"], m["n_heads"], m["n_kv_heads"]
     head_dim, time_steps, layers = d // heads, m["context"], m["n_layers"]
@@ -129,10 +123,9 @@ def build(cfg):
             jnp.arange(expert.size) // top_k)[:-1]
         rows = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[token_of_slot]
         rows = rows.reshape(pool, capacity, d)
-        w = table
-        hidden = jax.nn.silu(jnp.einsum("ecd,ehd->ech", rows, w["gate"])) * jnp.einsum(
-            "ecd,ehd->ech", rows, w["up"])
-        out = jnp.einsum("ech,edh->ecd", hidden, w["down"]).reshape(pool * capacity, d)
+        hidden = jax.nn.silu(jnp.einsum("ecd,ehd->ech", rows, table["gate"])) * jnp.einsum(
+            "ecd,ehd->ech", rows, table["up"])
+        out = jnp.einsum("ech,edh->ecd", hidden, table["down"]).reshape(pool * capacity, d)
         out = jnp.concatenate([out, jnp.zeros((1, d), out.dtype)])[slot].reshape(tokens, top_k, d)
         y = jnp.einsum("nkd,nk->nd", out, gates)
         for s in range(moe["shared_experts"]):
@@ -183,21 +176,21 @@ def build(cfg):
             decayed = w * (1 - lr * wd) if w.ndim >= 2 else w
             return decayed - lr * (mean / fix1) / (jnp.sqrt(var / fix2) + adam_eps), mean, var
 
-        new = jax.tree_util.tree_map(update, p, grads, state["mean"], state["var"])
-        pick = lambda i: jax.tree_util.tree_map(lambda triple: triple[i], new,  # noqa: E731
-                                                is_leaf=lambda x: isinstance(x, tuple))
-        return pick(0), {"count": count, "mean": pick(1), "var": pick(2)}, loss, max_load
+        leaves, tree = jax.tree_util.tree_flatten(p)
+        updated = [update(*four) for four in zip(leaves, tree.flatten_up_to(grads),
+                                                 tree.flatten_up_to(state["mean"]),
+                                                 tree.flatten_up_to(state["var"]))]
+        new_p, mean, var = (tree.unflatten(part) for part in zip(*updated))
+        return new_p, {"count": count, "mean": mean, "var": var}, loss, max_load
 
     return jax.jit(step, static_argnums=4), loss_fn, pool, top_k
 
 
 class Trainer:
     def __init__(self, cfg):
-        import jax.numpy as jnp
-
         self.cfg = cfg
+        self.is_moe = cfg["model"]["ffn"] == "moe"
         self.step_fn, self.loss_fn, self.pool, self.top_k = build(cfg)
-        self.jnp = jnp
         tokens = cfg["train"]["batch_size"] * cfg["model"]["context"]
         fair_share = tokens * self.top_k / self.pool
         self.capacity = self.round_up(1.25 * fair_share)
@@ -209,14 +202,10 @@ class Trainer:
         return int(math.ceil(load / CAPACITY_QUANTUM) * CAPACITY_QUANTUM)
 
     def load(self, folder):
-        import jax
-        from safetensors_np import read_safetensors
-
         weights, _ = read_safetensors(os.path.join(folder, "model.safetensors"))
         batch, _ = read_safetensors(os.path.join(folder, "batch.safetensors"))
-        jnp = self.jnp
         params = {k: jnp.asarray(v) for k, v in weights.items() if not k.startswith("expert_")}
-        if self.cfg["model"]["ffn"] == "moe":
+        if self.is_moe:
             tables = []
             for table in range(self.cfg["model"]["n_layers"] // self.cfg["moe"]["reuse"]):
                 name = f"expert_tables.{table}.experts.{{}}.{{}}.weight"
@@ -225,9 +214,8 @@ class Trainer:
                                for part in ("gate", "up", "down")})
             params["tables"] = tables
         self.params = params
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        self.state = {"count": jnp.zeros((), jnp.int32), "mean": zeros,
-                      "var": jax.tree_util.tree_map(jnp.zeros_like, params)}
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)  # immutable: shared by both moments
+        self.state = {"count": jnp.zeros((), jnp.int32), "mean": zeros, "var": zeros}
         self.ids = jnp.asarray(batch["ids"])
         self.targets = jnp.asarray(batch["targets"])
 
@@ -235,15 +223,14 @@ class Trainer:
         while True:
             new_params, new_state, loss, max_load = self.step_fn(self.params, self.state, self.ids,
                                                                  self.targets, self.capacity)
-            fits = int(max_load) <= self.capacity
-            if fits or self.cfg["model"]["ffn"] != "moe":
+            load = int(max_load)
+            if not self.is_moe or load <= self.capacity:
                 break
-            self.capacity = self.round_up(int(max_load) + 1)
-            self.capacities.add(self.capacity)
+            self.capacity = self.round_up(load)  # the busiest expert did not fit: redo the step
             self.redone += 1
-        if self.cfg["model"]["ffn"] == "moe":
-            self.capacity = min(self.capacity, self.round_up(int(max_load) + CAPACITY_QUANTUM))
-            self.capacities.add(self.capacity)
+        if self.is_moe:
+            self.capacity = min(self.capacity, self.round_up(load + CAPACITY_QUANTUM))
+        self.capacities.add(self.capacity)
         self.params, self.state = new_params, new_state
         return loss
 
@@ -257,8 +244,6 @@ class Trainer:
         return time.perf_counter() - start
 
     def residual_bytes(self):
-        import jax
-
         _, vjp = jax.vjp(lambda p: self.loss_fn(p, self.ids, self.targets, self.capacity)[0],
                          self.params)
         parameters = {id(x) for x in jax.tree_util.tree_leaves(self.params)}
@@ -277,9 +262,7 @@ def peak_rss_kib():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a full rex config (every key filled in)")
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    configure_threads(args.threads)
     with open(args.config) as config_file:
         trainer = Trainer(json.load(config_file))
     for line in sys.stdin:
@@ -296,7 +279,7 @@ def main():
         elif command == "rss":
             answer = f"rss {peak_rss_kib()}"
         elif command == "capacity":
-            answer = (f"capacity {trainer.capacity} {len(trainer.capacities)} {trainer.redone}")
+            answer = f"capacity {trainer.capacity} {len(trainer.capacities)} {trainer.redone}"
         elif command == "quit":
             return
         else:
