@@ -172,6 +172,48 @@ TEST_CASE("broadcast_to and sum_to are each other's gradient") {
   CHECK_THROWS_AS(rex::sum_to(big, {5}), rex::Error);
 }
 
+TEST_CASE("large tensors, split into parallel runs, match one-thread loops bit for bit") {
+  // Above rex's parallel threshold (16384 elements), every elementwise kernel splits its output
+  // into runs; each run starts its broadcast odometer mid-tensor. Reference: plain loops here.
+  const int64_t n0 = 70, n1 = 3, n2 = 129;  // 27090 elements; 129 puts runs off row boundaries
+  rex::Generator gen(11);
+  const Tensor a = rex::normal({n0, n1, n2}, gen), b = rex::normal({n0, 1, n2}, gen);
+  const Tensor c = rex::normal({n1, 1}, gen);
+  const float *pa = a.data<float>(), *pb = b.data<float>(), *pc = c.data<float>();
+  auto at = [&](int64_t i, int64_t j, int64_t k) { return (i * n1 + j) * n2 + k; };
+
+  const Tensor product = a * b, scaled = rex::exp(a), sum = a + a, shifted = a - c;
+  const Tensor stretched = rex::broadcast_to(b, {n0, n1, n2});
+  std::vector<int32_t> positive(static_cast<size_t>(a.numel()));
+  for (size_t i = 0; i < positive.size(); ++i) positive[i] = pa[i] > 0.0f ? 1 : 0;
+  const Tensor picked = rex::where(rex::from_vector(positive, {n0, n1, n2}), a, b);
+  for (int64_t i = 0; i < n0; ++i)
+    for (int64_t j = 0; j < n1; ++j)
+      for (int64_t k = 0; k < n2; ++k) {
+        const int64_t o = at(i, j, k), ob = i * n2 + k;
+        REQUIRE(product.data<float>()[o] == pa[o] * pb[ob]);
+        REQUIRE(scaled.data<float>()[o] == expf(pa[o]));
+        REQUIRE(sum.data<float>()[o] == pa[o] + pa[o]);
+        REQUIRE(shifted.data<float>()[o] == pa[o] - pc[j]);
+        REQUIRE(stretched.data<float>()[o] == pb[ob]);
+        REQUIRE(picked.data<float>()[o] == (pa[o] > 0.0f ? pa[o] : pb[ob]));
+      }
+
+  // sum_to over trailing axes (summed in parallel) and over leading ones (one thread), each in
+  // x's row-major order, as float.
+  const Tensor rows = rex::sum_to(a, {n0, n1, 1}), columns = rex::sum_to(a, {n2});
+  for (int64_t r = 0; r < n0 * n1; ++r) {
+    float total = 0.0f;
+    for (int64_t k = 0; k < n2; ++k) total += pa[r * n2 + k];
+    REQUIRE(rows.data<float>()[r] == total);
+  }
+  for (int64_t k = 0; k < n2; ++k) {
+    float total = 0.0f;
+    for (int64_t r = 0; r < n0 * n1; ++r) total += pa[r * n2 + k];
+    REQUIRE(columns.data<float>()[k] == total);
+  }
+}
+
 TEST_CASE("mismatched shapes name the op and both shapes") {
   Tensor a = rex::ones({2, 3}), b = rex::ones({4, 3});
   CHECK_THROWS_WITH_AS(a + b, "add: shapes [2, 3] and [4, 3] cannot be broadcast together",

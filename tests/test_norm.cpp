@@ -56,6 +56,30 @@ TEST_CASE("rms_norm matches a double-precision loop") {
     CHECK(v == 0.0f);
 }
 
+TEST_CASE("rms_norm over many rows (rows and weight columns in parallel) matches loops") {
+  // 300 rows of 100: above the parallel threshold, with a last column block of 4.
+  rex::Generator gen(9);
+  const int64_t rows = 300, d = 100;
+  Tensor x = random_normal_param({rows, d}, gen), w = random_normal_param({d}, gen);
+  const Tensor g = rex::normal({rows, d}, gen);
+  const Tensor y = rex::rms_norm(x, w, 1e-5f);
+  check_close(y, rms_norm_loop(x, w, 1e-5), 1e-6);
+  y.backward(g);
+  // dw[j] = sum_r g[r, j] x[r, j] rstd[r], in double.
+  const float *px = x.data<float>(), *pg = g.data<float>();
+  std::vector<double> dw(static_cast<size_t>(d), 0.0), rstd(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    double squares = 0;
+    for (int64_t j = 0; j < d; ++j) squares += static_cast<double>(px[r * d + j]) * px[r * d + j];
+    rstd[static_cast<size_t>(r)] = 1.0 / std::sqrt(squares / d + 1e-5);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < d; ++j)
+      dw[static_cast<size_t>(j)] +=
+          static_cast<double>(pg[r * d + j]) * px[r * d + j] * rstd[static_cast<size_t>(r)];
+  check_close(w.grad(), dw, 1e-5);
+}
+
 TEST_CASE("rms_norm gradient") {
   rex::Generator gen(2);
   for (const Shape& shape : {Shape{7}, Shape{3, 5}, Shape{2, 3, 4}, Shape{4, 1, 6}}) {

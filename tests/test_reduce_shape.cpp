@@ -99,6 +99,24 @@ TEST_CASE("permute and transpose move elements and invert in the backward") {
   CHECK_THROWS_AS(rex::permute(x, {0, 1}), rex::Error);
 }
 
+TEST_CASE("a large permute, copied in parallel runs, moves every element") {
+  // [B, T, H, D] to [B, H, T, D] (splitting attention heads) and a full reversal, both above the
+  // parallel threshold, against an index loop.
+  rex::Generator gen(5);
+  const int64_t b = 3, t = 70, h = 4, d = 33;
+  const Tensor x = rex::normal({b, t, h, d}, gen);
+  const Tensor heads = rex::permute(x, {0, 2, 1, 3}), reversed = rex::permute(x, {3, 2, 1, 0});
+  const float* px = x.data<float>();
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < t; ++j)
+      for (int64_t k = 0; k < h; ++k)
+        for (int64_t l = 0; l < d; ++l) {
+          const float v = px[((i * t + j) * h + k) * d + l];
+          REQUIRE(heads.data<float>()[((i * h + k) * t + j) * d + l] == v);
+          REQUIRE(reversed.data<float>()[((l * h + k) * t + j) * b + i] == v);
+        }
+}
+
 TEST_CASE("slice along any axis; gradient lands in the sliced window") {
   rex::Generator gen(5);
   Tensor x = random_normal_param({3, 4, 5}, gen);

@@ -3,7 +3,9 @@
 // Gradients arriving at the same node from several uses are summed before its backward function
 // runs; gradients reaching a leaf are added into leaf.grad(), which therefore accumulates across
 // uses and across backward() calls until zero_grad(). Accumulation writes leaf.grad() in place, so
-// no other gradient may share its storage: the first one is copied, and so is the root gradient.
+// no other gradient may share its storage: the first one becomes leaf.grad() as it is only when
+// nothing else holds or views it (a weight's fresh GEMM output, say), and is copied otherwise; the
+// root gradient is always copied.
 // Each node's backward function (and what it saved) is dropped as soon as it has run, unless
 // retain_graph is set; running through it again is an error.
 //
@@ -33,10 +35,11 @@ inline Tensor sum_of_grads(const Tensor& a, const Tensor& b) {
   return out;
 }
 
-// acc += g; the first gradient is copied so that a leaf's .grad() never aliases another tensor.
+// acc += g; the first gradient is taken over when nothing else reaches it and copied otherwise, so
+// that a leaf's .grad() never aliases another tensor.
 inline void accumulate_leaf_grad(AutogradMeta& leaf, const Tensor& g) {
   if (!leaf.grad.defined()) {
-    leaf.grad = g.clone();
+    leaf.grad = g.is_sole_owner() ? g : g.clone();
     return;
   }
   add_into(leaf.grad, g, leaf.grad, "backward");

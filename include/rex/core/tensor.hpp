@@ -199,6 +199,11 @@ class Tensor {
   bool shares_storage_with(const Tensor& other) const {
     return impl_ && other.impl_ && impl_->storage == other.impl_->storage;
   }
+  // Whether this handle is the only way to its values: no other handle to it, no view of its
+  // storage (so a caller may take the values over instead of copying them).
+  bool is_sole_owner() const {
+    return impl_ && impl_.use_count() == 1 && impl_->storage.use_count() == 1;
+  }
 
  private:
   detail::TensorImpl& checked() const {

@@ -56,14 +56,15 @@ inline double clip_grad_norm(const std::vector<Parameter>& params, double max_no
     const auto scale = static_cast<float>(coef);
     for (const Parameter& p : params) {
       const Tensor g = p.tensor.grad();
-      if (!g.defined()) continue;
-      if (detail::on_cuda(g)) {
+      if (g.defined() && detail::on_cuda(g))
         detail::cuda_backend().unary(detail::UnaryOp::mul_scalar, scale, g.device_data<float>(),
                                      g.device_data<float>(), g.numel());
-        continue;
-      }
-      float* pg = g.data<float>();
-      for (int64_t i = 0, n = g.numel(); i < n; ++i) pg[i] *= scale;
+    }
+    REX_PARALLEL_FOR(schedule(dynamic))
+    for (int64_t i = 0; i < count; ++i) {
+      const Tensor g = params[i].tensor.grad();
+      if (!g.defined() || detail::on_cuda(g)) continue;
+      detail::ArrayMap(g.data<float>(), g.numel()) *= scale;
     }
   }
   return norm;

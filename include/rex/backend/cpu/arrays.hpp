@@ -26,7 +26,7 @@ using ConstArrayMap = Eigen::Map<const Eigen::ArrayXf>;
 // the chunking does not depend on the thread count.
 template <class F>
 void for_each_chunk(int64_t n, F f) {
-  constexpr int64_t kChunk = 16384;
+  constexpr int64_t kChunk = kParallelElements;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   REX_PARALLEL_FOR(if (chunks > 1))
   for (int64_t c = 0; c < chunks; ++c) f(c * kChunk, std::min(kChunk, n - c * kChunk));

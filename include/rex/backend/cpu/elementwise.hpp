@@ -6,9 +6,11 @@
 //
 // Broadcasting follows NumPy (rex/backend/broadcast.hpp). The iterator walks the output in
 // row-major order and keeps, per input, the element offset, with stride 0 on stretched axes; the
-// common cases (equal shapes, a scalar operand) take flat loops that the compiler vectorises.
+// common cases (equal shapes, a scalar operand) take flat loops that the compiler vectorises, run
+// in parallel over fixed chunks (rex/backend/cpu/arrays.hpp) when the tensor is large.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <utility>
@@ -21,25 +23,39 @@
 
 namespace rex::detail {
 
-// Calls body(out_index, offsets) for every element of `out` in row-major order, where offsets[k] is
-// the element of input k (of shape ins[k], broadcastable to out) that lines up with it.
+// The length of a row of `out` for for_each_broadcast_rows: its last extent (a 0-d tensor is one
+// row of one element).
+inline int64_t broadcast_row_length(const Shape& out) {
+  return out.rank() == 0 ? 1 : out[out.rank() - 1];
+}
+
+// Calls body(out_index, offsets) for every element of rows [first_row, last_row) of `out` (runs
+// along its last axis) in row-major order, where offsets[k] is the element of input k (of shape
+// ins[k], broadcastable to out) that lines up with it.
 template <size_t N, class Body>
-void for_each_broadcast(const Shape& out, const std::array<Shape, N>& ins, Body&& body) {
-  const int64_t rank = out.rank();
-  std::array<int64_t, N> offsets{};
-  if (rank == 0) {
-    body(int64_t{0}, offsets);
-    return;
-  }
+void for_each_broadcast_rows(const Shape& out, const std::array<Shape, N>& ins, int64_t first_row,
+                             int64_t last_row, Body& body) {
+  const int64_t rank = out.rank(), inner = broadcast_row_length(out);
   std::array<std::vector<int64_t>, N> strides;
-  for (size_t k = 0; k < N; ++k) strides[k] = broadcast_strides(ins[k], out);
-  const int64_t inner = out[rank - 1], total = out.numel();
+  std::array<int64_t, N> along_row{};  // each input's step along the last axis
+  for (size_t k = 0; k < N; ++k) {
+    strides[k] = broadcast_strides(ins[k], out);
+    if (rank > 0) along_row[k] = strides[k][static_cast<size_t>(rank - 1)];
+  }
+  // The odometer over the outer axes, started at first_row.
   std::vector<int64_t> index(static_cast<size_t>(rank), 0);
-  for (int64_t o = 0; o < total; o += inner) {
+  std::array<int64_t, N> offsets{};
+  for (int64_t axis = rank - 2, rest = first_row; axis >= 0; --axis) {
+    const auto a = static_cast<size_t>(axis);
+    index[a] = rest % out[axis];
+    rest /= out[axis];
+    for (size_t k = 0; k < N; ++k) offsets[k] += index[a] * strides[k][a];
+  }
+  for (int64_t row = first_row; row < last_row; ++row) {
     std::array<int64_t, N> at = offsets;
     for (int64_t j = 0; j < inner; ++j) {
-      body(o + j, at);
-      for (size_t k = 0; k < N; ++k) at[k] += strides[k][static_cast<size_t>(rank - 1)];
+      body(row * inner + j, at);
+      for (size_t k = 0; k < N; ++k) at[k] += along_row[k];
     }
     // Advance the odometer over the outer axes, keeping the offsets in step.
     for (int64_t axis = rank - 2; axis >= 0; --axis) {
@@ -54,13 +70,36 @@ void for_each_broadcast(const Shape& out, const std::array<Shape, N>& ins, Body&
   }
 }
 
-// out[i] = f(x[i]) over an f32 tensor.
+// Every element of `out` in row-major order, on one thread (for bodies that accumulate).
+template <size_t N, class Body>
+void for_each_broadcast(const Shape& out, const std::array<Shape, N>& ins, Body&& body) {
+  const int64_t inner = broadcast_row_length(out);
+  for_each_broadcast_rows(out, ins, 0, inner == 0 ? 0 : out.numel() / inner, body);
+}
+
+// The same with runs of rows in parallel, for bodies that write only the element out_index (so
+// that the result does not depend on the thread count).
+template <size_t N, class Body>
+void for_each_broadcast_parallel(const Shape& out, const std::array<Shape, N>& ins, Body&& body) {
+  const int64_t inner = broadcast_row_length(out);
+  const int64_t rows = inner == 0 ? 0 : out.numel() / inner;
+  const int64_t per_run = std::max<int64_t>(1, kParallelElements / std::max<int64_t>(inner, 1));
+  const int64_t runs = (rows + per_run - 1) / per_run;
+  REX_PARALLEL_FOR(if (runs > 1))
+  for (int64_t run = 0; run < runs; ++run)
+    for_each_broadcast_rows(out, ins, run * per_run, std::min(rows, (run + 1) * per_run), body);
+}
+
+// out[i] = f(x[i]) over an f32 tensor, in parallel chunks (for_each_chunk: elementwise, so the
+// result does not depend on the thread count).
 template <class F>
 Tensor map(const Tensor& x, F&& f) {
   Tensor out = Tensor::empty(x.shape());
   const float* px = x.data<float>();
   float* po = out.data<float>();
-  for (int64_t i = 0, n = x.numel(); i < n; ++i) po[i] = f(px[i]);
+  for_each_chunk(x.numel(), [&](int64_t first, int64_t count) {
+    for (int64_t i = first; i < first + count; ++i) po[i] = f(px[i]);
+  });
   return out;
 }
 
@@ -73,72 +112,65 @@ Tensor zip(const Tensor& a, const Tensor& b, std::string_view op, F&& f) {
   float* po = out.data<float>();
   const int64_t n = shape.numel();
   if (a.shape() == b.shape()) {
-    for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i], pb[i]);
+    for_each_chunk(n, [&](int64_t first, int64_t count) {
+      for (int64_t i = first; i < first + count; ++i) po[i] = f(pa[i], pb[i]);
+    });
   } else if (b.numel() == 1 && a.numel() == n) {
     const float vb = pb[0];
-    for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i], vb);
+    for_each_chunk(n, [&](int64_t first, int64_t count) {
+      for (int64_t i = first; i < first + count; ++i) po[i] = f(pa[i], vb);
+    });
   } else if (a.numel() == 1 && b.numel() == n) {
     const float va = pa[0];
-    for (int64_t i = 0; i < n; ++i) po[i] = f(va, pb[i]);
+    for_each_chunk(n, [&](int64_t first, int64_t count) {
+      for (int64_t i = first; i < first + count; ++i) po[i] = f(va, pb[i]);
+    });
   } else {
-    for_each_broadcast<2>(shape, {a.shape(), b.shape()},
-                          [&](int64_t o, const auto& at) { po[o] = f(pa[at[0]], pb[at[1]]); });
-  }
-  return out;
-}
-
-// out = f(a, b, c) elementwise over three tensors of one shape (used by fused gradient formulas).
-template <class F>
-Tensor zip3(const Tensor& a, const Tensor& b, const Tensor& c, F&& f) {
-  Tensor out = Tensor::empty(a.shape());
-  const float *pa = a.data<float>(), *pb = b.data<float>(), *pc = c.data<float>();
-  float* po = out.data<float>();
-  for (int64_t i = 0, n = a.numel(); i < n; ++i) po[i] = f(pa[i], pb[i], pc[i]);
-  return out;
-}
-
-// Row-wise kernels over the last axis, for fused ops that normalise rows (softmax and friends):
-// out has a's shape and f(a_row, out_row, r) fills row r, or f(a_row, b_row, out_row) when a second
-// tensor of the same shape is read alongside (a gradient and a saved output, say).
-template <class F>
-Tensor map_rows(const Tensor& a, int64_t row_length, F&& f) {
-  Tensor out = Tensor::empty(a.shape());
-  const float* pa = a.data<float>();
-  float* po = out.data<float>();
-  for (int64_t r = 0, rows = a.numel() / row_length; r < rows; ++r)
-    f(pa + r * row_length, po + r * row_length, r);
-  return out;
-}
-
-template <class F>
-Tensor map_rows(const Tensor& a, const Tensor& b, int64_t row_length, F&& f) {
-  Tensor out = Tensor::empty(a.shape());
-  const float *pa = a.data<float>(), *pb = b.data<float>();
-  float* po = out.data<float>();
-  for (int64_t r = 0, rows = a.numel() / row_length; r < rows; ++r) {
-    const int64_t at = r * row_length;
-    f(pa + at, pb + at, po + at);
+    for_each_broadcast_parallel<2>(shape, {a.shape(), b.shape()}, [&](int64_t o, const auto& at) {
+      po[o] = f(pa[at[0]], pb[at[1]]);
+    });
   }
   return out;
 }
 
 namespace cpu {
 
-// out = a + b over n elements; out may be a (in-place accumulation).
+// out = a + b over n elements, in parallel chunks; out may be a (in-place accumulation).
 inline void add(const float* a, const float* b, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+  for_each_chunk(n, [&](int64_t first, int64_t count) {
+    for (int64_t i = first; i < first + count; ++i) out[i] = a[i] + b[i];
+  });
 }
 
 // out [out_shape] = x [x_shape] stretched by broadcasting.
 inline void broadcast_copy(const float* x, float* out, const Shape& out_shape,
                            const Shape& x_shape) {
-  for_each_broadcast<1>(out_shape, {x_shape},
-                        [&](int64_t o, const auto& at) { out[o] = x[at[0]]; });
+  for_each_broadcast_parallel<1>(out_shape, {x_shape},
+                                 [&](int64_t o, const auto& at) { out[o] = x[at[0]]; });
 }
 
 // out [out_shape] (which must start zeroed) += x [x_shape] summed over the broadcast axes, in the
 // row-major order of x.
 inline void sum_to(const float* x, float* out, const Shape& x_shape, const Shape& out_shape) {
+  // The common case of trailing axes summed away ([T, k, d] to [T, k, 1]): each output is the sum
+  // of its own contiguous run of x, in the same order, so the outputs can be summed in parallel.
+  int64_t kept = 0;  // the leading axes both shapes share
+  while (kept < x_shape.rank() && out_shape.rank() == x_shape.rank() &&
+         out_shape[kept] == x_shape[kept])
+    ++kept;
+  bool trailing = out_shape.rank() == x_shape.rank() && out_shape.numel() > 0;
+  for (int64_t axis = kept; trailing && axis < x_shape.rank(); ++axis)
+    trailing = out_shape[axis] == 1;
+  if (trailing) {
+    const int64_t outputs = out_shape.numel(), run = x_shape.numel() / outputs;
+    REX_PARALLEL_FOR(if (x_shape.numel() > kParallelElements))
+    for (int64_t o = 0; o < outputs; ++o) {
+      float total = out[o];
+      for (int64_t j = 0; j < run; ++j) total += x[o * run + j];
+      out[o] = total;
+    }
+    return;
+  }
   for_each_broadcast<1>(x_shape, {out_shape},
                         [&](int64_t i, const auto& at) { out[at[0]] += x[i]; });
 }
@@ -149,7 +181,7 @@ inline void select(const void* cond, bool cond_is_i32, const float* a, const flo
                    const Shape& out_shape, const std::array<Shape, 3>& ins) {
   const auto* cond_i32 = static_cast<const int32_t*>(cond);
   const auto* cond_f32 = static_cast<const float*>(cond);
-  for_each_broadcast<3>(out_shape, ins, [&](int64_t o, const auto& at) {
+  for_each_broadcast_parallel<3>(out_shape, ins, [&](int64_t o, const auto& at) {
     const bool truth = cond_is_i32 ? cond_i32[at[0]] != 0 : cond_f32[at[0]] != 0.0f;
     out[o] = truth ? a[at[1]] : b[at[2]];
   });

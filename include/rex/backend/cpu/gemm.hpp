@@ -10,6 +10,7 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cstdint>
 
 #include "rex/backend/cpu/arrays.hpp"
@@ -27,7 +28,10 @@ inline void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n,
   Eigen::Map<const RowMajorMatrix> A(a, transpose_a ? k : m, transpose_a ? m : k);
   Eigen::Map<const RowMajorMatrix> B(b, transpose_b ? n : k, transpose_b ? k : n);
   Eigen::Map<RowMajorMatrix> C(c, m, n);
-  if (!accumulate) C.setZero();
+  // Eigen's kernel only accumulates, so a fresh product starts from zeros, written in parallel.
+  if (!accumulate)
+    for_each_chunk(m * n,
+                   [c](int64_t first, int64_t count) { std::fill_n(c + first, count, 0.0f); });
   if (!transpose_a && !transpose_b) {
     C.noalias() += A * B;
   } else if (!transpose_a) {

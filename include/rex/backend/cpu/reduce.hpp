@@ -14,10 +14,10 @@
 #include <cstdint>
 #include <limits>
 #include <string_view>
-#include <vector>
 
 #include "rex/backend/pointwise.hpp"
 #include "rex/core/error.hpp"
+#include "rex/core/parallel.hpp"
 #include "rex/core/shape.hpp"
 
 namespace rex::detail::cpu {
@@ -160,9 +160,10 @@ inline void cross_entropy_backward(const float* logits, const int32_t* targets, 
   }
 }
 
-// y = x * rstd * w per row of n, rstd[r] = 1 / sqrt(mean(x_r^2) + eps).
+// y = x * rstd * w per row of n, rstd[r] = 1 / sqrt(mean(x_r^2) + eps); rows in parallel.
 inline void rms_norm(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t n,
                      float eps) {
+  REX_PARALLEL_FOR(if (rows * n > kParallelElements))
   for (int64_t i = 0; i < rows; ++i) {
     const float* row = x + i * n;
     double squares = 0;
@@ -173,27 +174,38 @@ inline void rms_norm(const float* x, const float* w, float* y, float* rstd, int6
   }
 }
 
-// dx and dw may be null. dw sums over rows in row order, in double.
+// dx and dw may be null. dx is computed rows in parallel; dw sums over rows in row order, in
+// double, with blocks of columns in parallel (so neither depends on the thread count).
 inline void rms_norm_backward(const float* g, const float* x, const float* w, const float* rstd,
                               float* dx, float* dw, int64_t rows, int64_t n) {
-  std::vector<double> dw_sum(dw != nullptr ? static_cast<size_t>(n) : 0, 0.0);
-  for (int64_t i = 0; i < rows; ++i) {
-    const float ri = rstd[i];
-    const float* row = x + i * n;
-    const float* grow = g + i * n;
-    if (dx != nullptr) {
+  [[maybe_unused]] const bool parallel = rows * n > kParallelElements;  // (unused without OpenMP)
+  if (dx != nullptr) {
+    REX_PARALLEL_FOR(if (parallel))
+    for (int64_t i = 0; i < rows; ++i) {
+      const float ri = rstd[i];
+      const float* row = x + i * n;
+      const float* grow = g + i * n;
       double dot = 0;  // sum of gw * xhat over the row
       for (int64_t j = 0; j < n; ++j) dot += static_cast<double>(grow[j]) * w[j] * (row[j] * ri);
       const auto mean_dot = static_cast<float>(dot / static_cast<double>(n));
       float* dxrow = dx + i * n;
       for (int64_t j = 0; j < n; ++j) dxrow[j] = ri * (grow[j] * w[j] - row[j] * ri * mean_dot);
     }
-    if (dw != nullptr)
-      for (int64_t j = 0; j < n; ++j)
-        dw_sum[static_cast<size_t>(j)] += static_cast<double>(grow[j]) * (row[j] * ri);
   }
-  if (dw != nullptr)
-    for (int64_t j = 0; j < n; ++j) dw[j] = static_cast<float>(dw_sum[static_cast<size_t>(j)]);
+  if (dw == nullptr) return;
+  constexpr int64_t kColumns = 16;  // one cache line of each row per block
+  const int64_t blocks = (n + kColumns - 1) / kColumns;
+  REX_PARALLEL_FOR(if (parallel))
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t first = b * kColumns, count = std::min(kColumns, n - first);
+    double sums[kColumns] = {};
+    for (int64_t i = 0; i < rows; ++i) {
+      const float ri = rstd[i];
+      const float *row = x + i * n + first, *grow = g + i * n + first;
+      for (int64_t j = 0; j < count; ++j) sums[j] += static_cast<double>(grow[j]) * (row[j] * ri);
+    }
+    for (int64_t j = 0; j < count; ++j) dw[first + j] = static_cast<float>(sums[j]);
+  }
 }
 
 }  // namespace rex::detail::cpu
