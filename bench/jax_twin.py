@@ -32,10 +32,11 @@ token-slots are sorted by expert and placed at (expert, rank within the expert).
 dropped: the step also returns the largest expert's load, and when it exceeds the capacity the
 step is thrown away (the state is functional) and redone with the capacity raised to the next
 multiple of CAPACITY_QUANTUM above it. After a step that fits, the capacity shrinks to one quantum
-above its largest load (loads swing: in the R4 config's first steps the busiest expert takes several
-times its fair share, less once the load-balancing loss has acted). jit compiles once per capacity and keeps it. The padding (capacity
-minus load per expert), the redone steps and the compilations are costs rex does not have; they
-are what exact top-k routing costs under XLA's static shapes ("capacity" reports them).
+above its largest load (loads swing: in the R4 config's first steps the busiest expert takes
+several times its fair share, less once the load-balancing loss has acted). jit compiles once per
+capacity and keeps it. The padding (capacity minus load per expert), the redone steps and the
+compilations are costs rex does not have; they are what exact top-k routing costs under XLA's
+static shapes ("capacity" reports them).
 """
 import argparse
 import json

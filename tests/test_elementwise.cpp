@@ -199,19 +199,34 @@ TEST_CASE("large tensors, split into parallel runs, match one-thread loops bit f
         REQUIRE(picked.data<float>()[o] == (pa[o] > 0.0f ? pa[o] : pb[ob]));
       }
 
-  // sum_to over trailing axes (summed in parallel) and over leading ones (one thread), each in
-  // x's row-major order, as float.
-  const Tensor rows = rex::sum_to(a, {n0, n1, 1}), columns = rex::sum_to(a, {n2});
-  for (int64_t r = 0; r < n0 * n1; ++r) {
-    float total = 0.0f;
-    for (int64_t k = 0; k < n2; ++k) total += pa[r * n2 + k];
-    REQUIRE(rows.data<float>()[r] == total);
-  }
-  for (int64_t k = 0; k < n2; ++k) {
-    float total = 0.0f;
-    for (int64_t r = 0; r < n0 * n1; ++r) total += pa[r * n2 + k];
-    REQUIRE(columns.data<float>()[k] == total);
-  }
+  // sum_to, outputs summed in parallel: each output adds its elements in x's row-major order, as
+  // float, whichever axes are summed (trailing, leading, the middle one, the outer two).
+  auto check_sum_to = [&](const rex::Shape& shape, auto output_of) {
+    CAPTURE(shape);
+    const Tensor got = rex::sum_to(a, shape);
+    std::vector<float> want(static_cast<size_t>(shape.numel()), 0.0f);
+    for (int64_t i = 0; i < n0; ++i)
+      for (int64_t j = 0; j < n1; ++j)
+        for (int64_t k = 0; k < n2; ++k)
+          want[static_cast<size_t>(output_of(i, j, k))] += pa[at(i, j, k)];
+    for (size_t o = 0; o < want.size(); ++o) REQUIRE(got.data<float>()[o] == want[o]);
+  };
+  check_sum_to({n0, n1, 1}, [&](int64_t i, int64_t j, int64_t) { return i * n1 + j; });
+  check_sum_to({n2}, [&](int64_t, int64_t, int64_t k) { return k; });
+  check_sum_to({n0, 1, n2}, [&](int64_t i, int64_t, int64_t k) { return i * n2 + k; });
+  check_sum_to({n1, 1}, [&](int64_t, int64_t j, int64_t) { return j; });
+}
+
+TEST_CASE("zero extents: broadcasts, permute and sum_to give empty or zero results") {
+  // Runs split an empty range into nothing: no kernel may walk (or divide by) a zero extent.
+  const Tensor empty = rex::zeros({0, 3}), row = rex::ones({1, 3});
+  CHECK((empty * row).shape() == rex::Shape{0, 3});
+  CHECK(rex::broadcast_to(row, {2, 0, 3}).numel() == 0);
+  CHECK(rex::permute(empty, {1, 0}).shape() == rex::Shape{3, 0});
+  CHECK(rex::permute(rex::zeros({2, 0, 4}), {1, 0, 2}).shape() == rex::Shape{0, 2, 4});
+  // A sum over an empty axis is 0.
+  CHECK(rex::sum_to(empty, {1, 3}).to_vector() == std::vector<float>{0.0f, 0.0f, 0.0f});
+  CHECK(rex::sum_to(rex::zeros({2, 0, 3}), {1, 0, 3}).numel() == 0);
 }
 
 TEST_CASE("mismatched shapes name the op and both shapes") {

@@ -22,14 +22,11 @@ namespace rex::detail {
 using ArrayMap = Eigen::Map<Eigen::ArrayXf>;
 using ConstArrayMap = Eigen::Map<const Eigen::ArrayXf>;
 
-// Runs f(first, count) over [0, n) in chunks of a fixed size, in parallel when there are several;
-// the chunking does not depend on the thread count.
+// Runs f(first, count) over [0, n) in chunks of kParallelElements, in parallel when there are
+// several; the chunking does not depend on the thread count.
 template <class F>
 void for_each_chunk(int64_t n, F f) {
-  constexpr int64_t kChunk = kParallelElements;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  REX_PARALLEL_FOR(if (chunks > 1))
-  for (int64_t c = 0; c < chunks; ++c) f(c * kChunk, std::min(kChunk, n - c * kChunk));
+  for_each_run(n, 1, [&f](int64_t first, int64_t last) { f(first, last - first); });
 }
 
 }  // namespace rex::detail

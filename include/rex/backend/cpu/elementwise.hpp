@@ -82,12 +82,9 @@ void for_each_broadcast(const Shape& out, const std::array<Shape, N>& ins, Body&
 template <size_t N, class Body>
 void for_each_broadcast_parallel(const Shape& out, const std::array<Shape, N>& ins, Body&& body) {
   const int64_t inner = broadcast_row_length(out);
-  const int64_t rows = inner == 0 ? 0 : out.numel() / inner;
-  const int64_t per_run = std::max<int64_t>(1, kParallelElements / std::max<int64_t>(inner, 1));
-  const int64_t runs = (rows + per_run - 1) / per_run;
-  REX_PARALLEL_FOR(if (runs > 1))
-  for (int64_t run = 0; run < runs; ++run)
-    for_each_broadcast_rows(out, ins, run * per_run, std::min(rows, (run + 1) * per_run), body);
+  for_each_run(inner == 0 ? 0 : out.numel() / inner, inner, [&](int64_t first, int64_t last) {
+    for_each_broadcast_rows(out, ins, first, last, body);
+  });
 }
 
 // out[i] = f(x[i]) over an f32 tensor, in parallel chunks (for_each_chunk: elementwise, so the
@@ -149,30 +146,57 @@ inline void broadcast_copy(const float* x, float* out, const Shape& out_shape,
                                  [&](int64_t o, const auto& at) { out[o] = x[at[0]]; });
 }
 
-// out [out_shape] (which must start zeroed) += x [x_shape] summed over the broadcast axes, in the
-// row-major order of x.
+// out [out_shape] (which must start zeroed) += x [x_shape] summed over the broadcast axes. Each
+// output adds its own elements of x in x's row-major order (the order of a serial walk, and of the
+// CUDA kernel's one thread per output), so the outputs are summed in parallel runs.
 inline void sum_to(const float* x, float* out, const Shape& x_shape, const Shape& out_shape) {
-  // The common case of trailing axes summed away ([T, k, d] to [T, k, 1]): each output is the sum
-  // of its own contiguous run of x, in the same order, so the outputs can be summed in parallel.
-  int64_t kept = 0;  // the leading axes both shapes share
-  while (kept < x_shape.rank() && out_shape.rank() == x_shape.rank() &&
-         out_shape[kept] == x_shape[kept])
-    ++kept;
-  bool trailing = out_shape.rank() == x_shape.rank() && out_shape.numel() > 0;
-  for (int64_t axis = kept; trailing && axis < x_shape.rank(); ++axis)
-    trailing = out_shape[axis] == 1;
-  if (trailing) {
-    const int64_t outputs = out_shape.numel(), run = x_shape.numel() / outputs;
-    REX_PARALLEL_FOR(if (x_shape.numel() > kParallelElements))
-    for (int64_t o = 0; o < outputs; ++o) {
+  // x's axes as (extent, stride), innermost first, split into the kept ones (out's axes) and the
+  // summed ones; neighbours of one kind merge (x is contiguous), and extents of 1 drop out.
+  struct Axis {
+    int64_t extent, stride;
+  };
+  std::vector<Axis> kept, summed;
+  const int64_t rank = x_shape.rank(), lead = rank - out_shape.rank();
+  bool inner_was_summed = false;
+  for (int64_t axis = rank - 1, stride = 1; axis >= 0; stride *= x_shape[axis], --axis) {
+    if (x_shape[axis] == 1) continue;
+    const bool is_summed = axis < lead || out_shape[axis - lead] == 1;
+    std::vector<Axis>& kind = is_summed ? summed : kept;
+    if (!kind.empty() && inner_was_summed == is_summed) {
+      kind.back().extent *= x_shape[axis];
+    } else {
+      kind.push_back({x_shape[axis], stride});
+    }
+    inner_was_summed = is_summed;
+  }
+  if (summed.empty()) summed.push_back({1, 0});
+  const int64_t outputs = out_shape.numel();
+  if (outputs == 0) return;
+  const int64_t per_output = x_shape.numel() / outputs;
+  for_each_run(outputs, per_output, [&](int64_t first, int64_t last) {
+    std::vector<int64_t> index(summed.size());
+    for (int64_t o = first; o < last; ++o) {
+      int64_t base = 0;  // x's first element of output o
+      for (int64_t rest = o, a = 0; a < static_cast<int64_t>(kept.size()); ++a) {
+        base += rest % kept[a].extent * kept[a].stride;
+        rest /= kept[a].extent;
+      }
+      std::fill(index.begin(), index.end(), 0);
       float total = out[o];
-      for (int64_t j = 0; j < run; ++j) total += x[o * run + j];
+      for (int64_t done = 0, offset = 0; done < per_output; done += summed[0].extent) {
+        for (int64_t j = 0; j < summed[0].extent; ++j)
+          total += x[base + offset + j * summed[0].stride];
+        // Advance the odometer over the outer summed axes.
+        for (size_t a = 1; a < summed.size(); ++a) {
+          offset += summed[a].stride;
+          if (++index[a] < summed[a].extent) break;
+          offset -= summed[a].stride * summed[a].extent;
+          index[a] = 0;
+        }
+      }
       out[o] = total;
     }
-    return;
-  }
-  for_each_broadcast<1>(x_shape, {out_shape},
-                        [&](int64_t i, const auto& at) { out[at[0]] += x[i]; });
+  });
 }
 
 // out = cond != 0 ? a : b, broadcast to out_shape; cond is f32 or i32 (cond_is_i32), and ins holds

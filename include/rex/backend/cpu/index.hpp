@@ -58,13 +58,8 @@ inline void permute(const float* x, float* out, int64_t rank, const int64_t* dim
   const bool keeps_rows = rank > 1 && in_strides[static_cast<size_t>(rank - 1)] == 1;
   const int64_t block = keeps_rows ? out_dims.back() : 1;
   const int64_t walked = keeps_rows ? rank - 1 : rank;
-  const int64_t blocks = block == 0 ? 0 : total / block;
   // Runs of output blocks in parallel, each starting its odometer at its first block.
-  const int64_t per_run = std::max<int64_t>(1, kParallelElements / std::max<int64_t>(block, 1));
-  const int64_t runs = (blocks + per_run - 1) / per_run;
-  REX_PARALLEL_FOR(if (runs > 1))
-  for (int64_t run = 0; run < runs; ++run) {
-    const int64_t first = run * per_run, last = std::min(blocks, first + per_run);
+  for_each_run(block == 0 ? 0 : total / block, block, [&](int64_t first, int64_t last) {
     std::vector<int64_t> index(static_cast<size_t>(rank), 0);
     int64_t offset = 0;
     for (int64_t axis = walked - 1, rest = first; axis >= 0; --axis) {
@@ -83,7 +78,7 @@ inline void permute(const float* x, float* out, int64_t rank, const int64_t* dim
         index[a] = 0;
       }
     }
-  }
+  });
 }
 
 // x [outer, time, head_dim] rotated by `direction` (+1, or -1 for the backward) through the [time,

@@ -163,49 +163,50 @@ inline void cross_entropy_backward(const float* logits, const int32_t* targets, 
 // y = x * rstd * w per row of n, rstd[r] = 1 / sqrt(mean(x_r^2) + eps); rows in parallel.
 inline void rms_norm(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t n,
                      float eps) {
-  REX_PARALLEL_FOR(if (rows * n > kParallelElements))
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* row = x + i * n;
-    double squares = 0;
-    for (int64_t j = 0; j < n; ++j) squares += static_cast<double>(row[j]) * row[j];
-    const auto ri = static_cast<float>(1.0 / std::sqrt(squares / static_cast<double>(n) + eps));
-    rstd[i] = ri;
-    for (int64_t j = 0; j < n; ++j) y[i * n + j] = row[j] * ri * w[j];
-  }
+  for_each_run(rows, n, [=](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const float* row = x + i * n;
+      double squares = 0;
+      for (int64_t j = 0; j < n; ++j) squares += static_cast<double>(row[j]) * row[j];
+      const auto ri = static_cast<float>(1.0 / std::sqrt(squares / static_cast<double>(n) + eps));
+      rstd[i] = ri;
+      for (int64_t j = 0; j < n; ++j) y[i * n + j] = row[j] * ri * w[j];
+    }
+  });
 }
 
 // dx and dw may be null. dx is computed rows in parallel; dw sums over rows in row order, in
 // double, with blocks of columns in parallel (so neither depends on the thread count).
 inline void rms_norm_backward(const float* g, const float* x, const float* w, const float* rstd,
                               float* dx, float* dw, int64_t rows, int64_t n) {
-  [[maybe_unused]] const bool parallel = rows * n > kParallelElements;  // (unused without OpenMP)
   if (dx != nullptr) {
-    REX_PARALLEL_FOR(if (parallel))
-    for (int64_t i = 0; i < rows; ++i) {
-      const float ri = rstd[i];
-      const float* row = x + i * n;
-      const float* grow = g + i * n;
-      double dot = 0;  // sum of gw * xhat over the row
-      for (int64_t j = 0; j < n; ++j) dot += static_cast<double>(grow[j]) * w[j] * (row[j] * ri);
-      const auto mean_dot = static_cast<float>(dot / static_cast<double>(n));
-      float* dxrow = dx + i * n;
-      for (int64_t j = 0; j < n; ++j) dxrow[j] = ri * (grow[j] * w[j] - row[j] * ri * mean_dot);
-    }
+    for_each_run(rows, n, [=](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        const float ri = rstd[i];
+        const float* row = x + i * n;
+        const float* grow = g + i * n;
+        double dot = 0;  // sum of gw * xhat over the row
+        for (int64_t j = 0; j < n; ++j) dot += static_cast<double>(grow[j]) * w[j] * (row[j] * ri);
+        const auto mean_dot = static_cast<float>(dot / static_cast<double>(n));
+        float* dxrow = dx + i * n;
+        for (int64_t j = 0; j < n; ++j) dxrow[j] = ri * (grow[j] * w[j] - row[j] * ri * mean_dot);
+      }
+    });
   }
   if (dw == nullptr) return;
   constexpr int64_t kColumns = 16;  // one cache line of each row per block
-  const int64_t blocks = (n + kColumns - 1) / kColumns;
-  REX_PARALLEL_FOR(if (parallel))
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t first = b * kColumns, count = std::min(kColumns, n - first);
-    double sums[kColumns] = {};
-    for (int64_t i = 0; i < rows; ++i) {
-      const float ri = rstd[i];
-      const float *row = x + i * n + first, *grow = g + i * n + first;
-      for (int64_t j = 0; j < count; ++j) sums[j] += static_cast<double>(grow[j]) * (row[j] * ri);
+  for_each_run((n + kColumns - 1) / kColumns, rows * kColumns, [=](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t column = b * kColumns, count = std::min(kColumns, n - column);
+      double sums[kColumns] = {};
+      for (int64_t i = 0; i < rows; ++i) {
+        const float ri = rstd[i];
+        const float *row = x + i * n + column, *grow = g + i * n + column;
+        for (int64_t j = 0; j < count; ++j) sums[j] += static_cast<double>(grow[j]) * (row[j] * ri);
+      }
+      for (int64_t j = 0; j < count; ++j) dw[column + j] = static_cast<float>(sums[j]);
     }
-    for (int64_t j = 0; j < count; ++j) dw[first + j] = static_cast<float>(sums[j]);
-  }
+  });
 }
 
 }  // namespace rex::detail::cpu
