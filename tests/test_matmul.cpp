@@ -1,6 +1,12 @@
 // matmul: 2-d, transposed operands, batched with broadcasting, against a naive triple loop in
-// double; gradients by central differences for every flag combination; shape errors.
+// double; gradients by central differences for every flag combination; shape errors; products
+// large enough to be split, against a derived bound and at several thread counts.
 #include <doctest/doctest.h>
+
+#include <cmath>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "gradcheck.hpp"
 #include "testing.hpp"
@@ -120,4 +126,84 @@ TEST_CASE("matmul shape errors name the op and both shapes") {
                        "matmul: operands need at least 2 axes, got [3] and [3, 2]", rex::Error);
   CHECK_THROWS_WITH_AS(rex::matmul(rex::ones({2, 2, 3}), rex::ones({3, 3, 2})),
                        "matmul: shapes [2] and [3] cannot be broadcast together", rex::Error);
+}
+
+TEST_CASE("large products: a derived bound, tiles equal to the whole product, 1-3 threads") {
+  // rex's gemm splits C into a grid of tiles, one per thread, with edges on whole register blocks
+  // (rex/backend/cpu/gemm.hpp), so that a tile's elements are computed exactly as in the whole
+  // product: every grid must give the same bytes, and so must every thread count. Each element is
+  // a sum of k products; in any order, recursive summation with rounded products (or FMAs) stays
+  // within gamma_k * sum_p |a_ip b_pj| of the exact value, gamma_k = k u / (1 - k u), u = 2^-24
+  // (Higham, Accuracy and Stability of Numerical Algorithms, section 3.1); with accumulation the
+  // old c is one more term. The shapes leave remainders on both sides (97 = 6 x 16 + 1 rows,
+  // 301 = 6 x 48 + 13 columns), or are the model's (768 tokens, 128 features), or a weight
+  // gradient's (a small C, a long k).
+  struct Case {
+    int64_t m, n, k;
+  };
+  struct Grid {
+    int64_t rows, columns;
+  };
+  const std::vector<Grid> grids = {{1, 1}, {2, 1}, {3, 1}, {1, 2}, {2, 2}, {5, 3}, {6, 6}};
+  for (const Case& c :
+       {Case{97, 301, 333}, Case{768, 128, 128}, Case{128, 128, 768}, Case{96, 1000, 64}}) {
+    for (bool ta : {false, true}) {
+      for (bool tb : {false, true}) {
+        for (bool accumulate : {false, true}) {
+          CAPTURE(c.m);
+          CAPTURE(c.n);
+          CAPTURE(c.k);
+          CAPTURE(ta);
+          CAPTURE(tb);
+          CAPTURE(accumulate);
+          rex::Generator gen(7);
+          Tensor a = random_normal_param(ta ? Shape{c.k, c.m} : Shape{c.m, c.k}, gen);
+          Tensor b = random_normal_param(tb ? Shape{c.n, c.k} : Shape{c.k, c.n}, gen);
+          Tensor start = random_normal_param({c.m, c.n}, gen);
+          const float *pa = a.data<float>(), *pb = b.data<float>();
+          // The product on the given grid of tiles, or (null) with rex's own choice.
+          auto product = [&](const Grid* grid) {
+            Tensor out = start.detach().clone();
+            const rex::detail::GemmOperands g{pa, pb, out.data<float>(), c.m, c.n, c.k,
+                                              ta, tb, accumulate};
+            if (grid) {
+              rex::detail::gemm_tiled(g, grid->rows, grid->columns);
+            } else {
+              rex::detail::gemm(pa, pb, out.data<float>(), c.m, c.n, c.k, ta, tb, accumulate);
+            }
+            return out;
+          };
+          const Tensor whole = product(&grids.front());
+          const double terms = static_cast<double>(c.k + (accumulate ? 1 : 0));
+          const double u = std::ldexp(1.0, -24), gamma = terms * u / (1 - terms * u);
+          int64_t outside = 0;
+          for (int64_t i = 0; i < c.m; ++i) {
+            for (int64_t j = 0; j < c.n; ++j) {
+              double exact = accumulate ? start.data<float>()[i * c.n + j] : 0.0;
+              double magnitude = std::abs(exact);
+              for (int64_t p = 0; p < c.k; ++p) {
+                const double term = static_cast<double>(ta ? pa[p * c.m + i] : pa[i * c.k + p]) *
+                                    (tb ? pb[j * c.k + p] : pb[p * c.n + j]);
+                exact += term;
+                magnitude += std::abs(term);
+              }
+              outside += std::abs(whole.data<float>()[i * c.n + j] - exact) > gamma * magnitude;
+            }
+          }
+          CHECK(outside == 0);
+          for (const Grid& grid : grids)
+            CHECK_MESSAGE(rex::testing::same_bytes(product(&grid), whole), "a grid of ", grid.rows,
+                          " x ", grid.columns, " tiles");
+#ifdef _OPENMP
+          const int threads = omp_get_max_threads();
+          for (int t : {1, 2, 3}) {
+            omp_set_num_threads(t);
+            CHECK_MESSAGE(rex::testing::same_bytes(product(nullptr), whole), t, " threads");
+          }
+          omp_set_num_threads(threads);
+#endif
+        }
+      }
+    }
+  }
 }

@@ -11,7 +11,7 @@
 // run, never a std::vector, whose address would make a resumed run drift from an uninterrupted one.
 #pragma once
 
-#include <Eigen/Core>
+#include "rex/backend/cpu/eigen.hpp"
 #include <algorithm>
 #include <cstdint>
 

@@ -10,7 +10,7 @@
 // buffers are Eigen arrays, not std::vector (see rex/backend/cpu/arrays.hpp).
 #pragma once
 
-#include <Eigen/Core>
+#include "rex/backend/cpu/eigen.hpp"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

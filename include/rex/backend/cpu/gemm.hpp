@@ -1,46 +1,120 @@
 // CPU GEMM: Eigen's product kernel run directly on rex buffers through Eigen::Map (no copies).
 // Transposed operands are expressed as .transpose() on the Map, which Eigen's GEMM reads in place.
-// With OpenMP enabled (the rex::rex CMake target does this), Eigen splits large products over
-// threads.
+//
+// Parallelism and determinism: Eigen's own parallel GEMM picks its blocking by the thread count
+// and so rounds differently at 1, 2 or 3 threads; rex runs Eigen single-threaded
+// (rex/backend/cpu/eigen.hpp) and splits C itself into a grid of tiles, one per thread, computed in
+// parallel. Every element of a tile is then computed exactly as in the whole product, bit for bit,
+// provided each tile edge falls on a whole number of Eigen's register blocks: Eigen computes the
+// row-major C = A B as C^T = B^T A^T, with blocks of 48 (or 24, or 12) rows of C^T, which are
+// columns of C, and of 4 or 8 columns of C^T (rows of C). Tile edges therefore fall on multiples of
+// kGemmColumnUnit columns and kGemmRowUnit rows, and no tile is thinner than one unit (a tile of
+// one row or column would take Eigen's matrix-vector path instead). The k sum is never split, and
+// the blocking along k depends on k alone. A test compares tiled products with whole ones byte
+// for byte at several grids (tests/test_matmul.cpp), and the training run at 1, 2 and 3 threads
+// (tests/check_thread_count.sh).
 //
 // grouped_swiglu and its backward are the CPU form of a grouped GEMM (on CUDA, rex/ops/moe.hpp runs
 // cuBLAS GEMMs per expert segment around one swiglu kernel): segments run in parallel, each writing
-// its own rows of y and dx and its own expert's gradients (so results do not depend on the thread
-// count), with Eigen's GEMM single-threaded inside.
+// its own rows of y and dx and its own expert's gradients, with each product whole inside.
 #pragma once
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <cstdint>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "rex/backend/cpu/arrays.hpp"
+#include "rex/backend/cpu/eigen.hpp"
 #include "rex/backend/pointwise.hpp"
 #include "rex/core/parallel.hpp"
 
 namespace rex::detail {
 
 using RowMajorMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using StridedMatrix = Eigen::Map<const RowMajorMatrix, 0, Eigen::OuterStride<>>;
+using MutableStridedMatrix = Eigen::Map<RowMajorMatrix, 0, Eigen::OuterStride<>>;
 
-// c[m, n] = op(a) * op(b) (+ c when accumulate), where op(a) is [m, k] and a is stored [m, k], or
-// [k, m] when transpose_a; likewise b is stored [k, n], or [n, k] when transpose_b.
-inline void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k,
-                 bool transpose_a, bool transpose_b, bool accumulate = false) {
-  Eigen::Map<const RowMajorMatrix> A(a, transpose_a ? k : m, transpose_a ? m : k);
-  Eigen::Map<const RowMajorMatrix> B(b, transpose_b ? n : k, transpose_b ? k : n);
-  Eigen::Map<RowMajorMatrix> C(c, m, n);
-  // Eigen's kernel only accumulates, so a fresh product starts from zeros, written in parallel.
-  if (!accumulate)
-    for_each_chunk(m * n,
-                   [c](int64_t first, int64_t count) { std::fill_n(c + first, count, 0.0f); });
-  if (!transpose_a && !transpose_b) {
+inline constexpr int64_t kGemmRowUnit = 16, kGemmColumnUnit = 48;
+// A product is split only into tiles of at least this many multiply-adds: each tile repacks the
+// operand it shares with the tiles beside it, and a parallel region costs microseconds.
+inline constexpr int64_t kGemmTileWork = int64_t{1} << 18;
+
+// c = op(a) * op(b) (+ c when accumulate), where op(a) is [m, k] and a is stored [m, k], or [k, m]
+// when transpose_a; likewise b is stored [k, n], or [n, k] when transpose_b.
+struct GemmOperands {
+  const float *a, *b;
+  float* c;
+  int64_t m, n, k;
+  bool transpose_a, transpose_b, accumulate;
+};
+
+// Rows [r0, r1) and columns [c0, c1) of the product.
+inline void gemm_tile(const GemmOperands& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  using Stride = Eigen::OuterStride<>;
+  const int64_t rows = r1 - r0, cols = c1 - c0;
+  // op(a)[r0:r1, :]: rows of a [m, k], or columns of a [k, m]; likewise op(b)[:, c0:c1].
+  const StridedMatrix A = g.transpose_a ? StridedMatrix(g.a + r0, g.k, rows, Stride(g.m))
+                                        : StridedMatrix(g.a + r0 * g.k, rows, g.k, Stride(g.k));
+  const StridedMatrix B = g.transpose_b ? StridedMatrix(g.b + c0 * g.k, cols, g.k, Stride(g.k))
+                                        : StridedMatrix(g.b + c0, g.k, cols, Stride(g.n));
+  MutableStridedMatrix C(g.c + r0 * g.n + c0, rows, cols, Stride(g.n));
+  if (!g.accumulate) C.setZero();  // Eigen's kernel only accumulates
+  if (!g.transpose_a && !g.transpose_b) {
     C.noalias() += A * B;
-  } else if (!transpose_a) {
+  } else if (!g.transpose_a) {
     C.noalias() += A * B.transpose();
-  } else if (!transpose_b) {
+  } else if (!g.transpose_b) {
     C.noalias() += A.transpose() * B;
   } else {
     C.noalias() += A.transpose() * B.transpose();
   }
+}
+
+// The product as a grid of row_tiles x column_tiles tiles (at most one per unit of each side; a
+// side of fewer than two units stays whole), computed in parallel.
+inline void gemm_tiled(const GemmOperands& g, int64_t row_tiles, int64_t column_tiles) {
+  const int64_t row_units = g.m / kGemmRowUnit, column_units = g.n / kGemmColumnUnit;
+  row_tiles = row_units < 2 ? 1 : std::clamp<int64_t>(row_tiles, 1, row_units);
+  column_tiles = column_units < 2 ? 1 : std::clamp<int64_t>(column_tiles, 1, column_units);
+  // Edge i of a side split into `tiles`: i/tiles of its units; the last tile takes the rest.
+  auto edge = [](int64_t i, int64_t tiles, int64_t units, int64_t unit, int64_t extent) {
+    return i == tiles ? extent : i * units / tiles * unit;
+  };
+  const int64_t tiles = row_tiles * column_tiles;
+  auto run = [&](int64_t t) {
+    const int64_t r = t / column_tiles, c = t % column_tiles;
+    gemm_tile(g, edge(r, row_tiles, row_units, kGemmRowUnit, g.m),
+              edge(r + 1, row_tiles, row_units, kGemmRowUnit, g.m),
+              edge(c, column_tiles, column_units, kGemmColumnUnit, g.n),
+              edge(c + 1, column_tiles, column_units, kGemmColumnUnit, g.n));
+  };
+  if (tiles == 1) {  // no parallel region: even an inactive one costs a call into OpenMP
+    run(0);
+    return;
+  }
+  REX_PARALLEL_FOR(schedule(dynamic))
+  for (int64_t t = 0; t < tiles; ++t) run(t);
+}
+
+inline void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k,
+                 bool transpose_a, bool transpose_b, bool accumulate = false) {
+  if (m == 0 || n == 0) return;
+  const GemmOperands g{a, b, c, m, n, k, transpose_a, transpose_b, accumulate};
+  int64_t threads = 1;
+#ifdef _OPENMP
+  // Inside a parallel region (a loop over experts or heads) each product runs whole.
+  if (!omp_in_parallel())
+    threads = std::min<int64_t>(omp_get_max_threads(), m * n * k / kGemmTileWork);
+#endif
+  // The longer side first (each tile repacks the operand it shares, the smaller one); the other
+  // side too when the longer has too few units for every thread.
+  const bool rows_first = m >= n;
+  const int64_t first_units = rows_first ? m / kGemmRowUnit : n / kGemmColumnUnit;
+  const int64_t first = std::clamp<int64_t>(threads, 1, std::max<int64_t>(first_units, 1));
+  const int64_t second = (threads + first - 1) / first;
+  gemm_tiled(g, rows_first ? first : second, rows_first ? second : first);
 }
 
 namespace cpu {
