@@ -35,8 +35,10 @@ const char* kUsage = R"(usage:
   train_tiny_rex --data FILE --out DIR [options]          train (or continue with --resume)
   train_tiny_rex --eval-only --checkpoint DIR --data FILE  print {"val_loss": ...} as one JSON line
   train_tiny_rex --sample N --checkpoint DIR               print N generated characters
-  (the two --checkpoint modes use the saved run as it is and refuse the training options --config,
-  --set, --steps, --seed, --out, --resume, --overwrite and --stop-after)
+  (the two --checkpoint modes use the saved model as it is: they take --data, --device, --prompt,
+  --temperature, --sample (after the evaluation line with --eval-only) and only
+  --set train.eval_batches=N and --set train.matmul_precision=P; they refuse the training options
+  --config, --steps, --seed, --out, --resume, --overwrite and --stop-after)
 
 options:
   --config FILE.json    run configuration (default: the built-in tiny R4 + PSR model; keys in
@@ -94,7 +96,7 @@ int64_t parse_count(const std::string& flag, const std::string& text) {
 Options parse_args(int argc, char** argv) {
   Options o;
   static const std::set<std::string> kTrainingFlags = {
-      "--config", "--set", "--steps", "--seed", "--out", "--resume", "--overwrite", "--stop-after"};
+      "--config", "--steps", "--seed", "--out", "--resume", "--overwrite", "--stop-after"};
   const std::map<std::string, std::string*> text_flags = {
       {"--config", &o.config_path}, {"--data", &o.data_path},
       {"--out", &o.out_dir},        {"--device", &o.device},
@@ -289,7 +291,9 @@ int train_run(const Options& o) {
   return 0;
 }
 
-// --eval-only and --sample with --checkpoint: the run in --checkpoint, used as it was saved.
+// --eval-only and --sample with --checkpoint: the model in --checkpoint, used as it was saved;
+// --set may change only what is evaluated (train::kEvaluationKeys). With both, the evaluation line
+// comes first, then the sample.
 int checkpoint_mode(const Options& o) {
   const std::string mode = o.eval_only ? "--eval-only" : "--sample with --checkpoint";
   if (!o.training_flags.empty())
@@ -299,23 +303,30 @@ int checkpoint_mode(const Options& o) {
   const rex::Device device = chosen_device(o);
   const train::LoadedModel loaded =
       train::load_model(required(o.checkpoint_dir, "--checkpoint DIR"), device);
-  const train::RunConfig& c = loaded.folder.config;
-  if (!o.eval_only) {
+  train::RunConfig c;
+  try {
+    c = train::evaluation_config(loaded.folder.config, o.overrides);
+  } catch (const train::NotAnEvaluationKey& e) {
+    usage_error(mode + ": " + e.what());
+  }
+  rex::set_matmul_precision(device, c.train.matmul_precision);
+  if (o.sample > 0) train::check_prompt(loaded.folder.tokenizer, o.prompt);  // before evaluating
+  if (o.eval_only) {
+    const train::Corpus corpus = train::load_corpus(
+        required(o.data_path, "--data FILE"), loaded.folder.tokenizer, c.train.train_fraction);
+    const train::Evaluation eval = train::evaluate(
+        *loaded.model, train::validation_sampler(corpus, c), c.train.eval_batches,
+        train::after_steps(loaded.folder.step, c.train.seed), device, &Communicator::world());
+    const json line = {{"val_loss", eval.val_loss},
+                       {"step", loaded.folder.step},
+                       {"batches", c.train.eval_batches},
+                       {"tokens", c.train.eval_batches * c.train.batch_size * c.model.context}};
+    std::printf("%s\n", line.dump().c_str());
+  }
+  if (o.sample > 0)
     std::printf("%s\n", sample_text(*loaded.model, loaded.folder.tokenizer, o, c.train.seed,
                                     loaded.folder.step)
                             .c_str());
-    return 0;
-  }
-  const train::Corpus corpus = train::load_corpus(required(o.data_path, "--data FILE"),
-                                                  loaded.folder.tokenizer, c.train.train_fraction);
-  const train::Evaluation eval = train::evaluate(
-      *loaded.model, train::validation_sampler(corpus, c), c.train.eval_batches,
-      train::after_steps(loaded.folder.step, c.train.seed), device, &Communicator::world());
-  const json line = {{"val_loss", eval.val_loss},
-                     {"step", loaded.folder.step},
-                     {"batches", c.train.eval_batches},
-                     {"tokens", c.train.eval_batches * c.train.batch_size * c.model.context}};
-  std::printf("%s\n", line.dump().c_str());
   return 0;
 }
 

@@ -48,16 +48,69 @@ class StudyError(Exception):
 # The study file
 
 
+def text_position(data, offset):
+    """(line, column) of byte `offset` of `data`, both from 1, the column in UTF-8 characters:
+    what rex's JSON reader and json.JSONDecodeError report."""
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    return (data.count(b"\n", 0, offset) + 1,
+            len(data[line_start:offset].decode("utf-8", errors="replace")) + 1)
+
+
+def distinct_keys(pairs):
+    """object_pairs_hook: a key given twice in one object is refused, as rex refuses it (json would
+    keep the last one). The hook is not told where the object is, so the message names the key."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
+
+
+def non_finite_path(value, path=""):
+    """The key path ("set.train.lr", "seeds[2]") of the first number in `value` that is not finite
+    (1e999, NaN, Infinity: Python's json accepts them, rex's reader does not); None if none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    if isinstance(value, dict):
+        children = ((f"{path}.{key}" if path else key, item) for key, item in value.items())
+    elif isinstance(value, list):
+        children = ((f"{path}[{i}]", item) for i, item in enumerate(value))
+    else:
+        children = ()
+    for child_path, item in children:
+        found = non_finite_path(item, child_path)
+        if found is not None:
+            return found
+    return None
+
+
 def read_json(path, what):
+    """The JSON file at `path`, read as strictly as rex reads JSON. An error names `what`, the file
+    and, where the problem is in the text, its line and column: "study file s.json:3:12: ..."."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise StudyError(f"{what} {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise StudyError(f"{what} {path}: cannot read: {e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, column = text_position(data, e.start)
+        raise StudyError(f"{what} {path}:{line}:{column}: not valid UTF-8 text") from None
+    try:
+        value = json.loads(text, object_pairs_hook=distinct_keys)
     except json.JSONDecodeError as e:
-        raise StudyError(f"{what} {path}: not valid JSON: {e}") from None
+        raise StudyError(f"{what} {path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
+    except ValueError as e:  # from distinct_keys
+        raise StudyError(f"{what} {path}: {e}") from None
+    where = non_finite_path(value)
+    if where is not None:
+        raise StudyError(f"{what} {path}: {where or 'the value'}: a number beyond double range, "
+                         "NaN or Infinity (JSON numbers must be finite)")
+    return value
 
 
 def set_value(value):
@@ -67,12 +120,17 @@ def set_value(value):
     return str(value)
 
 
-def check_sets(sets, where):
+def check_sets(sets, where, path):
+    """`path`: the key path of the 'set' object in the study file ("set", "arms[1].set")."""
     if not isinstance(sets, dict):
-        raise StudyError(f"{where}: 'set' must be an object of config keys (e.g. \"moe.reuse\": 4)")
+        raise StudyError(f"{where}: {path}: must be an object of config keys "
+                         "(e.g. \"moe.reuse\": 4)")
     for key, value in sets.items():
-        if "." not in key or not isinstance(value, (str, int, float, bool)):
-            raise StudyError(f"{where}: set {key!r} = {value!r}: want \"section.key\": a value")
+        if "." not in key:
+            raise StudyError(f"{where}: {path}.{key}: not a config key (want \"section.key\")")
+        if not isinstance(value, (str, int, float, bool)):
+            raise StudyError(f"{where}: {path}.{key}: {json.dumps(value)} is not a number, a "
+                             "string or true/false")
 
 
 def apply_sets(config, sets):
@@ -85,6 +143,8 @@ def apply_sets(config, sets):
 
 
 def load_study(path, data_override):
+    """The study file's settings, checked; an error names the file and the key path of the value
+    that is wrong ("arms[1].name")."""
     study = read_json(path, "study file")
     where = f"study file {path}"
     if not isinstance(study, dict):
@@ -98,42 +158,49 @@ def load_study(path, data_override):
             raise StudyError(f"{where}: missing '{key}'")
     here = os.path.dirname(os.path.abspath(path))
     seeds = study["seeds"]
-    if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
-            or len(set(seeds)) != len(seeds)):
-        raise StudyError(f"{where}: 'seeds' must be a non-empty list of distinct whole "
-                         "numbers >= 0")
+    if not isinstance(seeds, list) or not seeds:
+        raise StudyError(f"{where}: seeds: must be a non-empty list of distinct whole numbers >= 0")
+    for j, seed in enumerate(seeds):
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise StudyError(f"{where}: seeds[{j}]: {json.dumps(seed)} is not a whole number >= 0")
+        if seed in seeds[:j]:
+            raise StudyError(f"{where}: seeds[{j}]: {seed} is seeds[{seeds.index(seed)}] too")
     common = study.get("set", {})
-    check_sets(common, where)
+    check_sets(common, where, "set")
     if not isinstance(study["arms"], list) or not study["arms"]:
-        raise StudyError(f"{where}: 'arms' must be a non-empty list")
+        raise StudyError(f"{where}: arms: must be a non-empty list")
     arms = []
     for i, arm in enumerate(study["arms"]):
         at = f"{where}: arms[{i}]"
-        if not isinstance(arm, dict) or not isinstance(arm.get("name"), str) or not arm["name"]:
-            raise StudyError(f"{at}: needs a 'name'")
+        if not isinstance(arm, dict):
+            raise StudyError(f"{at}: must be an object with a 'name' and a 'config'")
+        if not isinstance(arm.get("name"), str) or not arm["name"]:
+            raise StudyError(f"{at}.name: needs a name (a non-empty string)")
         if not all(c.isalnum() or c in "_-" for c in arm["name"]):
-            raise StudyError(f"{at}: name {arm['name']!r} may hold only letters, digits, _ and -")
+            raise StudyError(f"{at}.name: {arm['name']!r} may hold only letters, digits, _ and -")
         unknown = sorted(set(arm) - {"name", "label", "config", "set"})
         if unknown:
             raise StudyError(f"{at}: unknown key(s) {unknown}")
         if not isinstance(arm.get("config"), str):
-            raise StudyError(f"{at}: needs a 'config' (a config file, relative to the study file)")
+            raise StudyError(f"{at}.config: needs a config file (a path relative to the study "
+                             "file)")
         sets = arm.get("set", {})
-        check_sets(sets, at)
+        check_sets(sets, where, f"arms[{i}].set")
         config_path = os.path.normpath(os.path.join(here, arm["config"]))
         merged_sets = {**common, **sets}
-        config = apply_sets(read_json(config_path, f"{at}: config"), merged_sets)
+        config = apply_sets(read_json(config_path, f"{at}.config:"), merged_sets)
         steps = config.get("train", {}).get("steps")
         if not isinstance(steps, int) or steps <= 0:
             raise StudyError(f"{at}: train.steps must be set (in the config or the study's 'set')")
         arms.append({"name": arm["name"], "label": arm.get("label", arm["name"]),
                      "config": config_path, "set": merged_sets, "steps": steps})
     names = [a["name"] for a in arms]
-    if len(set(names)) != len(names):
-        raise StudyError(f"{where}: arm names must be distinct: {names}")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise StudyError(f"{where}: arms[{i}].name: {name!r} is the name of "
+                             f"arms[{names.index(name)}] too (arm names must be distinct)")
     if study["baseline"] not in names:
-        raise StudyError(f"{where}: baseline {study['baseline']!r} is not an arm: {names}")
+        raise StudyError(f"{where}: baseline: {study['baseline']!r} is not an arm: {names}")
     if data_override:
         data = os.path.abspath(data_override)
     elif isinstance(study.get("data"), str):

@@ -85,8 +85,9 @@ printf '{"train": {"steps": "many"}}' > wrong_type.json
 printf '[1, 2]' > not_object.json
 printf '{"moe": {"top_k": 3, "experts_per_layer": 2}}' > impossible.json
 printf '{"train": {"lr": -1}}' > negative_lr.json
-for case in "malformed.json|is not valid JSON" "unknown_key.json|unknown key \"model.d_modl\"" \
-  "wrong_type.json|train.steps" "not_object.json|must be a JSON object" \
+for case in "malformed.json|malformed.json:1:26: model: syntax error" \
+  "unknown_key.json|unknown key \"model.d_modl\"" "wrong_type.json|train.steps" \
+  "not_object.json|must be a JSON object" \
   "impossible.json|cannot exceed moe.experts_per_layer" "negative_lr.json|train.lr must be positive"; do
   refused "config" good "${case#*|}" "$exe" --config "${case%%|*}" --data corpus.txt --out good --overwrite
 done

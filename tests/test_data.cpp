@@ -1,7 +1,8 @@
 // Tests for rex/data/tokenizer.hpp and rex/data/dataset.hpp: the byte tokenizer (vocabulary,
 // encode/decode, JSON, non-ASCII bytes, errors), reading text files, the train/validation split,
 // the batch sampler (windows checked against the token stream, purity in (seed, index), coverage
-// of every start), and the unigram entropy against closed forms. Files live in a temp folder.
+// of every start), the unigram entropy against closed forms, and io::parse_json's refusals (each at
+// its line, column and key path). Files live in a temp folder.
 #include <doctest/doctest.h>
 
 #include <unistd.h>
@@ -167,22 +168,68 @@ TEST_CASE("CharTokenizer: errors") {
                  "is not a byte value"));
 }
 
-TEST_CASE("io::parse_json: parser errors and repeated keys are rex::Errors naming the source") {
+TEST_CASE("io::parse_json: every refusal names the source, line, column and key path") {
   auto message = [](const std::string& text) {
-    return error_message([&] { rex::io::parse_json(text, "vocab.json"); });
+    return error_message([&] { rex::io::parse_json(text, "run/config.json"); });
   };
-  CHECK(contains(message("{\"type\": "), "vocab.json is not valid JSON"));
-  CHECK(contains(message("[1e999]"), "vocab.json is not valid JSON"));  // beyond double range
-  CHECK(contains(message("[\"\xC3\"]"), "vocab.json is not valid JSON"));
-  CHECK(contains(message(R"({"type": "char", "type": "char"})"),
-                 "vocab.json: key \"type\" appears twice"));
-  CHECK(contains(message(R"({"a": {"b": 1, "c": {"d": 2, "d": 3}}})"),
-                 "key \"a.c.d\" appears twice"));
-  CHECK(contains(message(R"([{"k": 1}, {"k": 1, "k": 2}])"), "key \"k\" appears twice"));
-  // Equal keys in different objects are fine.
-  CHECK(rex::io::parse_json(R"({"a": {"k": 1}, "b": {"k": 2}, "k": [{"k": 3}, {"k": 4}]})", "ok")
-            .at("b")
-            .at("k") == 2);
+  // A number beyond double range: the column of its first digit, the key that holds it.
+  CHECK(message(R"({"train": {"lr": 1e999}})") ==
+        "run/config.json:1:18: train.lr: number overflow parsing '1e999'");
+  CHECK(message("{\n  \"train\": {\n    \"lr\": 1e999\n  }\n}") ==
+        "run/config.json:3:11: train.lr: number overflow parsing '1e999'");
+  CHECK(message("[1, [2, 3], {\"k\": [4, -1e999]}]") ==
+        "run/config.json:1:23: [2].k[1]: number overflow parsing '-1e999'");
+  // A syntax error on line 3: the character the parser stopped at, inside "train".
+  CHECK(message("{\n  \"model\": {\"d_model\": 32},\n  \"train\": {\"lr\": 1e-3,}\n}") ==
+        "run/config.json:3:24: train: syntax error while parsing object key - unexpected '}'; "
+        "expected string literal");
+  CHECK(message("{\"type\": ") ==
+        "run/config.json:1:10: type: syntax error while parsing value - unexpected end of input; "
+        "expected '[', '{', or a literal");
+  CHECK(message("") ==
+        "run/config.json:1:1: syntax error while parsing value - unexpected end of "
+        "input; expected '[', '{', or a literal");
+  // A key given twice in one object: the second one, by its opening quote, at any depth.
+  CHECK(message("{\"model\": {\n  \"d_model\": 32,\n  \"d_model\": 64}}") ==
+        "run/config.json:3:3: model.d_model: key appears twice in one object");
+  CHECK(message(R"({"type": "char", "type": "char"})") ==
+        "run/config.json:1:18: type: key appears twice in one object");
+  CHECK(message(R"({"a": {"b": 1, "c": {"d": 2, "d": 3}}})") ==
+        "run/config.json:1:30: a.c.d: key appears twice in one object");
+  CHECK(message(R"([{"k": 1}, {"k": 1, "k": 2}])") ==
+        "run/config.json:1:21: [1].k: key appears twice in one object");
+  CHECK(message(R"({"a\"b": 1, "a\"b": 2})") ==
+        "run/config.json:1:13: a\"b: key appears twice in one object");
+  // Text that is not UTF-8: the byte where it stops being UTF-8 (0xE9 starts a 3-byte character;
+  // 'a' cannot continue it), on line 2.
+  CHECK(message("{\"name\": \"x\",\n \"psr\": {\"schedule\": \"lin\xE9"
+                "ar\"}}") ==
+        "run/config.json:2:27: psr.schedule: syntax error while parsing value - invalid string: "
+        "ill-formed UTF-8 byte; last read: '\"lin\xE9"
+        "a'");
+  // Columns count characters: "é" is two bytes, one column.
+  CHECK(message("{\"\xC3\xA9\": 1e999}") ==
+        "run/config.json:1:7: \xC3\xA9: number overflow parsing '1e999'");
+  // Equal keys in different objects are fine, and the value is what nlohmann's parse gives.
+  const std::string ok =
+      R"({"a": {"k": 1}, "b": {"k": 2}, "k": [{"k": 3}, {"k": 4}, []], "n": null, "t": true,
+          "u": 18446744073709551615, "i": -3, "f": 2.5, "s": "\u00e9\n"})";
+  CHECK(rex::io::parse_json(ok, "ok") == nlohmann::json::parse(ok));
+  CHECK(rex::io::parse_json("7", "ok") == 7);
+}
+
+TEST_CASE("io::text_position: line and column from 1, the column in UTF-8 characters") {
+  const std::string text = "ab\n\xC3\xA9x\n";
+  auto at = [&](size_t offset) {
+    const io::TextPosition p = io::text_position(text, offset);
+    return std::to_string(p.line) + ":" + std::to_string(p.column);
+  };
+  CHECK(at(0) == "1:1");
+  CHECK(at(2) == "1:3");  // the newline ends line 1
+  CHECK(at(3) == "2:1");
+  CHECK(at(5) == "2:2");  // after the two bytes of "é"
+  CHECK(at(7) == "3:1");  // the end of the text
+  CHECK(at(100) == "3:1");
 }
 
 TEST_CASE("read_text_file: empty and missing files are errors naming the path") {

@@ -3,7 +3,8 @@
 #  - resume equals uninterrupted: a run stopped at step 3 and resumed ends with byte-identical
 #    model, checkpoint, routing report and metrics (timing fields aside) as a run never stopped, also
 #    when the run that stopped had gone past its last checkpoint (its extra metrics lines are dropped);
-#  - --eval-only reproduces the final validation loss; --sample prints the requested characters;
+#  - --eval-only reproduces the final validation loss, and with --set train.eval_batches=N the loss
+#    a training run with that N logs; --sample prints the requested characters;
 #  - a diverging run (lr 100, lr 10) exits 1 naming the step and the cause, and the checkpoint it
 #    had written before still resumes; SIGTERM saves and exits (143) as Ctrl-C does;
 #  - bad inputs exit with status 1 (not a crash) and a message naming the problem; a metrics.jsonl
@@ -57,6 +58,29 @@ echo "$eval_line" | grep -q '"step":8' || fail "--eval-only line lacks the step:
 sample=$("$exe" --sample 40 --checkpoint whole --prompt "the " --temperature 0 2>&1) || fail "sampling failed: $sample"
 [ "${#sample}" -eq 44 ] || fail "sample should be 4 + 40 characters, got ${#sample}: '$sample'"
 
+# --set train.eval_batches=N evaluates the saved model on N batches: the value a training run with
+# that N logs (evaluation does not change training: a run with eval_batches 4 trains the same model),
+# another value for another N, and the saved run's own value for its own N (2).
+val_loss() { sed -E 's/.*"val_loss":([^,}]*).*/\1/' <<< "$1"; }
+train --out whole4 --set train.eval_batches=4 > whole4.log 2>&1 || fail "eval_batches 4 run failed: $(cat whole4.log)"
+final4=$(grep '"kind":"eval"' whole4/metrics.jsonl | tail -1 | sed -E 's/.*"val_loss":([^,}]*).*/\1/')
+declare -A eval_at
+for n in 1 2 4; do
+  line=$("$exe" --eval-only --checkpoint whole --data corpus.txt --set train.eval_batches=$n 2>&1) ||
+    fail "--eval-only --set train.eval_batches=$n failed: $line"
+  grep -qF "\"batches\":$n," <<< "$line" || fail "eval_batches $n: the line lacks \"batches\":$n: $line"
+  eval_at[$n]=$(val_loss "$line")
+done
+[ "${eval_at[2]}" = "$final" ] || fail "eval_batches 2 gave ${eval_at[2]}, training logged $final"
+[ "${eval_at[4]}" = "$final4" ] || fail "eval_batches 4 gave ${eval_at[4]}, a training run with 4 logged $final4"
+[ "${eval_at[1]}" != "${eval_at[2]}" ] && [ "${eval_at[4]}" != "${eval_at[2]}" ] ||
+  fail "eval_batches 1, 2, 4 should give different losses: ${eval_at[*]}"
+# --eval-only with --sample: the evaluation line, then the sample.
+output=$("$exe" --eval-only --checkpoint whole --data corpus.txt --sample 40 --prompt "the " --temperature 0 2>&1) ||
+  fail "--eval-only --sample failed: $output"
+[ "$(head -1 <<< "$output")" = "$eval_line" ] && [ "$(tail -n +2 <<< "$output")" = "$sample" ] ||
+  fail "--eval-only --sample should print the evaluation line, then the sample: $output"
+
 # ---- a diverging run stops before it saves, and its last good checkpoint resumes -----------------
 for lr in 100 10; do
   output=$(train --out diverge$lr --set train.lr=$lr --set train.checkpoint_interval=1 2>&1)
@@ -66,7 +90,8 @@ for lr in 100 10; do
     "the checkpoint of step 1 is kept"; do
     grep -qF "$want" <<< "$output" || fail "lr $lr: the message lacks '$want': $output"
   done
-  head -c 65536 diverge$lr/checkpoint.safetensors | grep -aqF '"step":"1"' ||
+  # grep reads all its input (no -q): with pipefail, head killed by SIGPIPE would fail the check.
+  head -c 65536 diverge$lr/checkpoint.safetensors | grep -aF '"step":"1"' > /dev/null ||
     fail "lr $lr: checkpoint.safetensors is not the step-1 checkpoint"
   output=$("$exe" --resume diverge$lr --data corpus.txt --steps 2 --set train.divergence_factor=0 2>&1) ||
     fail "lr $lr: the kept checkpoint does not resume: $output"
@@ -125,7 +150,8 @@ expect_error "--prompt: CharTokenizer::encode" train --out prompt_first --sample
 [ ! -e prompt_first ] || fail "--prompt was checked after the run folder was made"
 expect_error "train.divergence_factor must be 0 (no limit) or above 1" train --out bad --set train.divergence_factor=0.5
 expect_error "train.keep_checkpoints must be positive" train --out bad --set train.keep_checkpoints=0
-expect_error "is not valid JSON" "$exe" --config malformed.json --data corpus.txt --out bad
+expect_error "malformed.json:1:26: model: syntax error while parsing object key - unexpected '}'" \
+  "$exe" --config malformed.json --data corpus.txt --out bad
 expect_error 'unknown key "model.d_modl"' "$exe" --config unknown_key.json --data corpus.txt --out bad
 expect_error 'unknown key "train.stepz"' train --out bad --set train.stepz=3
 expect_error "moe.top_k (3) cannot exceed moe.experts_per_layer (2)" "$exe" --config impossible.json --data corpus.txt --out bad
@@ -140,11 +166,21 @@ expect_error "does not exist" "$exe" --eval-only --checkpoint nowhere --data cor
 expect_error "leave it at 0" train --out bad --set model.vocab_size=5
 expect_error "--stop-after expects at least 1 step" train --out bad --stop-after 0
 expect_error "model.d_model cannot change in a resumed run" "$exe" --resume whole --data corpus.txt --set model.d_model=64
-# The checkpoint modes refuse the training options they would ignore.
-for option in "--set train.seed=2" "--steps 3" "--seed 2" "--config tiny.json" "--out elsewhere"; do
+# The checkpoint modes refuse the training options they would ignore, and every --set but the
+# evaluation keys, naming the key.
+for option in "--steps 3" "--seed 2" "--config tiny.json" "--out elsewhere"; do
   expect_error "${option%% *} applies only to training" "$exe" --eval-only --checkpoint whole --data corpus.txt $option
   expect_error "${option%% *} applies only to training" "$exe" --sample 5 --checkpoint whole $option
 done
+only="only train.eval_batches and train.matmul_precision may be set"
+expect_error "--eval-only: --set model.d_model would change the saved model; $only" \
+  "$exe" --eval-only --checkpoint whole --data corpus.txt --set train.eval_batches=3 --set model.d_model=64
+expect_error "--sample with --checkpoint: --set moe.top_k would change the saved model; $only" \
+  "$exe" --sample 5 --checkpoint whole --set moe.top_k=1
+expect_error "--eval-only: --set train.seed would change the saved run; $only" \
+  "$exe" --eval-only --checkpoint whole --data corpus.txt --set train.seed=2
+expect_error "train.eval_batches must be positive" \
+  "$exe" --eval-only --checkpoint whole --data corpus.txt --set train.eval_batches=0
 
 # A metrics.jsonl line that is JSON but not a record (or not JSON) is dropped with a warning.
 cp -r whole metrics_junk && printf '[1, 2]\n"text"\n{"kind": "train"}\nnot json\n' >> metrics_junk/metrics.jsonl

@@ -1,10 +1,11 @@
 // Tests for the model and the training pieces around it: the transformer's parameter names and
-// counts (closed forms), its gradients by central differences, config JSON and overrides,
-// checkpoint and model-folder round trips (bit-exact), a short fixed-seed training run whose
-// validation loss must fall below the corpus's unigram entropy, and the training library's pieces
-// (train_step's gradient hook, the resume rule, the routing report, sampling, metrics.jsonl, the
-// divergence guard, kept checkpoints, the corpus and prompt checks), and the refusals of configs
-// that cannot be stored, computed with or fitted in memory.
+// counts (closed forms), its gradients by central differences, config JSON and overrides (errors at
+// their line, column and key), checkpoint and model-folder round trips (bit-exact), a short
+// fixed-seed training run whose validation loss must fall below the corpus's unigram entropy, and
+// the training library's pieces (train_step's gradient hook, the resume and evaluation rules, the
+// routing report, sampling, metrics.jsonl, the divergence guard, kept checkpoints, the corpus and
+// prompt checks), and the refusals of configs that cannot be stored, computed with or fitted in
+// memory.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -154,7 +155,7 @@ TEST_CASE("config JSON round trip, overrides, and errors naming the key") {
   CHECK(message("{\"psr\": {\"t_middle\": 3}}").find("unknown key \"psr.t_middle\"") !=
         std::string::npos);
   CHECK(message("[1, 2]").find("top level must be a JSON object") != std::string::npos);
-  CHECK(message("{\"model\": ").find("cfg.json is not valid JSON") != std::string::npos);
+  CHECK(message("{\"model\": ").find("cfg.json:1:11: model: syntax error") == 0);
   CHECK(message("{\"train\": {\"seed\": -1}}").find("train.seed cannot be negative") !=
         std::string::npos);
   train::RunConfig precision;
@@ -326,6 +327,32 @@ TEST_CASE("a resumed run may change only the resumable keys") {
         }).find("train.lr cannot change") != std::string::npos);
 }
 
+TEST_CASE("an evaluation of a saved model may change only the evaluation keys") {
+  const train::RunConfig saved = tiny_run("moe", 2);
+  train::RunConfig more =
+      train::evaluation_config(saved, {"train.eval_batches=40", "train.matmul_precision=tf32"});
+  CHECK(more.train.eval_batches == 40);
+  CHECK(more.train.matmul_precision == "tf32");
+  more.train.eval_batches = saved.train.eval_batches;  // nothing else changed
+  more.train.matmul_precision = saved.train.matmul_precision;
+  CHECK(train::to_json(more) == train::to_json(saved));
+  // A key set to its saved value changes nothing and is accepted, as on --resume.
+  CHECK(train::evaluation_config(saved, {"model.d_model=" + std::to_string(saved.model.d_model)})
+            .model.d_model == saved.model.d_model);
+  CHECK(error_message([&] { train::evaluation_config(saved, {"model.d_model=64"}); }) ==
+        "--set model.d_model would change the saved model; only train.eval_batches and "
+        "train.matmul_precision may be set");
+  CHECK(error_message([&] { train::evaluation_config(saved, {"train.seed=7"}); }) ==
+        "--set train.seed would change the saved run; only train.eval_batches and "
+        "train.matmul_precision may be set");
+  // Resumable is not enough: train.steps has no meaning for an evaluation.
+  CHECK(error_message([&] {
+          train::evaluation_config(saved, {"train.eval_batches=2", "train.steps=9000"});
+        }).find("--set train.steps would change the saved run") == 0);
+  CHECK(error_message([&] { train::evaluation_config(saved, {"train.eval_batches=0"}); }) ==
+        "config: train.eval_batches must be positive, got 0");
+}
+
 TEST_CASE("the routing report splits each layer's routed slots into own and borrowed experts") {
   nn::MoeConfig m;
   m.experts_per_layer = 2;
@@ -396,23 +423,44 @@ TEST_CASE("metrics.jsonl drops the lines past the checkpoint when a run resumes"
         "{\"kind\":\"eval\",\"step\":4,\"val_loss\":2.0}\n");
 }
 
-TEST_CASE("config refusals: text that is not UTF-8, repeated keys, numbers beyond double range") {
+TEST_CASE(
+    "config refusals: text that is not UTF-8, repeated keys, numbers beyond double range, "
+    "each at its line, column and key") {
   auto message = [&](const std::string& text) {
     return error_message([&] { train::parse_config(text, "cfg.json"); });
   };
   CHECK(message("{\"psr\": {\"schedule\": \"lin\xE9"
                 "ar\"}}")
-            .find("cfg.json is not valid JSON") != std::string::npos);
-  CHECK(message("{\"model\": {\"init_std\": 1e999}}").find("cfg.json is not valid JSON") !=
-        std::string::npos);
-  CHECK(message("{\"moe\": {\"top_k\": 1, \"top_k\": 2}}")
-            .find("cfg.json: key \"moe.top_k\" appears twice") != std::string::npos);
-  CHECK(message("{\"moe\": {}, \"moe\": {}}").find("key \"moe\" appears twice") !=
-        std::string::npos);
+            .find("cfg.json:1:27: psr.schedule: syntax error while parsing value - invalid "
+                  "string: ill-formed UTF-8 byte") == 0);
+  CHECK(message("{\"model\": {\"init_std\": 1e999}}") ==
+        "cfg.json:1:24: model.init_std: number overflow parsing '1e999'");
+  CHECK(message("{\"moe\": {\"top_k\": 1, \"top_k\": 2}}") ==
+        "cfg.json:1:22: moe.top_k: key appears twice in one object");
+  CHECK(message("{\"moe\": {},\n \"moe\": {}}") ==
+        "cfg.json:2:2: moe: key appears twice in one object");
   // The same key in two sections is no repeat.
   CHECK(train::parse_config("{\"model\": {\"d_model\": 64}, \"train\": {\"seed\": 64}}", "ok.json")
             .model.d_model == 64);
+  // A --set value that starts as JSON does is parsed as strictly, its errors naming the key and
+  // the column in the value; any other value is a plain string.
   train::RunConfig c;
+  auto set_message = [&](const std::string& assignment) {
+    return error_message([&] { train::apply_override(c, assignment); });
+  };
+  CHECK(set_message("train.lr=1e999") == "--set train.lr:1:1: number overflow parsing '1e999'");
+  CHECK(set_message("train.lr=3e-3,") ==
+        "--set train.lr:1:5: syntax error while parsing value - unexpected ','; expected end of "
+        "input");
+  CHECK(set_message("model.ffn=\"dense").find("--set model.ffn:1:7: syntax error") == 0);
+  CHECK(set_message("train.lr=fast") ==
+        "config: train.lr must be a number, got \"fast\"");  // a plain string
+  train::apply_override(c, "train.lr= 2e-3 ");
+  train::apply_override(c, "psr.schedule=\"stepwise\"");
+  train::apply_override(c, "train.matmul_precision=tf32");
+  CHECK(c.train.lr == 2e-3);
+  CHECK(c.model.psr.schedule == "stepwise");
+  CHECK(c.train.matmul_precision == "tf32");
   CHECK(error_message([&] {
           train::apply_override(c, "psr.schedule=linear\xFF");
         }).find("--set psr.schedule: the value is not valid UTF-8") != std::string::npos);

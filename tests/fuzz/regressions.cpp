@@ -44,12 +44,10 @@ TEST_CASE("fuzz finding: metrics.jsonl lines that are not records are dropped on
 TEST_CASE("fuzz finding: a number too large for a double is invalid JSON, not an exception") {
   // fuzz_config: the parser reports such a number as out_of_range, which parse_config did not
   // catch (it caught parse errors only); load_model_folder's vocab.json reader had the same gap.
-  const std::string msg = error_message([] { train::parse_config("222E2222", "huge.json"); });
-  CHECK(msg.find("config: huge.json is not valid JSON: ") == 0);
-  CHECK(msg.find("number overflow") != std::string::npos);
+  CHECK(error_message([] { train::parse_config("222E2222", "huge.json"); }) ==
+        "huge.json:1:1: number overflow parsing '222E2222'");
   testing::TempDir dir("huge_number");
   io::write_file_atomic(dir.file("vocab.json"), "{\"vocabulary\": [1e999]}");
-  CHECK(error_message([&] {
-          detail::parse_json_file(dir.file("vocab.json"));
-        }).find(dir.file("vocab.json") + " is not valid JSON: ") == 0);
+  CHECK(error_message([&] { detail::parse_json_file(dir.file("vocab.json")); }) ==
+        dir.file("vocab.json") + ":1:17: vocabulary[0]: number overflow parsing '1e999'");
 }

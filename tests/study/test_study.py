@@ -11,7 +11,9 @@ Usage: python3 tests/study/test_study.py TRAIN_TINY_REX SCRATCH_DIR
 - An interrupted study (SIGINT to the runner while the second of its runs trains) resumes: the run
   that was complete is not redone, the interrupted one continues from its checkpoint with --resume,
   and its losses equal those of an uninterrupted run of the same settings.
-- A run folder made with other settings, and malformed study files, are refused with a message.
+- A run folder made with other settings, and malformed study files, are refused with a message
+  naming the file and, for JSON that does not parse, the line and column, for a wrong value its key
+  path.
 """
 
 import json
@@ -222,17 +224,37 @@ write_study(study_file, steps=40, extra={"moe.top_k": 1})  # r2's settings chang
 changed = run_runner(study_file, "--out", out, "--binary", BINARY)
 check(changed.returncode == 1 and "made with other settings" in changed.stderr
       and "r2-seed1" in changed.stderr, f"changed settings refused: {changed.stderr}")
+# Malformed study files: refused with exit status 1, no traceback, and a message naming the file
+# and, for JSON that does not parse, the line and column, for a wrong value its key path.
 bad = os.path.join(SCRATCH, "bad.json")
-for text, message in [("{", "not valid JSON"),
-                      ('{"name": "x", "seeds": [1], "baseline": "a", "arms": []}', "'arms'"),
-                      ('{"name": "x", "seeds": [], "baseline": "a", "arms": [1]}', "'seeds'"),
-                      ('{"name": "x", "seeds": [1], "baseline": "b", "data": "corpus.txt", "arms": '
-                       '[{"name": "a", "config": "%s"}]}' % os.path.join(
-                           REPO, "examples/configs/dense.json"), "baseline 'b' is not an arm"),
+dense = os.path.join(REPO, "examples/configs/dense.json")
+good_arm = '{"name": "a", "config": "%s"}' % dense
+for text, message in [("{", f"{bad}:1:2: not valid JSON: Expecting property name"),
+                      ('{"name": "x",\n "seeds": [1],\n "arms": [1,, 2]}',
+                       f"{bad}:3:13: not valid JSON: Expecting value"),
+                      (b'{"name": "\xc3\xa9",\n "na\xffme": "x"}', f"{bad}:2:5: not valid UTF-8"),
+                      ('{"name": "x", "seeds": [1], "seeds": [2]}',
+                       "key 'seeds' appears twice in one object"),
+                      ('{"name": "x", "set": {"train.lr": 1e999}}',
+                       "set.train.lr: a number beyond double range"),
+                      ('{"name": "x", "seeds": [1], "baseline": "a", "arms": []}',
+                       "arms: must be a non-empty list"),
+                      ('{"name": "x", "seeds": [], "baseline": "a", "arms": [1]}',
+                       "seeds: must be a non-empty list"),
+                      ('{"name": "x", "seeds": [1, -2], "baseline": "a", "arms": [1]}',
+                       "seeds[1]: -2 is not a whole number >= 0"),
+                      ('{"name": "x", "seeds": [1], "baseline": "a", "arms": [%s, '
+                       '{"name": "b c", "config": "%s"}]}' % (good_arm, dense),
+                       "arms[1].name: 'b c' may hold only letters"),
+                      ('{"name": "x", "seeds": [1], "baseline": "a", "arms": '
+                       '[{"name": "a", "config": "%s", "set": {"moe.reuse": [2]}}]}' % dense,
+                       "arms[0].set.moe.reuse: [2] is not a number"),
+                      ('{"name": "x", "seeds": [1], "baseline": "b", "data": "corpus.txt", '
+                       '"arms": [%s]}' % good_arm, "baseline: 'b' is not an arm"),
                       ('{"name": "x", "seeds": [1], "baseline": "a", "arms": '
                        '[{"name": "a", "config": "missing.json"}]}', "no such file")]:
-    with open(bad, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(bad, "wb") as f:
+        f.write(text if isinstance(text, bytes) else text.encode())
     refused = run_runner(bad, "--out", os.path.join(SCRATCH, "bad"), "--binary", BINARY)
     check(refused.returncode == 1 and message in refused.stderr
           and "Traceback" not in refused.stderr,

@@ -291,7 +291,7 @@ inline Checkpoint load_checkpoint(const std::string& dir) {
     REX_CHECK(it != contents.metadata.end(), path, ": metadata has no \"", key, "\"");
     return it->second;
   };
-  const nlohmann::json vocab = io::parse_json(field("vocab"), path + ": metadata \"vocab\"");
+  const nlohmann::json vocab = io::parse_json(field("vocab"), path + " (metadata \"vocab\")");
   Checkpoint out{parse_config(field("config"), path + " (metadata \"config\")"),
                  data::CharTokenizer::from_json(vocab),
                  {},

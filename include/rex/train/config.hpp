@@ -6,11 +6,13 @@
 // sections, each optional, each key optional (missing keys keep their defaults):
 //   {"model": {...}, "moe": {...}, "psr": {...}, "train": {...}}
 // Unknown sections or keys and values of the wrong JSON type are errors that name the key: a typo
-// must not silently train the default model. The JSON functions know no field by name. Config text
-// is parsed strictly (io::parse_json): a key given twice, invalid UTF-8 or a number beyond
-// double range is an error naming the file; validate() also refuses a model too big to train on
-// this machine (rex/train/memory_estimate.hpp).
-// A resumed run keeps its saved config except for the keys in kResumableKeys.
+// must not silently train the default model. The JSON functions know no field by name. Config text,
+// and a --set value that starts as JSON does, is parsed strictly (io::parse_json): a key given
+// twice, invalid UTF-8 or a number beyond double range is an error naming the file (or --set key),
+// line, column and key path; validate() also refuses a model too big to train on this machine
+// (rex/train/memory_estimate.hpp).
+// A resumed run keeps its saved config except for the keys in kResumableKeys; an evaluation of a
+// saved model, except for those in kEvaluationKeys.
 #pragma once
 
 #include <cmath>
@@ -184,6 +186,17 @@ void read_field(const nlohmann::json& j, const std::string& key, T& field) {
   }
 }
 
+// Whether a --set value is meant as JSON: it starts as a JSON number, string, array or object does
+// (-, a digit, ", [ or {), or it is true, false or null. Any other text is a plain string.
+inline bool reads_as_json(std::string_view value) {
+  constexpr std::string_view kSpace = " \t\n\r";
+  const size_t begin = value.find_first_not_of(kSpace);
+  if (begin == std::string_view::npos) return false;
+  const std::string_view word = value.substr(begin, value.find_last_not_of(kSpace) + 1 - begin);
+  return std::string_view("-0123456789\"[{").find(word.front()) != std::string_view::npos ||
+         word == "true" || word == "false" || word == "null";
+}
+
 }  // namespace rex::detail
 
 namespace rex::train {
@@ -229,7 +242,7 @@ inline RunConfig config_from_json(const nlohmann::json& j) {
 
 // Parses JSON text; `what` names the source (a path) in errors.
 inline RunConfig parse_config(const std::string& text, const std::string& what) {
-  const nlohmann::json j = io::parse_json(text, "config: " + what);
+  const nlohmann::json j = io::parse_json(text, what);
   try {
     return config_from_json(j);
   } catch (const Error& e) {
@@ -237,9 +250,10 @@ inline RunConfig parse_config(const std::string& text, const std::string& what) 
   }
 }
 
-// Applies one `section.key=value` override. The value is read as JSON when it parses as JSON
-// (numbers, true/false, quoted strings) and as a plain string otherwise, so both
-// `psr.schedule=stepwise` and `train.lr=1e-3` work.
+// Applies one `section.key=value` override. A value that starts as JSON does
+// (detail::reads_as_json: numbers, true/false, quoted strings, arrays, objects) is parsed strictly
+// as JSON, its errors naming "--set section.key" and the column; any other value is a plain string,
+// so both `psr.schedule=stepwise` and `train.lr=1e-3` work.
 inline void apply_override(RunConfig& config, const std::string& assignment) {
   const size_t eq = assignment.find('=');
   const size_t dot = assignment.find('.');
@@ -251,8 +265,9 @@ inline void apply_override(RunConfig& config, const std::string& assignment) {
   REX_CHECK(detail::is_valid_utf8(assignment.substr(0, eq)), "--set: the key is not valid UTF-8");
   REX_CHECK(detail::is_valid_utf8(text), "--set ", section, ".", key,
             ": the value is not valid UTF-8 text");
-  nlohmann::json value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (value.is_discarded()) value = text;
+  const nlohmann::json value = detail::reads_as_json(text)
+                                   ? io::parse_json(text, "--set " + section + "." + key)
+                                   : nlohmann::json(text);
   nlohmann::json patch;
   patch[section][key] = value;
   apply_json(config, patch);
@@ -280,6 +295,18 @@ inline const std::set<std::string> kResumableKeys = {"train.steps",
                                                      "train.keep_checkpoints",
                                                      "train.divergence_factor"};
 
+// The first key, as "section.key", whose value differs between `before` and `after` and that is
+// not in `changeable`; "" when there is none.
+inline std::string first_change_outside(const RunConfig& before, const RunConfig& after,
+                                        const std::set<std::string>& changeable) {
+  const nlohmann::json old_values = to_json(before), new_values = to_json(after);
+  for (const auto& [section, keys] : new_values.items())
+    for (const auto& [key, value] : keys.items())
+      if (value != old_values.at(section).at(key) && !changeable.count(section + "." + key))
+        return section + "." + key;
+  return "";
+}
+
 // What resumed_config throws when an override changes any other key.
 struct NotResumable : Error {
   using Error::Error;
@@ -290,15 +317,38 @@ struct NotResumable : Error {
 inline RunConfig resumed_config(const RunConfig& saved, const std::vector<std::string>& overrides) {
   RunConfig config = saved;
   for (const std::string& assignment : overrides) apply_override(config, assignment);
-  const nlohmann::json before = to_json(saved), after = to_json(config);
-  for (const auto& [section, keys] : after.items())
-    for (const auto& [key, value] : keys.items())
-      if (value != before[section][key] && !kResumableKeys.count(section + "." + key))
-        throw NotResumable("--resume: " + section + "." + key +
-                           " cannot change in a resumed run (only train.steps, "
-                           "train.grad_accum, train.eval_batches, train.matmul_precision, "
-                           "train.keep_checkpoints, train.divergence_factor and the intervals "
-                           "can)");
+  if (const std::string key = first_change_outside(saved, config, kResumableKeys); !key.empty())
+    throw NotResumable("--resume: " + key +
+                       " cannot change in a resumed run (only train.steps, train.grad_accum, "
+                       "train.eval_batches, train.matmul_precision, train.keep_checkpoints, "
+                       "train.divergence_factor and the intervals can)");
+  validate(config);
+  return config;
+}
+
+// The keys that a saved model's evaluation or sampling (train_tiny_rex --eval-only or --sample
+// with --checkpoint) may change: how many validation batches are evaluated, and the GEMM precision
+// they are computed with. Every other key would change the model, or what it was trained and is
+// validated on (train.seed also fixes the PSR masks and the validation batches, train.batch_size
+// the batches, train.train_fraction the validation text), or has no effect outside training.
+inline const std::set<std::string> kEvaluationKeys = {"train.eval_batches",
+                                                      "train.matmul_precision"};
+
+// What evaluation_config throws when an override changes any other key.
+struct NotAnEvaluationKey : Error {
+  using Error::Error;
+};
+
+// The saved config with `overrides` applied, validated; NotAnEvaluationKey names the first changed
+// key outside kEvaluationKeys.
+inline RunConfig evaluation_config(const RunConfig& saved,
+                                   const std::vector<std::string>& overrides) {
+  RunConfig config = saved;
+  for (const std::string& assignment : overrides) apply_override(config, assignment);
+  if (const std::string key = first_change_outside(saved, config, kEvaluationKeys); !key.empty())
+    throw NotAnEvaluationKey("--set " + key + " would change the saved " +
+                             (key.starts_with("train.") ? "run" : "model") +
+                             "; only train.eval_batches and train.matmul_precision may be set");
   validate(config);
   return config;
 }
