@@ -4,7 +4,8 @@
 // folder (config.json, vocab.json, model.safetensors), checkpoint.safetensors (what --resume reads;
 // earlier ones are kept as checkpoint-<step>.safetensors), metrics.jsonl, routing.json. Checkpoints
 // are written atomically after a loss check (a diverging run stops with an error); Ctrl-C or
-// SIGTERM finishes the step, saves and exits. Formats, keys: docs/formats.md; docs/method.md.
+// SIGTERM finishes the step, saves and exits. One run writes DIR at a time: it holds DIR/.lock, and
+// a second is refused naming the first. Formats, keys: docs/formats.md; docs/method.md.
 //
 // Under mpirun (or srun) it trains data parallel (docs/distributed.md): every rank takes its share
 // of each step's batch, gradients are summed across the ranks, and the run is the one-process run
@@ -45,7 +46,8 @@ options:
                         docs/formats.md)
   --set KEY=VALUE       override one config key, e.g. --set moe.reuse=1 (repeatable)
   --data FILE           training text (a text file up to 1 GiB; 90% train / 10% validation)
-  --out DIR             where the run is written (created if missing)
+  --out DIR             where the run is written (created if missing); one run at a time: a
+                        second one on DIR is refused (lock file DIR/.lock)
   --steps N             same as --set train.steps=N
   --seed S              same as --set train.seed=S (init, batches, PSR masks)
   --device cpu|cuda     where to train (default cpu)
@@ -168,6 +170,13 @@ std::string sample_text(const rex::nn::TransformerLM& model, const rex::data::Ch
 int train_run(const Options& o) {
   if (o.out_dir.empty() && o.resume_dir.empty()) usage_error("--out DIR is required");
   const std::string out = o.out_dir.empty() ? o.resume_dir : o.out_dir;
+  const bool resume_in_place = !o.resume_dir.empty() && out == o.resume_dir;
+  // Rank 0 writes the run folder and holds its lock until the end, so that a second writer is
+  // refused. A run resumed in place takes it before it reads the checkpoint, which no other run may
+  // then replace; any other run once its inputs are checked, so that bad input makes no folder.
+  Communicator& world = Communicator::world();
+  std::optional<rex::io::RunFolderLock> lock;
+  if (world.is_root() && resume_in_place) lock.emplace(out);
   // Configuration, corpus and (when resuming) the saved state.
   std::optional<train::Checkpoint> saved;
   if (!o.resume_dir.empty()) saved = train::load_resume_checkpoint(o.resume_dir);
@@ -188,15 +197,14 @@ int train_run(const Options& o) {
   const train::CheckpointInfo corpus_info = train::corpus_info(corpus);
   if (saved) train::warn_if_other_corpus(corpus, saved->info);
   const train::TrainConfig& t = config.train;
-  Communicator& world = Communicator::world();
   train::check_ranks_agree(world, config, corpus_info, saved ? saved->step : 0);
   const rex::data::BatchSampler train_batches = train::train_sampler(corpus, config);
   const rex::data::BatchSampler val_batches = train::validation_sampler(corpus, config);
-  std::optional<train::RunSaver> saver;  // rank 0 writes the run folder
+  std::optional<train::RunSaver> saver;
   if (world.is_root())
     saver = train::prepare_run_folder(
-        out, config, t.keep_checkpoints,
-        saved && out == o.resume_dir ? std::optional(saved->step) : std::nullopt, o.overwrite);
+        lock ? std::move(*lock) : train::lock_run_folder(out), config, t.keep_checkpoints,
+        resume_in_place ? std::optional(saved->step) : std::nullopt, o.overwrite);
 
   const rex::Device device = chosen_device(o);
   rex::set_matmul_precision(device, t.matmul_precision);

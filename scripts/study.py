@@ -11,6 +11,8 @@ A run that is complete is skipped; one that was interrupted (Ctrl-C, a kill, a r
 from its checkpoint with --resume, so running the same command again finishes an interrupted study.
 A run folder made with other settings is refused rather than mixed in. Progress, with an ETA, is
 printed every few seconds; each run's own output goes to OUT/runs/ARM-seedS/log.txt.
+One runner works on a study folder at a time: it holds a lock on OUT/.lock (as train_tiny_rex does
+on each run folder), and a second runner on OUT is refused, naming the first's PID and host.
 
 When every run is complete, the runner writes into OUT:
   study.md      per arm the final validation loss (mean, std and 95% t-interval over seeds),
@@ -25,6 +27,7 @@ When every run is complete, the runner writes into OUT:
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -38,6 +41,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BINARY = os.path.join(REPO, "build", "examples", "train_tiny_rex")
 MARKER = "study_run.json"  # in each run folder: the settings it was made with; whether complete
+LOCK_FILE = ".lock"  # in the study folder, held by the runner working on it
 
 
 class StudyError(Exception):
@@ -227,6 +231,36 @@ def plan_runs(study, out):
 
 # ---------------------------------------------------------------------------------------------
 # Running
+
+
+def lock_study_folder(out):
+    """Locks the study folder OUT for this process until it ends: flock(LOCK_EX | LOCK_NB) on
+    OUT/.lock, then this process's PID and host written into it. A folder another runner holds is
+    refused at once, naming that runner. The kernel drops the lock when the process ends, however
+    it ends (kill -9 too), so none is left stale; the descriptor is not inherited by the runs,
+    which lock their own folders. The same protocol as train_tiny_rex's (rex/io/folder_lock.hpp)."""
+    path = os.path.join(out, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise StudyError(f"cannot lock study folder {out} (lock file {path}): "
+                         f"{e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fields = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+        os.close(fd)
+        holder = (f"PID {fields[0]} on host {fields[1]}"
+                  if len(fields) >= 2 and fields[0].isdigit() else "another process")
+        raise StudyError(f"study folder {out} is in use by {holder} (lock file {path}); wait for "
+                         "it to finish or stop it") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)
+    except OSError as e:
+        raise StudyError(f"cannot write this process into the lock file {path}: "
+                         f"{e.strerror}") from None
+    # fd stays open (and the folder locked) until the process exits.
 
 
 def read_marker(run):
@@ -741,6 +775,7 @@ def main():
         study = load_study(args.study, args.data)
         out = os.path.abspath(args.out or os.path.join("runs", "studies", study["name"]))
         os.makedirs(out, exist_ok=True)
+        lock_study_folder(out)
         runs = plan_runs(study, out)
         if not args.report_only:
             if not os.access(args.binary, os.X_OK):

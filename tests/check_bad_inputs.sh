@@ -4,7 +4,8 @@
 #   - a non-zero exit that is not a crash (status 1; a signal or an abort fails the trial),
 #   - a message naming the problem (the file, key or value), and
 #   - no existing file changed: every file of the run folder the trial points at has the same
-#     sha256 after it as before (new files, such as a kept copy of a checkpoint, may appear).
+#     sha256 after it as before (new files, such as a kept copy of a checkpoint, may appear; the
+#     lock file .lock names the last process that locked the folder, so it may change).
 # Probes: bad data (missing, empty, folder, /dev/zero, binary, too large), bad config (malformed
 # JSON, unknown key, wrong type, impossible values), checkpoints truncated to several lengths or
 # with a garbage header, kill -9 while checkpoints are written (the folder must still resume, or be
@@ -27,7 +28,10 @@ record() {  # record PROBE OK(0|1) WHY
     failures=$((failures + 1))
   fi
 }
-fingerprint() { (cd "$1" 2> /dev/null && find . -type f -print0 | sort -z | xargs -0 -r sha256sum); }
+# The lock file (.lock) is left out: every run that locks the folder writes its PID there.
+fingerprint() {
+  (cd "$1" 2> /dev/null && find . -type f ! -name .lock -print0 | sort -z | xargs -0 -r sha256sum)
+}
 # unchanged FOLDER SUMS: every file FOLDER held (SUMS: its fingerprint then) is still there, unchanged.
 unchanged() { [ -z "$2" ] || (cd "$1" && sha256sum --quiet -c - <<< "$2" > /dev/null 2>&1); }
 

@@ -7,6 +7,9 @@
 #    a training run with that N logs; --sample prints the requested characters;
 #  - a diverging run (lr 100, lr 10) exits 1 naming the step and the cause, and the checkpoint it
 #    had written before still resumes; SIGTERM saves and exits (143) as Ctrl-C does;
+#  - one writer per run folder: while a run trains, a second run on its folder (new or resumed) is
+#    refused naming the first's PID and host and changes nothing there, a reader still reads it, and
+#    once the first is killed with kill -9 the folder resumes at once (no stale lock);
 #  - bad inputs exit with status 1 (not a crash) and a message naming the problem; a metrics.jsonl
 #    line that is not a record is dropped with a warning. (tests/check_bad_inputs.sh goes further.)
 # Usage: test_train_cli.sh PATH/TO/train_tiny_rex WORK_DIR
@@ -114,6 +117,41 @@ else
   "$exe" --resume term --data corpus.txt --steps $((saved + 1)) > term2.log 2>&1 ||
     fail "SIGTERM: resume failed: $(cat term2.log)"
   grep -q "resuming at step $saved of $((saved + 1))" term2.log || fail "SIGTERM: resume did not start at step $saved"
+fi
+
+# ---- one writer per run folder ----------------------------------------------------------------
+"$exe" --config tiny.json --data corpus.txt --out busy --steps 100000 \
+  --set train.checkpoint_interval=1 --set train.log_interval=1000 > busy.log 2>&1 &
+pid=$!
+# Wait (up to 60 s, for a loaded machine) until it holds the lock and has saved a model.
+for _ in $(seq 1 1200); do
+  [ -e busy/model.safetensors ] && grep -q "^$pid " busy/.lock 2> /dev/null && break
+  sleep 0.05
+done
+fingerprint() { (cd "$1" && find . -type f -print0 | sort -z | xargs -0 sha256sum); }
+if ! grep -q "^$pid " busy/.lock 2> /dev/null || [ ! -e busy/model.safetensors ]; then
+  fail "the first writer did not lock busy/ and save a model within 60 s: $(cat busy.log)"
+  kill -9 $pid
+  wait $pid 2> /dev/null
+else
+  kill -STOP $pid  # it keeps the lock but writes nothing while the second writers try
+  before=$(fingerprint busy)
+  holder="run folder busy is in use by PID $pid on host $(uname -n) (lock file busy/.lock)"
+  for second in "--config tiny.json --data corpus.txt --out busy --overwrite" \
+    "--resume busy --data corpus.txt"; do
+    output=$("$exe" $second --stop-after 1 2>&1)  # --stop-after 1: it ends should it get the lock
+    status=$?
+    [ $status -eq 1 ] || fail "second writer '$second': exit status $status (want 1): $output"
+    grep -qF "$holder" <<< "$output" || fail "second writer '$second' did not say '$holder': $output"
+  done
+  [ "$(fingerprint busy)" = "$before" ] || fail "a refused second writer changed files in busy/"
+  "$exe" --eval-only --checkpoint busy --data corpus.txt > /dev/null 2>&1 ||
+    fail "--eval-only cannot read a folder another run is writing"
+  kill -9 $pid
+  wait $pid 2> /dev/null
+  output=$("$exe" --resume busy --data corpus.txt --stop-after 1 2>&1) ||
+    fail "the folder of a writer killed with kill -9 does not resume at once: $output"
+  grep -q "^$pid " busy/.lock && fail "the resumed run did not write itself into busy/.lock"
 fi
 
 # ---- bad inputs ------------------------------------------------------------------------------

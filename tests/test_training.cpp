@@ -3,9 +3,9 @@
 // their line, column and key), checkpoint and model-folder round trips (bit-exact), a short
 // fixed-seed training run whose validation loss must fall below the corpus's unigram entropy, and
 // the training library's pieces (train_step's gradient hook, the resume and evaluation rules, the
-// routing report, sampling, metrics.jsonl, the divergence guard, kept checkpoints, the corpus and
-// prompt checks), and the refusals of configs that cannot be stored, computed with or fitted in
-// memory.
+// routing report, sampling, metrics.jsonl, the divergence guard, kept checkpoints, the run folder's
+// lock, the corpus and prompt checks), and the refusals of configs that cannot be stored, computed
+// with or fitted in memory.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -630,24 +630,25 @@ TEST_CASE("a run folder keeps the last train.keep_checkpoints checkpoints, newes
     return steps;
   };
   {
-    train::RunSaver saver = train::prepare_run_folder(dir, config, 3, std::nullopt, false);
+    train::RunSaver saver =
+        train::prepare_run_folder(train::lock_run_folder(dir), config, 3, std::nullopt, false);
     for (int64_t step : {10, 20, 30, 40}) saver.save(model, optimizer, config, tokenizer, step, {});
     CHECK(saver.newest() == 40);
   }
   CHECK(train::load_checkpoint(dir).step == 40);
   CHECK(kept_steps() == std::vector<int64_t>{20, 30});
   CHECK(error_message([&] {
-          train::prepare_run_folder(dir, config, 3, std::nullopt, false);
+          train::prepare_run_folder(train::lock_run_folder(dir), config, 3, std::nullopt, false);
         }).find("already holds a run") != std::string::npos);
   // Resuming from step 40 and saving 50 keeps 40; a new run (--overwrite) drops the old run's.
-  train::prepare_run_folder(dir, config, 3, 40, false)
+  train::prepare_run_folder(train::lock_run_folder(dir), config, 3, 40, false)
       .save(model, optimizer, config, tokenizer, 50, {});
   CHECK(kept_steps() == std::vector<int64_t>{30, 40});
-  train::prepare_run_folder(dir, config, 3, std::nullopt, true)
+  train::prepare_run_folder(train::lock_run_folder(dir), config, 3, std::nullopt, true)
       .save(model, optimizer, config, tokenizer, 5, {});
   CHECK(kept_steps().empty());
   // A refused newest checkpoint names the kept ones to go back to.
-  train::prepare_run_folder(dir, config, 2, 5, false)
+  train::prepare_run_folder(train::lock_run_folder(dir), config, 2, 5, false)
       .save(model, optimizer, config, tokenizer, 6, {});
   io::write_file_atomic(train::checkpoint_path(dir), "torn");
   const std::string message = error_message([&] { train::load_resume_checkpoint(dir); });
@@ -661,13 +662,40 @@ TEST_CASE("a run resumed in place with a longer schedule keeps a model folder th
   const data::CharTokenizer tokenizer = data::CharTokenizer::from_text("abcdefghijklm");
   const testing::TempDir temp("resume_in_place");
   const std::string dir = temp.path.string();
-  train::prepare_run_folder(dir, config, 2, std::nullopt, false)
+  train::prepare_run_folder(train::lock_run_folder(dir), config, 2, std::nullopt, false)
       .save(model, optimizer, config, tokenizer, 4, {});
   // --resume DIR --steps 9, stopped (killed) before its next save: config.json must still be the
   // one model.safetensors records, or the folder would be refused as edited.
   config.train.steps = 9;
-  train::prepare_run_folder(dir, config, 2, 4, false);
+  train::prepare_run_folder(train::lock_run_folder(dir), config, 2, 4, false);
   CHECK(train::load_model_folder(dir).config.train.steps == tiny_run("dense", 1).train.steps);
+}
+
+TEST_CASE("a run folder has one writer: a second lock is refused naming the holder") {
+  const train::RunConfig config = tiny_run("dense", 1);
+  const testing::TempDir temp("run_folder_lock");
+  const std::string dir = temp.file("run"), lock_file = dir + "/.lock";
+  const std::string holder = std::to_string(::getpid()) + " " + rex::detail::host_name();
+  {
+    const train::RunSaver saver =
+        train::prepare_run_folder(train::lock_run_folder(dir), config, 2, std::nullopt, false);
+    CHECK(io::read_file(lock_file) == holder + "\n");
+    const std::string config_json = io::read_file(dir + "/config.json");
+    // flock locks an open file, so a second lock in this process is refused like another one's.
+    CHECK(error_message([&] { train::lock_run_folder(dir); }) ==
+          "run folder " + dir + " is in use by PID " + std::to_string(::getpid()) + " on host " +
+              rex::detail::host_name() + " (lock file " + lock_file +
+              "); wait for it to finish or stop it");
+    CHECK(io::read_file(lock_file) == holder + "\n");
+    CHECK(io::read_file(dir + "/config.json") == config_json);
+  }
+  CHECK_NOTHROW(train::lock_run_folder(dir));  // released with the RunSaver that held it
+  // A holder that has not written its line yet is "another process".
+  CHECK(rex::detail::describe_lock_holder("") == "another process");
+  CHECK(rex::detail::describe_lock_holder("77 node-3\n") == "PID 77 on host node-3");
+  CHECK(error_message([&] {
+          io::RunFolderLock missing(temp.file("missing"));
+        }).find("folder " + temp.file("missing") + " does not exist") != std::string::npos);
 }
 
 TEST_CASE("a corpus must be a regular text file, and a prompt must be in its vocabulary") {

@@ -6,7 +6,9 @@
 #    orders of magnitude further);
 #  - ranks that disagree (config, data) refuse before the first step with one message naming the
 #    difference; an error on one rank ends the whole job within seconds; so does a rank killed
-#    with kill -9 mid-run; SIGTERM to the ranks saves one checkpoint at the same step and exits 143.
+#    with kill -9 mid-run; SIGTERM to the ranks saves one checkpoint at the same step and exits 143;
+#  - a run folder another run is writing: rank 0 is refused the folder's lock, naming the holder's
+#    PID, and the whole job ends within seconds.
 # Usage: test_distributed_cli.sh PATH/TO/train_tiny_rex WORK_DIR MPIRUN
 set -uo pipefail
 compare="$(dirname "$(realpath "$0")")/compare_models.py"
@@ -77,6 +79,17 @@ expect_refusal $? one_rank_fails "error (rank 1 of 2): .*missing.txt"
 within 20 "${mpi[@]}" -np 2 "$exe" --config tiny.json --data corpus.txt --out odd \
   --set train.batch_size=7 > batch_split.log 2>&1
 expect_refusal $? batch_split "train.batch_size (7) must be a multiple of the number of ranks (2)"
+
+# ---- a run folder another run is writing ---------------------------------------------------------
+OMP_NUM_THREADS=1 "$exe" --config tiny.json --data corpus.txt --steps 100000 --out held \
+  > held_first.log 2>&1 &
+holder=$!
+for _ in $(seq 1 600); do grep -q "^$holder " held/.lock 2> /dev/null && break; sleep 0.1; done
+within 20 "${mpi[@]}" -np 2 "$exe" --config tiny.json --data corpus.txt --out held --overwrite \
+  > held.log 2>&1
+expect_refusal $? held "run folder held is in use by PID $holder on host"
+kill -9 $holder
+wait $holder 2> /dev/null
 
 # ---- a rank killed mid-run; SIGTERM ---------------------------------------------------------------
 long=(--config tiny.json --data corpus.txt --steps 100000 --set train.log_interval=1)

@@ -10,7 +10,8 @@ Usage: python3 tests/study/test_study.py TRAIN_TINY_REX SCRATCH_DIR
   study.md table holding them.
 - An interrupted study (SIGINT to the runner while the second of its runs trains) resumes: the run
   that was complete is not redone, the interrupted one continues from its checkpoint with --resume,
-  and its losses equal those of an uninterrupted run of the same settings.
+  and its losses equal those of an uninterrupted run of the same settings. While the first runner
+  trains, a second one on its folder is refused naming the first's PID and host.
 - A run folder made with other settings, and malformed study files, are refused with a message
   naming the file and, for JSON that does not parse, the line and column, for a wrong value its key
   path.
@@ -183,7 +184,27 @@ first, second = (os.path.join(resumed, "runs", n) for n in ("vanilla-seed1", "r2
 runner = subprocess.Popen(RUNNER + [resume_file, "--out", resumed, "--binary", BINARY,
                                    "--jobs", "1"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def lock_holder():
+    try:
+        with open(os.path.join(resumed, ".lock"), encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+# Once it holds its folder's lock (before it launches a run), a second runner on the folder is
+# refused, naming it. Checked before the interrupt below, which must come early in the second run.
 deadline = time.monotonic() + 300
+while (time.monotonic() < deadline and runner.poll() is None
+       and not lock_holder().startswith(f"{runner.pid} ")):
+    time.sleep(0.01)
+second_runner = run_runner(resume_file, "--out", resumed, "--binary", BINARY, "--jobs", "1")
+check(second_runner.returncode == 1
+      and f"study folder {resumed} is in use by PID {runner.pid} on host {os.uname().nodename}"
+      in second_runner.stderr and "Traceback" not in second_runner.stderr,
+      f"a second runner on a busy folder: exit {second_runner.returncode}: {second_runner.stderr}")
 while time.monotonic() < deadline:
     if os.path.exists(os.path.join(second, "metrics.jsonl")) and metrics(second, "train"):
         break
@@ -196,6 +217,9 @@ check(marker["complete"] is False, "the interrupted run is not marked complete")
 stopped_at = max(r["step"] for r in metrics(second, "train"))
 check(stopped_at < 400, f"the second run was stopped early (at {stopped_at})")
 first_log = open(os.path.join(first, "log.txt"), encoding="utf-8").read()
+for run_dir in (first, second):  # each launched once, by the first runner: the second launched none
+    with open(os.path.join(run_dir, "log.txt"), encoding="utf-8") as f:
+        check(sum(line.startswith("$ ") for line in f) == 1, f"{run_dir} was launched once")
 first_model = os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns
 
 finish = run_runner(resume_file, "--out", resumed, "--binary", BINARY, "--jobs", "1")

@@ -16,7 +16,9 @@
 //             corpus_bytes and corpus_hash (to warn when a resume reads another corpus)
 // Both files carry a CRC-32C of every tensor (rex/io/safetensors.hpp, with_checksums), which the
 // reader checks, and a run clears the temporary files of killed writers from its folder
-// (io::remove_stale_temp_files) when it writes its model folder and when it resumes.
+// (io::remove_stale_temp_files) when it starts or resumes and when it writes its model folder.
+// One run writes a folder at a time: a RunSaver holds the folder's lock (rex/io/folder_lock.hpp),
+// taken before anything in it is written, so a second writer is refused naming the first.
 // Nothing else is needed to resume exactly: batches and PSR masks are pure functions of
 // (seed, step), so the random state is the seed (in the config) and the step.
 // Kept checkpoints: before checkpoint.safetensors is replaced, the one it holds is kept as
@@ -36,11 +38,13 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
 #include "rex/data/tokenizer.hpp"
 #include "rex/io/files.hpp"
+#include "rex/io/folder_lock.hpp"
 #include "rex/io/safetensors.hpp"
 #include "rex/nn/module.hpp"
 #include "rex/nn/transformer.hpp"
@@ -212,14 +216,16 @@ inline std::map<int64_t, std::string> kept_checkpoints(const std::string& dir) {
   return out;
 }
 
-// Writes the run folder `dir` of one training invocation: save_run plus the kept checkpoints.
+// Writes the run folder of one training invocation, whose lock it holds: save_run plus the kept
+// checkpoints.
 class RunSaver {
  public:
-  // resumed_step: the step of dir's checkpoint.safetensors when this invocation continues it;
-  // nullopt for a new run (the kept checkpoints of an earlier run in dir are removed at its first
-  // save). Kept checkpoints past resumed_step belong to a history the resume abandoned and go too.
-  RunSaver(std::string dir, int64_t keep, std::optional<int64_t> resumed_step)
-      : dir_(std::move(dir)), keep_(keep), newest_(resumed_step) {}
+  // resumed_step: the step of the folder's checkpoint.safetensors when this invocation continues
+  // it; nullopt for a new run (the kept checkpoints of an earlier run in the folder are removed at
+  // its first save). Kept checkpoints past resumed_step belong to a history the resume abandoned
+  // and go too.
+  RunSaver(io::RunFolderLock lock, int64_t keep, std::optional<int64_t> resumed_step)
+      : lock_(std::move(lock)), dir_(lock_.folder()), keep_(keep), newest_(resumed_step) {}
 
   void save(const nn::Module& model, const optim::AdamW& optimizer, const RunConfig& config,
             const data::CharTokenizer& tokenizer, int64_t step, const CheckpointInfo& info) {
@@ -249,18 +255,26 @@ class RunSaver {
     if (error) std::filesystem::copy_file(from, to);
   }
 
+  io::RunFolderLock lock_;
   std::string dir_;
   int64_t keep_;
   std::optional<int64_t> newest_;
 };
 
-// Creates the run folder `out` (removing the temporary files of dead writers), refusing one that
-// holds another run unless `overwrite`, and writes a new run's config.json before the first step,
-// so a config that cannot be saved fails at once. resumed_step: the step of the checkpoint resumed
-// from `out` itself.
-inline RunSaver prepare_run_folder(const std::string& out, const RunConfig& config, int64_t keep,
-                                   std::optional<int64_t> resumed_step, bool overwrite) {
+// Creates the run folder `out` if it is missing and locks it for this process (io::RunFolderLock):
+// a second writer is refused, naming this one.
+inline io::RunFolderLock lock_run_folder(const std::string& out) {
   std::filesystem::create_directories(out);
+  return io::RunFolderLock(out);
+}
+
+// Prepares the locked run folder (lock_run_folder): removes the temporary files of dead writers,
+// refuses a folder that holds another run unless `overwrite`, and writes a new run's config.json
+// before the first step, so a config that cannot be saved fails at once. resumed_step: the step of
+// the checkpoint resumed from the folder itself.
+inline RunSaver prepare_run_folder(io::RunFolderLock lock, const RunConfig& config, int64_t keep,
+                                   std::optional<int64_t> resumed_step, bool overwrite) {
+  const std::string out = lock.folder();
   io::remove_stale_temp_files(out);  // left by writers that were killed mid-write
   REX_CHECK(resumed_step || overwrite || !std::filesystem::exists(checkpoint_path(out)), out,
             " already holds a run: continue it with --resume ", out,
@@ -268,7 +282,7 @@ inline RunSaver prepare_run_folder(const std::string& out, const RunConfig& conf
   // A run resumed in place keeps the config.json that matches its model.safetensors until its
   // next save.
   if (!resumed_step) save_config(out, config);
-  return RunSaver(out, keep, resumed_step);
+  return RunSaver(std::move(lock), keep, resumed_step);
 }
 
 struct Checkpoint {
@@ -283,7 +297,6 @@ struct Checkpoint {
 
 inline Checkpoint load_checkpoint(const std::string& dir) {
   const std::string path = checkpoint_path(dir);
-  io::remove_stale_temp_files(dir);
   io::SafetensorsContents contents = io::load_safetensors(path);
   detail::check_format(contents.metadata, "rex-checkpoint", path);
   auto field = [&](const char* key) -> const std::string& {
