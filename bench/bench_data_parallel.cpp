@@ -89,7 +89,7 @@ int main(int argc, char** argv) {
       reduce_s.push_back(seconds_since(began));
     }
     const double tokens = static_cast<double>(t.batch_size * config.model.context);
-    const int threads = Eigen::nbThreads();
+    const int threads = rex::thread_count();
     auto report = [&](const char* overlap, const Mode& m) {
       if (!world.is_root()) return;
       std::printf(

@@ -1,8 +1,10 @@
 // rex::matmul against raw Eigen GEMM on the same buffers, interleaved in one run.
 //
-// For each shape (m, k, n): rex::matmul(a, b) (which allocates its output) and Eigen's
-// C.noalias() = A * B written into a preallocated buffer, alternated every repeat; prints the
-// median GFLOP/s of each (2mnk flops per product) and the ratio rex / Eigen. Usage:
+// For each shape (m, k, n): rex::matmul(a, b) (which allocates its output and splits the product
+// into one tile per thread) and Eigen's C.noalias() = A * B written into a preallocated buffer, on
+// one thread (rex builds Eigen without its OpenMP GEMM, rex/backend/cpu/eigen.hpp), alternated
+// every repeat; prints the median GFLOP/s of each (2mnk flops per product) and the ratio
+// rex / Eigen. The two products must agree to the bit (rex's tiles compute as the whole). Usage:
 //   bench_matmul [--repeats N]        (threads: OMP_NUM_THREADS, default all cores)
 #include <Eigen/Core>
 #include <cstdio>
@@ -39,7 +41,7 @@ int main(int argc, char** argv) {
       {"ffn-up", 768, 128, 384}, {"ffn-down", 768, 384, 128},  {"lm-head", 768, 128, 1024},
       {"tall", 1024, 256, 256},
   };
-  std::printf("threads: %d (Eigen::nbThreads)\n", Eigen::nbThreads());
+  std::printf("threads: %d (rex::thread_count)\n", rex::thread_count());
   std::printf("%-10s %5s %5s %5s  %12s %12s %7s\n", "shape", "m", "k", "n", "rex GFLOP/s",
               "Eigen GFLOP/s", "ratio");
   rex::Generator gen(1);

@@ -52,8 +52,8 @@ options:
   --seed S              same as --set train.seed=S (init, batches, PSR masks)
   --device cpu|cuda     where to train (default cpu)
   --resume DIR          continue the run saved in DIR (its config; --steps/--set may change only
-                        the keys docs/formats.md marks resumable; bit-exact when run with the
-                        same OMP_NUM_THREADS)
+                        the keys docs/formats.md marks resumable; bit-exact, at any
+                        OMP_NUM_THREADS)
   --overwrite           allow --out to name a folder that already holds a run
   --stop-after N        save and stop after N steps of this invocation, as Ctrl-C does (for
                         time-boxed sessions; --resume continues exactly)
@@ -227,7 +227,7 @@ int train_run(const Options& o) {
   const bool is_moe = config.model.ffn == "moe";
   const int64_t pool = config.model.moe.reuse * config.model.moe.experts_per_layer;  // rN
   std::printf("rex train_tiny_rex: %s, %d threads", train::model_summary(*run.model).c_str(),
-              Eigen::nbThreads());
+              rex::thread_count());
   if (world.size() > 1) std::printf(" per rank x %d ranks", world.size());
   if (t.grad_accum > 1) std::printf(", %lld micro-batches per step", ll(t.grad_accum));
   std::printf("\n%s\n", train::corpus_summary(corpus).c_str());

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <map>
 #include <string>
@@ -18,6 +19,7 @@
 
 #include <rex/data/dataset.hpp>
 #include <rex/data/tokenizer.hpp>
+#include <rex/dist/pairwise_sum.hpp>
 #include <rex/optim/schedule.hpp>
 #include <rex/train/checkpoint.hpp>
 #include <rex/train/config.hpp>
@@ -730,4 +732,46 @@ TEST_CASE("a validation loss that is not finite is an error, not a number") {
   CHECK(error_message([&] {
           train::evaluate(model, sampler, 2, train::after_steps(1, 1), Device::cpu());
         }).find("the validation loss over 2 batches is nan") != std::string::npos);
+}
+
+TEST_CASE("PairwiseSum adds in its fixed tree; ShardGradients sums micro-batches in that tree") {
+  // The tree of rex/dist/pairwise_sum.hpp for 1 to 7 values, written out; the values make every
+  // other order give another double (1 + 1e16 rounds to 1e16).
+  const std::vector<double> v = {1, 1e16, -1e16, 1, 3, -1e16, 7};
+  const double a = v[0], b = v[1], c = v[2], d = v[3], e = v[4], f = v[5], g = v[6];
+  const std::vector<double> expected = {a,
+                                        a + b,
+                                        (a + b) + c,
+                                        (a + b) + (c + d),
+                                        ((a + b) + (c + d)) + e,
+                                        ((a + b) + (c + d)) + (e + f),
+                                        ((a + b) + (c + d)) + ((e + f) + g)};
+  for (size_t n = 1; n <= v.size(); ++n) {
+    CAPTURE(n);
+    const std::vector<double> first(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(n));
+    CHECK(dist::pairwise_sum(first, std::plus<>()) == expected[n - 1]);
+  }
+  CHECK((a + b) + (c + d) != ((a + b) + c) + d);  // the left fold would give 1, the tree 0
+
+  // Four micro-batches: p's gradient is 1, 1e8, -1e8, 1 in turn, which the tree adds to 0 in f32
+  // (the left fold: 1); q gets -0 from the third alone, and a shard without it adds zeros, so +0;
+  // r gets no gradient anywhere and keeps none.
+  Tensor p = zeros({2}), q = zeros({2}), r = zeros({2});
+  for (Tensor* t : {&p, &q, &r}) t->requires_grad_();
+  dist::ShardGradients shards({p, q, r});
+  const std::vector<float> scale = {1.0f, 1e8f, -1e8f, 1.0f};
+  for (size_t m = 0; m < scale.size(); ++m) {
+    Tensor loss = sum(p * scale[m]);
+    if (m == 2) loss = loss + sum(q * -0.0f);
+    loss.backward();
+    if (m + 1 < scale.size()) shards.take();
+  }
+  shards.fold_all();
+  REQUIRE(p.grad().defined());
+  CHECK(p.grad().to_vector<float>() == std::vector<float>{0.0f, 0.0f});
+  REQUIRE(q.grad().defined());
+  for (const float x : q.grad().to_vector<float>()) CHECK_FALSE(std::signbit(x));
+  CHECK_FALSE(r.grad().defined());
+  shards.fold_all();  // a second fold changes nothing
+  CHECK(p.grad().to_vector<float>() == std::vector<float>{0.0f, 0.0f});
 }

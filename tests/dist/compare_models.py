@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Compares the f32 tensors of two safetensors files written by rex: for each tensor the relative
 difference ||a - b|| / ||b||; prints the largest (and the whole model's) and exits 1 when the
-largest exceeds the bound. Usage: compare_models.py A.safetensors B.safetensors BOUND"""
+largest exceeds the bound. A bound of 0 asks for the same bytes (so +0 and -0 differ).
+Usage: compare_models.py A.safetensors B.safetensors BOUND"""
 import array
 import json
 import struct
@@ -41,6 +42,10 @@ def main():
         if relative >= worst:
             worst, worst_name = relative, name
     print(f"largest relative difference {worst:.3g} ({worst_name}); whole model {(diff_sq / norm_sq) ** 0.5:.3g}")
+    if bound == 0:
+        differing = [name for name in sorted(a) if a[name].tobytes() != b[name].tobytes()]
+        print(f"{len(differing)} of {len(a)} tensors differ in their bytes {differing[:3]}")
+        return 1 if differing else 0
     return 0 if worst <= bound else 1
 
 

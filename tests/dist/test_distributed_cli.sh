@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # train_tiny_rex under mpirun -np 2 (docs/distributed.md), on a tiny model and a generated corpus:
-#  - a checkpoint written by 2 ranks resumes on 1 rank, and one written by 1 rank on 2, and each
-#    continues as the uninterrupted 2-rank run does (parameters within 1e-4 relative per tensor:
-#    rounding, see tests/dist/test_data_parallel.cpp; a lost optimizer state or a wrong step is
-#    orders of magnitude further);
+#  - a checkpoint written by 2 ranks resumes on 1 rank with 2 micro-batches, and one written so on
+#    2 ranks, and each continues as the uninterrupted 2-rank run does, to the bit (the same shards
+#    added in the same order: docs/distributed.md, "Exact data parallel");
 #  - ranks that disagree (config, data) refuse before the first step with one message naming the
 #    difference; an error on one rank ends the whole job within seconds; so does a rank killed
 #    with kill -9 mid-run; SIGTERM to the ranks saves one checkpoint at the same step and exits 143;
@@ -39,15 +38,19 @@ ranks 2 --config tiny.json --data corpus.txt --out two > two.log 2>&1 || fail "2
 grep -q "x 2 ranks" two.log || fail "the 2-rank run does not say it has 2 ranks: $(head -3 two.log)"
 ranks 2 --config tiny.json --data corpus.txt --out two_then_one --stop-after 8 > a.log 2>&1 ||
   fail "2-rank first half: $(cat a.log)"
-"$exe" --resume two_then_one --data corpus.txt > b.log 2>&1 || fail "1-rank resume: $(cat b.log)"
+# One process with 2 micro-batches adds the same shards in the same order as 2 ranks with 1 each
+# (docs/distributed.md, "Exact data parallel"), so the parameters must be the same bits (bound 0).
+"$exe" --resume two_then_one --data corpus.txt --set train.grad_accum=2 > b.log 2>&1 ||
+  fail "1-rank resume: $(cat b.log)"
 grep -q "resuming at step 8 of 16" b.log || fail "the 1-rank resume did not start at step 8"
-python3 "$compare" two_then_one/model.safetensors two/model.safetensors 1e-4 ||
-  fail "2 ranks then 1 does not continue as 2 ranks do"
-"$exe" --config tiny.json --data corpus.txt --out one_then_two --stop-after 8 > c.log 2>&1 ||
-  fail "1-rank first half: $(cat c.log)"
-ranks 2 --resume one_then_two --data corpus.txt > d.log 2>&1 || fail "2-rank resume: $(cat d.log)"
-python3 "$compare" one_then_two/model.safetensors two/model.safetensors 1e-4 ||
-  fail "1 rank then 2 does not continue as 2 ranks do"
+python3 "$compare" two_then_one/model.safetensors two/model.safetensors 0 ||
+  fail "2 ranks then 1 (2 micro-batches) does not continue as 2 ranks do"
+"$exe" --config tiny.json --data corpus.txt --out one_then_two --stop-after 8 \
+  --set train.grad_accum=2 > c.log 2>&1 || fail "1-rank first half: $(cat c.log)"
+ranks 2 --resume one_then_two --data corpus.txt --set train.grad_accum=1 > d.log 2>&1 ||
+  fail "2-rank resume: $(cat d.log)"
+python3 "$compare" one_then_two/model.safetensors two/model.safetensors 0 ||
+  fail "1 rank (2 micro-batches) then 2 ranks does not continue as 2 ranks do"
 [ "$(grep -c '"kind":"eval"' two/metrics.jsonl)" = 2 ] || fail "rank 0 alone writes metrics.jsonl"
 
 # ---- ranks that disagree, errors on one rank ------------------------------------------------------

@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define REX_PRAGMA_TEXT(text) _Pragma(#text)
 #ifdef _OPENMP
@@ -36,3 +39,17 @@ void for_each_run(int64_t items, int64_t item_size, F f) {
 }
 
 }  // namespace rex::detail
+
+namespace rex {
+
+// The threads rex's parallel loops use (OMP_NUM_THREADS; 1 in a build without OpenMP). Results do
+// not depend on it (docs/architecture.md, "Determinism").
+inline int thread_count() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace rex

@@ -17,6 +17,7 @@
 // normally would leave the others waiting in a collective until a timeout, or for ever.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -76,7 +77,8 @@ struct CollectiveError : Error {
   using Error::Error;
 };
 
-// A reduction started by Communicator::start_all_reduce_sum; wait() before reading the buffer.
+// A collective started by Communicator::start_all_reduce_sum or start_all_gather; wait() before
+// touching its buffers.
 class Request {
  public:
   Request() = default;
@@ -140,6 +142,21 @@ class Communicator {
     }
 #endif
     (void)data, (void)n;
+    return {};
+  }
+
+  // Starts gathering every rank's n floats of host memory into recv (ranks x n, in rank order) on
+  // every rank; neither buffer may be touched until the request's wait() has returned.
+  Request start_all_gather(const float* send, size_t n, float* recv) {
+#if defined(REX_WITH_MPI)
+    if (size_ > 1) {
+      MPI_Request request = MPI_REQUEST_NULL;
+      REX_MPI(MPI_Iallgather(send, checked_count(n), MPI_FLOAT, recv, checked_count(n), MPI_FLOAT,
+                             MPI_COMM_WORLD, &request));
+      return Request(request);
+    }
+#endif
+    std::copy(send, send + n, recv);
     return {};
   }
 

@@ -6,17 +6,22 @@
 // cut into runs of about bucket_bytes. A bucket is started when the backward pass has told
 // (detail::LeafReady) that every gradient in it is final; buckets start strictly in order, so that
 // every rank issues the same collectives in the same order whatever its graph looked like.
-// MPI advances a non-blocking reduction only inside MPI calls, so each leaf notice also tests the
+// MPI advances a non-blocking collective only inside MPI calls, so each leaf notice also tests the
 // buckets in flight. finish() starts what is left, waits, and writes the sums into .grad().
+//
+// The sum is exact, not merely close: host buckets are gathered (MPI_Iallgather), every rank's
+// values on every rank, and each rank adds them itself in rank order in dist::PairwiseSum's tree,
+// the order in which one process adds the same shards as micro-batches (MPI_Allreduce promises
+// no order). With micro-batches (train.grad_accum), each gradient is first summed over this rank's
+// micro-batches (ShardGradients, given to begin()) just before its bucket is packed. CUDA
+// gradients go through NCCL's all-reduce, in place, one group per bucket: exact for 2 ranks (a
+// sum of two does not depend on its order), in NCCL's order beyond.
 //
 // A parameter with no gradient on some rank (an expert no local token was routed to) counts as
 // zero there: the sum is then the one-process gradient. Whether it has a gradient at all must be
 // the same on every rank, as in one process, because AdamW skips parameters without one (no step
 // count, no decay): each bucket carries one flag per parameter (1 where this rank has a
-// gradient), summed with the values, and a parameter gets a gradient where any rank had one.
-//
-// Host buffers go through MPI (one flat buffer per bucket); CUDA gradients through NCCL, in place,
-// one group per bucket (missing ones are zero-filled first; their flags go over MPI).
+// gradient), and a parameter gets a gradient where any rank had one.
 #pragma once
 
 #include <algorithm>
@@ -28,6 +33,7 @@
 #include "rex/autograd/engine.hpp"
 #include "rex/core/factory.hpp"
 #include "rex/dist/communicator.hpp"
+#include "rex/dist/pairwise_sum.hpp"
 
 namespace rex::dist {
 
@@ -57,8 +63,10 @@ class GradientSync {
       bucket_of_[p.impl().autograd.get()] = {buckets_.size() - 1, b.params.size() - 1};
     }
     on_cuda_ = params_.front().device().is_cuda();
-    for (Bucket& b : buckets_)
+    for (Bucket& b : buckets_) {
       b.buffer.resize(on_cuda_ ? b.params.size() : b.values + b.params.size());
+      if (!on_cuda_) b.gathered.resize(b.buffer.size() * static_cast<size_t>(comm_.size()));
+    }
   }
   GradientSync(const GradientSync&) = delete;
   GradientSync& operator=(const GradientSync&) = delete;
@@ -73,8 +81,10 @@ class GradientSync {
   void set_overlap(bool overlap) { overlap_ = overlap; }
   Communicator& communicator() const { return comm_; }
 
-  // Call before the backward pass whose gradients complete the step.
-  void begin() {
+  // Call before the backward pass whose gradients complete the step; `local` holds this rank's
+  // earlier micro-batches (null: there are none).
+  void begin(ShardGradients* local = nullptr) {
+    local_ = local;
     for (Bucket& b : buckets_) {
       b.ready = 0;
       b.is_ready.assign(b.params.size(), false);
@@ -105,8 +115,9 @@ class GradientSync {
     std::vector<size_t> params;   // indices into params_, in bucket order
     std::vector<size_t> offsets;  // each parameter's first value in the buffer (host path)
     size_t values = 0;            // gradient elements in the bucket
-    // Host: the values, then one has-gradient flag per parameter. CUDA: the flags only.
-    std::vector<float> buffer;
+    // Host: the values, then one has-gradient flag per parameter; gathered: every rank's buffer,
+    // in rank order. CUDA: the flags only, summed.
+    std::vector<float> buffer, gathered;
     std::vector<bool> is_ready;
     size_t ready = 0;
     Request request;
@@ -132,6 +143,7 @@ class GradientSync {
     const size_t n = b.params.size();
     float* flags = b.buffer.data() + (on_cuda_ ? 0 : b.values);
     for (size_t j = 0; j < n; ++j) {
+      if (local_) local_->fold(params_[b.params[j]]);
       const Tensor g = params_[b.params[j]].grad();
       flags[j] = g.defined() ? 1.0f : 0.0f;
       if (on_cuda_) continue;
@@ -143,7 +155,7 @@ class GradientSync {
         std::fill(out, out + count, 0.0f);
     }
     if (!on_cuda_) {
-      b.request = comm_.start_all_reduce_sum(b.buffer.data(), b.buffer.size());
+      b.request = comm_.start_all_gather(b.buffer.data(), b.buffer.size(), b.gathered.data());
       return;
     }
     b.request = comm_.start_all_reduce_sum(flags, n);
@@ -160,16 +172,29 @@ class GradientSync {
     });
   }
 
+  // Adds the ranks' values of each parameter in rank order, in PairwiseSum's tree, into rank 0's
+  // slice of `gathered`, and writes the sum into its gradient.
   void unpack(Bucket& b) {
     if (on_cuda_) return;  // reduced in place
-    const float* flags = b.buffer.data() + b.values;
+    const size_t stride = b.buffer.size();
     for (size_t j = 0; j < b.params.size(); ++j) {
-      if (flags[j] == 0.0f) continue;  // no rank has this gradient: none here either
+      bool any = false;
+      for (size_t r = 0; r < static_cast<size_t>(comm_.size()); ++r)
+        any = any || b.gathered[r * stride + b.values + j] != 0.0f;
+      if (!any) continue;  // no rank has this gradient: none here either
       const Tensor& p = params_[b.params[j]];
+      const auto count = static_cast<size_t>(p.numel());
+      auto add_into_earlier = [count](float* earlier, float* later) {
+        for (size_t i = 0; i < count; ++i) earlier[i] += later[i];
+        return earlier;
+      };
+      PairwiseSum<float*, decltype(add_into_earlier)> sum(add_into_earlier);
+      for (size_t r = 0; r < static_cast<size_t>(comm_.size()); ++r)
+        sum.push(b.gathered.data() + r * stride + b.offsets[j]);
+      const float* total = sum.total();
       detail::AutogradMeta& meta = *p.impl().autograd;
       if (!meta.grad.defined()) meta.grad = Tensor::empty(p.shape(), DType::f32);
-      std::memcpy(meta.grad.data<float>(), b.buffer.data() + b.offsets[j],
-                  static_cast<size_t>(p.numel()) * sizeof(float));
+      std::memcpy(meta.grad.data<float>(), total, count * sizeof(float));
     }
   }
 
@@ -177,6 +202,7 @@ class GradientSync {
   std::vector<Tensor> params_;
   std::vector<Bucket> buckets_;
   std::unordered_map<detail::AutogradMeta*, std::pair<size_t, size_t>> bucket_of_;
+  ShardGradients* local_ = nullptr;
   size_t next_to_start_ = 0, started_early_ = 0;
   double exposed_seconds_ = 0;
   bool on_cuda_ = false, overlap_ = true;

@@ -37,16 +37,20 @@ inline Evaluation evaluate(const nn::TransformerLM& model, const data::BatchSamp
   const int64_t ranks = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
   REX_CHECK(batches >= ranks, "evaluate: ", batches, " validation batches for ", ranks,
             " ranks; train.eval_batches must be at least the number of ranks");
+  // Each batch's loss at its place (zeros at the other ranks' places, so that summing over the
+  // ranks fills them in exactly), then added in batch order: the same bits at any rank count.
+  std::vector<double> losses(static_cast<size_t>(batches));
   for (int64_t i = rank; i < batches; i += ranks) {
     const data::Batch batch = sampler.sample(static_cast<uint64_t>(i)).to(device);
     const nn::LmOutput result = model.forward(batch.inputs, batch.targets, at);
-    out.val_loss += result.lm_loss.item() / static_cast<double>(batches);
+    losses[static_cast<size_t>(i)] = result.lm_loss.item();
     nn::add_expert_counts(out.expert_counts, result);
   }
   if (ranks > 1) {
-    comm->all_reduce_sum(&out.val_loss, 1);
+    comm->all_reduce_sum(losses);
     all_reduce_counts(*comm, out.expert_counts);
   }
+  for (const double loss : losses) out.val_loss += loss / static_cast<double>(batches);
   REX_CHECK(std::isfinite(out.val_loss), "evaluation: the validation loss over ", batches,
             " batches is ", out.val_loss,
             " (not finite): the model's weights have diverged (a learning rate too high?)");

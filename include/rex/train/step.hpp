@@ -4,10 +4,12 @@
 // inspect_gradients, which runs between backward and clipping.
 //
 // The step's batch may be split across data-parallel ranks (rex/dist/) and into micro-batches
-// (train.grad_accum); the step is then the one-process step on the whole batch up to rounding:
-// the gradients are those of the whole batch's mean loss, the load-balancing loss uses the whole
-// batch's routed shares, and clipping and AdamW see the same gradients on every rank (the
-// argument: docs/distributed.md).
+// (train.grad_accum). The gradients are then those of the whole batch's mean loss, the
+// load-balancing loss uses the whole batch's routed shares, and clipping and AdamW see the same
+// gradients on every rank. The shards' gradients and losses are added in one fixed order
+// (dist::PairwiseSum), so N ranks with A micro-batches each give the bytes of one process with
+// N A micro-batches when A is a power of two; against the unsplit batch they differ by rounding
+// (the argument and the bound: docs/distributed.md).
 //
 // The optimiser and the learning-rate schedule of a run come from its TrainConfig: AdamW with
 // decay on matrices only (optim::decay_matrices) and a warmup + cosine schedule.
@@ -29,6 +31,7 @@
 
 #include "rex/data/dataset.hpp"
 #include "rex/dist/gradient_sync.hpp"
+#include "rex/dist/pairwise_sum.hpp"
 #include "rex/nn/routing_report.hpp"
 #include "rex/nn/transformer.hpp"
 #include "rex/optim/adamw.hpp"
@@ -180,35 +183,45 @@ inline StepResult train_step(
     across.emplace(*comm, model.config().n_layers);
     routing.whole_batch = &*across;
   }
-  double lm_sum = 0, aux_sum = 0;
+  // Each shard's losses at its place in the whole batch (zeros elsewhere, so that summing over the
+  // ranks only fills in the others' places, exactly), then added in PairwiseSum's order.
+  const int64_t first_shard = (comm ? comm->rank() : 0) * split.grad_accum;
+  std::vector<double> shard_lm(static_cast<size_t>(shards)), shard_aux(shard_lm.size());
+  std::optional<dist::ShardGradients> earlier;  // this rank's micro-batches before the last
+  if (micro.size() > 1) {
+    std::vector<Tensor> params;
+    for (const optim::Parameter& p : optimizer.parameters()) params.push_back(p.tensor);
+    earlier.emplace(params);
+  }
   for (size_t m = 0; m < micro.size(); ++m) {
     if (measured) measured->next_micro_batch(m);
     result.output = model.forward(micro[m].inputs, micro[m].targets, routing);
     const bool last = m + 1 == micro.size();
-    if (last && split.sync) split.sync->begin();
+    if (last && split.sync) split.sync->begin(earlier ? &*earlier : nullptr);
     const Tensor seed = full(result.output.loss.shape(), 1.0f / static_cast<float>(shards),
                              result.output.loss.device());
     rex::detail::run_backward(result.output.loss, seed, /*retain_graph=*/false,
                               last && split.sync ? split.sync->hook() : nullptr);
+    if (!last) earlier->take();
     // Read once backward has been queued: clipping waits for the gradients right after anyway, so
     // on CUDA this costs no wait of its own (reading it later would wait for AdamW too). The
     // total loss is their sum, which saves a third read (and, on CUDA, a third synchronisation).
-    const double lm = result.output.lm_loss.item(), aux = aux_loss(result.output);
-    lm_sum += lm;
-    aux_sum += aux;
+    const auto shard = static_cast<size_t>(first_shard) + m;
+    shard_lm[shard] = result.output.lm_loss.item();
+    shard_aux[shard] = aux_loss(result.output);
     if (!routing.whole_batch) nn::add_expert_counts(result.expert_counts, result.output);
   }
   if (split.sync) split.sync->finish();
+  if (earlier) earlier->fold_all();  // what the sync did not fold (all of it, on one process)
   if (measured) result.expert_counts = measured->whole();
   if (across) result.expert_counts = across->whole();
   if (comm) {
-    std::vector<double> sums{lm_sum, aux_sum};
-    comm->all_reduce_sum(sums);
-    lm_sum = sums[0], aux_sum = sums[1];
+    comm->all_reduce_sum(shard_lm);
+    comm->all_reduce_sum(shard_aux);
     if (!routing.whole_batch) all_reduce_counts(*comm, result.expert_counts);
   }
-  result.lm_loss = lm_sum / static_cast<double>(shards);
-  result.aux_loss = aux_sum / static_cast<double>(shards);
+  result.lm_loss = dist::pairwise_sum(shard_lm, std::plus<>()) / static_cast<double>(shards);
+  result.aux_loss = dist::pairwise_sum(shard_aux, std::plus<>()) / static_cast<double>(shards);
   result.loss = result.lm_loss + result.aux_loss;
   result.candidates = result.output.candidates;
   if (inspect_gradients) inspect_gradients(result.output);
