@@ -4,13 +4,16 @@
 # trained 20 steps with OMP_NUM_THREADS = 1, 2 and 3 writes byte-identical model.safetensors and
 # checkpoint.safetensors and logs the same losses; a run saved at step 10 with 1 thread and resumed
 # with 3 ends byte-identical to them too.
-# Usage: check_thread_count.sh PATH/TO/train_tiny_rex WORK_DIR
+# Usage: check_thread_count.sh PATH/TO/train_tiny_rex WORK_DIR [--set KEY=VALUE ...]
+# (the sanitizer job passes a smaller batch: a step there is some 20 times slower)
 set -uo pipefail
 . "$(dirname "$0")/cli_common.sh" "$1" "$2"
+shift 2
 
 write_corpus > corpus.txt
 args=(--data corpus.txt --steps 20 --set psr.t_start=2 --set psr.t_end=15 --set train.warmup=5
-      --set train.log_interval=1 --set train.eval_interval=10 --set train.checkpoint_interval=10)
+      --set train.log_interval=1 --set train.eval_interval=10 --set train.checkpoint_interval=10
+      "$@")
 # Every logged number but the wall-clock ones.
 losses() { sed -e 's/"elapsed_s":[^,}]*,\{0,1\}//' -e 's/"tokens_per_s":[^,}]*,\{0,1\}//' "$1"; }
 
