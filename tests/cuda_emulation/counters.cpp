@@ -19,7 +19,8 @@
 //   threads asked for.
 // - Shared requests: 32 banks of 4-byte words (bank = word mod 32). Lanes reading the same word
 //   share it (broadcast); a request needs as many wavefronts as the most distinct words in any one
-//   bank, so a conflict-free 4-byte request takes 1, and each extra wavefront is a replay.
+//   bank, and its bank conflicts are the wavefronts past the fewest its distinct words need (one
+//   per 32): a conflict-free float request takes 1 wavefront, a conflict-free double request 2.
 // - Atomics are counted per thread and operation, in global or shared memory.
 // Approximations: the k-th execution stands in for the hardware's grouping of active lanes, which
 // differs from it when lanes diverge and reconverge (a lane that runs a loop body more often than
@@ -82,18 +83,18 @@ void add_request(MemoryCounts& memory, bool load, Request& request) {
   std::vector<uint64_t>& units = request.units;
   std::sort(units.begin(), units.end());
   units.erase(std::unique(units.begin(), units.end()), units.end());
-  uint64_t passes = units.size();
-  if (request.shared) {
-    int words_in_bank[32] = {};
-    for (const uint64_t word : units) ++words_in_bank[word % 32];
-    passes = static_cast<uint64_t>(*std::max_element(words_in_bank, words_in_bank + 32));
-  }
   (load ? memory.load_requests : memory.store_requests) += 1;
-  if (request.shared) {
-    (load ? memory.load_wavefronts : memory.store_wavefronts) += passes;
-  } else {
-    (load ? memory.load_sectors : memory.store_sectors) += passes;
+  if (!request.shared) {
+    (load ? memory.load_sectors : memory.store_sectors) += units.size();
+    return;
   }
+  int words_in_bank[32] = {};
+  for (const uint64_t word : units) ++words_in_bank[word % 32];
+  const auto wavefronts =
+      static_cast<uint64_t>(*std::max_element(words_in_bank, words_in_bank + 32));
+  const uint64_t fewest = (units.size() + 31) / 32;
+  (load ? memory.load_wavefronts : memory.store_wavefronts) += wavefronts;
+  (load ? memory.load_bank_conflicts : memory.store_bank_conflicts) += wavefronts - fewest;
 }
 
 }  // namespace
@@ -207,14 +208,15 @@ std::string describe(const Counts& c, bool by_kernel) {
   text += line;
   if (!by_kernel) return text;
   for (const auto& [name, k] : c.kernels) {
-    std::snprintf(line, sizeof line,
-                  "  %-48s %6llu launches %9llu blocks | global %llu requests, %llu sectors, "
-                  "%llu bytes | shared %llu requests, %llu bank-conflict replays | atomics %llu "
-                  "global, %llu shared\n",
-                  name.c_str(), ull(k.launches), ull(k.blocks), ull(k.global.requests()),
-                  ull(k.global.sectors()), ull(k.global.load_bytes + k.global.store_bytes),
-                  ull(k.shared.requests()), ull(k.shared.bank_conflict_replays()),
-                  ull(k.global_atomics), ull(k.shared_atomics));
+    std::snprintf(
+        line, sizeof line,
+        "  %-48s %6llu launches %9llu blocks | global %llu requests, %llu sectors, "
+        "%llu bytes | shared %llu requests, %llu wavefronts, %llu bank conflicts | atomics %llu "
+        "global, %llu shared\n",
+        name.c_str(), ull(k.launches), ull(k.blocks), ull(k.global.requests()),
+        ull(k.global.sectors()), ull(k.global.load_bytes + k.global.store_bytes),
+        ull(k.shared.requests()), ull(k.shared.wavefronts()), ull(k.shared.bank_conflicts()),
+        ull(k.global_atomics), ull(k.shared_atomics));
     text += line;
   }
   for (const auto& [shape, calls] : c.gemms) {

@@ -261,6 +261,14 @@ __global__ void shared_transpose_kernel(const float* in, float* out) {
   out[threadIdx.y * 32 + threadIdx.x] = tile[threadIdx.x * kPitch + threadIdx.y];
 }
 
+// Thread i stores i as a double in shared memory, then reads the double of thread n - 1 - i.
+__global__ void shared_doubles_kernel(double* out) {
+  __shared__ double values[64];
+  values[threadIdx.x] = threadIdx.x;
+  __syncthreads();
+  out[threadIdx.x] = values[blockDim.x - 1 - threadIdx.x];
+}
+
 // Every thread adds 1 to a block counter in shared memory and 1 to `total`.
 __global__ void counted_atomics_kernel(int* total) {
   __shared__ int block_total;
@@ -447,6 +455,12 @@ Outcome shared_transpose(bool padded) {
   } else {
     LAUNCH(shared_transpose_kernel<32>, 1, dim3(32, 32), 0, in.get(), out.get());
   }
+  return finish(&out);
+}
+
+Outcome shared_doubles(int threads) {
+  Buffer<double> out(static_cast<size_t>(threads));
+  LAUNCH(shared_doubles_kernel, 1, threads, 0, out.get());
   return finish(&out);
 }
 

@@ -476,10 +476,24 @@ TEST_CASE("counters: a shared-memory transpose pays 32-way bank conflicts, none 
     CHECK(k.shared.store_wavefronts == 32);
     CHECK(k.shared.load_requests == 32);  // warp y reads column y: one bank (or 32 with padding)
     CHECK(k.shared.load_wavefronts == (padded ? 32 : 32 * 32));
-    CHECK(k.shared.bank_conflict_replays() == (padded ? 0 : 32 * 31));
+    CHECK(k.shared.bank_conflicts() == (padded ? 0 : 32 * 31));
     CHECK(k.global.requests() == 64);
     CHECK(k.global.sectors() == 64 * 4);
   }
+}
+
+TEST_CASE("counters: doubles in shared memory take 2 wavefronts a warp, without bank conflicts") {
+  cuda_emulation::begin_interval(true);
+  const Outcome o = shared_doubles(64);
+  const cuda_emulation::Counts c = cuda_emulation::end_interval();
+  REQUIRE(o.error == cudaSuccess);
+  for (int i = 0; i < 64; ++i) CHECK(o.values[i] == 63 - i);
+  const cuda_emulation::MemoryCounts& shared = c.kernels.at("shared_doubles_kernel").shared;
+  CHECK(shared.store_requests == 2);
+  CHECK(shared.store_wavefronts == 4);
+  CHECK(shared.load_requests == 2);
+  CHECK(shared.load_wavefronts == 4);
+  CHECK(shared.bank_conflicts() == 0);
 }
 
 TEST_CASE("counters: atomics count once per thread, in shared and in global memory") {

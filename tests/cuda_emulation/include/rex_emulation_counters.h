@@ -21,12 +21,14 @@ struct MemoryCounts {
   uint64_t load_sectors = 0, store_sectors = 0;  // global: distinct 32-byte sectors touched
   uint64_t load_bytes = 0, store_bytes = 0;      // bytes the threads asked for
   // shared: wavefronts are the passes through the 32 banks a request needs (the most distinct
-  // 4-byte words any one bank holds); bank-conflict replays are wavefronts - requests
+  // 4-byte words any one bank holds); bank conflicts are the wavefronts past the fewest that the
+  // request's distinct words need (1 per 32 words: an 8-byte request takes 2 without conflict)
   uint64_t load_wavefronts = 0, store_wavefronts = 0;
+  uint64_t load_bank_conflicts = 0, store_bank_conflicts = 0;
   uint64_t requests() const { return load_requests + store_requests; }
   uint64_t sectors() const { return load_sectors + store_sectors; }
   uint64_t wavefronts() const { return load_wavefronts + store_wavefronts; }
-  uint64_t bank_conflict_replays() const { return wavefronts() - requests(); }
+  uint64_t bank_conflicts() const { return load_bank_conflicts + store_bank_conflicts; }
 };
 
 struct KernelCounts {
