@@ -25,6 +25,8 @@
 //   launch's dynamic size fails like an out-of-bounds device access.
 // - Everything else (the thread's stack, kernel arguments, the emulator's own state) is not
 //   checked; pointer arguments are checked at launch instead (execution.cpp).
+// In an interval that counts memory (counters.cpp), each access then goes to count_access with the
+// instruction that made it, the hook's return address.
 #include <cstring>
 #include <vector>
 
@@ -173,13 +175,32 @@ void check_access(uintptr_t address, size_t bytes, Access kind) {
 // ---- the instrumentation's entry points --------------------------------------------------------
 
 using cuda_emulation::detail::Access;
-using cuda_emulation::detail::check_access;
+
+namespace {
+
+// The check, then (in an interval that counts memory) the count, with the instruction that made
+// the access: the return address of the hook.
+inline __attribute__((always_inline)) void checked_access(const void* instruction,
+                                                          uintptr_t address, size_t bytes,
+                                                          Access kind) {
+  using namespace cuda_emulation::detail;
+  check_access(address, bytes, kind);
+  if (fast_path.counting_memory) count_access(instruction, address, bytes, kind);
+}
+
+}  // namespace
+
+#define REX_EMULATION_HERE __builtin_return_address(0)
 
 extern "C" {
 
-#define REX_EMULATION_ACCESS(size)                                                         \
-  void __asan_load##size(uintptr_t address) { check_access(address, size, Access::read); } \
-  void __asan_store##size(uintptr_t address) { check_access(address, size, Access::write); }
+#define REX_EMULATION_ACCESS(size)                                    \
+  void __asan_load##size(uintptr_t address) {                         \
+    checked_access(REX_EMULATION_HERE, address, size, Access::read);  \
+  }                                                                   \
+  void __asan_store##size(uintptr_t address) {                        \
+    checked_access(REX_EMULATION_HERE, address, size, Access::write); \
+  }
 REX_EMULATION_ACCESS(1)
 REX_EMULATION_ACCESS(2)
 REX_EMULATION_ACCESS(4)
@@ -187,21 +208,25 @@ REX_EMULATION_ACCESS(8)
 REX_EMULATION_ACCESS(16)
 #undef REX_EMULATION_ACCESS
 
-void __asan_loadN(uintptr_t address, size_t size) { check_access(address, size, Access::read); }
-void __asan_storeN(uintptr_t address, size_t size) { check_access(address, size, Access::write); }
+void __asan_loadN(uintptr_t address, size_t size) {
+  checked_access(REX_EMULATION_HERE, address, size, Access::read);
+}
+void __asan_storeN(uintptr_t address, size_t size) {
+  checked_access(REX_EMULATION_HERE, address, size, Access::write);
+}
 
 void* __asan_memcpy(void* dst, const void* src, size_t size) {
-  check_access(reinterpret_cast<uintptr_t>(src), size, Access::read);
-  check_access(reinterpret_cast<uintptr_t>(dst), size, Access::write);
+  checked_access(REX_EMULATION_HERE, reinterpret_cast<uintptr_t>(src), size, Access::read);
+  checked_access(REX_EMULATION_HERE, reinterpret_cast<uintptr_t>(dst), size, Access::write);
   return std::memcpy(dst, src, size);
 }
 void* __asan_memmove(void* dst, const void* src, size_t size) {
-  check_access(reinterpret_cast<uintptr_t>(src), size, Access::read);
-  check_access(reinterpret_cast<uintptr_t>(dst), size, Access::write);
+  checked_access(REX_EMULATION_HERE, reinterpret_cast<uintptr_t>(src), size, Access::read);
+  checked_access(REX_EMULATION_HERE, reinterpret_cast<uintptr_t>(dst), size, Access::write);
   return std::memmove(dst, src, size);
 }
 void* __asan_memset(void* dst, int value, size_t size) {
-  check_access(reinterpret_cast<uintptr_t>(dst), size, Access::write);
+  checked_access(REX_EMULATION_HERE, reinterpret_cast<uintptr_t>(dst), size, Access::write);
   return std::memset(dst, value, size);
 }
 
@@ -218,7 +243,7 @@ namespace {
 
 template <class T, class Update>
 T atomic_update(T* address, Update update) {
-  check_access(reinterpret_cast<uintptr_t>(address), sizeof(T), Access::atomic);
+  checked_access(nullptr, reinterpret_cast<uintptr_t>(address), sizeof(T), Access::atomic);
   const T old = *address;
   *address = update(old);
   return old;

@@ -164,6 +164,9 @@ cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t handle, cublasOperation_
   if (lda < std::max<int64_t>(1, a_rows) || ldb < std::max<int64_t>(1, b_rows) ||
       ldc < std::max(1, m))
     return CUBLAS_STATUS_INVALID_VALUE;
+  const bool tf32 = (handle->mode & ~CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION) ==
+                    CUBLAS_TF32_TENSOR_OP_MATH;
+  count_gemm({m, n, k, batchCount, ta, tb, tf32});
   if (m == 0 || n == 0 || batchCount == 0) return CUBLAS_STATUS_SUCCESS;
   const double a_scale = *alpha, b_scale = *beta;
   const bool reads_ab = k > 0 && a_scale != 0.0;
@@ -174,8 +177,6 @@ cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t handle, cublasOperation_
     problem = check_operand("B", B, b_rows, b_cols, ldb, strideB, batchCount);
   if (!problem.empty()) return execution_failed("cublasSgemmStridedBatched: " + problem);
 
-  const bool tf32 = (handle->mode & ~CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION) ==
-                    CUBLAS_TF32_TENSOR_OP_MATH;
   const auto input = [&](float x) { return static_cast<double>(tf32 ? to_tf32(x) : x); };
   // op(A) row by row ([m][k]) and op(B) row by row ([k][n]) in double, so that the inner loop
   // runs over contiguous columns j of one output row and every sum still goes in increasing k.

@@ -1,5 +1,6 @@
 // Internal interface between the parts of the CUDA emulation: errors (runtime.cpp), device memory
-// (memory.cpp), kernel execution (execution.cpp) and the access checks (checks.cpp). Nothing here
+// (memory.cpp), kernel execution (execution.cpp), the access checks (checks.cpp) and the counters
+// (counters.cpp). Nothing here
 // is seen by the kernels; they see include/cuda_runtime.h only.
 #pragma once
 
@@ -8,6 +9,7 @@
 #include <string>
 
 #include "include/cuda_runtime.h"
+#include "include/rex_emulation_counters.h"
 
 namespace cuda_emulation::detail {
 
@@ -27,6 +29,7 @@ struct FastPath {
   uintptr_t cached_begin = 0, cached_end = 0;  // the live allocation that passed last (memory.cpp)
   uintptr_t static_shared_begin = 0, static_shared_end = 0;    // the __shared__ section
   uintptr_t dynamic_shared_begin = 0, dynamic_shared_end = 0;  // the dynamic buffer (all of it)
+  bool counting_memory = false;  // an interval counts memory accesses (counters.cpp)
 };
 extern FastPath fast_path;  // defined in checks.cpp
 
@@ -61,5 +64,19 @@ void start_block_shared_memory(size_t dynamic_bytes);
 void* dynamic_shared_base();
 // A __syncthreads completed: accesses before it can no longer race with accesses after it.
 void shared_memory_barrier();
+
+// ---- the counters (counters.cpp); each returns at once outside a counting interval ----
+enum class HostWait : int {
+  stream_synchronize,
+  device_synchronize,
+  device_to_host_copy,
+  pageable_host_to_device_copy
+};
+void count_launch(const char* kernel, dim3 grid, dim3 block);  // a launch that passed its checks
+void count_host_wait(HostWait cause);
+void count_gemm(const GemmShape& shape);  // a cuBLAS call that passed its argument checks
+// One access of kernel code by `instruction` (called when fast_path.counting_memory is set).
+void count_access(const void* instruction, uintptr_t address, size_t bytes, Access kind);
+void count_block_end();  // groups the finished block's accesses into warp requests
 
 }  // namespace cuda_emulation::detail

@@ -316,6 +316,7 @@ bool run_block(Run& run, const Stacks& stacks, size_t dynamic_shared) {
     run.ready.push(t);
   }
   run_ready_fibers();
+  if (fast_path.counting_memory) count_block_end();
   if (run.failed) return false;
   if (run.exited != run.threads) {
     run.failed = true;
@@ -556,6 +557,7 @@ void launch(const char* kernel, dim3 grid, dim3 block, size_t dynamic_shared, cu
   static const Stacks stacks;
   const std::lock_guard<std::mutex> lock(launch_mutex);
   note_launch(kernel);
+  count_launch(kernel, grid, block);
   Run run;
   run.kernel = kernel;
   run.body = body;

@@ -10,7 +10,8 @@
 // again, so a late access is always reported as a use after free of that allocation. The table
 // keeps every allocation, live or freed, ordered by address, to name the one an access hit or
 // missed. Copies run at once (the emulated streams execute in order, synchronously), with their
-// kinds checked against where the pointers really live.
+// kinds checked against where the pointers really live; a copy into host memory or out of it
+// counts a host wait (counters.cpp).
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -213,6 +214,14 @@ cudaError_t check_copy(const char* call, void* dst, size_t dst_span, const void*
   return check_side(call, "source", src, src_span, src_device, kind);
 }
 
+// Counts the host wait a checked copy costs: any copy into host memory, and a copy out of pageable
+// host memory (all host memory is pageable here) into device memory.
+void count_copy_wait(void* dst, const void* src) {
+  const bool dst_device = is_device(dst), src_device = is_device(src);
+  if (src_device && !dst_device) count_host_wait(HostWait::device_to_host_copy);
+  if (!src_device && dst_device) count_host_wait(HostWait::pageable_host_to_device_copy);
+}
+
 cudaError_t check_memset(const char* call, void* ptr, size_t bytes) {
   if (bytes == 0) return cudaSuccess;
   if (!is_device(ptr))
@@ -258,6 +267,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
   if (const cudaError_t e = check_stream("cudaMemcpyAsync", stream)) return e;
   if (bytes == 0) return cudaSuccess;
   if (const cudaError_t e = check_copy("cudaMemcpyAsync", dst, bytes, src, bytes, kind)) return e;
+  count_copy_wait(dst, src);
   std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
@@ -286,6 +296,7 @@ cudaError_t cudaMemcpy2DAsync(void* dst, size_t dst_pitch, const void* src, size
   const size_t src_span = (height - 1) * src_pitch + width;
   if (const cudaError_t e = check_copy("cudaMemcpy2DAsync", dst, dst_span, src, src_span, kind))
     return e;
+  count_copy_wait(dst, src);
   for (size_t r = 0; r < height; ++r)
     std::memmove(static_cast<char*>(dst) + r * dst_pitch,
                  static_cast<const char*>(src) + r * src_pitch, width);

@@ -5,7 +5,8 @@
 // block, 48 KiB of shared memory per block by default, the grid limits, a 2 GiB maximum pitch);
 // the launch checks in execution.cpp enforce the same limits. Streams are handles that order
 // nothing: every operation runs to completion when it is issued, which is one valid execution of
-// in-order streams, so cudaStreamSynchronize only validates its handle. Errors follow CUDA's
+// in-order streams, so cudaStreamSynchronize only validates its handle (and counts a host wait for
+// counters.cpp). Errors follow CUDA's
 // rules for the last error (cudaGetLastError returns and clears it; cudaPeekAtLastError keeps it),
 // and each error also keeps an explanation that cudaGetErrorString(code) appends to CUDA's text,
 // which is how a failed check reaches rex::Error's message. Unlike a GPU, a failed kernel does not
@@ -222,7 +223,10 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   return cudaSuccess;
 }
 
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize() {
+  count_host_wait(HostWait::device_synchronize);
+  return cudaSuccess;
+}
 
 cudaError_t cudaGetLastError() {
   ErrorState& e = errors();
@@ -275,5 +279,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 }
 
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
-  return check_stream("cudaStreamSynchronize", stream);
+  if (const cudaError_t e = check_stream("cudaStreamSynchronize", stream)) return e;
+  count_host_wait(HostWait::stream_synchronize);
+  return cudaSuccess;
 }

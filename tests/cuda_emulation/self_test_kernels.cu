@@ -243,6 +243,41 @@ __global__ void deadlock_kernel(float* out) {
   }
 }
 
+// ---- kernels whose counts (include/rex_emulation_counters.h) are known exactly ----
+
+// Thread i copies in[i * stride] to out[i]: one load and one store request per warp.
+__global__ void strided_copy_kernel(const float* in, float* out, int stride) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  out[i] = in[i * stride];
+}
+
+// A 32 x 32 tile transposed through shared memory whose rows are kPitch floats apart: warp y
+// writes row y of the tile, then reads column y.
+template <int kPitch>
+__global__ void shared_transpose_kernel(const float* in, float* out) {
+  __shared__ float tile[32 * kPitch];
+  tile[threadIdx.y * kPitch + threadIdx.x] = in[threadIdx.y * 32 + threadIdx.x];
+  __syncthreads();
+  out[threadIdx.y * 32 + threadIdx.x] = tile[threadIdx.x * kPitch + threadIdx.y];
+}
+
+// Thread i stores i as a double in shared memory, then reads the double of thread n - 1 - i.
+__global__ void shared_doubles_kernel(double* out) {
+  __shared__ double values[64];
+  values[threadIdx.x] = threadIdx.x;
+  __syncthreads();
+  out[threadIdx.x] = values[blockDim.x - 1 - threadIdx.x];
+}
+
+// Every thread adds 1 to a block counter in shared memory and 1 to `total`.
+__global__ void counted_atomics_kernel(int* total) {
+  __shared__ int block_total;
+  if (threadIdx.x == 0) block_total = 0;
+  __syncthreads();
+  atomicAdd(&block_total, 1);
+  atomicAdd(total, 1);
+}
+
 }  // namespace
 
 Outcome block_sum(int n, int blocks, int threads) {
@@ -399,6 +434,45 @@ Outcome warp_deadlock() {
   Buffer<float> out(32);
   LAUNCH(deadlock_kernel, 1, 32, 0, out.get());
   return finish(&out);
+}
+
+// ---- counted kernels ----
+
+Outcome strided_copy(int threads, int stride) {
+  std::vector<float> x(static_cast<size_t>(threads) * stride);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i);
+  Buffer<float> in(x.size(), x), out(static_cast<size_t>(threads));
+  LAUNCH(strided_copy_kernel, 1, threads, 0, in.get(), out.get(), stride);
+  return finish(&out);
+}
+
+Outcome shared_transpose(bool padded) {
+  std::vector<float> x(32 * 32);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i);
+  Buffer<float> in(x.size(), x), out(x.size());
+  if (padded) {
+    LAUNCH(shared_transpose_kernel<33>, 1, dim3(32, 32), 0, in.get(), out.get());
+  } else {
+    LAUNCH(shared_transpose_kernel<32>, 1, dim3(32, 32), 0, in.get(), out.get());
+  }
+  return finish(&out);
+}
+
+Outcome shared_doubles(int threads) {
+  Buffer<double> out(static_cast<size_t>(threads));
+  LAUNCH(shared_doubles_kernel, 1, threads, 0, out.get());
+  return finish(&out);
+}
+
+Outcome counted_atomics(int blocks, int threads) {
+  Buffer<int> total(1, {0});
+  LAUNCH(counted_atomics_kernel, blocks, threads, 0, total.get());
+  return finish(&total);
+}
+
+Outcome launch_loop(int launches) {
+  for (int i = 0; i < launches; ++i) LAUNCH(empty_kernel, 2, 64, 0, nullptr);
+  return finish<float>(nullptr);
 }
 
 }  // namespace cuda_emulation::self_test

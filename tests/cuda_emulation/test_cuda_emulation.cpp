@@ -1,9 +1,11 @@
 // The CUDA emulation's own tests: each primitive against a closed form, every limit and check
 // against a kernel broken on purpose, whose failure must name the check, the kernel, the block and
-// thread, and the address where there is one. Also the runtime and cuBLAS subsets rex calls.
+// thread, and the address where there is one. Also the runtime and cuBLAS subsets rex calls, and
+// the counters, each against a kernel or call sequence whose counts are known exactly.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <doctest/doctest.h>
+#include <rex_emulation_counters.h>
 
 #include <cmath>
 #include <string>
@@ -347,4 +349,170 @@ TEST_CASE("cuBLAS TF32 mode rounds the inputs to 10 mantissa bits") {
   cudaFree(da);
   cudaFree(db);
   cudaFree(dc);
+}
+
+// ---- the counters ----
+
+TEST_CASE("counters: nothing is counted outside an interval, and each interval starts at zero") {
+  launch_loop(3);
+  cuda_emulation::begin_interval();
+  const cuda_emulation::Counts empty = cuda_emulation::end_interval();
+  CHECK(empty.launches == 0);
+  CHECK(empty.host_waits() == 0);
+  CHECK(empty.kernels.empty());
+  launch_loop(2);
+  cuda_emulation::begin_interval();
+  launch_loop(5);
+  const cuda_emulation::Counts five = cuda_emulation::end_interval();
+  CHECK(five.launches == 5);
+}
+
+TEST_CASE("counters: a launch loop counts each launch, its blocks and threads, by kernel name") {
+  cuda_emulation::begin_interval();
+  const Outcome o = launch_loop(17);
+  const cuda_emulation::Counts c = cuda_emulation::end_interval();
+  REQUIRE(o.error == cudaSuccess);
+  CHECK(c.launches == 17);
+  REQUIRE(c.kernels.count("empty_kernel") == 1);
+  const cuda_emulation::KernelCounts& k = c.kernels.at("empty_kernel");
+  CHECK(k.launches == 17);
+  CHECK(k.blocks == 17 * 2);
+  CHECK(k.threads == 17 * 2 * 64);
+  CHECK(c.host_waits() == 0);
+}
+
+TEST_CASE("counters: a sync loop and copies count the host waits by cause") {
+  cudaStream_t stream = nullptr;
+  REQUIRE(cudaStreamCreate(&stream) == cudaSuccess);
+  float* device = nullptr;
+  REQUIRE(cudaMalloc(reinterpret_cast<void**>(&device), 8 * sizeof(float)) == cudaSuccess);
+  std::vector<float> host(8, 1.0f), other(8);
+  cuda_emulation::begin_interval();
+  for (int i = 0; i < 7; ++i) REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
+  for (int i = 0; i < 3; ++i) REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  REQUIRE(cudaMemcpy(device, host.data(), 32, cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemcpyAsync(device + 4, device, 16, cudaMemcpyDeviceToDevice, stream) == cudaSuccess);
+  REQUIRE(cudaMemcpy2D(host.data(), 8, device, 16, 8, 2, cudaMemcpyDeviceToHost) == cudaSuccess);
+  REQUIRE(cudaMemcpyAsync(host.data(), device, 32, cudaMemcpyDefault, stream) == cudaSuccess);
+  REQUIRE(cudaMemcpy(other.data(), host.data(), 32, cudaMemcpyHostToHost) == cudaSuccess);
+  REQUIRE(cudaMemsetAsync(device, 0, 32, stream) == cudaSuccess);
+  CHECK(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(0x1)) != cudaSuccess);
+  const cuda_emulation::Counts c = cuda_emulation::end_interval();
+  cudaGetLastError();
+  CHECK(c.stream_synchronizations == 7);  // not the failed one
+  CHECK(c.device_synchronizations == 3);
+  CHECK(c.device_to_host_copies == 2);
+  CHECK(c.pageable_host_to_device_copies == 1);
+  CHECK(c.host_waits() == 13);
+  CHECK(c.launches == 0);
+  cudaFree(device);
+  cudaStreamDestroy(stream);
+}
+
+TEST_CASE("counters: cuBLAS calls by shape and math mode, 2 m n k FLOPs per product") {
+  float *a = nullptr, *b = nullptr, *out = nullptr;
+  REQUIRE(cudaMalloc(reinterpret_cast<void**>(&a), 4 * 6 * 3 * sizeof(float)) == cudaSuccess);
+  REQUIRE(cudaMalloc(reinterpret_cast<void**>(&b), 6 * 5 * 3 * sizeof(float)) == cudaSuccess);
+  REQUIRE(cudaMalloc(reinterpret_cast<void**>(&out), 4 * 5 * 3 * sizeof(float)) == cudaSuccess);
+  REQUIRE(cudaMemset(a, 0, 4 * 6 * 3 * sizeof(float)) == cudaSuccess);
+  REQUIRE(cudaMemset(b, 0, 6 * 5 * 3 * sizeof(float)) == cudaSuccess);
+  cublasHandle_t h = nullptr;
+  REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS);
+  const float one = 1.0f, zero = 0.0f;
+  cuda_emulation::begin_interval();
+  for (int i = 0; i < 2; ++i)  // C (4 x 5) = A (4 x 6) B (6 x 5)
+    REQUIRE(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 4, 5, 6, &one, a, 4, b, 6, &zero, out, 4) ==
+            CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasSetMathMode(h, CUBLAS_TF32_TENSOR_OP_MATH) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasSgemmStridedBatched(h, CUBLAS_OP_T, CUBLAS_OP_N, 4, 5, 6, &one, a, 6, 24, b, 6, 30,
+                                    &zero, out, 4, 20, 3) == CUBLAS_STATUS_SUCCESS);
+  CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, -1, 5, 6, &one, a, 4, b, 6, &zero, out, 4) ==
+        CUBLAS_STATUS_INVALID_VALUE);
+  const cuda_emulation::Counts c = cuda_emulation::end_interval();
+  CHECK(c.cublas_calls == 3);
+  CHECK(c.cublas_flops == 2.0 * 4 * 5 * 6 * (2 + 3));
+  REQUIRE(c.gemms.size() == 2);
+  CHECK(c.gemms.at({4, 5, 6, 1, false, false, false}) == 2);
+  CHECK(c.gemms.at({4, 5, 6, 3, true, false, true}) == 1);
+  cublasDestroy(h);
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(out);
+}
+
+TEST_CASE(
+    "counters: a coalesced float copy touches 4 sectors per warp request, stride 32 touches 32") {
+  const int threads = 256, warps = threads / 32;
+  for (const int stride : {1, 32}) {
+    CAPTURE(stride);
+    cuda_emulation::begin_interval(true);
+    const Outcome o = strided_copy(threads, stride);
+    const cuda_emulation::Counts c = cuda_emulation::end_interval();
+    REQUIRE(o.error == cudaSuccess);
+    for (int i = 0; i < threads; ++i) CHECK(o.values[i] == static_cast<double>(i) * stride);
+    const cuda_emulation::MemoryCounts& global = c.kernels.at("strided_copy_kernel").global;
+    CHECK(global.load_requests == warps);
+    CHECK(global.load_sectors == warps * (stride == 1 ? 4 : 32));
+    CHECK(global.load_bytes == threads * 4);
+    CHECK(global.store_requests == warps);
+    CHECK(global.store_sectors == warps * 4);
+    CHECK(global.store_bytes == threads * 4);
+    CHECK(c.kernels.at("strided_copy_kernel").shared.requests() == 0);
+  }
+}
+
+TEST_CASE("counters: a shared-memory transpose pays 32-way bank conflicts, none with padding") {
+  for (const bool padded : {false, true}) {
+    CAPTURE(padded);
+    cuda_emulation::begin_interval(true);
+    const Outcome o = shared_transpose(padded);
+    const cuda_emulation::Counts c = cuda_emulation::end_interval();
+    REQUIRE(o.error == cudaSuccess);
+    for (int i = 0; i < 32; ++i)
+      for (int j = 0; j < 32; ++j) CHECK(o.values[i * 32 + j] == j * 32 + i);
+    const auto& k =
+        c.kernels.at(padded ? "shared_transpose_kernel<33>" : "shared_transpose_kernel<32>");
+    CHECK(k.shared.store_requests == 32);  // warp y writes row y: 32 banks, one word each
+    CHECK(k.shared.store_wavefronts == 32);
+    CHECK(k.shared.load_requests == 32);  // warp y reads column y: one bank (or 32 with padding)
+    CHECK(k.shared.load_wavefronts == (padded ? 32 : 32 * 32));
+    CHECK(k.shared.bank_conflicts() == (padded ? 0 : 32 * 31));
+    CHECK(k.global.requests() == 64);
+    CHECK(k.global.sectors() == 64 * 4);
+  }
+}
+
+TEST_CASE("counters: doubles in shared memory take 2 wavefronts a warp, without bank conflicts") {
+  cuda_emulation::begin_interval(true);
+  const Outcome o = shared_doubles(64);
+  const cuda_emulation::Counts c = cuda_emulation::end_interval();
+  REQUIRE(o.error == cudaSuccess);
+  for (int i = 0; i < 64; ++i) CHECK(o.values[i] == 63 - i);
+  const cuda_emulation::MemoryCounts& shared = c.kernels.at("shared_doubles_kernel").shared;
+  CHECK(shared.store_requests == 2);
+  CHECK(shared.store_wavefronts == 4);
+  CHECK(shared.load_requests == 2);
+  CHECK(shared.load_wavefronts == 4);
+  CHECK(shared.bank_conflicts() == 0);
+}
+
+TEST_CASE("counters: atomics count once per thread, in shared and in global memory") {
+  cuda_emulation::begin_interval(true);
+  const Outcome o = counted_atomics(3, 96);
+  const cuda_emulation::Counts c = cuda_emulation::end_interval();
+  REQUIRE(o.error == cudaSuccess);
+  CHECK(o.values[0] == 3 * 96);
+  const cuda_emulation::KernelCounts& k = c.kernels.at("counted_atomics_kernel");
+  CHECK(k.global_atomics == 3 * 96);
+  CHECK(k.shared_atomics == 3 * 96);
+  CHECK(k.shared.store_requests == 3);  // thread 0 of each block clears the block counter
+  CHECK(k.shared.load_requests == 0);
+}
+
+TEST_CASE("counters: without count_memory an interval counts launches but no accesses") {
+  cuda_emulation::begin_interval();
+  strided_copy(64, 1);
+  const cuda_emulation::Counts c = cuda_emulation::end_interval();
+  CHECK(c.kernels.at("strided_copy_kernel").launches == 1);
+  CHECK(c.kernels.at("strided_copy_kernel").global.requests() == 0);
 }

@@ -1,0 +1,82 @@
+// Budgets of a training step on the emulated device: the default model (the built-in config, batch
+// 1 as in check_train_emulated.sh: a step of the default batch of 12 takes about 27 s emulated, and
+// gave the same launches, waits and cuBLAS calls when measured)
+// trains 3 steps on a made-up corpus, each step counted as an interval of the emulation's counters
+// (include/rex_emulation_counters.h). The first step is not held to a budget (it warms the caching
+// allocator); steps 2 and 3 may launch at most as many kernels and make the host wait at most as
+// often as when the budgets were set (exact counts: the same corpus, seed and routing give the
+// same calls every run; the experts a step's routing reaches change the count, hence a budget per
+// step). The figures of every step are printed, with cuBLAS calls. Lower a budget when a change
+// removes launches or waits; never raise one without saying why in the commit.
+// Usage: training_step_budgets WORK_DIR [--kernels] (--kernels: also count every kernel's memory
+// accesses, and print each step's table by kernel and GEMM shape)
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include <rex_emulation_counters.h>
+#include <rex/backend/cuda/runtime.hpp>
+#include <rex/rex.hpp>
+#include <rex/train/train.hpp>
+
+namespace {
+
+// Steps 2 and 3 route their tokens differently, so each has its own budget.
+struct Budget {
+  uint64_t launches, host_waits;
+};
+constexpr Budget kBudgets[] = {{576, 275}, {558, 263}};
+constexpr int kSteps = 3;
+
+std::string write_corpus(const std::string& work_dir) {
+  const std::string path = work_dir + "/corpus.txt";
+  std::ofstream out(path);
+  for (int i = 1; i <= 3000; ++i)
+    out << "And it came to pass, in the " << i
+        << "th year, that the king said unto his servants: go forth.\n";
+  return path;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: training_step_budgets WORK_DIR [--kernels]\n");
+    return 2;
+  }
+  const bool show_kernels = argc > 2 && std::string(argv[2]) == "--kernels";
+  namespace train = rex::train;
+  train::RunConfig config = train::read_run_config("", {"train.batch_size=1"});
+  const train::Corpus corpus =
+      train::load_corpus(write_corpus(argv[1]), std::nullopt, config.train.train_fraction);
+  train::take_vocab_size(config, corpus);
+  const rex::data::BatchSampler batches = train::train_sampler(corpus, config);
+  const rex::Device device = rex::Device::cuda();
+  rex::set_matmul_precision(device, config.train.matmul_precision);
+  train::TrainingState run = train::start_training(config, device);
+  const rex::optim::CosineSchedule schedule = train::lr_schedule(config.train);
+
+  int failures = 0;
+  for (int step = 0; step < kSteps; ++step) {
+    cuda_emulation::begin_interval(show_kernels);
+    train::train_step(*run.model, run.optimizer, batches.sample(static_cast<uint64_t>(step)),
+                      {step, config.train.seed}, schedule.lr(step), config.train.grad_clip);
+    const cuda_emulation::Counts counts = cuda_emulation::end_interval();
+    std::printf("step %d: %s", step + 1, cuda_emulation::describe(counts, show_kernels).c_str());
+    if (step == 0) continue;
+    const Budget& budget = kBudgets[step - 1];
+    if (counts.launches > budget.launches) {
+      std::printf("FAIL: step %d launches %llu kernels, more than its budget of %llu\n", step + 1,
+                  static_cast<unsigned long long>(counts.launches),
+                  static_cast<unsigned long long>(budget.launches));
+      ++failures;
+    }
+    if (counts.host_waits() > budget.host_waits) {
+      std::printf("FAIL: step %d makes the host wait %llu times, more than its budget of %llu\n",
+                  step + 1, static_cast<unsigned long long>(counts.host_waits()),
+                  static_cast<unsigned long long>(budget.host_waits));
+      ++failures;
+    }
+  }
+  return failures == 0 ? 0 : 1;
+}
