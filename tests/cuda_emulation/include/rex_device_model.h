@@ -1,0 +1,112 @@
+// A device model of the H100 SXM and the H200: turns the emulation's counts
+// (rex_emulation_counters.h) into an estimated time on one of them. Every figure it gives is an
+// estimate of the device model, never a measurement; docs/cuda.md gives each constant's source.
+//
+// Assumptions (docs/cuda.md, "Device model"): nothing overlaps (a step's time is the sum of its
+// kernels, its cuBLAS calls and its host waits); no cache (every global sector a kernel touches
+// comes from HBM); boost clocks; every kernel fills the device. The emulation does not count the
+// arithmetic inside rex's own kernels, so they are taken to be memory-bound: a kernel costs its
+// launches plus the larger of its HBM time (sectors x 32 bytes, so uncoalesced requests pay for
+// every sector) and its shared-memory time (wavefronts, bank-conflict replays included, at one
+// wavefront per SM per clock). A cuBLAS call costs a launch plus the larger of its FLOPs at the
+// fp32 or TF32 peak and its operands' bytes (A and B read, C written once) at HBM bandwidth.
+#pragma once
+
+#include <algorithm>
+#include <string_view>
+
+#include <rex_emulation_counters.h>
+
+namespace cuda_emulation::device_model {
+
+struct Device {
+  std::string_view name;
+  double hbm_bytes_per_s;          // peak HBM bandwidth
+  double fp32_flops_per_s;         // CUDA cores, FMA counted as 2
+  double tf32_flops_per_s;         // tensor cores, dense
+  double bf16_flops_per_s;         // tensor cores, dense
+  double shared_wavefronts_per_s;  // one 32-bank pass per SM per clock: SMs x boost clock
+  double launch_s;                 // device time a launch adds, typical
+  double host_wait_s;              // a host wait's round trip, typical
+};
+
+inline constexpr int kSectorBytes = 32;
+inline constexpr int kHopperSms = 132;  // H100 SXM and H200 alike
+inline constexpr double kHopperBoostHz = 1.98e9;
+inline constexpr double kTypicalLaunchS = 3e-6;    // docs/cuda.md: NVIDIA's CUDA Graphs post
+inline constexpr double kTypicalHostWaitS = 6e-6;  // docs/cuda.md: the same post
+
+inline constexpr Device kH100Sxm{"H100 SXM",      3.35e12,          66.9e12,
+                                 494.7e12,        989.4e12,         kHopperSms* kHopperBoostHz,
+                                 kTypicalLaunchS, kTypicalHostWaitS};
+// The H200 is the same GH100 chip with HBM3e: only the memory differs.
+inline constexpr Device kH200{"H200",          4.8e12,           66.9e12,
+                              494.7e12,        989.4e12,         kHopperSms* kHopperBoostHz,
+                              kTypicalLaunchS, kTypicalHostWaitS};
+
+// "h100" or "h200"; nullptr for any other name.
+inline const Device* find_device(std::string_view name) {
+  if (name == "h100") return &kH100Sxm;
+  if (name == "h200") return &kH200;
+  return nullptr;
+}
+
+struct KernelEstimate {
+  double launch_s = 0, hbm_s = 0, shared_s = 0;
+  double total_s() const { return launch_s + std::max(hbm_s, shared_s); }
+};
+
+// The estimate of one kernel's counts (all its launches in an interval counted with memory).
+inline KernelEstimate estimate_kernel(const KernelCounts& kernel, const Device& device) {
+  KernelEstimate estimate;
+  estimate.launch_s = static_cast<double>(kernel.launches) * device.launch_s;
+  estimate.hbm_s =
+      static_cast<double>(kernel.global.sectors()) * kSectorBytes / device.hbm_bytes_per_s;
+  estimate.shared_s =
+      static_cast<double>(kernel.shared.wavefronts()) / device.shared_wavefronts_per_s;
+  return estimate;
+}
+
+struct GemmEstimate {
+  double flops = 0, bytes = 0;
+  double launch_s = 0, compute_s = 0, hbm_s = 0;
+  double total_s() const { return launch_s + std::max(compute_s, hbm_s); }
+};
+
+// The estimate of `calls` cuBLAS calls of one shape (fp32 operands, 2 m n k FLOPs per product).
+inline GemmEstimate estimate_gemm(const GemmShape& shape, uint64_t calls, const Device& device) {
+  const double products = static_cast<double>(calls) * static_cast<double>(shape.batch);
+  const double m = static_cast<double>(shape.m), n = static_cast<double>(shape.n),
+               k = static_cast<double>(shape.k);
+  GemmEstimate estimate;
+  estimate.flops = products * 2 * m * n * k;
+  estimate.bytes = products * sizeof(float) * (m * k + k * n + m * n);
+  estimate.launch_s = static_cast<double>(calls) * device.launch_s;
+  estimate.compute_s =
+      estimate.flops / (shape.tf32 ? device.tf32_flops_per_s : device.fp32_flops_per_s);
+  estimate.hbm_s = estimate.bytes / device.hbm_bytes_per_s;
+  return estimate;
+}
+
+struct StepEstimate {
+  double kernels_s = 0, gemms_s = 0, host_waits_s = 0;
+  double total_s() const { return kernels_s + gemms_s + host_waits_s; }
+};
+
+// The estimate of an interval's counts: its parts added, nothing overlapping.
+inline StepEstimate estimate_step(const Counts& counts, const Device& device) {
+  StepEstimate estimate;
+  for (const auto& [name, kernel] : counts.kernels)
+    estimate.kernels_s += estimate_kernel(kernel, device).total_s();
+  for (const auto& [shape, calls] : counts.gemms)
+    estimate.gemms_s += estimate_gemm(shape, calls, device).total_s();
+  estimate.host_waits_s = static_cast<double>(counts.host_waits()) * device.host_wait_s;
+  return estimate;
+}
+
+// Model-FLOPs utilisation: the model's FLOPs over what `peak_flops_per_s` does in `step_s`.
+inline double model_flops_utilisation(double model_flops, double step_s, double peak_flops_per_s) {
+  return model_flops / (step_s * peak_flops_per_s);
+}
+
+}  // namespace cuda_emulation::device_model
