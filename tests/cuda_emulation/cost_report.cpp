@@ -1,0 +1,192 @@
+// The cost report: what a training step of a config would cost on an H100 SXM or an H200,
+// estimated by the device model (include/rex_device_model.h) from the emulation's counts.
+// Trains --steps steps of the config on the emulated device (a made-up corpus written to WORK_DIR;
+// the steps before the last warm the caching allocator), counts the last one with memory, and
+// prints per kernel (launches, bytes, sectors per request, bank conflicts, atomics, estimated
+// time), per cuBLAS shape (calls, FLOPs, estimated time) and per step (host waits, launches,
+// estimated time, model FLOPs and MFU). The emulation counts kernels by name, not by rex op, so
+// there is no per-op table. Every time and MFU printed is "estimated (device model)".
+// Usage: cost_report WORK_DIR [--config FILE] [--set KEY=VALUE]... [--steps N]
+//        [--device-model h100|h200]
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <rex_device_model.h>
+#include <rex_emulation_counters.h>
+#include <rex/backend/cuda/runtime.hpp>
+#include <rex/rex.hpp>
+#include <rex/train/train.hpp>
+
+namespace {
+
+namespace model = cuda_emulation::device_model;
+
+struct Options {
+  std::string work_dir, config_path;
+  std::vector<std::string> overrides;
+  int steps = 2;
+  const model::Device* device = &model::kH100Sxm;
+};
+
+[[noreturn]] void usage() {
+  std::fprintf(stderr,
+               "usage: cost_report WORK_DIR [--config FILE] [--set KEY=VALUE]... [--steps N] "
+               "[--device-model h100|h200]\n");
+  std::exit(2);
+}
+
+Options parse_options(int argc, char** argv) {
+  if (argc < 2) usage();
+  Options options;
+  options.work_dir = argv[1];
+  for (int i = 2; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (i + 1 >= argc) usage();
+    const std::string value = argv[++i];
+    if (flag == "--config") {
+      options.config_path = value;
+    } else if (flag == "--set") {
+      options.overrides.push_back(value);
+    } else if (flag == "--steps") {
+      options.steps = std::atoi(value.c_str());
+      if (options.steps < 1) usage();
+    } else if (flag == "--device-model") {
+      options.device = model::find_device(value);
+      if (options.device == nullptr) usage();
+    } else {
+      usage();
+    }
+  }
+  return options;
+}
+
+std::string write_corpus(const std::string& work_dir) {
+  const std::string path = work_dir + "/cost_report_corpus.txt";
+  std::ofstream out(path);
+  for (int i = 1; i <= 3000; ++i)
+    out << "And it came to pass, in the " << i
+        << "th year, that the king said unto his servants: go forth.\n";
+  return path;
+}
+
+// FLOPs of one training step, matmuls only (forward + backward = 3 x forward), as
+// bench/bench_train.py counts them: attention projections and scores, the router over the pool,
+// the top-k and shared experts' SwiGLU (or the dense FFN), and the LM head.
+double model_flops(const rex::train::RunConfig& config) {
+  const rex::nn::ModelConfig& m = config.model;
+  const double d = static_cast<double>(m.d_model),
+               tokens_per_sequence = static_cast<double>(m.context);
+  const double head = d / static_cast<double>(m.n_heads);
+  const double attention = 2 * d * (2 * d + 2 * static_cast<double>(m.n_kv_heads) * head) +
+                           2 * 2 * d * (tokens_per_sequence + 1) / 2;
+  double ffn = 0;
+  if (m.ffn == "dense") {
+    ffn = 2 * 3 * d * static_cast<double>(m.d_ff);
+  } else {
+    const double pool = static_cast<double>(m.moe.reuse * m.moe.experts_per_layer);
+    ffn = 2 * d * pool + static_cast<double>(m.moe.top_k + m.moe.shared_experts) * 2 * 3 * d *
+                             static_cast<double>(m.moe.d_expert);
+  }
+  const double per_token = static_cast<double>(m.n_layers) * (attention + ffn) +
+                           2 * d * static_cast<double>(m.vocab_size);
+  return 3 * per_token * static_cast<double>(config.train.batch_size) * tokens_per_sequence;
+}
+
+void print_kernels(const cuda_emulation::Counts& counts, const model::Device& device) {
+  std::printf("\nper kernel (times estimated (device model), %s):\n",
+              std::string(device.name).c_str());
+  std::printf("%-36s %8s %12s %12s %9s %10s %8s %12s\n", "kernel", "launches", "bytes asked",
+              "sector bytes", "sect/req", "bank conf", "atomics", "est. us");
+  for (const auto& [name, kernel] : counts.kernels) {
+    const uint64_t requests = kernel.global.requests();
+    std::printf(
+        "%-36s %8llu %12llu %12llu %9.2f %10llu %8llu %12.3f\n", name.c_str(),
+        static_cast<unsigned long long>(kernel.launches),
+        static_cast<unsigned long long>(kernel.global.load_bytes + kernel.global.store_bytes),
+        static_cast<unsigned long long>(kernel.global.sectors() * model::kSectorBytes),
+        requests ? static_cast<double>(kernel.global.sectors()) / static_cast<double>(requests)
+                 : 0.0,
+        static_cast<unsigned long long>(kernel.shared.bank_conflicts()),
+        static_cast<unsigned long long>(kernel.global_atomics + kernel.shared_atomics),
+        model::estimate_kernel(kernel, device).total_s() * 1e6);
+  }
+}
+
+void print_gemms(const cuda_emulation::Counts& counts, const model::Device& device) {
+  std::printf("\nper cuBLAS shape (times estimated (device model), %s):\n",
+              std::string(device.name).c_str());
+  std::printf("%8s %8s %8s %6s %3s %3s %5s %8s %14s %12s\n", "m", "n", "k", "batch", "tA", "tB",
+              "math", "calls", "FLOPs", "est. us");
+  for (const auto& [shape, calls] : counts.gemms) {
+    const model::GemmEstimate estimate = model::estimate_gemm(shape, calls, device);
+    std::printf("%8lld %8lld %8lld %6lld %3d %3d %5s %8llu %14.6g %12.3f\n",
+                static_cast<long long>(shape.m), static_cast<long long>(shape.n),
+                static_cast<long long>(shape.k), static_cast<long long>(shape.batch),
+                shape.transpose_a, shape.transpose_b, shape.tf32 ? "tf32" : "fp32",
+                static_cast<unsigned long long>(calls), estimate.flops, estimate.total_s() * 1e6);
+  }
+}
+
+void print_step(const cuda_emulation::Counts& counts, const model::Device& device, double flops) {
+  const model::StepEstimate estimate = model::estimate_step(counts, device);
+  std::printf("\nper step:\n");
+  std::printf("launches %llu\n", static_cast<unsigned long long>(counts.launches));
+  std::printf(
+      "host waits %llu (stream syncs %llu, device syncs %llu, device-to-host copies %llu, "
+      "host-to-device copies %llu)\n",
+      static_cast<unsigned long long>(counts.host_waits()),
+      static_cast<unsigned long long>(counts.stream_synchronizations),
+      static_cast<unsigned long long>(counts.device_synchronizations),
+      static_cast<unsigned long long>(counts.device_to_host_copies),
+      static_cast<unsigned long long>(counts.pageable_host_to_device_copies));
+  std::printf("cuBLAS calls %llu, cuBLAS FLOPs %.6g\n",
+              static_cast<unsigned long long>(counts.cublas_calls), counts.cublas_flops);
+  std::printf(
+      "estimated (device model) step time us %.3f = kernels %.3f + cuBLAS %.3f + host "
+      "waits %.3f (no overlap)\n",
+      estimate.total_s() * 1e6, estimate.kernels_s * 1e6, estimate.gemms_s * 1e6,
+      estimate.host_waits_s * 1e6);
+  std::printf("model FLOPs %.6g\n", flops);
+  std::printf(
+      "estimated (device model) MFU %.4f%% of the bf16 tensor-core peak, %.4f%% of the "
+      "fp32 CUDA-core peak\n",
+      100 * model::model_flops_utilisation(flops, estimate.total_s(), device.bf16_flops_per_s),
+      100 * model::model_flops_utilisation(flops, estimate.total_s(), device.fp32_flops_per_s));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Options options = parse_options(argc, argv);
+  namespace train = rex::train;
+  train::RunConfig config = train::read_run_config(options.config_path, options.overrides);
+  const train::Corpus corpus =
+      train::load_corpus(write_corpus(options.work_dir), std::nullopt, config.train.train_fraction);
+  train::take_vocab_size(config, corpus);
+  const rex::data::BatchSampler batches = train::train_sampler(corpus, config);
+  const rex::Device device = rex::Device::cuda();
+  rex::set_matmul_precision(device, config.train.matmul_precision);
+  train::TrainingState run = train::start_training(config, device);
+  const rex::optim::CosineSchedule schedule = train::lr_schedule(config.train);
+
+  cuda_emulation::Counts counts;
+  for (int step = 0; step < options.steps; ++step) {
+    const bool counted = step == options.steps - 1;
+    if (counted) cuda_emulation::begin_interval(true);
+    train::train_step(*run.model, run.optimizer, batches.sample(static_cast<uint64_t>(step)),
+                      {step, config.train.seed}, schedule.lr(step), config.train.grad_clip);
+    if (counted) counts = cuda_emulation::end_interval();
+  }
+  std::printf("cost report: %s, batch %lld, context %lld, step %d of %d counted, device model %s\n",
+              options.config_path.empty() ? "built-in config" : options.config_path.c_str(),
+              static_cast<long long>(config.train.batch_size),
+              static_cast<long long>(config.model.context), options.steps, options.steps,
+              std::string(options.device->name).c_str());
+  print_kernels(counts, *options.device);
+  print_gemms(counts, *options.device);
+  print_step(counts, *options.device, model_flops(config));
+  return 0;
+}
