@@ -8,10 +8,13 @@
 // there is no per-op table. Every time and MFU printed is "estimated (device model)".
 // Usage: cost_report WORK_DIR [--config FILE] [--set KEY=VALUE]... [--steps N]
 //        [--device-model h100|h200]
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <rex_device_model.h>
@@ -96,14 +99,19 @@ double model_flops(const rex::train::RunConfig& config) {
 }
 
 void print_kernels(const cuda_emulation::Counts& counts, const model::Device& device) {
-  std::printf("\nper kernel (times estimated (device model), %s):\n",
+  std::printf("\nper kernel, most expensive first (times estimated (device model), %s):\n",
               std::string(device.name).c_str());
   std::printf("%-36s %8s %12s %12s %9s %10s %8s %12s\n", "kernel", "launches", "bytes asked",
               "sector bytes", "sect/req", "bank conf", "atomics", "est. us");
-  for (const auto& [name, kernel] : counts.kernels) {
+  std::vector<std::pair<double, const std::string*>> by_time;  // most expensive first
+  for (const auto& [name, kernel] : counts.kernels)
+    by_time.emplace_back(model::estimate_kernel(kernel, device).total_s(), &name);
+  std::sort(by_time.begin(), by_time.end(), std::greater<>());
+  for (const auto& [estimated_s, name] : by_time) {
+    const cuda_emulation::KernelCounts& kernel = counts.kernels.at(*name);
     const uint64_t requests = kernel.global.requests();
     std::printf(
-        "%-36s %8llu %12llu %12llu %9.2f %10llu %8llu %12.3f\n", name.c_str(),
+        "%-36s %8llu %12llu %12llu %9.2f %10llu %8llu %12.3f\n", name->c_str(),
         static_cast<unsigned long long>(kernel.launches),
         static_cast<unsigned long long>(kernel.global.load_bytes + kernel.global.store_bytes),
         static_cast<unsigned long long>(kernel.global.sectors() * model::kSectorBytes),
@@ -111,7 +119,7 @@ void print_kernels(const cuda_emulation::Counts& counts, const model::Device& de
                  : 0.0,
         static_cast<unsigned long long>(kernel.shared.bank_conflicts()),
         static_cast<unsigned long long>(kernel.global_atomics + kernel.shared_atomics),
-        model::estimate_kernel(kernel, device).total_s() * 1e6);
+        estimated_s * 1e6);
   }
 }
 
