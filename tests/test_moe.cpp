@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "gradcheck.hpp"
+#include "rounding.hpp"
 #include "testing.hpp"
 
 using namespace rex;
@@ -152,9 +153,17 @@ void check_against_naive(const nn::ModelConfig& c, int64_t step, uint64_t seed) 
     const nn::RoutingStep at{step, 77};
     const nn::MoeOutput fast = block.moe[l]->forward(x, at);
     const NaiveOutput slow = naive_moe(*block.moe[l], c, x, at, l);
-    check_close(fast.y, slow.y, 1e-5);
+    // Both paths chain the router (d products), its softmax (a call, P terms, 2), the gates, the
+    // expert (d, silu's call and 3, d_expert) and the k + shared terms: about 2 d + d_expert + P
+    // + 20 terms and 2 calls each, twice (docs/testing.md, "Tolerances"); the aux losses add a
+    // mean over the tokens. The gradients retrace that and sum over the tokens: 2 (values) + 9.
+    using testing::gamma_n;
+    const double chain = static_cast<double>(2 * c.d_model + c.moe.d_expert +
+                                             c.moe.reuse * c.moe.experts_per_layer + 20 + 9);
+    const double values = 2 * (gamma_n(chain) + 2 * testing::kCallRoundoff);
+    check_close(fast.y, slow.y, values);
     CHECK(fast.expert_counts == slow.counts);
-    check_close(fast.aux_loss, slow.aux_loss, 1e-5);
+    check_close(fast.aux_loss, slow.aux_loss, values);
     const auto g_fast = gradients(params, weights, [&] {
       auto o = block.moe[l]->forward(x, at);
       return std::pair{o.y, o.aux_loss};
@@ -165,7 +174,7 @@ void check_against_naive(const nn::ModelConfig& c, int64_t step, uint64_t seed) 
     });
     for (size_t i = 0; i < params.size(); ++i) {
       CAPTURE(i);
-      check_close(g_fast[i], g_slow[i], 1e-4);
+      check_close(g_fast[i], g_slow[i], 2 * (gamma_n(2 * chain + 9) + 4 * testing::kCallRoundoff));
     }
   }
 }
@@ -201,7 +210,11 @@ TEST_CASE("MoE layer gradients agree with central differences") {
     return o.y + o.aux_loss;
   };
   // A 1e-3 step leaves every top-k choice of these random inputs in place (a flip would make the
-  // check fail, not pass).
+  // check fail, not pass). The smaller step raises the rounding part of the central difference
+  // (gradcheck.hpp) tenfold: an element reaches at most 5 tokens' 4 outputs and the aux loss,
+  // whose rounding (chains of about 20, so typically sqrt(20) u of their terms: independent
+  // roundings, Higham and Mary 2019) over 2h stays near 1e-4, inside atol; their worst case,
+  // gamma_20 of the terms, would not be, so this check relies on roundings not conspiring.
   testing::GradcheckOptions options;
   options.step = 1e-3f;
   options.rtol = 2e-2;
@@ -238,7 +251,8 @@ TEST_CASE("the shared table's gradient is the sum of the gradients from each lay
       used0 |= only0[i][j] != 0, used1 |= only1[i][j] != 0;
     }
     experts_used_by_both += used0 && used1;
-    check_close(from_vector(both[i]), want, 1e-6);
+    // Each layer's contribution is computed as when alone; autograd adds the two: one rounding.
+    check_close(from_vector(both[i]), want, testing::gamma_n(1));
   }
   CHECK(experts_used_by_both > 0);  // the test is about sharing: some expert must serve both layers
 }
@@ -284,7 +298,10 @@ TEST_CASE("r = 1 is vanilla MoE: each layer routes over its own N experts only")
     }
     for (float v : y.to_vector()) want.push_back(v);
   }
-  check_close(layer.forward(x, {0, 0}).y, want, 1e-5);
+  // The fused layer and this composition: the chain of check_against_naive, twice.
+  check_close(
+      layer.forward(x, {0, 0}).y, want,
+      2 * (testing::gamma_n(2 * c.d_model + c.moe.d_expert + 3 + 20) + 2 * testing::kCallRoundoff));
 }
 
 TEST_CASE("MoE edge cases: unused experts, every token to one expert, k equal to the pool") {
@@ -318,11 +335,16 @@ TEST_CASE("MoE edge cases: unused experts, every token to one expert, k equal to
     // y is expert 0's output scaled by its router probability p0 (about 1).
     const Tensor logits = matmul(x, block.moe[0]->router->weight, {.transpose_b = true});
     const float p0 = softmax(logits).at({0, 0});
-    check_close(out.y, block.table->expert(0).forward(x) * p0, 1e-5);
+    // The same expert and gate, in another grouping: the expert's chain (d, silu, d_expert)
+    // and the product, twice.
+    check_close(out.y, block.table->expert(0).forward(x) * p0,
+                2 * (testing::gamma_n(c.d_model + c.moe.d_expert + 6) + testing::kCallRoundoff));
     // Everything on one expert: f = (1, 0, ...), so the load balance is alpha * P * p0; every
     // token's logsumexp is log(e^400 + 5) = 400 (to float precision), the z-loss beta * 400^2.
+    // The coefficients rounded to float, the square, the products and the means over 5 equal
+    // tokens: a few roundings of a positive sum (1e-5 is far above gamma_10).
     CHECK(out.aux_loss.item() ==
-          doctest::Approx(0.05 * 6 * p0 + 0.01 * 400.0 * 400.0).epsilon(1e-5));
+          doctest::Approx(0.05 * 6 * p0 + 0.01 * 400.0 * 400.0).epsilon(testing::gamma_n(10)));
   }
   SUBCASE("k equal to the whole pool: every expert sees every token") {
     nn::ModelConfig c = small_config(1, 4, 4);
@@ -521,11 +543,16 @@ TEST_CASE("grouped_swiglu matches per-expert composed SwiGLUs and central differ
   }
   const Tensor composed = concat(parts, 0);
   const auto composed_grads = grads_of(composed);
-  check_close(fused, composed, 1e-5);
+  // The composed matmuls and silu against the fused kernel: d products, silu (a call, 3), the
+  // product and d_expert products, twice; the gradients retrace it and sum over up to 8 rows.
+  const double chain = static_cast<double>(2 * d + 8 + 20);
+  check_close(fused, composed, 2 * (testing::gamma_n(chain) + testing::kCallRoundoff));
   for (size_t i = 0; i < all.size(); ++i) {
     CAPTURE(i);
     REQUIRE(fused_grads[i].defined() == composed_grads[i].defined());
-    if (fused_grads[i].defined()) check_close(fused_grads[i], composed_grads[i], 1e-5);
+    if (fused_grads[i].defined())
+      check_close(fused_grads[i], composed_grads[i],
+                  2 * (testing::gamma_n(2 * chain + 8) + 2 * testing::kCallRoundoff));
   }
   CHECK(!fused_grads[2].defined());  // gate of the expert without rows
   CHECK_GRADIENTS(

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "gradcheck.hpp"
+#include "rounding.hpp"
 #include "testing.hpp"
 
 using rex::Shape;
@@ -44,13 +45,14 @@ TEST_CASE("rms_norm matches a double-precision loop") {
     for (float eps : {1e-6f, 0.5f}) {
       const Tensor y = rex::rms_norm(x, w, eps);
       CHECK(y.shape() == shape);
-      check_close(y, rms_norm_loop(x, w, eps), 1e-6);
+      // x * r * w with r rounded to float from a double sum: 3 roundings, gamma_3 of |y|.
+      check_close(y, rms_norm_loop(x, w, eps), rex::testing::gamma_n(3));
     }
   }
   // Closed form: a row of equal values c normalises to sign(c) * w (eps = 0).
   const Tensor y = rex::rms_norm(rex::full(Shape{2, 3}, -4.0f),
                                  rex::from_vector<float>({1.0f, 2.0f, 3.0f}), 0.0f);
-  check_close(y, {-1, -2, -3, -1, -2, -3}, 1e-7);
+  check_close(y, {-1, -2, -3, -1, -2, -3}, 0.0);  // exact: r = 1/4 and -4 r w are exact
   // eps dominates an all-zero row: the output is exactly 0, not NaN.
   for (float v : rex::rms_norm(rex::zeros(Shape{1, 4}), rex::ones(Shape{4})).to_vector())
     CHECK(v == 0.0f);
@@ -63,21 +65,29 @@ TEST_CASE("rms_norm over many rows (rows and weight columns in parallel) matches
   Tensor x = random_normal_param({rows, d}, gen), w = random_normal_param({d}, gen);
   const Tensor g = rex::normal({rows, d}, gen);
   const Tensor y = rex::rms_norm(x, w, 1e-5f);
-  check_close(y, rms_norm_loop(x, w, 1e-5), 1e-6);
+  check_close(y, rms_norm_loop(x, w, 1e-5), rex::testing::gamma_n(3));  // as above
   y.backward(g);
   // dw[j] = sum_r g[r, j] x[r, j] rstd[r], in double.
   const float *px = x.data<float>(), *pg = g.data<float>();
   std::vector<double> dw(static_cast<size_t>(d), 0.0), rstd(static_cast<size_t>(rows));
+  std::vector<double> magnitude(static_cast<size_t>(d), 0.0);  // sum_r |g x rstd|
   for (int64_t r = 0; r < rows; ++r) {
     double squares = 0;
     for (int64_t j = 0; j < d; ++j) squares += static_cast<double>(px[r * d + j]) * px[r * d + j];
     rstd[static_cast<size_t>(r)] = 1.0 / std::sqrt(squares / d + 1e-5);
   }
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < d; ++j)
-      dw[static_cast<size_t>(j)] +=
+    for (int64_t j = 0; j < d; ++j) {
+      const double term =
           static_cast<double>(pg[r * d + j]) * px[r * d + j] * rstd[static_cast<size_t>(r)];
-  check_close(w.grad(), dw, 1e-5);
+      dw[static_cast<size_t>(j)] += term;
+      magnitude[static_cast<size_t>(j)] += std::abs(term);
+    }
+  // Each term rounds rstd and x rstd to float (gamma_2 of the term); the double sum's rounding to
+  // float adds u |dw|: within gamma_3 of sum |terms|, which cancel over the 300 rows.
+  for (int64_t j = 0; j < d; ++j)
+    CHECK(std::abs(w.grad().data<float>()[j] - dw[static_cast<size_t>(j)]) <=
+          rex::testing::gamma_n(3) * magnitude[static_cast<size_t>(j)]);
 }
 
 TEST_CASE("rms_norm gradient") {
@@ -122,9 +132,36 @@ TEST_CASE("rms_norm matches rms_norm_reference (values and gradients of x and we
 
     const Tensor fused = rex::rms_norm(x, w, 1e-5f);
     fused.backward(g);
-    check_close(fused, ref, 1e-6);
-    check_close(x.grad(), ref_gx, 1e-5);
-    check_close(w.grad(), ref_gw, 1e-5);
+    // The reference's mean of d squares, + eps, rsqrt and two products against the fused op's 3
+    // roundings: gamma_(d + 9) of |y|.
+    check_close(fused, ref, rex::testing::gamma_n(static_cast<double>(d + 9)));
+    // The gradients against the magnitudes of their terms (r = rstd, xhat = x r, both in double):
+    // dx = r (g w - xhat mean(g w xhat)) cancels, so against r (|g w| + |xhat| mean|g w xhat|),
+    // the reference's chain being d terms (the sum through the mean) and about 16 roundings;
+    // dw = sum over the rows of g xhat, against sum |g xhat|, rows terms and 4 roundings.
+    const int64_t rows = x.numel() / d;
+    const float *px = x.data<float>(), *pw = w.data<float>(), *pg = g.data<float>();
+    std::vector<double> dx_terms(static_cast<size_t>(x.numel())), dw_terms(static_cast<size_t>(d));
+    for (int64_t r = 0; r < rows; ++r) {
+      double squares = 0, dot = 0;
+      for (int64_t j = 0; j < d; ++j) squares += static_cast<double>(px[r * d + j]) * px[r * d + j];
+      const double rstd = 1.0 / std::sqrt(squares / d + 1e-5);
+      for (int64_t j = 0; j < d; ++j)
+        dot += std::abs(double{pg[r * d + j]} * pw[j] * px[r * d + j]);
+      for (int64_t j = 0; j < d; ++j) {
+        const double xhat = std::abs(double{px[r * d + j]} * rstd);
+        dx_terms[static_cast<size_t>(r * d + j)] =
+            rstd * (std::abs(double{pg[r * d + j]} * pw[j]) + xhat * dot * rstd / d);
+        dw_terms[static_cast<size_t>(j)] += std::abs(double{pg[r * d + j]}) * xhat;
+      }
+    }
+    for (int64_t i = 0; i < x.numel(); ++i)
+      CHECK(std::abs(double{x.grad().data<float>()[i]} - ref_gx.data<float>()[i]) <=
+            rex::testing::gamma_n(static_cast<double>(d + 16)) * dx_terms[static_cast<size_t>(i)]);
+    for (int64_t j = 0; j < d; ++j)
+      CHECK(std::abs(double{w.grad().data<float>()[j]} - ref_gw.data<float>()[j]) <=
+            rex::testing::gamma_n(static_cast<double>(rows + 4)) *
+                dw_terms[static_cast<size_t>(j)]);
   }
 }
 

@@ -16,6 +16,7 @@
 #include <rex/optim/clip.hpp>
 #include <rex/optim/schedule.hpp>
 
+#include "rounding.hpp"
 #include "testing.hpp"
 
 using namespace rex;
@@ -40,33 +41,66 @@ void set_grad(Tensor p, const std::vector<float>& values) {
 
 std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
-// torch.optim.AdamW's update for one tensor, in double, written out from the formula.
+// torch.optim.AdamW's update for one tensor, in double, written out from the formula. Alongside,
+// a running bound on how far rex's float computation can be from it (Higham's running error
+// analysis): m takes 4 roundings a step (the two products, the add, 1 - beta1 in float), relative
+// to its terms' magnitude m_terms; v 5; the step lr m^ / (sqrt(v^) + eps) carries m's error and
+// half v's relative error through the square root plus 7 roundings of its own (the bias
+// corrections, sqrt, eps, the division, the scalar); the decay 2 and the final add u |p|.
 struct ReferenceAdamW {
-  std::vector<double> p, m, v;
+  std::vector<double> p, m, v, m_terms, p_err, m_err, v_err;
   int step = 0;
 
   explicit ReferenceAdamW(const std::vector<float>& initial)
-      : p(to_double(initial)), m(initial.size(), 0.0), v(initial.size(), 0.0) {}
+      : p(to_double(initial)),
+        m(initial.size(), 0.0),
+        v(initial.size(), 0.0),
+        m_terms(initial.size(), 0.0),
+        p_err(initial.size(), 0.0),
+        m_err(initial.size(), 0.0),
+        v_err(initial.size(), 0.0) {}
 
   void update(const std::vector<float>& grad, double lr, const AdamWOptions& o, bool decay) {
     ++step;
     const double b1 = o.beta1, b2 = o.beta2, eps = o.eps;
     const double wd = decay ? static_cast<double>(o.weight_decay) : 0.0;
     for (size_t i = 0; i < p.size(); ++i) {
+      using rex::testing::gamma_n;
       const double g = grad[i];
+      p_err[i] = p_err[i] * (1.0 - lr * wd) + gamma_n(2) * std::abs(p[i]);
       p[i] *= 1.0 - lr * wd;
       m[i] = b1 * m[i] + (1.0 - b1) * g;
+      m_terms[i] = b1 * m_terms[i] + (1.0 - b1) * std::abs(g);
+      m_err[i] = b1 * m_err[i] + gamma_n(4) * m_terms[i];
       v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-      const double m_hat = m[i] / (1.0 - std::pow(b1, step));
-      const double v_hat = v[i] / (1.0 - std::pow(b2, step));
-      p[i] -= lr * m_hat / (std::sqrt(v_hat) + eps);
+      v_err[i] = b2 * v_err[i] + gamma_n(5) * v[i];
+      const double bc1 = 1.0 - std::pow(b1, step), bc2 = 1.0 - std::pow(b2, step);
+      const double m_hat = m[i] / bc1, v_hat = v[i] / bc2, denom = std::sqrt(v_hat) + eps;
+      const double sqrt_err = v[i] > 0 ? std::sqrt(v_hat) * v_err[i] / (2 * v[i]) : 0.0;
+      p[i] -= lr * m_hat / denom;
+      p_err[i] += lr * ((m_err[i] + gamma_n(7) * m_terms[i]) / bc1 / denom +
+                        std::abs(m_hat) * sqrt_err / (denom * denom)) +
+                  rex::testing::kUnitRoundoff * std::abs(p[i]);
     }
   }
 };
 
-// |got - want| <= 1e-6 |want|: relative, since learning rates are small numbers.
+// |got - want| <= 2 u |want|: relative, since learning rates are small numbers. The schedule
+// rounds its double result to float once (u); the tests' min ratio 0.1 differs from 0.1f by
+// 1.5e-8 relative (below u).
 void check_relative(float got, double want) {
-  CHECK_MESSAGE(std::abs(got - want) <= 1e-6 * std::abs(want), "got ", got, ", want ", want);
+  CHECK_MESSAGE(std::abs(got - want) <= 2 * rex::testing::kUnitRoundoff * std::abs(want), "got ",
+                got, ", want ", want);
+}
+
+// |got - want| <= bound element by element.
+void check_bound(const Tensor& got, const std::vector<double>& want,
+                 const std::vector<double>& bound) {
+  const std::vector<float> g = got.to_vector();
+  REQUIRE(g.size() == want.size());
+  for (size_t i = 0; i < g.size(); ++i)
+    CHECK_MESSAGE(std::abs(g[i] - want[i]) <= bound[i], "element ", i, ": got ", g[i], ", want ",
+                  want[i], ", bound ", bound[i]);
 }
 
 }  // namespace
@@ -96,13 +130,17 @@ TEST_CASE("AdamW: one step matches the closed form, with and without decay") {
     want_m.push_back(0.1 * gi);
     want_v.push_back(0.05 * gi * gi);
   }
-  check_close(w, want_w, 1e-6);
-  check_close(b, want_b, 1e-6);
+  // The decay (2 roundings of |p|), the step (11 roundings of lr |g| / (|g| + eps) <= lr) and the
+  // final add (u |p1|): within gamma_14 of 1 + |p1|. m and v against 0.1 g and 0.05 g^2: 2 and 3
+  // roundings, and 1 - 0.9f, 1 - 0.95f differ from 0.1, 0.05 by 4 u relative.
+  using rex::testing::gamma_n;
+  check_close(w, want_w, gamma_n(14));
+  check_close(b, want_b, gamma_n(14));
   CHECK(frozen.to_vector() == p0);  // no gradient: untouched
 
   const auto state = opt.state();
-  check_close(state.at("w.exp_avg"), want_m, 1e-6);
-  check_close(state.at("w.exp_avg_sq"), want_v, 1e-6);
+  check_close(state.at("w.exp_avg"), want_m, gamma_n(6));
+  check_close(state.at("w.exp_avg_sq"), want_v, gamma_n(7));
   CHECK(state.at("w.step").item() == 1.0f);
   CHECK(state.at("b.step").item() == 1.0f);
   CHECK(state.at("frozen.step").item() == 0.0f);  // no gradient: its state does not advance
@@ -131,13 +169,14 @@ TEST_CASE("AdamW: three steps match a double-precision reference") {
     }
     opt.step(lrs[t]);
   }
-  check_close(w, ref_w.p, 1e-6);
-  check_close(b, ref_b.p, 1e-6);
-  check_close(late, ref_late.p, 1e-6);
+  // Within the references' running error bounds (ReferenceAdamW).
+  check_bound(w, ref_w.p, ref_w.p_err);
+  check_bound(b, ref_b.p, ref_b.p_err);
+  check_bound(late, ref_late.p, ref_late.p_err);
   const auto state = opt.state();
-  check_close(state.at("w.exp_avg"), ref_w.m, 1e-6);
-  check_close(state.at("w.exp_avg_sq"), ref_w.v, 1e-6);
-  check_close(state.at("late.exp_avg"), ref_late.m, 1e-6);
+  check_bound(state.at("w.exp_avg"), ref_w.m, ref_w.m_err);
+  check_bound(state.at("w.exp_avg_sq"), ref_w.v, ref_w.v_err);
+  check_bound(state.at("late.exp_avg"), ref_late.m, ref_late.m_err);
   CHECK(state.at("w.step").item() == 3.0f);
   CHECK(state.at("late.step").item() == 2.0f);
   // The reference really differs between the three, so each comparison above means something.
@@ -368,27 +407,33 @@ TEST_CASE("clip_grad_norm: global norm, scaling above max_norm, untouched below"
   set_grad(a, {3});
   set_grad(b, {-4});
 
-  CHECK(optim::clip_grad_norm(params, 0.0) == doctest::Approx(5.0));  // measure only
-  CHECK(optim::clip_grad_norm(params, 10.0) == doctest::Approx(5.0));
+  // 9 + 16 in double and its square root are exact.
+  CHECK(optim::clip_grad_norm(params, 0.0) == 5.0);  // measure only
+  CHECK(optim::clip_grad_norm(params, 10.0) == 5.0);
   CHECK(a.grad().item() == 3.0f);  // below max_norm: untouched, bit for bit
   CHECK(b.grad().item() == -4.0f);
 
-  CHECK(optim::clip_grad_norm(params, 1.0) == doctest::Approx(5.0));  // returns the norm before
+  CHECK(optim::clip_grad_norm(params, 1.0) == 5.0);  // returns the norm before
   const double scale = 1.0 / (5.0 + 1e-6);
-  check_close(a.grad(), {3.0 * scale}, 1e-7);
-  check_close(b.grad(), {-4.0 * scale}, 1e-7);
+  // The scale rounded to float, times the gradient: 2 roundings.
+  check_close(a.grad(), {3.0 * scale}, rex::testing::gamma_n(2));
+  check_close(b.grad(), {-4.0 * scale}, rex::testing::gamma_n(2));
   CHECK_FALSE(none.grad().defined());  // skipped, not created
   CHECK(none.item() == 9.0f);
-  CHECK(optim::clip_grad_norm(params, 0.0) == doctest::Approx(1.0).epsilon(1e-6));
+  // 5 / (5 + 1e-6) = 1 - 2e-7, and the clipped gradients' 2 roundings.
+  CHECK(optim::clip_grad_norm(params, 0.0) ==
+        doctest::Approx(1.0).epsilon(2e-7 + rex::testing::gamma_n(2)));
 
   // A 2x3 gradient: 1 + 4 + 4 + 16 + 4 + 0 = 29. Values whose squares overflow f32 are summed in
   // double: 3e20 and 4e20 give 5e20.
   Tensor w = param(std::vector<float>(6, 0.0f), {2, 3});
   set_grad(w, {1, -2, 2, 4, 2, 0});
-  CHECK(optim::clip_grad_norm({{"w", w}}, 0.0) == doctest::Approx(std::sqrt(29.0)));
+  CHECK(optim::clip_grad_norm({{"w", w}}, 0.0) == std::sqrt(29.0));  // exact squares and sum
   set_grad(a, {3e20f});
   set_grad(b, {4e20f});
-  CHECK(optim::clip_grad_norm(params, 0.0) == doctest::Approx(5e20).epsilon(1e-6));
+  // 3e20f and 4e20f are within u of 3e20 and 4e20; the double sum adds nothing at that size.
+  CHECK(optim::clip_grad_norm(params, 0.0) ==
+        doctest::Approx(5e20).epsilon(rex::testing::kUnitRoundoff));
   CHECK(optim::clip_grad_norm({}, 1.0) == 0.0);
 }
 

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include "gradcheck.hpp"
+#include "rounding.hpp"
 #include "testing.hpp"
 
 using rex::Shape;
@@ -22,6 +23,7 @@ TEST_CASE("sum and mean over each axis, with and without keepdim") {
       CHECK(s.numel() == 24 / x.dim(a));
       // Naive: for every element of x, add it into its reduced slot.
       std::vector<double> expect(static_cast<size_t>(s.numel()), 0.0);
+      std::vector<double> magnitude(expect.size(), 0.0);  // sum of |x| per slot
       for (int64_t i = 0; i < 2; ++i)
         for (int64_t j = 0; j < 3; ++j)
           for (int64_t k = 0; k < 4; ++k) {
@@ -29,21 +31,27 @@ TEST_CASE("sum and mean over each axis, with and without keepdim") {
             idx[a] = 0;
             const int64_t slot = (idx[0] * (a == 1 ? 1 : 3) + idx[1]) * (a == 2 ? 1 : 4) + idx[2];
             expect[static_cast<size_t>(slot)] += x.at({i, j, k});
+            magnitude[static_cast<size_t>(slot)] += std::abs(x.at({i, j, k}));
           }
+      // A float sum of n terms in any order: within gamma_(n-1) of the sum of |terms|; the mean
+      // divides (one more rounding).
+      const auto n = static_cast<double>(x.dim(a));
       for (int64_t r = 0; r < s.numel(); ++r) {
-        CHECK(s.data<float>()[r] == doctest::Approx(expect[static_cast<size_t>(r)]).epsilon(1e-5));
-        CHECK(m.data<float>()[r] ==
-              doctest::Approx(expect[static_cast<size_t>(r)] / x.dim(a)).epsilon(1e-5));
+        const auto i = static_cast<size_t>(r);
+        CHECK(std::abs(s.data<float>()[r] - expect[i]) <= rex::testing::gamma_n(n) * magnitude[i]);
+        CHECK(std::abs(m.data<float>()[r] - expect[i] / n) <=
+              rex::testing::gamma_n(n + 1) * magnitude[i] / n);
       }
       CHECK_GRADIENTS([=](const auto& in) { return rex::sum(in[0], axis, keepdim); }, {x});
       CHECK_GRADIENTS([=](const auto& in) { return rex::mean(in[0], axis, keepdim); }, {x});
     }
   }
-  double total = 0;
-  for (float v : x.to_vector()) total += v;
+  double total = 0, magnitude = 0;
+  for (float v : x.to_vector()) total += v, magnitude += std::abs(v);
   CHECK(rex::sum(x).rank() == 0);
-  CHECK(rex::sum(x).item() == doctest::Approx(total).epsilon(1e-5));
-  CHECK(rex::mean(x).item() == doctest::Approx(total / 24).epsilon(1e-5));
+  // As above, 24 terms.
+  CHECK(std::abs(rex::sum(x).item() - total) <= rex::testing::gamma_n(24) * magnitude);
+  CHECK(std::abs(rex::mean(x).item() - total / 24) <= rex::testing::gamma_n(25) * magnitude / 24);
   CHECK_GRADIENTS([](const auto& in) { return rex::sum(in[0]); }, {x});
   CHECK_GRADIENTS([](const auto& in) { return rex::mean(in[0]); }, {x});
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "gradcheck.hpp"
+#include "rounding.hpp"
 #include "testing.hpp"
 
 using rex::Shape;
@@ -20,6 +21,16 @@ using rex::testing::random_normal_param;
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Against a double loop (cpu/reduce.hpp). softmax: y = expf(x - m) * float(1 / s), s the double
+// sum of the same expf's: the exp (a call) and s (at most a call, relative) plus 2 roundings give
+// 2 calls + 2 u of y; rounding x - m adds u |x - m| y <= u / e. So within that of 1 + |y|.
+// log_softmax: y = (x - m) - float(log s) with |y| = |x - m| + log s: u |x - m|, s's call, u log s
+// and u |y|: within a call + 2 u of 1 + |y|.
+using rex::testing::gamma_n;
+using rex::testing::kCallRoundoff;
+const double kSoftmaxTol = gamma_n(2) + 2 * kCallRoundoff;
+const double kLogSoftmaxTol = gamma_n(2) + kCallRoundoff;
 
 // Softmax of every row of the last axis, in double with the row maximum subtracted.
 std::vector<double> softmax_reference(const Tensor& x, bool log) {
@@ -85,13 +96,14 @@ TEST_CASE("softmax and log_softmax match a double-precision loop; rows sum to on
     const Tensor x = rex::normal(shape, gen, 0.0f, 3.0f);
     const Tensor y = rex::softmax(x);
     CHECK(y.shape() == shape);
-    check_close(y, softmax_reference(x, false), 1e-6);
-    check_close(rex::log_softmax(x), softmax_reference(x, true), 1e-6);
+    check_close(y, softmax_reference(x, false), kSoftmaxTol);
+    check_close(rex::log_softmax(x), softmax_reference(x, true), kLogSoftmaxTol);
     const int64_t n = shape[shape.rank() - 1];
     for (int64_t r = 0; r < x.numel() / n; ++r) {
       double s = 0;
       for (int64_t j = 0; j < n; ++j) s += y.data<float>()[r * n + j];
-      CHECK(s == doctest::Approx(1.0).epsilon(1e-6));
+      // The sum of the y's errors: kSoftmaxTol of 1 plus n u / e; Approx scales by 1 + 1.
+      CHECK(s == doctest::Approx(1.0).epsilon(kSoftmaxTol));
     }
   }
 }
@@ -101,16 +113,17 @@ TEST_CASE("softmax and log_softmax are stable for large logits") {
       {1000, 999, 998, -1000, -1001, -1002, 1000, 0, -1000, 1000, 1000, 1000}, Shape{4, 3});
   const Tensor y = rex::softmax(x);
   const Tensor logy = rex::log_softmax(x);
-  check_close(y, softmax_reference(x, false), 1e-6);
-  check_close(logy, softmax_reference(x, true), 1e-6);
-  // Closed forms: a shift by 1000 changes nothing; e^-1000 underflows to exactly 0 in float.
+  check_close(y, softmax_reference(x, false), kSoftmaxTol);
+  check_close(logy, softmax_reference(x, true), kLogSoftmaxTol);
+  // Closed forms (Approx's default, 100 float epsilons, is above the bounds above): a shift by 1000
+  // changes nothing; e^-1000 underflows to exactly 0 in float.
   const double z = 1.0 + std::exp(-1.0) + std::exp(-2.0);
   CHECK(y.at({0, 0}) == doctest::Approx(1.0 / z));
   CHECK(y.at({1, 2}) == doctest::Approx(std::exp(-2.0) / z));
   CHECK(y.at({2, 0}) == 1.0f);
   CHECK(y.at({2, 1}) == 0.0f);
   CHECK(y.at({3, 1}) == doctest::Approx(1.0 / 3.0));
-  CHECK(logy.at({2, 2}) == doctest::Approx(-2000.0));
+  CHECK(logy.at({2, 2}) == -2000.0f);  // exact: -1000 - 1000 - log(1) in float
   CHECK(logy.at({3, 0}) == doctest::Approx(-std::log(3.0)));
   for (float v : y.to_vector()) CHECK(std::isfinite(v));
   for (float v : logy.to_vector()) CHECK(std::isfinite(v));
@@ -122,8 +135,8 @@ TEST_CASE("softmax and log_softmax handle -inf entries (causal mask)") {
   const Tensor x = rex::add(rex::normal(Shape{2, t, t}, gen, 0.0f, 2.0f), causal_mask(t));
   const Tensor y = rex::softmax(x);
   const Tensor logy = rex::log_softmax(x);
-  check_close(y, softmax_reference(x, false), 1e-6);
-  check_close(logy, softmax_reference(x, true), 1e-6);
+  check_close(y, softmax_reference(x, false), kSoftmaxTol);
+  check_close(logy, softmax_reference(x, true), kLogSoftmaxTol);
   for (int64_t b = 0; b < 2; ++b) {
     for (int64_t i = 0; i < t; ++i) {
       double s = 0;
@@ -134,7 +147,7 @@ TEST_CASE("softmax and log_softmax handle -inf entries (causal mask)") {
           CHECK(logy.at({b, i, j}) == -kInf);
         }
       }
-      CHECK(s == doctest::Approx(1.0).epsilon(1e-6));
+      CHECK(s == doctest::Approx(1.0).epsilon(kSoftmaxTol));  // as above
     }
   }
   // The first row of a causal mask has one entry left: probability exactly 1.
@@ -176,15 +189,22 @@ TEST_CASE("log_softmax gradient through -inf entries matches the closed form") {
     for (int64_t j = i + 1; j < t; ++j) g.data<float>()[i * t + j] = 0.0f;
   rex::log_softmax(masked).backward(g);
   const std::vector<double> p = softmax_reference(masked, false);
-  std::vector<double> want(static_cast<size_t>(t * t));
+  std::vector<float> want(static_cast<size_t>(t * t)), terms(want.size());
   for (int64_t i = 0; i < t; ++i) {
     double total = 0;
     for (int64_t j = 0; j < t; ++j) total += g.at({i, j});
-    for (int64_t j = 0; j < t; ++j)
-      want[static_cast<size_t>(i * t + j)] =
-          g.at({i, j}) - p[static_cast<size_t>(i * t + j)] * total;
+    for (int64_t j = 0; j < t; ++j) {
+      const auto k = static_cast<size_t>(i * t + j);
+      want[k] = static_cast<float>(g.at({i, j}) - p[k] * total);
+      terms[k] = static_cast<float>(std::abs(g.at({i, j})) + p[k] * std::abs(total));
+    }
   }
-  check_close(x.grad(), want, 1e-6);
+  // dx = g - expf(y) float(sum g) cancels: against |g| + p |sum g|. exp(y) carries y's error
+  // (kLogSoftmaxTol of 1 + |y|, and p (1 + |log p|) <= 1.4), plus its own call and 3 roundings,
+  // plus the float rounding of want (u).
+  rex::testing::check_within(x.grad(), rex::from_vector(want, {t, t}),
+                             rex::from_vector(terms, {t, t}),
+                             1.4 * kLogSoftmaxTol + kCallRoundoff + gamma_n(4));
   for (int64_t i = 0; i < t; ++i)
     for (int64_t j = i + 1; j < t; ++j) CHECK(x.grad().at({i, j}) == 0.0f);
 }
@@ -207,8 +227,20 @@ TEST_CASE("softmax and log_softmax match composed rex ops (values and gradients)
       x.zero_grad();
       const Tensor fused = fused_op(x);
       fused.backward(g);
-      check_close(fused, composed, 1e-6);
-      check_close(x.grad(), composed_grad, 1e-5);
+      // The composed log_softmax adds a float sum of n exps (gamma_n) and a log (a call) to the
+      // fused chain; softmax exponentiates it (p (1 + |log p|) <= 1.4, and a call); plus the
+      // fused op's own error.
+      const double n = static_cast<double>(shape[shape.rank() - 1]);
+      const double values =
+          1.4 * (kLogSoftmaxTol + gamma_n(n + 2) + kCallRoundoff) + kCallRoundoff + kSoftmaxTol;
+      check_close(fused, composed, values);
+      // The gradients (log_softmax: g - p sum g; softmax: p (g - sum g p)) cancel: against
+      // |g| + p sum |g|, which bounds the terms of both, each side's chain the values' and n more
+      // terms and 4 roundings.
+      const Tensor p = rex::softmax(x);
+      const Tensor terms =
+          rex::testing::abs_of(g) + p * rex::sum(rex::testing::abs_of(g), -1, true);
+      rex::testing::check_within(x.grad(), composed_grad, terms, 2 * (values + gamma_n(n + 4)));
     }
   }
 }
@@ -219,6 +251,8 @@ TEST_CASE("cross_entropy matches a double-precision loop") {
   const std::vector<int32_t> targets{0, 4, 2, -100, 3, 1};
   const Tensor loss = rex::cross_entropy(logits, rex::from_vector(targets));
   CHECK(loss.rank() == 0);
+  // The mean of lse - x_t in double, lse from a sum of expf's (a call), rounded once: within a
+  // call + u of 1 + |loss|, well inside Approx's default 100 float epsilons (here and below).
   CHECK(loss.item() == doctest::Approx(cross_entropy_reference(logits, targets, -100)));
 
   // A custom ignore_index, which may also be a valid class.
@@ -264,6 +298,10 @@ TEST_CASE("cross_entropy matches composed rex ops (values and gradients)") {
     logits.zero_grad();
     const Tensor fused = rex::cross_entropy(logits, rex::from_vector(targets));
     fused.backward(rex::scalar(0.7f));
+    // The composed loss is minus the mean of log_softmax entries y_t <= 0, each within
+    // kLogSoftmaxTol + gamma_8 + a call of 1 + |y_t|, summed over 4 rows and divided (6 more
+    // roundings): within about 2e-6 of 1 + loss, below the 1e-5 used. Its gradient,
+    // 0.7 / count (onehot - p), is below 1 in size and within the same chain.
     CHECK(fused.item() == doctest::Approx(composed.item()).epsilon(1e-5));
     check_close(logits.grad(), composed_grad, 1e-5);
     // Ignored rows get exactly zero gradient.

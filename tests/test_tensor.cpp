@@ -72,6 +72,10 @@ TEST_CASE("generator: reproducible, uniform and normal moments") {
     su += x, sz += y, szz += y * y;
     umin = std::min(umin, static_cast<float>(x)), umax = std::max(umax, static_cast<float>(x));
   }
+  // Sample statistics of n = 200000 draws (a fixed seed, so the same on every machine): the
+  // bounds are at least 6 standard errors. Approx allows epsilon (1 + |value|): the uniform mean,
+  // 0.02 against 4 / sqrt(12 n) = 2.6e-3; the normal mean, 0.03 against 2 / sqrt(n) = 4.5e-3; the
+  // normal standard deviation, 0.03 against 2 / sqrt(2 n) = 3.2e-3.
   CHECK(su / n == doctest::Approx(1.0).epsilon(0.01));
   CHECK(umin >= -1.0f);
   CHECK(umax < 3.0f);

@@ -124,6 +124,11 @@ TEST_CASE("transformer loss gradients agree with central differences (dense and 
     auto f = [&](const std::vector<Tensor>&) {
       return model.forward(ids, targets, {4, 3}).loss;  // step 4: PSR keeps 4 of 6 experts
     };
+    // A smaller step so that no routing choice flips between x - h and x + h. The loss is one
+    // float value at the end of the whole model's chain (a few hundred roundings): its rounding,
+    // typically sqrt(N) u |L| (independent roundings, Higham and Mary 2019), over 2h is about
+    // 1e-3, which atol and rtol 2e-2 cover; the worst case gamma_N |L| / h would not be, so this
+    // check relies on roundings not conspiring (gradcheck.hpp).
     testing::GradcheckOptions options;
     options.step = 1e-3f;
     options.rtol = 2e-2;
@@ -371,6 +376,7 @@ TEST_CASE("the routing report splits each layer's routed slots into own and borr
   CHECK(report[1].own_experts == std::vector<int64_t>{2, 3});
   CHECK(report[1].own_share == 0.0);  // nothing routed: every share is 0
   // Spread: entropy -sum s ln s, imbalance P max s, top-N experts (N = 2), overlap in the block.
+  // Double arithmetic on exact shares: a few double roundings, far inside Approx's default.
   CHECK(report[0].entropy == doctest::Approx(-(0.375 * std::log(0.375) + 0.125 * std::log(0.125) +
                                                0.5 * std::log(0.5))));
   CHECK(report[0].imbalance == doctest::Approx(4 * 0.5));
