@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <functional>
 #include <string>
 #include <utility>
@@ -19,9 +18,8 @@
 
 #include <rex_device_model.h>
 #include <rex_emulation_counters.h>
-#include <rex/backend/cuda/runtime.hpp>
-#include <rex/rex.hpp>
-#include <rex/train/train.hpp>
+
+#include "emulated_training.hpp"
 
 namespace {
 
@@ -64,15 +62,6 @@ Options parse_options(int argc, char** argv) {
     }
   }
   return options;
-}
-
-std::string write_corpus(const std::string& work_dir) {
-  const std::string path = work_dir + "/cost_report_corpus.txt";
-  std::ofstream out(path);
-  for (int i = 1; i <= 3000; ++i)
-    out << "And it came to pass, in the " << i
-        << "th year, that the king said unto his servants: go forth.\n";
-  return path;
 }
 
 // FLOPs of one training step, matmuls only (forward + backward = 3 x forward), as
@@ -169,23 +158,15 @@ void print_step(const cuda_emulation::Counts& counts, const model::Device& devic
 
 int main(int argc, char** argv) {
   const Options options = parse_options(argc, argv);
-  namespace train = rex::train;
-  train::RunConfig config = train::read_run_config(options.config_path, options.overrides);
-  const train::Corpus corpus =
-      train::load_corpus(write_corpus(options.work_dir), std::nullopt, config.train.train_fraction);
-  train::take_vocab_size(config, corpus);
-  const rex::data::BatchSampler batches = train::train_sampler(corpus, config);
-  const rex::Device device = rex::Device::cuda();
-  rex::set_matmul_precision(device, config.train.matmul_precision);
-  train::TrainingState run = train::start_training(config, device);
-  const rex::optim::CosineSchedule schedule = train::lr_schedule(config.train);
+  cuda_emulation::EmulatedRun run(
+      rex::train::read_run_config(options.config_path, options.overrides), options.work_dir);
+  const rex::train::RunConfig& config = run.config();
 
   cuda_emulation::Counts counts;
   for (int step = 0; step < options.steps; ++step) {
     const bool counted = step == options.steps - 1;
     if (counted) cuda_emulation::begin_interval(true);
-    train::train_step(*run.model, run.optimizer, batches.sample(static_cast<uint64_t>(step)),
-                      {step, config.train.seed}, schedule.lr(step), config.train.grad_clip);
+    run.step(step);
     if (counted) counts = cuda_emulation::end_interval();
   }
   std::printf("cost report: %s, batch %lld, context %lld, step %d of %d counted, device model %s\n",

@@ -11,13 +11,11 @@
 // Usage: training_step_budgets WORK_DIR [--kernels] (--kernels: also count every kernel's memory
 // accesses, and print each step's table by kernel and GEMM shape)
 #include <cstdio>
-#include <fstream>
 #include <string>
 
 #include <rex_emulation_counters.h>
-#include <rex/backend/cuda/runtime.hpp>
-#include <rex/rex.hpp>
-#include <rex/train/train.hpp>
+
+#include "emulated_training.hpp"
 
 namespace {
 
@@ -28,15 +26,6 @@ struct Budget {
 constexpr Budget kBudgets[] = {{576, 275}, {558, 263}};
 constexpr int kSteps = 3;
 
-std::string write_corpus(const std::string& work_dir) {
-  const std::string path = work_dir + "/corpus.txt";
-  std::ofstream out(path);
-  for (int i = 1; i <= 3000; ++i)
-    out << "And it came to pass, in the " << i
-        << "th year, that the king said unto his servants: go forth.\n";
-  return path;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -45,22 +34,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   const bool show_kernels = argc > 2 && std::string(argv[2]) == "--kernels";
-  namespace train = rex::train;
-  train::RunConfig config = train::read_run_config("", {"train.batch_size=1"});
-  const train::Corpus corpus =
-      train::load_corpus(write_corpus(argv[1]), std::nullopt, config.train.train_fraction);
-  train::take_vocab_size(config, corpus);
-  const rex::data::BatchSampler batches = train::train_sampler(corpus, config);
-  const rex::Device device = rex::Device::cuda();
-  rex::set_matmul_precision(device, config.train.matmul_precision);
-  train::TrainingState run = train::start_training(config, device);
-  const rex::optim::CosineSchedule schedule = train::lr_schedule(config.train);
+  cuda_emulation::EmulatedRun run(rex::train::read_run_config("", {"train.batch_size=1"}), argv[1]);
 
   int failures = 0;
   for (int step = 0; step < kSteps; ++step) {
     cuda_emulation::begin_interval(show_kernels);
-    train::train_step(*run.model, run.optimizer, batches.sample(static_cast<uint64_t>(step)),
-                      {step, config.train.seed}, schedule.lr(step), config.train.grad_clip);
+    run.step(step);
     const cuda_emulation::Counts counts = cuda_emulation::end_interval();
     std::printf("step %d: %s", step + 1, cuda_emulation::describe(counts, show_kernels).c_str());
     if (step == 0) continue;
