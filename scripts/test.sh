@@ -6,10 +6,10 @@
 # (docs/testing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# python3-torch, libopenblas0-pthread: the PyTorch twin tests; clang-14, libboost-context-dev: the
-# CUDA emulation (tests/cuda_emulation); libopenmpi-dev, openmpi-bin: the data-parallel tests
-# (tests/dist); python3-matplotlib: the study runner's figures (tests/study).
-bash scripts/setup.sh python3-torch libopenblas0-pthread clang-14 libboost-context-dev \
+# python3-torch, libopenblas0-pthread: the PyTorch twin tests; clang-14, llvm-14-dev,
+# libboost-context-dev: the CUDA emulation (tests/cuda_emulation); libopenmpi-dev, openmpi-bin:
+# the data-parallel tests (tests/dist); python3-matplotlib: the study runner's figures (tests/study).
+bash scripts/setup.sh python3-torch libopenblas0-pthread clang-14 llvm-14-dev libboost-context-dev \
   libopenmpi-dev openmpi-bin python3-matplotlib
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j "$(nproc)"

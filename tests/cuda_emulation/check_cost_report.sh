@@ -11,7 +11,7 @@ awk '
   /^per kernel/ { section = "kernels"; getline; next }
   /^per cuBLAS shape/ { section = "gemms"; getline; next }
   /^per step/ { section = "step"; next }
-  section == "kernels" && NF == 8 { kernel_launches += $2; kernel_us += $8; kernel_rows++ }
+  section == "kernels" && NF == 11 { kernel_launches += $2; kernel_us += $11; kernel_rows++ }
   section == "gemms" && NF == 10 { gemm_calls += $8; gemm_us += $10; gemm_rows++ }
   section == "step" && $1 == "launches" { launches = $2 }
   section == "step" && $1 == "host" && $2 == "waits" { waits = $3 }

@@ -2,10 +2,10 @@
 // estimated by the device model (include/rex_device_model.h) from the emulation's counts.
 // Trains --steps steps of the config on the emulated device (a made-up corpus written to WORK_DIR;
 // the steps before the last warm the caching allocator), counts the last one with memory, and
-// prints per kernel (launches, bytes, sectors per request, bank conflicts, atomics, estimated
-// time), per cuBLAS shape (calls, FLOPs, estimated time) and per step (host waits, launches,
-// estimated time, model FLOPs and MFU). The emulation counts kernels by name, not by rex op, so
-// there is no per-op table. Every time and MFU printed is "estimated (device model)".
+// prints per kernel (launches, bytes, sectors per request, bank conflicts, atomics, FLOPs, what
+// bounds it, estimated time), per cuBLAS shape (calls, FLOPs, estimated time) and per step (host
+// waits, launches, estimated time, model FLOPs and MFU). The emulation counts kernels by name, not
+// by rex op, so there is no per-op table. Every time and MFU printed is "estimated (device model)".
 // Usage: cost_report WORK_DIR [--config FILE] [--set KEY=VALUE]... [--steps N]
 //        [--device-model h100|h200]
 #include <algorithm>
@@ -90,17 +90,22 @@ double model_flops(const rex::train::RunConfig& config) {
 void print_kernels(const cuda_emulation::Counts& counts, const model::Device& device) {
   std::printf("\nper kernel, most expensive first (times estimated (device model), %s):\n",
               std::string(device.name).c_str());
-  std::printf("%-36s %8s %12s %12s %9s %10s %8s %12s\n", "kernel", "launches", "bytes asked",
-              "sector bytes", "sect/req", "bank conf", "atomics", "est. us");
+  std::printf("%-36s %8s %12s %12s %9s %10s %8s %12s %10s %5s %12s\n", "kernel", "launches",
+              "bytes asked", "sector bytes", "sect/req", "bank conf", "atomics", "FLOPs", "special",
+              "bound", "est. us");
   std::vector<std::pair<double, const std::string*>> by_time;  // most expensive first
   for (const auto& [name, kernel] : counts.kernels)
     by_time.emplace_back(model::estimate_kernel(kernel, device).total_s(), &name);
   std::sort(by_time.begin(), by_time.end(), std::greater<>());
   for (const auto& [estimated_s, name] : by_time) {
     const cuda_emulation::KernelCounts& kernel = counts.kernels.at(*name);
+    const model::KernelEstimate estimate = model::estimate_kernel(kernel, device);
+    const char* bound = estimate.arithmetic_s > std::max(estimate.hbm_s, estimate.shared_s)
+                            ? "alu"
+                            : (estimate.shared_s > estimate.hbm_s ? "smem" : "hbm");
     const uint64_t requests = kernel.global.requests();
     std::printf(
-        "%-36s %8llu %12llu %12llu %9.2f %10llu %8llu %12.3f\n", name->c_str(),
+        "%-36s %8llu %12llu %12llu %9.2f %10llu %8llu %12llu %10llu %5s %12.3f\n", name->c_str(),
         static_cast<unsigned long long>(kernel.launches),
         static_cast<unsigned long long>(kernel.global.load_bytes + kernel.global.store_bytes),
         static_cast<unsigned long long>(kernel.global.sectors() * model::kSectorBytes),
@@ -108,6 +113,8 @@ void print_kernels(const cuda_emulation::Counts& counts, const model::Device& de
                  : 0.0,
         static_cast<unsigned long long>(kernel.shared.bank_conflicts()),
         static_cast<unsigned long long>(kernel.global_atomics + kernel.shared_atomics),
+        static_cast<unsigned long long>(kernel.arithmetic.f32_flops + kernel.arithmetic.f64_flops),
+        static_cast<unsigned long long>(kernel.arithmetic.special_functions), bound,
         estimated_s * 1e6);
   }
 }
@@ -156,7 +163,7 @@ void print_step(const cuda_emulation::Counts& counts, const model::Device& devic
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   const Options options = parse_options(argc, argv);
   cuda_emulation::EmulatedRun run(
       rex::train::read_run_config(options.config_path, options.overrides), options.work_dir);
@@ -178,4 +185,7 @@ int main(int argc, char** argv) {
   print_gemms(counts, *options.device);
   print_step(counts, *options.device, model_flops(config));
   return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "cost_report: %s\n", e.what());
+  return 1;
 }

@@ -10,8 +10,13 @@
 // block the host, though on a GPU the second finds the stream already empty. A cuBLAS call counts
 // 2 m n k FLOPs per product of its batch.
 //
-// Memory (intervals begun with count_memory): checks.cpp passes every load, store and atomic of
-// kernel code here with the instruction that made it (the return address of the instrumentation
+// Arithmetic (intervals begun with count_kernel_work): the kernel files are compiled with
+// arithmetic_pass.cpp, which gives every basic block that does floating-point work a call of
+// rex_emulation_count_arithmetic with the block's counts, made while the flag below is set. A call
+// from a kernel thread adds them to the running kernel; calls from host code are ignored.
+//
+// Memory (intervals begun with count_kernel_work): checks.cpp passes every load, store and atomic
+// of kernel code here with the instruction that made it (the return address of the instrumentation
 // hook). A warp-level request is the accesses of one warp's threads by one instruction, the k-th
 // time each thread executes it; they are collected per block and grouped when the block ends.
 // - Global requests: the distinct 32-byte sectors the request's bytes fall in (a 32-lane float
@@ -176,13 +181,29 @@ void count_block_end() {
 
 }  // namespace cuda_emulation::detail
 
+// Read and called by the code arithmetic_pass.cpp inserts into the kernel files.
+extern "C" {
+unsigned char rex_emulation_counting_arithmetic = 0;
+
+void rex_emulation_count_arithmetic(uint64_t f32_flops, uint64_t f64_flops,
+                                    uint64_t special_functions) {
+  using namespace cuda_emulation::detail;
+  if (!fast_path.in_kernel || running_kernel == nullptr) return;
+  cuda_emulation::ArithmeticCounts& a = running_kernel->arithmetic;
+  a.f32_flops += f32_flops;
+  a.f64_flops += f64_flops;
+  a.special_functions += special_functions;
+}
+}
+
 namespace cuda_emulation {
 
-void begin_interval(bool count_memory) {
+void begin_interval(bool count_kernel_work) {
   const std::lock_guard<std::mutex> lock(detail::counts_mutex);
   detail::counts = Counts{};
   detail::running_kernel = nullptr;
-  detail::fast_path.counting_memory = count_memory;
+  detail::fast_path.counting_memory = count_kernel_work;
+  rex_emulation_counting_arithmetic = count_kernel_work ? 1 : 0;
   detail::counting.store(true);
 }
 
@@ -190,6 +211,7 @@ Counts end_interval() {
   const std::lock_guard<std::mutex> lock(detail::counts_mutex);
   detail::counting.store(false);
   detail::fast_path.counting_memory = false;
+  rex_emulation_counting_arithmetic = 0;
   detail::running_kernel = nullptr;
   return std::move(detail::counts);
 }
@@ -212,11 +234,12 @@ std::string describe(const Counts& c, bool by_kernel) {
         line, sizeof line,
         "  %-48s %6llu launches %9llu blocks | global %llu requests, %llu sectors, "
         "%llu bytes | shared %llu requests, %llu wavefronts, %llu bank conflicts | atomics %llu "
-        "global, %llu shared\n",
+        "global, %llu shared | FLOPs %llu f32, %llu f64, %llu special\n",
         name.c_str(), ull(k.launches), ull(k.blocks), ull(k.global.requests()),
         ull(k.global.sectors()), ull(k.global.load_bytes + k.global.store_bytes),
         ull(k.shared.requests()), ull(k.shared.wavefronts()), ull(k.shared.bank_conflicts()),
-        ull(k.global_atomics), ull(k.shared_atomics));
+        ull(k.global_atomics), ull(k.shared_atomics), ull(k.arithmetic.f32_flops),
+        ull(k.arithmetic.f64_flops), ull(k.arithmetic.special_functions));
     text += line;
   }
   for (const auto& [shape, calls] : c.gemms) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <utility>
@@ -14,11 +15,13 @@
 
 namespace cuda_emulation {
 
-// A corpus of 3000 made-up lines, written to work_dir.
+// A corpus of 3000 made-up lines, written to work_dir (created if missing).
 inline rex::train::Corpus made_up_corpus(const std::string& work_dir, double train_fraction) {
+  std::filesystem::create_directories(work_dir);
   const std::string path = work_dir + "/emulated_training_corpus.txt";
   {
     std::ofstream out(path);
+    REX_CHECK(out, "cannot write the made-up corpus ", path);
     for (int i = 1; i <= 3000; ++i)
       out << "And it came to pass, in the " << i
           << "th year, that the king said unto his servants: go forth.\n";

@@ -278,6 +278,17 @@ __global__ void counted_atomics_kernel(int* total) {
   atomicAdd(total, 1);
 }
 
+// Thread i doubles-and-increments i, (i mod 5) times (2 FLOPs each), then fuses a multiply-add
+// (2), subtracts, takes an exponential (1 special function) and adds twice (3), and divides once
+// in double (1 f64 FLOP): out[i] = fma(acc, 0.5, 0.25) + exp(0) + i / 2.
+__global__ void counted_arithmetic_kernel(float* out) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  float acc = static_cast<float>(i);
+  for (int k = 0; k < i % 5; ++k) acc = acc * 2.0f + 1.0f;
+  const float fused = fmaf(acc, 0.5f, 0.25f);
+  out[i] = fused + expf(fused - fused) + static_cast<float>(static_cast<double>(i) / 2.0);
+}
+
 }  // namespace
 
 Outcome block_sum(int n, int blocks, int threads) {
@@ -468,6 +479,12 @@ Outcome counted_atomics(int blocks, int threads) {
   Buffer<int> total(1, {0});
   LAUNCH(counted_atomics_kernel, blocks, threads, 0, total.get());
   return finish(&total);
+}
+
+Outcome counted_arithmetic(int blocks, int threads) {
+  Buffer<float> out(static_cast<size_t>(blocks) * threads);
+  LAUNCH(counted_arithmetic_kernel, blocks, threads, 0, out.get());
+  return finish(&out);
 }
 
 Outcome launch_loop(int launches) {

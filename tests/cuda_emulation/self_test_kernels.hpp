@@ -30,8 +30,9 @@ Outcome grid_stride_copy(int64_t n, int blocks, int threads);  // out[i] = 2 i +
 Outcome strided_copy(int threads, int stride);  // out[i] = in[i * stride] = i * stride, one block
 Outcome shared_transpose(bool padded);          // the transposed 0..1023 (32 x 32, 1 block)
 Outcome shared_doubles(int threads);            // the reversed 0..threads-1 (at most 64)
-Outcome counted_atomics(int blocks, int threads);  // every thread adds 1 in shared and global
-Outcome launch_loop(int launches);                 // `launches` launches of an empty kernel
+Outcome counted_atomics(int blocks, int threads);     // every thread adds 1 in shared and global
+Outcome counted_arithmetic(int blocks, int threads);  // see the .cu: FLOPs that vary by thread
+Outcome launch_loop(int launches);                    // `launches` launches of an empty kernel
 
 // ---- broken kernels the emulation must catch ----
 Outcome missing_syncthreads(int threads);

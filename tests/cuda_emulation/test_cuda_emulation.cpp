@@ -512,10 +512,31 @@ TEST_CASE("counters: atomics count once per thread, in shared and in global memo
   CHECK(k.shared.load_requests == 0);
 }
 
-TEST_CASE("counters: without count_memory an interval counts launches but no accesses") {
+TEST_CASE("counters: arithmetic counts each thread's FLOPs by kind, an FMA as 2") {
+  const int blocks = 2, threads = 96;
+  cuda_emulation::begin_interval(true);
+  const Outcome o = counted_arithmetic(blocks, threads);
+  const cuda_emulation::Counts c = cuda_emulation::end_interval();
+  REQUIRE(o.error == cudaSuccess);
+  uint64_t f32_flops = 0;
+  for (int i = 0; i < blocks * threads; ++i) {
+    double acc = i;
+    for (int k = 0; k < i % 5; ++k) acc = acc * 2 + 1;
+    CHECK(o.values[static_cast<size_t>(i)] == acc * 0.5 + 0.25 + 1 + i / 2.0);
+    f32_flops += 2 * (i % 5) + 2 + 3;
+  }
+  const cuda_emulation::ArithmeticCounts& a = c.kernels.at("counted_arithmetic_kernel").arithmetic;
+  CHECK(a.f32_flops == f32_flops);
+  CHECK(a.f64_flops == blocks * threads);
+  CHECK(a.special_functions == blocks * threads);
+}
+
+TEST_CASE("counters: without count_kernel_work an interval counts launches but no work") {
   cuda_emulation::begin_interval();
   strided_copy(64, 1);
+  counted_arithmetic(1, 32);
   const cuda_emulation::Counts c = cuda_emulation::end_interval();
   CHECK(c.kernels.at("strided_copy_kernel").launches == 1);
   CHECK(c.kernels.at("strided_copy_kernel").global.requests() == 0);
+  CHECK(c.kernels.at("counted_arithmetic_kernel").arithmetic.f32_flops == 0);
 }

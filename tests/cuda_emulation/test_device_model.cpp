@@ -1,6 +1,6 @@
 // The device model (include/rex_device_model.h) against estimates worked out by hand from its
-// constants: a memory-bound kernel, a shared-memory-bound one, compute-bound and memory-bound
-// GEMMs, and a step that adds them with its host waits.
+// constants: a memory-bound kernel, a shared-memory-bound one, an arithmetic-bound one,
+// compute-bound and memory-bound GEMMs, and a step that adds them with its host waits.
 #include <doctest/doctest.h>
 #include <rex_device_model.h>
 
@@ -42,6 +42,18 @@ TEST_CASE("a kernel with more shared wavefronts than HBM time costs its wavefron
   const KernelEstimate estimate = estimate_kernel(kernel, kH100Sxm);
   CHECK(estimate.shared_s == doctest::Approx(1e-6).epsilon(1e-12));
   CHECK(estimate.total_s() == doctest::Approx(4e-6).epsilon(1e-12));
+}
+
+TEST_CASE("a kernel whose arithmetic outlasts its memory costs its FLOPs and special functions") {
+  KernelCounts kernel;
+  kernel.launches = 1;
+  kernel.global.load_sectors = 1000;
+  kernel.arithmetic.f32_flops = 66'900'000;         // 1 us at 66.9e12 FLOP/s
+  kernel.arithmetic.f64_flops = 33'500'000;         // 1 us at 33.5e12
+  kernel.arithmetic.special_functions = 4'181'760;  // 1 us at 132 SMs x 16 x 1.98e9 per s
+  const KernelEstimate estimate = estimate_kernel(kernel, kH100Sxm);
+  CHECK(estimate.arithmetic_s == doctest::Approx(3e-6).epsilon(1e-12));
+  CHECK(estimate.total_s() == doctest::Approx(6e-6).epsilon(1e-12));  // + one 3 us launch
 }
 
 TEST_CASE("a large GEMM is compute-bound at the fp32 or the TF32 peak") {

@@ -28,7 +28,7 @@ constexpr int kSteps = 3;
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   if (argc < 2) {
     std::fprintf(stderr, "usage: training_step_budgets WORK_DIR [--kernels]\n");
     return 2;
@@ -58,4 +58,7 @@ int main(int argc, char** argv) {
     }
   }
   return failures == 0 ? 0 : 1;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "training_step_budgets: %s\n", e.what());
+  return 1;
 }

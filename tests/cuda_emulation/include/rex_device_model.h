@@ -4,12 +4,13 @@
 //
 // Assumptions (docs/cuda.md, "Device model"): nothing overlaps (a step's time is the sum of its
 // kernels, its cuBLAS calls and its host waits); no cache (every global sector a kernel touches
-// comes from HBM); boost clocks; every kernel fills the device. The emulation does not count the
-// arithmetic inside rex's own kernels, so they are taken to be memory-bound: a kernel costs its
-// launches plus the larger of its HBM time (sectors x 32 bytes, so uncoalesced requests pay for
-// every sector) and its shared-memory time (wavefronts, bank-conflict replays included, at one
-// wavefront per SM per clock). A cuBLAS call costs a launch plus the larger of its FLOPs at the
-// fp32 or TF32 peak and its operands' bytes (A and B read, C written once) at HBM bandwidth.
+// comes from HBM); boost clocks; every kernel fills the device. A kernel of rex's costs its
+// launches plus the largest of its HBM time (sectors x 32 bytes, so uncoalesced requests pay for
+// every sector), its shared-memory time (wavefronts, bank-conflict replays included, at one
+// wavefront per SM per clock) and its arithmetic time (f32 and f64 FLOPs at the CUDA cores' peaks
+// plus special functions at the SFUs' rate). A cuBLAS call costs a launch plus the larger of its
+// FLOPs at the fp32 or TF32 peak and its operands' bytes (A and B read, C written once) at HBM
+// bandwidth.
 #pragma once
 
 #include <algorithm>
@@ -23,6 +24,8 @@ struct Device {
   std::string_view name;
   double hbm_bytes_per_s;          // peak HBM bandwidth
   double fp32_flops_per_s;         // CUDA cores, FMA counted as 2
+  double fp64_flops_per_s;         // CUDA cores, FMA counted as 2
+  double special_functions_per_s;  // SFUs: exp2, log2, sin, cos, reciprocal (square root)
   double tf32_flops_per_s;         // tensor cores, dense
   double bf16_flops_per_s;         // tensor cores, dense
   double shared_wavefronts_per_s;  // one 32-bank pass per SM per clock: SMs x boost clock
@@ -33,16 +36,28 @@ struct Device {
 inline constexpr int kSectorBytes = 32;
 inline constexpr int kHopperSms = 132;  // H100 SXM and H200 alike
 inline constexpr double kHopperBoostHz = 1.98e9;
-inline constexpr double kTypicalLaunchS = 3e-6;    // docs/cuda.md: NVIDIA's CUDA Graphs post
-inline constexpr double kTypicalHostWaitS = 6e-6;  // docs/cuda.md: the same post
+inline constexpr double kHopperSfuPerSmPerClock = 16;  // CUDA C++ Programming Guide, cc 9.0
+inline constexpr double kTypicalLaunchS = 3e-6;        // docs/cuda.md: NVIDIA's CUDA Graphs post
+inline constexpr double kTypicalHostWaitS = 6e-6;      // docs/cuda.md: the same post
 
-inline constexpr Device kH100Sxm{"H100 SXM",      3.35e12,          66.9e12,
-                                 494.7e12,        989.4e12,         kHopperSms* kHopperBoostHz,
-                                 kTypicalLaunchS, kTypicalHostWaitS};
+inline constexpr Device kH100Sxm{
+    .name = "H100 SXM",
+    .hbm_bytes_per_s = 3.35e12,
+    .fp32_flops_per_s = 66.9e12,
+    .fp64_flops_per_s = 33.5e12,
+    .special_functions_per_s = kHopperSms * kHopperSfuPerSmPerClock * kHopperBoostHz,
+    .tf32_flops_per_s = 494.7e12,
+    .bf16_flops_per_s = 989.4e12,
+    .shared_wavefronts_per_s = kHopperSms * kHopperBoostHz,
+    .launch_s = kTypicalLaunchS,
+    .host_wait_s = kTypicalHostWaitS};
 // The H200 is the same GH100 chip with HBM3e: only the memory differs.
-inline constexpr Device kH200{"H200",          4.8e12,           66.9e12,
-                              494.7e12,        989.4e12,         kHopperSms* kHopperBoostHz,
-                              kTypicalLaunchS, kTypicalHostWaitS};
+inline constexpr Device kH200 = [] {
+  Device device = kH100Sxm;
+  device.name = "H200";
+  device.hbm_bytes_per_s = 4.8e12;
+  return device;
+}();
 
 // "h100" or "h200"; nullptr for any other name.
 inline const Device* find_device(std::string_view name) {
@@ -52,8 +67,8 @@ inline const Device* find_device(std::string_view name) {
 }
 
 struct KernelEstimate {
-  double launch_s = 0, hbm_s = 0, shared_s = 0;
-  double total_s() const { return launch_s + std::max(hbm_s, shared_s); }
+  double launch_s = 0, hbm_s = 0, shared_s = 0, arithmetic_s = 0;
+  double total_s() const { return launch_s + std::max({hbm_s, shared_s, arithmetic_s}); }
 };
 
 // The estimate of one kernel's counts (all its launches in an interval counted with memory).
@@ -64,6 +79,10 @@ inline KernelEstimate estimate_kernel(const KernelCounts& kernel, const Device& 
       static_cast<double>(kernel.global.sectors()) * kSectorBytes / device.hbm_bytes_per_s;
   estimate.shared_s =
       static_cast<double>(kernel.shared.wavefronts()) / device.shared_wavefronts_per_s;
+  const ArithmeticCounts& a = kernel.arithmetic;
+  estimate.arithmetic_s = static_cast<double>(a.f32_flops) / device.fp32_flops_per_s +
+                          static_cast<double>(a.f64_flops) / device.fp64_flops_per_s +
+                          static_cast<double>(a.special_functions) / device.special_functions_per_s;
   return estimate;
 }
 

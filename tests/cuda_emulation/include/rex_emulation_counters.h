@@ -4,8 +4,9 @@
 //
 // cuda_emulation::begin_interval() starts counting, end_interval() stops and returns the counts
 // of everything issued in between: kernel launches by kernel name, host waits by cause, cuBLAS
-// calls by shape, and (when asked for) each kernel's memory traffic as a GPU's warps would issue
-// it. Outside an interval nothing is recorded and the emulation pays one test of a flag.
+// calls by shape, and (when asked for) each kernel's work: its memory traffic as a GPU's warps
+// would issue it and its arithmetic. Outside an interval nothing is recorded and the emulation
+// pays one test of a flag (per access, and per basic block of kernel code that does arithmetic).
 #pragma once
 
 #include <cstdint>
@@ -31,9 +32,18 @@ struct MemoryCounts {
   uint64_t bank_conflicts() const { return load_bank_conflicts + store_bank_conflicts; }
 };
 
+// Floating-point work of a kernel's threads, as its compiled code executes it (arithmetic_pass.cpp
+// says what counts): FLOPs on the CUDA cores (an FMA is 2) in float and in double, and calls of
+// special functions (square root, exponential, logarithm, power, trigonometric functions).
+struct ArithmeticCounts {
+  uint64_t f32_flops = 0, f64_flops = 0, special_functions = 0;
+};
+
 struct KernelCounts {
   uint64_t launches = 0, blocks = 0, threads = 0;
-  MemoryCounts global, shared;                      // zero unless the interval counts memory
+  // zero unless the interval counts kernel work:
+  MemoryCounts global, shared;
+  ArithmeticCounts arithmetic;
   uint64_t global_atomics = 0, shared_atomics = 0;  // one per thread and atomic operation
 };
 
@@ -62,9 +72,10 @@ struct Counts {
   std::map<GemmShape, uint64_t> gemms;          // calls per shape
 };
 
-// Starts an interval (intervals do not nest). With count_memory, every access of every kernel is
-// grouped into warp requests too, which makes kernels a few times slower to emulate.
-void begin_interval(bool count_memory = false);
+// Starts an interval (intervals do not nest). With count_kernel_work, every access of every kernel
+// is grouped into warp requests too (which makes kernels a few times slower to emulate), and the
+// kernels' arithmetic is counted.
+void begin_interval(bool count_kernel_work = false);
 // Ends the interval begun last and returns its counts.
 Counts end_interval();
 // The counts as text: the totals, then (with by_kernel) one line per kernel and per GEMM shape.
