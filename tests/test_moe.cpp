@@ -356,7 +356,7 @@ TEST_CASE("MoE edge cases: unused experts, every token to one expert, k equal to
   }
 }
 
-TEST_CASE("PSR schedule: N_t at t_s, the midpoint and t_e, and the stepwise variant") {
+TEST_CASE("PSR schedule: N_t at t_s, the midpoint and t_e, and stepwise as the paper has it") {
   nn::PsrConfig psr;
   psr.schedule = "linear";
   psr.t_start = 100;
@@ -375,14 +375,38 @@ TEST_CASE("PSR schedule: N_t at t_s, the midpoint and t_e, and the stepwise vari
   CHECK(nn::psr_candidates(psr, n, r, 300) == 16);  // t_e
   CHECK(nn::psr_candidates(psr, n, r, 301) == 16);
   for (int64_t t = 0; t < 400; ++t) CHECK(nn::psr_candidates(psr, n, r, t) == closed_form(t));
+  // Stepwise as the paper's 2.3B run: N = 64, r = 4, t_s = 10k, t_e = 30k gives 128, 192 and 256
+  // candidates from steps 10k, 20k and 30k, 64 before.
   psr.schedule = "stepwise";
-  CHECK(nn::psr_candidates(psr, n, r, 166) == 4);
-  CHECK(nn::psr_candidates(psr, n, r, 167) == 8);  // first jump at t_s + (t_e - t_s) / (r - 1)
-  CHECK(nn::psr_candidates(psr, n, r, 200) == 8);
-  CHECK(nn::psr_candidates(psr, n, r, 234) == 12);
-  CHECK(nn::psr_candidates(psr, n, r, 300) == 16);
-  for (int64_t t = 0; t < 400; ++t)
-    CHECK(nn::psr_candidates(psr, n, r, t) == closed_form(t) / n * n);
+  psr.t_start = 10000;
+  psr.t_end = 30000;
+  const std::vector<std::pair<int64_t, int64_t>> paper = {{0, 64},      {9999, 64},   {10000, 128},
+                                                          {19999, 128}, {20000, 192}, {29999, 192},
+                                                          {30000, 256}, {40000, 256}};
+  for (const auto& [t, candidates] : paper) {
+    CAPTURE(t);
+    CHECK(nn::psr_candidates(psr, 64, 4, t) == candidates);
+  }
+  // Any r: 2N from t_s, then r - 3 jumps of N evenly spaced, rN from t_e.
+  psr.t_start = 100;
+  psr.t_end = 300;
+  for (const int64_t reuse : {2, 3, 4, 5}) {
+    CAPTURE(reuse);
+    for (int64_t t = 0; t < 400; ++t) {
+      CAPTURE(t);
+      int64_t expected = reuse * n;
+      if (t < psr.t_start) expected = n;
+      if (t >= psr.t_start && t < psr.t_end)
+        expected = n * static_cast<int64_t>(2 + std::floor((reuse - 2.0) * (t - psr.t_start) /
+                                                           (psr.t_end - psr.t_start)));
+      CHECK(nn::psr_candidates(psr, n, reuse, t) == expected);
+    }
+  }
+  CHECK(nn::psr_candidates(psr, n, 5, 100) == 8);   // 2N at t_s
+  CHECK(nn::psr_candidates(psr, n, 5, 166) == 8);   // 2 + floor(3 x 66 / 200) = 2
+  CHECK(nn::psr_candidates(psr, n, 5, 167) == 12);  // 2 + floor(3 x 67 / 200) = 3
+  CHECK(nn::psr_candidates(psr, n, 5, 299) == 16);
+  CHECK(nn::psr_candidates(psr, n, 5, 300) == 20);
   psr.schedule = "none";
   CHECK(nn::psr_candidates(psr, n, r, 0) == 16);
 }

@@ -6,8 +6,13 @@
 //   linear:    N_t = N                                         t <= t_s
 //              N_t = floor((1 + (r - 1)(t - t_s)/(t_e - t_s)) N)   t_s < t <= t_e
 //              N_t = rN                                        t > t_e
-//   stepwise:  the linear N_t rounded down to a multiple of N, so N_t jumps by N at r - 1 evenly
-//              spaced steps between t_s and t_e (and reaches rN at t_e);
+//   stepwise:  N_t = N                                         t < t_s
+//              N_t = 2N + floor((r - 2)(t - t_s)/(t_e - t_s)) N  t_s <= t < t_e
+//              N_t = rN                                        t >= t_e
+//              as the paper's 2.3B run has it (N = 64, r = 4: 128, 192 and 256 candidates from
+//              steps 10k, 20k and 30k): 2N from t_s, a jump of N at r - 3 evenly spaced steps
+//              between, rN from t_e (r = 2: one jump, to 2N at t_s). It leads the linear ramp
+//              after each jump and trails it before the next;
 //   none:      N_t = rN (plain ReX; also what r = 1 always gives).
 // psr.masks chooses which N_t: "random" (the method as specified: any N_t of the pool, redrawn at
 // every step) or "own_first" (a diagnostic variant: the layer's own N experts always, plus
@@ -37,13 +42,17 @@ namespace rex::nn {
 inline int64_t psr_candidates(const PsrConfig& psr, int64_t experts_per_layer, int64_t reuse,
                               int64_t step) {
   const int64_t n = experts_per_layer, pool = reuse * experts_per_layer;
-  if (psr.schedule == "none" || reuse == 1 || step > psr.t_end) return pool;
-  if (step <= psr.t_start) return n;
+  if (psr.schedule == "none" || reuse == 1) return pool;
   const int64_t done = step - psr.t_start, span = psr.t_end - psr.t_start;
-  const int64_t extra = (reuse - 1) * n * done / span;  // floor((r - 1) N (t - t_s) / (t_e - t_s))
-  if (psr.schedule == "stepwise") return n + extra / n * n;
+  if (psr.schedule == "stepwise") {
+    if (step < psr.t_start) return n;
+    if (step >= psr.t_end) return pool;
+    return (2 + (reuse - 2) * done / span) * n;  // 2N + floor((r - 2)(t - t_s) / (t_e - t_s)) N
+  }
   REX_CHECK(psr.schedule == "linear", "psr: unknown schedule \"", psr.schedule, "\"");
-  return n + extra;
+  if (step > psr.t_end) return pool;
+  if (step <= psr.t_start) return n;
+  return n + (reuse - 1) * n * done / span;  // N + floor((r - 1) N (t - t_s) / (t_e - t_s))
 }
 
 // Experts PSR never masks in a layer: pool indices [first, first + count). With psr.masks =
