@@ -19,6 +19,7 @@
 #include <rex_device_model.h>
 #include <rex_emulation_counters.h>
 
+#include "cost_formulas.hpp"
 #include "emulated_training.hpp"
 
 namespace {
@@ -30,12 +31,13 @@ struct Options {
   std::vector<std::string> overrides;
   int steps = 2;
   const model::Device* device = &model::kH100Sxm;
+  bool formulas = false;
 };
 
 [[noreturn]] void usage() {
   std::fprintf(stderr,
                "usage: cost_report WORK_DIR [--config FILE] [--set KEY=VALUE]... [--steps N] "
-               "[--device-model h100|h200]\n");
+               "[--device-model h100|h200] [--formulas]\n");
   std::exit(2);
 }
 
@@ -45,6 +47,10 @@ Options parse_options(int argc, char** argv) {
   options.work_dir = argv[1];
   for (int i = 2; i < argc; ++i) {
     const std::string flag = argv[i];
+    if (flag == "--formulas") {
+      options.formulas = true;
+      continue;
+    }
     if (i + 1 >= argc) usage();
     const std::string value = argv[++i];
     if (flag == "--config") {
@@ -165,25 +171,46 @@ void print_step(const cuda_emulation::Counts& counts, const model::Device& devic
 
 int main(int argc, char** argv) try {
   const Options options = parse_options(argc, argv);
-  cuda_emulation::EmulatedRun run(
-      rex::train::read_run_config(options.config_path, options.overrides), options.work_dir);
-  const rex::train::RunConfig& config = run.config();
-
+  // Emulated runs must fit this machine; the formulas price any config (the report compares its
+  // memory with the device's).
+  rex::train::RunConfig config =
+      rex::train::read_run_config(options.config_path, options.overrides,
+                                  options.formulas ? 0.0 : rex::train::physical_memory_bytes());
   cuda_emulation::Counts counts;
-  for (int step = 0; step < options.steps; ++step) {
-    const bool counted = step == options.steps - 1;
-    if (counted) cuda_emulation::begin_interval(true);
-    run.step(step);
-    if (counted) counts = cuda_emulation::end_interval();
+  std::string source;
+  if (options.formulas) {
+    if (config.model.vocab_size == 0)  // the emulated runs' vocabulary, so the two compare
+      rex::train::take_vocab_size(
+          config, cuda_emulation::made_up_corpus(options.work_dir, config.train.train_fraction));
+    counts = cuda_emulation::cost_formulas::training_step(config);
+    source = "one step from the cost formulas (not emulated)";
+  } else {
+    cuda_emulation::EmulatedRun run(config, options.work_dir);
+    config = run.config();
+    for (int step = 0; step < options.steps; ++step) {
+      const bool counted = step == options.steps - 1;
+      if (counted) cuda_emulation::begin_interval(true);
+      run.step(step);
+      if (counted) counts = cuda_emulation::end_interval();
+    }
+    source = "step " + std::to_string(options.steps) + " of " + std::to_string(options.steps) +
+             " counted (emulated)";
   }
-  std::printf("cost report: %s, batch %lld, context %lld, step %d of %d counted, device model %s\n",
+  std::printf("cost report: %s, batch %lld, context %lld, vocabulary %lld, %s, device model %s\n",
               options.config_path.empty() ? "built-in config" : options.config_path.c_str(),
               static_cast<long long>(config.train.batch_size),
-              static_cast<long long>(config.model.context), options.steps, options.steps,
+              static_cast<long long>(config.model.context),
+              static_cast<long long>(config.model.vocab_size), source.c_str(),
               std::string(options.device->name).c_str());
   print_kernels(counts, *options.device);
   print_gemms(counts, *options.device);
   print_step(counts, *options.device, model_flops(config));
+  const double needed =
+      rex::train::estimate_training_memory(config.model, config.train.batch_size).total_bytes();
+  std::printf("training memory (rex's estimate) %.1f GiB, %s the %s's %.0f GB\n",
+              needed / (1024.0 * 1024 * 1024),
+              needed <= options.device->memory_bytes ? "within" : "MORE THAN",
+              std::string(options.device->name).c_str(), options.device->memory_bytes / 1e9);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "cost_report: %s\n", e.what());

@@ -96,8 +96,9 @@ void for_each_field(Run& c, F&& f) {
     "\"fp32\", or \"tf32\" for TF32 tensor-core GEMMs on CUDA (no effect on the CPU)");
 }
 
-// Throws rex::Error naming the first impossible setting of the model or the training recipe.
-inline void validate(const RunConfig& c) {
+// Throws rex::Error naming the first impossible setting of the model or the training recipe,
+// including a model too big for `memory_limit_bytes` (0: not checked; default: this machine's).
+inline void validate(const RunConfig& c, double memory_limit_bytes = physical_memory_bytes()) {
   nn::validate(c.model);
   const TrainConfig& t = c.train;
   auto check_train_field = [](const char* section, const char* key, const auto& field,
@@ -138,7 +139,8 @@ inline void validate(const RunConfig& c) {
   REX_CHECK(t.matmul_precision == "fp32" || t.matmul_precision == "tf32",
             "config: train.matmul_precision must be \"fp32\" or \"tf32\", got \"",
             t.matmul_precision, "\"");
-  check_fits_in_memory(c.model, t.batch_size / t.grad_accum);  // one micro-batch's activations
+  // One micro-batch's activations.
+  check_fits_in_memory(c.model, t.batch_size / t.grad_accum, memory_limit_bytes);
 }
 
 // The AdamW hyperparameters of the recipe.
@@ -274,13 +276,14 @@ inline void apply_override(RunConfig& config, const std::string& assignment) {
 }
 
 // The config of a new run: the defaults, then the file at `path` (none if empty), then the
-// `overrides` (section.key=value), validated.
-inline RunConfig read_run_config(const std::string& path,
-                                 const std::vector<std::string>& overrides) {
+// `overrides` (section.key=value), validated (the memory against `memory_limit_bytes`, as
+// validate()).
+inline RunConfig read_run_config(const std::string& path, const std::vector<std::string>& overrides,
+                                 double memory_limit_bytes = physical_memory_bytes()) {
   RunConfig config;
   if (!path.empty()) config = parse_config(io::read_file(path, io::kMaxJsonFileBytes), path);
   for (const std::string& assignment : overrides) apply_override(config, assignment);
-  validate(config);
+  validate(config, memory_limit_bytes);
   return config;
 }
 

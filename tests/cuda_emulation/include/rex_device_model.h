@@ -23,6 +23,7 @@ namespace cuda_emulation::device_model {
 struct Device {
   std::string_view name;
   double hbm_bytes_per_s;          // peak HBM bandwidth
+  double memory_bytes;             // HBM capacity
   double fp32_flops_per_s;         // CUDA cores, FMA counted as 2
   double fp64_flops_per_s;         // CUDA cores, FMA counted as 2
   double special_functions_per_s;  // SFUs: exp2, log2, sin, cos, reciprocal (square root)
@@ -43,6 +44,7 @@ inline constexpr double kTypicalHostWaitS = 6e-6;      // docs/cuda.md: the same
 inline constexpr Device kH100Sxm{
     .name = "H100 SXM",
     .hbm_bytes_per_s = 3.35e12,
+    .memory_bytes = 80e9,
     .fp32_flops_per_s = 66.9e12,
     .fp64_flops_per_s = 33.5e12,
     .special_functions_per_s = kHopperSms * kHopperSfuPerSmPerClock * kHopperBoostHz,
@@ -56,6 +58,7 @@ inline constexpr Device kH200 = [] {
   Device device = kH100Sxm;
   device.name = "H200";
   device.hbm_bytes_per_s = 4.8e12;
+  device.memory_bytes = 141e9;
   return device;
 }();
 

@@ -1,0 +1,741 @@
+// Cost formulas: the counts (include/rex_emulation_counters.h) of one training step of today's CUDA
+// backend, written down from its launch schemes instead of counted, so that a config too large to
+// emulate (examples/configs/gpu_realistic.json) can still be priced by the device model. The
+// emulation checks them against its counts on small configs (cost_formulas_check.cpp).
+//
+// Two layers. The kernel formulas give what one launch of a kernel asks of memory and arithmetic,
+// from the sizes it is launched with and the way its threads walk them (kernels/*.cu): grid-stride
+// loops with one thread per element read and write consecutive floats (a warp request of 32
+// floats touches 4 sectors); row kernels give a block to a row and reduce through shared memory;
+// the attention kernels give a block to a query (or key) row and walk the keys (or queries) before
+// it (after it). The step plan lists the launches, cuBLAS calls and host waits a training step of a
+// config makes, op by op, in the order the forward, the backward and the optimiser run them (read
+// off the code of nn/, ops/ and optim/, and off a traced step).
+//
+// What the plan assumes, which the check's configs share: a ReX-MoE model (ffn = moe) without
+// shared experts or z-loss, tied embeddings, every expert of every table receiving tokens in every
+// layer (so every expert weight has a gradient), PSR past t_e or off (no mask to apply),
+// global-norm clipping on and firing, and device arrays aligned to 32 bytes (the caching allocator
+// gives 512). Token counts per expert are taken even (tokens x k / pool each), which changes no
+// count but the cuBLAS shapes' split. Widths are taken to be multiples of 32 where a formula says
+// so.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <set>
+#include <string>
+
+#include <rex_emulation_counters.h>
+#include <rex/core/error.hpp>
+#include <rex/train/config.hpp>
+
+namespace cuda_emulation::cost_formulas {
+
+using i64 = int64_t;
+
+inline uint64_t ceil_div(i64 a, i64 b) { return static_cast<uint64_t>((a + b - 1) / b); }
+
+// ---- what one launch asks, by access pattern ----
+
+// n consecutive elements of `bytes` each, one per thread, 32 threads a request.
+inline void load_stream(KernelCounts& k, i64 n, int bytes = 4) {
+  k.global.load_requests += ceil_div(n, 32);
+  k.global.load_sectors += ceil_div(n * bytes, 32);
+  k.global.load_bytes += static_cast<uint64_t>(n * bytes);
+}
+inline void store_stream(KernelCounts& k, i64 n, int bytes = 4) {
+  k.global.store_requests += ceil_div(n, 32);
+  k.global.store_sectors += ceil_div(n * bytes, 32);
+  k.global.store_bytes += static_cast<uint64_t>(n * bytes);
+}
+// n threads reading one element, or runs of one element per warp: one sector a request.
+inline void load_broadcast(KernelCounts& k, i64 n, int bytes = 4) {
+  k.global.load_requests += ceil_div(n, 32);
+  k.global.load_sectors += ceil_div(n, 32);
+  k.global.load_bytes += static_cast<uint64_t>(n * bytes);
+}
+// Thread i reads x[i % period] (a row repeated down a column): the distinct sectors of each warp.
+inline void load_periodic(KernelCounts& k, i64 n, i64 period) {
+  k.global.load_requests += ceil_div(n, 32);
+  k.global.load_bytes += static_cast<uint64_t>(n * 4);
+  const i64 warps = static_cast<i64>(ceil_div(n, 32));
+  const i64 cycle = std::lcm<i64>(period, 32) / 32;  // warps before the pattern repeats
+  for (i64 w = 0; w < std::min(cycle, warps); ++w) {
+    std::set<i64> sectors;
+    for (i64 lane = 0; lane < 32 && w * 32 + lane < n; ++lane)
+      sectors.insert((w * 32 + lane) % period * 4 / 32);
+    const i64 repeats = (warps - 1 - w) / cycle + 1;  // warps w, w + cycle, ... below `warps`
+    k.global.load_sectors += static_cast<uint64_t>(repeats) * sectors.size();
+  }
+}
+// A block's reduction through shared memory (reduce.cu block_reduce): each warp stores its partial,
+// then every warp reads all of them, each a broadcast.
+inline void block_reduce(KernelCounts& k, i64 blocks, int threads) {
+  const uint64_t warps = static_cast<uint64_t>(threads / 32);
+  k.shared.store_requests += blocks * warps;
+  k.shared.store_wavefronts += blocks * warps;
+  k.shared.load_requests += blocks * warps * warps;
+  k.shared.load_wavefronts += blocks * warps * warps;
+}
+
+// ---- the step plan ----
+
+struct Sizes;  // below
+
+// Adds launches, cuBLAS calls and host waits to a Counts, as the emulation would count them.
+class Plan {
+ public:
+  Counts counts;
+
+  void launch(const std::string& kernel, const KernelCounts& one, uint64_t times = 1) {
+    if (times == 0) return;
+    KernelCounts& k = counts.kernels[kernel];
+    k.launches += times;
+    counts.launches += times;
+    add(k.global, one.global, times);
+    add(k.shared, one.shared, times);
+    k.arithmetic.f32_flops += times * one.arithmetic.f32_flops;
+    k.arithmetic.f64_flops += times * one.arithmetic.f64_flops;
+    k.arithmetic.special_functions += times * one.arithmetic.special_functions;
+    k.global_atomics += times * one.global_atomics;
+  }
+  void gemm(i64 m, i64 n, i64 k, bool tf32, uint64_t calls = 1) {
+    if (calls == 0) return;
+    counts.gemms[GemmShape{m, n, k, 1, false, false, tf32}] += calls;
+    counts.cublas_calls += calls;
+    counts.cublas_flops += 2.0 * static_cast<double>(m) * static_cast<double>(n) *
+                           static_cast<double>(k) * static_cast<double>(calls);
+  }
+  // A value the host needs: a device-to-host copy, then a stream synchronize.
+  void read_back(uint64_t times = 1) {
+    counts.device_to_host_copies += times;
+    counts.stream_synchronizations += times;
+  }
+  // A pageable upload, then a stream synchronize.
+  void upload(uint64_t times = 1) {
+    counts.pageable_host_to_device_copies += times;
+    counts.stream_synchronizations += times;
+  }
+
+ private:
+  static void add(MemoryCounts& to, const MemoryCounts& one, uint64_t times) {
+    to.load_requests += times * one.load_requests;
+    to.store_requests += times * one.store_requests;
+    to.load_sectors += times * one.load_sectors;
+    to.store_sectors += times * one.store_sectors;
+    to.load_bytes += times * one.load_bytes;
+    to.store_bytes += times * one.store_bytes;
+    to.load_wavefronts += times * one.load_wavefronts;
+    to.store_wavefronts += times * one.store_wavefronts;
+    to.load_bank_conflicts += times * one.load_bank_conflicts;
+    to.store_bank_conflicts += times * one.store_bank_conflicts;
+  }
+};
+
+// reduce.cu's threads for a row of n.
+inline int row_threads(i64 n) {
+  if (n <= 64) return 32;
+  if (n <= 256) return 64;
+  if (n <= 1024) return 128;
+  if (n <= 4096) return 256;
+  return 512;
+}
+
+// ---- kernel formulas: one launch each ----
+
+// unary_kernel, fill32_kernel and the flat copies: n elements in (0 or 1 streams), n out.
+inline KernelCounts elementwise(i64 n, int streams_in, int scalars_in) {
+  KernelCounts k;
+  for (int s = 0; s < streams_in; ++s) load_stream(k, n);
+  for (int s = 0; s < scalars_in; ++s) load_broadcast(k, n);
+  store_stream(k, n);
+  return k;
+}
+
+// binary_strided_kernel for x [rows, cols] op y [rows, 1] (y broadcast along the row) when
+// periodic is false, or x [rows, cols] op y [cols] (y repeated down the rows) when it is true.
+inline KernelCounts binary_strided(i64 rows, i64 cols, bool periodic) {
+  KernelCounts k;
+  load_stream(k, rows * cols);
+  if (periodic) {
+    load_periodic(k, rows * cols, cols);
+  } else {
+    load_broadcast(k, rows * cols);
+  }
+  store_stream(k, rows * cols);
+  return k;
+}
+
+// broadcast_copy_strided_kernel: out [outer, copies, inner] from x [outer, inner] (copies along the
+// middle axis), or out [rows, cols] from x [cols] (periodic).
+inline KernelCounts broadcast_middle(i64 outer, i64 copies, i64 inner) {
+  KernelCounts k;
+  load_stream(k, outer * copies * inner);  // inner a multiple of 32: 4 sectors a request
+  store_stream(k, outer * copies * inner);
+  return k;
+}
+inline KernelCounts broadcast_periodic(i64 rows, i64 cols) {
+  KernelCounts k;
+  load_periodic(k, rows * cols, cols);
+  store_stream(k, rows * cols);
+  return k;
+}
+
+// sum_middle_kernel: out [outer, inner] = sum over n of x [outer, n, inner]; 32 consecutive items
+// a warp, each of the n steps one request over the warp's items.
+inline KernelCounts sum_middle(i64 outer, i64 n, i64 inner) {
+  KernelCounts k;
+  const i64 items = outer * inner;
+  const uint64_t warps = ceil_div(items, 32);
+  k.global.load_requests += warps * static_cast<uint64_t>(n);
+  k.global.load_sectors += static_cast<uint64_t>(n) * ceil_div(items * 4, 32);
+  k.global.load_bytes += static_cast<uint64_t>(items * n * 4);
+  store_stream(k, items);
+  return k;
+}
+
+// sum_to_kernel summing the last axis: out [items] = sum over the n of each row of x [items, n];
+// each thread walks its own row, so every load of a warp is in its own sector.
+inline KernelCounts sum_last_axis(i64 items, i64 n) {
+  KernelCounts k;
+  k.global.load_requests += ceil_div(items, 32) * static_cast<uint64_t>(n);
+  k.global.load_sectors += static_cast<uint64_t>(items * n);
+  k.global.load_bytes += static_cast<uint64_t>(items * n * 4);
+  store_stream(k, items);
+  return k;
+}
+
+// The sectors of one pass over rows [rows, n] of floats, 32 consecutive elements of a row a
+// request: exact, rows that do not start on a sector included.
+inline uint64_t row_pass_sectors(i64 rows, i64 n) {
+  if (n % 8 == 0) return static_cast<uint64_t>(rows) * ceil_div(n * 4, 32);
+  uint64_t sectors = 0;
+  for (i64 r = 0; r < rows; ++r)
+    for (i64 first = 0; first < n; first += 32) {
+      const i64 begin = (r * n + first) * 4, end = (r * n + std::min(first + 32, n)) * 4 - 1;
+      sectors += static_cast<uint64_t>(end / 32 - begin / 32 + 1);
+    }
+  return sectors;
+}
+
+// A block per row, the row read in `load_passes` passes and written in `store_passes`, with
+// `reductions` block reductions.
+inline KernelCounts row_kernel(i64 rows, i64 n, int load_passes, int store_passes, int reductions) {
+  KernelCounts k;
+  const uint64_t requests = static_cast<uint64_t>(rows) * ceil_div(n, 32),
+                 sectors = row_pass_sectors(rows, n);
+  k.global.load_requests += load_passes * requests;
+  k.global.load_sectors += load_passes * sectors;
+  k.global.load_bytes += static_cast<uint64_t>(load_passes * rows * n * 4);
+  k.global.store_requests += store_passes * requests;
+  k.global.store_sectors += store_passes * sectors;
+  k.global.store_bytes += static_cast<uint64_t>(store_passes * rows * n * 4);
+  for (int r = 0; r < reductions; ++r) block_reduce(k, rows, row_threads(n));
+  return k;
+}
+
+// `count` single values a row (a thread's own, or one every warp of the row's block reads).
+inline void load_per_row(KernelCounts& k, i64 rows, i64 count, int bytes = 4) {
+  k.global.load_requests += static_cast<uint64_t>(rows * count);
+  k.global.load_sectors += static_cast<uint64_t>(rows * count);
+  k.global.load_bytes += static_cast<uint64_t>(rows * count * bytes);
+}
+inline void store_per_row(KernelCounts& k, i64 rows, i64 count, int bytes = 4) {
+  k.global.store_requests += static_cast<uint64_t>(rows * count);
+  k.global.store_sectors += static_cast<uint64_t>(rows * count);
+  k.global.store_bytes += static_cast<uint64_t>(rows * count * bytes);
+}
+
+// gather_rows_kernel: out [m, d] = x [index[i], :]; index read once per warp of a row.
+inline KernelCounts gather_rows(i64 m, i64 d) {
+  KernelCounts k;
+  load_stream(k, m * d);     // x rows, 32 consecutive columns a request
+  load_broadcast(k, m * d);  // index[i], one sector a request
+  store_stream(k, m * d);
+  return k;
+}
+
+// check_rows_kernel: m int32 indices read once.
+inline KernelCounts check_rows(i64 m) {
+  KernelCounts k;
+  load_stream(k, m);
+  return k;
+}
+
+// rope_kernel over rows x half pairs: x's two halves and the cos and sin tables read in order,
+// y's two halves written.
+inline KernelCounts rope(i64 rows, i64 half) {
+  KernelCounts k;
+  for (int s = 0; s < 4; ++s) load_stream(k, rows * half);
+  for (int s = 0; s < 2; ++s) store_stream(k, rows * half);
+  return k;
+}
+
+// scatter_add_rows_kernel: out [rows, d] sums m source rows of d (d <= 256 threads a block: a
+// multiple of 32 here), with the CSR offsets (2 per row) and order (1 per source) in int64.
+inline KernelCounts scatter_add_rows(i64 rows, i64 m, i64 d) {
+  KernelCounts k;
+  const i64 warps_per_row = static_cast<i64>(ceil_div(std::min<i64>(d, 256), 32));
+  const i64 column_passes = static_cast<i64>(ceil_div(d, 256));
+  // Per (row, column pass), each warp loads begin and end (broadcast), then per source its order
+  // entry (broadcast) and 32 consecutive floats of the source row.
+  k.global.load_requests += static_cast<uint64_t>(rows * column_passes * warps_per_row * 2 +
+                                                  m * column_passes * warps_per_row * 2);
+  k.global.load_sectors += static_cast<uint64_t>(rows * column_passes * warps_per_row * 2 +
+                                                 m * column_passes * warps_per_row * 5);
+  k.global.load_bytes +=
+      static_cast<uint64_t>(rows * column_passes * warps_per_row * 32 * 16 + m * d * 4 +
+                            m * column_passes * warps_per_row * 32 * 8);
+  store_stream(k, rows * d);
+  return k;
+}
+
+// topk_kernel: a warp per row of n, k picks. Each pick scans the row (lane l at l, l + 32, ...),
+// from the second pick on checking each position against the previous pick (row[previous], then
+// row[i]), and from a lane's second position on against its best (row[i], row[best]); then the
+// lanes' bests meet in five shuffle rounds, a round comparing row[other] with row[best] where
+// both lanes hold one; lane 0 reads the winner and writes its value and index. Exact for rows of
+// at most 32 (a row's reads then fall in its ceil(4n / 32) sectors); wider rows are taken to touch
+// 4 sectors a scan request and min(32, 4n / 32) a round request.
+inline KernelCounts topk(i64 rows, i64 n, i64 top) {
+  KernelCounts k;
+  const i64 lanes = std::min<i64>(n, 32), chunks = static_cast<i64>(ceil_div(n, 32));
+  const i64 row_sectors = static_cast<i64>(ceil_div(lanes * 4, 32));
+  i64 rounds = 0;
+  for (i64 offset = 16; offset > 0; offset /= 2) rounds += lanes > offset ? 1 : 0;
+  const i64 round_sectors = n <= 32 ? row_sectors : std::min<i64>(32, n * 4 / 32);
+  // Per pick: rounds (2 requests each), the winner's value (1); from the second pick on, the
+  // previous-pick check per chunk (a broadcast and the chunk); past a lane's first position, the
+  // best check per chunk (the chunk and the lanes' bests).
+  const i64 requests_first = rounds * 2 + 1 + (chunks - 1) * 2;
+  const i64 sectors_first = rounds * 2 * round_sectors + 1 + (chunks - 1) * 2 * row_sectors;
+  const i64 requests = top * requests_first + (top - 1) * chunks * 2;
+  const i64 sectors = top * sectors_first + (top - 1) * chunks * (1 + row_sectors);
+  k.global.load_requests += static_cast<uint64_t>(rows * requests);
+  k.global.load_sectors += static_cast<uint64_t>(rows * sectors);
+  k.global.load_bytes += static_cast<uint64_t>(rows * requests * 4);
+  store_per_row(k, rows, 2 * top);
+  return k;
+}
+
+// topk_backward_kernel: gx [rows, n], each element scanning its row's k indices and reading g
+// where one matches (each lane at most once, so one request a warp that holds a pick). A warp
+// spans 32 / n rows when n < 32, whose k indices (and gradients) fill ceil(4k / n) sectors; when
+// n >= 32, one row, one sector, and it holds a pick unless all k miss its 32 columns
+// (probability C(n - 32, k) / C(n, k)).
+inline KernelCounts topk_backward(i64 rows, i64 n, i64 top) {
+  KernelCounts k;
+  const uint64_t warps = ceil_div(rows * n, 32);
+  const uint64_t sectors = n >= 32 ? 1 : ceil_div(4 * top, n);
+  double holds = 1;
+  if (n > 32) {
+    double miss = 1;
+    for (i64 j = 0; j < top; ++j)
+      miss *= static_cast<double>(n - 32 - j) / static_cast<double>(n - j);
+    holds = 1 - std::max(miss, 0.0);
+  }
+  const auto holding = static_cast<uint64_t>(std::llround(holds * static_cast<double>(warps)));
+  k.global.load_requests += static_cast<uint64_t>(top) * warps + holding;
+  k.global.load_sectors += (static_cast<uint64_t>(top) * warps + holding) * sectors;
+  k.global.load_bytes += static_cast<uint64_t>(rows * n * top * 4 + rows * top * 4);
+  store_stream(k, rows * n);
+  return k;
+}
+
+// The number of (query, key) pairs causal attention visits: B H T (T + 1) / 2.
+inline i64 causal_pairs(i64 batch_heads, i64 time) { return batch_heads * time * (time + 1) / 2; }
+
+// warp_dot over hd: ceil(hd / 32) requests of 32 consecutive floats; its arithmetic, counted per
+// lane: a multiply and an add per element, five shuffle-reduction adds on every lane.
+inline uint64_t dot_flops(i64 hd) { return static_cast<uint64_t>(2 * hd + 5 * 32); }
+
+// Over the B H rows of a head, sum over i of ceil((i + 1) / 32): the 32-wide passes of a block's
+// threads over a row's i + 1 scores.
+inline uint64_t score_passes(i64 batch_heads, i64 time) {
+  uint64_t passes = 0;
+  for (i64 i = 0; i < time; ++i) passes += ceil_div(i + 1, 32);
+  return passes * static_cast<uint64_t>(batch_heads);
+}
+// block_sum in double over the 4 warps of an attention block, per row: five shuffle adds and
+// three partial adds on each of 128 threads.
+inline constexpr uint64_t kBlockSumFlops = 128 * (5 + 3);
+
+// attention_forward_kernel: a block of 128 per query row (rows = B H T); for each key j <= i a warp
+// dots q with k_j, then the row's softmax in shared memory, then threads over hd sum p_j v_j.
+inline KernelCounts attention_forward(i64 batch_heads, i64 time, i64 hd) {
+  KernelCounts k;
+  const i64 rows = batch_heads * time, pairs = causal_pairs(batch_heads, time);
+  const uint64_t chunks = ceil_div(hd, 32);
+  load_stream(k, rows * hd);                     // q rows
+  k.global.load_requests += 2 * pairs * chunks;  // k_j and v_j rows
+  k.global.load_sectors += 2 * pairs * ceil_div(hd * 4, 32);
+  k.global.load_bytes += static_cast<uint64_t>(2 * pairs * hd * 4);
+  store_stream(k, rows * hd);                              // out
+  k.global.store_requests += static_cast<uint64_t>(rows);  // lse, one float a row
+  k.global.store_sectors += static_cast<uint64_t>(rows);
+  k.global.store_bytes += static_cast<uint64_t>(rows * 4);
+  // Shared, per row: the q row stored and read per key chunk; p_j stored by lane 0, then read and
+  // written in two 32-wide passes (exp, normalise), then read by every hd warp; the max and sum
+  // partials (4 stores, 16 broadcast loads each). One wavefront a request throughout.
+  const uint64_t passes = score_passes(batch_heads, time);
+  const uint64_t stores = rows * chunks + pairs + 2 * passes + 8 * rows;
+  const uint64_t loads = 2 * pairs * chunks + 2 * passes + 32 * rows;
+  k.shared.store_requests += stores;
+  k.shared.store_wavefronts += stores;
+  k.shared.load_requests += loads;
+  k.shared.load_wavefronts += loads;
+  // Per pair: the dot, its scale on 32 lanes, exp's subtraction, the normalising product and
+  // p_j v_j's multiply-add over hd; exp once, the sum of exps in double. Per row: block_sum, and
+  // the log of the sum.
+  k.arithmetic.f32_flops += static_cast<uint64_t>(pairs) * (dot_flops(hd) + 32 + 2 + 2 * hd);
+  k.arithmetic.f64_flops += static_cast<uint64_t>(pairs) + rows * kBlockSumFlops;
+  k.arithmetic.special_functions += static_cast<uint64_t>(pairs + rows);
+  return k;
+}
+
+// attention_backward_query_kernel: per query row, for each key j <= i, q.k_j and g.v_j, then
+// dq = sum_j ds_j k_j over hd.
+inline KernelCounts attention_backward_query(i64 batch_heads, i64 time, i64 hd) {
+  KernelCounts k;
+  const i64 rows = batch_heads * time, pairs = causal_pairs(batch_heads, time);
+  const uint64_t chunks = ceil_div(hd, 32);
+  load_stream(k, 2 * rows * hd);                 // q and g rows
+  k.global.load_requests += 3 * pairs * chunks;  // k_j, v_j for the dots, k_j for dq
+  k.global.load_sectors += 3 * pairs * ceil_div(hd * 4, 32);
+  k.global.load_bytes += static_cast<uint64_t>(3 * pairs * hd * 4);
+  store_stream(k, rows * hd);                              // dq
+  k.global.store_requests += static_cast<uint64_t>(rows);  // delta
+  k.global.store_sectors += static_cast<uint64_t>(rows);
+  k.global.store_bytes += static_cast<uint64_t>(rows * 4);
+  // Shared, per row: q and g rows stored; p_j and dp_j stored by lane 0; the delta pass (p, dp
+  // read), the ds pass (p, dp read, dp written); dp read by every hd warp; q and g read per key
+  // chunk; the sum partials.
+  const uint64_t passes = score_passes(batch_heads, time);
+  const uint64_t stores = 2 * rows * chunks + 2 * pairs + passes + 4 * rows;
+  const uint64_t loads = 3 * pairs * chunks + 4 * passes + 16 * rows;
+  k.shared.store_requests += stores;
+  k.shared.store_wavefronts += stores;
+  k.shared.load_requests += loads;
+  k.shared.load_wavefronts += loads;
+  k.arithmetic.f32_flops += static_cast<uint64_t>(pairs) * (2 * dot_flops(hd) + 2 + 3 + 2 * hd);
+  k.arithmetic.f64_flops += 2 * static_cast<uint64_t>(pairs) + rows * kBlockSumFlops;
+  k.arithmetic.special_functions += static_cast<uint64_t>(pairs);
+  return k;
+}
+
+// attention_backward_key_kernel: per key row of a kv head and each query head of its group, for
+// each query i >= j, q_i.k and g_i.v, then dv = sum_i p_i g_i and dk = sum_i ds_i q_i over hd.
+inline KernelCounts attention_backward_key(i64 batch_heads, i64 kv_rows, i64 time, i64 hd) {
+  KernelCounts k;
+  const i64 pairs = causal_pairs(batch_heads, time);
+  const uint64_t chunks = ceil_div(hd, 32);
+  load_stream(k, 2 * kv_rows * hd);  // k and v rows
+  k.global.load_requests += 4 * pairs * chunks + 2 * static_cast<uint64_t>(pairs);
+  k.global.load_sectors += 4 * pairs * ceil_div(hd * 4, 32) + 2 * static_cast<uint64_t>(pairs);
+  k.global.load_bytes += static_cast<uint64_t>(4 * pairs * hd * 4 + 2 * pairs * 4);
+  const i64 group_rows = batch_heads * time;  // dk and dv written once per group member
+  store_stream(k, 2 * group_rows * hd);
+  load_stream(k, 2 * (group_rows - kv_rows) * hd);  // and read back after the first member
+  // Shared: k and v rows stored; per pair p_i and ds_i stored by lane 0, the rows read per chunk
+  // by the dots, p_i and ds_i read by every hd warp.
+  k.shared.load_requests += 4 * pairs * chunks;
+  k.shared.load_wavefronts += 4 * pairs * chunks;
+  k.shared.store_requests += 2 * static_cast<uint64_t>(pairs) + 2 * kv_rows * chunks;
+  k.shared.store_wavefronts += 2 * static_cast<uint64_t>(pairs) + 2 * kv_rows * chunks;
+  // Per pair: two dots, p and ds, dv and dk's multiply-adds; dk and dv added to after the first
+  // member of the group.
+  k.arithmetic.f32_flops += static_cast<uint64_t>(pairs) * (2 * dot_flops(hd) + 2 + 3 + 4 * hd) +
+                            static_cast<uint64_t>(2 * (group_rows - kv_rows) * hd);
+  k.arithmetic.special_functions += static_cast<uint64_t>(pairs);
+  return k;
+}
+
+// adamw_kernel over n: param, grad, both moments read; param and both moments written.
+inline KernelCounts adamw(i64 n) {
+  KernelCounts k;
+  for (int s = 0; s < 4; ++s) load_stream(k, n);
+  for (int s = 0; s < 3; ++s) store_stream(k, n);
+  return k;
+}
+
+// sum_squares_partials_kernel (256 blocks of 256 over n, a tree in shared doubles) and
+// sum_partials_kernel (one block over the 256 partials).
+inline KernelCounts sum_squares_partials(i64 n) {
+  KernelCounts k;
+  load_stream(k, n);
+  // The tree: 256 doubles stored, then 8 halvings, each width threads loading two and storing one.
+  constexpr uint64_t kBlocks = 256;
+  k.shared.store_requests += kBlocks * 8;
+  k.shared.store_wavefronts += kBlocks * 16;
+  for (int width = 128; width > 0; width /= 2) {
+    const uint64_t warps = ceil_div(width, 32);
+    const uint64_t words = static_cast<uint64_t>(std::min(width, 32)) * 2;
+    k.shared.load_requests += kBlocks * warps * 2;
+    k.shared.load_wavefronts += kBlocks * warps * 2 * ceil_div(static_cast<i64>(words), 32);
+    k.shared.store_requests += kBlocks * warps;
+    k.shared.store_wavefronts += kBlocks * warps * ceil_div(static_cast<i64>(words), 32);
+  }
+  k.global.store_requests += kBlocks;
+  k.global.store_sectors += kBlocks;
+  k.global.store_bytes += kBlocks * 8;
+  return k;
+}
+inline KernelCounts sum_partials() {
+  KernelCounts k = sum_squares_partials(0);
+  const uint64_t per_block = 1;  // the same tree, in one block, over 256 doubles
+  k.shared.store_requests /= 256;
+  k.shared.store_wavefronts /= 256;
+  k.shared.load_requests /= 256;
+  k.shared.load_wavefronts /= 256;
+  k.global = MemoryCounts{};
+  load_stream(k, 256, 8);
+  k.global.store_requests += per_block;
+  k.global.store_sectors += per_block;
+  k.global.store_bytes += 8;
+  return k;
+}
+
+// ---- the step ----
+
+// The counts of one training step of `config` (see the assumptions at the top), as the emulation
+// would give them for the interval of one train_step call.
+inline Counts training_step(const rex::train::RunConfig& config) {
+  const rex::nn::ModelConfig& m = config.model;
+  const rex::nn::MoeConfig& moe = m.moe;
+  REX_CHECK(m.ffn == "moe" && moe.shared_experts == 0 && moe.z_loss_coef == 0 && !moe.renormalize &&
+                m.tie_embeddings && config.train.grad_clip > 0 && config.train.grad_accum == 1,
+            "cost formulas: only MoE configs without shared experts, z-loss or renormalised "
+            "gates, with tied embeddings, clipping and no gradient accumulation are modelled");
+  REX_CHECK(m.vocab_size > 0, "cost formulas: model.vocab_size must be set");
+  const i64 B = config.train.batch_size, T = m.context, D = m.d_model, H = m.n_heads,
+            G = m.n_kv_heads, hd = D / H, V = m.vocab_size, L = m.n_layers;
+  const i64 M = B * T, P = moe.reuse * moe.experts_per_layer, K = moe.top_k, F = moe.d_expert;
+  const i64 tables = (L + moe.reuse - 1) / moe.reuse;
+  REX_CHECK(hd % 32 == 0 && D % 32 == 0 && F % 32 == 0,
+            "cost formulas: the head width, d_model and d_expert must be multiples of 32");
+  const bool tf32 = config.train.matmul_precision == "tf32";
+  const i64 routed = M * K;  // rows through the experts
+  Plan plan;
+  auto linear = [&](i64 rows, i64 in, i64 out) { plan.gemm(rows, out, in, tf32); };
+  auto linear_backward = [&](i64 rows, i64 in, i64 out) {
+    plan.gemm(in, out, rows, tf32);  // dW
+    plan.gemm(rows, in, out, tf32);  // dX
+  };
+  // Every expert gets routed / P rows (the shapes only; their sum is exact).
+  auto per_expert = [&](i64 in, i64 out, int products) {
+    plan.gemm(routed / P, out, in, tf32, static_cast<uint64_t>(P * products));
+  };
+  auto add = [&](i64 n) { plan.launch("binary_flat_kernel", elementwise(n, 2, 0)); };
+  auto add_scalar_op = [&](i64 n) { plan.launch("binary_flat_kernel", elementwise(n, 1, 1)); };
+  auto gather = [&](i64 rows, i64 d) {
+    plan.launch("check_rows_kernel", check_rows(rows));
+    plan.read_back();
+    plan.launch("gather_rows_kernel", gather_rows(rows, d));
+  };
+  auto rms_norm = [&](i64 rows) {
+    KernelCounts k = row_kernel(rows, D, 3, 1, 1);           // x twice, w once; y written
+    k.global.store_requests += static_cast<uint64_t>(rows);  // rstd
+    k.global.store_sectors += static_cast<uint64_t>(rows);
+    k.global.store_bytes += static_cast<uint64_t>(rows * 4);
+    plan.launch("rms_norm_kernel", k);
+  };
+  auto rms_norm_backward = [&](i64 rows) {
+    KernelCounts dx = row_kernel(rows, D, 6, 1, 1);  // g, w, x twice each
+    load_broadcast(dx, rows * row_threads(D));       // rstd[r], one request a warp
+    dx.global.load_requests -= ceil_div(rows * row_threads(D), 32);
+    dx.global.load_sectors -= ceil_div(rows * row_threads(D), 32);
+    dx.global.load_requests += static_cast<uint64_t>(rows * row_threads(D) / 32);
+    dx.global.load_sectors += static_cast<uint64_t>(rows * row_threads(D) / 32);
+    plan.launch("rms_norm_dx_kernel", dx);
+    const i64 rows_per_chunk = std::max<i64>(16, (rows * D + (1 << 18) - 1) / (1 << 18));
+    const i64 chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+    KernelCounts partial;  // per chunk and column, the chunk's rows of g and x, rstd broadcast
+    load_stream(partial, 2 * rows * D);
+    load_broadcast(partial, rows * D);
+    store_stream(partial, chunks * D, 8);
+    plan.launch("rms_norm_dw_partial_kernel", partial);
+    KernelCounts finish;
+    load_stream(finish, chunks * D, 8);
+    store_stream(finish, D);
+    plan.launch("rms_norm_dw_finish_kernel", finish);
+  };
+  auto permute = [&](i64 n) { plan.launch("permute_kernel", elementwise(n, 1, 0)); };
+  auto rope = [&](i64 heads) {
+    plan.launch("rope_kernel", cost_formulas::rope(B * heads * T, hd / 2));
+  };
+
+  // Forward. The batch's tokens and targets go up; the embedding rows are gathered.
+  plan.upload(2);
+  gather(M, D);
+  for (i64 layer = 0; layer < L; ++layer) {
+    // Attention: q, k, v projections, heads first, RoPE (its cos and sin tables uploaded per
+    // call), the kernel, heads back, the output projection, the residual.
+    rms_norm(M);
+    linear(M, D, D);
+    permute(M * D);
+    plan.upload(2);
+    rope(H);
+    for (int kv = 0; kv < 2; ++kv) {
+      linear(M, D, G * hd);
+      permute(M * G * hd);
+      if (kv == 0) {
+        plan.upload(2);
+        rope(G);
+      }
+    }
+    plan.launch("attention_forward_kernel", attention_forward(B * H, T, hd));
+    permute(M * D);
+    linear(M, D, D);
+    add(M * D);
+    // MoE: the router and its softmax, top-k, the routing plan on the host (indices down, three
+    // orderings up), the gather into expert order, the experts, the permutation back and the
+    // gated sum over k.
+    rms_norm(M);
+    linear(M, D, P);
+    KernelCounts softmax = row_kernel(M, P, 3, 1, 2);
+    // Per element: exp twice (sum, output), the sum's subtraction and double add, the output's
+    // subtraction and product; per row, the double reduction's shuffle adds.
+    softmax.arithmetic.special_functions = static_cast<uint64_t>(2 * M * P);
+    softmax.arithmetic.f32_flops = static_cast<uint64_t>(3 * M * P);
+    softmax.arithmetic.f64_flops = static_cast<uint64_t>(M * (P + 5 * row_threads(P)));
+    plan.launch("softmax_kernel", softmax);
+    plan.launch("topk_kernel", topk(M, P, K));
+    plan.read_back();
+    plan.upload(3);
+    gather(routed, D);
+    per_expert(D, F, 2);
+    plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
+    per_expert(F, D, 1);
+    gather(routed, D);
+    plan.launch("binary_strided_kernel", binary_strided(routed, D, false));
+    plan.launch("fill32_kernel", elementwise(M * D, 0, 0));
+    plan.launch("sum_middle_kernel", sum_middle(M, K, D));
+    // The balance loss: mean of the probabilities over tokens, times the routed shares
+    // (uploaded), summed, scaled; added to the running total from the second layer on.
+    plan.launch("fill32_kernel", elementwise(P, 0, 0));
+    plan.launch("sum_middle_kernel", sum_middle(1, M, P));
+    plan.launch("unary_kernel", elementwise(P, 1, 0));
+    plan.upload();
+    add(P);
+    plan.launch("fill32_kernel", elementwise(1, 0, 0));
+    KernelCounts sum_rows = row_kernel(1, P, 1, 0, 1);
+    store_per_row(sum_rows, 1, 1);
+    plan.launch("sum_rows_kernel", sum_rows);
+    plan.launch("unary_kernel", elementwise(1, 1, 0));
+    add(M * D);
+    if (layer > 0) add(1);
+  }
+  // The head: norm, logits, cross-entropy (its bad-target flag and count read back), the total
+  // loss; the train step reads both losses back.
+  rms_norm(M);
+  linear(M, D, V);
+  KernelCounts rows_kernel = row_kernel(M, V, 2, 0, 2);  // max, then sum of exps
+  load_per_row(rows_kernel, M, row_threads(V) / 32);     // the target, by every warp
+  load_per_row(rows_kernel, M, 1);                       // the target's logit
+  store_per_row(rows_kernel, M, 2, 8);                   // lse and the row's loss
+  rows_kernel.arithmetic.special_functions = static_cast<uint64_t>(M * (V + 1));
+  plan.launch("cross_entropy_rows_kernel", rows_kernel);
+  KernelCounts mean;  // one block of 256 over the rows' losses (double) and targets
+  load_stream(mean, M, 8);
+  load_stream(mean, M);
+  block_reduce(mean, 1, 256);
+  block_reduce(mean, 1, 256);
+  plan.launch("cross_entropy_mean_kernel", mean);
+  plan.read_back(2);
+  add(1);
+
+  // Backward. The loss's gradient, then each layer's balance loss back to its probabilities.
+  plan.launch("fill32_kernel", elementwise(1, 0, 0));
+  for (i64 layer = 0; layer < L; ++layer) {
+    plan.launch("unary_kernel", elementwise(1, 1, 0));
+    plan.launch("broadcast_copy_flat_kernel", elementwise(P, 0, 1));
+    add_scalar_op(P);
+    plan.launch("unary_kernel", elementwise(P, 1, 0));
+    plan.launch("broadcast_copy_strided_kernel", broadcast_periodic(M, P));
+  }
+  KernelCounts ce_backward = row_kernel(M, V, 1, 1, 0);
+  load_per_row(ce_backward, M, 3 * (row_threads(V) / 32));  // target, g and lse by every warp
+  ce_backward.arithmetic.special_functions = static_cast<uint64_t>(M * V);
+  plan.launch("cross_entropy_backward_kernel", ce_backward);
+  linear_backward(M, D, V);
+  rms_norm_backward(M);
+  for (i64 layer = L - 1; layer >= 0; --layer) {
+    // The gated sum, the gates, top-k and softmax back to the router.
+    if (K == 1) {  // [T, d] to [T, 1, d]: the same layout, a flat copy
+      plan.launch("broadcast_copy_flat_kernel", elementwise(M * D, 1, 0));
+    } else {
+      plan.launch("broadcast_copy_strided_kernel", broadcast_middle(M, K, D));
+    }
+    plan.launch("binary_strided_kernel", binary_strided(routed, D, false));
+    add(routed * D);
+    plan.launch("fill32_kernel", elementwise(routed, 0, 0));
+    plan.launch("sum_to_kernel", sum_last_axis(routed, D));
+    plan.launch("topk_backward_kernel", topk_backward(M, P, K));
+    add(M * P);
+    plan.launch("softmax_backward_kernel", row_kernel(M, P, 4, 1, 1));
+    linear_backward(M, D, P);
+    // The experts back: the permutation's inverse, SwiGLU recomputed, the down, SwiGLU's and the
+    // gate and up products' backward; from the second layer of a table on, each expert's three
+    // weight gradients are added to the table's.
+    gather(routed, D);
+    plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
+    per_expert(F, D, 2);
+    KernelCounts swiglu_backward = elementwise(routed * F, 3, 0);  // a, b, g in; da out
+    store_stream(swiglu_backward, routed * F);                     // and db
+    plan.launch("swiglu_backward_kernel", swiglu_backward);
+    per_expert(D, F, 4);
+    if (layer % moe.reuse != moe.reuse - 1 && layer != L - 1)
+      plan.launch("binary_flat_kernel", elementwise(F * D, 2, 0), static_cast<uint64_t>(3 * P));
+    // The gather into expert order, back: a scatter-add planned on the host.
+    plan.read_back();
+    plan.upload(2);
+    plan.counts.stream_synchronizations -= 1;  // one synchronize after both uploads
+    plan.launch("scatter_add_rows_kernel", scatter_add_rows(M, routed, D));
+    add(M * D);
+    rms_norm_backward(M);
+    add(M * D);
+    // Attention back.
+    linear_backward(M, D, D);
+    permute(M * D);
+    plan.launch("attention_backward_query_kernel", attention_backward_query(B * H, T, hd));
+    plan.launch("attention_backward_key_kernel", attention_backward_key(B * H, B * G * T, T, hd));
+    permute(M * G * hd);  // dv
+    linear_backward(M, D, G * hd);
+    rope(G);
+    permute(M * G * hd);  // dk
+    linear_backward(M, D, G * hd);
+    add(M * D);
+    rope(H);
+    permute(M * D);  // dq
+    linear_backward(M, D, D);
+    add(M * D);
+    rms_norm_backward(M);
+    add(M * D);
+  }
+  // The embedding's rows back (a scatter-add planned on the host), added to the tied head's.
+  plan.read_back();
+  plan.upload(2);
+  plan.counts.stream_synchronizations -= 1;
+  plan.launch("scatter_add_rows_kernel", scatter_add_rows(V, M, D));
+  add(V * D);
+  plan.read_back(2);  // the step's two losses, for the log
+
+  // The optimiser: every parameter's sum of squares read back, the clip scale, AdamW.
+  std::vector<i64> parameters = {V * D, D};  // embedding (tied head), final norm
+  for (i64 layer = 0; layer < L; ++layer)
+    for (const i64 n : {D, D * D, G * hd * D, G * hd * D, D * D, D, P * D}) parameters.push_back(n);
+  for (i64 e = 0; e < tables * P * 3; ++e) parameters.push_back(F * D);
+  for (const i64 n : parameters) {
+    plan.launch("sum_squares_partials_kernel", sum_squares_partials(n));
+    plan.launch("sum_partials_kernel", sum_partials());
+    plan.read_back();
+  }
+  for (const i64 n : parameters) plan.launch("unary_kernel", elementwise(n, 1, 0));
+  for (const i64 n : parameters) plan.launch("adamw_kernel", adamw(n));
+  return plan.counts;
+}
+
+}  // namespace cuda_emulation::cost_formulas
