@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # End-to-end tests of examples/train_tiny_rex on token shards written here by a small Python writer
 # (llm.c: a 256-int32 header, then uint16 or uint32 ids; nanoGPT: raw uint16 ids):
-#  - a run on llm.c shards of about 100 tokens (a window is 17, so batches cross shard boundaries)
-#    stopped at step 3 and resumed ends with byte-identical model, checkpoint, config and metrics
+#  - a run on twelve llm.c shards of 9 to 40 tokens (a window is 17, so most windows cross a shard
+#    boundary) stopped at step 3 and resumed ends with byte-identical model, checkpoint, config and metrics
 #    (timing fields aside) as a run never stopped, and writes no vocab.json;
 #  - the summary line counts the training and validation tokens the writer wrote, for an llm.c
 #    folder (*_val_* validates), a nanoGPT folder (val.bin validates), a glob of uint32 shards with
 #    data.validation, and one nanoGPT file split at train.train_fraction;
 #  - --eval-only reproduces the final validation loss; --sample of a shard-trained model, at the end
-#    of training or from its folder, is refused (no tokenizer) before any work.
+#    of training or from its folder, is refused (no tokenizer) before any work;
+#  - a sparse 1100 MiB nanoGPT file, above the 1 GiB limit of text, is mapped and trains.
 # Usage: test_train_shards.sh PATH/TO/train_tiny_rex WORK_DIR
 set -uo pipefail
 . "$(dirname "$0")/cli_common.sh" "$@"
@@ -38,7 +39,7 @@ def nanogpt(path, tokens):
     counts.write("%s %d\n" % (path, len(tokens)))
 
 os.makedirs("llmc"), os.makedirs("nanogpt"), os.makedirs("wide")
-for i, n in enumerate([97, 130, 64, 111, 88]):
+for i, n in enumerate([23, 31, 9, 40, 17, 28, 35, 12, 26, 30, 19, 38]):
     llmc("llmc/tiny_train_%06d.bin" % (i + 1), ids(n, 60), 1)
 llmc("llmc/tiny_val_000000.bin", ids(150, 60), 1)
 nanogpt("nanogpt/train.bin", ids(700, 60))
@@ -77,8 +78,9 @@ done
   fail "whole/metrics.jsonl and split/metrics.jsonl differ"
 [ ! -e whole/vocab.json ] || fail "a run on token shards wrote a vocab.json"
 grep -q '"format": "llmc"' whole/config.json || fail "config.json should record data.format llmc"
-grep -qF "data llmc: 6 llmc shards" whole.log || fail "no shard summary: $(head -3 whole.log)"
-expect_split whole.log "$(sum llmc/tiny_train_00000{1,2,3,4,5}.bin)" "$(count llmc/tiny_val_000000.bin)"
+grep -qF "data llmc: 13 llmc shards" whole.log || fail "no shard summary: $(head -3 whole.log)"
+expect_split whole.log "$(sum llmc/tiny_train_0000{01,02,03,04,05,06,07,08,09,10,11,12}.bin)" \
+  "$(count llmc/tiny_val_000000.bin)"
 
 # ---- evaluation; no sampling without a tokenizer -------------------------------------------------
 final=$(grep '"kind":"eval"' whole/metrics.jsonl | tail -1 | sed -E 's/.*"val_loss":([^,}]*).*/\1/')
@@ -108,4 +110,11 @@ n=$(count nanogpt/train.bin)
   fail "single-file run failed: $(cat tail.log)"
 expect_split tail.log $((n * 9 / 10)) $((n - n * 9 / 10))
 
+# ---- no size limit: a sparse nanoGPT file of 1100 MiB (text stops at 1 GiB) is mapped and trains ---
+truncate -s 1100M big.bin
+"$exe" --config tiny.json --data big.bin --out big --steps 2 > big.log 2>&1 ||
+  fail "the 1100 MiB shard did not train: $(cat big.log)"
+n=$((1100 * 1024 * 1024 / 2))
+expect_split big.log $((n * 9 / 10)) $((n - n * 9 / 10))
+rm -f big.bin
 [ "$failures" -eq 0 ] && echo "all token shard checks passed" || exit 1
