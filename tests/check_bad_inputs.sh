@@ -127,6 +127,8 @@ for case in "bad_version.bin|bad_version.bin: header[1] (version) at offset 4 is
   refused "token shards" good_shards "${case#*|}" "$exe" "${shard_config[@]}" --data "${case%%|*}" \
     --out good_shards --overwrite
 done
+refused "token shards" good "data.validation names validation shards, but --data corpus.txt is text" \
+  "$exe" --config tiny.json --data corpus.txt --set data.validation=shards --out good --overwrite
 refused "token shards" good_shards "model.vocab_size must be set for token shards" "$exe" \
   --config tiny.json --data shards --out good_shards --overwrite
 refused "token shards" good_shards 'data.format must be "auto", "text", "llmc" or "nanogpt", got "csv"' \
