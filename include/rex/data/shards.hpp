@@ -21,7 +21,6 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -72,10 +71,6 @@ enum class ShardFormat { nanogpt, llmc };
 
 inline constexpr int32_t kLlmcMagic = 20240520;
 inline constexpr uint64_t kLlmcHeaderBytes = 256 * 4;
-
-inline const char* format_name(ShardFormat format) {
-  return format == ShardFormat::llmc ? "llmc" : "nanogpt";
-}
 
 // Where the ids of a checked shard are.
 struct ShardLayout {

@@ -68,11 +68,6 @@ class TokenStream {
   uint64_t size() const { return size_; }
   const std::vector<TokenPiece>& pieces() const { return pieces_; }
 
-  int64_t token(uint64_t i) const {
-    const size_t p = piece_of(i);
-    return pieces_[p].token(i - starts_[p]);
-  }
-
   // Tokens [begin, begin + count) into `out`, across piece boundaries.
   void copy(uint64_t begin, uint64_t count, int32_t* out) const {
     REX_CHECK(begin <= size_ && count <= size_ - begin, "TokenStream::copy: tokens [", begin, ", ",
