@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
     std::printf("step %lld: val_loss %.4f\n", static_cast<long long>(t.steps), eval.val_loss);
 
     // One sample: 200 characters continuing a newline.
-    const std::string sample = train::generate(model, corpus.tokenizer, "\n", 200, 0.8, t.seed,
+    const std::string sample = train::generate(model, *corpus.tokenizer, "\n", 200, 0.8, t.seed,
                                                train::after_steps(t.steps, t.seed));
     std::printf("--- sample ---\n%s\n", sample.c_str());
     return 0;

@@ -1,6 +1,6 @@
-// train_tiny_rex: train a small ReX-MoE language model on a text file, evaluate it, sample from it
-// (three modes; kUsage below). The work is the training library (rex/train/); this file is the
-// command line, the resume policy and the progress lines. A run keeps DIR current: the model
+// train_tiny_rex: train a small ReX-MoE language model on text or token shards, evaluate it, sample
+// from it (three modes; kUsage below). The work is the training library (rex/train/); this file is
+// the command line, the resume policy and the progress lines. A run keeps DIR current: the model
 // folder (config.json, vocab.json, model.safetensors), checkpoint.safetensors (what --resume reads;
 // earlier ones are kept as checkpoint-<step>.safetensors), metrics.jsonl, routing.json. Checkpoints
 // are written atomically after a loss check (a diverging run stops with an error); Ctrl-C or
@@ -45,7 +45,7 @@ options:
   --config FILE.json    run configuration (default: the built-in tiny R4 + PSR model; keys in
                         docs/formats.md)
   --set KEY=VALUE       override one config key, e.g. --set moe.reuse=1 (repeatable)
-  --data FILE           training text (a text file up to 1 GiB; 90% train / 10% validation)
+  --data PATH           training text (<= 1 GiB; 90% train, 10% validation) or token shards
   --out DIR             where the run is written (created if missing); one run at a time: a
                         second one on DIR is refused (lock file DIR/.lock)
   --steps N             same as --set train.steps=N
@@ -189,11 +189,10 @@ int train_run(const Options& o) {
   } catch (const train::NotResumable& e) {
     usage_error(e.what());
   }
-  const train::Corpus corpus = train::load_corpus(
-      required(o.data_path, "--data FILE"), saved ? std::optional(saved->tokenizer) : std::nullopt,
-      config.train.train_fraction);
+  const train::Corpus corpus = train::load_training_data(
+      required(o.data_path, "--data FILE"), saved ? saved->tokenizer : std::nullopt, config);
   train::take_vocab_size(config, corpus);
-  if (o.sample > 0) train::check_prompt(corpus.tokenizer, o.prompt);
+  if (o.sample > 0) train::check_sampling(corpus.tokenizer, config, o.prompt);
   const train::CheckpointInfo corpus_info = train::corpus_info(corpus);
   if (saved) train::warn_if_other_corpus(corpus, saved->info);
   const train::TrainConfig& t = config.train;
@@ -295,7 +294,7 @@ int train_run(const Options& o) {
               out.c_str());
   if (o.sample > 0 && world.is_root())
     std::printf("--- sample (%lld characters, temperature %.2f) ---\n%s\n", ll(o.sample),
-                o.temperature, sample_text(*run.model, corpus.tokenizer, o, t.seed, step).c_str());
+                o.temperature, sample_text(*run.model, *corpus.tokenizer, o, t.seed, step).c_str());
   return 0;
 }
 
@@ -318,10 +317,11 @@ int checkpoint_mode(const Options& o) {
     usage_error(mode + ": " + e.what());
   }
   rex::set_matmul_precision(device, c.train.matmul_precision);
-  if (o.sample > 0) train::check_prompt(loaded.folder.tokenizer, o.prompt);  // before evaluating
+  if (o.sample > 0) train::check_sampling(loaded.folder.tokenizer, c, o.prompt);  // first
   if (o.eval_only) {
-    const train::Corpus corpus = train::load_corpus(
-        required(o.data_path, "--data FILE"), loaded.folder.tokenizer, c.train.train_fraction);
+    const train::Corpus corpus =
+        train::load_training_data(required(o.data_path, "--data FILE"), loaded.folder.tokenizer, c);
+    train::take_vocab_size(c, corpus);
     const train::Evaluation eval = train::evaluate(
         *loaded.model, train::validation_sampler(corpus, c), c.train.eval_batches,
         train::after_steps(loaded.folder.step, c.train.seed), device, &Communicator::world());
@@ -332,7 +332,7 @@ int checkpoint_mode(const Options& o) {
     std::printf("%s\n", line.dump().c_str());
   }
   if (o.sample > 0)
-    std::printf("%s\n", sample_text(*loaded.model, loaded.folder.tokenizer, o, c.train.seed,
+    std::printf("%s\n", sample_text(*loaded.model, *loaded.folder.tokenizer, o, c.train.seed,
                                     loaded.folder.step)
                             .c_str());
   return 0;

@@ -6,8 +6,8 @@ the rule is in docs/formats.md and rex/train/step.hpp DivergenceGuard).
 Usage: python3 scripts/divergence_margin.py RUN_DIR [VOCAB_SIZE]
 
 Reads the "train" records of RUN_DIR/metrics.jsonl. The guard sees every step, so the run must
-have logged every step (--set train.log_interval=1); VOCAB_SIZE (default: from RUN_DIR/vocab.json)
-gives ln(vocab), where the lowest mean starts. Prints the largest ratio and the step it was at.
+have logged every step (--set train.log_interval=1); VOCAB_SIZE (default: model.vocab_size of
+RUN_DIR/config.json) gives ln(vocab), where the lowest mean starts. Prints the largest ratio and the step it was at.
 """
 import json
 import math
@@ -25,8 +25,8 @@ def main():
         if len(sys.argv) == 3:
             vocab = int(sys.argv[2])
         else:
-            with open(os.path.join(run, "vocab.json")) as f:
-                vocab = len(json.load(f)["vocabulary"])
+            with open(os.path.join(run, "config.json")) as f:
+                vocab = json.load(f)["model"]["vocab_size"]
         with open(os.path.join(run, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError, KeyError) as e:

@@ -6,7 +6,9 @@
 #   - no existing file changed: every file of the run folder the trial points at has the same
 #     sha256 after it as before (new files, such as a kept copy of a checkpoint, may appear; the
 #     lock file .lock names the last process that locked the folder, so it may change).
-# Probes: bad data (missing, empty, folder, /dev/zero, binary, too large), bad config (malformed
+# Probes: bad data (missing, empty, folder, /dev/zero, binary, too large), bad token shards (wrong
+# magic or version, a count that disagrees with the size, a cut header, an odd-sized nanoGPT file,
+# an empty folder or glob, an id at or above model.vocab_size), bad config (malformed
 # JSON, unknown key, wrong type, impossible values), checkpoints truncated to several lengths or
 # with a garbage header, kill -9 while checkpoints are written (the folder must still resume, or be
 # refused cleanly; nothing torn), disk full on a small tmpfs (skipped when one cannot be mounted)
@@ -78,9 +80,59 @@ for case in "missing.txt|does not exist" "empty.txt|is empty" "folder.txt|is not
   "/dev/zero|is not a regular file" "binary.bin|holds a NUL byte" "huge.txt|more than the limit"; do
   data=${case%%|*} want=${case#*|}
   refused "data" good "$want" "$exe" --resume good --data "$data"
-  refused "data" good "$want" "$exe" --config tiny.json --data "$data" --out good --overwrite
+  refused "data" good "$want" "$exe" --config tiny.json --data "$data" --out good --overwrite \
+    --set data.format=text  # "auto" reads a folder or a .bin file as token shards (below)
   refused "data" good "$want" "$exe" --eval-only --checkpoint good --data "$data"
 done
+
+# ---- bad token shards: refused naming the file, the offset or key and what was expected --------
+# Each is refused when it starts a run and when a run on good shards resumes or is evaluated.
+python3 - << 'PY' || { echo "the shard writer failed"; exit 1; }
+import os, struct
+def llmc(path, tokens, version=1, magic=20240520, count=None, cut=None):
+    data = struct.pack("<256i", magic, version, len(tokens) if count is None else count, *([0] * 253))
+    data += struct.pack("<%d%s" % (len(tokens), "H" if version == 1 else "I"), *tokens)
+    open(path, "wb").write(data[:cut])
+os.makedirs("shards"), os.makedirs("no_shards")
+llmc("shards/good_000000.bin", [i % 40 for i in range(400)])
+llmc("bad_magic.bin", [1, 2, 3], magic=20240521)
+llmc("bad_version.bin", [1, 2, 3], version=3)
+llmc("count_above.bin", [1, 2, 3], count=4)
+llmc("count_below.bin", [1, 2, 3], version=2, count=2)
+llmc("cut_header.bin", [1, 2, 3], cut=100)
+llmc("big_id.bin", [i % 40 for i in range(300)] + [70] + [1] * 99)
+open("odd.bin", "wb").write(b"\x01\x00\x02\x00\x03")
+PY
+shard_config=(--config tiny.json --set model.vocab_size=64)
+"$exe" "${shard_config[@]}" --data shards --out good_shards > good_shards.log 2>&1 ||
+  { echo "the reference shard run failed: $(cat good_shards.log)"; exit 1; }
+for case in "bad_magic.bin|bad_magic.bin: header[0] at offset 0 is 20240521, expected the llm.c magic 20240520" \
+  "bad_version.bin|bad_version.bin: header[1] (version) at offset 4 is 3, expected 1 (uint16 tokens) or 2" \
+  "count_above.bin|count_above.bin: header[2] at offset 8 says 4 tokens of 2 bytes, so the file should have 1032 bytes, but it has 1030 (truncated)" \
+  "count_below.bin|count_below.bin: header[2] at offset 8 says 2 tokens of 4 bytes, so the file should have 1032 bytes, but it has 1036 (bytes after the last token)" \
+  "cut_header.bin|cut_header.bin: truncated llm.c shard: 100 bytes, expected a header of 1024 bytes" \
+  "no_shards|no_shards: the folder holds no token shards (expected *.bin files)" \
+  "none_*.bin|none_*.bin: the glob matches no file (expected token shards)" \
+  "big_id.bin|big_id.bin at byte offset 1624: token id 70 is not below model.vocab_size 64"; do
+  data=${case%%|*} want=${case#*|}
+  refused "token shards" good_shards "$want" "$exe" "${shard_config[@]}" --data "$data" \
+    --set data.format=llmc --out good_shards --overwrite
+  refused "token shards" good_shards "$want" "$exe" --resume good_shards --data "$data"
+  refused "token shards" good_shards "$want" "$exe" --eval-only --checkpoint good_shards --data "$data"
+done
+# data.format "auto": the llm.c magic makes a file a shard, *.bin without it a nanoGPT file.
+for case in "bad_version.bin|bad_version.bin: header[1] (version) at offset 4 is 3" \
+  "cut_header.bin|cut_header.bin: truncated llm.c shard: 100 bytes" \
+  "odd.bin|odd.bin: a nanoGPT .bin file holds uint16 token ids, so its size must be even; it has 5 bytes, the last id cut short at offset 4"; do
+  refused "token shards" good_shards "${case#*|}" "$exe" "${shard_config[@]}" --data "${case%%|*}" \
+    --out good_shards --overwrite
+done
+refused "token shards" good "data.validation names validation shards, but --data corpus.txt is text" \
+  "$exe" --config tiny.json --data corpus.txt --set data.validation=shards --out good --overwrite
+refused "token shards" good_shards "model.vocab_size must be set for token shards" "$exe" \
+  --config tiny.json --data shards --out good_shards --overwrite
+refused "token shards" good_shards 'data.format must be "auto", "text", "llmc" or "nanogpt", got "csv"' \
+  "$exe" "${shard_config[@]}" --set data.format=csv --data shards --out good_shards --overwrite
 
 # ---- bad config: refused before --overwrite touches the folder --------------------------------
 printf '{"model": {"d_model": 32,}}' > malformed.json

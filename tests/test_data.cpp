@@ -347,7 +347,7 @@ TEST_CASE("BatchSampler: errors name the split and the counts") {
   CHECK(msg == "BatchSampler: train split: batch 0 must be at least 1");
   msg = error_message([] { BatchSampler(positions(8), 2, 0, 0, "train"); });
   CHECK(msg == "BatchSampler: train split: context 0 must be at least 1");
-  msg = error_message([] { BatchSampler({}, 1, 1, 0, "train"); });
+  msg = error_message([] { BatchSampler(std::vector<int32_t>{}, 1, 1, 0, "train"); });
   CHECK(contains(msg, "train split has 0 tokens, fewer than context + 1 = 2"));
 }
 
@@ -369,7 +369,7 @@ TEST_CASE("unigram_entropy: closed forms") {
   CHECK(msg == "unigram_entropy: token 3 at position 1 is out of range for a vocabulary of 3");
   msg = error_message([] { data::unigram_entropy({-1}, 3); });
   CHECK(contains(msg, "token -1 at position 0 is out of range"));
-  msg = error_message([] { data::unigram_entropy({}, 3); });
+  msg = error_message([] { data::unigram_entropy(std::vector<int32_t>{}, 3); });
   CHECK(msg == "unigram_entropy: no tokens");
   msg = error_message([] { data::unigram_entropy({0}, 0); });
   CHECK(msg == "unigram_entropy: vocab_size 0 must be at least 1");

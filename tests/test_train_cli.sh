@@ -181,8 +181,10 @@ expect_error "missing.txt" train --out bad --data missing.txt
 expect_error "is empty" train --out bad --data empty.txt
 expect_error "context" train --out bad --data short.txt
 expect_error "/dev/zero is not a regular file" train --out bad --data /dev/zero
-expect_error "folder is not a regular file" train --out bad --data folder
-expect_error "holds a NUL byte at offset 4" train --out bad --data binary.bin
+# data.format "text": "auto" would read a folder or a .bin file as token shards (test_train_shards.sh)
+expect_error "folder is not a regular file" train --out bad --data folder --set data.format=text
+expect_error "holds a NUL byte at offset 4" train --out bad --data binary.bin --set data.format=text
+expect_error "the folder holds no token shards (expected *.bin files)" train --out bad --data folder
 expect_error "more than the limit of 1073741824" train --out bad --data huge.txt
 expect_error "--prompt: CharTokenizer::encode" train --out prompt_first --sample 5 --prompt "Z"
 [ ! -e prompt_first ] || fail "--prompt was checked after the run folder was made"

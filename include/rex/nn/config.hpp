@@ -89,7 +89,7 @@ struct PsrConfig {
 };
 
 struct ModelConfig {
-  int64_t vocab_size = 0;  // set from the tokenizer; 0 in a config file means "from the data"
+  int64_t vocab_size = 0;  // from the tokenizer when 0 (text); token shards need it set
   int64_t d_model = 128;
   int64_t n_layers = 4;
   int64_t n_heads = 4;
@@ -110,7 +110,8 @@ struct ModelConfig {
 template <class Model, class F>
 requires std::is_same_v<std::remove_const_t<Model>, ModelConfig>
 void for_each_field(Model& m, F&& f) {
-  f("model", "vocab_size", m.vocab_size, "vocabulary size; 0 = taken from the tokenizer");
+  f("model", "vocab_size", m.vocab_size,
+    "vocabulary size; 0 = taken from the tokenizer (text; token shards need it set)");
   f("model", "d_model", m.d_model, "width of the residual stream");
   f("model", "n_layers", m.n_layers, "number of transformer blocks");
   f("model", "n_heads", m.n_heads, "query heads per attention layer");

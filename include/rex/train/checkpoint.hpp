@@ -2,7 +2,8 @@
 //
 // A model folder (what --checkpoint DIR and the PyTorch twin read) holds three files:
 //   config.json         the full run configuration (rex/train/config.hpp), vocab_size filled in
-//   vocab.json          the tokenizer (rex/data/tokenizer.hpp)
+//   vocab.json          the tokenizer (rex/data/tokenizer.hpp); none for a model trained on token
+//                       shards (data.format llmc or nanogpt), which have no tokenizer
 //   model.safetensors   every parameter under its module-tree name, f32, plus metadata
 //                       {"format": "rex-model", "step": "<completed steps>",
 //                        "config": "<config.json's content, compact>"}
@@ -12,7 +13,8 @@
 // it either wholly the old state or wholly the new one:
 //   model.<name>                 every parameter
 //   optim.<name>.exp_avg | .exp_avg_sq | .step   AdamW state (rex/optim/adamw.hpp)
-//   metadata: format "rex-checkpoint", step (completed steps), config and vocab (JSON text),
+//   metadata: format "rex-checkpoint", step (completed steps), config and vocab (JSON text; no
+//             vocab for token shards),
 //             corpus_bytes and corpus_hash (to warn when a resume reads another corpus)
 // Both files carry a CRC-32C of every tensor (rex/io/safetensors.hpp, with_checksums), which the
 // reader checks, and a run clears the temporary files of killed writers from its folder
@@ -116,11 +118,14 @@ inline void save_config(const std::string& dir, const RunConfig& config) {
 }
 
 inline void save_model_folder(const std::string& dir, const nn::Module& model,
-                              const RunConfig& config, const data::CharTokenizer& tokenizer,
-                              int64_t step) {
+                              const RunConfig& config,
+                              const std::optional<data::CharTokenizer>& tokenizer, int64_t step) {
   io::remove_stale_temp_files(dir);
   save_config(dir, config);
-  io::write_file_atomic(dir + "/vocab.json", tokenizer.to_json().dump() + "\n");
+  if (tokenizer)
+    io::write_file_atomic(dir + "/vocab.json", tokenizer->to_json().dump() + "\n");
+  else
+    std::filesystem::remove(dir + "/vocab.json");  // a replaced run's
   const io::TensorMap parameters = parameter_map(model);
   io::save_safetensors(model_path(dir), parameters,
                        io::with_checksums(parameters, {{"format", "rex-model"},
@@ -128,9 +133,16 @@ inline void save_model_folder(const std::string& dir, const nn::Module& model,
                                                        {"config", to_json(config).dump()}}));
 }
 
+// The tokenizer of a saved run: none for token shards, else `read` (vocab.json's content).
+template <class Read>
+std::optional<data::CharTokenizer> saved_tokenizer(const RunConfig& config, Read read) {
+  if (trains_on_shards(config.data)) return std::nullopt;
+  return data::CharTokenizer::from_json(read());
+}
+
 struct ModelFolder {
   RunConfig config;
-  data::CharTokenizer tokenizer;
+  std::optional<data::CharTokenizer> tokenizer;
   io::TensorMap parameters;
   int64_t step = 0;
 };
@@ -139,9 +151,11 @@ inline ModelFolder load_model_folder(const std::string& dir) {
   REX_CHECK(std::filesystem::is_directory(dir), "checkpoint folder ", dir, " does not exist");
   ModelFolder out{parse_config(io::read_file(dir + "/config.json", io::kMaxJsonFileBytes),
                                dir + "/config.json"),
-                  data::CharTokenizer::from_json(detail::parse_json_file(dir + "/vocab.json")),
+                  std::nullopt,
                   {},
                   0};
+  out.tokenizer =
+      saved_tokenizer(out.config, [&] { return detail::parse_json_file(dir + "/vocab.json"); });
   io::SafetensorsContents contents = io::load_safetensors(model_path(dir));
   detail::check_format(contents.metadata, "rex-model", model_path(dir));
   out.step = detail::parse_step(contents.metadata, model_path(dir));
@@ -155,9 +169,9 @@ inline ModelFolder load_model_folder(const std::string& dir) {
               difference, "): config.json was edited after the model was saved");
   }
   out.parameters = std::move(contents.tensors);
-  REX_CHECK(out.config.model.vocab_size == out.tokenizer.vocab_size(), dir,
+  REX_CHECK(!out.tokenizer || out.config.model.vocab_size == out.tokenizer->vocab_size(), dir,
             ": config.json says vocab_size ", out.config.model.vocab_size, " but vocab.json has ",
-            out.tokenizer.vocab_size(), " symbols");
+            out.tokenizer ? out.tokenizer->vocab_size() : 0, " symbols");
   return out;
 }
 
@@ -169,26 +183,26 @@ struct CheckpointInfo {
 
 inline void save_checkpoint(const std::string& dir, const nn::Module& model,
                             const optim::AdamW& optimizer, const RunConfig& config,
-                            const data::CharTokenizer& tokenizer, int64_t step,
+                            const std::optional<data::CharTokenizer>& tokenizer, int64_t step,
                             const CheckpointInfo& info) {
   io::TensorMap tensors = parameter_map(model, "model.");
   for (const auto& [name, t] : optimizer.state()) tensors["optim." + name] = t;
-  io::save_safetensors(
-      checkpoint_path(dir), tensors,
-      io::with_checksums(tensors, {{"format", "rex-checkpoint"},
-                                   {"step", std::to_string(step)},
-                                   {"config", to_json(config).dump()},
-                                   {"vocab", tokenizer.to_json().dump()},
-                                   {"corpus_bytes", std::to_string(info.corpus_bytes)},
-                                   {"corpus_hash", std::to_string(info.corpus_hash)}}));
+  std::map<std::string, std::string> metadata = {
+      {"format", "rex-checkpoint"},
+      {"step", std::to_string(step)},
+      {"config", to_json(config).dump()},
+      {"corpus_bytes", std::to_string(info.corpus_bytes)},
+      {"corpus_hash", std::to_string(info.corpus_hash)}};
+  if (tokenizer) metadata["vocab"] = tokenizer->to_json().dump();
+  io::save_safetensors(checkpoint_path(dir), tensors, io::with_checksums(tensors, metadata));
 }
 
 // The checkpoint and the model folder of a run at `step`: everything --resume and --checkpoint
 // read. The checkpoint comes first, so that a write that fails (a full disk) leaves the folder as
 // it was, and a folder is never ahead of its checkpoint.
 inline void save_run(const std::string& dir, const nn::Module& model, const optim::AdamW& optimizer,
-                     const RunConfig& config, const data::CharTokenizer& tokenizer, int64_t step,
-                     const CheckpointInfo& info) {
+                     const RunConfig& config, const std::optional<data::CharTokenizer>& tokenizer,
+                     int64_t step, const CheckpointInfo& info) {
   save_checkpoint(dir, model, optimizer, config, tokenizer, step, info);
   save_model_folder(dir, model, config, tokenizer, step);
 }
@@ -228,7 +242,8 @@ class RunSaver {
       : lock_(std::move(lock)), dir_(lock_.folder()), keep_(keep), newest_(resumed_step) {}
 
   void save(const nn::Module& model, const optim::AdamW& optimizer, const RunConfig& config,
-            const data::CharTokenizer& tokenizer, int64_t step, const CheckpointInfo& info) {
+            const std::optional<data::CharTokenizer>& tokenizer, int64_t step,
+            const CheckpointInfo& info) {
     const int64_t abandoned_after = newest_.value_or(-1);
     for (const auto& [kept_step, path] : kept_checkpoints(dir_))
       if (kept_step > abandoned_after) std::filesystem::remove(path);
@@ -287,7 +302,7 @@ inline RunSaver prepare_run_folder(io::RunFolderLock lock, const RunConfig& conf
 
 struct Checkpoint {
   RunConfig config;
-  data::CharTokenizer tokenizer;
+  std::optional<data::CharTokenizer> tokenizer;
   io::TensorMap model;      // parameter name -> value
   io::TensorMap optimizer;  // AdamW state names -> value
   int64_t step = 0;
@@ -304,14 +319,15 @@ inline Checkpoint load_checkpoint(const std::string& dir) {
     REX_CHECK(it != contents.metadata.end(), path, ": metadata has no \"", key, "\"");
     return it->second;
   };
-  const nlohmann::json vocab = io::parse_json(field("vocab"), path + " (metadata \"vocab\")");
   Checkpoint out{parse_config(field("config"), path + " (metadata \"config\")"),
-                 data::CharTokenizer::from_json(vocab),
+                 std::nullopt,
                  {},
                  {},
                  detail::parse_step(contents.metadata, path),
                  {},
                  path};
+  out.tokenizer = saved_tokenizer(
+      out.config, [&] { return io::parse_json(field("vocab"), path + " (metadata \"vocab\")"); });
   try {
     out.info.corpus_bytes = std::stoull(field("corpus_bytes"));
     out.info.corpus_hash = std::stoull(field("corpus_hash"));

@@ -4,7 +4,7 @@
 // that one table drives JSON reading and writing, `--set section.key=value` overrides, the
 // unknown-key check and docs/formats.md (checked against it). A config file holds up to four
 // sections, each optional, each key optional (missing keys keep their defaults):
-//   {"model": {...}, "moe": {...}, "psr": {...}, "train": {...}}
+//   {"model": {...}, "moe": {...}, "psr": {...}, "train": {...}, "data": {...}}
 // Unknown sections or keys and values of the wrong JSON type are errors that name the key: a typo
 // must not silently train the default model. The JSON functions know no field by name. Config text,
 // and a --set value that starts as JSON does, is parsed strictly (io::parse_json): a key given
@@ -58,9 +58,23 @@ struct TrainConfig {
   std::string matmul_precision = "fp32";
 };
 
+// What --data holds and where validation comes from (rex/train/corpus.hpp reads it).
+struct DataConfig {
+  std::string format = "auto";
+  std::string validation;
+};
+
+inline const std::set<std::string> kDataFormats = {"auto", "text", "llmc", "nanogpt"};
+
+// Whether a run's (resolved) data are token shards, which come without a tokenizer.
+inline bool trains_on_shards(const DataConfig& data) {
+  return data.format == "llmc" || data.format == "nanogpt";
+}
+
 struct RunConfig {
   nn::ModelConfig model;
   TrainConfig train;
+  DataConfig data;
 };
 
 // Calls f(section, key, field, meaning) for every field of the run configuration, in file order.
@@ -94,6 +108,10 @@ void for_each_field(Run& c, F&& f) {
     "stop when the recent loss exceeds this x the run's best (0 = no limit; see below)");
   f("train", "matmul_precision", t.matmul_precision,
     "\"fp32\", or \"tf32\" for TF32 tensor-core GEMMs on CUDA (no effect on the CPU)");
+  f("data", "format", c.data.format,
+    "what --data holds: \"text\", \"llmc\" or \"nanogpt\" token shards, or \"auto\" (see below)");
+  f("data", "validation", c.data.validation,
+    "validation shards (a file, folder or glob); \"\" = see below");
 }
 
 // Throws rex::Error naming the first impossible setting of the model or the training recipe,
@@ -103,7 +121,8 @@ inline void validate(const RunConfig& c, double memory_limit_bytes = physical_me
   const TrainConfig& t = c.train;
   auto check_train_field = [](const char* section, const char* key, const auto& field,
                               const char*) {
-    if (std::string_view(section) == "train")  // nn::validate checked the model's
+    if (std::string_view(section) != "model" && std::string_view(section) != "moe" &&
+        std::string_view(section) != "psr")  // nn::validate checked the model's
       detail::check_storable(std::string(section) + "." + key, field);
   };
   train::for_each_field(c, check_train_field);
@@ -139,6 +158,11 @@ inline void validate(const RunConfig& c, double memory_limit_bytes = physical_me
   REX_CHECK(t.matmul_precision == "fp32" || t.matmul_precision == "tf32",
             "config: train.matmul_precision must be \"fp32\" or \"tf32\", got \"",
             t.matmul_precision, "\"");
+  REX_CHECK(kDataFormats.count(c.data.format), "config: data.format must be \"auto\", \"text\", ",
+            "\"llmc\" or \"nanogpt\", got \"", c.data.format, "\"");
+  REX_CHECK(c.data.validation.empty() || c.data.format != "text",
+            "config: data.validation names validation shards, but data.format is \"text\" (a text ",
+            "corpus validates on its tail, train.train_fraction)");
   // One micro-batch's activations.
   check_fits_in_memory(c.model, t.batch_size / t.grad_accum, memory_limit_bytes);
 }
@@ -220,7 +244,7 @@ inline void apply_json(RunConfig& config, const nlohmann::json& j) {
       });
   for (const auto& [section, part] : j.items()) {
     REX_CHECK(known_sections.count(section), "config: unknown section \"", section,
-              "\" (known: model, moe, psr, train)");
+              "\" (known: model, moe, psr, train, data)");
     for (const auto& item : part.items()) {
       const std::string name = section + "." + item.key();
       REX_CHECK(seen.count(name), "config: unknown key \"", name,

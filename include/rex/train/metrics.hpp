@@ -163,15 +163,18 @@ inline std::string model_summary(const nn::TransformerLM& model) {
                                static_cast<double>(model.parameter_count()) / 1e6);
 }
 
-// "corpus PATH: N bytes, vocab V, train A / validation B tokens, unigram entropy H nats".
+// "corpus PATH: N bytes, vocab V, train A / validation B tokens, unigram entropy H nats", or for
+// token shards "data PATH: K llmc shards, largest id X, train A / validation B tokens, ...".
 inline std::string corpus_summary(const Corpus& corpus) {
-  const int64_t vocab = corpus.tokenizer.vocab_size();
+  const int64_t vocab = corpus.largest_token + 1;
+  const std::string what = corpus.tokenizer ? "vocab " + std::to_string(vocab)
+                                            : "largest id " + std::to_string(corpus.largest_token);
   return detail::printf_string(
-      "corpus %s: %zu bytes, vocab %lld, train %zu / validation %zu tokens, unigram entropy %.4f "
-      "nats",
-      corpus.path.c_str(), corpus.text.size(), static_cast<long long>(vocab),
-      corpus.split.train.size(), corpus.split.validation.size(),
-      data::unigram_entropy(corpus.split.validation, vocab));
+      "%s %s: %s, %s, train %llu / validation %llu tokens, unigram entropy %.4f nats",
+      corpus.tokenizer ? "corpus" : "data", corpus.path.c_str(), corpus.description.c_str(),
+      what.c_str(), static_cast<unsigned long long>(corpus.train.size()),
+      static_cast<unsigned long long>(corpus.validation.size()),
+      data::unigram_entropy(corpus.validation, vocab));
 }
 
 }  // namespace rex::train
