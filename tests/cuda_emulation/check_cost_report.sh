@@ -1,12 +1,15 @@
 #!/bin/bash
-# Runs the cost report on 2 steps of the default model at batch 1 and checks that its tables add
-# up: the per-kernel launches to the step's launches, the per-shape calls to its cuBLAS calls, the
-# per-kernel and per-shape times to the step's parts (to the printed rounding), the host waits'
-# part to 6 us a wait (the device model's typical figure), and the step time to the sum of its
-# parts, positive. Usage: check_cost_report.sh COST_REPORT WORK_DIR
+# Runs the cost report on 2 steps of the default model at batch 1 (emulated), and on the realistic
+# config from the cost formulas, and checks that each report's tables add up: the per-kernel
+# launches to the step's launches, the per-shape calls to its cuBLAS calls, the per-kernel and
+# per-shape times to the step's parts (to the printed rounding), the host waits' part to 6 us a
+# wait (the device model's typical figure), and the step time to the sum of its parts, positive.
+# Usage: check_cost_report.sh COST_REPORT WORK_DIR REALISTIC_CONFIG
 set -euo pipefail
-report="$2/cost_report.txt"
-"$1" "$2" --set train.batch_size=1 --steps 2 --device-model h100 | tee "$report"
+mkdir -p "$2"
+"$1" "$2" --set train.batch_size=1 --steps 2 --device-model h100 | tee "$2/cost_report.txt"
+"$1" "$2" --config "$3" --formulas --device-model h200 | tee "$2/cost_report_realistic.txt"
+for report in "$2/cost_report.txt" "$2/cost_report_realistic.txt"; do
 awk '
   /^per kernel/ { section = "kernels"; getline; next }
   /^per cuBLAS shape/ { section = "gemms"; getline; next }
@@ -31,4 +34,5 @@ awk '
     if (!(mfu > 0)) fail("no positive MFU")
     exit failed
   }' "$report"
-echo "cost report adds up"
+done
+echo "both cost reports add up"
