@@ -28,6 +28,9 @@ refused "model.ffn: the value is not valid UTF-8" --set "model.ffn=$(printf '\xc
 refused 'psr.schedule must be "none", "linear" or "stepwise"' --set model.ffn=dense \
   --set psr.schedule=cosine
 refused 'psr.masks must be "random" or "own_first"' --set psr.masks=own
+refused 'moe.gating must be "softmax_topk" or "topk_softmax", got "softmax"' --set moe.gating=softmax
+refused 'moe.renormalize has nothing to do with moe.gating = "topk_softmax"' \
+  --set moe.gating=topk_softmax --set moe.renormalize=true
 printf '{"psr": {"schedule": "lin\xe9ar"}}' > latin1.json
 refused "latin1.json:1:27: psr.schedule: syntax error while parsing value - invalid string: ill-formed UTF-8 byte" \
   --config latin1.json

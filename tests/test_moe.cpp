@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <set>
@@ -85,8 +86,11 @@ NaiveOutput naive_moe(const nn::MoeLayer& layer, const nn::ModelConfig& c, const
     const Tensor logits = matmul(h, layer.router->weight, {.transpose_b = true});
     const Tensor probs = softmax(logits);
     prob_rows.push_back(probs);
+    const bool on_logits = c.moe.gating == "topk_softmax";
     std::vector<float> score(static_cast<size_t>(pool));
-    for (int64_t i = 0; i < pool; ++i) score[i] = keep[i] ? probs.at({0, i}) : -1.0f;
+    for (int64_t i = 0; i < pool; ++i)
+      score[i] = !keep[i] ? -std::numeric_limits<float>::infinity()
+                          : (on_logits ? logits.at({0, i}) : probs.at({0, i}));
     std::vector<int64_t> chosen;
     std::vector<uint8_t> taken(static_cast<size_t>(pool), 0);
     for (int64_t j = 0; j < k; ++j) {
@@ -101,7 +105,15 @@ NaiveOutput naive_moe(const nn::MoeLayer& layer, const nn::ModelConfig& c, const
     for (int64_t i : chosen) {
       std::vector<float> onehot(static_cast<size_t>(pool), 0.0f);
       onehot[i] = 1.0f;
-      gates.push_back(sum(probs * from_vector(onehot)));
+      gates.push_back(sum((on_logits ? logits : probs) * from_vector(onehot)));
+    }
+    if (on_logits) {  // softmax over the k chosen logits, written out: exp(z_j - max) / sum
+      Tensor top = gates[0];
+      for (const Tensor& g : gates) top = g.item() > top.item() ? g : top;
+      top = top.detach();
+      Tensor total = zeros({});
+      for (Tensor& g : gates) total = total + (g = exp(g - top));
+      for (Tensor& g : gates) g = g / total;
     }
     if (c.moe.renormalize) {
       Tensor total = gates[0];
@@ -193,6 +205,16 @@ TEST_CASE("MoE layer output, counts, aux loss and every gradient match a naive p
   }
   SUBCASE("R2 before PSR starts (N candidates), top-1") {
     check_against_naive(small_config(2, 3, 1), 0, 3);
+  }
+  SUBCASE("R2 during PSR, top-k of the logits then softmax (moe.gating = topk_softmax)") {
+    nn::ModelConfig c = small_config(2, 3, 2);
+    c.moe.gating = "topk_softmax";
+    check_against_naive(c, 15, 4);
+  }
+  SUBCASE("R4 after PSR, topk_softmax, top-3") {
+    nn::ModelConfig c = small_config(4, 3, 3);
+    c.moe.gating = "topk_softmax";
+    check_against_naive(c, 100, 5);
   }
 }
 

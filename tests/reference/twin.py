@@ -169,6 +169,7 @@ class MoE(nn.Module):
     def __init__(self, dim, pool, moe):
         super().__init__()
         self.top_k, self.renormalize = moe["top_k"], moe["renormalize"]
+        self.gating = moe.get("gating", "softmax_topk")
         self.aux_coef = f32(moe["aux_loss_coef"] * pool)
         self.z_coef = f32(moe["z_loss_coef"])
         self.router = nn.Linear(dim, pool, bias=False)
@@ -180,8 +181,12 @@ class MoE(nn.Module):
         tokens, pool = x.shape[0], len(table.experts)
         logits = self.router(x)
         probs = logits.softmax(-1)
-        # Masked experts score -1 (not 0), so an underflowed probability cannot tie with them.
-        gates, chosen = torch.topk(probs * keep + (keep - 1), self.top_k, dim=-1)
+        if self.gating == "topk_softmax":  # Megatron-LM: top-k of the logits, softmax over k
+            top, chosen = torch.topk(logits.masked_fill(keep == 0, float("-inf")), self.top_k,
+                                     dim=-1)
+            gates = top.softmax(-1)
+        else:  # the paper: masked experts score -1 (not 0), below any underflowed probability
+            gates, chosen = torch.topk(probs * keep + (keep - 1), self.top_k, dim=-1)
         if self.renormalize:
             gates = gates / gates.sum(-1, keepdim=True)
         y = torch.zeros_like(x)

@@ -77,8 +77,11 @@ struct MoeConfig {
   int64_t reuse = 4;              // r: layers per block sharing one expert table (1 = vanilla MoE)
   int64_t shared_experts = 0;     // always-on experts per layer (DeepSeekMoE style), width d_expert
   bool renormalize = false;       // divide the top-k gates by their sum
-  double aux_loss_coef = 0.01;    // alpha of the Switch load-balancing loss
-  double z_loss_coef = 0.0;       // beta of the router z-loss
+  // "softmax_topk": gates are the softmax over the pool of the chosen experts (the paper's
+  // equations); "topk_softmax": top-k on the logits, then a softmax over the k (Megatron-LM).
+  std::string gating = "softmax_topk";
+  double aux_loss_coef = 0.01;  // alpha of the Switch load-balancing loss
+  double z_loss_coef = 0.0;     // beta of the router z-loss
 };
 
 struct PsrConfig {
@@ -132,6 +135,9 @@ void for_each_field(Model& m, F&& f) {
   f("moe", "reuse", e.reuse, "r: layers per block sharing an expert table; 1 = vanilla MoE");
   f("moe", "shared_experts", e.shared_experts, "always-active experts per layer (width d_expert)");
   f("moe", "renormalize", e.renormalize, "divide the k gates of a token by their sum");
+  f("moe", "gating", e.gating,
+    "\"softmax_topk\" (softmax over the pool, then top-k: the paper) or \"topk_softmax\" "
+    "(top-k of the logits, then softmax over the k: Megatron-LM)");
   f("moe", "aux_loss_coef", e.aux_loss_coef, "alpha: weight of the load-balancing loss");
   f("moe", "z_loss_coef", e.z_loss_coef, "beta: weight of the router z-loss");
   auto& p = m.psr;
@@ -190,6 +196,12 @@ inline void validate(const ModelConfig& m) {
     REX_CHECK(m.n_layers % e.reuse == 0, "config: moe.reuse (", e.reuse,
               ") must divide model.n_layers (", m.n_layers, ") into whole blocks");
     REX_CHECK(e.shared_experts >= 0, "config: moe.shared_experts cannot be negative");
+    REX_CHECK(e.gating == "softmax_topk" || e.gating == "topk_softmax",
+              "config: moe.gating must be \"softmax_topk\" or \"topk_softmax\", got \"", e.gating,
+              "\"");
+    REX_CHECK(!(e.renormalize && e.gating == "topk_softmax"),
+              "config: moe.renormalize has nothing to do with moe.gating = \"topk_softmax\" (its "
+              "gates already sum to 1); set one of them");
     REX_CHECK(e.aux_loss_coef >= 0 && e.z_loss_coef >= 0,
               "config: moe.aux_loss_coef and moe.z_loss_coef cannot be negative");
     if (p.schedule != "none" && e.reuse > 1) {  // with r = 1 there is nothing to schedule

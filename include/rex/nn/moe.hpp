@@ -8,6 +8,9 @@
 //   s'_i = s_i keep_i  (masked: -1)          PSR: masked experts are out of the race
 //   (g, i) = top-k of s'                     gates g_j = s'_{i_j}  (optionally g / sum g)
 //   y = sum_j g_j E_{i_j}(h)  + sum over shared experts S(h)
+// That is moe.gating = "softmax_topk", the paper's equations. "topk_softmax" (Megatron-LM's
+// router's default) takes the top-k of the logits z = W_l h instead (masked: -inf) and gates
+// g = softmax(z_{i_1}, ..., z_{i_k}); the balance loss still uses s.
 // An expert chosen by several layers of its block is one set of parameter tensors used several
 // times in the graph, so its gradient is the sum of every use (leaf gradients accumulate).
 //
@@ -178,14 +181,20 @@ class MoeLayer : public Module {
     const Tensor probs = softmax(logits);
 
     out.candidates = psr_candidates(psr_, config_.experts_per_layer, config_.reuse, at.step);
-    const Tensor scores =
-        out.candidates < pool
-            ? psr_scores(probs, psr_keep_mask(at.seed, at.step, layer_, pool, out.candidates,
-                                              psr_always_kept(psr_, config_, layer_)))
-            : probs;
-    const TopK top = topk(scores, config_.top_k);
-    Tensor gates = top.values;
-    if (config_.renormalize) gates = gates / sum(gates, -1, /*keepdim=*/true);
+    const std::vector<uint8_t> keep =
+        out.candidates < pool ? psr_keep_mask(at.seed, at.step, layer_, pool, out.candidates,
+                                              psr_always_kept(psr_, config_, layer_))
+                              : std::vector<uint8_t>{};
+    TopK top;
+    Tensor gates;
+    if (config_.gating == "topk_softmax") {  // Megatron-LM: top-k of the logits, softmax over k
+      top = topk(keep.empty() ? logits : psr_logits(logits, keep), config_.top_k);
+      gates = softmax(top.values);
+    } else {  // the paper: softmax over the pool, top-k of the probabilities
+      top = topk(keep.empty() ? probs : psr_scores(probs, keep), config_.top_k);
+      gates = top.values;
+      if (config_.renormalize) gates = gates / sum(gates, -1, /*keepdim=*/true);
+    }
 
     out.y = dispatch_experts(x, top.indices, gates, *table_, &out.expert_counts);
     for (const auto& expert : shared) out.y = out.y + expert->forward(x);

@@ -21,7 +21,8 @@
 //
 // At every step, P - N_t experts of the pool are masked: psr_scores sets their gating scores to -1,
 // below every probability, before top-k (in rex/nn/moe.hpp; the chosen gates and the gradients are
-// those of zeroing them, since a masked expert is never chosen). Which ones is a pure function of
+// those of zeroing them, since a masked expert is never chosen); with moe.gating = topk_softmax,
+// psr_logits sets their logits to -inf instead. Which ones is a pure function of
 // (seed, step, layer): a partial Fisher-Yates shuffle driven by a Generator seeded from those three
 // values. The same step always masks the same experts, so a resumed run is identical to an
 // uninterrupted one. t is the 0-based index of the optimizer step being taken.
@@ -29,12 +30,14 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "rex/core/factory.hpp"
 #include "rex/core/random.hpp"
 #include "rex/nn/config.hpp"
 #include "rex/ops/elementwise.hpp"
+#include "rex/ops/index.hpp"
 
 namespace rex::nn {
 
@@ -101,6 +104,18 @@ inline Tensor psr_scores(const Tensor& probs, const std::vector<uint8_t>& keep) 
   const Tensor keep_mask =
       from_vector(std::vector<float>(keep.begin(), keep.end())).to(probs.device());
   return probs * keep_mask + (keep_mask - 1.0f);
+}
+
+// The router's logits with the PSR mask applied, for topk_softmax gating: a masked expert's logit
+// is -inf, so top-k never picks it (k <= N_t) and the softmax over the chosen k never sees it.
+inline Tensor psr_logits(const Tensor& logits, const std::vector<uint8_t>& keep) {
+  REX_CHECK(logits.rank() == 2 && logits.dim(1) == static_cast<int64_t>(keep.size()),
+            "psr_logits: logits ", logits.shape(),
+            " do not have one column per expert of a pool of ", keep.size());
+  std::vector<float> masked(keep.size());
+  for (size_t i = 0; i < keep.size(); ++i) masked[i] = keep[i] ? 0.0f : 1.0f;
+  return masked_fill(logits, from_vector(masked).to(logits.device()),
+                     -std::numeric_limits<float>::infinity());
 }
 
 }  // namespace rex::nn
