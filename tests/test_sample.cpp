@@ -135,6 +135,14 @@ TEST_CASE("sampling: bad input to the KV cache is refused with a clear message")
   CHECK(cache.length() == m.context);
   CHECK(error_message([&] { model.decode(one, cache, kMasked); }).find("after 8 cached tokens") !=
         std::string::npos);
+  // A cache belongs to the model that filled it.
+  nn::KvCache deep;
+  model.decode(two, deep, kMasked);
+  nn::ModelConfig shallow = m;
+  shallow.n_layers = 2;
+  CHECK(error_message([&] {
+          nn::TransformerLM(shallow, 3).decode(one, deep, kMasked);
+        }).find("the cache holds 4 layers, the model has 2") != std::string::npos);
   nn::KvCache fresh;
   CHECK(error_message([&] {
           model.decode(from_vector(std::vector<int32_t>(9, 1), {1, 9}), fresh, kMasked);

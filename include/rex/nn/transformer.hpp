@@ -147,14 +147,15 @@ class TransformerLM : public Module {
   // holds fewer than context.
   Tensor decode(const Tensor& ids, KvCache& cache, const RoutingStep& at) const {
     const int64_t cached = cache.length();
-    REX_CHECK(ids.rank() == 2 && ids.dim(0) == 1 &&
-                  (cached == 0 ? ids.dim(1) >= 1 && ids.dim(1) <= config_.context
-                               : ids.dim(1) == 1 && cached < config_.context),
-              "TransformerLM::decode: expected ids [1, T] with 1 <= T <= context (",
-              config_.context,
-              ") into an empty cache, or [1, 1] into one holding fewer than "
-              "context tokens; got ",
-              ids.shape(), " after ", cached, " cached tokens");
+    const bool fits = ids.rank() == 2 && ids.dim(0) == 1 &&
+                      (cached == 0 ? ids.dim(1) >= 1 && ids.dim(1) <= config_.context
+                                   : ids.dim(1) == 1 && cached < config_.context);
+    REX_CHECK(fits, "TransformerLM::decode: expected ids [1, T] with 1 <= T <= context (",
+              config_.context, ") into an empty cache, or [1, 1] into one holding fewer than ",
+              "context tokens; got ", ids.shape(), " after ", cached, " cached tokens");
+    REX_CHECK(cached == 0 || cache.layers.size() == layers.size(),
+              "TransformerLM::decode: the cache ", "holds ", cache.layers.size(),
+              " layers, the model has ", layers.size());
     NoGradGuard no_grad;
     if (cached == 0) cache.layers.assign(layers.size(), KvCacheLayer{});
     return run(ids, at, &cache).logits;

@@ -15,8 +15,9 @@
 //     each further token is a forward pass of that token alone, attending to them.
 //   Decoding::recompute: a full forward pass over the window for every token (train_tiny_rex
 //     --sample-recompute), the reference the cache is tested and timed against.
-// Per generated token the cache does about two tokens' work (one, and one in context/2 of a
-// prefill) where recompute does a window's, context/2 to context tokens. Greedy output is
+// Per generated token the cache does about two tokens' work (the token itself, and on average one
+// token of the prefill of context/2 tokens that every context/2 tokens need) where recompute does
+// a window's: context/2 to context tokens. Greedy output is
 // byte-identical whenever each greedy choice leads by more than the rounding difference
 // (tests/test_sample.cpp).
 #pragma once
@@ -64,7 +65,7 @@ class NextTokenLogits {
         decoding_(decoding),
         device_(model.named_parameters().front().second.device()),
         tokens_(std::move(prompt)) {
-    REX_CHECK(!tokens_.empty(), "generate: the prompt must not be empty");
+    REX_CHECK(!tokens_.empty(), "NextTokenLogits: the prompt must not be empty");
     start_ = std::max<int64_t>(0, length() - model.config().context);
     compute();
   }
