@@ -37,7 +37,7 @@ const char* kUsage = R"(usage:
   train_tiny_rex --eval-only --checkpoint DIR --data FILE  print {"val_loss": ...} as one JSON line
   train_tiny_rex --sample N --checkpoint DIR               print N generated characters
   (the two --checkpoint modes use the saved model as it is: they take --data, --device, --prompt,
-  --temperature, --sample (after the evaluation line with --eval-only) and only
+  --temperature, --sample (after the evaluation line with --eval-only), --sample-recompute and only
   --set train.eval_batches=N and --set train.matmul_precision=P; they refuse the training options
   --config, --steps, --seed, --out, --resume, --overwrite and --stop-after)
 
@@ -62,6 +62,8 @@ options:
   --sample N            generate N characters (after training, or from --checkpoint)
   --prompt TEXT         text the sample continues (default: a newline)
   --temperature T       sampling temperature, 0 = greedy (default 0.8)
+  --sample-recompute    sample by a full forward pass over the window per character instead of
+                        the KV cache (slower; the reference it is tested and timed against)
   --help                this text
 
 data parallel: mpirun -np N train_tiny_rex ... (train.batch_size a multiple of N x train.grad_accum;
@@ -74,7 +76,7 @@ struct Options {
   std::string prompt = "\n";
   std::vector<std::string> overrides;
   std::vector<std::string> training_flags;  // given options that only training uses
-  bool eval_only = false, overwrite = false;
+  bool eval_only = false, overwrite = false, sample_recompute = false;
   int64_t sample = 0;
   int64_t stop_after = -1;  // steps of this invocation before saving and stopping; -1: no limit
   double temperature = 0.8;
@@ -104,6 +106,9 @@ Options parse_args(int argc, char** argv) {
       {"--out", &o.out_dir},        {"--device", &o.device},
       {"--resume", &o.resume_dir},  {"--checkpoint", &o.checkpoint_dir},
       {"--prompt", &o.prompt}};
+  const std::map<std::string, bool*> switches = {{"--eval-only", &o.eval_only},
+                                                 {"--overwrite", &o.overwrite},
+                                                 {"--sample-recompute", &o.sample_recompute}};
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") {
@@ -111,8 +116,8 @@ Options parse_args(int argc, char** argv) {
       std::exit(0);
     }
     if (kTrainingFlags.count(flag)) o.training_flags.push_back(flag);
-    if (flag == "--eval-only" || flag == "--overwrite") {
-      (flag == "--eval-only" ? o.eval_only : o.overwrite) = true;
+    if (switches.count(flag)) {
+      *switches.at(flag) = true;
       continue;
     }
     if (i + 1 >= argc) usage_error(flag + " needs a value");
@@ -164,7 +169,9 @@ std::string sample_text(const rex::nn::TransformerLM& model, const rex::data::Ch
                         const Options& o, uint64_t seed, int64_t steps) {
   train::check_prompt(tok, o.prompt);
   return o.prompt + train::generate(model, tok, o.prompt, o.sample, o.temperature, seed,
-                                    train::after_steps(steps, seed));
+                                    train::after_steps(steps, seed),
+                                    o.sample_recompute ? train::Decoding::recompute
+                                                       : train::Decoding::kv_cache);
 }
 
 int train_run(const Options& o) {

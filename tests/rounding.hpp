@@ -6,10 +6,16 @@
 // (N. J. Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., Lemmas 3.1 and 3.3 and
 // (3.5)). Two computations of the same value in different orders are within twice the bound of
 // one. One ulp of a float is at most 2u relative.
+//
+// A whole model's results count the chain of roundings along its longest dependency path
+// (model_chain) and are compared norm-wise against the result (relative_error <= 2 gamma_N), the
+// composite rule of docs/testing.md, "Tolerances".
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include <doctest/doctest.h>
@@ -49,6 +55,55 @@ inline void check_within(const Tensor& got, const Tensor& want, const Tensor& ma
       return;
     }
   }
+}
+
+// ||a - b|| and ||a||, in double, copied to the host.
+inline double distance(const Tensor& a, const Tensor& b) {
+  REQUIRE(a.shape() == b.shape());
+  const std::vector<float> x = a.to_vector(), y = b.to_vector();
+  double sum = 0;
+  for (size_t i = 0; i < x.size(); ++i)
+    sum += (static_cast<double>(x[i]) - y[i]) * (static_cast<double>(x[i]) - y[i]);
+  return std::sqrt(sum);
+}
+inline double norm(const Tensor& a) { return distance(a, zeros(a.shape(), a.device())); }
+
+// ||got - want|| / ||want|| (0 when both are zero).
+inline double relative_error(const Tensor& got, const Tensor& want) {
+  return distance(got, want) / std::max(norm(want), 1e-30);
+}
+
+// A model's forward and backward pass, chained (the composite rule): N for the logits, the loss
+// and the gradients, counted as tests/reference/error_bounds.py counts them for the PyTorch twin
+// (see there for each stage).
+struct ModelChain {
+  double logits, losses, grads;
+};
+inline ModelChain model_chain(const nn::ModelConfig& m, int64_t tokens) {
+  constexpr int64_t kCallTerms = 4;  // a call, 2 ulp, in units of u
+  const int64_t d = m.d_model, time = m.context, head_dim = m.d_model / m.n_heads;
+  const int64_t norm = d + kCallTerms + 2;
+  const int64_t attention = norm + d + 4 + head_dim + 1 + 1 + kCallTerms + time + 1 + time + d + 1;
+  const int64_t pool = m.moe.reuse * m.moe.experts_per_layer;
+  const int64_t ffn = m.ffn == "moe" ? norm + d + 1 + kCallTerms + pool + 1 + m.moe.top_k + 1 + d +
+                                           kCallTerms + 3 + 1 + m.moe.d_expert + 1 + m.moe.top_k +
+                                           m.moe.shared_experts + 1
+                                     : norm + d + kCallTerms + 3 + 1 + m.d_ff + 1;
+  const int64_t reuse = m.ffn == "moe" ? m.moe.reuse : 1;
+  const int64_t logits = m.n_layers * (attention + ffn) + norm + d;
+  const int64_t losses = logits + 1 + kCallTerms + m.vocab_size + kCallTerms + 1 + 1 + tokens;
+  const int64_t grads = 2 * losses + tokens * std::max<int64_t>(reuse, 2);
+  return {static_cast<double>(logits), static_cast<double>(losses), static_cast<double>(grads)};
+}
+
+// Whether every vector within rel ||logits|| of `logits` (2-norm) has the same arg max: the top
+// value leads the next by more than 2 rel ||logits|| (each element moves by at most rel
+// ||logits||).
+inline bool arg_max_holds_within(const Tensor& logits, double rel) {
+  std::vector<float> v = logits.to_vector();
+  REQUIRE(v.size() >= 2);
+  std::partial_sort(v.begin(), v.begin() + 2, v.end(), std::greater<float>());
+  return double{v[0]} - v[1] > 2 * rel * norm(logits);
 }
 
 }  // namespace rex::testing

@@ -22,6 +22,7 @@
 #include <rex/optim/clip.hpp>
 #include <rex/rex.hpp>
 #include <rex/train/checkpoint.hpp>
+#include <rex/train/sample.hpp>
 
 #include "rounding.hpp"
 #include "testing.hpp"
@@ -72,21 +73,7 @@ double rounding_bound(double roundings, double calls = 0, double kappa = 1) {
   return 2 * kappa * (gamma_n(roundings) + calls * kCall);
 }
 
-// ||a - b|| and ||a||, in double, copied to the host.
-double distance(const Tensor& a, const Tensor& b) {
-  REQUIRE(a.shape() == b.shape());
-  const std::vector<float> x = a.to_vector(), y = b.to_vector();
-  double sum = 0;
-  for (size_t i = 0; i < x.size(); ++i)
-    sum += (static_cast<double>(x[i]) - y[i]) * (static_cast<double>(x[i]) - y[i]);
-  return std::sqrt(sum);
-}
-double norm(const Tensor& a) { return distance(a, zeros(a.shape(), a.device())); }
-
-// ||gpu - cpu|| / ||cpu|| (0 when both are zero).
-double relative_error(const Tensor& got, const Tensor& want) {
-  return distance(got, want) / std::max(norm(want), 1e-30);
-}
+using testing::distance, testing::norm, testing::relative_error;  // tests/rounding.hpp
 
 using testing::abs_of;
 
@@ -222,28 +209,7 @@ double attention_bound(int64_t group, int64_t time, int64_t dim) {
   return rounding_bound(static_cast<double>(2 * dim + (group + 2) * time + 10), 2);
 }
 
-// A model's forward and backward pass, chained (the composite rule above): N for the logits, the
-// loss and the gradients, counted as tests/reference/error_bounds.py counts them for the PyTorch
-// twin (see there for each stage).
-struct ModelChain {
-  double logits, losses, grads;
-};
-ModelChain model_chain(const nn::ModelConfig& m, int64_t tokens) {
-  constexpr int64_t kCallTerms = 4;  // a call, 2 ulp, in units of u
-  const int64_t d = m.d_model, time = m.context, head_dim = m.d_model / m.n_heads;
-  const int64_t norm = d + kCallTerms + 2;
-  const int64_t attention = norm + d + 4 + head_dim + 1 + 1 + kCallTerms + time + 1 + time + d + 1;
-  const int64_t pool = m.moe.reuse * m.moe.experts_per_layer;
-  const int64_t ffn = m.ffn == "moe" ? norm + d + 1 + kCallTerms + pool + 1 + m.moe.top_k + 1 + d +
-                                           kCallTerms + 3 + 1 + m.moe.d_expert + 1 + m.moe.top_k +
-                                           m.moe.shared_experts + 1
-                                     : norm + d + kCallTerms + 3 + 1 + m.d_ff + 1;
-  const int64_t reuse = m.ffn == "moe" ? m.moe.reuse : 1;
-  const int64_t logits = m.n_layers * (attention + ffn) + norm + d;
-  const int64_t losses = logits + 1 + kCallTerms + m.vocab_size + kCallTerms + 1 + 1 + tokens;
-  const int64_t grads = 2 * losses + tokens * std::max<int64_t>(reuse, 2);
-  return {static_cast<double>(logits), static_cast<double>(losses), static_cast<double>(grads)};
-}
+using testing::model_chain, testing::ModelChain;  // tests/rounding.hpp
 
 // Checks one AdamW step taken on both devices from the same parameters, state and gradients. Both
 // follow PyTorch's order of operations (rex/optim/adamw.hpp) and differ only where one fuses a
@@ -753,6 +719,49 @@ TEST_CASE("cuda ops: one TransformerLM training step matches the CPU step") {
     }
     // The optimiser state comes back to the host for checkpoints.
     CHECK(gpu_adam.state().begin()->second.device() == Device::cpu());
+  }
+}
+
+// Decoding with a KV cache on the GPU (rex/train/sample.hpp) against the recompute path on the CPU,
+// step by step: the same windows, logits within the model's bound (each side within gamma_N of
+// exact), and so the same greedy choices wherever the choice leads by more than the bound
+// (checked); then whole greedy texts, past the context: GPU cache, GPU recompute and CPU all agree.
+TEST_CASE("cuda ops: sampling with a KV cache matches the recompute path and the CPU") {
+  if (gpu_missing()) return;
+  for (const std::string ffn : {"dense", "moe"}) {
+    CAPTURE(ffn);
+    nn::ModelConfig m;
+    m.vocab_size = 11, m.d_model = 16, m.n_layers = 4, m.n_heads = 4, m.n_kv_heads = 2;
+    m.context = 8, m.ffn = ffn, m.d_ff = 24, m.init_std = 0.3;
+    m.moe.experts_per_layer = 3, m.moe.top_k = 2, m.moe.d_expert = 8, m.moe.reuse = 2;
+    m.moe.shared_experts = 1, m.psr.t_start = 2, m.psr.t_end = 6;
+    const nn::RoutingStep at{4, 7};  // N_t = 4 of a pool of 6: the PSR mask is active
+    nn::TransformerLM cpu_model(m, 3), gpu_model(m, 3);
+    gpu_model.to(kGpu);
+    const double bound = 2 * gamma_n(model_chain(m, m.context).logits);
+    const std::vector<int32_t> prompt{1, 4, 1, 5, 9};
+    train::NextTokenLogits gpu(gpu_model, prompt, at, train::Decoding::kv_cache);
+    train::NextTokenLogits cpu(cpu_model, prompt, at, train::Decoding::recompute);
+    auto arg_max = [](const Tensor& logits) {
+      const std::vector<float> v = logits.to_vector();
+      return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
+    };
+    for (int step = 0; step < 3 * m.context; ++step) {
+      CAPTURE(step);
+      REQUIRE(gpu.window() == cpu.window());
+      CHECK(relative_error(gpu.logits(), cpu.logits()) <= bound);
+      REQUIRE(testing::arg_max_holds_within(cpu.logits(), bound));
+      const int32_t next = arg_max(cpu.logits());
+      CHECK(arg_max(gpu.logits()) == next);
+      gpu.append(next);
+      cpu.append(next);
+    }
+    const auto text = [&](const nn::TransformerLM& model, train::Decoding decoding) {
+      return train::generate_tokens(model, prompt, 20, 0.0, 1, at, decoding);
+    };
+    const std::vector<int32_t> gpu_cached = text(gpu_model, train::Decoding::kv_cache);
+    CHECK(gpu_cached == text(gpu_model, train::Decoding::recompute));
+    CHECK(gpu_cached == text(cpu_model, train::Decoding::recompute));
   }
 }
 

@@ -4,7 +4,8 @@
 #    model, checkpoint, routing report and metrics (timing fields aside) as a run never stopped, also
 #    when the run that stopped had gone past its last checkpoint (its extra metrics lines are dropped);
 #  - --eval-only reproduces the final validation loss, and with --set train.eval_batches=N the loss
-#    a training run with that N logs; --sample prints the requested characters;
+#    a training run with that N logs; --sample prints the requested characters, and the same greedy
+#    text with --sample-recompute;
 #  - a diverging run (lr 100, lr 10) exits 1 naming the step and the cause, and the checkpoint it
 #    had written before still resumes; SIGTERM saves and exits (143) as Ctrl-C does;
 #  - one writer per run folder: while a run trains, a second run on its folder (new or resumed) is
@@ -60,6 +61,10 @@ got=$(echo "$eval_line" | sed -E 's/.*"val_loss":([^,}]*).*/\1/')
 echo "$eval_line" | grep -q '"step":8' || fail "--eval-only line lacks the step: $eval_line"
 sample=$("$exe" --sample 40 --checkpoint whole --prompt "the " --temperature 0 2>&1) || fail "sampling failed: $sample"
 [ "${#sample}" -eq 44 ] || fail "sample should be 4 + 40 characters, got ${#sample}: '$sample'"
+# The recompute path (the KV cache's reference, rex/train/sample.hpp) gives the same greedy text.
+recomputed=$("$exe" --sample 40 --checkpoint whole --prompt "the " --temperature 0 --sample-recompute 2>&1) ||
+  fail "--sample-recompute failed: $recomputed"
+[ "$recomputed" = "$sample" ] || fail "--sample-recompute gave '$recomputed', the KV cache '$sample'"
 
 # --set train.eval_batches=N evaluates the saved model on N batches: the value a training run with
 # that N logs (evaluation does not change training: a run with eval_batches 4 trains the same model),

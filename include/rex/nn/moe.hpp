@@ -173,8 +173,9 @@ class MoeLayer : public Module {
           std::make_shared<SwiGLU>(config.d_model, config_.d_expert, gen, init_std, out_std)));
   }
 
-  // x [T, d] -> y [T, d], the auxiliary loss and the routing counts at this step.
-  MoeOutput forward(const Tensor& x, const RoutingStep& at) const {
+  // x [T, d] -> y [T, d], the auxiliary loss and the routing counts at this step (without
+  // `measure`, as when decoding, only y).
+  MoeOutput forward(const Tensor& x, const RoutingStep& at, bool measure = true) const {
     const int64_t pool = table_->size();
     MoeOutput out;
     const Tensor logits = router->forward(x);  // [T, P]
@@ -198,6 +199,7 @@ class MoeLayer : public Module {
 
     out.y = dispatch_experts(x, top.indices, gates, *table_, &out.expert_counts);
     for (const auto& expert : shared) out.y = out.y + expert->forward(x);
+    if (!measure) return out;
     out.aux_loss = auxiliary_loss(
         logits, probs,
         at.whole_batch ? at.whole_batch->of_layer(layer_, out.expert_counts) : out.expert_counts);

@@ -5,6 +5,11 @@
 // experts live in expert_tables.{l / r}. The loss is the mean next-token cross-entropy plus, for
 // MoE models, the sum over layers of each layer's auxiliary loss.
 //
+// decode is the same pass for inference with a KV cache (rex/train/sample.hpp): a window is
+// prefilled once, then each token runs alone, attending to the keys and values cached for the
+// tokens before it (rex/nn/attention.hpp); the FFN or the MoE router sees just that token, under
+// the same PSR mask.
+//
 // Parameter names (checkpoints, the PyTorch twin): embed.weight, layers.{l}.attn_norm.weight,
 // layers.{l}.attn.{q,k,v,o}.weight, layers.{l}.ffn_norm.weight,
 // layers.{l}.ffn.{gate,up,down}.weight (dense) or layers.{l}.moe.router.weight and
@@ -57,16 +62,17 @@ class TransformerBlock : public Module {
     }
   }
 
-  // h [B, T, d] -> [B, T, d], with what a MoE layer measured.
-  BlockOutput forward(const Tensor& h, const RoutingStep& at) const {
-    const Tensor x = h + attn->forward(attn_norm->forward(h));
+  // h [B, T, d] -> [B, T, d], with what a MoE layer measured; `cache` as in
+  // CausalSelfAttention::forward (decoding measures nothing).
+  BlockOutput forward(const Tensor& h, const RoutingStep& at, KvCacheLayer* cache = nullptr) const {
+    const Tensor x = h + attn->forward(attn_norm->forward(h), cache);
     const Tensor normed = ffn_norm->forward(x);
     BlockOutput out;
     if (!moe) {
       out.h = x + ffn->forward(normed);
       return out;
     }
-    MoeOutput routed = moe->forward(reshape(normed, {-1, x.dim(2)}), at);
+    MoeOutput routed = moe->forward(reshape(normed, {-1, x.dim(2)}), at, /*measure=*/!cache);
     out.h = x + reshape(routed.y, x.shape().dims());
     out.aux_loss = routed.aux_loss;
     out.expert_counts = std::move(routed.expert_counts);
@@ -78,6 +84,13 @@ class TransformerBlock : public Module {
   std::shared_ptr<CausalSelfAttention> attn;
   std::shared_ptr<SwiGLU> ffn;    // dense model
   std::shared_ptr<MoeLayer> moe;  // MoE model
+};
+
+// The keys and values every layer of a TransformerLM cached for the tokens decoded so far.
+struct KvCache {
+  std::vector<KvCacheLayer> layers;  // one per block (empty before the first token)
+  int64_t length() const { return layers.empty() ? 0 : layers.front().length(); }
+  void clear() { layers.clear(); }
 };
 
 class TransformerLM : public Module {
@@ -119,24 +132,33 @@ class TransformerLM : public Module {
     REX_CHECK(ids.rank() == 2 && ids.dim(1) >= 1 && ids.dim(1) <= config_.context,
               "TransformerLM: ids must be [B, T] with 1 <= T <= context (", config_.context,
               "), got ", ids.shape());
-    LmOutput out;
-    Tensor h = embed->forward(ids);
-    for (const auto& layer : layers) {
-      BlockOutput block = layer->forward(h, at);
-      h = std::move(block.h);
-      if (!block.aux_loss.defined()) continue;  // a dense block measures nothing
-      out.aux_loss = out.aux_loss.defined() ? out.aux_loss + block.aux_loss : block.aux_loss;
-      out.expert_counts.push_back(std::move(block.expert_counts));
-      out.candidates = block.candidates;  // the same N_t in every layer
-    }
-    h = reshape(norm->forward(h), {-1, config_.d_model});
-    out.logits = linear(h, lm_head ? lm_head->weight : embed->weight);
+    LmOutput out = run(ids, at, nullptr);
     if (!targets.defined()) return out;
     REX_CHECK(targets.shape() == ids.shape(), "TransformerLM: targets ", targets.shape(),
               " do not match ids ", ids.shape());
     out.lm_loss = cross_entropy(out.logits, reshape(targets, {-1}));
     out.loss = out.aux_loss.defined() ? out.lm_loss + out.aux_loss : out.lm_loss;
     return out;
+  }
+
+  // Inference with a KV cache, without autograd: the logits [T, V] of ids [1, T] i32, which
+  // continue the tokens in `cache` and join them. An empty cache takes 1 <= T <= context tokens
+  // (the prefill: the same computation as forward), a filled one a single token, while the cache
+  // holds fewer than context.
+  Tensor decode(const Tensor& ids, KvCache& cache, const RoutingStep& at) const {
+    const int64_t cached = cache.length();
+    const bool fits = ids.rank() == 2 && ids.dim(0) == 1 &&
+                      (cached == 0 ? ids.dim(1) >= 1 && ids.dim(1) <= config_.context
+                                   : ids.dim(1) == 1 && cached < config_.context);
+    REX_CHECK(fits, "TransformerLM::decode: expected ids [1, T] with 1 <= T <= context (",
+              config_.context, ") into an empty cache, or [1, 1] into one holding fewer than ",
+              "context tokens; got ", ids.shape(), " after ", cached, " cached tokens");
+    REX_CHECK(cached == 0 || cache.layers.size() == layers.size(),
+              "TransformerLM::decode: the cache ", "holds ", cache.layers.size(),
+              " layers, the model has ", layers.size());
+    NoGradGuard no_grad;
+    if (cached == 0) cache.layers.assign(layers.size(), KvCacheLayer{});
+    return run(ids, at, &cache).logits;
   }
 
   const ModelConfig& config() const { return config_; }
@@ -147,6 +169,23 @@ class TransformerLM : public Module {
   std::shared_ptr<Linear> lm_head;  // null when tied to embed
 
  private:
+  // The logits [B T, V] and what the MoE layers measured (no losses); `cache` as in decode.
+  LmOutput run(const Tensor& ids, const RoutingStep& at, KvCache* cache) const {
+    LmOutput out;
+    Tensor h = embed->forward(ids);
+    for (size_t l = 0; l < layers.size(); ++l) {
+      BlockOutput block = layers[l]->forward(h, at, cache ? &cache->layers[l] : nullptr);
+      h = std::move(block.h);
+      if (!block.aux_loss.defined()) continue;  // a dense or decoding block measures nothing
+      out.aux_loss = out.aux_loss.defined() ? out.aux_loss + block.aux_loss : block.aux_loss;
+      out.expert_counts.push_back(std::move(block.expert_counts));
+      out.candidates = block.candidates;  // the same N_t in every layer
+    }
+    h = reshape(norm->forward(h), {-1, config_.d_model});
+    out.logits = linear(h, lm_head ? lm_head->weight : embed->weight);
+    return out;
+  }
+
   ModelConfig config_;
 };
 

@@ -125,8 +125,9 @@ inline Tensor grouped_swiglu(const Tensor& x, const std::vector<int64_t>& offset
   const std::vector<Tensor> inputs = detail::grouped_swiglu_inputs(x, gate, up, down);
   for (const Tensor& t : inputs) detail::common_device("grouped_swiglu", {x, t});
   detail::GroupedSwigluValues values = detail::grouped_swiglu_values(x, offsets, gate, up, down);
-  std::vector<Tensor> weights;
-  for (size_t i = 1; i < inputs.size(); ++i) weights.push_back(inputs[i].detach());
+  std::vector<Tensor> weights;  // what the backward reads: none without a graph (decoding)
+  if (grad_enabled())
+    for (size_t i = 1; i < inputs.size(); ++i) weights.push_back(inputs[i].detach());
   return detail::record(
       values.y, "grouped_swiglu", inputs,
       [x = x.detach(), offsets, weights = std::move(weights), pre_gate = values.pre_gate,

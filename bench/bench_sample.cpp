@@ -1,0 +1,96 @@
+// Sampling with the KV cache against the full recompute per token, interleaved in one run
+// (rex/train/sample.hpp): the time to generate N characters (2,000 by default) of the default
+// model (the built-in config of train_tiny_rex, the King James Bible's 73-byte vocabulary,
+// randomly initialised: the work per token does not depend on the weights), greedily from a
+// newline, with the PSR mask after the configured steps. Three contenders, rotated every repeat:
+//   kv_cache    the default path;
+//   recompute   a full forward pass over the same window per token (--sample-recompute);
+//   sliding     the sampler before the cache (a full pass over the last `context` tokens, sliding
+//               by one token per step: windows of 64 where the two above average 48), as a peer.
+// Prints the median seconds of each, the ratios to kv_cache, and whether kv_cache and recompute
+// wrote the same text. Usage:
+//   bench_sample [--chars N] [--repeats R]     (threads: OMP_NUM_THREADS, default all cores)
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include <rex/rex.hpp>
+#include <rex/train/train.hpp>
+
+#include "timing.hpp"
+
+namespace {
+
+// The greedy continuation of `prompt` by a full pass over its last `context` tokens per token.
+std::vector<int32_t> sliding_window_greedy(const rex::nn::TransformerLM& model,
+                                           std::vector<int32_t> tokens, int64_t n,
+                                           const rex::nn::RoutingStep& at) {
+  rex::NoGradGuard no_grad;
+  const int64_t context = model.config().context, vocab = model.config().vocab_size;
+  const auto prompt_length = static_cast<int64_t>(tokens.size());
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(tokens.size()) - context);
+    const std::vector<int32_t> window(tokens.begin() + start, tokens.end());
+    const auto time = static_cast<int64_t>(window.size());
+    const rex::Tensor logits =
+        model.forward(rex::from_vector(window, {1, time}), rex::Tensor(), at).logits;
+    const float* last = logits.data<float>() + (time - 1) * vocab;
+    tokens.push_back(static_cast<int32_t>(std::max_element(last, last + vocab) - last));
+  }
+  return {tokens.begin() + prompt_length, tokens.end()};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t chars = 2000;
+  int repeats = 3;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--chars") == 0 && i + 1 < argc) {
+      chars = std::atoll(argv[++i]);
+    } else if (std::strcmp(argv[i], "--repeats") == 0 && i + 1 < argc) {
+      repeats = std::atoi(argv[++i]);
+    } else {
+      std::printf("usage: bench_sample [--chars N] [--repeats R]\n");
+      return std::strcmp(argv[i], "--help") == 0 ? 0 : 2;
+    }
+  }
+  rex::train::RunConfig config;
+  config.model.vocab_size = 73;
+  const rex::nn::TransformerLM model(config.model, config.train.seed);
+  const rex::nn::RoutingStep at = rex::train::after_steps(config.train.steps, config.train.seed);
+  const std::vector<int32_t> newline{0};
+  std::vector<int32_t> cached, recomputed;
+  const std::function<void()> contenders[] = {
+      [&] {
+        cached = rex::train::generate_tokens(model, newline, chars, 0.0, 1, at,
+                                             rex::train::Decoding::kv_cache);
+      },
+      [&] {
+        recomputed = rex::train::generate_tokens(model, newline, chars, 0.0, 1, at,
+                                                 rex::train::Decoding::recompute);
+      },
+      [&] { sliding_window_greedy(model, newline, chars, at); }};
+  std::vector<double> seconds[3];
+  for (int r = 0; r < repeats; ++r) {
+    for (int i = 0; i < 3; ++i) {  // repeat r starts with contender r mod 3
+      const int c = (r + i) % 3;
+      const double start = rex::bench::now_seconds();
+      contenders[c]();
+      seconds[c].push_back(rex::bench::now_seconds() - start);
+    }
+  }
+  const double kv = rex::bench::median(seconds[0]), recompute = rex::bench::median(seconds[1]),
+               sliding = rex::bench::median(seconds[2]);
+  std::printf(
+      "%lld characters, context %lld, median of %d: KV cache %.3f s, recompute %.3f s "
+      "(%.1fx the KV cache), sliding window %.3f s (%.1fx); KV cache and recompute texts "
+      "%s\n",
+      static_cast<long long>(chars), static_cast<long long>(config.model.context), repeats, kv,
+      recompute, recompute / kv, sliding, sliding / kv,
+      cached == recomputed ? "identical" : "DIFFER");
+  return cached == recomputed ? 0 : 1;
+}
