@@ -7,8 +7,10 @@
 // - sum_squares: deterministic two-pass reduction in double. A fixed grid (kBlocks blocks of
 //   kThreads threads, whatever n is): each thread sums the squares of its strided elements in
 //   order, each block combines its threads with a fixed shared-memory tree into one partial, then
-//   a single block combines the kBlocks partials with the same tree. The result is copied to the
-//   host (a synchronisation). The tree is fixed, so the sum is the same on every run.
+//   a single block combines the kBlocks partials with the same tree into the array's slot of a
+//   device buffer. The sums of all the arrays of one call come to the host in one copy (one
+//   synchronisation per call, not per array). The tree is fixed, so each sum is the same on every
+//   run.
 #include "common.cuh"
 
 namespace rex::cuda::detail {
@@ -70,16 +72,23 @@ __global__ void sum_partials_kernel(const double* partials, double* total) {
   if (threadIdx.x == 0) *total = shared[0];
 }
 
-double sum_squares(const float* x, int64_t n) {
-  if (n == 0) return 0.0;
-  const Scratch partials((kBlocks + 1) * sizeof(double));
-  double* total = partials.as<double>() + kBlocks;
-  REX_LAUNCH(sum_squares_partials_kernel, kBlocks, kThreads, 0, x, n, partials.as<double>());
-  REX_LAUNCH(sum_partials_kernel, 1, kThreads, 0, partials.as<double>(), total);
-  double result = 0.0;
-  REX_CUDA(cudaMemcpyAsync(&result, total, sizeof result, cudaMemcpyDeviceToHost, stream()));
+void sum_squares(const float* const* host_arrays, const int64_t* host_sizes, int64_t count,
+                 double* host_sums) {
+  if (count == 0) return;
+  const Scratch partials(kBlocks * sizeof(double));
+  const Scratch sums(static_cast<size_t>(count) * sizeof(double));
+  REX_CUDA(
+      cudaMemsetAsync(sums.as<double>(), 0, static_cast<size_t>(count) * sizeof(double), stream()));
+  for (int64_t i = 0; i < count; ++i) {
+    if (host_sizes[i] == 0) continue;
+    REX_LAUNCH(sum_squares_partials_kernel, kBlocks, kThreads, 0, host_arrays[i], host_sizes[i],
+               partials.as<double>());
+    REX_LAUNCH(sum_partials_kernel, 1, kThreads, 0, partials.as<double>(), sums.as<double>() + i);
+  }
+  REX_CUDA(cudaMemcpyAsync(host_sums, sums.as<double>(),
+                           static_cast<size_t>(count) * sizeof(double), cudaMemcpyDeviceToHost,
+                           stream()));
   REX_CUDA(cudaStreamSynchronize(stream()));
-  return result;
 }
 
 }  // namespace

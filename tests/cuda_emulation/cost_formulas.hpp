@@ -571,20 +571,16 @@ inline Counts training_step(const rex::train::RunConfig& config) {
   plan.upload(2);
   gather(M, D);
   for (i64 layer = 0; layer < L; ++layer) {
-    // Attention: q, k, v projections, heads first, RoPE (its cos and sin tables uploaded per
-    // call), the kernel, heads back, the output projection, the residual.
+    // Attention: q, k, v projections, heads first, RoPE (its tables cached on the device), the
+    // kernel, heads back, the output projection, the residual.
     rms_norm(M);
     linear(M, D, D);
     permute(M * D);
-    plan.upload(2);
     rope(H);
     for (int kv = 0; kv < 2; ++kv) {
       linear(M, D, G * hd);
       permute(M * G * hd);
-      if (kv == 0) {
-        plan.upload(2);
-        rope(G);
-      }
+      if (kv == 0) rope(G);
     }
     plan.launch("attention_forward_kernel", attention_forward(B * H, T, hd));
     permute(M * D);
@@ -723,7 +719,8 @@ inline Counts training_step(const rex::train::RunConfig& config) {
   add(V * D);
   plan.read_back(2);  // the step's two losses, for the log
 
-  // The optimiser: every parameter's sum of squares read back, the clip scale, AdamW.
+  // The optimiser: every parameter's sum of squares, all read back at once; the clip scale;
+  // AdamW.
   std::vector<i64> parameters = {V * D, D};  // embedding (tied head), final norm
   for (i64 layer = 0; layer < L; ++layer)
     for (const i64 n : {D, D * D, G * hd * D, G * hd * D, D * D, D, P * D}) parameters.push_back(n);
@@ -731,8 +728,8 @@ inline Counts training_step(const rex::train::RunConfig& config) {
   for (const i64 n : parameters) {
     plan.launch("sum_squares_partials_kernel", sum_squares_partials(n));
     plan.launch("sum_partials_kernel", sum_partials());
-    plan.read_back();
   }
+  plan.read_back();
   for (const i64 n : parameters) plan.launch("unary_kernel", elementwise(n, 1, 0));
   for (const i64 n : parameters) plan.launch("adamw_kernel", adamw(n));
   return plan.counts;

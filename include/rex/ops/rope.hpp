@@ -6,16 +6,20 @@
 //   y[..., t, i]     = x[..., t, i] cos(angle) - x[..., t, i + h] sin(angle)
 //   y[..., t, i + h] = x[..., t, i + h] cos(angle) + x[..., t, i] sin(angle)
 // i.e. y = x * cos + rotate_half(x) * sin with rotate_half(x) = concat(-x[h:], x[:h]) and the [T,
-// h] tables repeated over both halves. The tables are computed once per call in double precision
-// (the angle and its cos/sin) and rounded to f32, so a twin should build them in float64 and cast
-// cos/sin to float32 (HF builds inv_freq and the angles in float32, which drifts by ~1e-7 *
-// position).
+// h] tables repeated over both halves. The tables are computed in double precision (the angle and
+// its cos/sin) and rounded to f32, so a twin should build them in float64 and cast cos/sin to
+// float32 (HF builds inv_freq and the angles in float32, which drifts by ~1e-7 * position). They
+// are built once per (device, T, D, theta, offset) and kept for the process: a training step asks
+// for the same few on every layer and step, and on CUDA each build is an upload the host waits for.
 //
 // Each pair is a 2-d rotation by +angle, so the backward is the rotation of g by -angle:
 //   dx[i] = g[i] cos + g[i + h] sin,   dx[i + h] = g[i + h] cos - g[i] sin.
 #pragma once
 
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "rex/backend/cpu/index.hpp"
@@ -51,6 +55,25 @@ inline RopeTable rope_table(int64_t time, int64_t head_dim, float theta, int64_t
   return table;
 }
 
+// The tables for (time, head_dim, theta, position_offset) on `device`, from the process's cache.
+// The cache is never destroyed (its CUDA tensors must not outlive the CUDA backend at exit) and is
+// emptied when it reaches kMaxCachedRopeTables (decoding asks for one table per position).
+inline constexpr size_t kMaxCachedRopeTables = 4096;
+inline RopeTable cached_rope_table(int64_t time, int64_t head_dim, float theta,
+                                   int64_t position_offset, Device device) {
+  using Key = std::tuple<int, int, int64_t, int64_t, float, int64_t>;
+  static auto* const tables = new std::map<Key, RopeTable>;
+  static auto* const mutex = new std::mutex;
+  const Key key{
+      static_cast<int>(device.type), device.index, time, head_dim, theta, position_offset};
+  const std::lock_guard<std::mutex> lock(*mutex);
+  if (const auto found = tables->find(key); found != tables->end()) return found->second;
+  if (tables->size() >= kMaxCachedRopeTables) tables->clear();
+  RopeTable table = rope_table(time, head_dim, theta, position_offset);
+  table.cos = table.cos.to(device), table.sin = table.sin.to(device);
+  return tables->emplace(key, table).first->second;
+}
+
 // Rotates every (i, i + D/2) pair of x [B, H, T, D] by +angle (direction 1) or -angle (direction
 // -1). The table must be on x's device.
 inline Tensor rope_rotate(const Tensor& x, const RopeTable& table, float direction) {
@@ -71,9 +94,8 @@ inline Tensor rope(const Tensor& x, float theta = 10000.0f, int64_t position_off
   REX_CHECK(x.rank() == 4, "rope: expected x of shape [B, H, T, D], got ", x.shape());
   REX_CHECK(x.dim(3) % 2 == 0, "rope: the head size D must be even, got x ", x.shape());
   REX_CHECK(theta > 0.0f, "rope: theta must be positive, got ", theta);
-  // Built on the host in double precision, then copied once to x's device (the backward reuses it).
-  detail::RopeTable table = detail::rope_table(x.dim(2), x.dim(3), theta, position_offset);
-  table.cos = table.cos.to(x.device()), table.sin = table.sin.to(x.device());
+  const detail::RopeTable table =
+      detail::cached_rope_table(x.dim(2), x.dim(3), theta, position_offset, x.device());
   return detail::record(detail::rope_rotate(x, table, 1.0f), "rope", {x}, [table](const Tensor& g) {
     return detail::GradList{detail::rope_rotate(g, table, -1.0f)};
   });

@@ -31,12 +31,22 @@ inline double clip_grad_norm(const std::vector<Parameter>& params, double max_no
     // Eigen's vectorised reduction: a fixed summation tree, so the same on every run.
     own[i] = detail::ConstArrayMap(g.data<float>(), g.numel()).cast<double>().square().sum();
   }
-  // CUDA gradients: a deterministic double reduction per tensor in rex::cuda (one at a time: the
-  // kernels share the stream).
+  // CUDA gradients: a deterministic double reduction per tensor in rex::cuda, all read back to
+  // the host together (one synchronisation for the whole step).
+  std::vector<const float*> cuda_arrays;
+  std::vector<int64_t> cuda_sizes, cuda_positions;
   for (int64_t i = 0; i < count; ++i) {
     const Tensor g = params[i].tensor.grad();
-    if (g.defined() && detail::on_cuda(g))
-      own[i] = detail::cuda_backend().sum_squares(g.device_data<float>(), g.numel());
+    if (!g.defined() || !detail::on_cuda(g)) continue;
+    cuda_arrays.push_back(g.device_data<float>());
+    cuda_sizes.push_back(g.numel());
+    cuda_positions.push_back(i);
+  }
+  if (!cuda_arrays.empty()) {
+    std::vector<double> cuda_sums(cuda_arrays.size());
+    detail::cuda_backend().sum_squares(cuda_arrays.data(), cuda_sizes.data(),
+                                       static_cast<int64_t>(cuda_arrays.size()), cuda_sums.data());
+    for (size_t j = 0; j < cuda_sums.size(); ++j) own[cuda_positions[j]] = cuda_sums[j];
   }
   double sum_sq = 0.0;
   const Parameter* first_non_finite = nullptr;

@@ -153,8 +153,11 @@ struct CudaBackend {
   // eps)
   void (*adamw)(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
                 const AdamWScalars& scalars);
-  // Sum of squares in double with a fixed reduction tree (deterministic); returns to the host.
-  double (*sum_squares)(const float* x, int64_t n);
+  // host_sums[i] = the sum of squares of the host_sizes[i] floats at host_arrays[i] (device
+  // pointers, in a host array), in double with a fixed reduction tree (deterministic), for `count`
+  // arrays; all come to the host in one copy, after one synchronisation.
+  void (*sum_squares)(const float* const* host_arrays, const int64_t* host_sizes, int64_t count,
+                      double* host_sums);
 };
 
 }  // namespace rex::detail
