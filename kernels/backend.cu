@@ -11,6 +11,7 @@ const rex::detail::CudaBackend& backend() {
     detail::register_elementwise(t);
     detail::register_reduce(t);
     detail::register_index(t);
+    detail::register_routing(t);
     detail::register_attention(t);
     detail::register_gemm(t);
     detail::register_optim(t);

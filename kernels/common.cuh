@@ -101,6 +101,7 @@ void register_memory(rex::detail::CudaBackend& table);
 void register_elementwise(rex::detail::CudaBackend& table);
 void register_reduce(rex::detail::CudaBackend& table);
 void register_index(rex::detail::CudaBackend& table);
+void register_routing(rex::detail::CudaBackend& table);
 void register_attention(rex::detail::CudaBackend& table);
 void register_gemm(rex::detail::CudaBackend& table);
 void register_optim(rex::detail::CudaBackend& table);

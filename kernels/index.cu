@@ -69,6 +69,12 @@ void gather_rows(const float* x, const int32_t* index, float* out, int64_t m, in
   REX_LAUNCH(gather_rows_kernel, blocks_for(m * d), kThreads, 0, x, index, out, m, d);
 }
 
+// gather_rows for indices rex made itself (the MoE routing plan): no check kernel, no read-back.
+void gather_rows_unchecked(const float* x, const int32_t* index, float* out, int64_t m, int64_t d) {
+  if (m == 0 || d == 0) return;
+  REX_LAUNCH(gather_rows_kernel, blocks_for(m * d), kThreads, 0, x, index, out, m, d);
+}
+
 // ---- scatter_add_rows ----
 
 // Output row r sums src rows order[offsets[r]], ..., order[offsets[r + 1] - 1] in that order.
@@ -259,6 +265,7 @@ void rope(const float* x, const float* cos, const float* sin, float* y, int64_t 
 
 void register_index(rex::detail::CudaBackend& table) {
   table.gather_rows = gather_rows;
+  table.gather_rows_unchecked = gather_rows_unchecked;
   table.scatter_add_rows = scatter_add_rows;
   table.topk = topk;
   table.topk_backward = topk_backward;

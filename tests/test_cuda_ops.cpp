@@ -871,7 +871,31 @@ TEST_CASE("cuda ops: permute_rows, and the MoE dispatch that permutes back with 
       "permute_rows", {param({n, 7}, gen), constant(order), constant(inverse)},
       [](const auto& t) { return permute_rows(t[0], t[1], t[2]); }, 0.0);
 
-  // The plan is built on the host either way; on CUDA its orderings come back to the device.
+  // The routing plan: sorted on the device for CUDA indices, on the host for CPU ones; the same
+  // plan either way, also over several of the device sort's 256-slot chunks (and an expert that
+  // gets nothing). The dispatch's row moves then agree exactly, gradients included (the gather's
+  // backward sums each token's rows in the same order on both).
+  {
+    const int64_t many_tokens = 300, many_k = 3, many_pool = 7;
+    const Tensor many = ids_tensor({many_tokens, many_k}, many_pool - 1, gen);
+    const nn::RoutingPlan cpu_plan = nn::plan_routing(many, many_pool);
+    const nn::RoutingPlan gpu_plan = nn::plan_routing(many.to(kGpu), many_pool);
+    CHECK(gpu_plan.offsets == cpu_plan.offsets);
+    CHECK(gpu_plan.counts.back() == 0);
+    CHECK(gpu_plan.sorted_slots.to(Device::cpu()).to_vector<int32_t>() ==
+          cpu_plan.sorted_slots.to_vector<int32_t>());
+    CHECK(gpu_plan.slot_positions.to(Device::cpu()).to_vector<int32_t>() ==
+          cpu_plan.slot_positions.to_vector<int32_t>());
+    compare_op(
+        "dispatch_rows and unsort_rows", {param({many_tokens, 33}, gen), constant(many)},
+        [&](const auto& t) {
+          const nn::RoutingPlan plan = nn::plan_routing(t[1], many_pool);
+          return unsort_rows(dispatch_rows(t[0], plan) * 2.0f, plan);
+        },
+        0.0);
+  }
+
+  // The small plan of the dispatch below.
   const int64_t tokens = 9, k = 2, pool = 5, d = 6;
   const Tensor indices = ids_tensor({tokens, k}, pool - 1, gen);  // expert 4 gets nothing
   const nn::RoutingPlan on_cpu = nn::plan_routing(indices, pool);

@@ -637,7 +637,7 @@ TEST_CASE("plan_routing: slots counting-sorted by expert, their inverse, segment
   const std::string msg = error_message([] {
     nn::plan_routing(from_vector<int32_t>({0, 5}, Shape{1, 2}), 5);
   });
-  CHECK(msg.find("plan_routing: expert index 5 at slot 1 is outside the table of 5") !=
+  CHECK(msg.find("sort_slots_by_expert: expert index 5 at slot 1 is outside the table of 5") !=
         std::string::npos);
 }
 

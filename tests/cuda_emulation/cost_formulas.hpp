@@ -345,6 +345,67 @@ inline KernelCounts topk_backward(i64 rows, i64 n, i64 top) {
   return k;
 }
 
+// route_count_kernel: a block per expert reads every slot's expert (int32) once, its warps' counts
+// meet in shared memory, thread 0 writes the count.
+inline KernelCounts route_count(i64 slots, i64 pool) {
+  KernelCounts k;
+  for (i64 e = 0; e < pool; ++e) load_stream(k, slots);
+  block_reduce(k, pool, 256);
+  k.shared.load_requests -= static_cast<uint64_t>(pool) * 8 * 8;  // only thread 0 reads them
+  k.shared.load_wavefronts -= static_cast<uint64_t>(pool) * 8 * 8;
+  k.shared.load_requests += static_cast<uint64_t>(pool) * 8;
+  k.shared.load_wavefronts += static_cast<uint64_t>(pool) * 8;
+  store_per_row(k, pool, 1, 8);
+  return k;
+}
+
+// route_scatter_kernel: a block per expert sums the counts before it (thread 0), then walks the
+// slots 256 at a time: every slot's expert read, warp counts through shared memory, and for each
+// warp holding some of the expert's m slots, three stores: the m sorted positions (contiguous),
+// the m slots' positions (where the slots are), the m tokens. Which warps hold how many depends on
+// the routing; this takes it uniform (each slot's expert equally likely), so the stores are an
+// expectation.
+inline KernelCounts route_scatter(i64 slots, i64 pool) {
+  KernelCounts k;
+  for (i64 e = 0; e < pool; ++e) load_stream(k, slots);
+  load_per_row(k, pool * (pool - 1) / 2, 1, 8);  // the counts before each expert
+  // Shared, per block: the start position (written once, then read by every warp and updated by
+  // thread 0 per chunk); per chunk the warps' counts, written by lane 0 and read by every warp.
+  const uint64_t chunks = ceil_div(slots, 256);
+  const uint64_t stores = pool * (1 + chunks * (8 + 1)), loads = pool * chunks * (8 + 8 * 8 + 1);
+  k.shared.store_requests += stores;
+  k.shared.store_wavefronts += stores;
+  k.shared.load_requests += loads;
+  k.shared.load_wavefronts += loads;
+  const double q = 1.0 / static_cast<double>(pool);
+  double requests = 0, sectors = 0;
+  for (i64 first = 0; first < slots; first += 32) {  // the warps, each of its active lanes
+    const auto lanes = static_cast<double>(std::min<i64>(32, slots - first));
+    const double holds = 1 - std::pow(1 - q, lanes);
+    requests += 3 * holds;
+    sectors += 2 * (holds + (lanes * q - holds) / 8);  // sorted slots and tokens
+    sectors += std::ceil(lanes / 8) * (1 - std::pow(1 - q, std::min(8.0, lanes)));  // positions
+  }
+  k.global.store_requests +=
+      static_cast<uint64_t>(std::llround(requests * static_cast<double>(pool)));
+  k.global.store_sectors +=
+      static_cast<uint64_t>(std::llround(sectors * static_cast<double>(pool)));
+  k.global.store_bytes += static_cast<uint64_t>(slots * 12);
+  return k;
+}
+
+// gather_sum_rows_kernel: dx [tokens, d], each element reading its token's k positions (the same
+// for a warp) and the k rows' elements at them.
+inline KernelCounts gather_sum_rows(i64 tokens, i64 top, i64 d) {
+  KernelCounts k;
+  for (i64 j = 0; j < top; ++j) {
+    load_broadcast(k, tokens * d);
+    load_stream(k, tokens * d);
+  }
+  store_stream(k, tokens * d);
+  return k;
+}
+
 // The number of (query, key) pairs causal attention visits: B H T (T + 1) / 2.
 inline i64 causal_pairs(i64 batch_heads, i64 time) { return batch_heads * time * (time + 1) / 2; }
 
@@ -586,9 +647,9 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     permute(M * D);
     linear(M, D, D);
     add(M * D);
-    // MoE: the router and its softmax, top-k, the routing plan on the host (indices down, three
-    // orderings up), the gather into expert order, the experts, the permutation back and the
-    // gated sum over k.
+    // MoE: the router and its softmax, top-k, the routing plan on the device (its counts read
+    // back), the gather into expert order, the experts, the permutation back and the gated sum
+    // over k.
     rms_norm(M);
     linear(M, D, P);
     KernelCounts softmax = row_kernel(M, P, 3, 1, 2);
@@ -599,13 +660,14 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     softmax.arithmetic.f64_flops = static_cast<uint64_t>(M * (P + 5 * row_threads(P)));
     plan.launch("softmax_kernel", softmax);
     plan.launch("topk_kernel", topk(M, P, K));
-    plan.read_back();
-    plan.upload(3);
-    gather(routed, D);
+    plan.launch("route_count_kernel", route_count(routed, P));
+    plan.read_back();  // the experts' counts
+    plan.launch("route_scatter_kernel", route_scatter(routed, P));
+    plan.launch("gather_rows_kernel", gather_rows(routed, D));  // into expert order
     per_expert(D, F, 2);
     plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
     per_expert(F, D, 1);
-    gather(routed, D);
+    plan.launch("gather_rows_kernel", gather_rows(routed, D));  // back to slot order
     plan.launch("binary_strided_kernel", binary_strided(routed, D, false));
     plan.launch("fill32_kernel", elementwise(M * D, 0, 0));
     plan.launch("sum_middle_kernel", sum_middle(M, K, D));
@@ -676,7 +738,7 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     // The experts back: the permutation's inverse, SwiGLU recomputed, the down, SwiGLU's and the
     // gate and up products' backward; from the second layer of a table on, each expert's three
     // weight gradients are added to the table's.
-    gather(routed, D);
+    plan.launch("gather_rows_kernel", gather_rows(routed, D));
     plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
     per_expert(F, D, 2);
     KernelCounts swiglu_backward = elementwise(routed * F, 3, 0);  // a, b, g in; da out
@@ -685,11 +747,8 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     per_expert(D, F, 4);
     if (layer % moe.reuse != moe.reuse - 1 && layer != L - 1)
       plan.launch("binary_flat_kernel", elementwise(F * D, 2, 0), static_cast<uint64_t>(3 * P));
-    // The gather into expert order, back: a scatter-add planned on the host.
-    plan.read_back();
-    plan.upload(2);
-    plan.counts.stream_synchronizations -= 1;  // one synchronize after both uploads
-    plan.launch("scatter_add_rows_kernel", scatter_add_rows(M, routed, D));
+    // The gather into expert order, back: each token's k rows summed in sorted order.
+    plan.launch("gather_sum_rows_kernel", gather_sum_rows(M, K, D));
     add(M * D);
     rms_norm_backward(M);
     add(M * D);

@@ -2,7 +2,9 @@
 // for each config given, trains 2 steps on the emulated device, counts the second with its kernel
 // work, and compares it with the formulas kernel by kernel. A kernel's launches must agree
 // exactly; its global sectors, shared wavefronts and arithmetic (FLOPs and special functions,
-// checked where they could bound it: at least a fifth of its memory time) within 5%. The step's
+// checked where they could bound it: at least a fifth of its memory time) within 5%, except
+// route_scatter_kernel's sectors, within 25%: its stores depend on how the routing spreads the
+// slots, which its formula takes to be uniform. The step's
 // launches, host waits, cuBLAS calls and FLOPs must agree exactly, except the FLOPs and the
 // per-shape split, which depend on how the routing spreads the tokens (the sum does not).
 // Usage: cost_formulas_check WORK_DIR [--set KEY=VALUE ...] [-- next config's --set ...]
@@ -47,7 +49,11 @@ int compare_kernel(const std::string& name, const KernelCounts& counted,
   const double formula_flops =
       static_cast<double>(formula.arithmetic.f32_flops + formula.arithmetic.f64_flops);
   check("launches", counted.launches, formula.launches, true);
-  check("sectors", counted.global.sectors(), formula.global.sectors(), true);
+  const double sector_tolerance = name == "route_scatter_kernel" ? 0.25 : 0.05;
+  if (!within(counted.global.sectors(), formula.global.sectors(), sector_tolerance)) {
+    ++failures;
+    problems += " sectors";
+  }
   check("wavefronts", counted.shared.wavefronts(), formula.shared.wavefronts(), shared_matters);
   check("FLOPs", flops, formula_flops, arithmetic_matters);
   check("special", counted.arithmetic.special_functions, formula.arithmetic.special_functions,

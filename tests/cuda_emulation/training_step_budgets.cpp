@@ -23,7 +23,7 @@ namespace {
 struct Budget {
   uint64_t launches, host_waits;
 };
-constexpr Budget kBudgets[] = {{576, 113}, {558, 113}};
+constexpr Budget kBudgets[] = {{572, 45}, {554, 45}};
 constexpr int kSteps = 3;
 
 }  // namespace

@@ -15,12 +15,12 @@
 // times in the graph, so its gradient is the sum of every use (leaf gradients accumulate).
 //
 // Dispatch (dropless, deterministic, no capacity factor): plan_routing counting-sorts the T*k
-// (token, slot) pairs by expert, the token rows are gathered in that order, each non-empty expert
-// runs its SwiGLU on its contiguous segment (grouped_swiglu, rex/ops/moe.hpp), the outputs are
-// permuted back to slot order [T, k, d] (permute_rows: each slot gets exactly one row) and reduced
-// over k with the gates. Backward is the same graph read backwards: the gather's backward
-// scatter-adds into the tokens, the permutation's is the inverse permutation, gate gradients are
-// row dot products, weight gradients X^T dY per segment.
+// (token, slot) pairs by expert (on the tensors' device), the token rows are gathered in that order
+// (dispatch_rows), each non-empty expert runs its SwiGLU on its contiguous segment (grouped_swiglu,
+// rex/ops/moe.hpp), the outputs are put back in slot order [T, k, d] (unsort_rows: each slot gets
+// exactly one row) and reduced over k with the gates. Backward is the same graph read backwards:
+// the gather's backward sums each token's k rows in sorted order, the permutation's is the inverse
+// permutation, gate gradients are row dot products, weight gradients X^T dY per segment.
 //
 // Losses over the pool of size P, with f_i the share of the T*k routed slots sent to expert i and
 // p_i the mean router probability of expert i over the T tokens (f from the whole step's batch
@@ -34,7 +34,6 @@
 #include <utility>
 #include <vector>
 
-#include "rex/backend/counting_sort.hpp"
 #include "rex/nn/config.hpp"
 #include "rex/nn/layers.hpp"
 #include "rex/nn/psr.hpp"
@@ -91,46 +90,20 @@ struct RoutingStep {
 };
 
 // The routing plan of one step: the T*k slots (slot s = t k + j is token t's j-th choice)
-// counting-sorted by expert, so that expert e's slots are the contiguous sorted positions
-// [offsets[e], offsets[e + 1]), in token order.
-struct RoutingPlan {
+// counting-sorted by expert (SlotOrder, rex/ops/moe.hpp), so that expert e's slots are the
+// contiguous sorted positions [offsets[e], offsets[e + 1]), in token order.
+struct RoutingPlan : SlotOrder {
   std::vector<int64_t> offsets;  // [P + 1], on the host: the grouped GEMMs' segments
-  std::vector<int64_t> counts;   // [P]: slots routed to each expert
-  Tensor sorted_slots;           // [T k] i32: the slot at each sorted position
-  Tensor slot_positions;         // [T k] i32: each slot's sorted position (the inverse)
-  Tensor sorted_tokens;          // [T k] i32: the token at each sorted position
 };
 
-// The plan for indices [T, k] i32 with values in [0, pool). Built on the host: on CUDA the
-// per-expert GEMM sizes must be known there anyway, so the indices come over once and the three
-// orderings go back.
+// The plan for indices [T, k] i32 with values in [0, pool), on the indices' device: on CUDA the
+// sort runs on the device and only the expert counts come to the host (the per-expert GEMM sizes
+// are needed there), one synchronisation per layer.
 inline RoutingPlan plan_routing(const Tensor& indices, int64_t pool) {
-  detail::check_i32("plan_routing", indices);
-  REX_CHECK(indices.rank() == 2, "plan_routing: expected indices [T, k], got ", indices.shape());
-  const int64_t k = indices.dim(1), slots = indices.numel();
-  const Tensor host_indices = indices.to(Device::cpu());  // itself on the CPU
-  detail::BucketOrder by_expert = detail::counting_sort(
-      host_indices.data<int32_t>(), slots, pool, [pool](int32_t e, int64_t s) {
-        throw Error(detail::concat("plan_routing: expert index ", e, " at slot ", s,
-                                   " is outside the table of ", pool));
-      });
   RoutingPlan plan;
-  plan.offsets = std::move(by_expert.offsets);
-  for (int64_t e = 0; e < pool; ++e) plan.counts.push_back(plan.offsets[e + 1] - plan.offsets[e]);
-  plan.sorted_slots = Tensor::empty({slots}, DType::i32);
-  plan.slot_positions = Tensor::empty({slots}, DType::i32);
-  plan.sorted_tokens = Tensor::empty({slots}, DType::i32);
-  int32_t* slot_at = plan.sorted_slots.data<int32_t>();
-  int32_t* position_of = plan.slot_positions.data<int32_t>();
-  int32_t* token_at = plan.sorted_tokens.data<int32_t>();
-  for (int64_t p = 0; p < slots; ++p) {
-    const int64_t s = by_expert.order[static_cast<size_t>(p)];
-    slot_at[p] = static_cast<int32_t>(s);
-    position_of[s] = static_cast<int32_t>(p);
-    token_at[p] = static_cast<int32_t>(s / k);
-  }
-  for (Tensor* t : {&plan.sorted_slots, &plan.slot_positions, &plan.sorted_tokens})
-    *t = t->to(indices.device());
+  static_cast<SlotOrder&>(plan) = sort_slots_by_expert(indices, pool);
+  plan.offsets.assign(1, 0);
+  for (const int64_t c : plan.counts) plan.offsets.push_back(plan.offsets.back() + c);
   return plan;
 }
 
@@ -146,10 +119,9 @@ inline Tensor dispatch_experts(const Tensor& x, const Tensor& indices, const Ten
   const int64_t tokens = x.dim(0), k = indices.dim(1), d = x.dim(1);
   const RoutingPlan plan = plan_routing(indices, table.size());
   if (counts) *counts = plan.counts;
-  const Tensor y_sorted =
-      grouped_swiglu(gather_rows(x, plan.sorted_tokens), plan.offsets, table.gate_weights(),
-                     table.up_weights(), table.down_weights());
-  const Tensor y_slots = permute_rows(y_sorted, plan.slot_positions, plan.sorted_slots);
+  const Tensor y_sorted = grouped_swiglu(dispatch_rows(x, plan), plan.offsets, table.gate_weights(),
+                                         table.up_weights(), table.down_weights());
+  const Tensor y_slots = unsort_rows(y_sorted, plan);
   return sum(reshape(y_slots, {tokens, k, d}) * reshape(gates, {tokens, k, 1}), 1);
 }
 

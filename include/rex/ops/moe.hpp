@@ -14,11 +14,20 @@
 // rows (rex/backend/cuda/dispatch.hpp). An empty segment costs nothing, and its expert gets no
 // gradient. The composed form — slice, three matmuls, silu, mul, concat — is what
 // nn::dispatch_experts's tests check this against, through the naive per-token MoE loop.
+//
+// Also here, the routing plan's device work: sort_slots_by_expert (the stable counting sort of the
+// T k slots by expert: on the host for CPU tensors, by kernels for CUDA ones, which then send only
+// the counts to the host) and the two row moves of the dispatch, which trust their indices (rex
+// built them): dispatch_rows gathers each slot's token row into expert order, and its backward sums
+// each token's k rows in increasing sorted position (the order a scatter-add would use, so the
+// bits are the same, without the host); unsort_rows puts the sorted rows back in slot order.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "rex/backend/counting_sort.hpp"
 #include "rex/backend/cpu/gemm.hpp"
 #include "rex/backend/cuda/dispatch.hpp"
 #include "rex/ops/common.hpp"
@@ -96,7 +105,119 @@ inline GradList grouped_swiglu_grads(const Tensor& g, const Tensor& x,
   return grads;
 }
 
+// The rows of x at `index` (m rows of d), trusting the indices.
+inline Tensor gather_rows_trusted(const Tensor& x, const Tensor& index) {
+  const int64_t m = index.numel(), d = x.dim(1);
+  Tensor out = Tensor::empty(Shape{m, d}, DType::f32, x.device());
+  if (on_cuda(x)) {
+    cuda_backend().gather_rows_unchecked(x.device_data<float>(), index.device_data<int32_t>(),
+                                         out.device_data<float>(), m, d);
+    return out;
+  }
+  const float* px = x.data<float>();
+  const int32_t* pi = index.data<int32_t>();
+  float* po = out.data<float>();
+  for (int64_t i = 0; i < m; ++i) std::copy_n(px + pi[i] * d, d, po + i * d);
+  return out;
+}
+
+// dx [tokens, d]: row t sums g's rows at token t's k sorted positions, in increasing position.
+inline Tensor gather_sum_rows(const Tensor& g, const Tensor& slot_positions, int64_t tokens,
+                              int64_t k) {
+  const int64_t d = g.dim(1);
+  Tensor dx = Tensor::empty(Shape{tokens, d}, DType::f32, g.device());
+  if (on_cuda(g)) {
+    cuda_backend().gather_sum_rows(g.device_data<float>(), slot_positions.device_data<int32_t>(),
+                                   dx.device_data<float>(), tokens, k, d);
+    return dx;
+  }
+  const float* pg = g.data<float>();
+  const int32_t* positions = slot_positions.data<int32_t>();
+  float* px = dx.data<float>();
+  std::vector<int32_t> sorted(static_cast<size_t>(k));
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::copy_n(positions + t * k, k, sorted.begin());
+    std::sort(sorted.begin(), sorted.end());
+    float* row = px + t * d;
+    std::fill_n(row, d, 0.0f);
+    for (const int32_t p : sorted)
+      for (int64_t c = 0; c < d; ++c) row[c] += pg[p * d + c];
+  }
+  return dx;
+}
+
 }  // namespace detail
+
+// The T k slots of indices [T, k] (values in [0, pool)) stably sorted by expert.
+struct SlotOrder {
+  std::vector<int64_t> counts;  // [pool], on the host: slots routed to each expert
+  Tensor sorted_slots;          // [T k] i32: the slot at each sorted position
+  Tensor slot_positions;        // [T k] i32: each slot's sorted position (the inverse)
+  Tensor sorted_tokens;         // [T k] i32: the token of each sorted position
+};
+
+inline SlotOrder sort_slots_by_expert(const Tensor& indices, int64_t pool) {
+  detail::check_i32("sort_slots_by_expert", indices);
+  REX_CHECK(indices.rank() == 2, "sort_slots_by_expert: expected indices [T, k], got ",
+            indices.shape());
+  const int64_t k = indices.dim(1), slots = indices.numel();
+  SlotOrder out;
+  out.counts.assign(static_cast<size_t>(pool), 0);
+  for (Tensor* t : {&out.sorted_slots, &out.slot_positions, &out.sorted_tokens})
+    *t = Tensor::empty({slots}, DType::i32, indices.device());
+  if (detail::on_cuda(indices)) {
+    detail::cuda_backend().route(indices.device_data<int32_t>(), slots, k, pool,
+                                 out.sorted_slots.device_data<int32_t>(),
+                                 out.slot_positions.device_data<int32_t>(),
+                                 out.sorted_tokens.device_data<int32_t>(), out.counts.data());
+    int64_t routed = 0;
+    for (const int64_t c : out.counts) routed += c;
+    REX_CHECK(routed == slots, "sort_slots_by_expert: ", slots - routed, " of ", slots,
+              " slots name an expert outside the table of ", pool);
+    return out;
+  }
+  const detail::BucketOrder by_expert =
+      detail::counting_sort(indices.data<int32_t>(), slots, pool, [pool](int32_t e, int64_t s) {
+        throw Error(detail::concat("sort_slots_by_expert: expert index ", e, " at slot ", s,
+                                   " is outside the table of ", pool));
+      });
+  for (int64_t e = 0; e < pool; ++e)
+    out.counts[static_cast<size_t>(e)] = by_expert.offsets[e + 1] - by_expert.offsets[e];
+  int32_t* slot_at = out.sorted_slots.data<int32_t>();
+  int32_t* position_of = out.slot_positions.data<int32_t>();
+  int32_t* token_at = out.sorted_tokens.data<int32_t>();
+  for (int64_t p = 0; p < slots; ++p) {
+    const int64_t s = by_expert.order[static_cast<size_t>(p)];
+    slot_at[p] = static_cast<int32_t>(s);
+    position_of[s] = static_cast<int32_t>(p);
+    token_at[p] = static_cast<int32_t>(s / k);
+  }
+  return out;
+}
+
+// x [T, d] -> [T k, d]: the token row of every slot, in expert order (sorted_tokens).
+inline Tensor dispatch_rows(const Tensor& x, const SlotOrder& order) {
+  detail::check_f32("dispatch_rows", x);
+  const int64_t tokens = x.dim(0), k = order.sorted_tokens.numel() / std::max<int64_t>(tokens, 1);
+  REX_CHECK(x.rank() == 2 && tokens * k == order.sorted_tokens.numel(), "dispatch_rows: x ",
+            x.shape(), " does not have the plan's tokens");
+  return detail::record(detail::gather_rows_trusted(x, order.sorted_tokens), "dispatch_rows", {x},
+                        [positions = order.slot_positions, tokens, k](const Tensor& g) {
+                          return detail::GradList{detail::gather_sum_rows(g, positions, tokens, k)};
+                        });
+}
+
+// y_sorted [T k, d] in expert order -> [T k, d] in slot order (and back, for the gradient).
+inline Tensor unsort_rows(const Tensor& y_sorted, const SlotOrder& order) {
+  detail::check_f32("unsort_rows", y_sorted);
+  REX_CHECK(y_sorted.rank() == 2 && y_sorted.dim(0) == order.slot_positions.numel(),
+            "unsort_rows: rows ", y_sorted.shape(), " do not match the plan's ",
+            order.slot_positions.numel(), " slots");
+  return detail::record(detail::gather_rows_trusted(y_sorted, order.slot_positions), "unsort_rows",
+                        {y_sorted}, [sorted_slots = order.sorted_slots](const Tensor& g) {
+                          return detail::GradList{detail::gather_rows_trusted(g, sorted_slots)};
+                        });
+}
 
 inline Tensor grouped_swiglu(const Tensor& x, const std::vector<int64_t>& offsets,
                              const std::vector<Tensor>& gate, const std::vector<Tensor>& up,

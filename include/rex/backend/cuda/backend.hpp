@@ -109,10 +109,25 @@ struct CudaBackend {
   // (gather_rows or embedding).
   void (*gather_rows)(const float* x, const int32_t* index, float* out, int64_t m, int64_t d,
                       int64_t num_rows, const char* op);
+  // gather_rows for indices rex built itself (the MoE routing plan), trusted: no check.
+  void (*gather_rows_unchecked)(const float* x, const int32_t* index, float* out, int64_t m,
+                                int64_t d);
   // out [num_rows, d] = 0, then out[index[i]] += src[i] for i in increasing order (exactly the
   // CPU's order, so results are bit-identical run to run); bad indices throw.
   void (*scatter_add_rows)(const float* src, const int32_t* index, float* out, int64_t m, int64_t d,
                            int64_t num_rows);
+  // ---- the MoE routing plan (kernels/routing.cu) ----
+  // The `slots` entries of indices (slot s is token s / k's choice s % k, an expert in [0, pool))
+  // stably sorted by expert, as the host's counting sort: sorted_slots[p] is the slot at sorted
+  // position p, slot_positions its inverse, sorted_tokens[p] = sorted_slots[p] / k; host_counts
+  // [pool] receives each expert's slot count (one synchronisation).
+  void (*route)(const int32_t* indices, int64_t slots, int64_t k, int64_t pool,
+                int32_t* sorted_slots, int32_t* slot_positions, int32_t* sorted_tokens,
+                int64_t* host_counts);
+  // dx [tokens, d]: row t is the sum of g's rows at token t's k positions (positions [tokens, k]),
+  // added in increasing position from 0 (scatter_add_rows' order); k <= 32.
+  void (*gather_sum_rows)(const float* g, const int32_t* positions, float* dx, int64_t tokens,
+                          int64_t k, int64_t d);
   // Per row of n: the k largest values descending, ties to the lower position, NaN first.
   void (*topk)(const float* x, float* values, int32_t* indices, int64_t rows, int64_t n, int64_t k);
   // gx [rows, n] = 0 except gx[r, indices[r, j]] = g[r, j].

@@ -1,0 +1,125 @@
+// The MoE routing plan on the device, and the dispatch gather's backward.
+//
+// - route: the T k slots (slot s = t k + j, token t's j-th choice) sorted by expert, stably (in
+//   slot order within an expert), exactly as the host's counting sort
+//   (rex/backend/counting_sort.hpp) orders them, so both backends agree on the plan bit for bit.
+//   Two kernels of one block per expert: route_count_kernel counts the expert's slots (integer
+//   sums: exact in any order); route_scatter_kernel walks the slots in order, 256 at a time, and
+//   gives each of its slots the position offset + (its rank among the expert's slots so far) with a
+//   block-wide prefix count (warp ballots, then the warps' totals in shared memory). The offset is
+//   the sum of the counts of the experts before. The counts come to the host in one copy (one
+//   synchronisation a layer): the per-expert GEMM sizes are needed there. The indices are rex's own
+//   (top-k of the router), so there is no per-index check; the counts must add up to the slots,
+//   which the host checks.
+// - gather_sum_rows: dx[t] = the sum of g over the sorted positions of token t's k slots, added in
+//   increasing position, from 0: the order in which scatter_add_rows (and the CPU) add them, so the
+//   result is bit-identical to theirs, with no host work and no atomics. One thread per element of
+//   dx; a token's positions are read by a warp at once and sorted in registers (k <= 32).
+#include "common.cuh"
+
+namespace rex::cuda::detail {
+namespace {
+
+constexpr int kMaxTopK = 32;
+
+__global__ void route_count_kernel(const int32_t* indices, int64_t slots, int64_t* counts) {
+  __shared__ int64_t warp_total[kThreads / 32];
+  const int32_t expert = static_cast<int32_t>(blockIdx.x);
+  int64_t mine = 0;
+  for (int64_t s = threadIdx.x; s < slots; s += blockDim.x) mine += indices[s] == expert ? 1 : 0;
+  for (int offset = 16; offset > 0; offset /= 2)
+    mine += __shfl_down_sync(0xffffffffu, mine, offset);
+  if (threadIdx.x % 32 == 0) warp_total[threadIdx.x / 32] = mine;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t total = 0;
+    for (unsigned int w = 0; w < blockDim.x / 32; ++w) total += warp_total[w];
+    counts[expert] = total;
+  }
+}
+
+__global__ void route_scatter_kernel(const int32_t* indices, int64_t slots, int64_t k,
+                                     const int64_t* counts, int32_t* sorted_slots,
+                                     int32_t* slot_positions, int32_t* sorted_tokens) {
+  __shared__ int64_t start;  // the next free position of this expert
+  __shared__ int32_t warp_count[kThreads / 32];
+  const int32_t expert = static_cast<int32_t>(blockIdx.x);
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  if (threadIdx.x == 0) {
+    int64_t offset = 0;
+    for (int32_t e = 0; e < expert; ++e) offset += counts[e];
+    start = offset;
+  }
+  for (int64_t first = 0; first < slots; first += blockDim.x) {
+    const int64_t s = first + threadIdx.x;
+    const bool mine = s < slots && indices[s] == expert;
+    const unsigned int ballot = __ballot_sync(0xffffffffu, mine);
+    if (lane == 0) warp_count[warp] = __popc(ballot);
+    __syncthreads();  // start and the warps' counts are published
+    int64_t position = start, chunk = 0;
+    for (unsigned int w = 0; w < blockDim.x / 32; ++w) {
+      const int64_t count = warp_count[w];
+      if (w < static_cast<unsigned int>(warp)) position += count;
+      chunk += count;
+    }
+    position += __popc(ballot & ((1u << lane) - 1u));
+    if (mine) {
+      sorted_slots[position] = static_cast<int32_t>(s);
+      slot_positions[s] = static_cast<int32_t>(position);
+      sorted_tokens[position] = static_cast<int32_t>(s / k);
+    }
+    __syncthreads();  // every thread has read start and the counts
+    if (threadIdx.x == 0) start += chunk;
+  }
+}
+
+void route(const int32_t* indices, int64_t slots, int64_t k, int64_t pool, int32_t* sorted_slots,
+           int32_t* slot_positions, int32_t* sorted_tokens, int64_t* host_counts) {
+  if (pool == 0) return;
+  const Scratch counts(static_cast<size_t>(pool) * sizeof(int64_t));
+  const auto blocks = static_cast<unsigned int>(pool);
+  REX_LAUNCH(route_count_kernel, blocks, kThreads, 0, indices, slots, counts.as<int64_t>());
+  REX_CUDA(cudaMemcpyAsync(host_counts, counts.as<int64_t>(),
+                           static_cast<size_t>(pool) * sizeof(int64_t), cudaMemcpyDeviceToHost,
+                           stream()));
+  if (slots > 0)
+    REX_LAUNCH(route_scatter_kernel, blocks, kThreads, 0, indices, slots, k, counts.as<int64_t>(),
+               sorted_slots, slot_positions, sorted_tokens);
+  REX_CUDA(cudaStreamSynchronize(stream()));
+}
+
+__global__ void gather_sum_rows_kernel(const float* g, const int32_t* positions, float* dx,
+                                       int64_t tokens, int64_t k, int64_t d) {
+  const int64_t total = tokens * d;
+  for (int64_t e = thread_index(); e < total; e += thread_count()) {
+    const int64_t t = e / d, column = e - t * d;
+    int32_t sorted[kMaxTopK];
+    for (int64_t j = 0; j < k; ++j) {  // insertion sort of the token's k positions
+      const int32_t p = positions[t * k + j];
+      int64_t at = j;
+      for (; at > 0 && sorted[at - 1] > p; --at) sorted[at] = sorted[at - 1];
+      sorted[at] = p;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < k; ++j) sum += g[static_cast<int64_t>(sorted[j]) * d + column];
+    dx[e] = sum;
+  }
+}
+
+void gather_sum_rows(const float* g, const int32_t* positions, float* dx, int64_t tokens, int64_t k,
+                     int64_t d) {
+  REX_CHECK(k >= 1 && k <= kMaxTopK, "gather_sum_rows: k = ", k, " is outside [1, ", kMaxTopK,
+            "] (the CUDA backend routes each token to at most ", kMaxTopK, " experts)");
+  if (tokens == 0 || d == 0) return;
+  REX_LAUNCH(gather_sum_rows_kernel, blocks_for(tokens * d), kThreads, 0, g, positions, dx, tokens,
+             k, d);
+}
+
+}  // namespace
+
+void register_routing(rex::detail::CudaBackend& table) {
+  table.route = route;
+  table.gather_sum_rows = gather_sum_rows;
+}
+
+}  // namespace rex::cuda::detail
