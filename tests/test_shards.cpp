@@ -104,6 +104,15 @@ TEST_CASE("token shards: ids read back equal the ids written (llm.c uint16, uint
   CHECK(data::scan_tokens(stream).largest == largest);
 }
 
+TEST_CASE(
+    "llmc_shard_bytes writes what the independent writer writes: uint16, uint32 above 65535") {
+  const std::vector<int32_t> narrow = {0, 7, 65535, 300};
+  CHECK(data::llmc_shard_bytes(narrow.data(), narrow.size()) == llmc_shard({0, 7, 65535, 300}, 1));
+  const std::vector<int32_t> wide = {65536, 1, 100000};
+  CHECK(data::llmc_shard_bytes(wide.data(), wide.size()) == llmc_shard({65536, 1, 100000}, 2));
+  CHECK(contains(error_message([&] { data::llmc_shard_bytes(narrow.data(), 0); }), "0 tokens"));
+}
+
 TEST_CASE("TokenStream: copy and slice across pieces equal the concatenated ids") {
   Generator gen(9);
   const std::vector<std::vector<int64_t>> parts = {random_ids(gen, 5, 100), random_ids(gen, 1, 100),

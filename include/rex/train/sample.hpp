@@ -34,14 +34,16 @@ inline int32_t sample_token(const float* logits, int64_t vocab, double temperatu
 }
 
 // The n characters that continue `prompt` (which must not be empty).
-inline std::string generate(const nn::TransformerLM& model, const data::CharTokenizer& tok,
+inline std::string generate(const nn::TransformerLM& model, const data::Tokenizer& tok,
                             const std::string& prompt, int64_t n, double temperature, uint64_t seed,
                             const nn::RoutingStep& at) {
   REX_CHECK(!prompt.empty(), "generate: the prompt must not be empty");
   NoGradGuard no_grad;
   Generator gen(seed);
   std::vector<int32_t> ids = tok.encode(prompt);
+  // Only the tokenizer's ids are drawn; the model's vocabulary may be padded beyond them.
   const int64_t context = model.config().context, vocab = tok.vocab_size();
+  const int64_t stride = model.config().vocab_size;
   const Device device = model.named_parameters().front().second.device();
   std::vector<int32_t> produced;
   for (int64_t i = 0; i < n; ++i) {
@@ -51,7 +53,7 @@ inline std::string generate(const nn::TransformerLM& model, const data::CharToke
     const Tensor logits = model.forward(from_vector(window, {1, time}).to(device), Tensor(), at)
                               .logits.to(Device::cpu());
     const int32_t next =
-        sample_token(logits.data<float>() + (time - 1) * vocab, vocab, temperature, gen);
+        sample_token(logits.data<float>() + (time - 1) * stride, vocab, temperature, gen);
     ids.push_back(next);
     produced.push_back(next);
   }
