@@ -236,6 +236,9 @@ TEST_CASE(
   };
   const json good = tokenizer_file({"ab"}, {"a b"});
   CHECK_NOTHROW(BpeTokenizer::from_json(good, "bad.json"));
+  json no_type = good;  // GPT-2's file names no model type: the library infers BPE from the keys
+  no_type["model"].erase("type");
+  CHECK(BpeTokenizer::from_json(no_type, "gpt2.json").encode("ab") == std::vector<int32_t>{256});
   auto with = [&](const std::string& pointer, const json& value) {
     json j = good;
     j[json::json_pointer(pointer)] = value;

@@ -5,6 +5,8 @@
 #    (Latin-1 and CJK letters, digits, Unicode white space, punctuation, contractions); the library
 #    loads rex's tokenizer.json and encodes each text to exactly the ids of rex's shards, and
 #    decodes them back to the text;
+#  - rex's tokenizer rewritten in the layout of GPT-2's file (no model type, an <|endoftext|> added
+#    token, a ByteLevel post-processor) encodes a text with end-of-text markers as the library does;
 #  - the library trains ByteLevel BPE tokenizers (with an added <|endoftext|> token, with and
 #    without add_prefix_space) and rex (prepare_shards --tokenizer) encodes texts to exactly the
 #    library's ids, <|endoftext|> included.
@@ -84,6 +86,27 @@ for case in "$corpus 1024" "mixed.txt 400"; do
   "$python" compare.py "$out/tokenizer.json" "$1" "$out" roundtrip ||
     fail "the library does not encode $1 as rex does"
 done
+
+# GPT-2's layout (no model type, "" affixes, a ByteLevel post-processor, <|endoftext|> as the last
+# id), made from rex's tokenizer: the library and rex encode the text with end-of-text markers alike.
+"$python" - "rex_$(basename "$corpus" .txt)/tokenizer.json" << 'PY' || fail "writing the GPT-2 layout"
+import json, sys
+t = json.load(open(sys.argv[1], encoding="utf-8"))
+model = t["model"]
+del model["type"], model["byte_fallback"], model["ignore_merges"]
+model.update(continuing_subword_prefix="", end_of_word_suffix="")
+eot = len(model["vocab"])
+model["vocab"]["<|endoftext|>"] = eot
+t["added_tokens"] = [{"id": eot, "special": True, "content": "<|endoftext|>", "single_word": False,
+                      "lstrip": False, "rstrip": False, "normalized": True}]
+t["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
+t["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False}
+json.dump(t, open("gpt2_layout.json", "w", encoding="utf-8"), ensure_ascii=False)
+PY
+"$prepare" --input eot.txt --out gpt2_eot --tokenizer gpt2_layout.json > gpt2_eot.log 2>&1 ||
+  fail "prepare_shards --tokenizer gpt2_layout.json: $(cat gpt2_eot.log)"
+"$python" compare.py gpt2_layout.json eot.txt gpt2_eot no ||
+  fail "rex does not encode eot.txt with GPT-2's layout as the library does"
 
 # The library trains, rex encodes.
 for prefix in False True; do

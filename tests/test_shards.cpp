@@ -323,6 +323,28 @@ TEST_CASE("take_vocab_size: token shards need model.vocab_size above their large
   CHECK(config.model.vocab_size == 4001);
 }
 
+TEST_CASE("take_vocab_size with a BPE tokenizer: 0 takes its size, more is allowed, less refused") {
+  train::Corpus corpus;
+  corpus.text = true;
+  corpus.tokenizer = data::BpeTokenizer::train("ab ab ab ac", 300);  // 256 bytes + 4 merges
+  train::RunConfig config;
+  config.data.tokenizer = "tok.json";
+  train::take_vocab_size(config, corpus);
+  CHECK(config.model.vocab_size == 260);
+  config.model.vocab_size = 320;  // padded, as llm.c pads GPT-2's
+  train::take_vocab_size(config, corpus);
+  CHECK(config.model.vocab_size == 320);
+  config.model.vocab_size = 200;
+  CHECK(contains(error_message([&] { train::take_vocab_size(config, corpus); }),
+                 "config: model.vocab_size is 200 but tok.json has 260 tokens; expected at least"));
+  corpus.text = false;  // token shards made with the tokenizer: their ids must fit too
+  corpus.largest_token = 330;
+  corpus.largest_token_at = "s.bin at byte offset 1030";
+  config.model.vocab_size = 320;
+  CHECK(contains(error_message([&] { train::take_vocab_size(config, corpus); }),
+                 "s.bin at byte offset 1030: token id 330 is not below model.vocab_size 320"));
+}
+
 TEST_CASE("resolve_data_format: auto reads a folder, a glob, the llm.c magic and *.bin as shards") {
   testing::TempDir dir("shards_format");
   io::write_file_atomic(dir.file("text.txt"), "some text\n");

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end tests of a byte-level BPE tokenizer in examples/train_tiny_rex, with the tokenizer and
 # llm.c shards that examples/prepare_shards makes from a small text:
-#  - prepare_shards writes tokenizer.json and shards holding as many tokens as it reports;
+#  - prepare_shards writes tokenizer.json and shards holding as many tokens as it reports, and
+#    refuses bad options (exit 1, nothing written);
 #  - a run on the text with data.tokenizer = that tokenizer.json counts the same tokens, takes
 #    model.vocab_size from it, keeps a byte-identical copy as tokenizer.json in its folder (no
 #    vocab.json) and in its checkpoint: with the original file gone, a run stopped at step 3 resumes
@@ -25,6 +26,16 @@ shard_sum=$(sed -nE 's/^bpe\/data_(train|val)_[0-9]+\.bin: ([0-9]+) tokens$/\2/p
   fail "prepare_shards reported $total tokens but its shards hold $shard_sum: $(cat prepare.log)"
 [ "$(ls bpe/data_train_*.bin | wc -l)" -ge 2 ] || fail "expected several training shards: $(ls bpe)"
 cp bpe/tokenizer.json given.json
+"$prepare" --help | grep -qF -- "--vocab-size N" || fail "prepare_shards --help lists no options"
+for case in "--vocab-size 100|the vocabulary size must be at least 256 (one token per byte), got 100" \
+  "--vocab-size 300 --tokenizer given.json|give exactly one of --vocab-size N" \
+  "--vocab-size 300 --val-fraction 1|--val-fraction expects a number between 0 and 1" \
+  "--tokenizer corpus.txt|corpus.txt:"; do
+  output=$("$prepare" --input corpus.txt --out refused ${case%%|*} 2>&1)
+  [ $? -eq 1 ] && grep -qF -- "${case#*|}" <<< "$output" ||
+    fail "prepare_shards ${case%%|*} should be refused saying '${case#*|}': $output"
+done
+[ ! -e refused ] || fail "a refused prepare_shards created its folder"
 
 cat > tiny.json << 'EOF2'
 {"model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "context": 16},

@@ -531,8 +531,9 @@ inline BpeTokenizer BpeTokenizer::from_json(const nlohmann::json& j, const std::
   byte_level_part("decoder", false);
   byte_level_part("post_processor", true);
   const json& model = require(j, "", "model", "an object");
-  const json& type = require(model, "model", "type", "\"BPE\"");
-  if (type != "BPE") refuse("model.type", "\"BPE\"", &type);
+  // Without "type" the library infers the model from its keys (GPT-2's file has none).
+  if (const json* type = member(model, "model", "type"); type && *type != "BPE")
+    refuse("model.type", "\"BPE\"", type);
   null_or(model, "model", "dropout", {}, "null (rex has no BPE dropout)");
   null_or(model, "model", "unk_token", {}, "null (a byte-level vocabulary needs none)");
   null_or(model, "model", "continuing_subword_prefix", {""}, "null or \"\"");

@@ -124,14 +124,12 @@ inline void save_model_folder(const std::string& dir, const nn::Module& model,
                               const std::optional<data::Tokenizer>& tokenizer, int64_t step) {
   io::remove_stale_temp_files(dir);
   save_config(dir, config);
-  // The tokenizer's file, and not the other one (a replaced run's).
-  std::filesystem::remove(dir +
-                          (tokenizer && tokenizer->bpe() ? "/vocab.json" : "/tokenizer.json"));
-  if (!tokenizer)
-    std::filesystem::remove(dir + "/vocab.json");
-  else if (tokenizer->bpe())
-    tokenizer->bpe()->save(dir + "/tokenizer.json");
-  else
+  // The tokenizer's file; the other one (a replaced run's) goes.
+  const bool bpe = tokenizer && tokenizer->bpe(), chars = tokenizer && tokenizer->chars();
+  if (!bpe) std::filesystem::remove(dir + "/tokenizer.json");
+  if (!chars) std::filesystem::remove(dir + "/vocab.json");
+  if (bpe) tokenizer->bpe()->save(dir + "/tokenizer.json");
+  if (chars)
     io::write_file_atomic(dir + "/vocab.json", tokenizer->chars()->to_json().dump() + "\n");
   const io::TensorMap parameters = parameter_map(model);
   io::save_safetensors(model_path(dir), parameters,

@@ -7,7 +7,7 @@
 // they carry no tokenizer, so model.vocab_size must be set and cover their largest id.
 // data.tokenizer "bytes" tokenizes a text by its bytes (CharTokenizer); a path to a tokenizer.json
 // encodes a text with that byte-level BPE tokenizer, and gives token shards a tokenizer to sample
-// with (the shards must have been made with it, as scripts/prepare_shards does).
+// with (the shards must have been made with it, as examples/prepare_shards makes them).
 // data.format "auto" picks the format from --data (resolve_data_format); data.validation or the
 // shards' names (nanoGPT's val.bin, llm.c's *_val_*.bin) choose the validation shards, and without
 // either the tail of the stream validates, as for text (train.train_fraction).
@@ -227,7 +227,10 @@ inline void take_vocab_size(RunConfig& config, const Corpus& corpus) {
     REX_CHECK(vocab == 0 || vocab >= tokens, "config: model.vocab_size is ", vocab, " but ",
               config.data.tokenizer, " has ", tokens,
               " tokens; expected at least that many (or 0 to take it from the tokenizer)");
-    if (vocab == 0) config.model.vocab_size = tokens;
+    if (vocab == 0) {
+      config.model.vocab_size = tokens;
+      validate(config);  // the memory estimate assumed 256 tokens (kLargestByteVocabulary)
+    }
     if (!corpus.text) {
       REX_CHECK(corpus.largest_token < config.model.vocab_size, corpus.largest_token_at,
                 ": token id ", corpus.largest_token, " is not below model.vocab_size ",
