@@ -285,4 +285,7 @@ TEST_CASE(
   contains(refusal(missing_byte_token),
            "key \"model.vocab\": expected a token for each of the 256 bytes; byte 65 (A) has none");
   contains(refusal(json::array()), "bad.json: expected an object, got []");
+  const std::string long_array = refusal(json::array({std::string(1000, 'x')}));
+  CHECK(long_array.size() < 400);  // the value is cut, not dumped whole
+  contains(long_array, "xxx... (rex reads byte-level BPE tokenizers)");
 }

@@ -202,11 +202,6 @@ inline void split_words(std::string_view text, const std::function<void(std::str
 
 class BpeTokenizer {
  public:
-  struct AddedToken {
-    std::string content;
-    int32_t id;
-  };
-
   // Trains on `text`: 256 byte tokens, then merges until `vocab_size` tokens or no pair is left.
   static BpeTokenizer train(std::string_view text, int64_t vocab_size) {
     REX_CHECK(vocab_size >= 256 && vocab_size <= (int64_t{1} << 31) - 1,
@@ -471,6 +466,10 @@ class BpeTokenizer {
   struct Merge {
     int32_t rank, merged;
   };
+  struct AddedToken {  // a token matched in the text as it is, before the split
+    std::string content;
+    int32_t id;
+  };
   std::vector<std::string> token_bytes_;  // id -> the bytes it stands for
   std::vector<std::pair<int32_t, int32_t>> merges_;
   std::unordered_map<uint64_t, Merge> merge_of_;
@@ -482,10 +481,18 @@ class BpeTokenizer {
 
 inline BpeTokenizer BpeTokenizer::from_json(const nlohmann::json& j, const std::string& file) {
   using nlohmann::json;
+  // A value as the message shows it: its JSON text, cut after about 200 bytes (a whole vocabulary
+  // is no help), at a character boundary.
+  auto shown = [](const json& value) {
+    std::string text = io::json_text(value);
+    if (text.size() <= 200) return text;
+    size_t cut = 200;
+    while (cut > 0 && (static_cast<uint8_t>(text[cut]) & 0xC0) == 0x80) --cut;
+    return text.substr(0, cut) + "...";
+  };
   auto refuse = [&](const std::string& key, const std::string& expected, const json* got) {
     throw Error(file + (key.empty() ? std::string() : ": key \"" + key + "\"") + ": expected " +
-                expected +
-                (got ? ", got " + io::json_text(*got) : std::string(", but it is missing")) +
+                expected + (got ? ", got " + shown(*got) : std::string(", but it is missing")) +
                 " (rex reads byte-level BPE tokenizers)");
   };
   auto member = [&](const json& parent, const std::string& parent_key,
