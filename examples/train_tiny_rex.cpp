@@ -1,11 +1,11 @@
 // train_tiny_rex: train a small ReX-MoE language model on text or token shards, evaluate it, sample
 // from it (three modes; kUsage below). The work is the training library (rex/train/); this file is
 // the command line, the resume policy and the progress lines. A run keeps DIR current: the model
-// folder (config.json, vocab.json, model.safetensors), checkpoint.safetensors (what --resume reads;
-// earlier ones are kept as checkpoint-<step>.safetensors), metrics.jsonl, routing.json. Checkpoints
-// are written atomically after a loss check (a diverging run stops with an error); Ctrl-C or
-// SIGTERM finishes the step, saves and exits. One run writes DIR at a time: it holds DIR/.lock, and
-// a second is refused naming the first. Formats, keys: docs/formats.md; docs/method.md.
+// folder (config.json, its tokenizer, model.safetensors), checkpoint.safetensors (what --resume
+// reads; earlier ones are kept as checkpoint-<step>.safetensors), metrics.jsonl, routing.json.
+// Checkpoints are written atomically after a loss check (a diverging run stops with an error);
+// Ctrl-C or SIGTERM finishes the step, saves and exits. One run writes DIR at a time: it holds
+// DIR/.lock, and a second is refused naming the first. Formats: docs/formats.md; docs/method.md.
 //
 // Under mpirun (or srun) it trains data parallel (docs/distributed.md): every rank takes its share
 // of each step's batch, gradients are summed across the ranks, and the run is the one-process run
@@ -35,7 +35,7 @@ using rex::dist::Communicator;
 const char* kUsage = R"(usage:
   train_tiny_rex --data FILE --out DIR [options]          train (or continue with --resume)
   train_tiny_rex --eval-only --checkpoint DIR --data FILE  print {"val_loss": ...} as one JSON line
-  train_tiny_rex --sample N --checkpoint DIR               print N generated characters
+  train_tiny_rex --sample N --checkpoint DIR               print N generated tokens
   (the two --checkpoint modes use the saved model as it is: they take --data, --device, --prompt,
   --temperature, --sample (after the evaluation line with --eval-only), --sample-recompute and only
   --set train.eval_batches=N and --set train.matmul_precision=P; they refuse the training options
@@ -58,8 +58,8 @@ options:
   --stop-after N        save and stop after N steps of this invocation, as Ctrl-C does (for
                         time-boxed sessions; --resume continues exactly)
   --eval-only           evaluate the model in --checkpoint DIR on the validation split of --data
-  --checkpoint DIR      a run folder (model.safetensors, config.json, vocab.json)
-  --sample N            generate N characters (after training, or from --checkpoint)
+  --checkpoint DIR      a run folder (model.safetensors, config.json, vocab/tokenizer.json)
+  --sample N            generate N tokens (after training, or from --checkpoint)
   --prompt TEXT         text the sample continues (default: a newline)
   --temperature T       sampling temperature, 0 = greedy (default 0.8)
   --sample-recompute    sample by a full forward pass over the window per character instead of
@@ -164,8 +164,8 @@ const std::string& required(const std::string& value, const std::string& option)
   return value;
 }
 
-// --prompt and the --sample N characters that continue it, generated with the PSR mask of `steps`.
-std::string sample_text(const rex::nn::TransformerLM& model, const rex::data::CharTokenizer& tok,
+// --prompt and the --sample N tokens that continue it, generated with the PSR mask of `steps`.
+std::string sample_text(const rex::nn::TransformerLM& model, const rex::data::Tokenizer& tok,
                         const Options& o, uint64_t seed, int64_t steps) {
   train::check_prompt(tok, o.prompt);
   return o.prompt + train::generate(model, tok, o.prompt, o.sample, o.temperature, seed,
@@ -300,8 +300,8 @@ int train_run(const Options& o) {
               train::format_duration(progress.elapsed_s()).c_str(), is_moe ? ", routing.json" : "",
               out.c_str());
   if (o.sample > 0 && world.is_root())
-    std::printf("--- sample (%lld characters, temperature %.2f) ---\n%s\n", ll(o.sample),
-                o.temperature, sample_text(*run.model, *corpus.tokenizer, o, t.seed, step).c_str());
+    std::printf("--- sample (%lld tokens, temperature %.2f) ---\n%s\n", ll(o.sample), o.temperature,
+                sample_text(*run.model, *corpus.tokenizer, o, t.seed, step).c_str());
   return 0;
 }
 

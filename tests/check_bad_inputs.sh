@@ -8,7 +8,8 @@
 #     lock file .lock names the last process that locked the folder, so it may change).
 # Probes: bad data (missing, empty, folder, /dev/zero, binary, too large), bad token shards (wrong
 # magic or version, a count that disagrees with the size, a cut header, an odd-sized nanoGPT file,
-# an empty folder or glob, an id at or above model.vocab_size), bad config (malformed
+# an empty folder or glob, an id at or above model.vocab_size), bad tokenizer.json (not byte-level
+# BPE, a merge of unknown tokens or not of two parts, missing keys, duplicate ids), bad config (malformed
 # JSON, unknown key, wrong type, impossible values), checkpoints truncated to several lengths or
 # with a garbage header, kill -9 while checkpoints are written (the folder must still resume, or be
 # refused cleanly; nothing torn), disk full on a small tmpfs (skipped when one cannot be mounted)
@@ -133,6 +134,59 @@ refused "token shards" good_shards "model.vocab_size must be set for token shard
   --config tiny.json --data shards --out good_shards --overwrite
 refused "token shards" good_shards 'data.format must be "auto", "text", "llmc" or "nanogpt", got "csv"' \
   "$exe" "${shard_config[@]}" --set data.format=csv --data shards --out good_shards --overwrite
+
+# ---- bad tokenizer.json (data.tokenizer): refused naming the file, the key and what was expected --
+# Each is refused when it starts a run; a run folder whose tokenizer.json went bad is refused by
+# --eval-only, --sample and --resume (the checkpoint keeps its own copy, so the resume works).
+python3 - << 'PY' || { echo "the tokenizer writer failed"; exit 1; }
+import copy, json
+printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+symbol, extra = {}, 0
+for b in range(256):  # GPT-2's byte-to-character map
+    symbol[b] = chr(b) if b in printable else chr(256 + extra)
+    extra += b not in printable
+vocab = {symbol[b]: b for b in range(256)}
+vocab.update({"ba": 256, "Ġa": 257})
+good = {"normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel"},
+        "model": {"type": "BPE", "vocab": vocab, "merges": ["b a", "Ġ a"]}}
+def write(name, change):
+    t = copy.deepcopy(good)
+    change(t)
+    json.dump(t, open(name, "w"), ensure_ascii=False)
+write("tok_good.json", lambda t: None)
+write("tok_wordpiece.json", lambda t: t["model"].update(type="WordPiece"))
+write("tok_metaspace.json", lambda t: t.update(pre_tokenizer={"type": "Metaspace"}))
+write("tok_unknown_merge.json", lambda t: t["model"]["merges"].append("a z"))
+write("tok_three_parts.json", lambda t: t["model"]["merges"].append("b a a"))
+write("tok_no_vocab.json", lambda t: t["model"].pop("vocab"))
+write("tok_no_merges.json", lambda t: t["model"].pop("merges"))
+write("tok_no_model.json", lambda t: t.pop("model"))
+write("tok_duplicate_id.json", lambda t: t["model"]["vocab"].update(ba=5))
+write("tok_missing_byte.json", lambda t: t["model"]["vocab"].update(Āa=t["model"]["vocab"].pop("Ā")))
+open("tok_not_json.json", "w").write('{"model": ')
+PY
+for case in "tok_wordpiece.json|tok_wordpiece.json: key \"model.type\": expected \"BPE\", got \"WordPiece\"" \
+  "tok_metaspace.json|tok_metaspace.json: key \"pre_tokenizer\": expected an object of \"type\": \"ByteLevel\"" \
+  "tok_unknown_merge.json|tok_unknown_merge.json: key \"model.merges[2]\": expected tokens of model.vocab, but \"az\" is not one" \
+  "tok_three_parts.json|tok_three_parts.json: key \"model.merges[2]\": expected two tokens separated by one space, got \"b a a\"" \
+  "tok_no_vocab.json|tok_no_vocab.json: key \"model.vocab\": expected an object of token -> id, but it is missing" \
+  "tok_no_merges.json|tok_no_merges.json: key \"model.merges\": expected an array of merges, but it is missing" \
+  "tok_no_model.json|tok_no_model.json: key \"model\": expected an object, but it is missing" \
+  "tok_duplicate_id.json|tok_duplicate_id.json: key \"model.vocab[\"ą\"]\": expected an id of its own (\"ba\" has id 5 too)" \
+  "tok_missing_byte.json|tok_missing_byte.json: key \"model.vocab\": expected a token for each of the 256 bytes; byte 0" \
+  "tok_not_json.json|tok_not_json.json" \
+  "tok_absent.json|read_file: tok_absent.json: file does not exist"; do
+  refused "tokenizer.json" good "config: data.tokenizer: ${case#*|}" "$exe" --config tiny.json \
+    --data corpus.txt --set data.tokenizer="${case%%|*}" --out good --overwrite
+done
+"$exe" --config tiny.json --data corpus.txt --set data.tokenizer=tok_good.json --out good_bpe \
+  > good_bpe.log 2>&1 || { echo "the reference BPE run failed: $(cat good_bpe.log)"; exit 1; }
+cp tok_unknown_merge.json good_bpe/tokenizer.json
+want='good_bpe/tokenizer.json: key "model.merges[2]": expected tokens of model.vocab'
+refused "tokenizer.json" good_bpe "$want" "$exe" --eval-only --checkpoint good_bpe --data corpus.txt
+refused "tokenizer.json" good_bpe "$want" "$exe" --sample 5 --checkpoint good_bpe
 
 # ---- bad config: refused before --overwrite touches the folder --------------------------------
 printf '{"model": {"d_model": 32,}}' > malformed.json

@@ -104,6 +104,15 @@ TEST_CASE("token shards: ids read back equal the ids written (llm.c uint16, uint
   CHECK(data::scan_tokens(stream).largest == largest);
 }
 
+TEST_CASE(
+    "llmc_shard_bytes writes what the independent writer writes: uint16, uint32 above 65535") {
+  const std::vector<int32_t> narrow = {0, 7, 65535, 300};
+  CHECK(data::llmc_shard_bytes(narrow.data(), narrow.size()) == llmc_shard({0, 7, 65535, 300}, 1));
+  const std::vector<int32_t> wide = {65536, 1, 100000};
+  CHECK(data::llmc_shard_bytes(wide.data(), wide.size()) == llmc_shard({65536, 1, 100000}, 2));
+  CHECK(contains(error_message([&] { data::llmc_shard_bytes(narrow.data(), 0); }), "0 tokens"));
+}
+
 TEST_CASE("TokenStream: copy and slice across pieces equal the concatenated ids") {
   Generator gen(9);
   const std::vector<std::vector<int64_t>> parts = {random_ids(gen, 5, 100), random_ids(gen, 1, 100),
@@ -312,6 +321,28 @@ TEST_CASE("take_vocab_size: token shards need model.vocab_size above their large
   config.model.vocab_size = 4001;
   train::take_vocab_size(config, corpus);
   CHECK(config.model.vocab_size == 4001);
+}
+
+TEST_CASE("take_vocab_size with a BPE tokenizer: 0 takes its size, more is allowed, less refused") {
+  train::Corpus corpus;
+  corpus.text = true;
+  corpus.tokenizer = data::BpeTokenizer::train("ab ab ab ac", 300);  // 256 bytes + 4 merges
+  train::RunConfig config;
+  config.data.tokenizer = "tok.json";
+  train::take_vocab_size(config, corpus);
+  CHECK(config.model.vocab_size == 260);
+  config.model.vocab_size = 320;  // padded, as llm.c pads GPT-2's
+  train::take_vocab_size(config, corpus);
+  CHECK(config.model.vocab_size == 320);
+  config.model.vocab_size = 200;
+  CHECK(contains(error_message([&] { train::take_vocab_size(config, corpus); }),
+                 "config: model.vocab_size is 200 but tok.json has 260 tokens; expected at least"));
+  corpus.text = false;  // token shards made with the tokenizer: their ids must fit too
+  corpus.largest_token = 330;
+  corpus.largest_token_at = "s.bin at byte offset 1030";
+  config.model.vocab_size = 320;
+  CHECK(contains(error_message([&] { train::take_vocab_size(config, corpus); }),
+                 "s.bin at byte offset 1030: token id 330 is not below model.vocab_size 320"));
 }
 
 TEST_CASE("resolve_data_format: auto reads a folder, a glob, the llm.c magic and *.bin as shards") {

@@ -227,7 +227,7 @@ TEST_CASE("checkpoint and model folder round trips are bit-exact") {
   CHECK(loaded.info.corpus_bytes == 1234);
   CHECK(loaded.info.corpus_hash == 99);
   CHECK(train::to_json(loaded.config) == train::to_json(config));
-  CHECK(loaded.tokenizer->vocabulary() == tokenizer.vocabulary());
+  CHECK(loaded.tokenizer->chars()->vocabulary() == tokenizer.vocabulary());
   REQUIRE(loaded.model.size() == model.named_parameters().size());
   for (const auto& [name, p] : model.named_parameters())
     CHECK(testing::same_bytes(loaded.model.at(name), p));

@@ -113,6 +113,25 @@ inline ShardLayout parse_shard(const std::string& path, const uint8_t* bytes, ui
   return {kLlmcHeaderBytes, static_cast<uint64_t>(count), width};
 }
 
+// The bytes of an llm.c shard holding ids[0 .. count): version 1 (uint16 ids) when every id is
+// below 65536, else version 2 (uint32), little-endian as parse_shard reads them.
+inline std::string llmc_shard_bytes(const int32_t* ids, uint64_t count) {
+  REX_CHECK(count > 0 && count <= INT32_MAX, "llmc_shard_bytes: ", count,
+            " tokens; an llm.c shard holds 1 to 2^31 - 1");
+  const bool wide = std::any_of(ids, ids + count, [](int32_t id) { return id > 65535; });
+  const int width = wide ? 4 : 2;
+  std::string bytes(kLlmcHeaderBytes + count * width, '\0');
+  auto put = [&](uint64_t offset, uint32_t value, int size) {
+    for (int b = 0; b < size; ++b) bytes[offset + b] = static_cast<char>((value >> (8 * b)) & 0xFF);
+  };
+  put(0, kLlmcMagic, 4);
+  put(4, wide ? 2 : 1, 4);
+  put(8, static_cast<uint32_t>(count), 4);
+  for (uint64_t i = 0; i < count; ++i)
+    put(kLlmcHeaderBytes + i * width, static_cast<uint32_t>(ids[i]), width);
+  return bytes;
+}
+
 // The format of the shard `path`: llmc when it starts with the llm.c magic, nanogpt otherwise.
 inline ShardFormat detect_shard_format(const std::string& path) {
   const MappedFile file(path);

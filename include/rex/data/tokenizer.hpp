@@ -4,6 +4,9 @@
 // Bytes, not Unicode code points: any file works, including invalid UTF-8, and a multi-byte
 // character is simply several tokens. The JSON form stores the bytes as integers (not as a string)
 // so that bytes that are not valid UTF-8 survive a round trip through a JSON file.
+//
+// Tokenizer: the tokenizer of a run, data.tokenizer says which: a CharTokenizer ("bytes", saved as
+// vocab.json) or a byte-level BpeTokenizer (rex/data/bpe.hpp; saved as tokenizer.json).
 #pragma once
 
 #include <array>
@@ -11,11 +14,13 @@
 #include <cstdio>
 #include <string>
 #include <string_view>
+#include <variant>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "rex/core/error.hpp"
+#include "rex/data/bpe.hpp"
 #include "rex/io/json.hpp"
 
 namespace rex::detail {
@@ -114,6 +119,29 @@ class CharTokenizer {
  private:
   std::vector<uint8_t> vocabulary_;
   std::array<int32_t, 256> ids_;  // byte -> id, -1 for a byte outside the vocabulary
+};
+
+class Tokenizer {
+ public:
+  Tokenizer(CharTokenizer chars) : impl_(std::move(chars)) {}
+  Tokenizer(BpeTokenizer bpe) : impl_(std::move(bpe)) {}
+
+  // The tokenizer's own type, or nullptr when it is the other one.
+  const CharTokenizer* chars() const { return std::get_if<CharTokenizer>(&impl_); }
+  const BpeTokenizer* bpe() const { return std::get_if<BpeTokenizer>(&impl_); }
+
+  int64_t vocab_size() const {
+    return std::visit([](const auto& t) { return t.vocab_size(); }, impl_);
+  }
+  std::vector<int32_t> encode(std::string_view text) const {
+    return std::visit([&](const auto& t) { return t.encode(text); }, impl_);
+  }
+  std::string decode(const std::vector<int32_t>& ids) const {
+    return std::visit([&](const auto& t) { return t.decode(ids); }, impl_);
+  }
+
+ private:
+  std::variant<CharTokenizer, BpeTokenizer> impl_;
 };
 
 }  // namespace rex::data

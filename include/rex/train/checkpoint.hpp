@@ -2,8 +2,10 @@
 //
 // A model folder (what --checkpoint DIR and the PyTorch twin read) holds three files:
 //   config.json         the full run configuration (rex/train/config.hpp), vocab_size filled in
-//   vocab.json          the tokenizer (rex/data/tokenizer.hpp); none for a model trained on token
-//                       shards (data.format llmc or nanogpt), which have no tokenizer
+//   vocab.json          the byte tokenizer (rex/data/tokenizer.hpp), with data.tokenizer "bytes";
+//                       none for a model trained on token shards (data.format llmc or nanogpt)
+//   tokenizer.json      instead, a BPE tokenizer (rex/data/bpe.hpp), when data.tokenizer names one:
+//                       a copy, so the folder does not depend on the file it came from
 //   model.safetensors   every parameter under its module-tree name, f32, plus metadata
 //                       {"format": "rex-model", "step": "<completed steps>",
 //                        "config": "<config.json's content, compact>"}
@@ -13,8 +15,8 @@
 // it either wholly the old state or wholly the new one:
 //   model.<name>                 every parameter
 //   optim.<name>.exp_avg | .exp_avg_sq | .step   AdamW state (rex/optim/adamw.hpp)
-//   metadata: format "rex-checkpoint", step (completed steps), config and vocab (JSON text; no
-//             vocab for token shards),
+//   metadata: format "rex-checkpoint", step (completed steps), config and vocab or tokenizer
+//             (JSON text of vocab.json or tokenizer.json; neither for shards without a tokenizer),
 //             corpus_bytes and corpus_hash (to warn when a resume reads another corpus)
 // Both files carry a CRC-32C of every tensor (rex/io/safetensors.hpp, with_checksums), which the
 // reader checks, and a run clears the temporary files of killed writers from its folder
@@ -119,13 +121,16 @@ inline void save_config(const std::string& dir, const RunConfig& config) {
 
 inline void save_model_folder(const std::string& dir, const nn::Module& model,
                               const RunConfig& config,
-                              const std::optional<data::CharTokenizer>& tokenizer, int64_t step) {
+                              const std::optional<data::Tokenizer>& tokenizer, int64_t step) {
   io::remove_stale_temp_files(dir);
   save_config(dir, config);
-  if (tokenizer)
-    io::write_file_atomic(dir + "/vocab.json", tokenizer->to_json().dump() + "\n");
-  else
-    std::filesystem::remove(dir + "/vocab.json");  // a replaced run's
+  // The tokenizer's file; the other one (a replaced run's) goes.
+  const bool bpe = tokenizer && tokenizer->bpe(), chars = tokenizer && tokenizer->chars();
+  if (!bpe) std::filesystem::remove(dir + "/tokenizer.json");
+  if (!chars) std::filesystem::remove(dir + "/vocab.json");
+  if (bpe) tokenizer->bpe()->save(dir + "/tokenizer.json");
+  if (chars)
+    io::write_file_atomic(dir + "/vocab.json", tokenizer->chars()->to_json().dump() + "\n");
   const io::TensorMap parameters = parameter_map(model);
   io::save_safetensors(model_path(dir), parameters,
                        io::with_checksums(parameters, {{"format", "rex-model"},
@@ -133,16 +138,27 @@ inline void save_model_folder(const std::string& dir, const nn::Module& model,
                                                        {"config", to_json(config).dump()}}));
 }
 
-// The tokenizer of a saved run: none for token shards, else `read` (vocab.json's content).
-template <class Read>
-std::optional<data::CharTokenizer> saved_tokenizer(const RunConfig& config, Read read) {
+// The tokenizer of a saved run: for data.tokenizer "bytes", none for token shards, else
+// read_vocab() (vocab.json's content); else read_bpe() (its tokenizer.json).
+template <class ReadVocab, class ReadBpe>
+std::optional<data::Tokenizer> saved_tokenizer(const RunConfig& config, ReadVocab read_vocab,
+                                               ReadBpe read_bpe) {
+  if (config.data.tokenizer != "bytes") return read_bpe();
   if (trains_on_shards(config.data)) return std::nullopt;
-  return data::CharTokenizer::from_json(read());
+  return data::CharTokenizer::from_json(read_vocab());
+}
+
+// Whether config.json's model.vocab_size fits `tokenizer`: equal for bytes, at least its size for
+// BPE (shards may be made for a padded vocabulary, as llm.c's GPT-2 50304).
+inline bool vocab_fits(int64_t vocab_size, const std::optional<data::Tokenizer>& tokenizer) {
+  if (!tokenizer) return true;
+  return tokenizer->bpe() ? vocab_size >= tokenizer->vocab_size()
+                          : vocab_size == tokenizer->vocab_size();
 }
 
 struct ModelFolder {
   RunConfig config;
-  std::optional<data::CharTokenizer> tokenizer;
+  std::optional<data::Tokenizer> tokenizer;
   io::TensorMap parameters;
   int64_t step = 0;
 };
@@ -154,8 +170,9 @@ inline ModelFolder load_model_folder(const std::string& dir) {
                   std::nullopt,
                   {},
                   0};
-  out.tokenizer =
-      saved_tokenizer(out.config, [&] { return detail::parse_json_file(dir + "/vocab.json"); });
+  out.tokenizer = saved_tokenizer(
+      out.config, [&] { return detail::parse_json_file(dir + "/vocab.json"); },
+      [&] { return data::BpeTokenizer::load(dir + "/tokenizer.json"); });
   io::SafetensorsContents contents = io::load_safetensors(model_path(dir));
   detail::check_format(contents.metadata, "rex-model", model_path(dir));
   out.step = detail::parse_step(contents.metadata, model_path(dir));
@@ -169,9 +186,10 @@ inline ModelFolder load_model_folder(const std::string& dir) {
               difference, "): config.json was edited after the model was saved");
   }
   out.parameters = std::move(contents.tensors);
-  REX_CHECK(!out.tokenizer || out.config.model.vocab_size == out.tokenizer->vocab_size(), dir,
-            ": config.json says vocab_size ", out.config.model.vocab_size, " but vocab.json has ",
-            out.tokenizer ? out.tokenizer->vocab_size() : 0, " symbols");
+  REX_CHECK(vocab_fits(out.config.model.vocab_size, out.tokenizer), dir,
+            ": config.json says vocab_size ", out.config.model.vocab_size, " but ",
+            out.tokenizer && out.tokenizer->bpe() ? "tokenizer.json" : "vocab.json", " has ",
+            out.tokenizer ? out.tokenizer->vocab_size() : 0, " tokens");
   return out;
 }
 
@@ -183,7 +201,7 @@ struct CheckpointInfo {
 
 inline void save_checkpoint(const std::string& dir, const nn::Module& model,
                             const optim::AdamW& optimizer, const RunConfig& config,
-                            const std::optional<data::CharTokenizer>& tokenizer, int64_t step,
+                            const std::optional<data::Tokenizer>& tokenizer, int64_t step,
                             const CheckpointInfo& info) {
   io::TensorMap tensors = parameter_map(model, "model.");
   for (const auto& [name, t] : optimizer.state()) tensors["optim." + name] = t;
@@ -193,7 +211,10 @@ inline void save_checkpoint(const std::string& dir, const nn::Module& model,
       {"config", to_json(config).dump()},
       {"corpus_bytes", std::to_string(info.corpus_bytes)},
       {"corpus_hash", std::to_string(info.corpus_hash)}};
-  if (tokenizer) metadata["vocab"] = tokenizer->to_json().dump();
+  if (tokenizer && tokenizer->bpe())
+    metadata["tokenizer"] = tokenizer->bpe()->to_json().dump();
+  else if (tokenizer)
+    metadata["vocab"] = tokenizer->chars()->to_json().dump();
   io::save_safetensors(checkpoint_path(dir), tensors, io::with_checksums(tensors, metadata));
 }
 
@@ -201,7 +222,7 @@ inline void save_checkpoint(const std::string& dir, const nn::Module& model,
 // read. The checkpoint comes first, so that a write that fails (a full disk) leaves the folder as
 // it was, and a folder is never ahead of its checkpoint.
 inline void save_run(const std::string& dir, const nn::Module& model, const optim::AdamW& optimizer,
-                     const RunConfig& config, const std::optional<data::CharTokenizer>& tokenizer,
+                     const RunConfig& config, const std::optional<data::Tokenizer>& tokenizer,
                      int64_t step, const CheckpointInfo& info) {
   save_checkpoint(dir, model, optimizer, config, tokenizer, step, info);
   save_model_folder(dir, model, config, tokenizer, step);
@@ -242,7 +263,7 @@ class RunSaver {
       : lock_(std::move(lock)), dir_(lock_.folder()), keep_(keep), newest_(resumed_step) {}
 
   void save(const nn::Module& model, const optim::AdamW& optimizer, const RunConfig& config,
-            const std::optional<data::CharTokenizer>& tokenizer, int64_t step,
+            const std::optional<data::Tokenizer>& tokenizer, int64_t step,
             const CheckpointInfo& info) {
     const int64_t abandoned_after = newest_.value_or(-1);
     for (const auto& [kept_step, path] : kept_checkpoints(dir_))
@@ -302,7 +323,7 @@ inline RunSaver prepare_run_folder(io::RunFolderLock lock, const RunConfig& conf
 
 struct Checkpoint {
   RunConfig config;
-  std::optional<data::CharTokenizer> tokenizer;
+  std::optional<data::Tokenizer> tokenizer;
   io::TensorMap model;      // parameter name -> value
   io::TensorMap optimizer;  // AdamW state names -> value
   int64_t step = 0;
@@ -327,7 +348,11 @@ inline Checkpoint load_checkpoint(const std::string& dir) {
                  {},
                  path};
   out.tokenizer = saved_tokenizer(
-      out.config, [&] { return io::parse_json(field("vocab"), path + " (metadata \"vocab\")"); });
+      out.config, [&] { return io::parse_json(field("vocab"), path + " (metadata \"vocab\")"); },
+      [&] {
+        const std::string where = path + " (metadata \"tokenizer\")";
+        return data::BpeTokenizer::from_json(io::parse_json(field("tokenizer"), where), where);
+      });
   try {
     out.info.corpus_bytes = std::stoull(field("corpus_bytes"));
     out.info.corpus_hash = std::stoull(field("corpus_hash"));

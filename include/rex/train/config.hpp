@@ -62,11 +62,13 @@ struct TrainConfig {
 struct DataConfig {
   std::string format = "auto";
   std::string validation;
+  std::string tokenizer = "bytes";
 };
 
 inline const std::set<std::string> kDataFormats = {"auto", "text", "llmc", "nanogpt"};
 
-// Whether a run's (resolved) data are token shards, which come without a tokenizer.
+// Whether a run's (resolved) data are token shards, which come without a tokenizer unless
+// data.tokenizer names one.
 inline bool trains_on_shards(const DataConfig& data) {
   return data.format == "llmc" || data.format == "nanogpt";
 }
@@ -112,6 +114,8 @@ void for_each_field(Run& c, F&& f) {
     "what --data holds: \"text\", \"llmc\" or \"nanogpt\" token shards, or \"auto\" (see below)");
   f("data", "validation", c.data.validation,
     "validation shards (a file, folder or glob); \"\" = see below");
+  f("data", "tokenizer", c.data.tokenizer,
+    "\"bytes\" (a token per byte of a text) or the path of a byte-level BPE tokenizer.json");
 }
 
 // Throws rex::Error naming the first impossible setting of the model or the training recipe,
@@ -163,6 +167,8 @@ inline void validate(const RunConfig& c, double memory_limit_bytes = physical_me
   REX_CHECK(c.data.validation.empty() || c.data.format != "text",
             "config: data.validation names validation shards, but data.format is \"text\" (a text ",
             "corpus validates on its tail, train.train_fraction)");
+  REX_CHECK(!c.data.tokenizer.empty(), "config: data.tokenizer must be \"bytes\" or the path of ",
+            "a tokenizer.json, got \"\"");
   // One micro-batch's activations.
   check_fits_in_memory(c.model, t.batch_size / t.grad_accum, memory_limit_bytes);
 }

@@ -5,6 +5,9 @@
 // kMaxCorpusBytes, no NUL byte (a device such as /dev/zero, a folder or a binary file is refused
 // before anything is read or trained). Token shards are mapped, not read, and have no size limit;
 // they carry no tokenizer, so model.vocab_size must be set and cover their largest id.
+// data.tokenizer "bytes" tokenizes a text by its bytes (CharTokenizer); a path to a tokenizer.json
+// encodes a text with that byte-level BPE tokenizer, and gives token shards a tokenizer to sample
+// with (the shards must have been made with it, as examples/prepare_shards makes them).
 // data.format "auto" picks the format from --data (resolve_data_format); data.validation or the
 // shards' names (nanoGPT's val.bin, llm.c's *_val_*.bin) choose the validation shards, and without
 // either the tail of the stream validates, as for text (train.train_fraction).
@@ -28,8 +31,9 @@
 namespace rex::train {
 
 struct Corpus {
-  std::string path;                              // what --data named
-  std::optional<data::CharTokenizer> tokenizer;  // a text corpus's; token shards have none
+  std::string path;                          // what --data named
+  bool text = false;                         // a text file, not token shards
+  std::optional<data::Tokenizer> tokenizer;  // none for shards without data.tokenizer
   data::TokenStream train, validation;
   CheckpointInfo fingerprint;  // kept in checkpoints, to warn when a resume reads other data
   std::string description;     // "N bytes" or "K llmc shards"
@@ -58,7 +62,7 @@ inline std::string read_corpus_text(const std::string& path) {
 }
 
 // A prompt to sample from: not empty, and every byte of it in the model's vocabulary.
-inline void check_prompt(const data::CharTokenizer& tokenizer, const std::string& prompt) {
+inline void check_prompt(const data::Tokenizer& tokenizer, const std::string& prompt) {
   REX_CHECK(!prompt.empty(), "--prompt must not be empty");
   try {
     tokenizer.encode(prompt);
@@ -69,23 +73,23 @@ inline void check_prompt(const data::CharTokenizer& tokenizer, const std::string
 }
 
 // --sample's checks, made before any work: a tokenizer to decode with (a model trained on token
-// shards has none) and a prompt it can encode.
-inline void check_sampling(const std::optional<data::CharTokenizer>& tokenizer,
-                           const RunConfig& config, const std::string& prompt) {
+// shards without data.tokenizer has none) and a prompt it can encode.
+inline void check_sampling(const std::optional<data::Tokenizer>& tokenizer, const RunConfig& config,
+                           const std::string& prompt) {
   REX_CHECK(tokenizer.has_value(),
             "--sample: the model was trained on token shards (data.format \"", config.data.format,
-            "\") and has no tokenizer to turn its token ids into text, so it cannot sample");
+            "\") and has no tokenizer to turn its token ids into text, so it cannot sample (name ",
+            "the tokenizer.json the shards were made with in data.tokenizer when training)");
   check_prompt(*tokenizer, prompt);
 }
 
-// Reads the text file `path` and tokenizes it with `tokenizer` (a saved run's) or, without one,
-// with a tokenizer built from the text; the leading train_fraction of the tokens is the training
-// part.
-inline Corpus load_corpus(const std::string& path, std::optional<data::CharTokenizer> tokenizer,
+// Reads the text file `path` and tokenizes it with `tokenizer` (a saved run's, or data.tokenizer's)
+// or, without one, with a CharTokenizer built from the text; the leading train_fraction of the
+// tokens is the training part.
+inline Corpus load_corpus(const std::string& path, std::optional<data::Tokenizer> tokenizer,
                           double train_fraction) {
   const std::string text = read_corpus_text(path);
-  data::CharTokenizer tok =
-      tokenizer ? std::move(*tokenizer) : data::CharTokenizer::from_text(text);
+  data::Tokenizer tok = tokenizer ? std::move(*tokenizer) : data::CharTokenizer::from_text(text);
   std::vector<int32_t> ids;
   try {
     ids = tok.encode(text);
@@ -96,6 +100,7 @@ inline Corpus load_corpus(const std::string& path, std::optional<data::CharToken
   data::TokenSplit split = data::split_tokens(ids, train_fraction);
   Corpus corpus;
   corpus.path = path;
+  corpus.text = true;
   corpus.largest_token = tok.vocab_size() - 1;
   corpus.tokenizer = std::move(tok);
   corpus.train = data::TokenStream(std::move(split.train));
@@ -186,23 +191,54 @@ inline Corpus load_shards(const std::string& path, const std::string& format,
   return corpus;
 }
 
+// The tokenizer data.tokenizer names: none for "bytes" (the text's own CharTokenizer is built when
+// the text is read), else the BPE tokenizer.json at that path.
+inline std::optional<data::Tokenizer> configured_tokenizer(const DataConfig& data) {
+  if (data.tokenizer == "bytes") return std::nullopt;
+  try {
+    return data::BpeTokenizer::load(data.tokenizer);
+  } catch (const Error& e) {
+    throw Error(std::string("config: data.tokenizer: ") + e.what());
+  }
+}
+
 // The training data --data names, read as config.data.format says (which is set to the resolved
-// format, as model.vocab_size is to the data's); `tokenizer`: a saved text run's.
-inline Corpus load_training_data(const std::string& path,
-                                 std::optional<data::CharTokenizer> tokenizer, RunConfig& config) {
+// format, as model.vocab_size is to the data's); `tokenizer`: a saved run's, else data.tokenizer's.
+inline Corpus load_training_data(const std::string& path, std::optional<data::Tokenizer> tokenizer,
+                                 RunConfig& config) {
+  if (!tokenizer) tokenizer = configured_tokenizer(config.data);
   config.data.format = resolve_data_format(config.data.format, path);
   if (config.data.format == "text") {
     REX_CHECK(config.data.validation.empty(), "config: data.validation names validation shards, ",
               "but --data ", path, " is text (a text corpus validates on its tail)");
     return load_corpus(path, std::move(tokenizer), config.train.train_fraction);
   }
-  return load_shards(path, config.data.format, config.data, config.train.train_fraction);
+  Corpus corpus = load_shards(path, config.data.format, config.data, config.train.train_fraction);
+  corpus.tokenizer = std::move(tokenizer);
+  return corpus;
 }
 
-// Sets model.vocab_size from a text corpus's tokenizer (a config that names another size is an
-// error); for token shards, checks that the configured size covers their largest id.
+// Sets model.vocab_size, when 0, from the tokenizer; checks that it covers the tokenizer (exactly,
+// for a text's bytes) and, for token shards, their largest id.
 inline void take_vocab_size(RunConfig& config, const Corpus& corpus) {
   const int64_t vocab = config.model.vocab_size;
+  if (corpus.tokenizer && corpus.tokenizer->bpe()) {
+    const int64_t tokens = corpus.tokenizer->vocab_size();
+    REX_CHECK(vocab == 0 || vocab >= tokens, "config: model.vocab_size is ", vocab, " but ",
+              config.data.tokenizer, " has ", tokens,
+              " tokens; expected at least that many (or 0 to take it from the tokenizer)");
+    if (vocab == 0) {
+      config.model.vocab_size = tokens;
+      validate(config);  // the memory estimate assumed 256 tokens (kLargestByteVocabulary)
+    }
+    if (!corpus.text) {
+      REX_CHECK(corpus.largest_token < config.model.vocab_size, corpus.largest_token_at,
+                ": token id ", corpus.largest_token, " is not below model.vocab_size ",
+                config.model.vocab_size,
+                " (expected every id of the data to be in the model's vocabulary)");
+    }
+    return;
+  }
   if (!corpus.tokenizer) {
     REX_CHECK(vocab > 0, "config: model.vocab_size must be set for token shards (", corpus.path,
               " has no tokenizer to take it from); the largest token id is ", corpus.largest_token,

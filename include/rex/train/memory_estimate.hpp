@@ -33,7 +33,8 @@ struct MemoryEstimate {
 };
 
 // The vocabulary assumed when model.vocab_size is 0 (taken from the data later): the byte-level
-// tokenizer's largest possible vocabulary.
+// tokenizer's largest possible vocabulary (a BPE tokenizer's size is checked once it is read,
+// train::take_vocab_size).
 inline constexpr int64_t kLargestByteVocabulary = 256;
 
 inline MemoryEstimate estimate_training_memory(const nn::ModelConfig& m, int64_t batch_size) {

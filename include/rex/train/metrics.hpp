@@ -167,11 +167,11 @@ inline std::string model_summary(const nn::TransformerLM& model) {
 // token shards "data PATH: K llmc shards, largest id X, train A / validation B tokens, ...".
 inline std::string corpus_summary(const Corpus& corpus) {
   const int64_t vocab = corpus.largest_token + 1;
-  const std::string what = corpus.tokenizer ? "vocab " + std::to_string(vocab)
-                                            : "largest id " + std::to_string(corpus.largest_token);
+  const std::string what = corpus.text ? "vocab " + std::to_string(vocab)
+                                       : "largest id " + std::to_string(corpus.largest_token);
   return detail::printf_string(
       "%s %s: %s, %s, train %llu / validation %llu tokens, unigram entropy %.4f nats",
-      corpus.tokenizer ? "corpus" : "data", corpus.path.c_str(), corpus.description.c_str(),
+      corpus.text ? "corpus" : "data", corpus.path.c_str(), corpus.description.c_str(),
       what.c_str(), static_cast<unsigned long long>(corpus.train.size()),
       static_cast<unsigned long long>(corpus.validation.size()),
       data::unigram_entropy(corpus.validation, vocab));

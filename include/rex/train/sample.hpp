@@ -110,18 +110,22 @@ class NextTokenLogits {
   Tensor logits_;
 };
 
-// The n tokens that continue `prompt` (which must not be empty).
+// The n tokens that continue `prompt` (which must not be empty), drawn from the first `draw_vocab`
+// ids (0: the model's whole vocabulary).
 inline std::vector<int32_t> generate_tokens(const nn::TransformerLM& model,
                                             const std::vector<int32_t>& prompt, int64_t n,
                                             double temperature, uint64_t seed,
                                             const nn::RoutingStep& at,
-                                            Decoding decoding = Decoding::kv_cache) {
+                                            Decoding decoding = Decoding::kv_cache,
+                                            int64_t draw_vocab = 0) {
   REX_CHECK(!prompt.empty(), "generate: the prompt must not be empty");
   std::vector<int32_t> produced;
   if (n <= 0) return produced;
   Generator gen(seed);
   NextTokenLogits next(model, prompt, at, decoding);
-  const int64_t vocab = model.config().vocab_size;
+  const int64_t vocab = draw_vocab > 0 ? draw_vocab : model.config().vocab_size;
+  REX_CHECK(vocab <= model.config().vocab_size, "generate: drawing from ", vocab,
+            " ids, but the model has a vocabulary of ", model.config().vocab_size);
   for (int64_t i = 0; i < n; ++i) {
     produced.push_back(sample_token(next.logits().data<float>(), vocab, temperature, gen));
     if (i + 1 < n) next.append(produced.back());
@@ -130,10 +134,12 @@ inline std::vector<int32_t> generate_tokens(const nn::TransformerLM& model,
 }
 
 // The n characters that continue `prompt` (which must not be empty).
-inline std::string generate(const nn::TransformerLM& model, const data::CharTokenizer& tok,
+inline std::string generate(const nn::TransformerLM& model, const data::Tokenizer& tok,
                             const std::string& prompt, int64_t n, double temperature, uint64_t seed,
                             const nn::RoutingStep& at, Decoding decoding = Decoding::kv_cache) {
-  return tok.decode(generate_tokens(model, tok.encode(prompt), n, temperature, seed, at, decoding));
+  // Only the tokenizer's ids are drawn; the model's vocabulary may be padded beyond them.
+  return tok.decode(generate_tokens(model, tok.encode(prompt), n, temperature, seed, at, decoding,
+                                    tok.vocab_size()));
 }
 
 }  // namespace rex::train
