@@ -12,7 +12,7 @@
 // from matmul and softmax, so it runs on every device. It differs from the full pass only in
 // rounding (the order of the sums). step_on_cpu is the same one-token computation on raw host
 // buffers, by the CPU kernels those ops call: a decoded token is about 190 small ops, and on the
-// CPU their overhead (tensors, shape checks, allocations) cost as much as their arithmetic.
+// CPU their overhead (tensors, shape checks, allocations) costs as much as their arithmetic.
 #pragma once
 
 #include <algorithm>
