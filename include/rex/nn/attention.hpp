@@ -7,14 +7,18 @@
 // Decoding (inference, one sequence): given a KvCacheLayer, the keys (after RoPE) and values of
 // the tokens are kept. An empty cache takes a whole window (the prefill: the computation above,
 // keys and values kept); then each call takes one new token at position p = the cached length
-// (RoPE at p, as the full pass over the window would rotate it), appends its key and value, and
-// attends from it to all p + 1 keys, which it may all see: softmax(q K^T / sqrt(D)) V composed
+// (RoPE at p, as the full pass over the window would rotate it), writes its key and value at p,
+// and attends from it to all p + 1 keys, which it may all see: softmax(q K^T / sqrt(D)) V composed
 // from matmul and softmax, so it runs on every device. It differs from the full pass only in
-// rounding (the order of the sums).
+// rounding (the order of the sums). step_on_cpu is the same one-token computation on raw host
+// buffers, by the CPU kernels those ops call: a decoded token is about 190 small ops, and on the
+// CPU their overhead (tensors, shape checks, allocations) costs as much as their arithmetic.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
+#include <vector>
 
 #include "rex/nn/layers.hpp"
 #include "rex/ops/attention.hpp"
@@ -24,11 +28,29 @@
 
 namespace rex::nn {
 
-// The keys (after RoPE) and values one attention layer computed for the tokens decoded so far,
-// each [1, Hkv, L, D]; undefined while empty.
+// The keys (after RoPE) and values one attention layer computed for the tokens decoded so far:
+// buffers [1, Hkv, capacity, D] (allocated by the first write) whose first `length` positions
+// along axis 2 are filled. A token's key and value are written in place, so a step does not copy
+// the keys before it.
 struct KvCacheLayer {
+  int64_t capacity = 0;  // the positions the buffers hold (the model's context)
+  int64_t length = 0;
   Tensor keys, values;
-  int64_t length() const { return keys.defined() ? keys.dim(2) : 0; }
+
+  // Writes k and v [1, Hkv, T, D] at positions length .. length + T - 1.
+  void append(const Tensor& k, const Tensor& v) {
+    const int64_t time = k.dim(2);
+    REX_CHECK(length + time <= capacity, "KvCacheLayer: ", time, " more tokens after ", length,
+              " do not fit ", capacity);
+    if (!keys.defined()) {
+      const Shape shape{1, k.dim(1), capacity, k.dim(3)};
+      keys = Tensor::empty(shape, DType::f32, k.device());
+      values = Tensor::empty(shape, DType::f32, k.device());
+    }
+    detail::copy_axis_block(k, time, 0, keys, capacity, length, k.dim(1), time, k.dim(3));
+    detail::copy_axis_block(v, time, 0, values, capacity, length, k.dim(1), time, k.dim(3));
+    length += time;
+  }
 };
 
 class CausalSelfAttention : public Module {
@@ -46,7 +68,7 @@ class CausalSelfAttention : public Module {
   // the T tokens; a filled one takes one token (T = 1), which continues the cached ones.
   Tensor forward(const Tensor& x, KvCacheLayer* cache = nullptr) const {
     const int64_t batch = x.dim(0), time = x.dim(1);
-    const int64_t past = cache ? cache->length() : 0;
+    const int64_t past = cache ? cache->length : 0;
     REX_CHECK(
         !cache || (batch == 1 && (past == 0 || time == 1)),
         "CausalSelfAttention: a KV cache takes one sequence, and one token once filled; got x ",
@@ -59,15 +81,56 @@ class CausalSelfAttention : public Module {
     const Tensor qh = rope(split_heads(q->forward(x), heads_), rope_theta_, past);
     Tensor kh = rope(split_heads(k->forward(x), kv_heads_), rope_theta_, past);
     Tensor vh = split_heads(v->forward(x), kv_heads_);
-    if (past > 0) {
-      kh = concat({cache->keys, kh}, 2);
-      vh = concat({cache->values, vh}, 2);
+    if (cache) cache->append(kh, vh);
+    if (past > 0) {  // every cached key and value, this token's included
+      kh = slice(cache->keys, 2, 0, past + 1);
+      vh = slice(cache->values, 2, 0, past + 1);
     }
-    if (cache) cache->keys = kh, cache->values = vh;
     const Tensor heads_out = past == 0 ? causal_attention(qh, kh, vh) : newest_query(qh, kh, vh);
     const Tensor merged = reshape(time == 1 ? heads_out : permute(heads_out, {0, 2, 1, 3}),
                                   {batch, time, heads_ * head_dim_});
     return o->forward(merged);
+  }
+
+  // forward of one token x [d] at position p = cache.length on the host, into out [d]: the
+  // cache's buffers and every weight on the CPU; `rope_cos` and `rope_sin` [D / 2] are the RoPE
+  // table at p (detail::rope_table).
+  void step_on_cpu(const float* x, float* out, KvCacheLayer& cache, const float* rope_cos,
+                   const float* rope_sin) const {
+    const int64_t dim = heads_ * head_dim_, kv_dim = kv_heads_ * head_dim_;
+    const int64_t p = cache.length, capacity = cache.capacity, seen = p + 1;
+    const int64_t group = heads_ / kv_heads_, in = q->weight.dim(1);
+    REX_CHECK(p < capacity, "CausalSelfAttention: the cache is full (", capacity, " tokens)");
+    // q and k side by side, H + Hkv rows of D, so that one call rotates both.
+    std::vector<float> scratch(static_cast<size_t>(2 * (dim + kv_dim) + kv_dim + group * seen));
+    float *qk_raw = scratch.data(), *qk = qk_raw + dim + kv_dim, *v_new = qk + dim + kv_dim;
+    float* scores = v_new + kv_dim;  // [G, seen] per kv head
+    detail::gemm(x, q->weight.data<float>(), qk_raw, 1, dim, in, false, true);
+    detail::gemm(x, k->weight.data<float>(), qk_raw + dim, 1, kv_dim, in, false, true);
+    detail::gemm(x, v->weight.data<float>(), v_new, 1, kv_dim, in, false, true);
+    detail::cpu::rope(qk_raw, rope_cos, rope_sin, qk, heads_ + kv_heads_, 1, head_dim_, 1.0f);
+    // Head h's key and value go to position p of head h's [capacity, D] block.
+    float* keys = cache.keys.data<float>();
+    float* values = cache.values.data<float>();
+    for (int64_t h = 0; h < kv_heads_; ++h) {
+      const int64_t at = (h * capacity + p) * head_dim_;
+      std::copy_n(qk + dim + h * head_dim_, head_dim_, keys + at);
+      std::copy_n(v_new + h * head_dim_, head_dim_, values + at);
+    }
+    ++cache.length;
+    // newest_query per kv head: query rows [G, D] against its keys and values [seen, D].
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
+    std::vector<float> merged(static_cast<size_t>(dim));
+    for (int64_t h = 0; h < kv_heads_; ++h) {
+      const float* head_keys = keys + h * capacity * head_dim_;
+      const float* head_values = values + h * capacity * head_dim_;
+      const int64_t row = h * group * head_dim_;
+      detail::gemm(qk + row, head_keys, scores, group, seen, head_dim_, false, true);
+      for (int64_t i = 0; i < group * seen; ++i) scores[i] *= scale;
+      detail::cpu::softmax(scores, scores, group, seen, Shape{group, seen});
+      detail::gemm(scores, head_values, merged.data() + row, group, head_dim_, seen, false, false);
+    }
+    detail::gemm(merged.data(), o->weight.data<float>(), out, 1, in, dim, false, true);
   }
 
   std::shared_ptr<Linear> q, k, v, o;

@@ -7,13 +7,16 @@
 // construction order, so a seed fixes every weight.
 #pragma once
 
+#include <algorithm>
 #include <memory>
+#include <vector>
 
 #include "rex/core/factory.hpp"
 #include "rex/nn/module.hpp"
 #include "rex/ops/elementwise.hpp"
 #include "rex/ops/index.hpp"
 #include "rex/ops/matmul.hpp"
+#include "rex/ops/moe.hpp"
 #include "rex/ops/norm.hpp"
 
 namespace rex::nn {
@@ -48,6 +51,11 @@ class RMSNorm : public Module {
     weight = register_parameter("weight", ones({dim}));
   }
   Tensor forward(const Tensor& x) const { return rms_norm(x, weight, eps_); }
+  // forward of one row x [dim] into y [dim] on the host (decoding's step on the CPU).
+  void row_on_cpu(const float* x, float* y) const {
+    float rstd = 0;
+    detail::cpu::rms_norm(x, weight.data<float>(), y, &rstd, 1, weight.numel(), eps_);
+  }
 
   Tensor weight;  // [dim]
 
@@ -70,5 +78,25 @@ class SwiGLU : public Module {
 
   std::shared_ptr<Linear> gate, up, down;
 };
+
+// SwiGLU::forward of one row x [d] through each of `ffns` (all of one hidden width) into ys [n, d]
+// on the host: the CPU kernel of grouped_swiglu with one row per FFN, the products and activation
+// that forward's ops run (decoding's step on the CPU).
+inline void swiglu_row_on_cpu(const float* x, const std::vector<const SwiGLU*>& ffns, float* ys) {
+  const auto n = static_cast<int64_t>(ffns.size());
+  const int64_t hidden = ffns.front()->gate->weight.dim(0), d = ffns.front()->gate->weight.dim(1);
+  std::vector<float> rows(static_cast<size_t>(n * d)), pre(static_cast<size_t>(2 * n * hidden));
+  std::vector<int64_t> offsets(static_cast<size_t>(n + 1));
+  std::vector<const float*> gate, up, down;
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy_n(x, d, rows.data() + i * d);
+    offsets[static_cast<size_t>(i + 1)] = i + 1;
+    gate.push_back(ffns[static_cast<size_t>(i)]->gate->weight.data<float>());
+    up.push_back(ffns[static_cast<size_t>(i)]->up->weight.data<float>());
+    down.push_back(ffns[static_cast<size_t>(i)]->down->weight.data<float>());
+  }
+  detail::cpu::grouped_swiglu(rows.data(), offsets.data(), n, gate.data(), up.data(), down.data(),
+                              ys, pre.data(), pre.data() + n * hidden, d, hidden);
+}
 
 }  // namespace rex::nn

@@ -29,6 +29,8 @@
 //   z-loss        beta * mean_t (logsumexp_i (W_l h_t)_i)^2
 #pragma once
 
+#include <algorithm>
+#include <limits>
 #include <memory>
 #include <string>
 #include <utility>
@@ -176,6 +178,52 @@ class MoeLayer : public Module {
         logits, probs,
         at.whole_batch ? at.whole_batch->of_layer(layer_, out.expert_counts) : out.expert_counts);
     return out;
+  }
+
+  // forward of one token x [d] into y [d] on the host, for TransformerLM::decode's step on the
+  // CPU: the same routing (PSR mask, gating) and experts, by the CPU kernels forward's ops call.
+  void step_on_cpu(const float* x, float* y, const RoutingStep& at) const {
+    const int64_t pool = table_->size(), k = config_.top_k, d = router->weight.dim(1);
+    const int64_t candidates =
+        psr_candidates(psr_, config_.experts_per_layer, config_.reuse, at.step);
+    const std::vector<uint8_t> keep =
+        candidates < pool ? psr_keep_mask(at.seed, at.step, layer_, pool, candidates,
+                                          psr_always_kept(psr_, config_, layer_))
+                          : std::vector<uint8_t>(static_cast<size_t>(pool), 1);
+    std::vector<float> logits(static_cast<size_t>(pool)), scores(static_cast<size_t>(pool));
+    detail::gemm(x, router->weight.data<float>(), logits.data(), 1, pool, d, false, true);
+    // What top-k ranks: the logits or the probabilities, a masked expert's at -inf or -1 (as
+    // psr_logits and psr_scores set them).
+    const bool topk_softmax = config_.gating == "topk_softmax";
+    if (topk_softmax) {
+      scores = logits;
+    } else {
+      detail::cpu::softmax(logits.data(), scores.data(), 1, pool, Shape{1, pool});
+    }
+    const float masked = topk_softmax ? -std::numeric_limits<float>::infinity() : -1.0f;
+    for (int64_t e = 0; e < pool; ++e)
+      if (!keep[e]) scores[e] = masked;
+    std::vector<float> gates(static_cast<size_t>(k));
+    std::vector<int32_t> chosen(static_cast<size_t>(k));
+    detail::cpu::topk(scores.data(), gates.data(), chosen.data(), 1, pool, k);
+    if (topk_softmax) {
+      detail::cpu::softmax(gates.data(), gates.data(), 1, k, Shape{1, k});
+    } else if (config_.renormalize) {
+      float total = 0;
+      for (float g : gates) total += g;
+      for (float& g : gates) g /= total;
+    }
+    // The chosen experts, then the shared ones: y = sum_j g_j E_j(x) + sum_s S_s(x), in that order.
+    std::vector<const SwiGLU*> ffns;
+    for (int32_t e : chosen) ffns.push_back(&table_->expert(e));
+    for (const auto& expert : shared) ffns.push_back(expert.get());
+    std::vector<float> ys(ffns.size() * static_cast<size_t>(d));
+    swiglu_row_on_cpu(x, ffns, ys.data());
+    std::fill_n(y, d, 0.0f);
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t i = 0; i < d; ++i) y[i] += ys[j * d + i] * gates[j];
+    for (size_t s = static_cast<size_t>(k); s < ffns.size(); ++s)
+      for (int64_t i = 0; i < d; ++i) y[i] += ys[s * d + i];
   }
 
   const ExpertTable& table() const { return *table_; }

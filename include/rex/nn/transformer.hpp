@@ -8,7 +8,11 @@
 // decode is the same pass for inference with a KV cache (rex/train/sample.hpp): a window is
 // prefilled once, then each token runs alone, attending to the keys and values cached for the
 // tokens before it (rex/nn/attention.hpp); the FFN or the MoE router sees just that token, under
-// the same PSR mask.
+// the same PSR mask. The prefill runs forward's ops (so its logits are forward's, byte for byte)
+// and so does a token on a GPU; on the CPU a token runs step_on_cpu, the same computation on raw
+// host buffers by the CPU kernels behind those ops, without their per-op overhead: a token's
+// matrix-vector products are then most of its time, bound by reading the weights from memory
+// (docs/performance.md, "Sampling with a KV cache").
 //
 // Parameter names (checkpoints, the PyTorch twin): embed.weight, layers.{l}.attn_norm.weight,
 // layers.{l}.attn.{q,k,v,o}.weight, layers.{l}.ffn_norm.weight,
@@ -80,6 +84,24 @@ class TransformerBlock : public Module {
     return out;
   }
 
+  // forward of one token h [d] (in place) on the host, the next in `cache`; `rope_cos` and
+  // `rope_sin` as in CausalSelfAttention::step_on_cpu.
+  void step_on_cpu(float* h, KvCacheLayer& cache, const float* rope_cos, const float* rope_sin,
+                   const RoutingStep& at) const {
+    const int64_t d = attn_norm->weight.numel();
+    std::vector<float> normed(static_cast<size_t>(d)), delta(static_cast<size_t>(d));
+    attn_norm->row_on_cpu(h, normed.data());
+    attn->step_on_cpu(normed.data(), delta.data(), cache, rope_cos, rope_sin);
+    for (int64_t i = 0; i < d; ++i) h[i] += delta[i];
+    ffn_norm->row_on_cpu(h, normed.data());
+    if (moe) {
+      moe->step_on_cpu(normed.data(), delta.data(), at);
+    } else {
+      swiglu_row_on_cpu(normed.data(), {ffn.get()}, delta.data());
+    }
+    for (int64_t i = 0; i < d; ++i) h[i] += delta[i];
+  }
+
   std::shared_ptr<RMSNorm> attn_norm, ffn_norm;
   std::shared_ptr<CausalSelfAttention> attn;
   std::shared_ptr<SwiGLU> ffn;    // dense model
@@ -89,7 +111,7 @@ class TransformerBlock : public Module {
 // The keys and values every layer of a TransformerLM cached for the tokens decoded so far.
 struct KvCache {
   std::vector<KvCacheLayer> layers;  // one per block (empty before the first token)
-  int64_t length() const { return layers.empty() ? 0 : layers.front().length(); }
+  int64_t length() const { return layers.empty() ? 0 : layers.front().length; }
   void clear() { layers.clear(); }
 };
 
@@ -157,7 +179,12 @@ class TransformerLM : public Module {
               "TransformerLM::decode: the cache ", "holds ", cache.layers.size(),
               " layers, the model has ", layers.size());
     NoGradGuard no_grad;
-    if (cached == 0) cache.layers.assign(layers.size(), KvCacheLayer{});
+    if (cached == 0) {
+      KvCacheLayer empty;
+      empty.capacity = config_.context;
+      cache.layers.assign(layers.size(), empty);
+    }
+    if (cached > 0 && embed->weight.device().is_cpu()) return step_on_cpu(ids, cache, at);
     return run(ids, at, &cache).logits;
   }
 
@@ -184,6 +211,27 @@ class TransformerLM : public Module {
     h = reshape(norm->forward(h), {-1, config_.d_model});
     out.logits = linear(h, lm_head ? lm_head->weight : embed->weight);
     return out;
+  }
+
+  // decode of one token on the host: the logits [1, V] by the layers' step_on_cpu, the same
+  // computation as run's ops one token at a time, without their per-op overhead.
+  Tensor step_on_cpu(const Tensor& ids, KvCache& cache, const RoutingStep& at) const {
+    const int64_t d = config_.d_model, vocab = config_.vocab_size;
+    const int32_t id = ids.to(Device::cpu()).data<int32_t>()[0];
+    REX_CHECK(id >= 0 && id < vocab, "TransformerLM::decode: token id ", id,
+              " is outside the vocabulary of ", vocab);
+    const float* row = embed->weight.data<float>() + int64_t{id} * d;
+    std::vector<float> h(row, row + d), normed(static_cast<size_t>(d));
+    const detail::RopeTable rope_at = detail::rope_table(
+        1, d / config_.n_heads, static_cast<float>(config_.rope_theta), cache.length());
+    for (size_t l = 0; l < layers.size(); ++l)
+      layers[l]->step_on_cpu(h.data(), cache.layers[l], rope_at.cos.data<float>(),
+                             rope_at.sin.data<float>(), at);
+    norm->row_on_cpu(h.data(), normed.data());
+    Tensor logits = Tensor::empty({1, vocab});
+    detail::gemm(normed.data(), (lm_head ? lm_head->weight : embed->weight).data<float>(),
+                 logits.data<float>(), 1, vocab, d, false, true);
+    return logits;
   }
 
   ModelConfig config_;
