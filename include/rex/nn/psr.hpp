@@ -44,7 +44,6 @@
 #include "rex/backend/cuda/dispatch.hpp"
 #include "rex/backend/psr_mask.hpp"
 #include "rex/core/factory.hpp"
-#include "rex/core/random.hpp"
 #include "rex/nn/config.hpp"
 #include "rex/ops/elementwise.hpp"
 #include "rex/ops/index.hpp"
