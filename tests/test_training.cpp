@@ -30,6 +30,7 @@
 #include <rex/train/step.hpp>
 
 #include "gradcheck.hpp"
+#include "rounding.hpp"
 #include "testing.hpp"
 
 using namespace rex;
@@ -391,6 +392,27 @@ TEST_CASE("per-sequence and per-token PSR masks: micro-batches route as the unsp
       CHECK(counts[2] == counts[0]);
     }
   }
+}
+
+// A token decoded after a KV cache's n tokens is position n of its text: it draws the mask of that
+// position, as in a forward pass over the whole text. Each row of the two agrees within the
+// model's rounding bound (2 gamma_N, tests/rounding.hpp); a token routed by another position's
+// mask would differ by a whole expert's output.
+TEST_CASE("per-token PSR masks when decoding: a cached token keeps its position in the text") {
+  train::RunConfig c = tiny_run("moe", 2);
+  c.model.psr.mask_scope = "token";
+  const nn::TransformerLM model(c.model, 2);
+  const std::vector<int32_t> ids{3, 1, 4, 1, 5, 9, 2, 6};
+  const nn::RoutingStep at{4, 1};  // N_t = 4 of the pool of 6
+  NoGradGuard no_grad;
+  const Tensor full = model.forward(from_vector(ids, {1, 8}), Tensor(), at).logits;
+  nn::KvCache cache;
+  std::vector<Tensor> rows{model.decode(
+      from_vector(std::vector<int32_t>(ids.begin(), ids.begin() + 3), {1, 3}), cache, at)};
+  for (size_t i = 3; i < ids.size(); ++i)
+    rows.push_back(model.decode(from_vector(std::vector<int32_t>{ids[i]}, {1, 1}), cache, at));
+  const double bound = 2 * testing::gamma_n(testing::model_chain(c.model, 8).logits);
+  CHECK(testing::relative_error(concat(rows, 0), full) <= bound);
 }
 
 TEST_CASE("the routing report splits each layer's routed slots into own and borrowed experts") {
