@@ -18,8 +18,8 @@
 //   indices (the last match wins, as the CPU's sequential writes do); no zero-fill pass, no races.
 // - psr_keep_rows: one thread per row runs the CPU's partial Fisher-Yates (psr_mask_row, shared
 //   with the host through rex/backend/psr_mask.hpp) from the row's hash, with the row's expert
-//   order in a scratch buffer; a few hundred rows of a few dozen experts, so no more parallelism
-//   is worth its code.
+//   order in a scratch buffer: a step's tokens give thousands of rows, enough threads, and each
+//   row is a few dozen experts' work.
 // - permute: one thread per output element; extents and input strides are passed by value.
 // - rope: one thread per (row, i) pair of the "rotate half" convention (i paired with i + D/2, as
 //   rope_rotate on the CPU); products and sums use _rn intrinsics so that no FMA is contracted and
