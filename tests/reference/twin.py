@@ -7,8 +7,10 @@ DIR is written by tests/reference/dump_rex (config.json, model.safetensors, inpu
 expected.safetensors; see dump_rex.cpp and docs/formats.md). The twin builds the same model as a
 torch.nn.Module, written from the model's math (not translated from rex's C++), so that agreement
 is evidence that both are right. Parameter names come out of nn.Module's own naming and equal
-rex's, so the checkpoint maps one to one. It loads the weights, runs forward + backward on the
-same batch with the same PSR masks, clips the gradients and takes one torch.optim.AdamW step, all
+rex's, so the checkpoint maps one to one. It loads the weights, draws the PSR masks itself from
+the seed, the step and each mask's place (psr_masks below; every psr.mask_scope and
+psr.tie_block), requires rex's dumped masks to be the same, runs forward + backward on the
+same batch with them, clips the gradients and takes one torch.optim.AdamW step, all
 in float32, and compares against rex: the logits, the three losses, every gradient (before
 clipping), the global gradient norm, and every parameter's AdamW update.
 
