@@ -16,6 +16,10 @@
 //   result independent of the combination tree.
 // - topk_backward: one thread per element of gx, which looks for its column among the row's k
 //   indices (the last match wins, as the CPU's sequential writes do); no zero-fill pass, no races.
+// - psr_keep_rows: one thread per row runs the CPU's partial Fisher-Yates (psr_mask_row, shared
+//   with the host through rex/backend/psr_mask.hpp) from the row's hash, with the row's expert
+//   order in a scratch buffer: a step's tokens give thousands of rows, enough threads, and each
+//   row is a few dozen experts' work.
 // - permute: one thread per output element; extents and input strides are passed by value.
 // - rope: one thread per (row, i) pair of the "rotate half" convention (i paired with i + D/2, as
 //   rope_rotate on the CPU); products and sums use _rn intrinsics so that no FMA is contracted and
@@ -24,6 +28,7 @@
 
 #include "common.cuh"
 #include "rex/backend/counting_sort.hpp"
+#include "rex/backend/psr_mask.hpp"
 
 namespace rex::cuda::detail {
 namespace {
@@ -261,6 +266,20 @@ void rope(const float* x, const float* cos, const float* sin, float* y, int64_t 
              direction);
 }
 
+// ---- psr_keep_rows ----
+
+__global__ void psr_keep_rows_kernel(rex::detail::PsrMaskRows rows, int32_t* order, float* keep) {
+  for (int64_t r = thread_index(); r < rows.rows; r += thread_count())
+    rex::detail::psr_mask_row(rows, rex::detail::psr_row_seed(rows, r), order + r * rows.pool,
+                              keep + r * rows.pool);
+}
+
+void psr_keep_rows(const rex::detail::PsrMaskRows& rows, float* keep) {
+  const Scratch order(static_cast<size_t>(rows.rows * rows.pool) * sizeof(int32_t));
+  REX_LAUNCH(psr_keep_rows_kernel, blocks_for(rows.rows), kThreads, 0, rows, order.as<int32_t>(),
+             keep);
+}
+
 }  // namespace
 
 void register_index(rex::detail::CudaBackend& table) {
@@ -269,6 +288,7 @@ void register_index(rex::detail::CudaBackend& table) {
   table.scatter_add_rows = scatter_add_rows;
   table.topk = topk;
   table.topk_backward = topk_backward;
+  table.psr_keep_rows = psr_keep_rows;
   table.permute = permute;
   table.rope = rope;
 }

@@ -28,6 +28,10 @@ refused "model.ffn: the value is not valid UTF-8" --set "model.ffn=$(printf '\xc
 refused 'psr.schedule must be "none", "linear" or "stepwise"' --set model.ffn=dense \
   --set psr.schedule=cosine
 refused 'psr.masks must be "random" or "own_first"' --set psr.masks=own
+refused 'psr.mask_scope must be "step", "sequence" or "token", got "batch"' \
+  --set psr.mask_scope=batch
+refused 'psr.tie_block shares one mask among the layers of a block' --set psr.tie_block=true \
+  --set psr.masks=own_first
 refused 'moe.gating must be "softmax_topk" or "topk_softmax", got "softmax"' --set moe.gating=softmax
 refused 'moe.renormalize has nothing to do with moe.gating = "topk_softmax"' \
   --set moe.gating=topk_softmax --set moe.renormalize=true

@@ -722,6 +722,51 @@ TEST_CASE("cuda ops: one TransformerLM training step matches the CPU step") {
   }
 }
 
+// Per-sequence and per-token PSR masks are made on the device by a kernel that runs the CPU's code
+// (rex/backend/psr_mask.hpp): the same bytes, so the two devices route every token alike.
+TEST_CASE("cuda ops: per-sequence and per-token PSR masks are made on the device, as on the CPU") {
+  if (gpu_missing()) return;
+  nn::MoeConfig moe;
+  moe.experts_per_layer = 6, moe.reuse = 4;  // pool 24
+  nn::PsrConfig psr;
+  psr.t_start = 2, psr.t_end = 12;
+  for (const std::string scope : {"sequence", "token"}) {
+    for (const std::string variant : {"random", "own_first", "tie_block"}) {
+      CAPTURE(scope);
+      CAPTURE(variant);
+      psr.mask_scope = scope;
+      psr.masks = variant == "own_first" ? "own_first" : "random";
+      psr.tie_block = variant == "tie_block";
+      // 300 rows: more than one block of threads.
+      const nn::TokenPlaces places{300, 20, 7, 0};
+      for (const int64_t step : {1, 6}) {
+        const Tensor cpu = nn::psr_keep(psr, moe, 4, step, 5, places, Device::cpu());
+        const Tensor gpu = nn::psr_keep(psr, moe, 4, step, 5, places, kGpu);
+        CHECK(gpu.device() == kGpu);
+        CHECK(testing::same_bytes(gpu.to(Device::cpu()), cpu));
+      }
+    }
+  }
+  // Whole models on both devices at a step with masks: the same routing, logits within bounds.
+  for (const std::string scope : {"sequence", "token"}) {
+    CAPTURE(scope);
+    nn::ModelConfig m;
+    m.vocab_size = 13, m.d_model = 16, m.n_layers = 2, m.n_heads = 4, m.n_kv_heads = 2;
+    m.context = 12, m.moe.experts_per_layer = 3, m.moe.top_k = 2, m.moe.d_expert = 8;
+    m.moe.reuse = 2, m.psr.t_start = 2, m.psr.t_end = 6, m.psr.mask_scope = scope;
+    m.psr.tie_block = scope == "token";
+    nn::TransformerLM cpu_model(m, 5), gpu_model(m, 5);
+    gpu_model.to(kGpu);
+    Generator gen(9);
+    const Tensor ids = ids_tensor({3, 12}, 13, gen), targets = ids_tensor({3, 12}, 13, gen);
+    const nn::LmOutput cpu_out = cpu_model.forward(ids, targets, {3, 0});
+    const nn::LmOutput gpu_out = gpu_model.forward(ids.to(kGpu), targets.to(kGpu), {3, 0});
+    CHECK(gpu_out.expert_counts == cpu_out.expert_counts);
+    CHECK(relative_error(gpu_out.logits, cpu_out.logits) <=
+          2 * gamma_n(model_chain(m, ids.numel()).logits));
+  }
+}
+
 // Decoding with a KV cache on the GPU (rex/train/sample.hpp) against the recompute path on the CPU,
 // step by step: the same windows, logits within the model's bound (each side within gamma_N of
 // exact), and so the same greedy choices wherever the choice leads by more than the bound

@@ -525,6 +525,176 @@ TEST_CASE(
   }
 }
 
+// The mask of a Generator seeded with `seed`: the first `masked` picks of a partial Fisher-Yates
+// shuffle of the experts outside [kept_first, kept_first + kept_count), written here from the
+// method's description (rex/nn/psr.hpp) as the reference for psr_keep_mask and psr_keep.
+std::vector<float> reference_mask(uint64_t seed, int64_t pool, int64_t masked,
+                                  int64_t kept_first = 0, int64_t kept_count = 0) {
+  std::vector<int64_t> maskable;
+  for (int64_t e = 0; e < pool; ++e)
+    if (e < kept_first || e >= kept_first + kept_count) maskable.push_back(e);
+  std::vector<float> keep(static_cast<size_t>(pool), 1.0f);
+  Generator gen(seed);
+  for (int64_t i = 0; i < masked; ++i) {
+    const auto j = i + static_cast<int64_t>(gen.below(maskable.size() - i));
+    std::swap(maskable[i], maskable[j]);
+    keep[maskable[i]] = 0.0f;
+  }
+  return keep;
+}
+
+// The seeds of the three scopes, as rex/backend/psr_mask.hpp specifies them.
+uint64_t step_seed(uint64_t seed, int64_t step, int64_t layer) {
+  return mix64(mix64(seed ^ 0x50535200ull) ^ static_cast<uint64_t>(step)) ^
+         mix64(static_cast<uint64_t>(layer));
+}
+uint64_t sequence_seed(uint64_t seed, int64_t step, int64_t layer, int64_t sequence) {
+  return mix64(mix64(step_seed(seed, step, layer)) ^ static_cast<uint64_t>(sequence));
+}
+uint64_t token_seed(uint64_t seed, int64_t step, int64_t layer, int64_t sequence,
+                    int64_t position) {
+  return mix64(mix64(sequence_seed(seed, step, layer, sequence)) ^ static_cast<uint64_t>(position));
+}
+
+std::vector<float> row_of(const Tensor& keep, int64_t row) {
+  return slice(keep, 0, row, row + 1).to_vector<float>();
+}
+
+TEST_CASE("PSR step masks are the reference partial Fisher-Yates of the (seed, step, layer) hash") {
+  for (int64_t layer = 0; layer < 3; ++layer) {
+    for (int64_t step = 0; step < 30; ++step) {
+      for (int64_t cand : {1, 5, 11}) {
+        const auto keep = nn::psr_keep_mask(77, step, layer, 12, cand);
+        CHECK(std::vector<float>(keep.begin(), keep.end()) ==
+              reference_mask(step_seed(77, step, layer), 12, 12 - cand));
+        const auto own = nn::psr_keep_mask(77, step, layer, 12, cand + 1, {4, 1});
+        CHECK(std::vector<float>(own.begin(), own.end()) ==
+              reference_mask(step_seed(77, step, layer), 12, 12 - cand - 1, 4, 1));
+      }
+    }
+  }
+}
+
+TEST_CASE("PSR sequence and token masks: N_t per row, pure functions of their place in the batch") {
+  nn::MoeConfig moe;
+  moe.experts_per_layer = 8;
+  moe.reuse = 4;  // pool 32
+  nn::PsrConfig psr;
+  psr.t_start = 10, psr.t_end = 20;
+  const int64_t pool = 32, sequences = 4, length = 6, rows = sequences * length;
+  const nn::TokenPlaces whole{rows, length};
+  for (const int64_t step : {3, 15}) {
+    const int64_t cand = nn::psr_candidates(psr, 8, 4, step);  // 8, then 8 + 24 * 5 / 10 = 20
+    CHECK(cand == (step == 3 ? 8 : 20));
+    for (const std::string scope : {"sequence", "token"}) {
+      CAPTURE(scope);
+      CAPTURE(step);
+      psr.mask_scope = scope;
+      const int64_t layer = 5;
+      const Tensor keep = nn::psr_keep(psr, moe, 11, step, layer, whole, Device::cpu());
+      REQUIRE(keep.shape() == Shape{rows, pool});
+      CHECK(testing::same_bytes(keep, nn::psr_keep(psr, moe, 11, step, layer, whole,
+                                                   Device::cpu())));  // pure
+      std::set<std::vector<float>> distinct;
+      for (int64_t r = 0; r < rows; ++r) {
+        const std::vector<float> row = row_of(keep, r);
+        CHECK(std::count(row.begin(), row.end(), 1.0f) == cand);  // exactly N_t kept
+        CHECK(std::count(row.begin(), row.end(), 0.0f) == pool - cand);
+        const int64_t sequence = r / length, position = r % length;
+        const uint64_t seed = scope == "token" ? token_seed(11, step, layer, sequence, position)
+                                               : sequence_seed(11, step, layer, sequence);
+        CHECK(row == reference_mask(seed, pool, pool - cand));
+        distinct.insert(row);
+      }
+      // A different place, a different mask: C(32, 8) > 1e7 masks for at most 24 places, so a
+      // repeat would have probability below 276 / 1e7.
+      CHECK(distinct.size() == static_cast<size_t>(scope == "token" ? rows : sequences));
+      // A batch split 2 + 2 draws the masks of the unsplit one.
+      for (int64_t first : {0, 2}) {
+        const Tensor part =
+            nn::psr_keep(psr, moe, 11, step, layer, {2 * length, length, first, 0}, Device::cpu());
+        CHECK(testing::same_bytes(part, slice(keep, 0, first * length, (first + 2) * length)));
+      }
+      // A token decoded after 3 cached ones is position 3 of its sequence.
+      const Tensor decoded = nn::psr_keep(psr, moe, 11, step, layer, {1, 1, 0, 3}, Device::cpu());
+      CHECK(decoded.to_vector<float>() == row_of(keep, 3));
+    }
+  }
+  // own_first: the layer's own experts in every row, N_t - N borrowed ones drawn per row.
+  psr.masks = "own_first";
+  psr.mask_scope = "token";
+  const Tensor keep = nn::psr_keep(psr, moe, 11, 15, 6, whole, Device::cpu());  // owns [16, 24)
+  for (int64_t r = 0; r < rows; ++r) {
+    const std::vector<float> row = row_of(keep, r);
+    CHECK(std::count(row.begin(), row.end(), 1.0f) == 20);
+    CHECK(row == reference_mask(token_seed(11, 15, 6, r / length, r % length), pool, 12, 16, 8));
+  }
+  // After t_e nothing is masked in any scope.
+  CHECK(!nn::psr_keep(psr, moe, 11, 20, 6, whole, Device::cpu()).defined());
+}
+
+TEST_CASE("PSR tie_block: the layers of a block share their masks in every scope") {
+  nn::MoeConfig moe;
+  moe.experts_per_layer = 8;
+  moe.reuse = 4;
+  nn::PsrConfig psr;
+  psr.t_start = 10, psr.t_end = 20;
+  psr.tie_block = true;
+  const nn::TokenPlaces places{12, 4};
+  for (const std::string scope : {"step", "sequence", "token"}) {
+    CAPTURE(scope);
+    psr.mask_scope = scope;
+    std::vector<Tensor> layers;
+    for (int64_t layer = 0; layer < 8; ++layer)
+      layers.push_back(nn::psr_keep(psr, moe, 3, 12, layer, places, Device::cpu()));
+    for (int64_t layer = 0; layer < 8; ++layer) {
+      // Layer l draws block l / 4's masks: those of an untied layer l / 4.
+      nn::PsrConfig untied = psr;
+      untied.tie_block = false;
+      CHECK(testing::same_bytes(
+          layers[layer], nn::psr_keep(untied, moe, 3, 12, layer / 4, places, Device::cpu())));
+      CHECK(testing::same_bytes(layers[layer], layers[layer / 4 * 4]));
+    }
+    CHECK(layers[0].to_vector<float>() != layers[4].to_vector<float>());
+  }
+}
+
+TEST_CASE("PSR per-token masks in the layer: a token never routes to an expert masked for it") {
+  nn::ModelConfig c = small_config(4, 2, 2);  // pool 8, PSR from step 10 to 20
+  Generator gen(21);
+  const Tensor x = normal({30, c.d_model}, gen);
+  for (const std::string scope : {"sequence", "token"}) {
+    for (const std::string gating : {"softmax_topk", "topk_softmax"}) {
+      CAPTURE(scope);
+      CAPTURE(gating);
+      c.psr.mask_scope = scope;
+      c.moe.gating = gating;
+      const Layers block = make_block(c, 15);
+      const int64_t step = 14, cand = nn::psr_candidates(c.psr, 2, 4, step);  // 2 + 6 * 4 / 10
+      const nn::RoutingStep at{step, 9, nullptr, 1};
+      const auto out = block.moe[1]->forward(x, at, true, 10);  // 3 sequences of 10, from the 2nd
+      const Tensor keep = nn::psr_keep(c.psr, c.moe, 9, step, 1, {30, 10, 1, 0}, Device::cpu());
+      // Each token's two choices are its two best kept experts: routing on scores where the
+      // masked ones are -inf.
+      const Tensor logits = block.moe[1]->router->forward(x);
+      const Tensor scores = gating == "topk_softmax" ? logits : softmax(logits);
+      std::vector<int64_t> counts(8, 0);
+      for (int64_t t = 0; t < 30; ++t) {
+        const std::vector<float> row = row_of(keep, t), score = row_of(scores, t);
+        CHECK(std::count(row.begin(), row.end(), 1.0f) == cand);
+        std::vector<int64_t> order;
+        for (int64_t e = 0; e < 8; ++e)
+          if (row[e] == 1.0f) order.push_back(e);
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+        ++counts[order[0]];
+        ++counts[order[1]];
+      }
+      CHECK(out.expert_counts == counts);
+    }
+  }
+}
+
 TEST_CASE("config validation rejects impossible MoE settings with a message naming the keys") {
   auto message = [](auto edit) {
     nn::ModelConfig c;
@@ -554,6 +724,14 @@ TEST_CASE("config validation rejects impossible MoE settings with a message nami
   CHECK(message([](nn::ModelConfig& c) {
           c.psr.masks = "own";
         }).find("psr.masks must be \"random\" or \"own_first\", got \"own\"") != std::string::npos);
+  CHECK(message([](nn::ModelConfig& c) {
+          c.psr.mask_scope = "batch";
+        }).find("psr.mask_scope must be \"step\", \"sequence\" or \"token\", got \"batch\"") !=
+        std::string::npos);
+  CHECK(message([](nn::ModelConfig& c) {
+          c.psr.tie_block = true;
+          c.psr.masks = "own_first";
+        }).find("psr.tie_block shares one mask") != std::string::npos);
 }
 
 TEST_CASE("grouped_swiglu matches per-expert composed SwiGLUs and central differences") {

@@ -2,7 +2,8 @@
 # End-to-end tests of examples/train_tiny_rex on a tiny model and a generated corpus:
 #  - resume equals uninterrupted: a run stopped at step 3 and resumed ends with byte-identical
 #    model, checkpoint, routing report and metrics (timing fields aside) as a run never stopped, also
-#    when the run that stopped had gone past its last checkpoint (its extra metrics lines are dropped);
+#    when the run that stopped had gone past its last checkpoint (its extra metrics lines are dropped),
+#    and with per-sequence and per-token PSR masks tied across blocks;
 #  - --eval-only reproduces the final validation loss, and with --set train.eval_batches=N the loss
 #    a training run with that N logs; --sample prints the requested characters, and the same greedy
 #    text with --sample-recompute;
@@ -42,6 +43,24 @@ grep -q "stopped: checkpoint saved at step 3" split1.log || fail "no stop messag
 "$exe" --resume split --data corpus.txt > split2.log 2>&1 || fail "resume failed: $(cat split2.log)"
 grep -q "resuming at step 3 of 8" split2.log || fail "resume did not start at step 3"
 same_run whole split
+
+# The same with per-sequence and per-token PSR masks tied across each block (psr.mask_scope,
+# psr.tie_block): each mask a pure function of its place, so resuming changes nothing; and the
+# scope matters (a different model than the step scope's).
+for scope in sequence token; do
+  masks="--set psr.mask_scope=$scope --set psr.tie_block=true"
+  # shellcheck disable=SC2086
+  train --out whole_$scope $masks > whole_$scope.log 2>&1 ||
+    fail "$scope: uninterrupted run failed: $(cat whole_$scope.log)"
+  # shellcheck disable=SC2086
+  train --out split_$scope $masks --stop-after 3 > split1_$scope.log 2>&1 ||
+    fail "$scope: first half failed: $(cat split1_$scope.log)"
+  "$exe" --resume split_$scope --data corpus.txt > split2_$scope.log 2>&1 ||
+    fail "$scope: resume failed: $(cat split2_$scope.log)"
+  same_run whole_$scope split_$scope
+  cmp -s whole/model.safetensors whole_$scope/model.safetensors &&
+    fail "psr.mask_scope=$scope trained the model of the step scope"
+done
 
 # A run that got to step 6 after its step-4 checkpoint, then "crashed": resuming from the step-4
 # checkpoint must drop its metrics lines past step 4 and end identical to the whole run.

@@ -30,6 +30,7 @@
 #include <rex/train/step.hpp>
 
 #include "gradcheck.hpp"
+#include "rounding.hpp"
 #include "testing.hpp"
 
 using namespace rex;
@@ -358,6 +359,60 @@ TEST_CASE("an evaluation of a saved model may change only the evaluation keys") 
         }).find("--set train.steps would change the saved run") == 0);
   CHECK(error_message([&] { train::evaluation_config(saved, {"train.eval_batches=0"}); }) ==
         "config: train.eval_batches must be positive, got 0");
+}
+
+// Per-sequence and per-token masks are drawn at the sequence's place in the whole batch, so
+// micro-batches route as the unsplit batch: the same routed slots per expert (a mask drawn from a
+// micro-batch's own numbering would route differently almost everywhere). Forward values differ
+// between a split and the unsplit batch at most by rounding, which moves a top-k choice only at a
+// near tie: none among these 48 tokens (the counts would differ).
+TEST_CASE("per-sequence and per-token PSR masks: micro-batches route as the unsplit batch") {
+  for (const std::string scope : {"sequence", "token"}) {
+    for (const bool tie_block : {false, true}) {
+      CAPTURE(scope);
+      CAPTURE(tie_block);
+      train::RunConfig c = tiny_run("moe", 2);
+      c.model.psr.mask_scope = scope;
+      c.model.psr.tie_block = tie_block;
+      Generator gen(5);
+      std::vector<int32_t> ids(4 * 12), targets(ids.size());
+      for (int32_t& id : ids) id = static_cast<int32_t>(gen.below(13));
+      for (int32_t& id : targets) id = static_cast<int32_t>(gen.below(13));
+      const data::Batch batch{from_vector(ids, {4, 12}), from_vector(targets, {4, 12})};
+      std::vector<nn::ExpertCounts> counts;
+      for (const int64_t grad_accum : {1, 2, 4}) {
+        const nn::TransformerLM model(c.model, 1);
+        optim::AdamW optimizer = train::make_optimizer(model, c.train);
+        const train::StepResult result =
+            train::train_step(model, optimizer, batch, {4, 1}, 1e-2f, 0.5, {nullptr, grad_accum});
+        CHECK(result.candidates == 4);  // 3 + floor(3 (4 - 2) / 4) of the 6, ramp from 2 to 6
+        counts.push_back(result.expert_counts);
+      }
+      CHECK(counts[1] == counts[0]);
+      CHECK(counts[2] == counts[0]);
+    }
+  }
+}
+
+// A token decoded after a KV cache's n tokens is position n of its text: it draws the mask of that
+// position, as in a forward pass over the whole text. Each row of the two agrees within the
+// model's rounding bound (2 gamma_N, tests/rounding.hpp); a token routed by another position's
+// mask would differ by a whole expert's output.
+TEST_CASE("per-token PSR masks when decoding: a cached token keeps its position in the text") {
+  train::RunConfig c = tiny_run("moe", 2);
+  c.model.psr.mask_scope = "token";
+  const nn::TransformerLM model(c.model, 2);
+  const std::vector<int32_t> ids{3, 1, 4, 1, 5, 9, 2, 6};
+  const nn::RoutingStep at{4, 1};  // N_t = 4 of the pool of 6
+  NoGradGuard no_grad;
+  const Tensor full = model.forward(from_vector(ids, {1, 8}), Tensor(), at).logits;
+  nn::KvCache cache;
+  std::vector<Tensor> rows{model.decode(
+      from_vector(std::vector<int32_t>(ids.begin(), ids.begin() + 3), {1, 3}), cache, at)};
+  for (size_t i = 3; i < ids.size(); ++i)
+    rows.push_back(model.decode(from_vector(std::vector<int32_t>{ids[i]}, {1, 1}), cache, at));
+  const double bound = 2 * testing::gamma_n(testing::model_chain(c.model, 8).logits);
+  CHECK(testing::relative_error(concat(rows, 0), full) <= bound);
 }
 
 TEST_CASE("the routing report splits each layer's routed slots into own and borrowed experts") {

@@ -14,7 +14,9 @@
 //
 // What the plan assumes, which the check's configs share: a ReX-MoE model (ffn = moe) without
 // shared experts or z-loss, tied embeddings, every expert of every table receiving tokens in every
-// layer (so every expert weight has a gradient), PSR past t_e or off (no mask to apply),
+// layer (so every expert weight has a gradient), PSR past t_e or off (no mask to apply; while
+// masks apply, each MoE layer adds the masking's elementwise ops and either the step scope's
+// upload of its [P] mask or, in the sequence and token scopes, one psr_keep_rows_kernel launch),
 // global-norm clipping on and firing, and device arrays aligned to 32 bytes (the caching allocator
 // gives 512). Token counts per expert are taken even (tokens x k / pool each), which changes no
 // count but the cuBLAS shapes' split. Widths are taken to be multiples of 32 where a formula says

@@ -7,7 +7,9 @@
 // forward, backward, global-norm clipping at train.grad_clip, one AdamW step at train.lr (decay on
 // matrices only). DIR receives
 //   config.json, vocab.json, model.safetensors   the model before the step (the usual model folder)
-//   inputs.safetensors    ids, targets (I32 [B, T]); psr_keep.{l} (I32 [P]) for each MoE layer;
+//   inputs.safetensors    ids, targets (I32 [B, T]); psr_keep.{l} for each MoE layer: I32 [P]
+//                         (psr.mask_scope = step, or nothing masked) or I32 [B*T, P] (row b T + t
+//                         the mask of token t of sequence b: sequence and token scopes);
 //                         metadata: step
 //   expected.safetensors  logits [B*T, V], loss, lm_loss, aux_loss (scalars; aux 0 for dense),
 //                         grad.<param> (before clipping), after.<param> (after the AdamW step);
@@ -68,13 +70,15 @@ int run(int argc, char** argv) {
                             {"targets", rex::from_vector(targets, {batch, time})}};
   if (m.ffn == "moe") {
     const int64_t pool = m.moe.reuse * m.moe.experts_per_layer;
-    const int64_t candidates =
-        rex::nn::psr_candidates(m.psr, m.moe.experts_per_layer, m.moe.reuse, step);
     for (int64_t l = 0; l < m.n_layers; ++l) {
-      const std::vector<uint8_t> keep = rex::nn::psr_keep_mask(
-          seed, step, l, pool, candidates, rex::nn::psr_always_kept(m.psr, m.moe, l));
+      // The masks the step's forward pass draws (the whole batch is one pass here).
+      const rex::Tensor keep =
+          rex::nn::psr_keep(m.psr, m.moe, seed, step, l, {batch * time, time}, rex::Device::cpu());
+      const std::vector<float> values =
+          keep.defined() ? keep.to_vector<float>() : std::vector<float>(pool, 1.0f);
       inputs["psr_keep." + std::to_string(l)] =
-          rex::from_vector(std::vector<int32_t>(keep.begin(), keep.end()));
+          rex::from_vector(std::vector<int32_t>(values.begin(), values.end()),
+                           keep.defined() ? keep.shape() : rex::Shape{pool});
     }
   }
   rex::io::save_safetensors(out + "/inputs.safetensors", inputs, {{"step", std::to_string(step)}});

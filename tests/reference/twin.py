@@ -7,8 +7,10 @@ DIR is written by tests/reference/dump_rex (config.json, model.safetensors, inpu
 expected.safetensors; see dump_rex.cpp and docs/formats.md). The twin builds the same model as a
 torch.nn.Module, written from the model's math (not translated from rex's C++), so that agreement
 is evidence that both are right. Parameter names come out of nn.Module's own naming and equal
-rex's, so the checkpoint maps one to one. It loads the weights, runs forward + backward on the
-same batch with the same PSR masks, clips the gradients and takes one torch.optim.AdamW step, all
+rex's, so the checkpoint maps one to one. It loads the weights, draws the PSR masks itself from
+the seed, the step and each mask's place (psr_masks below; every psr.mask_scope and
+psr.tie_block), requires rex's dumped masks to be the same, runs forward + backward on the
+same batch with them, clips the gradients and takes one torch.optim.AdamW step, all
 in float32, and compares against rex: the logits, the three losses, every gradient (before
 clipping), the global gradient norm, and every parameter's AdamW update.
 
@@ -177,7 +179,8 @@ class MoE(nn.Module):
                                     for _ in range(moe["shared_experts"]))
 
     def forward(self, x, table, keep):
-        """x [N, d]; keep [P] float (1 = may be chosen). Returns y [N, d] and the aux loss."""
+        """x [N, d]; keep [P] or [N, P] float (1 = may be chosen, for every token or per token).
+        Returns y [N, d] and the aux loss."""
         tokens, pool = x.shape[0], len(table.experts)
         logits = self.router(x)
         probs = logits.softmax(-1)
@@ -321,6 +324,85 @@ class Report:
                   f"max |diff| {max_abs:.3e}  tol {tol:.2e}  {status}")
 
 
+# ---- PSR masks, drawn here from the method's description (rex/nn/psr.hpp) -----------------------
+# N_t from the schedule; each mask the first rN - N_t picks of a partial Fisher-Yates shuffle of
+# the maskable experts, driven by rex's counter-based Generator (draw n = mix64(mix64(seed) ^ n),
+# integers by rejection), seeded by hashing the mask's place: (seed, step, layer) for the step
+# scope, then the sequence's index in the batch, then the token's position in its sequence.
+# Compared against the masks rex dumped (psr_keep.{l}), so the twin checks rex's masks as well.
+MASK64 = (1 << 64) - 1
+
+
+def mix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def psr_candidates(psr, n, reuse, step):
+    pool, schedule = reuse * n, psr["schedule"]
+    if schedule == "none" or reuse == 1:
+        return pool
+    t_s, t_e = psr["t_start"], psr["t_end"]
+    if schedule == "stepwise":
+        if step < t_s:
+            return n
+        return pool if step >= t_e else (2 + (reuse - 2) * (step - t_s) // (t_e - t_s)) * n
+    if step <= t_s:
+        return n
+    return pool if step > t_e else n + (reuse - 1) * n * (step - t_s) // (t_e - t_s)
+
+
+def fisher_yates_mask(seed, pool, masked, kept):
+    """keep [pool] of 1s with `masked` 0s drawn from the experts outside range `kept`."""
+    order = [e for e in range(pool) if e not in kept]
+    keep, counter = [1.0] * pool, 0
+    for i in range(masked):
+        n = len(order) - i
+        limit = MASK64 - MASK64 % n
+        while True:
+            x = mix64(mix64(seed) ^ counter)
+            counter += 1
+            if x < limit:
+                break
+        j = i + x % n
+        order[i], order[j] = order[j], order[i]
+        keep[order[i]] = 0.0
+    return keep
+
+
+def psr_masks(cfg, step, batch, length):
+    """Per layer: keep [P] (step scope, or nothing masked) or [batch * length, P]."""
+    m, moe, psr = cfg["model"], cfg["moe"], cfg["psr"]
+    n, reuse, seed = moe["experts_per_layer"], moe["reuse"], cfg["train"]["seed"]
+    pool = n * reuse
+    masked = pool - psr_candidates(psr, n, reuse, step)
+    scope = psr.get("mask_scope", "step")
+    masks = []
+    for layer in range(m["n_layers"]):
+        if masked == 0:
+            masks.append(torch.ones(pool))
+            continue
+        kept = range(layer % reuse * n, (layer % reuse + 1) * n) \
+            if psr["masks"] == "own_first" else range(0)
+        mask_layer = layer // reuse if psr.get("tie_block", False) else layer
+        step_seed = mix64(mix64(seed ^ 0x50535200) ^ step) ^ mix64(mask_layer)
+        if scope == "step":
+            masks.append(torch.tensor(fisher_yates_mask(step_seed, pool, masked, kept)))
+            continue
+        rows = []
+        for sequence in range(batch):
+            sequence_seed = mix64(mix64(step_seed) ^ sequence)
+            if scope == "sequence":
+                rows += [fisher_yates_mask(sequence_seed, pool, masked, kept)] * length
+            else:
+                rows += [fisher_yates_mask(mix64(mix64(sequence_seed) ^ position), pool, masked,
+                                           kept) for position in range(length)]
+        masks.append(torch.tensor(rows))
+    return masks
+
+
 def load_inputs(folder):
     try:
         with open(os.path.join(folder, "config.json")) as f:
@@ -331,11 +413,13 @@ def load_inputs(folder):
         if section not in cfg:
             raise TwinError(f"twin.py: {folder}/config.json: missing section '{section}'")
     weights, _ = read_safetensors(os.path.join(folder, "model.safetensors"))
-    inputs, _ = read_safetensors(os.path.join(folder, "inputs.safetensors"))
+    inputs, input_meta = read_safetensors(os.path.join(folder, "inputs.safetensors"))
+    if "step" not in input_meta:
+        raise TwinError("twin.py: inputs.safetensors: metadata has no step")
     expected, meta = read_safetensors(os.path.join(folder, "expected.safetensors"))
     if "grad_norm" not in meta:
         raise TwinError("twin.py: expected.safetensors: metadata has no grad_norm")
-    return cfg, weights, inputs, expected, float(meta["grad_norm"])
+    return cfg, weights, inputs, int(input_meta["step"]), expected, float(meta["grad_norm"])
 
 
 def load_weights(model, weights):
@@ -355,7 +439,7 @@ def load_weights(model, weights):
 def run(folder, perturb):
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    cfg, weights, inputs, expected, rex_norm = load_inputs(folder)
+    cfg, weights, inputs, step, expected, rex_norm = load_inputs(folder)
     if perturb is not None:
         if perturb not in expected:
             raise TwinError(f"twin.py: --perturb {perturb}: expected.safetensors has no such "
@@ -374,14 +458,19 @@ def run(folder, perturb):
                         f"{sorted(set(expected) - wanted)}")
     ids = torch.from_numpy(inputs["ids"]).long()
     targets = torch.from_numpy(inputs["targets"]).long()
-    keeps = [torch.from_numpy(inputs[f"psr_keep.{i}"]).float()
-             for i in range(cfg["model"]["n_layers"])] if model.is_moe else None
+    keeps = None
+    if model.is_moe:
+        keeps = psr_masks(cfg, step, ids.shape[0], ids.shape[1])
+        for layer, keep in enumerate(keeps):
+            name = f"psr_keep.{layer}"
+            if name not in inputs or not torch.equal(torch.from_numpy(inputs[name]).float(), keep):
+                raise TwinError(f"twin.py: rex's {name} is not the mask the twin draws")
     if model.is_moe and cfg["psr"].get("masks") == "own_first":
         # The variant's promise, checked here rather than taken from rex: layer l keeps the N
         # experts it owns, pool indices [(l mod r) N, (l mod r + 1) N).
         n, r = cfg["moe"]["experts_per_layer"], cfg["moe"]["reuse"]
         for layer, keep in enumerate(keeps):
-            own = keep[layer % r * n:(layer % r + 1) * n]
+            own = keep[..., layer % r * n:(layer % r + 1) * n]
             if not bool((own == 1).all()):
                 raise TwinError(f"twin.py: psr_keep.{layer} masks one of the layer's own experts "
                                 f"under psr.masks = own_first: {keep.tolist()}")

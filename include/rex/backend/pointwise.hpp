@@ -15,11 +15,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__CUDACC__)
-#define REX_HOST_DEVICE __host__ __device__
-#else
-#define REX_HOST_DEVICE
-#endif
+#include "rex/core/host_device.hpp"
 
 namespace rex::detail {
 

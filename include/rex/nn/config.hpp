@@ -89,6 +89,8 @@ struct PsrConfig {
   std::string masks = "random";     // which experts are candidates: "random" or "own_first"
   int64_t t_start = 400;            // t_s: steps up to t_s see N candidates
   int64_t t_end = 2800;             // t_e: steps after t_e see all rN candidates
+  std::string mask_scope = "step";  // one mask per "step", "sequence" or "token" (and layer)
+  bool tie_block = false;           // the r layers of a block share their masks
 };
 
 struct ModelConfig {
@@ -147,6 +149,11 @@ void for_each_field(Model& m, F&& f) {
   f("psr", "masks", p.masks,
     "\"random\": any N_t of the pool, redrawn every step; \"own_first\": the layer's own N "
     "always, plus N_t - N borrowed ones redrawn every step");
+  f("psr", "mask_scope", p.mask_scope,
+    "\"step\": one mask per step and layer; \"sequence\": one per step, layer and sequence of "
+    "the batch; \"token\": one per step, layer and token");
+  f("psr", "tie_block", p.tie_block,
+    "true: the r layers of a block share their masks (the block's index replaces the layer's)");
 }
 
 // Throws rex::Error naming the first impossible model setting (TransformerLM calls it too).
@@ -183,6 +190,12 @@ inline void validate(const ModelConfig& m) {
             "\"");
   REX_CHECK(p.masks == "random" || p.masks == "own_first",
             "config: psr.masks must be \"random\" or \"own_first\", got \"", p.masks, "\"");
+  REX_CHECK(p.mask_scope == "step" || p.mask_scope == "sequence" || p.mask_scope == "token",
+            "config: psr.mask_scope must be \"step\", \"sequence\" or \"token\", got \"",
+            p.mask_scope, "\"");
+  REX_CHECK(!(p.tie_block && p.masks == "own_first"),
+            "config: psr.tie_block shares one mask among the layers of a block, psr.masks = "
+            "\"own_first\" keeps each layer's own experts; the two cannot both hold (set one)");
   if (m.ffn == "dense") {
     positive("model.d_ff", m.d_ff);
   } else {

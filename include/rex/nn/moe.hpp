@@ -84,11 +84,13 @@ class WholeBatchCounts {
 };
 
 // Where the PSR mask comes from: the 0-based step and the run's seed; and, when this pass sees
-// part of the step's batch, where the whole batch's routing counts come from.
+// part of the step's batch, where that part starts (its first sequence's index in the whole batch,
+// for per-sequence and per-token masks) and where the whole batch's routing counts come from.
 struct RoutingStep {
   int64_t step = 0;
   uint64_t seed = 0;
   WholeBatchCounts* whole_batch = nullptr;  // null: this pass sees the whole batch
+  int64_t first_sequence = 0;
 };
 
 // The routing plan of one step: the T*k slots (slot s = t k + j is token t's j-th choice)
@@ -148,25 +150,27 @@ class MoeLayer : public Module {
   }
 
   // x [T, d] -> y [T, d], the auxiliary loss and the routing counts at this step (without
-  // `measure`, as when decoding, only y).
-  MoeOutput forward(const Tensor& x, const RoutingStep& at, bool measure = true) const {
-    const int64_t pool = table_->size();
+  // `measure`, as when decoding, only y). x holds whole sequences of sequence_length tokens (0:
+  // x is one sequence), the first being sequence at.first_sequence of the step's batch, their
+  // positions counted from first_position: the places of per-sequence and per-token PSR masks.
+  MoeOutput forward(const Tensor& x, const RoutingStep& at, bool measure = true,
+                    int64_t sequence_length = 0, int64_t first_position = 0) const {
     MoeOutput out;
     const Tensor logits = router->forward(x);  // [T, P]
     const Tensor probs = softmax(logits);
 
     out.candidates = psr_candidates(psr_, config_.experts_per_layer, config_.reuse, at.step);
-    const std::vector<uint8_t> keep =
-        out.candidates < pool ? psr_keep_mask(at.seed, at.step, layer_, pool, out.candidates,
-                                              psr_always_kept(psr_, config_, layer_))
-                              : std::vector<uint8_t>{};
+    const TokenPlaces places{x.dim(0), sequence_length > 0 ? sequence_length : x.dim(0),
+                             at.first_sequence, first_position};
+    const Tensor keep =
+        psr_keep(psr_, config_, at.seed, at.step, layer_, places, logits.device());  // [P], [T, P]
     TopK top;
     Tensor gates;
     if (config_.gating == "topk_softmax") {  // Megatron-LM: top-k of the logits, softmax over k
-      top = topk(keep.empty() ? logits : psr_logits(logits, keep), config_.top_k);
+      top = topk(keep.defined() ? psr_logits(logits, keep) : logits, config_.top_k);
       gates = softmax(top.values);
     } else {  // the paper: softmax over the pool, top-k of the probabilities
-      top = topk(keep.empty() ? probs : psr_scores(probs, keep), config_.top_k);
+      top = topk(keep.defined() ? psr_scores(probs, keep) : probs, config_.top_k);
       gates = top.values;
       if (config_.renormalize) gates = gates / sum(gates, -1, /*keepdim=*/true);
     }

@@ -22,10 +22,18 @@
 // At every step, P - N_t experts of the pool are masked: psr_scores sets their gating scores to -1,
 // below every probability, before top-k (in rex/nn/moe.hpp; the chosen gates and the gradients are
 // those of zeroing them, since a masked expert is never chosen); with moe.gating = topk_softmax,
-// psr_logits sets their logits to -inf instead. Which ones is a pure function of
-// (seed, step, layer): a partial Fisher-Yates shuffle driven by a Generator seeded from those three
-// values. The same step always masks the same experts, so a resumed run is identical to an
-// uninterrupted one. t is the 0-based index of the optimizer step being taken.
+// psr_logits sets their logits to -inf instead. psr.mask_scope says how many masks a step draws:
+//   step:      one per layer, shared by every token of the step's batch (keep [P]);
+//   sequence:  one per layer and sequence of the batch (keep [T, P], equal rows within a sequence);
+//   token:     one per layer and token (keep [T, P]).
+// With psr.tie_block the r layers of a block share their masks (the block's index replaces the
+// layer's in the hash). Which experts a mask hides is a pure function of (seed, step, layer[,
+// sequence[, position]]): a partial Fisher-Yates shuffle driven by a Generator seeded by hashing
+// those values (rex/backend/psr_mask.hpp, where the CUDA kernel that makes the per-row masks on
+// the device runs the same code). `sequence` is the sequence's index in the step's whole batch,
+// not in a rank's or micro-batch's share, and `position` the token's in its sequence, so a split
+// batch draws the masks of the unsplit one and a resumed run is identical to an uninterrupted
+// one. t is the 0-based index of the optimizer step being taken.
 #pragma once
 
 #include <algorithm>
@@ -33,8 +41,9 @@
 #include <limits>
 #include <vector>
 
+#include "rex/backend/cuda/dispatch.hpp"
+#include "rex/backend/psr_mask.hpp"
 #include "rex/core/factory.hpp"
-#include "rex/core/random.hpp"
 #include "rex/nn/config.hpp"
 #include "rex/ops/elementwise.hpp"
 #include "rex/ops/index.hpp"
@@ -70,52 +79,109 @@ inline AlwaysKept psr_always_kept(const PsrConfig& psr, const MoeConfig& moe, in
   return {layer % moe.reuse * moe.experts_per_layer, moe.experts_per_layer};
 }
 
-// keep[i] = 1 for the `candidates` experts of the pool that may be chosen at (seed, step, layer),
-// 0 for the pool - candidates masked ones, drawn from the experts outside `kept`.
+// The layer index a layer's masks are drawn for: its own, or its block's under psr.tie_block.
+inline int64_t psr_mask_layer(const PsrConfig& psr, const MoeConfig& moe, int64_t layer) {
+  return psr.tie_block ? layer / moe.reuse : layer;
+}
+
+// keep[i] = 1 for the `candidates` experts of the pool that may be chosen at (seed, step, layer)
+// in the step scope, 0 for the pool - candidates masked ones, drawn from the experts outside
+// `kept`. `layer` is the mask's layer index (psr_mask_layer).
 inline std::vector<uint8_t> psr_keep_mask(uint64_t seed, int64_t step, int64_t layer, int64_t pool,
                                           int64_t candidates, AlwaysKept kept = {}) {
   REX_CHECK(candidates >= std::max<int64_t>(kept.count, 1) && candidates <= pool,
             "psr: ", candidates, " candidates out of a pool of ", pool, " with ", kept.count,
             " always kept");
-  std::vector<uint8_t> keep(static_cast<size_t>(pool), 1);
-  if (candidates == pool) return keep;
-  Generator gen(mix64(mix64(seed ^ 0x50535200ull) ^ static_cast<uint64_t>(step)) ^
-                mix64(static_cast<uint64_t>(layer)));
-  std::vector<int64_t> order;  // the experts that may be masked
-  for (int64_t e = 0; e < pool; ++e)
-    if (e < kept.first || e >= kept.first + kept.count) order.push_back(e);
-  const auto maskable = static_cast<int64_t>(order.size());
-  // The first pool - candidates positions of a partial Fisher-Yates shuffle are the masked experts.
-  for (int64_t i = 0; i < pool - candidates; ++i) {
-    const int64_t j = i + static_cast<int64_t>(gen.below(static_cast<uint64_t>(maskable - i)));
-    std::swap(order[static_cast<size_t>(i)], order[static_cast<size_t>(j)]);
-    keep[static_cast<size_t>(order[static_cast<size_t>(i)])] = 0;
+  detail::PsrMaskRows mask;
+  mask.step_seed = detail::psr_step_seed(seed, step, layer);
+  mask.rows = 1;
+  mask.pool = pool;
+  mask.masked = pool - candidates;
+  mask.kept_first = kept.first;
+  mask.kept_count = kept.count;
+  std::vector<uint8_t> keep(static_cast<size_t>(pool));
+  std::vector<int32_t> order(static_cast<size_t>(pool));
+  detail::psr_mask_row(mask, mask.step_seed, order.data(), keep.data());
+  return keep;
+}
+
+// Where a forward pass's T tokens sit in the step's batch: whole sequences of sequence_length
+// tokens, the first being sequence first_sequence of the whole batch, their positions counted
+// from first_position (a decode step continues its cache).
+struct TokenPlaces {
+  int64_t rows = 0, sequence_length = 0, first_sequence = 0, first_position = 0;
+};
+
+// The keep mask of layer `layer` (its own index) at step `step` for the tokens at `places`, on
+// `device`: f32 [P] in the step scope (as psr_keep_mask), f32 [T, P] in the sequence and token
+// scopes (row t the mask of token t), made on the device there. Undefined when nothing is masked.
+inline Tensor psr_keep(const PsrConfig& psr, const MoeConfig& moe, uint64_t seed, int64_t step,
+                       int64_t layer, const TokenPlaces& places, Device device) {
+  const int64_t pool = moe.reuse * moe.experts_per_layer;
+  const int64_t candidates = psr_candidates(psr, moe.experts_per_layer, moe.reuse, step);
+  if (candidates == pool) return {};
+  const int64_t mask_layer = psr_mask_layer(psr, moe, layer);
+  const AlwaysKept kept = psr_always_kept(psr, moe, layer);
+  if (psr.mask_scope == "step") {
+    const std::vector<uint8_t> keep = psr_keep_mask(seed, step, mask_layer, pool, candidates, kept);
+    return from_vector(std::vector<float>(keep.begin(), keep.end())).to(device);
+  }
+  REX_CHECK(psr.mask_scope == "sequence" || psr.mask_scope == "token", "psr: unknown mask_scope \"",
+            psr.mask_scope, "\"");
+  REX_CHECK(places.rows > 0 && places.sequence_length > 0 &&
+                places.rows % places.sequence_length == 0 && places.first_sequence >= 0 &&
+                places.first_position >= 0,
+            "psr: ", places.rows, " tokens are not whole sequences of ", places.sequence_length);
+  REX_CHECK(candidates >= std::max<int64_t>(kept.count, 1), "psr: ", candidates,
+            " candidates out of a pool of ", pool, " with ", kept.count, " always kept");
+  detail::PsrMaskRows mask;
+  mask.step_seed = detail::psr_step_seed(seed, step, mask_layer);
+  mask.scope = psr.mask_scope == "token" ? detail::PsrScope::token : detail::PsrScope::sequence;
+  mask.rows = places.rows;
+  mask.pool = pool;
+  mask.masked = pool - candidates;
+  mask.kept_first = kept.first;
+  mask.kept_count = kept.count;
+  mask.sequence_length = places.sequence_length;
+  mask.first_sequence = places.first_sequence;
+  mask.first_position = places.first_position;
+  Tensor keep = Tensor::empty({mask.rows, pool}, DType::f32, device);
+  if (device.is_cuda()) {
+    detail::cuda_backend().psr_keep_rows(mask, keep.device_data<float>());
+    return keep;
+  }
+  float* rows = keep.data<float>();
+  std::vector<int32_t> order(static_cast<size_t>(pool));
+  for (int64_t r = 0; r < mask.rows; ++r) {
+    const bool repeats = mask.scope == detail::PsrScope::sequence && r % mask.sequence_length != 0;
+    if (repeats) {  // a sequence's rows share its mask
+      std::copy(rows + (r - 1) * pool, rows + r * pool, rows + r * pool);
+    } else {
+      detail::psr_mask_row(mask, detail::psr_row_seed(mask, r), order.data(), rows + r * pool);
+    }
   }
   return keep;
 }
 
-// The router's scores with the PSR mask applied: s' = s keep + (keep - 1), probs [T, P], keep [P]
-// from psr_keep_mask. A masked expert scores -1, below every probability, so that even a
+// The router's scores with the PSR mask applied: s' = s keep + (keep - 1), probs [T, P], keep
+// [P] or [T, P] from psr_keep. A masked expert scores -1, below every probability, so that even a
 // probability that underflowed to 0 never ties with it in top-k.
-inline Tensor psr_scores(const Tensor& probs, const std::vector<uint8_t>& keep) {
-  REX_CHECK(probs.rank() == 2 && probs.dim(1) == static_cast<int64_t>(keep.size()),
-            "psr_scores: probs ", probs.shape(), " do not have one column per expert of a pool of ",
-            keep.size());
-  const Tensor keep_mask =
-      from_vector(std::vector<float>(keep.begin(), keep.end())).to(probs.device());
-  return probs * keep_mask + (keep_mask - 1.0f);
+inline Tensor psr_scores(const Tensor& probs, const Tensor& keep) {
+  REX_CHECK(
+      probs.rank() == 2 &&
+          (keep.shape() == probs.shape() || (keep.rank() == 1 && keep.dim(0) == probs.dim(1))),
+      "psr_scores: keep ", keep.shape(), " is neither [P] nor [T, P] for probs ", probs.shape());
+  return probs * keep + (keep - 1.0f);
 }
 
 // The router's logits with the PSR mask applied, for topk_softmax gating: a masked expert's logit
 // is -inf, so top-k never picks it (k <= N_t) and the softmax over the chosen k never sees it.
-inline Tensor psr_logits(const Tensor& logits, const std::vector<uint8_t>& keep) {
-  REX_CHECK(logits.rank() == 2 && logits.dim(1) == static_cast<int64_t>(keep.size()),
-            "psr_logits: logits ", logits.shape(),
-            " do not have one column per expert of a pool of ", keep.size());
-  std::vector<float> masked(keep.size());
-  for (size_t i = 0; i < keep.size(); ++i) masked[i] = keep[i] ? 0.0f : 1.0f;
-  return masked_fill(logits, from_vector(masked).to(logits.device()),
-                     -std::numeric_limits<float>::infinity());
+inline Tensor psr_logits(const Tensor& logits, const Tensor& keep) {
+  REX_CHECK(
+      logits.rank() == 2 &&
+          (keep.shape() == logits.shape() || (keep.rank() == 1 && keep.dim(0) == logits.dim(1))),
+      "psr_logits: keep ", keep.shape(), " is neither [P] nor [T, P] for logits ", logits.shape());
+  return where(keep, logits, scalar(-std::numeric_limits<float>::infinity(), logits.device()));
 }
 
 }  // namespace rex::nn

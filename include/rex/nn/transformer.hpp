@@ -69,6 +69,7 @@ class TransformerBlock : public Module {
   // h [B, T, d] -> [B, T, d], with what a MoE layer measured; `cache` as in
   // CausalSelfAttention::forward (decoding measures nothing).
   BlockOutput forward(const Tensor& h, const RoutingStep& at, KvCacheLayer* cache = nullptr) const {
+    const int64_t first_position = cache ? cache->length() : 0;  // before attention extends it
     const Tensor x = h + attn->forward(attn_norm->forward(h), cache);
     const Tensor normed = ffn_norm->forward(x);
     BlockOutput out;
@@ -76,7 +77,8 @@ class TransformerBlock : public Module {
       out.h = x + ffn->forward(normed);
       return out;
     }
-    MoeOutput routed = moe->forward(reshape(normed, {-1, x.dim(2)}), at, /*measure=*/!cache);
+    MoeOutput routed = moe->forward(reshape(normed, {-1, x.dim(2)}), at, /*measure=*/!cache,
+                                    /*sequence_length=*/x.dim(1), first_position);
     out.h = x + reshape(routed.y, x.shape().dims());
     out.aux_loss = routed.aux_loss;
     out.expert_counts = std::move(routed.expert_counts);

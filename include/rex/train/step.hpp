@@ -114,11 +114,14 @@ class CountsAcrossRanks : public nn::WholeBatchCounts {
 // is then the same, which of_layer checks), summed across the ranks in one call.
 class CountsMeasuredFirst : public nn::WholeBatchCounts {
  public:
+  // first_sequences[m]: micro-batch m's first sequence in the whole batch.
   CountsMeasuredFirst(const nn::TransformerLM& model, const std::vector<data::Batch>& micro,
-                      const nn::RoutingStep& at, dist::Communicator* comm) {
+                      const std::vector<int64_t>& first_sequences, nn::RoutingStep at,
+                      dist::Communicator* comm) {
     NoGradGuard no_grad;
-    for (const data::Batch& b : micro) {
-      const nn::LmOutput out = model.forward(b.inputs, b.targets, at);
+    for (size_t m = 0; m < micro.size(); ++m) {
+      at.first_sequence = first_sequences[m];
+      const nn::LmOutput out = model.forward(micro[m].inputs, micro[m].targets, at);
       nn::add_expert_counts(whole_, out);
       per_micro_.push_back(out.expert_counts);
     }
@@ -159,17 +162,21 @@ inline StepResult train_step(
   const Device device = optimizer.parameters().front().tensor.device();
   dist::Communicator* comm = split.sync ? &split.sync->communicator() : nullptr;
   StepResult result;
-  std::vector<data::Batch> micro;  // this rank's micro-batches, on the model's device
+  std::vector<data::Batch> micro;        // this rank's micro-batches, on the model's device
+  std::vector<int64_t> first_sequences;  // each one's first sequence in the whole batch
   if (shards == 1) {
     micro.push_back(batch.to(device));
+    first_sequences.push_back(0);
   } else {
     const int64_t rows = batch.inputs.dim(0);
     REX_CHECK(rows % shards == 0, "train_step: a batch of ", rows,
               " sequences cannot be split into ", split.ranks(), " ranks x ", split.grad_accum,
               " micro-batches (train.batch_size must be a multiple of ranks x train.grad_accum)");
     const int64_t rank = comm ? comm->rank() : 0, size = rows / shards;
-    for (int64_t m = 0; m < split.grad_accum; ++m)
-      micro.push_back(batch.rows((rank * split.grad_accum + m) * size, size).to(device));
+    for (int64_t m = 0; m < split.grad_accum; ++m) {
+      first_sequences.push_back((rank * split.grad_accum + m) * size);
+      micro.push_back(batch.rows(first_sequences.back(), size).to(device));
+    }
   }
   const bool is_moe = model.config().ffn == "moe";
   const bool share_counts = is_moe && shards > 1 && model.config().moe.aux_loss_coef > 0;
@@ -177,7 +184,7 @@ inline StepResult train_step(
   std::optional<rex::detail::CountsAcrossRanks> across;
   nn::RoutingStep routing = at;
   if (share_counts && split.grad_accum > 1) {
-    measured.emplace(model, micro, at, comm);
+    measured.emplace(model, micro, first_sequences, at, comm);
     routing.whole_batch = &*measured;
   } else if (share_counts) {
     across.emplace(*comm, model.config().n_layers);
@@ -195,6 +202,7 @@ inline StepResult train_step(
   }
   for (size_t m = 0; m < micro.size(); ++m) {
     if (measured) measured->next_micro_batch(m);
+    routing.first_sequence = first_sequences[m];
     result.output = model.forward(micro[m].inputs, micro[m].targets, routing);
     const bool last = m + 1 == micro.size();
     if (last && split.sync) split.sync->begin(earlier ? &*earlier : nullptr);

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "rex/backend/pointwise.hpp"
+#include "rex/backend/psr_mask.hpp"
 #include "rex/core/device_memory.hpp"
 
 namespace rex::detail {
@@ -133,6 +134,9 @@ struct CudaBackend {
   // gx [rows, n] = 0 except gx[r, indices[r, j]] = g[r, j].
   void (*topk_backward)(const float* g, const int32_t* indices, float* gx, int64_t rows, int64_t n,
                         int64_t k);
+  // keep [rows.rows, rows.pool]: row r is PSR's mask of row r (detail::psr_mask_row with
+  // detail::psr_row_seed), bit-identical to the CPU's.
+  void (*psr_keep_rows)(const PsrMaskRows& rows, float* keep);
   // out = x with axes permuted (32-bit elements of either dtype): out axis i is x axis perm[i].
   void (*permute)(const void* x, void* out, int32_t rank, const int64_t* host_dims,
                   const int64_t* host_perm);
