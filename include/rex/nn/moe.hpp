@@ -186,14 +186,11 @@ class MoeLayer : public Module {
 
   // forward of one token x [d] into y [d] on the host, for TransformerLM::decode's step on the
   // CPU: the same routing (PSR mask, gating) and experts, by the CPU kernels forward's ops call.
-  void step_on_cpu(const float* x, float* y, const RoutingStep& at) const {
+  void step_on_cpu(const float* x, float* y, const RoutingStep& at, int64_t position) const {
     const int64_t pool = table_->size(), k = config_.top_k, d = router->weight.dim(1);
-    const int64_t candidates =
-        psr_candidates(psr_, config_.experts_per_layer, config_.reuse, at.step);
-    const std::vector<uint8_t> keep =
-        candidates < pool ? psr_keep_mask(at.seed, at.step, layer_, pool, candidates,
-                                          psr_always_kept(psr_, config_, layer_))
-                          : std::vector<uint8_t>(static_cast<size_t>(pool), 1);
+    // The mask forward would give this token: its place is `position` in a sequence of the cache.
+    const Tensor keep = psr_keep(psr_, config_, at.seed, at.step, layer_,
+                                 TokenPlaces{1, 1, at.first_sequence, position}, Device::cpu());
     std::vector<float> logits(static_cast<size_t>(pool)), scores(static_cast<size_t>(pool));
     detail::gemm(x, router->weight.data<float>(), logits.data(), 1, pool, d, false, true);
     // What top-k ranks: the logits or the probabilities, a masked expert's at -inf or -1 (as
@@ -205,8 +202,9 @@ class MoeLayer : public Module {
       detail::cpu::softmax(logits.data(), scores.data(), 1, pool, Shape{1, pool});
     }
     const float masked = topk_softmax ? -std::numeric_limits<float>::infinity() : -1.0f;
-    for (int64_t e = 0; e < pool; ++e)
-      if (!keep[e]) scores[e] = masked;
+    if (keep.defined())
+      for (int64_t e = 0; e < pool; ++e)
+        if (keep.data<float>()[e] == 0.0f) scores[e] = masked;
     std::vector<float> gates(static_cast<size_t>(k));
     std::vector<int32_t> chosen(static_cast<size_t>(k));
     detail::cpu::topk(scores.data(), gates.data(), chosen.data(), 1, pool, k);

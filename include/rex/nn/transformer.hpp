@@ -91,13 +91,14 @@ class TransformerBlock : public Module {
   void step_on_cpu(float* h, KvCacheLayer& cache, const float* rope_cos, const float* rope_sin,
                    const RoutingStep& at) const {
     const int64_t d = attn_norm->weight.numel();
+    const int64_t position = cache.length;  // before attention extends the cache
     std::vector<float> normed(static_cast<size_t>(d)), delta(static_cast<size_t>(d));
     attn_norm->row_on_cpu(h, normed.data());
     attn->step_on_cpu(normed.data(), delta.data(), cache, rope_cos, rope_sin);
     for (int64_t i = 0; i < d; ++i) h[i] += delta[i];
     ffn_norm->row_on_cpu(h, normed.data());
     if (moe) {
-      moe->step_on_cpu(normed.data(), delta.data(), at);
+      moe->step_on_cpu(normed.data(), delta.data(), at, position);
     } else {
       swiglu_row_on_cpu(normed.data(), {ffn.get()}, delta.data());
     }
