@@ -2,7 +2,7 @@
 """Runs a study: every arm of a study file trained with every seed, then the statistics and figures.
 
 Usage: python3 scripts/study.py STUDY.json [--out DIR] [--data FILE] [--jobs N] [--threads T]
-                                [--binary PATH] [--report-only]
+                                [--binary PATH] [--device cpu|cuda] [--report-only]
 
 A study file (examples/studies/*.json; keys in docs/formats.md) names arms, each a config plus
 `--set` overrides, and seeds. Every arm x seed is one run of train_tiny_rex in OUT/runs/ARM-seedS.
@@ -291,12 +291,13 @@ def is_complete(run):
     return marker is not None and marker.get("complete") is True
 
 
-def command(run, binary):
+def command(run, binary, device="cpu"):
     """train_tiny_rex's arguments: a fresh start, or --resume where a checkpoint was saved."""
+    on_device = [] if device == "cpu" else ["--device", device]
     if os.path.exists(os.path.join(run["dir"], "checkpoint.safetensors")):
-        return [binary, "--resume", run["dir"], "--data", run["settings"]["data"]]
+        return [binary, "--resume", run["dir"], "--data", run["settings"]["data"]] + on_device
     args = [binary, "--config", run["settings"]["config"], "--data", run["settings"]["data"],
-            "--out", run["dir"], "--overwrite", "--seed", str(run["seed"])]
+            "--out", run["dir"], "--overwrite", "--seed", str(run["seed"])] + on_device
     for key, value in run["settings"]["set"].items():
         args += ["--set", f"{key}={set_value(value)}"]
     return args
@@ -337,7 +338,7 @@ def stop_on_signal(signum, _frame):
     raise Stop(signal.Signals(signum).name)
 
 
-def train_all(runs, binary, jobs, threads, progress_interval=10.0):
+def train_all(runs, binary, jobs, threads, progress_interval=10.0, device="cpu"):
     """Trains the runs that are not complete; returns the runs that failed.
 
     Each run is started in its own session, so that Ctrl-C in the terminal reaches only the
@@ -363,7 +364,7 @@ def train_all(runs, binary, jobs, threads, progress_interval=10.0):
                 os.makedirs(run["dir"], exist_ok=True)
                 if read_marker(run) is None:
                     write_marker(run, complete=False, launch=launch)
-                args = command(run, binary)
+                args = command(run, binary, device)
                 with open(os.path.join(run["dir"], "log.txt"), "a", encoding="utf-8") as log:
                     log.write("$ OMP_NUM_THREADS=%d %s\n" % (threads, " ".join(args)))
                     log.flush()
@@ -765,6 +766,8 @@ def main():
     parser.add_argument("--jobs", type=int, help="runs at once (default: cores / threads)")
     parser.add_argument("--binary", default=DEFAULT_BINARY,
                         help="train_tiny_rex to run (default: build/examples/train_tiny_rex)")
+    parser.add_argument("--device", default="cpu",
+                        help="train_tiny_rex's --device for every run, e.g. cuda (default cpu)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the complete runs; train nothing")
     args = parser.parse_args()
@@ -782,7 +785,8 @@ def main():
                 raise StudyError(f"{args.binary}: not an executable; build it with "
                                  "cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && "
                                  "cmake --build build --target train_tiny_rex")
-            failed = train_all(runs, os.path.abspath(args.binary), jobs, args.threads)
+            failed = train_all(runs, os.path.abspath(args.binary), jobs, args.threads,
+                               device=args.device)
             if failed:
                 raise StudyError(f"{len(failed)} run(s) failed: "
                                  + ", ".join(os.path.basename(r["dir"]) for r in failed)
