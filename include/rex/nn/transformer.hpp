@@ -69,7 +69,7 @@ class TransformerBlock : public Module {
   // h [B, T, d] -> [B, T, d], with what a MoE layer measured; `cache` as in
   // CausalSelfAttention::forward (decoding measures nothing).
   BlockOutput forward(const Tensor& h, const RoutingStep& at, KvCacheLayer* cache = nullptr) const {
-    const int64_t first_position = cache ? cache->length() : 0;  // before attention extends it
+    const int64_t first_position = cache ? cache->length : 0;  // before attention extends it
     const Tensor x = h + attn->forward(attn_norm->forward(h), cache);
     const Tensor normed = ffn_norm->forward(x);
     BlockOutput out;
