@@ -8,13 +8,16 @@
 //   sliding     the sampler before the cache (a full pass over the last `context` tokens, sliding
 //               by one token per step: windows of 64 where the two above average 48), as a peer.
 // Prints the median seconds of each, the ratios to kv_cache, and whether kv_cache and recompute
-// wrote the same text. Usage:
-//   bench_sample [--chars N] [--repeats R]     (threads: OMP_NUM_THREADS, default all cores)
+// wrote the same text. With --model DIR the model is a trained model folder instead (its weights,
+// and the PSR mask of the step it was saved at): a trained model's greedy text varies, which
+// changes how its tokens route, unlike a random model's. Usage:
+//   bench_sample [--chars N] [--repeats R] [--model DIR]   (threads: OMP_NUM_THREADS, default all)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include <rex/rex.hpp>
@@ -48,20 +51,31 @@ std::vector<int32_t> sliding_window_greedy(const rex::nn::TransformerLM& model,
 int main(int argc, char** argv) {
   int64_t chars = 2000;
   int repeats = 3;
+  const char* model_dir = nullptr;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--chars") == 0 && i + 1 < argc) {
       chars = std::atoll(argv[++i]);
     } else if (std::strcmp(argv[i], "--repeats") == 0 && i + 1 < argc) {
       repeats = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
+      model_dir = argv[++i];
     } else {
-      std::printf("usage: bench_sample [--chars N] [--repeats R]\n");
+      std::printf("usage: bench_sample [--chars N] [--repeats R] [--model DIR]\n");
       return std::strcmp(argv[i], "--help") == 0 ? 0 : 2;
     }
   }
   rex::train::RunConfig config;
   config.model.vocab_size = 73;
-  const rex::nn::TransformerLM model(config.model, config.train.seed);
-  const rex::nn::RoutingStep at = rex::train::after_steps(config.train.steps, config.train.seed);
+  std::unique_ptr<rex::nn::TransformerLM> model_of_folder;
+  rex::nn::RoutingStep at = rex::train::after_steps(config.train.steps, config.train.seed);
+  if (model_dir != nullptr) {
+    rex::train::LoadedModel loaded = rex::train::load_model(model_dir, rex::Device::cpu());
+    config = loaded.folder.config;
+    at = rex::train::after_steps(loaded.folder.step, config.train.seed);
+    model_of_folder = std::move(loaded.model);
+  }
+  const rex::nn::TransformerLM random_model(config.model, config.train.seed);
+  const rex::nn::TransformerLM& model = model_of_folder ? *model_of_folder : random_model;
   const std::vector<int32_t> newline{0};
   std::vector<int32_t> cached, recomputed;
   const std::function<void()> contenders[] = {
