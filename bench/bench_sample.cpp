@@ -66,16 +66,17 @@ int main(int argc, char** argv) {
   }
   rex::train::RunConfig config;
   config.model.vocab_size = 73;
-  std::unique_ptr<rex::nn::TransformerLM> model_of_folder;
+  std::unique_ptr<rex::nn::TransformerLM> owned;
   rex::nn::RoutingStep at = rex::train::after_steps(config.train.steps, config.train.seed);
   if (model_dir != nullptr) {
     rex::train::LoadedModel loaded = rex::train::load_model(model_dir, rex::Device::cpu());
     config = loaded.folder.config;
     at = rex::train::after_steps(loaded.folder.step, config.train.seed);
-    model_of_folder = std::move(loaded.model);
+    owned = std::move(loaded.model);
+  } else {
+    owned = std::make_unique<rex::nn::TransformerLM>(config.model, config.train.seed);
   }
-  const rex::nn::TransformerLM random_model(config.model, config.train.seed);
-  const rex::nn::TransformerLM& model = model_of_folder ? *model_of_folder : random_model;
+  const rex::nn::TransformerLM& model = *owned;
   const std::vector<int32_t> newline{0};
   std::vector<int32_t> cached, recomputed;
   const std::function<void()> contenders[] = {

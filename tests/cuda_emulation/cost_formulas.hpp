@@ -352,9 +352,9 @@ inline KernelCounts topk_backward(i64 rows, i64 n, i64 top) {
 inline KernelCounts route_count(i64 slots, i64 pool) {
   KernelCounts k;
   for (i64 e = 0; e < pool; ++e) load_stream(k, slots);
-  block_reduce(k, pool, 256);
-  k.shared.load_requests -= static_cast<uint64_t>(pool) * 8 * 8;  // only thread 0 reads them
-  k.shared.load_wavefronts -= static_cast<uint64_t>(pool) * 8 * 8;
+  // Lane 0 of each of the 8 warps stores its count, thread 0 reads the 8.
+  k.shared.store_requests += static_cast<uint64_t>(pool) * 8;
+  k.shared.store_wavefronts += static_cast<uint64_t>(pool) * 8;
   k.shared.load_requests += static_cast<uint64_t>(pool) * 8;
   k.shared.load_wavefronts += static_cast<uint64_t>(pool) * 8;
   store_per_row(k, pool, 1, 8);
@@ -526,38 +526,32 @@ inline KernelCounts adamw(i64 n) {
 
 // sum_squares_partials_kernel (256 blocks of 256 over n, a tree in shared doubles) and
 // sum_partials_kernel (one block over the 256 partials).
+// optim.cu's block_tree_sum in each of `blocks` blocks of 256: the 256 doubles stored, then 8
+// halvings, `width` threads loading two and storing one (a double a lane: 2 words).
+inline void block_tree_sum(KernelCounts& k, uint64_t blocks) {
+  k.shared.store_requests += blocks * 8;
+  k.shared.store_wavefronts += blocks * 16;
+  for (int width = 128; width > 0; width /= 2) {
+    const uint64_t warps = ceil_div(width, 32);
+    const uint64_t wavefronts = ceil_div(2 * std::min(width, 32), 32);
+    k.shared.load_requests += blocks * warps * 2;
+    k.shared.load_wavefronts += blocks * warps * 2 * wavefronts;
+    k.shared.store_requests += blocks * warps;
+    k.shared.store_wavefronts += blocks * warps * wavefronts;
+  }
+}
 inline KernelCounts sum_squares_partials(i64 n) {
   KernelCounts k;
   load_stream(k, n);
-  // The tree: 256 doubles stored, then 8 halvings, each width threads loading two and storing one.
-  constexpr uint64_t kBlocks = 256;
-  k.shared.store_requests += kBlocks * 8;
-  k.shared.store_wavefronts += kBlocks * 16;
-  for (int width = 128; width > 0; width /= 2) {
-    const uint64_t warps = ceil_div(width, 32);
-    const uint64_t words = static_cast<uint64_t>(std::min(width, 32)) * 2;
-    k.shared.load_requests += kBlocks * warps * 2;
-    k.shared.load_wavefronts += kBlocks * warps * 2 * ceil_div(static_cast<i64>(words), 32);
-    k.shared.store_requests += kBlocks * warps;
-    k.shared.store_wavefronts += kBlocks * warps * ceil_div(static_cast<i64>(words), 32);
-  }
-  k.global.store_requests += kBlocks;
-  k.global.store_sectors += kBlocks;
-  k.global.store_bytes += kBlocks * 8;
+  block_tree_sum(k, 256);
+  store_per_row(k, 256, 1, 8);  // each block's partial
   return k;
 }
 inline KernelCounts sum_partials() {
-  KernelCounts k = sum_squares_partials(0);
-  const uint64_t per_block = 1;  // the same tree, in one block, over 256 doubles
-  k.shared.store_requests /= 256;
-  k.shared.store_wavefronts /= 256;
-  k.shared.load_requests /= 256;
-  k.shared.load_wavefronts /= 256;
-  k.global = MemoryCounts{};
+  KernelCounts k;
   load_stream(k, 256, 8);
-  k.global.store_requests += per_block;
-  k.global.store_sectors += per_block;
-  k.global.store_bytes += 8;
+  block_tree_sum(k, 1);
+  store_per_row(k, 1, 1, 8);
   return k;
 }
 
@@ -607,11 +601,8 @@ inline Counts training_step(const rex::train::RunConfig& config) {
   };
   auto rms_norm_backward = [&](i64 rows) {
     KernelCounts dx = row_kernel(rows, D, 6, 1, 1);  // g, w, x twice each
-    load_broadcast(dx, rows * row_threads(D));       // rstd[r], one request a warp
-    dx.global.load_requests -= ceil_div(rows * row_threads(D), 32);
-    dx.global.load_sectors -= ceil_div(rows * row_threads(D), 32);
-    dx.global.load_requests += static_cast<uint64_t>(rows * row_threads(D) / 32);
-    dx.global.load_sectors += static_cast<uint64_t>(rows * row_threads(D) / 32);
+    // rstd[r], read by every thread of the row's block: a request and a sector a warp.
+    load_per_row(dx, rows, row_threads(D) / 32, 4 * 32);
     plan.launch("rms_norm_dx_kernel", dx);
     const i64 rows_per_chunk = std::max<i64>(16, (rows * D + (1 << 18) - 1) / (1 << 18));
     const i64 chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
