@@ -102,6 +102,8 @@ class Plan {
     k.arithmetic.f32_flops += times * one.arithmetic.f32_flops;
     k.arithmetic.f64_flops += times * one.arithmetic.f64_flops;
     k.arithmetic.special_functions += times * one.arithmetic.special_functions;
+    k.arithmetic.tensor_bf16_flops += times * one.arithmetic.tensor_bf16_flops;
+    k.arithmetic.tensor_tf32_flops += times * one.arithmetic.tensor_tf32_flops;
     k.global_atomics += times * one.global_atomics;
   }
   void gemm(i64 m, i64 n, i64 k, bool tf32, uint64_t calls = 1) {

@@ -2,11 +2,12 @@
 // estimated by the device model (include/rex_device_model.h) from the emulation's counts.
 // Trains --steps steps of the config on the emulated device (a made-up corpus written to WORK_DIR;
 // the steps before the last warm the caching allocator), counts the last one with memory, and
-// prints per kernel (launches, bytes, sectors per request, bank conflicts, atomics, FLOPs, what
-// bounds it, estimated time), per cuBLAS shape (calls, FLOPs, estimated time) and per step (host
-// waits, launches, estimated time, model FLOPs and MFU). The emulation counts kernels by name, not
-// by rex op, so there is no per-op table. Every time and MFU printed is "estimated (device model)".
-// Usage: cost_report WORK_DIR [--config FILE] [--set KEY=VALUE]... [--steps N]
+// prints per kernel (launches, bytes, sectors per request, bank conflicts, atomics, FLOPs (CUDA
+// cores and tensor cores), what bounds it: hbm, smem, alu or tensor, estimated time), per cuBLAS
+// shape (calls, FLOPs, estimated time) and per step (host waits, launches, estimated time, model
+// FLOPs and MFU). The emulation counts kernels by name, not by rex op, so there is no per-op table.
+// Every time and MFU printed is "estimated (device model)". Usage: cost_report WORK_DIR [--config
+// FILE] [--set KEY=VALUE]... [--steps N]
 //        [--device-model h100|h200]
 #include <algorithm>
 #include <cstdio>
@@ -96,7 +97,7 @@ double model_flops(const rex::train::RunConfig& config) {
 void print_kernels(const cuda_emulation::Counts& counts, const model::Device& device) {
   std::printf("\nper kernel, most expensive first (times estimated (device model), %s):\n",
               std::string(device.name).c_str());
-  std::printf("%-36s %8s %12s %12s %9s %10s %8s %12s %10s %5s %12s\n", "kernel", "launches",
+  std::printf("%-36s %8s %12s %12s %9s %10s %8s %12s %10s %6s %12s\n", "kernel", "launches",
               "bytes asked", "sector bytes", "sect/req", "bank conf", "atomics", "FLOPs", "special",
               "bound", "est. us");
   std::vector<std::pair<double, const std::string*>> by_time;  // most expensive first
@@ -106,12 +107,15 @@ void print_kernels(const cuda_emulation::Counts& counts, const model::Device& de
   for (const auto& [estimated_s, name] : by_time) {
     const cuda_emulation::KernelCounts& kernel = counts.kernels.at(*name);
     const model::KernelEstimate estimate = model::estimate_kernel(kernel, device);
-    const char* bound = estimate.arithmetic_s > std::max(estimate.hbm_s, estimate.shared_s)
-                            ? "alu"
-                            : (estimate.shared_s > estimate.hbm_s ? "smem" : "hbm");
+    const char* bound =
+        estimate.tensor_s > std::max({estimate.hbm_s, estimate.shared_s, estimate.arithmetic_s})
+            ? "tensor"
+        : estimate.arithmetic_s > std::max(estimate.hbm_s, estimate.shared_s)
+            ? "alu"
+            : (estimate.shared_s > estimate.hbm_s ? "smem" : "hbm");
     const uint64_t requests = kernel.global.requests();
     std::printf(
-        "%-36s %8llu %12llu %12llu %9.2f %10llu %8llu %12llu %10llu %5s %12.3f\n", name->c_str(),
+        "%-36s %8llu %12llu %12llu %9.2f %10llu %8llu %12llu %10llu %6s %12.3f\n", name->c_str(),
         static_cast<unsigned long long>(kernel.launches),
         static_cast<unsigned long long>(kernel.global.load_bytes + kernel.global.store_bytes),
         static_cast<unsigned long long>(kernel.global.sectors() * model::kSectorBytes),
@@ -119,7 +123,9 @@ void print_kernels(const cuda_emulation::Counts& counts, const model::Device& de
                  : 0.0,
         static_cast<unsigned long long>(kernel.shared.bank_conflicts()),
         static_cast<unsigned long long>(kernel.global_atomics + kernel.shared_atomics),
-        static_cast<unsigned long long>(kernel.arithmetic.f32_flops + kernel.arithmetic.f64_flops),
+        static_cast<unsigned long long>(kernel.arithmetic.f32_flops + kernel.arithmetic.f64_flops +
+                                        kernel.arithmetic.tensor_bf16_flops +
+                                        kernel.arithmetic.tensor_tf32_flops),
         static_cast<unsigned long long>(kernel.arithmetic.special_functions), bound,
         estimated_s * 1e6);
   }

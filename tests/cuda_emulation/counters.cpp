@@ -15,6 +15,12 @@
 // rex_emulation_count_arithmetic with the block's counts, made while the flag below is set. A call
 // from a kernel thread adds them to the running kernel; calls from host code are ignored.
 //
+// Tensor cores (intervals begun with count_kernel_work): each warp-level mma.sync adds 2 m n k
+// FLOPs to the running kernel's bf16 (m16n8k16: 4096) or tf32 (m16n8k8: 2048) tensor FLOPs, counted
+// by the warp's last lane to arrive (tensor_cores.cpp); the CUDA-core counts above do not include
+// them. An ldmatrix counts as its lanes' 16-byte shared loads (one request; x4 without conflicts
+// takes 4 wavefronts, x1 one).
+//
 // Memory (intervals begun with count_kernel_work): checks.cpp passes every load, store and atomic
 // of kernel code here with the instruction that made it (the return address of the instrumentation
 // hook). A warp-level request is the accesses of one warp's threads by one instruction, the k-th
@@ -159,6 +165,12 @@ void count_access(const void* instruction, uintptr_t address, size_t bytes, Acce
       {instruction, address, static_cast<uint32_t>(bytes), current_thread(), kind, shared});
 }
 
+void count_tensor_flops(bool bf16, uint64_t flops) {
+  if (!fast_path.counting_memory || !fast_path.in_kernel || running_kernel == nullptr) return;
+  (bf16 ? running_kernel->arithmetic.tensor_bf16_flops
+        : running_kernel->arithmetic.tensor_tf32_flops) += flops;
+}
+
 void count_block_end() {
   if (running_kernel == nullptr || block_accesses.empty()) return;
   std::unordered_map<RequestKey, uint32_t, RequestKeyHash> executions;  // per thread, not warp
@@ -234,12 +246,14 @@ std::string describe(const Counts& c, bool by_kernel) {
         line, sizeof line,
         "  %-48s %6llu launches %9llu blocks | global %llu requests, %llu sectors, "
         "%llu bytes | shared %llu requests, %llu wavefronts, %llu bank conflicts | atomics %llu "
-        "global, %llu shared | FLOPs %llu f32, %llu f64, %llu special\n",
+        "global, %llu shared | FLOPs %llu f32, %llu f64, %llu special, tensor %llu bf16, %llu "
+        "tf32\n",
         name.c_str(), ull(k.launches), ull(k.blocks), ull(k.global.requests()),
         ull(k.global.sectors()), ull(k.global.load_bytes + k.global.store_bytes),
         ull(k.shared.requests()), ull(k.shared.wavefronts()), ull(k.shared.bank_conflicts()),
         ull(k.global_atomics), ull(k.shared_atomics), ull(k.arithmetic.f32_flops),
-        ull(k.arithmetic.f64_flops), ull(k.arithmetic.special_functions));
+        ull(k.arithmetic.f64_flops), ull(k.arithmetic.special_functions),
+        ull(k.arithmetic.tensor_bf16_flops), ull(k.arithmetic.tensor_tf32_flops));
     text += line;
   }
   for (const auto& [shape, calls] : c.gemms) {

@@ -1,6 +1,6 @@
 // Internal interface between the parts of the CUDA emulation: errors (runtime.cpp), device memory
-// (memory.cpp), kernel execution (execution.cpp), the access checks (checks.cpp) and the counters
-// (counters.cpp). Nothing here
+// (memory.cpp), kernel execution (execution.cpp), the access checks (checks.cpp), the tensor-core
+// instructions (tensor_cores.cpp) and the counters (counters.cpp). Nothing here
 // is seen by the kernels; they see include/cuda_runtime.h only.
 #pragma once
 
@@ -65,6 +65,11 @@ void* dynamic_shared_base();
 // A __syncthreads completed: accesses before it can no longer race with accesses after it.
 void shared_memory_barrier();
 
+// ---- the tensor-core instructions (tensor_cores.cpp) ----
+// Called by the last lane of a warp to reach a tensor-core instruction, with every lane's operands:
+// fills in every lane's results by the PTX fragment layouts, and counts an mma's FLOPs.
+void tensor_core_results(WarpOp op, TensorLane* const (&lanes)[32]);
+
 // ---- the counters (counters.cpp); each returns at once outside a counting interval ----
 enum class HostWait : int {
   stream_synchronize,
@@ -78,5 +83,7 @@ void count_gemm(const GemmShape& shape);  // a cuBLAS call that passed its argum
 // One access of kernel code by `instruction` (called when fast_path.counting_memory is set).
 void count_access(const void* instruction, uintptr_t address, size_t bytes, Access kind);
 void count_block_end();  // groups the finished block's accesses into warp requests
+// One warp-level mma of the running kernel: 2 m n k FLOPs on the bf16 or the tf32 tensor pipes.
+void count_tensor_flops(bool bf16, uint64_t flops);
 
 }  // namespace cuda_emulation::detail

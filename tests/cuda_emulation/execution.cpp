@@ -22,6 +22,13 @@
 // reading a lane outside the mask fails the launch (CUDA returns an undefined value). Ballot, any
 // and all combine the predicates of the mask's lanes.
 //
+// The tensor-core instructions (ldmatrix, mma; cuda_runtime.h) are warp collectives too, under the
+// full mask and with stricter rules, as their .aligned qualifier demands: all 32 lanes must exist,
+// none may have exited, and all must arrive at the same instruction from the same site (a lane
+// waiting at another site, or in another operation, fails the launch, naming the instruction).
+// Each lane's value is the address of its TensorLane (on its own stack, alive while it waits); the
+// last lane to arrive computes every lane's results there (tensor_cores.cpp) and releases them.
+//
 // A failure (a bad access found by checks.cpp, a barrier or warp misuse, or a deadlock: threads
 // waiting that nobody can release) ends the launch at once: the faulting fiber is abandoned, no
 // further thread or block runs, and cudaGetLastError reports the failure with the kernel, block
@@ -77,8 +84,28 @@ const char* op_name(WarpOp op) {
       return "__any_sync";
     case WarpOp::all:
       return "__all_sync";
+    case WarpOp::ldmatrix_x1:
+      return "ldmatrix.sync.aligned.m8n8.x1.shared.b16";
+    case WarpOp::ldmatrix_x2:
+      return "ldmatrix.sync.aligned.m8n8.x2.shared.b16";
+    case WarpOp::ldmatrix_x4:
+      return "ldmatrix.sync.aligned.m8n8.x4.shared.b16";
+    case WarpOp::ldmatrix_trans_x1:
+      return "ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16";
+    case WarpOp::ldmatrix_trans_x2:
+      return "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16";
+    case WarpOp::ldmatrix_trans_x4:
+      return "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16";
+    case WarpOp::mma_bf16_m16n8k16:
+      return "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32";
+    case WarpOp::mma_tf32_m16n8k8:
+      return "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32";
   }
   return "a warp intrinsic";
+}
+
+bool is_tensor_op(WarpOp op) {
+  return static_cast<int>(op) >= static_cast<int>(WarpOp::ldmatrix_x1);
 }
 
 std::string mask_text(unsigned int mask) {
@@ -119,8 +146,9 @@ enum class Wait : uint8_t { none, barrier, warp, done };
 struct Fiber {
   fctx::fcontext_t context = nullptr;
   Wait wait = Wait::none;
-  Site site{};            // where it waits
-  uint64_t received = 0;  // what a warp collective gave this lane
+  WarpOp op = WarpOp::shfl;  // the warp operation it waits in
+  Site site{};               // where it waits
+  uint64_t received = 0;     // what a warp collective gave this lane
 };
 
 struct Collective {
@@ -258,7 +286,10 @@ void thread_exits(int thread) {
       kernel_fault(cudaErrorLaunchFailure, [&] {
         return "lane " + std::to_string(thread % 32) + " exited while lanes " +
                mask_text(c.joined) + " of its warp wait for it in " + op_name(c.op) + " at " +
-               site_text(c.site) + " (mask " + mask_text(c.mask) + ")";
+               site_text(c.site) + " (mask " + mask_text(c.mask) + ")" +
+               (is_tensor_op(c.op)
+                    ? "; .aligned: all 32 lanes of the warp must execute this same instruction"
+                    : "");
       });
   warp.exited |= bit;
   if (run.exited++ == 0) run.first_exited = thread;
@@ -293,7 +324,7 @@ std::string describe_waiters(const Run& run) {
     const Fiber& f = run.fibers[t];
     if (f.wait != Wait::barrier && f.wait != Wait::warp) continue;
     text += (shown++ ? "; " : "") + std::string("thread ") + thread_text(t) + " waits in " +
-            (f.wait == Wait::barrier ? "__syncthreads" : "a warp intrinsic") + " at " +
+            (f.wait == Wait::barrier ? "__syncthreads" : op_name(f.op)) + " at " +
             site_text(f.site);
   }
   return text;
@@ -434,8 +465,12 @@ uint64_t warp_collective(WarpOp op, unsigned int mask, uint64_t value, int opera
   const int thread = run.running, lane = thread % 32;
   Warp& warp = run.warps[thread / 32];
   const unsigned int bit = 1u << lane;
+  const bool tensor = is_tensor_op(op);
   const auto misuse = [&](const std::string& what) {
     kernel_fault(cudaErrorLaunchFailure, [&] {
+      if (tensor)
+        return std::string(op_name(op)) + " at " + site_text(site) + ": " + what +
+               " (.aligned: all 32 lanes of the warp must execute this same instruction)";
       return std::string(op_name(op)) + " at " + site_text(site) + " with mask " + mask_text(mask) +
              ": " + what;
     });
@@ -460,6 +495,8 @@ uint64_t warp_collective(WarpOp op, unsigned int mask, uint64_t value, int opera
     if (c.op != op || c.width != width)
       misuse("lanes " + mask_text(c.joined) + " of the same mask wait in " + op_name(c.op) +
              " (width " + std::to_string(c.width) + ") at " + site_text(c.site));
+    if (tensor && !same_site(c.site, site))
+      misuse("lanes " + mask_text(c.joined) + " wait in it at another site, " + site_text(c.site));
     joining = &c;
   }
   if (joining == nullptr) {
@@ -476,6 +513,7 @@ uint64_t warp_collective(WarpOp op, unsigned int mask, uint64_t value, int opera
   if (joining->joined != mask) {
     Fiber& self = run.fibers[thread];
     self.wait = Wait::warp;
+    self.op = op;
     self.site = site;
     suspend();
     return self.received;
@@ -484,10 +522,23 @@ uint64_t warp_collective(WarpOp op, unsigned int mask, uint64_t value, int opera
   // The last lane of the mask: deliver every lane's value, then free the slot (the last open
   // one moves into it).
   const Collective& c = *joining;
+  const int base_thread = thread - lane;
+  if (tensor) {
+    TensorLane* lanes[32];
+    for (int l = 0; l < 32; ++l) lanes[l] = reinterpret_cast<TensorLane*>(c.value[l]);
+    tensor_core_results(op, lanes);
+    for (int l = 31; l >= 0; --l) {
+      if (l == lane) continue;
+      run.fibers[base_thread + l].received = 0;
+      run.fibers[base_thread + l].wait = Wait::none;
+      run.ready.push_front(base_thread + l);
+    }
+    *joining = warp.slots[--warp.open];
+    return 0;
+  }
   uint64_t votes = 0;
   for (int l = 0; l < 32; ++l)
     if ((c.mask >> l & 1u) != 0 && c.value[l] != 0) votes |= 1ull << l;
-  const int base_thread = thread - lane;
   uint64_t mine = 0;
   for (int l = 0; l < 32; ++l) {
     if ((c.mask >> l & 1u) == 0) continue;

@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include "mma.cuh"  // kernels/mma.cuh, the tensor-core wrappers rex's kernels use
+
 namespace cuda_emulation::self_test {
 namespace {
 
@@ -289,6 +291,151 @@ __global__ void counted_arithmetic_kernel(float* out) {
   out[i] = fused + expf(fused - fused) + static_cast<float>(static_cast<double>(i) / 2.0);
 }
 
+// ---- tensor-core instructions (kernels/mma.cuh) ----
+
+using ::rex::cuda::detail::load_matrices;
+using ::rex::cuda::detail::load_matrices_transposed;
+using ::rex::cuda::detail::mma_bf16_16x8x16;
+using ::rex::cuda::detail::mma_tf32_16x8x8;
+using ::rex::cuda::detail::pack_bf16x2;
+using ::rex::cuda::detail::to_tf32;
+
+// Four 8x8 matrices of 16-bit values in shared memory, element (i, r, c) = 256 i + 16 r + c + 1,
+// row r of matrix i at 16-byte row 8 i + r; one ldmatrix of N of them (lane 8 i + r passes row r
+// of matrix i; the other lanes pass a misaligned address, which ldmatrix must ignore). Lane l
+// writes its N registers to out[N l ..].
+template <int N, bool kTransposed>
+__global__ void ldmatrix_kernel(unsigned int* out) {
+  __shared__ uint16_t tile[4 * 64];
+  const int lane = static_cast<int>(threadIdx.x);
+  for (int e = 0; e < 8; ++e) {
+    const int index = lane * 8 + e, i = index / 64, r = index / 8 % 8, c = index % 8;
+    tile[index] = static_cast<uint16_t>(256 * i + 16 * r + c + 1);
+  }
+  __syncthreads();
+  const void* row =
+      lane < 8 * N ? static_cast<const void*>(&tile[lane * 8]) : static_cast<const void*>(&tile[1]);
+  uint32_t registers[N];
+  if constexpr (kTransposed) {
+    load_matrices_transposed(registers, row);
+  } else {
+    load_matrices(registers, row);
+  }
+  for (int i = 0; i < N; ++i) out[N * lane + i] = registers[i];
+}
+
+// D = A B + C (16x16 by 16x8, row-major floats in a, b, c) by one mma.sync m16n8k16 bf16 per warp;
+// each block's warp 0 writes D to out[128 block ..]. The fragments come from the documented
+// layout, read from global memory (kViaLdmatrix false), or by ldmatrix from shared copies: A's
+// four 8x8 quadrants by one x4, B (stored k-major) by one x2.trans.
+template <bool kViaLdmatrix>
+__global__ void mma_bf16_kernel(const float* a, const float* b, const float* c, float* out) {
+  const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, t = lane % 4;
+  uint32_t fa[4], fb[2];
+  if constexpr (kViaLdmatrix) {
+    // bf16 pairs, one 4-byte word per thread and store (the race check watches whole words)
+    __shared__ uint32_t a_pairs[16 * 16 / 2];
+    __shared__ uint32_t b_pairs[16 * 8 / 2];
+    for (unsigned int e = threadIdx.x; e < 128; e += blockDim.x)
+      a_pairs[e] = pack_bf16x2(a[2 * e], a[2 * e + 1]);
+    for (unsigned int e = threadIdx.x; e < 64; e += blockDim.x)
+      b_pairs[e] = pack_bf16x2(b[2 * e], b[2 * e + 1]);
+    __syncthreads();
+    const auto* as = reinterpret_cast<const uint16_t*>(a_pairs);
+    const auto* bs = reinterpret_cast<const uint16_t*>(b_pairs);
+    const int quadrant = lane / 8, r = lane % 8;
+    load_matrices(fa, &as[(r + 8 * (quadrant % 2)) * 16 + 8 * (quadrant / 2)]);
+    load_matrices_transposed(fb, &bs[(lane % 16) * 8]);
+  } else {
+    fa[0] = pack_bf16x2(a[g * 16 + 2 * t], a[g * 16 + 2 * t + 1]);
+    fa[1] = pack_bf16x2(a[(g + 8) * 16 + 2 * t], a[(g + 8) * 16 + 2 * t + 1]);
+    fa[2] = pack_bf16x2(a[g * 16 + 2 * t + 8], a[g * 16 + 2 * t + 9]);
+    fa[3] = pack_bf16x2(a[(g + 8) * 16 + 2 * t + 8], a[(g + 8) * 16 + 2 * t + 9]);
+    fb[0] = pack_bf16x2(b[2 * t * 8 + g], b[(2 * t + 1) * 8 + g]);
+    fb[1] = pack_bf16x2(b[(2 * t + 8) * 8 + g], b[(2 * t + 9) * 8 + g]);
+  }
+  float acc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t],
+                  c[(g + 8) * 8 + 2 * t + 1]};
+  mma_bf16_16x8x16(acc, fa, fb);
+  if (threadIdx.x < 32) {
+    float* d = out + 128 * blockIdx.x;
+    d[g * 8 + 2 * t] = acc[0];
+    d[g * 8 + 2 * t + 1] = acc[1];
+    d[(g + 8) * 8 + 2 * t] = acc[2];
+    d[(g + 8) * 8 + 2 * t + 1] = acc[3];
+  }
+}
+
+// D = A B + C (16x8 by 8x8, row-major) by one mma.sync m16n8k8 tf32 per warp. The low 13 bits of
+// a[0] are set after the rounding: the tensor core must ignore them.
+__global__ void mma_tf32_kernel(const float* a, const float* b, const float* c, float* out) {
+  const int lane = static_cast<int>(threadIdx.x % 32), g = lane / 4, t = lane % 4;
+  const uint32_t fa[4] = {to_tf32(a[g * 8 + t]) | 0x1FFFu, to_tf32(a[(g + 8) * 8 + t]),
+                          to_tf32(a[g * 8 + t + 4]), to_tf32(a[(g + 8) * 8 + t + 4])};
+  const uint32_t fb[2] = {to_tf32(b[t * 8 + g]), to_tf32(b[(t + 4) * 8 + g])};
+  float acc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t],
+                  c[(g + 8) * 8 + 2 * t + 1]};
+  mma_tf32_16x8x8(acc, fa, fb);
+  if (threadIdx.x < 32) {
+    float* d = out + 128 * blockIdx.x;
+    d[g * 8 + 2 * t] = acc[0];
+    d[g * 8 + 2 * t + 1] = acc[1];
+    d[(g + 8) * 8 + 2 * t] = acc[2];
+    d[(g + 8) * 8 + 2 * t + 1] = acc[3];
+  }
+}
+
+// Conversions, one value per thread: out[3 i ..] = the bits of __float2bfloat16_rn(x[i]), of
+// to_tf32(x[i]), and pack_bf16x2(x[i], -x[i]).
+__global__ void conversions_kernel(const float* x, unsigned int* out) {
+  const int i = static_cast<int>(threadIdx.x);
+  out[3 * i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
+  out[3 * i + 1] = to_tf32(x[i]);
+  out[3 * i + 2] = pack_bf16x2(x[i], -x[i]);
+}
+
+// Broken: only lanes 0..15 reach the mma (inside a branch); the other lanes exit.
+__global__ void half_warp_mma_kernel(float* out) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  if (lane < 16) {
+    float acc[4] = {0, 0, 0, 0};
+    const uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+    mma_bf16_16x8x16(acc, a, b);
+    out[lane] = acc[0];
+  }
+}
+
+// Broken: even and odd lanes reach the same operation from two different places.
+__global__ void divergent_mma_kernel(float* out) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  float acc[4] = {0, 0, 0, 0};
+  const uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  if (lane % 2 == 0) {
+    mma_bf16_16x8x16(acc, a, b);
+  } else {
+    mma_bf16_16x8x16(acc, a, b);
+  }
+  out[lane] = acc[0];
+}
+
+// Broken: every lane passes its row 2 bytes past a 16-byte boundary.
+__global__ void misaligned_ldmatrix_kernel(unsigned int* out) {
+  __shared__ uint16_t tile[33 * 8];
+  for (int e = 0; e < 8; ++e) tile[threadIdx.x * 8 + e] = 1;
+  if (threadIdx.x == 0)
+    for (int e = 0; e < 8; ++e) tile[32 * 8 + e] = 1;
+  __syncthreads();
+  uint32_t r[4];
+  load_matrices(r, &tile[threadIdx.x * 8 + 1]);
+  out[threadIdx.x] = r[0];
+}
+
+// Broken: the rows are in global memory.
+__global__ void global_ldmatrix_kernel(const uint16_t* rows, unsigned int* out) {
+  uint32_t r[1];
+  load_matrices(r, rows + 8 * (threadIdx.x % 8));
+  out[threadIdx.x] = r[0];
+}
 }  // namespace
 
 Outcome block_sum(int n, int blocks, int threads) {
@@ -490,6 +637,75 @@ Outcome counted_arithmetic(int blocks, int threads) {
 Outcome launch_loop(int launches) {
   for (int i = 0; i < launches; ++i) LAUNCH(empty_kernel, 2, 64, 0, nullptr);
   return finish<float>(nullptr);
+}
+
+// ---- tensor cores ----
+
+Outcome ldmatrix_fragments(int matrices, bool transposed) {
+  Buffer<unsigned int> out(static_cast<size_t>(32 * matrices));
+  if (matrices == 1 && !transposed) LAUNCH((ldmatrix_kernel<1, false>), 1, 32, 0, out.get());
+  if (matrices == 2 && !transposed) LAUNCH((ldmatrix_kernel<2, false>), 1, 32, 0, out.get());
+  if (matrices == 4 && !transposed) LAUNCH((ldmatrix_kernel<4, false>), 1, 32, 0, out.get());
+  if (matrices == 1 && transposed) LAUNCH((ldmatrix_kernel<1, true>), 1, 32, 0, out.get());
+  if (matrices == 2 && transposed) LAUNCH((ldmatrix_kernel<2, true>), 1, 32, 0, out.get());
+  if (matrices == 4 && transposed) LAUNCH((ldmatrix_kernel<4, true>), 1, 32, 0, out.get());
+  return finish(&out);
+}
+
+Outcome mma_bf16(const std::vector<float>& a, const std::vector<float>& b,
+                 const std::vector<float>& c, bool via_ldmatrix, int blocks, int threads) {
+  Buffer<float> da(256, a), db(128, b), dc(128, c), out(128 * static_cast<size_t>(blocks));
+  if (via_ldmatrix) {
+    LAUNCH(mma_bf16_kernel<true>, blocks, threads, 0, da.get(), db.get(), dc.get(), out.get());
+  } else {
+    LAUNCH(mma_bf16_kernel<false>, blocks, threads, 0, da.get(), db.get(), dc.get(), out.get());
+  }
+  return finish(&out);
+}
+
+Outcome mma_tf32(const std::vector<float>& a, const std::vector<float>& b,
+                 const std::vector<float>& c, int blocks, int threads) {
+  Buffer<float> da(128, a), db(64, b), dc(128, c), out(128 * static_cast<size_t>(blocks));
+  LAUNCH(mma_tf32_kernel, blocks, threads, 0, da.get(), db.get(), dc.get(), out.get());
+  return finish(&out);
+}
+
+Outcome tensor_conversions(const std::vector<float>& x) {
+  Buffer<float> in(x.size(), x);
+  Buffer<unsigned int> out(3 * x.size());
+  LAUNCH(conversions_kernel, 1, static_cast<unsigned int>(x.size()), 0, in.get(), out.get());
+  return finish(&out);
+}
+
+Outcome half_warp_mma() {
+  Buffer<float> out(32);
+  LAUNCH(half_warp_mma_kernel, 1, 32, 0, out.get());
+  return finish(&out);
+}
+
+Outcome partial_warp_mma() {
+  Buffer<float> out(32);
+  LAUNCH(half_warp_mma_kernel, 1, 16, 0, out.get());
+  return finish(&out);
+}
+
+Outcome divergent_mma() {
+  Buffer<float> out(32);
+  LAUNCH(divergent_mma_kernel, 1, 32, 0, out.get());
+  return finish(&out);
+}
+
+Outcome misaligned_ldmatrix() {
+  Buffer<unsigned int> out(32);
+  LAUNCH(misaligned_ldmatrix_kernel, 1, 32, 0, out.get());
+  return finish(&out);
+}
+
+Outcome global_ldmatrix() {
+  Buffer<uint16_t> rows(64, std::vector<uint16_t>(64, 1));
+  Buffer<unsigned int> out(32);
+  LAUNCH(global_ldmatrix_kernel, 1, 32, 0, rows.get(), out.get());
+  return finish(&out);
 }
 
 }  // namespace cuda_emulation::self_test

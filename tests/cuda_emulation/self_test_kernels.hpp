@@ -34,6 +34,21 @@ Outcome counted_atomics(int blocks, int threads);     // every thread adds 1 in 
 Outcome counted_arithmetic(int blocks, int threads);  // see the .cu: FLOPs that vary by thread
 Outcome launch_loop(int launches);                    // `launches` launches of an empty kernel
 
+// ---- tensor-core instructions (kernels/mma.cuh) ----
+// ldmatrix of `matrices` 8x8 matrices, element (i, r, c) = 256 i + 16 r + c + 1: lane l's registers
+// at values[matrices l ..].
+Outcome ldmatrix_fragments(int matrices, bool transposed);
+// D = A B + C (A 16x16, B 16x8, C 16x8 row-major) by mma.sync m16n8k16 bf16, fragments loaded by
+// the documented layout from global memory or by ldmatrix from shared memory; one mma per warp,
+// block b's warp 0 writes its D to values[128 b ..].
+Outcome mma_bf16(const std::vector<float>& a, const std::vector<float>& b,
+                 const std::vector<float>& c, bool via_ldmatrix, int blocks, int threads);
+// The same with mma.sync m16n8k8 tf32 (A 16x8, B 8x8).
+Outcome mma_tf32(const std::vector<float>& a, const std::vector<float>& b,
+                 const std::vector<float>& c, int blocks, int threads);
+// Per value: bf16 bits (__float2bfloat16_rn), to_tf32 bits, pack_bf16x2(x, -x).
+Outcome tensor_conversions(const std::vector<float>& x);
+
 // ---- broken kernels the emulation must catch ----
 Outcome missing_syncthreads(int threads);
 Outcome read_past_allocation(int n);
@@ -50,5 +65,10 @@ Outcome use_after_free_through_table();
 Outcome shuffle_with_exited_lane();
 Outcome too_much_dynamic_shared();
 Outcome warp_deadlock();
+Outcome half_warp_mma();        // an mma inside if (lane < 16)
+Outcome partial_warp_mma();     // the same kernel with a block of 16 threads
+Outcome divergent_mma();        // even and odd lanes call mma from two places
+Outcome misaligned_ldmatrix();  // row addresses 2 bytes past 16-byte boundaries
+Outcome global_ldmatrix();      // row addresses in global memory
 
 }  // namespace cuda_emulation::self_test

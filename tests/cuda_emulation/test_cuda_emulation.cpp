@@ -1,12 +1,15 @@
 // The CUDA emulation's own tests: each primitive against a closed form, every limit and check
 // against a kernel broken on purpose, whose failure must name the check, the kernel, the block and
-// thread, and the address where there is one. Also the runtime and cuBLAS subsets rex calls, and
-// the counters, each against a kernel or call sequence whose counts are known exactly.
+// thread, and the address where there is one. Also the runtime and cuBLAS subsets rex calls, the
+// counters, each against a kernel or call sequence whose counts are known exactly, and the
+// tensor-core instructions (ldmatrix, mma.sync) against the PTX ISA's fragment layouts and a naive
+// matmul.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <doctest/doctest.h>
 #include <rex_emulation_counters.h>
 
+#include <bit>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -539,4 +542,167 @@ TEST_CASE("counters: without count_kernel_work an interval counts launches but n
   CHECK(c.kernels.at("strided_copy_kernel").launches == 1);
   CHECK(c.kernels.at("strided_copy_kernel").global.requests() == 0);
   CHECK(c.kernels.at("counted_arithmetic_kernel").arithmetic.f32_flops == 0);
+}
+
+// ---- tensor-core instructions (kernels/mma.cuh) ----
+
+namespace {
+
+// Element (i, r, c) of the matrices ldmatrix_fragments loads.
+uint32_t ldmatrix_element(int i, int r, int c) { return 256 * i + 16 * r + c + 1; }
+
+// Small integers, exact in bf16 and tf32, whose products' sums are exact in float.
+std::vector<float> small_integers(int rows, int columns, int p, int q, int modulus) {
+  std::vector<float> m(static_cast<size_t>(rows * columns));
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < columns; ++j)
+      m[static_cast<size_t>(i * columns + j)] =
+          static_cast<float>((p * i + q * j + 1) % modulus - modulus / 2);
+  return m;
+}
+
+// A (m x k) B (k x n) + C (m x n), row-major, naive.
+std::vector<double> naive_matmul(const std::vector<float>& a, const std::vector<float>& b,
+                                 const std::vector<float>& c, int m, int n, int k) {
+  std::vector<double> d(static_cast<size_t>(m * n));
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      double sum = c[static_cast<size_t>(i * n + j)];
+      for (int p = 0; p < k; ++p)
+        sum += static_cast<double>(a[static_cast<size_t>(i * k + p)]) *
+               b[static_cast<size_t>(p * n + j)];
+      d[static_cast<size_t>(i * n + j)] = sum;
+    }
+  return d;
+}
+
+}  // namespace
+
+TEST_CASE("ldmatrix x1, x2, x4, plain and .trans, give each lane the PTX fragment") {
+  for (const int matrices : {1, 2, 4})
+    for (const bool transposed : {false, true}) {
+      CAPTURE(matrices);
+      CAPTURE(transposed);
+      const Outcome o = ldmatrix_fragments(matrices, transposed);
+      REQUIRE(o.error == cudaSuccess);
+      for (int lane = 0; lane < 32; ++lane)
+        for (int i = 0; i < matrices; ++i) {
+          CAPTURE(lane);
+          CAPTURE(i);
+          // plain: (row l/4, columns 2(l%4) and 2(l%4)+1); .trans: (rows 2(l%4), 2(l%4)+1, column
+          // l/4); the first in bits 0-15
+          const int row = lane / 4, column = 2 * (lane % 4);
+          const uint32_t expected =
+              transposed
+                  ? ldmatrix_element(i, column, row) | ldmatrix_element(i, column + 1, row) << 16
+                  : ldmatrix_element(i, row, column) | ldmatrix_element(i, row, column + 1) << 16;
+          CHECK(o.values[static_cast<size_t>(matrices * lane + i)] == expected);
+        }
+    }
+}
+
+TEST_CASE("mma.sync m16n8k16 bf16 computes A B + C from the documented fragments") {
+  const std::vector<float> a = small_integers(16, 16, 3, 5, 7), b = small_integers(16, 8, 2, 3, 5),
+                           c = small_integers(16, 8, 1, 4, 9);
+  const std::vector<double> d = naive_matmul(a, b, c, 16, 8, 16);
+  for (const bool via_ldmatrix : {false, true}) {
+    CAPTURE(via_ldmatrix);
+    const Outcome o = mma_bf16(a, b, c, via_ldmatrix, 2, 64);
+    CAPTURE(o.message);
+    REQUIRE(o.error == cudaSuccess);
+    for (int block = 0; block < 2; ++block)
+      for (int e = 0; e < 128; ++e) {
+        CAPTURE(e);
+        CHECK(o.values[static_cast<size_t>(128 * block + e)] == d[static_cast<size_t>(e)]);
+      }
+  }
+}
+
+TEST_CASE("mma.sync m16n8k8 tf32 computes A B + C and ignores the low 13 bits of its operands") {
+  const std::vector<float> a = small_integers(16, 8, 3, 5, 11), b = small_integers(8, 8, 2, 3, 7),
+                           c = small_integers(16, 8, 1, 4, 9);
+  const std::vector<double> d = naive_matmul(a, b, c, 16, 8, 8);
+  const Outcome o = mma_tf32(a, b, c, 1, 32);
+  REQUIRE(o.error == cudaSuccess);
+  for (int e = 0; e < 128; ++e) {
+    CAPTURE(e);
+    CHECK(o.values[static_cast<size_t>(e)] == d[static_cast<size_t>(e)]);
+  }
+}
+
+TEST_CASE("bf16 and tf32 conversions round as CUDA's: to nearest even, and ties away (cvt.rna)") {
+  // 1 + 2^-8 is a bf16 tie (rounds to even: 1), 1 + 3 x 2^-8 a tie that rounds up to 1 + 2^-6;
+  // 1 + 2^-11 is a tf32 tie (away from zero: 1 + 2^-10), -(1 + 2^-11) too (to -(1 + 2^-10))
+  const std::vector<float> x = {
+      1.0f, 1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, 1.0f + 0x1p-11f, -1.0f - 0x1p-11f, 3.4e38f,
+      NAN,  -0.0f};
+  const Outcome o = tensor_conversions(x);
+  REQUIRE(o.error == cudaSuccess);
+  const auto bits = [](float f) { return static_cast<double>(std::bit_cast<uint32_t>(f)); };
+  const auto value = [&](size_t i, int which) {
+    return o.values[3 * i + static_cast<size_t>(which)];
+  };
+  CHECK(value(0, 0) == 0x3F80);
+  CHECK(value(1, 0) == 0x3F80);
+  CHECK(value(2, 0) == 0x3F82);
+  CHECK(value(5, 0) == 0x7F80);  // past bf16's largest finite value after rounding: infinity
+  CHECK((static_cast<uint32_t>(value(6, 0)) & 0x7F80u) == 0x7F80u);  // a NaN stays a NaN
+  CHECK((static_cast<uint32_t>(value(6, 0)) & 0x007Fu) != 0);
+  CHECK(value(7, 0) == 0x8000);
+  CHECK(value(0, 1) == bits(1.0f));
+  CHECK(value(3, 1) == bits(1.0f + 0x1p-10f));
+  CHECK(value(4, 1) == bits(-1.0f - 0x1p-10f));
+  CHECK(value(2, 2) == 0xBF82u * 65536.0 + 0x3F82u);  // pack_bf16x2(x, -x): x in bits 0-15
+}
+
+TEST_CASE(
+    "counters: an mma counts 2 m n k tensor FLOPs; a conflict-free ldmatrix.x4 4 wavefronts") {
+  const std::vector<float> a = small_integers(16, 16, 3, 5, 7), b = small_integers(16, 8, 2, 3, 5),
+                           c = small_integers(16, 8, 1, 4, 9);
+  cuda_emulation::begin_interval(true);
+  REQUIRE(mma_bf16(a, b, c, false, 3, 64).error == cudaSuccess);  // 3 blocks of 2 warps
+  REQUIRE(
+      mma_tf32(small_integers(16, 8, 3, 5, 11), small_integers(8, 8, 2, 3, 7), c, 2, 96).error ==
+      cudaSuccess);  // 2 blocks of 3 warps
+  REQUIRE(ldmatrix_fragments(4, false).error == cudaSuccess);
+  REQUIRE(ldmatrix_fragments(1, true).error == cudaSuccess);
+  const cuda_emulation::Counts counts = cuda_emulation::end_interval();
+  const cuda_emulation::ArithmeticCounts& bf16 =
+      counts.kernels.at("mma_bf16_kernel<false>").arithmetic;
+  CHECK(bf16.tensor_bf16_flops == 3 * 2 * 4096);  // 2 x 16 x 8 x 16 per warp-level mma
+  CHECK(bf16.tensor_tf32_flops == 0);
+  const cuda_emulation::ArithmeticCounts& tf32 = counts.kernels.at("mma_tf32_kernel").arithmetic;
+  CHECK(tf32.tensor_tf32_flops == 2 * 3 * 2048);  // 2 x 16 x 8 x 8
+  CHECK(tf32.tensor_bf16_flops == 0);
+  // 32 lanes x 16 contiguous bytes: 128 words, 4 in each bank, one request
+  const cuda_emulation::MemoryCounts& x4 = counts.kernels.at("(ldmatrix_kernel<4, false>)").shared;
+  CHECK(x4.load_requests == 1);
+  CHECK(x4.load_wavefronts == 4);
+  CHECK(x4.load_bank_conflicts == 0);
+  CHECK(x4.load_bytes == 32 * 16);
+  const cuda_emulation::MemoryCounts& x1 = counts.kernels.at("(ldmatrix_kernel<1, true>)").shared;
+  CHECK(x1.load_requests == 1);  // 8 lanes x 16 bytes: one per bank
+  CHECK(x1.load_wavefronts == 1);
+  CHECK(x1.load_bytes == 8 * 16);
+  CHECK(cuda_emulation::describe(counts).find("tensor 24576 bf16") != std::string::npos);
+}
+
+TEST_CASE("caught: an mma that half a warp reaches, one in a warp of 16 lanes, one at two sites") {
+  check_caught(half_warp_mma(), cudaErrorLaunchFailure, "half_warp_mma_kernel",
+               {"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "lane 16 exited while",
+                "self_test_kernels.cu:", ".aligned: all 32 lanes"});
+  check_caught(partial_warp_mma(), cudaErrorLaunchFailure, "half_warp_mma_kernel",
+               {"mma.sync.aligned.m16n8k16", "0xffff0000 that this warp does not have",
+                ".aligned: all 32 lanes"});
+  check_caught(divergent_mma(), cudaErrorLaunchFailure, "divergent_mma_kernel",
+               {"mma.sync.aligned.m16n8k16", "lanes 0x00000001 wait in it at another site",
+                ".aligned: all 32 lanes"});
+}
+
+TEST_CASE("caught: ldmatrix from a misaligned row address, and from global memory") {
+  check_caught(misaligned_ldmatrix(), cudaErrorMisalignedAddress, "misaligned_ldmatrix_kernel",
+               {"ldmatrix.sync.aligned.m8n8.x4.shared.b16", "of lane ", "not 16-byte aligned"});
+  check_caught(global_ldmatrix(), cudaErrorIllegalAddress, "global_ldmatrix_kernel",
+               {"ldmatrix.sync.aligned.m8n8.x1.shared.b16", "not in shared memory",
+                "a global-memory address"});
 }

@@ -1,6 +1,7 @@
 // The device model (include/rex_device_model.h) against estimates worked out by hand from its
-// constants: a memory-bound kernel, a shared-memory-bound one, an arithmetic-bound one,
-// compute-bound and memory-bound GEMMs, and a step that adds them with its host waits.
+// constants: a memory-bound kernel, a shared-memory-bound one, an arithmetic-bound one, a
+// tensor-core-bound one, compute-bound and memory-bound GEMMs, and a step that adds them with its
+// host waits.
 #include <doctest/doctest.h>
 #include <rex_device_model.h>
 
@@ -54,6 +55,20 @@ TEST_CASE("a kernel whose arithmetic outlasts its memory costs its FLOPs and spe
   const KernelEstimate estimate = estimate_kernel(kernel, kH100Sxm);
   CHECK(estimate.arithmetic_s == doctest::Approx(3e-6).epsilon(1e-12));
   CHECK(estimate.total_s() == doctest::Approx(6e-6).epsilon(1e-12));  // + one 3 us launch
+}
+
+TEST_CASE("a kernel of mma.sync instructions costs its tensor FLOPs at the bf16 and tf32 peaks") {
+  KernelCounts kernel;
+  kernel.launches = 1;
+  kernel.global.load_sectors = 100000;                  // 3.2 MB / 3.35e12 B/s = 0.955 us
+  kernel.shared.load_wavefronts = 130680;               // 0.5 us at 132 x 1.98e9 per s
+  kernel.arithmetic.f32_flops = 33'450'000;             // 0.5 us at 66.9e12
+  kernel.arithmetic.tensor_bf16_flops = 1'978'800'000;  // 2 us at 989.4e12
+  kernel.arithmetic.tensor_tf32_flops = 494'700'000;    // 1 us at 494.7e12
+  const KernelEstimate estimate = estimate_kernel(kernel, kH100Sxm);
+  CHECK(estimate.tensor_s == doctest::Approx(3e-6).epsilon(1e-12));
+  CHECK(estimate.arithmetic_s == doctest::Approx(0.5e-6).epsilon(1e-12));  // beside, not added
+  CHECK(estimate.total_s() == doctest::Approx(6e-6).epsilon(1e-12));       // + one 3 us launch
 }
 
 TEST_CASE("a large GEMM is compute-bound at the fp32 or the TF32 peak") {

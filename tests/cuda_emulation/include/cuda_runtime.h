@@ -15,8 +15,13 @@
 // - The runtime: device memory in a private address range (every access in a kernel is checked
 //   against the allocation it falls in), copies whose kinds are checked against where the
 //   pointers really live, in-order streams, an H200-like device with its real launch limits.
+// - Tensor cores: ldmatrix and mma.sync (bf16 m16n8k16, tf32 m16n8k8) as full-warp collectives
+//   that compute the PTX ISA's fragments (tensor_cores.cpp), reached through kernels/mma.cuh; the
+//   bf16 type is in cuda_bf16.h.
 // - Checks a GPU cannot give: out-of-bounds and freed device accesses, a __syncthreads that not
-//   every thread reaches, races and reads before writes on shared memory, misused warp masks.
+//   every thread reaches, races and reads before writes on shared memory, misused warp masks,
+//   tensor-core instructions that not all 32 lanes of a warp execute together, ldmatrix rows that
+//   are misaligned or outside shared memory.
 //   A failed check fails the launch: cudaGetLastError returns an error whose cudaGetErrorString
 //   names the check, the kernel, the block and thread, and the address.
 #pragma once
@@ -74,7 +79,24 @@ extern Coordinates current;
 
 namespace cuda_emulation::detail {
 
-enum class WarpOp : int { shfl, shfl_up, shfl_down, shfl_xor, ballot, any, all };
+enum class WarpOp : int {
+  shfl,
+  shfl_up,
+  shfl_down,
+  shfl_xor,
+  ballot,
+  any,
+  all,
+  // the tensor-core instructions (below): full-warp, .aligned
+  ldmatrix_x1,
+  ldmatrix_x2,
+  ldmatrix_x4,
+  ldmatrix_trans_x1,
+  ldmatrix_trans_x2,
+  ldmatrix_trans_x4,
+  mma_bf16_m16n8k16,
+  mma_tf32_m16n8k8,
+};
 
 // Where a barrier or warp intrinsic is called (__builtin_FILE/LINE as default arguments give the
 // caller's position in both gcc and clang).
@@ -85,7 +107,8 @@ struct Site {
 
 void syncthreads(Site site);
 // One lane's part in a warp-synchronous call: returns what this lane receives (the 8 bytes of
-// the shuffled value, or the vote).
+// the shuffled value, or the vote). For the tensor-core operations `value` is the address of the
+// lane's TensorLane (below), whose outputs the last lane to arrive fills in, and 0 is returned.
 uint64_t warp_collective(WarpOp op, unsigned int mask, uint64_t value, int operand, int width,
                          Site site);
 // Dynamic shared memory of the running block (the launch's third argument), 16-byte aligned.
@@ -162,6 +185,67 @@ inline int __all_sync(unsigned int mask, int predicate, const char* file = __bui
       warp_collective(WarpOp::all, mask, predicate != 0, 0, warpSize, {file, line}));
 }
 
+// ---- tensor-core instructions (called by kernels/mma.cuh, which kernels use) --------------------
+//
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16 and mma.sync.aligned m16n8k16 (bf16) and
+// m16n8k8 (tf32), with f32 accumulators. Each is a rendezvous of all 32 lanes of the warp (the
+// .aligned qualifier: every lane executes the same instruction at the same site; a warp with
+// fewer lanes, an exited lane, or lanes at another instruction or site fail the launch). The last
+// lane to arrive computes every lane's results (execution.cpp) from the fragment layouts of the
+// PTX ISA, which kernels/mma.cuh states. ldmatrix's own 16-byte row read is made here, in the
+// kernel's instrumented code, so that the access checks and the shared-memory counters see a
+// 16-byte shared load of the lane that supplies the row; its address must be 16-byte aligned and
+// in shared memory (checked first, failing the launch with a message naming ldmatrix).
+
+namespace cuda_emulation::detail {
+
+// One lane's operands and results of a tensor-core instruction.
+struct TensorLane {
+  uint32_t row[4];      // ldmatrix: the 16-byte row this lane supplies (lanes < 8 x matrices)
+  uint32_t out[4];      // ldmatrix: what this lane receives, one register per matrix
+  uint32_t a[4], b[2];  // mma: this lane's A and B fragments
+  float acc[4];         // mma: C in, D out
+};
+
+// Fails the launch unless `row` is 16-byte aligned and in shared memory (static or dynamic).
+void check_ldmatrix_row(const void* row, int matrices, bool transposed, Site site);
+
+template <int N>
+inline void ldmatrix(uint32_t (&out)[N], const void* row, bool transposed, Site site) {
+  static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+  typedef uint32_t Row __attribute__((vector_size(16)));
+  const int lane = static_cast<int>(
+      (current.thread_idx.x +
+       current.block_dim.x * (current.thread_idx.y + current.block_dim.y * current.thread_idx.z)) %
+      32);
+  TensorLane self{};
+  if (lane < 8 * N) {
+    check_ldmatrix_row(row, N, transposed, site);
+    const Row value = *static_cast<const Row*>(row);  // one 16-byte load, checked and counted
+    for (int i = 0; i < 4; ++i) self.row[i] = value[i];
+  }
+  const WarpOp op = transposed ? (N == 1   ? WarpOp::ldmatrix_trans_x1
+                                  : N == 2 ? WarpOp::ldmatrix_trans_x2
+                                           : WarpOp::ldmatrix_trans_x4)
+                               : (N == 1   ? WarpOp::ldmatrix_x1
+                                  : N == 2 ? WarpOp::ldmatrix_x2
+                                           : WarpOp::ldmatrix_x4);
+  warp_collective(op, 0xffffffffu, reinterpret_cast<uintptr_t>(&self), 0, 32, site);
+  for (int i = 0; i < N; ++i) out[i] = self.out[i];
+}
+
+inline void mma(WarpOp op, float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                Site site) {
+  TensorLane self{};
+  for (int i = 0; i < 4; ++i) self.a[i] = a[i];
+  for (int i = 0; i < 2; ++i) self.b[i] = b[i];
+  for (int i = 0; i < 4; ++i) self.acc[i] = acc[i];
+  warp_collective(op, 0xffffffffu, reinterpret_cast<uintptr_t>(&self), 0, 32, site);
+  for (int i = 0; i < 4; ++i) acc[i] = self.acc[i];
+}
+
+}  // namespace cuda_emulation::detail
+
 // ---- atomics (device or shared memory; each returns the old value) ------------------------------
 
 int atomicAdd(int* address, int value);
@@ -233,6 +317,7 @@ enum cudaError_t : int {
   cudaErrorInvalidResourceHandle = 400,
   cudaErrorIllegalAddress = 700,
   cudaErrorLaunchOutOfResources = 701,
+  cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
 };
 using cudaError = cudaError_t;

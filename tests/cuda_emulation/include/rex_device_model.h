@@ -8,9 +8,13 @@
 // launches plus the largest of its HBM time (sectors x 32 bytes, so uncoalesced requests pay for
 // every sector), its shared-memory time (wavefronts, bank-conflict replays included, at one
 // wavefront per SM per clock) and its arithmetic time (f32 and f64 FLOPs at the CUDA cores' peaks
-// plus special functions at the SFUs' rate). A cuBLAS call costs a launch plus the larger of its
-// FLOPs at the fp32 or TF32 peak and its operands' bytes (A and B read, C written once) at HBM
-// bandwidth.
+// plus special functions at the SFUs' rate) and its tensor time (bf16 tensor FLOPs at the bf16
+// peak plus tf32 tensor FLOPs at the tf32 peak). The tensor pipes are assumed to run beside the
+// FMA and SFU pipes, so the tensor time is a fourth term of the largest, not added to the
+// arithmetic time: optimistic, since the warps that feed the tensor cores also issue the kernel's
+// other instructions, and a real kernel rarely reaches the dense peak. A cuBLAS call costs a launch
+// plus the larger of its FLOPs at the fp32 or TF32 peak and its operands' bytes (A and B read, C
+// written once) at HBM bandwidth.
 #pragma once
 
 #include <algorithm>
@@ -70,8 +74,8 @@ inline const Device* find_device(std::string_view name) {
 }
 
 struct KernelEstimate {
-  double launch_s = 0, hbm_s = 0, shared_s = 0, arithmetic_s = 0;
-  double total_s() const { return launch_s + std::max({hbm_s, shared_s, arithmetic_s}); }
+  double launch_s = 0, hbm_s = 0, shared_s = 0, arithmetic_s = 0, tensor_s = 0;
+  double total_s() const { return launch_s + std::max({hbm_s, shared_s, arithmetic_s, tensor_s}); }
 };
 
 // The estimate of one kernel's counts (all its launches in an interval counted with memory).
@@ -86,6 +90,8 @@ inline KernelEstimate estimate_kernel(const KernelCounts& kernel, const Device& 
   estimate.arithmetic_s = static_cast<double>(a.f32_flops) / device.fp32_flops_per_s +
                           static_cast<double>(a.f64_flops) / device.fp64_flops_per_s +
                           static_cast<double>(a.special_functions) / device.special_functions_per_s;
+  estimate.tensor_s = static_cast<double>(a.tensor_bf16_flops) / device.bf16_flops_per_s +
+                      static_cast<double>(a.tensor_tf32_flops) / device.tf32_flops_per_s;
   return estimate;
 }
 

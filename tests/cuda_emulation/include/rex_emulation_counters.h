@@ -34,9 +34,12 @@ struct MemoryCounts {
 
 // Floating-point work of a kernel's threads, as its compiled code executes it (arithmetic_pass.cpp
 // says what counts): FLOPs on the CUDA cores (an FMA is 2) in float and in double, and calls of
-// special functions (square root, exponential, logarithm, power, trigonometric functions).
+// special functions (square root, exponential, logarithm, power, trigonometric functions). Apart:
+// the tensor cores' FLOPs, 2 m n k per warp-level mma.sync (4096 for m16n8k16 bf16, 2048 for
+// m16n8k8 tf32), by operand type.
 struct ArithmeticCounts {
   uint64_t f32_flops = 0, f64_flops = 0, special_functions = 0;
+  uint64_t tensor_bf16_flops = 0, tensor_tf32_flops = 0;
 };
 
 struct KernelCounts {
