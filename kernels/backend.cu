@@ -13,6 +13,7 @@ const rex::detail::CudaBackend& backend() {
     detail::register_index(t);
     detail::register_routing(t);
     detail::register_attention(t);
+    detail::register_flash_attention(t);
     detail::register_gemm(t);
     detail::register_optim(t);
     return t;

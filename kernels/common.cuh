@@ -103,6 +103,7 @@ void register_reduce(rex::detail::CudaBackend& table);
 void register_index(rex::detail::CudaBackend& table);
 void register_routing(rex::detail::CudaBackend& table);
 void register_attention(rex::detail::CudaBackend& table);
+void register_flash_attention(rex::detail::CudaBackend& table);
 void register_gemm(rex::detail::CudaBackend& table);
 void register_optim(rex::detail::CudaBackend& table);
 

@@ -35,6 +35,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "vector_types.h"
+
 // ---- the kernel language -------------------------------------------------------------------
 
 #define __global__

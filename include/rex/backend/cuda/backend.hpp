@@ -157,6 +157,20 @@ struct CudaBackend {
                              int64_t heads, int64_t kv_heads, int64_t time, int64_t head_dim,
                              float scale);
 
+  // ---- flash attention on bf16 tensor cores (kernels/flash_attention.cu) ----
+  // attention's function and layouts, tiled so the scores never reach memory: q, k, v (and p)
+  // enter the products rounded to bf16, which accumulate in fp32; softmax statistics and outputs
+  // are fp32. head_dim 32, 64 or 128 (anything else throws).
+  void (*flash_attention)(const float* q, const float* k, const float* v, float* out, float* lse,
+                          int64_t batch, int64_t heads, int64_t kv_heads, int64_t time,
+                          int64_t head_dim, float scale);
+  // out and lse are the forward's; g, p and ds enter the products rounded to bf16. dq, dk and dv
+  // are all written (none may be null); dk and dv sum the group's query heads in a fixed order.
+  void (*flash_attention_backward)(const float* q, const float* k, const float* v,
+                                   const float* out, const float* lse, const float* g, float* dq,
+                                   float* dk, float* dv, int64_t batch, int64_t heads,
+                                   int64_t kv_heads, int64_t time, int64_t head_dim, float scale);
+
   // ---- GEMM through cuBLAS (kernels/gemm.cu) ----
   // Row-major c[m, n] (+)= op(a) op(b) like rex::detail::gemm, for `batch` products whose operands
   // start every stride_* elements (a stride of 0 repeats one operand).
