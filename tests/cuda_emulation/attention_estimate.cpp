@@ -78,16 +78,13 @@ Options parse_options(int argc, char** argv) {
 double print_kernel(const std::string& name, const cuda_emulation::KernelCounts& k,
                     const model::Device& device) {
   const model::KernelEstimate e = model::estimate_kernel(k, device);
-  const double largest = std::max({e.hbm_s, e.shared_s, e.arithmetic_s, e.tensor_s});
-  const char* bound = largest == e.tensor_s       ? "tensor"
-                      : largest == e.arithmetic_s ? "alu"
-                      : largest == e.shared_s     ? "smem"
-                                                  : "hbm";
-  std::printf("  %-34s %6llu %9.2f %9.2f %10.1f %10.1f %10.1f %10.1f %7s %10.1f\n", name.c_str(),
+  const char* bound = model::bound_of(e);
+  std::printf("  %-34s %6llu %9.2f %9.2f %9.1f %9.1f %9.1f %9.1f %9.1f %7s %9.1f\n", name.c_str(),
               static_cast<unsigned long long>(k.launches),
               static_cast<double>(k.global.load_bytes + k.global.store_bytes) / 1e6,
               static_cast<double>(k.global.sectors() * model::kSectorBytes) / 1e6, e.hbm_s * 1e6,
-              e.shared_s * 1e6, e.arithmetic_s * 1e6, e.tensor_s * 1e6, bound, e.total_s() * 1e6);
+              e.l2_s * 1e6, e.shared_s * 1e6, e.arithmetic_s * 1e6, e.tensor_s * 1e6, bound,
+              e.total_s() * 1e6);
   return e.total_s();
 }
 
@@ -100,8 +97,8 @@ double estimate(const char* title, const model::Device& device, Pass&& pass,
   const cuda_emulation::Counts counts = cuda_emulation::end_interval();
   std::printf("%s (estimated (device model), %s; times in us)\n", title,
               std::string(device.name).c_str());
-  std::printf("  %-34s %6s %9s %9s %10s %10s %10s %10s %7s %10s\n", "kernel", "launch", "MB asked",
-              "MB sect", "hbm", "smem", "alu", "tensor", "bound", "total");
+  std::printf("  %-34s %6s %9s %9s %9s %9s %9s %9s %9s %7s %9s\n", "kernel", "launch", "MB asked",
+              "MB sect", "hbm", "l2", "smem", "alu", "tensor", "bound", "total");
   double total = 0;
   for (const auto& [name, kernel] : counts.kernels) total += print_kernel(name, kernel, device);
   total += static_cast<double>(counts.host_waits()) * device.host_wait_s;

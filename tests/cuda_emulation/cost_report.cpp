@@ -107,12 +107,7 @@ void print_kernels(const cuda_emulation::Counts& counts, const model::Device& de
   for (const auto& [estimated_s, name] : by_time) {
     const cuda_emulation::KernelCounts& kernel = counts.kernels.at(*name);
     const model::KernelEstimate estimate = model::estimate_kernel(kernel, device);
-    const char* bound =
-        estimate.tensor_s > std::max({estimate.hbm_s, estimate.shared_s, estimate.arithmetic_s})
-            ? "tensor"
-        : estimate.arithmetic_s > std::max(estimate.hbm_s, estimate.shared_s)
-            ? "alu"
-            : (estimate.shared_s > estimate.hbm_s ? "smem" : "hbm");
+    const char* bound = model::bound_of(estimate);
     const uint64_t requests = kernel.global.requests();
     std::printf(
         "%-36s %8llu %12llu %12llu %9.2f %10llu %8llu %12llu %10llu %6s %12.3f\n", name->c_str(),

@@ -27,7 +27,9 @@
 // time each thread executes it; they are collected per block and grouped when the block ends.
 // - Global requests: the distinct 32-byte sectors the request's bytes fall in (a 32-lane float
 //   request touches 4 when coalesced, 32 when each lane is in its own sector), and the bytes the
-//   threads asked for.
+//   threads asked for. Also each launch's distinct sectors (unique_sectors): a sector many
+//   requests of one launch touch counts once there, which the device model takes as what the
+//   launch needs from HBM when the L2 holds its data.
 // - Shared requests: 32 banks of 4-byte words (bank = word mod 32). Lanes reading the same word
 //   share it (broadcast); a request needs as many wavefronts as the most distinct words in any one
 //   bank, and its bank conflicts are the wavefronts past the fewest its distinct words need (one
@@ -37,14 +39,16 @@
 // differs from it when lanes diverge and reconverge (a lane that runs a loop body more often than
 // another forms requests with later iterations of its neighbours); 8- and 16-byte shared accesses
 // count their words as one request (64 or 128 words: at least 2 or 4 wavefronts), as the hardware's
-// half- and quarter-warp phases also give; no cache is modelled: every request's sectors count,
-// whether L1 or L2 would hold them. Accesses to a thread's own stack and to kernel arguments are
-// not counted (they are not device or shared memory here). cuBLAS's own kernels are not counted.
+// half- and quarter-warp phases also give; no L1 is modelled: every request's sectors count
+// (as L2 traffic), whether L1 would hold them. Accesses to a thread's own stack and to kernel
+// arguments are not counted (they are not device or shared memory here). cuBLAS's own kernels are
+// not counted.
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <mutex>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "emulator.hpp"
@@ -89,6 +93,16 @@ struct Request {
 // The block that runs now: its accesses, and the kernel they count for.
 std::vector<AccessRecord> block_accesses;
 KernelCounts* running_kernel = nullptr;
+// The distinct global sectors of the launch that runs now (it ends when the next one starts or the
+// interval ends), and its kernel.
+std::unordered_set<uint64_t> launch_sectors;
+KernelCounts* sectors_kernel = nullptr;
+
+void end_launch_sectors() {
+  if (sectors_kernel != nullptr) sectors_kernel->global.unique_sectors += launch_sectors.size();
+  launch_sectors.clear();
+  sectors_kernel = nullptr;
+}
 
 void add_request(MemoryCounts& memory, bool load, Request& request) {
   std::vector<uint64_t>& units = request.units;
@@ -120,6 +134,8 @@ void count_launch(const char* kernel, dim3 grid, dim3 block) {
   k.blocks += blocks;
   k.threads += blocks * block.x * block.y * block.z;
   running_kernel = &k;
+  end_launch_sectors();
+  if (fast_path.counting_memory) sectors_kernel = &k;
 }
 
 void count_host_wait(HostWait cause) {
@@ -182,8 +198,10 @@ void count_block_end() {
     MemoryCounts& memory = a.shared ? running_kernel->shared : running_kernel->global;
     (a.kind == Access::read ? memory.load_bytes : memory.store_bytes) += a.bytes;
     const unsigned shift = a.shared ? 2 : 5;  // 4-byte words or 32-byte sectors
-    for (uint64_t unit = a.address >> shift; unit <= (a.address + a.bytes - 1) >> shift; ++unit)
+    for (uint64_t unit = a.address >> shift; unit <= (a.address + a.bytes - 1) >> shift; ++unit) {
       request.units.push_back(unit);
+      if (!a.shared) launch_sectors.insert(unit);
+    }
   }
   for (auto& [key, request] : requests)
     add_request(request.shared ? running_kernel->shared : running_kernel->global,
@@ -214,6 +232,8 @@ void begin_interval(bool count_kernel_work) {
   const std::lock_guard<std::mutex> lock(detail::counts_mutex);
   detail::counts = Counts{};
   detail::running_kernel = nullptr;
+  detail::launch_sectors.clear();
+  detail::sectors_kernel = nullptr;
   detail::fast_path.counting_memory = count_kernel_work;
   rex_emulation_counting_arithmetic = count_kernel_work ? 1 : 0;
   detail::counting.store(true);
@@ -222,6 +242,7 @@ void begin_interval(bool count_kernel_work) {
 Counts end_interval() {
   const std::lock_guard<std::mutex> lock(detail::counts_mutex);
   detail::counting.store(false);
+  detail::end_launch_sectors();
   detail::fast_path.counting_memory = false;
   rex_emulation_counting_arithmetic = 0;
   detail::running_kernel = nullptr;

@@ -3,10 +3,13 @@
 // estimate of the device model, never a measurement; docs/cuda.md gives each constant's source.
 //
 // Assumptions (docs/cuda.md, "Device model"): nothing overlaps (a step's time is the sum of its
-// kernels, its cuBLAS calls and its host waits); no cache (every global sector a kernel touches
-// comes from HBM); boost clocks; every kernel fills the device. A kernel of rex's costs its
-// launches plus the largest of its HBM time (sectors x 32 bytes, so uncoalesced requests pay for
-// every sector), its shared-memory time (wavefronts, bank-conflict replays included, at one
+// kernels, its cuBLAS calls and its host waits); boost clocks; every kernel fills the device; no
+// L1, and an L2 that keeps what one launch touched: a launch reads (or writes) each distinct sector
+// from HBM once, if its distinct sectors fit the L2 (otherwise, and where the distinct sectors are
+// not known, every sector of every request comes from HBM), while every request's sectors pass
+// through the L2. A kernel of rex's costs its launches plus the largest of its HBM time (those
+// sectors x 32 bytes), its L2 time (all its requests' sectors x 32 bytes, so uncoalesced requests
+// pay for every sector), its shared-memory time (wavefronts, bank-conflict replays included, at one
 // wavefront per SM per clock) and its arithmetic time (f32 and f64 FLOPs at the CUDA cores' peaks
 // plus special functions at the SFUs' rate) and its tensor time (bf16 tensor FLOPs at the bf16
 // peak plus tf32 tensor FLOPs at the tf32 peak). The tensor pipes are assumed to run beside the
@@ -27,6 +30,8 @@ namespace cuda_emulation::device_model {
 struct Device {
   std::string_view name;
   double hbm_bytes_per_s;          // peak HBM bandwidth
+  double l2_bytes_per_s;           // L2 bandwidth, all SMs together
+  double l2_bytes;                 // L2 capacity
   double memory_bytes;             // HBM capacity
   double fp32_flops_per_s;         // CUDA cores, FMA counted as 2
   double fp64_flops_per_s;         // CUDA cores, FMA counted as 2
@@ -42,12 +47,17 @@ inline constexpr int kSectorBytes = 32;
 inline constexpr int kHopperSms = 132;  // H100 SXM and H200 alike
 inline constexpr double kHopperBoostHz = 1.98e9;
 inline constexpr double kHopperSfuPerSmPerClock = 16;  // CUDA C++ Programming Guide, cc 9.0
-inline constexpr double kTypicalLaunchS = 3e-6;        // docs/cuda.md: NVIDIA's CUDA Graphs post
-inline constexpr double kTypicalHostWaitS = 6e-6;      // docs/cuda.md: the same post
+// Measured on an H100 PCIe (114 SMs) by Chips and Cheese ("Nvidia's H100: Funny L2, and Tons of
+// Bandwidth", 2023): about 5.5 TB/s; taken as is for the SXM's 132 SMs (an underestimate).
+inline constexpr double kHopperL2BytesPerS = 5.5e12;
+inline constexpr double kTypicalLaunchS = 3e-6;    // docs/cuda.md: NVIDIA's CUDA Graphs post
+inline constexpr double kTypicalHostWaitS = 6e-6;  // docs/cuda.md: the same post
 
 inline constexpr Device kH100Sxm{
     .name = "H100 SXM",
     .hbm_bytes_per_s = 3.35e12,
+    .l2_bytes_per_s = kHopperL2BytesPerS,
+    .l2_bytes = 50e6,
     .memory_bytes = 80e9,
     .fp32_flops_per_s = 66.9e12,
     .fp64_flops_per_s = 33.5e12,
@@ -74,16 +84,32 @@ inline const Device* find_device(std::string_view name) {
 }
 
 struct KernelEstimate {
-  double launch_s = 0, hbm_s = 0, shared_s = 0, arithmetic_s = 0, tensor_s = 0;
-  double total_s() const { return launch_s + std::max({hbm_s, shared_s, arithmetic_s, tensor_s}); }
+  double launch_s = 0, hbm_s = 0, l2_s = 0, shared_s = 0, arithmetic_s = 0, tensor_s = 0;
+  double total_s() const {
+    return launch_s + std::max({hbm_s, l2_s, shared_s, arithmetic_s, tensor_s});
+  }
 };
+
+// What bounds a kernel's estimate: "hbm", "l2", "smem", "alu" or "tensor" (its largest term).
+inline const char* bound_of(const KernelEstimate& e) {
+  const double largest = std::max({e.hbm_s, e.l2_s, e.shared_s, e.arithmetic_s, e.tensor_s});
+  return largest == e.tensor_s       ? "tensor"
+         : largest == e.arithmetic_s ? "alu"
+         : largest == e.shared_s     ? "smem"
+         : largest == e.l2_s         ? "l2"
+                                     : "hbm";
+}
 
 // The estimate of one kernel's counts (all its launches in an interval counted with memory).
 inline KernelEstimate estimate_kernel(const KernelCounts& kernel, const Device& device) {
   KernelEstimate estimate;
   estimate.launch_s = static_cast<double>(kernel.launches) * device.launch_s;
-  estimate.hbm_s =
-      static_cast<double>(kernel.global.sectors()) * kSectorBytes / device.hbm_bytes_per_s;
+  const auto sectors = static_cast<double>(kernel.global.sectors()),
+             unique = static_cast<double>(kernel.global.unique_sectors);
+  const double launches = std::max(1.0, static_cast<double>(kernel.launches));
+  const bool l2_keeps = unique > 0 && unique * kSectorBytes / launches <= device.l2_bytes;
+  estimate.hbm_s = (l2_keeps ? unique : sectors) * kSectorBytes / device.hbm_bytes_per_s;
+  estimate.l2_s = sectors * kSectorBytes / device.l2_bytes_per_s;
   estimate.shared_s =
       static_cast<double>(kernel.shared.wavefronts()) / device.shared_wavefronts_per_s;
   const ArithmeticCounts& a = kernel.arithmetic;

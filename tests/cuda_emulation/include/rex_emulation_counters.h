@@ -26,6 +26,10 @@ struct MemoryCounts {
   // request's distinct words need (1 per 32 words: an 8-byte request takes 2 without conflict)
   uint64_t load_wavefronts = 0, store_wavefronts = 0;
   uint64_t load_bank_conflicts = 0, store_bank_conflicts = 0;
+  // global: the distinct sectors each launch touched, summed over launches (a sector read by many
+  // requests of one launch counts once: what a launch needs from HBM when the L2 keeps it); 0 where
+  // not known (the cost formulas give it only for some kernels)
+  uint64_t unique_sectors = 0;
   uint64_t requests() const { return load_requests + store_requests; }
   uint64_t sectors() const { return load_sectors + store_sectors; }
   uint64_t wavefronts() const { return load_wavefronts + store_wavefronts; }
