@@ -136,7 +136,10 @@ void print_gemms(const cuda_emulation::Counts& counts, const model::Device& devi
     std::printf("%8lld %8lld %8lld %6lld %3d %3d %5s %8llu %14.6g %12.3f\n",
                 static_cast<long long>(shape.m), static_cast<long long>(shape.n),
                 static_cast<long long>(shape.k), static_cast<long long>(shape.batch),
-                shape.transpose_a, shape.transpose_b, shape.tf32 ? "tf32" : "fp32",
+                shape.transpose_a, shape.transpose_b,
+                shape.bf16   ? "bf16"
+                : shape.tf32 ? "tf32"
+                             : "fp32",
                 static_cast<unsigned long long>(calls), estimate.flops, estimate.total_s() * 1e6);
   }
 }

@@ -357,6 +357,80 @@ TEST_CASE("cuBLAS TF32 mode rounds the inputs to 10 mantissa bits") {
   cudaFree(dc);
 }
 
+TEST_CASE("cuBLAS GemmEx: bf16 A and B, fp32 C, every transpose, against a naive loop") {
+  const int m = 5, n = 4, k = 6;
+  for (const bool ta : {false, true})
+    for (const bool tb : {false, true}) {
+      CAPTURE(ta);
+      CAPTURE(tb);
+      const int lda = (ta ? k : m) + 1, ldb = (tb ? n : k) + 2, ldc = m + 1;
+      // small integers (exact in bf16) times 1/4: bf16 bits are a float's top half
+      std::vector<uint16_t> a(static_cast<size_t>(lda * (ta ? m : k))),
+          b(static_cast<size_t>(ldb * (tb ? k : n)));
+      const auto bf16 = [](float x) {
+        return static_cast<uint16_t>(std::bit_cast<uint32_t>(x) >> 16);
+      };
+      const auto value = [](uint16_t h) {
+        return static_cast<double>(std::bit_cast<float>(uint32_t{h} << 16));
+      };
+      for (size_t i = 0; i < a.size(); ++i)
+        a[i] = bf16(static_cast<float>((i * 7) % 11) * 0.25f - 1);
+      for (size_t i = 0; i < b.size(); ++i) b[i] = bf16(static_cast<float>((i * 5) % 13) - 6.0f);
+      std::vector<float> c(static_cast<size_t>(ldc * n));
+      for (size_t i = 0; i < c.size(); ++i) c[i] = static_cast<float>(i % 3);
+      void *da, *db, *dc;
+      cudaMalloc(&da, a.size() * 2);
+      cudaMalloc(&db, b.size() * 2);
+      cudaMalloc(&dc, c.size() * 4);
+      cudaMemcpy(da, a.data(), a.size() * 2, cudaMemcpyHostToDevice);
+      cudaMemcpy(db, b.data(), b.size() * 2, cudaMemcpyHostToDevice);
+      cudaMemcpy(dc, c.data(), c.size() * 4, cudaMemcpyHostToDevice);
+      cublasHandle_t h = nullptr;
+      REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS);
+      const float alpha = 0.5f, beta = 2.0f;
+      const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                              opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+      cuda_emulation::begin_interval();
+      REQUIRE(cublasGemmEx(h, opa, opb, m, n, k, &alpha, da, CUDA_R_16BF, lda, db, CUDA_R_16BF, ldb,
+                           &beta, dc, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                           CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS);
+      const cuda_emulation::Counts counts = cuda_emulation::end_interval();
+      CHECK(counts.cublas_flops == 2.0 * m * n * k);
+      REQUIRE(counts.gemms.size() == 1);
+      CHECK(counts.gemms.begin()->first.bf16);
+      CHECK_FALSE(counts.gemms.begin()->first.tf32);
+      std::vector<float> got(c.size());
+      cudaMemcpy(got.data(), dc, c.size() * 4, cudaMemcpyDeviceToHost);
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+          double s = 0;
+          for (int l = 0; l < k; ++l)
+            s += value(ta ? a[static_cast<size_t>(l + i * lda)]
+                          : a[static_cast<size_t>(i + l * lda)]) *
+                 value(tb ? b[static_cast<size_t>(j + l * ldb)]
+                          : b[static_cast<size_t>(l + j * ldb)]);
+          // exact: quarters of small integers, in float and double, in any order
+          CHECK(got[static_cast<size_t>(i + j * ldc)] ==
+                alpha * s + beta * c[static_cast<size_t>(i + j * ldc)]);
+        }
+      CHECK(got[m] == c[m]);  // past the rows of C: untouched
+      CHECK(cublasGemmEx(h, opa, opb, m, n, k, &alpha, da, CUDA_R_16BF, lda, db, CUDA_R_16BF, ldb,
+                         &beta, dc, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F_FAST_TF32,
+                         CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_NOT_SUPPORTED);
+      CHECK(cublasGemmEx(h, opa, opb, m, n, k, &alpha, da, CUDA_R_16F, lda, db, CUDA_R_16F, ldb,
+                         &beta, dc, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_NOT_SUPPORTED);
+      // lda one short of the rows of A as stored
+      CHECK(cublasGemmEx(h, opa, opb, m, n, k, &alpha, da, CUDA_R_16BF, lda - 2, db, CUDA_R_16BF,
+                         ldb, &beta, dc, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_INVALID_VALUE);
+      cublasDestroy(h);
+      cudaFree(da);
+      cudaFree(db);
+      cudaFree(dc);
+    }
+}
+
 // ---- the counters ----
 
 TEST_CASE("counters: nothing is counted outside an interval, and each interval starts at zero") {

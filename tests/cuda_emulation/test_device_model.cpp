@@ -81,6 +81,15 @@ TEST_CASE("a large GEMM is compute-bound at the fp32 or the TF32 peak") {
         doctest::Approx(0.00028082282893066506).epsilon(1e-12));
 }
 
+TEST_CASE("a bf16 GemmEx shape is priced at the bf16 peak, with 2-byte A and B") {
+  GemmShape shape = square_gemm(4096, false);
+  shape.bf16 = true;
+  const GemmEstimate estimate = estimate_gemm(shape, 1, kH100Sxm);
+  CHECK(estimate.bytes == 134217728.0);  // 2 x 4096^2 x 2 bytes + 4096^2 x 4 bytes
+  // 137438953472 FLOPs / 989.4e12 FLOP/s + 3 us
+  CHECK(estimate.total_s() == doctest::Approx(0.00014191141446533251).epsilon(1e-12));
+}
+
 TEST_CASE("a matrix-vector GEMM is bound by its operands' bytes") {
   const GemmShape shape{.m = 1024, .n = 1, .k = 1024, .batch = 1};
   const GemmEstimate estimate = estimate_gemm(shape, 1, kH100Sxm);

@@ -16,8 +16,8 @@
 // FMA and SFU pipes, so the tensor time is a fourth term of the largest, not added to the
 // arithmetic time: optimistic, since the warps that feed the tensor cores also issue the kernel's
 // other instructions, and a real kernel rarely reaches the dense peak. A cuBLAS call costs a launch
-// plus the larger of its FLOPs at the fp32 or TF32 peak and its operands' bytes (A and B read, C
-// written once) at HBM bandwidth.
+// plus the larger of its FLOPs at the fp32 or TF32 peak (the bf16 peak for cublasGemmEx's bf16
+// shapes) and its operands' bytes (A and B read, C written once) at HBM bandwidth.
 #pragma once
 
 #include <algorithm>
@@ -127,17 +127,20 @@ struct GemmEstimate {
   double total_s() const { return launch_s + std::max(compute_s, hbm_s); }
 };
 
-// The estimate of `calls` cuBLAS calls of one shape (fp32 operands, 2 m n k FLOPs per product).
+// The estimate of `calls` cuBLAS calls of one shape (2 m n k FLOPs per product; fp32 operands, or
+// bf16 A and B with an fp32 C for cublasGemmEx's bf16 shapes, at the bf16 tensor-core peak).
 inline GemmEstimate estimate_gemm(const GemmShape& shape, uint64_t calls, const Device& device) {
   const double products = static_cast<double>(calls) * static_cast<double>(shape.batch);
   const double m = static_cast<double>(shape.m), n = static_cast<double>(shape.n),
                k = static_cast<double>(shape.k);
   GemmEstimate estimate;
   estimate.flops = products * 2 * m * n * k;
-  estimate.bytes = products * sizeof(float) * (m * k + k * n + m * n);
+  const double ab_bytes = shape.bf16 ? 2 : sizeof(float);
+  estimate.bytes = products * (ab_bytes * (m * k + k * n) + sizeof(float) * m * n);
   estimate.launch_s = static_cast<double>(calls) * device.launch_s;
-  estimate.compute_s =
-      estimate.flops / (shape.tf32 ? device.tf32_flops_per_s : device.fp32_flops_per_s);
+  estimate.compute_s = estimate.flops / (shape.bf16   ? device.bf16_flops_per_s
+                                         : shape.tf32 ? device.tf32_flops_per_s
+                                                      : device.fp32_flops_per_s);
   estimate.hbm_s = estimate.bytes / device.hbm_bytes_per_s;
   return estimate;
 }
