@@ -35,9 +35,17 @@
 namespace rex::cuda::detail {
 namespace {
 
-constexpr int kTileRows = 64;       // rows of a block's own tile and of a streamed tile
-constexpr int kWarpRows = 16;       // rows a warp owns
-constexpr int kFlashThreads = 128;  // 4 warps
+constexpr int kWarps = 8;
+constexpr int kFlashThreads = 32 * kWarps;
+// 16-row blocks a warp owns in the forward: two share every K and V fragment a warp loads from
+// shared memory, but at head dim 128 their q and output registers would pass the 255 a thread has.
+template <int D>
+constexpr int kForwardBlocks = D <= 64 ? 2 : 1;
+template <int D>
+constexpr int kForwardRows = 16 * kForwardBlocks<D>* kWarps;  // query rows of a forward block
+constexpr int kForwardKeys = 32;                              // keys of a streamed forward tile
+constexpr int kBackwardRows = 16 * kWarps;  // own rows of a backward block (16 a warp)
+constexpr int kBackwardTile = 64;           // rows of a streamed backward tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -45,22 +53,22 @@ constexpr float kLn2 = 0.6931471805599453f;
 template <int D>
 constexpr int kPadded = D + 8;
 
-// Where one block works: head `head` (of B * heads) and the tile of rows starting at `first`. The
-// blocks are numbered so that, within a head, the tiles with most work come first.
+// Where one block works: head `head` (of B * heads) and its rows [first, first + rows). Within a
+// head, with last_first, the tiles with most work come first.
 struct TileOf {
   int64_t head, first;
 };
-__device__ inline TileOf block_tile(int64_t tiles, bool last_first) {
-  const int64_t index = blockIdx.x;
-  const int64_t tile = index % tiles;
-  return {index / tiles, (last_first ? tiles - 1 - tile : tile) * kTileRows};
+__device__ __forceinline__ TileOf block_tile(int64_t time, int64_t rows, bool last_first) {
+  const int64_t tiles = (time + rows - 1) / rows, index = blockIdx.x, tile = index % tiles;
+  return {index / tiles, (last_first ? tiles - 1 - tile : tile) * rows};
 }
 
-// rows [first, first + 64) of a [time, D] fp32 matrix into a bf16 shared tile (zeros past time).
-template <int D>
-__device__ void load_tile(uint16_t* tile, const float* matrix, int64_t first, int64_t time) {
+// Rows [first, first + Rows) of a [time, D] fp32 matrix into a bf16 shared tile (zeros past time).
+template <int D, int Rows>
+__device__ __forceinline__ void load_tile(uint16_t* tile, const float* matrix, int64_t first,
+                                          int64_t time) {
   constexpr int kQuads = D / 4;
-  for (int i = threadIdx.x; i < kTileRows * kQuads; i += kFlashThreads) {
+  for (int i = threadIdx.x; i < Rows * kQuads; i += kFlashThreads) {
     const int row = i / kQuads, column = (i % kQuads) * 4;
     float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (first + row < time)
@@ -73,8 +81,8 @@ __device__ void load_tile(uint16_t* tile, const float* matrix, int64_t first, in
 // The A fragments (16 rows x D, bf16) of rows [first, first + 16) of a [time, D] fp32 matrix,
 // straight from global memory into registers (zeros past time): frag[s] covers columns 16s..16s+15.
 template <int D>
-__device__ void load_rows_as_a(uint32_t (&frag)[D / 16][4], const float* matrix, int64_t first,
-                               int64_t time) {
+__device__ __forceinline__ void load_rows_as_a(uint32_t (&frag)[D / 16][4], const float* matrix,
+                                               int64_t first, int64_t time) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t top = first + g, bottom = first + g + 8;
   for (int s = 0; s < D / 16; ++s) {
@@ -92,11 +100,13 @@ __device__ void load_rows_as_a(uint32_t (&frag)[D / 16][4], const float* matrix,
   }
 }
 
-// acc[n] (16 x 8 each) += A (16 x D, registers) times B^T, where B is `8 * N` rows x D of a shared
-// tile starting at `rows` (row-major, padded): the product of a warp's rows with those tile rows.
-template <int D, int N>
-__device__ void multiply_by_rows(float (&acc)[N][4], const uint32_t (&a)[D / 16][4],
-                                 const uint16_t* rows) {
+// acc[b][n] (16 x 8 each) += A_b (16 x D, registers) times B^T, for the R row blocks A_b of a warp,
+// where B is 8 N rows x D of a shared tile starting at `rows` (row-major, padded): the product of
+// a warp's rows with those tile rows. Each B fragment loaded serves all R row blocks.
+template <int D, int R, int N>
+__device__ __forceinline__ void multiply_by_rows(float (&acc)[R][N][4],
+                                                 const uint32_t (&a)[R][D / 16][4],
+                                                 const uint16_t* rows) {
   static_assert(N % 2 == 0, "tile rows come in pairs of 8");
   const int lane = threadIdx.x % 32, matrix = lane / 8, r = lane % 8;
   for (int s = 0; s < D / 16; ++s)
@@ -106,16 +116,20 @@ __device__ void multiply_by_rows(float (&acc)[N][4], const uint32_t (&a)[D / 16]
       load_matrices<4>(
           b, rows + (8 * n + (matrix / 2) * 8 + r) * kPadded<D> + 16 * s + (matrix % 2) * 8);
       const uint32_t first[2] = {b[0], b[1]}, second[2] = {b[2], b[3]};
-      mma_bf16_16x8x16(acc[n], a[s], first);
-      mma_bf16_16x8x16(acc[n + 1], a[s], second);
+      for (int block = 0; block < R; ++block) {
+        mma_bf16_16x8x16(acc[block][n], a[block][s], first);
+        mma_bf16_16x8x16(acc[block][n + 1], a[block][s], second);
+      }
     }
 }
 
-// acc[n] (16 x 8, n over D / 8) += P (16 x 16 * K, as K A fragments) times the K * 16 rows of a
-// shared tile starting at `rows`: the product of probabilities (or score gradients) with tile rows.
-template <int D, int K>
-__device__ void multiply_into_rows(float (&acc)[D / 8][4], const uint32_t (&p)[K][4],
-                                   const uint16_t* rows) {
+// acc[b][n] (16 x 8, n over D / 8) += P_b (16 x 16 K, as K A fragments) times the 16 K rows of a
+// shared tile starting at `rows`, for the R row blocks of a warp: the product of probabilities (or
+// score gradients) with tile rows.
+template <int D, int R, int K>
+__device__ __forceinline__ void multiply_into_rows(float (&acc)[R][D / 8][4],
+                                                   const uint32_t (&p)[R][K][4],
+                                                   const uint16_t* rows) {
   const int lane = threadIdx.x % 32, matrix = lane / 8, r = lane % 8;
   for (int s = 0; s < K; ++s)
     for (int n = 0; n < D / 8; n += 2) {
@@ -125,14 +139,17 @@ __device__ void multiply_into_rows(float (&acc)[D / 8][4], const uint32_t (&p)[K
       load_matrices_transposed<4>(
           b, rows + (16 * s + (matrix % 2) * 8 + r) * kPadded<D> + 8 * n + (matrix / 2) * 8);
       const uint32_t first[2] = {b[0], b[1]}, second[2] = {b[2], b[3]};
-      mma_bf16_16x8x16(acc[n], p[s], first);
-      mma_bf16_16x8x16(acc[n + 1], p[s], second);
+      for (int block = 0; block < R; ++block) {
+        mma_bf16_16x8x16(acc[block][n], p[block][s], first);
+        mma_bf16_16x8x16(acc[block][n + 1], p[block][s], second);
+      }
     }
 }
 
-// Accumulators of 16 x (8 * N) as N / 2 A fragments (bf16): the layout carries over unchanged.
+// Accumulators of 16 x (8 N) as N / 2 A fragments (bf16): the layout carries over unchanged.
 template <int N>
-__device__ void as_a_fragments(uint32_t (&frag)[N / 2][4], const float (&acc)[N][4]) {
+__device__ __forceinline__ void as_a_fragments(uint32_t (&frag)[N / 2][4],
+                                               const float (&acc)[N][4]) {
   for (int s = 0; s < N / 2; ++s) {
     frag[s][0] = pack_bf16x2(acc[2 * s][0], acc[2 * s][1]);
     frag[s][1] = pack_bf16x2(acc[2 * s][2], acc[2 * s][3]);
@@ -142,16 +159,16 @@ __device__ void as_a_fragments(uint32_t (&frag)[N / 2][4], const float (&acc)[N]
 }
 
 template <int N>
-__device__ void zero(float (&acc)[N][4]) {
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
   for (int n = 0; n < N; ++n)
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
 }
 
-// Rows (g, g + 8) of 16 x (8 * N) accumulators written to a [time, 8 * N] fp32 matrix times
+// Rows (g, g + 8) of 16 x (8 N) accumulators written to a [time, 8 N] fp32 matrix times
 // scale_top / scale_bottom, rows past time skipped.
 template <int N>
-__device__ void store_rows(float* matrix, const float (&acc)[N][4], int64_t first, int64_t time,
-                           float scale_top, float scale_bottom) {
+__device__ __forceinline__ void store_rows(float* matrix, const float (&acc)[N][4], int64_t first,
+                                           int64_t time, float scale_top, float scale_bottom) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   for (int half = 0; half < 2; ++half) {
     const int64_t row = first + g + 8 * half;
@@ -168,78 +185,98 @@ __device__ inline int64_t kv_head_of(int64_t bh, int64_t heads, int64_t kv_heads
   return (bh / heads) * kv_heads + (bh % heads) / (heads / kv_heads);
 }
 
+// One row block's online softmax over a tile of scores s (16 x 8 N, unscaled, keys from
+// key_first): masks keys past the row or past time, updates the log2-domain running max m and
+// this lane's partial sum l of rows (row, row + 8), rescales o and leaves in s the probabilities.
+template <int D, int N>
+__device__ __forceinline__ void online_softmax(float (&s)[N][4], float (&o)[D / 8][4],
+                                               float (&m)[2], float (&l)[2], int64_t row,
+                                               int64_t key_first, int64_t time, float scale_log2) {
+  const int t = threadIdx.x % 4;
+  float tile_max[2] = {-INFINITY, -INFINITY};
+  for (int n = 0; n < N; ++n)
+    for (int e = 0; e < 4; ++e) {
+      const int half = e / 2;
+      const int64_t key = key_first + 8 * n + 2 * t + e % 2;
+      s[n][e] = (key > row + 8 * half || key >= time) ? -INFINITY : s[n][e] * scale_log2;
+      tile_max[half] = fmaxf(tile_max[half], s[n][e]);
+    }
+  float rescale[2];
+  for (int half = 0; half < 2; ++half) {
+    tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 1));
+    tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
+    const float m_new = fmaxf(m[half], tile_max[half]);
+    // a row with no key yet keeps m = -inf; exp2 of -inf - 0 is then 0
+    const float base = m_new == -INFINITY ? 0.0f : m_new;
+    rescale[half] = exp2f(m[half] - base);
+    m[half] = m_new;
+    l[half] *= rescale[half];
+    for (int n = 0; n < N; ++n)
+      for (int e = 2 * half; e < 2 * half + 2; ++e) {
+        s[n][e] = exp2f(s[n][e] - base);
+        l[half] += s[n][e];
+      }
+  }
+  for (int n = 0; n < D / 8; ++n)
+    for (int e = 0; e < 4; ++e) o[n][e] *= rescale[e / 2];
+}
+
 template <int D>
 __global__ void flash_forward_kernel(const float* q, const float* k, const float* v, float* out,
                                      float* lse, int64_t heads, int64_t kv_heads, int64_t time,
                                      float scale) {
-  __shared__ __align__(16) uint16_t k_tile[kTileRows * kPadded<D>];
-  __shared__ __align__(16) uint16_t v_tile[kTileRows * kPadded<D>];
-  const int64_t tiles = (time + kTileRows - 1) / kTileRows;
-  const TileOf tile = block_tile(tiles, true);
+  constexpr int R = kForwardBlocks<D>;
+  __shared__ __align__(16) uint16_t k_tile[kForwardKeys * kPadded<D>];
+  __shared__ __align__(16) uint16_t v_tile[kForwardKeys * kPadded<D>];
+  const TileOf tile = block_tile(time, kForwardRows<D>, true);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const int64_t first = tile.first + warp * kWarpRows;  // this warp's first query row
+  const int64_t first = tile.first + warp * 16 * R;  // this warp's first query row
   const int64_t kv_offset = kv_head_of(tile.head, heads, kv_heads) * time * D;
   const float* q_h = q + tile.head * time * D;
 
-  uint32_t q_frag[D / 16][4];
-  load_rows_as_a<D>(q_frag, q_h, first, time);
-  float o[D / 8][4];
-  zero(o);
-  // log2-domain statistics of rows first + g and first + g + 8; l sums this lane's columns only.
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  uint32_t q_frag[R][D / 16][4];
+  float o[R][D / 8][4];
+  // log2-domain statistics of rows first + 16 b + g and + 8; l sums this lane's columns only
+  float m[R][2], l[R][2];
+  for (int b = 0; b < R; ++b) {
+    load_rows_as_a<D>(q_frag[b], q_h, first + 16 * b, time);
+    zero(o[b]);
+    m[b][0] = m[b][1] = -INFINITY;
+    l[b][0] = l[b][1] = 0.0f;
+  }
   const float scale_log2 = scale * kLog2e;
 
-  for (int64_t key_first = 0; key_first <= tile.first + kTileRows - 1 && key_first < time;
-       key_first += kTileRows) {
+  for (int64_t key_first = 0; key_first < tile.first + kForwardRows<D> && key_first < time;
+       key_first += kForwardKeys) {
     __syncthreads();  // the previous tile is no longer read
-    load_tile<D>(k_tile, k + kv_offset, key_first, time);
-    load_tile<D>(v_tile, v + kv_offset, key_first, time);
+    load_tile<D, kForwardKeys>(k_tile, k + kv_offset, key_first, time);
+    load_tile<D, kForwardKeys>(v_tile, v + kv_offset, key_first, time);
     __syncthreads();
+    if (key_first > first + 16 * R - 1) continue;  // every key is past this warp's rows
 
-    float s[kTileRows / 8][4];
-    zero(s);
+    float s[R][kForwardKeys / 8][4];
+    for (int b = 0; b < R; ++b) zero(s[b]);
     multiply_by_rows<D>(s, q_frag, k_tile);
-    // scale, mask (key past the row or past time), and the new running max of each row
-    float tile_max[2] = {-INFINITY, -INFINITY};
-    for (int n = 0; n < kTileRows / 8; ++n)
-      for (int e = 0; e < 4; ++e) {
-        const int half = e / 2;
-        const int64_t row = first + g + 8 * half, key = key_first + 8 * n + 2 * t + e % 2;
-        s[n][e] = (key > row || key >= time) ? -INFINITY : s[n][e] * scale_log2;
-        tile_max[half] = fmaxf(tile_max[half], s[n][e]);
-      }
-    float rescale[2];
-    for (int half = 0; half < 2; ++half) {
-      tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 1));
-      tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
-      const float m_new = fmaxf(m[half], tile_max[half]);
-      // a row with no key yet (only past time) keeps m = -inf; exp2 of -inf - 0 is then 0
-      const float base = m_new == -INFINITY ? 0.0f : m_new;
-      rescale[half] = exp2f(m[half] - base);
-      m[half] = m_new;
-      l[half] *= rescale[half];
-      for (int n = 0; n < kTileRows / 8; ++n)
-        for (int e = 2 * half; e < 2 * half + 2; ++e) {
-          s[n][e] = exp2f(s[n][e] - base);
-          l[half] += s[n][e];
-        }
+    uint32_t p[R][kForwardKeys / 16][4];
+    for (int b = 0; b < R; ++b) {
+      online_softmax<D>(s[b], o[b], m[b], l[b], first + 16 * b + g, key_first, time, scale_log2);
+      as_a_fragments(p[b], s[b]);
     }
-    for (int n = 0; n < D / 8; ++n)
-      for (int e = 0; e < 4; ++e) o[n][e] *= rescale[e / 2];
-    uint32_t p[kTileRows / 16][4];
-    as_a_fragments(p, s);
     multiply_into_rows<D>(o, p, v_tile);
   }
 
-  float inverse[2];
-  for (int half = 0; half < 2; ++half) {
-    l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
-    l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
-    inverse[half] = 1.0f / l[half];
-    const int64_t row = first + g + 8 * half;
-    if (t == 0 && row < time) lse[tile.head * time + row] = (m[half] + log2f(l[half])) * kLn2;
+  for (int b = 0; b < R; ++b) {
+    float inverse[2];
+    for (int half = 0; half < 2; ++half) {
+      l[b][half] += __shfl_xor_sync(0xffffffffu, l[b][half], 1);
+      l[b][half] += __shfl_xor_sync(0xffffffffu, l[b][half], 2);
+      inverse[half] = 1.0f / l[b][half];
+      const int64_t row = first + 16 * b + g + 8 * half;
+      if (t == 0 && row < time)
+        lse[tile.head * time + row] = (m[b][half] + log2f(l[b][half])) * kLn2;
+    }
+    store_rows(out + tile.head * time * D, o[b], first + 16 * b, time, inverse[0], inverse[1]);
   }
-  store_rows(out + tile.head * time * D, o, first, time, inverse[0], inverse[1]);
 }
 
 // delta[row] = g[row] . out[row] over D, one warp per row (fp32, lanes over D, a shuffle tree).
@@ -262,41 +299,42 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
                                            const float* g, const float* lse, const float* delta,
                                            float* dk, float* dv, int64_t heads, int64_t kv_heads,
                                            int64_t time, float scale) {
-  __shared__ __align__(16) uint16_t q_tile[kTileRows * kPadded<D>];
-  __shared__ __align__(16) uint16_t g_tile[kTileRows * kPadded<D>];
-  __shared__ float lse_tile[kTileRows], delta_tile[kTileRows];
-  const int64_t tiles = (time + kTileRows - 1) / kTileRows;
-  const TileOf tile = block_tile(tiles, false);  // tile.head is the kv head
+  __shared__ __align__(16) uint16_t q_tile[kBackwardTile * kPadded<D>];
+  __shared__ __align__(16) uint16_t g_tile[kBackwardTile * kPadded<D>];
+  __shared__ float lse_tile[kBackwardTile], delta_tile[kBackwardTile];
+  const TileOf tile = block_tile(time, kBackwardRows, false);  // tile.head is the kv head
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g_row = lane / 4, t = lane % 4;
-  const int64_t first = tile.first + warp * kWarpRows;  // this warp's first key
+  const int64_t first = tile.first + warp * 16;  // this warp's first key
   const int64_t group = heads / kv_heads;
   const float scale_log2 = scale * kLog2e;
 
-  uint32_t k_frag[D / 16][4], v_frag[D / 16][4];
-  load_rows_as_a<D>(k_frag, k + tile.head * time * D, first, time);
-  load_rows_as_a<D>(v_frag, v + tile.head * time * D, first, time);
-  float dk_acc[D / 8][4], dv_acc[D / 8][4];
-  zero(dk_acc);
-  zero(dv_acc);
+  uint32_t k_frag[1][D / 16][4], v_frag[1][D / 16][4];
+  load_rows_as_a<D>(k_frag[0], k + tile.head * time * D, first, time);
+  load_rows_as_a<D>(v_frag[0], v + tile.head * time * D, first, time);
+  float dk_acc[1][D / 8][4], dv_acc[1][D / 8][4];
+  zero(dk_acc[0]);
+  zero(dv_acc[0]);
 
   for (int64_t member = 0; member < group; ++member) {
     const int64_t bh = (tile.head / kv_heads) * heads + (tile.head % kv_heads) * group + member;
-    for (int64_t query_first = tile.first; query_first < time; query_first += kTileRows) {
+    for (int64_t query_first = tile.first; query_first < time; query_first += kBackwardTile) {
       __syncthreads();
-      load_tile<D>(q_tile, q + bh * time * D, query_first, time);
-      load_tile<D>(g_tile, g + bh * time * D, query_first, time);
-      for (int i = threadIdx.x; i < kTileRows; i += kFlashThreads) {
+      load_tile<D, kBackwardTile>(q_tile, q + bh * time * D, query_first, time);
+      load_tile<D, kBackwardTile>(g_tile, g + bh * time * D, query_first, time);
+      for (int i = threadIdx.x; i < kBackwardTile; i += kFlashThreads) {
         const int64_t row = query_first + i;
         lse_tile[i] = row < time ? lse[bh * time + row] * kLog2e : 0.0f;
         delta_tile[i] = row < time ? delta[bh * time + row] : 0.0f;
       }
       __syncthreads();
-      for (int sub = 0; sub < kTileRows; sub += 16) {
+      for (int sub = 0; sub < kBackwardTile; sub += 16) {
+        // every query before this warp's keys, or past time
+        if (query_first + sub + 15 < first || query_first + sub >= time) continue;
         const uint16_t* q_rows = q_tile + sub * kPadded<D>;
         const uint16_t* g_rows = g_tile + sub * kPadded<D>;
-        float p[2][4], dp[2][4];  // p^T and dp^T: 16 keys x 16 queries
-        zero(p);
-        zero(dp);
+        float p[1][2][4], dp[1][2][4];  // p^T and dp^T: 16 keys x 16 queries
+        zero(p[0]);
+        zero(dp[0]);
         multiply_by_rows<D>(p, k_frag, q_rows);
         multiply_by_rows<D>(dp, v_frag, g_rows);
         for (int n = 0; n < 2; ++n)
@@ -304,19 +342,19 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
             const int column = sub + 8 * n + 2 * t + e % 2;
             const int64_t key = first + g_row + 8 * (e / 2), query = query_first + column;
             const bool kept = key <= query && query < time && key < time;
-            p[n][e] = kept ? exp2f(p[n][e] * scale_log2 - lse_tile[column]) : 0.0f;
-            dp[n][e] = p[n][e] * (dp[n][e] - delta_tile[column]);  // ds^T
+            p[0][n][e] = kept ? exp2f(p[0][n][e] * scale_log2 - lse_tile[column]) : 0.0f;
+            dp[0][n][e] = p[0][n][e] * (dp[0][n][e] - delta_tile[column]);  // ds^T
           }
-        uint32_t p_frag[1][4], ds_frag[1][4];
-        as_a_fragments(p_frag, p);
-        as_a_fragments(ds_frag, dp);
+        uint32_t p_frag[1][1][4], ds_frag[1][1][4];
+        as_a_fragments(p_frag[0], p[0]);
+        as_a_fragments(ds_frag[0], dp[0]);
         multiply_into_rows<D>(dv_acc, p_frag, g_rows);
         multiply_into_rows<D>(dk_acc, ds_frag, q_rows);
       }
     }
   }
-  store_rows(dk + tile.head * time * D, dk_acc, first, time, scale, scale);
-  store_rows(dv + tile.head * time * D, dv_acc, first, time, 1.0f, 1.0f);
+  store_rows(dk + tile.head * time * D, dk_acc[0], first, time, scale, scale);
+  store_rows(dv + tile.head * time * D, dv_acc[0], first, time, 1.0f, 1.0f);
 }
 
 template <int D>
@@ -324,38 +362,38 @@ __global__ void flash_backward_queries_kernel(const float* q, const float* k, co
                                               const float* g, const float* lse, const float* delta,
                                               float* dq, int64_t heads, int64_t kv_heads,
                                               int64_t time, float scale) {
-  __shared__ __align__(16) uint16_t k_tile[kTileRows * kPadded<D>];
-  __shared__ __align__(16) uint16_t v_tile[kTileRows * kPadded<D>];
-  const int64_t tiles = (time + kTileRows - 1) / kTileRows;
-  const TileOf tile = block_tile(tiles, true);
+  __shared__ __align__(16) uint16_t k_tile[kBackwardTile * kPadded<D>];
+  __shared__ __align__(16) uint16_t v_tile[kBackwardTile * kPadded<D>];
+  const TileOf tile = block_tile(time, kBackwardRows, true);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g_row = lane / 4, t = lane % 4;
-  const int64_t first = tile.first + warp * kWarpRows;  // this warp's first query row
+  const int64_t first = tile.first + warp * 16;  // this warp's first query row
   const int64_t kv_offset = kv_head_of(tile.head, heads, kv_heads) * time * D;
   const float scale_log2 = scale * kLog2e;
 
-  uint32_t q_frag[D / 16][4], g_frag[D / 16][4];
-  load_rows_as_a<D>(q_frag, q + tile.head * time * D, first, time);
-  load_rows_as_a<D>(g_frag, g + tile.head * time * D, first, time);
+  uint32_t q_frag[1][D / 16][4], g_frag[1][D / 16][4];
+  load_rows_as_a<D>(q_frag[0], q + tile.head * time * D, first, time);
+  load_rows_as_a<D>(g_frag[0], g + tile.head * time * D, first, time);
   float row_lse[2], row_delta[2];
   for (int half = 0; half < 2; ++half) {
     const int64_t row = first + g_row + 8 * half;
     row_lse[half] = row < time ? lse[tile.head * time + row] * kLog2e : 0.0f;
     row_delta[half] = row < time ? delta[tile.head * time + row] : 0.0f;
   }
-  float dq_acc[D / 8][4];
-  zero(dq_acc);
+  float dq_acc[1][D / 8][4];
+  zero(dq_acc[0]);
 
-  for (int64_t key_first = 0; key_first <= tile.first + kTileRows - 1 && key_first < time;
-       key_first += kTileRows) {
+  for (int64_t key_first = 0; key_first < tile.first + kBackwardRows && key_first < time;
+       key_first += kBackwardTile) {
     __syncthreads();
-    load_tile<D>(k_tile, k + kv_offset, key_first, time);
-    load_tile<D>(v_tile, v + kv_offset, key_first, time);
+    load_tile<D, kBackwardTile>(k_tile, k + kv_offset, key_first, time);
+    load_tile<D, kBackwardTile>(v_tile, v + kv_offset, key_first, time);
     __syncthreads();
-    for (int sub = 0; sub < kTileRows; sub += 16) {
+    for (int sub = 0; sub < kBackwardTile; sub += 16) {
+      if (key_first + sub > first + 15 || key_first + sub >= time) break;  // past the rows, or time
       const uint16_t* k_rows = k_tile + sub * kPadded<D>;
-      float p[2][4], dp[2][4];  // 16 queries x 16 keys
-      zero(p);
-      zero(dp);
+      float p[1][2][4], dp[1][2][4];  // 16 queries x 16 keys
+      zero(p[0]);
+      zero(dp[0]);
       multiply_by_rows<D>(p, q_frag, k_rows);
       multiply_by_rows<D>(dp, g_frag, v_tile + sub * kPadded<D>);
       for (int n = 0; n < 2; ++n)
@@ -364,15 +402,15 @@ __global__ void flash_backward_queries_kernel(const float* q, const float* k, co
           const int64_t row = first + g_row + 8 * half,
                         key = key_first + sub + 8 * n + 2 * t + e % 2;
           const bool kept = key <= row && key < time && row < time;
-          p[n][e] = kept ? exp2f(p[n][e] * scale_log2 - row_lse[half]) : 0.0f;
-          dp[n][e] = p[n][e] * (dp[n][e] - row_delta[half]);  // ds
+          p[0][n][e] = kept ? exp2f(p[0][n][e] * scale_log2 - row_lse[half]) : 0.0f;
+          dp[0][n][e] = p[0][n][e] * (dp[0][n][e] - row_delta[half]);  // ds
         }
-      uint32_t ds_frag[1][4];
-      as_a_fragments(ds_frag, dp);
+      uint32_t ds_frag[1][1][4];
+      as_a_fragments(ds_frag[0], dp[0]);
       multiply_into_rows<D>(dq_acc, ds_frag, k_rows);
     }
   }
-  store_rows(dq + tile.head * time * D, dq_acc, first, time, scale, scale);
+  store_rows(dq + tile.head * time * D, dq_acc[0], first, time, scale, scale);
 }
 
 // Launches `launch.template operator()<D>()` for the supported head dims.
@@ -391,8 +429,9 @@ void for_head_dim(int64_t head_dim, Launch&& launch) {
   }
 }
 
-unsigned int flash_grid(int64_t heads, int64_t time) {
-  return static_cast<unsigned int>(heads * ((time + kTileRows - 1) / kTileRows));
+// Blocks for `heads` heads of `time` rows, `rows` rows a block.
+unsigned int flash_grid(int64_t heads, int64_t time, int64_t rows) {
+  return static_cast<unsigned int>(heads * ((time + rows - 1) / rows));
 }
 
 void flash_attention(const float* q, const float* k, const float* v, float* out, float* lse,
@@ -400,8 +439,8 @@ void flash_attention(const float* q, const float* k, const float* v, float* out,
                      float scale) {
   if (batch * heads * time == 0) return;
   for_head_dim(head_dim, [&]<int D>() {
-    REX_LAUNCH(flash_forward_kernel<D>, flash_grid(batch * heads, time), kFlashThreads, 0, q, k, v,
-               out, lse, heads, kv_heads, time, scale);
+    REX_LAUNCH(flash_forward_kernel<D>, flash_grid(batch * heads, time, kForwardRows<D>),
+               kFlashThreads, 0, q, k, v, out, lse, heads, kv_heads, time, scale);
   });
 }
 
@@ -415,10 +454,12 @@ void flash_attention_backward(const float* q, const float* k, const float* v, co
   REX_LAUNCH(flash_delta_kernel, blocks_for(rows * 32), kThreads, 0, g, out, delta.as<float>(),
              rows, head_dim);
   for_head_dim(head_dim, [&]<int D>() {
-    REX_LAUNCH(flash_backward_keys_kernel<D>, flash_grid(batch * kv_heads, time), kFlashThreads, 0,
-               q, k, v, g, lse, delta.as<float>(), dk, dv, heads, kv_heads, time, scale);
-    REX_LAUNCH(flash_backward_queries_kernel<D>, flash_grid(batch * heads, time), kFlashThreads, 0,
-               q, k, v, g, lse, delta.as<float>(), dq, heads, kv_heads, time, scale);
+    REX_LAUNCH(flash_backward_keys_kernel<D>, flash_grid(batch * kv_heads, time, kBackwardRows),
+               kFlashThreads, 0, q, k, v, g, lse, delta.as<float>(), dk, dv, heads, kv_heads, time,
+               scale);
+    REX_LAUNCH(flash_backward_queries_kernel<D>, flash_grid(batch * heads, time, kBackwardRows),
+               kFlashThreads, 0, q, k, v, g, lse, delta.as<float>(), dq, heads, kv_heads, time,
+               scale);
   });
 }
 

@@ -4,7 +4,7 @@
 // forward and backward, on one shape. Prints per kernel what it asks of the device, what bounds
 // it and its estimated time, then each pass's efficiency: the attention's useful FLOPs (4 D per
 // unmasked score forward, 2.5 times that backward, as FlashAttention's papers count them) over what
-// the bf16 tensor-core peak does in the estimated time.
+// the bf16 tensor-core peak does in the estimated time, with and without the launches' overhead.
 //
 // It also checks the counts it can predict: the tensor-core FLOPs of the flash kernels follow from
 // their tiling (every visited tile's products, masked elements included) and must match exactly;
@@ -88,10 +88,15 @@ double print_kernel(const std::string& name, const cuda_emulation::KernelCounts&
   return e.total_s();
 }
 
-// Runs `pass` in a counted interval and prints its kernels; returns the estimated seconds.
+// A pass's estimated seconds, and the part of them that its launches add.
+struct PassEstimate {
+  double total_s = 0, launch_s = 0;
+};
+
+// Runs `pass` in a counted interval and prints its kernels.
 template <class Pass>
-double estimate(const char* title, const model::Device& device, Pass&& pass,
-                cuda_emulation::Counts* counts_out = nullptr) {
+PassEstimate estimate(const char* title, const model::Device& device, Pass&& pass,
+                      cuda_emulation::Counts* counts_out = nullptr) {
   cuda_emulation::begin_interval(true);
   pass();
   const cuda_emulation::Counts counts = cuda_emulation::end_interval();
@@ -105,7 +110,7 @@ double estimate(const char* title, const model::Device& device, Pass&& pass,
   std::printf("  host waits %llu; total %.1f us\n",
               static_cast<unsigned long long>(counts.host_waits()), total * 1e6);
   if (counts_out) *counts_out = counts;
-  return total;
+  return {total, static_cast<double>(counts.launches) * device.launch_s};
 }
 
 uint64_t tensor_flops(const cuda_emulation::Counts& counts, const std::string& prefix) {
@@ -146,17 +151,23 @@ int main(int argc, char** argv) {
       static_cast<double>(bh) * static_cast<double>(T) * static_cast<double>(T + 1) / 2;
   const double forward_flops = 4 * static_cast<double>(D) * scores,
                backward_flops = 2.5 * forward_flops;
-  const auto report = [&](const char* pass, double flops, double seconds) {
-    std::printf("  %s: %.3g useful FLOPs in %.1f us: %.1f%% of the bf16 tensor-core peak\n\n", pass,
-                flops, seconds * 1e6, 100 * flops / (seconds * device.bf16_flops_per_s));
+  // Efficiency with the launches, and without them: at a batch that fills the GPU, the launches'
+  // few microseconds are spread over far more work (each head's counts are the same).
+  const auto report = [&](const char* pass, double flops, PassEstimate e) {
+    const double peak = device.bf16_flops_per_s, kernels_s = e.total_s - e.launch_s;
+    std::printf(
+        "  %s: %.3g useful FLOPs in %.1f us: %.1f%% of the bf16 tensor-core peak; "
+        "%.1f%% without the launches (%.1f us)\n\n",
+        pass, flops, e.total_s * 1e6, 100 * flops / (e.total_s * peak),
+        100 * flops / (kernels_s * peak), kernels_s * 1e6);
   };
 
   if (!o.flash_only) {
-    const double exact_forward = estimate("row kernels, forward", device, [&] {
+    const PassEstimate exact_forward = estimate("row kernels, forward", device, [&] {
       cuda.attention(f(q), f(k), f(v), f(out), f(lse), o.batch, o.heads, o.kv_heads, T, D, scale);
     });
     report("row kernels, forward", forward_flops, exact_forward);
-    const double exact_backward = estimate("row kernels, backward", device, [&] {
+    const PassEstimate exact_backward = estimate("row kernels, backward", device, [&] {
       cuda.attention_backward(f(q), f(k), f(v), f(lse), f(g), f(dq), f(dk), f(dv), o.batch, o.heads,
                               o.kv_heads, T, D, scale);
     });
@@ -164,7 +175,7 @@ int main(int argc, char** argv) {
   }
 
   cuda_emulation::Counts forward_counts, backward_counts;
-  const double flash_forward = estimate(
+  const PassEstimate flash_forward = estimate(
       "flash attention, forward", device,
       [&] {
         cuda.flash_attention(f(q), f(k), f(v), f(out), f(lse), o.batch, o.heads, o.kv_heads, T, D,
@@ -172,7 +183,7 @@ int main(int argc, char** argv) {
       },
       &forward_counts);
   report("flash attention, forward", forward_flops, flash_forward);
-  const double flash_backward = estimate(
+  const PassEstimate flash_backward = estimate(
       "flash attention, backward", device,
       [&] {
         cuda.flash_attention_backward(f(q), f(k), f(v), f(out), f(lse), f(g), f(dq), f(dk), f(dv),
@@ -181,12 +192,33 @@ int main(int argc, char** argv) {
       &backward_counts);
   report("flash attention, backward", backward_flops, flash_backward);
 
-  // The tiling's products: a 64 x 64 tile pair (query tile i, key tile j <= i) costs the forward
-  // two products of 2 x 64 x 64 x D FLOPs, the backward four (keys kernel) plus three (queries).
-  const int64_t tiles = (T + 63) / 64;
-  const double pairs = static_cast<double>(bh) * static_cast<double>(tiles * (tiles + 1) / 2);
-  const double product = 2.0 * 64 * 64 * static_cast<double>(D);
-  const double want_forward = 2 * product * pairs, want_backward = 7 * product * pairs;
+  // The tiling's products (kernels/flash_attention.cu): a forward block of 8 warps owns 16 R query
+  // rows a warp (R = 2 up to head dim 64, else 1) and streams keys in tiles of 32, a warp taking
+  // part while the tile's first key is not past its last row (two products of 16 R x 32 x D); a
+  // backward block owns 16 rows a warp and streams tiles of 64 in steps of 16 (none past T), the
+  // keys kernel
+  // computing four products of 16 x 16 x D unless every query of the step is before the warp's
+  // keys, the queries kernel three unless every key is past the warp's rows.
+  const int64_t blocks = D <= 64 ? 2 : 1, forward_rows = 16 * blocks * 8;
+  const double product = 2.0 * 16 * 16 * static_cast<double>(D);  // one 16 x 16 x D product
+  double want_forward = 0, want_backward = 0;
+  for (int64_t first = 0; first < T; first += forward_rows)
+    for (int64_t warp = 0; warp < 8; ++warp)
+      for (int64_t key = 0; key < std::min(first + forward_rows, T); key += 32)
+        if (key <= first + warp * 16 * blocks + 16 * blocks - 1)
+          want_forward += 2 * blocks * 2 * product;
+  for (int64_t first = 0; first < T; first += 128)
+    for (int64_t warp = 0; warp < 8; ++warp) {
+      const int64_t own = first + 16 * warp;
+      for (int64_t tile = first; tile < T; tile += 64)  // keys kernel: queries from `first`
+        for (int64_t other = tile; other < tile + 64; other += 16)
+          if (other + 15 >= own && other < T) want_backward += 4 * product;
+      for (int64_t tile = 0; tile < std::min(first + 128, T); tile += 64)  // queries kernel
+        for (int64_t other = tile; other < tile + 64; other += 16)
+          if (other <= own + 15 && other < T) want_backward += 3 * product;
+    }
+  want_forward *= static_cast<double>(bh);
+  want_backward *= static_cast<double>(bh);
   const double got_forward = static_cast<double>(tensor_flops(forward_counts, "flash_forward")),
                got_backward = static_cast<double>(tensor_flops(backward_counts, "flash_backward"));
   std::printf(
