@@ -333,6 +333,8 @@ TEST_CASE("AdamW: constructor and step errors") {
   CHECK(msg.find("AdamW: parameter 'ids' is i32, not f32") != std::string::npos);
   msg = error_message([&] { AdamW({{"twice", mul(w, 2.0f)}}); });
   CHECK(msg.find("AdamW: parameter 'twice' is not a leaf") != std::string::npos);
+  msg = error_message([&] { AdamW({{"w", w}, {"again", w}}); });
+  CHECK(msg.find("AdamW: parameters 'w' and 'again' are the same tensor") != std::string::npos);
   msg = error_message([&] { AdamW({{"", w}}); });
   CHECK(msg.find("AdamW: a parameter has an empty name") != std::string::npos);
   msg = error_message([&] { AdamW({{"w", w}}, {.beta1 = 1.0f}); });

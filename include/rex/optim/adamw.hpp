@@ -89,7 +89,11 @@ class AdamW {
                 "' is not a leaf (it was produced by an op); pass the parameter tensor itself");
     }
     std::vector<Tensor> tensors;
+    std::map<const detail::TensorImpl*, std::string> seen;  // each tensor gets one range
     for (const Parameter& p : params_) {
+      const auto [at, inserted] = seen.emplace(&p.tensor.impl(), p.name);
+      REX_CHECK(inserted, "AdamW: parameters '", at->second, "' and '", p.name,
+                "' are the same tensor");
       REX_CHECK(p.tensor.device() == params_.front().tensor.device(), "AdamW: parameter '", p.name,
                 "' is on ", p.tensor.device(), " but '", params_.front().name, "' is on ",
                 params_.front().tensor.device(), "; move the whole model to one device first");
