@@ -1,41 +1,83 @@
-// Optimiser kernels: the AdamW update and the sum of squares behind gradient clipping.
+// Optimiser kernels: the AdamW update over an optimiser arena and the global-norm clip.
 //
-// - adamw: one thread per element (grid-stride), each doing the whole update of its element with
-//   the scalars the host computed, in rex::optim::AdamW::step's (PyTorch's) order of operations.
+// - adamw_segments: one thread per element of the arena's span that the launch's segments cover
+//   (grid-stride over arena offsets, so warps read consecutive floats as for one tensor); a thread
+//   finds its element's segment by binary search in the segment table, which travels as a kernel
+//   argument (a warp's lanes almost always search the same segment), skips elements between
+//   segments (padding, parameters without a gradient), and does the whole update of its element
+//   with the segment's scalars in rex::optim::AdamW::step's (PyTorch's) order of operations.
 //   Products and sums use the _rn intrinsics so that nvcc contracts nothing into an FMA; sqrtf and
 //   the division are IEEE round-to-nearest (no fast-math), so each operation rounds as the CPU's.
-// - sum_squares: deterministic two-pass reduction in double. A fixed grid (kBlocks blocks of
+//   The gradient is first multiplied by the clip factor, read from device memory once per thread
+//   (a factor of 1 leaves it as it is): the same rounding as scaling the gradient in place first.
+// - clip_factor: deterministic two-pass reduction in double. A fixed grid (kBlocks blocks of
 //   kThreads threads, whatever n is): each thread sums the squares of its strided elements in
 //   order, each block combines its threads with a fixed shared-memory tree into one partial, then
-//   a single block combines the kBlocks partials with the same tree into the array's slot of a
-//   device buffer. The sums of all the arrays of one call come to the host in one copy (one
-//   synchronisation per call, not per array). The tree is fixed, so each sum is the same on every
-//   run.
+//   a single block combines the kBlocks partials with the same tree and its thread 0 writes the
+//   norm and the clip factor to device memory. Nothing comes back to the host.
+// - sum_squares: the same reduction for each of several arrays, all the sums read back to the host
+//   in one copy (one synchronisation per call, not per array): the free function
+//   rex::optim::clip_grad_norm and the error path that names a non-finite gradient.
+#include <algorithm>
+#include <cmath>
+
 #include "common.cuh"
 
 namespace rex::cuda::detail {
 namespace {
 
-__global__ void adamw_kernel(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
-                             int64_t n, rex::detail::AdamWScalars s) {
-  for (int64_t i = thread_index(); i < n; i += thread_count()) {
-    const float g = grad[i];
-    const float w = __fmul_rn(param[i], s.keep);
+using rex::detail::AdamWSegment;
+using rex::detail::kAdamWSegmentsPerLaunch;
+
+struct SegmentTable {
+  AdamWSegment segments[kAdamWSegmentsPerLaunch];
+  int count;
+};
+// The table and the kernel's other arguments (about 80 bytes) within CUDA's 4 KiB of arguments.
+static_assert(sizeof(SegmentTable) + 128 <= 4096,
+              "adamw_segments_kernel's arguments are too large");
+
+__global__ void adamw_segments_kernel(float* param, const float* grad, float* exp_avg,
+                                      float* exp_avg_sq, int64_t first, int64_t last,
+                                      SegmentTable table, rex::detail::AdamWScalars s,
+                                      const float* grad_scale) {
+  const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
+  for (int64_t i = first + thread_index(); i < last; i += thread_count()) {
+    int lo = 0, hi = table.count - 1;  // the last segment that begins at or before i
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (table.segments[mid].begin <= i) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    const AdamWSegment& seg = table.segments[lo];
+    if (i >= seg.end) continue;  // between segments
+    const float g = __fmul_rn(grad[i], scale);
+    const float w = __fmul_rn(param[i], seg.keep);
     const float m = __fadd_rn(__fmul_rn(exp_avg[i], s.beta1), __fmul_rn(s.one_minus_beta1, g));
     const float v =
         __fadd_rn(__fmul_rn(exp_avg_sq[i], s.beta2), __fmul_rn(__fmul_rn(s.one_minus_beta2, g), g));
-    const float denom = __fadd_rn(sqrtf(v) / s.bias2_sqrt, s.eps);
+    const float denom = __fadd_rn(sqrtf(v) / seg.bias2_sqrt, s.eps);
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
-    param[i] = __fadd_rn(w, __fmul_rn(s.neg_step_size, m) / denom);
+    param[i] = __fadd_rn(w, __fmul_rn(seg.neg_step_size, m) / denom);
   }
 }
 
-void adamw(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
-           const rex::detail::AdamWScalars& scalars) {
-  if (n == 0) return;
-  REX_LAUNCH(adamw_kernel, blocks_for(n), kThreads, 0, param, grad, exp_avg, exp_avg_sq, n,
-             scalars);
+void adamw_segments(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
+                    const AdamWSegment* host_segments, int64_t count,
+                    const rex::detail::AdamWScalars& scalars, const float* grad_scale) {
+  for (int64_t done = 0; done < count; done += kAdamWSegmentsPerLaunch) {
+    SegmentTable table{};
+    table.count = static_cast<int>(std::min<int64_t>(count - done, kAdamWSegmentsPerLaunch));
+    for (int j = 0; j < table.count; ++j) table.segments[j] = host_segments[done + j];
+    const int64_t first = table.segments[0].begin, last = table.segments[table.count - 1].end;
+    if (last <= first) continue;
+    REX_LAUNCH(adamw_segments_kernel, blocks_for(last - first), kThreads, 0, param, grad, exp_avg,
+               exp_avg_sq, first, last, table, scalars, grad_scale);
+  }
 }
 
 constexpr int kBlocks = 256;
@@ -72,6 +114,28 @@ __global__ void sum_partials_kernel(const double* partials, double* total) {
   if (threadIdx.x == 0) *total = shared[0];
 }
 
+__global__ void clip_factor_kernel(const double* partials, double max_norm, double* norm,
+                                   float* factor) {
+  __shared__ double shared[kThreads];
+  double acc = 0.0;
+  for (int i = static_cast<int>(threadIdx.x); i < kBlocks; i += kThreads) acc += partials[i];
+  shared[threadIdx.x] = acc;
+  block_tree_sum(shared);
+  if (threadIdx.x == 0) {
+    const double total = sqrt(shared[0]);
+    const double coef = max_norm / (total + 1e-6);
+    *norm = total;
+    const bool finite = total - total == 0.0;  // false for an infinity or a NaN
+    *factor = max_norm > 0.0 && finite && coef < 1.0 ? static_cast<float>(coef) : 1.0f;
+  }
+}
+
+void clip_factor(const float* grad, int64_t n, double max_norm, double* norm, float* factor) {
+  const Scratch partials(kBlocks * sizeof(double));
+  REX_LAUNCH(sum_squares_partials_kernel, kBlocks, kThreads, 0, grad, n, partials.as<double>());
+  REX_LAUNCH(clip_factor_kernel, 1, kThreads, 0, partials.as<double>(), max_norm, norm, factor);
+}
+
 void sum_squares(const float* const* host_arrays, const int64_t* host_sizes, int64_t count,
                  double* host_sums) {
   if (count == 0) return;
@@ -94,7 +158,8 @@ void sum_squares(const float* const* host_arrays, const int64_t* host_sizes, int
 }  // namespace
 
 void register_optim(rex::detail::CudaBackend& table) {
-  table.adamw = adamw;
+  table.adamw_segments = adamw_segments;
+  table.clip_factor = clip_factor;
   table.sum_squares = sum_squares;
 }
 

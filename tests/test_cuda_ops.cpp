@@ -654,6 +654,100 @@ TEST_CASE("cuda ops: edge shapes of every launch scheme") {
   CHECK(std::abs(gpu_norm - cpu_norm) <= 100003 * 0x1p-53 * cpu_norm);
 }
 
+namespace {
+
+// One float operation, rounded (a volatile store: the compiler cannot fuse it into an FMA).
+float rounded(float x) {
+  volatile float r = x;
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("cuda ops: the arena's clip and AdamW round each element as PyTorch's formula") {
+  if (gpu_missing()) return;
+  Generator gen(23);
+  // 70 parameters (two launches of 64 segments at most), one of them longer than the clip
+  // reduction's 65536 threads; some get no gradient in a step, so AdamW must skip them.
+  std::vector<Shape> shapes;
+  for (int i = 0; i < 69; ++i) shapes.push_back(Shape{1 + (i * 7) % 37});
+  shapes.push_back(Shape{100003});
+  std::vector<optim::Parameter> params;
+  std::vector<Tensor> initial;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    initial.push_back(uniform(shapes[i], gen, -1.0f, 1.0f));
+    Tensor p = initial.back().to(kGpu);
+    p.requires_grad_();
+    params.push_back({"p" + std::to_string(i), p, i % 3 != 0});
+  }
+  const optim::AdamWOptions o{.beta1 = 0.8f, .beta2 = 0.99f, .eps = 1e-6f, .weight_decay = 0.2f};
+  optim::AdamW opt(params, o);
+  std::vector<std::vector<float>> p_ref, m_ref, v_ref;
+  std::vector<int64_t> steps(shapes.size(), 0);
+  for (const Tensor& t : initial) {
+    p_ref.push_back(t.to_vector());
+    m_ref.emplace_back(t.numel(), 0.0f);
+    v_ref.emplace_back(t.numel(), 0.0f);
+  }
+  const std::vector<float> lrs = {0.01f, 0.02f};
+  const std::vector<double> max_norms = {0.5, 1e6};  // clipping fires, then does not
+  for (size_t t = 0; t < lrs.size(); ++t) {
+    CAPTURE(t);
+    opt.zero_grad();
+    std::vector<std::vector<float>> grads(shapes.size());
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      if ((i + t) % 5 == 2) continue;
+      grads[i] = uniform(shapes[i], gen, -1.0f, 1.0f).to_vector();
+      params[i].tensor.backward(from_vector(grads[i], shapes[i]).to(kGpu));
+    }
+    opt.clip_grad_norm(max_norms[t]);
+    const double norm = opt.grad_norm();  // the device's norm; the factor from it, as there
+    double sum_sq = 0.0;                  // the norm, summed on the host in another order
+    for (const auto& g : grads)
+      for (const float x : g) sum_sq += static_cast<double>(x) * x;
+    CHECK(std::abs(norm - std::sqrt(sum_sq)) <= 100003 * 0x1p-53 * norm);
+    const double coef = max_norms[t] / (norm + 1e-6);
+    const float scale = coef < 1.0 ? static_cast<float>(coef) : 1.0f;
+    opt.step(lrs[t]);
+    // PyTorch's update, each operation rounded to float (rex/optim/adamw.hpp's order).
+    const double lr = lrs[t];
+    const auto keep = static_cast<float>(1.0 - lr * static_cast<double>(o.weight_decay));
+    const auto b1c = static_cast<float>(1.0 - static_cast<double>(o.beta1));
+    const auto b2c = static_cast<float>(1.0 - static_cast<double>(o.beta2));
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      if (grads[i].empty()) continue;
+      const int64_t step = ++steps[i];
+      const auto neg_step =
+          static_cast<float>(-(lr / (1.0 - std::pow(static_cast<double>(o.beta1), step))));
+      const auto b2s =
+          static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(o.beta2), step)));
+      for (size_t j = 0; j < grads[i].size(); ++j) {
+        const float g = rounded(grads[i][j] * scale);
+        const float w = params[i].decay ? rounded(p_ref[i][j] * keep) : p_ref[i][j];
+        const float m = rounded(rounded(m_ref[i][j] * o.beta1) + rounded(b1c * g));
+        const float v = rounded(rounded(v_ref[i][j] * o.beta2) + rounded(rounded(b2c * g) * g));
+        const float denom = rounded(rounded(std::sqrt(v) / b2s) + o.eps);
+        m_ref[i][j] = m;
+        v_ref[i][j] = v;
+        p_ref[i][j] = rounded(w + rounded(rounded(neg_step * m) / denom));
+      }
+    }
+    const auto state = opt.state();
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      CAPTURE(i);
+      CHECK(params[i].tensor.to_vector() == p_ref[i]);  // skipped ones: untouched
+      CHECK(state.at(params[i].name + ".exp_avg").to_vector() == m_ref[i]);
+      CHECK(state.at(params[i].name + ".exp_avg_sq").to_vector() == v_ref[i]);
+      CHECK(state.at(params[i].name + ".step").item() == static_cast<float>(steps[i]));
+    }
+  }
+  // The parameters compute with the arena, and their gradients live in it.
+  for (const optim::Parameter& p : params)
+    CHECK(p.tensor.shares_storage_with(opt.arena().values()));
+  sum(params[0].tensor * 2.0f).backward();
+  CHECK(params[0].tensor.grad().shares_storage_with(opt.arena().grads()));
+}
+
 TEST_CASE("cuda ops: one TransformerLM training step matches the CPU step") {
   if (gpu_missing()) return;
   for (const auto& [ffn, reuse] :

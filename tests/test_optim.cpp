@@ -6,13 +6,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <map>
 #include <numbers>
 #include <string>
 #include <vector>
 
+#include <rex/backend/cpu/arrays.hpp>
 #include <rex/optim/adamw.hpp>
+#include <rex/optim/arena.hpp>
 #include <rex/optim/clip.hpp>
 #include <rex/optim/schedule.hpp>
 
@@ -330,6 +333,8 @@ TEST_CASE("AdamW: constructor and step errors") {
   CHECK(msg.find("AdamW: parameter 'ids' is i32, not f32") != std::string::npos);
   msg = error_message([&] { AdamW({{"twice", mul(w, 2.0f)}}); });
   CHECK(msg.find("AdamW: parameter 'twice' is not a leaf") != std::string::npos);
+  msg = error_message([&] { AdamW({{"w", w}, {"again", w}}); });
+  CHECK(msg.find("AdamW: parameters 'w' and 'again' are the same tensor") != std::string::npos);
   msg = error_message([&] { AdamW({{"", w}}); });
   CHECK(msg.find("AdamW: a parameter has an empty name") != std::string::npos);
   msg = error_message([&] { AdamW({{"w", w}}, {.beta1 = 1.0f}); });
@@ -349,6 +354,184 @@ TEST_CASE("AdamW: constructor and step errors") {
         std::string::npos);
   msg = error_message([&] { opt.step(std::numeric_limits<float>::infinity()); });
   CHECK(msg.find("AdamW::step: learning rate inf") != std::string::npos);
+}
+
+// ---- The arena
+// ------------------------------------------------------------------------------------
+
+namespace {
+
+// AdamW's CPU update of one tensor exactly as it was written before the arena: the same Eigen
+// expressions over tensors of their own (64-byte aligned storage), with the step's scalars from
+// the options, for parameters that have a gradient.
+struct PerTensorAdamW {
+  Tensor p, m, v;
+  int64_t step = 0;
+  explicit PerTensorAdamW(const Tensor& initial)
+      : p(initial.detach().clone()), m(zeros(initial.shape())), v(zeros(initial.shape())) {}
+  void update(const Tensor& grad, float lr, const AdamWOptions& o, bool decay) {
+    ++step;
+    const double lr_d = lr, beta1_d = o.beta1, beta2_d = o.beta2;
+    const auto one_minus_beta1 = static_cast<float>(1.0 - beta1_d);
+    const auto one_minus_beta2 = static_cast<float>(1.0 - beta2_d);
+    const auto keep = static_cast<float>(1.0 - lr_d * static_cast<double>(o.weight_decay));
+    const double bias1 = 1.0 - std::pow(beta1_d, static_cast<double>(step));
+    const double bias2 = 1.0 - std::pow(beta2_d, static_cast<double>(step));
+    const auto neg_step_size = static_cast<float>(-(lr_d / bias1));
+    const auto bias2_sqrt = static_cast<float>(std::sqrt(bias2));
+    const Tensor g = grad.clone();  // storage of its own, as a gradient had
+    const int64_t n = g.numel();
+    rex::detail::ArrayMap w(p.data<float>(), n), mm(m.data<float>(), n), vv(v.data<float>(), n);
+    const rex::detail::ConstArrayMap gg(g.data<float>(), n);
+    if (decay) w *= keep;
+    mm = mm * o.beta1 + one_minus_beta1 * gg;
+    vv = vv * o.beta2 + one_minus_beta2 * gg * gg;
+    w = w + neg_step_size * mm / (vv.sqrt() / bias2_sqrt + o.eps);
+  }
+};
+
+std::vector<float> random_values(int64_t n, Generator& gen) {
+  const Tensor t = uniform({n}, gen, -1.0f, 1.0f);
+  return t.to_vector();
+}
+
+}  // namespace
+
+TEST_CASE("Arena: parameters and gradients are views of one buffer each, aligned to 64 bytes") {
+  Tensor w = param({1, 2, 3, 4, 5, 6}, {2, 3}), b = param({7, 8, 9}, {3}),
+         big = param(std::vector<float>(40, 0.5f), {5, 8});
+  Tensor held = w;  // another handle, as a module's member is
+  AdamW opt({{"w", w}, {"b", b, false}, {"big", big}});
+  const optim::Arena& arena = opt.arena();
+  CHECK(arena.size() == 16 + 16 + 48);  // each range starts at a multiple of 16 floats
+  CHECK(arena.ranges()[0].begin == 0);
+  CHECK(arena.ranges()[1].begin == 16);
+  CHECK(arena.ranges()[2].begin == 32);
+  CHECK(arena.ranges()[2].end == 72);
+  for (const Parameter& p : opt.parameters()) {
+    CHECK(p.tensor.shares_storage_with(arena.values()));
+    CHECK(reinterpret_cast<uintptr_t>(p.tensor.data<float>()) % 64 == 0);
+  }
+  CHECK(held.shares_storage_with(arena.values()));  // every handle was rebound, not copied
+  CHECK(held.to_vector() == std::vector<float>{1, 2, 3, 4, 5, 6});
+  CHECK(arena.values().to_vector()[17] == 8.0f);
+  held.data<float>()[0] = -1.0f;  // a write through the model's handle is a write to the arena
+  CHECK(arena.values().to_vector()[0] == -1.0f);
+  CHECK(arena.values().to_vector()[6] == 0.0f);  // padding
+
+  // Backward writes the gradients into the arena; a parameter it does not reach has none.
+  sum(mul(w, 2.0f)).backward();
+  sum(mul(w, 3.0f)).backward();  // accumulates in place
+  CHECK(w.grad().shares_storage_with(arena.grads()));
+  CHECK(w.grad().to_vector() == std::vector<float>(6, 5.0f));
+  CHECK_FALSE(b.grad().defined());
+  CHECK_FALSE(big.grad().defined());
+  std::vector<float> grads = arena.grads().to_vector();
+  CHECK(std::all_of(grads.begin() + 6, grads.end(), [](float x) { return x == 0.0f; }));
+  // zero_grad: every gradient dropped, the buffer zeroed in one fill.
+  opt.zero_grad();
+  CHECK_FALSE(w.grad().defined());
+  grads = arena.grads().to_vector();
+  CHECK(std::all_of(grads.begin(), grads.end(), [](float x) { return x == 0.0f; }));
+  // Tensor::zero_grad on one parameter zeroes its view too.
+  sum(mul(big, 2.0f)).backward();
+  big.zero_grad();
+  grads = arena.grads().to_vector();
+  CHECK(std::all_of(grads.begin(), grads.end(), [](float x) { return x == 0.0f; }));
+}
+
+TEST_CASE("Arena: a gradient set before the optimiser is built moves into the arena") {
+  Tensor w = param({1, 2}, {2});
+  sum(mul(w, 4.0f)).backward();
+  AdamW opt({{"w", w}});
+  CHECK(w.grad().shares_storage_with(opt.arena().grads()));
+  CHECK(w.grad().to_vector() == std::vector<float>{4, 4});
+}
+
+TEST_CASE("Arena: AdamW steps are bit-identical to the per-tensor update; skipped ones untouched") {
+  Generator gen(3);
+  const AdamWOptions options{.beta1 = 0.8f, .beta2 = 0.99f, .eps = 1e-6f, .weight_decay = 0.2f};
+  // Sizes with and without padding, one larger than Eigen's packets by an odd amount.
+  const std::vector<Shape> shapes = {{2, 3}, {17}, {5, 7}, {64}, {1}};
+  std::vector<Tensor> tensors;
+  std::vector<Parameter> params;
+  std::vector<PerTensorAdamW> refs;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    tensors.push_back(param(random_values(shapes[i].numel(), gen), shapes[i]));
+    params.push_back({"p" + std::to_string(i), tensors.back(), i % 2 == 0});
+    refs.emplace_back(tensors.back());
+  }
+  AdamW opt(params, options);
+  const std::vector<float> lrs = {0.01f, 0.02f, 0.005f, 0.01f};
+  for (size_t t = 0; t < lrs.size(); ++t) {
+    opt.zero_grad();
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      if ((i + t) % 3 == 1) continue;  // no gradient this step: skipped (no decay, no count)
+      const Tensor g = from_vector(random_values(shapes[i].numel(), gen), shapes[i]);
+      set_grad(tensors[i], g.to_vector());
+      refs[i].update(g, lrs[t], options, params[i].decay);
+    }
+    opt.step(lrs[t]);
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      INFO("parameter ", i, " after step ", t);
+      CHECK(testing::same_bytes(tensors[i], refs[i].p));
+    }
+  }
+  const auto state = opt.state();
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const std::string name = "p" + std::to_string(i);
+    CHECK(testing::same_bytes(state.at(name + ".exp_avg"), refs[i].m));
+    CHECK(testing::same_bytes(state.at(name + ".exp_avg_sq"), refs[i].v));
+    CHECK(state.at(name + ".step").item() == static_cast<float>(refs[i].step));
+  }
+  // The padding and the moments of no parameter stayed zero.
+  const std::vector<float> m = opt.arena().exp_avg().to_vector();
+  CHECK(m[6] == 0.0f);
+  CHECK(m[15] == 0.0f);
+}
+
+TEST_CASE("Arena: AdamW::clip_grad_norm equals clip_grad_norm's closed form") {
+  Tensor a = param({0}, {1}), none = param({9}, {1}),
+         w = param(std::vector<float>(6, 0.0f), {2, 3});
+  AdamW opt({{"a", a}, {"none", none}, {"w", w}});
+  set_grad(a, {3});
+  set_grad(w, {1, -2, 2, 0, 0, 0});  // 9 + 1 + 4 + 4 = 18
+  opt.clip_grad_norm(0.0);           // measures only
+  CHECK(opt.grad_norm() == std::sqrt(18.0));
+  CHECK(a.grad().item() == 3.0f);
+  opt.clip_grad_norm(1.0);
+  CHECK(opt.grad_norm() == std::sqrt(18.0));  // the norm before clipping
+  const auto scale = static_cast<float>(1.0 / (std::sqrt(18.0) + 1e-6));
+  CHECK(a.grad().item() == 3.0f * scale);  // the scale rounded to float, times the gradient
+  CHECK(w.grad().to_vector() ==
+        std::vector<float>{1 * scale, -2 * scale, 2 * scale, 0.0f, 0.0f, 0.0f});
+  CHECK_FALSE(none.grad().defined());
+
+  // The same gradients through the free function give the same bits.
+  Tensor a2 = param({0}, {1}), none2 = param({9}, {1}),
+         w2 = param(std::vector<float>(6, 0.0f), {2, 3});
+  set_grad(a2, {3});
+  set_grad(w2, {1, -2, 2, 0, 0, 0});
+  CHECK(optim::clip_grad_norm({{"a", a2}, {"none", none2}, {"w", w2}}, 1.0) == std::sqrt(18.0));
+  CHECK(testing::same_bytes(a2.grad(), a.grad()));
+  CHECK(testing::same_bytes(w2.grad(), w.grad()));
+
+  set_grad(w, {1, 2, std::numeric_limits<float>::infinity(), 0, 0, 0});
+  const std::string msg = error_message([&] { opt.clip_grad_norm(1.0); });
+  CHECK(
+      msg.find("clip_grad_norm: gradient norm is inf; first non-finite gradient in parameter w") !=
+      std::string::npos);
+}
+
+TEST_CASE("Arena: a parameter rebound after the optimiser was built is refused") {
+  Tensor w = param({1, 2}, {2});
+  AdamW opt({{"w", w}});
+  set_grad(w, {1, 1});
+  opt.step(0.1f);
+  const AdamW other({{"w", w}});  // rebinds w to its own arena
+  CHECK(error_message([&] {
+          opt.step(0.1f);
+        }).find("move the model before building the optimiser") != std::string::npos);
 }
 
 // ---- CosineSchedule

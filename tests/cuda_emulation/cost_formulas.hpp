@@ -31,6 +31,7 @@
 #include <string>
 
 #include <rex_emulation_counters.h>
+#include <rex/backend/cuda/backend.hpp>
 #include <rex/core/error.hpp>
 #include <rex/train/config.hpp>
 
@@ -518,11 +519,15 @@ inline KernelCounts attention_backward_key(i64 batch_heads, i64 kv_rows, i64 tim
   return k;
 }
 
-// adamw_kernel over n: param, grad, both moments read; param and both moments written.
-inline KernelCounts adamw(i64 n) {
+// adamw_segments_kernel over a span of n arena elements (every element in a segment): param,
+// grad, both moments read; param and both moments written; the clip factor read once by each of
+// its threads.
+inline KernelCounts adamw_segments(i64 n) {
   KernelCounts k;
   for (int s = 0; s < 4; ++s) load_stream(k, n);
   for (int s = 0; s < 3; ++s) store_stream(k, n);
+  const i64 blocks = std::min<i64>((n + 255) / 256, i64{65535} * 32);
+  load_broadcast(k, blocks * 256);
   return k;
 }
 
@@ -549,11 +554,13 @@ inline KernelCounts sum_squares_partials(i64 n) {
   store_per_row(k, 256, 1, 8);  // each block's partial
   return k;
 }
-inline KernelCounts sum_partials() {
+// clip_factor_kernel: sum_partials_kernel's sum, then the norm (a double) and the factor stored.
+inline KernelCounts clip_factor() {
   KernelCounts k;
   load_stream(k, 256, 8);
   block_tree_sum(k, 1);
   store_per_row(k, 1, 1, 8);
+  store_per_row(k, 1, 1, 4);
   return k;
 }
 
@@ -773,19 +780,28 @@ inline Counts training_step(const rex::train::RunConfig& config) {
   add(V * D);
   plan.read_back(2);  // the step's two losses, for the log
 
-  // The optimiser: every parameter's sum of squares, all read back at once; the clip scale;
-  // AdamW.
+  // The optimiser over its arena (every parameter has a gradient here, and every size is a
+  // multiple of 16 floats, so the arena has no padding): the sum of squares of the whole gradient
+  // buffer and the clip factor on the device, the norm read back for the step's result; AdamW,
+  // a launch per kAdamWSegmentsPerLaunch parameters, each over its parameters' span; zero_grad's
+  // fill of the gradient buffer.
   std::vector<i64> parameters = {V * D, D};  // embedding (tied head), final norm
   for (i64 layer = 0; layer < L; ++layer)
     for (const i64 n : {D, D * D, G * hd * D, G * hd * D, D * D, D, P * D}) parameters.push_back(n);
   for (i64 e = 0; e < tables * P * 3; ++e) parameters.push_back(F * D);
-  for (const i64 n : parameters) {
-    plan.launch("sum_squares_partials_kernel", sum_squares_partials(n));
-    plan.launch("sum_partials_kernel", sum_partials());
-  }
+  const i64 arena = std::accumulate(parameters.begin(), parameters.end(), i64{0});
+  plan.launch("sum_squares_partials_kernel", sum_squares_partials(arena));
+  plan.launch("clip_factor_kernel", clip_factor());
   plan.read_back();
-  for (const i64 n : parameters) plan.launch("unary_kernel", elementwise(n, 1, 0));
-  for (const i64 n : parameters) plan.launch("adamw_kernel", adamw(n));
+  const auto per_launch = static_cast<size_t>(rex::detail::kAdamWSegmentsPerLaunch);
+  for (size_t first = 0; first < parameters.size(); first += per_launch) {
+    const size_t last = std::min(parameters.size(), first + per_launch);
+    plan.launch("adamw_segments_kernel",
+                adamw_segments(std::accumulate(
+                    parameters.begin() + static_cast<std::ptrdiff_t>(first),
+                    parameters.begin() + static_cast<std::ptrdiff_t>(last), i64{0})));
+  }
+  plan.launch("fill32_kernel", elementwise(arena, 0, 0));
   return plan.counts;
 }
 

@@ -214,6 +214,7 @@ TEST_CASE("GradientSync: a gradient present on one rank only is summed there and
   for (Tensor* p : {&seen, &unseen, &everywhere}) p->requires_grad_();
   dist::GradientSync sync(world, {seen, unseen, everywhere}, /*bucket_bytes=*/8);
   CHECK(sync.buckets() == 3);
+  CHECK(sync.arena_buckets() == 0);  // no optimiser arena: parameter by parameter
   // Rank 0 alone uses `seen`; every rank uses `everywhere`; no rank uses `unseen`.
   const float r = static_cast<float>(world.rank());
   Tensor loss = sum(everywhere * (r + 1.0f));
@@ -227,6 +228,35 @@ TEST_CASE("GradientSync: a gradient present on one rank only is summed there and
   float expected = 0;  // sum over ranks of (rank + 1)
   for (int k = 0; k < world.size(); ++k) expected += static_cast<float>(k + 1);
   for (int64_t i = 0; i < 2; ++i) CHECK(everywhere.grad().data<float>()[i] == expected);
+}
+
+TEST_CASE("GradientSync over an optimiser arena: one range a bucket, the same sums and flags") {
+  if (!several_ranks()) return;
+  Communicator& world = Communicator::world();
+  for (const size_t bucket_bytes : {size_t{8}, size_t{1} << 20}) {
+    CAPTURE(bucket_bytes);
+    Tensor seen = zeros({3}), unseen = zeros({2}), everywhere = zeros({2});
+    for (Tensor* p : {&seen, &unseen, &everywhere}) p->requires_grad_();
+    optim::AdamW opt({{"seen", seen}, {"unseen", unseen}, {"everywhere", everywhere}});
+    dist::GradientSync sync(world, {seen, unseen, everywhere}, bucket_bytes);
+    CHECK(sync.arena_buckets() == sync.buckets());
+    const float r = static_cast<float>(world.rank());
+    Tensor loss = sum(everywhere * (r + 1.0f));
+    if (world.rank() == 0) loss = loss + sum(seen * 2.0f);
+    sync.begin();
+    rex::detail::run_backward(loss, ones({}), false, sync.hook());
+    sync.finish();
+    REQUIRE(seen.grad().defined());
+    CHECK(seen.grad().shares_storage_with(opt.arena().grads()));
+    CHECK(seen.grad().to_vector() == std::vector<float>(3, 2.0f));
+    CHECK_FALSE(unseen.grad().defined());
+    float expected = 0;
+    for (int k = 0; k < world.size(); ++k) expected += static_cast<float>(k + 1);
+    CHECK(everywhere.grad().to_vector() == std::vector<float>(2, expected));
+    // Padding and the gradient no rank has are still zeros.
+    const std::vector<float> buffer = opt.arena().grads().to_vector();
+    for (const int64_t i : {3, 15, 16, 17, 34}) CHECK(buffer[static_cast<size_t>(i)] == 0.0f);
+  }
 }
 
 TEST_CASE("tensor collectives: sum, mean, broadcast; every rank starts from rank 0's state") {
@@ -280,4 +310,5 @@ TEST_CASE("GradientSync starts buckets during backward, as their gradients becom
           " buckets started before backward ended");
   CHECK(sync.buckets() > 4);
   CHECK(sync.started_during_backward() >= sync.buckets() / 2);
+  CHECK(sync.arena_buckets() == sync.buckets());  // each a range of the optimiser's arena
 }

@@ -35,11 +35,16 @@ inline Tensor sum_of_grads(const Tensor& a, const Tensor& b) {
   return out;
 }
 
-// acc += g; the first gradient is taken over when nothing else reaches it and copied otherwise, so
-// that a leaf's .grad() never aliases another tensor.
+// acc += g; the first gradient is copied into the leaf's home when it has one (an optimiser
+// arena's view), else taken over when nothing else reaches it and copied otherwise, so that a
+// leaf's .grad() never aliases another tensor.
 inline void accumulate_leaf_grad(AutogradMeta& leaf, const Tensor& g) {
   if (!leaf.grad.defined()) {
-    leaf.grad = g.is_sole_owner() ? g : g.clone();
+    if (has_grad_home(leaf, g)) {
+      set_leaf_grad(leaf, g);
+    } else {
+      leaf.grad = g.is_sole_owner() ? g : g.clone();
+    }
     return;
   }
   add_into(leaf.grad, g, leaf.grad, "backward");

@@ -39,7 +39,51 @@ struct AutogradMeta {
   bool requires_grad = false;
   std::shared_ptr<Node> grad_fn;  // null for leaves
   Tensor grad;                    // accumulated gradient (leaves only)
+  // Where a leaf's gradient lives when it has one: a view of an optimiser arena's gradient buffer
+  // (rex/optim/arena.hpp), or undefined (each first gradient is then a tensor of its own). While
+  // the leaf has no gradient, its home holds zeros; when it has one, grad is the home itself.
+  Tensor grad_home;
 };
+
+// Whether the leaf's first gradient goes into its home: one set on the same device.
+inline bool has_grad_home(const AutogradMeta& leaf, const Tensor& like) {
+  return leaf.grad_home.defined() && leaf.grad_home.device() == like.device() &&
+         leaf.grad_home.shape() == like.shape();
+}
+
+// Whether the leaf's current gradient is its home.
+inline bool grad_is_home(const AutogradMeta& leaf) {
+  return leaf.grad.defined() && leaf.grad_home.defined() &&
+         leaf.grad.impl().storage == leaf.grad_home.impl().storage &&
+         leaf.grad.impl().offset == leaf.grad_home.impl().offset;
+}
+
+// Makes `value` the leaf's gradient: copied into its home when it has one (value stays the
+// caller's), taken as it is otherwise.
+inline void set_leaf_grad(AutogradMeta& leaf, const Tensor& value) {
+  if (has_grad_home(leaf, value)) {
+    const bool is_home = value.impl().storage == leaf.grad_home.impl().storage &&
+                         value.impl().offset == leaf.grad_home.impl().offset;
+    if (!is_home) Tensor(leaf.grad_home).copy_(value);
+    leaf.grad = leaf.grad_home;
+    return;
+  }
+  leaf.grad = value;
+}
+
+// Drops the leaf's gradient; a home is zeroed, so that it holds zeros again.
+inline void drop_leaf_grad(AutogradMeta& leaf) {
+  if (grad_is_home(leaf)) Tensor(leaf.grad_home).fill_(0.0f);
+  leaf.grad = Tensor();
+}
+
+// The leaf's gradient as a tensor of the caller's (a copy when it lives in a home, which is
+// zeroed), and the leaf left without one.
+inline Tensor take_leaf_grad(AutogradMeta& leaf) {
+  Tensor g = grad_is_home(leaf) ? leaf.grad.clone() : leaf.grad;
+  drop_leaf_grad(leaf);
+  return g;
+}
 
 // Frees the chain of producer nodes iteratively: a graph thousands of nodes deep would otherwise
 // recurse once per node while destroying itself and overflow the stack.
@@ -101,7 +145,7 @@ inline Tensor& Tensor::requires_grad_(bool enabled) {
 inline Tensor Tensor::grad() const { return impl().autograd ? impl().autograd->grad : Tensor(); }
 
 inline void Tensor::zero_grad() {
-  if (impl().autograd) impl().autograd->grad = Tensor();
+  if (impl().autograd) detail::drop_leaf_grad(*impl().autograd);
 }
 
 namespace detail {

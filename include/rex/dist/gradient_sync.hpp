@@ -17,6 +17,11 @@
 // gradients go through NCCL's all-reduce, in place, one group per bucket: exact for 2 ranks (a
 // sum of two does not depend on its order), in NCCL's order beyond.
 //
+// Parameters in an optimiser arena (rex/optim/arena.hpp; every rank built the same one): a bucket
+// of consecutive parameters is then a range of the arena's gradient buffer, packed with one copy
+// and reduced as one array (padding and parameters without a gradient hold zeros there, and
+// stay zero), where other buckets go parameter by parameter. The sums are the same per element.
+//
 // A parameter with no gradient on some rank (an expert no local token was routed to) counts as
 // zero there: the sum is then the one-process gradient. Whether it has a gradient at all must be
 // the same on every rank, as in one process, because AdamW skips parameters without one (no step
@@ -34,6 +39,7 @@
 #include "rex/core/factory.hpp"
 #include "rex/dist/communicator.hpp"
 #include "rex/dist/pairwise_sum.hpp"
+#include "rex/optim/arena.hpp"
 
 namespace rex::dist {
 
@@ -64,6 +70,8 @@ class GradientSync {
     }
     on_cuda_ = params_.front().device().is_cuda();
     for (Bucket& b : buckets_) {
+      b.range = arena_range(b);
+      if (b.range.defined()) b.values = static_cast<size_t>(b.range.numel());
       b.buffer.resize(on_cuda_ ? b.params.size() : b.values + b.params.size());
       if (!on_cuda_) b.gathered.resize(b.buffer.size() * static_cast<size_t>(comm_.size()));
     }
@@ -72,6 +80,11 @@ class GradientSync {
   GradientSync& operator=(const GradientSync&) = delete;
 
   size_t buckets() const { return buckets_.size(); }
+  // Buckets packed and reduced as one range of an optimiser arena's gradient buffer.
+  size_t arena_buckets() const {
+    return static_cast<size_t>(std::count_if(buckets_.begin(), buckets_.end(),
+                                             [](const Bucket& b) { return b.range.defined(); }));
+  }
   // Buckets of the last step started while backward was still running (the rest: in finish()).
   size_t started_during_backward() const { return started_early_; }
   // Seconds the last finish() took: the communication backward did not hide.
@@ -114,7 +127,10 @@ class GradientSync {
   struct Bucket {
     std::vector<size_t> params;   // indices into params_, in bucket order
     std::vector<size_t> offsets;  // each parameter's first value in the buffer (host path)
-    size_t values = 0;            // gradient elements in the bucket
+    // The bucket's span of an optimiser arena's gradient buffer when its parameters are
+    // consecutive there (then `values` is its length), undefined otherwise.
+    Tensor range;
+    size_t values = 0;  // gradient elements in the bucket
     // Host: the values, then one has-gradient flag per parameter; gathered: every rank's buffer,
     // in rank order. CUDA: the flags only, summed.
     std::vector<float> buffer, gathered;
@@ -139,14 +155,40 @@ class GradientSync {
     for (size_t i = 0; i < next_to_start_; ++i) buckets_[i].request.test();  // progress
   }
 
+  // The arena range of a bucket whose parameters all have gradient homes in one buffer, one
+  // after the other with only the arena's alignment padding between them; undefined otherwise.
+  Tensor arena_range(const Bucket& b) const {
+    std::vector<std::pair<int64_t, size_t>> homes;  // (offset, index into params_)
+    for (const size_t i : b.params) {
+      const detail::AutogradMeta* meta = params_[i].impl().autograd.get();
+      if (!meta || !detail::has_grad_home(*meta, params_[i]) ||
+          meta->grad_home.impl().storage !=
+              params_[b.params.front()].impl().autograd->grad_home.impl().storage)
+        return Tensor();
+      homes.emplace_back(meta->grad_home.impl().offset, i);
+    }
+    std::sort(homes.begin(), homes.end());
+    constexpr int64_t kAlign = optim::Arena::kAlignment;
+    for (size_t k = 1; k < homes.size(); ++k) {
+      const int64_t end = homes[k - 1].first + params_[homes[k - 1].second].numel();
+      if (homes[k].first != (end + kAlign - 1) / kAlign * kAlign) return Tensor();
+    }
+    const int64_t last_end = homes.back().first + params_[homes.back().second].numel();
+    const Tensor& first = params_[homes.front().second].impl().autograd->grad_home;
+    return detail::make_view(first, 0, Shape{last_end - homes.front().first});
+  }
+
   void start(Bucket& b) {
     const size_t n = b.params.size();
     float* flags = b.buffer.data() + (on_cuda_ ? 0 : b.values);
     for (size_t j = 0; j < n; ++j) {
       if (local_) local_->fold(params_[b.params[j]]);
-      const Tensor g = params_[b.params[j]].grad();
+      detail::AutogradMeta& meta = *params_[b.params[j]].impl().autograd;
+      if (b.range.defined() && meta.grad.defined() && !detail::grad_is_home(meta))
+        detail::set_leaf_grad(meta, meta.grad);  // into the arena range packed below
+      const Tensor g = meta.grad;
       flags[j] = g.defined() ? 1.0f : 0.0f;
-      if (on_cuda_) continue;
+      if (on_cuda_ || b.range.defined()) continue;
       float* out = b.buffer.data() + b.offsets[j];
       const size_t count = static_cast<size_t>(params_[b.params[j]].numel());
       if (g.defined())
@@ -155,17 +197,29 @@ class GradientSync {
         std::fill(out, out + count, 0.0f);
     }
     if (!on_cuda_) {
+      if (b.range.defined())
+        std::memcpy(b.buffer.data(), b.range.data<float>(), b.values * sizeof(float));
       b.request = comm_.start_all_gather(b.buffer.data(), b.buffer.size(), b.gathered.data());
       return;
     }
     b.request = comm_.start_all_reduce_sum(flags, n);
-    b.request.wait();  // the flags decide which gradients exist before NCCL reduces them
+    b.request.wait();         // the flags decide which gradients exist before NCCL reduces them
+    if (b.range.defined()) {  // one array; where no rank has a gradient, zeros stay zeros
+      comm_.all_reduce_sum_device(b.range.device_data<float>(), b.values);
+      for (size_t j = 0; j < n; ++j) {
+        detail::AutogradMeta& meta = *params_[b.params[j]].impl().autograd;
+        if (flags[j] != 0.0f) meta.grad = meta.grad_home;
+      }
+      return;
+    }
     comm_.group([&] {
       for (size_t j = 0; j < n; ++j) {
         if (flags[j] == 0.0f) continue;  // no rank has this gradient
         detail::AutogradMeta& meta = *params_[b.params[j]].impl().autograd;
-        if (!meta.grad.defined())
-          meta.grad = zeros(params_[b.params[j]].shape(), params_[b.params[j]].device());
+        const Tensor& p = params_[b.params[j]];
+        if (!meta.grad.defined())  // an arena's view holds zeros while it has no gradient
+          meta.grad =
+              detail::has_grad_home(meta, p) ? meta.grad_home : zeros(p.shape(), p.device());
         comm_.all_reduce_sum_device(meta.grad.device_data<float>(),
                                     static_cast<size_t>(meta.grad.numel()));
       }
@@ -177,6 +231,25 @@ class GradientSync {
   void unpack(Bucket& b) {
     if (on_cuda_) return;  // reduced in place
     const size_t stride = b.buffer.size();
+    if (b.range.defined()) {  // the range in one sum, then the flags
+      const size_t count = b.values;
+      auto add_into_earlier = [count](float* earlier, float* later) {
+        for (size_t i = 0; i < count; ++i) earlier[i] += later[i];
+        return earlier;
+      };
+      PairwiseSum<float*, decltype(add_into_earlier)> sum(add_into_earlier);
+      for (size_t r = 0; r < static_cast<size_t>(comm_.size()); ++r)
+        sum.push(b.gathered.data() + r * stride);
+      std::memcpy(b.range.data<float>(), sum.total(), count * sizeof(float));
+      for (size_t j = 0; j < b.params.size(); ++j) {
+        bool any = false;
+        for (size_t r = 0; r < static_cast<size_t>(comm_.size()); ++r)
+          any = any || b.gathered[r * stride + b.values + j] != 0.0f;
+        detail::AutogradMeta& meta = *params_[b.params[j]].impl().autograd;
+        if (any) meta.grad = meta.grad_home;  // which now holds the sum
+      }
+      return;
+    }
     for (size_t j = 0; j < b.params.size(); ++j) {
       bool any = false;
       for (size_t r = 0; r < static_cast<size_t>(comm_.size()); ++r)
@@ -193,7 +266,9 @@ class GradientSync {
         sum.push(b.gathered.data() + r * stride + b.offsets[j]);
       const float* total = sum.total();
       detail::AutogradMeta& meta = *p.impl().autograd;
-      if (!meta.grad.defined()) meta.grad = Tensor::empty(p.shape(), DType::f32);
+      if (!meta.grad.defined())
+        meta.grad =
+            detail::has_grad_home(meta, p) ? meta.grad_home : Tensor::empty(p.shape(), DType::f32);
       std::memcpy(meta.grad.data<float>(), total, count * sizeof(float));
     }
   }

@@ -94,8 +94,8 @@ class ShardGradients {
 
   void take() {
     for (size_t i = 0; i < params_.size(); ++i) {
-      sums_[i].push(params_[i].grad());
-      params_[i].zero_grad();
+      // A copy when the gradient lives in an optimiser arena, whose view is zeroed here.
+      sums_[i].push(detail::take_leaf_grad(*params_[i].impl().autograd));
     }
   }
 
@@ -114,10 +114,10 @@ class ShardGradients {
   void fold(size_t i) {
     if (folded_[i]) return;
     folded_[i] = true;
-    sums_[i].push(params_[i].grad());
+    detail::AutogradMeta& meta = *params_[i].impl().autograd;
+    sums_[i].push(detail::take_leaf_grad(meta));
     const Tensor total = sums_[i].total();
-    params_[i].zero_grad();
-    if (total.defined()) params_[i].impl().autograd->grad = total;
+    if (total.defined()) detail::set_leaf_grad(meta, total);  // into its arena view, if any
   }
 
   std::vector<Tensor> params_;

@@ -14,9 +14,20 @@
 // compiler fuses a multiply and an add into an FMA (PyTorch's vectorised CPU add does) can still
 // move the last bit, which is why the twin compares with a tolerance of a few ulps.
 //
-// Moment buffers are allocated (as zeros) at construction, so state() is complete for parameters
+// The optimiser keeps its parameters in an Arena (rex/optim/arena.hpp): at construction the
+// parameters are rebound to views of one values buffer, their gradients to views of one gradient
+// buffer, and the moments are views of two more. The update of each element is the same as with
+// tensors of their own (the CPU runs the same per-parameter Eigen code over the views, bit for bit;
+// on CUDA one launch covers up to 96 parameters, every element in the same order of operations).
+// The moments are allocated (as zeros) at construction, so state() is complete for parameters
 // that never stepped. state() and load_state() copy values: a checkpoint never aliases the
 // optimiser's buffers, which keep changing as it steps.
+//
+// Global-norm clipping over the arena (clip_grad_norm, then step): on the CPU as
+// rex::optim::clip_grad_norm does it (per-parameter sums in parameter order, the gradients scaled
+// in place); on CUDA one reduction over the gradient buffer and a one-block kernel leave the norm
+// and the clip factor on the device, and step() multiplies each gradient by the factor as it reads
+// it: no host wait, the norm comes back only when grad_norm() asks for it.
 #pragma once
 
 #include <cmath>
@@ -31,6 +42,7 @@
 #include "rex/backend/cpu/arrays.hpp"
 #include "rex/backend/cuda/dispatch.hpp"
 #include "rex/core/factory.hpp"
+#include "rex/optim/arena.hpp"
 
 namespace rex::optim {
 
@@ -75,9 +87,25 @@ class AdamW {
                 p.tensor.dtype(), ", not f32");
       REX_CHECK(p.tensor.is_leaf(), "AdamW: parameter '", p.name,
                 "' is not a leaf (it was produced by an op); pass the parameter tensor itself");
-      slots_.push_back({zeros(p.tensor.shape(), p.tensor.device()),
-                        zeros(p.tensor.shape(), p.tensor.device()), 0});
     }
+    std::vector<Tensor> tensors;
+    std::map<const detail::TensorImpl*, std::string> seen;  // each tensor gets one range
+    for (const Parameter& p : params_) {
+      const auto [at, inserted] = seen.emplace(&p.tensor.impl(), p.name);
+      REX_CHECK(inserted, "AdamW: parameters '", at->second, "' and '", p.name,
+                "' are the same tensor");
+      REX_CHECK(p.tensor.device() == params_.front().tensor.device(), "AdamW: parameter '", p.name,
+                "' is on ", p.tensor.device(), " but '", params_.front().name, "' is on ",
+                params_.front().tensor.device(), "; move the whole model to one device first");
+      tensors.push_back(p.tensor);
+    }
+    arena_ = Arena(tensors);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const Shape& shape = params_[i].tensor.shape();
+      slots_.push_back(
+          {arena_.view(arena_.exp_avg(), i, shape), arena_.view(arena_.exp_avg_sq(), i, shape), 0});
+    }
+    if (arena_.device().is_cuda()) clip_ = zeros({4}, arena_.device());  // norm (a double), factor
   }
   // Copies would share the moment buffers while counting steps apart.
   AdamW(const AdamW&) = delete;
@@ -95,70 +123,133 @@ class AdamW {
     const auto one_minus_beta1 = static_cast<float>(1.0 - beta1_d);
     const auto one_minus_beta2 = static_cast<float>(1.0 - beta2_d);
     const auto keep = static_cast<float>(1.0 - lr_d * static_cast<double>(options_.weight_decay));
-    // Every tensor of one update must be on the parameter's device. Checked before any update,
-    // outside the parallel loop: an exception cannot leave an OpenMP region.
+    // Every parameter must still compute with the arena, and every gradient be on its device.
+    // Checked before any update, outside the parallel loop: an exception cannot leave an OpenMP
+    // region.
     const auto count = static_cast<int64_t>(params_.size());
     for (int64_t i = 0; i < count; ++i) {
       const Tensor g = params_[i].tensor.grad();
       const Device device = params_[i].tensor.device();
-      REX_CHECK(!g.defined() || (g.device() == device && slots_[i].exp_avg.device() == device),
+      REX_CHECK(arena_.holds(static_cast<size_t>(i), params_[i].tensor) &&
+                    (!g.defined() || g.device() == device),
                 "AdamW::step: parameter '", params_[i].name, "' is on ", device,
-                " but its gradient or optimiser state is not (state on ",
-                slots_[i].exp_avg.device(), "); move the model before building the optimiser");
+                " but its optimiser state is not where the optimiser put it (state on ",
+                arena_.device(), "); move the model before building the optimiser");
     }
-    auto update = [&](int64_t i) {
-      const Tensor g = params_[i].tensor.grad();
+    arena_.adopt_grads(tensors());
+    struct Scalars {
+      float keep, neg_step_size, bias2_sqrt;
+    };
+    auto advance = [&](int64_t i) {
       Slot& s = slots_[i];
       ++s.step;
-      const int64_t n = g.numel();
       const double bias1 = 1.0 - std::pow(beta1_d, static_cast<double>(s.step));
       const double bias2 = 1.0 - std::pow(beta2_d, static_cast<double>(s.step));
-      const auto neg_step_size = static_cast<float>(-(lr_d / bias1));
-      const auto bias2_sqrt = static_cast<float>(std::sqrt(bias2));
-      if (detail::on_cuda(g)) {
-        // One fused kernel per parameter, the same operations in the same order.
-        const detail::AdamWScalars scalars{params_[i].decay ? keep : 1.0f,
-                                           beta1,
-                                           one_minus_beta1,
-                                           beta2,
-                                           one_minus_beta2,
-                                           neg_step_size,
-                                           bias2_sqrt,
-                                           eps};
-        detail::cuda_backend().adamw(params_[i].tensor.device_data<float>(), g.device_data<float>(),
-                                     s.exp_avg.device_data<float>(),
-                                     s.exp_avg_sq.device_data<float>(), n, scalars);
-        return;
+      return Scalars{params_[i].decay ? keep : 1.0f, static_cast<float>(-(lr_d / bias1)),
+                     static_cast<float>(std::sqrt(bias2))};
+    };
+    if (arena_.device().is_cuda()) {
+      // One launch over the ranges of the parameters that have a gradient (96 to a launch), the
+      // clip factor read on the device.
+      std::vector<detail::AdamWSegment> segments;
+      for (int64_t i = 0; i < count; ++i) {
+        if (!params_[i].tensor.grad().defined()) continue;
+        const Scalars sc = advance(i);
+        const Arena::Range& r = arena_.ranges()[static_cast<size_t>(i)];
+        segments.push_back({r.begin, r.end, sc.keep, sc.neg_step_size, sc.bias2_sqrt});
       }
+      const detail::AdamWScalars shared{beta1, one_minus_beta1, beta2, one_minus_beta2, eps};
+      const float* scale = clip_pending_ ? clip_factor() : nullptr;
+      detail::cuda_backend().adamw_segments(
+          arena_.values().device_data<float>(), arena_.grads().device_data<float>(),
+          arena_.exp_avg().device_data<float>(), arena_.exp_avg_sq().device_data<float>(),
+          segments.data(), static_cast<int64_t>(segments.size()), shared, scale);
+      clip_pending_ = false;
+      return;
+    }
+    // CPU parameters are independent and updated in parallel, each by one thread.
+    REX_PARALLEL_FOR(schedule(dynamic))
+    for (int64_t i = 0; i < count; ++i) {
+      const Tensor g = params_[i].tensor.grad();
+      if (!g.defined()) continue;
+      const Scalars sc = advance(i);
+      Slot& s = slots_[i];
+      const int64_t n = g.numel();
       // Eigen arrays vectorise the sqrt and the division, which a plain loop cannot be (std::sqrt
       // may set errno); the expressions keep PyTorch's order of operations.
       detail::ArrayMap w(params_[i].tensor.data<float>(), n), m(s.exp_avg.data<float>(), n),
           v(s.exp_avg_sq.data<float>(), n);
       const detail::ConstArrayMap grad(g.data<float>(), n);
-      if (params_[i].decay) w *= keep;
+      if (params_[i].decay) w *= sc.keep;
       m = m * beta1 + one_minus_beta1 * grad;
       v = v * beta2 + one_minus_beta2 * grad * grad;
-      w = w + neg_step_size * m / (v.sqrt() / bias2_sqrt + eps);
-    };
-    auto has_grad_on = [&](int64_t i, bool cuda) {
-      const Tensor g = params_[i].tensor.grad();
-      return g.defined() && detail::on_cuda(g) == cuda;
-    };
-    // CUDA parameters one after another (their kernels share one stream); CPU parameters are
-    // independent and updated in parallel, each by one thread.
-    for (int64_t i = 0; i < count; ++i)
-      if (has_grad_on(i, true)) update(i);
-    REX_PARALLEL_FOR(schedule(dynamic))
-    for (int64_t i = 0; i < count; ++i)
-      if (has_grad_on(i, false)) update(i);
+      w = w + sc.neg_step_size * m / (v.sqrt() / sc.bias2_sqrt + eps);
+    }
+    clip_pending_ = false;
   }
 
-  // Drops every parameter's gradient (the next backward() starts from nothing).
-  void zero_grad() {
-    for (Parameter& p : params_) p.tensor.zero_grad();
+  // Global-norm clipping with torch.nn.utils.clip_grad_norm_'s rule (factor
+  // min(1, max_norm / (norm + 1e-6)); max_norm <= 0 only measures), for the next step(). On the
+  // CPU the norm is summed per parameter in parameter order and the gradients scaled in place, as
+  // rex::optim::clip_grad_norm does, and a non-finite norm throws here. On CUDA the sum of squares
+  // of the whole gradient buffer (zeros where a parameter has no gradient) and the factor are
+  // computed on the device, which step() reads there; the gradients stay unscaled and nothing
+  // comes back to the host until grad_norm() (which throws on a non-finite norm).
+  void clip_grad_norm(double max_norm) {
+    NoGradGuard no_grad;
+    arena_.adopt_grads(tensors());
+    if (arena_.device().is_cuda()) {
+      detail::cuda_backend().clip_factor(arena_.grads().device_data<float>(), arena_.size(),
+                                         max_norm, static_cast<double*>(clip_.device_bytes()),
+                                         clip_factor());
+      clip_pending_ = true;
+      norm_known_ = false;
+      return;
+    }
+    std::vector<Tensor> grads;
+    for (const Parameter& p : params_) grads.push_back(p.tensor.grad());
+    const std::vector<double> sums = detail::sums_of_squares(grads);
+    double sum_sq = 0.0;
+    for (const double s : sums) sum_sq += s;
+    norm_ = std::sqrt(sum_sq);
+    norm_known_ = true;
+    if (!std::isfinite(norm_)) throw detail::non_finite_norm(norm_, sums, names());
+    const double coef = max_norm / (norm_ + 1e-6);
+    if (max_norm > 0.0 && coef < 1.0) {
+      const auto scale = static_cast<float>(coef);
+      const auto count = static_cast<int64_t>(grads.size());
+      REX_PARALLEL_FOR(schedule(dynamic))
+      for (int64_t i = 0; i < count; ++i)
+        if (grads[i].defined()) detail::ArrayMap(grads[i].data<float>(), grads[i].numel()) *= scale;
+    }
   }
+
+  // The norm the last clip_grad_norm measured, before clipping (on CUDA one read from the device,
+  // the first time it is asked). Throws, naming the first parameter whose gradient holds a NaN or
+  // an infinity, when it is not finite.
+  double grad_norm() {
+    if (!norm_known_) {
+      REX_CHECK(clip_.defined(), "AdamW::grad_norm: clip_grad_norm was not called");
+      double norm = 0.0;
+      detail::device_memory().copy(&norm, clip_.device_bytes(), sizeof norm,
+                                   detail::DeviceCopy::device_to_host);
+      norm_ = norm;
+      norm_known_ = true;
+      if (!std::isfinite(norm_)) {
+        std::vector<Tensor> grads;
+        for (const Parameter& p : params_) grads.push_back(p.tensor.grad());
+        throw detail::non_finite_norm(norm_, detail::sums_of_squares(grads), names());
+      }
+    }
+    return norm_;
+  }
+
+  // Drops every parameter's gradient (the next backward() starts from nothing): one fill of the
+  // arena's gradient buffer.
+  void zero_grad() { arena_.zero_grad(tensors()); }
 
   const std::vector<Parameter>& parameters() const { return params_; }
+  const Arena& arena() const { return arena_; }
   const AdamWOptions& options() const { return options_; }
 
   // "<name>.exp_avg" and "<name>.exp_avg_sq" (f32, the parameter's shape) and "<name>.step" (i32,
@@ -194,9 +285,9 @@ class AdamW {
       const Tensor& t = find(name, DType::f32);
       REX_CHECK(t.shape() == p.tensor.shape(), "AdamW::load_state: tensor '", name, "' has shape ",
                 t.shape(), ", expected ", p.tensor.shape());
-      return t.copy_to(p.tensor.device());
+      return t;
     };
-    std::vector<Slot> loaded;
+    std::vector<Slot> loaded;  // the checked source tensors, copied in once all passed
     for (const Parameter& p : params_) {
       Slot slot{moment(p, ".exp_avg"), moment(p, ".exp_avg_sq"), 0};
       const std::string name = p.name + ".step";
@@ -212,7 +303,11 @@ class AdamW {
       REX_CHECK(expected.count(name), "AdamW::load_state: unknown tensor '", name,
                 "' (no parameter of this optimiser has that state)");
     }
-    slots_ = std::move(loaded);
+    for (size_t i = 0; i < slots_.size(); ++i) {  // into the arena's views, across devices
+      slots_[i].exp_avg.copy_(loaded[i].exp_avg);
+      slots_[i].exp_avg_sq.copy_(loaded[i].exp_avg_sq);
+      slots_[i].step = loaded[i].step;
+    }
   }
 
  private:
@@ -220,9 +315,26 @@ class AdamW {
     Tensor exp_avg, exp_avg_sq;
     int64_t step = 0;
   };
+  std::vector<Tensor> tensors() const {
+    std::vector<Tensor> out;
+    for (const Parameter& p : params_) out.push_back(p.tensor);
+    return out;
+  }
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    for (const Parameter& p : params_) out.push_back(p.name);
+    return out;
+  }
+  // CUDA: the clip's norm (a double, bytes 0-7) and factor (a float, bytes 8-11) on the device.
+  float* clip_factor() const { return clip_.device_data<float>() + 2; }
+
   std::vector<Parameter> params_;
   AdamWOptions options_;
-  std::vector<Slot> slots_;  // one per parameter, same order
+  Arena arena_;
+  std::vector<Slot> slots_;  // one per parameter, same order; the moments are arena views
+  Tensor clip_;
+  double norm_ = 0.0;
+  bool norm_known_ = false, clip_pending_ = false;
 };
 
 }  // namespace rex::optim

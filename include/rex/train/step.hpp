@@ -233,7 +233,10 @@ inline StepResult train_step(
   result.loss = result.lm_loss + result.aux_loss;
   result.candidates = result.output.candidates;
   if (inspect_gradients) inspect_gradients(result.output);
-  result.grad_norm = optim::clip_grad_norm(optimizer.parameters(), grad_clip);
+  // Clipping over the optimiser's arena; on CUDA the factor stays on the device for AdamW, and
+  // the norm is read for the result (and its non-finite check) before the update is queued.
+  optimizer.clip_grad_norm(grad_clip);
+  result.grad_norm = optimizer.grad_norm();
   optimizer.step(lr);
   optimizer.zero_grad();
   return result;

@@ -36,10 +36,22 @@ struct CudaMemoryStats {
   int64_t device_mallocs = 0;  // cudaMalloc calls since start (flat in steady state)
 };
 
-// The per-step scalars of one AdamW update (keep = 1 for parameters without weight decay).
+// The scalars of one AdamW step that all parameters share.
 struct AdamWScalars {
-  float keep, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias2_sqrt, eps;
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
 };
+
+// One parameter's range [begin, end) of an optimiser arena (element offsets) with its own scalars
+// of the step (keep = 1 for parameters without weight decay; the step size and bias correction
+// follow its own step count).
+struct AdamWSegment {
+  int64_t begin, end;
+  float keep, neg_step_size, bias2_sqrt;
+};
+
+// The most segments one adamw_segments launch takes (they travel as a kernel argument, under
+// CUDA's 4 KiB limit); more segments make more launches.
+inline constexpr int kAdamWSegmentsPerLaunch = 96;
 
 struct CudaBackend {
   // ---- runtime and memory (kernels/memory.cu; allocate, release, copy and fill are core's
@@ -180,12 +192,22 @@ struct CudaBackend {
   void (*set_tf32)(bool enabled);  // TF32 tensor-core GEMMs (off by default: full fp32)
 
   // ---- optimiser (kernels/optim.cu) ----
-  // One AdamW step on n elements with the scalars rex::optim::AdamW::step computes on the host,
-  // in its (PyTorch's) order of operations:
-  // p *= keep; m = m b1 + (1 - b1) g; v = v b2 + (1 - b2) g g; p += neg_step * m / (sqrt(v) / b2s +
-  // eps)
-  void (*adamw)(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
-                const AdamWScalars& scalars);
+  // One AdamW step over the `count` segments at host_segments (in increasing order, not
+  // overlapping) of four arena buffers, with the scalars rex::optim::AdamW::step computes on the
+  // host, in its (PyTorch's) order of operations, per element of a segment:
+  // g = grad * scale; p *= keep; m = m b1 + (1 - b1) g; v = v b2 + (1 - b2) g g;
+  // p += neg_step * m / (sqrt(v) / b2s + eps)
+  // where scale is *grad_scale (a device float: the clip factor) or 1 when grad_scale is null.
+  // Elements outside every segment are not touched. One launch per kAdamWSegmentsPerLaunch
+  // segments; no host wait.
+  void (*adamw_segments)(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
+                         const AdamWSegment* host_segments, int64_t count,
+                         const AdamWScalars& scalars, const float* grad_scale);
+  // The global-norm clip of n gradient values, on the device: the sum of their squares in double
+  // with a fixed reduction tree (deterministic), *norm = its square root and
+  // *factor = min(1, max_norm / (norm + 1e-6)) rounded to float (1 when max_norm <= 0 or the norm
+  // is not finite). Two launches, no host wait: norm and factor stay on the device.
+  void (*clip_factor)(const float* grad, int64_t n, double max_norm, double* norm, float* factor);
   // host_sums[i] = the sum of squares of the host_sizes[i] floats at host_arrays[i] (device
   // pointers, in a host array), in double with a fixed reduction tree (deterministic), for `count`
   // arrays; all come to the host in one copy, after one synchronisation.
