@@ -37,15 +37,15 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kFlashThreads = 32 * kWarps;
-// 16-row blocks a warp owns in the forward: two share every K and V fragment a warp loads from
-// shared memory, but at head dim 128 their q and output registers would pass the 255 a thread has.
+// 16-row blocks a warp owns: two share every fragment the warp loads from shared memory, but at
+// head dim 128 their registers (q and o forward; k, v, dk, dv or q, g, dq backward) would pass the
+// 255 a thread has.
 template <int D>
-constexpr int kForwardBlocks = D <= 64 ? 2 : 1;
+constexpr int kRowBlocks = D <= 64 ? 2 : 1;
 template <int D>
-constexpr int kForwardRows = 16 * kForwardBlocks<D>* kWarps;  // query rows of a forward block
-constexpr int kForwardKeys = 32;                              // keys of a streamed forward tile
-constexpr int kBackwardRows = 16 * kWarps;  // own rows of a backward block (16 a warp)
-constexpr int kBackwardTile = 64;           // rows of a streamed backward tile
+constexpr int kBlockRows = 16 * kRowBlocks<D>* kWarps;  // rows a block owns
+constexpr int kForwardKeys = 32;                        // keys of a streamed forward tile
+constexpr int kBackwardTile = 64;                       // rows of a streamed backward tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -225,10 +225,10 @@ template <int D>
 __global__ void flash_forward_kernel(const float* q, const float* k, const float* v, float* out,
                                      float* lse, int64_t heads, int64_t kv_heads, int64_t time,
                                      float scale) {
-  constexpr int R = kForwardBlocks<D>;
+  constexpr int R = kRowBlocks<D>;
   __shared__ __align__(16) uint16_t k_tile[kForwardKeys * kPadded<D>];
   __shared__ __align__(16) uint16_t v_tile[kForwardKeys * kPadded<D>];
-  const TileOf tile = block_tile(time, kForwardRows<D>, true);
+  const TileOf tile = block_tile(time, kBlockRows<D>, true);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t first = tile.first + warp * 16 * R;  // this warp's first query row
   const int64_t kv_offset = kv_head_of(tile.head, heads, kv_heads) * time * D;
@@ -246,7 +246,7 @@ __global__ void flash_forward_kernel(const float* q, const float* k, const float
   }
   const float scale_log2 = scale * kLog2e;
 
-  for (int64_t key_first = 0; key_first < tile.first + kForwardRows<D> && key_first < time;
+  for (int64_t key_first = 0; key_first < tile.first + kBlockRows<D> && key_first < time;
        key_first += kForwardKeys) {
     __syncthreads();  // the previous tile is no longer read
     load_tile<D, kForwardKeys>(k_tile, k + kv_offset, key_first, time);
@@ -299,21 +299,24 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
                                            const float* g, const float* lse, const float* delta,
                                            float* dk, float* dv, int64_t heads, int64_t kv_heads,
                                            int64_t time, float scale) {
+  constexpr int R = kRowBlocks<D>;
   __shared__ __align__(16) uint16_t q_tile[kBackwardTile * kPadded<D>];
   __shared__ __align__(16) uint16_t g_tile[kBackwardTile * kPadded<D>];
   __shared__ float lse_tile[kBackwardTile], delta_tile[kBackwardTile];
-  const TileOf tile = block_tile(time, kBackwardRows, false);  // tile.head is the kv head
+  const TileOf tile = block_tile(time, kBlockRows<D>, false);  // tile.head is the kv head
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g_row = lane / 4, t = lane % 4;
-  const int64_t first = tile.first + warp * 16;  // this warp's first key
+  const int64_t first = tile.first + warp * 16 * R;  // this warp's first key
   const int64_t group = heads / kv_heads;
   const float scale_log2 = scale * kLog2e;
 
-  uint32_t k_frag[1][D / 16][4], v_frag[1][D / 16][4];
-  load_rows_as_a<D>(k_frag[0], k + tile.head * time * D, first, time);
-  load_rows_as_a<D>(v_frag[0], v + tile.head * time * D, first, time);
-  float dk_acc[1][D / 8][4], dv_acc[1][D / 8][4];
-  zero(dk_acc[0]);
-  zero(dv_acc[0]);
+  uint32_t k_frag[R][D / 16][4], v_frag[R][D / 16][4];
+  float dk_acc[R][D / 8][4], dv_acc[R][D / 8][4];
+  for (int b = 0; b < R; ++b) {
+    load_rows_as_a<D>(k_frag[b], k + tile.head * time * D, first + 16 * b, time);
+    load_rows_as_a<D>(v_frag[b], v + tile.head * time * D, first + 16 * b, time);
+    zero(dk_acc[b]);
+    zero(dv_acc[b]);
+  }
 
   for (int64_t member = 0; member < group; ++member) {
     const int64_t bh = (tile.head / kv_heads) * heads + (tile.head % kv_heads) * group + member;
@@ -332,29 +335,36 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
         if (query_first + sub + 15 < first || query_first + sub >= time) continue;
         const uint16_t* q_rows = q_tile + sub * kPadded<D>;
         const uint16_t* g_rows = g_tile + sub * kPadded<D>;
-        float p[1][2][4], dp[1][2][4];  // p^T and dp^T: 16 keys x 16 queries
-        zero(p[0]);
-        zero(dp[0]);
+        float p[R][2][4], dp[R][2][4];  // p^T and dp^T: 16 keys x 16 queries a row block
+        for (int b = 0; b < R; ++b) {
+          zero(p[b]);
+          zero(dp[b]);
+        }
         multiply_by_rows<D>(p, k_frag, q_rows);
         multiply_by_rows<D>(dp, v_frag, g_rows);
-        for (int n = 0; n < 2; ++n)
-          for (int e = 0; e < 4; ++e) {
-            const int column = sub + 8 * n + 2 * t + e % 2;
-            const int64_t key = first + g_row + 8 * (e / 2), query = query_first + column;
-            const bool kept = key <= query && query < time && key < time;
-            p[0][n][e] = kept ? exp2f(p[0][n][e] * scale_log2 - lse_tile[column]) : 0.0f;
-            dp[0][n][e] = p[0][n][e] * (dp[0][n][e] - delta_tile[column]);  // ds^T
-          }
-        uint32_t p_frag[1][1][4], ds_frag[1][1][4];
-        as_a_fragments(p_frag[0], p[0]);
-        as_a_fragments(ds_frag[0], dp[0]);
+        uint32_t p_frag[R][1][4], ds_frag[R][1][4];
+        for (int b = 0; b < R; ++b) {
+          for (int n = 0; n < 2; ++n)
+            for (int e = 0; e < 4; ++e) {
+              const int column = sub + 8 * n + 2 * t + e % 2;
+              const int64_t key = first + 16 * b + g_row + 8 * (e / 2),
+                            query = query_first + column;
+              const bool kept = key <= query && query < time && key < time;
+              p[b][n][e] = kept ? exp2f(p[b][n][e] * scale_log2 - lse_tile[column]) : 0.0f;
+              dp[b][n][e] = p[b][n][e] * (dp[b][n][e] - delta_tile[column]);  // ds^T
+            }
+          as_a_fragments(p_frag[b], p[b]);
+          as_a_fragments(ds_frag[b], dp[b]);
+        }
         multiply_into_rows<D>(dv_acc, p_frag, g_rows);
         multiply_into_rows<D>(dk_acc, ds_frag, q_rows);
       }
     }
   }
-  store_rows(dk + tile.head * time * D, dk_acc[0], first, time, scale, scale);
-  store_rows(dv + tile.head * time * D, dv_acc[0], first, time, 1.0f, 1.0f);
+  for (int b = 0; b < R; ++b) {
+    store_rows(dk + tile.head * time * D, dk_acc[b], first + 16 * b, time, scale, scale);
+    store_rows(dv + tile.head * time * D, dv_acc[b], first + 16 * b, time, 1.0f, 1.0f);
+  }
 }
 
 template <int D>
@@ -362,55 +372,63 @@ __global__ void flash_backward_queries_kernel(const float* q, const float* k, co
                                               const float* g, const float* lse, const float* delta,
                                               float* dq, int64_t heads, int64_t kv_heads,
                                               int64_t time, float scale) {
+  constexpr int R = kRowBlocks<D>;
   __shared__ __align__(16) uint16_t k_tile[kBackwardTile * kPadded<D>];
   __shared__ __align__(16) uint16_t v_tile[kBackwardTile * kPadded<D>];
-  const TileOf tile = block_tile(time, kBackwardRows, true);
+  const TileOf tile = block_tile(time, kBlockRows<D>, true);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g_row = lane / 4, t = lane % 4;
-  const int64_t first = tile.first + warp * 16;  // this warp's first query row
+  const int64_t first = tile.first + warp * 16 * R;  // this warp's first query row
   const int64_t kv_offset = kv_head_of(tile.head, heads, kv_heads) * time * D;
   const float scale_log2 = scale * kLog2e;
 
-  uint32_t q_frag[1][D / 16][4], g_frag[1][D / 16][4];
-  load_rows_as_a<D>(q_frag[0], q + tile.head * time * D, first, time);
-  load_rows_as_a<D>(g_frag[0], g + tile.head * time * D, first, time);
-  float row_lse[2], row_delta[2];
-  for (int half = 0; half < 2; ++half) {
-    const int64_t row = first + g_row + 8 * half;
-    row_lse[half] = row < time ? lse[tile.head * time + row] * kLog2e : 0.0f;
-    row_delta[half] = row < time ? delta[tile.head * time + row] : 0.0f;
+  uint32_t q_frag[R][D / 16][4], g_frag[R][D / 16][4];
+  float row_lse[R][2], row_delta[R][2], dq_acc[R][D / 8][4];
+  for (int b = 0; b < R; ++b) {
+    load_rows_as_a<D>(q_frag[b], q + tile.head * time * D, first + 16 * b, time);
+    load_rows_as_a<D>(g_frag[b], g + tile.head * time * D, first + 16 * b, time);
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = first + 16 * b + g_row + 8 * half;
+      row_lse[b][half] = row < time ? lse[tile.head * time + row] * kLog2e : 0.0f;
+      row_delta[b][half] = row < time ? delta[tile.head * time + row] : 0.0f;
+    }
+    zero(dq_acc[b]);
   }
-  float dq_acc[1][D / 8][4];
-  zero(dq_acc[0]);
 
-  for (int64_t key_first = 0; key_first < tile.first + kBackwardRows && key_first < time;
+  for (int64_t key_first = 0; key_first < tile.first + kBlockRows<D> && key_first < time;
        key_first += kBackwardTile) {
     __syncthreads();
     load_tile<D, kBackwardTile>(k_tile, k + kv_offset, key_first, time);
     load_tile<D, kBackwardTile>(v_tile, v + kv_offset, key_first, time);
     __syncthreads();
     for (int sub = 0; sub < kBackwardTile; sub += 16) {
-      if (key_first + sub > first + 15 || key_first + sub >= time) break;  // past the rows, or time
+      // every key past this warp's rows, or past time
+      if (key_first + sub > first + 16 * R - 1 || key_first + sub >= time) break;
       const uint16_t* k_rows = k_tile + sub * kPadded<D>;
-      float p[1][2][4], dp[1][2][4];  // 16 queries x 16 keys
-      zero(p[0]);
-      zero(dp[0]);
+      float p[R][2][4], dp[R][2][4];  // 16 queries x 16 keys a row block
+      for (int b = 0; b < R; ++b) {
+        zero(p[b]);
+        zero(dp[b]);
+      }
       multiply_by_rows<D>(p, q_frag, k_rows);
       multiply_by_rows<D>(dp, g_frag, v_tile + sub * kPadded<D>);
-      for (int n = 0; n < 2; ++n)
-        for (int e = 0; e < 4; ++e) {
-          const int half = e / 2;
-          const int64_t row = first + g_row + 8 * half,
-                        key = key_first + sub + 8 * n + 2 * t + e % 2;
-          const bool kept = key <= row && key < time && row < time;
-          p[0][n][e] = kept ? exp2f(p[0][n][e] * scale_log2 - row_lse[half]) : 0.0f;
-          dp[0][n][e] = p[0][n][e] * (dp[0][n][e] - row_delta[half]);  // ds
-        }
-      uint32_t ds_frag[1][1][4];
-      as_a_fragments(ds_frag[0], dp[0]);
+      uint32_t ds_frag[R][1][4];
+      for (int b = 0; b < R; ++b) {
+        for (int n = 0; n < 2; ++n)
+          for (int e = 0; e < 4; ++e) {
+            const int half = e / 2;
+            const int64_t row = first + 16 * b + g_row + 8 * half,
+                          key = key_first + sub + 8 * n + 2 * t + e % 2;
+            const bool kept = key <= row && key < time && row < time;
+            p[b][n][e] = kept ? exp2f(p[b][n][e] * scale_log2 - row_lse[b][half]) : 0.0f;
+            dp[b][n][e] = p[b][n][e] * (dp[b][n][e] - row_delta[b][half]);  // ds
+          }
+        as_a_fragments(ds_frag[b], dp[b]);
+      }
       multiply_into_rows<D>(dq_acc, ds_frag, k_rows);
     }
   }
-  store_rows(dq + tile.head * time * D, dq_acc[0], first, time, scale, scale);
+  for (int b = 0; b < R; ++b)
+    store_rows(dq + tile.head * time * D, dq_acc[b], first + 16 * b, time, scale, scale);
 }
 
 // Launches `launch.template operator()<D>()` for the supported head dims.
@@ -439,7 +457,7 @@ void flash_attention(const float* q, const float* k, const float* v, float* out,
                      float scale) {
   if (batch * heads * time == 0) return;
   for_head_dim(head_dim, [&]<int D>() {
-    REX_LAUNCH(flash_forward_kernel<D>, flash_grid(batch * heads, time, kForwardRows<D>),
+    REX_LAUNCH(flash_forward_kernel<D>, flash_grid(batch * heads, time, kBlockRows<D>),
                kFlashThreads, 0, q, k, v, out, lse, heads, kv_heads, time, scale);
   });
 }
@@ -454,10 +472,10 @@ void flash_attention_backward(const float* q, const float* k, const float* v, co
   REX_LAUNCH(flash_delta_kernel, blocks_for(rows * 32), kThreads, 0, g, out, delta.as<float>(),
              rows, head_dim);
   for_head_dim(head_dim, [&]<int D>() {
-    REX_LAUNCH(flash_backward_keys_kernel<D>, flash_grid(batch * kv_heads, time, kBackwardRows),
+    REX_LAUNCH(flash_backward_keys_kernel<D>, flash_grid(batch * kv_heads, time, kBlockRows<D>),
                kFlashThreads, 0, q, k, v, g, lse, delta.as<float>(), dk, dv, heads, kv_heads, time,
                scale);
-    REX_LAUNCH(flash_backward_queries_kernel<D>, flash_grid(batch * heads, time, kBackwardRows),
+    REX_LAUNCH(flash_backward_queries_kernel<D>, flash_grid(batch * heads, time, kBlockRows<D>),
                kFlashThreads, 0, q, k, v, g, lse, delta.as<float>(), dq, heads, kv_heads, time,
                scale);
   });

@@ -1,6 +1,6 @@
 // Flash attention on bf16 tensor cores (kernels/flash_attention.cu) against attention computed in
-// double on the host, on edge shapes: T not a multiple of the 64-row tile, T = 1, head dims 32, 64
-// and 128, kv groups 1, 2 and 4.
+// double on the host, on edge shapes: T not a multiple of any tile, T = 1, T past one block's rows
+// (300), head dims 32, 64 and 128, kv groups 1, 2 and 4.
 //
 // The inputs (q, k, v and the output gradient g) are rounded to bf16 on the host first, so the
 // kernel's own rounding of them is exact and the reference is the exact attention of the same
@@ -218,7 +218,7 @@ TEST_CASE("flash attention: forward and backward on edge shapes, against exact a
   if (gpu_missing()) return;
   uint64_t seed = 1;
   for (const int64_t dim : {32, 64, 128})
-    for (const int64_t time : {1, 17, 64, 65, 130})
+    for (const int64_t time : {1, 17, 64, 65, 130, 300})
       check_shape({2, 4, dim == 64 ? 1 : (dim == 32 ? 2 : 4), time, dim}, seed++);
 }
 

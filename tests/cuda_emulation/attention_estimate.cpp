@@ -192,30 +192,26 @@ int main(int argc, char** argv) {
       &backward_counts);
   report("flash attention, backward", backward_flops, flash_backward);
 
-  // The tiling's products (kernels/flash_attention.cu): a forward block of 8 warps owns 16 R query
-  // rows a warp (R = 2 up to head dim 64, else 1) and streams keys in tiles of 32, a warp taking
-  // part while the tile's first key is not past its last row (two products of 16 R x 32 x D); a
-  // backward block owns 16 rows a warp and streams tiles of 64 in steps of 16 (none past T), the
-  // keys kernel
-  // computing four products of 16 x 16 x D unless every query of the step is before the warp's
-  // keys, the queries kernel three unless every key is past the warp's rows.
-  const int64_t blocks = D <= 64 ? 2 : 1, forward_rows = 16 * blocks * 8;
+  // The tiling's products (kernels/flash_attention.cu): a block of 8 warps owns 16 R rows a warp
+  // (R = 2 up to head dim 64, else 1). The forward streams keys in tiles of 32, a warp taking part
+  // while the tile's first key is not past its last row (two products of 16 R x 32 x D); the
+  // backward streams tiles of 64 in steps of 16 (none past T), the keys kernel computing four
+  // products of 16 R x 16 x D unless every query of the step is before the warp's keys, the
+  // queries kernel three unless every key is past the warp's rows.
+  const int64_t blocks = D <= 64 ? 2 : 1, block_rows = 16 * blocks * 8;
   const double product = 2.0 * 16 * 16 * static_cast<double>(D);  // one 16 x 16 x D product
   double want_forward = 0, want_backward = 0;
-  for (int64_t first = 0; first < T; first += forward_rows)
-    for (int64_t warp = 0; warp < 8; ++warp)
-      for (int64_t key = 0; key < std::min(first + forward_rows, T); key += 32)
-        if (key <= first + warp * 16 * blocks + 16 * blocks - 1)
-          want_forward += 2 * blocks * 2 * product;
-  for (int64_t first = 0; first < T; first += 128)
+  for (int64_t first = 0; first < T; first += block_rows)
     for (int64_t warp = 0; warp < 8; ++warp) {
-      const int64_t own = first + 16 * warp;
+      const int64_t own = first + 16 * blocks * warp, last = own + 16 * blocks - 1;
+      for (int64_t key = 0; key < std::min(first + block_rows, T); key += 32)
+        if (key <= last) want_forward += 2 * blocks * 2 * product;
       for (int64_t tile = first; tile < T; tile += 64)  // keys kernel: queries from `first`
         for (int64_t other = tile; other < tile + 64; other += 16)
-          if (other + 15 >= own && other < T) want_backward += 4 * product;
-      for (int64_t tile = 0; tile < std::min(first + 128, T); tile += 64)  // queries kernel
+          if (other + 15 >= own && other < T) want_backward += 4 * blocks * product;
+      for (int64_t tile = 0; tile < std::min(first + block_rows, T); tile += 64)  // queries kernel
         for (int64_t other = tile; other < tile + 64; other += 16)
-          if (other <= own + 15 && other < T) want_backward += 3 * product;
+          if (other <= last && other < T) want_backward += 3 * blocks * product;
     }
   want_forward *= static_cast<double>(bh);
   want_backward *= static_cast<double>(bh);
