@@ -41,4 +41,10 @@ tail -5 "$out/memcheck.log"
 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
   build-gpu/tests/test_cuda_ops > "$out/racecheck.log" 2>&1 || status=1
 tail -5 "$out/racecheck.log"
+# The tensor-core kernels (ldmatrix, mma.sync), which CI runs only in the emulation.
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool "$tool" --error-exitcode 3 build-gpu/tests/test_cuda_flash_attention \
+    > "$out/flash_$tool.log" 2>&1 || status=1
+  tail -3 "$out/flash_$tool.log"
+done
 exit $status
