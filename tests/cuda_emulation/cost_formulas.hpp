@@ -689,7 +689,7 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     if (layer > 0) add(1);
   }
   // The head: norm, logits, cross-entropy (its bad-target flag and count read back), the total
-  // loss; the train step reads both losses back.
+  // loss; the train step reads both losses back in one copy.
   rms_norm(M);
   linear(M, D, V);
   KernelCounts rows_kernel = row_kernel(M, V, 2, 0, 2);  // max, then sum of exps
@@ -778,7 +778,7 @@ inline Counts training_step(const rex::train::RunConfig& config) {
   plan.counts.stream_synchronizations -= 1;
   plan.launch("scatter_add_rows_kernel", scatter_add_rows(V, M, D));
   add(V * D);
-  plan.read_back(2);  // the step's two losses, for the log
+  plan.read_back();  // the step's two losses, in one copy, for the log
 
   // The optimiser over its arena (every parameter has a gradient here, and every size is a
   // multiple of 16 floats, so the arena has no padding): the sum of squares of the whole gradient

@@ -26,7 +26,7 @@ namespace {
 struct Budget {
   uint64_t launches, host_waits;
 };
-constexpr Budget kBudgets[] = {{312, 45}, {318, 45}};
+constexpr Budget kBudgets[] = {{312, 43}, {318, 43}};
 constexpr int kSteps = 3;
 
 }  // namespace

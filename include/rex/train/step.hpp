@@ -71,11 +71,6 @@ struct StepResult {
   int64_t candidates = 0;                      // PSR N_t (0 for a dense model)
 };
 
-// The MoE auxiliary loss of a forward pass (0 for a dense model).
-inline double aux_loss(const nn::LmOutput& out) {
-  return out.aux_loss.defined() ? out.aux_loss.item() : 0.0;
-}
-
 // The per-layer counts flattened, summed across the ranks, and put back.
 inline void all_reduce_counts(dist::Communicator& comm, nn::ExpertCounts& counts) {
   std::vector<int64_t> flat;
@@ -200,6 +195,10 @@ inline StepResult train_step(
     for (const optim::Parameter& p : optimizer.parameters()) params.push_back(p.tensor);
     earlier.emplace(params);
   }
+  // Each micro-batch's losses, as device scalars, read back together in one copy after the loop:
+  // micro-batch m's language-model loss at lm_at[m], its aux loss at aux_at[m] (-1: none).
+  std::vector<Tensor> losses;
+  std::vector<int64_t> lm_at(micro.size()), aux_at(micro.size(), -1);
   for (size_t m = 0; m < micro.size(); ++m) {
     if (measured) measured->next_micro_batch(m);
     routing.first_sequence = first_sequences[m];
@@ -211,13 +210,22 @@ inline StepResult train_step(
     rex::detail::run_backward(result.output.loss, seed, /*retain_graph=*/false,
                               last && split.sync ? split.sync->hook() : nullptr);
     if (!last) earlier->take();
-    // Read once backward has been queued: clipping waits for the gradients right after anyway, so
-    // on CUDA this costs no wait of its own (reading it later would wait for AdamW too). The
-    // total loss is their sum, which saves a third read (and, on CUDA, a third synchronisation).
-    const auto shard = static_cast<size_t>(first_shard) + m;
-    shard_lm[shard] = result.output.lm_loss.item();
-    shard_aux[shard] = aux_loss(result.output);
+    lm_at[m] = static_cast<int64_t>(losses.size());
+    losses.push_back(reshape(result.output.lm_loss.detach(), {1}));
+    if (result.output.aux_loss.defined()) {
+      aux_at[m] = static_cast<int64_t>(losses.size());
+      losses.push_back(reshape(result.output.aux_loss.detach(), {1}));
+    }
     if (!routing.whole_batch) nn::add_expert_counts(result.expert_counts, result.output);
+  }
+  // Read once every backward has been queued: clipping waits for the gradients right after
+  // anyway, so on CUDA this one copy costs no wait of its own (reading later would wait for AdamW
+  // too). The total loss is their sum, which saves another read.
+  const std::vector<float> loss_values = concat(losses, 0).to_vector();
+  for (size_t m = 0; m < micro.size(); ++m) {
+    const auto shard = static_cast<size_t>(first_shard) + m;
+    shard_lm[shard] = loss_values[static_cast<size_t>(lm_at[m])];
+    shard_aux[shard] = aux_at[m] >= 0 ? loss_values[static_cast<size_t>(aux_at[m])] : 0.0;
   }
   if (split.sync) split.sync->finish();
   if (earlier) earlier->fold_all();  // what the sync did not fold (all of it, on one process)
