@@ -5,19 +5,24 @@
 // the row-major product C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T:
 // B is passed first, A second, and each keeps its own transpose flag. One cuBLAS handle is created
 // on first use and bound to rex's stream; a mutex serialises its use (it also carries the math
-// mode). TF32 is a math mode of the handle: CUBLAS_TF32_TENSOR_OP_MATH when enabled, the default
-// (full fp32) otherwise. cuBLAS GEMMs are deterministic on one stream (no atomics mode is set).
-// With k == 0 the product is empty: C is zero-filled unless accumulating, without calling cuBLAS.
+// mode). The precision (rex/core/precision.hpp): in tf32 the handle's math mode is
+// CUBLAS_TF32_TENSOR_OP_MATH (cuBLAS rounds the inputs); in bf16 a kernel writes bf16 copies of a
+// and b (rounded to nearest even, as the CPU rounds them) and cublasGemmStridedBatchedEx multiplies
+// them on the tensor cores with an fp32 C and fp32 sums. cuBLAS GEMMs are deterministic on one
+// stream (no atomics mode is set). With k == 0 the product is empty: C is zero-filled unless
+// accumulating, without calling cuBLAS.
 #include <atomic>
 #include <climits>
 #include <mutex>
+
+#include <cuda_bf16.h>
 
 #include "common.cuh"
 
 namespace rex::cuda::detail {
 namespace {
 
-std::atomic<bool> tf32_enabled{false};
+std::atomic<MatmulPrecision> precision{MatmulPrecision::fp32};
 
 struct Cublas {
   std::mutex mutex;
@@ -35,7 +40,30 @@ Cublas& cublas() {
   return *instance;
 }
 
-void set_tf32(bool enabled) { tf32_enabled = enabled; }
+void set_matmul_precision(MatmulPrecision chosen) { precision = chosen; }
+
+// out[i] = x[i] rounded to bf16, for i < n.
+__global__ void round_to_bf16_kernel(const float* x, __nv_bfloat16* out, int64_t n) {
+  for (int64_t i = thread_index(); i < n; i += thread_count()) out[i] = __float2bfloat16_rn(x[i]);
+}
+
+// The elements `batch` matrices of `size` floats, `stride` apart, span from the first.
+int64_t span_of(int64_t size, int64_t batch, int64_t stride) {
+  return stride == 0 ? size : (batch - 1) * stride + size;
+}
+
+// A bf16 copy of the `count` floats at x, in its own scratch buffer.
+class Bf16Copy {
+ public:
+  Bf16Copy(const float* x, int64_t count)
+      : copy_(static_cast<size_t>(count) * sizeof(__nv_bfloat16)) {
+    REX_LAUNCH(round_to_bf16_kernel, blocks_for(count), kThreads, 0, x, data(), count);
+  }
+  __nv_bfloat16* data() const { return copy_.as<__nv_bfloat16>(); }
+
+ private:
+  Scratch copy_;
+};
 
 int checked_int(const char* what, int64_t value) {
   REX_CHECK(value >= 0 && value <= INT_MAX, "gemm: ", what, " = ", value,
@@ -60,21 +88,35 @@ void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_
   const int ld_a = transpose_a ? rows_a : inner;
   const int ld_b = transpose_b ? inner : cols_b;
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const MatmulPrecision chosen = precision;
+  const cublasOperation_t op_a = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_b = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   Cublas& blas = cublas();
+  if (chosen == MatmulPrecision::bf16) {
+    const Bf16Copy a16(a, span_of(m * k, batch, stride_a));
+    const Bf16Copy b16(b, span_of(k * n, batch, stride_b));
+    const std::lock_guard<std::mutex> lock(blas.mutex);
+    REX_CUBLAS(cublasSetMathMode(blas.handle, CUBLAS_DEFAULT_MATH));
+    REX_CUBLAS(cublasGemmStridedBatchedEx(
+        blas.handle, op_b, op_a, cols_b, rows_a, inner, &alpha, b16.data(), CUDA_R_16BF, ld_b,
+        stride_b, a16.data(), CUDA_R_16BF, ld_a, stride_a, &beta, c, CUDA_R_32F, cols_b, stride_c,
+        count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return;
+  }
   const std::lock_guard<std::mutex> lock(blas.mutex);
-  REX_CUBLAS(cublasSetMathMode(blas.handle,
-                               tf32_enabled ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
-  REX_CUBLAS(cublasSgemmStridedBatched(blas.handle, transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                       transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, cols_b, rows_a,
-                                       inner, &alpha, b, ld_b, stride_b, a, ld_a, stride_a, &beta,
-                                       c, cols_b, stride_c, count));
+  REX_CUBLAS(cublasSetMathMode(blas.handle, chosen == MatmulPrecision::tf32
+                                                ? CUBLAS_TF32_TENSOR_OP_MATH
+                                                : CUBLAS_DEFAULT_MATH));
+  REX_CUBLAS(cublasSgemmStridedBatched(blas.handle, op_b, op_a, cols_b, rows_a, inner, &alpha, b,
+                                       ld_b, stride_b, a, ld_a, stride_a, &beta, c, cols_b,
+                                       stride_c, count));
 }
 
 }  // namespace
 
 void register_gemm(rex::detail::CudaBackend& table) {
   table.gemm = gemm;
-  table.set_tf32 = set_tf32;
+  table.set_matmul_precision = set_matmul_precision;
 }
 
 }  // namespace rex::cuda::detail

@@ -16,6 +16,12 @@
 // - the backward recomputes p from that lse (relative eta = eps + the lse bound), uses
 //   delta_i = g_i . o_i with the kernel's o, and rounds p and ds = p (dp - delta) to bf16 before
 //   the products with g, q and k; each gradient's bound sums those terms' magnitudes (below).
+//
+// causal_attention in bf16 (train.matmul_precision, rex/core/precision.hpp) is held to the same
+// bounds, through the op and its backward: on CUDA it runs these kernels; on the CPU its products
+// round the same operands (q, k, v, P, g, dS) to bf16, and its other errors are a subset of the
+// kernels' (P normalised before its rounding instead of after the sum, the sums in double, delta
+// summed from p dp instead of g o, which the bound above covers as it covers o's error).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -212,7 +218,57 @@ void check_shape(const Shape4& s, uint64_t seed) {
   check("dv", dv, want.dv, want.dv_bound);
 }
 
+// causal_attention's values and gradients (the backward of sum(out * g)) on `device` in bf16.
+void check_op_in_bf16(const Shape4& s, uint64_t seed, Device device) {
+  CAPTURE(device.is_cuda());
+  CAPTURE(s.time);
+  CAPTURE(s.dim);
+  Generator gen(seed);
+  const int64_t n = s.batch * s.heads * s.time * s.dim, kv = s.batch * s.kv_heads * s.time * s.dim;
+  const std::vector<float> q = random_bf16(n, gen, 1.0f), k = random_bf16(kv, gen, 1.0f),
+                           v = random_bf16(kv, gen, 1.0f), g = random_bf16(n, gen, 1.0f);
+  const Reference want = reference(s, q, k, v, g);
+  const Shape query_shape{s.batch, s.heads, s.time, s.dim};
+  const Shape kv_shape{s.batch, s.kv_heads, s.time, s.dim};
+  Tensor tq = from_vector(q, query_shape).to(device), tk = from_vector(k, kv_shape).to(device),
+         tv = from_vector(v, kv_shape).to(device);
+  tq.requires_grad_(), tk.requires_grad_(), tv.requires_grad_();
+  set_matmul_precision(device, "bf16");
+  Tensor out;
+  try {
+    out = causal_attention(tq, tk, tv);
+    rex::sum(out * from_vector(g, query_shape).to(device)).backward();
+  } catch (...) {
+    set_matmul_precision(device, "fp32");
+    throw;
+  }
+  set_matmul_precision(device, "fp32");
+  check("out", reshape(out, {n}), want.out, want.out_bound);
+  check("dq", reshape(tq.grad(), {n}), want.dq, want.dq_bound);
+  check("dk", reshape(tk.grad(), {kv}), want.dk, want.dk_bound);
+  check("dv", reshape(tv.grad(), {kv}), want.dv, want.dv_bound);
+}
+
 }  // namespace
+
+TEST_CASE("causal_attention in bf16, on the CPU and on CUDA, within flash attention's bounds") {
+  // The CPU side runs on any machine; the CUDA side where there is a device.
+  const bool gpu = cuda::device_count() > 0;
+  uint64_t seed = 100;
+  for (const int64_t dim : {32, 64})
+    for (const int64_t time : {1, 17, 65}) {
+      const Shape4 shape{2, 4, 2, time, dim};
+      check_op_in_bf16(shape, seed, Device::cpu());
+      if (gpu) check_op_in_bf16(shape, seed, Device::cuda());
+      ++seed;
+    }
+  if (!gpu) return;
+  // A head dim flash attention does not take is refused in bf16 on CUDA, with the reason.
+  const Tensor x = ones(Shape{1, 1, 3, 48}, Device::cuda());
+  set_matmul_precision(Device::cuda(), "bf16");
+  CHECK_THROWS_WITH(causal_attention(x, x, x), doctest::Contains("head dims 32, 64 and 128"));
+  set_matmul_precision(Device::cuda(), "fp32");
+}
 
 TEST_CASE("flash attention: forward and backward on edge shapes, against exact attention") {
   if (gpu_missing()) return;

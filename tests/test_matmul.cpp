@@ -1,14 +1,20 @@
 // matmul: 2-d, transposed operands, batched with broadcasting, against a naive triple loop in
 // double; gradients by central differences for every flag combination; shape errors; products
-// large enough to be split, against a derived bound and at several thread counts.
+// large enough to be split, against a derived bound and at several thread counts; the tf32 and
+// bf16 precisions against products of independently rounded operands.
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <limits>
+#include <utility>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include <rex/backend/cuda/runtime.hpp>
+
 #include "gradcheck.hpp"
+#include "rounding.hpp"
 #include "testing.hpp"
 
 using rex::Shape;
@@ -204,6 +210,97 @@ TEST_CASE("large products: a derived bound, tiles equal to the whole product, 1-
 #endif
         }
       }
+    }
+  }
+}
+
+namespace {
+
+// x rounded to `bits` significant bits, to nearest even, computed in double by frexp and
+// nearbyint (the default rounding mode is to nearest even): independent of rex's bit arithmetic.
+double rounded_to_bits(float x, int bits) {
+  int exponent = 0;
+  const double fraction = std::frexp(static_cast<double>(x), &exponent);  // in [0.5, 1)
+  return std::ldexp(std::nearbyint(std::ldexp(fraction, bits)), exponent - bits);
+}
+
+// The CPU's matmul precision for one scope.
+struct CpuPrecision {
+  explicit CpuPrecision(const char* name) { rex::set_matmul_precision(rex::Device::cpu(), name); }
+  ~CpuPrecision() { rex::set_matmul_precision(rex::Device::cpu(), "fp32"); }
+};
+
+}  // namespace
+
+TEST_CASE("bf16 and tf32 rounding: ties to even, infinities, NaN and overflow") {
+  using rex::detail::round_to_bf16, rex::detail::round_to_tf32;
+  CHECK(round_to_bf16(1.0f + 0x1p-8f) == 1.0f);                       // a tie, 1 is even
+  CHECK(round_to_bf16(1.0f + 0x1p-7f + 0x1p-8f) == 1.0f + 0x1p-6f);   // a tie, odd rounds up
+  CHECK(round_to_bf16(1.0f + 0x1p-8f + 0x1p-20f) == 1.0f + 0x1p-7f);  // above the tie
+  CHECK(round_to_tf32(1.0f + 0x1p-11f) == 1.0f);
+  CHECK(round_to_tf32(1.0f + 0x1p-11f + 0x1p-20f) == 1.0f + 0x1p-10f);
+  CHECK(round_to_bf16(-3.0f) == -3.0f);
+  CHECK(std::signbit(round_to_bf16(-0.0f)));
+  CHECK(round_to_bf16(INFINITY) == INFINITY);
+  CHECK(round_to_bf16(-INFINITY) == -INFINITY);
+  CHECK(std::isnan(round_to_bf16(NAN)));
+  CHECK(std::isinf(round_to_bf16(std::numeric_limits<float>::max())));  // past bf16's largest
+  CHECK(round_to_bf16(0x1.fep127f) == 0x1.fep127f);                     // bf16's largest
+  // Subnormals round at the same bit positions.
+  CHECK(round_to_bf16(0x1p-130f + 0x1p-149f) == 0x1p-130f);
+  CHECK(round_to_bf16(0x1p-140f) == 0.0f);  // below bf16's smallest subnormal, 2^-133
+}
+
+TEST_CASE(
+    "matmul in tf32 and bf16 multiplies rounded operands and sums in fp32, forward and back") {
+  // c = round(a) round(b): each product of two 8- or 11-bit significands is exact in float, so
+  // the only other error is the fp32 sum, within gamma_k sum |a_p b_p| of the exact sum.
+  const int64_t m = 19, k = 37, n = 23;
+  for (const auto& [name, bits] : {std::pair{"bf16", 8}, std::pair{"tf32", 11}}) {
+    for (bool ta : {false, true}) {
+      CAPTURE(name);
+      CAPTURE(ta);
+      rex::Generator gen(7);
+      const Tensor a = rex::normal(ta ? Shape{k, m} : Shape{m, k}, gen);
+      const Tensor b = rex::normal(Shape{n, k}, gen);
+      const Tensor g = rex::normal(Shape{m, n}, gen);
+      Tensor a_param = a.clone(), b_param = b.clone();
+      a_param.requires_grad_(), b_param.requires_grad_();
+      Tensor c, fp32_c = rex::matmul(a, b, {.transpose_a = ta, .transpose_b = true});
+      {
+        const CpuPrecision scope(name);
+        c = rex::matmul(a_param, b_param, {.transpose_a = ta, .transpose_b = true});
+        rex::sum(c * g).backward();
+      }
+      const double gamma = rex::testing::gamma_n(static_cast<double>(k));
+      const double gamma_n = rex::testing::gamma_n(static_cast<double>(n));
+      int differs = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < n; ++j) {
+          double exact = 0, magnitude = 0;
+          for (int64_t p = 0; p < k; ++p) {
+            const double term = rounded_to_bits(static_cast<float>(op_at(a, ta, i, p)), bits) *
+                                rounded_to_bits(b.at({j, p}), bits);
+            exact += term, magnitude += std::fabs(term);
+          }
+          CHECK(std::fabs(c.at({i, j}) - exact) <= gamma * magnitude);
+          differs += std::fabs(fp32_c.at({i, j}) - exact) > gamma * magnitude;
+        }
+        // dA = round(g) round(b) (B read transposed): row i of op(a)'s gradient.
+        for (int64_t p = 0; p < k; ++p) {
+          double exact = 0, magnitude = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            const double term =
+                rounded_to_bits(g.at({i, j}), bits) * rounded_to_bits(b.at({j, p}), bits);
+            exact += term, magnitude += std::fabs(term);
+          }
+          const float got = ta ? a_param.grad().at({p, i}) : a_param.grad().at({i, p});
+          CHECK(std::fabs(got - exact) <= gamma_n * magnitude);
+        }
+      }
+      // The fp32 product of the same operands is outside that bound almost everywhere: the
+      // setting changed the arithmetic.
+      CHECK(differs > m * n / 2);
     }
   }
 }

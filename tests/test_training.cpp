@@ -170,9 +170,11 @@ TEST_CASE("config JSON round trip, overrides, and errors naming the key") {
   train::apply_override(precision, "train.matmul_precision=tf32");
   CHECK(precision.train.matmul_precision == "tf32");
   train::apply_override(precision, "train.matmul_precision=bf16");
+  train::validate(precision);
+  train::apply_override(precision, "train.matmul_precision=fp16");
   CHECK(error_message([&] {
           train::validate(precision);
-        }).find("train.matmul_precision must be \"fp32\" or \"tf32\", got \"bf16\"") !=
+        }).find("train.matmul_precision must be \"fp32\", \"tf32\" or \"bf16\", got \"fp16\"") !=
         std::string::npos);
   CHECK(error_message([&] { train::apply_override(c, "top_k=2"); }).find("section.key=value") !=
         std::string::npos);

@@ -1,5 +1,6 @@
-// The emulated cuBLAS GEMM: cublasSgemm, cublasSgemmStridedBatched and cublasGemmEx (bf16 A and B,
-// fp32 C, CUBLAS_COMPUTE_32F; or fp32 throughout) on the emulated device.
+// The emulated cuBLAS GEMM: cublasSgemm, cublasSgemmStridedBatched, cublasGemmEx and
+// cublasGemmStridedBatchedEx (bf16 A and B, fp32 C, CUBLAS_COMPUTE_32F; or fp32 throughout) on the
+// emulated device.
 //
 // Column-major, as cuBLAS: op(A) is m x k, op(B) is k x n, C is m x n with leading dimension ldc.
 // The arguments are validated in cuBLAS's order (a null handle, then negative sizes, then leading
@@ -247,13 +248,15 @@ cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t handle, cublasOperation_
               B, ldb, strideB, beta, C, ldc, strideC, batchCount);
 }
 
-cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
-                            cublasOperation_t transb, int m, int n, int k, const void* alpha,
-                            const void* A, cudaDataType_t Atype, int lda, const void* B,
-                            cudaDataType_t Btype, int ldb, const void* beta, void* C,
-                            cudaDataType_t Ctype, int ldc, cublasComputeType_t computeType,
-                            cublasGemmAlgo_t algo) {
-  (void)algo;
+namespace {
+
+// The typed GEMM of cublasGemmEx and cublasGemmStridedBatchedEx.
+cublasStatus_t typed_gemm(const char* call, cublasHandle_t handle, cublasOperation_t transa,
+                          cublasOperation_t transb, int m, int n, int k, const void* alpha,
+                          const void* A, cudaDataType_t Atype, int lda, long long int strideA,
+                          const void* B, cudaDataType_t Btype, int ldb, long long int strideB,
+                          const void* beta, void* C, cudaDataType_t Ctype, int ldc,
+                          long long int strideC, int batchCount, cublasComputeType_t computeType) {
   if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (computeType != CUBLAS_COMPUTE_32F || Ctype != CUDA_R_32F || Atype != Btype ||
       (Atype != CUDA_R_16BF && Atype != CUDA_R_32F))
@@ -262,9 +265,35 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
   const auto* b_scale = static_cast<const float*>(beta);
   auto* c = static_cast<float*>(C);
   if (Atype == CUDA_R_32F)
-    return gemm("cublasGemmEx", handle, transa, transb, m, n, k, a_scale,
-                static_cast<const float*>(A), lda, 0, static_cast<const float*>(B), ldb, 0, b_scale,
-                c, ldc, 0, 1);
-  return gemm("cublasGemmEx", handle, transa, transb, m, n, k, a_scale, static_cast<const Bf16*>(A),
-              lda, 0, static_cast<const Bf16*>(B), ldb, 0, b_scale, c, ldc, 0, 1);
+    return gemm(call, handle, transa, transb, m, n, k, a_scale, static_cast<const float*>(A), lda,
+                strideA, static_cast<const float*>(B), ldb, strideB, b_scale, c, ldc, strideC,
+                batchCount);
+  return gemm(call, handle, transa, transb, m, n, k, a_scale, static_cast<const Bf16*>(A), lda,
+              strideA, static_cast<const Bf16*>(B), ldb, strideB, b_scale, c, ldc, strideC,
+              batchCount);
+}
+
+}  // namespace
+
+cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
+                            cublasOperation_t transb, int m, int n, int k, const void* alpha,
+                            const void* A, cudaDataType_t Atype, int lda, const void* B,
+                            cudaDataType_t Btype, int ldb, const void* beta, void* C,
+                            cudaDataType_t Ctype, int ldc, cublasComputeType_t computeType,
+                            cublasGemmAlgo_t) {
+  return typed_gemm("cublasGemmEx", handle, transa, transb, m, n, k, alpha, A, Atype, lda, 0, B,
+                    Btype, ldb, 0, beta, C, Ctype, ldc, 0, 1, computeType);
+}
+
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa,
+                                          cublasOperation_t transb, int m, int n, int k,
+                                          const void* alpha, const void* A, cudaDataType_t Atype,
+                                          int lda, long long int strideA, const void* B,
+                                          cudaDataType_t Btype, int ldb, long long int strideB,
+                                          const void* beta, void* C, cudaDataType_t Ctype, int ldc,
+                                          long long int strideC, int batchCount,
+                                          cublasComputeType_t computeType, cublasGemmAlgo_t) {
+  return typed_gemm("cublasGemmStridedBatchedEx", handle, transa, transb, m, n, k, alpha, A, Atype,
+                    lda, strideA, B, Btype, ldb, strideB, beta, C, Ctype, ldc, strideC, batchCount,
+                    computeType);
 }

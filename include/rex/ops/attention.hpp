@@ -9,7 +9,8 @@
 // backward recomputes S from q and k instead of saving the [T, T] P of every head. With dO = g:
 //   dP = dO v^T,  dS = P * (dP - rowsum(dP * P)),  dq = s dS k,
 //   dk = s dS^T q  and  dv = P^T dO, summed over the G query heads that share the kv head.
-// The loops (CPU) and kernels (CUDA) are rex/backend/cpu/attention.hpp and kernels/attention.cu.
+// The loops (CPU) and kernels (CUDA) are rex/backend/cpu/attention.hpp and kernels/attention.cu;
+// in bf16 on CUDA, kernels/flash_attention.cu (attention_is_flash).
 #pragma once
 
 #include <cmath>
@@ -47,30 +48,58 @@ struct AttentionValues {
   Tensor lse;  // [B, Hq, T]: the row log-sum-exp, saved for the backward
 };
 
+// Whether attention on q's device runs flash attention: on CUDA in bf16 (rex/core/precision.hpp),
+// whose products round q, k, v and P (and dO, P and dS in the backward) to bf16 as the CPU's
+// products do in bf16. Otherwise the fp32 kernels (the CPU's in tf32 too: TF32 is for the
+// products cuBLAS computes on CUDA, and attention is not one of them).
+inline bool attention_is_flash(const Tensor& q) {
+  if (!on_cuda(q) || matmul_precision_slot(true).load() != MatmulPrecision::bf16) return false;
+  const int64_t head_dim = q.dim(3);
+  REX_CHECK(head_dim == 32 || head_dim == 64 || head_dim == 128,
+            "causal_attention: in bf16 on CUDA attention runs flash attention, which takes head ",
+            "dims 32, 64 and 128; got q ", q.shape(), " (head dim ", head_dim, ")");
+  return true;
+}
+
 inline AttentionValues attention_values(const Tensor& q, const Tensor& k, const Tensor& v,
-                                        float scale) {
+                                        float scale, bool flash) {
   const int64_t batch = q.dim(0), heads = q.dim(1), kv_heads = k.dim(1);
   const int64_t time = q.dim(2), head_dim = q.dim(3);
   AttentionValues out{Tensor::empty(q.shape(), DType::f32, q.device()),
                       Tensor::empty(Shape{batch, heads, time}, DType::f32, q.device())};
-  (on_cuda(q) ? cuda_backend().attention : cpu::attention)(
-      q.device_data<float>(), k.device_data<float>(), v.device_data<float>(),
-      out.out.device_data<float>(), out.lse.device_data<float>(), batch, heads, kv_heads, time,
-      head_dim, scale);
+  (flash        ? cuda_backend().flash_attention
+   : on_cuda(q) ? cuda_backend().attention
+                : cpu::attention)(q.device_data<float>(), k.device_data<float>(),
+                                  v.device_data<float>(), out.out.device_data<float>(),
+                                  out.lse.device_data<float>(), batch, heads, kv_heads, time,
+                                  head_dim, scale);
   return out;
 }
 
-// The gradients of q, k and v (each left undefined where `needs` says it is not wanted).
+// The gradients of q, k and v (each left undefined where `needs` says it is not wanted); `out` is
+// the forward's output, which flash attention's backward reads (the fp32 kernels recompute it).
 inline GradList attention_grads(const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v,
-                                const Tensor& lse, float scale, const std::vector<bool>& needs) {
+                                const AttentionValues& values, float scale, bool flash,
+                                const std::vector<bool>& needs) {
   GradList grads(3);
   const Tensor* inputs[] = {&q, &k, &v};
+  // Flash attention writes all three.
   for (size_t i = 0; i < 3; ++i)
-    if (needs[i]) grads[i] = Tensor::empty(inputs[i]->shape(), DType::f32, q.device());
+    if (needs[i] || flash) grads[i] = Tensor::empty(inputs[i]->shape(), DType::f32, q.device());
   auto pointer = [](const Tensor& t) { return t.defined() ? t.device_data<float>() : nullptr; };
+  const float *pq = q.device_data<float>(), *pk = k.device_data<float>(),
+              *pv = v.device_data<float>(), *lse = values.lse.device_data<float>();
+  if (flash) {
+    cuda_backend().flash_attention_backward(pq, pk, pv, values.out.device_data<float>(), lse,
+                                            g.device_data<float>(), pointer(grads[0]),
+                                            pointer(grads[1]), pointer(grads[2]), q.dim(0),
+                                            q.dim(1), k.dim(1), q.dim(2), q.dim(3), scale);
+    for (size_t i = 0; i < 3; ++i)
+      if (!needs[i]) grads[i] = Tensor();
+    return grads;
+  }
   (on_cuda(q) ? cuda_backend().attention_backward : cpu::attention_backward)(
-      q.device_data<float>(), k.device_data<float>(), v.device_data<float>(),
-      lse.device_data<float>(), g.device_data<float>(), pointer(grads[0]), pointer(grads[1]),
+      pq, pk, pv, lse, g.device_data<float>(), pointer(grads[0]), pointer(grads[1]),
       pointer(grads[2]), q.dim(0), q.dim(1), k.dim(1), q.dim(2), q.dim(3), scale);
   return grads;
 }
@@ -83,11 +112,16 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
   detail::check_attention_inputs("causal_attention", q, k, v);
   detail::common_device("causal_attention", {q, k, v});
   const float scale = 1.0f / std::sqrt(static_cast<float>(q.dim(3)));
-  detail::AttentionValues values = detail::attention_values(q, k, v, scale);
-  return detail::record(values.out, "causal_attention", {q, k, v},
-                        [q = q.detach(), k = k.detach(), v = v.detach(), lse = values.lse, scale](
-                            const Tensor& g, const std::vector<bool>& needs) {
-                          return detail::attention_grads(g, q, k, v, lse, scale, needs);
+  const bool flash = detail::attention_is_flash(q);
+  detail::AttentionValues values = detail::attention_values(q, k, v, scale, flash);
+  Tensor out = values.out;
+  // The closure keeps the output (detached: the output's node holds the closure) only for flash
+  // attention's backward.
+  values.out = flash ? out.detach() : Tensor();
+  return detail::record(out, "causal_attention", {q, k, v},
+                        [q = q.detach(), k = k.detach(), v = v.detach(), values = std::move(values),
+                         scale, flash](const Tensor& g, const std::vector<bool>& needs) {
+                          return detail::attention_grads(g, q, k, v, values, scale, flash, needs);
                         });
 }
 

@@ -109,7 +109,8 @@ void for_each_field(Run& c, F&& f) {
   f("train", "divergence_factor", t.divergence_factor,
     "stop when the recent loss exceeds this x the run's best (0 = no limit; see below)");
   f("train", "matmul_precision", t.matmul_precision,
-    "\"fp32\", or \"tf32\" for TF32 tensor-core GEMMs on CUDA (no effect on the CPU)");
+    "\"fp32\", \"tf32\" or \"bf16\": the matrix products' operands rounded to TF32 or bf16, "
+    "sums in fp32, on either device (docs/formats.md)");
   f("data", "format", c.data.format,
     "what --data holds: \"text\", \"llmc\" or \"nanogpt\" token shards, or \"auto\" (see below)");
   f("data", "validation", c.data.validation,
@@ -159,9 +160,10 @@ inline void validate(const RunConfig& c, double memory_limit_bytes = physical_me
   REX_CHECK(t.divergence_factor == 0 || t.divergence_factor > 1,
             "config: train.divergence_factor must be 0 (no limit) or above 1, got ",
             t.divergence_factor);
-  REX_CHECK(t.matmul_precision == "fp32" || t.matmul_precision == "tf32",
-            "config: train.matmul_precision must be \"fp32\" or \"tf32\", got \"",
-            t.matmul_precision, "\"");
+  REX_CHECK(
+      t.matmul_precision == "fp32" || t.matmul_precision == "tf32" || t.matmul_precision == "bf16",
+      "config: train.matmul_precision must be \"fp32\", \"tf32\" or \"bf16\", got \"",
+      t.matmul_precision, "\"");
   REX_CHECK(kDataFormats.count(c.data.format), "config: data.format must be \"auto\", \"text\", ",
             "\"llmc\" or \"nanogpt\", got \"", c.data.format, "\"");
   REX_CHECK(c.data.validation.empty() || c.data.format != "text",

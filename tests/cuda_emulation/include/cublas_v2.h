@@ -77,3 +77,13 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
                             cudaDataType_t Btype, int ldb, const void* beta, void* C,
                             cudaDataType_t Ctype, int ldc, cublasComputeType_t computeType,
                             cublasGemmAlgo_t algo);
+// cublasGemmEx over batchCount products whose A, B and C start every strideA, strideB and strideC
+// elements (a stride of 0 repeats one operand), with the same type rules.
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa,
+                                          cublasOperation_t transb, int m, int n, int k,
+                                          const void* alpha, const void* A, cudaDataType_t Atype,
+                                          int lda, long long int strideA, const void* B,
+                                          cudaDataType_t Btype, int ldb, long long int strideB,
+                                          const void* beta, void* C, cudaDataType_t Ctype, int ldc,
+                                          long long int strideC, int batchCount,
+                                          cublasComputeType_t computeType, cublasGemmAlgo_t algo);

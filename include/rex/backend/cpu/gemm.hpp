@@ -29,6 +29,7 @@
 #include "rex/backend/cpu/eigen.hpp"
 #include "rex/backend/pointwise.hpp"
 #include "rex/core/parallel.hpp"
+#include "rex/core/precision.hpp"
 
 namespace rex::detail {
 
@@ -98,9 +99,17 @@ inline void gemm_tiled(const GemmOperands& g, int64_t row_tiles, int64_t column_
   for (int64_t t = 0; t < tiles; ++t) run(t);
 }
 
-inline void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k,
-                 bool transpose_a, bool transpose_b, bool accumulate = false) {
-  if (m == 0 || n == 0) return;
+// The `count` values at x rounded to `precision` (rex/core/precision.hpp).
+inline Eigen::ArrayXf rounded_operand(const float* x, int64_t count, MatmulPrecision precision) {
+  Eigen::ArrayXf out(count);
+  const int dropped_bits = precision == MatmulPrecision::bf16 ? 16 : 13;
+  for (int64_t i = 0; i < count; ++i) out[i] = round_mantissa(x[i], dropped_bits);
+  return out;
+}
+
+// c = op(a) op(b) (+ c) in fp32, a holding m k floats and b k n.
+inline void gemm_fp32(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k,
+                      bool transpose_a, bool transpose_b, bool accumulate) {
   const GemmOperands g{a, b, c, m, n, k, transpose_a, transpose_b, accumulate};
   int64_t threads = 1;
 #ifdef _OPENMP
@@ -115,6 +124,18 @@ inline void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n,
   const int64_t first = std::clamp<int64_t>(threads, 1, std::max<int64_t>(first_units, 1));
   const int64_t second = (threads + first - 1) / first;
   gemm_tiled(g, rows_first ? first : second, rows_first ? second : first);
+}
+
+// The product at the CPU's matmul precision: in tf32 or bf16 it reads rounded copies of a and b.
+inline void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k,
+                 bool transpose_a, bool transpose_b, bool accumulate = false) {
+  if (m == 0 || n == 0) return;
+  const MatmulPrecision precision = matmul_precision_slot(false).load(std::memory_order_relaxed);
+  if (precision == MatmulPrecision::fp32 || k == 0)
+    return gemm_fp32(a, b, c, m, n, k, transpose_a, transpose_b, accumulate);
+  const Eigen::ArrayXf a_rounded = rounded_operand(a, m * k, precision);
+  const Eigen::ArrayXf b_rounded = rounded_operand(b, k * n, precision);
+  gemm_fp32(a_rounded.data(), b_rounded.data(), c, m, n, k, transpose_a, transpose_b, accumulate);
 }
 
 namespace cpu {

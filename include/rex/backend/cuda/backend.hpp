@@ -16,6 +16,7 @@
 #include "rex/backend/pointwise.hpp"
 #include "rex/backend/psr_mask.hpp"
 #include "rex/core/device_memory.hpp"
+#include "rex/core/precision.hpp"
 
 namespace rex::detail {
 
@@ -178,10 +179,10 @@ struct CudaBackend {
                           int64_t head_dim, float scale);
   // out and lse are the forward's; g, p and ds enter the products rounded to bf16. dq, dk and dv
   // are all written (none may be null); dk and dv sum the group's query heads in a fixed order.
-  void (*flash_attention_backward)(const float* q, const float* k, const float* v,
-                                   const float* out, const float* lse, const float* g, float* dq,
-                                   float* dk, float* dv, int64_t batch, int64_t heads,
-                                   int64_t kv_heads, int64_t time, int64_t head_dim, float scale);
+  void (*flash_attention_backward)(const float* q, const float* k, const float* v, const float* out,
+                                   const float* lse, const float* g, float* dq, float* dk,
+                                   float* dv, int64_t batch, int64_t heads, int64_t kv_heads,
+                                   int64_t time, int64_t head_dim, float scale);
 
   // ---- GEMM through cuBLAS (kernels/gemm.cu) ----
   // Row-major c[m, n] (+)= op(a) op(b) like rex::detail::gemm, for `batch` products whose operands
@@ -189,7 +190,9 @@ struct CudaBackend {
   void (*gemm)(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k,
                bool transpose_a, bool transpose_b, bool accumulate, int64_t batch, int64_t stride_a,
                int64_t stride_b, int64_t stride_c);
-  void (*set_tf32)(bool enabled);  // TF32 tensor-core GEMMs (off by default: full fp32)
+  // The precision of gemm's products (rex/core/precision.hpp): fp32 (the default), tf32 (cuBLAS's
+  // TF32 tensor-op math mode) or bf16 (a and b converted to bf16, cublasGemmEx in fp32 compute).
+  void (*set_matmul_precision)(MatmulPrecision precision);
 
   // ---- optimiser (kernels/optim.cu) ----
   // One AdamW step over the `count` segments at host_segments (in increasing order, not

@@ -13,6 +13,7 @@
 #include "rex/backend/cuda/backend.hpp"
 #include "rex/core/dtype.hpp"
 #include "rex/core/error.hpp"
+#include "rex/core/precision.hpp"
 
 namespace rex::cuda {
 
@@ -42,12 +43,17 @@ inline void synchronize(Device device) {
   if (device.is_cuda()) detail::cuda_backend().synchronize();
 }
 
-// Matrix products on `device` in full fp32 ("fp32", the default) or with TF32 tensor cores
-// ("tf32"). The CPU always computes in fp32.
+// Matrix products on `device` (every CUDA device, or the CPU) in "fp32" (the default), "tf32" or
+// "bf16": operands rounded to TF32 or bf16, sums in fp32 (rex/core/precision.hpp).
 inline void set_matmul_precision(Device device, const std::string& precision) {
-  REX_CHECK(precision == "fp32" || precision == "tf32",
-            "set_matmul_precision: expected \"fp32\" or \"tf32\", got \"", precision, "\"");
-  if (device.is_cuda()) detail::cuda_backend().set_tf32(precision == "tf32");
+  const MatmulPrecision parsed = parse_matmul_precision(precision);
+  detail::matmul_precision_slot(device.is_cuda()).store(parsed);
+  if (device.is_cuda()) detail::cuda_backend().set_matmul_precision(parsed);
+}
+
+// The precision set for `device`'s kind.
+inline MatmulPrecision matmul_precision(Device device) {
+  return detail::matmul_precision_slot(device.is_cuda()).load();
 }
 
 }  // namespace rex
