@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <map>
 #include <numeric>
 #include <set>
 #include <string>
@@ -33,6 +34,8 @@
 #include <rex_emulation_counters.h>
 #include <rex/backend/cuda/backend.hpp>
 #include <rex/core/error.hpp>
+#include <rex/core/factory.hpp>
+#include <rex/core/precision.hpp>
 #include <rex/train/config.hpp>
 
 namespace cuda_emulation::cost_formulas {
@@ -107,12 +110,28 @@ class Plan {
     k.arithmetic.tensor_tf32_flops += times * one.arithmetic.tensor_tf32_flops;
     k.global_atomics += times * one.global_atomics;
   }
-  void gemm(i64 m, i64 n, i64 k, bool tf32, uint64_t calls = 1) {
+  // A product of kernels/gemm.cu at `precision`: in bf16, first a bf16 copy of each operand.
+  void gemm(i64 m, i64 n, i64 k, rex::MatmulPrecision precision, uint64_t calls = 1) {
     if (calls == 0) return;
-    counts.gemms[GemmShape{m, n, k, 1, false, false, tf32}] += calls;
+    const bool bf16 = precision == rex::MatmulPrecision::bf16;
+    if (bf16)
+      for (const i64 elements : {m * k, k * n}) {
+        KernelCounts round;
+        load_stream(round, elements);
+        store_stream(round, elements, 2);
+        launch("round_to_bf16_kernel", round, calls);
+      }
+    counts.gemms[GemmShape{m, n, k, 1, false, false, precision == rex::MatmulPrecision::tf32,
+                           bf16}] += calls;
     counts.cublas_calls += calls;
     counts.cublas_flops += 2.0 * static_cast<double>(m) * static_cast<double>(n) *
                            static_cast<double>(k) * static_cast<double>(calls);
+  }
+  // One launch of a kernel whose grid covers `groups` independent groups that each ask `one`.
+  void launch_over_groups(const std::string& kernel, const KernelCounts& one, uint64_t groups) {
+    launch(kernel, one, groups);
+    counts.kernels[kernel].launches -= groups - 1;
+    counts.launches -= groups - 1;
   }
   // A value the host needs: a device-to-host copy, then a stream synchronize.
   void read_back(uint64_t times = 1) {
@@ -564,6 +583,40 @@ inline KernelCounts clip_factor() {
   return k;
 }
 
+// ---- flash attention (bf16), counted ----
+
+// The kernels of flash attention (kernels/flash_attention.cu) forward and backward for `groups`
+// (batch, kv head) groups of `group_heads` query heads each, at T tokens and head width hd. Their
+// tiling has no formula here: the emulation runs one group (zeros in, which change no count) and
+// its counts are taken `groups` times, one launch each, as every block of a launch owns a tile of
+// one group and the groups ask the same. (attention_estimate checks the tensor FLOPs against the
+// tiling.) Called outside a counted interval.
+struct FlashCounts {
+  std::map<std::string, KernelCounts> forward, backward;
+};
+inline FlashCounts flash_attention_counts(i64 group_heads, i64 T, i64 hd) {
+  using rex::Shape, rex::Tensor;
+  const rex::Device gpu = rex::Device::cuda();
+  const Tensor q = rex::zeros(Shape{group_heads * T * hd}, gpu),
+               kv = rex::zeros(Shape{T * hd}, gpu);
+  const Tensor out = rex::zeros(Shape{group_heads * T * hd}, gpu),
+               lse = rex::zeros(Shape{group_heads * T}, gpu),
+               dq = rex::zeros(Shape{group_heads * T * hd}, gpu),
+               dk = rex::zeros(Shape{T * hd}, gpu), dv = rex::zeros(Shape{T * hd}, gpu);
+  const auto f = [](const Tensor& t) { return t.device_data<float>(); };
+  const auto& cuda = rex::detail::cuda_backend();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  FlashCounts counts;
+  begin_interval(true);
+  cuda.flash_attention(f(q), f(kv), f(kv), f(out), f(lse), 1, group_heads, 1, T, hd, scale);
+  counts.forward = end_interval().kernels;
+  begin_interval(true);
+  cuda.flash_attention_backward(f(q), f(kv), f(kv), f(out), f(lse), f(q), f(dq), f(dk), f(dv), 1,
+                                group_heads, 1, T, hd, scale);
+  counts.backward = end_interval().kernels;
+  return counts;
+}
+
 // ---- the step ----
 
 // The counts of one training step of `config` (see the assumptions at the top), as the emulation
@@ -582,17 +635,21 @@ inline Counts training_step(const rex::train::RunConfig& config) {
   const i64 tables = (L + moe.reuse - 1) / moe.reuse;
   REX_CHECK(hd % 32 == 0 && D % 32 == 0 && F % 32 == 0,
             "cost formulas: the head width, d_model and d_expert must be multiples of 32");
-  const bool tf32 = config.train.matmul_precision == "tf32";
+  const rex::MatmulPrecision precision = rex::parse_matmul_precision(config.train.matmul_precision);
+  const bool flash = precision == rex::MatmulPrecision::bf16;  // attention's kernels
+  const FlashCounts flash_counts = flash ? flash_attention_counts(H / G, T, hd) : FlashCounts{};
   const i64 routed = M * K;  // rows through the experts
   Plan plan;
-  auto linear = [&](i64 rows, i64 in, i64 out) { plan.gemm(rows, out, in, tf32); };
+  auto linear = [&](i64 rows, i64 in, i64 out) { plan.gemm(rows, out, in, precision); };
   auto linear_backward = [&](i64 rows, i64 in, i64 out) {
-    plan.gemm(in, out, rows, tf32);  // dW
-    plan.gemm(rows, in, out, tf32);  // dX
+    plan.gemm(in, out, rows, precision);  // dW
+    plan.gemm(rows, in, out, precision);  // dX
   };
-  // Every expert gets routed / P rows (the shapes only; their sum is exact).
-  auto per_expert = [&](i64 in, i64 out, int products) {
-    plan.gemm(routed / P, out, in, tf32, static_cast<uint64_t>(P * products));
+  // Every expert gets r = routed / P rows (the shapes only; their sum is exact): a product of
+  // [m, k] and [k, n] per expert, `products` times, m, n or k being r.
+  const i64 r = routed / P;
+  auto per_expert = [&](i64 m, i64 n, i64 k, int products) {
+    plan.gemm(m, n, k, precision, static_cast<uint64_t>(P * products));
   };
   auto add = [&](i64 n) { plan.launch("binary_flat_kernel", elementwise(n, 2, 0)); };
   auto add_scalar_op = [&](i64 n) { plan.launch("binary_flat_kernel", elementwise(n, 1, 1)); };
@@ -645,7 +702,12 @@ inline Counts training_step(const rex::train::RunConfig& config) {
       permute(M * G * hd);
       if (kv == 0) rope(G);
     }
-    plan.launch("attention_forward_kernel", attention_forward(B * H, T, hd));
+    if (flash) {
+      for (const auto& [kernel, one] : flash_counts.forward)
+        plan.launch_over_groups(kernel, one, static_cast<uint64_t>(B * G));
+    } else {
+      plan.launch("attention_forward_kernel", attention_forward(B * H, T, hd));
+    }
     permute(M * D);
     linear(M, D, D);
     add(M * D);
@@ -666,9 +728,9 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     plan.read_back();  // the experts' counts
     plan.launch("route_scatter_kernel", route_scatter(routed, P));
     plan.launch("gather_rows_kernel", gather_rows(routed, D));  // into expert order
-    per_expert(D, F, 2);
+    per_expert(r, F, D, 2);                                     // gate and up
     plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
-    per_expert(F, D, 1);
+    per_expert(r, D, F, 1);                                     // down
     plan.launch("gather_rows_kernel", gather_rows(routed, D));  // back to slot order
     plan.launch("binary_strided_kernel", binary_strided(routed, D, false));
     plan.launch("fill32_kernel", elementwise(M * D, 0, 0));
@@ -742,11 +804,13 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     // weight gradients are added to the table's.
     plan.launch("gather_rows_kernel", gather_rows(routed, D));
     plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
-    per_expert(F, D, 2);
+    per_expert(r, F, D, 1);                                        // down: dx = dy W
+    per_expert(D, F, r, 1);                                        // down: dW = dy^T a
     KernelCounts swiglu_backward = elementwise(routed * F, 3, 0);  // a, b, g in; da out
     store_stream(swiglu_backward, routed * F);                     // and db
     plan.launch("swiglu_backward_kernel", swiglu_backward);
-    per_expert(D, F, 4);
+    per_expert(r, D, F, 2);  // gate and up: dx = dg Wg + du Wu
+    per_expert(F, D, r, 2);  // gate and up: dW = dg^T x, du^T x
     if (layer % moe.reuse != moe.reuse - 1 && layer != L - 1)
       plan.launch("binary_flat_kernel", elementwise(F * D, 2, 0), static_cast<uint64_t>(3 * P));
     // The gather into expert order, back: each token's k rows summed in sorted order.
@@ -757,8 +821,13 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     // Attention back.
     linear_backward(M, D, D);
     permute(M * D);
-    plan.launch("attention_backward_query_kernel", attention_backward_query(B * H, T, hd));
-    plan.launch("attention_backward_key_kernel", attention_backward_key(B * H, B * G * T, T, hd));
+    if (flash) {
+      for (const auto& [kernel, one] : flash_counts.backward)
+        plan.launch_over_groups(kernel, one, static_cast<uint64_t>(B * G));
+    } else {
+      plan.launch("attention_backward_query_kernel", attention_backward_query(B * H, T, hd));
+      plan.launch("attention_backward_key_kernel", attention_backward_key(B * H, B * G * T, T, hd));
+    }
     permute(M * G * hd);  // dv
     linear_backward(M, D, G * hd);
     rope(G);
