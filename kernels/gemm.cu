@@ -6,10 +6,10 @@
 // B is passed first, A second, and each keeps its own transpose flag. One cuBLAS handle is created
 // on first use and bound to rex's stream; a mutex serialises its use (it also carries the math
 // mode). The precision (rex/core/precision.hpp): in tf32 the handle's math mode is
-// CUBLAS_TF32_TENSOR_OP_MATH (cuBLAS rounds the inputs); in bf16 a kernel writes bf16 copies of a
-// and b (rounded to nearest even, as the CPU rounds them) and cublasGemmStridedBatchedEx multiplies
-// them on the tensor cores with an fp32 C and fp32 sums. cuBLAS GEMMs are deterministic on one
-// stream (no atomics mode is set). With k == 0 the product is empty: C is zero-filled unless
+// CUBLAS_TF32_TENSOR_OP_MATH (cuBLAS rounds the inputs); in bf16 one kernel writes bf16 copies of
+// a and b (rounded to nearest even, as the CPU rounds them) and cublasGemmStridedBatchedEx
+// multiplies them on the tensor cores with an fp32 C and fp32 sums. cuBLAS GEMMs are deterministic
+// on one stream (no atomics mode is set). With k == 0 the product is empty: C is zero-filled unless
 // accumulating, without calling cuBLAS.
 #include <atomic>
 #include <climits>
@@ -42,9 +42,17 @@ Cublas& cublas() {
 
 void set_matmul_precision(MatmulPrecision chosen) { precision = chosen; }
 
-// out[i] = x[i] rounded to bf16, for i < n.
-__global__ void round_to_bf16_kernel(const float* x, __nv_bfloat16* out, int64_t n) {
-  for (int64_t i = thread_index(); i < n; i += thread_count()) out[i] = __float2bfloat16_rn(x[i]);
+// a16 = a and b16 = b rounded to bf16 (na and nb elements): both operands of a product in one
+// launch, a thread per element of the two in turn.
+__global__ void round_to_bf16_kernel(const float* a, __nv_bfloat16* a16, int64_t na, const float* b,
+                                     __nv_bfloat16* b16, int64_t nb) {
+  for (int64_t i = thread_index(); i < na + nb; i += thread_count()) {
+    if (i < na) {
+      a16[i] = __float2bfloat16_rn(a[i]);
+    } else {
+      b16[i - na] = __float2bfloat16_rn(b[i - na]);
+    }
+  }
 }
 
 // The elements `batch` matrices of `size` floats, `stride` apart, span from the first.
@@ -52,17 +60,21 @@ int64_t span_of(int64_t size, int64_t batch, int64_t stride) {
   return stride == 0 ? size : (batch - 1) * stride + size;
 }
 
-// A bf16 copy of the `count` floats at x, in its own scratch buffer.
-class Bf16Copy {
+// bf16 copies of a product's operands (na and nb floats), each in its own scratch buffer (so each
+// starts aligned, as cuBLAS's tensor-core paths want).
+class Bf16Operands {
  public:
-  Bf16Copy(const float* x, int64_t count)
-      : copy_(static_cast<size_t>(count) * sizeof(__nv_bfloat16)) {
-    REX_LAUNCH(round_to_bf16_kernel, blocks_for(count), kThreads, 0, x, data(), count);
+  Bf16Operands(const float* a, int64_t na, const float* b, int64_t nb)
+      : a_(static_cast<size_t>(na) * sizeof(__nv_bfloat16)),
+        b_(static_cast<size_t>(nb) * sizeof(__nv_bfloat16)) {
+    REX_LAUNCH(round_to_bf16_kernel, blocks_for(na + nb), kThreads, 0, a, this->a(), na, b,
+               this->b(), nb);
   }
-  __nv_bfloat16* data() const { return copy_.as<__nv_bfloat16>(); }
+  __nv_bfloat16* a() const { return a_.as<__nv_bfloat16>(); }
+  __nv_bfloat16* b() const { return b_.as<__nv_bfloat16>(); }
 
  private:
-  Scratch copy_;
+  Scratch a_, b_;
 };
 
 int checked_int(const char* what, int64_t value) {
@@ -93,13 +105,12 @@ void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_
   const cublasOperation_t op_b = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   Cublas& blas = cublas();
   if (chosen == MatmulPrecision::bf16) {
-    const Bf16Copy a16(a, span_of(m * k, batch, stride_a));
-    const Bf16Copy b16(b, span_of(k * n, batch, stride_b));
+    const Bf16Operands bf16(a, span_of(m * k, batch, stride_a), b, span_of(k * n, batch, stride_b));
     const std::lock_guard<std::mutex> lock(blas.mutex);
     REX_CUBLAS(cublasSetMathMode(blas.handle, CUBLAS_DEFAULT_MATH));
     REX_CUBLAS(cublasGemmStridedBatchedEx(
-        blas.handle, op_b, op_a, cols_b, rows_a, inner, &alpha, b16.data(), CUDA_R_16BF, ld_b,
-        stride_b, a16.data(), CUDA_R_16BF, ld_a, stride_a, &beta, c, CUDA_R_32F, cols_b, stride_c,
+        blas.handle, op_b, op_a, cols_b, rows_a, inner, &alpha, bf16.b(), CUDA_R_16BF, ld_b,
+        stride_b, bf16.a(), CUDA_R_16BF, ld_a, stride_a, &beta, c, CUDA_R_32F, cols_b, stride_c,
         count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return;
   }

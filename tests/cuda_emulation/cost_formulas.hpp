@@ -110,17 +110,18 @@ class Plan {
     k.arithmetic.tensor_tf32_flops += times * one.arithmetic.tensor_tf32_flops;
     k.global_atomics += times * one.global_atomics;
   }
-  // A product of kernels/gemm.cu at `precision`: in bf16, first a bf16 copy of each operand.
+  // A product of kernels/gemm.cu at `precision`: in bf16, first bf16 copies of both operands.
   void gemm(i64 m, i64 n, i64 k, rex::MatmulPrecision precision, uint64_t calls = 1) {
     if (calls == 0) return;
     const bool bf16 = precision == rex::MatmulPrecision::bf16;
-    if (bf16)
+    if (bf16) {  // one launch over both operands, each read and written as one stream
+      KernelCounts round;
       for (const i64 elements : {m * k, k * n}) {
-        KernelCounts round;
         load_stream(round, elements);
         store_stream(round, elements, 2);
-        launch("round_to_bf16_kernel", round, calls);
       }
+      launch("round_to_bf16_kernel", round, calls);
+    }
     counts.gemms[GemmShape{m, n, k, 1, false, false, precision == rex::MatmulPrecision::tf32,
                            bf16}] += calls;
     counts.cublas_calls += calls;
