@@ -8,8 +8,12 @@
 //   sliding     the sampler before the cache (a full pass over the last `context` tokens, sliding
 //               by one token per step: windows of 64 where the two above average 48), as a peer.
 // Prints the median seconds of each, the ratios to kv_cache, and whether kv_cache and recompute
-// wrote the same text. With --model DIR the model is a trained model folder instead (its weights,
-// and the PSR mask of the step it was saved at): a trained model's greedy text varies, which
+// wrote the same text. A fourth timing bounds what any decoder of fp32 weights could do here:
+//   weights     only reading, for each of the N tokens, the weights a decoded token multiplies
+//               by (attention, router, the top-k experts, the head), as consecutive slices of a
+//               buffer the size of the model's parameters (no arithmetic beyond a sum).
+// With --model DIR the model is a trained model folder instead (its weights, and the PSR mask of
+// the step it was saved at): a trained model's greedy text varies, which
 // changes how its tokens route, unlike a random model's. Usage:
 //   bench_sample [--chars N] [--repeats R] [--model DIR]   (threads: OMP_NUM_THREADS, default all)
 #include <algorithm>
@@ -20,6 +24,7 @@
 #include <memory>
 #include <vector>
 
+#include <Eigen/Core>
 #include <rex/rex.hpp>
 #include <rex/train/train.hpp>
 
@@ -44,6 +49,34 @@ std::vector<int32_t> sliding_window_greedy(const rex::nn::TransformerLM& model,
     tokens.push_back(static_cast<int32_t>(std::max_element(last, last + vocab) - last));
   }
   return {tokens.begin() + prompt_length, tokens.end()};
+}
+
+// The floats of weights one decoded token reads: every layer's projections and FFN (the router
+// and the k chosen experts plus the shared ones, or the dense FFN), and the LM head.
+int64_t weights_per_token(const rex::nn::ModelConfig& m) {
+  const int64_t d = m.d_model, kv_width = d / m.n_heads * m.n_kv_heads;
+  const int64_t attention = 2 * d * d + 2 * kv_width * d;
+  const rex::nn::MoeConfig& moe = m.moe;
+  const int64_t ffn = m.ffn == "moe" ? moe.reuse * moe.experts_per_layer * d +
+                                           (moe.top_k + moe.shared_experts) * 3 * moe.d_expert * d
+                                     : 3 * m.d_ff * d;
+  return m.n_layers * (attention + ffn) + m.vocab_size * d;
+}
+
+// Reads `per_token` floats for each of `tokens` tokens from consecutive slices of `weights`
+// (wrapping around); returns their sum, so that the reads are not optimised away.
+double read_weights(const std::vector<float>& weights, int64_t per_token, int64_t tokens) {
+  const auto size = static_cast<int64_t>(weights.size());
+  double total = 0;
+  int64_t at = 0;
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t left = per_token; left > 0;) {
+      const int64_t run = std::min(left, size - at);
+      total += Eigen::Map<const Eigen::ArrayXf>(weights.data() + at, run).sum();
+      left -= run, at = (at + run) % size;
+    }
+  }
+  return total;
 }
 
 }  // namespace
@@ -79,6 +112,9 @@ int main(int argc, char** argv) {
   const rex::nn::TransformerLM& model = *owned;
   const std::vector<int32_t> newline{0};
   std::vector<int32_t> cached, recomputed;
+  const int64_t per_token = weights_per_token(model.config());
+  const std::vector<float> weights(static_cast<size_t>(model.parameter_count()), 1.0f);
+  double checksum = 0;
   const std::function<void()> contenders[] = {
       [&] {
         cached = rex::train::generate_tokens(model, newline, chars, 0.0, 1, at,
@@ -88,11 +124,12 @@ int main(int argc, char** argv) {
         recomputed = rex::train::generate_tokens(model, newline, chars, 0.0, 1, at,
                                                  rex::train::Decoding::recompute);
       },
-      [&] { sliding_window_greedy(model, newline, chars, at); }};
-  std::vector<double> seconds[3];
+      [&] { sliding_window_greedy(model, newline, chars, at); },
+      [&] { checksum += read_weights(weights, per_token, chars); }};
+  std::vector<double> seconds[4];
   for (int r = 0; r < repeats; ++r) {
-    for (int i = 0; i < 3; ++i) {  // repeat r starts with contender r mod 3
-      const int c = (r + i) % 3;
+    for (int i = 0; i < 4; ++i) {  // repeat r starts with contender r mod 4
+      const int c = (r + i) % 4;
       const double start = rex::bench::now_seconds();
       contenders[c]();
       seconds[c].push_back(rex::bench::now_seconds() - start);
@@ -107,5 +144,14 @@ int main(int argc, char** argv) {
       static_cast<long long>(chars), static_cast<long long>(config.model.context), repeats, kv,
       recompute, recompute / kv, sliding, sliding / kv,
       cached == recomputed ? "identical" : "DIFFER");
+  const double read = rex::bench::median(seconds[3]);
+  std::printf(
+      "a decoded token reads %.2f MB of weights (the model has %.2f MB); reading them for %lld "
+      "tokens takes %.3f s (%.1f GB/s): the KV cache runs at %.0f%% of that bound, and no fp32 "
+      "decoder could be more than %.1fx faster than recompute here (checksum %.0f)\n",
+      4e-6 * static_cast<double>(per_token), 4e-6 * static_cast<double>(weights.size()),
+      static_cast<long long>(chars), read,
+      4e-9 * static_cast<double>(per_token) * static_cast<double>(chars) / read, 100 * read / kv,
+      recompute / read, checksum);
   return cached == recomputed ? 0 : 1;
 }

@@ -183,17 +183,33 @@ void check(const std::string& what, const Tensor& got, const std::vector<double>
   CHECK(worst <= 1.0);
 }
 
-void check_shape(const Shape4& s, uint64_t seed) {
+// Random bf16 inputs of a shape (q and g have n elements, k and v kv) and their reference.
+struct Case {
+  int64_t n, kv;
+  std::vector<float> q, k, v, g;
+  Reference want;
+};
+
+Case make_case(const Shape4& s, uint64_t seed) {
   CAPTURE(s.batch);
   CAPTURE(s.heads);
   CAPTURE(s.kv_heads);
   CAPTURE(s.time);
   CAPTURE(s.dim);
   Generator gen(seed);
-  const int64_t n = s.batch * s.heads * s.time * s.dim, kv = s.batch * s.kv_heads * s.time * s.dim;
-  const std::vector<float> q = random_bf16(n, gen, 1.0f), k = random_bf16(kv, gen, 1.0f),
-                           v = random_bf16(kv, gen, 1.0f), g = random_bf16(n, gen, 1.0f);
-  const Reference want = reference(s, q, k, v, g);
+  Case c;
+  c.n = s.batch * s.heads * s.time * s.dim, c.kv = s.batch * s.kv_heads * s.time * s.dim;
+  c.q = random_bf16(c.n, gen, 1.0f), c.k = random_bf16(c.kv, gen, 1.0f);
+  c.v = random_bf16(c.kv, gen, 1.0f), c.g = random_bf16(c.n, gen, 1.0f);
+  c.want = reference(s, c.q, c.k, c.v, c.g);
+  return c;
+}
+
+void check_shape(const Shape4& s, uint64_t seed) {
+  const Case c = make_case(s, seed);
+  const int64_t n = c.n, kv = c.kv;
+  const std::vector<float>&q = c.q, &k = c.k, &v = c.v, &g = c.g;
+  const Reference& want = c.want;
 
   const Tensor tq = on_gpu(q), tk = on_gpu(k), tv = on_gpu(v), tg = on_gpu(g);
   const Tensor out = Tensor::empty(Shape{n}, DType::f32, Device::cuda());
@@ -221,13 +237,10 @@ void check_shape(const Shape4& s, uint64_t seed) {
 // causal_attention's values and gradients (the backward of sum(out * g)) on `device` in bf16.
 void check_op_in_bf16(const Shape4& s, uint64_t seed, Device device) {
   CAPTURE(device.is_cuda());
-  CAPTURE(s.time);
-  CAPTURE(s.dim);
-  Generator gen(seed);
-  const int64_t n = s.batch * s.heads * s.time * s.dim, kv = s.batch * s.kv_heads * s.time * s.dim;
-  const std::vector<float> q = random_bf16(n, gen, 1.0f), k = random_bf16(kv, gen, 1.0f),
-                           v = random_bf16(kv, gen, 1.0f), g = random_bf16(n, gen, 1.0f);
-  const Reference want = reference(s, q, k, v, g);
+  const Case c = make_case(s, seed);
+  const int64_t n = c.n, kv = c.kv;
+  const std::vector<float>&q = c.q, &k = c.k, &v = c.v, &g = c.g;
+  const Reference& want = c.want;
   const Shape query_shape{s.batch, s.heads, s.time, s.dim};
   const Shape kv_shape{s.batch, s.kv_heads, s.time, s.dim};
   Tensor tq = from_vector(q, query_shape).to(device), tk = from_vector(k, kv_shape).to(device),
