@@ -1,6 +1,6 @@
 // dump_rex: one training step of a rex model, written out for the PyTorch twin (twin.py) to redo.
 //
-//   dump_rex --config FILE.json [--set section.key=value ...] --step T --out DIR
+//   dump_rex --config FILE.json [--set section.key=value ...] --step T --out DIR [--steps S]
 //
 // Builds the model from the config (model.vocab_size must be set) with train.seed, draws a batch
 // of train.batch_size x model.context token ids from the seed, and runs one step at PSR step T:
@@ -14,10 +14,15 @@
 //   expected.safetensors  logits [B*T, V], loss, lm_loss, aux_loss (scalars; aux 0 for dense),
 //                         grad.<param> (before clipping), after.<param> (after the AdamW step);
 //                         metadata: grad_norm
+//   trajectory.json       with --steps S > 1: S steps on the same batch (PSR steps T .. T + S - 1,
+//                         train.matmul_precision applied), {"losses": [the S steps' losses],
+//                         "loss_after": the batch's loss after them}, for a many-step comparison
+//                         (tests/reference/check_bf16_twin.sh)
 #include <cstdio>
 #include <string>
 #include <vector>
 
+#include <rex/backend/cuda/runtime.hpp>
 #include <rex/data/tokenizer.hpp>
 #include <rex/rex.hpp>
 #include <rex/train/checkpoint.hpp>
@@ -29,7 +34,7 @@ namespace {
 int run(int argc, char** argv) {
   std::string config_path, out;
   std::vector<std::string> overrides;
-  int64_t step = 0;
+  int64_t step = 0, steps = 1;
   REX_CHECK(argc % 2 == 1, "dump_rex: every flag needs a value");
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
@@ -41,6 +46,10 @@ int run(int argc, char** argv) {
       size_t used = 0;
       step = std::stoll(value, &used);
       REX_CHECK(used == value.size() && step >= 0, "dump_rex: --step expects a step number");
+    } else if (flag == "--steps") {
+      size_t used = 0;
+      steps = std::stoll(value, &used);
+      REX_CHECK(used == value.size() && steps >= 1, "dump_rex: --steps expects a count >= 1");
     } else if (flag == "--out") {
       out = value;
     } else {
@@ -53,6 +62,7 @@ int run(int argc, char** argv) {
   const rex::nn::ModelConfig& m = config.model;
   REX_CHECK(m.vocab_size > 0 && m.vocab_size <= 256, "dump_rex: set model.vocab_size (1..256)");
   const uint64_t seed = config.train.seed;
+  rex::set_matmul_precision(rex::Device::cpu(), config.train.matmul_precision);
 
   const rex::nn::TransformerLM model(m, seed);
   std::vector<uint8_t> symbols(static_cast<size_t>(m.vocab_size));
@@ -106,6 +116,26 @@ int run(int argc, char** argv) {
   rex::io::save_safetensors(out + "/expected.safetensors", expected, {{"grad_norm", norm_text}});
   std::printf("dump_rex: %s at step %lld -> %s (loss %.6f)\n", config_path.c_str(),
               static_cast<long long>(step), out.c_str(), result.output.loss.item());
+  if (steps == 1) return 0;
+  auto text = [](double value) {
+    char buffer[32];
+    std::snprintf(buffer, sizeof buffer, "%.9g", value);
+    return std::string(buffer);
+  };
+  std::string losses = text(result.loss);
+  for (int64_t i = 1; i < steps; ++i) {
+    const rex::train::StepResult more = rex::train::train_step(
+        model, optimizer, tokens, {step + i, seed}, static_cast<float>(t.lr), t.grad_clip);
+    losses += ", " + text(more.loss);
+  }
+  const rex::NoGradGuard no_grad;
+  const double after =
+      model.forward(tokens.inputs, tokens.targets, {step + steps, seed}).loss.item();
+  FILE* file = std::fopen((out + "/trajectory.json").c_str(), "w");
+  REX_CHECK(file != nullptr, "dump_rex: cannot write ", out, "/trajectory.json");
+  std::fprintf(file, "{\"losses\": [%s], \"loss_after\": %.9g}\n", losses.c_str(), after);
+  std::fclose(file);
+  std::printf("dump_rex: %lld steps, loss after them %.6f\n", static_cast<long long>(steps), after);
   return 0;
 }
 

@@ -2,6 +2,7 @@
 """The PyTorch twin of the rex transformer: redoes one rex training step and compares everything.
 
 Usage: python3 twin.py DIR [--perturb NAME]
+       python3 twin.py DIR --train S [--autocast]
 
 DIR is written by tests/reference/dump_rex (config.json, model.safetensors, inputs.safetensors,
 expected.safetensors; see dump_rex.cpp and docs/formats.md). The twin builds the same model as a
@@ -527,13 +528,57 @@ def run(folder, perturb):
     return 1 if report.failed else 0
 
 
+def train(folder, steps, autocast):
+    """S training steps on the dumped batch (PSR steps T .. T + S - 1), optionally under
+    torch.autocast's bf16 on the CPU; prints {"losses": [...], "loss_after": ...} as JSON, the
+    same figures dump_rex --steps S writes (tests/reference/check_bf16_twin.sh compares them)."""
+    torch.set_num_threads(1)
+    cfg, weights, inputs, step, _, _ = load_inputs(folder)
+    model = Transformer(cfg)
+    load_weights(model, weights)
+    ids = torch.from_numpy(inputs["ids"]).long()
+    targets = torch.from_numpy(inputs["targets"]).long()
+    t = cfg["train"]
+    params = dict(model.named_parameters())
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": f32(t["weight_decay"])},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=f32(t["lr"]), betas=(f32(t["beta1"]), f32(t["beta2"])),
+                                  eps=f32(t["eps"]))
+
+    def forward(at):
+        keeps = psr_masks(cfg, at, ids.shape[0], ids.shape[1]) if model.is_moe else None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model(ids, targets, keeps)[1].float()
+
+    losses = []
+    for i in range(steps):
+        optimizer.zero_grad()
+        loss = forward(step + i)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), t["grad_clip"])
+        optimizer.step()
+        losses.append(float(loss))
+    with torch.no_grad():
+        after = float(forward(step + steps))
+    print(json.dumps({"losses": losses, "loss_after": after}))
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dir", help="folder written by dump_rex")
     parser.add_argument("--perturb", metavar="NAME",
                         help="multiply rex's expected tensor NAME by 1.01 before comparing")
+    parser.add_argument("--train", metavar="S", type=int,
+                        help="train S steps on the dumped batch instead, print the losses as JSON")
+    parser.add_argument("--autocast", action="store_true",
+                        help="with --train: under torch.autocast (bf16, CPU)")
     args = parser.parse_args()
     try:
+        if args.train:
+            return train(args.dir, args.train, args.autocast)
         return run(args.dir, args.perturb)
     except TwinError as e:
         print(f"error: {e}", file=sys.stderr)
