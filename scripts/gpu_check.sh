@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run of the CUDA backend (docs/cuda.md): build with rex::cuda, run the whole suite with the
-# CUDA cases live, then compute-sanitizer memcheck and racecheck over the CUDA op tests. (The CUDA
+# CUDA cases live, then compute-sanitizer memcheck and racecheck over the CUDA op tests, then the
+# default model's training speed in fp32, tf32 and bf16. (The CUDA
 # emulation is not built here: CI runs it; this script is about the real device.) Meant for a lent GPU
 # machine without network access: the header-only dependencies come from .deps/ (fill it with
 # `scripts/gpu_check.sh --collect-deps` on a machine that has the Debian packages, then carry it).
@@ -46,5 +47,16 @@ for tool in memcheck racecheck; do
   compute-sanitizer --tool "$tool" --error-exitcode 3 build-gpu/tests/test_cuda_flash_attention \
     > "$out/flash_$tool.log" 2>&1 || status=1
   tail -3 "$out/flash_$tool.log"
+done
+# The default model on the GPU in each matmul precision (docs/formats.md, "Precision"): 100 steps
+# on a generated corpus, the last logged line (tokens per second) of each.
+corpus=$out/corpus.txt
+for i in $(seq 1 20000); do echo "In the ${i}th year the king said unto his servants: go forth."; done \
+  > "$corpus"
+for precision in fp32 tf32 bf16; do
+  build-gpu/examples/train_tiny_rex --data "$corpus" --out "$out/train_$precision" --overwrite \
+    --device cuda --steps 100 --set train.matmul_precision="$precision" \
+    > "$out/train_$precision.log" 2>&1 || status=1
+  echo "$precision: $(grep "^step" "$out/train_$precision.log" | tail -1)"
 done
 exit $status
