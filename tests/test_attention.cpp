@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <rex/backend/cuda/runtime.hpp>
+
 #include "gradcheck.hpp"
 #include "rounding.hpp"
 #include "testing.hpp"
@@ -244,4 +246,22 @@ TEST_CASE("causal_attention rejects bad shapes and names the op") {
         error_message([&] { rex::causal_attention_reference(b.q, b.k, b.v); });
     CHECK(reference.find("causal_attention_reference: ") == 0);
   }
+}
+
+TEST_CASE("causal_attention follows the matmul precision in bf16 only, as on CUDA") {
+  // In tf32 attention's products stay fp32 (CUDA's attention kernels have no TF32 path): the same
+  // bits as fp32. In bf16 they round (flash attention's operands), so the output changes.
+  rex::Generator gen(3);
+  const Tensor q = rex::normal(Shape{1, 4, 9, 16}, gen), k = rex::normal(Shape{1, 2, 9, 16}, gen),
+               v = rex::normal(Shape{1, 2, 9, 16}, gen);
+  const std::vector<float> fp32 = rex::causal_attention(q, k, v).to_vector();
+  std::vector<float> in[2];
+  const char* precisions[] = {"tf32", "bf16"};
+  for (int i = 0; i < 2; ++i) {
+    rex::set_matmul_precision(rex::Device::cpu(), precisions[i]);
+    in[i] = rex::causal_attention(q, k, v).to_vector();
+    rex::set_matmul_precision(rex::Device::cpu(), "fp32");
+  }
+  CHECK(in[0] == fp32);
+  CHECK(in[1] != fp32);
 }

@@ -7,11 +7,12 @@
 // That is what tensor cores compute, and the CPU computes it the same way (rounded copies of the
 // operands, then its fp32 GEMM), so a CPU run and a CUDA run still differ only in the order of the
 // fp32 sums. Every product rounds: the layers' (activations and weights), the router's, the LM
-// head's, attention's (q k^T and P v, and in the backward dO v^T, P^T dO, dS k, dS^T q) and the
-// experts'. Everything else stays fp32: softmax, RMSNorm, the losses, the gradients and the
-// optimizer state. The backward of a product is two products of the same precision, the output
-// gradient rounded like any operand; the gradient reaching a weight is fp32, as in PyTorch's
-// autocast (the rounding passes the gradient through unchanged).
+// head's, the experts' and, in bf16 only, attention's (q k^T and P v, and in the backward dO v^T,
+// P^T dO, dS k, dS^T q: CUDA's fp32 attention kernels have no TF32 path). Everything else stays
+// fp32: softmax, RMSNorm, the losses, the gradients and the optimizer state. The backward of a
+// product is two products of the same precision, the output gradient rounded like any operand; the
+// gradient reaching a weight is fp32, as in PyTorch's autocast (the rounding passes the gradient
+// through unchanged).
 #pragma once
 
 #include <atomic>

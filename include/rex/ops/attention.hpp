@@ -50,8 +50,8 @@ struct AttentionValues {
 
 // Whether attention on q's device runs flash attention: on CUDA in bf16 (rex/core/precision.hpp),
 // whose products round q, k, v and P (and dO, P and dS in the backward) to bf16 as the CPU's
-// products do in bf16. Otherwise the fp32 kernels (the CPU's in tf32 too: TF32 is for the
-// products cuBLAS computes on CUDA, and attention is not one of them).
+// attention does in bf16. Otherwise the fp32 kernels (in tf32 on both devices: CUDA's attention
+// kernels have no TF32 path, and cpu::attention_gemm keeps the CPU's alike).
 inline bool attention_is_flash(const Tensor& q) {
   if (!on_cuda(q) || matmul_precision_slot(true).load() != MatmulPrecision::bf16) return false;
   const int64_t head_dim = q.dim(3);

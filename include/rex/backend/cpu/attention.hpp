@@ -10,10 +10,10 @@
 // buffers are Eigen arrays, not std::vector (see rex/backend/cpu/arrays.hpp).
 #pragma once
 
-#include "rex/backend/cpu/eigen.hpp"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include "rex/backend/cpu/eigen.hpp"
 
 #include "rex/backend/cpu/arrays.hpp"
 #include "rex/backend/cpu/gemm.hpp"
@@ -21,10 +21,19 @@
 
 namespace rex::detail::cpu {
 
+// attention's products: in bf16 rounded as gemm rounds them (the operands flash attention rounds on
+// CUDA), in fp32 otherwise, tf32 included (CUDA's attention kernels have no TF32 path).
+inline void attention_gemm(const float* a, const float* b, float* c, int64_t m, int64_t n,
+                           int64_t k, bool transpose_a, bool transpose_b, bool accumulate = false) {
+  if (matmul_precision_slot(false).load(std::memory_order_relaxed) == MatmulPrecision::bf16)
+    return gemm(a, b, c, m, n, k, transpose_a, transpose_b, accumulate);
+  if (m > 0 && n > 0) gemm_fp32(a, b, c, m, n, k, transpose_a, transpose_b, accumulate);
+}
+
 // s[T, T] = scale * q k^T (q and k are [T, D]); entries above the diagonal are left unspecified.
 inline void attention_scores(const float* q, const float* k, float* s, int64_t time,
                              int64_t head_dim, float scale) {
-  gemm(q, k, s, time, time, head_dim, false, true);
+  attention_gemm(q, k, s, time, time, head_dim, false, true);
   for (int64_t i = 0; i < time; ++i)
     for (int64_t j = 0; j <= i; ++j) s[i * time + j] *= scale;
 }
@@ -48,7 +57,7 @@ inline void attention(const float* q, const float* k, const float* v, float* out
       std::fill(row + i + 1, row + time, 0.0f);
       lse[bh * time + i] = peak + static_cast<float>(std::log(total));
     }
-    gemm(p.data(), v + kv * block, out + bh * block, time, head_dim, time, false, false);
+    attention_gemm(p.data(), v + kv * block, out + bh * block, time, head_dim, time, false, false);
   }
 }
 
@@ -76,10 +85,10 @@ inline void attention_backward(const float* q, const float* k, const float* v, c
         std::fill(row + i + 1, row + time, 0.0f);
       }
       if (dv != nullptr)
-        gemm(p.data(), g_h, dv + bkv * block, time, head_dim, time, true, false, true);
+        attention_gemm(p.data(), g_h, dv + bkv * block, time, head_dim, time, true, false, true);
       if (dq == nullptr && dk == nullptr) continue;
       // dS (already times the scale s) = s P * (dP - rowsum(dP * P)), with dP = dO v^T.
-      gemm(g_h, v_h, ds.data(), time, time, head_dim, false, true);
+      attention_gemm(g_h, v_h, ds.data(), time, time, head_dim, false, true);
       for (int64_t i = 0; i < time; ++i) {
         const ArrayMap prow(p.data() + i * time, i + 1);
         ArrayMap drow(ds.data() + i * time, i + 1);
@@ -87,9 +96,10 @@ inline void attention_backward(const float* q, const float* k, const float* v, c
         drow = scale * prow * (drow - centre);
         std::fill(ds.data() + i * time + i + 1, ds.data() + (i + 1) * time, 0.0f);
       }
-      if (dq != nullptr) gemm(ds.data(), k_h, dq + bh * block, time, head_dim, time, false, false);
+      if (dq != nullptr)
+        attention_gemm(ds.data(), k_h, dq + bh * block, time, head_dim, time, false, false);
       if (dk != nullptr)
-        gemm(ds.data(), q_h, dk + bkv * block, time, head_dim, time, true, false, true);
+        attention_gemm(ds.data(), q_h, dk + bkv * block, time, head_dim, time, true, false, true);
     }
   }
 }
