@@ -191,7 +191,8 @@ struct CudaBackend {
                bool transpose_a, bool transpose_b, bool accumulate, int64_t batch, int64_t stride_a,
                int64_t stride_b, int64_t stride_c);
   // The precision of gemm's products (rex/core/precision.hpp): fp32 (the default), tf32 (cuBLAS's
-  // TF32 tensor-op math mode) or bf16 (a and b converted to bf16, cublasGemmEx in fp32 compute).
+  // TF32 tensor-op math mode) or bf16 (a and b converted to bf16, cublasGemmStridedBatchedEx with
+  // fp32 C and fp32 compute).
   void (*set_matmul_precision)(MatmulPrecision precision);
 
   // ---- optimiser (kernels/optim.cu) ----

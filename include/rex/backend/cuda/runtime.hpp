@@ -51,9 +51,4 @@ inline void set_matmul_precision(Device device, const std::string& precision) {
   if (device.is_cuda()) detail::cuda_backend().set_matmul_precision(parsed);
 }
 
-// The precision set for `device`'s kind.
-inline MatmulPrecision matmul_precision(Device device) {
-  return detail::matmul_precision_slot(device.is_cuda()).load();
-}
-
 }  // namespace rex
