@@ -99,12 +99,15 @@ inline void gemm_tiled(const GemmOperands& g, int64_t row_tiles, int64_t column_
   for (int64_t t = 0; t < tiles; ++t) run(t);
 }
 
-// The `count` values at x rounded to `precision` (rex/core/precision.hpp).
-inline Eigen::ArrayXf rounded_operand(const float* x, int64_t count, MatmulPrecision precision) {
-  Eigen::ArrayXf out(count);
+// The `count` values at x rounded to `precision` (rex/core/precision.hpp), into `out`: a buffer of
+// the calling thread's, grown as needed and reused from product to product (an Eigen array, whose
+// alignment is the same in every run; see rex/backend/cpu/arrays.hpp).
+inline const float* rounded_operand(const float* x, int64_t count, MatmulPrecision precision,
+                                    Eigen::ArrayXf& out) {
+  if (out.size() < count) out.resize(count);
   const int dropped_bits = precision == MatmulPrecision::bf16 ? 16 : 13;
   for (int64_t i = 0; i < count; ++i) out[i] = round_mantissa(x[i], dropped_bits);
-  return out;
+  return out.data();
 }
 
 // c = op(a) op(b) (+ c) in fp32, a holding m k floats and b k n.
@@ -133,9 +136,11 @@ inline void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n,
   const MatmulPrecision precision = matmul_precision_slot(false).load(std::memory_order_relaxed);
   if (precision == MatmulPrecision::fp32 || k == 0)
     return gemm_fp32(a, b, c, m, n, k, transpose_a, transpose_b, accumulate);
-  const Eigen::ArrayXf a_rounded = rounded_operand(a, m * k, precision);
-  const Eigen::ArrayXf b_rounded = rounded_operand(b, k * n, precision);
-  gemm_fp32(a_rounded.data(), b_rounded.data(), c, m, n, k, transpose_a, transpose_b, accumulate);
+  // Per thread: products run inside parallel loops (over experts, over heads), never nested.
+  thread_local Eigen::ArrayXf a_rounded, b_rounded;
+  gemm_fp32(rounded_operand(a, m * k, precision, a_rounded),
+            rounded_operand(b, k * n, precision, b_rounded), c, m, n, k, transpose_a, transpose_b,
+            accumulate);
 }
 
 namespace cpu {
