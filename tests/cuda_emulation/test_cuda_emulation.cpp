@@ -34,6 +34,16 @@ void check_caught(const Outcome& o, cudaError_t error, const std::string& kernel
   for (const std::string& part : parts) CHECK(contains(o.message, part));
 }
 
+// A device copy of `values` (the caller frees it).
+template <class T>
+T* upload(const std::vector<T>& values) {
+  void* device = nullptr;
+  REQUIRE(cudaMalloc(&device, values.size() * sizeof(T)) == cudaSuccess);
+  REQUIRE(cudaMemcpy(device, values.data(), values.size() * sizeof(T), cudaMemcpyHostToDevice) ==
+          cudaSuccess);
+  return static_cast<T*>(device);
+}
+
 }  // namespace
 
 TEST_CASE("a block reduction over a grid-stride loop sums 0..n-1") {
@@ -279,13 +289,7 @@ TEST_CASE("cuBLAS SGEMM against a naive loop, every transpose, strides, alpha an
       for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>((i * 7) % 11) - 5.0f;
       for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<float>((i * 5) % 13) - 6.0f;
       for (size_t i = 0; i < c.size(); ++i) c[i] = static_cast<float>(i % 3);
-      float *da, *db, *dc;
-      cudaMalloc(reinterpret_cast<void**>(&da), a.size() * 4);
-      cudaMalloc(reinterpret_cast<void**>(&db), b.size() * 4);
-      cudaMalloc(reinterpret_cast<void**>(&dc), c.size() * 4);
-      cudaMemcpy(da, a.data(), a.size() * 4, cudaMemcpyHostToDevice);
-      cudaMemcpy(db, b.data(), b.size() * 4, cudaMemcpyHostToDevice);
-      cudaMemcpy(dc, c.data(), c.size() * 4, cudaMemcpyHostToDevice);
+      float *da = upload(a), *db = upload(b), *dc = upload(c);
       cublasHandle_t h = nullptr;
       REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS);
       const float alpha = 0.5f, beta = 2.0f;
@@ -378,13 +382,8 @@ TEST_CASE("cuBLAS GemmEx: bf16 A and B, fp32 C, every transpose, against a naive
       for (size_t i = 0; i < b.size(); ++i) b[i] = bf16(static_cast<float>((i * 5) % 13) - 6.0f);
       std::vector<float> c(static_cast<size_t>(ldc * n));
       for (size_t i = 0; i < c.size(); ++i) c[i] = static_cast<float>(i % 3);
-      void *da, *db, *dc;
-      cudaMalloc(&da, a.size() * 2);
-      cudaMalloc(&db, b.size() * 2);
-      cudaMalloc(&dc, c.size() * 4);
-      cudaMemcpy(da, a.data(), a.size() * 2, cudaMemcpyHostToDevice);
-      cudaMemcpy(db, b.data(), b.size() * 2, cudaMemcpyHostToDevice);
-      cudaMemcpy(dc, c.data(), c.size() * 4, cudaMemcpyHostToDevice);
+      uint16_t *da = upload(a), *db = upload(b);
+      float* dc = upload(c);
       cublasHandle_t h = nullptr;
       REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS);
       const float alpha = 0.5f, beta = 2.0f;

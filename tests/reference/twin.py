@@ -437,6 +437,16 @@ def load_weights(model, weights):
             p.copy_(torch.from_numpy(weights[name]))
 
 
+def make_optimizer(params, t):
+    """rex's AdamW: decay on the matrices only, the config's train hyperparameters as floats."""
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": f32(t["weight_decay"])},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=f32(t["lr"]), betas=(f32(t["beta1"]), f32(t["beta2"])),
+                             eps=f32(t["eps"]))
+
+
 def run(folder, perturb):
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -494,12 +504,7 @@ def run(folder, perturb):
     norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t["grad_clip"])
     report.compare("grad_norm", "grad_norm", float(norm), rex_norm)
 
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": f32(t["weight_decay"])},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=f32(t["lr"]), betas=(f32(t["beta1"]), f32(t["beta2"])),
-                                  eps=f32(t["eps"]))
+    optimizer = make_optimizer(params, t)
     optimizer.step()
     # The gradients AdamW saw: the twin's clipped in place; rex's clipped as rex does it (the f32
     # product with the f32 scale, so these are rex's bits).
@@ -540,12 +545,7 @@ def train(folder, steps, autocast):
     targets = torch.from_numpy(inputs["targets"]).long()
     t = cfg["train"]
     params = dict(model.named_parameters())
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": f32(t["weight_decay"])},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=f32(t["lr"]), betas=(f32(t["beta1"]), f32(t["beta2"])),
-                                  eps=f32(t["eps"]))
+    optimizer = make_optimizer(params, t)
 
     def forward(at):
         keeps = psr_masks(cfg, at, ids.shape[0], ids.shape[1]) if model.is_moe else None
