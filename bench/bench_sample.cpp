@@ -12,6 +12,10 @@
 //   weights     only reading, for each of the N tokens, the weights a decoded token multiplies
 //               by (attention, router, the top-k experts, the head), as consecutive slices of a
 //               buffer the size of the model's parameters (no arithmetic beyond a sum).
+// And the first two again with the CPU's matmul precision at bf16 (train.matmul_precision), where
+// the KV cache reads bf16 copies of the weights (rex/nn/decode_weights.hpp):
+//   kv_cache_bf16, recompute_bf16   compared with each other (the same arithmetic, so the same
+//               text) and with the fp32 recompute path.
 // With --model DIR the model is a trained model folder instead (its weights, and the PSR mask of
 // the step it was saved at): a trained model's greedy text varies, which
 // changes how its tokens route, unlike a random model's. Usage:
@@ -25,6 +29,7 @@
 #include <vector>
 
 #include <Eigen/Core>
+#include <rex/backend/cuda/runtime.hpp>
 #include <rex/rex.hpp>
 #include <rex/train/train.hpp>
 
@@ -114,7 +119,14 @@ int main(int argc, char** argv) {
   std::vector<int32_t> cached, recomputed;
   const int64_t per_token = weights_per_token(model.config());
   const std::vector<float> weights(static_cast<size_t>(model.parameter_count()), 1.0f);
+  std::vector<int32_t> cached_bf16, recomputed_bf16;
   double checksum = 0;
+  // f() with the CPU's products in bf16.
+  const auto in_bf16 = [](const std::function<void()>& f) {
+    rex::set_matmul_precision(rex::Device::cpu(), "bf16");
+    f();
+    rex::set_matmul_precision(rex::Device::cpu(), "fp32");
+  };
   const std::function<void()> contenders[] = {
       [&] {
         cached = rex::train::generate_tokens(model, newline, chars, 0.0, 1, at,
@@ -125,11 +137,24 @@ int main(int argc, char** argv) {
                                                  rex::train::Decoding::recompute);
       },
       [&] { sliding_window_greedy(model, newline, chars, at); },
-      [&] { checksum += read_weights(weights, per_token, chars); }};
-  std::vector<double> seconds[4];
+      [&] { checksum += read_weights(weights, per_token, chars); },
+      [&] {
+        in_bf16([&] {
+          cached_bf16 = rex::train::generate_tokens(model, newline, chars, 0.0, 1, at,
+                                                    rex::train::Decoding::kv_cache);
+        });
+      },
+      [&] {
+        in_bf16([&] {
+          recomputed_bf16 = rex::train::generate_tokens(model, newline, chars, 0.0, 1, at,
+                                                        rex::train::Decoding::recompute);
+        });
+      }};
+  constexpr int kContenders = 6;
+  std::vector<double> seconds[kContenders];
   for (int r = 0; r < repeats; ++r) {
-    for (int i = 0; i < 4; ++i) {  // repeat r starts with contender r mod 4
-      const int c = (r + i) % 4;
+    for (int i = 0; i < kContenders; ++i) {  // repeat r starts with contender r mod 6
+      const int c = (r + i) % kContenders;
       const double start = rex::bench::now_seconds();
       contenders[c]();
       seconds[c].push_back(rex::bench::now_seconds() - start);
@@ -153,5 +178,16 @@ int main(int argc, char** argv) {
       static_cast<long long>(chars), read,
       4e-9 * static_cast<double>(per_token) * static_cast<double>(chars) / read, 100 * read / kv,
       recompute / read, checksum);
-  return cached == recomputed ? 0 : 1;
+  const double kv_bf16 = rex::bench::median(seconds[4]),
+               recompute_bf16 = rex::bench::median(seconds[5]);
+  const auto same_prefix = static_cast<long long>(
+      std::mismatch(cached_bf16.begin(), cached_bf16.end(), cached.begin()).first -
+      cached_bf16.begin());
+  std::printf(
+      "bf16: KV cache %.3f s, recompute %.3f s (%.1fx the KV cache); the fp32 recompute is %.1fx "
+      "the bf16 KV cache; KV cache and recompute texts %s; the bf16 text follows the fp32 text "
+      "for %lld characters\n",
+      kv_bf16, recompute_bf16, recompute_bf16 / kv_bf16, recompute / kv_bf16,
+      cached_bf16 == recomputed_bf16 ? "identical" : "DIFFER", same_prefix);
+  return cached == recomputed && cached_bf16 == recomputed_bf16 ? 0 : 1;
 }

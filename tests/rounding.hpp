@@ -19,6 +19,7 @@
 #include <vector>
 
 #include <doctest/doctest.h>
+#include <rex/backend/cuda/runtime.hpp>
 #include <rex/rex.hpp>
 
 namespace rex::testing {
@@ -105,5 +106,22 @@ inline bool arg_max_holds_within(const Tensor& logits, double rel) {
   std::partial_sort(v.begin(), v.begin() + 2, v.end(), std::greater<float>());
   return double{v[0]} - v[1] > 2 * rel * norm(logits);
 }
+
+// x rounded to `bits` significant bits, to nearest even, computed in double by frexp and
+// nearbyint (the default rounding mode is to nearest even): independent of rex's bit arithmetic
+// (bf16 has 8 significant bits, TF32 11).
+inline double rounded_to_bits(float x, int bits) {
+  int exponent = 0;
+  const double fraction = std::frexp(static_cast<double>(x), &exponent);  // in [0.5, 1)
+  return std::ldexp(std::nearbyint(std::ldexp(fraction, bits)), exponent - bits);
+}
+
+// The CPU's matmul precision for one scope.
+struct CpuPrecision {
+  explicit CpuPrecision(const char* name) { set_matmul_precision(Device::cpu(), name); }
+  ~CpuPrecision() { set_matmul_precision(Device::cpu(), "fp32"); }
+  CpuPrecision(const CpuPrecision&) = delete;
+  CpuPrecision& operator=(const CpuPrecision&) = delete;
+};
 
 }  // namespace rex::testing

@@ -214,23 +214,7 @@ TEST_CASE("large products: a derived bound, tiles equal to the whole product, 1-
   }
 }
 
-namespace {
-
-// x rounded to `bits` significant bits, to nearest even, computed in double by frexp and
-// nearbyint (the default rounding mode is to nearest even): independent of rex's bit arithmetic.
-double rounded_to_bits(float x, int bits) {
-  int exponent = 0;
-  const double fraction = std::frexp(static_cast<double>(x), &exponent);  // in [0.5, 1)
-  return std::ldexp(std::nearbyint(std::ldexp(fraction, bits)), exponent - bits);
-}
-
-// The CPU's matmul precision for one scope.
-struct CpuPrecision {
-  explicit CpuPrecision(const char* name) { rex::set_matmul_precision(rex::Device::cpu(), name); }
-  ~CpuPrecision() { rex::set_matmul_precision(rex::Device::cpu(), "fp32"); }
-};
-
-}  // namespace
+using rex::testing::CpuPrecision, rex::testing::rounded_to_bits;
 
 TEST_CASE("bf16 and tf32 rounding: ties to even, infinities, NaN and overflow") {
   using rex::detail::round_to_bf16, rex::detail::round_to_tf32;

@@ -12,9 +12,11 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
+#include <rex/nn/decode_weights.hpp>
 #include <rex/rex.hpp>
 #include <rex/train/sample.hpp>
 
@@ -150,4 +152,64 @@ TEST_CASE("sampling: bad input to the KV cache is refused with a clear message")
   CHECK(error_message([&] {
           model.decode(from_vector(std::vector<int32_t>(4, 1), {2, 2}), fresh, kMasked);
         }).find("got [2, 2]") != std::string::npos);
+}
+
+TEST_CASE("decoding in bf16 multiplies by weights rounded once, as detail::gemm does in bf16") {
+  // y = round(x) round(W)^T: each product of two 8-bit significands is exact in float, so the
+  // only other error is the fp32 sum, within gamma_k sum |x_p w_p| of the exact sum. k = 39 is
+  // not a multiple of the 4 rows the kernel takes at a time.
+  const int64_t n = 45, k = 39;
+  Generator gen(11);
+  const Tensor weight = normal(Shape{n, k}, gen), x = normal(Shape{k}, gen);
+  std::vector<float> y(n), fp32_y(n), again(n);
+  nn::DecodeWeights fp32_weights;
+  fp32_weights.times(x.data<float>(), weight, fp32_y.data());
+  detail::gemm(x.data<float>(), weight.data<float>(), y.data(), 1, n, k, false, true);
+  CHECK(y == fp32_y);  // in fp32, detail::gemm's own call
+  {
+    const testing::CpuPrecision scope("bf16");
+    nn::DecodeWeights weights;
+    weights.times(x.data<float>(), weight, y.data());
+    weights.times(x.data<float>(), weight, again.data());  // from the copy made by the first call
+  }
+  CHECK(again == y);
+  const double gamma = testing::gamma_n(static_cast<double>(k));
+  int differs = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    double exact = 0, magnitude = 0;
+    for (int64_t p = 0; p < k; ++p) {
+      const double term = testing::rounded_to_bits(x.data<float>()[p], 8) *
+                          testing::rounded_to_bits(weight.at({j, p}), 8);
+      exact += term, magnitude += std::fabs(term);
+    }
+    CHECK(std::fabs(y[j] - exact) <= gamma * magnitude);
+    differs += std::fabs(fp32_y[j] - exact) > gamma * magnitude;
+  }
+  CHECK(differs > n / 2);  // fp32 operands would not pass: the rounding took place
+}
+
+TEST_CASE("sampling in bf16: the KV cache's greedy text is the bf16 recompute path's") {
+  // In bf16 both paths round every product's operands (rex/core/precision.hpp); the cache reads
+  // its bf16 copies of the weights. A prefill is forward's computation, byte for byte; the text
+  // is identical, past the context too (unlike fp32, no bound here implies it: a sum order can
+  // move an activation across a bf16 rounding boundary, a jump of up to 2^-8 relative).
+  for (const std::string ffn : {"dense", "moe"}) {
+    CAPTURE(ffn);
+    const nn::TransformerLM model(small_model(ffn), 5);
+    const std::vector<int32_t> prompt{1, 4, 1, 5, 9};
+    train::NextTokenLogits fp32_cache(model, prompt, kMasked, train::Decoding::kv_cache);
+    fp32_cache.append(2);
+    const testing::CpuPrecision scope("bf16");
+    train::NextTokenLogits cached(model, prompt, kMasked, train::Decoding::kv_cache);
+    CHECK(testing::same_bytes(cached.logits(), full_pass_logits(model, prompt, kMasked)));
+    cached.append(2);
+    CHECK_FALSE(testing::same_bytes(cached.logits(), fp32_cache.logits()));
+    const data::CharTokenizer tok = data::CharTokenizer::from_text("abcdefghijk");
+    const std::string with_cache =
+        train::generate(model, tok, "hi", 40, 0.0, 1, kMasked, train::Decoding::kv_cache);
+    const std::string recomputed =
+        train::generate(model, tok, "hi", 40, 0.0, 1, kMasked, train::Decoding::recompute);
+    CHECK(with_cache.size() == 40);
+    CHECK(with_cache == recomputed);
+  }
 }

@@ -6,7 +6,7 @@
 #    and with per-sequence and per-token PSR masks tied across blocks;
 #  - --eval-only reproduces the final validation loss, and with --set train.eval_batches=N the loss
 #    a training run with that N logs; --sample prints the requested characters, and the same greedy
-#    text with --sample-recompute;
+#    text with --sample-recompute, in fp32 and in bf16;
 #  - a diverging run (lr 100, lr 10) exits 1 naming the step and the cause, and the checkpoint it
 #    had written before still resumes; SIGTERM saves and exits (143) as Ctrl-C does;
 #  - one writer per run folder: while a run trains, a second run on its folder (new or resumed) is
@@ -84,6 +84,13 @@ sample=$("$exe" --sample 40 --checkpoint whole --prompt "the " --temperature 0 2
 recomputed=$("$exe" --sample 40 --checkpoint whole --prompt "the " --temperature 0 --sample-recompute 2>&1) ||
   fail "--sample-recompute failed: $recomputed"
 [ "$recomputed" = "$sample" ] || fail "--sample-recompute gave '$recomputed', the KV cache '$sample'"
+# So do both in bf16, where the KV cache reads bf16 copies of the weights.
+bf16=(--sample 40 --checkpoint whole --prompt "the " --temperature 0 --set train.matmul_precision=bf16)
+sample_bf16=$("$exe" "${bf16[@]}" 2>&1) || fail "sampling in bf16 failed: $sample_bf16"
+[ "${#sample_bf16}" -eq 44 ] || fail "a bf16 sample should be 44 characters, got '$sample_bf16'"
+recomputed_bf16=$("$exe" "${bf16[@]}" --sample-recompute 2>&1) || fail "bf16 --sample-recompute failed"
+[ "$recomputed_bf16" = "$sample_bf16" ] ||
+  fail "in bf16 --sample-recompute gave '$recomputed_bf16', the KV cache '$sample_bf16'"
 
 # --set train.eval_batches=N evaluates the saved model on N batches: the value a training run with
 # that N logs (evaluation does not change training: a run with eval_batches 4 trains the same model),

@@ -94,20 +94,20 @@ class CausalSelfAttention : public Module {
 
   // forward of one token x [d] at position p = cache.length on the host, into out [d]: the
   // cache's buffers and every weight on the CPU; `rope_cos` and `rope_sin` [D / 2] are the RoPE
-  // table at p (detail::rope_table).
+  // table at p (detail::rope_table); the weight products by `weights`.
   void step_on_cpu(const float* x, float* out, KvCacheLayer& cache, const float* rope_cos,
-                   const float* rope_sin) const {
+                   const float* rope_sin, DecodeWeights& weights) const {
     const int64_t dim = heads_ * head_dim_, kv_dim = kv_heads_ * head_dim_;
     const int64_t p = cache.length, capacity = cache.capacity, seen = p + 1;
-    const int64_t group = heads_ / kv_heads_, in = q->weight.dim(1);
+    const int64_t group = heads_ / kv_heads_;
     REX_CHECK(p < capacity, "CausalSelfAttention: the cache is full (", capacity, " tokens)");
     // q and k side by side, H + Hkv rows of D, so that one call rotates both.
     std::vector<float> scratch(static_cast<size_t>(2 * (dim + kv_dim) + kv_dim + group * seen));
     float *qk_raw = scratch.data(), *qk = qk_raw + dim + kv_dim, *v_new = qk + dim + kv_dim;
     float* scores = v_new + kv_dim;  // [G, seen] per kv head
-    detail::gemm(x, q->weight.data<float>(), qk_raw, 1, dim, in, false, true);
-    detail::gemm(x, k->weight.data<float>(), qk_raw + dim, 1, kv_dim, in, false, true);
-    detail::gemm(x, v->weight.data<float>(), v_new, 1, kv_dim, in, false, true);
+    weights.times(x, q->weight, qk_raw);
+    weights.times(x, k->weight, qk_raw + dim);
+    weights.times(x, v->weight, v_new);
     detail::cpu::rope(qk_raw, rope_cos, rope_sin, qk, heads_ + kv_heads_, 1, head_dim_, 1.0f);
     // Head h's key and value go to position p of head h's [capacity, D] block.
     float* keys = cache.keys.data<float>();
@@ -130,7 +130,7 @@ class CausalSelfAttention : public Module {
       detail::cpu::softmax(scores, scores, group, seen, Shape{group, seen});
       detail::gemm(scores, head_values, merged.data() + row, group, head_dim_, seen, false, false);
     }
-    detail::gemm(merged.data(), o->weight.data<float>(), out, 1, in, dim, false, true);
+    weights.times(merged.data(), o->weight, out);
   }
 
   std::shared_ptr<Linear> q, k, v, o;

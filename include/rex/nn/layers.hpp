@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "rex/core/factory.hpp"
+#include "rex/nn/decode_weights.hpp"
 #include "rex/nn/module.hpp"
 #include "rex/ops/elementwise.hpp"
 #include "rex/ops/index.hpp"
@@ -80,23 +81,19 @@ class SwiGLU : public Module {
 };
 
 // SwiGLU::forward of one row x [d] through each of `ffns` (all of one hidden width) into ys [n, d]
-// on the host: the CPU kernel of grouped_swiglu with one row per FFN, the products and activation
-// that forward's ops run (decoding's step on the CPU).
-inline void swiglu_row_on_cpu(const float* x, const std::vector<const SwiGLU*>& ffns, float* ys) {
-  const auto n = static_cast<int64_t>(ffns.size());
+// on the host, its products by `weights` (decoding's step on the CPU): in fp32 the calls and the
+// activation that forward's grouped_swiglu kernel runs for one row, bit for bit.
+inline void swiglu_row_on_cpu(const float* x, const std::vector<const SwiGLU*>& ffns, float* ys,
+                              DecodeWeights& weights) {
   const int64_t hidden = ffns.front()->gate->weight.dim(0), d = ffns.front()->gate->weight.dim(1);
-  std::vector<float> rows(static_cast<size_t>(n * d)), pre(static_cast<size_t>(2 * n * hidden));
-  std::vector<int64_t> offsets(static_cast<size_t>(n + 1));
-  std::vector<const float*> gate, up, down;
-  for (int64_t i = 0; i < n; ++i) {
-    std::copy_n(x, d, rows.data() + i * d);
-    offsets[static_cast<size_t>(i + 1)] = i + 1;
-    gate.push_back(ffns[static_cast<size_t>(i)]->gate->weight.data<float>());
-    up.push_back(ffns[static_cast<size_t>(i)]->up->weight.data<float>());
-    down.push_back(ffns[static_cast<size_t>(i)]->down->weight.data<float>());
+  std::vector<float> pre_gate(static_cast<size_t>(hidden)), pre_up(static_cast<size_t>(hidden));
+  for (size_t i = 0; i < ffns.size(); ++i) {
+    weights.times(x, ffns[i]->gate->weight, pre_gate.data());
+    weights.times(x, ffns[i]->up->weight, pre_up.data());
+    const Eigen::ArrayXf a = detail::swiglu_value(detail::ConstArrayMap(pre_gate.data(), hidden),
+                                                  detail::ConstArrayMap(pre_up.data(), hidden));
+    weights.times(a.data(), ffns[i]->down->weight, ys + static_cast<int64_t>(i) * d);
   }
-  detail::cpu::grouped_swiglu(rows.data(), offsets.data(), n, gate.data(), up.data(), down.data(),
-                              ys, pre.data(), pre.data() + n * hidden, d, hidden);
 }
 
 }  // namespace rex::nn

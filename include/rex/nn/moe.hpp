@@ -185,14 +185,16 @@ class MoeLayer : public Module {
   }
 
   // forward of one token x [d] into y [d] on the host, for TransformerLM::decode's step on the
-  // CPU: the same routing (PSR mask, gating) and experts, by the CPU kernels forward's ops call.
-  void step_on_cpu(const float* x, float* y, const RoutingStep& at, int64_t position) const {
+  // CPU: the same routing (PSR mask, gating) and experts, by the CPU kernels forward's ops call
+  // and, for the weight products, `weights`.
+  void step_on_cpu(const float* x, float* y, const RoutingStep& at, int64_t position,
+                   DecodeWeights& weights) const {
     const int64_t pool = table_->size(), k = config_.top_k, d = router->weight.dim(1);
     // The mask forward would give this token: its place is `position` in a sequence of the cache.
     const Tensor keep = psr_keep(psr_, config_, at.seed, at.step, layer_,
                                  TokenPlaces{1, 1, at.first_sequence, position}, Device::cpu());
     std::vector<float> logits(static_cast<size_t>(pool)), scores(static_cast<size_t>(pool));
-    detail::gemm(x, router->weight.data<float>(), logits.data(), 1, pool, d, false, true);
+    weights.times(x, router->weight, logits.data());
     // What top-k ranks: the logits or the probabilities, a masked expert's at -inf or -1 (as
     // psr_logits and psr_scores set them).
     const bool topk_softmax = config_.gating == "topk_softmax";
@@ -220,7 +222,7 @@ class MoeLayer : public Module {
     for (int32_t e : chosen) ffns.push_back(&table_->expert(e));
     for (const auto& expert : shared) ffns.push_back(expert.get());
     std::vector<float> ys(ffns.size() * static_cast<size_t>(d));
-    swiglu_row_on_cpu(x, ffns, ys.data());
+    swiglu_row_on_cpu(x, ffns, ys.data(), weights);
     std::fill_n(y, d, 0.0f);
     for (int64_t j = 0; j < k; ++j)
       for (int64_t i = 0; i < d; ++i) y[i] += ys[j * d + i] * gates[j];

@@ -89,18 +89,18 @@ class TransformerBlock : public Module {
   // forward of one token h [d] (in place) on the host, the next in `cache`; `rope_cos` and
   // `rope_sin` as in CausalSelfAttention::step_on_cpu.
   void step_on_cpu(float* h, KvCacheLayer& cache, const float* rope_cos, const float* rope_sin,
-                   const RoutingStep& at) const {
+                   const RoutingStep& at, DecodeWeights& weights) const {
     const int64_t d = attn_norm->weight.numel();
     const int64_t position = cache.length;  // before attention extends the cache
     std::vector<float> normed(static_cast<size_t>(d)), delta(static_cast<size_t>(d));
     attn_norm->row_on_cpu(h, normed.data());
-    attn->step_on_cpu(normed.data(), delta.data(), cache, rope_cos, rope_sin);
+    attn->step_on_cpu(normed.data(), delta.data(), cache, rope_cos, rope_sin, weights);
     for (int64_t i = 0; i < d; ++i) h[i] += delta[i];
     ffn_norm->row_on_cpu(h, normed.data());
     if (moe) {
-      moe->step_on_cpu(normed.data(), delta.data(), at, position);
+      moe->step_on_cpu(normed.data(), delta.data(), at, position, weights);
     } else {
-      swiglu_row_on_cpu(normed.data(), {ffn.get()}, delta.data());
+      swiglu_row_on_cpu(normed.data(), {ffn.get()}, delta.data(), weights);
     }
     for (int64_t i = 0; i < d; ++i) h[i] += delta[i];
   }
@@ -111,9 +111,12 @@ class TransformerBlock : public Module {
   std::shared_ptr<MoeLayer> moe;  // MoE model
 };
 
-// The keys and values every layer of a TransformerLM cached for the tokens decoded so far.
+// The keys and values every layer of a TransformerLM cached for the tokens decoded so far, and
+// in bf16 the weights rounded once for decoding (rex/nn/decode_weights.hpp). clear() empties the
+// keys and values (a new window) and keeps the rounded weights: the model is the same.
 struct KvCache {
   std::vector<KvCacheLayer> layers;  // one per block (empty before the first token)
+  DecodeWeights weights;
   int64_t length() const { return layers.empty() ? 0 : layers.front().length; }
   void clear() { layers.clear(); }
 };
@@ -229,11 +232,11 @@ class TransformerLM : public Module {
         1, d / config_.n_heads, static_cast<float>(config_.rope_theta), cache.length());
     for (size_t l = 0; l < layers.size(); ++l)
       layers[l]->step_on_cpu(h.data(), cache.layers[l], rope_at.cos.data<float>(),
-                             rope_at.sin.data<float>(), at);
+                             rope_at.sin.data<float>(), at, cache.weights);
     norm->row_on_cpu(h.data(), normed.data());
     Tensor logits = Tensor::empty({1, vocab});
-    detail::gemm(normed.data(), (lm_head ? lm_head->weight : embed->weight).data<float>(),
-                 logits.data<float>(), 1, vocab, d, false, true);
+    cache.weights.times(normed.data(), lm_head ? lm_head->weight : embed->weight,
+                        logits.data<float>());
     return logits;
   }
 

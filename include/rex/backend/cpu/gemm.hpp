@@ -20,6 +20,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #ifdef _OPENMP
 #include <omp.h>
@@ -144,6 +145,34 @@ inline void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n,
 }
 
 namespace cpu {
+
+// y [n] = x [k] W^T for a weight W [n, k] held transposed as bf16 bits, w_bf16 [k, n] (decoding's
+// copy, rex/nn/decode_weights.hpp), and x already rounded to bf16: detail::gemm's bf16 arithmetic
+// for one row. Each product of two bf16 values is exact in float, so fused or not it rounds only
+// in the sum, and every y[j] sums in the order of k: the same bits at any vector width. Four rows
+// of the weight per pass over y (the same order of the sums) keep y's loads and stores from
+// outnumbering the weight's.
+inline void row_times_bf16(const float* x, const uint16_t* w_bf16, float* y, int64_t n, int64_t k) {
+  const auto widen = [](uint16_t bits) { return std::bit_cast<float>(uint32_t{bits} << 16); };
+  std::fill_n(y, n, 0.0f);
+  for (int64_t i = 0; i < k; i += 4) {
+    const uint16_t* w = w_bf16 + i * n;
+    if (k - i < 4) {  // the last rows, one at a time
+      for (int64_t r = 0; r < k - i; ++r)
+        for (int64_t j = 0; j < n; ++j) y[j] += x[i + r] * widen(w[r * n + j]);
+      break;
+    }
+    const float x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = y[j];
+      sum += x0 * widen(w[j]);
+      sum += x1 * widen(w[n + j]);
+      sum += x2 * widen(w[2 * n + j]);
+      sum += x3 * widen(w[3 * n + j]);
+      y[j] = sum;
+    }
+  }
+}
 
 // The SwiGLU FFN of every expert on its segment of expert-sorted rows: expert e owns rows
 // offsets[e] .. offsets[e + 1] of x [rows, d] and has gate[e], up[e] [h, d] and down[e] [d, h].
