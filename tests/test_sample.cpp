@@ -59,6 +59,18 @@ Tensor full_pass_logits(const nn::TransformerLM& model, const std::vector<int32_
   return reshape(slice(all, 0, time - 1, time), {-1});
 }
 
+// 40 greedy characters from "hi" by the KV cache and by the recompute path are the same text: 5
+// contexts' worth, so the window restarts 9 times.
+void check_greedy_texts_agree(const nn::TransformerLM& model) {
+  const data::CharTokenizer tok = data::CharTokenizer::from_text("abcdefghijk");
+  const std::string with_cache =
+      train::generate(model, tok, "hi", 40, 0.0, 1, kMasked, train::Decoding::kv_cache);
+  const std::string recomputed =
+      train::generate(model, tok, "hi", 40, 0.0, 1, kMasked, train::Decoding::recompute);
+  CHECK(with_cache.size() == 40);
+  CHECK(with_cache == recomputed);
+}
+
 }  // namespace
 
 TEST_CASE("sampling: the KV cache's logits match a full pass over the window, past the context") {
@@ -107,14 +119,7 @@ TEST_CASE("sampling: greedy text with the KV cache is the recompute path's, byte
   for (const std::string ffn : {"dense", "moe"}) {
     CAPTURE(ffn);
     const nn::TransformerLM model(small_model(ffn), 5);
-    const data::CharTokenizer tok = data::CharTokenizer::from_text("abcdefghijk");
-    // 5 contexts' worth: the window restarts 9 times.
-    const std::string with_cache =
-        train::generate(model, tok, "hi", 40, 0.0, 1, kMasked, train::Decoding::kv_cache);
-    const std::string recomputed =
-        train::generate(model, tok, "hi", 40, 0.0, 1, kMasked, train::Decoding::recompute);
-    CHECK(with_cache.size() == 40);
-    CHECK(with_cache == recomputed);
+    check_greedy_texts_agree(model);
   }
 }
 
@@ -204,12 +209,6 @@ TEST_CASE("sampling in bf16: the KV cache's greedy text is the bf16 recompute pa
     CHECK(testing::same_bytes(cached.logits(), full_pass_logits(model, prompt, kMasked)));
     cached.append(2);
     CHECK_FALSE(testing::same_bytes(cached.logits(), fp32_cache.logits()));
-    const data::CharTokenizer tok = data::CharTokenizer::from_text("abcdefghijk");
-    const std::string with_cache =
-        train::generate(model, tok, "hi", 40, 0.0, 1, kMasked, train::Decoding::kv_cache);
-    const std::string recomputed =
-        train::generate(model, tok, "hi", 40, 0.0, 1, kMasked, train::Decoding::recompute);
-    CHECK(with_cache.size() == 40);
-    CHECK(with_cache == recomputed);
+    check_greedy_texts_agree(model);
   }
 }
