@@ -96,6 +96,10 @@ class ErrorFlag {
   Scratch flag_;
 };
 
+// Copies `bytes` of host memory to the device in stream order without making the host wait
+// (staged through pinned memory, kernels/memory.cu); src may be freed as soon as it returns.
+void upload(void* dst, const void* src, size_t bytes);
+
 // Each file registers its entries in the table (kernels/backend.cu calls them all once).
 void register_memory(rex::detail::CudaBackend& table);
 void register_elementwise(rex::detail::CudaBackend& table);

@@ -112,16 +112,9 @@ void scatter_add_rows(const float* src, const int32_t* index, float* out, int64_
 
   const Scratch device_offsets(by_row.offsets.size() * sizeof(int64_t));
   const Scratch device_order(by_row.order.size() * sizeof(int64_t));
-  REX_CUDA(cudaMemcpyAsync(device_offsets.as<int64_t>(), by_row.offsets.data(),
-                           by_row.offsets.size() * sizeof(int64_t), cudaMemcpyHostToDevice,
-                           stream()));
-  if (m > 0) {
-    REX_CUDA(cudaMemcpyAsync(device_order.as<int64_t>(), by_row.order.data(),
-                             by_row.order.size() * sizeof(int64_t), cudaMemcpyHostToDevice,
-                             stream()));
-  }
-  // The host vectors are freed on return: wait until the uploads have read them.
-  REX_CUDA(cudaStreamSynchronize(stream()));
+  upload(device_offsets.as<int64_t>(), by_row.offsets.data(),
+         by_row.offsets.size() * sizeof(int64_t));
+  upload(device_order.as<int64_t>(), by_row.order.data(), by_row.order.size() * sizeof(int64_t));
 
   // One block per output row, as many threads as the row has columns (a multiple of 32, <= 256).
   const int threads = static_cast<int>(d >= kThreads ? kThreads : (d + 31) / 32 * 32);

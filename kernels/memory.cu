@@ -1,4 +1,5 @@
-// The stream, error reporting, and device memory: a caching allocator, copies and fills.
+// The stream, error reporting, and device memory: a caching allocator, copies (uploads staged
+// through pinned memory, so that they do not make the host wait) and fills.
 //
 // The caching allocator keeps freed blocks in bins by exact (rounded) size and hands them out again
 // before asking cudaMalloc, so a training loop whose shapes repeat stops calling cudaMalloc after
@@ -6,6 +7,8 @@
 // to the next op at once: the stream finishes the old reader before the new writer starts. When
 // cudaMalloc runs out of memory, the cache is returned to the driver and the call is retried once.
 #include <cstdio>
+#include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -134,9 +137,84 @@ void release(void* ptr) { allocator().release(ptr); }
 rex::detail::CudaMemoryStats memory_stats() { return allocator().stats(); }
 void empty_cache() { allocator().empty_cache(); }
 
+// Uploads that do not make the host wait. A copy from pageable host memory to the device blocks
+// the host (CUDA stages it through a pinned buffer of its own before the call returns), so rex
+// stages its uploads itself: the bytes go into a pinned block, the block's copy is queued, and an
+// event recorded after the copy says when the block may be reused. Blocks whose event has
+// completed are reused, by size bin as the device allocator's are. While more than kMaxInFlight
+// bytes wait on their events, an upload first synchronizes the stream (one host wait, after which
+// every block is free). Uploads over kMaxStaged bytes (loading a model) take the plain copy.
+class UploadStaging {
+ public:
+  static constexpr size_t kMaxStaged = size_t{16} << 20, kMaxInFlight = size_t{64} << 20;
+
+  void upload(void* dst, const void* src, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    reclaim();
+    const size_t size = rounded_size(bytes);
+    if (in_flight_ + size > kMaxInFlight) {
+      REX_CUDA(cudaStreamSynchronize(stream()));
+      reclaim();
+    }
+    Block block = take(size);
+    std::memcpy(block.host, src, bytes);
+    REX_CUDA(cudaMemcpyAsync(dst, block.host, bytes, cudaMemcpyHostToDevice, stream()));
+    REX_CUDA(cudaEventRecord(block.copied, stream()));
+    pending_.push_back(block);
+    in_flight_ += size;
+  }
+
+ private:
+  struct Block {
+    void* host;
+    size_t size;
+    cudaEvent_t copied;  // recorded after the copy that reads the block
+  };
+
+  // Frees the blocks whose copies have finished, oldest first (one stream: they finish in order).
+  void reclaim() {
+    while (!pending_.empty()) {
+      const cudaError_t status = cudaEventQuery(pending_.front().copied);
+      if (status == cudaErrorNotReady) {
+        cudaGetLastError();  // not an error: clear it, so that no later check reports it
+        return;
+      }
+      if (status != cudaSuccess) throw_cuda_error("cudaEventQuery", status);
+      free_[pending_.front().size].push_back(pending_.front());
+      in_flight_ -= pending_.front().size;
+      pending_.pop_front();
+    }
+  }
+
+  Block take(size_t size) {
+    std::vector<Block>& bin = free_[size];
+    if (!bin.empty()) {
+      const Block block = bin.back();
+      bin.pop_back();
+      return block;
+    }
+    Block block{nullptr, size, nullptr};
+    REX_CUDA(cudaMallocHost(&block.host, size));
+    REX_CUDA(cudaEventCreateWithFlags(&block.copied, cudaEventDisableTiming));
+    return block;
+  }
+
+  std::mutex mutex_;
+  std::deque<Block> pending_;
+  std::map<size_t, std::vector<Block>> free_;
+  size_t in_flight_ = 0;  // bytes of the pending blocks
+};
+
+UploadStaging& upload_staging() {
+  static auto* instance = new UploadStaging();  // never destroyed, as the allocator
+  return *instance;
+}
+
 void copy(void* dst, const void* src, size_t bytes, rex::detail::DeviceCopy kind) {
   if (bytes == 0) return;
   using rex::detail::DeviceCopy;
+  if (kind == DeviceCopy::host_to_device && bytes <= UploadStaging::kMaxStaged)
+    return upload_staging().upload(dst, src, bytes);
   const cudaMemcpyKind direction = kind == DeviceCopy::host_to_device   ? cudaMemcpyHostToDevice
                                    : kind == DeviceCopy::device_to_host ? cudaMemcpyDeviceToHost
                                                                         : cudaMemcpyDeviceToDevice;
@@ -184,6 +262,10 @@ void fill32(void* out, int64_t n, uint32_t bits) {
 void synchronize() { REX_CUDA(cudaStreamSynchronize(stream())); }
 
 }  // namespace
+
+void upload(void* dst, const void* src, size_t bytes) {
+  copy(dst, src, bytes, rex::detail::DeviceCopy::host_to_device);
+}
 
 Scratch::Scratch(size_t bytes) : ptr_(allocate(bytes)) {}
 Scratch::~Scratch() { release(ptr_); }

@@ -16,7 +16,8 @@
 // shared experts or z-loss, tied embeddings, every expert of every table receiving tokens in every
 // layer (so every expert weight has a gradient), PSR past t_e or off (no mask to apply; while
 // masks apply, each MoE layer adds the masking's elementwise ops and either the step scope's
-// upload of its [P] mask or, in the sequence and token scopes, one psr_keep_rows_kernel launch),
+// upload of its [P] mask, which costs no wait, or, in the sequence and token scopes, one
+// psr_keep_rows_kernel launch),
 // global-norm clipping on and firing, and device arrays aligned to 32 bytes (the caching allocator
 // gives 512). Token counts per expert are taken even (tokens x k / pool each), which changes no
 // count but the cuBLAS shapes' split. Widths are taken to be multiples of 32 where a formula says
@@ -137,11 +138,6 @@ class Plan {
   // A value the host needs: a device-to-host copy, then a stream synchronize.
   void read_back(uint64_t times = 1) {
     counts.device_to_host_copies += times;
-    counts.stream_synchronizations += times;
-  }
-  // A pageable upload, then a stream synchronize.
-  void upload(uint64_t times = 1) {
-    counts.pageable_host_to_device_copies += times;
     counts.stream_synchronizations += times;
   }
 
@@ -688,8 +684,8 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     plan.launch("rope_kernel", cost_formulas::rope(B * heads * T, hd / 2));
   };
 
-  // Forward. The batch's tokens and targets go up; the embedding rows are gathered.
-  plan.upload(2);
+  // Forward. The batch's tokens and targets go up (uploads are staged through pinned memory and
+  // make the host wait for nothing: kernels/memory.cu); the embedding rows are gathered.
   gather(M, D);
   for (i64 layer = 0; layer < L; ++layer) {
     // Attention: q, k, v projections, heads first, RoPE (its tables cached on the device), the
@@ -741,7 +737,6 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     plan.launch("fill32_kernel", elementwise(P, 0, 0));
     plan.launch("sum_middle_kernel", sum_middle(1, M, P));
     plan.launch("unary_kernel", elementwise(P, 1, 0));
-    plan.upload();
     add(P);
     plan.launch("fill32_kernel", elementwise(1, 0, 0));
     KernelCounts sum_rows = row_kernel(1, P, 1, 0, 1);
@@ -842,10 +837,9 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     rms_norm_backward(M);
     add(M * D);
   }
-  // The embedding's rows back (a scatter-add planned on the host), added to the tied head's.
+  // The embedding's rows back (a scatter-add planned on the host from the token ids read back,
+  // its plan uploaded), added to the tied head's.
   plan.read_back();
-  plan.upload(2);
-  plan.counts.stream_synchronizations -= 1;
   plan.launch("scatter_add_rows_kernel", scatter_add_rows(V, M, D));
   add(V * D);
   plan.read_back();  // the step's two losses, in one copy, for the log

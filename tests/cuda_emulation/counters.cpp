@@ -5,8 +5,9 @@
 // call that passed its checks. A host wait is a cudaStreamSynchronize or cudaDeviceSynchronize, a
 // copy from device to host memory (the host needs the bytes, so it waits for the stream), or a
 // copy from host to device memory whose host side is pageable: CUDA stages it through a pinned
-// buffer before the call returns. The emulation has no pinned memory (rex allocates none), so
-// every host-to-device copy counts. A copy followed by a synchronize counts twice: both calls
+// buffer before the call returns. A copy from memory that cudaMallocHost pinned does not count
+// (rex stages its uploads through such memory: kernels/memory.cu). A copy followed by a
+// synchronize counts twice: both calls
 // block the host, though on a GPU the second finds the stream already empty. A cuBLAS call counts
 // 2 m n k FLOPs per product of its batch.
 //

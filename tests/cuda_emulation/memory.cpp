@@ -10,14 +10,16 @@
 // again, so a late access is always reported as a use after free of that allocation. The table
 // keeps every allocation, live or freed, ordered by address, to name the one an access hit or
 // missed. Copies run at once (the emulated streams execute in order, synchronously), with their
-// kinds checked against where the pointers really live; a copy into host memory or out of it
-// counts a host wait (counters.cpp).
+// kinds checked against where the pointers really live; a copy into host memory, or out of host
+// memory that cudaMallocHost did not pin, counts a host wait (counters.cpp).
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <mutex>
 
@@ -214,12 +216,34 @@ cudaError_t check_copy(const char* call, void* dst, size_t dst_span, const void*
   return check_side(call, "source", src, src_span, src_device, kind);
 }
 
-// Counts the host wait a checked copy costs: any copy into host memory, and a copy out of pageable
-// host memory (all host memory is pageable here) into device memory.
-void count_copy_wait(void* dst, const void* src) {
+// Host allocations of cudaMallocHost, by address: their sizes.
+struct PinnedMemory {
+  std::mutex mutex;
+  std::map<uintptr_t, size_t> blocks;
+
+  // Whether [ptr, ptr + bytes) lies inside one pinned block.
+  bool holds(const void* ptr, size_t bytes) {
+    const auto address = reinterpret_cast<uintptr_t>(ptr);
+    std::lock_guard<std::mutex> lock(mutex);
+    auto after = blocks.upper_bound(address);
+    if (after == blocks.begin()) return false;
+    const auto& [start, size] = *std::prev(after);
+    return address + bytes <= start + size;
+  }
+};
+
+PinnedMemory& pinned() {
+  static auto* instance = new PinnedMemory();  // never destroyed, as device memory
+  return *instance;
+}
+
+// Counts the host wait a checked copy costs: any copy into host memory, and a copy of src_span
+// bytes into device memory from host memory that cudaMallocHost did not pin (pageable).
+void count_copy_wait(void* dst, const void* src, size_t src_span) {
   const bool dst_device = is_device(dst), src_device = is_device(src);
   if (src_device && !dst_device) count_host_wait(HostWait::device_to_host_copy);
-  if (!src_device && dst_device) count_host_wait(HostWait::pageable_host_to_device_copy);
+  if (!src_device && dst_device && !pinned().holds(src, src_span))
+    count_host_wait(HostWait::pageable_host_to_device_copy);
 }
 
 cudaError_t check_memset(const char* call, void* ptr, size_t bytes) {
@@ -258,6 +282,27 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
 
 cudaError_t cudaFree(void* ptr) { return memory().release(ptr); }
 
+cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
+  if (ptr == nullptr)
+    return fail(cudaErrorInvalidValue, "cudaMallocHost: the result pointer is null");
+  *ptr = std::aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
+  if (*ptr == nullptr) return fail(cudaErrorMemoryAllocation, "cudaMallocHost: out of memory");
+  PinnedMemory& p = pinned();
+  std::lock_guard<std::mutex> lock(p.mutex);
+  p.blocks[reinterpret_cast<uintptr_t>(*ptr)] = bytes;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFreeHost(void* ptr) {
+  PinnedMemory& p = pinned();
+  std::lock_guard<std::mutex> lock(p.mutex);
+  if (p.blocks.erase(reinterpret_cast<uintptr_t>(ptr)) == 0)
+    return fail(cudaErrorInvalidValue, "cudaFreeHost: " + hex(reinterpret_cast<uintptr_t>(ptr)) +
+                                           " was not allocated by cudaMallocHost");
+  std::free(ptr);
+  return cudaSuccess;
+}
+
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
   return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
 }
@@ -267,7 +312,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
   if (const cudaError_t e = check_stream("cudaMemcpyAsync", stream)) return e;
   if (bytes == 0) return cudaSuccess;
   if (const cudaError_t e = check_copy("cudaMemcpyAsync", dst, bytes, src, bytes, kind)) return e;
-  count_copy_wait(dst, src);
+  count_copy_wait(dst, src, bytes);
   std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
@@ -296,7 +341,7 @@ cudaError_t cudaMemcpy2DAsync(void* dst, size_t dst_pitch, const void* src, size
   const size_t src_span = (height - 1) * src_pitch + width;
   if (const cudaError_t e = check_copy("cudaMemcpy2DAsync", dst, dst_span, src, src_span, kind))
     return e;
-  count_copy_wait(dst, src);
+  count_copy_wait(dst, src, src_span);
   for (size_t r = 0; r < height; ++r)
     std::memmove(static_cast<char*>(dst) + r * dst_pitch,
                  static_cast<const char*>(src) + r * src_pitch, width);

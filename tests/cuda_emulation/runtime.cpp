@@ -44,6 +44,26 @@ Streams& streams() {
   return *state;
 }
 
+struct Events {
+  std::mutex mutex;
+  std::set<cudaEvent_t> live;
+  uintptr_t next = 0x9000;  // opaque tokens, as streams are
+};
+
+Events& events() {
+  static auto* state = new Events();
+  return *state;
+}
+
+cudaError_t check_event(const char* call, cudaEvent_t event) {
+  Events& e = events();
+  std::lock_guard<std::mutex> lock(e.mutex);
+  if (e.live.count(event) != 0) return cudaSuccess;
+  return fail(
+      cudaErrorInvalidResourceHandle,
+      std::string(call) + ": " + hex(reinterpret_cast<uintptr_t>(event)) + " is not a live event");
+}
+
 // Every error code the emulation returns, with CUDA's name and text for it.
 struct ErrorText {
   cudaError_t code;
@@ -64,6 +84,7 @@ constexpr ErrorText kErrors[] = {
     {cudaErrorNoDevice, "cudaErrorNoDevice", "no CUDA-capable device is detected"},
     {cudaErrorInvalidDevice, "cudaErrorInvalidDevice", "invalid device ordinal"},
     {cudaErrorInvalidResourceHandle, "cudaErrorInvalidResourceHandle", "invalid resource handle"},
+    {cudaErrorNotReady, "cudaErrorNotReady", "device not ready"},
     {cudaErrorIllegalAddress, "cudaErrorIllegalAddress",
      "an illegal memory access was encountered"},
     {cudaErrorLaunchOutOfResources, "cudaErrorLaunchOutOfResources",
@@ -284,3 +305,32 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   count_host_wait(HostWait::stream_synchronize);
   return cudaSuccess;
 }
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int flags) {
+  if (event == nullptr) return fail(cudaErrorInvalidValue, "cudaEventCreate: null pointer");
+  if (flags != cudaEventDefault && flags != cudaEventDisableTiming)
+    return fail(cudaErrorInvalidValue,
+                "cudaEventCreateWithFlags: unknown flags " + std::to_string(flags));
+  Events& e = events();
+  std::lock_guard<std::mutex> lock(e.mutex);
+  *event = reinterpret_cast<cudaEvent_t>(e.next);
+  e.next += 0x10;
+  e.live.insert(*event);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  if (const cudaError_t e = check_event("cudaEventDestroy", event)) return e;
+  Events& e = events();
+  std::lock_guard<std::mutex> lock(e.mutex);
+  e.live.erase(event);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  if (const cudaError_t e = check_event("cudaEventRecord", event)) return e;
+  return check_stream("cudaEventRecord", stream);
+}
+
+// Never cudaErrorNotReady here: the work before a recorded event has already run.
+cudaError_t cudaEventQuery(cudaEvent_t event) { return check_event("cudaEventQuery", event); }

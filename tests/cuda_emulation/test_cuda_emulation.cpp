@@ -488,6 +488,37 @@ TEST_CASE("counters: a sync loop and copies count the host waits by cause") {
   cudaStreamDestroy(stream);
 }
 
+TEST_CASE("counters: a copy from pinned host memory costs no host wait; events complete at once") {
+  float* device = nullptr;
+  REQUIRE(cudaMalloc(reinterpret_cast<void**>(&device), 8 * sizeof(float)) == cudaSuccess);
+  float* staged = nullptr;
+  REQUIRE(cudaMallocHost(reinterpret_cast<void**>(&staged), 8 * sizeof(float)) == cudaSuccess);
+  std::vector<float> pageable(9, 1.0f);
+  cudaEvent_t event = nullptr;
+  REQUIRE(cudaEventCreateWithFlags(&event, cudaEventDisableTiming) == cudaSuccess);
+  cuda_emulation::begin_interval();
+  REQUIRE(cudaMemcpyAsync(device, staged, 32, cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemcpyAsync(device, staged + 1, 28, cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemcpyAsync(device, staged + 1, 32, cudaMemcpyHostToDevice) ==
+          cudaSuccess);  // past it
+  REQUIRE(cudaMemcpyAsync(device, pageable.data(), 32, cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaEventRecord(event) == cudaSuccess);
+  CHECK(cudaEventQuery(event) == cudaSuccess);
+  const cuda_emulation::Counts c = cuda_emulation::end_interval();
+  CHECK(c.pageable_host_to_device_copies == 2);
+  CHECK(c.host_waits() == 2);
+  // Handles and pointers that are not what the calls expect are refused.
+  CHECK(cudaEventQuery(reinterpret_cast<cudaEvent_t>(0x1)) == cudaErrorInvalidResourceHandle);
+  CHECK(cudaEventCreateWithFlags(&event, 0x40) == cudaErrorInvalidValue);
+  CHECK(cudaFreeHost(pageable.data()) == cudaErrorInvalidValue);
+  cudaGetLastError();
+  CHECK(cudaEventDestroy(event) == cudaSuccess);
+  CHECK(cudaEventRecord(event) == cudaErrorInvalidResourceHandle);
+  CHECK(cudaFreeHost(staged) == cudaSuccess);
+  cudaGetLastError();
+  cudaFree(device);
+}
+
 TEST_CASE("counters: cuBLAS calls by shape and math mode, 2 m n k FLOPs per product") {
   float *a = nullptr, *b = nullptr, *out = nullptr;
   REQUIRE(cudaMalloc(reinterpret_cast<void**>(&a), 4 * 6 * 3 * sizeof(float)) == cudaSuccess);

@@ -69,7 +69,7 @@ struct Counts {
   // issued before them.
   uint64_t stream_synchronizations = 0, device_synchronizations = 0;
   uint64_t device_to_host_copies = 0;
-  uint64_t pageable_host_to_device_copies = 0;  // every host pointer is pageable here
+  uint64_t pageable_host_to_device_copies = 0;  // from host memory cudaMallocHost did not pin
   uint64_t host_waits() const {
     return stream_synchronizations + device_synchronizations + device_to_host_copies +
            pageable_host_to_device_copies;
