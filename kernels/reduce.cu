@@ -318,25 +318,32 @@ void read_back(void* host, const void* device, size_t bytes) {
 
 int64_t cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t classes,
                       int32_t ignore_index, double* lse, float* loss) {
+  // What the host needs, in one copy: the first row with a bad target (all ones when none, as an
+  // ErrorFlag's) and how many rows count.
+  struct Status {
+    unsigned long long bad_row;
+    int64_t counted;
+  };
   Scratch row_loss(static_cast<size_t>(rows) * sizeof(double));
-  Scratch count(sizeof(int64_t));
-  ErrorFlag bad;
+  Scratch status(sizeof(Status));
+  REX_CUDA(cudaMemsetAsync(status.as<void>(), 0xFF, sizeof(unsigned long long), stream()));
   if (rows > 0) {
     REX_LAUNCH(cross_entropy_rows_kernel, row_blocks(rows), row_threads(classes), 0, logits,
-               targets, rows, classes, ignore_index, lse, row_loss.as<double>(), bad.device());
+               targets, rows, classes, ignore_index, lse, row_loss.as<double>(),
+               &status.as<Status>()->bad_row);
   }
   REX_LAUNCH(cross_entropy_mean_kernel, 1, kThreads, 0, row_loss.as<double>(), targets, rows,
-             ignore_index, loss, count.as<int64_t>());
-  const int64_t bad_row = bad.read();
-  if (bad_row >= 0) {
+             ignore_index, loss, &status.as<Status>()->counted);
+  Status host{};
+  read_back(&host, status.as<void>(), sizeof host);
+  if (host.bad_row != ~0ull) {
+    const auto bad_row = static_cast<int64_t>(host.bad_row);
     int32_t target = 0;
     read_back(&target, targets + bad_row, sizeof target);
     throw Error(rex::detail::concat("cross_entropy: target ", target, " at row ", bad_row,
                                     " is out of range [0, ", classes, ")"));
   }
-  int64_t counted = 0;
-  read_back(&counted, count.as<int64_t>(), sizeof counted);
-  return counted;
+  return host.counted;
 }
 
 // Per row: g / count * (exp(x - lse) - onehot(t)) on counted rows, 0 on ignored rows (and

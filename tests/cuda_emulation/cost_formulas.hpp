@@ -762,7 +762,7 @@ inline Counts training_step(const rex::train::RunConfig& config) {
   block_reduce(mean, 1, 256);
   block_reduce(mean, 1, 256);
   plan.launch("cross_entropy_mean_kernel", mean);
-  plan.read_back(2);
+  plan.read_back();  // the bad-target flag and the count, in one copy
   add(1);
 
   // Backward. The loss's gradient, then each layer's balance loss back to its probabilities.
