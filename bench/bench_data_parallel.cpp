@@ -53,12 +53,9 @@ int main(int argc, char** argv) {
     const rex::train::TrainConfig& t = config.train;
     rex::train::TrainingState run = rex::train::start_training(config, rex::Device::cpu());
     const rex::data::BatchSampler batches = rex::train::train_sampler(corpus, config);
-    std::vector<rex::Tensor> params;
+    const std::vector<rex::Tensor> params = run.optimizer.tensors();
     int64_t values = 0;
-    for (const rex::optim::Parameter& p : run.optimizer.parameters()) {
-      params.push_back(p.tensor);
-      values += p.tensor.numel();
-    }
+    for (const rex::Tensor& p : params) values += p.numel();
     std::optional<rex::dist::GradientSync> sync;
     if (world.size() > 1) sync.emplace(world, params);
     const rex::train::BatchSplit split{sync ? &*sync : nullptr, 1};

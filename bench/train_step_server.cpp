@@ -29,6 +29,7 @@
 #include <rex/rex.hpp>
 #include <rex/train/checkpoint.hpp>
 #include <rex/train/config.hpp>
+#include <rex/train/program.hpp>
 #include <rex/train/step.hpp>
 
 namespace {
@@ -61,8 +62,6 @@ int run(int argc, char** argv) {
       overrides.push_back(argv[i + 1]);
     } else if (flag == "--device") {
       device_name = argv[i + 1];
-      REX_CHECK(device_name == "cpu" || device_name == "cuda",
-                "train_step_server: --device must be cpu or cuda");
     } else if (flag == "--tf32") {
       tf32 = std::string(argv[i + 1]) == "1";
     } else {
@@ -74,10 +73,7 @@ int run(int argc, char** argv) {
   REX_CHECK(config.model.vocab_size > 0, "train_step_server: set model.vocab_size");
   const rex::train::TrainConfig& t = config.train;
 
-  const rex::Device device = device_name == "cuda" ? rex::Device::cuda() : rex::Device::cpu();
-  if (device.is_cuda())
-    REX_CHECK(rex::cuda_device_count() > 0,
-              "train_step_server: --device cuda but no CUDA device was found");
+  const rex::Device device = rex::train::device_named(device_name);
   rex::set_matmul_precision(device, tf32 ? "tf32" : "fp32");
   // Work on the GPU is asynchronous: timings wait for it to finish.
   auto finish = [&] { rex::synchronize(device); };

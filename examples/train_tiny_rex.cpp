@@ -1,8 +1,9 @@
 // train_tiny_rex: train a small ReX-MoE language model on text or token shards, evaluate it, sample
 // from it (three modes; kUsage below). The work is the training library (rex/train/); this file is
-// the command line, the resume policy and the progress lines. A run keeps DIR current: the model
-// folder (config.json, its tokenizer, model.safetensors), checkpoint.safetensors (what --resume
-// reads; earlier ones are kept as checkpoint-<step>.safetensors), metrics.jsonl, routing.json.
+// the command line, the resume policy and the loop (its reports: train::RunReports). A run keeps
+// DIR current: the model folder (config.json, its tokenizer, model.safetensors),
+// checkpoint.safetensors (what --resume reads; earlier ones are kept as
+// checkpoint-<step>.safetensors), metrics.jsonl, routing.json.
 // Checkpoints are written atomically after a loss check (a diverging run stops with an error);
 // Ctrl-C or SIGTERM finishes the step, saves and exits. One run writes DIR at a time: it holds
 // DIR/.lock, and a second is refused naming the first. Formats: docs/formats.md; docs/method.md.
@@ -20,16 +21,13 @@
 #include <string>
 #include <vector>
 
-#include <rex/backend/cuda/runtime.hpp>
 #include <rex/dist/gradient_sync.hpp>
 #include <rex/rex.hpp>
-#include <rex/train/ranks.hpp>
 #include <rex/train/train.hpp>
 
 namespace {
 
 namespace train = rex::train;
-using nlohmann::json;
 using rex::dist::Communicator;
 
 const char* kUsage = R"(usage:
@@ -109,6 +107,8 @@ Options parse_args(int argc, char** argv) {
   const std::map<std::string, bool*> switches = {{"--eval-only", &o.eval_only},
                                                  {"--overwrite", &o.overwrite},
                                                  {"--sample-recompute", &o.sample_recompute}};
+  const std::map<std::string, int64_t*> counts = {{"--sample", &o.sample},
+                                                  {"--stop-after", &o.stop_after}};
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") {
@@ -124,16 +124,13 @@ Options parse_args(int argc, char** argv) {
     const std::string value = argv[++i];
     if (text_flags.count(flag)) {
       *text_flags.at(flag) = value;
+    } else if (counts.count(flag)) {
+      *counts.at(flag) = parse_count(flag, value);
     } else if (flag == "--steps" || flag == "--seed") {  // train.steps=N, train.seed=S
       o.overrides.push_back("train." + flag.substr(2) + "=" +
                             std::to_string(parse_count(flag, value)));
     } else if (flag == "--set") {
       o.overrides.push_back(value);
-    } else if (flag == "--stop-after") {
-      o.stop_after = parse_count(flag, value);
-      if (o.stop_after == 0) usage_error("--stop-after expects at least 1 step");
-    } else if (flag == "--sample") {
-      o.sample = parse_count(flag, value);
     } else if (flag == "--temperature") {
       char* end = nullptr;
       o.temperature = std::strtod(value.c_str(), &end);
@@ -142,21 +139,16 @@ Options parse_args(int argc, char** argv) {
       usage_error("unknown option " + flag);
     }
   }
+  if (o.stop_after == 0) usage_error("--stop-after expects at least 1 step");
   if (o.device != "cpu" && o.device != "cuda") usage_error("--device must be cpu or cuda");
   return o;
 }
 
 // The device named by --device; CUDA needs a build linked with rex::cuda and a GPU.
 rex::Device chosen_device(const Options& o) {
-  if (o.device == "cpu") return rex::Device::cpu();
-  try {
-    REX_CHECK(rex::cuda_device_count() > 0,
-              "no CUDA device was found (no GPU or no driver); use --device cpu");
-  } catch (const rex::Error& e) {
-    throw rex::Error(std::string("--device cuda: ") + e.what());
-  }
-  std::printf("device: cuda:0, %s\n", rex::cuda_device_description(0).c_str());
-  return rex::Device::cuda();
+  const rex::Device device = train::device_named(o.device);
+  if (device.is_cuda()) std::printf("device: cuda:0, %s\n", rex::cuda_device_description().c_str());
+  return device;
 }
 
 const std::string& required(const std::string& value, const std::string& option) {
@@ -184,26 +176,19 @@ int train_run(const Options& o) {
   Communicator& world = Communicator::world();
   std::optional<rex::io::RunFolderLock> lock;
   if (world.is_root() && resume_in_place) lock.emplace(out);
-  // Configuration, corpus and (when resuming) the saved state.
-  std::optional<train::Checkpoint> saved;
-  if (!o.resume_dir.empty()) saved = train::load_resume_checkpoint(o.resume_dir);
-  if (saved && !o.config_path.empty())
+  if (!o.resume_dir.empty() && !o.config_path.empty())
     usage_error("--config cannot be combined with --resume: the run's config is in its checkpoint");
-  train::RunConfig config;
+  train::RunInputs inputs;  // configuration, corpus and (when resuming) the saved state
   try {
-    config = saved ? train::resumed_config(saved->config, o.overrides)
-                   : train::read_run_config(o.config_path, o.overrides);
+    inputs = train::read_run_inputs(o.resume_dir, o.config_path, o.overrides,
+                                    required(o.data_path, "--data FILE"));
   } catch (const train::NotResumable& e) {
     usage_error(e.what());
   }
-  const train::Corpus corpus = train::load_training_data(
-      required(o.data_path, "--data FILE"), saved ? saved->tokenizer : std::nullopt, config);
-  train::take_vocab_size(config, corpus);
+  const auto& [saved, config, corpus] = inputs;
   if (o.sample > 0) train::check_sampling(corpus.tokenizer, config, o.prompt);
-  const train::CheckpointInfo corpus_info = train::corpus_info(corpus);
-  if (saved) train::warn_if_other_corpus(corpus, saved->info);
   const train::TrainConfig& t = config.train;
-  train::check_ranks_agree(world, config, corpus_info, saved ? saved->step : 0);
+  train::check_ranks_agree(world, config, corpus.fingerprint, saved ? saved->step : 0);
   const rex::data::BatchSampler train_batches = train::train_sampler(corpus, config);
   const rex::data::BatchSampler val_batches = train::validation_sampler(corpus, config);
   std::optional<train::RunSaver> saver;
@@ -218,74 +203,35 @@ int train_run(const Options& o) {
   train::start_from_rank0(world, run);
   int64_t& step = run.step;  // completed optimizer steps
   const rex::optim::CosineSchedule schedule = train::lr_schedule(t);
-  std::optional<train::MetricsLog> metrics;
-  if (world.is_root())
-    metrics.emplace(out + "/metrics.jsonl", saved ? std::optional(step) : std::nullopt);
   std::optional<rex::dist::GradientSync> sync;
-  if (world.size() > 1) {
-    std::vector<rex::Tensor> params;
-    for (const rex::optim::Parameter& p : run.optimizer.parameters()) params.push_back(p.tensor);
-    sync.emplace(world, std::move(params));
-  }
+  if (world.size() > 1) sync.emplace(world, run.optimizer.tensors());
   const train::BatchSplit split{sync ? &*sync : nullptr, t.grad_accum};
 
-  const int64_t tokens_per_step = t.batch_size * config.model.context;
-  const bool is_moe = config.model.ffn == "moe";
-  const int64_t pool = config.model.moe.reuse * config.model.moe.experts_per_layer;  // rN
-  std::printf("rex train_tiny_rex: %s, %d threads", train::model_summary(*run.model).c_str(),
-              rex::thread_count());
-  if (world.size() > 1) std::printf(" per rank x %d ranks", world.size());
-  if (t.grad_accum > 1) std::printf(", %lld micro-batches per step", ll(t.grad_accum));
-  std::printf("\n%s\n", train::corpus_summary(corpus).c_str());
-  std::printf("%s step %lld of %lld, %lld tokens per step, writing to %s\n",
-              saved ? "resuming at" : "starting at", ll(step), ll(t.steps), ll(tokens_per_step),
-              out.c_str());
+  std::printf(
+      "rex train_tiny_rex: %s\n",
+      train::run_banner(*run.model, config, corpus, world.size(), step, saved.has_value(), out)
+          .c_str());
   std::fflush(stdout);
   train::catch_interrupts();
   const int64_t first_step = step;
-  train::Progress progress(tokens_per_step);
-  train::DivergenceGuard guard(t, config.model.vocab_size);
+  train::RunReports reports(config, val_batches, device, world, out,
+                            saved ? std::optional(step) : std::nullopt);
   while (step < t.steps) {
     const float lr = schedule.lr(step);
     const train::StepResult result = train::train_step(
         *run.model, run.optimizer, train_batches.sample(static_cast<uint64_t>(step)),
         {step, t.seed}, lr, t.grad_clip, split);
     ++step;
-    progress.count_step();
-    guard.record(result.lm_loss);
+    reports.after_step(*run.model, step, result, lr);
     const bool last = step == t.steps;
-    if (step % t.log_interval == 0 || last) {
-      const train::Progress::Lap lap = progress.lap(t.steps - step);
-      if (metrics) metrics->log_train(step, result, lr, lap.tokens_per_s, lap.elapsed_s);
-      const std::string n_t =
-          " | N_t " + std::to_string(result.candidates) + "/" + std::to_string(pool);
-      std::printf(
-          "step %6lld/%lld | loss %.4f (lm %.4f, aux %.4f) | lr %.2e | %6.0f tok/s%s | ETA %s\n",
-          ll(step), ll(t.steps), result.loss, result.lm_loss, result.aux_loss, lr, lap.tokens_per_s,
-          is_moe ? n_t.c_str() : "", train::format_duration(lap.eta_s).c_str());
-      std::fflush(stdout);
-    }
-    if (step % t.eval_interval == 0 || last) {
-      const train::Evaluation eval =
-          train::evaluate(*run.model, val_batches, t.eval_batches, train::after_steps(step, t.seed),
-                          device, &world);
-      std::printf("eval  step %6lld | val_loss %.4f\n", ll(step), eval.val_loss);
-      if (metrics) metrics->log_eval(step, eval.val_loss);
-      if (is_moe && world.is_root()) {
-        const nlohmann::json routing =
-            train::routing_json(config.model, eval, step, result.candidates);
-        if (metrics) metrics->log_routing(routing);
-        rex::io::write_file_atomic(out + "/routing.json", routing.dump(1) + "\n");
-      }
-    }
     // Every rank stops at the same step: a signal may reach the ranks at different times.
     const bool interrupted = world.any(train::interrupted());
     const bool stop =
         interrupted || (!last && o.stop_after >= 0 && step - first_step >= o.stop_after);
     if (step % t.checkpoint_interval == 0 || last || stop) {
-      guard.check(step, saver ? saver->newest() : std::nullopt);
+      reports.check_divergence(step, saver ? saver->newest() : std::nullopt);
       if (saver)
-        saver->save(*run.model, run.optimizer, config, corpus.tokenizer, step, corpus_info);
+        saver->save(*run.model, run.optimizer, config, corpus.tokenizer, step, corpus.fingerprint);
     }
     if (stop) {
       std::printf("%s: checkpoint saved at step %lld; continue with --resume %s\n",
@@ -297,8 +243,8 @@ int train_run(const Options& o) {
     std::printf("the run in %s already has %lld of %lld steps; nothing to train\n",
                 o.resume_dir.c_str(), ll(saved->step), ll(t.steps));
   std::printf("done: %lld steps in %s; model, checkpoint, metrics.jsonl%s in %s\n", ll(step),
-              train::format_duration(progress.elapsed_s()).c_str(), is_moe ? ", routing.json" : "",
-              out.c_str());
+              train::format_duration(reports.elapsed_s()).c_str(),
+              config.model.ffn == "moe" ? ", routing.json" : "", out.c_str());
   if (o.sample > 0 && world.is_root())
     std::printf("--- sample (%lld tokens, temperature %.2f) ---\n%s\n", ll(o.sample), o.temperature,
                 sample_text(*run.model, *corpus.tokenizer, o, t.seed, step).c_str());
@@ -332,11 +278,7 @@ int checkpoint_mode(const Options& o) {
     const train::Evaluation eval = train::evaluate(
         *loaded.model, train::validation_sampler(corpus, c), c.train.eval_batches,
         train::after_steps(loaded.folder.step, c.train.seed), device, &Communicator::world());
-    const json line = {{"val_loss", eval.val_loss},
-                       {"step", loaded.folder.step},
-                       {"batches", c.train.eval_batches},
-                       {"tokens", c.train.eval_batches * c.train.batch_size * c.model.context}};
-    std::printf("%s\n", line.dump().c_str());
+    std::printf("%s\n", train::evaluation_record(eval, loaded.folder.step, c).dump().c_str());
   }
   if (o.sample > 0)
     std::printf("%s\n", sample_text(*loaded.model, *loaded.folder.tokenizer, o, c.train.seed,
@@ -348,26 +290,8 @@ int checkpoint_mode(const Options& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    Communicator& world = Communicator::world();
-    // Ranks other than 0 print nothing on stdout (rank 0 speaks for the run); errors still show.
-    if (!world.is_root() && !std::freopen("/dev/null", "w", stdout))
-      throw rex::Error("cannot silence stdout on rank " + std::to_string(world.rank()));
-    try {
-      const Options o = parse_args(argc, argv);
-      return o.eval_only || !o.checkpoint_dir.empty() ? checkpoint_mode(o) : train_run(o);
-    } catch (const rex::dist::CollectiveError& e) {  // the same on every rank: rank 0 says it
-      std::fflush(stdout);
-      if (world.is_root()) std::fprintf(stderr, "train_tiny_rex: error: %s\n", e.what());
-      return 1;
-    } catch (
-        const std::exception& e) {  // this rank's: it ends every rank (no rank is left waiting)
-      std::fflush(stdout);
-      std::fprintf(stderr, "train_tiny_rex: error%s: %s\n", world.where().c_str(), e.what());
-      world.fail(1);
-    }
-  } catch (const std::exception& e) {  // MPI could not start
-    std::fprintf(stderr, "train_tiny_rex: error: %s\n", e.what());
-    return 1;
-  }
+  return train::run_on_every_rank("train_tiny_rex", [&] {
+    const Options o = parse_args(argc, argv);
+    return o.eval_only || !o.checkpoint_dir.empty() ? checkpoint_mode(o) : train_run(o);
+  });
 }

@@ -42,12 +42,6 @@ const train::Corpus& corpus() {
   return loaded;
 }
 
-std::vector<Tensor> tensors_of(const optim::AdamW& optimizer) {
-  std::vector<Tensor> out;
-  for (const optim::Parameter& p : optimizer.parameters()) out.push_back(p.tensor);
-  return out;
-}
-
 // The gradients of the parameters, copied (called through train_step's inspect_gradients).
 std::function<void(const nn::LmOutput&)> copy_gradients(const optim::AdamW& optimizer,
                                                         std::vector<Tensor>& into) {
@@ -69,7 +63,7 @@ void check_split_is_exact(const train::RunConfig& config, int64_t grad_accum, bo
   train::TrainingState alone = train::start_training(config, Device::cpu());
   train::TrainingState split_run = train::start_training(config, Device::cpu());
   std::optional<dist::GradientSync> sync;
-  if (across_ranks) sync.emplace(Communicator::world(), tensors_of(split_run.optimizer), 1 << 16);
+  if (across_ranks) sync.emplace(Communicator::world(), split_run.optimizer.tensors(), 1 << 16);
   const train::BatchSplit split{sync ? &*sync : nullptr, grad_accum};
   const optim::CosineSchedule schedule = train::lr_schedule(t);
   for (int64_t step = 0; step < t.steps; ++step) {
@@ -88,7 +82,7 @@ void check_split_is_exact(const train::RunConfig& config, int64_t grad_accum, bo
     CHECK(parts.candidates == one.candidates);
   }
   const auto& names = alone.optimizer.parameters();
-  const std::vector<Tensor> a = tensors_of(split_run.optimizer), b = tensors_of(alone.optimizer);
+  const std::vector<Tensor> a = split_run.optimizer.tensors(), b = alone.optimizer.tensors();
   int64_t different = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     const bool same = rex::testing::same_bytes(a[i], b[i]);
@@ -124,7 +118,7 @@ void check_first_step_gradients(const train::RunConfig& config, int64_t grad_acc
   train::TrainingState alone = train::start_training(config, Device::cpu());
   train::TrainingState split_run = train::start_training(config, Device::cpu());
   std::optional<dist::GradientSync> sync;
-  if (across_ranks) sync.emplace(Communicator::world(), tensors_of(split_run.optimizer));
+  if (across_ranks) sync.emplace(Communicator::world(), split_run.optimizer.tensors());
   const train::BatchSplit split{sync ? &*sync : nullptr, grad_accum};
   std::vector<Tensor> whole, parts;
   const data::Batch batch = batches.sample(0);
@@ -302,7 +296,7 @@ TEST_CASE("GradientSync starts buckets during backward, as their gradients becom
   if (!several_ranks()) return;
   const train::RunConfig config = tiny_run(corpus());
   train::TrainingState run = train::start_training(config, Device::cpu());
-  dist::GradientSync sync(Communicator::world(), tensors_of(run.optimizer), 1 << 16);
+  dist::GradientSync sync(Communicator::world(), run.optimizer.tensors(), 1 << 16);
   const train::BatchSplit split{&sync, 1};
   train::train_step(*run.model, run.optimizer, train::train_sampler(corpus(), config).sample(0),
                     {0, config.train.seed}, 1e-3f, 1.0, split);

@@ -249,6 +249,12 @@ class AdamW {
   void zero_grad() { arena_.zero_grad(tensors()); }
 
   const std::vector<Parameter>& parameters() const { return params_; }
+  // The parameters' tensors, in order (handles to the arena's views).
+  std::vector<Tensor> tensors() const {
+    std::vector<Tensor> out;
+    for (const Parameter& p : params_) out.push_back(p.tensor);
+    return out;
+  }
   const Arena& arena() const { return arena_; }
   const AdamWOptions& options() const { return options_; }
 
@@ -315,11 +321,6 @@ class AdamW {
     Tensor exp_avg, exp_avg_sq;
     int64_t step = 0;
   };
-  std::vector<Tensor> tensors() const {
-    std::vector<Tensor> out;
-    for (const Parameter& p : params_) out.push_back(p.tensor);
-    return out;
-  }
   std::vector<std::string> names() const {
     std::vector<std::string> out;
     for (const Parameter& p : params_) out.push_back(p.name);

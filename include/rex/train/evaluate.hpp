@@ -13,6 +13,7 @@
 #include "rex/dist/communicator.hpp"
 #include "rex/nn/routing_report.hpp"
 #include "rex/nn/transformer.hpp"
+#include "rex/train/config.hpp"
 #include "rex/train/step.hpp"
 
 namespace rex::train {
@@ -55,6 +56,17 @@ inline Evaluation evaluate(const nn::TransformerLM& model, const data::BatchSamp
             " batches is ", out.val_loss,
             " (not finite): the model's weights have diverged (a learning rate too high?)");
   return out;
+}
+
+// {"val_loss", "step", "batches", "tokens"}: an evaluation of the model after `step` completed
+// steps, over config's train.eval_batches batches (what --eval-only prints).
+inline nlohmann::json evaluation_record(const Evaluation& eval, int64_t step,
+                                        const RunConfig& config) {
+  const TrainConfig& t = config.train;
+  return {{"val_loss", eval.val_loss},
+          {"step", step},
+          {"batches", t.eval_batches},
+          {"tokens", t.eval_batches * t.batch_size * config.model.context}};
 }
 
 // routing.json (docs/formats.md): nn::routing_report of an evaluation's expert counts.

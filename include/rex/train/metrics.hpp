@@ -3,8 +3,9 @@
 // (written after it by the run that stopped) are dropped first, so that a resumed run's log equals
 // an uninterrupted one's; a line that is not a record (not a JSON object with a whole-number
 // "step") is dropped with a warning. The records and their fields are listed in docs/formats.md.
-// Progress measures the tokens/s and ETA of the progress lines; model_summary and corpus_summary
-// describe a run in one line each.
+// MetricsLog also writes routing.json beside the log. Progress measures the tokens/s and ETA of the
+// progress lines; model_summary and corpus_summary describe a run in one line each, run_banner in
+// three, progress_line a step.
 #pragma once
 
 #include <chrono>
@@ -20,9 +21,12 @@
 #include <nlohmann/json.hpp>
 
 #include "rex/core/error.hpp"
+#include "rex/core/parallel.hpp"
 #include "rex/io/files.hpp"
 #include "rex/nn/transformer.hpp"
+#include "rex/train/config.hpp"
 #include "rex/train/corpus.hpp"
+#include "rex/train/evaluate.hpp"
 #include "rex/train/step.hpp"
 
 namespace rex::detail {
@@ -46,7 +50,8 @@ namespace rex::train {
 class MetricsLog {
  public:
   // resume_step: the step of the checkpoint a resumed run starts from; nullopt starts a new log.
-  MetricsLog(const std::string& path, std::optional<int64_t> resume_step) {
+  MetricsLog(const std::string& path, std::optional<int64_t> resume_step)
+      : routing_path_((std::filesystem::path(path).parent_path() / "routing.json").string()) {
     if (resume_step && std::filesystem::exists(path)) {
       std::ifstream in(path);
       std::string line, kept;
@@ -94,16 +99,23 @@ class MetricsLog {
     write({{"kind", "eval"}, {"step", step}, {"val_loss", val_loss}});
   }
 
-  // {"kind": "routing", "step", "candidates", "layers"}: the per-layer routing of the same
-  // evaluation (routing_json's "layers"), so that the log holds its history over training.
-  void log_routing(const nlohmann::json& routing) {
+  // The eval record and, for a MoE model, the evaluation's routing (routing_json): written to
+  // routing.json beside the log, and to the log as {"kind": "routing", "step", "candidates",
+  // "layers"}, so that the log holds its history over training.
+  void log_evaluation(int64_t step, const Evaluation& eval, const nn::ModelConfig& model,
+                      int64_t candidates) {
+    log_eval(step, eval.val_loss);
+    if (model.ffn != "moe") return;
+    const nlohmann::json routing = routing_json(model, eval, step, candidates);
     write({{"kind", "routing"},
-           {"step", routing.at("step")},
-           {"candidates", routing.at("candidates")},
+           {"step", step},
+           {"candidates", candidates},
            {"layers", routing.at("layers")}});
+    io::write_file_atomic(routing_path_, routing.dump(1) + "\n");
   }
 
  private:
+  std::string routing_path_;
   std::FILE* file_;
 };
 
@@ -153,6 +165,21 @@ class Progress {
   Clock::time_point start_ = Clock::now(), interval_start_ = start_;
 };
 
+// "step    100/3000 | loss 2.1234 (lm 2.1000, aux 0.0234) | lr 1.00e-03 |  12345 tok/s | N_t 8/16 |
+// ETA 4m05s" (N_t, the PSR candidates of the pool, for a MoE model only).
+inline std::string progress_line(const nn::ModelConfig& c, int64_t step, int64_t steps,
+                                 const StepResult& r, float lr, const Progress::Lap& lap) {
+  const std::string n_t =
+      c.ffn != "moe"
+          ? ""
+          : detail::printf_string(" | N_t %lld/%lld", static_cast<long long>(r.candidates),
+                                  static_cast<long long>(c.moe.reuse * c.moe.experts_per_layer));
+  return detail::printf_string(
+      "step %6lld/%lld | loss %.4f (lm %.4f, aux %.4f) | lr %.2e | %6.0f tok/s%s | ETA %s",
+      static_cast<long long>(step), static_cast<long long>(steps), r.loss, r.lm_loss, r.aux_loss,
+      lr, lap.tokens_per_s, n_t.c_str(), format_duration(lap.eta_s).c_str());
+}
+
 // "MoE R4 model, 4 layers, d_model 128, 1.23M parameters" (or "dense model, ...").
 inline std::string model_summary(const nn::TransformerLM& model) {
   const nn::ModelConfig& c = model.config();
@@ -175,6 +202,23 @@ inline std::string corpus_summary(const Corpus& corpus) {
       what.c_str(), static_cast<unsigned long long>(corpus.train.size()),
       static_cast<unsigned long long>(corpus.validation.size()),
       data::unigram_entropy(corpus.validation, vocab));
+}
+
+// A training run's first lines: the model, threads, ranks and micro-batches; the corpus; the step
+// it starts at (`resuming` or not), the tokens per step and the folder it writes.
+inline std::string run_banner(const nn::TransformerLM& model, const RunConfig& config,
+                              const Corpus& corpus, int ranks, int64_t step, bool resuming,
+                              const std::string& out) {
+  const TrainConfig& t = config.train;
+  std::string text = model_summary(model) + ", " + std::to_string(thread_count()) + " threads";
+  if (ranks > 1) text += " per rank x " + std::to_string(ranks) + " ranks";
+  if (t.grad_accum > 1) text += ", " + std::to_string(t.grad_accum) + " micro-batches per step";
+  return text + "\n" + corpus_summary(corpus) + "\n" +
+         detail::printf_string("%s step %lld of %lld, %lld tokens per step, writing to %s",
+                               resuming ? "resuming at" : "starting at",
+                               static_cast<long long>(step), static_cast<long long>(t.steps),
+                               static_cast<long long>(t.batch_size * config.model.context),
+                               out.c_str());
 }
 
 }  // namespace rex::train

@@ -190,11 +190,7 @@ inline StepResult train_step(
   const int64_t first_shard = (comm ? comm->rank() : 0) * split.grad_accum;
   std::vector<double> shard_lm(static_cast<size_t>(shards)), shard_aux(shard_lm.size());
   std::optional<dist::ShardGradients> earlier;  // this rank's micro-batches before the last
-  if (micro.size() > 1) {
-    std::vector<Tensor> params;
-    for (const optim::Parameter& p : optimizer.parameters()) params.push_back(p.tensor);
-    earlier.emplace(params);
-  }
+  if (micro.size() > 1) earlier.emplace(optimizer.tensors());
   // Each micro-batch's losses, as device scalars, read back together in one copy after the loop:
   // micro-batch m's language-model loss at lm_at[m], its aux loss at aux_at[m] (-1: none).
   std::vector<Tensor> losses;

@@ -9,6 +9,7 @@
 #include "rex/train/evaluate.hpp"
 #include "rex/train/interrupt.hpp"
 #include "rex/train/metrics.hpp"
+#include "rex/train/program.hpp"
 #include "rex/train/ranks.hpp"
 #include "rex/train/sample.hpp"
 #include "rex/train/step.hpp"
