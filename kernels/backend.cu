@@ -15,6 +15,7 @@ const rex::detail::CudaBackend& backend() {
     detail::register_attention(t);
     detail::register_flash_attention(t);
     detail::register_gemm(t);
+    detail::register_grouped_gemm(t);
     detail::register_optim(t);
     return t;
   }();

@@ -109,6 +109,7 @@ void register_routing(rex::detail::CudaBackend& table);
 void register_attention(rex::detail::CudaBackend& table);
 void register_flash_attention(rex::detail::CudaBackend& table);
 void register_gemm(rex::detail::CudaBackend& table);
+void register_grouped_gemm(rex::detail::CudaBackend& table);
 void register_optim(rex::detail::CudaBackend& table);
 
 }  // namespace rex::cuda::detail

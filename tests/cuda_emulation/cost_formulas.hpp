@@ -31,6 +31,7 @@
 #include <numeric>
 #include <set>
 #include <string>
+#include <vector>
 
 #include <rex_emulation_counters.h>
 #include <rex/backend/cuda/backend.hpp>
@@ -614,11 +615,147 @@ inline FlashCounts flash_attention_counts(i64 group_heads, i64 T, i64 hd) {
   return counts;
 }
 
+// ---- grouped expert products (kernels/grouped_gemm.cu) ----
+// Blocks of 8 warps, 128 x 128 output tiles, k in tiles of 32. Row starts are taken to fall on a
+// sector (widths multiples of 8 floats), and every lane of a tile load loads (clamped into range).
+
+// load_tile<true>: 64 requests, each 2 rows of 2 floats a lane (distinct rows: 1 where the second
+// is past `rows`, or both are, clamped onto row rows - 1), then 64 stores of bf16 pairs with
+// two rows' words meeting in 4 banks: 2 wavefronts each.
+inline void grouped_tile_k_contiguous(KernelCounts& k, i64 rows, i64 depth) {
+  for (i64 q = 0; q < 64; ++q) {
+    k.global.load_requests += 1;
+    k.global.load_sectors +=
+        static_cast<uint64_t>(2 * q + 1 < rows ? 2 : 1) * ceil_div(depth * 4, 32);
+    k.global.load_bytes += 32 * 8;
+  }
+  k.shared.store_requests += 64;
+  k.shared.store_wavefronts += 128;
+}
+
+// load_tile<false>: for each of 16 pairs of k, four warps of 32 consecutive rows (columns of the
+// product), each two float loads (k and k + 1) of the in-range rows (lanes past `rows` reread
+// rows - 1), then a store of 32 bf16 pairs 20 words apart: 4 in a bank, 4 wavefronts.
+inline void grouped_tile_strided(KernelCounts& k, i64 rows) {
+  for (i64 w = 0; w < 64; ++w) {
+    const i64 first = 32 * (w % 4), distinct = first < rows ? std::min<i64>(32, rows - first) : 1;
+    k.global.load_requests += 2;
+    k.global.load_sectors += 2 * ceil_div(distinct * 4, 32);
+    k.global.load_bytes += 2 * 32 * 4;
+  }
+  k.shared.store_requests += 64;
+  k.shared.store_wavefronts += 256;
+}
+
+// One k tile's products: per warp, 2 k steps of 2 A and 4 B ldmatrix.x4 (conflict-free: 4
+// wavefronts) and 16 mma.m16n8k16.
+inline void grouped_tile_products(KernelCounts& k) {
+  k.shared.load_requests += 8 * 12;
+  k.shared.load_wavefronts += 8 * 12 * 4;
+  k.arithmetic.tensor_bf16_flops += 8 * 32 * 4096;
+}
+
+// store_tile: per warp, for each of its 4 row groups of 8 and 8 column groups of 8, a request of
+// the rows in range (a sector each: 4 lanes x 2 floats), if the columns are.
+inline void grouped_tile_store(KernelCounts& k, i64 rows, i64 cols) {
+  for (i64 w = 0; w < 8; ++w)
+    for (i64 group = 0; group < 4; ++group) {
+      const i64 in_range = std::clamp<i64>(rows - (32 * (w / 2) + 8 * group), 0, 8);
+      for (i64 j = 0; j < 8 && in_range > 0; ++j) {
+        if (64 * (w % 2) + 8 * j >= cols) continue;
+        k.global.store_requests += 1;
+        k.global.store_sectors += static_cast<uint64_t>(in_range);
+        k.global.store_bytes += static_cast<uint64_t>(in_range * 32);
+      }
+    }
+}
+
+// grouped_rows_kernel, one launch: segments of `segment_rows` rows, n columns, depth k;
+// `operands` (a, w) pairs summed over k (2 with sum_pairs), `outputs` splitting the columns (2 for
+// gate and up); w [n, k] (transpose_w) or [k, n]. Every block's first warp finds its tile: per 32
+// experts, both offsets of each (a sector per 4 lanes; the second 8 bytes on), and the finder
+// lane's 3 stores of the tile; every warp reads the tile's 3 fields, in the blocks past the last
+// tile too.
+inline KernelCounts grouped_rows(const std::vector<i64>& segment_rows, i64 n, i64 k, int operands,
+                                 int outputs, bool transpose_w) {
+  KernelCounts one;
+  const auto experts = static_cast<i64>(segment_rows.size());
+  const i64 column_tiles = static_cast<i64>(ceil_div(n, 128)) * outputs;
+  i64 total = 0;
+  KernelCounts find;
+  for (i64 base = 0; base < experts; base += 32) {
+    const i64 lanes = std::min<i64>(32, experts - base);
+    find.global.load_requests += 2;
+    find.global.load_sectors +=
+        ceil_div(8 * lanes, 32) + static_cast<uint64_t>((8 * lanes + 7) / 32 + 1);
+    find.global.load_bytes += static_cast<uint64_t>(16 * lanes);
+  }
+  for (const i64 rows : segment_rows) total += rows;
+  const i64 blocks = static_cast<i64>(ceil_div(total, 128)) + experts;
+  for (i64 c = 0; c < column_tiles; ++c) {
+    const i64 cols = std::min<i64>(128, n - 128 * (c % static_cast<i64>(ceil_div(n, 128))));
+    for (const i64 rows : segment_rows)
+      for (i64 first = 0; first < rows; first += 128) {
+        const i64 tile_rows = std::min<i64>(128, rows - first);
+        for (int operand = 0; operand < operands; ++operand) {
+          load_broadcast(one, 8 * 32, 8);  // the expert's weight pointer
+          for (i64 k0 = 0; k0 < k; k0 += 32) {
+            const i64 depth = std::min<i64>(32, k - k0);
+            grouped_tile_k_contiguous(one, tile_rows, depth);
+            if (transpose_w) {
+              grouped_tile_k_contiguous(one, cols, depth);
+            } else {
+              grouped_tile_strided(one, cols);
+            }
+            grouped_tile_products(one);
+          }
+        }
+        grouped_tile_store(one, tile_rows, cols);
+      }
+  }
+  for (i64 b = 0; b < blocks * column_tiles; ++b) {
+    one.global.load_requests += find.global.load_requests;
+    one.global.load_sectors += find.global.load_sectors;
+    one.global.load_bytes += find.global.load_bytes;
+    one.shared.store_requests += 3, one.shared.store_wavefronts += 3;
+    one.shared.load_requests += 8 * 3, one.shared.load_wavefronts += 8 * 3;
+  }
+  return one;
+}
+
+// grouped_weights_kernel, one launch: c_p[e] [m, n] = a_p^T b over each segment's rows, `pairs`
+// outputs; an expert without rows has no output (its blocks read the null pointer and return).
+// Every warp reads its output pointer and, where there is one, both offsets of its expert.
+inline KernelCounts grouped_weights(const std::vector<i64>& segment_rows, i64 m, i64 n, int pairs) {
+  KernelCounts one;
+  const i64 tiles = static_cast<i64>(ceil_div(m, 128) * ceil_div(n, 128));
+  for (int pair = 0; pair < pairs; ++pair)
+    for (const i64 rows : segment_rows)
+      for (i64 t = 0; t < tiles; ++t) {
+        load_broadcast(one, 8 * 32, 8);  // the output pointer
+        if (rows == 0) continue;
+        load_broadcast(one, 2 * 8 * 32, 8);  // the offsets
+        const i64 tile_rows =
+            std::min<i64>(128, m - 128 * (t / static_cast<i64>(ceil_div(n, 128))));
+        const i64 cols = std::min<i64>(128, n - 128 * (t % static_cast<i64>(ceil_div(n, 128))));
+        for (i64 k0 = 0; k0 < rows; k0 += 32) {
+          grouped_tile_strided(one, tile_rows);
+          grouped_tile_strided(one, cols);
+          grouped_tile_products(one);
+        }
+        grouped_tile_store(one, tile_rows, cols);
+      }
+  return one;
+}
+
 // ---- the step ----
 
 // The counts of one training step of `config` (see the assumptions at the top), as the emulation
-// would give them for the interval of one train_step call.
-inline Counts training_step(const rex::train::RunConfig& config) {
+// would give them for the interval of one train_step call. `routing` gives, per layer, the slots
+// routed to each expert of its table (what nn::LmOutput::expert_counts holds), which the grouped
+// products' tiles depend on; empty, each expert gets an even share.
+inline Counts training_step(const rex::train::RunConfig& config,
+                            const std::vector<std::vector<i64>>& routing = {}) {
   const rex::nn::ModelConfig& m = config.model;
   const rex::nn::MoeConfig& moe = m.moe;
   REX_CHECK(m.ffn == "moe" && moe.shared_experts == 0 && moe.z_loss_coef == 0 && !moe.renormalize &&
@@ -633,7 +770,8 @@ inline Counts training_step(const rex::train::RunConfig& config) {
   REX_CHECK(hd % 32 == 0 && D % 32 == 0 && F % 32 == 0,
             "cost formulas: the head width, d_model and d_expert must be multiples of 32");
   const rex::MatmulPrecision precision = rex::parse_matmul_precision(config.train.matmul_precision);
-  const bool flash = precision == rex::MatmulPrecision::bf16;  // attention's kernels
+  // In bf16, attention runs on flash_attention.cu's kernels and the experts on grouped products.
+  const bool flash = precision == rex::MatmulPrecision::bf16;
   const FlashCounts flash_counts = flash ? flash_attention_counts(H / G, T, hd) : FlashCounts{};
   const i64 routed = M * K;  // rows through the experts
   Plan plan;
@@ -647,6 +785,11 @@ inline Counts training_step(const rex::train::RunConfig& config) {
   const i64 r = routed / P;
   auto per_expert = [&](i64 m, i64 n, i64 k, int products) {
     plan.gemm(m, n, k, precision, static_cast<uint64_t>(P * products));
+  };
+  // In bf16 the experts' products are grouped (kernels/grouped_gemm.cu), one launch each.
+  auto segments = [&](i64 layer) {
+    if (!routing.empty()) return routing.at(static_cast<size_t>(layer));
+    return std::vector<i64>(static_cast<size_t>(P), r);
   };
   auto add = [&](i64 n) { plan.launch("binary_flat_kernel", elementwise(n, 2, 0)); };
   auto add_scalar_op = [&](i64 n) { plan.launch("binary_flat_kernel", elementwise(n, 1, 1)); };
@@ -725,9 +868,15 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     plan.read_back();  // the experts' counts
     plan.launch("route_scatter_kernel", route_scatter(routed, P));
     plan.launch("gather_rows_kernel", gather_rows(routed, D));  // into expert order
-    per_expert(r, F, D, 2);                                     // gate and up
-    plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
-    per_expert(r, D, F, 1);                                     // down
+    if (flash) {
+      plan.launch("grouped_rows_kernel", grouped_rows(segments(layer), F, D, 1, 2, true));
+      plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
+      plan.launch("grouped_rows_kernel", grouped_rows(segments(layer), D, F, 1, 1, true));
+    } else {
+      per_expert(r, F, D, 2);  // gate and up
+      plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
+      per_expert(r, D, F, 1);  // down
+    }
     plan.launch("gather_rows_kernel", gather_rows(routed, D));  // back to slot order
     plan.launch("binary_strided_kernel", binary_strided(routed, D, false));
     plan.launch("fill32_kernel", elementwise(M * D, 0, 0));
@@ -800,13 +949,21 @@ inline Counts training_step(const rex::train::RunConfig& config) {
     // weight gradients are added to the table's.
     plan.launch("gather_rows_kernel", gather_rows(routed, D));
     plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
-    per_expert(r, F, D, 1);                                        // down: dx = dy W
-    per_expert(D, F, r, 1);                                        // down: dW = dy^T a
     KernelCounts swiglu_backward = elementwise(routed * F, 3, 0);  // a, b, g in; da out
     store_stream(swiglu_backward, routed * F);                     // and db
-    plan.launch("swiglu_backward_kernel", swiglu_backward);
-    per_expert(r, D, F, 2);  // gate and up: dx = dg Wg + du Wu
-    per_expert(F, D, r, 2);  // gate and up: dW = dg^T x, du^T x
+    if (flash) {
+      plan.launch("grouped_weights_kernel", grouped_weights(segments(layer), D, F, 1));
+      plan.launch("grouped_rows_kernel", grouped_rows(segments(layer), F, D, 1, 1, false));
+      plan.launch("swiglu_backward_kernel", swiglu_backward);
+      plan.launch("grouped_weights_kernel", grouped_weights(segments(layer), F, D, 2));
+      plan.launch("grouped_rows_kernel", grouped_rows(segments(layer), D, F, 2, 1, false));
+    } else {
+      per_expert(r, F, D, 1);  // down: dx = dy W
+      per_expert(D, F, r, 1);  // down: dW = dy^T a
+      plan.launch("swiglu_backward_kernel", swiglu_backward);
+      per_expert(r, D, F, 2);  // gate and up: dx = dg Wg + du Wu
+      per_expert(F, D, r, 2);  // gate and up: dW = dg^T x, du^T x
+    }
     if (layer % moe.reuse != moe.reuse - 1 && layer != L - 1)
       plan.launch("binary_flat_kernel", elementwise(F * D, 2, 0), static_cast<uint64_t>(3 * P));
     // The gather into expert order, back: each token's k rows summed in sorted order.

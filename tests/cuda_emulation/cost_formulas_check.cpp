@@ -77,12 +77,15 @@ int compare_kernel(const std::string& name, const KernelCounts& counted,
 int check_config(const std::string& work_dir, const std::vector<std::string>& overrides) {
   cuda_emulation::EmulatedRun run(rex::train::read_run_config("", overrides), work_dir);
   cuda_emulation::Counts counted;
+  rex::train::StepResult second;
   for (int step = 0; step < 2; ++step) {
     if (step == 1) cuda_emulation::begin_interval(true);
-    run.step(step);
-    if (step == 1) counted = cuda_emulation::end_interval();
+    rex::train::StepResult result = run.step(step);
+    if (step == 1) counted = cuda_emulation::end_interval(), second = std::move(result);
   }
-  const cuda_emulation::Counts formula = cuda_emulation::cost_formulas::training_step(run.config());
+  // The formulas take the step's routing: the grouped products' tiles follow it.
+  const cuda_emulation::Counts formula =
+      cuda_emulation::cost_formulas::training_step(run.config(), second.expert_counts);
   std::printf("\nconfig:");
   for (const std::string& o : overrides) std::printf(" %s", o.c_str());
   std::printf("\n%-34s %13s | %21s | %19s | %23s | %19s\n", "kernel (counted, formula)", "launches",

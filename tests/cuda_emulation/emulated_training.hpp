@@ -40,10 +40,10 @@ class EmulatedRun {
 
   const rex::train::RunConfig& config() const { return config_; }
 
-  void step(int64_t step) {
-    rex::train::train_step(*run_.model, run_.optimizer,
-                           batches_.sample(static_cast<uint64_t>(step)), {step, config_.train.seed},
-                           schedule_.lr(step), config_.train.grad_clip);
+  rex::train::StepResult step(int64_t step) {
+    return rex::train::train_step(
+        *run_.model, run_.optimizer, batches_.sample(static_cast<uint64_t>(step)),
+        {step, config_.train.seed}, schedule_.lr(step), config_.train.grad_clip);
   }
 
  private:

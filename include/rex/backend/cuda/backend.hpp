@@ -54,6 +54,31 @@ struct AdamWSegment {
 // CUDA's 4 KiB limit); more segments make more launches.
 inline constexpr int kAdamWSegmentsPerLaunch = 96;
 
+// A grouped product over the segments of expert-sorted rows (kernels/grouped_gemm.cu), rows form:
+// for each expert e (rows o_e .. o_e+1 of the segment offsets) and each pair p < pairs,
+//   c[p][o_e..o_e+1) = a[p][o_e..o_e+1) times w_p[e]^T (transpose_w: w [n, k]) or w_p[e] ([k, n]),
+// with a [rows, k] and c [rows, n] row-major; with sum_pairs the pairs add into c[0] instead.
+// host_w[p] holds the experts' device pointers, on the host.
+struct GroupedRows {
+  int pairs = 1;
+  bool sum_pairs = false, transpose_w = true;
+  int64_t n = 0, k = 0;
+  const float* a[2] = {};
+  const float* const* host_w[2] = {};
+  float* c[2] = {};
+};
+
+// Weights form: for each expert e and pair p, c_p[e] [m, n] = a[p]_e^T b_e summed over the
+// segment's rows, with a [rows, m] and b [rows, n] row-major; a null c_p[e] is skipped. host_c[p]
+// holds the experts' device pointers, on the host.
+struct GroupedWeights {
+  int pairs = 1;
+  int64_t m = 0, n = 0;
+  const float* a[2] = {};
+  const float* b = nullptr;
+  float* const* host_c[2] = {};
+};
+
 struct CudaBackend {
   // ---- runtime and memory (kernels/memory.cu; allocate, release, copy and fill are core's
   // device-memory hook, rex/core/device_memory.hpp) ----
@@ -194,6 +219,14 @@ struct CudaBackend {
   // TF32 tensor-op math mode) or bf16 (a and b converted to bf16, cublasGemmStridedBatchedEx with
   // fp32 C and fp32 compute).
   void (*set_matmul_precision)(MatmulPrecision precision);
+
+  // ---- grouped expert products on bf16 tensor cores (kernels/grouped_gemm.cu) ----
+  // GroupedRows and GroupedWeights above, over `experts` segments whose host_offsets
+  // [experts + 1] are uploaded (no host wait); one launch each. Operands enter rounded to bf16 (as
+  // gemm's in bf16), sums in fp32; n, k and m even; at most 16,384 experts.
+  void (*grouped_rows)(const int64_t* host_offsets, int64_t experts, const GroupedRows& product);
+  void (*grouped_weights)(const int64_t* host_offsets, int64_t experts,
+                          const GroupedWeights& product);
 
   // ---- optimiser (kernels/optim.cu) ----
   // One AdamW step over the `count` segments at host_segments (in increasing order, not

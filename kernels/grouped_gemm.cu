@@ -1,0 +1,278 @@
+// Grouped expert products on bf16 tensor cores: every expert of a MoE table multiplied with its
+// segment of the expert-sorted rows in one launch, the segments read from device memory. They
+// replace the per-expert cuBLAS calls of grouped_swiglu when products run in bf16.
+//
+// Two forms (the arguments: GroupedRows and GroupedWeights in rex/backend/cuda/backend.hpp):
+// - rows: for each expert e, rows [o_e, o_e+1) of c = those rows of a times w[e] (or w[e]^T). A
+//   block takes a 128-row tile of one segment and 128 columns; the tiles of all segments are
+//   numbered in order, and the block's first warp finds its segment from the offsets. The grid
+//   covers ceil(rows / 128) + experts tiles, at least every segment's; the blocks past the last
+//   tile return. Two pairs of operands either split the columns (gate and up: x read by one
+//   launch, each half of the grid writing its own output) or add into one output (dx =
+//   dg gate + du up: the k loop runs over both pairs).
+// - weights: for each expert e, c[e] = a_e^T b_e over the segment's rows: a block per 128 x 128
+//   tile of c[e], its k loop over the segment's rows. Two pairs share b (d gate = dg^T x and
+//   d up = du^T x). A null c[e] (an expert without a gradient) is skipped.
+// Every operand is an fp32 matrix in memory, converted to bf16 (round to nearest even) on its way
+// into shared memory, where tiles are stored with k contiguous (rows padded by 8 elements, so that
+// the 8 rows an ldmatrix reads fall in distinct banks). Loads are coalesced along whichever of the
+// tile's axes is contiguous in memory: pairs of k (a float2) when k is, pairs of rows two k apart
+// otherwise. A block of 8 warps computes a 128 x 128 tile, a warp 32 x 64 of it with
+// mma.m16n8k16 (kernels/mma.cuh); every output element sums its k in a fixed order
+// (deterministic, no atomics). Out-of-range rows, columns and k are zeros in shared memory and
+// are never stored. Each k tile of 32 moves 32 KB of fp32 operands for 1 MFLOP (32 FLOPs a
+// byte): tiles of 128 where 64 would halve that; operands kept in bf16 would double it.
+
+#include <initializer_list>
+#include <vector>
+
+#include "common.cuh"
+#include "mma.cuh"
+
+namespace rex::cuda::detail {
+namespace {
+
+using rex::detail::GroupedRows;
+using rex::detail::GroupedWeights;
+
+constexpr int kTile = 128;  // rows and columns of a block's output tile
+constexpr int kDepth = 32;  // k of a tile held in shared memory
+constexpr int kPadded = kDepth + 8;
+constexpr int kGroupedThreads = 256;  // 8 warps, each 32 rows x 64 columns of the tile
+constexpr int kMaxExperts = 16384;    // the weights form launches experts x pairs blocks along z
+
+// rows x kDepth of an fp32 matrix into a bf16 shared tile [kTile][kPadded] (k contiguous), with
+// element (r, kk) at src[r * ld + kk] (k_contiguous) or src[kk * ld + r]; zeros where r >= rows
+// or kk >= depth (rows, depth >= 1). Every lane loads every time, from an index clamped into the
+// valid range, so that the lanes of a warp issue the same loads (the counts the cost formulas
+// write down do not depend on which lanes are in range).
+template <bool KContiguous>
+__device__ __forceinline__ void load_tile(uint16_t* tile, const float* src, int64_t ld, int rows,
+                                          int depth) {
+  for (int i = threadIdx.x; i < kTile * kDepth / 2; i += kGroupedThreads) {
+    int r, kk;
+    if constexpr (KContiguous) {
+      r = i / (kDepth / 2), kk = 2 * (i % (kDepth / 2));
+    } else {
+      r = i % kTile, kk = 2 * (i / kTile);
+    }
+    const int rc = r < rows ? r : rows - 1;
+    float2 x;
+    if constexpr (KContiguous) {  // depth is even here (k is)
+      x = *reinterpret_cast<const float2*>(src + rc * ld + (kk < depth ? kk : depth - 2));
+      if (kk >= depth) x = make_float2(0.0f, 0.0f);
+    } else {
+      x.x = src[(kk < depth ? kk : depth - 1) * ld + rc];
+      x.y = src[(kk + 1 < depth ? kk + 1 : depth - 1) * ld + rc];
+      if (kk >= depth) x.x = 0.0f;
+      if (kk + 1 >= depth) x.y = 0.0f;
+    }
+    if (r >= rows) x = make_float2(0.0f, 0.0f);
+    *reinterpret_cast<uint32_t*>(tile + r * kPadded + kk) = pack_bf16x2(x.x, x.y);
+  }
+}
+
+// acc (a warp's 32 x 64: 2 row blocks of 16 x 8 column blocks of 8) += the warp's rows of the a
+// tile times its columns of the b tile (both [kTile][kPadded], k contiguous), over kDepth.
+__device__ __forceinline__ void multiply_tiles(float (&acc)[2][8][4], const uint16_t* a,
+                                               const uint16_t* b) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int row0 = 32 * (warp / 2), col0 = 64 * (warp % 2);
+  for (int s = 0; s < kDepth / 16; ++s) {
+    uint32_t fa[2][4];
+    for (int i = 0; i < 2; ++i)  // matrices: rows 0-7 / 8-15 of k 0-7, then of k 8-15
+      load_matrices<4>(fa[i], a + (row0 + 16 * i + lane % 16) * kPadded + 16 * s + (lane / 16) * 8);
+    for (int j = 0; j < 8; j += 2) {
+      // matrices: (columns 8j.., k 16s..), (8j.., 16s+8..), (8j+8.., 16s..), (8j+8.., 16s+8..)
+      const int matrix = lane / 8;
+      uint32_t fb[4];
+      load_matrices<4>(fb, b + (col0 + 8 * j + (matrix / 2) * 8 + lane % 8) * kPadded + 16 * s +
+                               (matrix % 2) * 8);
+      const uint32_t first[2] = {fb[0], fb[1]}, second[2] = {fb[2], fb[3]};
+      for (int i = 0; i < 2; ++i) {
+        mma_bf16_16x8x16(acc[i][j], fa[i], first);
+        mma_bf16_16x8x16(acc[i][j + 1], fa[i], second);
+      }
+    }
+  }
+}
+
+// The warp's part of a tile written to c (row-major, ld columns) from (row0, col0) of the tile,
+// skipping rows >= rows and columns >= cols.
+__device__ __forceinline__ void store_tile(float* c, int64_t ld, const float (&acc)[2][8][4],
+                                           int rows, int cols) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 2; ++i)
+    for (int half = 0; half < 2; ++half) {
+      const int row = 32 * (warp / 2) + 16 * i + g + 8 * half;
+      if (row >= rows) continue;
+      for (int j = 0; j < 8; ++j) {
+        const int col = 64 * (warp % 2) + 8 * j + 2 * t;
+        if (col < cols)
+          *reinterpret_cast<float2*>(c + row * ld + col) =
+              make_float2(acc[i][j][2 * half], acc[i][j][2 * half + 1]);
+      }
+    }
+}
+
+// The segment of the expert-sorted rows that a rows-form block takes: tile `index` of all the
+// segments' tiles in order (expert -1: past the last tile).
+struct RowTile {
+  int64_t expert, first;
+  int rows;
+};
+
+// Warp 0 finds it: 32 experts at a time, each lane one expert's tiles, an inclusive scan over the
+// lanes, and the lane whose tiles hold `index` (at most one, over all the chunks) writes it.
+__device__ __forceinline__ void find_row_tile(RowTile& tile, const int64_t* offsets,
+                                              int64_t experts, int64_t index) {
+  const unsigned int lane = threadIdx.x % 32;
+  int64_t before = 0, expert = -1, first = 0;  // tiles of the chunks before; the lane's find
+  int rows = 0;
+  for (int64_t base = 0; base < experts; base += 32) {
+    const int64_t e = base + lane;
+    int64_t begin = 0, count = 0, tiles = 0;
+    if (e < experts) {
+      begin = offsets[e];
+      count = offsets[e + 1] - begin;
+      tiles = (count + kTile - 1) / kTile;
+    }
+    int64_t inclusive = tiles;
+    for (int step = 1; step < 32; step *= 2) {
+      const int64_t below = __shfl_up_sync(0xffffffffu, inclusive, step);
+      if (lane >= static_cast<unsigned int>(step)) inclusive += below;
+    }
+    const int64_t start = before + inclusive - tiles;
+    if (index >= start && index < start + tiles) {
+      expert = e;
+      first = begin + (index - start) * kTile;
+      rows = static_cast<int>(
+          count - (index - start) * kTile < kTile ? count - (index - start) * kTile : kTile);
+    }
+    before += __shfl_sync(0xffffffffu, inclusive, 31);
+  }
+  const unsigned int found = __ballot_sync(0xffffffffu, expert >= 0);
+  if (found == 0 ? lane == 0
+                 : lane == static_cast<unsigned int>(__ffs(static_cast<int>(found)) - 1))
+    tile = {expert, first, rows};
+}
+
+__global__ void grouped_rows_kernel(const int64_t* offsets, int64_t experts, GroupedRows p,
+                                    const float* const* weights) {
+  __shared__ __align__(16) uint16_t a_tile[kTile * kPadded];
+  __shared__ __align__(16) uint16_t b_tile[kTile * kPadded];
+  __shared__ RowTile tile;
+  if (threadIdx.x < 32) find_row_tile(tile, offsets, experts, blockIdx.x);
+  __syncthreads();
+  const RowTile mine = tile;  // in registers: shared memory would be reread after each barrier
+  if (mine.expert < 0) return;
+  const int64_t column_tiles = (p.n + kTile - 1) / kTile;
+  const int pair = p.sum_pairs ? 0 : static_cast<int>(blockIdx.y / column_tiles);
+  const int64_t col0 = (blockIdx.y % column_tiles) * kTile;
+  const int cols = static_cast<int>(p.n - col0 < kTile ? p.n - col0 : kTile);
+  float acc[2][8][4] = {};
+  for (int operand = pair; operand < (p.sum_pairs ? p.pairs : pair + 1); ++operand) {
+    const float* a = p.a[operand] + mine.first * p.k;
+    const float* w = weights[operand * experts + mine.expert];
+    for (int64_t k0 = 0; k0 < p.k; k0 += kDepth) {
+      const int depth = static_cast<int>(p.k - k0 < kDepth ? p.k - k0 : kDepth);
+      load_tile<true>(a_tile, a + k0, p.k, mine.rows, depth);
+      if (p.transpose_w) {  // w [n, k]: row n of w is column n of the product
+        load_tile<true>(b_tile, w + col0 * p.k + k0, p.k, cols, depth);
+      } else {  // w [k, n]
+        load_tile<false>(b_tile, w + k0 * p.n + col0, p.n, cols, depth);
+      }
+      __syncthreads();
+      multiply_tiles(acc, a_tile, b_tile);
+      __syncthreads();
+    }
+  }
+  store_tile(p.c[pair] + mine.first * p.n + col0, p.n, acc, mine.rows, cols);
+}
+
+__global__ void grouped_weights_kernel(const int64_t* offsets, int64_t experts, GroupedWeights p,
+                                       float* const* outputs) {
+  __shared__ __align__(16) uint16_t a_tile[kTile * kPadded];
+  __shared__ __align__(16) uint16_t b_tile[kTile * kPadded];
+  const int64_t expert = blockIdx.z % experts, pair = blockIdx.z / experts;
+  float* c = outputs[pair * experts + expert];
+  if (c == nullptr) return;
+  const int64_t first = offsets[expert], rows = offsets[expert + 1] - first;
+  const int64_t row0 = blockIdx.x * static_cast<int64_t>(kTile);
+  const int64_t col0 = blockIdx.y * static_cast<int64_t>(kTile);
+  const int tile_rows = static_cast<int>(p.m - row0 < kTile ? p.m - row0 : kTile);
+  const int cols = static_cast<int>(p.n - col0 < kTile ? p.n - col0 : kTile);
+  const float* a = p.a[pair] + first * p.m + row0;
+  const float* b = p.b + first * p.n + col0;
+  float acc[2][8][4] = {};
+  for (int64_t k0 = 0; k0 < rows; k0 += kDepth) {  // k: the segment's rows
+    const int depth = static_cast<int>(rows - k0 < kDepth ? rows - k0 : kDepth);
+    load_tile<false>(a_tile, a + k0 * p.m, p.m, tile_rows, depth);
+    load_tile<false>(b_tile, b + k0 * p.n, p.n, cols, depth);
+    __syncthreads();
+    multiply_tiles(acc, a_tile, b_tile);
+    __syncthreads();
+  }
+  store_tile(c + row0 * p.n + col0, p.n, acc, tile_rows, cols);
+}
+
+// The offsets and, for each of `pairs` pairs, the experts' pointers, uploaded together (no host
+// wait): offsets first, then the pointers pair by pair. Checks what both forms require: 1 or 2
+// pairs, 1 to kMaxExperts experts, and even widths (rows are read two floats at a time).
+class SegmentTable {
+ public:
+  template <class T>
+  SegmentTable(const int64_t* host_offsets, int64_t experts, int pairs,
+               T* const* const (&host_pointers)[2], std::initializer_list<int64_t> widths)
+      : buffer_(static_cast<size_t>(experts + 1 + pairs * experts) * 8), experts_(experts) {
+    REX_CHECK(pairs == 1 || pairs == 2, "grouped products: 1 or 2 pairs, got ", pairs);
+    REX_CHECK(experts >= 1 && experts <= kMaxExperts, "grouped products: ", experts,
+              " experts; 1 to ", kMaxExperts, " are supported");
+    for (const int64_t width : widths)
+      REX_CHECK(width % 2 == 0, "grouped products: width ", width,
+                " must be even (rows are read two floats at a time)");
+    std::vector<int64_t> staged(host_offsets, host_offsets + experts + 1);
+    for (int pair = 0; pair < pairs; ++pair)
+      for (int64_t e = 0; e < experts; ++e)
+        staged.push_back(reinterpret_cast<int64_t>(host_pointers[pair][e]));
+    upload(buffer_.as<void>(), staged.data(), staged.size() * 8);
+  }
+  const int64_t* offsets() const { return buffer_.as<int64_t>(); }
+  template <class T>
+  T* const* pointers() const {
+    return reinterpret_cast<T* const*>(buffer_.as<int64_t>() + experts_ + 1);
+  }
+
+ private:
+  Scratch buffer_;
+  int64_t experts_;
+};
+
+void grouped_rows(const int64_t* host_offsets, int64_t experts, const GroupedRows& p) {
+  const int64_t rows = host_offsets[experts];
+  if (rows == 0 || p.n == 0) return;
+  const SegmentTable table(host_offsets, experts, p.pairs, p.host_w, {p.n, p.k});
+  const int64_t column_tiles = (p.n + kTile - 1) / kTile;
+  const dim3 grid(static_cast<unsigned int>((rows + kTile - 1) / kTile + experts),
+                  static_cast<unsigned int>(column_tiles * (p.sum_pairs ? 1 : p.pairs)));
+  REX_LAUNCH(grouped_rows_kernel, grid, kGroupedThreads, 0, table.offsets(), experts, p,
+             table.pointers<const float>());
+}
+
+void grouped_weights(const int64_t* host_offsets, int64_t experts, const GroupedWeights& p) {
+  const SegmentTable table(host_offsets, experts, p.pairs, p.host_c, {p.m, p.n});
+  const dim3 grid(static_cast<unsigned int>((p.m + kTile - 1) / kTile),
+                  static_cast<unsigned int>((p.n + kTile - 1) / kTile),
+                  static_cast<unsigned int>(experts * p.pairs));
+  REX_LAUNCH(grouped_weights_kernel, grid, kGroupedThreads, 0, table.offsets(), experts, p,
+             table.pointers<float>());
+}
+
+}  // namespace
+
+void register_grouped_gemm(rex::detail::CudaBackend& table) {
+  table.grouped_rows = grouped_rows;
+  table.grouped_weights = grouped_weights;
+}
+
+}  // namespace rex::cuda::detail
