@@ -713,13 +713,13 @@ inline KernelCounts grouped_rows(const std::vector<i64>& segment_rows, i64 n, i6
         grouped_tile_store(one, tile_rows, cols);
       }
   }
-  for (i64 b = 0; b < blocks * column_tiles; ++b) {
-    one.global.load_requests += find.global.load_requests;
-    one.global.load_sectors += find.global.load_sectors;
-    one.global.load_bytes += find.global.load_bytes;
-    one.shared.store_requests += 3, one.shared.store_wavefronts += 3;
-    one.shared.load_requests += 8 * 3, one.shared.load_wavefronts += 8 * 3;
-  }
+  const auto every_block = static_cast<uint64_t>(blocks * column_tiles);
+  one.global.load_requests += every_block * find.global.load_requests;
+  one.global.load_sectors += every_block * find.global.load_sectors;
+  one.global.load_bytes += every_block * find.global.load_bytes;
+  one.shared.store_requests += every_block * 3, one.shared.store_wavefronts += every_block * 3;
+  one.shared.load_requests += every_block * 8 * 3,
+      one.shared.load_wavefronts += every_block * 8 * 3;
   return one;
 }
 
