@@ -218,11 +218,11 @@ int train_run(const Options& o) {
                             saved ? std::optional(step) : std::nullopt);
   while (step < t.steps) {
     const float lr = schedule.lr(step);
-    const train::StepResult result = train::train_step(
-        *run.model, run.optimizer, train_batches.sample(static_cast<uint64_t>(step)),
-        {step, t.seed}, lr, t.grad_clip, split);
+    train::QueuedStep queued = train::queue_step(*run.model, run.optimizer,
+                                                 train_batches.sample(static_cast<uint64_t>(step)),
+                                                 {step, t.seed}, lr, t.grad_clip, split);
     ++step;
-    reports.after_step(*run.model, step, result, lr);
+    reports.after_step(*run.model, step, std::move(queued), lr);
     const bool last = step == t.steps;
     // Every rank stops at the same step: a signal may reach the ranks at different times.
     const bool interrupted = world.any(train::interrupted());

@@ -4,8 +4,9 @@
 // - gather_rows: a check kernel (one thread per index) flags the first bad index, the host reads
 //   the flag (a synchronisation) and throws before anything is written; then one thread per
 //   output element copies, consecutive threads along a row so reads and writes are coalesced.
-// - scatter_add_rows: determinism without floating-point atomics. The index is copied to the host,
-//   checked there, and counting-sorted into a CSR: for each output row, the source positions that
+// - scatter_add_rows: determinism without floating-point atomics. The index is copied to the host
+//   (unless the caller has its values there already: token ids uploaded from the host), checked
+//   there, and counting-sorted into a CSR: for each output row, the source positions that
 //   land on it in increasing order. One block per output row then sums its sources in that order
 //   (threads over the columns), starting from 0, exactly as the CPU's loop does; rows that receive
 //   nothing get 0.
@@ -96,17 +97,19 @@ __global__ void scatter_add_rows_kernel(const float* src, const int64_t* offsets
   }
 }
 
-void scatter_add_rows(const float* src, const int32_t* index, float* out, int64_t m, int64_t d,
-                      int64_t num_rows) {
-  std::vector<int32_t> host_index(static_cast<size_t>(m));
-  if (m > 0) {
-    REX_CUDA(cudaMemcpyAsync(host_index.data(), index, static_cast<size_t>(m) * sizeof(int32_t),
+void scatter_add_rows(const float* src, const int32_t* index, const int32_t* host_index, float* out,
+                      int64_t m, int64_t d, int64_t num_rows) {
+  std::vector<int32_t> read_back;
+  if (!host_index && m > 0) {
+    read_back.resize(static_cast<size_t>(m));
+    REX_CUDA(cudaMemcpyAsync(read_back.data(), index, static_cast<size_t>(m) * sizeof(int32_t),
                              cudaMemcpyDeviceToHost, stream()));
     REX_CUDA(cudaStreamSynchronize(stream()));
+    host_index = read_back.data();
   }
   // The sources of each output row, in increasing order (one CSR: offsets and order).
   const rex::detail::BucketOrder by_row = rex::detail::counting_sort(
-      host_index.data(), m, num_rows,
+      host_index, m, num_rows,
       [num_rows](int32_t r, int64_t i) { throw_bad_index("scatter_add_rows", r, i, num_rows); });
   if (num_rows == 0 || d == 0) return;
 

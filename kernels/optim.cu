@@ -10,11 +10,13 @@
 //   the division are IEEE round-to-nearest (no fast-math), so each operation rounds as the CPU's.
 //   The gradient is first multiplied by the clip factor, read from device memory once per thread
 //   (a factor of 1 leaves it as it is): the same rounding as scaling the gradient in place first.
+//   A NaN factor (the norm was not finite) makes every thread return at once: nothing is updated.
 // - clip_factor: deterministic two-pass reduction in double. A fixed grid (kBlocks blocks of
 //   kThreads threads, whatever n is): each thread sums the squares of its strided elements in
 //   order, each block combines its threads with a fixed shared-memory tree into one partial, then
 //   a single block combines the kBlocks partials with the same tree and its thread 0 writes the
-//   norm and the clip factor to device memory. Nothing comes back to the host.
+//   norm and the clip factor (NaN for a non-finite norm) to device memory. Nothing comes back to
+//   the host.
 // - sum_squares: the same reduction for each of several arrays, all the sums read back to the host
 //   in one copy (one synchronisation per call, not per array): the free function
 //   rex::optim::clip_grad_norm and the error path that names a non-finite gradient.
@@ -42,6 +44,7 @@ __global__ void adamw_segments_kernel(float* param, const float* grad, float* ex
                                       SegmentTable table, rex::detail::AdamWScalars s,
                                       const float* grad_scale) {
   const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
+  if (scale != scale) return;  // the clip found a non-finite norm: this step updates nothing
   for (int64_t i = first + thread_index(); i < last; i += thread_count()) {
     int lo = 0, hi = table.count - 1;  // the last segment that begins at or before i
     while (lo < hi) {
@@ -126,7 +129,8 @@ __global__ void clip_factor_kernel(const double* partials, double max_norm, doub
     const double coef = max_norm / (total + 1e-6);
     *norm = total;
     const bool finite = total - total == 0.0;  // false for an infinity or a NaN
-    *factor = max_norm > 0.0 && finite && coef < 1.0 ? static_cast<float>(coef) : 1.0f;
+    // NaN when the norm is not finite: adamw_segments then updates nothing
+    *factor = !finite ? nanf("") : max_norm > 0.0 && coef < 1.0 ? static_cast<float>(coef) : 1.0f;
   }
 }
 

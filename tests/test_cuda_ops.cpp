@@ -23,6 +23,7 @@
 #include <rex/rex.hpp>
 #include <rex/train/checkpoint.hpp>
 #include <rex/train/sample.hpp>
+#include <rex/train/step.hpp>
 
 #include "rounding.hpp"
 #include "testing.hpp"
@@ -974,6 +975,75 @@ TEST_CASE("cuda ops: one TransformerLM training step matches the CPU step") {
   }
 }
 
+// On the device, queue_step leaves the losses and the norm there (read_steps reads them later):
+// the same values and weights as train_step, and a non-finite norm updates nothing.
+TEST_CASE(
+    "cuda ops: queued steps train as train_step does, and a non-finite norm updates nothing") {
+  if (gpu_missing()) return;
+  nn::ModelConfig m;
+  m.vocab_size = 13, m.d_model = 16, m.n_layers = 2, m.n_heads = 4, m.n_kv_heads = 2;
+  m.context = 12, m.ffn = "moe", m.d_ff = 24;
+  m.moe.experts_per_layer = 3, m.moe.top_k = 2, m.moe.d_expert = 8, m.moe.reuse = 2;
+  m.psr.t_start = 2, m.psr.t_end = 6;
+  const train::TrainConfig t;
+  nn::TransformerLM direct_model(m, 5), queued_model(m, 5);
+  direct_model.to(kGpu);
+  queued_model.to(kGpu);
+  optim::AdamW direct_adam = train::make_optimizer(direct_model, t);
+  optim::AdamW queued_adam = train::make_optimizer(queued_model, t);
+  Generator gen(9);
+  std::vector<data::Batch> batches;
+  for (int step = 0; step < 3; ++step)
+    batches.push_back({ids_tensor({3, 12}, 13, gen), ids_tensor({3, 12}, 13, gen)});
+  std::vector<train::StepResult> direct;
+  std::vector<train::QueuedStep> queued;
+  for (int64_t step = 0; step < 3; ++step) {
+    const auto s = static_cast<size_t>(step);
+    direct.push_back(
+        train::train_step(direct_model, direct_adam, batches[s], {step, 1}, 1e-2f, 0.5));
+    queued.push_back(
+        train::queue_step(queued_model, queued_adam, batches[s], {step, 1}, 1e-2f, 0.5));
+  }
+  const std::vector<train::StepResult> read = train::read_steps(std::move(queued));
+  for (size_t i = 0; i < read.size(); ++i) {
+    CAPTURE(i);
+    CHECK(read[i].loss == direct[i].loss);
+    CHECK(read[i].aux_loss == direct[i].aux_loss);
+    CHECK(read[i].grad_norm == direct[i].grad_norm);
+    CHECK(read[i].grad_norm > 0);
+  }
+  const auto direct_params = direct_model.named_parameters();
+  const auto queued_params = queued_model.named_parameters();
+  for (size_t i = 0; i < direct_params.size(); ++i)
+    CHECK(testing::same_bytes(queued_params[i].second.to(Device::cpu()),
+                              direct_params[i].second.to(Device::cpu())));
+
+  // A NaN in the final norm's weight makes the loss and the gradients NaN. The queued
+  // step updates no parameter (the NaN one stays NaN) and reads back a NaN norm.
+  std::vector<Tensor> before;
+  for (const auto& [name, p] : queued_params) before.push_back(p.to(Device::cpu()));
+  for (const auto& [name, p] : queued_params)
+    if (name == "norm.weight") Tensor(p).fill_(std::nanf(""));
+  std::vector<train::QueuedStep> bad;
+  bad.push_back(train::queue_step(queued_model, queued_adam, batches[0], {3, 1}, 1e-2f, 0.5));
+  const double norm = train::read_steps(std::move(bad)).front().grad_norm;
+  CHECK(std::isnan(norm));
+  for (size_t i = 0; i < queued_params.size(); ++i) {
+    CAPTURE(queued_params[i].first);
+    const Tensor now = queued_params[i].second.to(Device::cpu());
+    if (queued_params[i].first == "norm.weight") {
+      CHECK(std::isnan(now.to_vector()[0]));
+    } else {
+      CHECK(testing::same_bytes(now, before[i]));
+    }
+  }
+  // train_step reads the norm before the update and names the parameter.
+  CHECK(error_message([&] {
+          (void)train::train_step(queued_model, queued_adam, batches[1], {4, 1}, 1e-2f, 0.5);
+        }).find("gradient norm is nan; first non-finite gradient in parameter") !=
+        std::string::npos);
+}
+
 // Per-sequence and per-token PSR masks are made on the device by a kernel that runs the CPU's code
 // (rex/backend/psr_mask.hpp): the same bytes, so the two devices route every token alike.
 TEST_CASE("cuda ops: per-sequence and per-token PSR masks are made on the device, as on the CPU") {
@@ -1129,22 +1199,57 @@ TEST_CASE("cuda ops: a checkpoint written by a CUDA run resumes on the CPU, and 
     CHECK(testing::same_bytes(back_params[i].second.to(Device::cpu()), cpu_params[i].second));
 }
 
+TEST_CASE("cuda ops: an i32 tensor uploaded whole keeps its values on the host, until rewritten") {
+  if (gpu_missing()) return;
+  const std::vector<int32_t> values{5, -2, 9, 4, 0, 3};
+  Tensor ids = from_vector(values).to(kGpu);
+  const int32_t* mirror = ids.host_values<int32_t>();
+  REQUIRE(mirror != nullptr);
+  CHECK(std::vector<int32_t>(mirror, mirror + 6) == values);
+  // A view reads its part of the mirror; the device holds the same values.
+  const Tensor tail = slice(ids, 0, 2, 6);
+  REQUIRE(tail.host_values<int32_t>() != nullptr);
+  CHECK(std::vector<int32_t>(tail.host_values<int32_t>(), tail.host_values<int32_t>() + 4) ==
+        tail.to_vector<int32_t>());
+  // f32 uploads, partial uploads, device-to-device copies and fills keep no mirror.
+  CHECK(from_vector(std::vector<float>{1, 2}).to(kGpu).host_values<float>() == nullptr);
+  Tensor part = slice(ids, 0, 0, 3);
+  part.copy_(from_vector(std::vector<int32_t>{1, 1, 1}));
+  CHECK(ids.host_values<int32_t>() == nullptr);
+  CHECK(ids.to_vector<int32_t>() == std::vector<int32_t>{1, 1, 1, 4, 0, 3});
+  ids.copy_(from_vector(values));
+  REQUIRE(ids.host_values<int32_t>() != nullptr);
+  ids.fill_(2.0f);
+  CHECK(ids.host_values<int32_t>() == nullptr);
+  ids.copy_(from_vector(values));
+  ids.copy_(from_vector(values).to(kGpu).copy_to(kGpu));
+  CHECK(ids.host_values<int32_t>() == nullptr);
+}
+
 TEST_CASE("cuda ops: errors name the problem") {
   if (gpu_missing()) return;
   const Tensor x = ones({4, 3}, kGpu);
   const std::string mixed = error_message([&] { (void)add(x, ones({4, 3})); });
   CHECK(mixed.find("different devices") != std::string::npos);
-  Tensor bad = from_vector(std::vector<int32_t>{0, 7, 1}).to(kGpu);
-  CHECK(error_message([&] { (void)gather_rows(x, bad); }).find("index value 7 at position 1") !=
-        std::string::npos);
-  CHECK(error_message([&] { (void)embedding(x, bad); }).find("embedding: index value 7") !=
-        std::string::npos);
-  CHECK(error_message([&] {
-          (void)scatter_add_rows(ones({3, 3}, kGpu), bad, 4);
-        }).find("index value 7") != std::string::npos);
-  CHECK(error_message([&] {
-          (void)cross_entropy(ones({3, 3}, kGpu), bad);
-        }).find("target 7 at row 1") != std::string::npos);
+  // Bad indices uploaded from the host are caught there (their host mirror); indices made on the
+  // device (here a device-to-device copy, which has no mirror) by the kernels' flags, read back.
+  const Tensor uploaded = from_vector(std::vector<int32_t>{0, 7, 1}).to(kGpu);
+  const Tensor made_on_device = uploaded.copy_to(kGpu);
+  REQUIRE(uploaded.host_values<int32_t>() != nullptr);
+  REQUIRE(made_on_device.host_values<int32_t>() == nullptr);
+  for (const Tensor& bad : {uploaded, made_on_device}) {
+    CAPTURE(bad.host_values<int32_t>() != nullptr);
+    CHECK(error_message([&] { (void)gather_rows(x, bad); }).find("index value 7 at position 1") !=
+          std::string::npos);
+    CHECK(error_message([&] { (void)embedding(x, bad); }).find("embedding: index value 7") !=
+          std::string::npos);
+    CHECK(error_message([&] {
+            (void)scatter_add_rows(ones({3, 3}, kGpu), bad, 4);
+          }).find("index value 7") != std::string::npos);
+    CHECK(error_message([&] {
+            (void)cross_entropy(ones({3, 3}, kGpu), bad);
+          }).find("target 7 at row 1") != std::string::npos);
+  }
   {  // an optimiser built before the model moved keeps its state behind
     Tensor w = ones({2, 2});
     w.requires_grad_();

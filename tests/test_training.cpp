@@ -323,6 +323,44 @@ TEST_CASE("train_step shows the gradients before the update and leaves them clea
   for (const auto& [name, p] : model.named_parameters()) CHECK_FALSE(p.grad().defined());
 }
 
+// queue_step leaves a step's losses and norm on the device, read_steps reads any number of steps
+// at once: the same values and the same training as train_step, with or without micro-batches.
+TEST_CASE("queue_step and read_steps train and report exactly as train_step") {
+  for (const int64_t grad_accum : {1, 2}) {
+    CAPTURE(grad_accum);
+    const train::RunConfig c = tiny_run("moe", 2);
+    const nn::TransformerLM model_a(c.model, 1), model_b(c.model, 1);
+    optim::AdamW adam_a = train::make_optimizer(model_a, c.train);
+    optim::AdamW adam_b = train::make_optimizer(model_b, c.train);
+    Generator gen(5);
+    std::vector<train::StepResult> direct;
+    std::vector<train::QueuedStep> queued;
+    for (int64_t step = 0; step < 4; ++step) {
+      std::vector<int32_t> ids(4 * 12);
+      for (int32_t& id : ids) id = static_cast<int32_t>(gen.below(13));
+      const data::Batch batch{from_vector(ids, {4, 12}), from_vector(ids, {4, 12})};
+      direct.push_back(
+          train::train_step(model_a, adam_a, batch, {step, 1}, 1e-2f, 0.5, {nullptr, grad_accum}));
+      queued.push_back(
+          train::queue_step(model_b, adam_b, batch, {step, 1}, 1e-2f, 0.5, {nullptr, grad_accum}));
+    }
+    const std::vector<train::StepResult> read = train::read_steps(std::move(queued));
+    REQUIRE(read.size() == direct.size());
+    for (size_t i = 0; i < read.size(); ++i) {
+      CAPTURE(i);
+      CHECK(read[i].loss == direct[i].loss);
+      CHECK(read[i].lm_loss == direct[i].lm_loss);
+      CHECK(read[i].aux_loss == direct[i].aux_loss);
+      CHECK(read[i].aux_loss > 0);
+      CHECK(read[i].grad_norm == direct[i].grad_norm);
+      CHECK(read[i].candidates == direct[i].candidates);
+      CHECK(read[i].expert_counts == direct[i].expert_counts);
+    }
+    const auto a = model_a.named_parameters(), b = model_b.named_parameters();
+    for (size_t i = 0; i < a.size(); ++i) CHECK(testing::same_bytes(a[i].second, b[i].second));
+  }
+}
+
 TEST_CASE("a resumed run may change only the resumable keys") {
   const train::RunConfig saved = tiny_run("moe", 2);
   const train::RunConfig longer =

@@ -14,6 +14,8 @@
 # by rounding that AdamW can amplify up to lr per element (an element whose gradient is zero up to
 # rounding moves by +lr on one device and -lr on the other), so free-running runs have no derivable
 # bound. The device's optimiser step itself is compared by test_cuda_ops.
+# A run whose gradient norm turns NaN (train.lr = 1e30) must stop at the next log step, where
+# the device's norms are read, naming the step.
 # Usage: check_train_emulated.sh PATH/TO/train_tiny_rex_emulated CORPUS WORK_DIR [BATCH_SIZE]
 # (BATCH_SIZE 12 runs the default recipe's batch: about 2 minutes emulated, not for CI.)
 set -uo pipefail
@@ -44,6 +46,14 @@ run cpu_2 --resume "$work/cpu" --device cpu
 run cuda_1 --out "$work/cuda_1" --device cuda "${settings[@]}" --stop-after 1
 run cuda_11 --resume "$work/cuda_11" --device cuda --stop-after 1
 run cuda_eval --eval-only --checkpoint "$work/cpu" --device cuda --set train.eval_batches=2
+# A step whose gradient norm is not finite updates nothing on the device, and the run stops where
+# the norms are next read (a log step), naming the step.
+output=$("$exe" --data "$corpus" --out "$work/nan" --device cuda --steps 4 --set train.warmup=1 \
+  --set train.batch_size="$batch" --set train.lr=1e30 --set train.log_interval=4 2>&1)
+status=$?
+want="step 2: the gradient norm is nan, so that step updated nothing; training stopped at step 4"
+[ $status -eq 1 ] && grep -qF "$want" <<< "$output" ||
+  { echo "FAIL: a non-finite gradient norm (exit $status) should end with '$want':"; echo "$output"; exit 1; }
 for log in cuda_1 cuda_11 cuda_eval; do
   grep -q "rex CUDA emulation" "$work/$log.log" ||
     { echo "FAIL: $log did not report the emulated device:"; head -5 "$work/$log.log"; exit 1; }

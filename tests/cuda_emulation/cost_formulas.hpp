@@ -280,13 +280,6 @@ inline KernelCounts gather_rows(i64 m, i64 d) {
   return k;
 }
 
-// check_rows_kernel: m int32 indices read once.
-inline KernelCounts check_rows(i64 m) {
-  KernelCounts k;
-  load_stream(k, m);
-  return k;
-}
-
 // rope_kernel over rows x half pairs: x's two halves and the cos and sin tables read in order,
 // y's two halves written.
 inline KernelCounts rope(i64 rows, i64 half) {
@@ -793,11 +786,8 @@ inline Counts training_step(const rex::train::RunConfig& config,
   };
   auto add = [&](i64 n) { plan.launch("binary_flat_kernel", elementwise(n, 2, 0)); };
   auto add_scalar_op = [&](i64 n) { plan.launch("binary_flat_kernel", elementwise(n, 1, 1)); };
-  auto gather = [&](i64 rows, i64 d) {
-    plan.launch("check_rows_kernel", check_rows(rows));
-    plan.read_back();
-    plan.launch("gather_rows_kernel", gather_rows(rows, d));
-  };
+  // (The token ids came from the host, which checked them there: no check kernel, no read-back.)
+  auto gather = [&](i64 rows, i64 d) { plan.launch("gather_rows_kernel", gather_rows(rows, d)); };
   auto rms_norm = [&](i64 rows) {
     KernelCounts k = row_kernel(rows, D, 3, 1, 1);           // x twice, w once; y written
     k.global.store_requests += static_cast<uint64_t>(rows);  // rstd
@@ -911,7 +901,7 @@ inline Counts training_step(const rex::train::RunConfig& config,
   block_reduce(mean, 1, 256);
   block_reduce(mean, 1, 256);
   plan.launch("cross_entropy_mean_kernel", mean);
-  plan.read_back();  // the bad-target flag and the count, in one copy
+  // (the targets came from the host, which checked and counted them: nothing is read back)
   add(1);
 
   // Backward. The loss's gradient, then each layer's balance loss back to its probabilities.
@@ -994,16 +984,14 @@ inline Counts training_step(const rex::train::RunConfig& config,
     rms_norm_backward(M);
     add(M * D);
   }
-  // The embedding's rows back (a scatter-add planned on the host from the token ids read back,
-  // its plan uploaded), added to the tied head's.
-  plan.read_back();
+  // The embedding's rows back (a scatter-add planned on the host from the token ids' host copy,
+  // its plan uploaded), added to the tied head's. The step's losses stay on the device.
   plan.launch("scatter_add_rows_kernel", scatter_add_rows(V, M, D));
   add(V * D);
-  plan.read_back();  // the step's two losses, in one copy, for the log
 
   // The optimiser over its arena (every parameter has a gradient here, and every size is a
   // multiple of 16 floats, so the arena has no padding): the sum of squares of the whole gradient
-  // buffer and the clip factor on the device, the norm read back for the step's result; AdamW,
+  // buffer and the clip factor on the device, where the norm stays (queue_step); AdamW,
   // a launch per kAdamWSegmentsPerLaunch parameters, each over its parameters' span; zero_grad's
   // fill of the gradient buffer.
   std::vector<i64> parameters = {V * D, D};  // embedding (tied head), final norm
@@ -1013,7 +1001,6 @@ inline Counts training_step(const rex::train::RunConfig& config,
   const i64 arena = std::accumulate(parameters.begin(), parameters.end(), i64{0});
   plan.launch("sum_squares_partials_kernel", sum_squares_partials(arena));
   plan.launch("clip_factor_kernel", clip_factor());
-  plan.read_back();
   const auto per_launch = static_cast<size_t>(rex::detail::kAdamWSegmentsPerLaunch);
   for (size_t first = 0; first < parameters.size(); first += per_launch) {
     const size_t last = std::min(parameters.size(), first + per_launch);

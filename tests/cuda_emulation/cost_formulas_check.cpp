@@ -80,8 +80,8 @@ int check_config(const std::string& work_dir, const std::vector<std::string>& ov
   rex::train::StepResult second;
   for (int step = 0; step < 2; ++step) {
     if (step == 1) cuda_emulation::begin_interval(true);
-    rex::train::StepResult result = run.step(step);
-    if (step == 1) counted = cuda_emulation::end_interval(), second = std::move(result);
+    rex::train::QueuedStep queued = run.step(step);
+    if (step == 1) counted = cuda_emulation::end_interval(), second = std::move(queued.result);
   }
   // The formulas take the step's routing: the grouped products' tiles follow it.
   const cuda_emulation::Counts formula =

@@ -1,6 +1,7 @@
 // What training_step_budgets and cost_report share: a run of a config on the emulated CUDA device,
 // trained on a made-up corpus written into the work folder (the counts do not depend on the text),
-// stepped one training step at a time.
+// stepped one training step at a time, as the training program steps it (queue_step: the step's
+// losses and gradient norm stay on the device).
 #pragma once
 
 #include <cstdint>
@@ -40,8 +41,8 @@ class EmulatedRun {
 
   const rex::train::RunConfig& config() const { return config_; }
 
-  rex::train::StepResult step(int64_t step) {
-    return rex::train::train_step(
+  rex::train::QueuedStep step(int64_t step) {
+    return rex::train::queue_step(
         *run_.model, run_.optimizer, batches_.sample(static_cast<uint64_t>(step)),
         {step, config_.train.seed}, schedule_.lr(step), config_.train.grad_clip);
   }

@@ -13,6 +13,12 @@
 //
 // CUDA storage comes from rex::cuda's caching allocator through the device-memory hook
 // (rex/core/device_memory.hpp); without rex::cuda, asking for it throws a clear rex::Error.
+//
+// Host mirror: a device storage whose values were uploaded whole from the host keeps a host copy
+// of them (Tensor::copy_ sets it, for i32 tensors only: token ids and targets). Ops that need an
+// index tensor's values on the host, to check them against a range or to plan a scatter, read
+// the mirror instead of waiting for the device. Any other write rex makes to a storage drops it
+// (copy_ from the device, fill_); kernels only ever write fresh storages.
 #pragma once
 
 #include <atomic>
@@ -20,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <vector>
 #if defined(__GLIBC__) && !defined(REX_KEEP_MALLOC_DEFAULTS)
 #include <malloc.h>
 #endif
@@ -86,7 +93,16 @@ class Storage {
   size_t bytes() const { return bytes_; }
   Device device() const { return device_; }
 
+  // The values as last uploaded from the host, or null (see the file comment).
+  const void* host_mirror() const { return host_mirror_.empty() ? nullptr : host_mirror_.data(); }
+  void set_host_mirror(const void* values) {
+    const auto* bytes = static_cast<const unsigned char*>(values);
+    host_mirror_.assign(bytes, bytes + bytes_);
+  }
+  void drop_host_mirror() { host_mirror_ = {}; }
+
  private:
+  std::vector<unsigned char> host_mirror_;
   void* data_ = nullptr;
   size_t bytes_ = 0;
   Device device_;

@@ -90,6 +90,17 @@ class Tensor {
               impl.dtype, " tensor");
     return static_cast<T*>(impl.storage->data()) + impl.offset;
   }
+  // The values readable on the host without waiting for the device: data<T>() on the CPU, the
+  // storage's host mirror on CUDA (an i32 tensor uploaded from the host), or null.
+  template <class T>
+  const T* host_values() const {
+    const auto& impl = checked();
+    REX_CHECK(impl.dtype == dtype_of<T>(), "host_values<", dtype_name(dtype_of<T>()), ">() on a ",
+              impl.dtype, " tensor");
+    if (impl.storage->device().is_cpu()) return device_data<T>();
+    const void* mirror = impl.storage->host_mirror();
+    return mirror ? static_cast<const T*>(mirror) + impl.offset : nullptr;
+  }
   void* device_bytes() const {
     return static_cast<char*>(checked().storage->data()) +
            checked().offset * static_cast<int64_t>(dtype_size(dtype()));
@@ -139,6 +150,15 @@ class Tensor {
                                                             : detail::DeviceCopy::device_to_device;
       detail::device_memory().copy(device_bytes(), src.device_bytes(),
                                    static_cast<size_t>(nbytes()), kind);
+      if (device().is_cuda()) {
+        detail::Storage& storage = *checked().storage;
+        const bool whole =
+            checked().offset == 0 && static_cast<size_t>(nbytes()) == storage.bytes();
+        if (kind == detail::DeviceCopy::host_to_device && whole && dtype() == DType::i32)
+          storage.set_host_mirror(src.device_bytes());
+        else
+          storage.drop_host_mirror();
+      }
     }
     return *this;
   }
@@ -171,6 +191,7 @@ class Tensor {
                   (value >= -2147483648.0f && value < 2147483648.0f && value == std::trunc(value)),
               "fill_: ", value, " is not an i32 value");
     if (device().is_cuda()) {
+      checked().storage->drop_host_mirror();
       const int32_t as_integer = integer ? static_cast<int32_t>(value) : 0;
       uint32_t bits = 0;  // the 32-bit pattern of the value in this dtype
       std::memcpy(&bits, integer ? static_cast<const void*>(&as_integer) : &value, sizeof bits);

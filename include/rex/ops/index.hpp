@@ -22,17 +22,20 @@
 namespace rex {
 namespace detail {
 
-// Checks that `index` is a 1-d i32 tensor whose values all lie in [0, num_rows).
-// (On CUDA the kernels check the values themselves and throw the same message.)
-inline void check_row_indices(std::string_view op, const Tensor& index, int64_t num_rows) {
+// Checks that `index` is a 1-d i32 tensor whose values all lie in [0, num_rows), on the host when
+// its values are there (a CPU tensor, or a CUDA one uploaded from the host: Tensor::host_values),
+// and says whether it did. Otherwise (a CUDA tensor made on the device) the kernel checks the
+// values itself, reads its flag back and throws the same message.
+inline bool check_row_indices(std::string_view op, const Tensor& index, int64_t num_rows) {
   check_i32(op, index);
   REX_CHECK(index.rank() == 1, op, ": index must be 1-d, got shape ", index.shape());
-  if (on_cuda(index)) return;
-  const int32_t* pi = index.data<int32_t>();
+  const int32_t* pi = index.host_values<int32_t>();
+  if (!pi) return false;
   for (int64_t i = 0, n = index.numel(); i < n; ++i) {
     REX_CHECK(pi[i] >= 0 && pi[i] < num_rows, op, ": index value ", pi[i], " at position ", i,
               " is out of range [0, ", num_rows, ")");
   }
+  return true;
 }
 
 // out = condition != 0 ? a : b broadcast to `shape`, on the inputs' device (condition f32 or i32).
@@ -53,16 +56,21 @@ inline Tensor select_values(const Tensor& condition, const Tensor& a, const Tens
   return out;
 }
 
-// The two row kernels, trusting their indices: the public ops check them once in the forward, and
-// each backward reuses indices that were already checked.
-// (`op` names the public op in the CUDA kernel's index error.)
-inline Tensor gather_rows_values(const Tensor& x, const Tensor& index,
+// The two row kernels. gather_rows_values checks its indices on CUDA unless `checked` says that
+// check_row_indices already did (`op` names the public op in the kernel's index error);
+// scatter_add_rows_values trusts them: each backward reuses indices its forward checked.
+inline Tensor gather_rows_values(const Tensor& x, const Tensor& index, bool checked,
                                  std::string_view op = "gather_rows") {
   const int64_t m = index.numel(), d = x.dim(1);
   if (common_device(op, {x, index}).is_cuda()) {
     Tensor out = Tensor::empty(Shape{m, d}, DType::f32, x.device());
-    cuda_backend().gather_rows(x.device_data<float>(), index.device_data<int32_t>(),
-                               out.device_data<float>(), m, d, x.dim(0), op.data());
+    if (checked) {
+      cuda_backend().gather_rows_unchecked(x.device_data<float>(), index.device_data<int32_t>(),
+                                           out.device_data<float>(), m, d);
+    } else {
+      cuda_backend().gather_rows(x.device_data<float>(), index.device_data<int32_t>(),
+                                 out.device_data<float>(), m, d, x.dim(0), op.data());
+    }
     return out;
   }
   Tensor out = Tensor::empty(Shape{m, d});
@@ -78,7 +86,8 @@ inline Tensor scatter_add_rows_values(const Tensor& src, const Tensor& index, in
   if (common_device("scatter_add_rows", {src, index}).is_cuda()) {
     Tensor out = Tensor::empty(Shape{num_rows, d}, DType::f32, src.device());
     cuda_backend().scatter_add_rows(src.device_data<float>(), index.device_data<int32_t>(),
-                                    out.device_data<float>(), m, d, num_rows);
+                                    index.host_values<int32_t>(), out.device_data<float>(), m, d,
+                                    num_rows);
     return out;
   }
   Tensor out = zeros(Shape{num_rows, d});
@@ -98,8 +107,8 @@ inline Tensor gather_rows_as(std::string_view op, const Tensor& x, const Tensor&
   check_f32(op, x);
   REX_CHECK(x.rank() == 2, op, ": rows are taken from a 2-d [N, d] tensor, got shape ", x.shape());
   const int64_t num_rows = x.dim(0);
-  check_row_indices(op, index, num_rows);
-  return record(gather_rows_values(x, index, op), "gather_rows", {x},
+  const bool checked = check_row_indices(op, index, num_rows);
+  return record(gather_rows_values(x, index, checked, op), "gather_rows", {x},
                 [index = index.detach(), num_rows](const Tensor& g) {
                   return GradList{scatter_add_rows_values(g, index, num_rows)};
                 });
@@ -122,7 +131,7 @@ inline Tensor scatter_add_rows(const Tensor& src, const Tensor& index, int64_t n
             " does not have one entry per row of src ", src.shape());
   return detail::record(detail::scatter_add_rows_values(src, index, num_rows), "scatter_add_rows",
                         {src}, [index = index.detach()](const Tensor& g) {
-                          return detail::GradList{detail::gather_rows_values(g, index)};
+                          return detail::GradList{detail::gather_rows_values(g, index, true)};
                         });
 }
 
@@ -136,8 +145,8 @@ inline Tensor permute_rows(const Tensor& x, const Tensor& order, const Tensor& i
   REX_CHECK(x.rank() == 2, "permute_rows: rows are taken from a 2-d [N, d] tensor, got shape ",
             x.shape());
   const int64_t num_rows = x.dim(0);
-  detail::check_row_indices("permute_rows", order, num_rows);
-  detail::check_row_indices("permute_rows", inverse, num_rows);
+  const bool order_checked = detail::check_row_indices("permute_rows", order, num_rows);
+  const bool inverse_checked = detail::check_row_indices("permute_rows", inverse, num_rows);
   REX_CHECK(order.numel() == num_rows && inverse.numel() == num_rows, "permute_rows: order ",
             order.shape(), " and inverse ", inverse.shape(),
             " must both have one entry per row of ", x.shape());
@@ -147,11 +156,12 @@ inline Tensor permute_rows(const Tensor& x, const Tensor& order, const Tensor& i
       REX_CHECK(pi[po[i]] == i, "permute_rows: inverse[order[", i, "]] = ", pi[po[i]], ", not ", i,
                 ": inverse is not the inverse of order");
   }
-  return detail::record(
-      detail::gather_rows_values(x, order, "permute_rows"), "permute_rows", {x},
-      [inverse = inverse.detach()](const Tensor& g) {
-        return detail::GradList{detail::gather_rows_values(g, inverse, "permute_rows")};
-      });
+  return detail::record(detail::gather_rows_values(x, order, order_checked, "permute_rows"),
+                        "permute_rows", {x},
+                        [inverse = inverse.detach(), inverse_checked](const Tensor& g) {
+                          return detail::GradList{detail::gather_rows_values(
+                              g, inverse, inverse_checked, "permute_rows")};
+                        });
 }
 
 // Rows of weight [V, d] looked up by ids (i32, any shape) -> ids.shape + [d].

@@ -16,7 +16,8 @@
 // the gradient.
 //
 // On CUDA (rex::cuda kernels, same formulas and double row sums) a row with no softmax cannot throw
-// from inside the kernel: it comes out as NaN instead. cross_entropy still checks its targets.
+// from inside the kernel: it comes out as NaN instead. cross_entropy still checks its targets: on
+// the host when they were uploaded from there, else in the kernel, whose flag is read back.
 #pragma once
 
 #include <cstdint>
@@ -86,9 +87,16 @@ inline CrossEntropyValues cross_entropy_values(const Tensor& logits, const Tenso
   const int32_t* pt = targets.device_data<int32_t>();
   auto* lse = static_cast<double*>(out.lse.get());
   float* loss = out.loss.device_data<float>();
-  out.count = on_cuda(logits)
-                  ? cuda_backend().cross_entropy(px, pt, rows, classes, ignore_index, lse, loss)
-                  : cpu::cross_entropy(px, pt, rows, classes, ignore_index, lse, loss);
+  if (on_cuda(logits)) {
+    // Targets uploaded from the host are checked and counted there: nothing is read back.
+    const int32_t* known = targets.host_values<int32_t>();
+    const int64_t known_count =
+        known ? cpu::counted_targets(known, rows, classes, ignore_index) : -1;
+    out.count =
+        cuda_backend().cross_entropy(px, pt, rows, classes, ignore_index, lse, loss, known_count);
+  } else {
+    out.count = cpu::cross_entropy(px, pt, rows, classes, ignore_index, lse, loss);
+  }
   return out;
 }
 

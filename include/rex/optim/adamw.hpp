@@ -32,6 +32,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <set>
 #include <string>
@@ -105,7 +106,6 @@ class AdamW {
       slots_.push_back(
           {arena_.view(arena_.exp_avg(), i, shape), arena_.view(arena_.exp_avg_sq(), i, shape), 0});
     }
-    if (arena_.device().is_cuda()) clip_ = zeros({4}, arena_.device());  // norm (a double), factor
   }
   // Copies would share the moment buffers while counting steps apart.
   AdamW(const AdamW&) = delete;
@@ -194,11 +194,16 @@ class AdamW {
   // rex::optim::clip_grad_norm does, and a non-finite norm throws here. On CUDA the sum of squares
   // of the whole gradient buffer (zeros where a parameter has no gradient) and the factor are
   // computed on the device, which step() reads there; the gradients stay unscaled and nothing
-  // comes back to the host until grad_norm() (which throws on a non-finite norm).
+  // comes back to the host until grad_norm() (which throws on a non-finite norm). A step() after
+  // a non-finite norm on CUDA updates nothing (the factor is then NaN, which the kernel reads as
+  // "skip"), so that a caller that reads the norm later (train::queue_step) never applies it.
   void clip_grad_norm(double max_norm) {
     NoGradGuard no_grad;
     arena_.adopt_grads(tensors());
     if (arena_.device().is_cuda()) {
+      // A fresh buffer each call: grad_norm_record() hands out the last one.
+      clip_ =
+          Tensor::empty({4}, DType::f32, arena_.device());  // the norm (a double), then the factor
       detail::cuda_backend().clip_factor(arena_.grads().device_data<float>(), arena_.size(),
                                          max_norm, static_cast<double*>(clip_.device_bytes()),
                                          clip_factor());
@@ -222,6 +227,18 @@ class AdamW {
       for (int64_t i = 0; i < count; ++i)
         if (grads[i].defined()) detail::ArrayMap(grads[i].data<float>(), grads[i].numel()) *= scale;
     }
+  }
+
+  // The norm the last clip_grad_norm measured, as a record that later calls do not overwrite: a
+  // tensor on the parameters' device whose bytes 0-7 hold it as a double. On CUDA it is still on
+  // the device (nothing is read; a non-finite norm is found when the record is read).
+  Tensor grad_norm_record() const {
+    REX_CHECK(clip_.defined() || norm_known_,
+              "AdamW::grad_norm_record: clip_grad_norm was not called");
+    if (arena_.device().is_cuda()) return clip_;
+    Tensor record = Tensor::empty({2});
+    std::memcpy(record.data<float>(), &norm_, sizeof norm_);
+    return record;
   }
 
   // The norm the last clip_grad_norm measured, before clipping (on CUDA one read from the device,

@@ -4,6 +4,7 @@
 // silenced, their errors still show.
 #pragma once
 
+#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <functional>
@@ -62,13 +63,19 @@ inline Device device_named(const std::string& name) {
   return Device::cuda();
 }
 
-// The reports of a training loop, made after each step: every train.log_interval steps and at the
-// last, a progress line (stdout) and a metrics.jsonl record; every train.eval_interval steps and at
-// the last, the validation loss (every rank evaluates its share) with the routing report of a MoE
-// model (MetricsLog::log_evaluation); and the divergence guard's window of losses. Rank 0 keeps
-// the log, in the run folder `out`; resumed_at is the step of the checkpoint a resume starts from.
+// The reports of a training loop, made after each step: every train.log_interval steps and at
+// the last, a progress line (stdout) and a metrics.jsonl record; every train.eval_interval steps
+// and at the last, the validation loss (every rank evaluates its share) with the routing report of
+// a MoE model (MetricsLog::log_evaluation); and the divergence guard's window of losses. Rank 0
+// keeps the log, in the run folder `out`; resumed_at is the step of the checkpoint a resume starts
+// from. The steps come queued (queue_step), their losses and gradient norms still on the device;
+// they are read together on log and evaluation steps, before a checkpoint (check_divergence) and at
+// least every kMostUnread steps, so that on CUDA the other steps never wait for the device. A
+// step whose gradient norm was not finite (its update was skipped) then stops the run, named.
 class RunReports {
  public:
+  static constexpr size_t kMostUnread = 1000;
+
   RunReports(const RunConfig& config, const data::BatchSampler& validation, Device device,
              dist::Communicator& world, const std::string& out, std::optional<int64_t> resumed_at)
       : config_(config),
@@ -80,37 +87,63 @@ class RunReports {
     if (world.is_root()) metrics_.emplace(out + "/metrics.jsonl", resumed_at);
   }
 
-  // After step `step` (completed steps) with learning rate lr gave `result`.
-  void after_step(const nn::TransformerLM& model, int64_t step, const StepResult& result,
-                  float lr) {
+  // After step `step` (completed steps), queued with learning rate lr.
+  void after_step(const nn::TransformerLM& model, int64_t step, QueuedStep queued, float lr) {
     const TrainConfig& t = config_.train;
     progress_.count_step();
-    guard_.record(result.lm_loss);
+    unread_.push_back(std::move(queued));
     const bool last = step == t.steps;
-    if (step % t.log_interval == 0 || last) {
+    const bool log = step % t.log_interval == 0 || last;
+    const bool eval = step % t.eval_interval == 0 || last;
+    if (log || eval || unread_.size() >= kMostUnread) read(step);
+    if (log) {
       const Progress::Lap lap = progress_.lap(t.steps - step);
-      if (metrics_) metrics_->log_train(step, result, lr, lap.tokens_per_s, lap.elapsed_s);
-      std::printf("%s\n", progress_line(config_.model, step, t.steps, result, lr, lap).c_str());
+      if (metrics_) metrics_->log_train(step, newest_, lr, lap.tokens_per_s, lap.elapsed_s);
+      std::printf("%s\n", progress_line(config_.model, step, t.steps, newest_, lr, lap).c_str());
       std::fflush(stdout);
     }
-    if (step % t.eval_interval == 0 || last) {
-      const Evaluation eval =
+    if (eval) {
+      const Evaluation evaluation =
           evaluate(model, validation_, t.eval_batches, after_steps(step, t.seed), device_, &world_);
       std::printf("eval  step %6lld | val_loss %.4f\n", static_cast<long long>(step),
-                  eval.val_loss);
+                  evaluation.val_loss);
       std::fflush(stdout);
-      if (metrics_) metrics_->log_evaluation(step, eval, config_.model, result.candidates);
+      if (metrics_) metrics_->log_evaluation(step, evaluation, config_.model, newest_.candidates);
     }
   }
 
-  // Before a save: throws when the run diverged (DivergenceGuard::check).
-  void check_divergence(int64_t step, std::optional<int64_t> last_saved) const {
+  // Before a save at step `step`: reads the steps not read yet, then throws when the run diverged
+  // (DivergenceGuard::check).
+  void check_divergence(int64_t step, std::optional<int64_t> last_saved) {
+    read(step);
     guard_.check(step, last_saved);
   }
 
   double elapsed_s() const { return progress_.elapsed_s(); }
 
  private:
+  // Reads the queued steps, the last of which is step `step`: their losses go to the guard, and
+  // the first whose gradient norm is not finite stops the run.
+  void read(int64_t step) {
+    if (unread_.empty()) return;
+    const int64_t first = step - static_cast<int64_t>(unread_.size()) + 1;
+    std::vector<StepResult> results = read_steps(std::move(unread_));
+    unread_.clear();
+    for (size_t i = 0; i < results.size(); ++i) {
+      const double norm = results[i].grad_norm;
+      if (!std::isfinite(norm))
+        throw Error(detail::concat(
+            "step ", first + static_cast<int64_t>(i), ": the gradient norm is ",
+            std::isnan(norm) ? "nan" : "inf",
+            ", so that step updated nothing; training stopped at ", "step ", step,
+            ", where the norms were read back (on CUDA they are read on log steps). ",
+            "The newest checkpoint is kept. A learning rate too high (train.lr = ",
+            config_.train.lr, ") is the usual cause"));
+      guard_.record(results[i].lm_loss);
+    }
+    newest_ = std::move(results.back());
+  }
+
   const RunConfig& config_;
   const data::BatchSampler& validation_;
   Device device_;
@@ -118,6 +151,8 @@ class RunReports {
   std::optional<MetricsLog> metrics_;
   Progress progress_;
   DivergenceGuard guard_;
+  std::vector<QueuedStep> unread_;  // queued steps not read yet, in order
+  StepResult newest_;               // the last step read
 };
 
 // Runs `body` as the program's main on this rank and returns the exit status. An error that every

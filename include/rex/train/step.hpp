@@ -1,7 +1,10 @@
 // One training step, the only place its sequence is written: forward at the PSR step, backward,
-// global-norm clipping, AdamW, zero_grad. Every program and test that trains calls train_step;
-// one that must see the gradients before the update (the PyTorch twin's dump) passes
-// inspect_gradients, which runs between backward and clipping.
+// global-norm clipping, AdamW, zero_grad. Every program and test that trains calls train_step,
+// which reads the step's losses and gradient norm back at once, or queue_step, which leaves them
+// on the device for read_steps to read later with other steps' (a training loop reads them on its
+// log steps only, so that on CUDA its other steps never wait for the device). One that must see
+// the gradients before the update (the PyTorch twin's dump) passes inspect_gradients, which runs
+// between backward and clipping.
 //
 // The step's batch may be split across data-parallel ranks (rex/dist/) and into micro-batches
 // (train.grad_accum). The gradients are then those of the whole batch's mean loss, the
@@ -22,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <functional>
 #include <numeric>
@@ -143,20 +147,34 @@ class CountsMeasuredFirst : public nn::WholeBatchCounts {
 
 namespace rex::train {
 
-// One optimizer step on `batch` (the whole batch of the step, anywhere; each rank passes the same
-// one) split as `split` says: each shard's loss is backpropagated with gradient 1 / shards (exact
-// for a power of two), the gradients are summed across the ranks, so every rank holds the
-// gradient of the whole batch's mean loss; then clipping on its global norm and AdamW, the same
-// on every rank. The load-balancing loss uses the whole batch's routed shares (WholeBatchCounts).
-// grad_clip <= 0 measures the norm without clipping.
-inline StepResult train_step(
+// A step whose losses and gradient norm have not come back from the device yet (queue_step);
+// read_steps brings any number of them back in one copy.
+struct QueuedStep {
+  StepResult result;  // all but loss, lm_loss, aux_loss and grad_norm
+  // This rank's micro-batches' losses in order, each language-model loss followed by its aux loss
+  // when the model has one (f32 scalars on the model's device).
+  std::vector<Tensor> losses;
+  bool has_aux = false;
+  int64_t first_shard = 0, shards = 1;  // this rank's first shard, and all the shards of the batch
+  Tensor norm;                          // optim::AdamW::grad_norm_record()
+  dist::Communicator* comm = nullptr;   // the ranks that share the batch (null: one process)
+};
+
+}  // namespace rex::train
+
+namespace rex::detail {
+
+// A step up to its update: forward and backward over this rank's micro-batches, the gradient
+// sync across the ranks, then clipping; the losses and the norm stay on the device.
+inline train::QueuedStep backward_and_clip(
     const nn::TransformerLM& model, optim::AdamW& optimizer, const data::Batch& batch,
-    const nn::RoutingStep& at, float lr, double grad_clip, const BatchSplit& split = {},
-    const std::function<void(const nn::LmOutput&)>& inspect_gradients = nullptr) {
+    const nn::RoutingStep& at, double grad_clip, const train::BatchSplit& split,
+    const std::function<void(const nn::LmOutput&)>& inspect_gradients) {
   const int64_t shards = split.shards();
   const Device device = optimizer.parameters().front().tensor.device();
   dist::Communicator* comm = split.sync ? &split.sync->communicator() : nullptr;
-  StepResult result;
+  train::QueuedStep queued;
+  train::StepResult& result = queued.result;
   std::vector<data::Batch> micro;        // this rank's micro-batches, on the model's device
   std::vector<int64_t> first_sequences;  // each one's first sequence in the whole batch
   if (shards == 1) {
@@ -185,16 +203,8 @@ inline StepResult train_step(
     across.emplace(*comm, model.config().n_layers);
     routing.whole_batch = &*across;
   }
-  // Each shard's losses at its place in the whole batch (zeros elsewhere, so that summing over the
-  // ranks only fills in the others' places, exactly), then added in PairwiseSum's order.
-  const int64_t first_shard = (comm ? comm->rank() : 0) * split.grad_accum;
-  std::vector<double> shard_lm(static_cast<size_t>(shards)), shard_aux(shard_lm.size());
   std::optional<dist::ShardGradients> earlier;  // this rank's micro-batches before the last
   if (micro.size() > 1) earlier.emplace(optimizer.tensors());
-  // Each micro-batch's losses, as device scalars, read back together in one copy after the loop:
-  // micro-batch m's language-model loss at lm_at[m], its aux loss at aux_at[m] (-1: none).
-  std::vector<Tensor> losses;
-  std::vector<int64_t> lm_at(micro.size()), aux_at(micro.size(), -1);
   for (size_t m = 0; m < micro.size(); ++m) {
     if (measured) measured->next_micro_batch(m);
     routing.first_sequence = first_sequences[m];
@@ -206,44 +216,132 @@ inline StepResult train_step(
     rex::detail::run_backward(result.output.loss, seed, /*retain_graph=*/false,
                               last && split.sync ? split.sync->hook() : nullptr);
     if (!last) earlier->take();
-    lm_at[m] = static_cast<int64_t>(losses.size());
-    losses.push_back(reshape(result.output.lm_loss.detach(), {1}));
-    if (result.output.aux_loss.defined()) {
-      aux_at[m] = static_cast<int64_t>(losses.size());
-      losses.push_back(reshape(result.output.aux_loss.detach(), {1}));
-    }
+    queued.losses.push_back(result.output.lm_loss.detach());
+    queued.has_aux = result.output.aux_loss.defined();
+    if (queued.has_aux) queued.losses.push_back(result.output.aux_loss.detach());
     if (!routing.whole_batch) nn::add_expert_counts(result.expert_counts, result.output);
-  }
-  // Read once every backward has been queued: clipping waits for the gradients right after
-  // anyway, so on CUDA this one copy costs no wait of its own (reading later would wait for AdamW
-  // too). The total loss is their sum, which saves another read.
-  const std::vector<float> loss_values = concat(losses, 0).to_vector();
-  for (size_t m = 0; m < micro.size(); ++m) {
-    const auto shard = static_cast<size_t>(first_shard) + m;
-    shard_lm[shard] = loss_values[static_cast<size_t>(lm_at[m])];
-    shard_aux[shard] = aux_at[m] >= 0 ? loss_values[static_cast<size_t>(aux_at[m])] : 0.0;
   }
   if (split.sync) split.sync->finish();
   if (earlier) earlier->fold_all();  // what the sync did not fold (all of it, on one process)
   if (measured) result.expert_counts = measured->whole();
   if (across) result.expert_counts = across->whole();
-  if (comm) {
-    comm->all_reduce_sum(shard_lm);
-    comm->all_reduce_sum(shard_aux);
-    if (!routing.whole_batch) all_reduce_counts(*comm, result.expert_counts);
-  }
-  result.lm_loss = dist::pairwise_sum(shard_lm, std::plus<>()) / static_cast<double>(shards);
-  result.aux_loss = dist::pairwise_sum(shard_aux, std::plus<>()) / static_cast<double>(shards);
-  result.loss = result.lm_loss + result.aux_loss;
+  if (comm && !routing.whole_batch) train::all_reduce_counts(*comm, result.expert_counts);
   result.candidates = result.output.candidates;
   if (inspect_gradients) inspect_gradients(result.output);
-  // Clipping over the optimiser's arena; on CUDA the factor stays on the device for AdamW, and
-  // the norm is read for the result (and its non-finite check) before the update is queued.
+  // Clipping over the optimiser's arena; on CUDA the norm and the factor stay on the device.
   optimizer.clip_grad_norm(grad_clip);
-  result.grad_norm = optimizer.grad_norm();
+  queued.first_shard = (comm ? comm->rank() : 0) * split.grad_accum;
+  queued.shards = shards;
+  queued.comm = comm;
+  return queued;
+}
+
+}  // namespace rex::detail
+
+namespace rex::train {
+
+// The values of queued steps, read back in one copy (and, with several ranks, summed across them
+// in one call per kind of loss: every rank reads the same steps together). Each step's losses are
+// its shards' losses added in PairwiseSum's order and divided by the shards, as train_step gives.
+inline std::vector<StepResult> read_steps(std::vector<QueuedStep> steps) {
+  if (steps.empty()) return {};
+  NoGradGuard no_grad;
+  // Every step's floats, on the device: its norm's 8 bytes, then its losses.
+  int64_t total = 0;
+  for (const QueuedStep& q : steps) total += 2 + static_cast<int64_t>(q.losses.size());
+  Tensor all = Tensor::empty({total}, DType::f32, steps.front().norm.device());
+  int64_t at = 0;
+  for (const QueuedStep& q : steps) {
+    slice(all, 0, at, at + 2).copy_(slice(reshape(q.norm, {-1}), 0, 0, 2));
+    at += 2;
+    for (const Tensor& loss : q.losses) {
+      slice(all, 0, at, at + 1).copy_(reshape(loss, {1}));
+      ++at;
+    }
+  }
+  const std::vector<float> values = all.to_vector();
+  // Each step's shard losses at their places in the whole batch (zeros elsewhere, so that summing
+  // over the ranks only fills in the others' places, exactly).
+  std::vector<double> shard_lm, shard_aux;
+  at = 0;
+  std::vector<StepResult> out;
+  for (QueuedStep& q : steps) {
+    StepResult& r = out.emplace_back(std::move(q.result));
+    std::memcpy(&r.grad_norm, values.data() + at, sizeof r.grad_norm);
+    at += 2;
+    const size_t first = shard_lm.size() + static_cast<size_t>(q.first_shard);
+    shard_lm.resize(shard_lm.size() + static_cast<size_t>(q.shards), 0.0);
+    shard_aux.resize(shard_lm.size(), 0.0);
+    const size_t stride = q.has_aux ? 2 : 1;
+    for (size_t m = 0; m < q.losses.size() / stride; ++m) {
+      shard_lm[first + m] = values[static_cast<size_t>(at) + stride * m];
+      if (q.has_aux) shard_aux[first + m] = values[static_cast<size_t>(at) + stride * m + 1];
+    }
+    at += static_cast<int64_t>(q.losses.size());
+  }
+  if (dist::Communicator* comm = steps.front().comm) {
+    comm->all_reduce_sum(shard_lm);
+    comm->all_reduce_sum(shard_aux);
+  }
+  size_t begin = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const auto shards = static_cast<size_t>(steps[i].shards);
+    const auto sum = [&](const std::vector<double>& v) {
+      return dist::pairwise_sum(
+                 std::vector<double>(v.begin() + static_cast<std::ptrdiff_t>(begin),
+                                     v.begin() + static_cast<std::ptrdiff_t>(begin + shards)),
+                 std::plus<>()) /
+             static_cast<double>(shards);
+    };
+    out[i].lm_loss = sum(shard_lm);
+    out[i].aux_loss = sum(shard_aux);
+    out[i].loss = out[i].lm_loss + out[i].aux_loss;
+    begin += shards;
+  }
+  return out;
+}
+
+// One optimizer step on `batch` (the whole batch of the step, anywhere; each rank passes the same
+// one) split as `split` says: each shard's loss is backpropagated with gradient 1 / shards (exact
+// for a power of two), the gradients are summed across the ranks, so every rank holds the
+// gradient of the whole batch's mean loss; then clipping on its global norm and AdamW, the same
+// on every rank. The load-balancing loss uses the whole batch's routed shares (WholeBatchCounts).
+// grad_clip <= 0 measures the norm without clipping. The losses and the norm are read back before
+// the update (a non-finite norm throws there, naming the first parameter whose gradient is not
+// finite, and nothing is updated); queue_step leaves them on the device instead.
+inline StepResult train_step(
+    const nn::TransformerLM& model, optim::AdamW& optimizer, const data::Batch& batch,
+    const nn::RoutingStep& at, float lr, double grad_clip, const BatchSplit& split = {},
+    const std::function<void(const nn::LmOutput&)>& inspect_gradients = nullptr) {
+  QueuedStep queued =
+      detail::backward_and_clip(model, optimizer, batch, at, grad_clip, split, inspect_gradients);
+  const double grad_norm = optimizer.grad_norm();  // throws on a non-finite norm
+  queued.norm = optimizer.grad_norm_record();
+  nn::LmOutput output = queued.result.output;
+  std::vector<QueuedStep> one;
+  one.push_back(std::move(queued));
+  StepResult result = std::move(read_steps(std::move(one)).front());
+  result.output = std::move(output);
+  result.grad_norm = grad_norm;
   optimizer.step(lr);
   optimizer.zero_grad();
   return result;
+}
+
+// train_step that makes the host wait for nothing on CUDA: the step's losses and gradient norm
+// stay on the device until read_steps reads them (with later steps', in one copy). A non-finite
+// norm makes the update skip on the device (AdamW::clip_grad_norm), and read_steps' caller finds
+// it (train::RunReports throws, naming the step). The result does not keep the forward pass.
+inline QueuedStep queue_step(const nn::TransformerLM& model, optim::AdamW& optimizer,
+                             const data::Batch& batch, const nn::RoutingStep& at, float lr,
+                             double grad_clip, const BatchSplit& split = {}) {
+  QueuedStep queued =
+      detail::backward_and_clip(model, optimizer, batch, at, grad_clip, split, nullptr);
+  queued.result.output = {};
+  queued.norm = optimizer.grad_norm_record();
+  optimizer.step(lr);
+  optimizer.zero_grad();
+  return queued;
 }
 
 // The mean language-model loss of the last kWindow steps must be finite and at most

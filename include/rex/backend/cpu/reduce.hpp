@@ -118,26 +118,38 @@ inline void log_softmax_backward(const float* g, const float* y, float* dx, int6
   }
 }
 
+// The number of rows whose target is not ignore_index; a target out of [0, classes) throws. (The
+// CUDA op calls it too when the targets' values are on the host.)
+inline int64_t counted_targets(const int32_t* targets, int64_t rows, int64_t classes,
+                               int32_t ignore_index) {
+  int64_t count = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t t = targets[r];
+    if (t == ignore_index) continue;
+    REX_CHECK(t >= 0 && t < classes, "cross_entropy: target ", t, " at row ", r,
+              " is out of range [0, ", classes, ") for logits ", Shape{rows, classes},
+              " (ignore_index is ", ignore_index, ")");
+    ++count;
+  }
+  return count;
+}
+
 // Writes the mean NLL over the counted rows to *loss and each counted row's log-sum-exp to lse (0
 // on ignored rows); returns the number of counted rows. A target out of [0, classes) throws.
 inline int64_t cross_entropy(const float* logits, const int32_t* targets, int64_t rows,
                              int64_t classes, int32_t ignore_index, double* lse, float* loss) {
   const Shape shape{rows, classes};
+  const int64_t count = counted_targets(targets, rows, classes, ignore_index);
   double total = 0;
-  int64_t count = 0;
   for (int64_t r = 0; r < rows; ++r) {
     lse[r] = 0.0;
     const int32_t t = targets[r];
     if (t == ignore_index) continue;
-    REX_CHECK(t >= 0 && t < classes, "cross_entropy: target ", t, " at row ", r,
-              " is out of range [0, ", classes, ") for logits ", shape, " (ignore_index is ",
-              ignore_index, ")");
     const float* row = logits + r * classes;
     const float m = softmax_row_max(row, classes, "cross_entropy", shape, r);
     const double row_lse = m + log_sum_exp_shifted(row, classes, m);
     lse[r] = row_lse;
     total += row_lse - row[t];
-    ++count;
   }
   *loss = count > 0 ? static_cast<float>(total / static_cast<double>(count)) : 0.0f;
   return count;

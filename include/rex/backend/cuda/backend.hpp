@@ -128,9 +128,12 @@ struct CudaBackend {
   // Mean NLL over the rows whose target is not ignore_index, written to *loss (device scalar);
   // lse[r] receives each counted row's log-sum-exp, in double as on the CPU (the backward's
   // exp(x - lse) would lose digits for large logits otherwise). Returns the number of counted
-  // rows; a target out of [0, classes) throws rex::Error naming the row.
+  // rows. known_count >= 0: the host has checked the targets and counted known_count rows, so
+  // nothing is read back; -1: the kernels check the targets and count the rows, and the host
+  // reads both back (a wait) and throws rex::Error naming a row whose target is out of range.
   int64_t (*cross_entropy)(const float* logits, const int32_t* targets, int64_t rows,
-                           int64_t classes, int32_t ignore_index, double* lse, float* loss);
+                           int64_t classes, int32_t ignore_index, double* lse, float* loss,
+                           int64_t known_count);
   // gx = g / count * (softmax(logits) - onehot(target)) on counted rows, 0 on ignored rows; g is a
   // device scalar.
   void (*cross_entropy_backward)(const float* logits, const int32_t* targets, const double* lse,
@@ -148,13 +151,16 @@ struct CudaBackend {
   // (gather_rows or embedding).
   void (*gather_rows)(const float* x, const int32_t* index, float* out, int64_t m, int64_t d,
                       int64_t num_rows, const char* op);
-  // gather_rows for indices rex built itself (the MoE routing plan), trusted: no check.
+  // gather_rows for indices that are trusted: rex built them itself (the MoE routing plan), or the
+  // host checked their values (Tensor::host_values). No check, no read-back.
   void (*gather_rows_unchecked)(const float* x, const int32_t* index, float* out, int64_t m,
                                 int64_t d);
   // out [num_rows, d] = 0, then out[index[i]] += src[i] for i in increasing order (exactly the
-  // CPU's order, so results are bit-identical run to run); bad indices throw.
-  void (*scatter_add_rows)(const float* src, const int32_t* index, float* out, int64_t m, int64_t d,
-                           int64_t num_rows);
+  // CPU's order, so results are bit-identical run to run); bad indices throw. The order is planned
+  // on the host, from host_index (the same values, already on the host) when it is not null, else
+  // from index read back (a wait).
+  void (*scatter_add_rows)(const float* src, const int32_t* index, const int32_t* host_index,
+                           float* out, int64_t m, int64_t d, int64_t num_rows);
   // ---- the MoE routing plan (kernels/routing.cu) ----
   // The `slots` entries of indices (slot s is token s / k's choice s % k, an expert in [0, pool))
   // stably sorted by expert, as the host's counting sort: sorted_slots[p] is the slot at sorted
@@ -234,16 +240,18 @@ struct CudaBackend {
   // host, in its (PyTorch's) order of operations, per element of a segment:
   // g = grad * scale; p *= keep; m = m b1 + (1 - b1) g; v = v b2 + (1 - b2) g g;
   // p += neg_step * m / (sqrt(v) / b2s + eps)
-  // where scale is *grad_scale (a device float: the clip factor) or 1 when grad_scale is null.
-  // Elements outside every segment are not touched. One launch per kAdamWSegmentsPerLaunch
+  // where scale is *grad_scale (a device float: the clip factor) or 1 when grad_scale is null; a
+  // NaN *grad_scale (a non-finite norm) skips the whole update. Elements outside every segment
+  // are not touched. One launch per kAdamWSegmentsPerLaunch
   // segments; no host wait.
   void (*adamw_segments)(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
                          const AdamWSegment* host_segments, int64_t count,
                          const AdamWScalars& scalars, const float* grad_scale);
   // The global-norm clip of n gradient values, on the device: the sum of their squares in double
   // with a fixed reduction tree (deterministic), *norm = its square root and
-  // *factor = min(1, max_norm / (norm + 1e-6)) rounded to float (1 when max_norm <= 0 or the norm
-  // is not finite). Two launches, no host wait: norm and factor stay on the device.
+  // *factor = min(1, max_norm / (norm + 1e-6)) rounded to float (1 when max_norm <= 0; NaN when
+  // the norm is not finite, which adamw_segments reads as "update nothing"). Two launches, no host
+  // wait: norm and factor stay on the device.
   void (*clip_factor)(const float* grad, int64_t n, double max_norm, double* norm, float* factor);
   // host_sums[i] = the sum of squares of the host_sizes[i] floats at host_arrays[i] (device
   // pointers, in a host array), in double with a fixed reduction tree (deterministic), for `count`
