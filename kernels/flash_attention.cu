@@ -5,12 +5,15 @@
 // the tensor cores rounded to bf16; every product accumulates in fp32; the softmax statistics
 // (running max, sum, lse, delta) and the outputs are fp32. Inputs and outputs are fp32 tensors.
 //
-// Tiles: a block of 4 warps takes 64 rows of one head, a warp 16 of them; the other side streams
-// through shared memory in tiles of 64 rows, converted to bf16 on the way in (rows padded by 8
-// elements, so that the 8 rows an ldmatrix reads fall in distinct banks). Products are
-// mma.m16n8k16 (kernels/mma.cuh). An accumulator's layout is the layout of an A operand (row g,
-// columns 2t, 2t+1 and the same 8 rows and columns further on), so scores turn into probabilities
-// in registers and feed the next product without a trip through shared memory.
+// Tiles: a block of 8 warps takes rows of one head, a warp 32 of them (two 16-row blocks, which
+// share every fragment the warp loads from shared memory) in the forward and, up to head dim 64,
+// in the backward, 16 in the backward at head dim 128; the other side streams through shared
+// memory in tiles (forward 32 keys, 16 at head dim 128; backward 64 rows), converted to bf16 on
+// the way in (rows padded by 8 elements, so that the 8 rows an ldmatrix reads fall in distinct
+// banks). Products are mma.m16n8k16 (kernels/mma.cuh). An accumulator's layout is the layout of
+// an A operand (row g, columns 2t, 2t+1 and the same 8 rows and columns further on), so scores
+// turn into probabilities in registers and feed the next product without a trip through shared
+// memory.
 // - forward, a block per (query tile, query head): q's fragments stay in registers; for each key
 //   tile up to the diagonal, s = q k^T, the online softmax (running max m and sum l per row, the
 //   output rescaled by exp(m_old - m_new)), o += p v. Then o / l and lse = m + log l.
@@ -25,7 +28,9 @@
 //   costs two products more than one fused kernel, and keeps every sum in a fixed order.
 // Fully masked tiles are never visited; within the diagonal tile the mask is applied per element.
 // Register use per thread at head dim 128 (what the GPU must hold; the emulation does not limit
-// it): forward 32 (q) + 32 (s) + 64 (o); keys 32 (k) + 32 (v) + 64 (dk) + 64 (dv) + 16; queries
+// it): forward 64 (q) + 128 (o) + 16 (s) + 8 (p) for its two row blocks, which ptxas fits in 255
+// with 4 bytes spilled once the kernel's loops over the blocks are unrolled (#pragma unroll; left
+// rolled, o and s went to local memory); keys 32 (k) + 32 (v) + 64 (dk) + 64 (dv) + 16; queries
 // 32 (q) + 32 (g) + 64 (dq) + 16.
 #include <cmath>
 
@@ -37,15 +42,19 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kFlashThreads = 32 * kWarps;
-// 16-row blocks a warp owns: two share every fragment the warp loads from shared memory, but at
-// head dim 128 their registers (q and o forward; k, v, dk, dv or q, g, dq backward) would pass the
-// 255 a thread has.
+// 16-row blocks a warp owns: two share every fragment the warp loads from shared memory. In the
+// backward at head dim 128 their registers (k, v, dk, dv or q, g, dq) would pass the 255 a thread
+// has, so a warp takes one there. The forward's warps take two at every head dim; at 128 the key
+// tiles are 16 keys instead of 32, which keeps q, o and the scores within 255 registers.
 template <int D>
 constexpr int kRowBlocks = D <= 64 ? 2 : 1;
 template <int D>
-constexpr int kBlockRows = 16 * kRowBlocks<D>* kWarps;  // rows a block owns
-constexpr int kForwardKeys = 32;                        // keys of a streamed forward tile
-constexpr int kBackwardTile = 64;                       // rows of a streamed backward tile
+constexpr int kBlockRows = 16 * kRowBlocks<D>* kWarps;  // rows a backward block owns
+constexpr int kForwardRowBlocks = 2;
+constexpr int kForwardRows = 16 * kForwardRowBlocks * kWarps;  // rows a forward block owns
+template <int D>
+constexpr int kForwardKeys = D == 128 ? 16 : 32;  // keys of a streamed forward tile
+constexpr int kBackwardTile = 64;                 // rows of a streamed backward tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -225,10 +234,10 @@ template <int D>
 __global__ void flash_forward_kernel(const float* q, const float* k, const float* v, float* out,
                                      float* lse, int64_t heads, int64_t kv_heads, int64_t time,
                                      float scale) {
-  constexpr int R = kRowBlocks<D>;
-  __shared__ __align__(16) uint16_t k_tile[kForwardKeys * kPadded<D>];
-  __shared__ __align__(16) uint16_t v_tile[kForwardKeys * kPadded<D>];
-  const TileOf tile = block_tile(time, kBlockRows<D>, true);
+  constexpr int R = kForwardRowBlocks;
+  __shared__ __align__(16) uint16_t k_tile[kForwardKeys<D> * kPadded<D>];
+  __shared__ __align__(16) uint16_t v_tile[kForwardKeys<D> * kPadded<D>];
+  const TileOf tile = block_tile(time, kForwardRows, true);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t first = tile.first + warp * 16 * R;  // this warp's first query row
   const int64_t kv_offset = kv_head_of(tile.head, heads, kv_heads) * time * D;
@@ -246,18 +255,21 @@ __global__ void flash_forward_kernel(const float* q, const float* k, const float
   }
   const float scale_log2 = scale * kLog2e;
 
-  for (int64_t key_first = 0; key_first < tile.first + kBlockRows<D> && key_first < time;
-       key_first += kForwardKeys) {
+  for (int64_t key_first = 0; key_first < tile.first + kForwardRows && key_first < time;
+       key_first += kForwardKeys<D>) {
     __syncthreads();  // the previous tile is no longer read
-    load_tile<D, kForwardKeys>(k_tile, k + kv_offset, key_first, time);
-    load_tile<D, kForwardKeys>(v_tile, v + kv_offset, key_first, time);
+    load_tile<D, kForwardKeys<D>>(k_tile, k + kv_offset, key_first, time);
+    load_tile<D, kForwardKeys<D>>(v_tile, v + kv_offset, key_first, time);
     __syncthreads();
     if (key_first > first + 16 * R - 1) continue;  // every key is past this warp's rows
 
-    float s[R][kForwardKeys / 8][4];
+    float s[R][kForwardKeys<D> / 8][4];
     for (int b = 0; b < R; ++b) zero(s[b]);
     multiply_by_rows<D>(s, q_frag, k_tile);
-    uint32_t p[R][kForwardKeys / 16][4];
+    uint32_t p[R][kForwardKeys<D> / 16][4];
+    // Unrolled (also the last loop): rolled, they index o and s at run time, which puts both in
+    // local memory at head dim 128.
+#pragma unroll
     for (int b = 0; b < R; ++b) {
       online_softmax<D>(s[b], o[b], m[b], l[b], first + 16 * b + g, key_first, time, scale_log2);
       as_a_fragments(p[b], s[b]);
@@ -265,6 +277,7 @@ __global__ void flash_forward_kernel(const float* q, const float* k, const float
     multiply_into_rows<D>(o, p, v_tile);
   }
 
+#pragma unroll
   for (int b = 0; b < R; ++b) {
     float inverse[2];
     for (int half = 0; half < 2; ++half) {
@@ -457,7 +470,7 @@ void flash_attention(const float* q, const float* k, const float* v, float* out,
                      float scale) {
   if (batch * heads * time == 0) return;
   for_head_dim(head_dim, [&]<int D>() {
-    REX_LAUNCH(flash_forward_kernel<D>, flash_grid(batch * heads, time, kBlockRows<D>),
+    REX_LAUNCH(flash_forward_kernel<D>, flash_grid(batch * heads, time, kForwardRows),
                kFlashThreads, 0, q, k, v, out, lse, heads, kv_heads, time, scale);
   });
 }
