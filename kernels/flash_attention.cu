@@ -17,15 +17,16 @@
 // - forward, a block per (query tile, query head): q's fragments stay in registers; for each key
 //   tile up to the diagonal, s = q k^T, the online softmax (running max m and sum l per row, the
 //   output rescaled by exp(m_old - m_new)), o += p v. Then o / l and lse = m + log l.
-// - delta_i = g_i . o_i (one warp per row, fp32), needed by both backward kernels.
+// - backward queries (launched first), a block per (query tile, query head): q and g stay in
+//   registers, and delta_i = g_i . o_i (fp32) is summed from g's rows as they are loaded, kept and
+//   written for the keys kernel; for each key tile up to the diagonal, 16 keys at a time:
+//   p = exp(q k^T scale - lse), dp = g v^T, ds = p (dp - delta), dq += ds k. Recomputing p here
+//   instead of adding dq across key tiles costs two products more than one fused kernel, and
+//   keeps every sum in a fixed order.
 // - backward keys, a block per (key tile, kv head): the warp's k and v rows stay in registers; for
 //   every query head of the group in order, and every query tile from the diagonal on, 16 queries
 //   at a time: p^T = exp(k q^T scale - lse), dv += p^T g, dp^T = v g^T, ds^T = p^T (dp^T - delta),
 //   dk += ds^T q. Each block owns its rows of dk and dv: no atomics, a fixed order.
-// - backward queries, a block per (query tile, query head): q and g stay in registers; for each
-//   key tile up to the diagonal, 16 keys at a time: p = exp(q k^T scale - lse), dp = g v^T,
-//   ds = p (dp - delta), dq += ds k. Recomputing p here instead of adding dq across key tiles
-//   costs two products more than one fused kernel, and keeps every sum in a fixed order.
 // Fully masked tiles are never visited; within the diagonal tile the mask is applied per element.
 // Register use per thread at head dim 128 (what the GPU must hold; the emulation does not limit
 // it): forward 64 (q) + 128 (o) + 16 (s) + 8 (p) for its two row blocks, which ptxas fits in 255
@@ -89,23 +90,45 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const float* matrix, i
 
 // The A fragments (16 rows x D, bf16) of rows [first, first + 16) of a [time, D] fp32 matrix,
 // straight from global memory into registers (zeros past time): frag[s] covers columns 16s..16s+15.
+// With dot_with, also each row's dot product with the same row of that matrix, in fp32 from the
+// values as loaded (this lane's columns in order, then a shuffle tree over the row's four lanes):
+// dots[0] for row first + g, dots[1] for first + g + 8 (0 past time).
 template <int D>
 __device__ __forceinline__ void load_rows_as_a(uint32_t (&frag)[D / 16][4], const float* matrix,
-                                               int64_t first, int64_t time) {
+                                               int64_t first, int64_t time,
+                                               const float* dot_with = nullptr,
+                                               float* dots = nullptr) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t top = first + g, bottom = first + g + 8;
+  float dot[2] = {0.0f, 0.0f};
   for (int s = 0; s < D / 16; ++s) {
     const int column = 16 * s + 2 * t;
-    float2 x[4] = {};
+    float2 x[4] = {}, y[4] = {};
     if (top < time) {
       x[0] = *reinterpret_cast<const float2*>(matrix + top * D + column);
       x[2] = *reinterpret_cast<const float2*>(matrix + top * D + column + 8);
+      if (dot_with) {
+        y[0] = *reinterpret_cast<const float2*>(dot_with + top * D + column);
+        y[2] = *reinterpret_cast<const float2*>(dot_with + top * D + column + 8);
+      }
     }
     if (bottom < time) {
       x[1] = *reinterpret_cast<const float2*>(matrix + bottom * D + column);
       x[3] = *reinterpret_cast<const float2*>(matrix + bottom * D + column + 8);
+      if (dot_with) {
+        y[1] = *reinterpret_cast<const float2*>(dot_with + bottom * D + column);
+        y[3] = *reinterpret_cast<const float2*>(dot_with + bottom * D + column + 8);
+      }
     }
     for (int r = 0; r < 4; ++r) frag[s][r] = pack_bf16x2(x[r].x, x[r].y);
+    if (dot_with)
+      for (int r = 0; r < 4; ++r) dot[r % 2] += x[r].x * y[r].x + x[r].y * y[r].y;
+  }
+  if (!dot_with) return;
+  for (int half = 0; half < 2; ++half) {
+    dot[half] += __shfl_xor_sync(0xffffffffu, dot[half], 1);
+    dot[half] += __shfl_xor_sync(0xffffffffu, dot[half], 2);
+    dots[half] = dot[half];
   }
 }
 
@@ -292,21 +315,6 @@ __global__ void flash_forward_kernel(const float* q, const float* k, const float
   }
 }
 
-// delta[row] = g[row] . out[row] over D, one warp per row (fp32, lanes over D, a shuffle tree).
-__global__ void flash_delta_kernel(const float* g, const float* out, float* delta, int64_t rows,
-                                   int64_t head_dim) {
-  const int lane = threadIdx.x % 32;
-  const int64_t warps = thread_count() / 32;
-  for (int64_t row = thread_index() / 32; row < rows; row += warps) {
-    float acc = 0.0f;
-    for (int64_t d = lane; d < head_dim; d += 32)
-      acc += g[row * head_dim + d] * out[row * head_dim + d];
-    for (int offset = 16; offset > 0; offset >>= 1)
-      acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) delta[row] = acc;
-  }
-}
-
 template <int D>
 __global__ void flash_backward_keys_kernel(const float* q, const float* k, const float* v,
                                            const float* g, const float* lse, const float* delta,
@@ -382,9 +390,9 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
 
 template <int D>
 __global__ void flash_backward_queries_kernel(const float* q, const float* k, const float* v,
-                                              const float* g, const float* lse, const float* delta,
-                                              float* dq, int64_t heads, int64_t kv_heads,
-                                              int64_t time, float scale) {
+                                              const float* out, const float* g, const float* lse,
+                                              float* delta, float* dq, int64_t heads,
+                                              int64_t kv_heads, int64_t time, float scale) {
   constexpr int R = kRowBlocks<D>;
   __shared__ __align__(16) uint16_t k_tile[kBackwardTile * kPadded<D>];
   __shared__ __align__(16) uint16_t v_tile[kBackwardTile * kPadded<D>];
@@ -396,13 +404,17 @@ __global__ void flash_backward_queries_kernel(const float* q, const float* k, co
 
   uint32_t q_frag[R][D / 16][4], g_frag[R][D / 16][4];
   float row_lse[R][2], row_delta[R][2], dq_acc[R][D / 8][4];
+  // Unrolled: rolled, it indexes row_delta at run time, which puts the arrays in local memory.
+#pragma unroll
   for (int b = 0; b < R; ++b) {
     load_rows_as_a<D>(q_frag[b], q + tile.head * time * D, first + 16 * b, time);
-    load_rows_as_a<D>(g_frag[b], g + tile.head * time * D, first + 16 * b, time);
+    // delta = g . o of this warp's rows, for this kernel and (written) for the keys kernel
+    load_rows_as_a<D>(g_frag[b], g + tile.head * time * D, first + 16 * b, time,
+                      out + tile.head * time * D, row_delta[b]);
     for (int half = 0; half < 2; ++half) {
       const int64_t row = first + 16 * b + g_row + 8 * half;
       row_lse[b][half] = row < time ? lse[tile.head * time + row] * kLog2e : 0.0f;
-      row_delta[b][half] = row < time ? delta[tile.head * time + row] : 0.0f;
+      if (t == 0 && row < time) delta[tile.head * time + row] = row_delta[b][half];
     }
     zero(dq_acc[b]);
   }
@@ -481,15 +493,13 @@ void flash_attention_backward(const float* q, const float* k, const float* v, co
                               int64_t head_dim, float scale) {
   const int64_t rows = batch * heads * time;
   if (rows == 0) return;
-  const Scratch delta(static_cast<size_t>(rows) * sizeof(float));
-  REX_LAUNCH(flash_delta_kernel, blocks_for(rows * 32), kThreads, 0, g, out, delta.as<float>(),
-             rows, head_dim);
+  const Scratch delta(static_cast<size_t>(rows) * sizeof(float));  // the queries kernel's
   for_head_dim(head_dim, [&]<int D>() {
+    REX_LAUNCH(flash_backward_queries_kernel<D>, flash_grid(batch * heads, time, kBlockRows<D>),
+               kFlashThreads, 0, q, k, v, out, g, lse, delta.as<float>(), dq, heads, kv_heads, time,
+               scale);
     REX_LAUNCH(flash_backward_keys_kernel<D>, flash_grid(batch * kv_heads, time, kBlockRows<D>),
                kFlashThreads, 0, q, k, v, g, lse, delta.as<float>(), dk, dv, heads, kv_heads, time,
-               scale);
-    REX_LAUNCH(flash_backward_queries_kernel<D>, flash_grid(batch * heads, time, kBlockRows<D>),
-               kFlashThreads, 0, q, k, v, g, lse, delta.as<float>(), dq, heads, kv_heads, time,
                scale);
   });
 }
