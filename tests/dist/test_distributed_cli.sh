@@ -2,7 +2,8 @@
 # train_tiny_rex under mpirun -np 2 (docs/distributed.md), on a tiny model and a generated corpus:
 #  - a checkpoint written by 2 ranks resumes on 1 rank with 2 micro-batches, and one written so on
 #    2 ranks, and each continues as the uninterrupted 2-rank run does, to the bit (the same shards
-#    added in the same order: docs/distributed.md, "Exact data parallel");
+#    added in the same order: docs/distributed.md, "Exact data parallel"), its logged losses and
+#    gradient norms included;
 #  - ranks that disagree (config, data) refuse before the first step with one message naming the
 #    difference; an error on one rank ends the whole job within seconds; so does a rank killed
 #    with kill -9 mid-run; SIGTERM to the ranks saves one checkpoint at the same step and exits 143;
@@ -52,6 +53,20 @@ ranks 2 --resume one_then_two --data corpus.txt --set train.grad_accum=1 > d.log
 python3 "$compare" one_then_two/model.safetensors two/model.safetensors 0 ||
   fail "1 rank (2 micro-batches) then 2 ranks does not continue as 2 ranks do"
 [ "$(grep -c '"kind":"eval"' two/metrics.jsonl)" = 2 ] || fail "rank 0 alone writes metrics.jsonl"
+# The logged losses and gradient norms (read back from the ranks' queued steps, the shards' losses
+# summed across the ranks) are those of one process with 2 micro-batches, to the bit.
+python3 - two/metrics.jsonl two_then_one/metrics.jsonl one_then_two/metrics.jsonl <<'PY' ||
+import json, sys
+def train(path):
+    return {r["step"]: [r[k] for k in ("loss", "lm_loss", "aux_loss", "grad_norm")]
+            for r in map(json.loads, open(path)) if r["kind"] == "train"}
+want = train(sys.argv[1])
+assert sorted(want) == [4, 8, 12, 16], want
+for path in sys.argv[2:]:
+    got = train(path)
+    assert got == want, (path, got, want)
+PY
+  fail "the logged losses of 2 ranks and of 1 rank with 2 micro-batches differ"
 
 # ---- ranks that disagree, errors on one rank ------------------------------------------------------
 # A wrapper gives rank 1 other arguments ($RANK1_ARGS) or other data ($RANK1_DATA).
