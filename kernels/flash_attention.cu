@@ -323,7 +323,8 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
   constexpr int R = kRowBlocks<D>;
   __shared__ __align__(16) uint16_t q_tile[kBackwardTile * kPadded<D>];
   __shared__ __align__(16) uint16_t g_tile[kBackwardTile * kPadded<D>];
-  __shared__ float lse_tile[kBackwardTile], delta_tile[kBackwardTile];
+  __shared__ __align__(16) float lse_tile[kBackwardTile];
+  __shared__ __align__(16) float delta_tile[kBackwardTile];
   const TileOf tile = block_tile(time, kBlockRows<D>, false);  // tile.head is the kv head
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g_row = lane / 4, t = lane % 4;
   const int64_t first = tile.first + warp * 16 * R;  // this warp's first key
@@ -363,6 +364,13 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
         }
         multiply_by_rows<D>(p, k_frag, q_rows);
         multiply_by_rows<D>(dp, v_frag, g_rows);
+        // This lane's four queries (columns sub + 8n + 2t and + 1) are the same for every key it
+        // holds: their lse and delta are read from shared memory once, as pairs.
+        float2 lse_of[2], delta_of[2];
+        for (int n = 0; n < 2; ++n) {
+          lse_of[n] = *reinterpret_cast<const float2*>(lse_tile + sub + 8 * n + 2 * t);
+          delta_of[n] = *reinterpret_cast<const float2*>(delta_tile + sub + 8 * n + 2 * t);
+        }
         uint32_t p_frag[R][1][4], ds_frag[R][1][4];
         for (int b = 0; b < R; ++b) {
           for (int n = 0; n < 2; ++n)
@@ -371,8 +379,10 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
               const int64_t key = first + 16 * b + g_row + 8 * (e / 2),
                             query = query_first + column;
               const bool kept = key <= query && query < time && key < time;
-              p[b][n][e] = kept ? exp2f(p[b][n][e] * scale_log2 - lse_tile[column]) : 0.0f;
-              dp[b][n][e] = p[b][n][e] * (dp[b][n][e] - delta_tile[column]);  // ds^T
+              const float row_lse = e % 2 ? lse_of[n].y : lse_of[n].x;
+              const float row_delta = e % 2 ? delta_of[n].y : delta_of[n].x;
+              p[b][n][e] = kept ? exp2f(p[b][n][e] * scale_log2 - row_lse) : 0.0f;
+              dp[b][n][e] = p[b][n][e] * (dp[b][n][e] - row_delta);  // ds^T
             }
           as_a_fragments(p_frag[b], p[b]);
           as_a_fragments(ds_frag[b], dp[b]);
