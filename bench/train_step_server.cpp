@@ -99,10 +99,13 @@ int run(int argc, char** argv) {
       int64_t n = 0;
       REX_CHECK(std::cin >> n && n >= 0, "train_step_server: steps expects a count");
       const auto start = std::chrono::steady_clock::now();
+      // As a training loop steps (queue_step): on CUDA the losses are read once, after the steps.
+      std::vector<rex::train::QueuedStep> queued;
       for (int64_t i = 0; i < n; ++i, ++step)
-        last_loss = static_cast<float>(
-            rex::train::train_step(model, optimizer, sequences, {step, t.seed}, lr, t.grad_clip)
-                .loss);
+        queued.push_back(
+            rex::train::queue_step(model, optimizer, sequences, {step, t.seed}, lr, t.grad_clip));
+      if (n > 0)
+        last_loss = static_cast<float>(rex::train::read_steps(std::move(queued)).back().loss);
       finish();
       const std::chrono::duration<double, std::milli> ms = std::chrono::steady_clock::now() - start;
       std::printf("ms %.6f\n", ms.count());
