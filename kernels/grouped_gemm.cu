@@ -1,6 +1,7 @@
-// Grouped expert products on bf16 tensor cores: every expert of a MoE table multiplied with its
-// segment of the expert-sorted rows in one launch, the segments read from device memory. They
-// replace the per-expert cuBLAS calls of grouped_swiglu when products run in bf16.
+// Grouped expert products: every expert of a MoE table multiplied with its segment of the
+// expert-sorted rows in one launch, the segments read from device memory. They replace the
+// per-expert cuBLAS calls of grouped_swiglu when products run in bf16 (on tensor cores) or fp32
+// (on CUDA cores: the *_fp32_kernel forms); tf32 keeps cuBLAS's tensor cores.
 //
 // Two forms (the arguments: GroupedRows and GroupedWeights in rex/backend/cuda/backend.hpp):
 // - rows: for each expert e, rows [o_e, o_e+1) of c = those rows of a times w[e] (or w[e]^T). A
@@ -14,16 +15,19 @@
 //   tile of c[e], its k loop over the segment's rows. Two pairs share b (d gate = dg^T x and
 //   d up = du^T x). A null c[e] (an expert without a gradient) is skipped.
 // Every operand is an fp32 matrix in memory, converted to bf16 (round to nearest even) on its way
-// into shared memory, where tiles are stored with k contiguous (rows padded by 8 elements, so that
-// the 8 rows an ldmatrix reads fall in distinct banks). Loads are coalesced along whichever of the
-// tile's axes is contiguous in memory: pairs of k (a float2) when k is, pairs of rows two k apart
-// otherwise. A block of 8 warps computes a 128 x 128 tile, a warp 32 x 64 of it with
-// mma.m16n8k16 (kernels/mma.cuh); every output element sums its k in a fixed order
+// into shared memory in bf16, kept as it is in fp32; tiles are stored with k contiguous (rows
+// padded by 8 bf16 or 4 floats, so that the 8 rows an ldmatrix or a float4 request reads fall in
+// distinct banks). Loads are coalesced along whichever of the tile's axes is contiguous in memory:
+// pairs of k (a float2) when k is, pairs of rows two k apart otherwise. A block of 8 warps
+// computes a 128 x 128 tile, a warp 32 x 64 of it: with mma.m16n8k16 (kernels/mma.cuh) in bf16,
+// and in fp32 with fused multiply-adds into the same accumulator layout (a lane's 4 rows and 16
+// columns, read as float4 along k); every output element sums its k in a fixed order
 // (deterministic, no atomics). Out-of-range rows, columns and k are zeros in shared memory and
 // are never stored. Each k tile of 32 moves 32 KB of fp32 operands for 1 MFLOP (32 FLOPs a
 // byte): tiles of 128 where 64 would halve that; operands kept in bf16 would double it.
 
 #include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 #include "common.cuh"
@@ -37,17 +41,23 @@ using rex::detail::GroupedWeights;
 
 constexpr int kTile = 128;  // rows and columns of a block's output tile
 constexpr int kDepth = 32;  // k of a tile held in shared memory
-constexpr int kPadded = kDepth + 8;
+
+// The products' arithmetic: bf16 on tensor cores, or fp32 on CUDA cores.
+enum class Math { bf16, fp32 };
+template <Math M>
+using Element = std::conditional_t<M == Math::bf16, uint16_t, float>;  // of a shared tile
+template <Math M>
+constexpr int kPadded = kDepth + (M == Math::bf16 ? 8 : 4);  // a tile's row stride
 constexpr int kGroupedThreads = 256;  // 8 warps, each 32 rows x 64 columns of the tile
 constexpr int kMaxExperts = 16384;    // the weights form launches experts x pairs blocks along z
 
-// rows x kDepth of an fp32 matrix into a bf16 shared tile [kTile][kPadded] (k contiguous), with
+// rows x kDepth of an fp32 matrix into a shared tile [kTile][kPadded] (k contiguous), with
 // element (r, kk) at src[r * ld + kk] (k_contiguous) or src[kk * ld + r]; zeros where r >= rows
 // or kk >= depth (rows, depth >= 1). Every lane loads every time, from an index clamped into the
 // valid range, so that the lanes of a warp issue the same loads (the counts the cost formulas
 // write down do not depend on which lanes are in range).
-template <bool KContiguous>
-__device__ __forceinline__ void load_tile(uint16_t* tile, const float* src, int64_t ld, int rows,
+template <Math M, bool KContiguous>
+__device__ __forceinline__ void load_tile(Element<M>* tile, const float* src, int64_t ld, int rows,
                                           int depth) {
   for (int i = threadIdx.x; i < kTile * kDepth / 2; i += kGroupedThreads) {
     int r, kk;
@@ -68,7 +78,11 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const float* src, int6
       if (kk + 1 >= depth) x.y = 0.0f;
     }
     if (r >= rows) x = make_float2(0.0f, 0.0f);
-    *reinterpret_cast<uint32_t*>(tile + r * kPadded + kk) = pack_bf16x2(x.x, x.y);
+    if constexpr (M == Math::bf16) {
+      *reinterpret_cast<uint32_t*>(tile + r * kPadded<M> + kk) = pack_bf16x2(x.x, x.y);
+    } else {
+      *reinterpret_cast<float2*>(tile + r * kPadded<M> + kk) = x;
+    }
   }
 }
 
@@ -76,17 +90,18 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const float* src, int6
 // tile times its columns of the b tile (both [kTile][kPadded], k contiguous), over kDepth.
 __device__ __forceinline__ void multiply_tiles(float (&acc)[2][8][4], const uint16_t* a,
                                                const uint16_t* b) {
+  constexpr int kStride = kPadded<Math::bf16>;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int row0 = 32 * (warp / 2), col0 = 64 * (warp % 2);
   for (int s = 0; s < kDepth / 16; ++s) {
     uint32_t fa[2][4];
     for (int i = 0; i < 2; ++i)  // matrices: rows 0-7 / 8-15 of k 0-7, then of k 8-15
-      load_matrices<4>(fa[i], a + (row0 + 16 * i + lane % 16) * kPadded + 16 * s + (lane / 16) * 8);
+      load_matrices<4>(fa[i], a + (row0 + 16 * i + lane % 16) * kStride + 16 * s + (lane / 16) * 8);
     for (int j = 0; j < 8; j += 2) {
       // matrices: (columns 8j.., k 16s..), (8j.., 16s+8..), (8j+8.., 16s..), (8j+8.., 16s+8..)
       const int matrix = lane / 8;
       uint32_t fb[4];
-      load_matrices<4>(fb, b + (col0 + 8 * j + (matrix / 2) * 8 + lane % 8) * kPadded + 16 * s +
+      load_matrices<4>(fb, b + (col0 + 8 * j + (matrix / 2) * 8 + lane % 8) * kStride + 16 * s +
                                (matrix % 2) * 8);
       const uint32_t first[2] = {fb[0], fb[1]}, second[2] = {fb[2], fb[3]};
       for (int i = 0; i < 2; ++i) {
@@ -94,6 +109,39 @@ __device__ __forceinline__ void multiply_tiles(float (&acc)[2][8][4], const uint
         mma_bf16_16x8x16(acc[i][j + 1], fa[i], second);
       }
     }
+  }
+}
+
+// The same on CUDA cores in fp32, into the same accumulator layout: lane (g, t) holds rows
+// row0 + 16i + g (+ 8) and columns col0 + 8j + 2t (+ 1). Per 4 k, its 4 rows and 16 columns are
+// read as float4 along k (a request reads 8 distinct rows or 4 distinct columns, 36 words apart:
+// one wavefront), then one fused multiply-add per output and k, k in increasing order.
+__device__ __forceinline__ void multiply_tiles(float (&acc)[2][8][4], const float* a,
+                                               const float* b) {
+  constexpr int kStride = kPadded<Math::fp32>;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int row0 = 32 * (warp / 2), col0 = 64 * (warp % 2);
+  for (int k4 = 0; k4 < kDepth; k4 += 4) {
+    float4 rows[2][2], cols[8][2];
+    for (int i = 0; i < 2; ++i)
+      for (int half = 0; half < 2; ++half)
+        rows[i][half] =
+            *reinterpret_cast<const float4*>(a + (row0 + 16 * i + g + 8 * half) * kStride + k4);
+    for (int j = 0; j < 8; ++j)
+      for (int c = 0; c < 2; ++c)
+        cols[j][c] =
+            *reinterpret_cast<const float4*>(b + (col0 + 8 * j + 2 * t + c) * kStride + k4);
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 8; ++j)
+        for (int e = 0; e < 4; ++e) {
+          const float4 x = rows[i][e / 2], y = cols[j][e % 2];
+          float sum = acc[i][j][e];
+          sum = fmaf(x.x, y.x, sum);
+          sum = fmaf(x.y, y.y, sum);
+          sum = fmaf(x.z, y.z, sum);
+          sum = fmaf(x.w, y.w, sum);
+          acc[i][j][e] = sum;
+        }
   }
 }
 
@@ -157,10 +205,12 @@ __device__ __forceinline__ void find_row_tile(RowTile& tile, const int64_t* offs
     tile = {expert, first, rows};
 }
 
-__global__ void grouped_rows_kernel(const int64_t* offsets, int64_t experts, GroupedRows p,
-                                    const float* const* weights) {
-  __shared__ __align__(16) uint16_t a_tile[kTile * kPadded];
-  __shared__ __align__(16) uint16_t b_tile[kTile * kPadded];
+template <Math M>
+__device__ __forceinline__ void grouped_rows_body(const int64_t* offsets, int64_t experts,
+                                                  const GroupedRows& p,
+                                                  const float* const* weights) {
+  __shared__ __align__(16) Element<M> a_tile[kTile * kPadded<M>];
+  __shared__ __align__(16) Element<M> b_tile[kTile * kPadded<M>];
   __shared__ RowTile tile;
   if (threadIdx.x < 32) find_row_tile(tile, offsets, experts, blockIdx.x);
   __syncthreads();
@@ -176,11 +226,11 @@ __global__ void grouped_rows_kernel(const int64_t* offsets, int64_t experts, Gro
     const float* w = weights[operand * experts + mine.expert];
     for (int64_t k0 = 0; k0 < p.k; k0 += kDepth) {
       const int depth = static_cast<int>(p.k - k0 < kDepth ? p.k - k0 : kDepth);
-      load_tile<true>(a_tile, a + k0, p.k, mine.rows, depth);
+      load_tile<M, true>(a_tile, a + k0, p.k, mine.rows, depth);
       if (p.transpose_w) {  // w [n, k]: row n of w is column n of the product
-        load_tile<true>(b_tile, w + col0 * p.k + k0, p.k, cols, depth);
+        load_tile<M, true>(b_tile, w + col0 * p.k + k0, p.k, cols, depth);
       } else {  // w [k, n]
-        load_tile<false>(b_tile, w + k0 * p.n + col0, p.n, cols, depth);
+        load_tile<M, false>(b_tile, w + k0 * p.n + col0, p.n, cols, depth);
       }
       __syncthreads();
       multiply_tiles(acc, a_tile, b_tile);
@@ -190,10 +240,22 @@ __global__ void grouped_rows_kernel(const int64_t* offsets, int64_t experts, Gro
   store_tile(p.c[pair] + mine.first * p.n + col0, p.n, acc, mine.rows, cols);
 }
 
-__global__ void grouped_weights_kernel(const int64_t* offsets, int64_t experts, GroupedWeights p,
-                                       float* const* outputs) {
-  __shared__ __align__(16) uint16_t a_tile[kTile * kPadded];
-  __shared__ __align__(16) uint16_t b_tile[kTile * kPadded];
+__global__ void grouped_rows_kernel(const int64_t* offsets, int64_t experts, GroupedRows p,
+                                    const float* const* weights) {
+  grouped_rows_body<Math::bf16>(offsets, experts, p, weights);
+}
+
+__global__ void grouped_rows_fp32_kernel(const int64_t* offsets, int64_t experts, GroupedRows p,
+                                         const float* const* weights) {
+  grouped_rows_body<Math::fp32>(offsets, experts, p, weights);
+}
+
+template <Math M>
+__device__ __forceinline__ void grouped_weights_body(const int64_t* offsets, int64_t experts,
+                                                     const GroupedWeights& p,
+                                                     float* const* outputs) {
+  __shared__ __align__(16) Element<M> a_tile[kTile * kPadded<M>];
+  __shared__ __align__(16) Element<M> b_tile[kTile * kPadded<M>];
   const int64_t expert = blockIdx.z % experts, pair = blockIdx.z / experts;
   float* c = outputs[pair * experts + expert];
   if (c == nullptr) return;
@@ -207,13 +269,23 @@ __global__ void grouped_weights_kernel(const int64_t* offsets, int64_t experts, 
   float acc[2][8][4] = {};
   for (int64_t k0 = 0; k0 < rows; k0 += kDepth) {  // k: the segment's rows
     const int depth = static_cast<int>(rows - k0 < kDepth ? rows - k0 : kDepth);
-    load_tile<false>(a_tile, a + k0 * p.m, p.m, tile_rows, depth);
-    load_tile<false>(b_tile, b + k0 * p.n, p.n, cols, depth);
+    load_tile<M, false>(a_tile, a + k0 * p.m, p.m, tile_rows, depth);
+    load_tile<M, false>(b_tile, b + k0 * p.n, p.n, cols, depth);
     __syncthreads();
     multiply_tiles(acc, a_tile, b_tile);
     __syncthreads();
   }
   store_tile(c + row0 * p.n + col0, p.n, acc, tile_rows, cols);
+}
+
+__global__ void grouped_weights_kernel(const int64_t* offsets, int64_t experts, GroupedWeights p,
+                                       float* const* outputs) {
+  grouped_weights_body<Math::bf16>(offsets, experts, p, outputs);
+}
+
+__global__ void grouped_weights_fp32_kernel(const int64_t* offsets, int64_t experts,
+                                            GroupedWeights p, float* const* outputs) {
+  grouped_weights_body<Math::fp32>(offsets, experts, p, outputs);
 }
 
 // The offsets and, for each of `pairs` pairs, the experts' pointers, uploaded together (no host
@@ -255,8 +327,13 @@ void grouped_rows(const int64_t* host_offsets, int64_t experts, const GroupedRow
   const int64_t column_tiles = (p.n + kTile - 1) / kTile;
   const dim3 grid(static_cast<unsigned int>((rows + kTile - 1) / kTile + experts),
                   static_cast<unsigned int>(column_tiles * (p.sum_pairs ? 1 : p.pairs)));
-  REX_LAUNCH(grouped_rows_kernel, grid, kGroupedThreads, 0, table.offsets(), experts, p,
-             table.pointers<const float>());
+  if (p.fp32) {
+    REX_LAUNCH(grouped_rows_fp32_kernel, grid, kGroupedThreads, 0, table.offsets(), experts, p,
+               table.pointers<const float>());
+  } else {
+    REX_LAUNCH(grouped_rows_kernel, grid, kGroupedThreads, 0, table.offsets(), experts, p,
+               table.pointers<const float>());
+  }
 }
 
 void grouped_weights(const int64_t* host_offsets, int64_t experts, const GroupedWeights& p) {
@@ -264,8 +341,13 @@ void grouped_weights(const int64_t* host_offsets, int64_t experts, const Grouped
   const dim3 grid(static_cast<unsigned int>((p.m + kTile - 1) / kTile),
                   static_cast<unsigned int>((p.n + kTile - 1) / kTile),
                   static_cast<unsigned int>(experts * p.pairs));
-  REX_LAUNCH(grouped_weights_kernel, grid, kGroupedThreads, 0, table.offsets(), experts, p,
-             table.pointers<float>());
+  if (p.fp32) {
+    REX_LAUNCH(grouped_weights_fp32_kernel, grid, kGroupedThreads, 0, table.offsets(), experts, p,
+               table.pointers<float>());
+  } else {
+    REX_LAUNCH(grouped_weights_kernel, grid, kGroupedThreads, 0, table.offsets(), experts, p,
+               table.pointers<float>());
+  }
 }
 
 }  // namespace

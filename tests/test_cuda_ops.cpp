@@ -583,130 +583,141 @@ TEST_CASE("cuda ops: grouped_swiglu and the MoE layer") {
 // 80 and 160 (a partial tile, and one full tile and a partial one, as n and as k), both pair
 // modes and skipped outputs. The fp32 products of the same operands
 // fall outside the bound for most outputs, so the bf16 rounding is what is checked.
-TEST_CASE("cuda ops: grouped expert products on bf16 tensor cores against a naive loop") {
+// Both forms: bf16 (tensor cores) and fp32 (CUDA cores). Each output must be within the bound of
+// its own precision's sum (the operands rounded to bf16 or not), and more than half of them outside
+// the other precision's, so that the test sees which arithmetic ran.
+TEST_CASE("cuda ops: grouped expert products in bf16 and in fp32 against a naive loop") {
   if (gpu_missing()) return;
-  const std::vector<int64_t> offsets{0, 0, 1, 64, 194, 400};
-  const int64_t experts = 5, rows = 400, d = 160, h = 80;
-  Generator gen(31);
-  const auto bf16 = [](float x) { return testing::rounded_to_bits(x, 8); };
-  // Checks got [r, c] against want(i, j) -> {sum, sum of |terms|, fp32 sum}; returns how many
-  // outputs the fp32 products would have missed the bound by.
-  const auto check = [&](const Tensor& got, const auto& want) {
-    int fp32_outside = 0;
-    for (int64_t i = 0; i < got.dim(0); ++i)
-      for (int64_t j = 0; j < got.dim(1); ++j) {
-        const auto [exact, magnitude, fp32, k] = want(i, j);
-        const double bound = 2 * gamma_n(static_cast<double>(k)) * magnitude + 1e-30;
-        CAPTURE(i);
-        CAPTURE(j);
-        REQUIRE(std::fabs(got.at({i, j}) - exact) <= bound);
-        fp32_outside += std::fabs(fp32 - exact) > bound ? 1 : 0;
-      }
-    return fp32_outside;
-  };
-  struct Sum {
-    double exact = 0, magnitude = 0, fp32 = 0;
-    int64_t k = 0;
-  };
-  const auto expert_of = [&](int64_t row) {
-    int64_t e = 0;
-    while (offsets[static_cast<size_t>(e + 1)] <= row) ++e;
-    return e;
-  };
-  const auto f = [](const Tensor& t) { return t.device_data<float>(); };
-  const auto& cuda = rex::detail::cuda_backend();
+  for (const bool fp32 : {false, true}) {
+    CAPTURE(fp32);
+    const std::vector<int64_t> offsets{0, 0, 1, 64, 194, 400};
+    const int64_t experts = 5, rows = 400, d = 160, h = 80;
+    Generator gen(31);
+    // The operands as the products see them.
+    const auto as_used = [fp32](float x) { return fp32 ? x : testing::rounded_to_bits(x, 8); };
+    const auto as_other = [fp32](float x) { return fp32 ? testing::rounded_to_bits(x, 8) : x; };
+    // Checks got [r, c] against want(i, j) -> {sum, sum of |terms|, the other precision's sum, k};
+    // returns how many outputs the other precision's products would have missed the bound by.
+    const auto check = [&](const Tensor& got, const auto& want) {
+      int other_outside = 0;
+      for (int64_t i = 0; i < got.dim(0); ++i)
+        for (int64_t j = 0; j < got.dim(1); ++j) {
+          const auto [exact, magnitude, other, k] = want(i, j);
+          const double bound = 2 * gamma_n(static_cast<double>(k)) * magnitude + 1e-30;
+          CAPTURE(i);
+          CAPTURE(j);
+          REQUIRE(std::fabs(got.at({i, j}) - exact) <= bound);
+          other_outside += std::fabs(other - exact) > bound ? 1 : 0;
+        }
+      return other_outside;
+    };
+    struct Sum {
+      double exact = 0, magnitude = 0, other = 0;
+      int64_t k = 0;
+    };
+    const auto expert_of = [&](int64_t row) {
+      int64_t e = 0;
+      while (offsets[static_cast<size_t>(e + 1)] <= row) ++e;
+      return e;
+    };
+    const auto f = [](const Tensor& t) { return t.device_data<float>(); };
+    const auto& cuda = rex::detail::cuda_backend();
 
-  // Rows form, two pairs splitting the columns: c_p = x w_p[e]^T (the experts' gate and up).
-  const Tensor x = uniform({rows, d}, gen, -1, 1), x_gpu = x.to(kGpu);
-  std::vector<Tensor> w[2], w_gpu[2];
-  std::vector<const float*> w_ptr[2];
-  for (int pair = 0; pair < 2; ++pair)
-    for (int64_t e = 0; e < experts; ++e) {
-      w[pair].push_back(uniform({h, d}, gen, -1, 1));
-      w_gpu[pair].push_back(w[pair].back().to(kGpu));
-      w_ptr[pair].push_back(f(w_gpu[pair].back()));
-    }
-  Tensor c_gpu[2] = {zeros({rows, h}, kGpu), zeros({rows, h}, kGpu)};
-  rex::detail::GroupedRows split;
-  split.pairs = 2, split.n = h, split.k = d;
-  split.a[0] = split.a[1] = f(x_gpu);
-  split.host_w[0] = w_ptr[0].data(), split.host_w[1] = w_ptr[1].data();
-  split.c[0] = f(c_gpu[0]), split.c[1] = f(c_gpu[1]);
-  cuda.grouped_rows(offsets.data(), experts, split);
-  for (int pair = 0; pair < 2; ++pair) {
-    CAPTURE(pair);
-    const int outside = check(c_gpu[pair].to(Device::cpu()), [&](int64_t r, int64_t j) {
-      const Tensor& we = w[pair][static_cast<size_t>(expert_of(r))];
-      Sum s{0, 0, 0, d};
-      for (int64_t p = 0; p < d; ++p) {
-        const double term = bf16(x.at({r, p})) * bf16(we.at({j, p}));
-        s.exact += term, s.magnitude += std::fabs(term);
-        s.fp32 += static_cast<double>(x.at({r, p})) * we.at({j, p});
+    // Rows form, two pairs splitting the columns: c_p = x w_p[e]^T (the experts' gate and up).
+    const Tensor x = uniform({rows, d}, gen, -1, 1), x_gpu = x.to(kGpu);
+    std::vector<Tensor> w[2], w_gpu[2];
+    std::vector<const float*> w_ptr[2];
+    for (int pair = 0; pair < 2; ++pair)
+      for (int64_t e = 0; e < experts; ++e) {
+        w[pair].push_back(uniform({h, d}, gen, -1, 1));
+        w_gpu[pair].push_back(w[pair].back().to(kGpu));
+        w_ptr[pair].push_back(f(w_gpu[pair].back()));
       }
-      return s;
-    });
-    CHECK(outside > rows * h / 2);
-  }
-
-  // Rows form, two pairs adding into one output: c = a_0 v_0[e] + a_1 v_1[e], v [k, n] (dx).
-  const Tensor a[2] = {uniform({rows, h}, gen, -1, 1), uniform({rows, h}, gen, -1, 1)};
-  const Tensor a_gpu[2] = {a[0].to(kGpu), a[1].to(kGpu)};
-  rex::detail::GroupedRows summed;
-  summed.pairs = 2, summed.sum_pairs = true, summed.transpose_w = false, summed.n = d, summed.k = h;
-  summed.a[0] = f(a_gpu[0]), summed.a[1] = f(a_gpu[1]);
-  summed.host_w[0] = w_ptr[0].data(), summed.host_w[1] = w_ptr[1].data();  // read as [h, d]
-  const Tensor dx_gpu = zeros({rows, d}, kGpu);
-  summed.c[0] = f(dx_gpu);
-  cuda.grouped_rows(offsets.data(), experts, summed);
-  check(dx_gpu.to(Device::cpu()), [&](int64_t r, int64_t j) {
-    Sum s{0, 0, 0, 2 * h};
+    Tensor c_gpu[2] = {zeros({rows, h}, kGpu), zeros({rows, h}, kGpu)};
+    rex::detail::GroupedRows split;
+    split.fp32 = fp32, split.pairs = 2, split.n = h, split.k = d;
+    split.a[0] = split.a[1] = f(x_gpu);
+    split.host_w[0] = w_ptr[0].data(), split.host_w[1] = w_ptr[1].data();
+    split.c[0] = f(c_gpu[0]), split.c[1] = f(c_gpu[1]);
+    cuda.grouped_rows(offsets.data(), experts, split);
     for (int pair = 0; pair < 2; ++pair) {
-      const Tensor& ve = w[pair][static_cast<size_t>(expert_of(r))];
-      for (int64_t p = 0; p < h; ++p) {
-        const double term = bf16(a[pair].at({r, p})) * bf16(ve.at({p, j}));
-        s.exact += term, s.magnitude += std::fabs(term);
-        s.fp32 += static_cast<double>(a[pair].at({r, p})) * ve.at({p, j});
-      }
-    }
-    return s;
-  });
-
-  // Weights form, two pairs sharing b: c_p[e] = a_p^T x over the segment's rows; the empty
-  // expert 0 and pair 1 of expert 2 get no output, and their buffers stay as they were.
-  std::vector<Tensor> grads[2];
-  std::vector<float*> grad_ptr[2];
-  for (int pair = 0; pair < 2; ++pair)
-    for (int64_t e = 0; e < experts; ++e) {
-      grads[pair].push_back(full({h, d}, 7.0f, kGpu));
-      const bool skipped = e == 0 || (pair == 1 && e == 2);
-      grad_ptr[pair].push_back(skipped ? nullptr : f(grads[pair].back()));
-    }
-  rex::detail::GroupedWeights weights;
-  weights.pairs = 2, weights.m = h, weights.n = d;
-  weights.a[0] = f(a_gpu[0]), weights.a[1] = f(a_gpu[1]), weights.b = f(x_gpu);
-  weights.host_c[0] = grad_ptr[0].data(), weights.host_c[1] = grad_ptr[1].data();
-  cuda.grouped_weights(offsets.data(), experts, weights);
-  for (int pair = 0; pair < 2; ++pair)
-    for (int64_t e = 0; e < experts; ++e) {
       CAPTURE(pair);
-      CAPTURE(e);
-      const Tensor got = grads[pair][static_cast<size_t>(e)].to(Device::cpu());
-      if (grad_ptr[pair][static_cast<size_t>(e)] == nullptr) {
-        CHECK(relative_error(got, full({h, d}, 7.0f)) == 0);
-        continue;
-      }
-      const int64_t first = offsets[static_cast<size_t>(e)],
-                    last = offsets[static_cast<size_t>(e + 1)];
-      check(got, [&](int64_t i, int64_t j) {
-        Sum s{0, 0, 0, std::max<int64_t>(last - first, 1)};
-        for (int64_t r = first; r < last; ++r) {
-          const double term = bf16(a[pair].at({r, i})) * bf16(x.at({r, j}));
+      const int outside = check(c_gpu[pair].to(Device::cpu()), [&](int64_t r, int64_t j) {
+        const Tensor& we = w[pair][static_cast<size_t>(expert_of(r))];
+        Sum s{0, 0, 0, d};
+        for (int64_t p = 0; p < d; ++p) {
+          const double term = static_cast<double>(as_used(x.at({r, p}))) * as_used(we.at({j, p}));
           s.exact += term, s.magnitude += std::fabs(term);
-          s.fp32 += static_cast<double>(a[pair].at({r, i})) * x.at({r, j});
+          s.other += static_cast<double>(as_other(x.at({r, p}))) * as_other(we.at({j, p}));
         }
         return s;
       });
+      CHECK(outside > rows * h / 2);
     }
+
+    // Rows form, two pairs adding into one output: c = a_0 v_0[e] + a_1 v_1[e], v [k, n] (dx).
+    const Tensor a[2] = {uniform({rows, h}, gen, -1, 1), uniform({rows, h}, gen, -1, 1)};
+    const Tensor a_gpu[2] = {a[0].to(kGpu), a[1].to(kGpu)};
+    rex::detail::GroupedRows summed;
+    summed.fp32 = fp32, summed.pairs = 2, summed.sum_pairs = true, summed.transpose_w = false;
+    summed.n = d, summed.k = h;
+    summed.a[0] = f(a_gpu[0]), summed.a[1] = f(a_gpu[1]);
+    summed.host_w[0] = w_ptr[0].data(), summed.host_w[1] = w_ptr[1].data();  // read as [h, d]
+    const Tensor dx_gpu = zeros({rows, d}, kGpu);
+    summed.c[0] = f(dx_gpu);
+    cuda.grouped_rows(offsets.data(), experts, summed);
+    check(dx_gpu.to(Device::cpu()), [&](int64_t r, int64_t j) {
+      Sum s{0, 0, 0, 2 * h};
+      for (int pair = 0; pair < 2; ++pair) {
+        const Tensor& ve = w[pair][static_cast<size_t>(expert_of(r))];
+        for (int64_t p = 0; p < h; ++p) {
+          const double term =
+              static_cast<double>(as_used(a[pair].at({r, p}))) * as_used(ve.at({p, j}));
+          s.exact += term, s.magnitude += std::fabs(term);
+          s.other += static_cast<double>(as_other(a[pair].at({r, p}))) * as_other(ve.at({p, j}));
+        }
+      }
+      return s;
+    });
+
+    // Weights form, two pairs sharing b: c_p[e] = a_p^T x over the segment's rows; the empty
+    // expert 0 and pair 1 of expert 2 get no output, and their buffers stay as they were.
+    std::vector<Tensor> grads[2];
+    std::vector<float*> grad_ptr[2];
+    for (int pair = 0; pair < 2; ++pair)
+      for (int64_t e = 0; e < experts; ++e) {
+        grads[pair].push_back(full({h, d}, 7.0f, kGpu));
+        const bool skipped = e == 0 || (pair == 1 && e == 2);
+        grad_ptr[pair].push_back(skipped ? nullptr : f(grads[pair].back()));
+      }
+    rex::detail::GroupedWeights weights;
+    weights.fp32 = fp32, weights.pairs = 2, weights.m = h, weights.n = d;
+    weights.a[0] = f(a_gpu[0]), weights.a[1] = f(a_gpu[1]), weights.b = f(x_gpu);
+    weights.host_c[0] = grad_ptr[0].data(), weights.host_c[1] = grad_ptr[1].data();
+    cuda.grouped_weights(offsets.data(), experts, weights);
+    for (int pair = 0; pair < 2; ++pair)
+      for (int64_t e = 0; e < experts; ++e) {
+        CAPTURE(pair);
+        CAPTURE(e);
+        const Tensor got = grads[pair][static_cast<size_t>(e)].to(Device::cpu());
+        if (grad_ptr[pair][static_cast<size_t>(e)] == nullptr) {
+          CHECK(relative_error(got, full({h, d}, 7.0f)) == 0);
+          continue;
+        }
+        const int64_t first = offsets[static_cast<size_t>(e)],
+                      last = offsets[static_cast<size_t>(e + 1)];
+        check(got, [&](int64_t i, int64_t j) {
+          Sum s{0, 0, 0, std::max<int64_t>(last - first, 1)};
+          for (int64_t r = first; r < last; ++r) {
+            const double term =
+                static_cast<double>(as_used(a[pair].at({r, i}))) * as_used(x.at({r, j}));
+            s.exact += term, s.magnitude += std::fabs(term);
+            s.other += static_cast<double>(as_other(a[pair].at({r, i}))) * as_other(x.at({r, j}));
+          }
+          return s;
+        });
+      }
+  }
 }
 
 // The launch shapes' edges: empty extents, single rows and elements, rows longer than the largest

@@ -613,8 +613,9 @@ inline FlashCounts flash_attention_counts(i64 group_heads, i64 T, i64 hd) {
 // sector (widths multiples of 8 floats), and every lane of a tile load loads (clamped into range).
 
 // load_tile<true>: 64 requests, each 2 rows of 2 floats a lane (distinct rows: 1 where the second
-// is past `rows`, or both are, clamped onto row rows - 1), then 64 stores of bf16 pairs with
-// two rows' words meeting in 4 banks: 2 wavefronts each.
+// is past `rows`, or both are, clamped onto row rows - 1), then 64 stores of bf16 pairs (fp32:
+// float2s, rows 36 words apart) with two rows' words meeting in every bank they use: 2 wavefronts
+// each, in either form.
 inline void grouped_tile_k_contiguous(KernelCounts& k, i64 rows, i64 depth) {
   for (i64 q = 0; q < 64; ++q) {
     k.global.load_requests += 1;
@@ -628,7 +629,8 @@ inline void grouped_tile_k_contiguous(KernelCounts& k, i64 rows, i64 depth) {
 
 // load_tile<false>: for each of 16 pairs of k, four warps of 32 consecutive rows (columns of the
 // product), each two float loads (k and k + 1) of the in-range rows (lanes past `rows` reread
-// rows - 1), then a store of 32 bf16 pairs 20 words apart: 4 in a bank, 4 wavefronts.
+// rows - 1), then a store of 32 bf16 pairs 20 words apart (fp32: float2s 36 words apart): 4 in a
+// bank, 4 wavefronts, in either form.
 inline void grouped_tile_strided(KernelCounts& k, i64 rows) {
   for (i64 w = 0; w < 64; ++w) {
     const i64 first = 32 * (w % 4), distinct = first < rows ? std::min<i64>(32, rows - first) : 1;
@@ -640,9 +642,17 @@ inline void grouped_tile_strided(KernelCounts& k, i64 rows) {
   k.shared.store_wavefronts += 256;
 }
 
-// One k tile's products: per warp, 2 k steps of 2 A and 4 B ldmatrix.x4 (conflict-free: 4
-// wavefronts) and 16 mma.m16n8k16.
-inline void grouped_tile_products(KernelCounts& k) {
+// One k tile's products. bf16: per warp, 2 k steps of 2 A and 4 B ldmatrix.x4 (conflict-free: 4
+// wavefronts) and 16 mma.m16n8k16. fp32: per warp, 8 steps of 4 k, each 4 float4 requests of 8
+// distinct rows and 16 of 4 distinct columns (conflict-free: 1 wavefront each), and per lane 64 x 4
+// fused multiply-adds.
+inline void grouped_tile_products(KernelCounts& k, bool fp32) {
+  if (fp32) {
+    k.shared.load_requests += 8 * 8 * 20;
+    k.shared.load_wavefronts += 8 * 8 * 20;
+    k.arithmetic.f32_flops += 256 * 64 * 32 * 2;
+    return;
+  }
   k.shared.load_requests += 8 * 12;
   k.shared.load_wavefronts += 8 * 12 * 4;
   k.arithmetic.tensor_bf16_flops += 8 * 32 * 4096;
@@ -670,7 +680,7 @@ inline void grouped_tile_store(KernelCounts& k, i64 rows, i64 cols) {
 // lane's 3 stores of the tile; every warp reads the tile's 3 fields, in the blocks past the last
 // tile too.
 inline KernelCounts grouped_rows(const std::vector<i64>& segment_rows, i64 n, i64 k, int operands,
-                                 int outputs, bool transpose_w) {
+                                 int outputs, bool transpose_w, bool fp32) {
   KernelCounts one;
   const auto experts = static_cast<i64>(segment_rows.size());
   const i64 column_tiles = static_cast<i64>(ceil_div(n, 128)) * outputs;
@@ -700,7 +710,7 @@ inline KernelCounts grouped_rows(const std::vector<i64>& segment_rows, i64 n, i6
             } else {
               grouped_tile_strided(one, cols);
             }
-            grouped_tile_products(one);
+            grouped_tile_products(one, fp32);
           }
         }
         grouped_tile_store(one, tile_rows, cols);
@@ -719,7 +729,8 @@ inline KernelCounts grouped_rows(const std::vector<i64>& segment_rows, i64 n, i6
 // grouped_weights_kernel, one launch: c_p[e] [m, n] = a_p^T b over each segment's rows, `pairs`
 // outputs; an expert without rows has no output (its blocks read the null pointer and return).
 // Every warp reads its output pointer and, where there is one, both offsets of its expert.
-inline KernelCounts grouped_weights(const std::vector<i64>& segment_rows, i64 m, i64 n, int pairs) {
+inline KernelCounts grouped_weights(const std::vector<i64>& segment_rows, i64 m, i64 n, int pairs,
+                                    bool fp32) {
   KernelCounts one;
   const i64 tiles = static_cast<i64>(ceil_div(m, 128) * ceil_div(n, 128));
   for (int pair = 0; pair < pairs; ++pair)
@@ -734,7 +745,7 @@ inline KernelCounts grouped_weights(const std::vector<i64>& segment_rows, i64 m,
         for (i64 k0 = 0; k0 < rows; k0 += 32) {
           grouped_tile_strided(one, tile_rows);
           grouped_tile_strided(one, cols);
-          grouped_tile_products(one);
+          grouped_tile_products(one, fp32);
         }
         grouped_tile_store(one, tile_rows, cols);
       }
@@ -765,6 +776,12 @@ inline Counts training_step(const rex::train::RunConfig& config,
   const rex::MatmulPrecision precision = rex::parse_matmul_precision(config.train.matmul_precision);
   // In bf16, attention runs on flash_attention.cu's kernels and the experts on grouped products.
   const bool flash = precision == rex::MatmulPrecision::bf16;
+  // The experts' products: grouped in bf16 (tensor cores) and fp32 (CUDA cores), per expert in
+  // tf32.
+  const bool fp32 = precision == rex::MatmulPrecision::fp32, grouped = flash || fp32;
+  const char* grouped_rows_name = fp32 ? "grouped_rows_fp32_kernel" : "grouped_rows_kernel";
+  const char* grouped_weights_name =
+      fp32 ? "grouped_weights_fp32_kernel" : "grouped_weights_kernel";
   const FlashCounts flash_counts = flash ? flash_attention_counts(H / G, T, hd) : FlashCounts{};
   const i64 routed = M * K;  // rows through the experts
   Plan plan;
@@ -858,10 +875,10 @@ inline Counts training_step(const rex::train::RunConfig& config,
     plan.read_back();  // the experts' counts
     plan.launch("route_scatter_kernel", route_scatter(routed, P));
     plan.launch("gather_rows_kernel", gather_rows(routed, D));  // into expert order
-    if (flash) {
-      plan.launch("grouped_rows_kernel", grouped_rows(segments(layer), F, D, 1, 2, true));
+    if (grouped) {
+      plan.launch(grouped_rows_name, grouped_rows(segments(layer), F, D, 1, 2, true, fp32));
       plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
-      plan.launch("grouped_rows_kernel", grouped_rows(segments(layer), D, F, 1, 1, true));
+      plan.launch(grouped_rows_name, grouped_rows(segments(layer), D, F, 1, 1, true, fp32));
     } else {
       per_expert(r, F, D, 2);  // gate and up
       plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
@@ -941,12 +958,12 @@ inline Counts training_step(const rex::train::RunConfig& config,
     plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
     KernelCounts swiglu_backward = elementwise(routed * F, 3, 0);  // a, b, g in; da out
     store_stream(swiglu_backward, routed * F);                     // and db
-    if (flash) {
-      plan.launch("grouped_weights_kernel", grouped_weights(segments(layer), D, F, 1));
-      plan.launch("grouped_rows_kernel", grouped_rows(segments(layer), F, D, 1, 1, false));
+    if (grouped) {
+      plan.launch(grouped_weights_name, grouped_weights(segments(layer), D, F, 1, fp32));
+      plan.launch(grouped_rows_name, grouped_rows(segments(layer), F, D, 1, 1, false, fp32));
       plan.launch("swiglu_backward_kernel", swiglu_backward);
-      plan.launch("grouped_weights_kernel", grouped_weights(segments(layer), F, D, 2));
-      plan.launch("grouped_rows_kernel", grouped_rows(segments(layer), D, F, 2, 1, false));
+      plan.launch(grouped_weights_name, grouped_weights(segments(layer), F, D, 2, fp32));
+      plan.launch(grouped_rows_name, grouped_rows(segments(layer), D, F, 2, 1, false, fp32));
     } else {
       per_expert(r, F, D, 1);  // down: dx = dy W
       per_expert(D, F, r, 1);  // down: dW = dy^T a

@@ -62,6 +62,7 @@ inline constexpr int kAdamWSegmentsPerLaunch = 96;
 struct GroupedRows {
   int pairs = 1;
   bool sum_pairs = false, transpose_w = true;
+  bool fp32 = false;  // products in fp32 on CUDA cores (the fp32 setting), not bf16 tensor cores
   int64_t n = 0, k = 0;
   const float* a[2] = {};
   const float* const* host_w[2] = {};
@@ -73,6 +74,7 @@ struct GroupedRows {
 // holds the experts' device pointers, on the host.
 struct GroupedWeights {
   int pairs = 1;
+  bool fp32 = false;  // as GroupedRows::fp32
   int64_t m = 0, n = 0;
   const float* a[2] = {};
   const float* b = nullptr;

@@ -74,17 +74,28 @@ inline Tensor cuda_unary(UnaryOp op, float s, const Tensor& x) {
   return y;
 }
 
-// Whether the experts' products run as grouped products on bf16 tensor cores
-// (kernels/grouped_gemm.cu): when CUDA's products are in bf16. In fp32 and tf32 they are per-expert
-// cuBLAS GEMMs.
-inline bool experts_grouped_on_tensor_cores() {
-  return matmul_precision_slot(true).load(std::memory_order_relaxed) == MatmulPrecision::bf16;
+// How the experts' products run on CUDA: grouped products (kernels/grouped_gemm.cu, one launch
+// for all the experts of a table) on bf16 tensor cores in bf16 and on CUDA cores in fp32; in tf32
+// per-expert cuBLAS GEMMs (cuBLAS's tf32 tensor cores outrun fp32 CUDA cores, and there is no
+// tf32 grouped form yet), and also for odd widths d or h (the grouped kernels read rows two floats
+// at a time).
+enum class ExpertProducts { grouped_bf16, grouped_fp32, per_expert };
+inline ExpertProducts expert_products(int64_t d, int64_t h) {
+  if (d % 2 != 0 || h % 2 != 0) return ExpertProducts::per_expert;
+  switch (matmul_precision_slot(true).load(std::memory_order_relaxed)) {
+    case MatmulPrecision::bf16:
+      return ExpertProducts::grouped_bf16;
+    case MatmulPrecision::fp32:
+      return ExpertProducts::grouped_fp32;
+    default:
+      return ExpertProducts::per_expert;
+  }
 }
 
 // grouped_swiglu on CUDA, with the arguments of rex::detail::cpu::grouped_swiglu
 // (rex/backend/cpu/gemm.hpp; the sizes come from the host-side offsets): the experts' products
-// around one fused swiglu kernel over all rows. In bf16, two grouped products (gate and up in one
-// launch, down in another); otherwise per-expert cuBLAS GEMMs on the segments.
+// around one fused swiglu kernel over all rows. In bf16 and fp32, two grouped products (gate and
+// up in one launch, down in another); in tf32 per-expert cuBLAS GEMMs on the segments.
 inline void cuda_grouped_swiglu(const float* x, const int64_t* offsets, int64_t experts,
                                 const float* const* gate, const float* const* up,
                                 const float* const* down, float* y, float* pre_gate, float* pre_up,
@@ -94,16 +105,17 @@ inline void cuda_grouped_swiglu(const float* x, const int64_t* offsets, int64_t 
   const std::shared_ptr<void> act_buffer =
       cuda_buffer(static_cast<size_t>(rows * h) * sizeof(float));
   auto* act = static_cast<float*>(act_buffer.get());
-  if (experts_grouped_on_tensor_cores()) {
+  if (const ExpertProducts how = expert_products(d, h); how != ExpertProducts::per_expert) {
+    const bool fp32 = how == ExpertProducts::grouped_fp32;
     GroupedRows gate_up;  // pre_gate = x gate_e^T and pre_up = x up_e^T, x read by one launch
-    gate_up.pairs = 2, gate_up.n = h, gate_up.k = d;
+    gate_up.fp32 = fp32, gate_up.pairs = 2, gate_up.n = h, gate_up.k = d;
     gate_up.a[0] = gate_up.a[1] = x;
     gate_up.host_w[0] = gate, gate_up.host_w[1] = up;
     gate_up.c[0] = pre_gate, gate_up.c[1] = pre_up;
     cuda.grouped_rows(offsets, experts, gate_up);
     cuda.swiglu(pre_gate, pre_up, act, rows * h);
     GroupedRows down_product;  // y = act down_e^T
-    down_product.n = d, down_product.k = h;
+    down_product.fp32 = fp32, down_product.n = d, down_product.k = h;
     down_product.a[0] = act, down_product.host_w[0] = down, down_product.c[0] = y;
     cuda.grouped_rows(offsets, experts, down_product);
     return;
@@ -140,25 +152,28 @@ inline void cuda_grouped_swiglu_backward(const float* x, const int64_t* offsets,
   auto* d_pre_gate = static_cast<float*>(buffers[2].get());
   auto* d_pre_up = static_cast<float*>(buffers[3].get());
   cuda.swiglu(pre_gate, pre_up, act, rows * h);
-  if (experts_grouped_on_tensor_cores()) {
+  if (const ExpertProducts how = expert_products(d, h); how != ExpertProducts::per_expert) {
+    const bool fp32 = how == ExpertProducts::grouped_fp32;
     GroupedWeights down_grad;  // d down_e = g_e^T act_e
-    down_grad.m = d, down_grad.n = h;
+    down_grad.fp32 = fp32, down_grad.m = d, down_grad.n = h;
     down_grad.a[0] = g, down_grad.b = act, down_grad.host_c[0] = d_down;
     cuda.grouped_weights(offsets, experts, down_grad);
     GroupedRows back_through_down;  // d_act = g down_e
-    back_through_down.transpose_w = false, back_through_down.n = h, back_through_down.k = d;
+    back_through_down.fp32 = fp32, back_through_down.transpose_w = false;
+    back_through_down.n = h, back_through_down.k = d;
     back_through_down.a[0] = g, back_through_down.host_w[0] = down;
     back_through_down.c[0] = d_act;
     cuda.grouped_rows(offsets, experts, back_through_down);
     cuda.swiglu_backward(pre_gate, pre_up, d_act, d_pre_gate, d_pre_up, rows * h);
     GroupedWeights gate_up_grads;  // d gate_e = dG_e^T x_e and d up_e = dU_e^T x_e
-    gate_up_grads.pairs = 2, gate_up_grads.m = h, gate_up_grads.n = d;
+    gate_up_grads.fp32 = fp32, gate_up_grads.pairs = 2, gate_up_grads.m = h, gate_up_grads.n = d;
     gate_up_grads.a[0] = d_pre_gate, gate_up_grads.a[1] = d_pre_up, gate_up_grads.b = x;
     gate_up_grads.host_c[0] = d_gate, gate_up_grads.host_c[1] = d_up;
     cuda.grouped_weights(offsets, experts, gate_up_grads);
     if (dx != nullptr) {
       GroupedRows back_to_x;  // dx = dG gate_e + dU up_e
-      back_to_x.pairs = 2, back_to_x.sum_pairs = true, back_to_x.transpose_w = false;
+      back_to_x.fp32 = fp32, back_to_x.pairs = 2, back_to_x.sum_pairs = true;
+      back_to_x.transpose_w = false;
       back_to_x.n = d, back_to_x.k = h;
       back_to_x.a[0] = d_pre_gate, back_to_x.a[1] = d_pre_up;
       back_to_x.host_w[0] = gate, back_to_x.host_w[1] = up, back_to_x.c[0] = dx;
