@@ -250,15 +250,21 @@ class AdamW {
       double norm = 0.0;
       detail::device_memory().copy(&norm, clip_.device_bytes(), sizeof norm,
                                    detail::DeviceCopy::device_to_host);
-      norm_ = norm;
-      norm_known_ = true;
-      if (!std::isfinite(norm_)) {
-        std::vector<Tensor> grads;
-        for (const Parameter& p : params_) grads.push_back(p.tensor.grad());
-        throw detail::non_finite_norm(norm_, detail::sums_of_squares(grads), names());
-      }
+      accept_grad_norm(norm);
     }
     return norm_;
+  }
+
+  // For a caller that read grad_norm_record() itself (with other values, in one copy): takes
+  // `norm` as the last clip's, and throws as grad_norm() does when it is not finite.
+  void accept_grad_norm(double norm) {
+    norm_ = norm;
+    norm_known_ = true;
+    if (!std::isfinite(norm_)) {
+      std::vector<Tensor> grads;
+      for (const Parameter& p : params_) grads.push_back(p.tensor.grad());
+      throw detail::non_finite_norm(norm_, detail::sums_of_squares(grads), names());
+    }
   }
 
   // Drops every parameter's gradient (the next backward() starts from nothing): one fill of the

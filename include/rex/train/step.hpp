@@ -315,14 +315,14 @@ inline StepResult train_step(
     const std::function<void(const nn::LmOutput&)>& inspect_gradients = nullptr) {
   QueuedStep queued =
       detail::backward_and_clip(model, optimizer, batch, at, grad_clip, split, inspect_gradients);
-  const double grad_norm = optimizer.grad_norm();  // throws on a non-finite norm
   queued.norm = optimizer.grad_norm_record();
   nn::LmOutput output = queued.result.output;
   std::vector<QueuedStep> one;
   one.push_back(std::move(queued));
+  // The losses and the norm in one copy; a non-finite norm throws before the update.
   StepResult result = std::move(read_steps(std::move(one)).front());
+  optimizer.accept_grad_norm(result.grad_norm);
   result.output = std::move(output);
-  result.grad_norm = grad_norm;
   optimizer.step(lr);
   optimizer.zero_grad();
   return result;
