@@ -1,5 +1,5 @@
 // Elementwise kernels: unary ops and their backward, binary ops and select with broadcasting,
-// broadcast_copy, sum_to, and the fused swiglu.
+// broadcast_copy, sum_to, the fused swiglu, and add_pairs (many gradient additions in one launch).
 //
 // Every kernel is a grid-stride loop with one thread per output element (blocks_for(n) blocks of
 // kThreads), so consecutive threads touch consecutive elements and reads and writes coalesce.
@@ -12,6 +12,8 @@
 // decompose the output index into coordinates (the general strided path). sum_to gives each output
 // element one thread that adds its summed inputs in float in the row-major order of x, exactly the
 // order of the CPU loop, so results are deterministic (and equal to the CPU's bit for bit).
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace rex::cuda::detail {
@@ -112,6 +114,33 @@ void binary(BinaryOp op, const float* a, const float* b, float* out, const CudaB
     REX_LAUNCH(binary_flat_kernel, blocks_for(n), kThreads, 0, op, a, a_step, b, b_step, out, n);
   } else {
     REX_LAUNCH(binary_strided_kernel, blocks_for(n), kThreads, 0, op, a, b, out, index, n);
+  }
+}
+
+struct AddPairTable {
+  rex::detail::AddPair pairs[rex::detail::kAddPairsPerLaunch];
+};
+static_assert(sizeof(AddPairTable) + 64 <= 4096, "add_pairs_kernel's arguments are too large");
+
+// Pair blockIdx.y of the table, grid-stride over its elements as binary_flat_kernel.
+__global__ void add_pairs_kernel(AddPairTable table) {
+  const rex::detail::AddPair& pair = table.pairs[blockIdx.y];
+  for (int64_t i = thread_index(); i < pair.n; i += thread_count())
+    pair.acc[i] = rex::detail::binary_value<BinaryOp::add>(pair.acc[i], pair.g[i]);
+}
+
+void add_pairs(const rex::detail::AddPair* host_pairs, int64_t count) {
+  for (int64_t done = 0; done < count; done += rex::detail::kAddPairsPerLaunch) {
+    const auto pairs = std::min<int64_t>(count - done, rex::detail::kAddPairsPerLaunch);
+    AddPairTable table{};
+    int64_t longest = 0;
+    for (int64_t j = 0; j < pairs; ++j) {
+      table.pairs[j] = host_pairs[done + j];
+      longest = std::max(longest, table.pairs[j].n);
+    }
+    if (longest == 0) continue;
+    const dim3 grid(blocks_for(longest), static_cast<unsigned int>(pairs));
+    REX_LAUNCH(add_pairs_kernel, grid, kThreads, 0, table);
   }
 }
 
@@ -268,6 +297,7 @@ void register_elementwise(rex::detail::CudaBackend& table) {
   table.unary = unary;
   table.unary_backward = unary_backward;
   table.binary = binary;
+  table.add_pairs = add_pairs;
   table.select = select;
   table.broadcast_copy = broadcast_copy;
   table.sum_to = sum_to;

@@ -13,7 +13,9 @@
 //   dg gate + du up: the k loop runs over both pairs).
 // - weights: for each expert e, c[e] = a_e^T b_e over the segment's rows: a block per 128 x 128
 //   tile of c[e], its k loop over the segment's rows. Two pairs share b (d gate = dg^T x and
-//   d up = du^T x). A null c[e] (an expert without a gradient) is skipped.
+//   d up = du^T x). A null c[e] (an expert without a gradient) is skipped; an expert whose
+//   segment is empty gets zeros (when the host never read the offsets, it gives every expert an
+//   output, and the gradient's gate says whether it is real: rex/autograd/graph.hpp).
 // Every operand is an fp32 matrix in memory, converted to bf16 (round to nearest even) on its way
 // into shared memory in bf16, kept as it is in fp32; tiles are stored with k contiguous (rows
 // padded by 8 bf16 or 4 floats, so that the 8 rows an ldmatrix or a float4 request reads fall in
@@ -37,6 +39,7 @@ namespace rex::cuda::detail {
 namespace {
 
 using rex::detail::GroupedRows;
+using rex::detail::GroupedSegments;
 using rex::detail::GroupedWeights;
 
 constexpr int kTile = 128;  // rows and columns of a block's output tile
@@ -288,65 +291,77 @@ __global__ void grouped_weights_fp32_kernel(const int64_t* offsets, int64_t expe
   grouped_weights_body<Math::fp32>(offsets, experts, p, outputs);
 }
 
-// The offsets and, for each of `pairs` pairs, the experts' pointers, uploaded together (no host
-// wait): offsets first, then the pointers pair by pair. Checks what both forms require: 1 or 2
-// pairs, 1 to kMaxExperts experts, and even widths (rows are read two floats at a time).
+// For each of `pairs` pairs the experts' pointers, uploaded (no host wait), after the offsets when
+// they are on the host; offsets() points at the device's offsets, or at the uploaded ones. Checks
+// what both forms require: 1 or 2 pairs, 1 to kMaxExperts experts, one kind of offsets, and even
+// widths (rows are read two floats at a time).
 class SegmentTable {
  public:
   template <class T>
-  SegmentTable(const int64_t* host_offsets, int64_t experts, int pairs,
-               T* const* const (&host_pointers)[2], std::initializer_list<int64_t> widths)
-      : buffer_(static_cast<size_t>(experts + 1 + pairs * experts) * 8), experts_(experts) {
+  SegmentTable(const GroupedSegments& segments, int pairs, T* const* const (&host_pointers)[2],
+               std::initializer_list<int64_t> widths)
+      : buffer_(static_cast<size_t>(uploaded_offsets(segments) + pairs * segments.experts) * 8),
+        pointers_at_(uploaded_offsets(segments)),
+        offsets_(segments.device_offsets) {
+    const int64_t experts = segments.experts;
     REX_CHECK(pairs == 1 || pairs == 2, "grouped products: 1 or 2 pairs, got ", pairs);
     REX_CHECK(experts >= 1 && experts <= kMaxExperts, "grouped products: ", experts,
               " experts; 1 to ", kMaxExperts, " are supported");
+    REX_CHECK((segments.device_offsets == nullptr) != (segments.host_offsets == nullptr),
+              "grouped products: the offsets must be on the device or on the host");
     for (const int64_t width : widths)
       REX_CHECK(width % 2 == 0, "grouped products: width ", width,
                 " must be even (rows are read two floats at a time)");
-    std::vector<int64_t> staged(host_offsets, host_offsets + experts + 1);
+    std::vector<int64_t> staged;
+    if (segments.host_offsets != nullptr)
+      staged.assign(segments.host_offsets, segments.host_offsets + experts + 1);
     for (int pair = 0; pair < pairs; ++pair)
       for (int64_t e = 0; e < experts; ++e)
         staged.push_back(reinterpret_cast<int64_t>(host_pointers[pair][e]));
     upload(buffer_.as<void>(), staged.data(), staged.size() * 8);
+    if (offsets_ == nullptr) offsets_ = buffer_.as<int64_t>();
   }
-  const int64_t* offsets() const { return buffer_.as<int64_t>(); }
+  const int64_t* offsets() const { return offsets_; }
   template <class T>
   T* const* pointers() const {
-    return reinterpret_cast<T* const*>(buffer_.as<int64_t>() + experts_ + 1);
+    return reinterpret_cast<T* const*>(buffer_.as<int64_t>() + pointers_at_);
   }
 
  private:
+  static int64_t uploaded_offsets(const GroupedSegments& segments) {
+    return segments.host_offsets != nullptr ? segments.experts + 1 : 0;
+  }
   Scratch buffer_;
-  int64_t experts_;
+  int64_t pointers_at_;
+  const int64_t* offsets_;
 };
 
-void grouped_rows(const int64_t* host_offsets, int64_t experts, const GroupedRows& p) {
-  const int64_t rows = host_offsets[experts];
-  if (rows == 0 || p.n == 0) return;
-  const SegmentTable table(host_offsets, experts, p.pairs, p.host_w, {p.n, p.k});
+void grouped_rows(const GroupedSegments& segments, const GroupedRows& p) {
+  if (segments.rows == 0 || p.n == 0) return;
+  const SegmentTable table(segments, p.pairs, p.host_w, {p.n, p.k});
   const int64_t column_tiles = (p.n + kTile - 1) / kTile;
-  const dim3 grid(static_cast<unsigned int>((rows + kTile - 1) / kTile + experts),
+  const dim3 grid(static_cast<unsigned int>((segments.rows + kTile - 1) / kTile + segments.experts),
                   static_cast<unsigned int>(column_tiles * (p.sum_pairs ? 1 : p.pairs)));
   if (p.fp32) {
-    REX_LAUNCH(grouped_rows_fp32_kernel, grid, kGroupedThreads, 0, table.offsets(), experts, p,
-               table.pointers<const float>());
+    REX_LAUNCH(grouped_rows_fp32_kernel, grid, kGroupedThreads, 0, table.offsets(),
+               segments.experts, p, table.pointers<const float>());
   } else {
-    REX_LAUNCH(grouped_rows_kernel, grid, kGroupedThreads, 0, table.offsets(), experts, p,
+    REX_LAUNCH(grouped_rows_kernel, grid, kGroupedThreads, 0, table.offsets(), segments.experts, p,
                table.pointers<const float>());
   }
 }
 
-void grouped_weights(const int64_t* host_offsets, int64_t experts, const GroupedWeights& p) {
-  const SegmentTable table(host_offsets, experts, p.pairs, p.host_c, {p.m, p.n});
+void grouped_weights(const GroupedSegments& segments, const GroupedWeights& p) {
+  const SegmentTable table(segments, p.pairs, p.host_c, {p.m, p.n});
   const dim3 grid(static_cast<unsigned int>((p.m + kTile - 1) / kTile),
                   static_cast<unsigned int>((p.n + kTile - 1) / kTile),
-                  static_cast<unsigned int>(experts * p.pairs));
+                  static_cast<unsigned int>(segments.experts * p.pairs));
   if (p.fp32) {
-    REX_LAUNCH(grouped_weights_fp32_kernel, grid, kGroupedThreads, 0, table.offsets(), experts, p,
-               table.pointers<float>());
+    REX_LAUNCH(grouped_weights_fp32_kernel, grid, kGroupedThreads, 0, table.offsets(),
+               segments.experts, p, table.pointers<float>());
   } else {
-    REX_LAUNCH(grouped_weights_kernel, grid, kGroupedThreads, 0, table.offsets(), experts, p,
-               table.pointers<float>());
+    REX_LAUNCH(grouped_weights_kernel, grid, kGroupedThreads, 0, table.offsets(), segments.experts,
+               p, table.pointers<float>());
   }
 }
 

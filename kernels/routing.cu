@@ -4,13 +4,14 @@
 //   slot order within an expert), exactly as the host's counting sort
 //   (rex/backend/counting_sort.hpp) orders them, so both backends agree on the plan bit for bit.
 //   Two kernels of one block per expert: route_count_kernel counts the expert's slots (integer
-//   sums: exact in any order); route_scatter_kernel walks the slots in order, 256 at a time, and
-//   gives each of its slots the position offset + (its rank among the expert's slots so far) with a
-//   block-wide prefix count (warp ballots, then the warps' totals in shared memory). The offset is
-//   the sum of the counts of the experts before. The counts come to the host in one copy (one
-//   synchronisation a layer): the per-expert GEMM sizes are needed there. The indices are rex's own
-//   (top-k of the router), so there is no per-index check; the counts must add up to the slots,
-//   which the host checks.
+//   sums: exact in any order) and writes its share of them (count / slots in f32, the balance
+//   loss's f); route_scatter_kernel writes the segment offsets and walks the slots in order, 256 at
+//   a time, giving each of its slots the position offset + (its rank among the expert's slots so
+//   far) with a block-wide prefix count (warp ballots, then the warps' totals in shared memory).
+//   The offset is the sum of the counts of the experts before. Nothing comes to the host: the
+//   grouped products read the offsets on the device, and the host reads them only when it asks
+//   (rex::DeviceCounts). The indices are rex's own (top-k of the router), so there is no
+//   per-index check.
 // - gather_sum_rows: dx[t] = the sum of g over the sorted positions of token t's k slots, added in
 //   increasing position, from 0: the order in which scatter_add_rows (and the CPU) add them, so the
 //   result is bit-identical to theirs, with no host work and no atomics. One thread per element of
@@ -22,7 +23,8 @@ namespace {
 
 constexpr int kMaxTopK = 32;
 
-__global__ void route_count_kernel(const int32_t* indices, int64_t slots, int64_t* counts) {
+__global__ void route_count_kernel(const int32_t* indices, int64_t slots, int64_t* counts,
+                                   float* shares) {
   __shared__ int64_t warp_total[kThreads / 32];
   const int32_t expert = static_cast<int32_t>(blockIdx.x);
   int64_t mine = 0;
@@ -35,11 +37,13 @@ __global__ void route_count_kernel(const int32_t* indices, int64_t slots, int64_
     int64_t total = 0;
     for (unsigned int w = 0; w < blockDim.x / 32; ++w) total += warp_total[w];
     counts[expert] = total;
+    shares[expert] = slots > 0 ? static_cast<float>(total) / static_cast<float>(slots) : 0.0f;
   }
 }
 
+// Block e also writes offsets[e + 1] (block 0 offsets[0] too): the start of the next expert.
 __global__ void route_scatter_kernel(const int32_t* indices, int64_t slots, int64_t k,
-                                     const int64_t* counts, int32_t* sorted_slots,
+                                     const int64_t* counts, int64_t* offsets, int32_t* sorted_slots,
                                      int32_t* slot_positions, int32_t* sorted_tokens) {
   __shared__ int64_t start;  // the next free position of this expert
   __shared__ int32_t warp_count[kThreads / 32];
@@ -49,6 +53,8 @@ __global__ void route_scatter_kernel(const int32_t* indices, int64_t slots, int6
     int64_t offset = 0;
     for (int32_t e = 0; e < expert; ++e) offset += counts[e];
     start = offset;
+    if (expert == 0) offsets[0] = 0;
+    offsets[expert + 1] = offset + counts[expert];
   }
   for (int64_t first = 0; first < slots; first += blockDim.x) {
     const int64_t s = first + threadIdx.x;
@@ -74,18 +80,13 @@ __global__ void route_scatter_kernel(const int32_t* indices, int64_t slots, int6
 }
 
 void route(const int32_t* indices, int64_t slots, int64_t k, int64_t pool, int32_t* sorted_slots,
-           int32_t* slot_positions, int32_t* sorted_tokens, int64_t* host_counts) {
+           int32_t* slot_positions, int32_t* sorted_tokens, int64_t* offsets, float* shares) {
   if (pool == 0) return;
   const Scratch counts(static_cast<size_t>(pool) * sizeof(int64_t));
   const auto blocks = static_cast<unsigned int>(pool);
-  REX_LAUNCH(route_count_kernel, blocks, kThreads, 0, indices, slots, counts.as<int64_t>());
-  REX_CUDA(cudaMemcpyAsync(host_counts, counts.as<int64_t>(),
-                           static_cast<size_t>(pool) * sizeof(int64_t), cudaMemcpyDeviceToHost,
-                           stream()));
-  if (slots > 0)
-    REX_LAUNCH(route_scatter_kernel, blocks, kThreads, 0, indices, slots, k, counts.as<int64_t>(),
-               sorted_slots, slot_positions, sorted_tokens);
-  REX_CUDA(cudaStreamSynchronize(stream()));
+  REX_LAUNCH(route_count_kernel, blocks, kThreads, 0, indices, slots, counts.as<int64_t>(), shares);
+  REX_LAUNCH(route_scatter_kernel, blocks, kThreads, 0, indices, slots, k, counts.as<int64_t>(),
+             offsets, sorted_slots, slot_positions, sorted_tokens);
 }
 
 __global__ void gather_sum_rows_kernel(const float* g, const int32_t* positions, float* dx,

@@ -11,6 +11,7 @@
 #include <functional>
 #include <iostream>
 #include <limits>
+#include <map>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -622,6 +623,8 @@ TEST_CASE("cuda ops: grouped expert products in bf16 and in fp32 against a naive
     };
     const auto f = [](const Tensor& t) { return t.device_data<float>(); };
     const auto& cuda = rex::detail::cuda_backend();
+    rex::detail::GroupedSegments segments;  // the offsets uploaded from the host
+    segments.host_offsets = offsets.data(), segments.experts = experts, segments.rows = rows;
 
     // Rows form, two pairs splitting the columns: c_p = x w_p[e]^T (the experts' gate and up).
     const Tensor x = uniform({rows, d}, gen, -1, 1), x_gpu = x.to(kGpu);
@@ -639,7 +642,7 @@ TEST_CASE("cuda ops: grouped expert products in bf16 and in fp32 against a naive
     split.a[0] = split.a[1] = f(x_gpu);
     split.host_w[0] = w_ptr[0].data(), split.host_w[1] = w_ptr[1].data();
     split.c[0] = f(c_gpu[0]), split.c[1] = f(c_gpu[1]);
-    cuda.grouped_rows(offsets.data(), experts, split);
+    cuda.grouped_rows(segments, split);
     for (int pair = 0; pair < 2; ++pair) {
       CAPTURE(pair);
       const int outside = check(c_gpu[pair].to(Device::cpu()), [&](int64_t r, int64_t j) {
@@ -665,7 +668,7 @@ TEST_CASE("cuda ops: grouped expert products in bf16 and in fp32 against a naive
     summed.host_w[0] = w_ptr[0].data(), summed.host_w[1] = w_ptr[1].data();  // read as [h, d]
     const Tensor dx_gpu = zeros({rows, d}, kGpu);
     summed.c[0] = f(dx_gpu);
-    cuda.grouped_rows(offsets.data(), experts, summed);
+    cuda.grouped_rows(segments, summed);
     check(dx_gpu.to(Device::cpu()), [&](int64_t r, int64_t j) {
       Sum s{0, 0, 0, 2 * h};
       for (int pair = 0; pair < 2; ++pair) {
@@ -694,7 +697,7 @@ TEST_CASE("cuda ops: grouped expert products in bf16 and in fp32 against a naive
     weights.fp32 = fp32, weights.pairs = 2, weights.m = h, weights.n = d;
     weights.a[0] = f(a_gpu[0]), weights.a[1] = f(a_gpu[1]), weights.b = f(x_gpu);
     weights.host_c[0] = grad_ptr[0].data(), weights.host_c[1] = grad_ptr[1].data();
-    cuda.grouped_weights(offsets.data(), experts, weights);
+    cuda.grouped_weights(segments, weights);
     for (int pair = 0; pair < 2; ++pair)
       for (int64_t e = 0; e < experts; ++e) {
         CAPTURE(pair);
@@ -716,6 +719,38 @@ TEST_CASE("cuda ops: grouped expert products in bf16 and in fp32 against a naive
           }
           return s;
         });
+      }
+
+    // The offsets in device memory, as a routing plan leaves them: every expert gets an output,
+    // the empty expert 0 zeros, the others the same bits as above.
+    const std::shared_ptr<void> device_offsets =
+        rex::detail::cuda_buffer(offsets.size() * sizeof(int64_t));
+    rex::detail::device_memory().copy(device_offsets.get(), offsets.data(),
+                                      offsets.size() * sizeof(int64_t),
+                                      rex::detail::DeviceCopy::host_to_device);
+    rex::detail::GroupedSegments on_device = segments;
+    on_device.host_offsets = nullptr;
+    on_device.device_offsets = static_cast<const int64_t*>(device_offsets.get());
+    std::vector<Tensor> every[2];
+    std::vector<float*> every_ptr[2];
+    for (int pair = 0; pair < 2; ++pair)
+      for (int64_t e = 0; e < experts; ++e) {
+        every[pair].push_back(full({h, d}, 7.0f, kGpu));
+        every_ptr[pair].push_back(f(every[pair].back()));
+      }
+    weights.host_c[0] = every_ptr[0].data(), weights.host_c[1] = every_ptr[1].data();
+    cuda.grouped_weights(on_device, weights);
+    for (int pair = 0; pair < 2; ++pair)
+      for (int64_t e = 0; e < experts; ++e) {
+        CAPTURE(pair);
+        CAPTURE(e);
+        const Tensor got = every[pair][static_cast<size_t>(e)].to(Device::cpu());
+        if (e == 0) {
+          CHECK(relative_error(got, zeros({h, d})) == 0);
+        } else if (grad_ptr[pair][static_cast<size_t>(e)] != nullptr) {
+          CHECK(got.to_vector<float>() ==
+                grads[pair][static_cast<size_t>(e)].to(Device::cpu()).to_vector<float>());
+        }
       }
   }
 }
@@ -1293,7 +1328,7 @@ TEST_CASE("cuda ops: permute_rows, and the MoE dispatch that permutes back with 
     const Tensor many = ids_tensor({many_tokens, many_k}, many_pool - 1, gen);
     const nn::RoutingPlan cpu_plan = nn::plan_routing(many, many_pool);
     const nn::RoutingPlan gpu_plan = nn::plan_routing(many.to(kGpu), many_pool);
-    CHECK(gpu_plan.offsets == cpu_plan.offsets);
+    CHECK(gpu_plan.counts.offsets() == cpu_plan.counts.offsets());
     CHECK(gpu_plan.counts.back() == 0);
     CHECK(gpu_plan.sorted_slots.to(Device::cpu()).to_vector<int32_t>() ==
           cpu_plan.sorted_slots.to_vector<int32_t>());
@@ -1313,7 +1348,7 @@ TEST_CASE("cuda ops: permute_rows, and the MoE dispatch that permutes back with 
   const Tensor indices = ids_tensor({tokens, k}, pool - 1, gen);  // expert 4 gets nothing
   const nn::RoutingPlan on_cpu = nn::plan_routing(indices, pool);
   const nn::RoutingPlan on_gpu = nn::plan_routing(indices.to(kGpu), pool);
-  CHECK(on_gpu.offsets == on_cpu.offsets);
+  CHECK(on_gpu.counts.offsets() == on_cpu.counts.offsets());
   CHECK(on_gpu.counts == on_cpu.counts);
   for (const auto& [gpu_side, cpu_side] : {std::pair{on_gpu.sorted_slots, on_cpu.sorted_slots},
                                            std::pair{on_gpu.slot_positions, on_cpu.slot_positions},
@@ -1336,4 +1371,50 @@ TEST_CASE("cuda ops: permute_rows, and the MoE dispatch that permutes back with 
       // weighs it (1) and the k = 2 slots add up (2); backward retraces that and the weights'
       // gradients sum over up to 9 x 2 routed slots. 6 + 8 + 4 + 1 + 2, twice, + 18 = 60 terms.
       rounding_bound(60, 2));
+}
+
+// With the routing plan on the device, every expert of a table gets a gradient gated by its count
+// (rex::detail::GradGate), which nothing reads during backward; AdamW settles them all in one
+// read: an expert no token chose (in either of two layers sharing the table) has no gradient,
+// keeps its weights and its step count, as on the CPU and in PyTorch.
+TEST_CASE("cuda ops: an expert no token chose gets no gradient and no AdamW step, as on the CPU") {
+  if (gpu_missing()) return;
+  const int64_t tokens = 6, k = 2, pool = 4, d = 8;
+  // Experts 0, 1 and 2 are chosen, expert 3 never.
+  const std::vector<int32_t> chosen = {0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2, 0};
+  std::map<std::string, Tensor> state[2];
+  for (const Device device : {Device::cpu(), kGpu}) {
+    CAPTURE(device);
+    Generator gen(41);
+    nn::ExpertTable table(pool, d, 4, gen, 0.5f, 0.5f);
+    table.to(device);
+    const nn::SwiGLU& unused = table.expert(3);
+    const std::vector<float> unused_before =
+        unused.down->weight.to(Device::cpu()).to_vector<float>();
+    optim::AdamW adam(optim::decay_matrices(table.named_parameters()));
+    const Tensor x = uniform({tokens, d}, gen, -1, 1).to(device);
+    const Tensor indices = from_vector(chosen, Shape{tokens, k}).to(device);
+    const Tensor gates = uniform({tokens, k}, gen, 0.1f, 1.0f).to(device);
+    const Tensor y = nn::dispatch_experts(x, indices, gates, table);
+    sum(nn::dispatch_experts(y, indices, gates, table)).backward();  // a second layer
+    const auto& meta = *unused.gate->weight.impl().autograd;
+    if (device.is_cuda()) {  // not yet settled: a zero gradient, gated by both layers' counts
+      CHECK(meta.grad_gates.size() == 2);
+      CHECK(meta.grad.to(Device::cpu()).to_vector<float>() == std::vector<float>(4 * d, 0.0f));
+    }
+    adam.step(0.1f);
+    CHECK(meta.grad_gates.empty());
+    CHECK(!unused.gate->weight.grad().defined());
+    CHECK(table.expert(0).gate->weight.grad().defined());
+    // No step, so no decay either: the same bits.
+    CHECK(unused.down->weight.to(Device::cpu()).to_vector<float>() == unused_before);
+    state[device.is_cuda() ? 1 : 0] = adam.state();
+  }
+  for (const auto& [name, tensor] : state[0]) {
+    if (name.find(".step") == std::string::npos) continue;
+    CAPTURE(name);
+    CHECK(state[1].at(name).to_vector<int32_t>() == tensor.to_vector<int32_t>());
+    const bool used = name.rfind("experts.3.", 0) != 0;
+    CHECK(tensor.to_vector<int32_t>() == std::vector<int32_t>{used ? 1 : 0});
+  }
 }

@@ -361,7 +361,7 @@ inline KernelCounts topk_backward(i64 rows, i64 n, i64 top) {
 }
 
 // route_count_kernel: a block per expert reads every slot's expert (int32) once, its warps' counts
-// meet in shared memory, thread 0 writes the count.
+// meet in shared memory, thread 0 writes the count (int64) and the share (f32).
 inline KernelCounts route_count(i64 slots, i64 pool) {
   KernelCounts k;
   for (i64 e = 0; e < pool; ++e) load_stream(k, slots);
@@ -371,6 +371,7 @@ inline KernelCounts route_count(i64 slots, i64 pool) {
   k.shared.load_requests += static_cast<uint64_t>(pool) * 8;
   k.shared.load_wavefronts += static_cast<uint64_t>(pool) * 8;
   store_per_row(k, pool, 1, 8);
+  store_per_row(k, pool, 1, 4);
   return k;
 }
 
@@ -383,7 +384,8 @@ inline KernelCounts route_count(i64 slots, i64 pool) {
 inline KernelCounts route_scatter(i64 slots, i64 pool) {
   KernelCounts k;
   for (i64 e = 0; e < pool; ++e) load_stream(k, slots);
-  load_per_row(k, pool * (pool - 1) / 2, 1, 8);  // the counts before each expert
+  load_per_row(k, pool * (pool - 1) / 2 + pool, 1, 8);  // the counts up to each expert's
+  store_per_row(k, pool + 1, 1, 8);                     // the offsets
   // Shared, per block: the start position (written once, then read by every warp and updated by
   // thread 0 per chunk); per chunk the warps' counts, written by lane 0 and read by every warp.
   const uint64_t chunks = ceil_div(slots, 256);
@@ -727,17 +729,19 @@ inline KernelCounts grouped_rows(const std::vector<i64>& segment_rows, i64 n, i6
 }
 
 // grouped_weights_kernel, one launch: c_p[e] [m, n] = a_p^T b over each segment's rows, `pairs`
-// outputs; an expert without rows has no output (its blocks read the null pointer and return).
-// Every warp reads its output pointer and, where there is one, both offsets of its expert.
+// outputs. With the offsets read by the host (`host_rule`), an expert without rows has no output
+// (its blocks read the null pointer and return); with them on the device only, every expert has
+// one, zeros for an empty segment. Every warp reads its output pointer and, where there is one,
+// both offsets of its expert.
 inline KernelCounts grouped_weights(const std::vector<i64>& segment_rows, i64 m, i64 n, int pairs,
-                                    bool fp32) {
+                                    bool fp32, bool host_rule) {
   KernelCounts one;
   const i64 tiles = static_cast<i64>(ceil_div(m, 128) * ceil_div(n, 128));
   for (int pair = 0; pair < pairs; ++pair)
     for (const i64 rows : segment_rows)
       for (i64 t = 0; t < tiles; ++t) {
         load_broadcast(one, 8 * 32, 8);  // the output pointer
-        if (rows == 0) continue;
+        if (rows == 0 && host_rule) continue;
         load_broadcast(one, 2 * 8 * 32, 8);  // the offsets
         const i64 tile_rows =
             std::min<i64>(128, m - 128 * (t / static_cast<i64>(ceil_div(n, 128))));
@@ -858,7 +862,7 @@ inline Counts training_step(const rex::train::RunConfig& config,
     permute(M * D);
     linear(M, D, D);
     add(M * D);
-    // MoE: the router and its softmax, top-k, the routing plan on the device (its counts read
+    // MoE: the router and its softmax, top-k, the routing plan on the device (nothing read
     // back), the gather into expert order, the experts, the permutation back and the gated sum
     // over k.
     rms_norm(M);
@@ -872,8 +876,8 @@ inline Counts training_step(const rex::train::RunConfig& config,
     plan.launch("softmax_kernel", softmax);
     plan.launch("topk_kernel", topk(M, P, K));
     plan.launch("route_count_kernel", route_count(routed, P));
-    plan.read_back();  // the experts' counts
     plan.launch("route_scatter_kernel", route_scatter(routed, P));
+    if (!grouped) plan.read_back();  // per-expert GEMMs need the counts on the host
     plan.launch("gather_rows_kernel", gather_rows(routed, D));  // into expert order
     if (grouped) {
       plan.launch(grouped_rows_name, grouped_rows(segments(layer), F, D, 1, 2, true, fp32));
@@ -888,8 +892,8 @@ inline Counts training_step(const rex::train::RunConfig& config,
     plan.launch("binary_strided_kernel", binary_strided(routed, D, false));
     plan.launch("fill32_kernel", elementwise(M * D, 0, 0));
     plan.launch("sum_middle_kernel", sum_middle(M, K, D));
-    // The balance loss: mean of the probabilities over tokens, times the routed shares
-    // (uploaded), summed, scaled; added to the running total from the second layer on.
+    // The balance loss: mean of the probabilities over tokens, times the routed shares (the
+    // routing plan's), summed, scaled; added to the running total from the second layer on.
     plan.launch("fill32_kernel", elementwise(P, 0, 0));
     plan.launch("sum_middle_kernel", sum_middle(1, M, P));
     plan.launch("unary_kernel", elementwise(P, 1, 0));
@@ -959,10 +963,10 @@ inline Counts training_step(const rex::train::RunConfig& config,
     KernelCounts swiglu_backward = elementwise(routed * F, 3, 0);  // a, b, g in; da out
     store_stream(swiglu_backward, routed * F);                     // and db
     if (grouped) {
-      plan.launch(grouped_weights_name, grouped_weights(segments(layer), D, F, 1, fp32));
+      plan.launch(grouped_weights_name, grouped_weights(segments(layer), D, F, 1, fp32, false));
       plan.launch(grouped_rows_name, grouped_rows(segments(layer), F, D, 1, 1, false, fp32));
       plan.launch("swiglu_backward_kernel", swiglu_backward);
-      plan.launch(grouped_weights_name, grouped_weights(segments(layer), F, D, 2, fp32));
+      plan.launch(grouped_weights_name, grouped_weights(segments(layer), F, D, 2, fp32, false));
       plan.launch(grouped_rows_name, grouped_rows(segments(layer), D, F, 2, 1, false, fp32));
     } else {
       per_expert(r, F, D, 1);  // down: dx = dy W
@@ -971,8 +975,12 @@ inline Counts training_step(const rex::train::RunConfig& config,
       per_expert(r, D, F, 2);  // gate and up: dx = dg Wg + du Wu
       per_expert(F, D, r, 2);  // gate and up: dW = dg^T x, du^T x
     }
-    if (layer % moe.reuse != moe.reuse - 1 && layer != L - 1)
-      plan.launch("binary_flat_kernel", elementwise(F * D, 2, 0), static_cast<uint64_t>(3 * P));
+    if (layer % moe.reuse != moe.reuse - 1 && layer != L - 1) {  // in add_pairs launches
+      const i64 pairs = 3 * P, per_launch = rex::detail::kAddPairsPerLaunch;
+      for (i64 done = 0; done < pairs; done += per_launch)
+        plan.launch("add_pairs_kernel",
+                    elementwise(F * D * std::min(per_launch, pairs - done), 2, 0));
+    }
     // The gather into expert order, back: each token's k rows summed in sorted order.
     plan.launch("gather_sum_rows_kernel", gather_sum_rows(M, K, D));
     add(M * D);
@@ -1005,6 +1013,10 @@ inline Counts training_step(const rex::train::RunConfig& config,
   // its plan uploaded), added to the tied head's. The step's losses stay on the device.
   plan.launch("scatter_add_rows_kernel", scatter_add_rows(V, M, D));
   add(V * D);
+
+  // With grouped products, every MoE layer's routing counts, read back in one copy (the step's
+  // one wait: the routing report, and which experts' gated gradients are real).
+  if (grouped) plan.read_back();
 
   // The optimiser over its arena (every parameter has a gradient here, and every size is a
   // multiple of 16 floats, so the arena has no padding): the sum of squares of the whole gradient

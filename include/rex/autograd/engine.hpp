@@ -35,19 +35,66 @@ inline Tensor sum_of_grads(const Tensor& a, const Tensor& b) {
   return out;
 }
 
+// The additions of one node's gradients into CUDA leaves that already have one, made together
+// once the node's gradients are all in: one add_pairs launch for many (an expert table's 3P
+// weight gradients), binary's add for one. A leaf is added to at most once per batch.
+class LeafAdds {
+ public:
+  void add(const Tensor& acc, const Tensor& g) {
+    if (!on_cuda(g)) {
+      add_into(acc, g, acc, "backward");
+      return;
+    }
+    for (const Tensor& a : accs_)
+      if (a.impl().storage == acc.impl().storage && a.impl().offset == acc.impl().offset) flush();
+    accs_.push_back(acc);
+    gs_.push_back(g);
+  }
+  void flush() {
+    if (accs_.size() == 1) {
+      add_into(accs_[0], gs_[0], accs_[0], "backward");
+    } else if (accs_.size() > 1) {
+      std::vector<AddPair> pairs;
+      for (size_t i = 0; i < accs_.size(); ++i)
+        pairs.push_back(
+            {accs_[i].device_data<float>(), gs_[i].device_data<float>(), accs_[i].numel()});
+      cuda_backend().add_pairs(pairs.data(), static_cast<int64_t>(pairs.size()));
+    }
+    accs_.clear(), gs_.clear();  // the gradients may go: their memory is reused in stream order
+  }
+
+ private:
+  std::vector<Tensor> accs_, gs_;
+};
+
 // acc += g; the first gradient is copied into the leaf's home when it has one (an optimiser
 // arena's view), else taken over when nothing else reaches it and copied otherwise, so that a
-// leaf's .grad() never aliases another tensor.
-inline void accumulate_leaf_grad(AutogradMeta& leaf, const Tensor& g) {
+// leaf's .grad() never aliases another tensor. The addition goes to `adds` when given (it is made
+// when adds is flushed). A gated g (GradGate) leaves the sum gated by its gate too, unless it
+// already was real.
+inline void accumulate_leaf_grad(AutogradMeta& leaf, const Tensor& g,
+                                 const GradGate* gate = nullptr, LeafAdds* adds = nullptr) {
+  const bool gated = gate != nullptr && gate->counts.defined();
   if (!leaf.grad.defined()) {
     if (has_grad_home(leaf, g)) {
       set_leaf_grad(leaf, g);
     } else {
       leaf.grad = g.is_sole_owner() ? g : g.clone();
     }
+    leaf.grad_gates.clear();
+    if (gated) leaf.grad_gates.push_back(*gate);
     return;
   }
-  add_into(leaf.grad, g, leaf.grad, "backward");
+  if (adds) {
+    adds->add(leaf.grad, g);
+  } else {
+    add_into(leaf.grad, g, leaf.grad, "backward");
+  }
+  if (!gated) {
+    leaf.grad_gates.clear();
+  } else if (!leaf.grad_gates.empty()) {
+    leaf.grad_gates.push_back(*gate);
+  }
 }
 
 // Nodes reachable from `root`, each before every node that produced one of its inputs.
@@ -89,6 +136,7 @@ inline void backward_through(Node* node, std::unordered_map<Node*, Tensor>& pend
 
   REX_CHECK(grads.size() == node->inputs.size(), "backward of '", node->op, "' returned ",
             grads.size(), " gradients for ", node->inputs.size(), " inputs");
+  LeafAdds adds;
   for (size_t i = 0; i < grads.size(); ++i) {
     if (!node->inputs[i] || !grads[i].defined()) continue;
     REX_CHECK(grads[i].shape() == node->input_shapes[i], "backward of '", node->op,
@@ -99,9 +147,11 @@ inline void backward_through(Node* node, std::unordered_map<Node*, Tensor>& pend
       Tensor& slot = pending[input.grad_fn.get()];
       slot = slot.defined() ? sum_of_grads(slot, grads[i]) : grads[i];
     } else {
-      accumulate_leaf_grad(input, grads[i]);
+      accumulate_leaf_grad(input, grads[i],
+                           node->input_gates.empty() ? nullptr : &node->input_gates[i], &adds);
     }
   }
+  adds.flush();
 }
 
 // Told of every leaf reached by a backward pass once its gradient is final, in the order they

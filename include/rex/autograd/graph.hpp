@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "rex/core/device_counts.hpp"
 #include "rex/core/tensor.hpp"
 
 namespace rex {
@@ -26,11 +27,22 @@ namespace detail {
 
 using GradList = std::vector<Tensor>;
 
+// A gradient whose existence the device decides: it is real only where count `index` of `counts`
+// is not zero. A MoE layer whose routing plan stayed on the device gives every expert a gradient
+// (zeros for an expert no token chose) gated by its expert's count, so that "an expert no token
+// chose has no gradient" (PyTorch's rule, which AdamW relies on) holds without a host wait during
+// the step; the leaf's gradient is settled (kept or dropped) when the host first asks for it.
+struct GradGate {
+  DeviceCounts counts;  // undefined: no gate, the gradient is real
+  int64_t index = 0;
+};
+
 struct Node {
   std::string_view op;                                // the op's name, for error messages
   std::vector<std::shared_ptr<AutogradMeta>> inputs;  // null where an input needs no gradient
   std::vector<Shape> input_shapes;
   std::function<GradList(const Tensor&, const std::vector<bool>&)> backward;  // null once released
+  std::vector<GradGate> input_gates;  // empty, or one per input: the gates of its gradients
 
   ~Node();
 };
@@ -43,6 +55,9 @@ struct AutogradMeta {
   // (rex/optim/arena.hpp), or undefined (each first gradient is then a tensor of its own). While
   // the leaf has no gradient, its home holds zeros; when it has one, grad is the home itself.
   Tensor grad_home;
+  // Gates of a gradient that may not be real (rex::detail::GradGate): it is real where any gate
+  // says so; empty when it is real. Until settled, the gradient holds zeros where it is not.
+  std::vector<GradGate> grad_gates;
 };
 
 // Whether the leaf's first gradient goes into its home: one set on the same device.
@@ -75,11 +90,33 @@ inline void set_leaf_grad(AutogradMeta& leaf, const Tensor& value) {
 inline void drop_leaf_grad(AutogradMeta& leaf) {
   if (grad_is_home(leaf)) Tensor(leaf.grad_home).fill_(0.0f);
   leaf.grad = Tensor();
+  leaf.grad_gates.clear();
+}
+
+// Decides whether the gated gradients of `leaves` are real, reading all their gates' counts from
+// the device in one copy: a gradient no gate lets through is dropped (it holds zeros, so a home
+// needs no fill).
+inline void settle_grads(const std::vector<AutogradMeta*>& leaves) {
+  std::vector<const DeviceCounts*> counts;
+  for (const AutogradMeta* leaf : leaves)
+    if (leaf)
+      for (const GradGate& gate : leaf->grad_gates) counts.push_back(&gate.counts);
+  if (counts.empty()) return;
+  read_counts(counts);
+  for (AutogradMeta* leaf : leaves) {
+    if (!leaf || leaf->grad_gates.empty()) continue;
+    bool real = false;
+    for (const GradGate& gate : leaf->grad_gates)
+      real = real || gate.counts[static_cast<size_t>(gate.index)] != 0;
+    if (!real) leaf->grad = Tensor();
+    leaf->grad_gates.clear();
+  }
 }
 
 // The leaf's gradient as a tensor of the caller's (a copy when it lives in a home, which is
 // zeroed), and the leaf left without one.
 inline Tensor take_leaf_grad(AutogradMeta& leaf) {
+  settle_grads({&leaf});
   Tensor g = grad_is_home(leaf) ? leaf.grad.clone() : leaf.grad;
   drop_leaf_grad(leaf);
   return g;
@@ -142,7 +179,11 @@ inline Tensor& Tensor::requires_grad_(bool enabled) {
   return *this;
 }
 
-inline Tensor Tensor::grad() const { return impl().autograd ? impl().autograd->grad : Tensor(); }
+inline Tensor Tensor::grad() const {
+  if (!impl().autograd) return Tensor();
+  detail::settle_grads({impl().autograd.get()});
+  return impl().autograd->grad;
+}
 
 inline void Tensor::zero_grad() {
   if (impl().autograd) detail::drop_leaf_grad(*impl().autograd);

@@ -184,6 +184,7 @@ class GradientSync {
     for (size_t j = 0; j < n; ++j) {
       if (local_) local_->fold(params_[b.params[j]]);
       detail::AutogradMeta& meta = *params_[b.params[j]].impl().autograd;
+      detail::settle_grads({&meta});  // whether a gated gradient is real (rex/autograd/graph.hpp)
       if (b.range.defined() && meta.grad.defined() && !detail::grad_is_home(meta))
         detail::set_leaf_grad(meta, meta.grad);  // into the arena range packed below
       const Tensor g = meta.grad;

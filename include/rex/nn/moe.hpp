@@ -95,45 +95,40 @@ struct RoutingStep {
 
 // The routing plan of one step: the T*k slots (slot s = t k + j is token t's j-th choice)
 // counting-sorted by expert (SlotOrder, rex/ops/moe.hpp), so that expert e's slots are the
-// contiguous sorted positions [offsets[e], offsets[e + 1]), in token order.
-struct RoutingPlan : SlotOrder {
-  std::vector<int64_t> offsets;  // [P + 1], on the host: the grouped GEMMs' segments
-};
+// contiguous sorted positions [offsets[e], offsets[e + 1]) of counts.offsets(), in token order. On
+// CUDA the plan is made and used on the device: the host reads its counts only when asked (one
+// read for all the layers of a training step: rex/optim/adamw.hpp).
+using RoutingPlan = SlotOrder;
 
-// The plan for indices [T, k] i32 with values in [0, pool), on the indices' device: on CUDA the
-// sort runs on the device and only the expert counts come to the host (the per-expert GEMM sizes
-// are needed there), one synchronisation per layer.
+// The plan for indices [T, k] i32 with values in [0, pool), on the indices' device.
 inline RoutingPlan plan_routing(const Tensor& indices, int64_t pool) {
-  RoutingPlan plan;
-  static_cast<SlotOrder&>(plan) = sort_slots_by_expert(indices, pool);
-  plan.offsets.assign(1, 0);
-  for (const int64_t c : plan.counts) plan.offsets.push_back(plan.offsets.back() + c);
-  return plan;
+  return sort_slots_by_expert(indices, pool);
 }
 
 // y [T, d] = sum_j gates[t, j] * table.expert(indices[t, j])(x[t]) by the sorted dispatch.
 // x [T, d] f32, indices [T, k] i32 (values in [0, table.size())), gates [T, k] f32.
-// If counts is given it receives the number of slots routed to each expert.
+// If plan is given it receives the routing plan (its counts, the routed shares).
 inline Tensor dispatch_experts(const Tensor& x, const Tensor& indices, const Tensor& gates,
-                               const ExpertTable& table, std::vector<int64_t>* counts = nullptr) {
+                               const ExpertTable& table, RoutingPlan* plan = nullptr) {
   REX_CHECK(x.rank() == 2 && indices.rank() == 2 && gates.shape() == indices.shape() &&
                 indices.dim(0) == x.dim(0) && x.dim(0) > 0,
             "dispatch_experts: expected x [T, d] with T > 0, indices and gates [T, k], got x ",
             x.shape(), ", indices ", indices.shape(), ", gates ", gates.shape());
   const int64_t tokens = x.dim(0), k = indices.dim(1), d = x.dim(1);
-  const RoutingPlan plan = plan_routing(indices, table.size());
-  if (counts) *counts = plan.counts;
-  const Tensor y_sorted = grouped_swiglu(dispatch_rows(x, plan), plan.offsets, table.gate_weights(),
-                                         table.up_weights(), table.down_weights());
-  const Tensor y_slots = unsort_rows(y_sorted, plan);
+  const RoutingPlan routing = plan_routing(indices, table.size());
+  const Tensor y_sorted =
+      grouped_swiglu(dispatch_rows(x, routing), routing.counts, table.gate_weights(),
+                     table.up_weights(), table.down_weights());
+  const Tensor y_slots = unsort_rows(y_sorted, routing);
+  if (plan) *plan = routing;
   return sum(reshape(y_slots, {tokens, k, d}) * reshape(gates, {tokens, k, 1}), 1);
 }
 
 struct MoeOutput {
-  Tensor y;                            // [T, d]
-  Tensor aux_loss;                     // scalar: load balance + z-loss, coefficients applied
-  std::vector<int64_t> expert_counts;  // routed slots per pool expert
-  int64_t candidates = 0;              // N_t at this step
+  Tensor y;                    // [T, d]
+  Tensor aux_loss;             // scalar: load balance + z-loss, coefficients applied
+  DeviceCounts expert_counts;  // routed slots per pool expert (on CUDA read when first asked)
+  int64_t candidates = 0;      // N_t at this step
 };
 
 class MoeLayer : public Module {
@@ -175,12 +170,16 @@ class MoeLayer : public Module {
       if (config_.renormalize) gates = gates / sum(gates, -1, /*keepdim=*/true);
     }
 
-    out.y = dispatch_experts(x, top.indices, gates, *table_, &out.expert_counts);
+    RoutingPlan plan;
+    out.y = dispatch_experts(x, top.indices, gates, *table_, &plan);
+    out.expert_counts = plan.counts;
     for (const auto& expert : shared) out.y = out.y + expert->forward(x);
     if (!measure) return out;
+    // The balance loss's routed shares: this pass's, made on the device, or the whole batch's.
     out.aux_loss = auxiliary_loss(
         logits, probs,
-        at.whole_batch ? at.whole_batch->of_layer(layer_, out.expert_counts) : out.expert_counts);
+        at.whole_batch ? routed_shares(at.whole_batch->of_layer(layer_, plan.counts.host()))
+                       : plan.routed_shares);
     return out;
   }
 
@@ -236,16 +235,20 @@ class MoeLayer : public Module {
   std::vector<std::shared_ptr<SwiGLU>> shared;
 
  private:
-  // counts: the routed slots per expert of the whole batch, T k in all.
-  Tensor auxiliary_loss(const Tensor& logits, const Tensor& probs,
-                        const std::vector<int64_t>& counts) const {
-    const int64_t pool = table_->size();
+  // Each expert's share of the routed slots, count / (T k), as the routing plan computes them.
+  static Tensor routed_shares(const std::vector<int64_t>& counts) {
     int64_t slots = 0;
     for (int64_t c : counts) slots += c;
-    std::vector<float> routed_share(static_cast<size_t>(pool));
-    for (int64_t e = 0; e < pool; ++e)
-      routed_share[e] = static_cast<float>(counts[e]) / static_cast<float>(slots);
-    Tensor loss = sum(from_vector(routed_share).to(probs.device()) * mean(probs, 0)) *
+    std::vector<float> share(counts.size());
+    for (size_t e = 0; e < counts.size(); ++e)
+      share[e] = slots > 0 ? static_cast<float>(counts[e]) / static_cast<float>(slots) : 0.0f;
+    return from_vector(share);
+  }
+
+  // shares: the routed share of each expert in the whole batch (f, [P]).
+  Tensor auxiliary_loss(const Tensor& logits, const Tensor& probs, const Tensor& shares) const {
+    const int64_t pool = table_->size();
+    Tensor loss = sum(shares.to(probs.device()) * mean(probs, 0)) *
                   static_cast<float>(config_.aux_loss_coef * static_cast<double>(pool));
     if (config_.z_loss_coef > 0) {
       const Tensor row_max = max(logits, -1, /*keepdim=*/true).detach();

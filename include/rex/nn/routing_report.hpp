@@ -22,8 +22,12 @@ namespace rex::nn {
 // Per layer: routed slots per pool expert.
 using ExpertCounts = std::vector<std::vector<int64_t>>;
 
-// total += the expert counts of one forward pass (total may start empty).
+// total += the expert counts of one forward pass (total may start empty). On CUDA every layer's
+// counts come from the device in one copy (one host wait), unless already read.
 inline void add_expert_counts(ExpertCounts& total, const LmOutput& out) {
+  std::vector<const DeviceCounts*> layers;
+  for (const DeviceCounts& counts : out.expert_counts) layers.push_back(&counts);
+  read_counts(layers);
   if (total.empty()) total.resize(out.expert_counts.size());
   for (size_t l = 0; l < out.expert_counts.size(); ++l) {
     auto& layer = total[l];

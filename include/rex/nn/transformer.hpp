@@ -37,16 +37,17 @@ struct LmOutput {
   Tensor lm_loss;   // mean cross-entropy (undefined without targets)
   Tensor aux_loss;  // sum of the MoE layers' auxiliary losses (undefined for a dense model)
   Tensor loss;      // lm_loss + aux_loss: what training minimises
-  std::vector<std::vector<int64_t>> expert_counts;  // per layer: routed slots per pool expert
-  int64_t candidates = 0;                           // PSR N_t at this step (0 for dense)
+  // Per MoE layer: routed slots per pool expert (on CUDA read from the device when first asked).
+  std::vector<DeviceCounts> expert_counts;
+  int64_t candidates = 0;  // PSR N_t at this step (0 for dense)
 };
 
 // What one block computed: its output and, for a MoE block, what its router measured.
 struct BlockOutput {
-  Tensor h;                            // [B, T, d]
-  Tensor aux_loss;                     // the MoE layer's auxiliary loss (undefined when dense)
-  std::vector<int64_t> expert_counts;  // routed slots per pool expert (empty when dense)
-  int64_t candidates = 0;              // PSR N_t at this step (0 when dense)
+  Tensor h;                    // [B, T, d]
+  Tensor aux_loss;             // the MoE layer's auxiliary loss (undefined when dense)
+  DeviceCounts expert_counts;  // routed slots per pool expert (undefined when dense)
+  int64_t candidates = 0;      // PSR N_t at this step (0 when dense)
 };
 
 class TransformerBlock : public Module {

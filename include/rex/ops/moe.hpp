@@ -10,17 +10,21 @@
 //   d gate_e = dG^T X_e,  d up_e = dU^T X_e,  dX_e = dG gate_e + dU up_e
 // (the SwiGLU formulas are rex/backend/pointwise.hpp's swiglu_value, swiglu_grad_a, swiglu_grad_b).
 // G and U are saved (2 M h floats); A is recomputed. The CPU runs the segments in parallel
-// (rex/backend/cpu/gemm.hpp); CUDA runs cuBLAS GEMMs per segment around one swiglu kernel over all
-// rows (rex/backend/cuda/dispatch.hpp). An empty segment costs nothing, and its expert gets no
-// gradient. The composed form — slice, three matmuls, silu, mul, concat — is what
+// (rex/backend/cpu/gemm.hpp); CUDA runs grouped products (or per-expert cuBLAS GEMMs in tf32)
+// around one swiglu kernel over all rows (rex/backend/cuda/dispatch.hpp). The offsets are a
+// DeviceCounts: on the host, or a routing plan's on the device, which the grouped products read
+// there. An empty segment costs nothing, and its expert gets no gradient: with the offsets on the
+// host it gets none at all; with them only on the device every expert gets one (zeros where its
+// segment is empty) gated by its count (rex::detail::GradGate), which the host settles when it
+// first asks. The composed form — slice, three matmuls, silu, mul, concat — is what
 // nn::dispatch_experts's tests check this against, through the naive per-token MoE loop.
 //
 // Also here, the routing plan's device work: sort_slots_by_expert (the stable counting sort of the
-// T k slots by expert: on the host for CPU tensors, by kernels for CUDA ones, which then send only
-// the counts to the host) and the two row moves of the dispatch, which trust their indices (rex
-// built them): dispatch_rows gathers each slot's token row into expert order, and its backward sums
-// each token's k rows in increasing sorted position (the order a scatter-add would use, so the
-// bits are the same, without the host); unsort_rows puts the sorted rows back in slot order.
+// T k slots by expert: on the host for CPU tensors, by kernels for CUDA ones, which send nothing to
+// the host) and the two row moves of the dispatch, which trust their indices (rex built them):
+// dispatch_rows gathers each slot's token row into expert order, and its backward sums each
+// token's k rows in increasing sorted position (the order a scatter-add would use, so the bits are
+// the same, without the host); unsort_rows puts the sorted rows back in slot order.
 #pragma once
 
 #include <algorithm>
@@ -30,6 +34,7 @@
 #include "rex/backend/counting_sort.hpp"
 #include "rex/backend/cpu/gemm.hpp"
 #include "rex/backend/cuda/dispatch.hpp"
+#include "rex/core/device_counts.hpp"
 #include "rex/ops/common.hpp"
 
 namespace rex {
@@ -57,8 +62,22 @@ inline std::vector<const float*> expert_pointers(const std::vector<Tensor>& weig
   return pointers;
 }
 
-inline GroupedSwigluValues grouped_swiglu_values(const Tensor& x,
-                                                 const std::vector<int64_t>& offsets,
+// The segments as the CUDA backend takes them: the offsets on the device where the host has not
+// read them (and the products are grouped), else on the host.
+inline GroupedSegments cuda_segments(const DeviceCounts& offsets, int64_t rows, int64_t d,
+                                     int64_t h) {
+  GroupedSegments segments;
+  segments.experts = offsets.size(), segments.rows = rows;
+  if (offsets.device_offsets() != nullptr && !offsets.known() &&
+      expert_products(d, h) != ExpertProducts::per_expert) {
+    segments.device_offsets = offsets.device_offsets();
+  } else {
+    segments.host_offsets = offsets.offsets().data();
+  }
+  return segments;
+}
+
+inline GroupedSwigluValues grouped_swiglu_values(const Tensor& x, const DeviceCounts& offsets,
                                                  const std::vector<Tensor>& gate,
                                                  const std::vector<Tensor>& up,
                                                  const std::vector<Tensor>& down) {
@@ -68,21 +87,32 @@ inline GroupedSwigluValues grouped_swiglu_values(const Tensor& x,
   GroupedSwigluValues out{Tensor::empty({rows, d}, DType::f32, device),
                           Tensor::empty({rows, h}, DType::f32, device),
                           Tensor::empty({rows, h}, DType::f32, device)};
-  (on_cuda(x) ? cuda_grouped_swiglu : cpu::grouped_swiglu)(
-      x.device_data<float>(), offsets.data(), experts, expert_pointers(gate).data(),
-      expert_pointers(up).data(), expert_pointers(down).data(), out.y.device_data<float>(),
-      out.pre_gate.device_data<float>(), out.pre_up.device_data<float>(), d, h);
+  const std::vector<const float*> g = expert_pointers(gate), u = expert_pointers(up),
+                                  w = expert_pointers(down);
+  if (on_cuda(x)) {
+    cuda_grouped_swiglu(x.device_data<float>(), cuda_segments(offsets, rows, d, h), g.data(),
+                        u.data(), w.data(), out.y.device_data<float>(),
+                        out.pre_gate.device_data<float>(), out.pre_up.device_data<float>(), d, h);
+  } else {
+    cpu::grouped_swiglu(x.data<float>(), offsets.offsets().data(), experts, g.data(), u.data(),
+                        w.data(), out.y.data<float>(), out.pre_gate.data<float>(),
+                        out.pre_up.data<float>(), d, h);
+  }
   return out;
 }
 
 // The gradients of the node's inputs (x, then gate, up and down of every expert: slot
-// 1 + kind * experts + e). `weights` are those 3P inputs; an expert with no rows gets none.
-inline GradList grouped_swiglu_grads(const Tensor& g, const Tensor& x,
-                                     const std::vector<int64_t>& offsets,
+// 1 + kind * experts + e). `weights` are those 3P inputs. With the offsets on the host an expert
+// with no rows gets no gradient; with them only on the device every wanted one is computed (zeros
+// for an empty segment), and the node's gates decide which are real.
+inline GradList grouped_swiglu_grads(const Tensor& g, const Tensor& x, const DeviceCounts& offsets,
                                      const std::vector<Tensor>& weights, const Tensor& pre_gate,
                                      const Tensor& pre_up, const std::vector<bool>& needs) {
   const auto experts = static_cast<int64_t>(weights.size() / 3);
-  const int64_t d = x.dim(1), h = pre_gate.dim(1);
+  const int64_t rows = x.dim(0), d = x.dim(1), h = pre_gate.dim(1);
+  const GroupedSegments segments =
+      on_cuda(x) ? cuda_segments(offsets, rows, d, h) : GroupedSegments{};
+  const bool host_offsets = segments.device_offsets == nullptr;
   GradList grads(static_cast<size_t>(1 + 3 * experts));
   if (needs[0]) grads[0] = Tensor::empty(x.shape(), DType::f32, x.device());
   // Per kind, every expert's weights and gradient (null where not wanted) as device pointers.
@@ -92,16 +122,23 @@ inline GradList grouped_swiglu_grads(const Tensor& g, const Tensor& x,
     for (int64_t e = 0; e < experts; ++e) {
       const auto slot = static_cast<size_t>(1 + kind * experts + e);
       w[kind].push_back(weights[slot - 1].device_data<float>());
-      if (needs[slot] && offsets[e + 1] > offsets[e])
+      if (needs[slot] && (!host_offsets || offsets[static_cast<size_t>(e)] > 0))
         grads[slot] = Tensor::empty(weights[slot - 1].shape(), DType::f32, x.device());
       dw[kind].push_back(grads[slot].defined() ? grads[slot].device_data<float>() : nullptr);
     }
   }
-  (on_cuda(x) ? cuda_grouped_swiglu_backward : cpu::grouped_swiglu_backward)(
-      x.device_data<float>(), offsets.data(), experts, w[0].data(), w[1].data(), w[2].data(),
-      pre_gate.device_data<float>(), pre_up.device_data<float>(), g.device_data<float>(),
-      needs[0] ? grads[0].device_data<float>() : nullptr, dw[0].data(), dw[1].data(), dw[2].data(),
-      d, h);
+  float* dx = needs[0] ? grads[0].device_data<float>() : nullptr;
+  if (on_cuda(x)) {
+    cuda_grouped_swiglu_backward(x.device_data<float>(), segments, w[0].data(), w[1].data(),
+                                 w[2].data(), pre_gate.device_data<float>(),
+                                 pre_up.device_data<float>(), g.device_data<float>(), dx,
+                                 dw[0].data(), dw[1].data(), dw[2].data(), d, h);
+  } else {
+    cpu::grouped_swiglu_backward(x.data<float>(), offsets.offsets().data(), experts, w[0].data(),
+                                 w[1].data(), w[2].data(), pre_gate.data<float>(),
+                                 pre_up.data<float>(), g.data<float>(), dx, dw[0].data(),
+                                 dw[1].data(), dw[2].data(), d, h);
+  }
   return grads;
 }
 
@@ -150,39 +187,51 @@ inline Tensor gather_sum_rows(const Tensor& g, const Tensor& slot_positions, int
 
 // The T k slots of indices [T, k] (values in [0, pool)) stably sorted by expert.
 struct SlotOrder {
-  std::vector<int64_t> counts;  // [pool], on the host: slots routed to each expert
-  Tensor sorted_slots;          // [T k] i32: the slot at each sorted position
-  Tensor slot_positions;        // [T k] i32: each slot's sorted position (the inverse)
-  Tensor sorted_tokens;         // [T k] i32: the token of each sorted position
+  DeviceCounts counts;    // [pool]: slots routed to each expert, as the experts' segment offsets
+                          // (on CUDA on the device, read by the host only when asked)
+  Tensor routed_shares;   // [pool] f32: each expert's count / (T k), the balance loss's f
+  Tensor sorted_slots;    // [T k] i32: the slot at each sorted position
+  Tensor slot_positions;  // [T k] i32: each slot's sorted position (the inverse)
+  Tensor sorted_tokens;   // [T k] i32: the token of each sorted position
 };
 
+// On CUDA the indices are checked only where the host has them (an uploaded tensor): indices made
+// on the device are rex's own top-k, trusted as the kernels' other inputs are.
 inline SlotOrder sort_slots_by_expert(const Tensor& indices, int64_t pool) {
   detail::check_i32("sort_slots_by_expert", indices);
   REX_CHECK(indices.rank() == 2, "sort_slots_by_expert: expected indices [T, k], got ",
             indices.shape());
+  REX_CHECK(pool > 0, "sort_slots_by_expert: the table has no experts");
   const int64_t k = indices.dim(1), slots = indices.numel();
+  const auto bad_index = [pool](int32_t e, int64_t s) {
+    throw Error(detail::concat("sort_slots_by_expert: expert index ", e, " at slot ", s,
+                               " is outside the table of ", pool));
+  };
   SlotOrder out;
-  out.counts.assign(static_cast<size_t>(pool), 0);
   for (Tensor* t : {&out.sorted_slots, &out.slot_positions, &out.sorted_tokens})
     *t = Tensor::empty({slots}, DType::i32, indices.device());
+  out.routed_shares = Tensor::empty({pool}, DType::f32, indices.device());
   if (detail::on_cuda(indices)) {
-    detail::cuda_backend().route(indices.device_data<int32_t>(), slots, k, pool,
-                                 out.sorted_slots.device_data<int32_t>(),
-                                 out.slot_positions.device_data<int32_t>(),
-                                 out.sorted_tokens.device_data<int32_t>(), out.counts.data());
-    int64_t routed = 0;
-    for (const int64_t c : out.counts) routed += c;
-    REX_CHECK(routed == slots, "sort_slots_by_expert: ", slots - routed, " of ", slots,
-              " slots name an expert outside the table of ", pool);
+    if (const int32_t* host = indices.host_values<int32_t>())
+      for (int64_t s = 0; s < slots; ++s)
+        if (host[s] < 0 || host[s] >= pool) bad_index(host[s], s);
+    std::shared_ptr<void> offsets =
+        detail::cuda_buffer(static_cast<size_t>(pool + 1) * sizeof(int64_t));
+    detail::cuda_backend().route(
+        indices.device_data<int32_t>(), slots, k, pool, out.sorted_slots.device_data<int32_t>(),
+        out.slot_positions.device_data<int32_t>(), out.sorted_tokens.device_data<int32_t>(),
+        static_cast<int64_t*>(offsets.get()), out.routed_shares.device_data<float>());
+    out.counts = DeviceCounts::on_device(std::move(offsets), pool);
     return out;
   }
   const detail::BucketOrder by_expert =
-      detail::counting_sort(indices.data<int32_t>(), slots, pool, [pool](int32_t e, int64_t s) {
-        throw Error(detail::concat("sort_slots_by_expert: expert index ", e, " at slot ", s,
-                                   " is outside the table of ", pool));
-      });
+      detail::counting_sort(indices.data<int32_t>(), slots, pool, bad_index);
+  out.counts = DeviceCounts::on_host(by_expert.offsets);
+  float* shares = out.routed_shares.data<float>();
   for (int64_t e = 0; e < pool; ++e)
-    out.counts[static_cast<size_t>(e)] = by_expert.offsets[e + 1] - by_expert.offsets[e];
+    shares[e] = slots > 0 ? static_cast<float>(out.counts[static_cast<size_t>(e)]) /
+                                static_cast<float>(slots)
+                          : 0.0f;
   int32_t* slot_at = out.sorted_slots.data<int32_t>();
   int32_t* position_of = out.slot_positions.data<int32_t>();
   int32_t* token_at = out.sorted_tokens.data<int32_t>();
@@ -219,21 +268,25 @@ inline Tensor unsort_rows(const Tensor& y_sorted, const SlotOrder& order) {
                         });
 }
 
-inline Tensor grouped_swiglu(const Tensor& x, const std::vector<int64_t>& offsets,
+// offsets: the segments [experts + 1], on the host or (a routing plan's counts) on x's device.
+inline Tensor grouped_swiglu(const Tensor& x, const DeviceCounts& offsets,
                              const std::vector<Tensor>& gate, const std::vector<Tensor>& up,
                              const std::vector<Tensor>& down) {
   detail::check_f32("grouped_swiglu", x);
   REX_CHECK(x.rank() == 2, "grouped_swiglu: x must be [M, d], got ", x.shape());
   const auto experts = static_cast<int64_t>(gate.size());
   REX_CHECK(experts > 0 && static_cast<int64_t>(up.size()) == experts &&
-                static_cast<int64_t>(down.size()) == experts &&
-                static_cast<int64_t>(offsets.size()) == experts + 1,
+                static_cast<int64_t>(down.size()) == experts && offsets.size() == experts,
             "grouped_swiglu: need one gate, up and down weight per expert and experts + 1 offsets");
-  REX_CHECK(offsets.front() == 0 && offsets.back() == x.dim(0),
-            "grouped_swiglu: offsets must run from 0 to the ", x.dim(0), " rows of x");
+  if (offsets.known()) {  // the host has them: check them (a plan made on the device is rex's)
+    const std::vector<int64_t>& o = offsets.offsets();
+    REX_CHECK(o.front() == 0 && o.back() == x.dim(0),
+              "grouped_swiglu: offsets must run from 0 to the ", x.dim(0), " rows of x");
+    for (int64_t e = 0; e < experts; ++e)
+      REX_CHECK(o[e] <= o[e + 1], "grouped_swiglu: offsets decrease at expert ", e);
+  }
   const int64_t d = x.dim(1), h = gate[0].dim(0);
   for (int64_t e = 0; e < experts; ++e) {
-    REX_CHECK(offsets[e] <= offsets[e + 1], "grouped_swiglu: offsets decrease at expert ", e);
     detail::check_f32("grouped_swiglu", gate[e]), detail::check_f32("grouped_swiglu", up[e]);
     detail::check_f32("grouped_swiglu", down[e]);
     REX_CHECK(gate[e].shape() == Shape({h, d}) && up[e].shape() == Shape({h, d}) &&
@@ -249,12 +302,29 @@ inline Tensor grouped_swiglu(const Tensor& x, const std::vector<int64_t>& offset
   std::vector<Tensor> weights;  // what the backward reads: none without a graph (decoding)
   if (grad_enabled())
     for (size_t i = 1; i < inputs.size(); ++i) weights.push_back(inputs[i].detach());
-  return detail::record(
+  Tensor y = detail::record(
       values.y, "grouped_swiglu", inputs,
       [x = x.detach(), offsets, weights = std::move(weights), pre_gate = values.pre_gate,
        pre_up = values.pre_up](const Tensor& g, const std::vector<bool>& needs) {
         return detail::grouped_swiglu_grads(g, x, offsets, weights, pre_gate, pre_up, needs);
       });
+  // Offsets the host has not read: each expert's gradients are real only if its count is not 0.
+  if (offsets.device_offsets() != nullptr && !offsets.known() && y.impl().autograd) {
+    std::vector<detail::GradGate>& gates = y.impl().autograd->grad_fn->input_gates;
+    gates.resize(inputs.size());
+    for (int64_t kind = 0; kind < 3; ++kind)
+      for (int64_t e = 0; e < experts; ++e)
+        gates[static_cast<size_t>(1 + kind * experts + e)] = {offsets, e};
+  }
+  return y;
+}
+
+// The same with the offsets given on the host.
+inline Tensor grouped_swiglu(const Tensor& x, const std::vector<int64_t>& offsets,
+                             const std::vector<Tensor>& gate, const std::vector<Tensor>& up,
+                             const std::vector<Tensor>& down) {
+  REX_CHECK(!offsets.empty(), "grouped_swiglu: need experts + 1 offsets, got none");
+  return grouped_swiglu(x, DeviceCounts::on_host(offsets), gate, up, down);
 }
 
 }  // namespace rex

@@ -28,6 +28,9 @@
 // in place); on CUDA one reduction over the gradient buffer and a one-block kernel leave the norm
 // and the clip factor on the device, and step() multiplies each gradient by the factor as it reads
 // it: no host wait, the norm comes back only when grad_norm() asks for it.
+//
+// An expert's gradient from a routing plan that stayed on the device is gated by its count
+// (rex::detail::GradGate): step() settles all of them first, with one read of all their counts.
 #pragma once
 
 #include <cmath>
@@ -127,6 +130,11 @@ class AdamW {
     // Checked before any update, outside the parallel loop: an exception cannot leave an OpenMP
     // region.
     const auto count = static_cast<int64_t>(params_.size());
+    // Which gated gradients (experts of a routing plan the host has not read) are real: every
+    // gate's counts in one read from the device (none when a caller already read them).
+    std::vector<detail::AutogradMeta*> leaves;
+    for (const Parameter& p : params_) leaves.push_back(p.tensor.impl().autograd.get());
+    detail::settle_grads(leaves);
     for (int64_t i = 0; i < count; ++i) {
       const Tensor g = params_[i].tensor.grad();
       const Device device = params_[i].tensor.device();

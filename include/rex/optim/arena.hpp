@@ -109,7 +109,10 @@ class Arena {
   void zero_grad(const std::vector<Tensor>& params) const {
     if (grads_.defined()) Tensor(grads_).fill_(0.0f);
     for (const Tensor& p : params)
-      if (p.impl().autograd) p.impl().autograd->grad = Tensor();
+      if (p.impl().autograd) {
+        p.impl().autograd->grad = Tensor();
+        p.impl().autograd->grad_gates.clear();
+      }
   }
 
  private:

@@ -121,8 +121,10 @@ class CountsMeasuredFirst : public nn::WholeBatchCounts {
     for (size_t m = 0; m < micro.size(); ++m) {
       at.first_sequence = first_sequences[m];
       const nn::LmOutput out = model.forward(micro[m].inputs, micro[m].targets, at);
+      nn::ExpertCounts counts;
+      nn::add_expert_counts(counts, out);
       nn::add_expert_counts(whole_, out);
-      per_micro_.push_back(out.expert_counts);
+      per_micro_.push_back(std::move(counts));
     }
     if (comm) train::all_reduce_counts(*comm, whole_);
   }

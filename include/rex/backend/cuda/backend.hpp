@@ -42,6 +42,16 @@ struct AdamWScalars {
   float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
 };
 
+// acc[i] += g[i] for i < n: one of the gradient additions that add_pairs does in one launch.
+struct AddPair {
+  float* acc;
+  const float* g;
+  int64_t n;
+};
+
+// The most pairs one add_pairs launch takes (they travel as a kernel argument).
+inline constexpr int kAddPairsPerLaunch = 96;
+
 // One parameter's range [begin, end) of an optimiser arena (element offsets) with its own scalars
 // of the step (keep = 1 for parameters without weight decay; the step size and bias correction
 // follow its own step count).
@@ -53,6 +63,16 @@ struct AdamWSegment {
 // The most segments one adamw_segments launch takes (they travel as a kernel argument, under
 // CUDA's 4 KiB limit); more segments make more launches.
 inline constexpr int kAdamWSegmentsPerLaunch = 96;
+
+// The segments of expert-sorted rows that a grouped product runs over: their offsets
+// [experts + 1] in device memory (a routing plan's, which the host never read), or else on the host
+// (uploaded with the launch's pointer table, no host wait); rows, the last offset, is known to the
+// host either way (T k).
+struct GroupedSegments {
+  const int64_t* device_offsets = nullptr;
+  const int64_t* host_offsets = nullptr;
+  int64_t experts = 0, rows = 0;
+};
 
 // A grouped product over the segments of expert-sorted rows (kernels/grouped_gemm.cu), rows form:
 // for each expert e (rows o_e .. o_e+1 of the segment offsets) and each pair p < pairs,
@@ -101,6 +121,10 @@ struct CudaBackend {
                          int64_t n);
   void (*binary)(BinaryOp op, const float* a, const float* b, float* out,
                  const CudaBroadcast& index);  // strides[0] for a, [1] for b
+  // For each of `count` pairs (distinct acc arrays, contiguous), acc += g elementwise: the backward
+  // pass's additions of one node's gradients into their leaves, kAddPairsPerLaunch to a launch
+  // (the same sums, bit for bit, as binary's add of each pair).
+  void (*add_pairs)(const AddPair* host_pairs, int64_t count);
   // out = cond != 0 ? a : b; cond is f32 or i32 (cond_is_i32); strides[0..2] for cond, a, b.
   void (*select)(const void* cond, bool cond_is_i32, const float* a, const float* b, float* out,
                  const CudaBroadcast& index);
@@ -166,11 +190,12 @@ struct CudaBackend {
   // ---- the MoE routing plan (kernels/routing.cu) ----
   // The `slots` entries of indices (slot s is token s / k's choice s % k, an expert in [0, pool))
   // stably sorted by expert, as the host's counting sort: sorted_slots[p] is the slot at sorted
-  // position p, slot_positions its inverse, sorted_tokens[p] = sorted_slots[p] / k; host_counts
-  // [pool] receives each expert's slot count (one synchronisation).
+  // position p, slot_positions its inverse, sorted_tokens[p] = sorted_slots[p] / k; offsets
+  // [pool + 1] (int64) the experts' segments of the sorted positions, shares [pool] each expert's
+  // count / slots in f32. All on the device, no host wait.
   void (*route)(const int32_t* indices, int64_t slots, int64_t k, int64_t pool,
                 int32_t* sorted_slots, int32_t* slot_positions, int32_t* sorted_tokens,
-                int64_t* host_counts);
+                int64_t* offsets, float* shares);
   // dx [tokens, d]: row t is the sum of g's rows at token t's k positions (positions [tokens, k]),
   // added in increasing position from 0 (scatter_add_rows' order); k <= 32.
   void (*gather_sum_rows)(const float* g, const int32_t* positions, float* dx, int64_t tokens,
@@ -229,12 +254,11 @@ struct CudaBackend {
   void (*set_matmul_precision)(MatmulPrecision precision);
 
   // ---- grouped expert products on bf16 tensor cores (kernels/grouped_gemm.cu) ----
-  // GroupedRows and GroupedWeights above, over `experts` segments whose host_offsets
-  // [experts + 1] are uploaded (no host wait); one launch each. Operands enter rounded to bf16 (as
-  // gemm's in bf16), sums in fp32; n, k and m even; at most 16,384 experts.
-  void (*grouped_rows)(const int64_t* host_offsets, int64_t experts, const GroupedRows& product);
-  void (*grouped_weights)(const int64_t* host_offsets, int64_t experts,
-                          const GroupedWeights& product);
+  // GroupedRows and GroupedWeights above, over the segments (GroupedSegments); one launch each.
+  // Operands enter rounded to bf16 (as gemm's in bf16), sums in fp32; n, k and m even; at most
+  // 16,384 experts.
+  void (*grouped_rows)(const GroupedSegments& segments, const GroupedRows& product);
+  void (*grouped_weights)(const GroupedSegments& segments, const GroupedWeights& product);
 
   // ---- optimiser (kernels/optim.cu) ----
   // One AdamW step over the `count` segments at host_segments (in increasing order, not

@@ -93,15 +93,16 @@ inline ExpertProducts expert_products(int64_t d, int64_t h) {
 }
 
 // grouped_swiglu on CUDA, with the arguments of rex::detail::cpu::grouped_swiglu
-// (rex/backend/cpu/gemm.hpp; the sizes come from the host-side offsets): the experts' products
-// around one fused swiglu kernel over all rows. In bf16 and fp32, two grouped products (gate and
-// up in one launch, down in another); in tf32 per-expert cuBLAS GEMMs on the segments.
-inline void cuda_grouped_swiglu(const float* x, const int64_t* offsets, int64_t experts,
+// (rex/backend/cpu/gemm.hpp) but the segments' offsets on the device or on the host: the experts'
+// products around one fused swiglu kernel over all rows. In bf16 and fp32, two grouped products
+// (gate and up in one launch, down in another); in tf32 per-expert cuBLAS GEMMs on the segments,
+// whose sizes must then be on the host.
+inline void cuda_grouped_swiglu(const float* x, const GroupedSegments& segments,
                                 const float* const* gate, const float* const* up,
                                 const float* const* down, float* y, float* pre_gate, float* pre_up,
                                 int64_t d, int64_t h) {
   const CudaBackend& cuda = cuda_backend();
-  const int64_t rows = offsets[experts];
+  const int64_t rows = segments.rows, experts = segments.experts;
   const std::shared_ptr<void> act_buffer =
       cuda_buffer(static_cast<size_t>(rows * h) * sizeof(float));
   auto* act = static_cast<float*>(act_buffer.get());
@@ -112,14 +113,17 @@ inline void cuda_grouped_swiglu(const float* x, const int64_t* offsets, int64_t 
     gate_up.a[0] = gate_up.a[1] = x;
     gate_up.host_w[0] = gate, gate_up.host_w[1] = up;
     gate_up.c[0] = pre_gate, gate_up.c[1] = pre_up;
-    cuda.grouped_rows(offsets, experts, gate_up);
+    cuda.grouped_rows(segments, gate_up);
     cuda.swiglu(pre_gate, pre_up, act, rows * h);
     GroupedRows down_product;  // y = act down_e^T
     down_product.fp32 = fp32, down_product.n = d, down_product.k = h;
     down_product.a[0] = act, down_product.host_w[0] = down, down_product.c[0] = y;
-    cuda.grouped_rows(offsets, experts, down_product);
+    cuda.grouped_rows(segments, down_product);
     return;
   }
+  REX_CHECK(segments.host_offsets != nullptr,
+            "cuda_grouped_swiglu: per-expert products need the offsets on the host");
+  const int64_t* offsets = segments.host_offsets;
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t first = offsets[e], m = offsets[e + 1] - first;
     if (m == 0) continue;
@@ -136,14 +140,14 @@ inline void cuda_grouped_swiglu(const float* x, const int64_t* offsets, int64_t 
 }
 
 // The backward of cuda_grouped_swiglu, with the arguments of cpu::grouped_swiglu_backward.
-inline void cuda_grouped_swiglu_backward(const float* x, const int64_t* offsets, int64_t experts,
+inline void cuda_grouped_swiglu_backward(const float* x, const GroupedSegments& segments,
                                          const float* const* gate, const float* const* up,
                                          const float* const* down, const float* pre_gate,
                                          const float* pre_up, const float* g, float* dx,
                                          float* const* d_gate, float* const* d_up,
                                          float* const* d_down, int64_t d, int64_t h) {
   const CudaBackend& cuda = cuda_backend();
-  const int64_t rows = offsets[experts];
+  const int64_t rows = segments.rows, experts = segments.experts;
   const size_t bytes = static_cast<size_t>(rows * h) * sizeof(float);
   const std::shared_ptr<void> buffers[] = {cuda_buffer(bytes), cuda_buffer(bytes),
                                            cuda_buffer(bytes), cuda_buffer(bytes)};
@@ -157,19 +161,19 @@ inline void cuda_grouped_swiglu_backward(const float* x, const int64_t* offsets,
     GroupedWeights down_grad;  // d down_e = g_e^T act_e
     down_grad.fp32 = fp32, down_grad.m = d, down_grad.n = h;
     down_grad.a[0] = g, down_grad.b = act, down_grad.host_c[0] = d_down;
-    cuda.grouped_weights(offsets, experts, down_grad);
+    cuda.grouped_weights(segments, down_grad);
     GroupedRows back_through_down;  // d_act = g down_e
     back_through_down.fp32 = fp32, back_through_down.transpose_w = false;
     back_through_down.n = h, back_through_down.k = d;
     back_through_down.a[0] = g, back_through_down.host_w[0] = down;
     back_through_down.c[0] = d_act;
-    cuda.grouped_rows(offsets, experts, back_through_down);
+    cuda.grouped_rows(segments, back_through_down);
     cuda.swiglu_backward(pre_gate, pre_up, d_act, d_pre_gate, d_pre_up, rows * h);
     GroupedWeights gate_up_grads;  // d gate_e = dG_e^T x_e and d up_e = dU_e^T x_e
     gate_up_grads.fp32 = fp32, gate_up_grads.pairs = 2, gate_up_grads.m = h, gate_up_grads.n = d;
     gate_up_grads.a[0] = d_pre_gate, gate_up_grads.a[1] = d_pre_up, gate_up_grads.b = x;
     gate_up_grads.host_c[0] = d_gate, gate_up_grads.host_c[1] = d_up;
-    cuda.grouped_weights(offsets, experts, gate_up_grads);
+    cuda.grouped_weights(segments, gate_up_grads);
     if (dx != nullptr) {
       GroupedRows back_to_x;  // dx = dG gate_e + dU up_e
       back_to_x.fp32 = fp32, back_to_x.pairs = 2, back_to_x.sum_pairs = true;
@@ -177,10 +181,13 @@ inline void cuda_grouped_swiglu_backward(const float* x, const int64_t* offsets,
       back_to_x.n = d, back_to_x.k = h;
       back_to_x.a[0] = d_pre_gate, back_to_x.a[1] = d_pre_up;
       back_to_x.host_w[0] = gate, back_to_x.host_w[1] = up, back_to_x.c[0] = dx;
-      cuda.grouped_rows(offsets, experts, back_to_x);
+      cuda.grouped_rows(segments, back_to_x);
     }
     return;
   }
+  REX_CHECK(segments.host_offsets != nullptr,
+            "cuda_grouped_swiglu_backward: per-expert products need the offsets on the host");
+  const int64_t* offsets = segments.host_offsets;
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t first = offsets[e], m = offsets[e + 1] - first;
     if (m == 0) continue;
