@@ -1,5 +1,9 @@
 // Optimiser kernels: the AdamW update over an optimiser arena and the global-norm clip.
 //
+// - adamw_prepare: per parameter with a gradient, whether it is real (its gates: the expert
+//   counts of routing plans the host never read), its step count advanced on the device where it
+//   is, and its step size and bias correction from the host's table of bias corrections
+//   (rex::optim::AdamW keeps the counts on the device, so a gated gradient needs no host wait).
 // - adamw_segments: one thread per element of the arena's span that the launch's segments cover
 //   (grid-stride over arena offsets, so warps read consecutive floats as for one tensor); a thread
 //   finds its element's segment by binary search in the segment table, which travels as a kernel
@@ -22,13 +26,18 @@
 //   rex::optim::clip_grad_norm and the error path that names a non-finite gradient.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "common.cuh"
 
 namespace rex::cuda::detail {
 namespace {
 
+using rex::detail::AdamWBias;
+using rex::detail::AdamWParamGates;
 using rex::detail::AdamWSegment;
+using rex::detail::AdamWStepScalars;
 using rex::detail::kAdamWSegmentsPerLaunch;
 
 struct SegmentTable {
@@ -42,6 +51,7 @@ static_assert(sizeof(SegmentTable) + 128 <= 4096,
 __global__ void adamw_segments_kernel(float* param, const float* grad, float* exp_avg,
                                       float* exp_avg_sq, int64_t first, int64_t last,
                                       SegmentTable table, rex::detail::AdamWScalars s,
+                                      const AdamWStepScalars* step_scalars,
                                       const float* grad_scale) {
   const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
   if (scale != scale) return;  // the clip found a non-finite norm: this step updates nothing
@@ -57,21 +67,24 @@ __global__ void adamw_segments_kernel(float* param, const float* grad, float* ex
     }
     const AdamWSegment& seg = table.segments[lo];
     if (i >= seg.end) continue;  // between segments
+    const AdamWStepScalars& own = step_scalars[seg.param];
+    if (own.skip != 0) continue;  // a gated gradient that was not real
     const float g = __fmul_rn(grad[i], scale);
     const float w = __fmul_rn(param[i], seg.keep);
     const float m = __fadd_rn(__fmul_rn(exp_avg[i], s.beta1), __fmul_rn(s.one_minus_beta1, g));
     const float v =
         __fadd_rn(__fmul_rn(exp_avg_sq[i], s.beta2), __fmul_rn(__fmul_rn(s.one_minus_beta2, g), g));
-    const float denom = __fadd_rn(sqrtf(v) / seg.bias2_sqrt, s.eps);
+    const float denom = __fadd_rn(sqrtf(v) / own.bias2_sqrt, s.eps);
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
-    param[i] = __fadd_rn(w, __fmul_rn(seg.neg_step_size, m) / denom);
+    param[i] = __fadd_rn(w, __fmul_rn(own.neg_step_size, m) / denom);
   }
 }
 
 void adamw_segments(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
                     const AdamWSegment* host_segments, int64_t count,
-                    const rex::detail::AdamWScalars& scalars, const float* grad_scale) {
+                    const rex::detail::AdamWScalars& scalars, const AdamWStepScalars* step_scalars,
+                    const float* grad_scale) {
   for (int64_t done = 0; done < count; done += kAdamWSegmentsPerLaunch) {
     SegmentTable table{};
     table.count = static_cast<int>(std::min<int64_t>(count - done, kAdamWSegmentsPerLaunch));
@@ -79,8 +92,53 @@ void adamw_segments(float* param, const float* grad, float* exp_avg, float* exp_
     const int64_t first = table.segments[0].begin, last = table.segments[table.count - 1].end;
     if (last <= first) continue;
     REX_LAUNCH(adamw_segments_kernel, blocks_for(last - first), kThreads, 0, param, grad, exp_avg,
-               exp_avg_sq, first, last, table, scalars, grad_scale);
+               exp_avg_sq, first, last, table, scalars, step_scalars, grad_scale);
   }
+}
+
+// A warp per parameter, its lane 0 doing the work (a few loads and stores of one field each, each
+// its own sector); the same accesses whatever the gates say, so that the counters do not depend
+// on the routing.
+__global__ void adamw_prepare_kernel(const AdamWParamGates* params, int64_t count,
+                                     const int64_t* const* gates, int32_t* steps,
+                                     const AdamWBias* bias, double lr,
+                                     AdamWStepScalars* step_scalars) {
+  const int64_t item = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (threadIdx.x % 32 != 0 || item >= count) return;
+  const int32_t param = params[item].param, gate_first = params[item].gate_first,
+                gate_count = params[item].gate_count;
+  bool real = gate_count == 0;
+  for (int32_t j = 0; j < gate_count; ++j) {
+    const int64_t* offsets = gates[gate_first + j];
+    real = (offsets[1] != offsets[0]) | real;
+  }
+  const int32_t step = steps[param] + (real ? 1 : 0);
+  steps[param] = step;
+  const double bias1 = bias[step].bias1;
+  const float bias2_sqrt = bias[step].bias2_sqrt;
+  AdamWStepScalars& own = step_scalars[param];
+  own.neg_step_size = real ? static_cast<float>(-(lr / bias1)) : 0.0f;
+  own.bias2_sqrt = bias2_sqrt;
+  own.skip = real ? 0 : 1;
+}
+
+void adamw_prepare(const AdamWParamGates* host_params, int64_t count,
+                   const int64_t* const* host_gates, int64_t gates, int32_t* steps,
+                   const AdamWBias* bias, double lr, AdamWStepScalars* step_scalars) {
+  if (count == 0) return;
+  // The parameters, then the gate pointers (8-byte aligned), in one upload.
+  const size_t params_bytes = (static_cast<size_t>(count) * sizeof(AdamWParamGates) + 7) / 8 * 8;
+  std::vector<unsigned char> staged(params_bytes + static_cast<size_t>(gates) * 8);
+  std::memcpy(staged.data(), host_params, static_cast<size_t>(count) * sizeof(AdamWParamGates));
+  if (gates > 0)
+    std::memcpy(staged.data() + params_bytes, host_gates, static_cast<size_t>(gates) * 8);
+  const Scratch table(staged.size());
+  upload(table.as<void>(), staged.data(), staged.size());
+  const auto* device_params = table.as<AdamWParamGates>();
+  const auto* device_gates = reinterpret_cast<const int64_t* const*>(
+      static_cast<const unsigned char*>(table.as<void>()) + params_bytes);
+  REX_LAUNCH(adamw_prepare_kernel, blocks_for(count * 32), kThreads, 0, device_params, count,
+             device_gates, steps, bias, lr, step_scalars);
 }
 
 constexpr int kBlocks = 256;
@@ -162,6 +220,7 @@ void sum_squares(const float* const* host_arrays, const int64_t* host_sizes, int
 }  // namespace
 
 void register_optim(rex::detail::CudaBackend& table) {
+  table.adamw_prepare = adamw_prepare;
   table.adamw_segments = adamw_segments;
   table.clip_factor = clip_factor;
   table.sum_squares = sum_squares;

@@ -540,6 +540,23 @@ inline KernelCounts adamw_segments(i64 n) {
   for (int s = 0; s < 3; ++s) store_stream(k, n);
   const i64 blocks = std::min<i64>((n + 255) / 256, i64{65535} * 32);
   load_broadcast(k, blocks * 256);
+  for (int field = 0; field < 3; ++field) load_broadcast(k, n);  // the element's step scalars
+  return k;
+}
+
+// adamw_prepare_kernel: a warp per parameter with a gradient, whose lane 0 alone reads the fields
+// of its entry (the first gate's index only when it has gates: the compiler loads it in the
+// loop), each gate's pointer and the two offsets it points at, its step count (and
+// writes it) and the two bias corrections of its step, and writes three fields of its scalars:
+// every access its own request and sector. `gates`: each parameter's number of gates.
+inline KernelCounts adamw_prepare(const std::vector<i64>& gates) {
+  KernelCounts k;
+  for (const i64 g : gates) {
+    load_per_row(k, 1, (g > 0 ? 3 : 2) + 1);  // the entry, the step count
+    load_per_row(k, 1, 3 * g + 1, 8);         // the gates, bias1
+    load_per_row(k, 1, 1);                    // bias2_sqrt
+    store_per_row(k, 1, 1 + 3);
+  }
   return k;
 }
 
@@ -1014,22 +1031,25 @@ inline Counts training_step(const rex::train::RunConfig& config,
   plan.launch("scatter_add_rows_kernel", scatter_add_rows(V, M, D));
   add(V * D);
 
-  // With grouped products, every MoE layer's routing counts, read back in one copy (the step's
-  // one wait: the routing report, and which experts' gated gradients are real).
-  if (grouped) plan.read_back();
-
   // The optimiser over its arena (every parameter has a gradient here, and every size is a
   // multiple of 16 floats, so the arena has no padding): the sum of squares of the whole gradient
-  // buffer and the clip factor on the device, where the norm stays (queue_step); AdamW,
-  // a launch per kAdamWSegmentsPerLaunch parameters, each over its parameters' span; zero_grad's
-  // fill of the gradient buffer.
+  // buffer and the clip factor on the device, where the norm stays (queue_step); AdamW, one
+  // adamw_prepare launch (which experts' gated gradients are real, the step counts) and a launch
+  // per kAdamWSegmentsPerLaunch parameters, each over its parameters' span; zero_grad's fill of
+  // the gradient buffer. Nothing is read back: the routing counts wait for read_steps.
   std::vector<i64> parameters = {V * D, D};  // embedding (tied head), final norm
   for (i64 layer = 0; layer < L; ++layer)
     for (const i64 n : {D, D * D, G * hd * D, G * hd * D, D * D, D, P * D}) parameters.push_back(n);
-  for (i64 e = 0; e < tables * P * 3; ++e) parameters.push_back(F * D);
+  std::vector<i64> gates(parameters.size(), 0);  // an expert's: a gate per layer of its table
+  for (i64 table = 0; table < tables; ++table)
+    for (i64 e = 0; e < P * 3; ++e) {
+      parameters.push_back(F * D);
+      gates.push_back(grouped ? std::min(moe.reuse, L - table * moe.reuse) : 0);
+    }
   const i64 arena = std::accumulate(parameters.begin(), parameters.end(), i64{0});
   plan.launch("sum_squares_partials_kernel", sum_squares_partials(arena));
   plan.launch("clip_factor_kernel", clip_factor());
+  plan.launch("adamw_prepare_kernel", adamw_prepare(gates));
   const auto per_launch = static_cast<size_t>(rex::detail::kAdamWSegmentsPerLaunch);
   for (size_t first = 0; first < parameters.size(); first += per_launch) {
     const size_t last = std::min(parameters.size(), first + per_launch);

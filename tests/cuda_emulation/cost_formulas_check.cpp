@@ -81,7 +81,12 @@ int check_config(const std::string& work_dir, const std::vector<std::string>& ov
   for (int step = 0; step < 2; ++step) {
     if (step == 1) cuda_emulation::begin_interval(true);
     rex::train::QueuedStep queued = run.step(step);
-    if (step == 1) counted = cuda_emulation::end_interval(), second = std::move(queued.result);
+    if (step == 1) {
+      counted = cuda_emulation::end_interval();
+      std::vector<rex::train::QueuedStep> read;
+      read.push_back(std::move(queued));
+      second = std::move(rex::train::read_steps(std::move(read)).front());
+    }
   }
   // The formulas take the step's routing: the grouped products' tiles follow it.
   const cuda_emulation::Counts formula =

@@ -22,18 +22,21 @@ namespace rex::nn {
 // Per layer: routed slots per pool expert.
 using ExpertCounts = std::vector<std::vector<int64_t>>;
 
-// total += the expert counts of one forward pass (total may start empty). On CUDA every layer's
-// counts come from the device in one copy (one host wait), unless already read.
-inline void add_expert_counts(ExpertCounts& total, const LmOutput& out) {
-  std::vector<const DeviceCounts*> layers;
-  for (const DeviceCounts& counts : out.expert_counts) layers.push_back(&counts);
-  read_counts(layers);
-  if (total.empty()) total.resize(out.expert_counts.size());
-  for (size_t l = 0; l < out.expert_counts.size(); ++l) {
+// total += one forward pass's expert counts, per layer (total may start empty). On CUDA every
+// layer's counts come from the device in one copy (one host wait), unless already read.
+inline void add_expert_counts(ExpertCounts& total, const std::vector<DeviceCounts>& layers) {
+  std::vector<const DeviceCounts*> unread;
+  for (const DeviceCounts& counts : layers) unread.push_back(&counts);
+  read_counts(unread);
+  if (total.empty()) total.resize(layers.size());
+  for (size_t l = 0; l < layers.size(); ++l) {
     auto& layer = total[l];
-    layer.resize(out.expert_counts[l].size(), 0);
-    for (size_t e = 0; e < layer.size(); ++e) layer[e] += out.expert_counts[l][e];
+    layer.resize(static_cast<size_t>(layers[l].size()), 0);
+    for (size_t e = 0; e < layer.size(); ++e) layer[e] += layers[l][e];
   }
+}
+inline void add_expert_counts(ExpertCounts& total, const LmOutput& out) {
+  add_expert_counts(total, out.expert_counts);
 }
 
 struct LayerRouting {

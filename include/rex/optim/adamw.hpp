@@ -30,13 +30,18 @@
 // it: no host wait, the norm comes back only when grad_norm() asks for it.
 //
 // An expert's gradient from a routing plan that stayed on the device is gated by its count
-// (rex::detail::GradGate): step() settles all of them first, with one read of all their counts.
+// (rex::detail::GradGate). On CUDA the step counts live on the device, and a small kernel
+// (adamw_prepare) reads the gates there, advances the counts of the real gradients and computes
+// each parameter's step size from a table of bias corrections that the host keeps ahead of every
+// count (the same doubles as the CPU's): no host wait. On the CPU the gates are settled first.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <utility>
@@ -109,6 +114,11 @@ class AdamW {
       slots_.push_back(
           {arena_.view(arena_.exp_avg(), i, shape), arena_.view(arena_.exp_avg_sq(), i, shape), 0});
     }
+    if (arena_.device().is_cuda()) {  // the step counts and each step's scalars on the device
+      device_steps_ = detail::cuda_buffer(params_.size() * sizeof(int32_t));
+      detail::device_memory().fill32(device_steps_.get(), static_cast<int64_t>(params_.size()), 0);
+      step_scalars_ = detail::cuda_buffer(params_.size() * sizeof(detail::AdamWStepScalars));
+    }
   }
   // Copies would share the moment buffers while counting steps apart.
   AdamW(const AdamW&) = delete;
@@ -121,22 +131,17 @@ class AdamW {
     REX_CHECK(lr >= 0.0f && std::isfinite(lr), "AdamW::step: learning rate ", lr,
               " is not a finite non-negative number");
     NoGradGuard no_grad;
-    const double lr_d = lr, beta1_d = options_.beta1, beta2_d = options_.beta2;
+    const double lr_d = lr;
     const float beta1 = options_.beta1, beta2 = options_.beta2, eps = options_.eps;
-    const auto one_minus_beta1 = static_cast<float>(1.0 - beta1_d);
-    const auto one_minus_beta2 = static_cast<float>(1.0 - beta2_d);
+    const auto one_minus_beta1 = static_cast<float>(1.0 - static_cast<double>(beta1));
+    const auto one_minus_beta2 = static_cast<float>(1.0 - static_cast<double>(beta2));
     const auto keep = static_cast<float>(1.0 - lr_d * static_cast<double>(options_.weight_decay));
     // Every parameter must still compute with the arena, and every gradient be on its device.
     // Checked before any update, outside the parallel loop: an exception cannot leave an OpenMP
-    // region.
+    // region. (The gradients are not settled here: on CUDA, AdamW decides on the device.)
     const auto count = static_cast<int64_t>(params_.size());
-    // Which gated gradients (experts of a routing plan the host has not read) are real: every
-    // gate's counts in one read from the device (none when a caller already read them).
-    std::vector<detail::AutogradMeta*> leaves;
-    for (const Parameter& p : params_) leaves.push_back(p.tensor.impl().autograd.get());
-    detail::settle_grads(leaves);
     for (int64_t i = 0; i < count; ++i) {
-      const Tensor g = params_[i].tensor.grad();
+      const Tensor g = unsettled_grad(i);
       const Device device = params_[i].tensor.device();
       REX_CHECK(arena_.holds(static_cast<size_t>(i), params_[i].tensor) &&
                     (!g.defined() || g.device() == device),
@@ -145,55 +150,36 @@ class AdamW {
                 arena_.device(), "); move the model before building the optimiser");
     }
     arena_.adopt_grads(tensors());
-    struct Scalars {
-      float keep, neg_step_size, bias2_sqrt;
-    };
-    auto advance = [&](int64_t i) {
-      Slot& s = slots_[i];
-      ++s.step;
-      const double bias1 = 1.0 - std::pow(beta1_d, static_cast<double>(s.step));
-      const double bias2 = 1.0 - std::pow(beta2_d, static_cast<double>(s.step));
-      return Scalars{params_[i].decay ? keep : 1.0f, static_cast<float>(-(lr_d / bias1)),
-                     static_cast<float>(std::sqrt(bias2))};
-    };
+    const float* scale = clip_pending_ ? clip_factor() : nullptr;
+    clip_pending_ = false;
     if (arena_.device().is_cuda()) {
-      // One launch over the ranges of the parameters that have a gradient (96 to a launch), the
-      // clip factor read on the device.
-      std::vector<detail::AdamWSegment> segments;
-      for (int64_t i = 0; i < count; ++i) {
-        if (!params_[i].tensor.grad().defined()) continue;
-        const Scalars sc = advance(i);
-        const Arena::Range& r = arena_.ranges()[static_cast<size_t>(i)];
-        segments.push_back({r.begin, r.end, sc.keep, sc.neg_step_size, sc.bias2_sqrt});
-      }
-      const detail::AdamWScalars shared{beta1, one_minus_beta1, beta2, one_minus_beta2, eps};
-      const float* scale = clip_pending_ ? clip_factor() : nullptr;
-      detail::cuda_backend().adamw_segments(
-          arena_.values().device_data<float>(), arena_.grads().device_data<float>(),
-          arena_.exp_avg().device_data<float>(), arena_.exp_avg_sq().device_data<float>(),
-          segments.data(), static_cast<int64_t>(segments.size()), shared, scale);
-      clip_pending_ = false;
+      step_on_device(lr_d, keep, {beta1, one_minus_beta1, beta2, one_minus_beta2, eps}, scale);
       return;
     }
-    // CPU parameters are independent and updated in parallel, each by one thread.
+    // On the CPU every gradient's presence is known (a gated one, from a node of the caller's,
+    // is settled first), and the parameters are independent: updated in parallel, each by one
+    // thread.
+    std::vector<detail::AutogradMeta*> leaves;
+    for (const Parameter& p : params_) leaves.push_back(p.tensor.impl().autograd.get());
+    detail::settle_grads(leaves);
     REX_PARALLEL_FOR(schedule(dynamic))
     for (int64_t i = 0; i < count; ++i) {
       const Tensor g = params_[i].tensor.grad();
       if (!g.defined()) continue;
-      const Scalars sc = advance(i);
       Slot& s = slots_[i];
+      const detail::AdamWBias b = bias(++s.step);
+      const auto neg_step_size = static_cast<float>(-(lr_d / b.bias1));
       const int64_t n = g.numel();
       // Eigen arrays vectorise the sqrt and the division, which a plain loop cannot be (std::sqrt
       // may set errno); the expressions keep PyTorch's order of operations.
       detail::ArrayMap w(params_[i].tensor.data<float>(), n), m(s.exp_avg.data<float>(), n),
           v(s.exp_avg_sq.data<float>(), n);
       const detail::ConstArrayMap grad(g.data<float>(), n);
-      if (params_[i].decay) w *= sc.keep;
+      if (params_[i].decay) w *= keep;
       m = m * beta1 + one_minus_beta1 * grad;
       v = v * beta2 + one_minus_beta2 * grad * grad;
-      w = w + sc.neg_step_size * m / (v.sqrt() / sc.bias2_sqrt + eps);
+      w = w + neg_step_size * m / (v.sqrt() / b.bias2_sqrt + eps);
     }
-    clip_pending_ = false;
   }
 
   // Global-norm clipping with torch.nn.utils.clip_grad_norm_'s rule (factor
@@ -293,12 +279,13 @@ class AdamW {
   // shape {}) for every parameter; copies.
   std::map<std::string, Tensor> state() const {
     std::map<std::string, Tensor> out;
+    const std::vector<int32_t> steps = step_counts();
     for (size_t i = 0; i < params_.size(); ++i) {
       const std::string& name = params_[i].name;
       out[name + ".exp_avg"] = slots_[i].exp_avg.copy_to(Device::cpu());
       out[name + ".exp_avg_sq"] = slots_[i].exp_avg_sq.copy_to(Device::cpu());
       Tensor step = Tensor::empty(Shape{}, DType::i32);
-      step.data<int32_t>()[0] = static_cast<int32_t>(slots_[i].step);
+      step.data<int32_t>()[0] = steps[i];
       out[name + ".step"] = step;
     }
     return out;
@@ -340,11 +327,18 @@ class AdamW {
       REX_CHECK(expected.count(name), "AdamW::load_state: unknown tensor '", name,
                 "' (no parameter of this optimiser has that state)");
     }
+    std::vector<int32_t> steps;
     for (size_t i = 0; i < slots_.size(); ++i) {  // into the arena's views, across devices
       slots_[i].exp_avg.copy_(loaded[i].exp_avg);
       slots_[i].exp_avg_sq.copy_(loaded[i].exp_avg_sq);
       slots_[i].step = loaded[i].step;
+      steps.push_back(static_cast<int32_t>(loaded[i].step));
+      max_step_ = std::max(max_step_, loaded[i].step);
     }
+    if (device_steps_)
+      detail::device_memory().copy(device_steps_.get(), steps.data(),
+                                   steps.size() * sizeof(int32_t),
+                                   detail::DeviceCopy::host_to_device);
   }
 
  private:
@@ -352,6 +346,18 @@ class AdamW {
     Tensor exp_avg, exp_avg_sq;
     int64_t step = 0;
   };
+  // Every parameter's step count (on CUDA one read from the device).
+  std::vector<int32_t> step_counts() const {
+    std::vector<int32_t> out(slots_.size());
+    if (device_steps_) {
+      detail::device_memory().copy(out.data(), device_steps_.get(), out.size() * sizeof(int32_t),
+                                   detail::DeviceCopy::device_to_host);
+      return out;
+    }
+    out.clear();
+    for (const Slot& s : slots_) out.push_back(static_cast<int32_t>(s.step));
+    return out;
+  }
   std::vector<std::string> names() const {
     std::vector<std::string> out;
     for (const Parameter& p : params_) out.push_back(p.name);
@@ -360,6 +366,75 @@ class AdamW {
   // CUDA: the clip's norm (a double, bytes 0-7) and factor (a float, bytes 8-11) on the device.
   float* clip_factor() const { return clip_.device_data<float>() + 2; }
 
+  // Parameter i's gradient as backward left it (gated ones not settled: that would read the
+  // device).
+  Tensor unsettled_grad(int64_t i) const {
+    const detail::AutogradMeta* meta = params_[static_cast<size_t>(i)].tensor.impl().autograd.get();
+    return meta ? meta->grad : Tensor();
+  }
+
+  // Step s's bias corrections, in double as PyTorch's Python floats (the CPU's and the device's
+  // table's).
+  detail::AdamWBias bias(int64_t s) const {
+    const double beta1 = options_.beta1, beta2 = options_.beta2;
+    const double bias2 = 1.0 - std::pow(beta2, static_cast<double>(s));
+    return {1.0 - std::pow(beta1, static_cast<double>(s)), static_cast<float>(std::sqrt(bias2))};
+  }
+
+  // The CUDA step: which gradients are real, the step counts and the step scalars on the device
+  // (adamw_prepare: a gated gradient's counts are read there, not by the host), then one
+  // adamw_segments launch per 96 parameters.
+  void step_on_device(double lr, float keep, const detail::AdamWScalars& shared,
+                      const float* scale) {
+    // The table of bias corrections covers every step count this step can reach.
+    if (bias_size_ <= max_step_ + 1) {
+      bias_size_ = std::max<int64_t>({1024, 2 * bias_size_, max_step_ + 2});
+      std::vector<detail::AdamWBias> table(static_cast<size_t>(bias_size_));
+      for (int64_t s = 0; s < bias_size_; ++s) table[static_cast<size_t>(s)] = bias(s);
+      bias_table_ = detail::cuda_buffer(table.size() * sizeof(detail::AdamWBias));
+      detail::device_memory().copy(bias_table_.get(), table.data(),
+                                   table.size() * sizeof(detail::AdamWBias),
+                                   detail::DeviceCopy::host_to_device);
+    }
+    std::vector<detail::AdamWParamGates> with_grad;
+    std::vector<const int64_t*> gates;
+    std::vector<detail::AdamWSegment> segments;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const detail::AutogradMeta* meta = params_[i].tensor.impl().autograd.get();
+      if (!meta || !meta->grad.defined()) continue;
+      detail::AdamWParamGates p{static_cast<int32_t>(i), static_cast<int32_t>(gates.size()), 0, 0};
+      bool real = meta->grad_gates.empty();
+      for (const detail::GradGate& gate : meta->grad_gates) {
+        if (gate.counts.known()) {  // read already: decided here
+          real = real || gate.counts[static_cast<size_t>(gate.index)] != 0;
+        } else {
+          gates.push_back(gate.counts.device_offsets() + gate.index);
+          ++p.gate_count;
+        }
+      }
+      if (real) {
+        gates.resize(static_cast<size_t>(p.gate_first));
+        p.gate_count = 0;
+      } else if (p.gate_count == 0) {
+        continue;  // every gate was read, and none lets the gradient through
+      }
+      with_grad.push_back(p);
+      const Arena::Range& r = arena_.ranges()[i];
+      segments.push_back({r.begin, r.end, params_[i].decay ? keep : 1.0f, p.param});
+    }
+    const detail::CudaBackend& cuda = detail::cuda_backend();
+    auto* step_scalars = static_cast<detail::AdamWStepScalars*>(step_scalars_.get());
+    cuda.adamw_prepare(with_grad.data(), static_cast<int64_t>(with_grad.size()), gates.data(),
+                       static_cast<int64_t>(gates.size()),
+                       static_cast<int32_t*>(device_steps_.get()),
+                       static_cast<const detail::AdamWBias*>(bias_table_.get()), lr, step_scalars);
+    cuda.adamw_segments(arena_.values().device_data<float>(), arena_.grads().device_data<float>(),
+                        arena_.exp_avg().device_data<float>(),
+                        arena_.exp_avg_sq().device_data<float>(), segments.data(),
+                        static_cast<int64_t>(segments.size()), shared, step_scalars, scale);
+    if (!with_grad.empty()) ++max_step_;
+  }
+
   std::vector<Parameter> params_;
   AdamWOptions options_;
   Arena arena_;
@@ -367,6 +442,11 @@ class AdamW {
   Tensor clip_;
   double norm_ = 0.0;
   bool norm_known_ = false, clip_pending_ = false;
+  // CUDA: the parameters' step counts (i32, Slot::step is the CPU's), the scalars adamw_prepare
+  // leaves, the table of bias corrections by step (bias_size_ entries) and a bound on every
+  // step count.
+  std::shared_ptr<void> device_steps_, step_scalars_, bias_table_;
+  int64_t bias_size_ = 0, max_step_ = 0;
 };
 
 }  // namespace rex::optim

@@ -160,6 +160,9 @@ struct QueuedStep {
   int64_t first_shard = 0, shards = 1;  // this rank's first shard, and all the shards of the batch
   Tensor norm;                          // optim::AdamW::grad_norm_record()
   dist::Communicator* comm = nullptr;   // the ranks that share the batch (null: one process)
+  // Each micro-batch's routing counts, per MoE layer, still on the device (empty when the step
+  // measured the whole batch's counts itself: result.expert_counts holds them then).
+  std::vector<std::vector<DeviceCounts>> routing;
 };
 
 }  // namespace rex::train
@@ -221,13 +224,12 @@ inline train::QueuedStep backward_and_clip(
     queued.losses.push_back(result.output.lm_loss.detach());
     queued.has_aux = result.output.aux_loss.defined();
     if (queued.has_aux) queued.losses.push_back(result.output.aux_loss.detach());
-    if (!routing.whole_batch) nn::add_expert_counts(result.expert_counts, result.output);
+    if (!routing.whole_batch) queued.routing.push_back(result.output.expert_counts);
   }
   if (split.sync) split.sync->finish();
   if (earlier) earlier->fold_all();  // what the sync did not fold (all of it, on one process)
   if (measured) result.expert_counts = measured->whole();
   if (across) result.expert_counts = across->whole();
-  if (comm && !routing.whole_batch) train::all_reduce_counts(*comm, result.expert_counts);
   result.candidates = result.output.candidates;
   if (inspect_gradients) inspect_gradients(result.output);
   // Clipping over the optimiser's arena; on CUDA the norm and the factor stay on the device.
@@ -262,6 +264,12 @@ inline std::vector<StepResult> read_steps(std::vector<QueuedStep> steps) {
     }
   }
   const std::vector<float> values = all.to_vector();
+  // The steps' routing counts, all in one more copy (none when every step measured its own).
+  std::vector<const DeviceCounts*> counts;
+  for (const QueuedStep& q : steps)
+    for (const std::vector<DeviceCounts>& micro : q.routing)
+      for (const DeviceCounts& layer : micro) counts.push_back(&layer);
+  read_counts(counts);
   // Each step's shard losses at their places in the whole batch (zeros elsewhere, so that summing
   // over the ranks only fills in the others' places, exactly).
   std::vector<double> shard_lm, shard_aux;
@@ -269,6 +277,9 @@ inline std::vector<StepResult> read_steps(std::vector<QueuedStep> steps) {
   std::vector<StepResult> out;
   for (QueuedStep& q : steps) {
     StepResult& r = out.emplace_back(std::move(q.result));
+    for (const std::vector<DeviceCounts>& micro : q.routing)
+      nn::add_expert_counts(r.expert_counts, micro);
+    if (q.comm && !q.routing.empty()) all_reduce_counts(*q.comm, r.expert_counts);
     std::memcpy(&r.grad_norm, values.data() + at, sizeof r.grad_norm);
     at += 2;
     const size_t first = shard_lm.size() + static_cast<size_t>(q.first_shard);

@@ -52,12 +52,34 @@ struct AddPair {
 // The most pairs one add_pairs launch takes (they travel as a kernel argument).
 inline constexpr int kAddPairsPerLaunch = 96;
 
-// One parameter's range [begin, end) of an optimiser arena (element offsets) with its own scalars
-// of the step (keep = 1 for parameters without weight decay; the step size and bias correction
-// follow its own step count).
+// One parameter's range [begin, end) of an optimiser arena (element offsets), its decay factor
+// (keep = 1 for parameters without weight decay) and its index, under which adamw_prepare left
+// the step's own scalars (the step size and bias correction follow its own step count).
 struct AdamWSegment {
   int64_t begin, end;
-  float keep, neg_step_size, bias2_sqrt;
+  float keep;
+  int32_t param;
+};
+
+// What adamw_prepare leaves for each parameter it was given; skip != 0 where its gradient was not
+// real (nothing is updated, its step count stays).
+struct alignas(16) AdamWStepScalars {
+  float neg_step_size, bias2_sqrt;
+  int32_t skip, unused;
+};
+
+// A parameter with a gradient at this step, for adamw_prepare: its index and its gates,
+// gate_count pointers from gate_first of the gate table, each at an expert's offsets in a routing
+// plan (the gradient is real where any offsets[1] - offsets[0] is not 0; no gates: it is real).
+struct alignas(16) AdamWParamGates {
+  int32_t param, gate_first, gate_count, unused;
+};
+
+// Step s's bias corrections as rex::optim::AdamW computes them on the host: 1 - beta1^s (double)
+// and sqrt(1 - beta2^s) (float).
+struct alignas(16) AdamWBias {
+  double bias1;
+  float bias2_sqrt;
 };
 
 // The most segments one adamw_segments launch takes (they travel as a kernel argument, under
@@ -261,18 +283,26 @@ struct CudaBackend {
   void (*grouped_weights)(const GroupedSegments& segments, const GroupedWeights& product);
 
   // ---- optimiser (kernels/optim.cu) ----
+  // The per-parameter part of an AdamW step, on the device: for each of the `count` parameters
+  // at host_params, whether its gradient is real (its gates, host_gates), its step count in
+  // steps [parameters] advanced where it is, and its step_scalars[param]: step size
+  // -(lr / bias1) rounded to float and bias2_sqrt from bias [steps + 1] (rex::optim::AdamW keeps
+  // the table ahead of every count), or skip. One launch; the tables are uploaded, no host wait.
+  void (*adamw_prepare)(const AdamWParamGates* host_params, int64_t count,
+                        const int64_t* const* host_gates, int64_t gates, int32_t* steps,
+                        const AdamWBias* bias, double lr, AdamWStepScalars* step_scalars);
   // One AdamW step over the `count` segments at host_segments (in increasing order, not
-  // overlapping) of four arena buffers, with the scalars rex::optim::AdamW::step computes on the
-  // host, in its (PyTorch's) order of operations, per element of a segment:
+  // overlapping) of four arena buffers, in rex::optim::AdamW::step's (PyTorch's) order of
+  // operations, per element of a segment whose step_scalars[param] does not skip:
   // g = grad * scale; p *= keep; m = m b1 + (1 - b1) g; v = v b2 + (1 - b2) g g;
   // p += neg_step * m / (sqrt(v) / b2s + eps)
   // where scale is *grad_scale (a device float: the clip factor) or 1 when grad_scale is null; a
   // NaN *grad_scale (a non-finite norm) skips the whole update. Elements outside every segment
-  // are not touched. One launch per kAdamWSegmentsPerLaunch
-  // segments; no host wait.
+  // are not touched. One launch per kAdamWSegmentsPerLaunch segments; no host wait.
   void (*adamw_segments)(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
                          const AdamWSegment* host_segments, int64_t count,
-                         const AdamWScalars& scalars, const float* grad_scale);
+                         const AdamWScalars& scalars, const AdamWStepScalars* step_scalars,
+                         const float* grad_scale);
   // The global-norm clip of n gradient values, on the device: the sum of their squares in double
   // with a fixed reduction tree (deterministic), *norm = its square root and
   // *factor = min(1, max_norm / (norm + 1e-6)) rounded to float (1 when max_norm <= 0; NaN when
