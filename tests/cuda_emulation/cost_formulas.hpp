@@ -907,15 +907,12 @@ inline Counts training_step(const rex::train::RunConfig& config,
     }
     plan.launch("gather_rows_kernel", gather_rows(routed, D));  // back to slot order
     plan.launch("binary_strided_kernel", binary_strided(routed, D, false));
-    plan.launch("fill32_kernel", elementwise(M * D, 0, 0));
-    plan.launch("sum_middle_kernel", sum_middle(M, K, D));
+    plan.launch("sum_middle_kernel", sum_middle(M, K, D));  // (sums write every output: no fill)
     // The balance loss: mean of the probabilities over tokens, times the routed shares (the
     // routing plan's), summed, scaled; added to the running total from the second layer on.
-    plan.launch("fill32_kernel", elementwise(P, 0, 0));
     plan.launch("sum_middle_kernel", sum_middle(1, M, P));
     plan.launch("unary_kernel", elementwise(P, 1, 0));
     add(P);
-    plan.launch("fill32_kernel", elementwise(1, 0, 0));
     KernelCounts sum_rows = row_kernel(1, P, 1, 0, 1);
     store_per_row(sum_rows, 1, 1);
     plan.launch("sum_rows_kernel", sum_rows);
@@ -966,7 +963,6 @@ inline Counts training_step(const rex::train::RunConfig& config,
     }
     plan.launch("binary_strided_kernel", binary_strided(routed, D, false));
     add(routed * D);
-    plan.launch("fill32_kernel", elementwise(routed, 0, 0));
     plan.launch("sum_to_kernel", sum_last_axis(routed, D));
     plan.launch("topk_backward_kernel", topk_backward(M, P, K));
     add(M * P);

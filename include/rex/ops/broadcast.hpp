@@ -39,7 +39,8 @@ inline Tensor sum_to(const Tensor& x, const Shape& shape) {
   if (x.shape() == shape) return x;
   REX_CHECK(detail::broadcast_shapes(shape, x.shape(), "sum_to") == x.shape(), "sum_to: shape ",
             x.shape(), " is not a broadcast of ", shape);
-  Tensor out = zeros(shape, x.device());
+  // The CPU loop adds into zeros; the CUDA kernel writes every output (no fill launch).
+  Tensor out = detail::on_cuda(x) ? Tensor::empty(shape, DType::f32, x.device()) : zeros(shape);
   const float* px = x.device_data<float>();
   float* po = out.device_data<float>();
   if (detail::on_cuda(x)) {

@@ -35,7 +35,9 @@ inline Tensor sum(const Tensor& x, int64_t axis, bool keepdim = false) {
   axis = x.shape().normalize_axis(axis, "sum");
   const int64_t outer = x.shape().numel(0, axis), n = x.shape()[axis];
   const int64_t inner = x.shape().numel(axis + 1, x.rank());
-  Tensor out = zeros(detail::reduced_shape(x.shape(), axis, keepdim), x.device());
+  // The CPU loop adds into zeros; the CUDA kernels write every output (no fill launch).
+  const Shape shape = detail::reduced_shape(x.shape(), axis, keepdim);
+  Tensor out = detail::on_cuda(x) ? Tensor::empty(shape, DType::f32, x.device()) : zeros(shape);
   const float* px = x.device_data<float>();
   float* po = out.device_data<float>();
   (detail::on_cuda(x) ? detail::cuda_backend().sum_axis : detail::cpu::sum_axis)(px, po, outer, n,
