@@ -894,10 +894,23 @@ TEST_CASE("cuda ops: the arena's clip and AdamW round each element as PyTorch's 
     m_ref.emplace_back(t.numel(), 0.0f);
     v_ref.emplace_back(t.numel(), 0.0f);
   }
-  const std::vector<float> lrs = {0.01f, 0.02f};
-  const std::vector<double> max_norms = {0.5, 1e6};  // clipping fires, then does not
+  // Clipping fires, then does not; the third step starts from counts of 1,500 loaded into the
+  // optimiser (on CUDA its step counts live on the device, and its table of bias corrections,
+  // first 1,024 steps long, grows).
+  const std::vector<float> lrs = {0.01f, 0.02f, 0.03f};
+  const std::vector<double> max_norms = {0.5, 1e6, 1e6};
   for (size_t t = 0; t < lrs.size(); ++t) {
     CAPTURE(t);
+    if (t == 2) {
+      auto state = opt.state();
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        Tensor loaded = Tensor::empty(Shape{}, DType::i32);
+        loaded.data<int32_t>()[0] = 1500;
+        state[params[i].name + ".step"] = loaded;
+        steps[i] = 1500;
+      }
+      opt.load_state(state);
+    }
     opt.zero_grad();
     std::vector<std::vector<float>> grads(shapes.size());
     for (size_t i = 0; i < shapes.size(); ++i) {

@@ -1,8 +1,9 @@
 // DeviceCounts: n integer counts that a device computed (a MoE layer's routed slots per expert),
 // kept there as offsets [n + 1] (offset e + 1 - offset e is count e) and read by the host only
 // when something asks, then once: every copy of a handle shares what was read. read_counts reads
-// any number of them with one copy from the device, which is how a training step gets every MoE
-// layer's counts for one host wait (rex/optim/adamw.hpp). On the CPU the counts are known at once.
+// any number of them with one copy from the device: train::read_steps reads every MoE layer's
+// counts of every queued step that way, on log steps only. On the CPU the counts are known at
+// once.
 #pragma once
 
 #include <cstdint>
@@ -89,20 +90,20 @@ inline void read_counts(const std::vector<const DeviceCounts*>& all) {
   const detail::DeviceMemory& memory = detail::device_memory();
   std::vector<int64_t> host(words);
   const void* source = unread.front()->device.get();
-  void* staging = nullptr;
+  std::shared_ptr<void> staging;  // released even if a copy throws
   if (unread.size() > 1) {
-    staging = memory.allocate(words * sizeof(int64_t));
+    staging = std::shared_ptr<void>(memory.allocate(words * sizeof(int64_t)),
+                                    [release = memory.release](void* p) { release(p); });
     size_t at = 0;
     for (State* s : unread) {
       const size_t n = static_cast<size_t>(s->n + 1);
-      memory.copy(static_cast<int64_t*>(staging) + at, s->device.get(), n * sizeof(int64_t),
+      memory.copy(static_cast<int64_t*>(staging.get()) + at, s->device.get(), n * sizeof(int64_t),
                   detail::DeviceCopy::device_to_device);
       at += n;
     }
-    source = staging;
+    source = staging.get();
   }
   memory.copy(host.data(), source, words * sizeof(int64_t), detail::DeviceCopy::device_to_host);
-  if (staging) memory.release(staging);
   size_t at = 0;
   for (State* s : unread) {
     const auto n = static_cast<std::ptrdiff_t>(s->n + 1);

@@ -240,8 +240,7 @@ class MoeLayer : public Module {
     int64_t slots = 0;
     for (int64_t c : counts) slots += c;
     std::vector<float> share(counts.size());
-    for (size_t e = 0; e < counts.size(); ++e)
-      share[e] = slots > 0 ? static_cast<float>(counts[e]) / static_cast<float>(slots) : 0.0f;
+    for (size_t e = 0; e < counts.size(); ++e) share[e] = detail::routed_share(counts[e], slots);
     return from_vector(share);
   }
 

@@ -185,6 +185,14 @@ inline Tensor gather_sum_rows(const Tensor& g, const Tensor& slot_positions, int
 
 }  // namespace detail
 
+namespace detail {
+// An expert's share of the routed slots, count / slots in f32 (the balance loss's f), as
+// kernels/routing.cu computes it.
+inline float routed_share(int64_t count, int64_t slots) {
+  return slots > 0 ? static_cast<float>(count) / static_cast<float>(slots) : 0.0f;
+}
+}  // namespace detail
+
 // The T k slots of indices [T, k] (values in [0, pool)) stably sorted by expert.
 struct SlotOrder {
   DeviceCounts counts;    // [pool]: slots routed to each expert, as the experts' segment offsets
@@ -229,9 +237,7 @@ inline SlotOrder sort_slots_by_expert(const Tensor& indices, int64_t pool) {
   out.counts = DeviceCounts::on_host(by_expert.offsets);
   float* shares = out.routed_shares.data<float>();
   for (int64_t e = 0; e < pool; ++e)
-    shares[e] = slots > 0 ? static_cast<float>(out.counts[static_cast<size_t>(e)]) /
-                                static_cast<float>(slots)
-                          : 0.0f;
+    shares[e] = detail::routed_share(out.counts[static_cast<size_t>(e)], slots);
   int32_t* slot_at = out.sorted_slots.data<int32_t>();
   int32_t* position_of = out.slot_positions.data<int32_t>();
   int32_t* token_at = out.sorted_tokens.data<int32_t>();
