@@ -45,8 +45,10 @@ class LeafAdds {
       add_into(acc, g, acc, "backward");
       return;
     }
-    for (const Tensor& a : accs_)
-      if (a.impl().storage == acc.impl().storage && a.impl().offset == acc.impl().offset) flush();
+    if (!pending_.insert(acc.device_data<float>()).second) {  // added to already: that one first
+      flush();
+      pending_.insert(acc.device_data<float>());
+    }
     accs_.push_back(acc);
     gs_.push_back(g);
   }
@@ -61,10 +63,12 @@ class LeafAdds {
       cuda_backend().add_pairs(pairs.data(), static_cast<int64_t>(pairs.size()));
     }
     accs_.clear(), gs_.clear();  // the gradients may go: their memory is reused in stream order
+    pending_.clear();
   }
 
  private:
   std::vector<Tensor> accs_, gs_;
+  std::unordered_set<const float*> pending_;  // the accumulators in accs_
 };
 
 // acc += g; the first gradient is copied into the leaf's home when it has one (an optimiser

@@ -41,6 +41,8 @@ class DeviceCounts {
   int64_t size() const { return state_ ? state_->n : 0; }
   // Whether the host has the values (reading them would not wait for the device).
   bool known() const { return state_ && state_->offsets.has_value(); }
+  // Whether the values are on the device and the host has not read them.
+  bool only_on_device() const { return state_ && state_->device && !state_->offsets; }
   // The offsets [n + 1] in device memory (null when the counts were made on the host).
   const int64_t* device_offsets() const {
     return state_ ? static_cast<const int64_t*>(state_->device.get()) : nullptr;

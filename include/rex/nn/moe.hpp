@@ -96,8 +96,8 @@ struct RoutingStep {
 // The routing plan of one step: the T*k slots (slot s = t k + j is token t's j-th choice)
 // counting-sorted by expert (SlotOrder, rex/ops/moe.hpp), so that expert e's slots are the
 // contiguous sorted positions [offsets[e], offsets[e + 1]) of counts.offsets(), in token order. On
-// CUDA the plan is made and used on the device: the host reads its counts only when asked (one
-// read for all the layers of a training step: rex/optim/adamw.hpp).
+// CUDA the plan is made and used on the device: the host reads its counts only when asked (a
+// training loop on its log steps, for the routing report: train::read_steps).
 using RoutingPlan = SlotOrder;
 
 // The plan for indices [T, k] i32 with values in [0, pool), on the indices' device.

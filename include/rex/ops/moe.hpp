@@ -68,8 +68,7 @@ inline GroupedSegments cuda_segments(const DeviceCounts& offsets, int64_t rows, 
                                      int64_t h) {
   GroupedSegments segments;
   segments.experts = offsets.size(), segments.rows = rows;
-  if (offsets.device_offsets() != nullptr && !offsets.known() &&
-      expert_products(d, h) != ExpertProducts::per_expert) {
+  if (offsets.only_on_device() && expert_products(d, h) != ExpertProducts::per_expert) {
     segments.device_offsets = offsets.device_offsets();
   } else {
     segments.host_offsets = offsets.offsets().data();
@@ -315,7 +314,7 @@ inline Tensor grouped_swiglu(const Tensor& x, const DeviceCounts& offsets,
         return detail::grouped_swiglu_grads(g, x, offsets, weights, pre_gate, pre_up, needs);
       });
   // Offsets the host has not read: each expert's gradients are real only if its count is not 0.
-  if (offsets.device_offsets() != nullptr && !offsets.known() && y.impl().autograd) {
+  if (offsets.only_on_device() && y.impl().autograd) {
     std::vector<detail::GradGate>& gates = y.impl().autograd->grad_fn->input_gates;
     gates.resize(inputs.size());
     for (int64_t kind = 0; kind < 3; ++kind)

@@ -352,10 +352,9 @@ class AdamW {
     if (device_steps_) {
       detail::device_memory().copy(out.data(), device_steps_.get(), out.size() * sizeof(int32_t),
                                    detail::DeviceCopy::device_to_host);
-      return out;
+    } else {
+      for (size_t i = 0; i < slots_.size(); ++i) out[i] = static_cast<int32_t>(slots_[i].step);
     }
-    out.clear();
-    for (const Slot& s : slots_) out.push_back(static_cast<int32_t>(s.step));
     return out;
   }
   std::vector<std::string> names() const {
