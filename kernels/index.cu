@@ -10,7 +10,8 @@
 //   land on it in increasing order. One block per output row then sums its sources in that order
 //   (threads over the columns), starting from 0, exactly as the CPU's loop does; rows that receive
 //   nothing get 0.
-// - topk: one warp per row. Selection by repeated scan: the j-th pick is the best element that
+// - topk: one warp per row. Selection by repeated scan: the j-th pick is the best score (the
+//   element, or the hidden value where the mask hides it) that
 //   ranks after pick j - 1 under the CPU's strict total order (NaN first, larger values first,
 //   ties to the lower position), so no "taken" marks are needed. Each lane scans a strided slice
 //   of the row and the warp combines the lane candidates with shuffles; a total order makes the
@@ -23,8 +24,10 @@
 //   row is a few dozen experts' work.
 // - permute: one thread per output element; extents and input strides are passed by value.
 // - rope: one thread per (row, i) pair of the "rotate half" convention (i paired with i + D/2, as
-//   rope_rotate on the CPU); products and sums use _rn intrinsics so that no FMA is contracted and
-//   the float operations are those the CPU writes.
+//   rope_rotate on the CPU), reading x's row and writing y's in their orders (heads or time
+//   first: rex::detail::RopeRows, so a split into heads is part of the rotation); products and
+//   sums use _rn intrinsics so that no FMA is contracted and the float operations are those the
+//   CPU writes.
 #include <vector>
 
 #include "common.cuh"
@@ -128,16 +131,17 @@ void scatter_add_rows(const float* src, const int32_t* index, const int32_t* hos
 
 // ---- topk ----
 
-// True when position i of the row ranks before position j (rex::detail::ranks_before, the CPU's
-// comparator).
-__device__ bool row_ranks_before(const float* row, int64_t i, int64_t j) {
-  return rex::detail::ranks_before(row[i], i, row[j], j);
+// True when position i of row r ranks before position j (rex::detail::ranks_before, the CPU's
+// comparator, on the scores `hidden` leaves).
+__device__ bool row_ranks_before(const float* row, int64_t r, const rex::detail::TopKHidden& hidden,
+                                 int64_t i, int64_t j) {
+  return rex::detail::ranks_before(hidden.score(row, r, i), i, hidden.score(row, r, j), j);
 }
 
 constexpr int kWarp = 32;
 
-__global__ void topk_kernel(const float* x, float* values, int32_t* indices, int64_t rows,
-                            int64_t n, int64_t k) {
+__global__ void topk_kernel(const float* x, rex::detail::TopKHidden hidden, float* values,
+                            int32_t* indices, int64_t rows, int64_t n, int64_t k) {
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   const int64_t warps_per_block = blockDim.x / kWarp;
   const int64_t first = blockIdx.x * warps_per_block + threadIdx.x / kWarp;
@@ -149,15 +153,15 @@ __global__ void topk_kernel(const float* x, float* values, int32_t* indices, int
       // This lane's best among its positions that rank after the previous pick (-1: none).
       int64_t best = -1;
       for (int64_t i = lane; i < n; i += kWarp) {
-        if (previous >= 0 && !row_ranks_before(row, previous, i)) continue;
-        if (best < 0 || row_ranks_before(row, i, best)) best = i;
+        if (previous >= 0 && !row_ranks_before(row, r, hidden, previous, i)) continue;
+        if (best < 0 || row_ranks_before(row, r, hidden, i, best)) best = i;
       }
       for (int offset = kWarp / 2; offset > 0; offset /= 2) {
         const int64_t other = __shfl_xor_sync(0xffffffffu, best, offset);
-        if (other >= 0 && (best < 0 || row_ranks_before(row, other, best))) best = other;
+        if (other >= 0 && (best < 0 || row_ranks_before(row, r, hidden, other, best))) best = other;
       }
       if (lane == 0) {
-        values[r * k + j] = row[best];
+        values[r * k + j] = hidden.score(row, r, best);
         indices[r * k + j] = static_cast<int32_t>(best);
       }
       previous = best;
@@ -165,31 +169,34 @@ __global__ void topk_kernel(const float* x, float* values, int32_t* indices, int
   }
 }
 
-void topk(const float* x, float* values, int32_t* indices, int64_t rows, int64_t n, int64_t k) {
+void topk(const float* x, rex::detail::TopKHidden hidden, float* values, int32_t* indices,
+          int64_t rows, int64_t n, int64_t k) {
   REX_CHECK(k >= 1 && k <= n, "topk: k = ", k, " is out of range [1, ", n, "]");
   if (rows == 0) return;
   const int64_t warps_per_block = kThreads / kWarp;
   const int64_t blocks = (rows + warps_per_block - 1) / warps_per_block;
   REX_LAUNCH(topk_kernel, static_cast<unsigned int>(blocks < 65535 * 32 ? blocks : 65535 * 32),
-             kThreads, 0, x, values, indices, rows, n, k);
+             kThreads, 0, x, hidden, values, indices, rows, n, k);
 }
 
-__global__ void topk_backward_kernel(const float* g, const int32_t* indices, float* gx,
-                                     int64_t rows, int64_t n, int64_t k) {
+__global__ void topk_backward_kernel(const float* g, const int32_t* indices,
+                                     rex::detail::TopKHidden hidden, float* gx, int64_t rows,
+                                     int64_t n, int64_t k) {
   const int64_t total = rows * n;
   for (int64_t e = thread_index(); e < total; e += thread_count()) {
     const int64_t r = e / n, c = e - r * n;
     float value = 0.0f;
     for (int64_t j = 0; j < k; ++j)
       if (indices[r * k + j] == c) value = g[r * k + j];
-    gx[e] = value;
+    gx[e] = hidden.hides(r, c) ? 0.0f : value;
   }
 }
 
-void topk_backward(const float* g, const int32_t* indices, float* gx, int64_t rows, int64_t n,
-                   int64_t k) {
+void topk_backward(const float* g, const int32_t* indices, rex::detail::TopKHidden hidden,
+                   float* gx, int64_t rows, int64_t n, int64_t k) {
   if (rows == 0 || n == 0) return;
-  REX_LAUNCH(topk_backward_kernel, blocks_for(rows * n), kThreads, 0, g, indices, gx, rows, n, k);
+  REX_LAUNCH(topk_backward_kernel, blocks_for(rows * n), kThreads, 0, g, indices, hidden, gx, rows,
+             n, k);
 }
 
 // ---- permute ----
@@ -240,25 +247,26 @@ void permute(const void* x, void* out, int32_t rank, const int64_t* host_dims,
 // ---- rope ----
 
 __global__ void rope_kernel(const float* x, const float* cos, const float* sin, float* y,
-                            int64_t rows, int64_t time, int64_t half, float direction) {
-  const int64_t total = rows * half;
+                            rex::detail::RopeRows rows, int64_t half, float direction) {
+  const int64_t total = rows.count() * half;
   for (int64_t e = thread_index(); e < total; e += thread_count()) {
     const int64_t row = e / half, i = e - row * half;
-    const int64_t t = row % time;
-    const int64_t base = row * 2 * half;
+    int64_t t = 0, x_row = 0;
+    rows.locate(row, t, x_row);
+    const int64_t in = x_row * 2 * half, out = row * 2 * half;
     const float c = cos[t * half + i];
     const float sn = __fmul_rn(direction, sin[t * half + i]);
-    const float a = x[base + i], b = x[base + i + half];
-    y[base + i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
-    y[base + i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, sn));
+    const float a = x[in + i], b = x[in + i + half];
+    y[out + i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
+    y[out + i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, sn));
   }
 }
 
-void rope(const float* x, const float* cos, const float* sin, float* y, int64_t outer, int64_t time,
+void rope(const float* x, const float* cos, const float* sin, float* y, rex::detail::RopeRows rows,
           int64_t head_dim, float direction) {
-  const int64_t half = head_dim / 2, rows = outer * time;
-  if (rows == 0 || half == 0) return;
-  REX_LAUNCH(rope_kernel, blocks_for(rows * half), kThreads, 0, x, cos, sin, y, rows, time, half,
+  const int64_t half = head_dim / 2;
+  if (rows.count() == 0 || half == 0) return;
+  REX_LAUNCH(rope_kernel, blocks_for(rows.count() * half), kThreads, 0, x, cos, sin, y, rows, half,
              direction);
 }
 

@@ -1,4 +1,5 @@
-// The MoE routing plan on the device, and the dispatch gather's backward.
+// The MoE routing plan on the device, the dispatch gather's backward, the gated combine of the
+// experts' rows and the router's load-balancing loss.
 //
 // - route: the T k slots (slot s = t k + j, token t's j-th choice) sorted by expert, stably (in
 //   slot order within an expert), exactly as the host's counting sort
@@ -16,6 +17,15 @@
 //   increasing position, from 0: the order in which scatter_add_rows (and the CPU) add them, so the
 //   result is bit-identical to theirs, with no host work and no atomics. One thread per element of
 //   dx; a token's positions are read by a warp at once and sorted in registers (k <= 32).
+// - combine_slots: the experts' rows back to their tokens, gated and summed over the k slots in
+//   slot order, one thread per output element (the fused form of unsort, multiply and sum over k);
+//   products and sums with _rn intrinsics, so no FMA is contracted and the bits are the CPU's. Its
+//   backward is one launch: a thread per element of d_y_sorted (g times the slot's gate) and a
+//   thread per slot for its gate's gradient, a dot product over d in order (as the CPU's loop).
+// - balance_loss: one block; each thread sums an expert's column of the probabilities in token
+//   order and multiplies (by 1 / tokens, then by the expert's share), and thread 0 adds the
+//   products in expert order: the CPU's order, bit for bit. Its backward is a thread per
+//   probability. Five launches each way fewer than the mean, product, sum and scalings it fuses.
 #include "common.cuh"
 
 namespace rex::cuda::detail {
@@ -116,11 +126,110 @@ void gather_sum_rows(const float* g, const int32_t* positions, float* dx, int64_
              k, d);
 }
 
+__global__ void combine_slots_kernel(const float* y_sorted, const int32_t* positions,
+                                     const float* gates, float* y, int64_t tokens, int64_t k,
+                                     int64_t d) {
+  const int64_t total = tokens * d;
+  for (int64_t e = thread_index(); e < total; e += thread_count()) {
+    const int64_t t = e / d, column = e - t * d;
+    float sum = 0.0f;
+    for (int64_t j = 0; j < k; ++j) {
+      const float value = y_sorted[static_cast<int64_t>(positions[t * k + j]) * d + column];
+      sum = __fadd_rn(sum, __fmul_rn(value, gates[t * k + j]));
+    }
+    y[e] = sum;
+  }
+}
+
+void combine_slots(const float* y_sorted, const int32_t* positions, const float* gates, float* y,
+                   int64_t tokens, int64_t k, int64_t d) {
+  if (tokens == 0 || d == 0) return;
+  REX_LAUNCH(combine_slots_kernel, blocks_for(tokens * d), kThreads, 0, y_sorted, positions, gates,
+             y, tokens, k, d);
+}
+
+// Threads [0, slots d) write d_y_sorted; threads [slots d, slots (d + 1)) each take one slot's gate
+// gradient, a dot product over d in order.
+__global__ void combine_slots_backward_kernel(const float* g, const float* y_sorted,
+                                              const int32_t* positions, const int32_t* sorted_slots,
+                                              const float* gates, float* d_y_sorted, float* d_gates,
+                                              int64_t tokens, int64_t k, int64_t d) {
+  const int64_t slots = tokens * k, rows_total = slots * d;
+  for (int64_t e = thread_index(); e < rows_total + slots; e += thread_count()) {
+    if (e < rows_total) {
+      const int64_t p = e / d, column = e - p * d;
+      const int64_t s = sorted_slots[p];
+      d_y_sorted[e] = __fmul_rn(g[s / k * d + column], gates[s]);
+      continue;
+    }
+    const int64_t s = e - rows_total;
+    const float* g_row = g + s / k * d;
+    const float* y_row = y_sorted + static_cast<int64_t>(positions[s]) * d;
+    float dot = 0.0f;
+    for (int64_t c = 0; c < d; ++c) dot = __fadd_rn(dot, __fmul_rn(g_row[c], y_row[c]));
+    d_gates[s] = dot;
+  }
+}
+
+void combine_slots_backward(const float* g, const float* y_sorted, const int32_t* positions,
+                            const int32_t* sorted_slots, const float* gates, float* d_y_sorted,
+                            float* d_gates, int64_t tokens, int64_t k, int64_t d) {
+  if (tokens == 0) return;
+  REX_LAUNCH(combine_slots_backward_kernel, blocks_for(tokens * k * (d + 1)), kThreads, 0, g,
+             y_sorted, positions, sorted_slots, gates, d_y_sorted, d_gates, tokens, k, d);
+}
+
+// One block: its threads take 256 experts at a time, each summing its column in token order and
+// leaving its product in shared memory, which thread 0 then adds in expert order.
+__global__ void balance_loss_kernel(const float* probs, const float* shares, float* loss,
+                                    int64_t tokens, int64_t pool, float scale) {
+  __shared__ float product[kThreads];
+  const float inv_tokens = 1.0f / static_cast<float>(tokens);
+  float total = 0.0f;  // thread 0's
+  for (int64_t first = 0; first < pool; first += blockDim.x) {
+    const int64_t e = first + threadIdx.x;
+    if (e < pool) {
+      float column = 0.0f;
+      for (int64_t t = 0; t < tokens; ++t) column = __fadd_rn(column, probs[t * pool + e]);
+      product[threadIdx.x] = __fmul_rn(shares[e], __fmul_rn(column, inv_tokens));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int64_t i = 0; i < blockDim.x && first + i < pool; ++i)
+        total = __fadd_rn(total, product[i]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) loss[0] = __fmul_rn(total, scale);
+}
+
+void balance_loss(const float* probs, const float* shares, float* loss, int64_t tokens,
+                  int64_t pool, float scale) {
+  REX_LAUNCH(balance_loss_kernel, 1, kThreads, 0, probs, shares, loss, tokens, pool, scale);
+}
+
+__global__ void balance_loss_backward_kernel(const float* g, const float* shares, float* d_probs,
+                                             int64_t tokens, int64_t pool, float scale) {
+  const float inv_tokens = 1.0f / static_cast<float>(tokens);
+  for (int64_t e = thread_index(); e < tokens * pool; e += thread_count())
+    d_probs[e] = __fmul_rn(__fmul_rn(__fmul_rn(g[0], scale), shares[e % pool]), inv_tokens);
+}
+
+void balance_loss_backward(const float* g, const float* shares, float* d_probs, int64_t tokens,
+                           int64_t pool, float scale) {
+  if (tokens == 0 || pool == 0) return;
+  REX_LAUNCH(balance_loss_backward_kernel, blocks_for(tokens * pool), kThreads, 0, g, shares,
+             d_probs, tokens, pool, scale);
+}
+
 }  // namespace
 
 void register_routing(rex::detail::CudaBackend& table) {
   table.route = route;
   table.gather_sum_rows = gather_sum_rows;
+  table.combine_slots = combine_slots;
+  table.combine_slots_backward = combine_slots_backward;
+  table.balance_loss = balance_loss;
+  table.balance_loss_backward = balance_loss_backward;
 }
 
 }  // namespace rex::cuda::detail

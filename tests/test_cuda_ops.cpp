@@ -495,6 +495,10 @@ TEST_CASE("cuda ops: rope and causal attention with grouped-query heads") {
   compare_op(
       "rope", {param({2, 3, 9, 8}, gen)}, [](const auto& t) { return rope(t[0]); },
       rounding_bound(3, 0, std::sqrt(2.0)));
+  compare_op(
+      "rope_heads", {param({2, 9, 24}, gen)},
+      [](const auto& t) { return rope_heads(t[0], 3, 500.0f, 7); },
+      rounding_bound(3, 0, std::sqrt(2.0)));
   for (const auto& [heads, kv_heads, time, dim] :
        std::vector<std::array<int64_t, 4>>{{4, 2, 13, 8}, {2, 2, 1, 4}, {6, 3, 70, 40}}) {
     compare_op(
@@ -553,11 +557,32 @@ TEST_CASE("cuda ops: gather, scatter, embedding, where, masked_fill and topk") {
   compare_op(
       "topk values", {param({7, 12}, gen)}, [](const auto& t) { return topk(t[0], 4).values; },
       0.0);
+  // Masked (PSR's form): a mask per row and one for every row, hidden entries chosen too (k = 9
+  // of 12 with fewer kept in some rows), gradients zero there on both devices.
+  Tensor row_keep = Tensor::empty(Shape{7, 12});
+  for (int64_t i = 0; i < row_keep.numel(); ++i)
+    row_keep.data<float>()[i] = gen.below(3) == 0 ? 0.0f : 1.0f;
+  const Tensor one_keep = from_vector<float>({1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1});
+  for (const Tensor& keep : {row_keep, one_keep}) {
+    const TopK masked_cpu = topk(ties, 9, TopKMask{keep, -1.0f}),
+               masked_gpu = topk(ties.to(kGpu), 9, TopKMask{keep.to(kGpu), -1.0f});
+    CHECK(masked_gpu.indices.to_vector<int32_t>() == masked_cpu.indices.to_vector<int32_t>());
+    compare_op(
+        "masked topk values", {param({7, 12}, gen), constant(keep)},
+        [](const auto& t) {
+          return topk(t[0], 9, TopKMask{t[1], -1.0f}).values;
+        },
+        0.0);
+  }
 }
 
 TEST_CASE("cuda ops: grouped_swiglu and the MoE layer") {
   if (gpu_missing()) return;
   Generator gen(8);
+  // The load-balancing loss sums in the same order on both devices: the same bits.
+  compare_op(
+      "balance_loss", {param({37, 12}, gen, 0.0f, 1.0f), constant(uniform({12}, gen, 0.0f, 1.0f))},
+      [](const auto& t) { return balance_loss(t[0], t[1], 0.12f); }, 0.0);
   const std::vector<int64_t> offsets{0, 3, 3, 10, 12};  // expert 1 gets no rows
   std::vector<Input> inputs{param({12, 6}, gen)};
   for (int kind = 0; kind < 3; ++kind)
@@ -1347,11 +1372,14 @@ TEST_CASE("cuda ops: permute_rows, and the MoE dispatch that permutes back with 
           cpu_plan.sorted_slots.to_vector<int32_t>());
     CHECK(gpu_plan.slot_positions.to(Device::cpu()).to_vector<int32_t>() ==
           cpu_plan.slot_positions.to_vector<int32_t>());
+    // combine_slots rounds each product and adds them in one order on both devices (the CPU's
+    // products go through memory, so no FMA is fused there either): the same bits.
     compare_op(
-        "dispatch_rows and unsort_rows", {param({many_tokens, 33}, gen), constant(many)},
+        "dispatch_rows and combine_slots",
+        {param({many_tokens, 33}, gen), constant(many), param({many_tokens, many_k}, gen)},
         [&](const auto& t) {
           const nn::RoutingPlan plan = nn::plan_routing(t[1], many_pool);
-          return unsort_rows(dispatch_rows(t[0], plan) * 2.0f, plan);
+          return combine_slots(dispatch_rows(t[0], plan) * 2.0f, plan, t[2]);
         },
         0.0);
   }

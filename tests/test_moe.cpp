@@ -853,3 +853,25 @@ TEST_CASE("dispatch_experts: permuting back gives the bits of the scatter-add it
   CHECK(now == before);
   CHECK(now.back().empty());  // expert 5's down weight: no token, no gradient
 }
+
+TEST_CASE("balance_loss: the bits of sum(shares * mean(probs, 0)) * scale, gradient included") {
+  Generator gen(43);
+  for (const auto& [tokens, pool] : std::vector<std::pair<int64_t, int64_t>>{{7, 5}, {300, 16}}) {
+    CAPTURE(tokens);
+    const Tensor shares = uniform({pool}, gen, 0.0f, 0.5f);
+    const float scale = 0.01f * static_cast<float>(pool);
+    Tensor probs = softmax(normal({tokens, pool}, gen)).detach().requires_grad_();
+    const Tensor weight = scalar(1.7f);
+    const Tensor fused = balance_loss(probs, shares, scale);
+    (fused * weight).backward();
+    const std::string fused_grad = testing::raw_bytes(probs.grad());
+    probs.zero_grad();
+    const Tensor composed = sum(shares * mean(probs, 0)) * scale;
+    (composed * weight).backward();
+    CHECK(testing::raw_bytes(fused) == testing::raw_bytes(composed));
+    CHECK(fused_grad == testing::raw_bytes(probs.grad()));
+  }
+  CHECK(error_message([] {
+          balance_loss(zeros({3, 4}), zeros({5}), 1.0f);
+        }).find("balance_loss: expected probs [T, P]") != std::string::npos);
+}

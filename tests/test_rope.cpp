@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gradcheck.hpp"
@@ -165,4 +166,31 @@ TEST_CASE("rope rejects bad inputs") {
   CHECK_THROWS_AS(rex::rope(rex::zeros(Shape{1, 1, 2, 4}), 0.0f), rex::Error);
   CHECK_THROWS_AS(rex::rope(rex::zeros(Shape{1, 1, 2, 4}), -1.0f), rex::Error);
   CHECK_THROWS_AS(rex::rope(Tensor::empty(Shape{1, 1, 2, 4}, rex::DType::i32)), rex::Error);
+}
+
+TEST_CASE("rope_heads: the bits of rope over the permuted heads, the gradient back in x's order") {
+  rex::Generator gen(11);
+  for (const auto& [shape, heads] : std::vector<std::pair<Shape, int64_t>>{
+           {Shape{2, 7, 24}, 3}, {Shape{1, 1, 8}, 2}, {Shape{3, 5, 16}, 1}}) {
+    CAPTURE(shape);
+    const int64_t batch = shape[0], time = shape[1], head_dim = shape[2] / heads;
+    Tensor x = rex::normal(shape, gen).requires_grad_();
+    const Tensor g = rex::normal(Shape{batch, heads, time, head_dim}, gen);
+    const Tensor fused = rex::rope_heads(x, heads, 500.0f, 4);
+    fused.backward(g);
+    const std::string fused_grad = rex::testing::raw_bytes(x.grad());
+    x.zero_grad();
+    const Tensor composed = rex::rope(
+        rex::permute(rex::reshape(x, {batch, time, heads, head_dim}), {0, 2, 1, 3}), 500.0f, 4);
+    composed.backward(g);
+    CHECK(fused.shape() == composed.shape());
+    CHECK(rex::testing::raw_bytes(fused) == rex::testing::raw_bytes(composed));
+    CHECK(fused_grad == rex::testing::raw_bytes(x.grad()));
+  }
+  Tensor x = rex::normal(Shape{2, 3, 8}, gen).requires_grad_();
+  CHECK_GRADIENTS([](const std::vector<Tensor>& in) { return rex::rope_heads(in[0], 2, 50.0f, 3); },
+                  {x});
+  CHECK(error_message([] {
+          rex::rope_heads(rex::zeros(Shape{1, 2, 9}), 3);
+        }).find("rope_heads: expected x [B, T, H D] with an even head size") == 0);
 }

@@ -114,6 +114,45 @@ TEST_CASE("topk: gradient of the values") {
   CHECK_FALSE(topk(x, 2).indices.requires_grad());
 }
 
+TEST_CASE("topk with a mask: the top-k of where(keep, x, hidden), no gradient at hidden entries") {
+  Generator gen(5);
+  const Tensor x = normal({6, 9}, gen);
+  Tensor row_keep = Tensor::empty(Shape{6, 9});  // a mask per row, every row keeping at least 3
+  for (int64_t i = 0; i < row_keep.numel(); ++i)
+    row_keep.data<float>()[i] = (i % 9) < 3 || gen.below(2) == 0 ? 1.0f : 0.0f;
+  const Tensor one_keep = from_vector<float>({1, 0, 1, 1, 0, 0, 1, 0, 1});  // one for every row
+  for (const Tensor& keep : {row_keep, one_keep}) {
+    for (float hidden : {-1.0f, -std::numeric_limits<float>::infinity()}) {
+      CAPTURE(keep.shape());
+      CAPTURE(hidden);
+      // The composed form, with keep broadcast to x's shape by where.
+      const Tensor masked = where(keep, x, scalar(hidden));
+      const TopK want = topk(masked, 3), got = topk(x, 3, TopKMask{keep, hidden});
+      CHECK(got.indices.to_vector<int32_t>() == want.indices.to_vector<int32_t>());
+      CHECK(got.values.to_vector() == want.values.to_vector());
+    }
+  }
+  // k beyond the kept entries: the hidden ones follow, ranked as `hidden` by position, and take
+  // no gradient (their score does not depend on x).
+  Tensor xs = from_vector<float>({0.5f, 2.0f, -1.0f, 3.0f}).requires_grad_();
+  const TopK all = topk(xs, 4, TopKMask{from_vector<float>({0, 1, 1, 0}), -5.0f});
+  CHECK(all.indices.to_vector<int32_t>() == std::vector<int32_t>{1, 2, 0, 3});
+  CHECK(all.values.to_vector() == std::vector<float>{2.0f, -1.0f, -5.0f, -5.0f});
+  all.values.backward(from_vector<float>({10, 20, 30, 40}));
+  CHECK(xs.grad().to_vector() == std::vector<float>{0, 10, 20, 0});
+  // Central differences through a masked top-k.
+  Tensor y = distinct_rows(Shape{4, 7}, gen).requires_grad_();
+  const Tensor keep = from_vector<float>({1, 1, 0, 1, 0, 1, 1});
+  CHECK_GRADIENTS(
+      [&](const std::vector<Tensor>& in) {
+        return topk(in[0], 3, TopKMask{keep, -1.0f}).values;
+      },
+      {y});
+  CHECK(error_message([&] {
+          topk(x, 2, TopKMask{ones({6, 8}), -1.0f});
+        }).find("mask") != std::string::npos);
+}
+
 TEST_CASE("topk: errors name the op") {
   Generator gen(4);
   const Tensor x = normal({2, 5}, gen);

@@ -15,10 +15,9 @@
 // What the plan assumes, which the check's configs share: a ReX-MoE model (ffn = moe) without
 // shared experts or z-loss, tied embeddings, every expert of every table receiving tokens in every
 // layer (so every expert weight has a gradient), PSR past t_e or off (no mask to apply; while
-// masks apply, each MoE layer adds the masking's elementwise ops and either the step scope's
-// upload of its [P] mask, which costs no wait, or, in the sequence and token scopes, one
-// psr_keep_rows_kernel launch),
-// global-norm clipping on and firing, and device arrays aligned to 32 bytes (the caching allocator
+// masks apply, top-k reads the mask, which each MoE layer uploads in the step scope (no wait) or
+// makes with one psr_keep_rows_kernel launch in the sequence and token scopes), global-norm
+// clipping on and firing, and device arrays aligned to 32 bytes (the caching allocator
 // gives 512). Token counts per expert are taken even (tokens x k / pool each), which changes no
 // count but the cuBLAS shapes' split. Widths are taken to be multiples of 32 where a formula says
 // so.
@@ -191,45 +190,6 @@ inline KernelCounts binary_strided(i64 rows, i64 cols, bool periodic) {
   return k;
 }
 
-// broadcast_copy_strided_kernel: out [outer, copies, inner] from x [outer, inner] (copies along the
-// middle axis), or out [rows, cols] from x [cols] (periodic).
-inline KernelCounts broadcast_middle(i64 outer, i64 copies, i64 inner) {
-  KernelCounts k;
-  load_stream(k, outer * copies * inner);  // inner a multiple of 32: 4 sectors a request
-  store_stream(k, outer * copies * inner);
-  return k;
-}
-inline KernelCounts broadcast_periodic(i64 rows, i64 cols) {
-  KernelCounts k;
-  load_periodic(k, rows * cols, cols);
-  store_stream(k, rows * cols);
-  return k;
-}
-
-// sum_middle_kernel: out [outer, inner] = sum over n of x [outer, n, inner]; 32 consecutive items
-// a warp, each of the n steps one request over the warp's items.
-inline KernelCounts sum_middle(i64 outer, i64 n, i64 inner) {
-  KernelCounts k;
-  const i64 items = outer * inner;
-  const uint64_t warps = ceil_div(items, 32);
-  k.global.load_requests += warps * static_cast<uint64_t>(n);
-  k.global.load_sectors += static_cast<uint64_t>(n) * ceil_div(items * 4, 32);
-  k.global.load_bytes += static_cast<uint64_t>(items * n * 4);
-  store_stream(k, items);
-  return k;
-}
-
-// sum_to_kernel summing the last axis: out [items] = sum over the n of each row of x [items, n];
-// each thread walks its own row, so every load of a warp is in its own sector.
-inline KernelCounts sum_last_axis(i64 items, i64 n) {
-  KernelCounts k;
-  k.global.load_requests += ceil_div(items, 32) * static_cast<uint64_t>(n);
-  k.global.load_sectors += static_cast<uint64_t>(items * n);
-  k.global.load_bytes += static_cast<uint64_t>(items * n * 4);
-  store_stream(k, items);
-  return k;
-}
-
 // The sectors of one pass over rows [rows, n] of floats, 32 consecutive elements of a row a
 // request: exact, rows that do not start on a sector included.
 inline uint64_t row_pass_sectors(i64 rows, i64 n) {
@@ -280,12 +240,33 @@ inline KernelCounts gather_rows(i64 m, i64 d) {
   return k;
 }
 
-// rope_kernel over rows x half pairs: x's two halves and the cos and sin tables read in order,
-// y's two halves written.
-inline KernelCounts rope(i64 rows, i64 half) {
+// rope_kernel over batch x heads x time rows of half pairs, y's rows heads first (splitting into
+// heads) or time first (merging back): x's two halves read and y's written by rows (each row's
+// half a whole number of sectors: half a multiple of 8), the cos and sin tables at each row's
+// position. A warp spans 32 / half rows when half < 32; in time-first order neighbouring rows share
+// a position, and so the table's sectors (counted warp by warp).
+inline KernelCounts rope(i64 batch, i64 heads, i64 time, i64 half, bool y_time_first) {
   KernelCounts k;
-  for (int s = 0; s < 4; ++s) load_stream(k, rows * half);
+  const i64 rows = batch * heads * time;
+  for (int s = 0; s < 2; ++s) load_stream(k, rows * half);
   for (int s = 0; s < 2; ++s) store_stream(k, rows * half);
+  uint64_t table_sectors = ceil_div(rows * half * 4, 32);
+  if (half % 32 != 0) {
+    table_sectors = 0;
+    for (i64 first = 0; first < rows * half; first += 32) {
+      std::set<i64> sectors;
+      for (i64 e = first; e < std::min(first + 32, rows * half); ++e) {
+        const i64 row = e / half, t = y_time_first ? row / heads % time : row % time;
+        sectors.insert((t * half + e % half) * 4 / 32);
+      }
+      table_sectors += sectors.size();
+    }
+  }
+  for (int s = 0; s < 2; ++s) {
+    k.global.load_requests += ceil_div(rows * half, 32);
+    k.global.load_sectors += table_sectors;
+    k.global.load_bytes += static_cast<uint64_t>(rows * half * 4);
+  }
   return k;
 }
 
@@ -420,6 +401,74 @@ inline KernelCounts gather_sum_rows(i64 tokens, i64 top, i64 d) {
     load_stream(k, tokens * d);
   }
   store_stream(k, tokens * d);
+  return k;
+}
+
+// combine_slots_kernel: y [tokens, d], each element reading, for each of its token's k slots, the
+// slot's position and gate (the same for a warp: d a multiple of 32) and the expert row's element;
+// a product and a sum per slot.
+inline KernelCounts combine_slots(i64 tokens, i64 top, i64 d) {
+  KernelCounts k;
+  for (i64 j = 0; j < top; ++j) {
+    load_broadcast(k, tokens * d);  // the position
+    load_broadcast(k, tokens * d);  // the gate
+    load_stream(k, tokens * d);     // the expert row's element
+  }
+  store_stream(k, tokens * d);
+  k.arithmetic.f32_flops = static_cast<uint64_t>(2 * top * tokens * d);
+  return k;
+}
+
+// combine_slots_backward_kernel: first a thread per element of d_y_sorted [tokens k, d] (its
+// sorted slot and that slot's gate, the same for a warp, and g's element), then a thread per slot
+// for its gate's gradient: its position, then d steps each reading g's row of its token (the
+// warp's distinct tokens: a sector each) and the expert row at its position (32 rows, 32 sectors).
+inline KernelCounts combine_slots_backward(i64 tokens, i64 top, i64 d) {
+  KernelCounts k;
+  const i64 slots = tokens * top;
+  load_broadcast(k, slots * d);  // sorted_slots[p]
+  load_broadcast(k, slots * d);  // gates[s]
+  load_stream(k, slots * d);     // g
+  store_stream(k, slots * d);    // d_y_sorted
+  load_stream(k, slots);         // positions[s]
+  for (i64 first = 0; first < slots; first += 32) {
+    const i64 last = std::min(first + 32, slots) - 1;
+    const i64 distinct_tokens = last / top - first / top + 1;
+    k.global.load_requests += static_cast<uint64_t>(2 * d);
+    k.global.load_sectors += static_cast<uint64_t>(d * (distinct_tokens + last - first + 1));
+  }
+  k.global.load_bytes += static_cast<uint64_t>(2 * slots * d * 4);
+  store_stream(k, slots);  // d_gates
+  k.arithmetic.f32_flops = static_cast<uint64_t>(3 * slots * d);
+  return k;
+}
+
+// balance_loss_kernel: one block of 256; each thread sums its expert's column over the tokens
+// (a warp reads 32 consecutive entries of a row a step), multiplies twice and stores its product
+// in shared memory, which thread 0 reads back one at a time; the shares read once; one store.
+inline KernelCounts balance_loss(i64 tokens, i64 pool) {
+  KernelCounts k;
+  k.global.load_requests += static_cast<uint64_t>(tokens) * ceil_div(pool, 32);
+  k.global.load_sectors += row_pass_sectors(tokens, pool);
+  k.global.load_bytes += static_cast<uint64_t>(tokens * pool * 4);
+  load_stream(k, pool);
+  k.shared.store_requests += ceil_div(pool, 32);
+  k.shared.store_wavefronts += ceil_div(pool, 32);
+  k.shared.load_requests += static_cast<uint64_t>(pool);
+  k.shared.load_wavefronts += static_cast<uint64_t>(pool);
+  store_per_row(k, 1, 1);
+  k.arithmetic.f32_flops = static_cast<uint64_t>(tokens * pool + 3 * pool + 1);
+  return k;
+}
+
+// balance_loss_backward_kernel: a thread per probability, reading g (one value) and its expert's
+// share (a row of shares repeated down the tokens); three products.
+inline KernelCounts balance_loss_backward(i64 tokens, i64 pool) {
+  KernelCounts k;
+  load_broadcast(k, tokens * pool);
+  load_periodic(k, tokens * pool, pool);
+  store_stream(k, tokens * pool);
+  k.arithmetic.f32_flops = static_cast<uint64_t>(3 * tokens * pool);
   return k;
 }
 
@@ -823,7 +872,6 @@ inline Counts training_step(const rex::train::RunConfig& config,
     return std::vector<i64>(static_cast<size_t>(P), r);
   };
   auto add = [&](i64 n) { plan.launch("binary_flat_kernel", elementwise(n, 2, 0)); };
-  auto add_scalar_op = [&](i64 n) { plan.launch("binary_flat_kernel", elementwise(n, 1, 1)); };
   // (The token ids came from the host, which checked them there: no check kernel, no read-back.)
   auto gather = [&](i64 rows, i64 d) { plan.launch("gather_rows_kernel", gather_rows(rows, d)); };
   auto rms_norm = [&](i64 rows) {
@@ -851,8 +899,9 @@ inline Counts training_step(const rex::train::RunConfig& config,
     plan.launch("rms_norm_dw_finish_kernel", finish);
   };
   auto permute = [&](i64 n) { plan.launch("permute_kernel", elementwise(n, 1, 0)); };
-  auto rope = [&](i64 heads) {
-    plan.launch("rope_kernel", cost_formulas::rope(B * heads * T, hd / 2));
+  // RoPE of a projection split into heads (forward) or of their gradients merged back.
+  auto rope = [&](i64 heads, bool merge) {
+    plan.launch("rope_kernel", cost_formulas::rope(B, heads, T, hd / 2, merge));
   };
 
   // Forward. The batch's tokens and targets go up (uploads are staged through pinned memory and
@@ -863,12 +912,14 @@ inline Counts training_step(const rex::train::RunConfig& config,
     // kernel, heads back, the output projection, the residual.
     rms_norm(M);
     linear(M, D, D);
-    permute(M * D);
-    rope(H);
+    rope(H, false);  // q into heads, rotated as it is split
     for (int kv = 0; kv < 2; ++kv) {
       linear(M, D, G * hd);
-      permute(M * G * hd);
-      if (kv == 0) rope(G);
+      if (kv == 0) {
+        rope(G, false);  // k likewise
+      } else {
+        permute(M * G * hd);  // v into heads
+      }
     }
     if (flash) {
       for (const auto& [kernel, one] : flash_counts.forward)
@@ -880,8 +931,7 @@ inline Counts training_step(const rex::train::RunConfig& config,
     linear(M, D, D);
     add(M * D);
     // MoE: the router and its softmax, top-k, the routing plan on the device (nothing read
-    // back), the gather into expert order, the experts, the permutation back and the gated sum
-    // over k.
+    // back), the gather into expert order, the experts, the gated combine back to the tokens.
     rms_norm(M);
     linear(M, D, P);
     KernelCounts softmax = row_kernel(M, P, 3, 1, 2);
@@ -905,18 +955,10 @@ inline Counts training_step(const rex::train::RunConfig& config,
       plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
       per_expert(r, D, F, 1);  // down
     }
-    plan.launch("gather_rows_kernel", gather_rows(routed, D));  // back to slot order
-    plan.launch("binary_strided_kernel", binary_strided(routed, D, false));
-    plan.launch("sum_middle_kernel", sum_middle(M, K, D));  // (sums write every output: no fill)
-    // The balance loss: mean of the probabilities over tokens, times the routed shares (the
-    // routing plan's), summed, scaled; added to the running total from the second layer on.
-    plan.launch("sum_middle_kernel", sum_middle(1, M, P));
-    plan.launch("unary_kernel", elementwise(P, 1, 0));
-    add(P);
-    KernelCounts sum_rows = row_kernel(1, P, 1, 0, 1);
-    store_per_row(sum_rows, 1, 1);
-    plan.launch("sum_rows_kernel", sum_rows);
-    plan.launch("unary_kernel", elementwise(1, 1, 0));
+    plan.launch("combine_slots_kernel", combine_slots(M, K, D));  // back to the tokens, gated
+    // The balance loss (with the routing plan's shares), one kernel; added to the running total
+    // from the second layer on.
+    plan.launch("balance_loss_kernel", balance_loss(M, P));
     add(M * D);
     if (layer > 0) add(1);
   }
@@ -942,11 +984,7 @@ inline Counts training_step(const rex::train::RunConfig& config,
   // Backward. The loss's gradient, then each layer's balance loss back to its probabilities.
   plan.launch("fill32_kernel", elementwise(1, 0, 0));
   for (i64 layer = 0; layer < L; ++layer) {
-    plan.launch("unary_kernel", elementwise(1, 1, 0));
-    plan.launch("broadcast_copy_flat_kernel", elementwise(P, 0, 1));
-    add_scalar_op(P);
-    plan.launch("unary_kernel", elementwise(P, 1, 0));
-    plan.launch("broadcast_copy_strided_kernel", broadcast_periodic(M, P));
+    plan.launch("balance_loss_backward_kernel", balance_loss_backward(M, P));
   }
   KernelCounts ce_backward = row_kernel(M, V, 1, 1, 0);
   load_per_row(ce_backward, M, 3 * (row_threads(V) / 32));  // target, g and lse by every warp
@@ -955,23 +993,15 @@ inline Counts training_step(const rex::train::RunConfig& config,
   linear_backward(M, D, V);
   rms_norm_backward(M);
   for (i64 layer = L - 1; layer >= 0; --layer) {
-    // The gated sum, the gates, top-k and softmax back to the router.
-    if (K == 1) {  // [T, d] to [T, 1, d]: the same layout, a flat copy
-      plan.launch("broadcast_copy_flat_kernel", elementwise(M * D, 1, 0));
-    } else {
-      plan.launch("broadcast_copy_strided_kernel", broadcast_middle(M, K, D));
-    }
-    plan.launch("binary_strided_kernel", binary_strided(routed, D, false));
-    add(routed * D);
-    plan.launch("sum_to_kernel", sum_last_axis(routed, D));
+    // The gated combine (the experts' rows and the gates), top-k and softmax back to the router.
+    plan.launch("combine_slots_backward_kernel", combine_slots_backward(M, K, D));
     plan.launch("topk_backward_kernel", topk_backward(M, P, K));
     add(M * P);
     plan.launch("softmax_backward_kernel", row_kernel(M, P, 4, 1, 1));
     linear_backward(M, D, P);
-    // The experts back: the permutation's inverse, SwiGLU recomputed, the down, SwiGLU's and the
+    // The experts back: SwiGLU recomputed, the down, SwiGLU's and the
     // gate and up products' backward; from the second layer of a table on, each expert's three
     // weight gradients are added to the table's.
-    plan.launch("gather_rows_kernel", gather_rows(routed, D));
     plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
     KernelCounts swiglu_backward = elementwise(routed * F, 3, 0);  // a, b, g in; da out
     store_stream(swiglu_backward, routed * F);                     // and db
@@ -1011,12 +1041,10 @@ inline Counts training_step(const rex::train::RunConfig& config,
     }
     permute(M * G * hd);  // dv
     linear_backward(M, D, G * hd);
-    rope(G);
-    permute(M * G * hd);  // dk
+    rope(G, true);  // dk, rotated back into the projection's order
     linear_backward(M, D, G * hd);
     add(M * D);
-    rope(H);
-    permute(M * D);  // dq
+    rope(H, true);  // dq likewise
     linear_backward(M, D, D);
     add(M * D);
     rms_norm_backward(M);

@@ -7,8 +7,9 @@
 // Unary ops carry one scalar s (the exponent of pow, the operand of the scalar forms). Their
 // backward is dx = g * unary_slope(op, saved, s), where `saved` is the input x or, for the ops
 // whose derivative is cheaper from the output, y (the REX_UNARY_OPS list says which). The other
-// shared rules live here too: the NaN-first ranking of max and topk (ranks_before) and the SwiGLU
-// value and gradients, whose templates also take Eigen arrays (the CPU's vectorised form).
+// shared rules live here too: the NaN-first ranking of max and topk (ranks_before), the entries a
+// top-k hides and the SwiGLU value and gradients, whose templates also take Eigen arrays (the CPU's
+// vectorised form).
 #pragma once
 
 #include <cmath>
@@ -91,6 +92,41 @@ REX_HOST_DEVICE inline bool ranks_before(float a, int64_t i, float b, int64_t j)
   if (!a_nan && a != b) return a > b;
   return i < j;
 }
+
+// Where rope reads and writes (rex/ops/rope.hpp): batch x heads x time rows of head_dim, stored
+// heads first ([B, H, T, D]) or time first ([B, T, H, D], as a projection leaves them). x may be
+// in one order and y in the other, so that splitting a projection into heads (and merging the
+// gradient back) needs no permute of its own.
+struct RopeRows {
+  int64_t batch = 0, heads = 0, time = 0;
+  bool x_time_first = false, y_time_first = false;
+
+  REX_HOST_DEVICE int64_t count() const { return batch * heads * time; }
+  // y's row r: its position t and the row of x with the same (batch, head, position).
+  REX_HOST_DEVICE void locate(int64_t r, int64_t& t, int64_t& x_row) const {
+    const int64_t b = r / (heads * time);
+    const int64_t h = y_time_first ? r % heads : r / time % heads;
+    t = y_time_first ? r / heads % time : r % time;
+    x_row = x_time_first ? (b * time + t) * heads + h : (b * heads + h) * time + t;
+  }
+};
+
+// The entries a top-k may not choose (rex::TopKMask on raw memory): where keep[r * keep_stride +
+// i] is 0, entry i of row r ranks as `hidden`, whatever x holds there, and takes no gradient.
+// keep_stride 0 gives every row the same mask; keep null hides nothing.
+struct TopKHidden {
+  const float* keep = nullptr;
+  int64_t keep_stride = 0;
+  float hidden = 0.0f;
+
+  REX_HOST_DEVICE bool hides(int64_t r, int64_t i) const {
+    return keep != nullptr && keep[r * keep_stride + i] == 0.0f;
+  }
+  // What the top-k of row r (its values at `row`) ranks and returns at position i.
+  REX_HOST_DEVICE float score(const float* row, int64_t r, int64_t i) const {
+    return hides(r, i) ? hidden : row[i];
+  }
+};
 
 // SwiGLU, y = silu(a) * b, for floats (the kernels) and Eigen arrays (the CPU). With
 // s = sigmoid(a), its gradients for an output gradient g are

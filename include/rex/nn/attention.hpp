@@ -1,8 +1,9 @@
 // Causal self-attention with RoPE and grouped-query heads, and its KV cache for decoding.
 //
 // x [B, T, d] -> q = x Wq^T, k = x Wk^T, v = x Wv^T, split into heads [B, H, T, D] (D = d / H;
-// k and v have Hkv heads, each shared by H / Hkv query heads), RoPE on q and k, the fused causal
-// attention of rex/ops/attention.hpp, heads merged back to [B, T, d], output projection Wo.
+// k and v have Hkv heads, each shared by H / Hkv query heads), RoPE on q and k (one kernel with
+// their split: rope_heads), the fused causal attention of rex/ops/attention.hpp, heads merged back
+// to [B, T, d], output projection Wo.
 //
 // Decoding (inference, one sequence): given a KvCacheLayer, the keys (after RoPE) and values of
 // the tokens are kept. An empty cache takes a whole window (the prefill: the computation above,
@@ -73,13 +74,14 @@ class CausalSelfAttention : public Module {
         !cache || (batch == 1 && (past == 0 || time == 1)),
         "CausalSelfAttention: a KV cache takes one sequence, and one token once filled; got x ",
         x.shape(), " after ", past, " cached tokens");
-    // [B, T, n D] -> [B, n, T, D] (with T = 1 the same order of elements: no copy).
+    // [B, T, n D] -> [B, n, T, D] (with T = 1 the same order of elements: no copy); q and k are
+    // split by their rotation (rope_heads).
     auto split_heads = [&](const Tensor& t, int64_t n) {
       if (time == 1) return reshape(t, {batch, n, 1, head_dim_});
       return permute(reshape(t, {batch, time, n, head_dim_}), {0, 2, 1, 3});
     };
-    const Tensor qh = rope(split_heads(q->forward(x), heads_), rope_theta_, past);
-    Tensor kh = rope(split_heads(k->forward(x), kv_heads_), rope_theta_, past);
+    const Tensor qh = rope_heads(q->forward(x), heads_, rope_theta_, past);
+    Tensor kh = rope_heads(k->forward(x), kv_heads_, rope_theta_, past);
     Tensor vh = split_heads(v->forward(x), kv_heads_);
     if (cache) cache->append(kh, vh);
     if (past > 0) {  // every cached key and value, this token's included
@@ -108,7 +110,8 @@ class CausalSelfAttention : public Module {
     weights.times(x, q->weight, qk_raw);
     weights.times(x, k->weight, qk_raw + dim);
     weights.times(x, v->weight, v_new);
-    detail::cpu::rope(qk_raw, rope_cos, rope_sin, qk, heads_ + kv_heads_, 1, head_dim_, 1.0f);
+    detail::cpu::rope(qk_raw, rope_cos, rope_sin, qk, detail::RopeRows{1, heads_ + kv_heads_, 1},
+                      head_dim_, 1.0f);
     // Head h's key and value go to position p of head h's [capacity, D] block.
     float* keys = cache.keys.data<float>();
     float* values = cache.values.data<float>();

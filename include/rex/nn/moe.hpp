@@ -17,20 +17,20 @@
 // Dispatch (dropless, deterministic, no capacity factor): plan_routing counting-sorts the T*k
 // (token, slot) pairs by expert (on the tensors' device), the token rows are gathered in that order
 // (dispatch_rows), each non-empty expert runs its SwiGLU on its contiguous segment (grouped_swiglu,
-// rex/ops/moe.hpp), the outputs are put back in slot order [T, k, d] (unsort_rows: each slot gets
-// exactly one row) and reduced over k with the gates. Backward is the same graph read backwards:
-// the gather's backward sums each token's k rows in sorted order, the permutation's is the inverse
-// permutation, gate gradients are row dot products, weight gradients X^T dY per segment.
+// rex/ops/moe.hpp), and each token's k outputs are weighted by its gates and summed (combine_slots,
+// which reads them at the slots' sorted positions). Backward is the same graph read backwards: the
+// gather's backward sums each token's k rows in sorted order, the combine's gives each sorted row
+// its token's gradient times the gate, gate gradients are row dot products, weight gradients X^T dY
+// per segment.
 //
 // Losses over the pool of size P, with f_i the share of the T*k routed slots sent to expert i and
 // p_i the mean router probability of expert i over the T tokens (f from the whole step's batch
 // when this pass sees part of it: WholeBatchCounts below):
-//   load balance  alpha * P * sum_i f_i p_i     (1 * alpha when routing is uniform)
+//   load balance  alpha * P * sum_i f_i p_i     (1 * alpha when routing is uniform; balance_loss)
 //   z-loss        beta * mean_t (logsumexp_i (W_l h_t)_i)^2
 #pragma once
 
 #include <algorithm>
-#include <limits>
 #include <memory>
 #include <string>
 #include <utility>
@@ -114,14 +114,12 @@ inline Tensor dispatch_experts(const Tensor& x, const Tensor& indices, const Ten
                 indices.dim(0) == x.dim(0) && x.dim(0) > 0,
             "dispatch_experts: expected x [T, d] with T > 0, indices and gates [T, k], got x ",
             x.shape(), ", indices ", indices.shape(), ", gates ", gates.shape());
-  const int64_t tokens = x.dim(0), k = indices.dim(1), d = x.dim(1);
   const RoutingPlan routing = plan_routing(indices, table.size());
   const Tensor y_sorted =
       grouped_swiglu(dispatch_rows(x, routing), routing.counts, table.gate_weights(),
                      table.up_weights(), table.down_weights());
-  const Tensor y_slots = unsort_rows(y_sorted, routing);
   if (plan) *plan = routing;
-  return sum(reshape(y_slots, {tokens, k, d}) * reshape(gates, {tokens, k, 1}), 1);
+  return combine_slots(y_sorted, routing, gates);
 }
 
 struct MoeOutput {
@@ -162,10 +160,10 @@ class MoeLayer : public Module {
     TopK top;
     Tensor gates;
     if (config_.gating == "topk_softmax") {  // Megatron-LM: top-k of the logits, softmax over k
-      top = topk(keep.defined() ? psr_logits(logits, keep) : logits, config_.top_k);
+      top = topk(logits, config_.top_k, psr_topk_mask(keep, /*on_logits=*/true));
       gates = softmax(top.values);
     } else {  // the paper: softmax over the pool, top-k of the probabilities
-      top = topk(keep.defined() ? psr_scores(probs, keep) : probs, config_.top_k);
+      top = topk(probs, config_.top_k, psr_topk_mask(keep, /*on_logits=*/false));
       gates = top.values;
       if (config_.renormalize) gates = gates / sum(gates, -1, /*keepdim=*/true);
     }
@@ -194,21 +192,17 @@ class MoeLayer : public Module {
                                  TokenPlaces{1, 1, at.first_sequence, position}, Device::cpu());
     std::vector<float> logits(static_cast<size_t>(pool)), scores(static_cast<size_t>(pool));
     weights.times(x, router->weight, logits.data());
-    // What top-k ranks: the logits or the probabilities, a masked expert's at -inf or -1 (as
-    // psr_logits and psr_scores set them).
+    // What top-k ranks: the logits or the probabilities, under forward's mask.
     const bool topk_softmax = config_.gating == "topk_softmax";
     if (topk_softmax) {
       scores = logits;
     } else {
       detail::cpu::softmax(logits.data(), scores.data(), 1, pool, Shape{1, pool});
     }
-    const float masked = topk_softmax ? -std::numeric_limits<float>::infinity() : -1.0f;
-    if (keep.defined())
-      for (int64_t e = 0; e < pool; ++e)
-        if (keep.data<float>()[e] == 0.0f) scores[e] = masked;
     std::vector<float> gates(static_cast<size_t>(k));
     std::vector<int32_t> chosen(static_cast<size_t>(k));
-    detail::cpu::topk(scores.data(), gates.data(), chosen.data(), 1, pool, k);
+    detail::cpu::topk(scores.data(), detail::topk_hidden(psr_topk_mask(keep, topk_softmax), pool),
+                      gates.data(), chosen.data(), 1, pool, k);
     if (topk_softmax) {
       detail::cpu::softmax(gates.data(), gates.data(), 1, k, Shape{1, k});
     } else if (config_.renormalize) {
@@ -247,8 +241,9 @@ class MoeLayer : public Module {
   // shares: the routed share of each expert in the whole batch (f, [P]).
   Tensor auxiliary_loss(const Tensor& logits, const Tensor& probs, const Tensor& shares) const {
     const int64_t pool = table_->size();
-    Tensor loss = sum(shares.to(probs.device()) * mean(probs, 0)) *
-                  static_cast<float>(config_.aux_loss_coef * static_cast<double>(pool));
+    Tensor loss =
+        balance_loss(probs, shares.to(probs.device()),
+                     static_cast<float>(config_.aux_loss_coef * static_cast<double>(pool)));
     if (config_.z_loss_coef > 0) {
       const Tensor row_max = max(logits, -1, /*keepdim=*/true).detach();
       const Tensor lse = row_max + log(sum(exp(logits - row_max), -1, /*keepdim=*/true));

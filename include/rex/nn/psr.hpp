@@ -19,10 +19,11 @@
 // N_t - N of the borrowed ones, redrawn at every step).
 // Integer arithmetic keeps the floor exact: floor((1 + a) N) = N + floor(a N).
 //
-// At every step, P - N_t experts of the pool are masked: psr_scores sets their gating scores to -1,
-// below every probability, before top-k (in rex/nn/moe.hpp; the chosen gates and the gradients are
-// those of zeroing them, since a masked expert is never chosen); with moe.gating = topk_softmax,
-// psr_logits sets their logits to -inf instead. psr.mask_scope says how many masks a step draws:
+// At every step, P - N_t experts of the pool are masked: top-k ranks their gating scores as -1,
+// below every probability (in rex/nn/moe.hpp, through psr_topk_mask; the chosen gates and the
+// gradients are those of zeroing them, since a masked expert is never chosen); with moe.gating =
+// topk_softmax, it ranks their logits as -inf instead. psr.mask_scope says how many masks a step
+// draws:
 //   step:      one per layer, shared by every token of the step's batch (keep [P]);
 //   sequence:  one per layer and sequence of the batch (keep [T, P], equal rows within a sequence);
 //   token:     one per layer and token (keep [T, P]).
@@ -47,6 +48,7 @@
 #include "rex/nn/config.hpp"
 #include "rex/ops/elementwise.hpp"
 #include "rex/ops/index.hpp"
+#include "rex/ops/topk.hpp"
 
 namespace rex::nn {
 
@@ -163,25 +165,13 @@ inline Tensor psr_keep(const PsrConfig& psr, const MoeConfig& moe, uint64_t seed
   return keep;
 }
 
-// The router's scores with the PSR mask applied: s' = s keep + (keep - 1), probs [T, P], keep
-// [P] or [T, P] from psr_keep. A masked expert scores -1, below every probability, so that even a
-// probability that underflowed to 0 never ties with it in top-k.
-inline Tensor psr_scores(const Tensor& probs, const Tensor& keep) {
-  REX_CHECK(
-      probs.rank() == 2 &&
-          (keep.shape() == probs.shape() || (keep.rank() == 1 && keep.dim(0) == probs.dim(1))),
-      "psr_scores: keep ", keep.shape(), " is neither [P] nor [T, P] for probs ", probs.shape());
-  return probs * keep + (keep - 1.0f);
-}
-
-// The router's logits with the PSR mask applied, for topk_softmax gating: a masked expert's logit
-// is -inf, so top-k never picks it (k <= N_t) and the softmax over the chosen k never sees it.
-inline Tensor psr_logits(const Tensor& logits, const Tensor& keep) {
-  REX_CHECK(
-      logits.rank() == 2 &&
-          (keep.shape() == logits.shape() || (keep.rank() == 1 && keep.dim(0) == logits.dim(1))),
-      "psr_logits: keep ", keep.shape(), " is neither [P] nor [T, P] for logits ", logits.shape());
-  return where(keep, logits, scalar(-std::numeric_limits<float>::infinity(), logits.device()));
+// The PSR mask as top-k takes it, keep [P] or [T, P] from psr_keep (undefined: nothing masked).
+// Ranking the probabilities (`on_logits` false), a masked expert scores -1, below every
+// probability, so that even a probability that underflowed to 0 never ties with it; ranking the
+// logits (topk_softmax gating), it scores -inf, so that the softmax over the chosen k would never
+// see it. Top-k never picks one (k <= N_t), and gives it no gradient.
+inline TopKMask psr_topk_mask(const Tensor& keep, bool on_logits) {
+  return {keep, on_logits ? -std::numeric_limits<float>::infinity() : -1.0f};
 }
 
 }  // namespace rex::nn

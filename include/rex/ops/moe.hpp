@@ -24,7 +24,8 @@
 // the host) and the two row moves of the dispatch, which trust their indices (rex built them):
 // dispatch_rows gathers each slot's token row into expert order, and its backward sums each
 // token's k rows in increasing sorted position (the order a scatter-add would use, so the bits are
-// the same, without the host); unsort_rows puts the sorted rows back in slot order.
+// the same, without the host); combine_slots brings the experts' rows back to their tokens, gated.
+// And the router's load-balancing loss as one op (balance_loss).
 #pragma once
 
 #include <algorithm>
@@ -33,6 +34,8 @@
 
 #include "rex/backend/counting_sort.hpp"
 #include "rex/backend/cpu/gemm.hpp"
+#include "rex/backend/cpu/index.hpp"
+#include "rex/backend/cpu/reduce.hpp"
 #include "rex/backend/cuda/dispatch.hpp"
 #include "rex/core/device_counts.hpp"
 #include "rex/ops/common.hpp"
@@ -261,16 +264,67 @@ inline Tensor dispatch_rows(const Tensor& x, const SlotOrder& order) {
                         });
 }
 
-// y_sorted [T k, d] in expert order -> [T k, d] in slot order (and back, for the gradient).
-inline Tensor unsort_rows(const Tensor& y_sorted, const SlotOrder& order) {
-  detail::check_f32("unsort_rows", y_sorted);
-  REX_CHECK(y_sorted.rank() == 2 && y_sorted.dim(0) == order.slot_positions.numel(),
-            "unsort_rows: rows ", y_sorted.shape(), " do not match the plan's ",
-            order.slot_positions.numel(), " slots");
-  return detail::record(detail::gather_rows_trusted(y_sorted, order.slot_positions), "unsort_rows",
-                        {y_sorted}, [sorted_slots = order.sorted_slots](const Tensor& g) {
-                          return detail::GradList{detail::gather_rows_trusted(g, sorted_slots)};
-                        });
+// y [T, d] = the sum over each token's k slots of its expert's row times the slot's gate:
+//   y[t] = sum_j gates[t, j] y_sorted[slot_positions[t k + j]],
+// the experts' rows (in expert order) back to their tokens, gated: one kernel (and one for the
+// backward) for what unsort, multiply and a sum over k would do in three (and five). Each product
+// is rounded and the k products are added in j order from 0, as that sum would add them.
+// Backward, for g [T, d]:
+//   d y_sorted[p] = g[t] gates[s] (s = sorted_slots[p], t = s / k),
+//   d gates[s] = sum_c g[t, c] y_sorted[slot_positions[s], c], added in c order from 0.
+inline Tensor combine_slots(const Tensor& y_sorted, const SlotOrder& order, const Tensor& gates) {
+  detail::check_f32("combine_slots", y_sorted), detail::check_f32("combine_slots", gates);
+  const int64_t slots = order.slot_positions.numel();
+  REX_CHECK(y_sorted.rank() == 2 && y_sorted.dim(0) == slots && gates.rank() == 2 &&
+                gates.numel() == slots,
+            "combine_slots: rows ", y_sorted.shape(), " and gates ", gates.shape(),
+            " do not match the plan's ", slots, " slots");
+  detail::common_device("combine_slots", {y_sorted, gates, order.slot_positions});
+  const int64_t tokens = gates.dim(0), k = gates.dim(1), d = y_sorted.dim(1);
+  Tensor y = Tensor::empty(Shape{tokens, d}, DType::f32, y_sorted.device());
+  (detail::on_cuda(y) ? detail::cuda_backend().combine_slots : detail::cpu::combine_slots)(
+      y_sorted.device_data<float>(), order.slot_positions.device_data<int32_t>(),
+      gates.device_data<float>(), y.device_data<float>(), tokens, k, d);
+  return detail::record(
+      y, "combine_slots", {y_sorted, gates},
+      [y_sorted = y_sorted.detach(), gates = gates.detach(), positions = order.slot_positions,
+       sorted_slots = order.sorted_slots, tokens, k, d](const Tensor& g) {
+        detail::GradList grads{Tensor::empty(y_sorted.shape(), DType::f32, g.device()),
+                               Tensor::empty(gates.shape(), DType::f32, g.device())};
+        (detail::on_cuda(g) ? detail::cuda_backend().combine_slots_backward
+                            : detail::cpu::combine_slots_backward)(
+            g.device_data<float>(), y_sorted.device_data<float>(), positions.device_data<int32_t>(),
+            sorted_slots.device_data<int32_t>(), gates.device_data<float>(),
+            grads[0].device_data<float>(), grads[1].device_data<float>(), tokens, k, d);
+        return grads;
+      });
+}
+
+// The router's load-balancing loss, scale * sum_e shares[e] * mean_t probs[t, e], for probs
+// [T, P] and shares [P] (f, a constant of the loss: no gradient), as one kernel each way: the same
+// roundings as sum(shares * mean(probs, 0)) * scale on the CPU, whose sums run in order. Backward:
+//   d probs[t, e] = ((g scale) shares[e]) (1 / T).
+inline Tensor balance_loss(const Tensor& probs, const Tensor& shares, float scale) {
+  detail::check_f32("balance_loss", probs), detail::check_f32("balance_loss", shares);
+  REX_CHECK(probs.rank() == 2 && probs.dim(0) > 0 && shares.shape() == Shape{probs.dim(1)},
+            "balance_loss: expected probs [T, P] with T > 0 and shares [P], got probs ",
+            probs.shape(), " and shares ", shares.shape());
+  detail::common_device("balance_loss", {probs, shares});
+  const int64_t tokens = probs.dim(0), pool = probs.dim(1);
+  Tensor loss = Tensor::empty(Shape{}, DType::f32, probs.device());
+  (detail::on_cuda(probs) ? detail::cuda_backend().balance_loss : detail::cpu::balance_loss)(
+      probs.device_data<float>(), shares.device_data<float>(), loss.device_data<float>(), tokens,
+      pool, scale);
+  return detail::record(
+      loss, "balance_loss", {probs},
+      [shares = shares.detach(), tokens, pool, scale](const Tensor& g) {
+        Tensor d_probs = Tensor::empty(Shape{tokens, pool}, DType::f32, g.device());
+        (detail::on_cuda(g) ? detail::cuda_backend().balance_loss_backward
+                            : detail::cpu::balance_loss_backward)(
+            g.device_data<float>(), shares.device_data<float>(), d_probs.device_data<float>(),
+            tokens, pool, scale);
+        return detail::GradList{d_probs};
+      });
 }
 
 // offsets: the segments [experts + 1], on the host or (a routing plan's counts) on x's device.

@@ -14,6 +14,8 @@
 //
 // Each pair is a 2-d rotation by +angle, so the backward is the rotation of g by -angle:
 //   dx[i] = g[i] cos + g[i + h] sin,   dx[i + h] = g[i + h] cos - g[i] sin.
+// rope_heads takes a projection's output [B, T, H D] and gives the rotated heads [B, H, T, D]: the
+// split into heads is part of the kernel's reads, and the merge back part of its gradient's.
 #pragma once
 
 #include <cmath>
@@ -74,15 +76,15 @@ inline RopeTable cached_rope_table(int64_t time, int64_t head_dim, float theta,
   return tables->emplace(key, table).first->second;
 }
 
-// Rotates every (i, i + D/2) pair of x [B, H, T, D] by +angle (direction 1) or -angle (direction
-// -1). The table must be on x's device.
-inline Tensor rope_rotate(const Tensor& x, const RopeTable& table, float direction) {
-  const int64_t time = x.dim(2), head_dim = x.dim(3);
-  const int64_t rows = x.dim(0) * x.dim(1);
-  Tensor out = Tensor::empty(x.shape(), DType::f32, x.device());
+// Rotates every (i, i + D/2) pair of x's rows by +angle (direction 1) or -angle (direction -1),
+// into `out_shape`: x and the result hold the rows in the orders `rows` gives. The table must be on
+// x's device.
+inline Tensor rope_rotate(const Tensor& x, const RopeTable& table, RopeRows rows,
+                          const Shape& out_shape, float direction) {
+  Tensor out = Tensor::empty(out_shape, DType::f32, x.device());
   (on_cuda(x) ? cuda_backend().rope : cpu::rope)(
       x.device_data<float>(), table.cos.device_data<float>(), table.sin.device_data<float>(),
-      out.device_data<float>(), rows, time, head_dim, direction);
+      out.device_data<float>(), rows, table.cos.dim(1) * 2, direction);
   return out;
 }
 
@@ -96,9 +98,33 @@ inline Tensor rope(const Tensor& x, float theta = 10000.0f, int64_t position_off
   REX_CHECK(theta > 0.0f, "rope: theta must be positive, got ", theta);
   const detail::RopeTable table =
       detail::cached_rope_table(x.dim(2), x.dim(3), theta, position_offset, x.device());
-  return detail::record(detail::rope_rotate(x, table, 1.0f), "rope", {x}, [table](const Tensor& g) {
-    return detail::GradList{detail::rope_rotate(g, table, -1.0f)};
-  });
+  const detail::RopeRows rows{x.dim(0), x.dim(1), x.dim(2)};
+  return detail::record(
+      detail::rope_rotate(x, table, rows, x.shape(), 1.0f), "rope", {x},
+      [table, rows, shape = x.shape()](const Tensor& g) {
+        return detail::GradList{detail::rope_rotate(g, table, rows, shape, -1.0f)};
+      });
+}
+
+// A projection's output x [B, T, H D] split into H heads and rotated: [B, H, T, D], the value of
+// rope(permute(reshape(x, {B, T, H, D}), {0, 2, 1, 3}), theta, position_offset) in one kernel (and
+// one for the gradient, rotated back into x's order), where the composition takes two.
+inline Tensor rope_heads(const Tensor& x, int64_t heads, float theta = 10000.0f,
+                         int64_t position_offset = 0) {
+  detail::check_f32("rope_heads", x);
+  REX_CHECK(x.rank() == 3 && heads > 0 && x.dim(2) % (2 * heads) == 0, "rope_heads: expected x ",
+            "[B, T, H D] with an even head size D for H = ", heads, " heads, got x ", x.shape());
+  REX_CHECK(theta > 0.0f, "rope_heads: theta must be positive, got ", theta);
+  const int64_t batch = x.dim(0), time = x.dim(1), head_dim = x.dim(2) / heads;
+  const detail::RopeTable table =
+      detail::cached_rope_table(time, head_dim, theta, position_offset, x.device());
+  const detail::RopeRows split{batch, heads, time, /*x_time_first=*/true, /*y_time_first=*/false};
+  const detail::RopeRows merge{batch, heads, time, /*x_time_first=*/false, /*y_time_first=*/true};
+  return detail::record(
+      detail::rope_rotate(x, table, split, Shape{batch, heads, time, head_dim}, 1.0f), "rope_heads",
+      {x}, [table, merge, shape = x.shape()](const Tensor& g) {
+        return detail::GradList{detail::rope_rotate(g, table, merge, shape, -1.0f)};
+      });
 }
 
 }  // namespace rex

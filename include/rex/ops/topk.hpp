@@ -6,10 +6,12 @@
 // comparison a strict weak ordering). values is a gather, so its backward scatters g back into
 // zeros:
 //   dx[r, indices[r, j]] = g[r, j], 0 at the positions not chosen.
-// indices are i32 and carry no gradient.
+// indices are i32 and carry no gradient. With a TopKMask, the hidden entries rank as its `hidden`
+// value and take no gradient (PSR's mask over the candidate experts).
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "rex/backend/cpu/index.hpp"
 #include "rex/backend/cuda/dispatch.hpp"
@@ -22,11 +24,26 @@ struct TopK {
   Tensor indices;  // i32, same shape: positions in x's last axis
 };
 
+// The entries a top-k may not choose (PSR's mask of the router's scores): where keep (f32, x's
+// shape, or x's last extent alone for one mask of every row) is 0, the entry ranks as `hidden`
+// whatever x holds there, is returned as `hidden` if chosen, and takes no gradient. The same as a
+// top-k of where(keep, x, hidden), in one kernel and without the masked copy.
+struct TopKMask {
+  Tensor keep;  // undefined: nothing hidden
+  float hidden = -std::numeric_limits<float>::infinity();
+};
+
 namespace detail {
+
+// `mask` on raw memory, for rows of n.
+inline TopKHidden topk_hidden(const TopKMask& mask, int64_t n) {
+  if (!mask.keep.defined()) return {};
+  return {mask.keep.device_data<float>(), mask.keep.rank() == 1 ? 0 : n, mask.hidden};
+}
 
 // The k best entries of every row of n on x's device (values and their positions); topk_grad is
 // the backward, g scattered into zeros of x's shape.
-inline TopK topk_values(const Tensor& x, int64_t k) {
+inline TopK topk_values(const Tensor& x, const TopKMask& mask, int64_t k) {
   const int64_t n = x.dim(-1), rows = x.numel() / n;
   Shape out_shape = x.shape();
   out_shape.set(x.rank() - 1, k);
@@ -35,33 +52,44 @@ inline TopK topk_values(const Tensor& x, int64_t k) {
   const float* px = x.device_data<float>();
   float* pv = out.values.device_data<float>();
   int32_t* pi = out.indices.device_data<int32_t>();
-  (on_cuda(x) ? cuda_backend().topk : cpu::topk)(px, pv, pi, rows, n, k);
+  (on_cuda(x) ? cuda_backend().topk : cpu::topk)(px, topk_hidden(mask, n), pv, pi, rows, n, k);
   return out;
 }
 
-inline Tensor topk_grad(const Tensor& g, const Tensor& indices, const Shape& in_shape) {
+inline Tensor topk_grad(const Tensor& g, const Tensor& indices, const TopKMask& mask,
+                        const Shape& in_shape) {
   const int64_t n = in_shape[in_shape.rank() - 1], k = g.dim(-1), rows = g.numel() / k;
   Tensor gx = Tensor::empty(in_shape, DType::f32, g.device());
   const float* pg = g.device_data<float>();
   const int32_t* pi = indices.device_data<int32_t>();
   float* pgx = gx.device_data<float>();
-  (on_cuda(g) ? cuda_backend().topk_backward : cpu::topk_backward)(pg, pi, pgx, rows, n, k);
+  (on_cuda(g) ? cuda_backend().topk_backward : cpu::topk_backward)(pg, pi, topk_hidden(mask, n),
+                                                                   pgx, rows, n, k);
   return gx;
 }
 
 }  // namespace detail
 
-inline TopK topk(const Tensor& x, int64_t k) {
+inline TopK topk(const Tensor& x, int64_t k, const TopKMask& mask = {}) {
   detail::check_f32("topk", x);
   REX_CHECK(x.rank() >= 1, "topk: x must have at least one axis, got shape ", x.shape());
   const int64_t n = x.dim(-1);
   REX_CHECK(k >= 1 && k <= n, "topk: k = ", k, " is out of range [1, ", n, "] for shape ",
             x.shape());
-  TopK out = detail::topk_values(x, k);
+  if (mask.keep.defined()) {
+    detail::check_f32("topk (mask)", mask.keep);
+    REX_CHECK(mask.keep.shape() == x.shape() || (mask.keep.rank() == 1 && mask.keep.dim(0) == n),
+              "topk: the mask's keep ", mask.keep.shape(), " is neither x's shape ", x.shape(),
+              " nor [", n, "]");
+    detail::common_device("topk", {x, mask.keep});
+  }
+  TopK out = detail::topk_values(x, mask, k);
   out.values =
       detail::record(out.values, "topk", {x},
-                     [in_shape = x.shape(), indices = out.indices.detach()](const Tensor& g) {
-                       return detail::GradList{detail::topk_grad(g, indices, in_shape)};
+                     [in_shape = x.shape(), indices = out.indices.detach(),
+                      mask = TopKMask{mask.keep.defined() ? mask.keep.detach() : Tensor(),
+                                      mask.hidden}](const Tensor& g) {
+                       return detail::GradList{detail::topk_grad(g, indices, mask, in_shape)};
                      });
   return out;
 }

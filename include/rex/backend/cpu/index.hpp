@@ -1,7 +1,8 @@
-// CPU kernels for top-k selection, axis permutation and the rotary position embedding (the CPU side
-// of those entries of kernels/index.cu), with the arguments of their rex/backend/cuda/backend.hpp
-// counterparts. The formulas are in the file-top comments of rex/ops/topk.hpp, shape.hpp and
-// rope.hpp. (gather_rows and scatter_add_rows keep their loops in rex/ops/index.hpp for now.)
+// CPU kernels for top-k selection, the MoE combine, axis permutation and the rotary position
+// embedding (the CPU side of those entries of kernels/index.cu and kernels/routing.cu), with the
+// arguments of their rex/backend/cuda/backend.hpp counterparts. The formulas are in the file-top
+// comments of rex/ops/topk.hpp, shape.hpp and rope.hpp. (gather_rows and scatter_add_rows keep
+// their loops in rex/ops/index.hpp for now.)
 //
 // topk ranks each row with std::partial_sort over an index array under ranks_before (NaN first,
 // then larger values, ties to the lower position), a strict weak ordering.
@@ -17,27 +18,77 @@
 
 namespace rex::detail::cpu {
 
-// Per row of n: the k best values in rank order and their positions.
-inline void topk(const float* x, float* values, int32_t* indices, int64_t rows, int64_t n,
-                 int64_t k) {
+// Per row of n: the k best scores (x where `hidden` hides nothing) in rank order and their
+// positions.
+inline void topk(const float* x, TopKHidden hidden, float* values, int32_t* indices, int64_t rows,
+                 int64_t n, int64_t k) {
   std::vector<int32_t> order(static_cast<size_t>(n));
+  std::vector<float> scores(static_cast<size_t>(n));
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = x + r * n;
+    for (int64_t i = 0; i < n; ++i) scores[static_cast<size_t>(i)] = hidden.score(x + r * n, r, i);
     std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [row](int32_t i, int32_t j) { return ranks_before(row[i], i, row[j], j); });
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t i, int32_t j) {
+      return ranks_before(scores[static_cast<size_t>(i)], i, scores[static_cast<size_t>(j)], j);
+    });
     for (int64_t j = 0; j < k; ++j) {
       indices[r * k + j] = order[static_cast<size_t>(j)];
-      values[r * k + j] = row[order[static_cast<size_t>(j)]];
+      values[r * k + j] = scores[static_cast<size_t>(order[static_cast<size_t>(j)])];
     }
   }
 }
 
-// gx [rows, n] = 0 except gx[r, indices[r, j]] = g[r, j].
-inline void topk_backward(const float* g, const int32_t* indices, float* gx, int64_t rows,
-                          int64_t n, int64_t k) {
+// gx [rows, n] = 0 except gx[r, indices[r, j]] = g[r, j] where `hidden` does not hide it.
+inline void topk_backward(const float* g, const int32_t* indices, TopKHidden hidden, float* gx,
+                          int64_t rows, int64_t n, int64_t k) {
   std::fill(gx, gx + rows * n, 0.0f);
-  for (int64_t e = 0; e < rows * k; ++e) gx[(e / k) * n + indices[e]] = g[e];
+  for (int64_t e = 0; e < rows * k; ++e) {
+    const int64_t r = e / k;
+    if (!hidden.hides(r, indices[e])) gx[r * n + indices[e]] = g[e];
+  }
+}
+
+// The combine of the experts' rows (rex/backend/cuda/backend.hpp's combine_slots): y [tokens, d],
+// row t = sum over j of y_sorted[positions[t k + j]] * gates[t k + j], from 0 in j order. The
+// products go through memory before they are added, so that no compiler fuses them into FMAs: the
+// bits are the kernel's (which rounds each operation) and those of the composed ops it replaces.
+inline void combine_slots(const float* y_sorted, const int32_t* positions, const float* gates,
+                          float* y, int64_t tokens, int64_t k, int64_t d) {
+  for_each_run(tokens, d * k, [&](int64_t first, int64_t last) {
+    std::vector<float> product(static_cast<size_t>(d));
+    for (int64_t t = first; t < last; ++t) {
+      float* row = y + t * d;
+      std::fill_n(row, d, 0.0f);
+      for (int64_t j = 0; j < k; ++j) {
+        const float* from = y_sorted + static_cast<int64_t>(positions[t * k + j]) * d;
+        const float gate = gates[t * k + j];
+        for (int64_t c = 0; c < d; ++c) product[static_cast<size_t>(c)] = from[c] * gate;
+        for (int64_t c = 0; c < d; ++c) row[c] += product[static_cast<size_t>(c)];
+      }
+    }
+  });
+}
+
+// Its backward: d_y_sorted row p = g[token] * gates[slot] (slot = sorted_slots[p]); d_gates[s] =
+// the sum over c of g[t, c] * y_sorted[positions[s], c], from 0 in c order (the products through
+// memory, as above).
+inline void combine_slots_backward(const float* g, const float* y_sorted, const int32_t* positions,
+                                   const int32_t* sorted_slots, const float* gates,
+                                   float* d_y_sorted, float* d_gates, int64_t tokens, int64_t k,
+                                   int64_t d) {
+  for_each_run(tokens * k, 2 * d, [&](int64_t first, int64_t last) {
+    std::vector<float> product(static_cast<size_t>(d));
+    for (int64_t p = first; p < last; ++p) {
+      const int64_t s = sorted_slots[p];
+      const float* g_row = g + s / k * d;
+      const float gate = gates[s];
+      for (int64_t c = 0; c < d; ++c) d_y_sorted[p * d + c] = g_row[c] * gate;
+      const float* y_row = y_sorted + static_cast<int64_t>(positions[s]) * d;
+      for (int64_t c = 0; c < d; ++c) product[static_cast<size_t>(c)] = g_row[c] * y_row[c];
+      float dot = 0.0f;
+      for (int64_t c = 0; c < d; ++c) dot += product[static_cast<size_t>(c)];
+      d_gates[s] = dot;
+    }
+  });
 }
 
 // out = x with its axes permuted: out axis i is x axis perm[i], x having extents dims[0 .. rank).
@@ -84,20 +135,20 @@ inline void permute(const float* x, float* out, int64_t rank, const int64_t* dim
 // x [outer, time, head_dim] rotated by `direction` (+1, or -1 for the backward) through the [time,
 // head_dim / 2] cos and sin tables; element i pairs with i + head_dim / 2.
 inline void rope(const float* x, const float* cos_table, const float* sin_table, float* y,
-                 int64_t outer, int64_t time, int64_t head_dim, float direction) {
+                 RopeRows rows, int64_t head_dim, float direction) {
   const int64_t half = head_dim / 2;
   REX_PARALLEL_FOR()
-  for (int64_t r = 0; r < outer; ++r) {
-    for (int64_t t = 0; t < time; ++t) {
-      const float* in = x + (r * time + t) * head_dim;
-      float* o = y + (r * time + t) * head_dim;
-      const float* c = cos_table + t * half;
-      const float* s = sin_table + t * half;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = in[i], b = in[i + half], sn = direction * s[i];
-        o[i] = a * c[i] - b * sn;
-        o[i + half] = b * c[i] + a * sn;
-      }
+  for (int64_t r = 0; r < rows.count(); ++r) {
+    int64_t t = 0, x_row = 0;
+    rows.locate(r, t, x_row);
+    const float* in = x + x_row * head_dim;
+    float* o = y + r * head_dim;
+    const float* c = cos_table + t * half;
+    const float* s = sin_table + t * half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = in[i], b = in[i + half], sn = direction * s[i];
+      o[i] = a * c[i] - b * sn;
+      o[i + half] = b * c[i] + a * sn;
     }
   }
 }

@@ -1,5 +1,6 @@
 // CPU kernels for the reductions and the row-wise fused ops (the CPU side of kernels/reduce.cu):
-// sum_axis, max_axis, softmax, log_softmax, cross_entropy and rms_norm, each with its backward.
+// sum_axis, max_axis, softmax, log_softmax, cross_entropy and rms_norm, each with its backward,
+// and the MoE router's load-balancing loss (whose kernels are in kernels/routing.cu).
 // Every entry takes the arguments of its rex/backend/cuda/backend.hpp counterpart (host pointers
 // here); the formulas are in the file-top comments of rex/ops/reduce.hpp, softmax.hpp and norm.hpp.
 //
@@ -14,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 #include <string_view>
+#include <vector>
 
 #include "rex/backend/pointwise.hpp"
 #include "rex/core/error.hpp"
@@ -27,6 +29,31 @@ inline void sum_axis(const float* x, float* out, int64_t outer, int64_t n, int64
   for (int64_t o = 0; o < outer; ++o)
     for (int64_t j = 0; j < n; ++j)
       for (int64_t i = 0; i < inner; ++i) out[o * inner + i] += x[(o * n + j) * inner + i];
+}
+
+// The load-balancing loss of the MoE router (rex/backend/cuda/backend.hpp's balance_loss):
+// loss[0] = scale * sum_e shares[e] * (sum_t probs[t, e]) / tokens, every sum in order from 0,
+// the division a product by 1 / tokens; the products go through memory before they are added, so
+// no compiler fuses them into FMAs.
+inline void balance_loss(const float* probs, const float* shares, float* loss, int64_t tokens,
+                         int64_t pool, float scale) {
+  const float inv_tokens = 1.0f / static_cast<float>(tokens);
+  std::vector<float> product(static_cast<size_t>(pool), 0.0f);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t e = 0; e < pool; ++e) product[static_cast<size_t>(e)] += probs[t * pool + e];
+  for (int64_t e = 0; e < pool; ++e)
+    product[static_cast<size_t>(e)] = shares[e] * (product[static_cast<size_t>(e)] * inv_tokens);
+  float total = 0.0f;
+  for (int64_t e = 0; e < pool; ++e) total += product[static_cast<size_t>(e)];
+  loss[0] = total * scale;
+}
+
+// d_probs [tokens, pool] = ((g[0] * scale) * shares[e]) * (1 / tokens).
+inline void balance_loss_backward(const float* g, const float* shares, float* d_probs,
+                                  int64_t tokens, int64_t pool, float scale) {
+  const float inv_tokens = 1.0f / static_cast<float>(tokens), g_scaled = g[0] * scale;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t e = 0; e < pool; ++e) d_probs[t * pool + e] = g_scaled * shares[e] * inv_tokens;
 }
 
 // argmax holds the position along n of each maximum (ranks_before: NaN first, then the first).

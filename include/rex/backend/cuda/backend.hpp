@@ -222,11 +222,31 @@ struct CudaBackend {
   // added in increasing position from 0 (scatter_add_rows' order); k <= 32.
   void (*gather_sum_rows)(const float* g, const int32_t* positions, float* dx, int64_t tokens,
                           int64_t k, int64_t d);
-  // Per row of n: the k largest values descending, ties to the lower position, NaN first.
-  void (*topk)(const float* x, float* values, int32_t* indices, int64_t rows, int64_t n, int64_t k);
-  // gx [rows, n] = 0 except gx[r, indices[r, j]] = g[r, j].
-  void (*topk_backward)(const float* g, const int32_t* indices, float* gx, int64_t rows, int64_t n,
-                        int64_t k);
+  // The experts' rows back to their tokens, gated: y [tokens, d], row t = sum over j of
+  // y_sorted[positions[t k + j]] * gates[t k + j], each product rounded, added in j order from 0.
+  void (*combine_slots)(const float* y_sorted, const int32_t* positions, const float* gates,
+                        float* y, int64_t tokens, int64_t k, int64_t d);
+  // Its backward for g [tokens, d]: d_y_sorted [tokens k, d], row p = g[t] * gates[s] for the slot
+  // s = sorted_slots[p] of token t = s / k; d_gates [tokens k], d_gates[s] = the sum over c of
+  // g[t, c] * y_sorted[positions[s], c], in c order from 0.
+  void (*combine_slots_backward)(const float* g, const float* y_sorted, const int32_t* positions,
+                                 const int32_t* sorted_slots, const float* gates, float* d_y_sorted,
+                                 float* d_gates, int64_t tokens, int64_t k, int64_t d);
+  // The load-balancing loss: loss[0] = scale * the sum over e (in order, from 0) of shares[e] *
+  // (the sum over t of probs[t, e], in order from 0, times 1 / tokens), each product rounded.
+  void (*balance_loss)(const float* probs, const float* shares, float* loss, int64_t tokens,
+                       int64_t pool, float scale);
+  // Its gradient for the loss's g[0]: d_probs[t, e] = ((g[0] * scale) * shares[e]) / tokens (the
+  // last a product by 1 / tokens).
+  void (*balance_loss_backward)(const float* g, const float* shares, float* d_probs, int64_t tokens,
+                                int64_t pool, float scale);
+  // Per row of n: the k largest scores (x, or `hidden` where it hides the entry) descending, ties
+  // to the lower position, NaN first.
+  void (*topk)(const float* x, TopKHidden hidden, float* values, int32_t* indices, int64_t rows,
+               int64_t n, int64_t k);
+  // gx [rows, n] = 0 except gx[r, indices[r, j]] = g[r, j] where `hidden` does not hide it.
+  void (*topk_backward)(const float* g, const int32_t* indices, TopKHidden hidden, float* gx,
+                        int64_t rows, int64_t n, int64_t k);
   // keep [rows.rows, rows.pool]: row r is PSR's mask of row r (detail::psr_mask_row with
   // detail::psr_row_seed), bit-identical to the CPU's.
   void (*psr_keep_rows)(const PsrMaskRows& rows, float* keep);
@@ -234,10 +254,11 @@ struct CudaBackend {
   void (*permute)(const void* x, void* out, int32_t rank, const int64_t* host_dims,
                   const int64_t* host_perm);
   // RoPE, "rotate half" as rex/ops/rope.hpp: element i pairs with i + head_dim/2 (NOT 2i, 2i+1);
-  // x is [outer, time, head_dim], cos and sin are [time, head_dim / 2];
-  // y = rotation by `direction` (+1 forward, -1 for the backward), exactly rope_rotate's formula.
-  void (*rope)(const float* x, const float* cos, const float* sin, float* y, int64_t outer,
-               int64_t time, int64_t head_dim, float direction);
+  // x and y hold rows.count() rows of head_dim in the orders `rows` gives, cos and sin are [time,
+  // head_dim / 2]; y = rotation by `direction` (+1 forward, -1 for the backward), exactly
+  // rope_rotate's formula.
+  void (*rope)(const float* x, const float* cos, const float* sin, float* y, RopeRows rows,
+               int64_t head_dim, float direction);
 
   // ---- attention (kernels/attention.cu) ----
   // Causal softmax(q k^T * scale) v with grouped-query heads; lse [B, Hq, T] is saved.
