@@ -21,7 +21,8 @@
 //   slot order, one thread per output element (the fused form of unsort, multiply and sum over k);
 //   products and sums with _rn intrinsics, so no FMA is contracted and the bits are the CPU's. Its
 //   backward is one launch: a thread per element of d_y_sorted (g times the slot's gate) and a
-//   thread per slot for its gate's gradient, a dot product over d in order (as the CPU's loop).
+//   warp per slot for its gate's gradient, a dot product whose order (32 strided sums, then a
+//   butterfly) the CPU's loop follows.
 // - balance_loss: one block; each thread sums an expert's column of the probabilities in token
 //   order and multiplies (by 1 / tokens, then by the expert's share), and thread 0 adds the
 //   products in expert order: the CPU's order, bit for bit. Its backward is a thread per
@@ -148,26 +149,32 @@ void combine_slots(const float* y_sorted, const int32_t* positions, const float*
              y, tokens, k, d);
 }
 
-// Threads [0, slots d) write d_y_sorted; threads [slots d, slots (d + 1)) each take one slot's gate
-// gradient, a dot product over d in order.
+// Threads [0, slots d) write d_y_sorted; from the next multiple of 32 on, a warp per slot takes its
+// gate's gradient: lane l sums the products at columns l, l + 32, ... in order from 0, and the 32
+// sums meet in a butterfly (offsets 16, 8, 4, 2, 1), the order of cpu::combine_slots_backward. A
+// warp's lanes are all in one part or the other, so its shuffles see every lane.
 __global__ void combine_slots_backward_kernel(const float* g, const float* y_sorted,
                                               const int32_t* positions, const int32_t* sorted_slots,
                                               const float* gates, float* d_y_sorted, float* d_gates,
                                               int64_t tokens, int64_t k, int64_t d) {
   const int64_t slots = tokens * k, rows_total = slots * d;
-  for (int64_t e = thread_index(); e < rows_total + slots; e += thread_count()) {
-    if (e < rows_total) {
+  const int64_t dots_from = (rows_total + 31) / 32 * 32;
+  for (int64_t e = thread_index(); e < dots_from + slots * 32; e += thread_count()) {
+    if (e < dots_from) {
+      if (e >= rows_total) continue;
       const int64_t p = e / d, column = e - p * d;
       const int64_t s = sorted_slots[p];
       d_y_sorted[e] = __fmul_rn(g[s / k * d + column], gates[s]);
       continue;
     }
-    const int64_t s = e - rows_total;
+    const int64_t s = (e - dots_from) / 32, lane = (e - dots_from) % 32;
     const float* g_row = g + s / k * d;
     const float* y_row = y_sorted + static_cast<int64_t>(positions[s]) * d;
     float dot = 0.0f;
-    for (int64_t c = 0; c < d; ++c) dot = __fadd_rn(dot, __fmul_rn(g_row[c], y_row[c]));
-    d_gates[s] = dot;
+    for (int64_t c = lane; c < d; c += 32) dot = __fadd_rn(dot, __fmul_rn(g_row[c], y_row[c]));
+    for (int offset = 16; offset > 0; offset /= 2)
+      dot = __fadd_rn(dot, __shfl_xor_sync(0xffffffffu, dot, offset));
+    if (lane == 0) d_gates[s] = dot;
   }
 }
 
@@ -175,7 +182,8 @@ void combine_slots_backward(const float* g, const float* y_sorted, const int32_t
                             const int32_t* sorted_slots, const float* gates, float* d_y_sorted,
                             float* d_gates, int64_t tokens, int64_t k, int64_t d) {
   if (tokens == 0) return;
-  REX_LAUNCH(combine_slots_backward_kernel, blocks_for(tokens * k * (d + 1)), kThreads, 0, g,
+  const int64_t slots = tokens * k, dots_from = (slots * d + 31) / 32 * 32;
+  REX_LAUNCH(combine_slots_backward_kernel, blocks_for(dots_from + slots * 32), kThreads, 0, g,
              y_sorted, positions, sorted_slots, gates, d_y_sorted, d_gates, tokens, k, d);
 }
 

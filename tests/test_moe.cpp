@@ -820,6 +820,9 @@ TEST_CASE("plan_routing: slots counting-sorted by expert, their inverse, segment
         std::string::npos);
 }
 
+// The gates' gradients are dot products over d that combine_slots adds in a warp's order, the
+// composition in column order: they differ by rounding only, each side within gamma_d of the sum
+// of its terms' magnitudes. Everything else keeps its bits.
 TEST_CASE("dispatch_experts: permuting back gives the bits of the scatter-add it replaced") {
   const nn::ModelConfig c = small_config(2, 3, 2);
   const Layers block = make_block(c, 41);
@@ -842,16 +845,30 @@ TEST_CASE("dispatch_experts: permuting back gives the bits of the scatter-add it
       out.push_back(p.grad().defined() ? testing::raw_bytes(p.grad()) : std::string());
     return out;
   };
+  auto gates_grad = [&] { return gates.grad().clone(); };
   const auto now = bits(nn::dispatch_experts(x, indices, gates, *block.table));
+  const Tensor now_gates = gates_grad();
   const nn::RoutingPlan plan = nn::plan_routing(indices, pool);
   const Tensor y_sorted =
       grouped_swiglu(gather_rows(x, plan.sorted_tokens), plan.counts, block.table->gate_weights(),
                      block.table->up_weights(), block.table->down_weights());
   const Tensor scattered = scatter_add_rows(y_sorted, plan.sorted_slots, tokens * k);
-  const auto before =
+  auto before =
       bits(sum(reshape(scattered, {tokens, k, c.d_model}) * reshape(gates, {tokens, k, 1}), 1));
+  const Tensor before_gates = gates_grad();
+  before[2] = now[2];  // the gates' gradient, compared below
   CHECK(now == before);
   CHECK(now.back().empty());  // expert 5's down weight: no token, no gradient
+  const int64_t d = c.d_model;
+  for (int64_t s = 0; s < tokens * k; ++s) {
+    double magnitude = 0;  // sum over c of |g[t, c] y_slot[s, c]|, g = weights
+    for (int64_t col = 0; col < d; ++col)
+      magnitude += std::abs(static_cast<double>(weights.data<float>()[s / k * d + col]) *
+                            scattered.data<float>()[s * d + col]);
+    CHECK(
+        std::abs(static_cast<double>(now_gates.data<float>()[s]) - before_gates.data<float>()[s]) <=
+        2 * rex::testing::gamma_n(static_cast<double>(d)) * magnitude);
+  }
 }
 
 TEST_CASE("balance_loss: the bits of sum(shares * mean(probs, 0)) * scale, gradient included") {

@@ -420,9 +420,8 @@ inline KernelCounts combine_slots(i64 tokens, i64 top, i64 d) {
 }
 
 // combine_slots_backward_kernel: first a thread per element of d_y_sorted [tokens k, d] (its
-// sorted slot and that slot's gate, the same for a warp, and g's element), then a thread per slot
-// for its gate's gradient: its position, then d steps each reading g's row of its token (the
-// warp's distinct tokens: a sector each) and the expert row at its position (32 rows, 32 sectors).
+// sorted slot and that slot's gate, the same for a warp, and g's element), then a warp per slot
+// for its gate's gradient (d a multiple of 32).
 inline KernelCounts combine_slots_backward(i64 tokens, i64 top, i64 d) {
   KernelCounts k;
   const i64 slots = tokens * top;
@@ -430,16 +429,16 @@ inline KernelCounts combine_slots_backward(i64 tokens, i64 top, i64 d) {
   load_broadcast(k, slots * d);  // gates[s]
   load_stream(k, slots * d);     // g
   store_stream(k, slots * d);    // d_y_sorted
-  load_stream(k, slots);         // positions[s]
-  for (i64 first = 0; first < slots; first += 32) {
-    const i64 last = std::min(first + 32, slots) - 1;
-    const i64 distinct_tokens = last / top - first / top + 1;
-    k.global.load_requests += static_cast<uint64_t>(2 * d);
-    k.global.load_sectors += static_cast<uint64_t>(d * (distinct_tokens + last - first + 1));
-  }
+  // A warp per gate: its position (one value), its token's row of g and the expert's row (d / 32
+  // requests each, 4 sectors a request), lane 0's store.
+  load_broadcast(k, slots * 32);
+  k.global.load_requests += static_cast<uint64_t>(2 * slots * d / 32);
+  k.global.load_sectors += static_cast<uint64_t>(2 * slots * d / 8);
   k.global.load_bytes += static_cast<uint64_t>(2 * slots * d * 4);
-  store_stream(k, slots);  // d_gates
-  k.arithmetic.f32_flops = static_cast<uint64_t>(3 * slots * d);
+  store_per_row(k, slots, 1);  // d_gates
+  // A product per element of d_y_sorted; per gate, a product and a sum per column and the
+  // butterfly's five sums on every lane.
+  k.arithmetic.f32_flops = static_cast<uint64_t>(3 * slots * d + slots * 5 * 32);
   return k;
 }
 

@@ -271,7 +271,8 @@ inline Tensor dispatch_rows(const Tensor& x, const SlotOrder& order) {
 // is rounded and the k products are added in j order from 0, as that sum would add them.
 // Backward, for g [T, d]:
 //   d y_sorted[p] = g[t] gates[s] (s = sorted_slots[p], t = s / k),
-//   d gates[s] = sum_c g[t, c] y_sorted[slot_positions[s], c], added in c order from 0.
+//   d gates[s] = sum_c g[t, c] y_sorted[slot_positions[s], c], added in the order of a warp of 32
+//   lanes (cpu::combine_slots_backward), on either device.
 inline Tensor combine_slots(const Tensor& y_sorted, const SlotOrder& order, const Tensor& gates) {
   detail::check_f32("combine_slots", y_sorted), detail::check_f32("combine_slots", gates);
   const int64_t slots = order.slot_positions.numel();

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <numeric>
 #include <vector>
@@ -69,8 +70,10 @@ inline void combine_slots(const float* y_sorted, const int32_t* positions, const
 }
 
 // Its backward: d_y_sorted row p = g[token] * gates[slot] (slot = sorted_slots[p]); d_gates[s] =
-// the sum over c of g[t, c] * y_sorted[positions[s], c], from 0 in c order (the products through
-// memory, as above).
+// the sum over c of g[t, c] * y_sorted[positions[s], c] in the order of the kernel's warp: sum l
+// (of 32) adds the products at columns l, l + 32, ... from 0, then the sums meet in a butterfly,
+// each becoming itself plus the one 16, 8, 4, 2, then 1 away (the products through memory, as
+// above).
 inline void combine_slots_backward(const float* g, const float* y_sorted, const int32_t* positions,
                                    const int32_t* sorted_slots, const float* gates,
                                    float* d_y_sorted, float* d_gates, int64_t tokens, int64_t k,
@@ -84,9 +87,14 @@ inline void combine_slots_backward(const float* g, const float* y_sorted, const 
       for (int64_t c = 0; c < d; ++c) d_y_sorted[p * d + c] = g_row[c] * gate;
       const float* y_row = y_sorted + static_cast<int64_t>(positions[s]) * d;
       for (int64_t c = 0; c < d; ++c) product[static_cast<size_t>(c)] = g_row[c] * y_row[c];
-      float dot = 0.0f;
-      for (int64_t c = 0; c < d; ++c) dot += product[static_cast<size_t>(c)];
-      d_gates[s] = dot;
+      std::array<float, 32> lanes{}, next{};
+      for (int64_t c = 0; c < d; ++c)
+        lanes[static_cast<size_t>(c % 32)] += product[static_cast<size_t>(c)];
+      for (size_t offset = 16; offset > 0; offset /= 2) {
+        for (size_t lane = 0; lane < 32; ++lane) next[lane] = lanes[lane] + lanes[lane ^ offset];
+        lanes = next;
+      }
+      d_gates[s] = lanes[0];
     }
   });
 }

@@ -228,7 +228,8 @@ struct CudaBackend {
                         float* y, int64_t tokens, int64_t k, int64_t d);
   // Its backward for g [tokens, d]: d_y_sorted [tokens k, d], row p = g[t] * gates[s] for the slot
   // s = sorted_slots[p] of token t = s / k; d_gates [tokens k], d_gates[s] = the sum over c of
-  // g[t, c] * y_sorted[positions[s], c], in c order from 0.
+  // g[t, c] * y_sorted[positions[s], c], in cpu::combine_slots_backward's order (a
+  // warp's).
   void (*combine_slots_backward)(const float* g, const float* y_sorted, const int32_t* positions,
                                  const int32_t* sorted_slots, const float* gates, float* d_y_sorted,
                                  float* d_gates, int64_t tokens, int64_t k, int64_t d);
