@@ -579,10 +579,14 @@ TEST_CASE("cuda ops: gather, scatter, embedding, where, masked_fill and topk") {
 TEST_CASE("cuda ops: grouped_swiglu and the MoE layer") {
   if (gpu_missing()) return;
   Generator gen(8);
-  // The load-balancing loss sums in the same order on both devices: the same bits.
-  compare_op(
-      "balance_loss", {param({37, 12}, gen, 0.0f, 1.0f), constant(uniform({12}, gen, 0.0f, 1.0f))},
-      [](const auto& t) { return balance_loss(t[0], t[1], 0.12f); }, 0.0);
+  // The load-balancing loss sums in the same order on both devices: the same bits, also over a
+  // pool wider than the kernel's block (300 experts: two passes of 256).
+  for (const int64_t pool : {12, 300}) {
+    compare_op(
+        "balance_loss",
+        {param({37, pool}, gen, 0.0f, 1.0f), constant(uniform({pool}, gen, 0.0f, 1.0f))},
+        [](const auto& t) { return balance_loss(t[0], t[1], 0.12f); }, 0.0);
+  }
   const std::vector<int64_t> offsets{0, 3, 3, 10, 12};  // expert 1 gets no rows
   std::vector<Input> inputs{param({12, 6}, gen)};
   for (int kind = 0; kind < 3; ++kind)
