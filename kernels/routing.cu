@@ -18,7 +18,8 @@
 //   result is bit-identical to theirs, with no host work and no atomics. One thread per element of
 //   dx; a token's positions are read by a warp at once and sorted in registers (k <= 32).
 // - combine_slots: the experts' rows back to their tokens, gated and summed over the k slots in
-//   slot order, one thread per output element (the fused form of unsort, multiply and sum over k);
+//   slot order, one thread per output element (what a permutation back to slot order, a product
+//   with the gates and a sum over k did in three launches);
 //   products and sums with _rn intrinsics, so no FMA is contracted and the bits are the CPU's. Its
 //   backward is one launch: a thread per element of d_y_sorted (g times the slot's gate) and a
 //   warp per slot for its gate's gradient, a dot product whose order (32 strided sums, then a

@@ -140,8 +140,9 @@ inline void permute(const float* x, float* out, int64_t rank, const int64_t* dim
   });
 }
 
-// x [outer, time, head_dim] rotated by `direction` (+1, or -1 for the backward) through the [time,
-// head_dim / 2] cos and sin tables; element i pairs with i + head_dim / 2.
+// The rows.count() rows of x rotated by `direction` (+1, or -1 for the backward) through the [time,
+// head_dim / 2] cos and sin tables, read and written in the orders `rows` gives (RopeRows); element
+// i pairs with i + head_dim / 2.
 inline void rope(const float* x, const float* cos_table, const float* sin_table, float* y,
                  RopeRows rows, int64_t head_dim, float direction) {
   const int64_t half = head_dim / 2;

@@ -38,13 +38,13 @@ inline void sum_axis(const float* x, float* out, int64_t outer, int64_t n, int64
 inline void balance_loss(const float* probs, const float* shares, float* loss, int64_t tokens,
                          int64_t pool, float scale) {
   const float inv_tokens = 1.0f / static_cast<float>(tokens);
-  std::vector<float> product(static_cast<size_t>(pool), 0.0f);
+  std::vector<float> term(static_cast<size_t>(pool), 0.0f);  // column sums, then the terms
   for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t e = 0; e < pool; ++e) product[static_cast<size_t>(e)] += probs[t * pool + e];
+    for (int64_t e = 0; e < pool; ++e) term[static_cast<size_t>(e)] += probs[t * pool + e];
   for (int64_t e = 0; e < pool; ++e)
-    product[static_cast<size_t>(e)] = shares[e] * (product[static_cast<size_t>(e)] * inv_tokens);
+    term[static_cast<size_t>(e)] = shares[e] * (term[static_cast<size_t>(e)] * inv_tokens);
   float total = 0.0f;
-  for (int64_t e = 0; e < pool; ++e) total += product[static_cast<size_t>(e)];
+  for (int64_t e = 0; e < pool; ++e) total += term[static_cast<size_t>(e)];
   loss[0] = total * scale;
 }
 
