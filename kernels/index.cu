@@ -180,23 +180,24 @@ void topk(const float* x, rex::detail::TopKHidden hidden, float* values, int32_t
 }
 
 __global__ void topk_backward_kernel(const float* g, const int32_t* indices,
-                                     rex::detail::TopKHidden hidden, float* gx, int64_t rows,
-                                     int64_t n, int64_t k) {
+                                     rex::detail::TopKHidden hidden, const float* plus, float* gx,
+                                     int64_t rows, int64_t n, int64_t k) {
   const int64_t total = rows * n;
   for (int64_t e = thread_index(); e < total; e += thread_count()) {
     const int64_t r = e / n, c = e - r * n;
     float value = 0.0f;
     for (int64_t j = 0; j < k; ++j)
       if (indices[r * k + j] == c) value = g[r * k + j];
-    gx[e] = hidden.hides(r, c) ? 0.0f : value;
+    if (hidden.hides(r, c)) value = 0.0f;
+    gx[e] = plus ? __fadd_rn(plus[e], value) : value;
   }
 }
 
 void topk_backward(const float* g, const int32_t* indices, rex::detail::TopKHidden hidden,
-                   float* gx, int64_t rows, int64_t n, int64_t k) {
+                   const float* plus, float* gx, int64_t rows, int64_t n, int64_t k) {
   if (rows == 0 || n == 0) return;
-  REX_LAUNCH(topk_backward_kernel, blocks_for(rows * n), kThreads, 0, g, indices, hidden, gx, rows,
-             n, k);
+  REX_LAUNCH(topk_backward_kernel, blocks_for(rows * n), kThreads, 0, g, indices, hidden, plus, gx,
+             rows, n, k);
 }
 
 // ---- permute ----

@@ -380,6 +380,16 @@ void cross_entropy_backward(const float* logits, const int32_t* targets, const d
 
 // ---- rms_norm ----
 
+// Row r's y = x r w and rstd[r] = r from the sum of its squares (each thread's part, then the
+// block's), the thread's elements of x being its own (written by it, or read before).
+__device__ void rms_norm_finish(const float* row, const float* w, float* y, float* rstd, int64_t r,
+                                int64_t n, float eps, double squares) {
+  squares = block_reduce(squares, Add{});
+  const auto ri = static_cast<float>(1.0 / sqrt(squares / static_cast<double>(n) + eps));
+  if (threadIdx.x == 0) rstd[r] = ri;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) y[r * n + j] = row[j] * ri * w[j];
+}
+
 __global__ void rms_norm_kernel(const float* x, const float* w, float* y, float* rstd, int64_t rows,
                                 int64_t n, float eps) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -387,10 +397,7 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float* y, float*
     double squares = 0.0;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
       squares += static_cast<double>(row[j]) * row[j];
-    squares = block_reduce(squares, Add{});
-    const auto ri = static_cast<float>(1.0 / sqrt(squares / static_cast<double>(n) + eps));
-    if (threadIdx.x == 0) rstd[r] = ri;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) y[r * n + j] = row[j] * ri * w[j];
+    rms_norm_finish(row, w, y, rstd, r, n, eps, squares);
   }
 }
 
@@ -400,9 +407,33 @@ void rms_norm(const float* x, const float* w, float* y, float* rstd, int64_t row
   REX_LAUNCH(rms_norm_kernel, row_blocks(rows), row_threads(n), 0, x, w, y, rstd, rows, n, eps);
 }
 
+// sum = a + b, then rms_norm_kernel's y and rstd of sum: each thread adds its elements, writes them
+// and sums their squares in rms_norm_kernel's order, so the bits are those of the two kernels.
+__global__ void add_rms_norm_kernel(const float* a, const float* b, const float* w, float* sum,
+                                    float* y, float* rstd, int64_t rows, int64_t n, float eps) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float* row = sum + r * n;
+    double squares = 0.0;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float s = __fadd_rn(a[r * n + j], b[r * n + j]);
+      row[j] = s;
+      squares += static_cast<double>(s) * s;
+    }
+    rms_norm_finish(row, w, y, rstd, r, n, eps, squares);
+  }
+}
+
+void add_rms_norm(const float* a, const float* b, const float* w, float* sum, float* y, float* rstd,
+                  int64_t rows, int64_t n, float eps) {
+  if (rows == 0 || n == 0) return;
+  REX_LAUNCH(add_rms_norm_kernel, row_blocks(rows), row_threads(n), 0, a, b, w, sum, y, rstd, rows,
+             n, eps);
+}
+
 // dx = r * (g w - xhat * mean(g w xhat)) per row, xhat = x r.
 __global__ void rms_norm_dx_kernel(const float* g, const float* x, const float* w,
-                                   const float* rstd, float* dx, int64_t rows, int64_t n) {
+                                   const float* rstd, const float* plus, float* dx, int64_t rows,
+                                   int64_t n) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float *grow = g + r * n, *row = x + r * n;
     const float ri = rstd[r];
@@ -410,8 +441,10 @@ __global__ void rms_norm_dx_kernel(const float* g, const float* x, const float* 
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
       dot += static_cast<double>(grow[j]) * w[j] * (row[j] * ri);
     const auto mean_dot = static_cast<float>(block_reduce(dot, Add{}) / static_cast<double>(n));
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
-      dx[r * n + j] = ri * (grow[j] * w[j] - row[j] * ri * mean_dot);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float value = ri * (grow[j] * w[j] - row[j] * ri * mean_dot);
+      dx[r * n + j] = plus ? __fadd_rn(plus[r * n + j], value) : value;
+    }
   }
 }
 
@@ -439,11 +472,12 @@ __global__ void rms_norm_dw_finish_kernel(const double* partial, float* dw, int6
   }
 }
 
-void rms_norm_backward(const float* g, const float* x, const float* w, const float* rstd, float* dx,
-                       float* dw, int64_t rows, int64_t n) {
+void rms_norm_backward(const float* g, const float* x, const float* w, const float* rstd,
+                       const float* dx_plus, float* dx, float* dw, int64_t rows, int64_t n) {
   if (n == 0) return;
   if (dx != nullptr && rows > 0) {
-    REX_LAUNCH(rms_norm_dx_kernel, row_blocks(rows), row_threads(n), 0, g, x, w, rstd, dx, rows, n);
+    REX_LAUNCH(rms_norm_dx_kernel, row_blocks(rows), row_threads(n), 0, g, x, w, rstd, dx_plus, dx,
+               rows, n);
   }
   if (dw == nullptr) return;
   // About 2^18 (chunk, column) threads, at least 16 rows each; fixed by the shape alone.
@@ -473,6 +507,7 @@ void register_reduce(rex::detail::CudaBackend& table) {
   table.cross_entropy = cross_entropy;
   table.cross_entropy_backward = cross_entropy_backward;
   table.rms_norm = rms_norm;
+  table.add_rms_norm = add_rms_norm;
   table.rms_norm_backward = rms_norm_backward;
 }
 

@@ -101,8 +101,8 @@ void route(const int32_t* indices, int64_t slots, int64_t k, int64_t pool, int32
              offsets, sorted_slots, slot_positions, sorted_tokens);
 }
 
-__global__ void gather_sum_rows_kernel(const float* g, const int32_t* positions, float* dx,
-                                       int64_t tokens, int64_t k, int64_t d) {
+__global__ void gather_sum_rows_kernel(const float* g, const int32_t* positions, const float* plus,
+                                       float* dx, int64_t tokens, int64_t k, int64_t d) {
   const int64_t total = tokens * d;
   for (int64_t e = thread_index(); e < total; e += thread_count()) {
     const int64_t t = e / d, column = e - t * d;
@@ -115,17 +115,17 @@ __global__ void gather_sum_rows_kernel(const float* g, const int32_t* positions,
     }
     float sum = 0.0f;
     for (int64_t j = 0; j < k; ++j) sum += g[static_cast<int64_t>(sorted[j]) * d + column];
-    dx[e] = sum;
+    dx[e] = plus ? __fadd_rn(plus[e], sum) : sum;
   }
 }
 
-void gather_sum_rows(const float* g, const int32_t* positions, float* dx, int64_t tokens, int64_t k,
-                     int64_t d) {
+void gather_sum_rows(const float* g, const int32_t* positions, const float* plus, float* dx,
+                     int64_t tokens, int64_t k, int64_t d) {
   REX_CHECK(k >= 1 && k <= kMaxTopK, "gather_sum_rows: k = ", k, " is outside [1, ", kMaxTopK,
             "] (the CUDA backend routes each token to at most ", kMaxTopK, " experts)");
   if (tokens == 0 || d == 0) return;
-  REX_LAUNCH(gather_sum_rows_kernel, blocks_for(tokens * d), kThreads, 0, g, positions, dx, tokens,
-             k, d);
+  REX_LAUNCH(gather_sum_rows_kernel, blocks_for(tokens * d), kThreads, 0, g, positions, plus, dx,
+             tokens, k, d);
 }
 
 __global__ void combine_slots_kernel(const float* y_sorted, const int32_t* positions,

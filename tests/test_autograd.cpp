@@ -2,7 +2,10 @@
 // parameters vs constants, explicit output gradients.
 #include <doctest/doctest.h>
 
+#include <rex/nn/moe.hpp>
 #include <rex/rex.hpp>
+
+#include "meeting_gradients.hpp"
 
 using rex::Tensor;
 
@@ -121,4 +124,29 @@ TEST_CASE("a deep chain backpropagates without recursion limits") {
 TEST_CASE("index tensors cannot require gradients") {
   Tensor ids = rex::arange(3, rex::DType::i32);
   CHECK_THROWS_AS(ids.requires_grad_(), rex::Error);
+}
+
+// Where two gradients meet, the second use's backward may add the waiting one in its own kernel
+// (top-k and the dispatch do, on either device: an addition alone); the CPU's rms_norm and matmul,
+// whose loops have products a compiler may fuse with that addition, leave it to the engine. Either
+// way p's gradient has the bits of the two gradients computed apart and added.
+TEST_CASE(
+    "a gradient that meets another is added with the engine's bits, by the op or the engine") {
+  rex::Generator gen(31);
+  const Tensor indices = rex::from_vector<int32_t>({0, 2, 1, 2, 2, 0, 1, 1, 0, 2}, {5, 2});
+  const rex::nn::RoutingPlan plan = rex::nn::plan_routing(indices, 3);
+  const Tensor norm_weight = rex::uniform({6}, gen, 0.5f, 1.5f);
+  const Tensor weight = rex::uniform({6, 4}, gen, -1.0f, 1.0f);
+  const std::vector<std::pair<const char*, std::function<Tensor(const Tensor&)>>> uses = {
+      {"topk", [](const Tensor& x) { return rex::topk(x, 2).values; }},
+      {"dispatch_rows", [&](const Tensor& x) { return rex::dispatch_rows(x, plan); }},
+      {"rms_norm", [&](const Tensor& x) { return rex::rms_norm(x, norm_weight); }},
+      {"matmul", [&](const Tensor& x) { return rex::matmul(x, weight); }},
+  };
+  for (const auto& [name, use] : uses) {
+    CAPTURE(name);
+    const rex::testing::MeetingGradients g =
+        rex::testing::meeting_gradients(rex::uniform({5, 6}, gen, -1.0f, 1.0f), use, gen);
+    CHECK(g.together.to_vector() == g.apart.to_vector());
+  }
 }

@@ -26,6 +26,7 @@
 #include <rex/train/sample.hpp>
 #include <rex/train/step.hpp>
 
+#include "meeting_gradients.hpp"
 #include "rounding.hpp"
 #include "testing.hpp"
 
@@ -1416,6 +1417,78 @@ TEST_CASE("cuda ops: permute_rows, and the MoE dispatch that permutes back with 
       // weighs it (1) and the k = 2 slots add up (2); backward retraces that and the weights'
       // gradients sum over up to 9 x 2 routed slots. 6 + 8 + 4 + 1 + 2, twice, + 18 = 60 terms.
       rounding_bound(60, 2));
+}
+
+// add_rms_norm's kernel adds, writes the sum and sums its squares in the order of the add and
+// rms_norm kernels it replaces (rows of 300: several elements a thread), and records their nodes.
+TEST_CASE("cuda ops: add_rms_norm gives the bits of add then rms_norm, gradients included") {
+  if (gpu_missing()) return;
+  Generator gen(33);
+  for (const int64_t n : {7, 300}) {
+    CAPTURE(n);
+    Tensor a = uniform({4, n}, gen, -1.0f, 1.0f).to(kGpu);
+    Tensor b = uniform({4, n}, gen, -1.0f, 1.0f).to(kGpu);
+    Tensor w = uniform({n}, gen, 0.5f, 1.5f).to(kGpu);
+    a.requires_grad_(), b.requires_grad_(), w.requires_grad_();
+    const Tensor gy = uniform({4, n}, gen, -1.0f, 1.0f).to(kGpu);
+    const Tensor gs = uniform({4, n}, gen, -1.0f, 1.0f).to(kGpu);
+    auto results = [&](const Tensor& sum, const Tensor& y) {
+      a.zero_grad(), b.zero_grad(), w.zero_grad();
+      (rex::sum(y * gy) + rex::sum(sum * gs)).backward();
+      std::vector<std::vector<float>> out;
+      for (const Tensor& t : {sum, y, a.grad(), b.grad(), w.grad()})
+        out.push_back(t.to(Device::cpu()).to_vector());
+      return out;
+    };
+    const AddRmsNorm fused = add_rms_norm(a, b, w);
+    CHECK(fused.y.device() == kGpu);
+    const auto got = results(fused.sum, fused.y);
+    const Tensor sum = a + b;
+    CHECK(got == results(sum, rms_norm(sum, w)));
+  }
+}
+
+// On CUDA each of these ops adds the gradient waiting for its input in its own kernel, saving the
+// engine's launch (rex/autograd/engine.hpp). Top-k, the dispatch and rms_norm round that addition
+// as the engine's (__fadd_rn after the value): the bits of the two gradients computed apart and
+// added. matmul adds it as its GEMM's C (beta = 1), which rounds the product and the sum once: for
+// the exact product S (summed in double, whose error is far below float's) and the waiting C, the
+// engine's fl(fl(S) + C) and the GEMM's fl(S + C) are each within u of S + C after a first step
+// of at most u |S| for the engine, so they differ by at most u |S| + 2u |S + C| (1 + u), under
+// 3u (|S| + |result|) per element, S being the product's gradient alone (use_alone).
+TEST_CASE("cuda ops: a gradient that meets another is added by the last use's kernel") {
+  if (gpu_missing()) return;
+  Generator gen(32);
+  const Tensor indices = ids_tensor({5, 2}, 2, gen).to(kGpu);
+  const nn::RoutingPlan plan = nn::plan_routing(indices, 3);
+  const Tensor norm_weight = uniform({6}, gen, 0.5f, 1.5f).to(kGpu);
+  const Tensor weight = uniform({6, 4}, gen, -1.0f, 1.0f).to(kGpu);
+  const std::vector<std::pair<const char*, std::function<Tensor(const Tensor&)>>> exact = {
+      {"topk", [](const Tensor& x) { return topk(x, 2).values; }},
+      {"dispatch_rows", [&](const Tensor& x) { return dispatch_rows(x, plan); }},
+      {"rms_norm", [&](const Tensor& x) { return rms_norm(x, norm_weight); }},
+  };
+  for (const auto& [name, use] : exact) {
+    CAPTURE(name);
+    const testing::MeetingGradients g =
+        testing::meeting_gradients(uniform({5, 6}, gen, -1.0f, 1.0f).to(kGpu), use, gen);
+    CHECK(g.together.device() == kGpu);
+    CHECK(g.together.to(Device::cpu()).to_vector() == g.apart.to(Device::cpu()).to_vector());
+  }
+  for (const Shape& shape : {Shape{5, 6}, Shape{2, 3, 6}}) {  // 2-d, and rows flattened
+    CAPTURE(shape);
+    const testing::MeetingGradients g = testing::meeting_gradients(
+        uniform(shape, gen, -1.0f, 1.0f).to(kGpu),
+        [&](const Tensor& x) { return matmul(x, weight); }, gen);
+    const std::vector<float> together = g.together.to(Device::cpu()).to_vector();
+    const std::vector<float> apart = g.apart.to(Device::cpu()).to_vector();
+    const std::vector<float> product = g.use_alone.to(Device::cpu()).to_vector();
+    for (size_t i = 0; i < together.size(); ++i) {
+      CAPTURE(i);
+      CHECK(std::fabs(together[i] - apart[i]) <=
+            3 * kU * (std::fabs(product[i]) + std::fabs(apart[i])));
+    }
+  }
 }
 
 // With the routing plan on the device, every expert of a table gets a gradient gated by its count

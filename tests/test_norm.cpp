@@ -190,3 +190,28 @@ TEST_CASE("rms_norm rejects bad inputs with messages naming the op") {
           rex::rms_norm_reference(x, rex::ones(Shape{2}));
         }).find("rms_norm_reference: x [2, 3] and weight [2]") != std::string::npos);
 }
+
+TEST_CASE("add_rms_norm is add then rms_norm, values and gradients, and names bad inputs") {
+  rex::Generator gen(41);
+  Tensor a = random_normal_param(Shape{3, 5}, gen), b = random_normal_param(Shape{3, 5}, gen);
+  Tensor w = random_normal_param(Shape{5}, gen);
+  const Tensor gy = random_normal_param(Shape{3, 5}, gen).detach();
+  const Tensor gs = random_normal_param(Shape{3, 5}, gen).detach();
+  auto gradients = [&](const Tensor& sum, const Tensor& y) {
+    a.zero_grad(), b.zero_grad(), w.zero_grad();
+    (rex::sum(y * gy) + rex::sum(sum * gs)).backward();
+    return std::vector<std::vector<float>>{sum.to_vector(), y.to_vector(), a.grad().to_vector(),
+                                           b.grad().to_vector(), w.grad().to_vector()};
+  };
+  const rex::AddRmsNorm fused = rex::add_rms_norm(a, b, w);
+  const auto got = gradients(fused.sum, fused.y);
+  const Tensor sum = a + b;
+  CHECK(got == gradients(sum, rex::rms_norm(sum, w)));
+
+  CHECK(error_message([&] {
+          rex::add_rms_norm(a, rex::zeros(Shape{3, 4}), w);
+        }).find("add_rms_norm: a [3, 5] and b [3, 4] differ") != std::string::npos);
+  CHECK(error_message([&] {
+          rex::add_rms_norm(a, b, rex::ones(Shape{4}));
+        }).find("add_rms_norm: x [3, 5] and weight [4]") != std::string::npos);
+}

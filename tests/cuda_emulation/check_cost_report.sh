@@ -15,7 +15,7 @@ awk '
   /^per cuBLAS shape/ { section = "gemms"; getline; next }
   /^per step/ { section = "step"; next }
   section == "kernels" && NF == 11 { kernel_launches += $2; kernel_us += $11; kernel_rows++ }
-  section == "gemms" && NF == 10 { gemm_calls += $8; gemm_us += $10; gemm_rows++ }
+  section == "gemms" && NF == 11 { gemm_calls += $9; gemm_us += $11; gemm_rows++ }
   section == "step" && $1 == "launches" { launches = $2 }
   section == "step" && $1 == "host" && $2 == "waits" { waits = $3 }
   section == "step" && $1 == "cuBLAS" { calls = $3 + 0 }

@@ -112,7 +112,8 @@ class Plan {
     k.global_atomics += times * one.global_atomics;
   }
   // A product of kernels/gemm.cu at `precision`: in bf16, first bf16 copies of both operands.
-  void gemm(i64 m, i64 n, i64 k, rex::MatmulPrecision precision, uint64_t calls = 1) {
+  void gemm(i64 m, i64 n, i64 k, rex::MatmulPrecision precision, uint64_t calls = 1,
+            bool accumulate = false) {
     if (calls == 0) return;
     const bool bf16 = precision == rex::MatmulPrecision::bf16;
     if (bf16) {  // one launch over both operands, each read and written as one stream
@@ -123,8 +124,8 @@ class Plan {
       }
       launch("round_to_bf16_kernel", round, calls);
     }
-    counts.gemms[GemmShape{m, n, k, 1, false, false, precision == rex::MatmulPrecision::tf32,
-                           bf16}] += calls;
+    counts.gemms[GemmShape{m, n, k, 1, false, false, precision == rex::MatmulPrecision::tf32, bf16,
+                           accumulate}] += calls;
     counts.cublas_calls += calls;
     counts.cublas_flops += 2.0 * static_cast<double>(m) * static_cast<double>(n) *
                            static_cast<double>(k) * static_cast<double>(calls);
@@ -321,8 +322,8 @@ inline KernelCounts topk(i64 rows, i64 n, i64 top) {
 // where one matches (each lane at most once, so one request a warp that holds a pick). A warp
 // spans 32 / n rows when n < 32, whose k indices (and gradients) fill ceil(4k / n) sectors; when
 // n >= 32, one row, one sector, and it holds a pick unless all k miss its 32 columns
-// (probability C(n - 32, k) / C(n, k)).
-inline KernelCounts topk_backward(i64 rows, i64 n, i64 top) {
+// (probability C(n - 32, k) / C(n, k)). With `plus`, each element also reads the waiting gradient.
+inline KernelCounts topk_backward(i64 rows, i64 n, i64 top, bool plus) {
   KernelCounts k;
   const uint64_t warps = ceil_div(rows * n, 32);
   const uint64_t sectors = n >= 32 ? 1 : ceil_div(4 * top, n);
@@ -337,6 +338,7 @@ inline KernelCounts topk_backward(i64 rows, i64 n, i64 top) {
   k.global.load_requests += static_cast<uint64_t>(top) * warps + holding;
   k.global.load_sectors += (static_cast<uint64_t>(top) * warps + holding) * sectors;
   k.global.load_bytes += static_cast<uint64_t>(rows * n * top * 4 + rows * top * 4);
+  if (plus) load_stream(k, rows * n);
   store_stream(k, rows * n);
   return k;
 }
@@ -393,13 +395,14 @@ inline KernelCounts route_scatter(i64 slots, i64 pool) {
 }
 
 // gather_sum_rows_kernel: dx [tokens, d], each element reading its token's k positions (the same
-// for a warp) and the k rows' elements at them.
-inline KernelCounts gather_sum_rows(i64 tokens, i64 top, i64 d) {
+// for a warp) and the k rows' elements at them; with `plus`, the waiting gradient's too.
+inline KernelCounts gather_sum_rows(i64 tokens, i64 top, i64 d, bool plus) {
   KernelCounts k;
   for (i64 j = 0; j < top; ++j) {
     load_broadcast(k, tokens * d);
     load_stream(k, tokens * d);
   }
+  if (plus) load_stream(k, tokens * d);
   store_stream(k, tokens * d);
   return k;
 }
@@ -855,9 +858,10 @@ inline Counts training_step(const rex::train::RunConfig& config,
   const i64 routed = M * K;  // rows through the experts
   Plan plan;
   auto linear = [&](i64 rows, i64 in, i64 out) { plan.gemm(rows, out, in, precision); };
-  auto linear_backward = [&](i64 rows, i64 in, i64 out) {
-    plan.gemm(in, out, rows, precision);  // dW
-    plan.gemm(rows, in, out, precision);  // dX
+  // dX accumulates (beta = 1) into the gradient waiting for X when another use sent one first.
+  auto linear_backward = [&](i64 rows, i64 in, i64 out, bool accumulate_dx = false) {
+    plan.gemm(in, out, rows, precision);                    // dW
+    plan.gemm(rows, in, out, precision, 1, accumulate_dx);  // dX
   };
   // Every expert gets r = routed / P rows (the shapes only; their sum is exact): a product of
   // [m, k] and [k, n] per expert, `products` times, m, n or k being r.
@@ -880,8 +884,15 @@ inline Counts training_step(const rex::train::RunConfig& config,
     k.global.store_bytes += static_cast<uint64_t>(rows * 4);
     plan.launch("rms_norm_kernel", k);
   };
-  auto rms_norm_backward = [&](i64 rows) {
-    KernelCounts dx = row_kernel(rows, D, 6, 1, 1);  // g, w, x twice each
+  // A residual add and the norm after it: a and b read, the sum written and read again with w.
+  auto add_rms_norm = [&](i64 rows) {
+    KernelCounts k = row_kernel(rows, D, 4, 2, 1);
+    store_per_row(k, rows, 1);  // rstd
+    plan.launch("add_rms_norm_kernel", k);
+  };
+  // With `plus`, dx is added to the gradient waiting for x (read once).
+  auto rms_norm_backward = [&](i64 rows, bool plus) {
+    KernelCounts dx = row_kernel(rows, D, plus ? 7 : 6, 1, 1);  // g, w, x twice each
     // rstd[r], read by every thread of the row's block: a request and a sector a warp.
     load_per_row(dx, rows, row_threads(D) / 32, 4 * 32);
     plan.launch("rms_norm_dx_kernel", dx);
@@ -906,10 +917,11 @@ inline Counts training_step(const rex::train::RunConfig& config,
   // Forward. The batch's tokens and targets go up (uploads are staged through pinned memory and
   // make the host wait for nothing: kernels/memory.cu); the embedding rows are gathered.
   gather(M, D);
+  // Each residual add is made with the norm after it (add_rms_norm); the embedding's norm alone.
+  rms_norm(M);
   for (i64 layer = 0; layer < L; ++layer) {
     // Attention: q, k, v projections, heads first, RoPE (its tables cached on the device), the
-    // kernel, heads back, the output projection, the residual.
-    rms_norm(M);
+    // kernel, heads back, the output projection, the residual and the MoE's norm.
     linear(M, D, D);
     rope(H, false);  // q into heads, rotated as it is split
     for (int kv = 0; kv < 2; ++kv) {
@@ -928,10 +940,9 @@ inline Counts training_step(const rex::train::RunConfig& config,
     }
     permute(M * D);
     linear(M, D, D);
-    add(M * D);
+    add_rms_norm(M);
     // MoE: the router and its softmax, top-k, the routing plan on the device (nothing read
     // back), the gather into expert order, the experts, the gated combine back to the tokens.
-    rms_norm(M);
     linear(M, D, P);
     KernelCounts softmax = row_kernel(M, P, 3, 1, 2);
     // Per element: exp twice (sum, output), the sum's subtraction and double add, the output's
@@ -956,14 +967,13 @@ inline Counts training_step(const rex::train::RunConfig& config,
     }
     plan.launch("combine_slots_kernel", combine_slots(M, K, D));  // back to the tokens, gated
     // The balance loss (with the routing plan's shares), one kernel; added to the running total
-    // from the second layer on.
+    // from the second layer on. The residual, with the next norm (the last layer's: the head's).
     plan.launch("balance_loss_kernel", balance_loss(M, P));
-    add(M * D);
+    add_rms_norm(M);
     if (layer > 0) add(1);
   }
-  // The head: norm, logits, cross-entropy (its bad-target flag and count read back), the total
-  // loss; the train step reads both losses back in one copy.
-  rms_norm(M);
+  // The head: logits, cross-entropy (its bad-target flag and count read back), the total loss;
+  // the train step reads both losses back in one copy.
   linear(M, D, V);
   KernelCounts rows_kernel = row_kernel(M, V, 2, 0, 2);  // max, then sum of exps
   load_per_row(rows_kernel, M, row_threads(V) / 32);     // the target, by every warp
@@ -990,12 +1000,15 @@ inline Counts training_step(const rex::train::RunConfig& config,
   ce_backward.arithmetic.special_functions = static_cast<uint64_t>(M * V);
   plan.launch("cross_entropy_backward_kernel", ce_backward);
   linear_backward(M, D, V);
-  rms_norm_backward(M);
+  rms_norm_backward(M, false);
+  // Where gradients meet, the last use's kernel adds the waiting one (rex/autograd/engine.hpp): the
+  // probabilities' (top-k after the balance loss), the MoE input's (the dispatch after the
+  // router), the residual stream's (each norm after its residual add), the attention input's (k's
+  // and q's products after v's, beta = 1).
   for (i64 layer = L - 1; layer >= 0; --layer) {
     // The gated combine (the experts' rows and the gates), top-k and softmax back to the router.
     plan.launch("combine_slots_backward_kernel", combine_slots_backward(M, K, D));
-    plan.launch("topk_backward_kernel", topk_backward(M, P, K));
-    add(M * P);
+    plan.launch("topk_backward_kernel", topk_backward(M, P, K, true));
     plan.launch("softmax_backward_kernel", row_kernel(M, P, 4, 1, 1));
     linear_backward(M, D, P);
     // The experts back: SwiGLU recomputed, the down, SwiGLU's and the
@@ -1024,10 +1037,8 @@ inline Counts training_step(const rex::train::RunConfig& config,
                     elementwise(F * D * std::min(per_launch, pairs - done), 2, 0));
     }
     // The gather into expert order, back: each token's k rows summed in sorted order.
-    plan.launch("gather_sum_rows_kernel", gather_sum_rows(M, K, D));
-    add(M * D);
-    rms_norm_backward(M);
-    add(M * D);
+    plan.launch("gather_sum_rows_kernel", gather_sum_rows(M, K, D, true));
+    rms_norm_backward(M, true);
     // Attention back.
     linear_backward(M, D, D);
     permute(M * D);
@@ -1041,13 +1052,10 @@ inline Counts training_step(const rex::train::RunConfig& config,
     permute(M * G * hd);  // dv
     linear_backward(M, D, G * hd);
     rope(G, true);  // dk, rotated back into the projection's order
-    linear_backward(M, D, G * hd);
-    add(M * D);
+    linear_backward(M, D, G * hd, true);
     rope(H, true);  // dq likewise
-    linear_backward(M, D, D);
-    add(M * D);
-    rms_norm_backward(M);
-    add(M * D);
+    linear_backward(M, D, D, true);
+    rms_norm_backward(M, true);
   }
   // The embedding's rows back (a scatter-add planned on the host from the token ids' host copy,
   // its plan uploaded), added to the tied head's. The step's losses stay on the device.

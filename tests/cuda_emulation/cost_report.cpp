@@ -129,18 +129,19 @@ void print_kernels(const cuda_emulation::Counts& counts, const model::Device& de
 void print_gemms(const cuda_emulation::Counts& counts, const model::Device& device) {
   std::printf("\nper cuBLAS shape (times estimated (device model), %s):\n",
               std::string(device.name).c_str());
-  std::printf("%8s %8s %8s %6s %3s %3s %5s %8s %14s %12s\n", "m", "n", "k", "batch", "tA", "tB",
-              "math", "calls", "FLOPs", "est. us");
+  std::printf("%8s %8s %8s %6s %3s %3s %5s %3s %8s %14s %12s\n", "m", "n", "k", "batch", "tA", "tB",
+              "math", "C+=", "calls", "FLOPs", "est. us");
   for (const auto& [shape, calls] : counts.gemms) {
     const model::GemmEstimate estimate = model::estimate_gemm(shape, calls, device);
-    std::printf("%8lld %8lld %8lld %6lld %3d %3d %5s %8llu %14.6g %12.3f\n",
+    std::printf("%8lld %8lld %8lld %6lld %3d %3d %5s %3d %8llu %14.6g %12.3f\n",
                 static_cast<long long>(shape.m), static_cast<long long>(shape.n),
                 static_cast<long long>(shape.k), static_cast<long long>(shape.batch),
                 shape.transpose_a, shape.transpose_b,
                 shape.bf16   ? "bf16"
                 : shape.tf32 ? "tf32"
                              : "fp32",
-                static_cast<unsigned long long>(calls), estimate.flops, estimate.total_s() * 1e6);
+                shape.accumulate, static_cast<unsigned long long>(calls), estimate.flops,
+                estimate.total_s() * 1e6);
   }
 }
 

@@ -280,13 +280,14 @@ std::string describe(const Counts& c, bool by_kernel) {
   }
   for (const auto& [shape, calls] : c.gemms) {
     std::snprintf(
-        line, sizeof line, "  gemm %s%s m %lld n %lld k %lld batch %lld: %llu calls\n",
+        line, sizeof line, "  gemm %s%s m %lld n %lld k %lld batch %lld%s: %llu calls\n",
         shape.bf16   ? "bf16 "
         : shape.tf32 ? "tf32 "
                      : "fp32 ",
         shape.transpose_a ? (shape.transpose_b ? "TT" : "TN") : (shape.transpose_b ? "NT" : "NN"),
         static_cast<long long>(shape.m), static_cast<long long>(shape.n),
-        static_cast<long long>(shape.k), static_cast<long long>(shape.batch), ull(calls));
+        static_cast<long long>(shape.k), static_cast<long long>(shape.batch),
+        shape.accumulate ? " (C += )" : "", ull(calls));
     text += line;
   }
   return text;

@@ -106,9 +106,9 @@ cublasStatus_t gemm(const char* call, cublasHandle_t handle, cublasOperation_t t
   constexpr bool bf16 = std::is_same_v<T, Bf16>;
   const bool tf32 = !bf16 && (handle->mode & ~CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION) ==
                                  CUBLAS_TF32_TENSOR_OP_MATH;
-  count_gemm({m, n, k, batchCount, ta, tb, tf32, bf16});
-  if (m == 0 || n == 0 || batchCount == 0) return CUBLAS_STATUS_SUCCESS;
   const double a_scale = *alpha, b_scale = *beta;
+  count_gemm({m, n, k, batchCount, ta, tb, tf32, bf16, b_scale != 0.0});
+  if (m == 0 || n == 0 || batchCount == 0) return CUBLAS_STATUS_SUCCESS;
   const bool reads_ab = k > 0 && a_scale != 0.0;
   std::string problem = check_operand("C", C, m, n, ldc, strideC, batchCount);
   if (problem.empty() && reads_ab)

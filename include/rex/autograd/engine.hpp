@@ -1,13 +1,18 @@
 // The backward pass: reverse topological order over the nodes reachable from the root.
 //
 // Gradients arriving at the same node from several uses are summed before its backward function
-// runs; gradients reaching a leaf are added into leaf.grad(), which therefore accumulates across
-// uses and across backward() calls until zero_grad(). Accumulation writes leaf.grad() in place, so
-// no other gradient may share its storage: the first one becomes leaf.grad() as it is only when
-// nothing else holds or views it (a weight's fresh GEMM output, say), and is copied otherwise; the
-// root gradient is always copied.
-// Each node's backward function (and what it saved) is dropped as soon as it has run, unless
-// retain_graph is set; running through it again is an error.
+// runs: by the engine, one addition each, or by the backward of the last use, when it takes them
+// as `waiting` gradients (rex/autograd/graph.hpp) and adds them in its own kernel. Ops take them
+// only where that gives the engine's bits (an addition, rounded as the engine's) or where their
+// device has launches to save (CUDA: a product's beta = 1, a kernel's fused add); the CPU's
+// compiler may fuse a product and an add into one FMA, so the CPU loops with products leave them
+// to the engine. Gradients reaching a leaf are added into leaf.grad(), which therefore accumulates
+// across uses and across backward() calls until zero_grad(). Accumulation writes leaf.grad() in
+// place, so no other gradient may share its storage: the first one becomes leaf.grad() as it is
+// only when nothing else holds or views it (a weight's fresh GEMM output, say), and is copied
+// otherwise; the root gradient is always copied. Each node's backward function (and what it saved)
+// is dropped as soon as it has run, unless retain_graph is set; running through it again is an
+// error.
 //
 // A caller may ask to hear of each leaf as soon as its gradient is final (LeafReady): after the
 // last node in the order that takes the leaf as an input has run (or was skipped, no gradient
@@ -135,8 +140,22 @@ inline void backward_through(Node* node, std::unordered_map<Node*, Tensor>& pend
             "backpropagate through it twice");
   std::vector<bool> needs(node->inputs.size());
   for (size_t i = 0; i < needs.size(); ++i) needs[i] = node->inputs[i] != nullptr;
-  GradList grads = node->backward(grad, needs);
+  // The gradients already sent to this node's inputs, for a backward that can add them itself
+  // (each given once, to the first of the inputs that share it); those it leaves go back.
+  GradList waiting(node->inputs.size());
+  if (node->takes_waiting) {
+    for (size_t i = 0; i < waiting.size(); ++i) {
+      if (!node->inputs[i] || !node->inputs[i]->grad_fn) continue;
+      auto slot = pending.find(node->inputs[i]->grad_fn.get());
+      if (slot == pending.end()) continue;
+      waiting[i] = std::move(slot->second);
+      pending.erase(slot);
+    }
+  }
+  GradList grads = node->backward(grad, needs, waiting);
   if (!retain_graph) node->backward = nullptr;
+  for (size_t i = 0; i < waiting.size(); ++i)
+    if (waiting[i].defined()) pending[node->inputs[i]->grad_fn.get()] = std::move(waiting[i]);
 
   REX_CHECK(grads.size() == node->inputs.size(), "backward of '", node->op, "' returned ",
             grads.size(), " gradients for ", node->inputs.size(), " inputs");

@@ -4,7 +4,12 @@
 // backward_fn). The node keeps the inputs' AutogradMeta (not their buffers) and a backward function
 // that captured exactly what it needs. backward_fn takes the output gradient and returns one
 // gradient per input (undefined where the input needs none); it may take a second argument, a
-// vector<bool> saying which inputs need a gradient, to skip work.
+// vector<bool> saying which inputs need a gradient, to skip work, and a third, `waiting`: for each
+// input, the gradient its other uses have already sent it (undefined where none has). A backward
+// that adds waiting[i] into its gradient for input i in its own kernel takes it (std::move, which
+// leaves it undefined) and returns the sum; the engine adds the ones not taken, one launch each,
+// so taking one saves a launch where gradients meet (the residual stream, the inputs shared by q,
+// k and v, by the router and the dispatch, the router's probabilities).
 //
 // Leaves (parameters and inputs marked with requires_grad_) accumulate into their .grad(); interior
 // tensors pass gradients on. NoGradGuard turns recording off in a scope (backward runs under it, so
@@ -37,11 +42,15 @@ struct GradGate {
   int64_t index = 0;
 };
 
+using BackwardFn =
+    std::function<GradList(const Tensor& grad, const std::vector<bool>& needs, GradList& waiting)>;
+
 struct Node {
   std::string_view op;                                // the op's name, for error messages
   std::vector<std::shared_ptr<AutogradMeta>> inputs;  // null where an input needs no gradient
   std::vector<Shape> input_shapes;
-  std::function<GradList(const Tensor&, const std::vector<bool>&)> backward;  // null once released
+  BackwardFn backward;                // null once released
+  bool takes_waiting = false;         // whether backward may take its inputs' waiting gradients
   std::vector<GradGate> input_gates;  // empty, or one per input: the gates of its gradients
 
   ~Node();
@@ -193,9 +202,9 @@ namespace detail {
 
 // Attaches a node to `output` if grad mode is on and some input requires a gradient; returns
 // output.
-template <class BackwardFn>
+template <class Fn>
 Tensor record(Tensor output, std::string_view op, const std::vector<Tensor>& inputs,
-              BackwardFn&& backward_fn) {
+              Fn&& backward_fn) {
   auto needs_grad = [](const Tensor& in) { return in.defined() && in.requires_grad(); };
   if (!grad_enabled() || std::none_of(inputs.begin(), inputs.end(), needs_grad)) return output;
   auto node = std::make_shared<Node>();
@@ -206,11 +215,17 @@ Tensor record(Tensor output, std::string_view op, const std::vector<Tensor>& inp
   REX_CHECK(output.impl().autograd == nullptr, op,
             ": internal error, the output already has a node");
   node->op = op;
-  if constexpr (std::is_invocable_v<BackwardFn, const Tensor&, const std::vector<bool>&>) {
-    node->backward = std::forward<BackwardFn>(backward_fn);
+  if constexpr (std::is_invocable_v<Fn, const Tensor&, const std::vector<bool>&, GradList&>) {
+    node->backward = std::forward<Fn>(backward_fn);
+    node->takes_waiting = true;
+  } else if constexpr (std::is_invocable_v<Fn, const Tensor&, const std::vector<bool>&>) {
+    node->backward = [fn = std::forward<Fn>(backward_fn)](const Tensor& grad,
+                                                          const std::vector<bool>& needs,
+                                                          GradList&) { return fn(grad, needs); };
   } else {
-    node->backward = [fn = std::forward<BackwardFn>(backward_fn)](
-                         const Tensor& grad, const std::vector<bool>&) { return fn(grad); };
+    node->backward = [fn = std::forward<Fn>(backward_fn)](const Tensor& grad,
+                                                          const std::vector<bool>&,
+                                                          GradList&) { return fn(grad); };
   }
   auto meta = std::make_shared<AutogradMeta>();
   meta->requires_grad = true;

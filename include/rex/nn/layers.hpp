@@ -52,6 +52,10 @@ class RMSNorm : public Module {
     weight = register_parameter("weight", ones({dim}));
   }
   Tensor forward(const Tensor& x) const { return rms_norm(x, weight, eps_); }
+  // The norm of a + b, and the sum: a residual add and the norm after it (one kernel on CUDA).
+  AddRmsNorm forward(const Tensor& a, const Tensor& b) const {
+    return add_rms_norm(a, b, weight, eps_);
+  }
   // forward of one row x [dim] into y [dim] on the host (decoding's step on the CPU).
   void row_on_cpu(const float* x, float* y) const {
     float rstd = 0;

@@ -1,6 +1,9 @@
 // The decoder-only language model: token embedding, n pre-norm blocks, final RMSNorm, LM head.
 //
 //   block l:  h = h + Attention(RMSNorm(h));  h = h + FFN_l(RMSNorm(h))
+// Each residual add is made by the norm that follows it (add_rms_norm: one kernel on CUDA), so a
+// block takes its input with its attention norm already applied and hands on its output with the
+// next norm's (the next block's attention norm, or the final norm).
 // where FFN_l is a dense SwiGLU (ffn = "dense") or the ReX-MoE layer of rex/nn/moe.hpp, whose
 // experts live in expert_tables.{l / r}. The loss is the mean next-token cross-entropy plus, for
 // MoE models, the sum over layers of each layer's auxiliary loss.
@@ -45,6 +48,7 @@ struct LmOutput {
 // What one block computed: its output and, for a MoE block, what its router measured.
 struct BlockOutput {
   Tensor h;                    // [B, T, d]
+  Tensor next_input;           // next_norm(h), the next block's (or the head's) input
   Tensor aux_loss;             // the MoE layer's auxiliary loss (undefined when dense)
   DeviceCounts expert_counts;  // routed slots per pool expert (undefined when dense)
   int64_t candidates = 0;      // PSR N_t at this step (0 when dense)
@@ -67,23 +71,28 @@ class TransformerBlock : public Module {
     }
   }
 
-  // h [B, T, d] -> [B, T, d], with what a MoE layer measured; `cache` as in
-  // CausalSelfAttention::forward (decoding measures nothing).
-  BlockOutput forward(const Tensor& h, const RoutingStep& at, KvCacheLayer* cache = nullptr) const {
+  // h [B, T, d] and attn_input = attn_norm(h) -> the output h [B, T, d] and next_norm(h), with
+  // what a MoE layer measured; `cache` as in CausalSelfAttention::forward (decoding measures
+  // nothing).
+  BlockOutput forward(const Tensor& h, const Tensor& attn_input, const RMSNorm& next_norm,
+                      const RoutingStep& at, KvCacheLayer* cache = nullptr) const {
     const int64_t first_position = cache ? cache->length : 0;  // before attention extends it
-    const Tensor x = h + attn->forward(attn_norm->forward(h), cache);
-    const Tensor normed = ffn_norm->forward(x);
+    const AddRmsNorm x = ffn_norm->forward(h, attn->forward(attn_input, cache));
     BlockOutput out;
+    Tensor delta;
     if (!moe) {
-      out.h = x + ffn->forward(normed);
-      return out;
+      delta = ffn->forward(x.y);
+    } else {
+      MoeOutput routed = moe->forward(reshape(x.y, {-1, h.dim(2)}), at, /*measure=*/!cache,
+                                      /*sequence_length=*/h.dim(1), first_position);
+      delta = reshape(routed.y, h.shape().dims());
+      out.aux_loss = routed.aux_loss;
+      out.expert_counts = std::move(routed.expert_counts);
+      out.candidates = routed.candidates;
     }
-    MoeOutput routed = moe->forward(reshape(normed, {-1, x.dim(2)}), at, /*measure=*/!cache,
-                                    /*sequence_length=*/x.dim(1), first_position);
-    out.h = x + reshape(routed.y, x.shape().dims());
-    out.aux_loss = routed.aux_loss;
-    out.expert_counts = std::move(routed.expert_counts);
-    out.candidates = routed.candidates;
+    AddRmsNorm next = next_norm.forward(x.sum, delta);
+    out.h = std::move(next.sum);
+    out.next_input = std::move(next.y);
     return out;
   }
 
@@ -207,16 +216,20 @@ class TransformerLM : public Module {
   LmOutput run(const Tensor& ids, const RoutingStep& at, KvCache* cache) const {
     LmOutput out;
     Tensor h = embed->forward(ids);
+    Tensor normed = (layers.empty() ? *norm : *layers.front()->attn_norm).forward(h);
     for (size_t l = 0; l < layers.size(); ++l) {
-      BlockOutput block = layers[l]->forward(h, at, cache ? &cache->layers[l] : nullptr);
+      const RMSNorm& next_norm = l + 1 < layers.size() ? *layers[l + 1]->attn_norm : *norm;
+      BlockOutput block =
+          layers[l]->forward(h, normed, next_norm, at, cache ? &cache->layers[l] : nullptr);
       h = std::move(block.h);
+      normed = std::move(block.next_input);
       if (!block.aux_loss.defined()) continue;  // a dense or decoding block measures nothing
       out.aux_loss = out.aux_loss.defined() ? out.aux_loss + block.aux_loss : block.aux_loss;
       out.expert_counts.push_back(std::move(block.expert_counts));
       out.candidates = block.candidates;  // the same N_t in every layer
     }
-    h = reshape(norm->forward(h), {-1, config_.d_model});
-    out.logits = linear(h, lm_head ? lm_head->weight : embed->weight);
+    out.logits =
+        linear(reshape(normed, {-1, config_.d_model}), lm_head ? lm_head->weight : embed->weight);
     return out;
   }
 

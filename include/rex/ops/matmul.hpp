@@ -22,20 +22,20 @@ namespace detail {
 // either its own or one shared matrix (the common cases), else one call per batch entry.
 inline void cuda_matmul(const Tensor& a, const Tensor& b, Tensor& out, const Shape& batch_a,
                         const Shape& batch_b, const Shape& batch, int64_t m, int64_t n, int64_t k,
-                        bool ta, bool tb) {
+                        bool ta, bool tb, bool accumulate) {
   const float *pa = a.device_data<float>(), *pb = b.device_data<float>();
   float* pc = out.device_data<float>();
   const int64_t count = batch.numel();
   const bool a_uniform = batch_a.numel() == count || batch_a.numel() == 1;
   const bool b_uniform = batch_b.numel() == count || batch_b.numel() == 1;
   if (a_uniform && b_uniform) {
-    cuda_backend().gemm(pa, pb, pc, m, n, k, ta, tb, false, count, batch_a.numel() == 1 ? 0 : m * k,
-                        batch_b.numel() == 1 ? 0 : k * n, m * n);
+    cuda_backend().gemm(pa, pb, pc, m, n, k, ta, tb, accumulate, count,
+                        batch_a.numel() == 1 ? 0 : m * k, batch_b.numel() == 1 ? 0 : k * n, m * n);
     return;
   }
   for_each_broadcast<2>(batch, {batch_a, batch_b}, [&](int64_t i, const auto& at) {
     cuda_backend().gemm(pa + at[0] * m * k, pb + at[1] * k * n, pc + i * m * n, m, n, k, ta, tb,
-                        false, 1, 0, 0, 0);
+                        accumulate, 1, 0, 0, 0);
   });
 }
 
@@ -46,53 +46,106 @@ struct MatmulOptions {
   bool transpose_b = false;
 };
 
-inline Tensor matmul(const Tensor& a, const Tensor& b, MatmulOptions options = {}) {
-  detail::check_f32("matmul", a), detail::check_f32("matmul", b);
+namespace detail {
+
+// The product's operand extents and batch axes; checks the operands.
+struct MatmulShape {
+  int64_t m = 0, n = 0, k = 0;
+  Shape batch_a, batch_b, batch;  // the operands' batch axes and their broadcast
+  bool flat_rows = false;         // a batched a times a 2-d b: one GEMM over a's rows
+  Shape out;
+};
+
+inline MatmulShape matmul_shape(const Tensor& a, const Tensor& b, bool ta, bool tb) {
+  check_f32("matmul", a), check_f32("matmul", b);
   REX_CHECK(a.rank() >= 2 && b.rank() >= 2, "matmul: operands need at least 2 axes, got ",
             a.shape(), " and ", b.shape());
-  const bool ta = options.transpose_a, tb = options.transpose_b;
-  const int64_t m = a.dim(ta ? -1 : -2), k = a.dim(ta ? -2 : -1);
-  const int64_t kb = b.dim(tb ? -1 : -2), n = b.dim(tb ? -2 : -1);
-  REX_CHECK(k == kb, "matmul: inner extents differ: ", a.shape(), ta ? " (transposed)" : "",
-            " and ", b.shape(), tb ? " (transposed)" : "", " give ", k, " vs ", kb);
+  MatmulShape s;
+  s.m = a.dim(ta ? -1 : -2), s.k = a.dim(ta ? -2 : -1);
+  const int64_t kb = b.dim(tb ? -1 : -2);
+  s.n = b.dim(tb ? -2 : -1);
+  REX_CHECK(s.k == kb, "matmul: inner extents differ: ", a.shape(), ta ? " (transposed)" : "",
+            " and ", b.shape(), tb ? " (transposed)" : "", " give ", s.k, " vs ", kb);
+  s.flat_rows = b.rank() == 2 && a.rank() > 2 && !ta;
+  s.batch_a = Shape(std::vector<int64_t>(a.shape().begin(), a.shape().end() - 2));
+  s.batch_b = Shape(std::vector<int64_t>(b.shape().begin(), b.shape().end() - 2));
+  s.batch = s.flat_rows ? s.batch_a : broadcast_shapes(s.batch_a, s.batch_b, "matmul");
+  std::vector<int64_t> out_dims = s.batch.dims();
+  out_dims.push_back(s.m);
+  out_dims.push_back(s.n);
+  s.out = Shape(std::move(out_dims));
+  return s;
+}
 
-  if (b.rank() == 2 && a.rank() > 2 && !ta) {
-    std::vector<int64_t> out_dims = a.shape().dims();
-    out_dims.back() = n;
+// op(a) op(b) written into out (of the shape matmul_shape gives), or added to what out holds when
+// `accumulate` (on CUDA the GEMM's beta = 1, which rounds the sum once).
+inline void matmul_into(const Tensor& a, const Tensor& b, bool ta, bool tb, Tensor& out,
+                        bool accumulate) {
+  const MatmulShape s = matmul_shape(a, b, ta, tb);
+  REX_CHECK(out.shape() == s.out, "matmul: internal error, output ", out.shape(), " for ", s.out);
+  const Device device = common_device("matmul", {a, b, out});
+  if (s.flat_rows) {
     const int64_t rows = a.shape().numel(0, a.rank() - 1);
-    return reshape(matmul(reshape(a, {rows, k}), b, options), out_dims);
+    Tensor flat_out = make_view(out, 0, Shape{rows, s.n});
+    matmul_into(make_view(a, 0, Shape{rows, s.k}), b, false, tb, flat_out, accumulate);
+    return;
   }
-
-  const Shape batch_a(std::vector<int64_t>(a.shape().begin(), a.shape().end() - 2));
-  const Shape batch_b(std::vector<int64_t>(b.shape().begin(), b.shape().end() - 2));
-  const Shape batch = detail::broadcast_shapes(batch_a, batch_b, "matmul");
-  std::vector<int64_t> out_dims = batch.dims();
-  out_dims.push_back(m);
-  out_dims.push_back(n);
-  const Device device = detail::common_device("matmul", {a, b});
-  Tensor out = Tensor::empty(Shape(out_dims), DType::f32, device);
+  const float *pa = a.device_data<float>(), *pb = b.device_data<float>();
+  float* pc = out.device_data<float>();
+  const int64_t m = s.m, n = s.n, k = s.k;
   if (device.is_cuda()) {
-    detail::cuda_matmul(a, b, out, batch_a, batch_b, batch, m, n, k, ta, tb);
-  } else {
-    const float *pa = a.data<float>(), *pb = b.data<float>();
-    float* pc = out.data<float>();
-    detail::for_each_broadcast<2>(batch, {batch_a, batch_b}, [&](int64_t i, const auto& at) {
-      detail::gemm(pa + at[0] * m * k, pb + at[1] * k * n, pc + i * m * n, m, n, k, ta, tb);
-    });
+    cuda_matmul(a, b, out, s.batch_a, s.batch_b, s.batch, m, n, k, ta, tb, accumulate);
+    return;
   }
+  for_each_broadcast<2>(s.batch, {s.batch_a, s.batch_b}, [&](int64_t i, const auto& at) {
+    gemm(pa + at[0] * m * k, pb + at[1] * k * n, pc + i * m * n, m, n, k, ta, tb, accumulate);
+  });
+}
 
+// op(a) op(b) as a new tensor.
+inline Tensor matmul_values(const Tensor& a, const Tensor& b, bool ta, bool tb) {
+  Tensor out =
+      Tensor::empty(matmul_shape(a, b, ta, tb).out, DType::f32, common_device("matmul", {a, b}));
+  matmul_into(a, b, ta, tb, out, false);
+  return out;
+}
+
+}  // namespace detail
+
+// One node whatever the operands' ranks. On CUDA, a's gradient is added to the one waiting for a
+// (the input that q, k and v share, say) by the GEMM itself when nothing else holds that one and a
+// is not broadcast: beta = 1, one launch fewer.
+inline Tensor matmul(const Tensor& a, const Tensor& b, MatmulOptions options = {}) {
+  const bool ta = options.transpose_a, tb = options.transpose_b;
+  const detail::MatmulShape s = detail::matmul_shape(a, b, ta, tb);
+  const bool a_broadcast = !s.flat_rows && s.batch_a != s.batch;
   return detail::record(
-      out, "matmul", {a, b},
-      [a = a.detach(), b = b.detach(), ta, tb](const Tensor& g, const std::vector<bool>& needs) {
+      detail::matmul_values(a, b, ta, tb), "matmul", {a, b},
+      [a = a.detach(), b = b.detach(), ta, tb, a_broadcast, flat = s.flat_rows](
+          const Tensor& g, const std::vector<bool>& needs, detail::GradList& waiting) {
+        // A batched a times a 2-d b: a's and g's rows as one matrix each, as the forward's GEMM.
+        auto rows_of = [flat](const Tensor& t) {
+          return flat ? detail::make_view(t, 0, Shape{t.shape().numel(0, t.rank() - 1), t.dim(-1)})
+                      : t;
+        };
+        const Tensor a_rows = rows_of(a), g_rows = rows_of(g);
         detail::GradList grads(2);
         if (needs[0]) {
-          Tensor ga = ta ? matmul(b, g, {.transpose_a = tb, .transpose_b = true})
-                         : matmul(g, b, {.transpose_a = false, .transpose_b = !tb});
-          grads[0] = sum_to(ga, a.shape());
+          Tensor& into = waiting[0];
+          if (detail::on_cuda(g) && into.defined() && into.is_sole_owner() && !a_broadcast) {
+            grads[0] = std::move(into);  // taken: the product is added to it
+            Tensor sum = rows_of(grads[0]);
+            ta ? detail::matmul_into(b, g_rows, tb, true, sum, true)
+               : detail::matmul_into(g_rows, b, false, !tb, sum, true);
+          } else {
+            const Tensor ga = ta ? detail::matmul_values(b, g_rows, tb, true)
+                                 : detail::matmul_values(g_rows, b, false, !tb);
+            grads[0] = sum_to(flat ? detail::make_view(ga, 0, a.shape()) : ga, a.shape());
+          }
         }
         if (needs[1]) {
-          Tensor gb = tb ? matmul(g, a, {.transpose_a = true, .transpose_b = ta})
-                         : matmul(a, g, {.transpose_a = !ta, .transpose_b = false});
+          const Tensor gb = tb ? detail::matmul_values(g_rows, a_rows, true, ta)
+                               : detail::matmul_values(a_rows, g_rows, !ta, false);
           grads[1] = sum_to(gb, b.shape());
         }
         return grads;

@@ -160,14 +160,16 @@ inline Tensor gather_rows_trusted(const Tensor& x, const Tensor& index) {
   return out;
 }
 
-// dx [tokens, d]: row t sums g's rows at token t's k sorted positions, in increasing position.
+// dx [tokens, d]: row t sums g's rows at token t's k sorted positions, in increasing position,
+// and is then added to `plus` when that is defined (a gradient waiting for x).
 inline Tensor gather_sum_rows(const Tensor& g, const Tensor& slot_positions, int64_t tokens,
-                              int64_t k) {
+                              int64_t k, const Tensor& plus) {
   const int64_t d = g.dim(1);
   Tensor dx = Tensor::empty(Shape{tokens, d}, DType::f32, g.device());
+  const float* pplus = plus.defined() ? plus.device_data<float>() : nullptr;
   if (on_cuda(g)) {
     cuda_backend().gather_sum_rows(g.device_data<float>(), slot_positions.device_data<int32_t>(),
-                                   dx.device_data<float>(), tokens, k, d);
+                                   pplus, dx.device_data<float>(), tokens, k, d);
     return dx;
   }
   const float* pg = g.data<float>();
@@ -181,6 +183,8 @@ inline Tensor gather_sum_rows(const Tensor& g, const Tensor& slot_positions, int
     std::fill_n(row, d, 0.0f);
     for (const int32_t p : sorted)
       for (int64_t c = 0; c < d; ++c) row[c] += pg[p * d + c];
+    if (pplus)
+      for (int64_t c = 0; c < d; ++c) row[c] = pplus[t * d + c] + row[c];
   }
   return dx;
 }
@@ -258,10 +262,13 @@ inline Tensor dispatch_rows(const Tensor& x, const SlotOrder& order) {
   const int64_t tokens = x.dim(0), k = order.sorted_tokens.numel() / std::max<int64_t>(tokens, 1);
   REX_CHECK(x.rank() == 2 && tokens * k == order.sorted_tokens.numel(), "dispatch_rows: x ",
             x.shape(), " does not have the plan's tokens");
-  return detail::record(detail::gather_rows_trusted(x, order.sorted_tokens), "dispatch_rows", {x},
-                        [positions = order.slot_positions, tokens, k](const Tensor& g) {
-                          return detail::GradList{detail::gather_sum_rows(g, positions, tokens, k)};
-                        });
+  return detail::record(
+      detail::gather_rows_trusted(x, order.sorted_tokens), "dispatch_rows", {x},
+      [positions = order.slot_positions, tokens, k](const Tensor& g, const std::vector<bool>&,
+                                                    detail::GradList& waiting) {
+        const Tensor plus = std::move(waiting[0]);  // taken: added here
+        return detail::GradList{detail::gather_sum_rows(g, positions, tokens, k, plus)};
+      });
 }
 
 // y [T, d] = the sum over each token's k slots of its expert's row times the slot's gate:

@@ -5,7 +5,8 @@
 // values by the lower position first, NaN above every number (as in PyTorch; it also keeps the
 // comparison a strict weak ordering). values is a gather, so its backward scatters g back into
 // zeros:
-//   dx[r, indices[r, j]] = g[r, j], 0 at the positions not chosen.
+//   dx[r, indices[r, j]] = g[r, j], 0 at the positions not chosen,
+// added to the gradient waiting for x, if any, in the same pass (rex/autograd/graph.hpp).
 // indices are i32 and carry no gradient. With a TopKMask, the hidden entries rank as its `hidden`
 // value and take no gradient (PSR's mask over the candidate experts).
 #pragma once
@@ -42,7 +43,8 @@ inline TopKHidden topk_hidden(const TopKMask& mask, int64_t n) {
 }
 
 // The k best entries of every row of n on x's device (values and their positions); topk_grad is
-// the backward, g scattered into zeros of x's shape.
+// the backward, g scattered into zeros of x's shape and added to `plus` when that is defined (a
+// gradient waiting for x).
 inline TopK topk_values(const Tensor& x, const TopKMask& mask, int64_t k) {
   const int64_t n = x.dim(-1), rows = x.numel() / n;
   Shape out_shape = x.shape();
@@ -57,14 +59,15 @@ inline TopK topk_values(const Tensor& x, const TopKMask& mask, int64_t k) {
 }
 
 inline Tensor topk_grad(const Tensor& g, const Tensor& indices, const TopKMask& mask,
-                        const Shape& in_shape) {
+                        const Shape& in_shape, const Tensor& plus) {
   const int64_t n = in_shape[in_shape.rank() - 1], k = g.dim(-1), rows = g.numel() / k;
   Tensor gx = Tensor::empty(in_shape, DType::f32, g.device());
   const float* pg = g.device_data<float>();
   const int32_t* pi = indices.device_data<int32_t>();
   float* pgx = gx.device_data<float>();
+  const float* pplus = plus.defined() ? plus.device_data<float>() : nullptr;
   (on_cuda(g) ? cuda_backend().topk_backward : cpu::topk_backward)(pg, pi, topk_hidden(mask, n),
-                                                                   pgx, rows, n, k);
+                                                                   pplus, pgx, rows, n, k);
   return gx;
 }
 
@@ -84,13 +87,14 @@ inline TopK topk(const Tensor& x, int64_t k, const TopKMask& mask = {}) {
     detail::common_device("topk", {x, mask.keep});
   }
   TopK out = detail::topk_values(x, mask, k);
-  out.values =
-      detail::record(out.values, "topk", {x},
-                     [in_shape = x.shape(), indices = out.indices.detach(),
-                      mask = TopKMask{mask.keep.defined() ? mask.keep.detach() : Tensor(),
-                                      mask.hidden}](const Tensor& g) {
-                       return detail::GradList{detail::topk_grad(g, indices, mask, in_shape)};
-                     });
+  out.values = detail::record(
+      out.values, "topk", {x},
+      [in_shape = x.shape(), indices = out.indices.detach(),
+       mask = TopKMask{mask.keep.defined() ? mask.keep.detach() : Tensor(), mask.hidden}](
+          const Tensor& g, const std::vector<bool>&, detail::GradList& waiting) {
+        const Tensor plus = std::move(waiting[0]);  // taken: added here
+        return detail::GradList{detail::topk_grad(g, indices, mask, in_shape, plus)};
+      });
   return out;
 }
 

@@ -128,7 +128,8 @@ struct GemmEstimate {
 };
 
 // The estimate of `calls` cuBLAS calls of one shape (2 m n k FLOPs per product; fp32 operands, or
-// bf16 A and B with an fp32 C for cublasGemmEx's bf16 shapes, at the bf16 tensor-core peak).
+// bf16 A and B with an fp32 C for cublasGemmEx's bf16 shapes, at the bf16 tensor-core peak; C
+// read as well as written when the call accumulates).
 inline GemmEstimate estimate_gemm(const GemmShape& shape, uint64_t calls, const Device& device) {
   const double products = static_cast<double>(calls) * static_cast<double>(shape.batch);
   const double m = static_cast<double>(shape.m), n = static_cast<double>(shape.n),
@@ -136,7 +137,8 @@ inline GemmEstimate estimate_gemm(const GemmShape& shape, uint64_t calls, const 
   GemmEstimate estimate;
   estimate.flops = products * 2 * m * n * k;
   const double ab_bytes = shape.bf16 ? 2 : sizeof(float);
-  estimate.bytes = products * (ab_bytes * (m * k + k * n) + sizeof(float) * m * n);
+  const double c_passes = shape.accumulate ? 2 : 1;
+  estimate.bytes = products * (ab_bytes * (m * k + k * n) + c_passes * sizeof(float) * m * n);
   estimate.launch_s = static_cast<double>(calls) * device.launch_s;
   estimate.compute_s = estimate.flops / (shape.bf16   ? device.bf16_flops_per_s
                                          : shape.tf32 ? device.tf32_flops_per_s

@@ -58,8 +58,9 @@ struct KernelCounts {
 struct GemmShape {
   int64_t m = 0, n = 0, k = 0, batch = 0;
   bool transpose_a = false, transpose_b = false;
-  bool tf32 = false;  // the TF32 tensor-op math mode, otherwise fp32
-  bool bf16 = false;  // cublasGemmEx with bf16 A and B (fp32 C, fp32 compute)
+  bool tf32 = false;        // the TF32 tensor-op math mode, otherwise fp32
+  bool bf16 = false;        // cublasGemmEx with bf16 A and B (fp32 C, fp32 compute)
+  bool accumulate = false;  // beta != 0: C is read and added to
   auto operator<=>(const GemmShape&) const = default;
 };
 

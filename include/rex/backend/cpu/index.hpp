@@ -38,14 +38,17 @@ inline void topk(const float* x, TopKHidden hidden, float* values, int32_t* indi
   }
 }
 
-// gx [rows, n] = 0 except gx[r, indices[r, j]] = g[r, j] where `hidden` does not hide it.
-inline void topk_backward(const float* g, const int32_t* indices, TopKHidden hidden, float* gx,
-                          int64_t rows, int64_t n, int64_t k) {
+// gx [rows, n] = 0 except gx[r, indices[r, j]] = g[r, j] where `hidden` does not hide it, then
+// added to `plus` when that is not null (the engine's addition: an addition alone, no product).
+inline void topk_backward(const float* g, const int32_t* indices, TopKHidden hidden,
+                          const float* plus, float* gx, int64_t rows, int64_t n, int64_t k) {
   std::fill(gx, gx + rows * n, 0.0f);
   for (int64_t e = 0; e < rows * k; ++e) {
     const int64_t r = e / k;
     if (!hidden.hides(r, indices[e])) gx[r * n + indices[e]] = g[e];
   }
+  if (plus)
+    for (int64_t e = 0; e < rows * n; ++e) gx[e] = plus[e] + gx[e];
 }
 
 // The combine of the experts' rows (rex/backend/cuda/backend.hpp's combine_slots): y [tokens, d],

@@ -190,9 +190,13 @@ struct CudaBackend {
   // y = x * rstd * w per row of n, rstd[r] = 1 / sqrt(mean(x_r^2) + eps) (saved for backward).
   void (*rms_norm)(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t n,
                    float eps);
-  // dx and dw may be null. dw sums over rows in row order.
+  // sum = a + b and rms_norm's y and rstd of it, in one pass: the bits of the two.
+  void (*add_rms_norm)(const float* a, const float* b, const float* w, float* sum, float* y,
+                       float* rstd, int64_t rows, int64_t n, float eps);
+  // dx and dw may be null; dx_plus, when not null, is added to dx (a gradient waiting for x,
+  // rounded as a separate addition would). dw sums over rows in row order.
   void (*rms_norm_backward)(const float* g, const float* x, const float* w, const float* rstd,
-                            float* dx, float* dw, int64_t rows, int64_t n);
+                            const float* dx_plus, float* dx, float* dw, int64_t rows, int64_t n);
 
   // ---- indexing, routing and layout (kernels/index.cu) ----
   // out[i] = x[index[i]] rows of d; an index outside [0, num_rows) throws rex::Error naming `op`
@@ -219,9 +223,10 @@ struct CudaBackend {
                 int32_t* sorted_slots, int32_t* slot_positions, int32_t* sorted_tokens,
                 int64_t* offsets, float* shares);
   // dx [tokens, d]: row t is the sum of g's rows at token t's k positions (positions [tokens, k]),
-  // added in increasing position from 0 (scatter_add_rows' order); k <= 32.
-  void (*gather_sum_rows)(const float* g, const int32_t* positions, float* dx, int64_t tokens,
-                          int64_t k, int64_t d);
+  // added in increasing position from 0 (scatter_add_rows' order), then added to `plus` [tokens,
+  // d] when that is not null (a gradient waiting for x); k <= 32.
+  void (*gather_sum_rows)(const float* g, const int32_t* positions, const float* plus, float* dx,
+                          int64_t tokens, int64_t k, int64_t d);
   // The experts' rows back to their tokens, gated: y [tokens, d], row t = sum over j of
   // y_sorted[positions[t k + j]] * gates[t k + j], each product rounded, added in j order from 0.
   void (*combine_slots)(const float* y_sorted, const int32_t* positions, const float* gates,
@@ -245,9 +250,10 @@ struct CudaBackend {
   // to the lower position, NaN first.
   void (*topk)(const float* x, TopKHidden hidden, float* values, int32_t* indices, int64_t rows,
                int64_t n, int64_t k);
-  // gx [rows, n] = 0 except gx[r, indices[r, j]] = g[r, j] where `hidden` does not hide it.
-  void (*topk_backward)(const float* g, const int32_t* indices, TopKHidden hidden, float* gx,
-                        int64_t rows, int64_t n, int64_t k);
+  // gx [rows, n] = 0 except gx[r, indices[r, j]] = g[r, j] where `hidden` does not hide it, then
+  // added to `plus` [rows, n] when that is not null (a gradient waiting for x).
+  void (*topk_backward)(const float* g, const int32_t* indices, TopKHidden hidden,
+                        const float* plus, float* gx, int64_t rows, int64_t n, int64_t k);
   // keep [rows.rows, rows.pool]: row r is PSR's mask of row r (detail::psr_mask_row with
   // detail::psr_row_seed), bit-identical to the CPU's.
   void (*psr_keep_rows)(const PsrMaskRows& rows, float* keep);
