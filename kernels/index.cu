@@ -10,7 +10,8 @@
 //   land on it in increasing order. One block per output row then sums its sources in that order
 //   (threads over the columns), starting from 0, exactly as the CPU's loop does; rows that receive
 //   nothing get 0.
-// - topk: one warp per row. Selection by repeated scan: the j-th pick is the best score (the
+// - topk: one warp per row (topk_row, kernels/topk_row.cuh). Selection by repeated scan: the j-th
+// pick is the best score (the
 //   element, or the hidden value where the mask hides it) that
 //   ranks after pick j - 1 under the CPU's strict total order (NaN first, larger values first,
 //   ties to the lower position), so no "taken" marks are needed. Each lane scans a strided slice
@@ -33,6 +34,7 @@
 #include "common.cuh"
 #include "rex/backend/counting_sort.hpp"
 #include "rex/backend/psr_mask.hpp"
+#include "topk_row.cuh"
 
 namespace rex::cuda::detail {
 namespace {
@@ -131,42 +133,15 @@ void scatter_add_rows(const float* src, const int32_t* index, const int32_t* hos
 
 // ---- topk ----
 
-// True when position i of row r ranks before position j (rex::detail::ranks_before, the CPU's
-// comparator, on the scores `hidden` leaves).
-__device__ bool row_ranks_before(const float* row, int64_t r, const rex::detail::TopKHidden& hidden,
-                                 int64_t i, int64_t j) {
-  return rex::detail::ranks_before(hidden.score(row, r, i), i, hidden.score(row, r, j), j);
-}
-
-constexpr int kWarp = 32;
-
+// A warp per row (topk_row, kernels/topk_row.cuh), 8 rows a block.
 __global__ void topk_kernel(const float* x, rex::detail::TopKHidden hidden, float* values,
                             int32_t* indices, int64_t rows, int64_t n, int64_t k) {
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   const int64_t warps_per_block = blockDim.x / kWarp;
   const int64_t first = blockIdx.x * warps_per_block + threadIdx.x / kWarp;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * warps_per_block;
-  for (int64_t r = first; r < rows; r += stride) {
-    const float* row = x + r * n;
-    int64_t previous = -1;
-    for (int64_t j = 0; j < k; ++j) {
-      // This lane's best among its positions that rank after the previous pick (-1: none).
-      int64_t best = -1;
-      for (int64_t i = lane; i < n; i += kWarp) {
-        if (previous >= 0 && !row_ranks_before(row, r, hidden, previous, i)) continue;
-        if (best < 0 || row_ranks_before(row, r, hidden, i, best)) best = i;
-      }
-      for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-        const int64_t other = __shfl_xor_sync(0xffffffffu, best, offset);
-        if (other >= 0 && (best < 0 || row_ranks_before(row, r, hidden, other, best))) best = other;
-      }
-      if (lane == 0) {
-        values[r * k + j] = hidden.score(row, r, best);
-        indices[r * k + j] = static_cast<int32_t>(best);
-      }
-      previous = best;
-    }
-  }
+  for (int64_t r = first; r < rows; r += stride)
+    topk_row(x + r * n, r, hidden, values, indices, n, k, lane);
 }
 
 void topk(const float* x, rex::detail::TopKHidden hidden, float* values, int32_t* indices,

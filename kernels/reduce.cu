@@ -1,5 +1,7 @@
 // Reductions over one axis and the row-wise fused ops: sum_axis, max_axis (+ backward), softmax,
-// log_softmax, cross_entropy and rms_norm (each with its backward).
+// log_softmax, cross_entropy and rms_norm (each with its backward), and two forwards that fuse a
+// row op with its neighbour: add_rms_norm (the residual add before the norm) and softmax_topk (the
+// router's top-k after its softmax).
 //
 // Row-wise ops give each row one block (grid-stride over rows), with a block size chosen from the
 // row length alone (row_threads): the threads stride over the row so reads coalesce, and
@@ -17,6 +19,7 @@
 #include <cmath>
 
 #include "common.cuh"
+#include "topk_row.cuh"
 
 namespace rex::cuda::detail {
 namespace {
@@ -243,6 +246,31 @@ __global__ void log_softmax_backward_kernel(const float* g, const float* y, floa
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
       dx[r * n + j] = grow[j] - expf(yrow[j]) * t;
   }
+}
+
+// The router's softmax and its top-k, a row a block: softmax_kernel's row, then topk_kernel's
+// selection of it by the block's first warp (the bits of the two kernels).
+__global__ void softmax_topk_kernel(const float* x, rex::detail::TopKHidden hidden, float* y,
+                                    float* values, int32_t* indices, int64_t rows, int64_t n,
+                                    int64_t k) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* row = x + r * n;
+    float* probs = y + r * n;
+    const float m = block_row_max(row, n);
+    const auto inv = static_cast<float>(1.0 / block_exp_sum(row, n, m));
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) probs[j] = expf(row[j] - m) * inv;
+    __syncthreads();  // the row's probabilities, written by every thread, read by the first warp
+    if (threadIdx.x < kWarp)
+      topk_row(probs, r, hidden, values, indices, n, k, static_cast<int>(threadIdx.x));
+  }
+}
+
+void softmax_topk(const float* x, rex::detail::TopKHidden hidden, float* y, float* values,
+                  int32_t* indices, int64_t rows, int64_t n, int64_t k) {
+  REX_CHECK(k >= 1 && k <= n, "softmax_topk: k = ", k, " is out of range [1, ", n, "]");
+  if (rows == 0) return;
+  REX_LAUNCH(softmax_topk_kernel, row_blocks(rows), row_threads(n), 0, x, hidden, y, values,
+             indices, rows, n, k);
 }
 
 void softmax(const float* x, float* y, int64_t rows, int64_t n) {
@@ -501,6 +529,7 @@ void register_reduce(rex::detail::CudaBackend& table) {
   table.max_axis = max_axis;
   table.max_axis_backward = max_axis_backward;
   table.softmax = softmax;
+  table.softmax_topk = softmax_topk;
   table.softmax_backward = softmax_backward;
   table.log_softmax = log_softmax;
   table.log_softmax_backward = log_softmax_backward;

@@ -1419,6 +1419,41 @@ TEST_CASE("cuda ops: permute_rows, and the MoE dispatch that permutes back with 
       rounding_bound(60, 2));
 }
 
+// softmax_topk's kernel runs softmax_kernel's row and topk_kernel's selection of it (rows of 16,
+// one warp, and of 300, a block of 128 whose first warp selects), with and without PSR's mask.
+TEST_CASE("cuda ops: softmax_topk gives the bits of softmax then topk, gradients included") {
+  if (gpu_missing()) return;
+  Generator gen(34);
+  for (const int64_t n : {16, 300}) {
+    for (const bool masked : {false, true}) {
+      CAPTURE(n);
+      CAPTURE(masked);
+      Tensor logits = uniform({5, n}, gen, -2.0f, 2.0f).to(kGpu);
+      logits.requires_grad_();
+      Tensor keep = uniform({n}, gen, 0.0f, 1.0f);
+      for (int64_t i = 0; i < n; ++i) keep.data<float>()[i] = keep.data<float>()[i] < 0.3f ? 0 : 1;
+      const TopKMask mask = masked ? TopKMask{keep.to(kGpu), -1.0f} : TopKMask{};
+      const Tensor gp = uniform({5, n}, gen, -1.0f, 1.0f).to(kGpu);
+      const Tensor gv = uniform({5, 3}, gen, -1.0f, 1.0f).to(kGpu);
+      auto results = [&](const Tensor& probs, const TopK& top) {
+        logits.zero_grad();
+        (rex::sum(probs * gp) + rex::sum(top.values * gv)).backward();
+        std::vector<std::vector<float>> out;
+        for (const Tensor& t : {probs, top.values, logits.grad()})
+          out.push_back(t.to(Device::cpu()).to_vector());
+        const std::vector<int32_t> indices = top.indices.to(Device::cpu()).to_vector<int32_t>();
+        out.emplace_back(indices.begin(), indices.end());
+        return out;
+      };
+      const SoftmaxTopK fused = softmax_topk(logits, 3, mask);
+      CHECK(fused.probs.device() == kGpu);
+      const auto got = results(fused.probs, fused.top);
+      const Tensor probs = softmax(logits);
+      CHECK(got == results(probs, topk(probs, 3, mask)));
+    }
+  }
+}
+
 // add_rms_norm's kernel adds, writes the sum and sums its squares in the order of the add and
 // rms_norm kernels it replaces (rows of 300: several elements a thread), and records their nodes.
 TEST_CASE("cuda ops: add_rms_norm gives the bits of add then rms_norm, gradients included") {

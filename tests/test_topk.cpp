@@ -182,3 +182,26 @@ TEST_CASE(
   CHECK_FALSE(ranks_before(nan, 3, nan, 2));
   CHECK_FALSE(ranks_before(1.0f, 4, 1.0f, 4));  // strict: never before itself
 }
+
+TEST_CASE("softmax_topk is softmax then topk, values and gradients, and names bad inputs") {
+  rex::Generator gen(35);
+  Tensor logits = rex::uniform({4, 6}, gen, -2.0f, 2.0f);
+  logits.requires_grad_();
+  const Tensor gp = rex::uniform({4, 6}, gen, -1.0f, 1.0f);
+  const Tensor gv = rex::uniform({4, 2}, gen, -1.0f, 1.0f);
+  auto results = [&](const Tensor& probs, const rex::TopK& top) {
+    logits.zero_grad();
+    (rex::sum(probs * gp) + rex::sum(top.values * gv)).backward();
+    return std::vector<std::vector<float>>{probs.to_vector(), top.values.to_vector(),
+                                           logits.grad().to_vector()};
+  };
+  const rex::SoftmaxTopK fused = rex::softmax_topk(logits, 2);
+  const auto got = results(fused.probs, fused.top);
+  const Tensor probs = rex::softmax(logits);
+  const rex::TopK top = rex::topk(probs, 2);
+  CHECK(got == results(probs, top));
+  CHECK(fused.top.indices.to_vector<int32_t>() == top.indices.to_vector<int32_t>());
+  CHECK(error_message([&] {
+          rex::softmax_topk(logits, 7);
+        }).find("softmax_topk: k = 7 is out of range [1, 6]") != std::string::npos);
+}

@@ -111,6 +111,13 @@ class Plan {
     k.arithmetic.tensor_tf32_flops += times * one.arithmetic.tensor_tf32_flops;
     k.global_atomics += times * one.global_atomics;
   }
+  // `one` more of the work of kernel's launches, which counted their launches already (the
+  // second part of a fused kernel).
+  void also(const std::string& kernel, const KernelCounts& one, uint64_t times = 1) {
+    launch(kernel, one, times);
+    counts.kernels[kernel].launches -= times;
+    counts.launches -= times;
+  }
   // A product of kernels/gemm.cu at `precision`: in bf16, first bf16 copies of both operands.
   void gemm(i64 m, i64 n, i64 k, rex::MatmulPrecision precision, uint64_t calls = 1,
             bool accumulate = false) {
@@ -950,8 +957,9 @@ inline Counts training_step(const rex::train::RunConfig& config,
     softmax.arithmetic.special_functions = static_cast<uint64_t>(2 * M * P);
     softmax.arithmetic.f32_flops = static_cast<uint64_t>(3 * M * P);
     softmax.arithmetic.f64_flops = static_cast<uint64_t>(M * (P + 5 * row_threads(P)));
-    plan.launch("softmax_kernel", softmax);
-    plan.launch("topk_kernel", topk(M, P, K));
+    // The softmax and its top-k, one kernel: softmax_kernel's work, then topk_kernel's.
+    plan.launch("softmax_topk_kernel", softmax);
+    plan.also("softmax_topk_kernel", topk(M, P, K));
     plan.launch("route_count_kernel", route_count(routed, P));
     plan.launch("route_scatter_kernel", route_scatter(routed, P));
     if (!grouped) plan.read_back();  // per-expert GEMMs need the counts on the host

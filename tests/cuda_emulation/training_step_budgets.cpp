@@ -48,8 +48,9 @@ struct Budget {
 // its balance loss are one kernel each way, and q and k are split into heads by their RoPE kernel,
 // 92 fewer (23 a layer). Since the last use of a gradient that meets another adds the waiting one
 // in its own kernel (the engine's `waiting` gradients), 24 fewer; since each residual add is made
-// by the norm after it (add_rms_norm), 8 more.
-constexpr Budget kBudgets[] = {{183, 0, 63}, {183, 0, 63}};
+// by the norm after it (add_rms_norm), 8 more; since the router's softmax and top-k are one kernel
+// (softmax_topk), 4 more.
+constexpr Budget kBudgets[] = {{179, 0, 63}, {179, 0, 63}};
 constexpr int kSteps = 3;
 
 }  // namespace

@@ -150,20 +150,22 @@ class MoeLayer : public Module {
                     int64_t sequence_length = 0, int64_t first_position = 0) const {
     MoeOutput out;
     const Tensor logits = router->forward(x);  // [T, P]
-    const Tensor probs = softmax(logits);
-
     out.candidates = psr_candidates(psr_, config_.experts_per_layer, config_.reuse, at.step);
     const TokenPlaces places{x.dim(0), sequence_length > 0 ? sequence_length : x.dim(0),
                              at.first_sequence, first_position};
     const Tensor keep =
         psr_keep(psr_, config_, at.seed, at.step, layer_, places, logits.device());  // [P], [T, P]
+    Tensor probs, gates;
     TopK top;
-    Tensor gates;
     if (config_.gating == "topk_softmax") {  // Megatron-LM: top-k of the logits, softmax over k
+      probs = softmax(logits);
       top = topk(logits, config_.top_k, psr_topk_mask(keep, /*on_logits=*/true));
       gates = softmax(top.values);
-    } else {  // the paper: softmax over the pool, top-k of the probabilities
-      top = topk(probs, config_.top_k, psr_topk_mask(keep, /*on_logits=*/false));
+    } else {  // the paper: softmax over the pool, top-k of the probabilities (one kernel on CUDA)
+      SoftmaxTopK routed =
+          softmax_topk(logits, config_.top_k, psr_topk_mask(keep, /*on_logits=*/false));
+      probs = std::move(routed.probs);
+      top = std::move(routed.top);
       gates = top.values;
       if (config_.renormalize) gates = gates / sum(gates, -1, /*keepdim=*/true);
     }

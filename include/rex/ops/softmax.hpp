@@ -100,14 +100,18 @@ inline CrossEntropyValues cross_entropy_values(const Tensor& logits, const Tenso
   return out;
 }
 
+// y, softmax(x) over rows of n, recorded with its backward.
+inline Tensor record_softmax(const Tensor& y, const Tensor& x, int64_t n) {
+  return record(y, "softmax", {x}, [y = y.detach(), n](const Tensor& g) {
+    return GradList{softmax_rows_grad(g, y, n, /*log=*/false)};
+  });
+}
+
 }  // namespace detail
 
 inline Tensor softmax(const Tensor& x) {
   const int64_t n = detail::softmax_row_length(x, "softmax");
-  Tensor y = detail::softmax_rows(x, n, /*log=*/false);
-  return detail::record(y, "softmax", {x}, [y = y.detach(), n](const Tensor& g) {
-    return detail::GradList{detail::softmax_rows_grad(g, y, n, /*log=*/false)};
-  });
+  return detail::record_softmax(detail::softmax_rows(x, n, /*log=*/false), x, n);
 }
 
 inline Tensor log_softmax(const Tensor& x) {

@@ -17,6 +17,7 @@
 #include "rex/backend/cpu/index.hpp"
 #include "rex/backend/cuda/dispatch.hpp"
 #include "rex/ops/common.hpp"
+#include "rex/ops/softmax.hpp"
 
 namespace rex {
 
@@ -73,29 +74,71 @@ inline Tensor topk_grad(const Tensor& g, const Tensor& indices, const TopKMask& 
 
 }  // namespace detail
 
-inline TopK topk(const Tensor& x, int64_t k, const TopKMask& mask = {}) {
-  detail::check_f32("topk", x);
-  REX_CHECK(x.rank() >= 1, "topk: x must have at least one axis, got shape ", x.shape());
+namespace detail {
+
+// Checks topk's arguments; returns n, the row length.
+inline int64_t check_topk_args(std::string_view op, const Tensor& x, int64_t k,
+                               const TopKMask& mask) {
+  check_f32(op, x);
+  REX_CHECK(x.rank() >= 1, op, ": x must have at least one axis, got shape ", x.shape());
   const int64_t n = x.dim(-1);
-  REX_CHECK(k >= 1 && k <= n, "topk: k = ", k, " is out of range [1, ", n, "] for shape ",
+  REX_CHECK(k >= 1 && k <= n, op, ": k = ", k, " is out of range [1, ", n, "] for shape ",
             x.shape());
   if (mask.keep.defined()) {
-    detail::check_f32("topk (mask)", mask.keep);
+    check_f32(op, mask.keep);
     REX_CHECK(mask.keep.shape() == x.shape() || (mask.keep.rank() == 1 && mask.keep.dim(0) == n),
-              "topk: the mask's keep ", mask.keep.shape(), " is neither x's shape ", x.shape(),
+              op, ": the mask's keep ", mask.keep.shape(), " is neither x's shape ", x.shape(),
               " nor [", n, "]");
-    detail::common_device("topk", {x, mask.keep});
+    common_device(op, {x, mask.keep});
   }
-  TopK out = detail::topk_values(x, mask, k);
-  out.values = detail::record(
-      out.values, "topk", {x},
-      [in_shape = x.shape(), indices = out.indices.detach(),
-       mask = TopKMask{mask.keep.defined() ? mask.keep.detach() : Tensor(), mask.hidden}](
-          const Tensor& g, const std::vector<bool>&, detail::GradList& waiting) {
-        const Tensor plus = std::move(waiting[0]);  // taken: added here
-        return detail::GradList{detail::topk_grad(g, indices, mask, in_shape, plus)};
-      });
+  return n;
+}
+
+// out.values as topk(x, k, mask)'s, recorded with its backward.
+inline TopK record_topk(TopK out, const Tensor& x, const TopKMask& mask) {
+  out.values =
+      record(out.values, "topk", {x},
+             [in_shape = x.shape(), indices = out.indices.detach(),
+              mask = TopKMask{mask.keep.defined() ? mask.keep.detach() : Tensor(), mask.hidden}](
+                 const Tensor& g, const std::vector<bool>&, GradList& waiting) {
+               const Tensor plus = std::move(waiting[0]);  // taken: added here
+               return GradList{topk_grad(g, indices, mask, in_shape, plus)};
+             });
   return out;
+}
+
+}  // namespace detail
+
+inline TopK topk(const Tensor& x, int64_t k, const TopKMask& mask = {}) {
+  detail::check_topk_args("topk", x, k, mask);
+  return detail::record_topk(detail::topk_values(x, mask, k), x, mask);
+}
+
+struct SoftmaxTopK {
+  Tensor probs;  // softmax(logits)
+  TopK top;      // topk(probs, k, mask)
+};
+
+// The router's softmax and the top-k of its probabilities: on CUDA one kernel for the two, with
+// their bits (the CPU runs the two); the graph is theirs (a "softmax" node, then a "topk" node of
+// the probabilities), and so is the backward.
+inline SoftmaxTopK softmax_topk(const Tensor& logits, int64_t k, const TopKMask& mask = {}) {
+  const int64_t n = detail::softmax_row_length(logits, "softmax_topk");
+  detail::check_topk_args("softmax_topk", logits, k, mask);
+  if (!detail::on_cuda(logits)) {
+    Tensor probs = softmax(logits);
+    return {probs, topk(probs, k, mask)};
+  }
+  Shape out_shape = logits.shape();
+  out_shape.set(logits.rank() - 1, k);
+  Tensor probs = Tensor::empty(logits.shape(), DType::f32, logits.device());
+  TopK top{Tensor::empty(out_shape, DType::f32, logits.device()),
+           Tensor::empty(out_shape, DType::i32, logits.device())};
+  detail::cuda_backend().softmax_topk(logits.device_data<float>(), detail::topk_hidden(mask, n),
+                                      probs.device_data<float>(), top.values.device_data<float>(),
+                                      top.indices.device_data<int32_t>(), logits.numel() / n, n, k);
+  probs = detail::record_softmax(probs, logits, n);
+  return {probs, detail::record_topk(std::move(top), probs, mask)};
 }
 
 }  // namespace rex

@@ -170,6 +170,10 @@ struct CudaBackend {
   void (*max_axis_backward)(const float* g, const int32_t* argmax, float* gx, int64_t outer,
                             int64_t n, int64_t inner);
   void (*softmax)(const float* x, float* y, int64_t rows, int64_t n);
+  // y = softmax(x) per row and its top-k (values and indices, as topk's of y under `hidden`): the
+  // bits of softmax then topk, in one launch.
+  void (*softmax_topk)(const float* x, TopKHidden hidden, float* y, float* values, int32_t* indices,
+                       int64_t rows, int64_t n, int64_t k);
   void (*softmax_backward)(const float* g, const float* y, float* dx, int64_t rows, int64_t n);
   void (*log_softmax)(const float* x, float* y, int64_t rows, int64_t n);
   void (*log_softmax_backward)(const float* g, const float* y, float* dx, int64_t rows, int64_t n);
