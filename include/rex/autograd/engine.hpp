@@ -141,9 +141,11 @@ inline void backward_through(Node* node, std::unordered_map<Node*, Tensor>& pend
   std::vector<bool> needs(node->inputs.size());
   for (size_t i = 0; i < needs.size(); ++i) needs[i] = node->inputs[i] != nullptr;
   // The gradients already sent to this node's inputs, for a backward that can add them itself
-  // (each given once, to the first of the inputs that share it); those it leaves go back.
-  GradList waiting(node->inputs.size());
+  // (each given once, to the first of the inputs that share it); those it leaves go back. Other
+  // backwards get an empty list (no allocation).
+  GradList waiting;
   if (node->takes_waiting) {
+    waiting.resize(node->inputs.size());
     for (size_t i = 0; i < waiting.size(); ++i) {
       if (!node->inputs[i] || !node->inputs[i]->grad_fn) continue;
       auto slot = pending.find(node->inputs[i]->grad_fn.get());

@@ -69,12 +69,20 @@ Tensor binary_values(const Tensor& a, const Tensor& b, std::string_view name) {
 
 // ---- binary, with broadcasting ------------------------------------------------------------------
 
+namespace detail {
+
+// out, a + b, recorded with add's backward.
+inline Tensor record_add(const Tensor& out, const Tensor& a, const Tensor& b) {
+  return record(out, "add", {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) {
+    return GradList{sum_to(g, sa), sum_to(g, sb)};
+  });
+}
+
+}  // namespace detail
+
 inline Tensor add(const Tensor& a, const Tensor& b) {
   detail::check_f32("add", a), detail::check_f32("add", b);
-  Tensor out = detail::binary_values<detail::BinaryOp::add>(a, b, "add");
-  return detail::record(out, "add", {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) {
-    return detail::GradList{sum_to(g, sa), sum_to(g, sb)};
-  });
+  return detail::record_add(detail::binary_values<detail::BinaryOp::add>(a, b, "add"), a, b);
 }
 
 inline Tensor sub(const Tensor& a, const Tensor& b) {

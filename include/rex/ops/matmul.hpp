@@ -48,11 +48,12 @@ struct MatmulOptions {
 
 namespace detail {
 
-// The product's operand extents and batch axes; checks the operands.
+// The product as GEMMs: extents, batch axes (their broadcast `batch`, one GEMM each), and the
+// output's shape. A batched a times a 2-d b is one GEMM over a's rows (m = all of them, no batch
+// axes), its output of a's leading shape; checks the operands.
 struct MatmulShape {
   int64_t m = 0, n = 0, k = 0;
-  Shape batch_a, batch_b, batch;  // the operands' batch axes and their broadcast
-  bool flat_rows = false;         // a batched a times a 2-d b: one GEMM over a's rows
+  Shape batch_a, batch_b, batch;
   Shape out;
 };
 
@@ -66,34 +67,30 @@ inline MatmulShape matmul_shape(const Tensor& a, const Tensor& b, bool ta, bool 
   s.n = b.dim(tb ? -2 : -1);
   REX_CHECK(s.k == kb, "matmul: inner extents differ: ", a.shape(), ta ? " (transposed)" : "",
             " and ", b.shape(), tb ? " (transposed)" : "", " give ", s.k, " vs ", kb);
-  s.flat_rows = b.rank() == 2 && a.rank() > 2 && !ta;
-  s.batch_a = Shape(std::vector<int64_t>(a.shape().begin(), a.shape().end() - 2));
-  s.batch_b = Shape(std::vector<int64_t>(b.shape().begin(), b.shape().end() - 2));
-  s.batch = s.flat_rows ? s.batch_a : broadcast_shapes(s.batch_a, s.batch_b, "matmul");
-  std::vector<int64_t> out_dims = s.batch.dims();
-  out_dims.push_back(s.m);
+  std::vector<int64_t> out_dims(a.shape().begin(), a.shape().end() - 2);
+  if (b.rank() == 2 && a.rank() > 2 && !ta) {  // a's rows as one matrix
+    s.m = a.shape().numel(0, a.rank() - 1);
+    out_dims.push_back(a.dim(-2));
+  } else {
+    s.batch_a = Shape(out_dims);
+    s.batch_b = Shape(std::vector<int64_t>(b.shape().begin(), b.shape().end() - 2));
+    s.batch = broadcast_shapes(s.batch_a, s.batch_b, "matmul");
+    out_dims = s.batch.dims();
+    out_dims.push_back(s.m);
+  }
   out_dims.push_back(s.n);
   s.out = Shape(std::move(out_dims));
   return s;
 }
 
-// op(a) op(b) written into out (of the shape matmul_shape gives), or added to what out holds when
+// op(a) op(b), of shape s (matmul_shape's), written into out, or added to what out holds when
 // `accumulate` (on CUDA the GEMM's beta = 1, which rounds the sum once).
-inline void matmul_into(const Tensor& a, const Tensor& b, bool ta, bool tb, Tensor& out,
-                        bool accumulate) {
-  const MatmulShape s = matmul_shape(a, b, ta, tb);
-  REX_CHECK(out.shape() == s.out, "matmul: internal error, output ", out.shape(), " for ", s.out);
-  const Device device = common_device("matmul", {a, b, out});
-  if (s.flat_rows) {
-    const int64_t rows = a.shape().numel(0, a.rank() - 1);
-    Tensor flat_out = make_view(out, 0, Shape{rows, s.n});
-    matmul_into(make_view(a, 0, Shape{rows, s.k}), b, false, tb, flat_out, accumulate);
-    return;
-  }
+inline void matmul_into(const Tensor& a, const Tensor& b, bool ta, bool tb, const MatmulShape& s,
+                        Tensor& out, bool accumulate) {
   const float *pa = a.device_data<float>(), *pb = b.device_data<float>();
   float* pc = out.device_data<float>();
   const int64_t m = s.m, n = s.n, k = s.k;
-  if (device.is_cuda()) {
+  if (out.device().is_cuda()) {
     cuda_matmul(a, b, out, s.batch_a, s.batch_b, s.batch, m, n, k, ta, tb, accumulate);
     return;
   }
@@ -104,9 +101,9 @@ inline void matmul_into(const Tensor& a, const Tensor& b, bool ta, bool tb, Tens
 
 // op(a) op(b) as a new tensor.
 inline Tensor matmul_values(const Tensor& a, const Tensor& b, bool ta, bool tb) {
-  Tensor out =
-      Tensor::empty(matmul_shape(a, b, ta, tb).out, DType::f32, common_device("matmul", {a, b}));
-  matmul_into(a, b, ta, tb, out, false);
+  const MatmulShape s = matmul_shape(a, b, ta, tb);
+  Tensor out = Tensor::empty(s.out, DType::f32, common_device("matmul", {a, b}));
+  matmul_into(a, b, ta, tb, s, out, false);
   return out;
 }
 
@@ -118,32 +115,40 @@ inline Tensor matmul_values(const Tensor& a, const Tensor& b, bool ta, bool tb) 
 inline Tensor matmul(const Tensor& a, const Tensor& b, MatmulOptions options = {}) {
   const bool ta = options.transpose_a, tb = options.transpose_b;
   const detail::MatmulShape s = detail::matmul_shape(a, b, ta, tb);
-  const bool a_broadcast = !s.flat_rows && s.batch_a != s.batch;
+  Tensor out = Tensor::empty(s.out, DType::f32, detail::common_device("matmul", {a, b}));
+  detail::matmul_into(a, b, ta, tb, s, out, false);
+  const bool flat = s.batch.rank() == 0 && a.rank() > 2;  // a's rows as one matrix
   return detail::record(
-      detail::matmul_values(a, b, ta, tb), "matmul", {a, b},
-      [a = a.detach(), b = b.detach(), ta, tb, a_broadcast, flat = s.flat_rows](
+      out, "matmul", {a, b},
+      [a = a.detach(), b = b.detach(), ta, tb, flat](
           const Tensor& g, const std::vector<bool>& needs, detail::GradList& waiting) {
-        // A batched a times a 2-d b: a's and g's rows as one matrix each, as the forward's GEMM.
-        auto rows_of = [flat](const Tensor& t) {
-          return flat ? detail::make_view(t, 0, Shape{t.shape().numel(0, t.rank() - 1), t.dim(-1)})
-                      : t;
-        };
-        const Tensor a_rows = rows_of(a), g_rows = rows_of(g);
         detail::GradList grads(2);
         if (needs[0]) {
+          // dA = dC op(B)^T, or op(B) dC^T when A is read transposed: of a's shape unless a was
+          // broadcast, and then added to the gradient waiting for a by the GEMM if it can be C.
+          const Tensor& x = ta ? b : g;
+          const Tensor& y = ta ? g : b;
+          const bool tx = ta ? tb : false, ty = ta ? true : !tb;
+          const detail::MatmulShape shape = detail::matmul_shape(x, y, tx, ty);
           Tensor& into = waiting[0];
-          if (detail::on_cuda(g) && into.defined() && into.is_sole_owner() && !a_broadcast) {
+          if (detail::on_cuda(g) && into.defined() && into.is_sole_owner() &&
+              into.shape() == shape.out) {
             grads[0] = std::move(into);  // taken: the product is added to it
-            Tensor sum = rows_of(grads[0]);
-            ta ? detail::matmul_into(b, g_rows, tb, true, sum, true)
-               : detail::matmul_into(g_rows, b, false, !tb, sum, true);
+            detail::matmul_into(x, y, tx, ty, shape, grads[0], true);
           } else {
-            const Tensor ga = ta ? detail::matmul_values(b, g_rows, tb, true)
-                                 : detail::matmul_values(g_rows, b, false, !tb);
-            grads[0] = sum_to(flat ? detail::make_view(ga, 0, a.shape()) : ga, a.shape());
+            Tensor ga = Tensor::empty(shape.out, DType::f32, g.device());
+            detail::matmul_into(x, y, tx, ty, shape, ga, false);
+            grads[0] = sum_to(ga, a.shape());
           }
         }
         if (needs[1]) {
+          // With a's rows as one matrix, so are g's: dB sums over all of them in one GEMM.
+          auto rows_of = [flat](const Tensor& t) {
+            return flat
+                       ? detail::make_view(t, 0, Shape{t.shape().numel(0, t.rank() - 1), t.dim(-1)})
+                       : t;
+          };
+          const Tensor a_rows = rows_of(a), g_rows = rows_of(g);
           const Tensor gb = tb ? detail::matmul_values(g_rows, a_rows, true, ta)
                                : detail::matmul_values(a_rows, g_rows, !ta, false);
           grads[1] = sum_to(gb, b.shape());

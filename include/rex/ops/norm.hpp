@@ -66,7 +66,7 @@ inline GradList rms_norm_grads(const Tensor& g, const Tensor& x, const Tensor& w
   const float *pg = g.device_data<float>(), *px = x.device_data<float>();
   const float *pw = weight.device_data<float>(), *pr = rstd.device_data<float>();
   if (on_cuda(x)) {
-    const Tensor plus = needs[0] ? std::move(waiting[0]) : Tensor();  // taken: added here
+    const Tensor plus = std::move(waiting[0]);  // taken: added here
     cuda_backend().rms_norm_backward(
         pg, px, pw, pr, plus.defined() ? plus.device_data<float>() : nullptr, dx, dw, rows, d);
   } else {
@@ -119,7 +119,7 @@ inline AddRmsNorm add_rms_norm(const Tensor& a, const Tensor& b, const Tensor& w
                                       weight.device_data<float>(), sum.device_data<float>(),
                                       values.y.device_data<float>(),
                                       values.rstd.device_data<float>(), rows, d, eps);
-  sum = detail::record(sum, "add", {a, b}, [](const Tensor& g) { return detail::GradList{g, g}; });
+  sum = detail::record_add(sum, a, b);
   return {sum, detail::record_rms_norm(values, sum, weight)};
 }
 
