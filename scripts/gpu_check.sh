@@ -36,16 +36,18 @@ status=0
 tail -5 "$out/ctest.log"
 (cd build-gpu && ctest -R cuda -V > "$out/ctest_cuda_verbose.log" 2>&1) || status=1
 grep -E "Test +#|SKIPPED|passed|failed" "$out/ctest_cuda_verbose.log" | tail -20
-compute-sanitizer --tool memcheck --error-exitcode 3 build-gpu/tests/test_cuda_ops \
-  > "$out/memcheck.log" 2>&1 || status=1
+# test_cuda holds every CUDA suite; --source-file picks one file's cases.
+compute-sanitizer --tool memcheck --error-exitcode 3 build-gpu/tests/test_cuda \
+  --source-file='*test_cuda_ops.cpp' > "$out/memcheck.log" 2>&1 || status=1
 tail -5 "$out/memcheck.log"
 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
-  build-gpu/tests/test_cuda_ops > "$out/racecheck.log" 2>&1 || status=1
+  build-gpu/tests/test_cuda --source-file='*test_cuda_ops.cpp' > "$out/racecheck.log" 2>&1 ||
+  status=1
 tail -5 "$out/racecheck.log"
 # The tensor-core kernels (ldmatrix, mma.sync), which CI runs only in the emulation.
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool "$tool" --error-exitcode 3 build-gpu/tests/test_cuda_flash_attention \
-    > "$out/flash_$tool.log" 2>&1 || status=1
+  compute-sanitizer --tool "$tool" --error-exitcode 3 build-gpu/tests/test_cuda \
+    --source-file='*test_cuda_flash_attention.cpp' > "$out/flash_$tool.log" 2>&1 || status=1
   tail -3 "$out/flash_$tool.log"
 done
 # The default model on the GPU in each matmul precision (docs/formats.md, "Precision"): 100 steps

@@ -35,19 +35,15 @@
 #include <rex/backend/cuda/runtime.hpp>
 #include <rex/rex.hpp>
 
+#include "cuda_testing.hpp"
 #include "rounding.hpp"
 
 using namespace rex;
+using rex::testing::gpu_missing;
 
 namespace {
 
 constexpr double kBf16 = 0x1p-8;  // unit roundoff of bf16 (8 significant bits, 7 stored)
-
-bool gpu_missing() {
-  if (cuda::device_count() > 0) return false;
-  std::cout << "SKIPPED: no CUDA device on this machine; this CUDA test did not run on a GPU\n";
-  return true;
-}
 
 // x rounded to bf16 (nearest, ties to even), as a float.
 float round_bf16(float x) {

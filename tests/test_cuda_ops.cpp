@@ -26,25 +26,21 @@
 #include <rex/train/sample.hpp>
 #include <rex/train/step.hpp>
 
+#include "cuda_testing.hpp"
 #include "meeting_gradients.hpp"
 #include "rounding.hpp"
 #include "testing.hpp"
 
 using namespace rex;
 using rex::testing::error_message;
+using rex::testing::gpu_missing;
 
 namespace {
 
-// Built twice: against rex::cuda (a real GPU, or every case skipped) and against the CUDA
-// emulation (test_cuda_ops_emulated, CTest "emulated/...", which runs the same kernels on the
+// Built twice: against rex::cuda (test_cuda: a real GPU, or every case skipped) and against the
+// CUDA emulation (test_cuda_emulated, CTest "emulated/...", which runs the same kernels on the
 // CPU).
 const Device kGpu = Device::cuda();
-
-bool gpu_missing() {
-  if (cuda::device_count() > 0) return false;
-  std::cout << "SKIPPED: no CUDA device on this machine; this CUDA test did not run on a GPU\n";
-  return true;
-}
 
 // ---- Bounds ------------------------------------------------------------------------------------
 // Both devices evaluate every op with the same formulas (rex/backend/pointwise.hpp; the row sums of

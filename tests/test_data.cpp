@@ -25,14 +25,11 @@
 using namespace rex;
 using rex::data::BatchSampler;
 using rex::data::CharTokenizer;
+using rex::testing::contains;
 using rex::testing::error_message;
 namespace fs = std::filesystem;
 
 namespace {
-
-bool contains(const std::string& msg, const std::string& part) {
-  return msg.find(part) != std::string::npos;
-}
 
 // Row b of an i32 [batch, context] tensor.
 std::vector<int32_t> row(const Tensor& t, int64_t b) {

@@ -17,6 +17,7 @@
 #include "testing.hpp"
 
 using namespace rex;
+using rex::testing::contains;
 using rex::testing::error_message;
 using rex::testing::gradcheck;
 
@@ -41,10 +42,6 @@ Tensor mask_of(const Shape& shape, DType dtype, Pick pick) {
     }
   }
   return m;
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
 }
 
 // Max |a - b| between two tensors of one shape.

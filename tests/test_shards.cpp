@@ -19,13 +19,10 @@
 #include "testing.hpp"
 
 using namespace rex;
+using rex::testing::contains;
 using rex::testing::error_message;
 
 namespace {
-
-bool contains(const std::string& msg, const std::string& part) {
-  return msg.find(part) != std::string::npos;
-}
 
 void append_le(std::string& bytes, uint64_t value, int width) {
   for (int i = 0; i < width; ++i) bytes.push_back(static_cast<char>((value >> (8 * i)) & 0xFF));

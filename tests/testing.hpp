@@ -53,6 +53,11 @@ std::string error_message(F&& f) {
   return "(no rex::Error thrown)";
 }
 
+// Whether text contains part (error messages, logs).
+inline bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
 inline void check_close(const Tensor& got, const std::vector<double>& want, double tol) {
   REQUIRE(got.defined());
   REQUIRE(got.numel() == static_cast<int64_t>(want.size()));
