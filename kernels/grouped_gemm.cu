@@ -10,7 +10,10 @@
 //   covers ceil(rows / 128) + experts tiles, at least every segment's; the blocks past the last
 //   tile return. Two pairs of operands either split the columns (gate and up: x read by one
 //   launch, each half of the grid writing its own output) or add into one output (dx =
-//   dg gate + du up: the k loop runs over both pairs).
+//   dg gate + du up: the k loop runs over both pairs). With swiglu_out, a block makes both pairs'
+//   products of its tile, one after the other, and writes their SwiGLU too (the activation
+//   without a pass of its own). With swiglu_backward, the tile of d act is not stored: SwiGLU's
+//   backward is made from it (d gate and d up, from the forward's gate and up).
 // - weights: for each expert e, c[e] = a_e^T b_e over the segment's rows: a block per 128 x 128
 //   tile of c[e], its k loop over the segment's rows. Two pairs share b (d gate = dg^T x and
 //   d up = du^T x). A null c[e] (an expert without a gradient) is skipped; an expert whose
@@ -41,6 +44,7 @@ namespace {
 using rex::detail::GroupedRows;
 using rex::detail::GroupedSegments;
 using rex::detail::GroupedWeights;
+using rex::detail::SwigluBackward;
 
 constexpr int kTile = 128;  // rows and columns of a block's output tile
 constexpr int kDepth = 32;  // k of a tile held in shared memory
@@ -148,10 +152,11 @@ __device__ __forceinline__ void multiply_tiles(float (&acc)[2][8][4], const floa
   }
 }
 
-// The warp's part of a tile written to c (row-major, ld columns) from (row0, col0) of the tile,
-// skipping rows >= rows and columns >= cols.
-__device__ __forceinline__ void store_tile(float* c, int64_t ld, const float (&acc)[2][8][4],
-                                           int rows, int cols) {
+// Calls at(row, col, pair of acc) for each pair of the warp's accumulators in range (rows < rows,
+// columns < cols; acc's layout: lane (g, t) holds rows 16i + g (+ 8) and columns 8j + 2t (+ 1) of
+// the warp's 32 x 64), in a fixed order; pair is acc[i][j][2 half .. 2 half + 1].
+template <class At>
+__device__ __forceinline__ void for_each_pair(int rows, int cols, At at) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   for (int i = 0; i < 2; ++i)
     for (int half = 0; half < 2; ++half) {
@@ -159,11 +164,18 @@ __device__ __forceinline__ void store_tile(float* c, int64_t ld, const float (&a
       if (row >= rows) continue;
       for (int j = 0; j < 8; ++j) {
         const int col = 64 * (warp % 2) + 8 * j + 2 * t;
-        if (col < cols)
-          *reinterpret_cast<float2*>(c + row * ld + col) =
-              make_float2(acc[i][j][2 * half], acc[i][j][2 * half + 1]);
+        if (col < cols) at(row, col, i, j, 2 * half);
       }
     }
+}
+
+// The warp's part of a tile written to c (row-major, ld columns) from (row0, col0) of the tile,
+// skipping rows >= rows and columns >= cols.
+__device__ __forceinline__ void store_tile(float* c, int64_t ld, const float (&acc)[2][8][4],
+                                           int rows, int cols) {
+  for_each_pair(rows, cols, [&](int row, int col, int i, int j, int e) {
+    *reinterpret_cast<float2*>(c + row * ld + col) = make_float2(acc[i][j][e], acc[i][j][e + 1]);
+  });
 }
 
 // The segment of the expert-sorted rows that a rows-form block takes: tile `index` of all the
@@ -208,6 +220,62 @@ __device__ __forceinline__ void find_row_tile(RowTile& tile, const int64_t* offs
     tile = {expert, first, rows};
 }
 
+// acc += `rows` rows from `first` of operand's a times columns [col0, + cols) of the operand's w
+// of `expert`, k in tiles of kDepth through the block's shared tiles. (The tile's fields come as
+// values: a RowTile in memory would be copied whole, padding included, from shared memory.)
+template <Math M>
+__device__ __forceinline__ void accumulate_rows(float (&acc)[2][8][4], Element<M>* a_tile,
+                                                Element<M>* b_tile, const GroupedRows& p,
+                                                const float* const* weights, int64_t experts,
+                                                int64_t expert, int64_t first, int rows,
+                                                int operand, int64_t col0, int cols) {
+  const float* a = p.a[operand] + first * p.k;
+  const float* w = weights[operand * experts + expert];
+  for (int64_t k0 = 0; k0 < p.k; k0 += kDepth) {
+    const int depth = static_cast<int>(p.k - k0 < kDepth ? p.k - k0 : kDepth);
+    load_tile<M, true>(a_tile, a + k0, p.k, rows, depth);
+    if (p.transpose_w) {  // w [n, k]: row n of w is column n of the product
+      load_tile<M, true>(b_tile, w + col0 * p.k + k0, p.k, cols, depth);
+    } else {  // w [k, n]
+      load_tile<M, false>(b_tile, w + k0 * p.n + col0, p.n, cols, depth);
+    }
+    __syncthreads();
+    multiply_tiles(acc, a_tile, b_tile);
+    __syncthreads();
+  }
+}
+
+// The warp's part of swiglu(gate, up) (pointwise.hpp's swiglu_value, as swiglu_kernel) written
+// as store_tile writes a tile, computed for the elements in range only.
+__device__ __forceinline__ void store_swiglu_tile(float* y, int64_t ld,
+                                                  const float (&gate)[2][8][4],
+                                                  const float (&up)[2][8][4], int rows, int cols) {
+  for_each_pair(rows, cols, [&](int row, int col, int i, int j, int e) {
+    *reinterpret_cast<float2*>(y + row * ld + col) =
+        make_float2(rex::detail::swiglu_value(gate[i][j][e], up[i][j][e]),
+                    rex::detail::swiglu_value(gate[i][j][e + 1], up[i][j][e + 1]));
+  });
+}
+
+// The warp's part of SwiGLU's backward from d act (the tile's product): gate and up read, d_gate
+// and d_up written, where store_tile would write the tile, as swiglu_backward_kernel computes them.
+__device__ __forceinline__ void store_swiglu_backward_tile(const SwigluBackward& s, int64_t at,
+                                                           int64_t ld,
+                                                           const float (&d_act)[2][8][4], int rows,
+                                                           int cols) {
+  for_each_pair(rows, cols, [&](int row, int col, int i, int j, int e) {
+    const int64_t where = at + row * ld + col;
+    const float2 a = *reinterpret_cast<const float2*>(s.gate + where);
+    const float2 b = *reinterpret_cast<const float2*>(s.up + where);
+    const float g0 = d_act[i][j][e], g1 = d_act[i][j][e + 1];
+    const float s0 = rex::detail::sigmoid_of(a.x), s1 = rex::detail::sigmoid_of(a.y);
+    *reinterpret_cast<float2*>(s.d_gate + where) = make_float2(
+        rex::detail::swiglu_grad_a(g0, a.x, b.x, s0), rex::detail::swiglu_grad_a(g1, a.y, b.y, s1));
+    *reinterpret_cast<float2*>(s.d_up + where) = make_float2(
+        rex::detail::swiglu_grad_b(g0, a.x, s0), rex::detail::swiglu_grad_b(g1, a.y, s1));
+  });
+}
+
 template <Math M>
 __device__ __forceinline__ void grouped_rows_body(const int64_t* offsets, int64_t experts,
                                                   const GroupedRows& p,
@@ -220,27 +288,27 @@ __device__ __forceinline__ void grouped_rows_body(const int64_t* offsets, int64_
   const RowTile mine = tile;  // in registers: shared memory would be reread after each barrier
   if (mine.expert < 0) return;
   const int64_t column_tiles = (p.n + kTile - 1) / kTile;
-  const int pair = p.sum_pairs ? 0 : static_cast<int>(blockIdx.y / column_tiles);
+  const bool one_output = p.sum_pairs || p.swiglu_out != nullptr;
+  const int pair = one_output ? 0 : static_cast<int>(blockIdx.y / column_tiles);
   const int64_t col0 = (blockIdx.y % column_tiles) * kTile;
   const int cols = static_cast<int>(p.n - col0 < kTile ? p.n - col0 : kTile);
+  const int64_t at = mine.first * p.n + col0;
   float acc[2][8][4] = {};
-  for (int operand = pair; operand < (p.sum_pairs ? p.pairs : pair + 1); ++operand) {
-    const float* a = p.a[operand] + mine.first * p.k;
-    const float* w = weights[operand * experts + mine.expert];
-    for (int64_t k0 = 0; k0 < p.k; k0 += kDepth) {
-      const int depth = static_cast<int>(p.k - k0 < kDepth ? p.k - k0 : kDepth);
-      load_tile<M, true>(a_tile, a + k0, p.k, mine.rows, depth);
-      if (p.transpose_w) {  // w [n, k]: row n of w is column n of the product
-        load_tile<M, true>(b_tile, w + col0 * p.k + k0, p.k, cols, depth);
-      } else {  // w [k, n]
-        load_tile<M, false>(b_tile, w + k0 * p.n + col0, p.n, cols, depth);
-      }
-      __syncthreads();
-      multiply_tiles(acc, a_tile, b_tile);
-      __syncthreads();
-    }
+  const int last_operand = p.sum_pairs ? p.pairs - 1 : pair;
+  for (int operand = pair; operand <= last_operand; ++operand)
+    accumulate_rows<M>(acc, a_tile, b_tile, p, weights, experts, mine.expert, mine.first, mine.rows,
+                       operand, col0, cols);
+  if (p.swiglu_backward.gate != nullptr) {
+    store_swiglu_backward_tile(p.swiglu_backward, at, p.n, acc, mine.rows, cols);
+    return;
   }
-  store_tile(p.c[pair] + mine.first * p.n + col0, p.n, acc, mine.rows, cols);
+  store_tile(p.c[pair] + at, p.n, acc, mine.rows, cols);
+  if (p.swiglu_out == nullptr) return;
+  float up[2][8][4] = {};  // the second pair's product of the same tile, then the activation
+  accumulate_rows<M>(up, a_tile, b_tile, p, weights, experts, mine.expert, mine.first, mine.rows, 1,
+                     col0, cols);
+  store_tile(p.c[1] + at, p.n, up, mine.rows, cols);
+  store_swiglu_tile(p.swiglu_out + at, p.n, acc, up, mine.rows, cols);
 }
 
 __global__ void grouped_rows_kernel(const int64_t* offsets, int64_t experts, GroupedRows p,
@@ -340,8 +408,13 @@ void grouped_rows(const GroupedSegments& segments, const GroupedRows& p) {
   if (segments.rows == 0 || p.n == 0) return;
   const SegmentTable table(segments, p.pairs, p.host_w, {p.n, p.k});
   const int64_t column_tiles = (p.n + kTile - 1) / kTile;
+  REX_CHECK(p.swiglu_out == nullptr || (p.pairs == 2 && !p.sum_pairs),
+            "grouped products: swiglu_out needs two pairs of separate outputs");
+  REX_CHECK(p.swiglu_backward.gate == nullptr || p.pairs == 1,
+            "grouped products: swiglu_backward needs one pair");
+  const bool one_output = p.sum_pairs || p.swiglu_out != nullptr;
   const dim3 grid(static_cast<unsigned int>((segments.rows + kTile - 1) / kTile + segments.experts),
-                  static_cast<unsigned int>(column_tiles * (p.sum_pairs ? 1 : p.pairs)));
+                  static_cast<unsigned int>(column_tiles * (one_output ? 1 : p.pairs)));
   if (p.fp32) {
     REX_LAUNCH(grouped_rows_fp32_kernel, grid, kGroupedThreads, 0, table.offsets(),
                segments.experts, p, table.pointers<const float>());

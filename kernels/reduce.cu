@@ -14,7 +14,7 @@
 // the inner index); over the last axis (inner == 1) they use the row scheme. cross_entropy writes
 // per-row losses, then one block sums them in double in a fixed tree; bad targets are reported
 // through an ErrorFlag. rms_norm's dw is a column sum: rows are cut into fixed chunks whose partial
-// sums (double, in row order) are added in chunk order by a second kernel.
+// sums (double, in row order) are made beside dx and added in chunk order by a second kernel.
 #include <algorithm>
 #include <cmath>
 
@@ -458,11 +458,16 @@ void add_rms_norm(const float* a, const float* b, const float* w, float* sum, fl
              n, eps);
 }
 
-// dx = r * (g w - xhat * mean(g w xhat)) per row, xhat = x r.
-__global__ void rms_norm_dx_kernel(const float* g, const float* x, const float* w,
-                                   const float* rstd, const float* plus, float* dx, int64_t rows,
-                                   int64_t n) {
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+// rms_norm's backward is two launches: rms_norm_backward_kernel makes dx and the partial column
+// sums of dw at once (its first blocks take the rows, the others the partials: both read g, x and
+// rstd and write apart), then rms_norm_dw_finish_kernel adds the partials.
+
+// dx = r * (g w - xhat * mean(g w xhat)) for rows first, first + stride, ... (a block each), xhat =
+// x r; with plus, dx is added to it.
+__device__ void rms_norm_dx_rows(const float* g, const float* x, const float* w, const float* rstd,
+                                 const float* plus, float* dx, int64_t rows, int64_t n,
+                                 int64_t first, int64_t stride) {
+  for (int64_t r = first; r < rows; r += stride) {
     const float *grow = g + r * n, *row = x + r * n;
     const float ri = rstd[r];
     double dot = 0.0;
@@ -476,17 +481,36 @@ __global__ void rms_norm_dx_kernel(const float* g, const float* x, const float* 
   }
 }
 
-// partial[c, j] = sum over the rows of chunk c (in order, double) of g * xhat at column j.
-__global__ void rms_norm_dw_partial_kernel(const float* g, const float* x, const float* rstd,
-                                           double* partial, int64_t rows, int64_t n,
-                                           int64_t rows_per_chunk, int64_t chunks) {
-  for (int64_t item = thread_index(); item < chunks * n; item += thread_count()) {
-    const int64_t j = item % n, first = item / n * rows_per_chunk;
-    const int64_t last = min(rows, first + rows_per_chunk);
+// partial[c, j] = sum over the rows of chunk c (in order, double) of g * xhat at column j, for the
+// items c n + j = first, first + stride, ...
+__device__ void rms_norm_dw_partials(const float* g, const float* x, const float* rstd,
+                                     double* partial, int64_t rows, int64_t n,
+                                     int64_t rows_per_chunk, int64_t chunks, int64_t first,
+                                     int64_t stride) {
+  for (int64_t item = first; item < chunks * n; item += stride) {
+    const int64_t j = item % n, chunk_first = item / n * rows_per_chunk;
+    const int64_t last = min(rows, chunk_first + rows_per_chunk);
     double s = 0.0;
-    for (int64_t r = first; r < last; ++r)
+    for (int64_t r = chunk_first; r < last; ++r)
       s += static_cast<double>(g[r * n + j]) * (x[r * n + j] * rstd[r]);
     partial[item] = s;
+  }
+}
+
+// Blocks [0, dx_blocks) make dx (none when dx is null), the rest the partials of dw (none when
+// partial is null).
+__global__ void rms_norm_backward_kernel(const float* g, const float* x, const float* w,
+                                         const float* rstd, const float* plus, float* dx,
+                                         double* partial, int64_t rows, int64_t n,
+                                         int64_t rows_per_chunk, int64_t chunks,
+                                         int64_t dx_blocks) {
+  if (blockIdx.x < dx_blocks) {
+    rms_norm_dx_rows(g, x, w, rstd, plus, dx, rows, n, blockIdx.x, dx_blocks);
+  } else {
+    const int64_t partial_threads = (gridDim.x - dx_blocks) * static_cast<int64_t>(blockDim.x);
+    rms_norm_dw_partials(g, x, rstd, partial, rows, n, rows_per_chunk, chunks,
+                         (blockIdx.x - dx_blocks) * static_cast<int64_t>(blockDim.x) + threadIdx.x,
+                         partial_threads);
   }
 }
 
@@ -503,21 +527,22 @@ __global__ void rms_norm_dw_finish_kernel(const double* partial, float* dw, int6
 void rms_norm_backward(const float* g, const float* x, const float* w, const float* rstd,
                        const float* dx_plus, float* dx, float* dw, int64_t rows, int64_t n) {
   if (n == 0) return;
-  if (dx != nullptr && rows > 0) {
-    REX_LAUNCH(rms_norm_dx_kernel, row_blocks(rows), row_threads(n), 0, g, x, w, rstd, dx_plus, dx,
-               rows, n);
+  // About 2^18 (chunk, column) items, at least 16 rows each; fixed by the shape alone.
+  constexpr int64_t kTargetItems = int64_t{1} << 18;
+  const int64_t rows_per_chunk =
+      std::max<int64_t>(16, (rows * n + kTargetItems - 1) / kTargetItems);
+  const int64_t chunks = dw == nullptr ? 0 : (rows + rows_per_chunk - 1) / rows_per_chunk;
+  const int threads = row_threads(n);
+  const int64_t dx_blocks = dx == nullptr ? 0 : row_blocks(rows);
+  const int64_t partial_blocks =
+      std::min<int64_t>((chunks * n + threads - 1) / threads, 65535 * 32);
+  Scratch partial(static_cast<size_t>(chunks * n) * sizeof(double));
+  if (dx_blocks + partial_blocks > 0) {
+    REX_LAUNCH(rms_norm_backward_kernel, static_cast<unsigned int>(dx_blocks + partial_blocks),
+               threads, 0, g, x, w, rstd, dx_plus, dx, partial.as<double>(), rows, n,
+               rows_per_chunk, chunks, dx_blocks);
   }
   if (dw == nullptr) return;
-  // About 2^18 (chunk, column) threads, at least 16 rows each; fixed by the shape alone.
-  constexpr int64_t kTargetThreads = int64_t{1} << 18;
-  const int64_t rows_per_chunk =
-      std::max<int64_t>(16, (rows * n + kTargetThreads - 1) / kTargetThreads);
-  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
-  Scratch partial(static_cast<size_t>(chunks * n) * sizeof(double));
-  if (chunks > 0) {
-    REX_LAUNCH(rms_norm_dw_partial_kernel, blocks_for(chunks * n), kThreads, 0, g, x, rstd,
-               partial.as<double>(), rows, n, rows_per_chunk, chunks);
-  }
   REX_LAUNCH(rms_norm_dw_finish_kernel, blocks_for(n), kThreads, 0, partial.as<double>(), dw, n,
              chunks);
 }

@@ -601,6 +601,77 @@ TEST_CASE("cuda ops: grouped_swiglu and the MoE layer") {
       rounding_bound(50, 2));
 }
 
+// SwiGLU inside the grouped products (GroupedRows::swiglu_out and swiglu_backward) against the
+// same products stored and then swiglu_kernel and swiglu_backward_kernel: bit for bit, on the
+// same device (the kernels run the formulas of backend/pointwise.hpp on the same floats). Segments
+// of 0, 1, 63, 130 and 206 rows and h = 80 (partial tiles both ways), in bf16 and in fp32.
+TEST_CASE("cuda ops: the grouped products' SwiGLU and its backward give the bits of the kernels") {
+  if (gpu_missing()) return;
+  for (const bool fp32 : {false, true}) {
+    CAPTURE(fp32);
+    const std::vector<int64_t> offsets{0, 0, 1, 64, 194, 400};
+    const int64_t experts = 5, rows = 400, d = 96, h = 80;
+    Generator gen(47);
+    const auto f = [](const Tensor& t) { return t.device_data<float>(); };
+    const auto& cuda = rex::detail::cuda_backend();
+    rex::detail::GroupedSegments segments;
+    segments.host_offsets = offsets.data(), segments.experts = experts, segments.rows = rows;
+    const Tensor x = uniform({rows, d}, gen, -2, 2).to(kGpu);
+    std::vector<Tensor> w[3];  // gate and up [h, d], down [d, h]
+    std::vector<const float*> w_ptr[3];
+    for (int kind = 0; kind < 3; ++kind)
+      for (int64_t e = 0; e < experts; ++e) {
+        w[kind].push_back(uniform(kind < 2 ? Shape{h, d} : Shape{d, h}, gen, -0.5, 0.5).to(kGpu));
+        w_ptr[kind].push_back(f(w[kind].back()));
+      }
+    rex::detail::GroupedRows gate_up;
+    gate_up.fp32 = fp32, gate_up.pairs = 2, gate_up.n = h, gate_up.k = d;
+    gate_up.a[0] = gate_up.a[1] = f(x);
+    gate_up.host_w[0] = w_ptr[0].data(), gate_up.host_w[1] = w_ptr[1].data();
+    // Unfused: the two products, then swiglu_kernel.
+    const Tensor gate = zeros({rows, h}, kGpu), up = zeros({rows, h}, kGpu);
+    const Tensor act = zeros({rows, h}, kGpu);
+    gate_up.c[0] = f(gate), gate_up.c[1] = f(up);
+    cuda.grouped_rows(segments, gate_up);
+    cuda.swiglu(f(gate), f(up), f(act), rows * h);
+    // Fused.
+    const Tensor gate_2 = zeros({rows, h}, kGpu), up_2 = zeros({rows, h}, kGpu);
+    const Tensor act_2 = zeros({rows, h}, kGpu);
+    gate_up.c[0] = f(gate_2), gate_up.c[1] = f(up_2), gate_up.swiglu_out = f(act_2);
+    cuda.grouped_rows(segments, gate_up);
+    CHECK(testing::same_bytes(gate_2.to(Device::cpu()), gate.to(Device::cpu())));
+    CHECK(testing::same_bytes(up_2.to(Device::cpu()), up.to(Device::cpu())));
+    CHECK(testing::same_bytes(act_2.to(Device::cpu()), act.to(Device::cpu())));
+
+    // Back through down: d act = g down_e stored, then swiglu_backward_kernel; or fused.
+    const Tensor g = uniform({rows, d}, gen, -1, 1).to(kGpu);
+    rex::detail::GroupedRows back;
+    back.fp32 = fp32, back.transpose_w = false, back.n = h, back.k = d;
+    back.a[0] = f(g), back.host_w[0] = w_ptr[2].data();
+    const Tensor d_act = zeros({rows, h}, kGpu);
+    const Tensor d_gate = zeros({rows, h}, kGpu), d_up = zeros({rows, h}, kGpu);
+    back.c[0] = f(d_act);
+    cuda.grouped_rows(segments, back);
+    cuda.swiglu_backward(f(gate), f(up), f(d_act), f(d_gate), f(d_up), rows * h);
+    const Tensor d_gate_2 = zeros({rows, h}, kGpu), d_up_2 = zeros({rows, h}, kGpu);
+    back.c[0] = nullptr;
+    back.swiglu_backward = {f(gate), f(up), f(d_gate_2), f(d_up_2)};
+    cuda.grouped_rows(segments, back);
+    CHECK(testing::same_bytes(d_gate_2.to(Device::cpu()), d_gate.to(Device::cpu())));
+    CHECK(testing::same_bytes(d_up_2.to(Device::cpu()), d_up.to(Device::cpu())));
+    // The products are not trivial: some activations and gradients are far from zero.
+    const auto largest = [](const Tensor& t) {
+      const Tensor on_cpu = t.to(Device::cpu());
+      float most = 0.0f;
+      for (int64_t i = 0; i < on_cpu.numel(); ++i)
+        most = std::max(most, std::fabs(on_cpu.data<float>()[i]));
+      return most;
+    };
+    CHECK(largest(act) > 0.5f);
+    CHECK(largest(d_gate) > 0.1f);
+  }
+}
+
 // The grouped expert products (kernels/grouped_gemm.cu, the experts' products when CUDA computes
 // in bf16) through the backend table, against sums in double of the operands rounded to bf16
 // independently (rounded_to_bits): every product of two bf16 values is exact, so each output is

@@ -736,16 +736,20 @@ inline void grouped_tile_products(KernelCounts& k, bool fp32) {
 }
 
 // store_tile: per warp, for each of its 4 row groups of 8 and 8 column groups of 8, a request of
-// the rows in range (a sector each: 4 lanes x 2 floats), if the columns are.
-inline void grouped_tile_store(KernelCounts& k, i64 rows, i64 cols) {
+// the rows in range (a sector each: 4 lanes x 2 floats), if the columns are; `stores` tiles written
+// and `loads` read in that pattern (SwiGLU's backward made from the tile).
+inline void grouped_tile_store(KernelCounts& k, i64 rows, i64 cols, int stores = 1, int loads = 0) {
   for (i64 w = 0; w < 8; ++w)
     for (i64 group = 0; group < 4; ++group) {
       const i64 in_range = std::clamp<i64>(rows - (32 * (w / 2) + 8 * group), 0, 8);
       for (i64 j = 0; j < 8 && in_range > 0; ++j) {
         if (64 * (w % 2) + 8 * j >= cols) continue;
-        k.global.store_requests += 1;
-        k.global.store_sectors += static_cast<uint64_t>(in_range);
-        k.global.store_bytes += static_cast<uint64_t>(in_range * 32);
+        k.global.store_requests += static_cast<uint64_t>(stores);
+        k.global.store_sectors += static_cast<uint64_t>(stores * in_range);
+        k.global.store_bytes += static_cast<uint64_t>(stores * in_range * 32);
+        k.global.load_requests += static_cast<uint64_t>(loads);
+        k.global.load_sectors += static_cast<uint64_t>(loads * in_range);
+        k.global.load_bytes += static_cast<uint64_t>(loads * in_range * 32);
       }
     }
 }
@@ -755,12 +759,14 @@ inline void grouped_tile_store(KernelCounts& k, i64 rows, i64 cols) {
 // gate and up); w [n, k] (transpose_w) or [k, n]. Every block's first warp finds its tile: per 32
 // experts, both offsets of each (a sector per 4 lanes; the second 8 bytes on), and the finder
 // lane's 3 stores of the tile; every warp reads the tile's 3 fields, in the blocks past the last
-// tile too.
+// tile too. With swiglu, a block makes both outputs of its tile and stores their SwiGLU as well.
 inline KernelCounts grouped_rows(const std::vector<i64>& segment_rows, i64 n, i64 k, int operands,
-                                 int outputs, bool transpose_w, bool fp32) {
+                                 int outputs, bool transpose_w, bool fp32, bool swiglu = false,
+                                 bool swiglu_backward = false) {
   KernelCounts one;
   const auto experts = static_cast<i64>(segment_rows.size());
-  const i64 column_tiles = static_cast<i64>(ceil_div(n, 128)) * outputs;
+  const int outputs_per_block = swiglu ? outputs : 1;
+  const i64 column_tiles = static_cast<i64>(ceil_div(n, 128)) * (outputs / outputs_per_block);
   i64 total = 0;
   KernelCounts find;
   for (i64 base = 0; base < experts; base += 32) {
@@ -777,20 +783,33 @@ inline KernelCounts grouped_rows(const std::vector<i64>& segment_rows, i64 n, i6
     for (const i64 rows : segment_rows)
       for (i64 first = 0; first < rows; first += 128) {
         const i64 tile_rows = std::min<i64>(128, rows - first);
-        for (int operand = 0; operand < operands; ++operand) {
-          load_broadcast(one, 8 * 32, 8);  // the expert's weight pointer
-          for (i64 k0 = 0; k0 < k; k0 += 32) {
-            const i64 depth = std::min<i64>(32, k - k0);
-            grouped_tile_k_contiguous(one, tile_rows, depth);
-            if (transpose_w) {
-              grouped_tile_k_contiguous(one, cols, depth);
-            } else {
-              grouped_tile_strided(one, cols);
+        for (int output = 0; output < outputs_per_block; ++output) {
+          for (int operand = 0; operand < operands; ++operand) {
+            load_broadcast(one, 8 * 32, 8);  // the expert's weight pointer
+            for (i64 k0 = 0; k0 < k; k0 += 32) {
+              const i64 depth = std::min<i64>(32, k - k0);
+              grouped_tile_k_contiguous(one, tile_rows, depth);
+              if (transpose_w) {
+                grouped_tile_k_contiguous(one, cols, depth);
+              } else {
+                grouped_tile_strided(one, cols);
+              }
+              grouped_tile_products(one, fp32);
             }
-            grouped_tile_products(one, fp32);
+          }
+          if (swiglu_backward) {  // gate and up read, d gate and d up written where the tile was
+            grouped_tile_store(one, tile_rows, cols, 2, 2);
+            one.arithmetic.f32_flops += static_cast<uint64_t>(10 * tile_rows * cols);
+            one.arithmetic.special_functions += static_cast<uint64_t>(tile_rows * cols);
+          } else {
+            grouped_tile_store(one, tile_rows, cols);
           }
         }
-        grouped_tile_store(one, tile_rows, cols);
+        if (swiglu) {  // the activation: swiglu_kernel's arithmetic, a tile's stores
+          grouped_tile_store(one, tile_rows, cols);
+          one.arithmetic.f32_flops += static_cast<uint64_t>(3 * tile_rows * cols);
+          one.arithmetic.special_functions += static_cast<uint64_t>(tile_rows * cols);
+        }
       }
   }
   const auto every_block = static_cast<uint64_t>(blocks * column_tiles);
@@ -897,19 +916,20 @@ inline Counts training_step(const rex::train::RunConfig& config,
     store_per_row(k, rows, 1);  // rstd
     plan.launch("add_rms_norm_kernel", k);
   };
-  // With `plus`, dx is added to the gradient waiting for x (read once).
+  // One launch for dx and dw's chunk partials, then their sum. With `plus`, dx is added to the
+  // gradient waiting for x (read once).
   auto rms_norm_backward = [&](i64 rows, bool plus) {
     KernelCounts dx = row_kernel(rows, D, plus ? 7 : 6, 1, 1);  // g, w, x twice each
     // rstd[r], read by every thread of the row's block: a request and a sector a warp.
     load_per_row(dx, rows, row_threads(D) / 32, 4 * 32);
-    plan.launch("rms_norm_dx_kernel", dx);
+    plan.launch("rms_norm_backward_kernel", dx);
     const i64 rows_per_chunk = std::max<i64>(16, (rows * D + (1 << 18) - 1) / (1 << 18));
     const i64 chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
     KernelCounts partial;  // per chunk and column, the chunk's rows of g and x, rstd broadcast
     load_stream(partial, 2 * rows * D);
     load_broadcast(partial, rows * D);
     store_stream(partial, chunks * D, 8);
-    plan.launch("rms_norm_dw_partial_kernel", partial);
+    plan.also("rms_norm_backward_kernel", partial);
     KernelCounts finish;
     load_stream(finish, chunks * D, 8);
     store_stream(finish, D);
@@ -965,8 +985,7 @@ inline Counts training_step(const rex::train::RunConfig& config,
     if (!grouped) plan.read_back();  // per-expert GEMMs need the counts on the host
     plan.launch("gather_rows_kernel", gather_rows(routed, D));  // into expert order
     if (grouped) {
-      plan.launch(grouped_rows_name, grouped_rows(segments(layer), F, D, 1, 2, true, fp32));
-      plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
+      plan.launch(grouped_rows_name, grouped_rows(segments(layer), F, D, 1, 2, true, fp32, true));
       plan.launch(grouped_rows_name, grouped_rows(segments(layer), D, F, 1, 1, true, fp32));
     } else {
       per_expert(r, F, D, 2);  // gate and up
@@ -1019,21 +1038,21 @@ inline Counts training_step(const rex::train::RunConfig& config,
     plan.launch("topk_backward_kernel", topk_backward(M, P, K, true));
     plan.launch("softmax_backward_kernel", row_kernel(M, P, 4, 1, 1));
     linear_backward(M, D, P);
-    // The experts back: SwiGLU recomputed, the down, SwiGLU's and the
-    // gate and up products' backward; from the second layer of a table on, each expert's three
-    // weight gradients are added to the table's.
+    // The experts back: SwiGLU recomputed, the down, SwiGLU's (grouped: inside the product back
+    // through down) and the gate and up products' backward; from the second layer of a table on,
+    // each expert's three weight gradients are added to the table's.
     plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
-    KernelCounts swiglu_backward = elementwise(routed * F, 3, 0);  // a, b, g in; da out
-    store_stream(swiglu_backward, routed * F);                     // and db
     if (grouped) {
       plan.launch(grouped_weights_name, grouped_weights(segments(layer), D, F, 1, fp32, false));
-      plan.launch(grouped_rows_name, grouped_rows(segments(layer), F, D, 1, 1, false, fp32));
-      plan.launch("swiglu_backward_kernel", swiglu_backward);
+      plan.launch(grouped_rows_name,
+                  grouped_rows(segments(layer), F, D, 1, 1, false, fp32, false, true));
       plan.launch(grouped_weights_name, grouped_weights(segments(layer), F, D, 2, fp32, false));
       plan.launch(grouped_rows_name, grouped_rows(segments(layer), D, F, 2, 1, false, fp32));
     } else {
-      per_expert(r, F, D, 1);  // down: dx = dy W
-      per_expert(D, F, r, 1);  // down: dW = dy^T a
+      per_expert(r, F, D, 1);                                        // down: dx = dy W
+      per_expert(D, F, r, 1);                                        // down: dW = dy^T a
+      KernelCounts swiglu_backward = elementwise(routed * F, 3, 0);  // a, b, g in; da out
+      store_stream(swiglu_backward, routed * F);                     // and db
       plan.launch("swiglu_backward_kernel", swiglu_backward);
       per_expert(r, D, F, 2);  // gate and up: dx = dg Wg + du Wu
       per_expert(F, D, r, 2);  // gate and up: dW = dg^T x, du^T x

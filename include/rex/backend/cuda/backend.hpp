@@ -101,6 +101,14 @@ struct GroupedSegments {
 //   c[p][o_e..o_e+1) = a[p][o_e..o_e+1) times w_p[e]^T (transpose_w: w [n, k]) or w_p[e] ([k, n]),
 // with a [rows, k] and c [rows, n] row-major; with sum_pairs the pairs add into c[0] instead.
 // host_w[p] holds the experts' device pointers, on the host.
+// SwiGLU's backward made from a product's tile instead of storing it
+// (GroupedRows::swiglu_backward): the product is d act, and gate and up are the forward's
+// pre-activations; d_gate and d_up are written as swiglu_backward_kernel writes them.
+struct SwigluBackward {
+  const float *gate = nullptr, *up = nullptr;
+  float *d_gate = nullptr, *d_up = nullptr;
+};
+
 struct GroupedRows {
   int pairs = 1;
   bool sum_pairs = false, transpose_w = true;
@@ -109,6 +117,8 @@ struct GroupedRows {
   const float* a[2] = {};
   const float* const* host_w[2] = {};
   float* c[2] = {};
+  float* swiglu_out = nullptr;     // with 2 pairs: also swiglu_value(c[0], c[1]), [rows, n]
+  SwigluBackward swiglu_backward;  // with 1 pair and gate set: c[0] unwritten, see above
 };
 
 // Weights form: for each expert e and pair p, c_p[e] [m, n] = a[p]_e^T b_e summed over the

@@ -96,7 +96,7 @@ inline ExpertProducts expert_products(int64_t d, int64_t h) {
 // (rex/backend/cpu/gemm.hpp) but the segments' offsets on the device or on the host: the experts'
 // products around one fused swiglu kernel over all rows. In bf16 and fp32, two grouped products
 // (gate and up in one launch, down in another); in tf32 per-expert cuBLAS GEMMs on the segments,
-// whose sizes must then be on the host.
+// whose sizes must then be on the host. The grouped gate and up products write the activation too.
 inline void cuda_grouped_swiglu(const float* x, const GroupedSegments& segments,
                                 const float* const* gate, const float* const* up,
                                 const float* const* down, float* y, float* pre_gate, float* pre_up,
@@ -112,9 +112,8 @@ inline void cuda_grouped_swiglu(const float* x, const GroupedSegments& segments,
     gate_up.fp32 = fp32, gate_up.pairs = 2, gate_up.n = h, gate_up.k = d;
     gate_up.a[0] = gate_up.a[1] = x;
     gate_up.host_w[0] = gate, gate_up.host_w[1] = up;
-    gate_up.c[0] = pre_gate, gate_up.c[1] = pre_up;
+    gate_up.c[0] = pre_gate, gate_up.c[1] = pre_up, gate_up.swiglu_out = act;
     cuda.grouped_rows(segments, gate_up);
-    cuda.swiglu(pre_gate, pre_up, act, rows * h);
     GroupedRows down_product;  // y = act down_e^T
     down_product.fp32 = fp32, down_product.n = d, down_product.k = h;
     down_product.a[0] = act, down_product.host_w[0] = down, down_product.c[0] = y;
@@ -150,11 +149,10 @@ inline void cuda_grouped_swiglu_backward(const float* x, const GroupedSegments& 
   const int64_t rows = segments.rows, experts = segments.experts;
   const size_t bytes = static_cast<size_t>(rows * h) * sizeof(float);
   const std::shared_ptr<void> buffers[] = {cuda_buffer(bytes), cuda_buffer(bytes),
-                                           cuda_buffer(bytes), cuda_buffer(bytes)};
+                                           cuda_buffer(bytes)};
   auto* act = static_cast<float*>(buffers[0].get());
-  auto* d_act = static_cast<float*>(buffers[1].get());
-  auto* d_pre_gate = static_cast<float*>(buffers[2].get());
-  auto* d_pre_up = static_cast<float*>(buffers[3].get());
+  auto* d_pre_gate = static_cast<float*>(buffers[1].get());
+  auto* d_pre_up = static_cast<float*>(buffers[2].get());
   cuda.swiglu(pre_gate, pre_up, act, rows * h);
   if (const ExpertProducts how = expert_products(d, h); how != ExpertProducts::per_expert) {
     const bool fp32 = how == ExpertProducts::grouped_fp32;
@@ -162,13 +160,12 @@ inline void cuda_grouped_swiglu_backward(const float* x, const GroupedSegments& 
     down_grad.fp32 = fp32, down_grad.m = d, down_grad.n = h;
     down_grad.a[0] = g, down_grad.b = act, down_grad.host_c[0] = d_down;
     cuda.grouped_weights(segments, down_grad);
-    GroupedRows back_through_down;  // d_act = g down_e
+    GroupedRows back_through_down;  // d_act = g down_e, then SwiGLU's backward from it
     back_through_down.fp32 = fp32, back_through_down.transpose_w = false;
     back_through_down.n = h, back_through_down.k = d;
     back_through_down.a[0] = g, back_through_down.host_w[0] = down;
-    back_through_down.c[0] = d_act;
+    back_through_down.swiglu_backward = {pre_gate, pre_up, d_pre_gate, d_pre_up};
     cuda.grouped_rows(segments, back_through_down);
-    cuda.swiglu_backward(pre_gate, pre_up, d_act, d_pre_gate, d_pre_up, rows * h);
     GroupedWeights gate_up_grads;  // d gate_e = dG_e^T x_e and d up_e = dU_e^T x_e
     gate_up_grads.fp32 = fp32, gate_up_grads.pairs = 2, gate_up_grads.m = h, gate_up_grads.n = d;
     gate_up_grads.a[0] = d_pre_gate, gate_up_grads.a[1] = d_pre_up, gate_up_grads.b = x;
@@ -188,6 +185,8 @@ inline void cuda_grouped_swiglu_backward(const float* x, const GroupedSegments& 
   REX_CHECK(segments.host_offsets != nullptr,
             "cuda_grouped_swiglu_backward: per-expert products need the offsets on the host");
   const int64_t* offsets = segments.host_offsets;
+  const std::shared_ptr<void> d_act_buffer = cuda_buffer(bytes);
+  auto* d_act = static_cast<float*>(d_act_buffer.get());
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t first = offsets[e], m = offsets[e + 1] - first;
     if (m == 0) continue;
