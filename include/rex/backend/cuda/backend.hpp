@@ -96,11 +96,6 @@ struct GroupedSegments {
   int64_t experts = 0, rows = 0;
 };
 
-// A grouped product over the segments of expert-sorted rows (kernels/grouped_gemm.cu), rows form:
-// for each expert e (rows o_e .. o_e+1 of the segment offsets) and each pair p < pairs,
-//   c[p][o_e..o_e+1) = a[p][o_e..o_e+1) times w_p[e]^T (transpose_w: w [n, k]) or w_p[e] ([k, n]),
-// with a [rows, k] and c [rows, n] row-major; with sum_pairs the pairs add into c[0] instead.
-// host_w[p] holds the experts' device pointers, on the host.
 // SwiGLU's backward made from a product's tile instead of storing it
 // (GroupedRows::swiglu_backward): the product is d act, and gate and up are the forward's
 // pre-activations; d_gate and d_up are written as swiglu_backward_kernel writes them.
@@ -109,6 +104,11 @@ struct SwigluBackward {
   float *d_gate = nullptr, *d_up = nullptr;
 };
 
+// A grouped product over the segments of expert-sorted rows (kernels/grouped_gemm.cu), rows form:
+// for each expert e (rows o_e .. o_e+1 of the segment offsets) and each pair p < pairs,
+//   c[p][o_e..o_e+1) = a[p][o_e..o_e+1) times w_p[e]^T (transpose_w: w [n, k]) or w_p[e] ([k, n]),
+// with a [rows, k] and c [rows, n] row-major; with sum_pairs the pairs add into c[0] instead.
+// host_w[p] holds the experts' device pointers, on the host.
 struct GroupedRows {
   int pairs = 1;
   bool sum_pairs = false, transpose_w = true;
