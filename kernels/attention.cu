@@ -1,9 +1,9 @@
 // Causal grouped-query attention (rex::causal_attention): the forward and the backward, one query
 // or key row per block, with no atomics so every result is deterministic.
 //
-// Layouts: q, out, g, dq are [B, Hq, T, D]; k, v, dk, dv are [B, Hkv, T, D]; lse is [B, Hq, T].
-// Query head bh = b * Hq + h reads kv head (bh / Hq) * Hkv + (bh % Hq) / G, G = Hq / Hkv; so kv
-// head bkv serves the query heads bkv * G + member, member = 0 .. G - 1.
+// Layouts: rex/backend/attention_shape.hpp (heads first or time first: only where a row starts
+// differs); lse is [B, Hq, T]. Query head bh = b * Hq + h reads kv head b * Hkv + h / G, G = Hq /
+// Hkv; so kv head bkv serves the query heads bkv * G + member, member = 0 .. G - 1.
 //
 // Work split (blocks of kBlock threads, each a grid-stride loop over rows):
 // - forward, one block per query row (bh, i): warp w takes the keys j = w, w + kWarps, ... <= i
@@ -28,6 +28,8 @@
 
 namespace rex::cuda::detail {
 namespace {
+
+using rex::detail::AttentionShape;
 
 constexpr int kBlock = 128;
 constexpr int kWarps = kBlock / 32;
@@ -72,33 +74,36 @@ __device__ float* block_workspace(float* spill, int64_t workspace_floats) {
                : dynamic_shared<float>();
 }
 
-// The offset of the k and v head that query row `row` of [B, Hq, T] reads (kv head of bh, above).
-__device__ inline int64_t kv_head_offset(int64_t row, int64_t heads, int64_t kv_heads, int64_t time,
-                                         int64_t head_dim) {
-  const int64_t bh = row / time, group = heads / kv_heads;
-  return ((bh / heads) * kv_heads + (bh % heads) / group) * time * head_dim;
+// Where query row `row` (of B Hq T) starts in q, out, g and dq, and where the k and v head it reads
+// starts.
+__device__ inline int64_t query_row_start(const AttentionShape& shape, int64_t row) {
+  return shape.query_start(row / shape.time) + row % shape.time * shape.query_stride();
+}
+__device__ inline int64_t kv_head_start(const AttentionShape& shape, int64_t row) {
+  return shape.kv_start(shape.kv_head_of(row / shape.time));
 }
 
 // rows = B * Hq * T; workspace: q_i [D], p [T].
 __global__ void attention_forward_kernel(const float* q, const float* k, const float* v, float* out,
-                                         float* lse, int64_t rows, int64_t heads, int64_t kv_heads,
-                                         int64_t time, int64_t head_dim, float scale, float* spill,
-                                         int64_t workspace_floats) {
+                                         float* lse, AttentionShape shape, float scale,
+                                         float* spill, int64_t workspace_floats) {
+  const int64_t rows = shape.batch * shape.heads * shape.time, time = shape.time;
+  const int64_t head_dim = shape.head_dim, kv_stride = shape.kv_stride();
   __shared__ float max_partial[kWarps];
   __shared__ double sum_partial[kWarps];
   float* q_row = block_workspace(spill, workspace_floats);
   float* p = q_row + head_dim;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t i = row % time, kv_at = kv_head_offset(row, heads, kv_heads, time, head_dim);
-    const float *k_h = k + kv_at, *v_h = v + kv_at;
-    for (int64_t d = tid; d < head_dim; d += kBlock) q_row[d] = q[row * head_dim + d];
+    const int64_t i = row % time, at = query_row_start(shape, row);
+    const float *k_h = k + kv_head_start(shape, row), *v_h = v + kv_head_start(shape, row);
+    for (int64_t d = tid; d < head_dim; d += kBlock) q_row[d] = q[at + d];
     __syncthreads();
 
     float peak = -INFINITY;
     for (int64_t j = warp; j <= i; j += kWarps) {
       const float s =
-          __shfl_sync(0xffffffffu, warp_dot(q_row, k_h + j * head_dim, head_dim, lane), 0) * scale;
+          __shfl_sync(0xffffffffu, warp_dot(q_row, k_h + j * kv_stride, head_dim, lane), 0) * scale;
       if (lane == 0) p[j] = s;
       peak = fmaxf(peak, s);
     }
@@ -117,8 +122,8 @@ __global__ void attention_forward_kernel(const float* q, const float* k, const f
 
     for (int64_t d = tid; d < head_dim; d += kBlock) {
       float acc = 0.0f;
-      for (int64_t j = 0; j <= i; ++j) acc += p[j] * v_h[j * head_dim + d];
-      out[row * head_dim + d] = acc;
+      for (int64_t j = 0; j <= i; ++j) acc += p[j] * v_h[j * kv_stride + d];
+      out[at + d] = acc;
     }
     if (tid == 0) lse[row] = peak + static_cast<float>(log(total));
     __syncthreads();  // the next row overwrites q_row and p
@@ -129,10 +134,10 @@ __global__ void attention_forward_kernel(const float* q, const float* k, const f
 // and, when dq is set, dq.
 __global__ void attention_backward_query_kernel(const float* q, const float* k, const float* v,
                                                 const float* lse, const float* g, float* dq,
-                                                float* delta, int64_t rows, int64_t heads,
-                                                int64_t kv_heads, int64_t time, int64_t head_dim,
-                                                float scale, float* spill,
-                                                int64_t workspace_floats) {
+                                                float* delta, AttentionShape shape, float scale,
+                                                float* spill, int64_t workspace_floats) {
+  const int64_t rows = shape.batch * shape.heads * shape.time, time = shape.time;
+  const int64_t head_dim = shape.head_dim, kv_stride = shape.kv_stride();
   __shared__ double sum_partial[kWarps];
   float* q_row = block_workspace(spill, workspace_floats);
   float* g_row = q_row + head_dim;
@@ -140,18 +145,18 @@ __global__ void attention_backward_query_kernel(const float* q, const float* k, 
   float* dp = p + time;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t i = row % time, kv_at = kv_head_offset(row, heads, kv_heads, time, head_dim);
-    const float *k_h = k + kv_at, *v_h = v + kv_at;
+    const int64_t i = row % time, at = query_row_start(shape, row);
+    const float *k_h = k + kv_head_start(shape, row), *v_h = v + kv_head_start(shape, row);
     for (int64_t d = tid; d < head_dim; d += kBlock) {
-      q_row[d] = q[row * head_dim + d];
-      g_row[d] = g[row * head_dim + d];
+      q_row[d] = q[at + d];
+      g_row[d] = g[at + d];
     }
     __syncthreads();
 
     const float lse_i = lse[row];
     for (int64_t j = warp; j <= i; j += kWarps) {
-      const float s = warp_dot(q_row, k_h + j * head_dim, head_dim, lane);
-      const float dp_j = warp_dot(g_row, v_h + j * head_dim, head_dim, lane);
+      const float s = warp_dot(q_row, k_h + j * kv_stride, head_dim, lane);
+      const float dp_j = warp_dot(g_row, v_h + j * kv_stride, head_dim, lane);
       if (lane == 0) {
         p[j] = expf(s * scale - lse_i);
         dp[j] = dp_j;
@@ -170,8 +175,8 @@ __global__ void attention_backward_query_kernel(const float* q, const float* k, 
       __syncthreads();
       for (int64_t d = tid; d < head_dim; d += kBlock) {
         float acc = 0.0f;
-        for (int64_t j = 0; j <= i; ++j) acc += dp[j] * k_h[j * head_dim + d];
-        dq[row * head_dim + d] = acc;
+        for (int64_t j = 0; j <= i; ++j) acc += dp[j] * k_h[j * kv_stride + d];
+        dq[at + d] = acc;
       }
     }
     __syncthreads();  // the next row overwrites the workspace
@@ -182,9 +187,10 @@ __global__ void attention_backward_query_kernel(const float* q, const float* k, 
 // dk or dv may be null (not both).
 __global__ void attention_backward_key_kernel(const float* q, const float* k, const float* v,
                                               const float* lse, const float* g, const float* delta,
-                                              float* dk, float* dv, int64_t rows, int64_t group,
-                                              int64_t time, int64_t head_dim, float scale,
-                                              float* spill, int64_t workspace_floats) {
+                                              float* dk, float* dv, AttentionShape shape,
+                                              float scale, float* spill, int64_t workspace_floats) {
+  const int64_t rows = shape.batch * shape.kv_heads * shape.time, time = shape.time;
+  const int64_t head_dim = shape.head_dim, group = shape.group(), q_stride = shape.query_stride();
   float* k_row = block_workspace(spill, workspace_floats);
   float* v_row = k_row + head_dim;
   float* p = v_row + head_dim;
@@ -192,21 +198,22 @@ __global__ void attention_backward_key_kernel(const float* q, const float* k, co
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t bkv = row / time, j = row % time;
+    const int64_t key_at = shape.kv_start(bkv) + j * shape.kv_stride();
     for (int64_t d = tid; d < head_dim; d += kBlock) {
-      k_row[d] = k[row * head_dim + d];
-      v_row[d] = v[row * head_dim + d];
+      k_row[d] = k[key_at + d];
+      v_row[d] = v[key_at + d];
     }
     __syncthreads();
 
     for (int64_t member = 0; member < group; ++member) {
       const int64_t bh = bkv * group + member;  // = b * Hq + kv head * G + member
-      const float* q_h = q + bh * time * head_dim;
-      const float* g_h = g + bh * time * head_dim;
+      const float* q_h = q + shape.query_start(bh);
+      const float* g_h = g + shape.query_start(bh);
       const float* lse_h = lse + bh * time;
       const float* delta_h = delta + bh * time;
       for (int64_t i = j + warp; i < time; i += kWarps) {
-        const float s = warp_dot(q_h + i * head_dim, k_row, head_dim, lane);
-        const float dp_i = dk ? warp_dot(g_h + i * head_dim, v_row, head_dim, lane) : 0.0f;
+        const float s = warp_dot(q_h + i * q_stride, k_row, head_dim, lane);
+        const float dp_i = dk ? warp_dot(g_h + i * q_stride, v_row, head_dim, lane) : 0.0f;
         if (lane == 0) {
           const float p_i = expf(s * scale - lse_h[i]);
           p[i] = p_i;
@@ -216,15 +223,15 @@ __global__ void attention_backward_key_kernel(const float* q, const float* k, co
       __syncthreads();
 
       for (int64_t d = tid; d < head_dim; d += kBlock) {
-        const int64_t at = row * head_dim + d;
+        const int64_t at = key_at + d;
         if (dv) {
           float acc = 0.0f;
-          for (int64_t i = j; i < time; ++i) acc += p[i] * g_h[i * head_dim + d];
+          for (int64_t i = j; i < time; ++i) acc += p[i] * g_h[i * q_stride + d];
           dv[at] = member == 0 ? acc : dv[at] + acc;
         }
         if (dk) {
           float acc = 0.0f;
-          for (int64_t i = j; i < time; ++i) acc += ds[i] * q_h[i * head_dim + d];
+          for (int64_t i = j; i < time; ++i) acc += ds[i] * q_h[i * q_stride + d];
           dk[at] = member == 0 ? acc : dk[at] + acc;
         }
       }
@@ -256,37 +263,32 @@ class Workspace {
 };
 
 void attention(const float* q, const float* k, const float* v, float* out, float* lse,
-               int64_t batch, int64_t heads, int64_t kv_heads, int64_t time, int64_t head_dim,
-               float scale) {
-  const int64_t rows = batch * heads * time;
+               AttentionShape shape, float scale) {
+  const int64_t rows = shape.batch * shape.heads * shape.time;
   if (rows == 0) return;
-  const int64_t workspace_floats = head_dim + time;
+  const int64_t workspace_floats = shape.head_dim + shape.time;
   const Workspace space(rows, workspace_floats);
   REX_LAUNCH(attention_forward_kernel, space.grid(), kBlock, space.shared_bytes(), q, k, v, out,
-             lse, rows, heads, kv_heads, time, head_dim, scale, space.spill(), workspace_floats);
+             lse, shape, scale, space.spill(), workspace_floats);
 }
 
 void attention_backward(const float* q, const float* k, const float* v, const float* lse,
-                        const float* g, float* dq, float* dk, float* dv, int64_t batch,
-                        int64_t heads, int64_t kv_heads, int64_t time, int64_t head_dim,
+                        const float* g, float* dq, float* dk, float* dv, AttentionShape shape,
                         float scale) {
-  const int64_t rows = batch * heads * time;
-  if (rows == 0 || head_dim == 0 || (!dq && !dk && !dv)) return;
-  const int64_t workspace_floats = 2 * head_dim + 2 * time;
+  const int64_t rows = shape.batch * shape.heads * shape.time;
+  if (rows == 0 || shape.head_dim == 0 || (!dq && !dk && !dv)) return;
+  const int64_t workspace_floats = 2 * shape.head_dim + 2 * shape.time;
   // delta is needed by dq (pass 1) and dk (pass 2); dv alone needs only p.
   const Scratch delta(static_cast<size_t>(rows) * sizeof(float));
   if (dq || dk) {
     const Workspace space(rows, workspace_floats);
     REX_LAUNCH(attention_backward_query_kernel, space.grid(), kBlock, space.shared_bytes(), q, k, v,
-               lse, g, dq, delta.as<float>(), rows, heads, kv_heads, time, head_dim, scale,
-               space.spill(), workspace_floats);
+               lse, g, dq, delta.as<float>(), shape, scale, space.spill(), workspace_floats);
   }
   if (dk || dv) {
-    const int64_t key_rows = batch * kv_heads * time;
-    const Workspace space(key_rows, workspace_floats);
+    const Workspace space(shape.batch * shape.kv_heads * shape.time, workspace_floats);
     REX_LAUNCH(attention_backward_key_kernel, space.grid(), kBlock, space.shared_bytes(), q, k, v,
-               lse, g, delta.as<float>(), dk, dv, key_rows, heads / kv_heads, time, head_dim, scale,
-               space.spill(), workspace_floats);
+               lse, g, delta.as<float>(), dk, dv, shape, scale, space.spill(), workspace_floats);
   }
 }
 

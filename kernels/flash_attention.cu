@@ -1,5 +1,6 @@
 // Flash attention on bf16 tensor cores: the same causal grouped-query attention as attention.cu
-// (same layouts, same lse), computed tile by tile so that the T x T scores never reach memory.
+// (same layouts: heads first or time first; same lse), computed tile by tile so that the T x T
+// scores never reach memory.
 //
 // Precision: q, k, v, the output gradient g and the probabilities p (and ds in the backward) enter
 // the tensor cores rounded to bf16; every product accumulates in fp32; the softmax statistics
@@ -41,6 +42,8 @@
 namespace rex::cuda::detail {
 namespace {
 
+using rex::detail::AttentionShape;
+
 constexpr int kWarps = 8;
 constexpr int kFlashThreads = 32 * kWarps;
 // 16-row blocks a warp owns: two share every fragment the warp loads from shared memory. In the
@@ -73,29 +76,33 @@ __device__ __forceinline__ TileOf block_tile(int64_t time, int64_t rows, bool la
   return {index / tiles, (last_first ? tiles - 1 - tile : tile) * rows};
 }
 
-// Rows [first, first + Rows) of a [time, D] fp32 matrix into a bf16 shared tile (zeros past time).
+// A head's rows are a [time, D] fp32 matrix whose rows lie `stride` floats apart (D heads first, H
+// D time first: rex/backend/attention_shape.hpp).
+
+// Rows [first, first + Rows) of a head's matrix into a bf16 shared tile (zeros past time).
 template <int D, int Rows>
-__device__ __forceinline__ void load_tile(uint16_t* tile, const float* matrix, int64_t first,
-                                          int64_t time) {
+__device__ __forceinline__ void load_tile(uint16_t* tile, const float* matrix, int64_t stride,
+                                          int64_t first, int64_t time) {
   constexpr int kQuads = D / 4;
   for (int i = threadIdx.x; i < Rows * kQuads; i += kFlashThreads) {
     const int row = i / kQuads, column = (i % kQuads) * 4;
     float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (first + row < time)
-      x = *reinterpret_cast<const float4*>(matrix + (first + row) * D + column);
+      x = *reinterpret_cast<const float4*>(matrix + (first + row) * stride + column);
     *reinterpret_cast<uint2*>(tile + row * kPadded<D> + column) =
         make_uint2(pack_bf16x2(x.x, x.y), pack_bf16x2(x.z, x.w));
   }
 }
 
-// The A fragments (16 rows x D, bf16) of rows [first, first + 16) of a [time, D] fp32 matrix,
+// The A fragments (16 rows x D, bf16) of rows [first, first + 16) of a head's matrix,
 // straight from global memory into registers (zeros past time): frag[s] covers columns 16s..16s+15.
-// With dot_with, also each row's dot product with the same row of that matrix, in fp32 from the
+// With dot_with, also each row's dot product with the same row of that head's matrix (with the same
+// stride), in fp32 from the
 // values as loaded (this lane's columns in order, then a shuffle tree over the row's four lanes):
 // dots[0] for row first + g, dots[1] for first + g + 8 (0 past time).
 template <int D>
 __device__ __forceinline__ void load_rows_as_a(uint32_t (&frag)[D / 16][4], const float* matrix,
-                                               int64_t first, int64_t time,
+                                               int64_t stride, int64_t first, int64_t time,
                                                const float* dot_with = nullptr,
                                                float* dots = nullptr) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -105,19 +112,19 @@ __device__ __forceinline__ void load_rows_as_a(uint32_t (&frag)[D / 16][4], cons
     const int column = 16 * s + 2 * t;
     float2 x[4] = {}, y[4] = {};
     if (top < time) {
-      x[0] = *reinterpret_cast<const float2*>(matrix + top * D + column);
-      x[2] = *reinterpret_cast<const float2*>(matrix + top * D + column + 8);
+      x[0] = *reinterpret_cast<const float2*>(matrix + top * stride + column);
+      x[2] = *reinterpret_cast<const float2*>(matrix + top * stride + column + 8);
       if (dot_with) {
-        y[0] = *reinterpret_cast<const float2*>(dot_with + top * D + column);
-        y[2] = *reinterpret_cast<const float2*>(dot_with + top * D + column + 8);
+        y[0] = *reinterpret_cast<const float2*>(dot_with + top * stride + column);
+        y[2] = *reinterpret_cast<const float2*>(dot_with + top * stride + column + 8);
       }
     }
     if (bottom < time) {
-      x[1] = *reinterpret_cast<const float2*>(matrix + bottom * D + column);
-      x[3] = *reinterpret_cast<const float2*>(matrix + bottom * D + column + 8);
+      x[1] = *reinterpret_cast<const float2*>(matrix + bottom * stride + column);
+      x[3] = *reinterpret_cast<const float2*>(matrix + bottom * stride + column + 8);
       if (dot_with) {
-        y[1] = *reinterpret_cast<const float2*>(dot_with + bottom * D + column);
-        y[3] = *reinterpret_cast<const float2*>(dot_with + bottom * D + column + 8);
+        y[1] = *reinterpret_cast<const float2*>(dot_with + bottom * stride + column);
+        y[3] = *reinterpret_cast<const float2*>(dot_with + bottom * stride + column + 8);
       }
     }
     for (int r = 0; r < 4; ++r) frag[s][r] = pack_bf16x2(x[r].x, x[r].y);
@@ -196,25 +203,21 @@ __device__ __forceinline__ void zero(float (&acc)[N][4]) {
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
 }
 
-// Rows (g, g + 8) of 16 x (8 N) accumulators written to a [time, 8 N] fp32 matrix times
+// Rows (g, g + 8) of 16 x (8 N) accumulators written to a head's matrix (D = 8 N) times
 // scale_top / scale_bottom, rows past time skipped.
 template <int N>
-__device__ __forceinline__ void store_rows(float* matrix, const float (&acc)[N][4], int64_t first,
-                                           int64_t time, float scale_top, float scale_bottom) {
+__device__ __forceinline__ void store_rows(float* matrix, int64_t stride, const float (&acc)[N][4],
+                                           int64_t first, int64_t time, float scale_top,
+                                           float scale_bottom) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   for (int half = 0; half < 2; ++half) {
     const int64_t row = first + g + 8 * half;
     if (row >= time) continue;
     const float scale = half == 0 ? scale_top : scale_bottom;
     for (int n = 0; n < N; ++n)
-      *reinterpret_cast<float2*>(matrix + row * (8 * N) + 8 * n + 2 * t) =
+      *reinterpret_cast<float2*>(matrix + row * stride + 8 * n + 2 * t) =
           make_float2(acc[n][2 * half] * scale, acc[n][2 * half + 1] * scale);
   }
-}
-
-// The kv head (of B * kv_heads) that query head bh (of B * heads) reads.
-__device__ inline int64_t kv_head_of(int64_t bh, int64_t heads, int64_t kv_heads) {
-  return (bh / heads) * kv_heads + (bh % heads) / (heads / kv_heads);
 }
 
 // One row block's online softmax over a tile of scores s (16 x 8 N, unscaled, keys from
@@ -255,23 +258,23 @@ __device__ __forceinline__ void online_softmax(float (&s)[N][4], float (&o)[D / 
 
 template <int D>
 __global__ void flash_forward_kernel(const float* q, const float* k, const float* v, float* out,
-                                     float* lse, int64_t heads, int64_t kv_heads, int64_t time,
-                                     float scale) {
+                                     float* lse, AttentionShape shape, float scale) {
   constexpr int R = kForwardRowBlocks;
+  const int64_t time = shape.time, q_stride = shape.query_stride(), kv_stride = shape.kv_stride();
   __shared__ __align__(16) uint16_t k_tile[kForwardKeys<D> * kPadded<D>];
   __shared__ __align__(16) uint16_t v_tile[kForwardKeys<D> * kPadded<D>];
   const TileOf tile = block_tile(time, kForwardRows, true);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t first = tile.first + warp * 16 * R;  // this warp's first query row
-  const int64_t kv_offset = kv_head_of(tile.head, heads, kv_heads) * time * D;
-  const float* q_h = q + tile.head * time * D;
+  const int64_t kv_offset = shape.kv_start(shape.kv_head_of(tile.head));
+  const float* q_h = q + shape.query_start(tile.head);
 
   uint32_t q_frag[R][D / 16][4];
   float o[R][D / 8][4];
   // log2-domain statistics of rows first + 16 b + g and + 8; l sums this lane's columns only
   float m[R][2], l[R][2];
   for (int b = 0; b < R; ++b) {
-    load_rows_as_a<D>(q_frag[b], q_h, first + 16 * b, time);
+    load_rows_as_a<D>(q_frag[b], q_h, q_stride, first + 16 * b, time);
     zero(o[b]);
     m[b][0] = m[b][1] = -INFINITY;
     l[b][0] = l[b][1] = 0.0f;
@@ -281,8 +284,8 @@ __global__ void flash_forward_kernel(const float* q, const float* k, const float
   for (int64_t key_first = 0; key_first < tile.first + kForwardRows && key_first < time;
        key_first += kForwardKeys<D>) {
     __syncthreads();  // the previous tile is no longer read
-    load_tile<D, kForwardKeys<D>>(k_tile, k + kv_offset, key_first, time);
-    load_tile<D, kForwardKeys<D>>(v_tile, v + kv_offset, key_first, time);
+    load_tile<D, kForwardKeys<D>>(k_tile, k + kv_offset, kv_stride, key_first, time);
+    load_tile<D, kForwardKeys<D>>(v_tile, v + kv_offset, kv_stride, key_first, time);
     __syncthreads();
     if (key_first > first + 16 * R - 1) continue;  // every key is past this warp's rows
 
@@ -311,16 +314,19 @@ __global__ void flash_forward_kernel(const float* q, const float* k, const float
       if (t == 0 && row < time)
         lse[tile.head * time + row] = (m[b][half] + log2f(l[b][half])) * kLn2;
     }
-    store_rows(out + tile.head * time * D, o[b], first + 16 * b, time, inverse[0], inverse[1]);
+    store_rows(out + shape.query_start(tile.head), q_stride, o[b], first + 16 * b, time, inverse[0],
+               inverse[1]);
   }
 }
 
 template <int D>
 __global__ void flash_backward_keys_kernel(const float* q, const float* k, const float* v,
                                            const float* g, const float* lse, const float* delta,
-                                           float* dk, float* dv, int64_t heads, int64_t kv_heads,
-                                           int64_t time, float scale) {
+                                           float* dk, float* dv, AttentionShape shape,
+                                           float scale) {
   constexpr int R = kRowBlocks<D>;
+  const int64_t time = shape.time, q_stride = shape.query_stride(), kv_stride = shape.kv_stride();
+  const int64_t heads = shape.heads, kv_heads = shape.kv_heads, group = shape.group();
   __shared__ __align__(16) uint16_t q_tile[kBackwardTile * kPadded<D>];
   __shared__ __align__(16) uint16_t g_tile[kBackwardTile * kPadded<D>];
   __shared__ __align__(16) float lse_tile[kBackwardTile];
@@ -328,14 +334,14 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
   const TileOf tile = block_tile(time, kBlockRows<D>, false);  // tile.head is the kv head
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g_row = lane / 4, t = lane % 4;
   const int64_t first = tile.first + warp * 16 * R;  // this warp's first key
-  const int64_t group = heads / kv_heads;
+  const int64_t kv_offset = shape.kv_start(tile.head);
   const float scale_log2 = scale * kLog2e;
 
   uint32_t k_frag[R][D / 16][4], v_frag[R][D / 16][4];
   float dk_acc[R][D / 8][4], dv_acc[R][D / 8][4];
   for (int b = 0; b < R; ++b) {
-    load_rows_as_a<D>(k_frag[b], k + tile.head * time * D, first + 16 * b, time);
-    load_rows_as_a<D>(v_frag[b], v + tile.head * time * D, first + 16 * b, time);
+    load_rows_as_a<D>(k_frag[b], k + kv_offset, kv_stride, first + 16 * b, time);
+    load_rows_as_a<D>(v_frag[b], v + kv_offset, kv_stride, first + 16 * b, time);
     zero(dk_acc[b]);
     zero(dv_acc[b]);
   }
@@ -344,8 +350,8 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
     const int64_t bh = (tile.head / kv_heads) * heads + (tile.head % kv_heads) * group + member;
     for (int64_t query_first = tile.first; query_first < time; query_first += kBackwardTile) {
       __syncthreads();
-      load_tile<D, kBackwardTile>(q_tile, q + bh * time * D, query_first, time);
-      load_tile<D, kBackwardTile>(g_tile, g + bh * time * D, query_first, time);
+      load_tile<D, kBackwardTile>(q_tile, q + shape.query_start(bh), q_stride, query_first, time);
+      load_tile<D, kBackwardTile>(g_tile, g + shape.query_start(bh), q_stride, query_first, time);
       for (int i = threadIdx.x; i < kBackwardTile; i += kFlashThreads) {
         const int64_t row = query_first + i;
         lse_tile[i] = row < time ? lse[bh * time + row] * kLog2e : 0.0f;
@@ -393,23 +399,25 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
     }
   }
   for (int b = 0; b < R; ++b) {
-    store_rows(dk + tile.head * time * D, dk_acc[b], first + 16 * b, time, scale, scale);
-    store_rows(dv + tile.head * time * D, dv_acc[b], first + 16 * b, time, 1.0f, 1.0f);
+    store_rows(dk + kv_offset, kv_stride, dk_acc[b], first + 16 * b, time, scale, scale);
+    store_rows(dv + kv_offset, kv_stride, dv_acc[b], first + 16 * b, time, 1.0f, 1.0f);
   }
 }
 
 template <int D>
 __global__ void flash_backward_queries_kernel(const float* q, const float* k, const float* v,
                                               const float* out, const float* g, const float* lse,
-                                              float* delta, float* dq, int64_t heads,
-                                              int64_t kv_heads, int64_t time, float scale) {
+                                              float* delta, float* dq, AttentionShape shape,
+                                              float scale) {
   constexpr int R = kRowBlocks<D>;
+  const int64_t time = shape.time, q_stride = shape.query_stride(), kv_stride = shape.kv_stride();
   __shared__ __align__(16) uint16_t k_tile[kBackwardTile * kPadded<D>];
   __shared__ __align__(16) uint16_t v_tile[kBackwardTile * kPadded<D>];
   const TileOf tile = block_tile(time, kBlockRows<D>, true);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g_row = lane / 4, t = lane % 4;
   const int64_t first = tile.first + warp * 16 * R;  // this warp's first query row
-  const int64_t kv_offset = kv_head_of(tile.head, heads, kv_heads) * time * D;
+  const int64_t kv_offset = shape.kv_start(shape.kv_head_of(tile.head));
+  const int64_t q_offset = shape.query_start(tile.head);
   const float scale_log2 = scale * kLog2e;
 
   uint32_t q_frag[R][D / 16][4], g_frag[R][D / 16][4];
@@ -417,10 +425,10 @@ __global__ void flash_backward_queries_kernel(const float* q, const float* k, co
   // Unrolled: rolled, it indexes row_delta at run time, which puts the arrays in local memory.
 #pragma unroll
   for (int b = 0; b < R; ++b) {
-    load_rows_as_a<D>(q_frag[b], q + tile.head * time * D, first + 16 * b, time);
+    load_rows_as_a<D>(q_frag[b], q + q_offset, q_stride, first + 16 * b, time);
     // delta = g . o of this warp's rows, for this kernel and (written) for the keys kernel
-    load_rows_as_a<D>(g_frag[b], g + tile.head * time * D, first + 16 * b, time,
-                      out + tile.head * time * D, row_delta[b]);
+    load_rows_as_a<D>(g_frag[b], g + q_offset, q_stride, first + 16 * b, time, out + q_offset,
+                      row_delta[b]);
     for (int half = 0; half < 2; ++half) {
       const int64_t row = first + 16 * b + g_row + 8 * half;
       row_lse[b][half] = row < time ? lse[tile.head * time + row] * kLog2e : 0.0f;
@@ -432,8 +440,8 @@ __global__ void flash_backward_queries_kernel(const float* q, const float* k, co
   for (int64_t key_first = 0; key_first < tile.first + kBlockRows<D> && key_first < time;
        key_first += kBackwardTile) {
     __syncthreads();
-    load_tile<D, kBackwardTile>(k_tile, k + kv_offset, key_first, time);
-    load_tile<D, kBackwardTile>(v_tile, v + kv_offset, key_first, time);
+    load_tile<D, kBackwardTile>(k_tile, k + kv_offset, kv_stride, key_first, time);
+    load_tile<D, kBackwardTile>(v_tile, v + kv_offset, kv_stride, key_first, time);
     __syncthreads();
     for (int sub = 0; sub < kBackwardTile; sub += 16) {
       // every key past this warp's rows, or past time
@@ -463,7 +471,7 @@ __global__ void flash_backward_queries_kernel(const float* q, const float* k, co
     }
   }
   for (int b = 0; b < R; ++b)
-    store_rows(dq + tile.head * time * D, dq_acc[b], first + 16 * b, time, scale, scale);
+    store_rows(dq + q_offset, q_stride, dq_acc[b], first + 16 * b, time, scale, scale);
 }
 
 // Launches `launch.template operator()<D>()` for the supported head dims.
@@ -488,29 +496,27 @@ unsigned int flash_grid(int64_t heads, int64_t time, int64_t rows) {
 }
 
 void flash_attention(const float* q, const float* k, const float* v, float* out, float* lse,
-                     int64_t batch, int64_t heads, int64_t kv_heads, int64_t time, int64_t head_dim,
-                     float scale) {
-  if (batch * heads * time == 0) return;
-  for_head_dim(head_dim, [&]<int D>() {
-    REX_LAUNCH(flash_forward_kernel<D>, flash_grid(batch * heads, time, kForwardRows),
-               kFlashThreads, 0, q, k, v, out, lse, heads, kv_heads, time, scale);
+                     AttentionShape shape, float scale) {
+  const int64_t query_heads = shape.batch * shape.heads;
+  if (query_heads * shape.time == 0) return;
+  for_head_dim(shape.head_dim, [&]<int D>() {
+    REX_LAUNCH(flash_forward_kernel<D>, flash_grid(query_heads, shape.time, kForwardRows),
+               kFlashThreads, 0, q, k, v, out, lse, shape, scale);
   });
 }
 
 void flash_attention_backward(const float* q, const float* k, const float* v, const float* out,
                               const float* lse, const float* g, float* dq, float* dk, float* dv,
-                              int64_t batch, int64_t heads, int64_t kv_heads, int64_t time,
-                              int64_t head_dim, float scale) {
-  const int64_t rows = batch * heads * time;
+                              AttentionShape shape, float scale) {
+  const int64_t query_heads = shape.batch * shape.heads, rows = query_heads * shape.time;
   if (rows == 0) return;
   const Scratch delta(static_cast<size_t>(rows) * sizeof(float));  // the queries kernel's
-  for_head_dim(head_dim, [&]<int D>() {
-    REX_LAUNCH(flash_backward_queries_kernel<D>, flash_grid(batch * heads, time, kBlockRows<D>),
-               kFlashThreads, 0, q, k, v, out, g, lse, delta.as<float>(), dq, heads, kv_heads, time,
-               scale);
-    REX_LAUNCH(flash_backward_keys_kernel<D>, flash_grid(batch * kv_heads, time, kBlockRows<D>),
-               kFlashThreads, 0, q, k, v, g, lse, delta.as<float>(), dk, dv, heads, kv_heads, time,
-               scale);
+  for_head_dim(shape.head_dim, [&]<int D>() {
+    REX_LAUNCH(flash_backward_queries_kernel<D>, flash_grid(query_heads, shape.time, kBlockRows<D>),
+               kFlashThreads, 0, q, k, v, out, g, lse, delta.as<float>(), dq, shape, scale);
+    REX_LAUNCH(flash_backward_keys_kernel<D>,
+               flash_grid(shape.batch * shape.kv_heads, shape.time, kBlockRows<D>), kFlashThreads,
+               0, q, k, v, g, lse, delta.as<float>(), dk, dv, shape, scale);
   });
 }
 

@@ -25,10 +25,9 @@
 //   row is a few dozen experts' work.
 // - permute: one thread per output element; extents and input strides are passed by value.
 // - rope: one thread per (row, i) pair of the "rotate half" convention (i paired with i + D/2, as
-//   rope_rotate on the CPU), reading x's row and writing y's in their orders (heads or time
-//   first: rex::detail::RopeRows, so a split into heads is part of the rotation); products and
-//   sums use _rn intrinsics so that no FMA is contracted and the float operations are those the
-//   CPU writes.
+//   rope_rotate on the CPU), each row at its position (heads or time first:
+//   rex::detail::RopeRows); products and sums use _rn intrinsics so that no FMA is contracted and
+//   the float operations are those the CPU writes.
 #include <vector>
 
 #include "common.cuh"
@@ -227,14 +226,12 @@ __global__ void rope_kernel(const float* x, const float* cos, const float* sin, 
   const int64_t total = rows.count() * half;
   for (int64_t e = thread_index(); e < total; e += thread_count()) {
     const int64_t row = e / half, i = e - row * half;
-    int64_t t = 0, x_row = 0;
-    rows.locate(row, t, x_row);
-    const int64_t in = x_row * 2 * half, out = row * 2 * half;
+    const int64_t t = rows.position(row), at = row * 2 * half;
     const float c = cos[t * half + i];
     const float sn = __fmul_rn(direction, sin[t * half + i]);
-    const float a = x[in + i], b = x[in + i + half];
-    y[out + i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
-    y[out + i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, sn));
+    const float a = x[at + i], b = x[at + i + half];
+    y[at + i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
+    y[at + i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, sn));
   }
 }
 

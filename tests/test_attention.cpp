@@ -265,3 +265,28 @@ TEST_CASE("causal_attention follows the matmul precision in bf16 only, as on CUD
   CHECK(in[0] == fp32);
   CHECK(in[1] != fp32);
 }
+
+TEST_CASE("causal_attention time first gives the bits of heads first, gradients included") {
+  // The CPU copies a time-first head into a [T, D] buffer, so the arithmetic is the same; in bf16
+  // too (attention_gemm rounds the same operands).
+  rex::Generator gen(21);
+  for (const char* precision : {"fp32", "bf16"}) {
+    CAPTURE(precision);
+    rex::set_matmul_precision(rex::Device::cpu(), precision);
+    rex::testing::check_time_first_attention(Shape{2, 13, 4, 8}, Shape{2, 13, 2, 8},
+                                             rex::Device::cpu(), gen);
+    rex::testing::check_time_first_attention(Shape{1, 1, 2, 5}, Shape{1, 1, 2, 5},
+                                             rex::Device::cpu(), gen);
+    rex::testing::check_time_first_attention(Shape{2, 40, 6, 12}, Shape{2, 40, 2, 12},
+                                             rex::Device::cpu(), gen);
+    rex::set_matmul_precision(rex::Device::cpu(), "fp32");
+  }
+  const Tensor q = rex::zeros(Shape{2, 5, 4, 8}), kv = rex::zeros(Shape{2, 5, 3, 8});
+  CHECK(error_message([&] {
+          rex::causal_attention(q, kv, kv, rex::AttentionLayout::time_first);
+        }).find("q [B, T, Hq, D] and k, v [B, T, Hkv, D]") != std::string::npos);
+  const Tensor late = rex::zeros(Shape{2, 6, 2, 8});
+  CHECK(error_message([&] {
+          rex::causal_attention(q, late, late, rex::AttentionLayout::time_first);
+        }).find("differ in batch, time or head size") != std::string::npos);
+}

@@ -37,6 +37,7 @@
 
 #include "cuda_testing.hpp"
 #include "rounding.hpp"
+#include "testing.hpp"
 
 using namespace rex;
 using rex::testing::gpu_missing;
@@ -215,14 +216,13 @@ void check_shape(const Shape4& s, uint64_t seed) {
   const Tensor dv = Tensor::empty(Shape{kv}, DType::f32, Device::cuda());
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   const auto& cuda = rex::detail::cuda_backend();
+  const rex::detail::AttentionShape shape{s.batch, s.heads, s.kv_heads, s.time, s.dim};
   cuda.flash_attention(tq.device_data<float>(), tk.device_data<float>(), tv.device_data<float>(),
-                       out.device_data<float>(), lse.device_data<float>(), s.batch, s.heads,
-                       s.kv_heads, s.time, s.dim, scale);
+                       out.device_data<float>(), lse.device_data<float>(), shape, scale);
   cuda.flash_attention_backward(
       tq.device_data<float>(), tk.device_data<float>(), tv.device_data<float>(),
       out.device_data<float>(), lse.device_data<float>(), tg.device_data<float>(),
-      dq.device_data<float>(), dk.device_data<float>(), dv.device_data<float>(), s.batch, s.heads,
-      s.kv_heads, s.time, s.dim, scale);
+      dq.device_data<float>(), dk.device_data<float>(), dv.device_data<float>(), shape, scale);
   check("out", out, want.out, want.out_bound);
   check("lse", lse, want.lse, want.lse_bound);
   check("dq", dq, want.dq, want.dq_bound);
@@ -287,12 +287,28 @@ TEST_CASE("flash attention: forward and backward on edge shapes, against exact a
       check_shape({2, 4, dim == 64 ? 1 : (dim == 32 ? 2 : 4), time, dim}, seed++);
 }
 
+TEST_CASE("flash attention time first gives the bits of heads first, gradients included") {
+  if (gpu_missing()) return;
+  Generator gen(31);
+  set_matmul_precision(Device::cuda(), "bf16");
+  try {
+    testing::check_time_first_attention({2, 65, 4, 32}, {2, 65, 2, 32}, Device::cuda(), gen);
+    testing::check_time_first_attention({1, 130, 2, 64}, {1, 130, 1, 64}, Device::cuda(), gen);
+    testing::check_time_first_attention({1, 17, 4, 128}, {1, 17, 1, 128}, Device::cuda(), gen);
+  } catch (...) {
+    set_matmul_precision(Device::cuda(), "fp32");
+    throw;
+  }
+  set_matmul_precision(Device::cuda(), "fp32");
+}
+
 TEST_CASE("flash attention: a wrong head dim is refused") {
   if (gpu_missing()) return;
   const Tensor x = zeros(Shape{1 * 1 * 3 * 48}, Device::cuda());
   const Tensor lse = zeros(Shape{3}, Device::cuda());
   CHECK_THROWS_WITH(rex::detail::cuda_backend().flash_attention(
                         x.device_data<float>(), x.device_data<float>(), x.device_data<float>(),
-                        x.device_data<float>(), lse.device_data<float>(), 1, 1, 1, 3, 48, 1.0f),
+                        x.device_data<float>(), lse.device_data<float>(),
+                        rex::detail::AttentionShape{1, 1, 1, 3, 48}, 1.0f),
                     doctest::Contains("head dims 32, 64 and 128, got 48"));
 }

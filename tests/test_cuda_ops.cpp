@@ -513,6 +513,10 @@ TEST_CASE("cuda ops: rope and causal attention with grouped-query heads") {
       {param({1, 2, 9, 4}, gen), param({1, 1, 9, 4}, gen), param({1, 1, 9, 4}, gen)},
       [](const auto& t) { return causal_attention_reference(t[0], t[1], t[2]); },
       attention_bound(2, 9, 4));
+  // Time first (as the model calls it): the bits of heads first, gradients included.
+  testing::check_time_first_attention({2, 13, 4, 8}, {2, 13, 2, 8}, kGpu, gen);
+  testing::check_time_first_attention({1, 1, 2, 4}, {1, 1, 2, 4}, kGpu, gen);
+  testing::check_time_first_attention({2, 70, 6, 40}, {2, 70, 3, 40}, kGpu, gen);
 }
 
 TEST_CASE("cuda ops: gather, scatter, embedding, where, masked_fill and topk") {

@@ -168,20 +168,22 @@ TEST_CASE("rope rejects bad inputs") {
   CHECK_THROWS_AS(rex::rope(Tensor::empty(Shape{1, 1, 2, 4}, rex::DType::i32)), rex::Error);
 }
 
-TEST_CASE("rope_heads: the bits of rope over the permuted heads, the gradient back in x's order") {
+TEST_CASE("rope_heads: the bits of rope over the permuted heads, time first, gradient included") {
   rex::Generator gen(11);
   for (const auto& [shape, heads] : std::vector<std::pair<Shape, int64_t>>{
            {Shape{2, 7, 24}, 3}, {Shape{1, 1, 8}, 2}, {Shape{3, 5, 16}, 1}}) {
     CAPTURE(shape);
     const int64_t batch = shape[0], time = shape[1], head_dim = shape[2] / heads;
     Tensor x = rex::normal(shape, gen).requires_grad_();
-    const Tensor g = rex::normal(Shape{batch, heads, time, head_dim}, gen);
+    const Tensor g = rex::normal(Shape{batch, time, heads, head_dim}, gen);
     const Tensor fused = rex::rope_heads(x, heads, 500.0f, 4);
     fused.backward(g);
     const std::string fused_grad = rex::testing::raw_bytes(x.grad());
     x.zero_grad();
-    const Tensor composed = rex::rope(
-        rex::permute(rex::reshape(x, {batch, time, heads, head_dim}), {0, 2, 1, 3}), 500.0f, 4);
+    const Tensor composed = rex::permute(
+        rex::rope(rex::permute(rex::reshape(x, {batch, time, heads, head_dim}), {0, 2, 1, 3}),
+                  500.0f, 4),
+        {0, 2, 1, 3});
     composed.backward(g);
     CHECK(fused.shape() == composed.shape());
     CHECK(rex::testing::raw_bytes(fused) == rex::testing::raw_bytes(composed));

@@ -104,6 +104,34 @@ inline bool same_bytes(const Tensor& a, const Tensor& b) {
   return a.shape() == b.shape() && a.dtype() == b.dtype() && raw_bytes(a) == raw_bytes(b);
 }
 
+// causal_attention time first against heads first (permuted in and out) on `device`: the same
+// bits in the output and in the gradients of q, k and v. Shapes are time first: q [B, T, Hq, D],
+// k and v [B, T, Hkv, D].
+inline void check_time_first_attention(const Shape& q_shape, const Shape& kv_shape, Device device,
+                                       Generator& gen) {
+  const std::vector<Tensor> inputs{normal(q_shape, gen), normal(kv_shape, gen),
+                                   normal(kv_shape, gen)};
+  const Tensor g = normal(q_shape, gen);
+  const auto heads_first = [](const Tensor& t) { return permute(t, {0, 2, 1, 3}); };
+  const auto run = [&](bool time_first) {
+    std::vector<Tensor> x;
+    for (const Tensor& input : inputs) x.push_back(input.copy_to(device).requires_grad_());
+    const Tensor out = time_first ? causal_attention(x[0], x[1], x[2], AttentionLayout::time_first)
+                                  : heads_first(causal_attention(
+                                        heads_first(x[0]), heads_first(x[1]), heads_first(x[2])));
+    out.backward(g.copy_to(device));
+    std::vector<std::string> bytes{raw_bytes(out.to(Device::cpu()))};
+    for (const Tensor& leaf : x) bytes.push_back(raw_bytes(leaf.grad().to(Device::cpu())));
+    return bytes;
+  };
+  const std::vector<std::string> time_first = run(true), composed = run(false);
+  const char* names[] = {"out", "dq", "dk", "dv"};
+  for (size_t i = 0; i < 4; ++i) {
+    CAPTURE(names[i]);
+    CHECK(time_first[i] == composed[i]);
+  }
+}
+
 struct TempDir {
   std::filesystem::path path;
   explicit TempDir(const std::string& tag)

@@ -162,14 +162,14 @@ int main(int argc, char** argv) {
         100 * flops / (kernels_s * peak), kernels_s * 1e6);
   };
 
+  const rex::detail::AttentionShape shape{o.batch, o.heads, o.kv_heads, T, D};
   if (!o.flash_only) {
     const PassEstimate exact_forward = estimate("row kernels, forward", device, [&] {
-      cuda.attention(f(q), f(k), f(v), f(out), f(lse), o.batch, o.heads, o.kv_heads, T, D, scale);
+      cuda.attention(f(q), f(k), f(v), f(out), f(lse), shape, scale);
     });
     report("row kernels, forward", forward_flops, exact_forward);
     const PassEstimate exact_backward = estimate("row kernels, backward", device, [&] {
-      cuda.attention_backward(f(q), f(k), f(v), f(lse), f(g), f(dq), f(dk), f(dv), o.batch, o.heads,
-                              o.kv_heads, T, D, scale);
+      cuda.attention_backward(f(q), f(k), f(v), f(lse), f(g), f(dq), f(dk), f(dv), shape, scale);
     });
     report("row kernels, backward", backward_flops, exact_backward);
   }
@@ -177,17 +177,14 @@ int main(int argc, char** argv) {
   cuda_emulation::Counts forward_counts, backward_counts;
   const PassEstimate flash_forward = estimate(
       "flash attention, forward", device,
-      [&] {
-        cuda.flash_attention(f(q), f(k), f(v), f(out), f(lse), o.batch, o.heads, o.kv_heads, T, D,
-                             scale);
-      },
+      [&] { cuda.flash_attention(f(q), f(k), f(v), f(out), f(lse), shape, scale); },
       &forward_counts);
   report("flash attention, forward", forward_flops, flash_forward);
   const PassEstimate flash_backward = estimate(
       "flash attention, backward", device,
       [&] {
         cuda.flash_attention_backward(f(q), f(k), f(v), f(out), f(lse), f(g), f(dq), f(dk), f(dv),
-                                      o.batch, o.heads, o.kv_heads, T, D, scale);
+                                      shape, scale);
       },
       &backward_counts);
   report("flash attention, backward", backward_flops, flash_backward);

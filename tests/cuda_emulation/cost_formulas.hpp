@@ -248,12 +248,12 @@ inline KernelCounts gather_rows(i64 m, i64 d) {
   return k;
 }
 
-// rope_kernel over batch x heads x time rows of half pairs, y's rows heads first (splitting into
-// heads) or time first (merging back): x's two halves read and y's written by rows (each row's
-// half a whole number of sectors: half a multiple of 8), the cos and sin tables at each row's
-// position. A warp spans 32 / half rows when half < 32; in time-first order neighbouring rows share
-// a position, and so the table's sectors (counted warp by warp).
-inline KernelCounts rope(i64 batch, i64 heads, i64 time, i64 half, bool y_time_first) {
+// rope_kernel over batch x heads x time rows of half pairs, heads first or time first: x's two
+// halves read and y's written by rows (each row's half a whole number of sectors: half a multiple
+// of 8), the cos and sin tables at each row's position. A warp spans 32 / half rows when half < 32;
+// in time-first order neighbouring rows share a position, and so the table's sectors (counted warp
+// by warp).
+inline KernelCounts rope(i64 batch, i64 heads, i64 time, i64 half, bool time_first) {
   KernelCounts k;
   const i64 rows = batch * heads * time;
   for (int s = 0; s < 2; ++s) load_stream(k, rows * half);
@@ -264,7 +264,7 @@ inline KernelCounts rope(i64 batch, i64 heads, i64 time, i64 half, bool y_time_f
     for (i64 first = 0; first < rows * half; first += 32) {
       std::set<i64> sectors;
       for (i64 e = first; e < std::min(first + 32, rows * half); ++e) {
-        const i64 row = e / half, t = y_time_first ? row / heads % time : row % time;
+        const i64 row = e / half, t = time_first ? row / heads % time : row % time;
         sectors.insert((t * half + e % half) * 4 / 32);
       }
       table_sectors += sectors.size();
@@ -676,11 +676,12 @@ inline FlashCounts flash_attention_counts(i64 group_heads, i64 T, i64 hd) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   FlashCounts counts;
   begin_interval(true);
-  cuda.flash_attention(f(q), f(kv), f(kv), f(out), f(lse), 1, group_heads, 1, T, hd, scale);
+  const rex::detail::AttentionShape shape{1, group_heads, 1, T, hd};
+  cuda.flash_attention(f(q), f(kv), f(kv), f(out), f(lse), shape, scale);
   counts.forward = end_interval().kernels;
   begin_interval(true);
-  cuda.flash_attention_backward(f(q), f(kv), f(kv), f(out), f(lse), f(q), f(dq), f(dk), f(dv), 1,
-                                group_heads, 1, T, hd, scale);
+  cuda.flash_attention_backward(f(q), f(kv), f(kv), f(out), f(lse), f(q), f(dq), f(dk), f(dv),
+                                shape, scale);
   counts.backward = end_interval().kernels;
   return counts;
 }
@@ -935,10 +936,9 @@ inline Counts training_step(const rex::train::RunConfig& config,
     store_stream(finish, D);
     plan.launch("rms_norm_dw_finish_kernel", finish);
   };
-  auto permute = [&](i64 n) { plan.launch("permute_kernel", elementwise(n, 1, 0)); };
-  // RoPE of a projection split into heads (forward) or of their gradients merged back.
-  auto rope = [&](i64 heads, bool merge) {
-    plan.launch("rope_kernel", cost_formulas::rope(B, heads, T, hd / 2, merge));
+  // RoPE of a projection's heads, time first (forward), or of their gradients.
+  auto rope = [&](i64 heads) {
+    plan.launch("rope_kernel", cost_formulas::rope(B, heads, T, hd / 2, true));
   };
 
   // Forward. The batch's tokens and targets go up (uploads are staged through pinned memory and
@@ -947,25 +947,20 @@ inline Counts training_step(const rex::train::RunConfig& config,
   // Each residual add is made with the norm after it (add_rms_norm); the embedding's norm alone.
   rms_norm(M);
   for (i64 layer = 0; layer < L; ++layer) {
-    // Attention: q, k, v projections, heads first, RoPE (its tables cached on the device), the
-    // kernel, heads back, the output projection, the residual and the MoE's norm.
+    // Attention: q, k, v projections, RoPE on q and k (its tables cached on the device), the
+    // kernel on the heads time first (no permute), the output projection, the residual and the
+    // MoE's norm.
     linear(M, D, D);
-    rope(H, false);  // q into heads, rotated as it is split
-    for (int kv = 0; kv < 2; ++kv) {
-      linear(M, D, G * hd);
-      if (kv == 0) {
-        rope(G, false);  // k likewise
-      } else {
-        permute(M * G * hd);  // v into heads
-      }
-    }
+    rope(H);
+    linear(M, D, G * hd);
+    rope(G);
+    linear(M, D, G * hd);
     if (flash) {
       for (const auto& [kernel, one] : flash_counts.forward)
         plan.launch_over_groups(kernel, one, static_cast<uint64_t>(B * G));
     } else {
       plan.launch("attention_forward_kernel", attention_forward(B * H, T, hd));
     }
-    permute(M * D);
     linear(M, D, D);
     add_rms_norm(M);
     // MoE: the router and its softmax, top-k, the routing plan on the device (nothing read
@@ -1038,10 +1033,9 @@ inline Counts training_step(const rex::train::RunConfig& config,
     plan.launch("topk_backward_kernel", topk_backward(M, P, K, true));
     plan.launch("softmax_backward_kernel", row_kernel(M, P, 4, 1, 1));
     linear_backward(M, D, P);
-    // The experts back: SwiGLU recomputed, the down, SwiGLU's (grouped: inside the product back
-    // through down) and the gate and up products' backward; from the second layer of a table on,
-    // each expert's three weight gradients are added to the table's.
-    plan.launch("swiglu_kernel", elementwise(routed * F, 2, 0));
+    // The experts back (the forward's activation kept): the down, SwiGLU's (grouped: inside the
+    // product back through down) and the gate and up products' backward; from the second layer of
+    // a table on, each expert's three weight gradients are added to the table's.
     if (grouped) {
       plan.launch(grouped_weights_name, grouped_weights(segments(layer), D, F, 1, fp32, false));
       plan.launch(grouped_rows_name,
@@ -1068,7 +1062,6 @@ inline Counts training_step(const rex::train::RunConfig& config,
     rms_norm_backward(M, true);
     // Attention back.
     linear_backward(M, D, D);
-    permute(M * D);
     if (flash) {
       for (const auto& [kernel, one] : flash_counts.backward)
         plan.launch_over_groups(kernel, one, static_cast<uint64_t>(B * G));
@@ -1076,11 +1069,10 @@ inline Counts training_step(const rex::train::RunConfig& config,
       plan.launch("attention_backward_query_kernel", attention_backward_query(B * H, T, hd));
       plan.launch("attention_backward_key_kernel", attention_backward_key(B * H, B * G * T, T, hd));
     }
-    permute(M * G * hd);  // dv
-    linear_backward(M, D, G * hd);
-    rope(G, true);  // dk, rotated back into the projection's order
+    linear_backward(M, D, G * hd);  // dv
+    rope(G);                        // dk, rotated back
     linear_backward(M, D, G * hd, true);
-    rope(H, true);  // dq likewise
+    rope(H);  // dq likewise
     linear_backward(M, D, D, true);
     rms_norm_backward(M, true);
   }

@@ -93,21 +93,17 @@ REX_HOST_DEVICE inline bool ranks_before(float a, int64_t i, float b, int64_t j)
   return i < j;
 }
 
-// Where rope reads and writes (rex/ops/rope.hpp): batch x heads x time rows of head_dim, stored
-// heads first ([B, H, T, D]) or time first ([B, T, H, D], as a projection leaves them). x may be
-// in one order and y in the other, so that splitting a projection into heads (and merging the
-// gradient back) needs no permute of its own.
+// Where rope reads and writes (rex/ops/rope.hpp): batch x heads x time rows of head_dim, x and y
+// alike, stored heads first ([B, H, T, D]) or time first ([B, T, H, D], as a projection leaves
+// them, and as attention reads them with AttentionLayout::time_first).
 struct RopeRows {
   int64_t batch = 0, heads = 0, time = 0;
-  bool x_time_first = false, y_time_first = false;
+  bool time_first = false;
 
   REX_HOST_DEVICE int64_t count() const { return batch * heads * time; }
-  // y's row r: its position t and the row of x with the same (batch, head, position).
-  REX_HOST_DEVICE void locate(int64_t r, int64_t& t, int64_t& x_row) const {
-    const int64_t b = r / (heads * time);
-    const int64_t h = y_time_first ? r % heads : r / time % heads;
-    t = y_time_first ? r / heads % time : r % time;
-    x_row = x_time_first ? (b * time + t) * heads + h : (b * heads + h) * time + t;
+  // The position of row r.
+  REX_HOST_DEVICE int64_t position(int64_t r) const {
+    return time_first ? r / heads % time : r % time;
   }
 };
 

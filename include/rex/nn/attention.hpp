@@ -1,9 +1,10 @@
 // Causal self-attention with RoPE and grouped-query heads, and its KV cache for decoding.
 //
-// x [B, T, d] -> q = x Wq^T, k = x Wk^T, v = x Wv^T, split into heads [B, H, T, D] (D = d / H;
-// k and v have Hkv heads, each shared by H / Hkv query heads), RoPE on q and k (one kernel with
-// their split: rope_heads), the fused causal attention of rex/ops/attention.hpp, heads merged back
-// to [B, T, d], output projection Wo.
+// x [B, T, d] -> q = x Wq^T, k = x Wk^T, v = x Wv^T, read as heads [B, T, H, D] (D = d / H; k
+// and v have Hkv heads, each shared by H / Hkv query heads), RoPE on q and k (rope_heads), the
+// fused causal attention of rex/ops/attention.hpp in that time-first layout, its output read as
+// [B, T, d], output projection Wo. No head is moved: every step between the projections is a
+// reshape, where heads first ([B, H, T, D]) would take a permute each way for v and the output.
 //
 // Decoding (inference, one sequence): given a KvCacheLayer, the keys (after RoPE) and values of
 // the tokens are kept. An empty cache takes a whole window (the prefill: the computation above,
@@ -74,24 +75,19 @@ class CausalSelfAttention : public Module {
         !cache || (batch == 1 && (past == 0 || time == 1)),
         "CausalSelfAttention: a KV cache takes one sequence, and one token once filled; got x ",
         x.shape(), " after ", past, " cached tokens");
-    // [B, T, n D] -> [B, n, T, D] (with T = 1 the same order of elements: no copy); q and k are
-    // split by their rotation (rope_heads).
-    auto split_heads = [&](const Tensor& t, int64_t n) {
-      if (time == 1) return reshape(t, {batch, n, 1, head_dim_});
-      return permute(reshape(t, {batch, time, n, head_dim_}), {0, 2, 1, 3});
+    // [B, T, n, D] -> [B, n, T, D], the cache's order (with T = 1 the same order of elements).
+    auto heads_first = [&](const Tensor& t, int64_t n) {
+      return time == 1 ? reshape(t, {batch, n, 1, head_dim_}) : permute(t, {0, 2, 1, 3});
     };
     const Tensor qh = rope_heads(q->forward(x), heads_, rope_theta_, past);
-    Tensor kh = rope_heads(k->forward(x), kv_heads_, rope_theta_, past);
-    Tensor vh = split_heads(v->forward(x), kv_heads_);
-    if (cache) cache->append(kh, vh);
-    if (past > 0) {  // every cached key and value, this token's included
-      kh = slice(cache->keys, 2, 0, past + 1);
-      vh = slice(cache->values, 2, 0, past + 1);
-    }
-    const Tensor heads_out = past == 0 ? causal_attention(qh, kh, vh) : newest_query(qh, kh, vh);
-    const Tensor merged = reshape(time == 1 ? heads_out : permute(heads_out, {0, 2, 1, 3}),
-                                  {batch, time, heads_ * head_dim_});
-    return o->forward(merged);
+    const Tensor kh = rope_heads(k->forward(x), kv_heads_, rope_theta_, past);
+    const Tensor vh = reshape(v->forward(x), {batch, time, kv_heads_, head_dim_});
+    if (cache) cache->append(heads_first(kh, kv_heads_), heads_first(vh, kv_heads_));
+    // After a prefill, the token attends to every cached key and value, its own included.
+    const Tensor heads_out = past == 0 ? causal_attention(qh, kh, vh, AttentionLayout::time_first)
+                                       : newest_query(qh, slice(cache->keys, 2, 0, past + 1),
+                                                      slice(cache->values, 2, 0, past + 1));
+    return o->forward(reshape(heads_out, {batch, time, heads_ * head_dim_}));
   }
 
   // forward of one token x [d] at position p = cache.length on the host, into out [d]: the
@@ -139,7 +135,7 @@ class CausalSelfAttention : public Module {
   std::shared_ptr<Linear> q, k, v, o;
 
  private:
-  // The attention of one query position that sees every key: q [1, H, 1, D] against keys and
+  // The attention of one query position that sees every key: q [1, 1, H, D] against keys and
   // values [1, Hkv, L, D] -> [1, H, 1, D]. Query head h = kv head * G + member, so q read as
   // [1, Hkv, G, D] lines each group up with its kv head.
   Tensor newest_query(const Tensor& qh, const Tensor& keys, const Tensor& values) const {

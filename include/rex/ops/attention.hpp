@@ -2,7 +2,10 @@
 // causal_attention_reference, the same function composed from rex ops (for tests and as a spec).
 //
 // q is [B, Hq, T, D]; k and v are [B, Hkv, T, D] with Hq = G * Hkv: query head h reads kv head h /
-// G. Per (b, h), with s = 1/sqrt(D) and the causal mask (query t sees keys 0..t):
+// G. Or time first (AttentionLayout::time_first): q [B, T, Hq, D], k and v [B, T, Hkv, D] and the
+// output [B, T, Hq, D], the order of the projections' outputs, so that a model needs no permute
+// around attention; the arithmetic is the same, so are the bits. Per (b, h), with s = 1/sqrt(D) and
+// the causal mask (query t sees keys 0..t):
 //   S = s q k^T,  P = softmax(S) over the unmasked keys of each row (masked entries are exactly 0),
 //   O = P v.
 // The forward keeps only the row log-sum-exp L (so P = exp(S - L) on the unmasked entries); the
@@ -24,27 +27,38 @@
 #include "rex/ops/softmax.hpp"
 
 namespace rex {
+
+// Where heads and positions lie in attention's tensors (rex/backend/attention_shape.hpp):
+// [B, H, T, D] (heads_first, as PyTorch's scaled_dot_product_attention) or [B, T, H, D]
+// (time_first, as a projection's output [B, T, H D] reshaped).
+enum class AttentionLayout { heads_first, time_first };
+
 namespace detail {
 
-// Checks q, k, v for (grouped-query) attention and returns the group size G = Hq / Hkv.
-inline int64_t check_attention_inputs(std::string_view op, const Tensor& q, const Tensor& k,
-                                      const Tensor& v) {
+// Checks q, k, v for (grouped-query) attention in `layout` and returns the problem's shape.
+inline AttentionShape check_attention_inputs(std::string_view op, const Tensor& q, const Tensor& k,
+                                             const Tensor& v, AttentionLayout layout) {
   check_f32(op, q), check_f32(op, k), check_f32(op, v);
-  REX_CHECK(q.rank() == 4 && k.rank() == 4 && v.rank() == 4, op,
-            ": expected q [B, Hq, T, D] and k, v [B, Hkv, T, D], got q ", q.shape(), ", k ",
-            k.shape(), ", v ", v.shape());
+  const bool time_first = layout == AttentionLayout::time_first;
+  const char* expected = time_first ? "q [B, T, Hq, D] and k, v [B, T, Hkv, D]"
+                                    : "q [B, Hq, T, D] and k, v [B, Hkv, T, D]";
+  REX_CHECK(q.rank() == 4 && k.rank() == 4 && v.rank() == 4, op, ": expected ", expected,
+            ", got q ", q.shape(), ", k ", k.shape(), ", v ", v.shape());
   REX_CHECK(k.shape() == v.shape(), op, ": k ", k.shape(), " and v ", v.shape(),
             " must have the same shape");
-  REX_CHECK(q.dim(0) == k.dim(0) && q.dim(2) == k.dim(2) && q.dim(3) == k.dim(3), op, ": q ",
-            q.shape(), " and k, v ", k.shape(), " differ in batch, time or head size");
-  REX_CHECK(k.dim(1) > 0 && q.dim(1) > 0 && q.dim(1) % k.dim(1) == 0, op, ": ", q.dim(1),
-            " query heads are not a multiple of ", k.dim(1), " kv heads (q ", q.shape(), ", k ",
-            k.shape(), ")");
-  return q.dim(1) / k.dim(1);
+  const int head_axis = time_first ? 2 : 1, time_axis = time_first ? 1 : 2;
+  REX_CHECK(q.dim(0) == k.dim(0) && q.dim(time_axis) == k.dim(time_axis) && q.dim(3) == k.dim(3),
+            op, ": q ", q.shape(), " and k, v ", k.shape(), " differ in batch, time or head size (",
+            expected, ")");
+  const int64_t heads = q.dim(head_axis), kv_heads = k.dim(head_axis);
+  REX_CHECK(kv_heads > 0 && heads > 0 && heads % kv_heads == 0, op, ": ", heads,
+            " query heads are not a multiple of ", kv_heads, " kv heads (q ", q.shape(), ", k ",
+            k.shape(), ", ", expected, ")");
+  return {q.dim(0), heads, kv_heads, q.dim(time_axis), q.dim(3), time_first};
 }
 
 struct AttentionValues {
-  Tensor out;  // [B, Hq, T, D]
+  Tensor out;  // q's shape
   Tensor lse;  // [B, Hq, T]: the row log-sum-exp, saved for the backward
 };
 
@@ -62,25 +76,23 @@ inline bool attention_is_flash(const Tensor& q) {
 }
 
 inline AttentionValues attention_values(const Tensor& q, const Tensor& k, const Tensor& v,
-                                        float scale, bool flash) {
-  const int64_t batch = q.dim(0), heads = q.dim(1), kv_heads = k.dim(1);
-  const int64_t time = q.dim(2), head_dim = q.dim(3);
-  AttentionValues out{Tensor::empty(q.shape(), DType::f32, q.device()),
-                      Tensor::empty(Shape{batch, heads, time}, DType::f32, q.device())};
+                                        const AttentionShape& shape, float scale, bool flash) {
+  AttentionValues out{
+      Tensor::empty(q.shape(), DType::f32, q.device()),
+      Tensor::empty(Shape{shape.batch, shape.heads, shape.time}, DType::f32, q.device())};
   (flash        ? cuda_backend().flash_attention
    : on_cuda(q) ? cuda_backend().attention
                 : cpu::attention)(q.device_data<float>(), k.device_data<float>(),
                                   v.device_data<float>(), out.out.device_data<float>(),
-                                  out.lse.device_data<float>(), batch, heads, kv_heads, time,
-                                  head_dim, scale);
+                                  out.lse.device_data<float>(), shape, scale);
   return out;
 }
 
 // The gradients of q, k and v (each left undefined where `needs` says it is not wanted); `out` is
 // the forward's output, which flash attention's backward reads (the fp32 kernels recompute it).
 inline GradList attention_grads(const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v,
-                                const AttentionValues& values, float scale, bool flash,
-                                const std::vector<bool>& needs) {
+                                const AttentionValues& values, const AttentionShape& shape,
+                                float scale, bool flash, const std::vector<bool>& needs) {
   GradList grads(3);
   const Tensor* inputs[] = {&q, &k, &v};
   // Flash attention writes all three.
@@ -92,36 +104,38 @@ inline GradList attention_grads(const Tensor& g, const Tensor& q, const Tensor& 
   if (flash) {
     cuda_backend().flash_attention_backward(pq, pk, pv, values.out.device_data<float>(), lse,
                                             g.device_data<float>(), pointer(grads[0]),
-                                            pointer(grads[1]), pointer(grads[2]), q.dim(0),
-                                            q.dim(1), k.dim(1), q.dim(2), q.dim(3), scale);
+                                            pointer(grads[1]), pointer(grads[2]), shape, scale);
     for (size_t i = 0; i < 3; ++i)
       if (!needs[i]) grads[i] = Tensor();
     return grads;
   }
   (on_cuda(q) ? cuda_backend().attention_backward : cpu::attention_backward)(
       pq, pk, pv, lse, g.device_data<float>(), pointer(grads[0]), pointer(grads[1]),
-      pointer(grads[2]), q.dim(0), q.dim(1), k.dim(1), q.dim(2), q.dim(3), scale);
+      pointer(grads[2]), shape, scale);
   return grads;
 }
 
 }  // namespace detail
 
 // Causal softmax(q k^T / sqrt(D)) v for q [B, Hq, T, D] and k, v [B, Hkv, T, D], Hq a multiple of
-// Hkv.
-inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
-  detail::check_attention_inputs("causal_attention", q, k, v);
+// Hkv; with AttentionLayout::time_first, q [B, T, Hq, D] and k, v [B, T, Hkv, D].
+inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                               AttentionLayout layout = AttentionLayout::heads_first) {
+  const detail::AttentionShape shape =
+      detail::check_attention_inputs("causal_attention", q, k, v, layout);
   detail::common_device("causal_attention", {q, k, v});
   const float scale = 1.0f / std::sqrt(static_cast<float>(q.dim(3)));
   const bool flash = detail::attention_is_flash(q);
-  detail::AttentionValues values = detail::attention_values(q, k, v, scale, flash);
+  detail::AttentionValues values = detail::attention_values(q, k, v, shape, scale, flash);
   Tensor out = values.out;
   // The closure keeps the output (detached: the output's node holds the closure) only for flash
   // attention's backward.
   values.out = flash ? out.detach() : Tensor();
   return detail::record(out, "causal_attention", {q, k, v},
                         [q = q.detach(), k = k.detach(), v = v.detach(), values = std::move(values),
-                         scale, flash](const Tensor& g, const std::vector<bool>& needs) {
-                          return detail::attention_grads(g, q, k, v, values, scale, flash, needs);
+                         shape, scale, flash](const Tensor& g, const std::vector<bool>& needs) {
+                          return detail::attention_grads(g, q, k, v, values, shape, scale, flash,
+                                                         needs);
                         });
 }
 
@@ -129,7 +143,9 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
 // group ([B, Hkv, G, T, D] against [B, Hkv, 1, T, D]), and the mask is a masked_fill with
 // -infinity.
 inline Tensor causal_attention_reference(const Tensor& q, const Tensor& k, const Tensor& v) {
-  const int64_t group = detail::check_attention_inputs("causal_attention_reference", q, k, v);
+  const int64_t group = detail::check_attention_inputs("causal_attention_reference", q, k, v,
+                                                       AttentionLayout::heads_first)
+                            .group();
   const int64_t batch = q.dim(0), kv_heads = k.dim(1), time = q.dim(2), head_dim = q.dim(3);
   Tensor future = zeros(Shape{time, time});
   for (int64_t i = 0; i < time; ++i)

@@ -9,7 +9,9 @@
 //   dG = dA * U * s (1 + G (1 - s)),  dU = dA * silu(G)
 //   d gate_e = dG^T X_e,  d up_e = dU^T X_e,  dX_e = dG gate_e + dU up_e
 // (the SwiGLU formulas are rex/backend/pointwise.hpp's swiglu_value, swiglu_grad_a, swiglu_grad_b).
-// G and U are saved (2 M h floats); A is recomputed. The CPU runs the segments in parallel
+// G, U and A are saved (3 M h floats, as PyTorch keeps them too): the backward needs A for d down
+// and G, U for SwiGLU's gradients, and recomputing A would cost a pass over [M, h] (on CUDA a
+// launch) to save M h floats. The CPU runs the segments in parallel
 // (rex/backend/cpu/gemm.hpp); CUDA runs grouped products (or per-expert cuBLAS GEMMs in tf32)
 // around one swiglu kernel over all rows (rex/backend/cuda/dispatch.hpp). The offsets are a
 // DeviceCounts: on the host, or a routing plan's on the device, which the grouped products read
@@ -55,7 +57,7 @@ inline std::vector<Tensor> grouped_swiglu_inputs(const Tensor& x, const std::vec
 
 // The forward's output y [M, d] and the pre-activations G and U [M, h] that the backward reads.
 struct GroupedSwigluValues {
-  Tensor y, pre_gate, pre_up;
+  Tensor y, pre_gate, pre_up, act;
 };
 
 // Every expert's weights of one kind (gate, up or down) as device pointers, for the entries.
@@ -86,19 +88,20 @@ inline GroupedSwigluValues grouped_swiglu_values(const Tensor& x, const DeviceCo
   const int64_t rows = x.dim(0), d = x.dim(1), h = gate[0].dim(0);
   const auto experts = static_cast<int64_t>(gate.size());
   const Device device = x.device();
-  GroupedSwigluValues out{Tensor::empty({rows, d}, DType::f32, device),
-                          Tensor::empty({rows, h}, DType::f32, device),
-                          Tensor::empty({rows, h}, DType::f32, device)};
+  GroupedSwigluValues out{
+      Tensor::empty({rows, d}, DType::f32, device), Tensor::empty({rows, h}, DType::f32, device),
+      Tensor::empty({rows, h}, DType::f32, device), Tensor::empty({rows, h}, DType::f32, device)};
   const std::vector<const float*> g = expert_pointers(gate), u = expert_pointers(up),
                                   w = expert_pointers(down);
   if (on_cuda(x)) {
     cuda_grouped_swiglu(x.device_data<float>(), cuda_segments(offsets, rows, d, h), g.data(),
                         u.data(), w.data(), out.y.device_data<float>(),
-                        out.pre_gate.device_data<float>(), out.pre_up.device_data<float>(), d, h);
+                        out.pre_gate.device_data<float>(), out.pre_up.device_data<float>(),
+                        out.act.device_data<float>(), d, h);
   } else {
     cpu::grouped_swiglu(x.data<float>(), offsets.offsets().data(), experts, g.data(), u.data(),
                         w.data(), out.y.data<float>(), out.pre_gate.data<float>(),
-                        out.pre_up.data<float>(), d, h);
+                        out.pre_up.data<float>(), out.act.data<float>(), d, h);
   }
   return out;
 }
@@ -108,8 +111,10 @@ inline GroupedSwigluValues grouped_swiglu_values(const Tensor& x, const DeviceCo
 // with no rows gets no gradient; with them only on the device every wanted one is computed (zeros
 // for an empty segment), and the node's gates decide which are real.
 inline GradList grouped_swiglu_grads(const Tensor& g, const Tensor& x, const DeviceCounts& offsets,
-                                     const std::vector<Tensor>& weights, const Tensor& pre_gate,
-                                     const Tensor& pre_up, const std::vector<bool>& needs) {
+                                     const std::vector<Tensor>& weights,
+                                     const GroupedSwigluValues& saved,
+                                     const std::vector<bool>& needs) {
+  const Tensor &pre_gate = saved.pre_gate, &pre_up = saved.pre_up, &act = saved.act;
   const auto experts = static_cast<int64_t>(weights.size() / 3);
   const int64_t rows = x.dim(0), d = x.dim(1), h = pre_gate.dim(1);
   const GroupedSegments segments =
@@ -131,15 +136,15 @@ inline GradList grouped_swiglu_grads(const Tensor& g, const Tensor& x, const Dev
   }
   float* dx = needs[0] ? grads[0].device_data<float>() : nullptr;
   if (on_cuda(x)) {
-    cuda_grouped_swiglu_backward(x.device_data<float>(), segments, w[0].data(), w[1].data(),
-                                 w[2].data(), pre_gate.device_data<float>(),
-                                 pre_up.device_data<float>(), g.device_data<float>(), dx,
-                                 dw[0].data(), dw[1].data(), dw[2].data(), d, h);
+    cuda_grouped_swiglu_backward(
+        x.device_data<float>(), segments, w[0].data(), w[1].data(), w[2].data(),
+        pre_gate.device_data<float>(), pre_up.device_data<float>(), act.device_data<float>(),
+        g.device_data<float>(), dx, dw[0].data(), dw[1].data(), dw[2].data(), d, h);
   } else {
     cpu::grouped_swiglu_backward(x.data<float>(), offsets.offsets().data(), experts, w[0].data(),
                                  w[1].data(), w[2].data(), pre_gate.data<float>(),
-                                 pre_up.data<float>(), g.data<float>(), dx, dw[0].data(),
-                                 dw[1].data(), dw[2].data(), d, h);
+                                 pre_up.data<float>(), act.data<float>(), g.data<float>(), dx,
+                                 dw[0].data(), dw[1].data(), dw[2].data(), d, h);
   }
   return grads;
 }
@@ -371,9 +376,10 @@ inline Tensor grouped_swiglu(const Tensor& x, const DeviceCounts& offsets,
     for (size_t i = 1; i < inputs.size(); ++i) weights.push_back(inputs[i].detach());
   Tensor y = detail::record(
       values.y, "grouped_swiglu", inputs,
-      [x = x.detach(), offsets, weights = std::move(weights), pre_gate = values.pre_gate,
-       pre_up = values.pre_up](const Tensor& g, const std::vector<bool>& needs) {
-        return detail::grouped_swiglu_grads(g, x, offsets, weights, pre_gate, pre_up, needs);
+      [x = x.detach(), offsets, weights = std::move(weights),
+       saved = detail::GroupedSwigluValues{Tensor(), values.pre_gate, values.pre_up, values.act}](
+          const Tensor& g, const std::vector<bool>& needs) {
+        return detail::grouped_swiglu_grads(g, x, offsets, weights, saved, needs);
       });
   // Offsets the host has not read: each expert's gradients are real only if its count is not 0.
   if (offsets.only_on_device() && y.impl().autograd) {

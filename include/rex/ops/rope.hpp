@@ -14,8 +14,9 @@
 //
 // Each pair is a 2-d rotation by +angle, so the backward is the rotation of g by -angle:
 //   dx[i] = g[i] cos + g[i + h] sin,   dx[i + h] = g[i + h] cos - g[i] sin.
-// rope_heads takes a projection's output [B, T, H D] and gives the rotated heads [B, H, T, D]: the
-// split into heads is part of the kernel's reads, and the merge back part of its gradient's.
+// rope_heads takes a projection's output [B, T, H D] and gives its rotated heads time first,
+// [B, T, H, D]: the layout attention reads with AttentionLayout::time_first, so a model moves no
+// head anywhere (x's rows in their own order, and the gradient's the same).
 #pragma once
 
 #include <cmath>
@@ -77,8 +78,8 @@ inline RopeTable cached_rope_table(int64_t time, int64_t head_dim, float theta,
 }
 
 // Rotates every (i, i + D/2) pair of x's rows by +angle (direction 1) or -angle (direction -1),
-// into `out_shape`: x and the result hold the rows in the orders `rows` gives. The table must be on
-// x's device.
+// into `out_shape` (x's elements in x's order), each row at the position `rows` gives it. The table
+// must be on x's device.
 inline Tensor rope_rotate(const Tensor& x, const RopeTable& table, RopeRows rows,
                           const Shape& out_shape, float direction) {
   Tensor out = Tensor::empty(out_shape, DType::f32, x.device());
@@ -106,9 +107,9 @@ inline Tensor rope(const Tensor& x, float theta = 10000.0f, int64_t position_off
       });
 }
 
-// A projection's output x [B, T, H D] split into H heads and rotated: [B, H, T, D], the value of
-// rope(permute(reshape(x, {B, T, H, D}), {0, 2, 1, 3}), theta, position_offset) in one kernel (and
-// one for the gradient, rotated back into x's order), where the composition takes two.
+// A projection's output x [B, T, H D] split into H heads and rotated, time first: [B, T, H, D], the
+// value of permute(rope(permute(reshape(x, {B, T, H, D}), {0, 2, 1, 3}), theta, position_offset),
+// {0, 2, 1, 3}) in one kernel (and one for the gradient), where the composition takes three.
 inline Tensor rope_heads(const Tensor& x, int64_t heads, float theta = 10000.0f,
                          int64_t position_offset = 0) {
   detail::check_f32("rope_heads", x);
@@ -118,12 +119,11 @@ inline Tensor rope_heads(const Tensor& x, int64_t heads, float theta = 10000.0f,
   const int64_t batch = x.dim(0), time = x.dim(1), head_dim = x.dim(2) / heads;
   const detail::RopeTable table =
       detail::cached_rope_table(time, head_dim, theta, position_offset, x.device());
-  const detail::RopeRows split{batch, heads, time, /*x_time_first=*/true, /*y_time_first=*/false};
-  const detail::RopeRows merge{batch, heads, time, /*x_time_first=*/false, /*y_time_first=*/true};
+  const detail::RopeRows rows{batch, heads, time, /*time_first=*/true};
   return detail::record(
-      detail::rope_rotate(x, table, split, Shape{batch, heads, time, head_dim}, 1.0f), "rope_heads",
-      {x}, [table, merge, shape = x.shape()](const Tensor& g) {
-        return detail::GradList{detail::rope_rotate(g, table, merge, shape, -1.0f)};
+      detail::rope_rotate(x, table, rows, Shape{batch, time, heads, head_dim}, 1.0f), "rope_heads",
+      {x}, [table, rows, shape = x.shape()](const Tensor& g) {
+        return detail::GradList{detail::rope_rotate(g, table, rows, shape, -1.0f)};
       });
 }
 

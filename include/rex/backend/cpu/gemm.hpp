@@ -180,7 +180,7 @@ inline void row_times_bf16(const float* x, const uint16_t* w_bf16, float* y, int
 inline void grouped_swiglu(const float* x, const int64_t* offsets, int64_t experts,
                            const float* const* gate, const float* const* up,
                            const float* const* down, float* y, float* pre_gate, float* pre_up,
-                           int64_t d, int64_t h) {
+                           float* act, int64_t d, int64_t h) {
   REX_PARALLEL_FOR(schedule(dynamic))
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t first = offsets[e], m = offsets[e + 1] - first;
@@ -189,20 +189,23 @@ inline void grouped_swiglu(const float* x, const int64_t* offsets, int64_t exper
     float* u = pre_up + first * h;
     gemm(x + first * d, gate[e], g, m, h, d, false, true);
     gemm(x + first * d, up[e], u, m, h, d, false, true);
+    // Made in an aligned array, then kept: Eigen peels an unaligned destination's first elements
+    // into scalar code, whose exp differs from the vectorised one in the last bit.
     const Eigen::ArrayXf a = swiglu_value(ConstArrayMap(g, m * h), ConstArrayMap(u, m * h));
+    std::copy_n(a.data(), m * h, act + first * h);
     gemm(a.data(), down[e], y + first * d, m, d, h, false, true);
   }
 }
 
 // The gradients of grouped_swiglu for the output gradient g [rows, d]; dx and every d_gate[e],
-// d_up[e], d_down[e] may be null (not needed, or an empty segment). The activation is recomputed
-// from the saved pre-activations.
+// d_up[e], d_down[e] may be null (not needed, or an empty segment). pre_gate, pre_up and act are
+// the forward's.
 inline void grouped_swiglu_backward(const float* x, const int64_t* offsets, int64_t experts,
                                     const float* const* gate, const float* const* up,
                                     const float* const* down, const float* pre_gate,
-                                    const float* pre_up, const float* g, float* dx,
-                                    float* const* d_gate, float* const* d_up, float* const* d_down,
-                                    int64_t d, int64_t h) {
+                                    const float* pre_up, const float* act, const float* g,
+                                    float* dx, float* const* d_gate, float* const* d_up,
+                                    float* const* d_down, int64_t d, int64_t h) {
   REX_PARALLEL_FOR(schedule(dynamic))
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t first = offsets[e], m = offsets[e + 1] - first;
@@ -210,10 +213,7 @@ inline void grouped_swiglu_backward(const float* x, const int64_t* offsets, int6
     const ConstArrayMap gv(pre_gate + first * h, m * h), uv(pre_up + first * h, m * h);
     const Eigen::ArrayXf s = sigmoid_of(gv);
     const float* dy = g + first * d;
-    if (d_down[e] != nullptr) {
-      const Eigen::ArrayXf a = swiglu_value(gv, uv);
-      gemm(dy, a.data(), d_down[e], d, h, m, true, false);
-    }
+    if (d_down[e] != nullptr) gemm(dy, act + first * h, d_down[e], d, h, m, true, false);
     Eigen::ArrayXf da(m * h);
     gemm(dy, down[e], da.data(), m, h, d, false, false);
     const Eigen::ArrayXf d_pre_gate = swiglu_grad_a(da, gv, uv, s);

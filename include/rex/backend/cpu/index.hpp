@@ -144,16 +144,15 @@ inline void permute(const float* x, float* out, int64_t rank, const int64_t* dim
 }
 
 // The rows.count() rows of x rotated by `direction` (+1, or -1 for the backward) through the [time,
-// head_dim / 2] cos and sin tables, read and written in the orders `rows` gives (RopeRows); element
-// i pairs with i + head_dim / 2.
+// head_dim / 2] cos and sin tables, at the positions `rows` gives (RopeRows); element i pairs with
+// i + head_dim / 2.
 inline void rope(const float* x, const float* cos_table, const float* sin_table, float* y,
                  RopeRows rows, int64_t head_dim, float direction) {
   const int64_t half = head_dim / 2;
   REX_PARALLEL_FOR()
   for (int64_t r = 0; r < rows.count(); ++r) {
-    int64_t t = 0, x_row = 0;
-    rows.locate(r, t, x_row);
-    const float* in = x + x_row * head_dim;
+    const int64_t t = rows.position(r);
+    const float* in = x + r * head_dim;
     float* o = y + r * head_dim;
     const float* c = cos_table + t * half;
     const float* s = sin_table + t * half;

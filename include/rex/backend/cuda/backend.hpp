@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string>
 
+#include "rex/backend/attention_shape.hpp"
 #include "rex/backend/pointwise.hpp"
 #include "rex/backend/psr_mask.hpp"
 #include "rex/core/device_memory.hpp"
@@ -282,14 +283,13 @@ struct CudaBackend {
                int64_t head_dim, float direction);
 
   // ---- attention (kernels/attention.cu) ----
-  // Causal softmax(q k^T * scale) v with grouped-query heads; lse [B, Hq, T] is saved.
+  // Causal softmax(q k^T * scale) v with grouped-query heads, in either layout of `shape`
+  // (rex/backend/attention_shape.hpp); lse [B, Hq, T] is saved.
   void (*attention)(const float* q, const float* k, const float* v, float* out, float* lse,
-                    int64_t batch, int64_t heads, int64_t kv_heads, int64_t time, int64_t head_dim,
-                    float scale);
+                    AttentionShape shape, float scale);
   // dq, dk, dv may be null. dk and dv sum over the query heads of a group in a fixed order.
   void (*attention_backward)(const float* q, const float* k, const float* v, const float* lse,
-                             const float* g, float* dq, float* dk, float* dv, int64_t batch,
-                             int64_t heads, int64_t kv_heads, int64_t time, int64_t head_dim,
+                             const float* g, float* dq, float* dk, float* dv, AttentionShape shape,
                              float scale);
 
   // ---- flash attention on bf16 tensor cores (kernels/flash_attention.cu) ----
@@ -297,14 +297,12 @@ struct CudaBackend {
   // enter the products rounded to bf16, which accumulate in fp32; softmax statistics and outputs
   // are fp32. head_dim 32, 64 or 128 (anything else throws).
   void (*flash_attention)(const float* q, const float* k, const float* v, float* out, float* lse,
-                          int64_t batch, int64_t heads, int64_t kv_heads, int64_t time,
-                          int64_t head_dim, float scale);
+                          AttentionShape shape, float scale);
   // out and lse are the forward's; g, p and ds enter the products rounded to bf16. dq, dk and dv
   // are all written (none may be null); dk and dv sum the group's query heads in a fixed order.
   void (*flash_attention_backward)(const float* q, const float* k, const float* v, const float* out,
                                    const float* lse, const float* g, float* dq, float* dk,
-                                   float* dv, int64_t batch, int64_t heads, int64_t kv_heads,
-                                   int64_t time, int64_t head_dim, float scale);
+                                   float* dv, AttentionShape shape, float scale);
 
   // ---- GEMM through cuBLAS (kernels/gemm.cu) ----
   // Row-major c[m, n] (+)= op(a) op(b) like rex::detail::gemm, for `batch` products whose operands

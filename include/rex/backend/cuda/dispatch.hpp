@@ -100,12 +100,9 @@ inline ExpertProducts expert_products(int64_t d, int64_t h) {
 inline void cuda_grouped_swiglu(const float* x, const GroupedSegments& segments,
                                 const float* const* gate, const float* const* up,
                                 const float* const* down, float* y, float* pre_gate, float* pre_up,
-                                int64_t d, int64_t h) {
+                                float* act, int64_t d, int64_t h) {
   const CudaBackend& cuda = cuda_backend();
   const int64_t rows = segments.rows, experts = segments.experts;
-  const std::shared_ptr<void> act_buffer =
-      cuda_buffer(static_cast<size_t>(rows * h) * sizeof(float));
-  auto* act = static_cast<float*>(act_buffer.get());
   if (const ExpertProducts how = expert_products(d, h); how != ExpertProducts::per_expert) {
     const bool fp32 = how == ExpertProducts::grouped_fp32;
     GroupedRows gate_up;  // pre_gate = x gate_e^T and pre_up = x up_e^T, x read by one launch
@@ -142,18 +139,15 @@ inline void cuda_grouped_swiglu(const float* x, const GroupedSegments& segments,
 inline void cuda_grouped_swiglu_backward(const float* x, const GroupedSegments& segments,
                                          const float* const* gate, const float* const* up,
                                          const float* const* down, const float* pre_gate,
-                                         const float* pre_up, const float* g, float* dx,
-                                         float* const* d_gate, float* const* d_up,
+                                         const float* pre_up, const float* act, const float* g,
+                                         float* dx, float* const* d_gate, float* const* d_up,
                                          float* const* d_down, int64_t d, int64_t h) {
   const CudaBackend& cuda = cuda_backend();
   const int64_t rows = segments.rows, experts = segments.experts;
   const size_t bytes = static_cast<size_t>(rows * h) * sizeof(float);
-  const std::shared_ptr<void> buffers[] = {cuda_buffer(bytes), cuda_buffer(bytes),
-                                           cuda_buffer(bytes)};
-  auto* act = static_cast<float*>(buffers[0].get());
-  auto* d_pre_gate = static_cast<float*>(buffers[1].get());
-  auto* d_pre_up = static_cast<float*>(buffers[2].get());
-  cuda.swiglu(pre_gate, pre_up, act, rows * h);
+  const std::shared_ptr<void> buffers[] = {cuda_buffer(bytes), cuda_buffer(bytes)};
+  auto* d_pre_gate = static_cast<float*>(buffers[0].get());
+  auto* d_pre_up = static_cast<float*>(buffers[1].get());
   if (const ExpertProducts how = expert_products(d, h); how != ExpertProducts::per_expert) {
     const bool fp32 = how == ExpertProducts::grouped_fp32;
     GroupedWeights down_grad;  // d down_e = g_e^T act_e
