@@ -18,7 +18,9 @@
 //   tile of c[e], its k loop over the segment's rows. Two pairs share b (d gate = dg^T x and
 //   d up = du^T x). A null c[e] (an expert without a gradient) is skipped; an expert whose
 //   segment is empty gets zeros (when the host never read the offsets, it gives every expert an
-//   output, and the gradient's gate says whether it is real: rex/autograd/graph.hpp).
+//   output, and the gradient's gate says whether it is real: rex/autograd/graph.hpp). With
+//   accumulate, the tile is added to c[e] (an expert table's gradient, which the layers sharing
+//   the table add to in turn), and an empty segment's blocks return at once.
 // Every operand is an fp32 matrix in memory, converted to bf16 (round to nearest even) on its way
 // into shared memory in bf16, kept as it is in fp32; tiles are stored with k contiguous (rows
 // padded by 8 bf16 or 4 floats, so that the 8 rows an ldmatrix or a float4 request reads fall in
@@ -178,6 +180,16 @@ __device__ __forceinline__ void store_tile(float* c, int64_t ld, const float (&a
   });
 }
 
+// store_tile's elements added to c's instead.
+__device__ __forceinline__ void add_tile(float* c, int64_t ld, const float (&acc)[2][8][4],
+                                         int rows, int cols) {
+  for_each_pair(rows, cols, [&](int row, int col, int i, int j, int e) {
+    float2* at = reinterpret_cast<float2*>(c + row * ld + col);
+    const float2 before = *at;
+    *at = make_float2(__fadd_rn(before.x, acc[i][j][e]), __fadd_rn(before.y, acc[i][j][e + 1]));
+  });
+}
+
 // The segment of the expert-sorted rows that a rows-form block takes: tile `index` of all the
 // segments' tiles in order (expert -1: past the last tile).
 struct RowTile {
@@ -331,6 +343,7 @@ __device__ __forceinline__ void grouped_weights_body(const int64_t* offsets, int
   float* c = outputs[pair * experts + expert];
   if (c == nullptr) return;
   const int64_t first = offsets[expert], rows = offsets[expert + 1] - first;
+  if (rows == 0 && p.accumulate) return;
   const int64_t row0 = blockIdx.x * static_cast<int64_t>(kTile);
   const int64_t col0 = blockIdx.y * static_cast<int64_t>(kTile);
   const int tile_rows = static_cast<int>(p.m - row0 < kTile ? p.m - row0 : kTile);
@@ -346,7 +359,7 @@ __device__ __forceinline__ void grouped_weights_body(const int64_t* offsets, int
     multiply_tiles(acc, a_tile, b_tile);
     __syncthreads();
   }
-  store_tile(c + row0 * p.n + col0, p.n, acc, tile_rows, cols);
+  (p.accumulate ? add_tile : store_tile)(c + row0 * p.n + col0, p.n, acc, tile_rows, cols);
 }
 
 __global__ void grouped_weights_kernel(const int64_t* offsets, int64_t experts, GroupedWeights p,

@@ -605,6 +605,73 @@ TEST_CASE("cuda ops: grouped_swiglu and the MoE layer") {
       rounding_bound(50, 2));
 }
 
+// An expert table shared by two layers (two grouped_swiglu calls on the same weights): the call
+// that runs backward second adds its weight gradients into the first's inside its products (the
+// engine gives it the .grad() they have: Node::adds_to_leaf_grads), where the engine added them
+// after. Against the two calls' gradients computed apart and added: the same bits in fp32 and bf16
+// (grouped products: each element's sum is finished, then added once); in tf32 the per-expert
+// cuBLAS products add with beta = 1, fl(S + C) for the engine's fl(fl(S) + C): within 3u (|S| +
+// |result|), as for matmul (S being the product of whichever call ran second). With every expert
+// routed rows in both layers, and with expert 1 routed none in the second (then it has one gradient
+// only, and the other call's products add only if the experts it makes gradients for all have one).
+TEST_CASE("cuda ops: layers sharing an expert table add to its gradients inside the products") {
+  if (gpu_missing()) return;
+  Generator gen(12);
+  const int64_t d = 6, h = 10, rows = 12;
+  const std::vector<int64_t> first{0, 3, 5, 10, 12};
+  const Tensor xa = uniform({rows, d}, gen), xb = uniform({rows, d}, gen);
+  const Tensor ra = uniform({rows, d}, gen), rb = uniform({rows, d}, gen);
+  std::vector<Tensor> weights;
+  for (int kind = 0; kind < 3; ++kind)
+    for (int e = 0; e < 4; ++e)
+      weights.push_back(uniform(kind < 2 ? Shape{h, d} : Shape{d, h}, gen));
+  auto leaves = [&] {
+    std::vector<Tensor> w;
+    for (const Tensor& t : weights) w.push_back(t.copy_to(kGpu).requires_grad_());
+    return w;
+  };
+  auto loss = [&](const std::vector<Tensor>& w, const Tensor& x,
+                  const std::vector<int64_t>& offsets, const Tensor& r) {
+    const std::vector<Tensor> gate(w.begin(), w.begin() + 4), up(w.begin() + 4, w.begin() + 8),
+        down(w.begin() + 8, w.end());
+    return sum(grouped_swiglu(x.to(kGpu), offsets, gate, up, down) * r.to(kGpu));
+  };
+  for (const std::vector<int64_t>& second :
+       {std::vector<int64_t>{0, 4, 6, 9, 12}, std::vector<int64_t>{0, 4, 4, 9, 12}}) {
+    for (const char* precision : {"fp32", "bf16", "tf32"}) {
+      CAPTURE(precision);
+      CAPTURE(second[2]);
+      set_matmul_precision(kGpu, precision);
+      const std::vector<Tensor> together = leaves(), a = leaves(), b = leaves();
+      (loss(together, xa, first, ra) + loss(together, xb, second, rb)).backward();
+      loss(a, xa, first, ra).backward();
+      loss(b, xb, second, rb).backward();
+      set_matmul_precision(kGpu, "fp32");
+      for (size_t i = 0; i < weights.size(); ++i) {
+        CAPTURE(i);
+        const Tensor got = together[i].grad().to(Device::cpu());
+        const Tensor ga = a[i].grad().to(Device::cpu());
+        if (!b[i].grad().defined()) {  // expert 1 in the second layer: no rows
+          CHECK(testing::same_bytes(got, ga));
+          continue;
+        }
+        const Tensor gb = b[i].grad().to(Device::cpu());
+        const Tensor apart = ga + gb;
+        if (std::string(precision) != "tf32") {
+          CHECK(testing::same_bytes(got, apart));
+          continue;
+        }
+        for (int64_t j = 0; j < got.numel(); ++j) {
+          // S is whichever of the two ran second: both are in the sum.
+          const float s = std::fabs(ga.data<float>()[j]) + std::fabs(gb.data<float>()[j]) +
+                          std::fabs(apart.data<float>()[j]);
+          CHECK(std::fabs(got.data<float>()[j] - apart.data<float>()[j]) <= 3 * kU * s);
+        }
+      }
+    }
+  }
+}
+
 // SwiGLU inside the grouped products (GroupedRows::swiglu_out and swiglu_backward) against the
 // same products stored and then swiglu_kernel and swiglu_backward_kernel: bit for bit, on the
 // same device (the kernels run the formulas of backend/pointwise.hpp on the same floats). Segments

@@ -827,9 +827,10 @@ inline KernelCounts grouped_rows(const std::vector<i64>& segment_rows, i64 n, i6
 // outputs. With the offsets read by the host (`host_rule`), an expert without rows has no output
 // (its blocks read the null pointer and return); with them on the device only, every expert has
 // one, zeros for an empty segment. Every warp reads its output pointer and, where there is one,
-// both offsets of its expert.
+// both offsets of its expert. With accumulate, each tile is read, added to (an f32 add an element)
+// and written, and an empty segment's blocks stop after the offsets.
 inline KernelCounts grouped_weights(const std::vector<i64>& segment_rows, i64 m, i64 n, int pairs,
-                                    bool fp32, bool host_rule) {
+                                    bool fp32, bool host_rule, bool accumulate = false) {
   KernelCounts one;
   const i64 tiles = static_cast<i64>(ceil_div(m, 128) * ceil_div(n, 128));
   for (int pair = 0; pair < pairs; ++pair)
@@ -838,6 +839,7 @@ inline KernelCounts grouped_weights(const std::vector<i64>& segment_rows, i64 m,
         load_broadcast(one, 8 * 32, 8);  // the output pointer
         if (rows == 0 && host_rule) continue;
         load_broadcast(one, 2 * 8 * 32, 8);  // the offsets
+        if (rows == 0 && accumulate) continue;
         const i64 tile_rows =
             std::min<i64>(128, m - 128 * (t / static_cast<i64>(ceil_div(n, 128))));
         const i64 cols = std::min<i64>(128, n - 128 * (t % static_cast<i64>(ceil_div(n, 128))));
@@ -846,7 +848,8 @@ inline KernelCounts grouped_weights(const std::vector<i64>& segment_rows, i64 m,
           grouped_tile_strided(one, cols);
           grouped_tile_products(one, fp32);
         }
-        grouped_tile_store(one, tile_rows, cols);
+        grouped_tile_store(one, tile_rows, cols, 1, accumulate ? 1 : 0);
+        if (accumulate) one.arithmetic.f32_flops += static_cast<uint64_t>(tile_rows * cols);
       }
   return one;
 }
@@ -893,13 +896,28 @@ inline Counts training_step(const rex::train::RunConfig& config,
   // Every expert gets r = routed / P rows (the shapes only; their sum is exact): a product of
   // [m, k] and [k, n] per expert, `products` times, m, n or k being r.
   const i64 r = routed / P;
-  auto per_expert = [&](i64 m, i64 n, i64 k, int products) {
-    plan.gemm(m, n, k, precision, static_cast<uint64_t>(P * products));
+  auto per_expert = [&](i64 m, i64 n, i64 k, int products, bool accumulate = false) {
+    plan.gemm(m, n, k, precision, static_cast<uint64_t>(P * products), accumulate);
   };
   // In bf16 the experts' products are grouped (kernels/grouped_gemm.cu), one launch each.
   auto segments = [&](i64 layer) {
     if (!routing.empty()) return routing.at(static_cast<size_t>(layer));
     return std::vector<i64>(static_cast<size_t>(P), r);
+  };
+  // Whether every expert that `layer` routes rows to (with the offsets on the host: the per-expert
+  // products) had a gradient already, from a layer of its table that ran backward before it; with
+  // the offsets on the device every expert of those layers made one.
+  auto adds_into_table = [&](i64 layer) {
+    if (grouped) return true;
+    const i64 last = std::min(L - 1, (layer / moe.reuse + 1) * moe.reuse - 1);
+    for (i64 e = 0; e < P; ++e) {
+      if (segments(layer)[static_cast<size_t>(e)] == 0) continue;
+      bool had = false;
+      for (i64 later = layer + 1; later <= last; ++later)
+        had = had || segments(later)[static_cast<size_t>(e)] > 0;
+      if (!had) return false;
+    }
+    return true;
   };
   auto add = [&](i64 n) { plan.launch("binary_flat_kernel", elementwise(n, 2, 0)); };
   // (The token ids came from the host, which checked them there: no check kernel, no read-back.)
@@ -1034,24 +1052,30 @@ inline Counts training_step(const rex::train::RunConfig& config,
     plan.launch("softmax_backward_kernel", row_kernel(M, P, 4, 1, 1));
     linear_backward(M, D, P);
     // The experts back (the forward's activation kept): the down, SwiGLU's (grouped: inside the
-    // product back through down) and the gate and up products' backward; from the second layer of
-    // a table on, each expert's three weight gradients are added to the table's.
+    // product back through down) and the gate and up products' backward. From the second layer of
+    // a table on, each expert's three weight gradients are added to the table's: by the products
+    // themselves when every expert they make one for has one already (grouped_swiglu_grads), else
+    // by add_pairs launches.
+    const bool first_of_table = layer % moe.reuse == moe.reuse - 1 || layer == L - 1;
+    const bool accumulate = !first_of_table && adds_into_table(layer);
     if (grouped) {
-      plan.launch(grouped_weights_name, grouped_weights(segments(layer), D, F, 1, fp32, false));
+      plan.launch(grouped_weights_name,
+                  grouped_weights(segments(layer), D, F, 1, fp32, false, accumulate));
       plan.launch(grouped_rows_name,
                   grouped_rows(segments(layer), F, D, 1, 1, false, fp32, false, true));
-      plan.launch(grouped_weights_name, grouped_weights(segments(layer), F, D, 2, fp32, false));
+      plan.launch(grouped_weights_name,
+                  grouped_weights(segments(layer), F, D, 2, fp32, false, accumulate));
       plan.launch(grouped_rows_name, grouped_rows(segments(layer), D, F, 2, 1, false, fp32));
     } else {
       per_expert(r, F, D, 1);                                        // down: dx = dy W
-      per_expert(D, F, r, 1);                                        // down: dW = dy^T a
+      per_expert(D, F, r, 1, accumulate);                            // down: dW = dy^T a
       KernelCounts swiglu_backward = elementwise(routed * F, 3, 0);  // a, b, g in; da out
       store_stream(swiglu_backward, routed * F);                     // and db
       plan.launch("swiglu_backward_kernel", swiglu_backward);
-      per_expert(r, D, F, 2);  // gate and up: dx = dg Wg + du Wu
-      per_expert(F, D, r, 2);  // gate and up: dW = dg^T x, du^T x
+      per_expert(r, D, F, 2);              // gate and up: dx = dg Wg + du Wu
+      per_expert(F, D, r, 2, accumulate);  // gate and up: dW = dg^T x, du^T x
     }
-    if (layer % moe.reuse != moe.reuse - 1 && layer != L - 1) {  // in add_pairs launches
+    if (!first_of_table && !accumulate) {  // in add_pairs launches
       const i64 pairs = 3 * P, per_launch = rex::detail::kAddPairsPerLaunch;
       for (i64 done = 0; done < pairs; done += per_launch)
         plan.launch("add_pairs_kernel",

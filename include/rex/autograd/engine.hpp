@@ -76,11 +76,20 @@ class LeafAdds {
   std::unordered_set<const float*> pending_;  // the accumulators in accs_
 };
 
+// The gates of a leaf's gradient once a gradient gated by `gate` (or real: null, or no counts) is
+// added to it: a gated one leaves the sum gated by its gate too, unless the sum already was real.
+inline void gate_after_add(AutogradMeta& leaf, const GradGate* gate) {
+  if (gate == nullptr || !gate->counts.defined()) {
+    leaf.grad_gates.clear();
+  } else if (!leaf.grad_gates.empty()) {
+    leaf.grad_gates.push_back(*gate);
+  }
+}
+
 // acc += g; the first gradient is copied into the leaf's home when it has one (an optimiser
 // arena's view), else taken over when nothing else reaches it and copied otherwise, so that a
 // leaf's .grad() never aliases another tensor. The addition goes to `adds` when given (it is made
-// when adds is flushed). A gated g (GradGate) leaves the sum gated by its gate too, unless it
-// already was real.
+// when adds is flushed).
 inline void accumulate_leaf_grad(AutogradMeta& leaf, const Tensor& g,
                                  const GradGate* gate = nullptr, LeafAdds* adds = nullptr) {
   const bool gated = gate != nullptr && gate->counts.defined();
@@ -99,11 +108,7 @@ inline void accumulate_leaf_grad(AutogradMeta& leaf, const Tensor& g,
   } else {
     add_into(leaf.grad, g, leaf.grad, "backward");
   }
-  if (!gated) {
-    leaf.grad_gates.clear();
-  } else if (!leaf.grad_gates.empty()) {
-    leaf.grad_gates.push_back(*gate);
-  }
+  gate_after_add(leaf, gate);
 }
 
 // Nodes reachable from `root`, each before every node that produced one of its inputs.
@@ -142,13 +147,23 @@ inline void backward_through(Node* node, std::unordered_map<Node*, Tensor>& pend
   for (size_t i = 0; i < needs.size(); ++i) needs[i] = node->inputs[i] != nullptr;
   // The gradients already sent to this node's inputs, for a backward that can add them itself
   // (each given once, to the first of the inputs that share it); those it leaves go back. Other
-  // backwards get an empty list (no allocation).
+  // backwards get an empty list (no allocation). With adds_to_leaf_grads, the list holds instead
+  // the .grad() of each leaf input that has one (once per leaf), which the backward may add into in
+  // place.
   GradList waiting;
   if (node->takes_waiting) {
     waiting.resize(node->inputs.size());
+    std::unordered_set<const AutogradMeta*> leaves_given;
     for (size_t i = 0; i < waiting.size(); ++i) {
-      if (!node->inputs[i] || !node->inputs[i]->grad_fn) continue;
-      auto slot = pending.find(node->inputs[i]->grad_fn.get());
+      const AutogradMeta* input = node->inputs[i].get();
+      if (input == nullptr) continue;
+      if (node->adds_to_leaf_grads) {
+        if (!input->grad_fn && input->grad.defined() && leaves_given.insert(input).second)
+          waiting[i] = input->grad;
+        continue;
+      }
+      if (!input->grad_fn) continue;
+      auto slot = pending.find(input->grad_fn.get());
       if (slot == pending.end()) continue;
       waiting[i] = std::move(slot->second);
       pending.erase(slot);
@@ -157,7 +172,8 @@ inline void backward_through(Node* node, std::unordered_map<Node*, Tensor>& pend
   GradList grads = node->backward(grad, needs, waiting);
   if (!retain_graph) node->backward = nullptr;
   for (size_t i = 0; i < waiting.size(); ++i)
-    if (waiting[i].defined()) pending[node->inputs[i]->grad_fn.get()] = std::move(waiting[i]);
+    if (waiting[i].defined() && node->inputs[i]->grad_fn)
+      pending[node->inputs[i]->grad_fn.get()] = std::move(waiting[i]);
 
   REX_CHECK(grads.size() == node->inputs.size(), "backward of '", node->op, "' returned ",
             grads.size(), " gradients for ", node->inputs.size(), " inputs");
@@ -172,8 +188,13 @@ inline void backward_through(Node* node, std::unordered_map<Node*, Tensor>& pend
       Tensor& slot = pending[input.grad_fn.get()];
       slot = slot.defined() ? sum_of_grads(slot, grads[i]) : grads[i];
     } else {
-      accumulate_leaf_grad(input, grads[i],
-                           node->input_gates.empty() ? nullptr : &node->input_gates[i], &adds);
+      const GradGate* gate = node->input_gates.empty() ? nullptr : &node->input_gates[i];
+      if (input.grad.defined() &&
+          grads[i].device_data<float>() == input.grad.device_data<float>()) {
+        gate_after_add(input, gate);  // the backward added into the leaf's .grad() itself
+      } else {
+        accumulate_leaf_grad(input, grads[i], gate, &adds);
+      }
     }
   }
   adds.flush();

@@ -9,7 +9,10 @@
 // that adds waiting[i] into its gradient for input i in its own kernel takes it (std::move, which
 // leaves it undefined) and returns the sum; the engine adds the ones not taken, one launch each,
 // so taking one saves a launch where gradients meet (the residual stream, the inputs shared by q,
-// k and v, by the router and the dispatch, the router's probabilities).
+// k and v, by the router and the dispatch, the router's probabilities). A node marked
+// adds_to_leaf_grads finds there instead, for each leaf input that has a .grad() already, that
+// .grad() itself: taking it means adding the input's gradient into it in place and returning it
+// (an expert table's weights, which the r layers sharing them reach one after another).
 //
 // Leaves (parameters and inputs marked with requires_grad_) accumulate into their .grad(); interior
 // tensors pass gradients on. NoGradGuard turns recording off in a scope (backward runs under it, so
@@ -51,6 +54,7 @@ struct Node {
   std::vector<Shape> input_shapes;
   BackwardFn backward;                // null once released
   bool takes_waiting = false;         // whether backward may take its inputs' waiting gradients
+  bool adds_to_leaf_grads = false;    // and add into its leaf inputs' .grad() in place
   std::vector<GradGate> input_gates;  // empty, or one per input: the gates of its gradients
 
   ~Node();

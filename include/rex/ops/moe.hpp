@@ -109,11 +109,14 @@ inline GroupedSwigluValues grouped_swiglu_values(const Tensor& x, const DeviceCo
 // The gradients of the node's inputs (x, then gate, up and down of every expert: slot
 // 1 + kind * experts + e). `weights` are those 3P inputs. With the offsets on the host an expert
 // with no rows gets no gradient; with them only on the device every wanted one is computed (zeros
-// for an empty segment), and the node's gates decide which are real.
+// for an empty segment), and the node's gates decide which are real. `waiting` holds the weights'
+// .grad() where they have one (the node adds to leaf gradients, rex/autograd/graph.hpp): on CUDA,
+// when every weight gradient made here has one (the layers of a table after the first to run
+// backward), the products add into them in place, where the engine would add new ones after.
 inline GradList grouped_swiglu_grads(const Tensor& g, const Tensor& x, const DeviceCounts& offsets,
                                      const std::vector<Tensor>& weights,
                                      const GroupedSwigluValues& saved,
-                                     const std::vector<bool>& needs) {
+                                     const std::vector<bool>& needs, GradList& waiting) {
   const Tensor &pre_gate = saved.pre_gate, &pre_up = saved.pre_up, &act = saved.act;
   const auto experts = static_cast<int64_t>(weights.size() / 3);
   const int64_t rows = x.dim(0), d = x.dim(1), h = pre_gate.dim(1);
@@ -122,6 +125,13 @@ inline GradList grouped_swiglu_grads(const Tensor& g, const Tensor& x, const Dev
   const bool host_offsets = segments.device_offsets == nullptr;
   GradList grads(static_cast<size_t>(1 + 3 * experts));
   if (needs[0]) grads[0] = Tensor::empty(x.shape(), DType::f32, x.device());
+  auto made = [&](size_t slot) {  // whether this weight's gradient is computed
+    const auto e = static_cast<size_t>(static_cast<int64_t>(slot - 1) % experts);
+    return needs[slot] && (!host_offsets || offsets[e] > 0);
+  };
+  bool accumulate = on_cuda(x);
+  for (size_t slot = 1; slot < grads.size(); ++slot)
+    if (made(slot) && !waiting[slot].defined()) accumulate = false;
   // Per kind, every expert's weights and gradient (null where not wanted) as device pointers.
   std::vector<const float*> w[3];
   std::vector<float*> dw[3];
@@ -129,8 +139,9 @@ inline GradList grouped_swiglu_grads(const Tensor& g, const Tensor& x, const Dev
     for (int64_t e = 0; e < experts; ++e) {
       const auto slot = static_cast<size_t>(1 + kind * experts + e);
       w[kind].push_back(weights[slot - 1].device_data<float>());
-      if (needs[slot] && (!host_offsets || offsets[static_cast<size_t>(e)] > 0))
-        grads[slot] = Tensor::empty(weights[slot - 1].shape(), DType::f32, x.device());
+      if (made(slot))
+        grads[slot] = accumulate ? std::move(waiting[slot])  // taken: added to in place
+                                 : Tensor::empty(weights[slot - 1].shape(), DType::f32, x.device());
       dw[kind].push_back(grads[slot].defined() ? grads[slot].device_data<float>() : nullptr);
     }
   }
@@ -139,7 +150,7 @@ inline GradList grouped_swiglu_grads(const Tensor& g, const Tensor& x, const Dev
     cuda_grouped_swiglu_backward(
         x.device_data<float>(), segments, w[0].data(), w[1].data(), w[2].data(),
         pre_gate.device_data<float>(), pre_up.device_data<float>(), act.device_data<float>(),
-        g.device_data<float>(), dx, dw[0].data(), dw[1].data(), dw[2].data(), d, h);
+        g.device_data<float>(), dx, dw[0].data(), dw[1].data(), dw[2].data(), accumulate, d, h);
   } else {
     cpu::grouped_swiglu_backward(x.data<float>(), offsets.offsets().data(), experts, w[0].data(),
                                  w[1].data(), w[2].data(), pre_gate.data<float>(),
@@ -378,9 +389,12 @@ inline Tensor grouped_swiglu(const Tensor& x, const DeviceCounts& offsets,
       values.y, "grouped_swiglu", inputs,
       [x = x.detach(), offsets, weights = std::move(weights),
        saved = detail::GroupedSwigluValues{Tensor(), values.pre_gate, values.pre_up, values.act}](
-          const Tensor& g, const std::vector<bool>& needs) {
-        return detail::grouped_swiglu_grads(g, x, offsets, weights, saved, needs);
+          const Tensor& g, const std::vector<bool>& needs, detail::GradList& waiting) {
+        return detail::grouped_swiglu_grads(g, x, offsets, weights, saved, needs, waiting);
       });
+  // The layers sharing an expert table add to its weights' gradients in turn: the products add
+  // into the gradients already there (grouped_swiglu_grads).
+  if (y.impl().autograd) y.impl().autograd->grad_fn->adds_to_leaf_grads = true;
   // Offsets the host has not read: each expert's gradients are real only if its count is not 0.
   if (offsets.only_on_device() && y.impl().autograd) {
     std::vector<detail::GradGate>& gates = y.impl().autograd->grad_fn->input_gates;

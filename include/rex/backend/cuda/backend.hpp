@@ -124,10 +124,13 @@ struct GroupedRows {
 
 // Weights form: for each expert e and pair p, c_p[e] [m, n] = a[p]_e^T b_e summed over the
 // segment's rows, with a [rows, m] and b [rows, n] row-major; a null c_p[e] is skipped. host_c[p]
-// holds the experts' device pointers, on the host.
+// holds the experts' device pointers, on the host. With accumulate, the products are added to the
+// c_p[e] (each element once, after its sum: the bits of adding them apart), and an expert whose
+// segment is empty leaves its c_p[e] as it is.
 struct GroupedWeights {
   int pairs = 1;
   bool fp32 = false;  // as GroupedRows::fp32
+  bool accumulate = false;
   int64_t m = 0, n = 0;
   const float* a[2] = {};
   const float* b = nullptr;

@@ -135,13 +135,16 @@ inline void cuda_grouped_swiglu(const float* x, const GroupedSegments& segments,
   }
 }
 
-// The backward of cuda_grouped_swiglu, with the arguments of cpu::grouped_swiglu_backward.
+// The backward of cuda_grouped_swiglu, with the arguments of cpu::grouped_swiglu_backward; with
+// accumulate, the weight gradients are added to d_gate, d_up and d_down's (an expert whose segment
+// is empty leaves its own as they are).
 inline void cuda_grouped_swiglu_backward(const float* x, const GroupedSegments& segments,
                                          const float* const* gate, const float* const* up,
                                          const float* const* down, const float* pre_gate,
                                          const float* pre_up, const float* act, const float* g,
                                          float* dx, float* const* d_gate, float* const* d_up,
-                                         float* const* d_down, int64_t d, int64_t h) {
+                                         float* const* d_down, bool accumulate, int64_t d,
+                                         int64_t h) {
   const CudaBackend& cuda = cuda_backend();
   const int64_t rows = segments.rows, experts = segments.experts;
   const size_t bytes = static_cast<size_t>(rows * h) * sizeof(float);
@@ -151,7 +154,7 @@ inline void cuda_grouped_swiglu_backward(const float* x, const GroupedSegments& 
   if (const ExpertProducts how = expert_products(d, h); how != ExpertProducts::per_expert) {
     const bool fp32 = how == ExpertProducts::grouped_fp32;
     GroupedWeights down_grad;  // d down_e = g_e^T act_e
-    down_grad.fp32 = fp32, down_grad.m = d, down_grad.n = h;
+    down_grad.fp32 = fp32, down_grad.accumulate = accumulate, down_grad.m = d, down_grad.n = h;
     down_grad.a[0] = g, down_grad.b = act, down_grad.host_c[0] = d_down;
     cuda.grouped_weights(segments, down_grad);
     GroupedRows back_through_down;  // d_act = g down_e, then SwiGLU's backward from it
@@ -161,7 +164,8 @@ inline void cuda_grouped_swiglu_backward(const float* x, const GroupedSegments& 
     back_through_down.swiglu_backward = {pre_gate, pre_up, d_pre_gate, d_pre_up};
     cuda.grouped_rows(segments, back_through_down);
     GroupedWeights gate_up_grads;  // d gate_e = dG_e^T x_e and d up_e = dU_e^T x_e
-    gate_up_grads.fp32 = fp32, gate_up_grads.pairs = 2, gate_up_grads.m = h, gate_up_grads.n = d;
+    gate_up_grads.fp32 = fp32, gate_up_grads.accumulate = accumulate, gate_up_grads.pairs = 2;
+    gate_up_grads.m = h, gate_up_grads.n = d;
     gate_up_grads.a[0] = d_pre_gate, gate_up_grads.a[1] = d_pre_up, gate_up_grads.b = x;
     gate_up_grads.host_c[0] = d_gate, gate_up_grads.host_c[1] = d_up;
     cuda.grouped_weights(segments, gate_up_grads);
@@ -185,7 +189,8 @@ inline void cuda_grouped_swiglu_backward(const float* x, const GroupedSegments& 
     const int64_t first = offsets[e], m = offsets[e + 1] - first;
     if (m == 0) continue;
     if (d_down[e] != nullptr)
-      cuda.gemm(g + first * d, act + first * h, d_down[e], d, h, m, true, false, false, 1, 0, 0, 0);
+      cuda.gemm(g + first * d, act + first * h, d_down[e], d, h, m, true, false, accumulate, 1, 0,
+                0, 0);
     cuda.gemm(g + first * d, down[e], d_act + first * h, m, h, d, false, false, false, 1, 0, 0, 0);
   }
   cuda.swiglu_backward(pre_gate, pre_up, d_act, d_pre_gate, d_pre_up, rows * h);
@@ -193,11 +198,11 @@ inline void cuda_grouped_swiglu_backward(const float* x, const GroupedSegments& 
     const int64_t first = offsets[e], m = offsets[e + 1] - first;
     if (m == 0) continue;
     if (d_gate[e] != nullptr)
-      cuda.gemm(d_pre_gate + first * h, x + first * d, d_gate[e], h, d, m, true, false, false, 1, 0,
-                0, 0);
+      cuda.gemm(d_pre_gate + first * h, x + first * d, d_gate[e], h, d, m, true, false, accumulate,
+                1, 0, 0, 0);
     if (d_up[e] != nullptr)
-      cuda.gemm(d_pre_up + first * h, x + first * d, d_up[e], h, d, m, true, false, false, 1, 0, 0,
-                0);
+      cuda.gemm(d_pre_up + first * h, x + first * d, d_up[e], h, d, m, true, false, accumulate, 1,
+                0, 0, 0);
     if (dx != nullptr) {
       float* out = dx + first * d;
       cuda.gemm(d_pre_gate + first * h, gate[e], out, m, d, h, false, false, false, 1, 0, 0, 0);
