@@ -297,30 +297,20 @@ inline KernelCounts scatter_add_rows(i64 rows, i64 m, i64 d) {
   return k;
 }
 
-// topk_kernel: a warp per row of n, k picks. Each pick scans the row (lane l at l, l + 32, ...),
-// from the second pick on checking each position against the previous pick (row[previous], then
-// row[i]), and from a lane's second position on against its best (row[i], row[best]); then the
-// lanes' bests meet in five shuffle rounds, a round comparing row[other] with row[best] where
-// both lanes hold one; lane 0 reads the winner and writes its value and index. Exact for rows of
-// at most 32 (a row's reads then fall in its ceil(4n / 32) sectors); wider rows are taken to touch
-// 4 sectors a scan request and min(32, 4n / 32) a round request.
+// topk_kernel: a warp per row of n, k picks. Each pick scans the row once (lane l at l, l + 32,
+// ...: a request per 32 positions), the scores of the previous pick and of each lane's best kept
+// in registers and carried by the shuffles; lane 0 writes the pick's value and index. Rows are
+// taken to start on a sector (4n bytes a multiple of 32, or n <= 32 and the row in its
+// ceil(4n / 32) sectors); a hiding mask's reads are not counted (the steps modelled hide nothing).
 inline KernelCounts topk(i64 rows, i64 n, i64 top) {
   KernelCounts k;
-  const i64 lanes = std::min<i64>(n, 32), chunks = static_cast<i64>(ceil_div(n, 32));
-  const i64 row_sectors = static_cast<i64>(ceil_div(lanes * 4, 32));
-  i64 rounds = 0;
-  for (i64 offset = 16; offset > 0; offset /= 2) rounds += lanes > offset ? 1 : 0;
-  const i64 round_sectors = n <= 32 ? row_sectors : std::min<i64>(32, n * 4 / 32);
-  // Per pick: rounds (2 requests each), the winner's value (1); from the second pick on, the
-  // previous-pick check per chunk (a broadcast and the chunk); past a lane's first position, the
-  // best check per chunk (the chunk and the lanes' bests).
-  const i64 requests_first = rounds * 2 + 1 + (chunks - 1) * 2;
-  const i64 sectors_first = rounds * 2 * round_sectors + 1 + (chunks - 1) * 2 * row_sectors;
-  const i64 requests = top * requests_first + (top - 1) * chunks * 2;
-  const i64 sectors = top * sectors_first + (top - 1) * chunks * (1 + row_sectors);
-  k.global.load_requests += static_cast<uint64_t>(rows * requests);
-  k.global.load_sectors += static_cast<uint64_t>(rows * sectors);
-  k.global.load_bytes += static_cast<uint64_t>(rows * requests * 4);
+  const i64 chunks = static_cast<i64>(ceil_div(n, 32));
+  i64 sectors = 0;
+  for (i64 c = 0; c < chunks; ++c)
+    sectors += static_cast<i64>(ceil_div(std::min<i64>(32, n - 32 * c) * 4, 32));
+  k.global.load_requests += static_cast<uint64_t>(rows * top * chunks);
+  k.global.load_sectors += static_cast<uint64_t>(rows * top * sectors);
+  k.global.load_bytes += static_cast<uint64_t>(rows * top * n * 4);
   store_per_row(k, rows, 2 * top);
   return k;
 }
