@@ -150,29 +150,26 @@ void combine_slots(const float* y_sorted, const int32_t* positions, const float*
              y, tokens, k, d);
 }
 
-// Threads [0, slots d) write d_y_sorted; from the next multiple of 32 on, a warp per slot takes its
-// gate's gradient: lane l sums the products at columns l, l + 32, ... in order from 0, and the 32
-// sums meet in a butterfly (offsets 16, 8, 4, 2, 1), the order of cpu::combine_slots_backward. A
-// warp's lanes are all in one part or the other, so its shuffles see every lane.
+// A warp per slot s: lane l reads g's row at columns l, l + 32, ... in order from 0, writes them
+// times the gate to d_y_sorted's row positions[s] and sums their products with y_sorted's row;
+// the 32 sums meet in a butterfly (offsets 16, 8, 4, 2, 1), the order of
+// cpu::combine_slots_backward. g's row is read once for both.
 __global__ void combine_slots_backward_kernel(const float* g, const float* y_sorted,
-                                              const int32_t* positions, const int32_t* sorted_slots,
-                                              const float* gates, float* d_y_sorted, float* d_gates,
-                                              int64_t tokens, int64_t k, int64_t d) {
-  const int64_t slots = tokens * k, rows_total = slots * d;
-  const int64_t dots_from = (rows_total + 31) / 32 * 32;
-  for (int64_t e = thread_index(); e < dots_from + slots * 32; e += thread_count()) {
-    if (e < dots_from) {
-      if (e >= rows_total) continue;
-      const int64_t p = e / d, column = e - p * d;
-      const int64_t s = sorted_slots[p];
-      d_y_sorted[e] = __fmul_rn(g[s / k * d + column], gates[s]);
-      continue;
-    }
-    const int64_t s = (e - dots_from) / 32, lane = (e - dots_from) % 32;
+                                              const int32_t* positions, const float* gates,
+                                              float* d_y_sorted, float* d_gates, int64_t tokens,
+                                              int64_t k, int64_t d) {
+  const int64_t slots = tokens * k;
+  for (int64_t e = thread_index(); e < slots * 32; e += thread_count()) {
+    const int64_t s = e / 32, lane = e % 32;
     const float* g_row = g + s / k * d;
-    const float* y_row = y_sorted + static_cast<int64_t>(positions[s]) * d;
+    const int64_t at = static_cast<int64_t>(positions[s]) * d;
+    const float gate = gates[s];
     float dot = 0.0f;
-    for (int64_t c = lane; c < d; c += 32) dot = __fadd_rn(dot, __fmul_rn(g_row[c], y_row[c]));
+    for (int64_t c = lane; c < d; c += 32) {
+      const float value = g_row[c];
+      d_y_sorted[at + c] = __fmul_rn(value, gate);
+      dot = __fadd_rn(dot, __fmul_rn(value, y_sorted[at + c]));
+    }
     for (int offset = 16; offset > 0; offset /= 2)
       dot = __fadd_rn(dot, __shfl_xor_sync(0xffffffffu, dot, offset));
     if (lane == 0) d_gates[s] = dot;
@@ -180,12 +177,11 @@ __global__ void combine_slots_backward_kernel(const float* g, const float* y_sor
 }
 
 void combine_slots_backward(const float* g, const float* y_sorted, const int32_t* positions,
-                            const int32_t* sorted_slots, const float* gates, float* d_y_sorted,
-                            float* d_gates, int64_t tokens, int64_t k, int64_t d) {
+                            const float* gates, float* d_y_sorted, float* d_gates, int64_t tokens,
+                            int64_t k, int64_t d) {
   if (tokens == 0) return;
-  const int64_t slots = tokens * k, dots_from = (slots * d + 31) / 32 * 32;
-  REX_LAUNCH(combine_slots_backward_kernel, blocks_for(dots_from + slots * 32), kThreads, 0, g,
-             y_sorted, positions, sorted_slots, gates, d_y_sorted, d_gates, tokens, k, d);
+  REX_LAUNCH(combine_slots_backward_kernel, blocks_for(tokens * k * 32), kThreads, 0, g, y_sorted,
+             positions, gates, d_y_sorted, d_gates, tokens, k, d);
 }
 
 // One block: its threads take 256 experts at a time, each summing its column in token order and

@@ -419,19 +419,15 @@ inline KernelCounts combine_slots(i64 tokens, i64 top, i64 d) {
   return k;
 }
 
-// combine_slots_backward_kernel: first a thread per element of d_y_sorted [tokens k, d] (its
-// sorted slot and that slot's gate, the same for a warp, and g's element), then a warp per slot
-// for its gate's gradient (d a multiple of 32).
+// combine_slots_backward_kernel: a warp per slot (d a multiple of 32): its position and gate (one
+// value each), its token's row of g and the expert's row (d / 32 requests each, 4 sectors a
+// request), the row of d_y_sorted written, lane 0's store of the gate's gradient.
 inline KernelCounts combine_slots_backward(i64 tokens, i64 top, i64 d) {
   KernelCounts k;
   const i64 slots = tokens * top;
-  load_broadcast(k, slots * d);  // sorted_slots[p]
-  load_broadcast(k, slots * d);  // gates[s]
-  load_stream(k, slots * d);     // g
-  store_stream(k, slots * d);    // d_y_sorted
-  // A warp per gate: its position (one value), its token's row of g and the expert's row (d / 32
-  // requests each, 4 sectors a request), lane 0's store.
-  load_broadcast(k, slots * 32);
+  load_broadcast(k, slots * 32);  // positions[s]
+  load_broadcast(k, slots * 32);  // gates[s]
+  store_stream(k, slots * d);     // d_y_sorted
   k.global.load_requests += static_cast<uint64_t>(2 * slots * d / 32);
   k.global.load_sectors += static_cast<uint64_t>(2 * slots * d / 8);
   k.global.load_bytes += static_cast<uint64_t>(2 * slots * d * 4);

@@ -293,7 +293,7 @@ inline Tensor dispatch_rows(const Tensor& x, const SlotOrder& order) {
 // backward) for what unsort, multiply and a sum over k would do in three (and five). Each product
 // is rounded and the k products are added in j order from 0, as that sum would add them.
 // Backward, for g [T, d]:
-//   d y_sorted[p] = g[t] gates[s] (s = sorted_slots[p], t = s / k),
+//   d y_sorted[slot_positions[s]] = g[t] gates[s] (t = s / k),
 //   d gates[s] = sum_c g[t, c] y_sorted[slot_positions[s], c], added in the order of a warp of 32
 //   lanes (cpu::combine_slots_backward), on either device.
 inline Tensor combine_slots(const Tensor& y_sorted, const SlotOrder& order, const Tensor& gates) {
@@ -312,14 +312,14 @@ inline Tensor combine_slots(const Tensor& y_sorted, const SlotOrder& order, cons
   return detail::record(
       y, "combine_slots", {y_sorted, gates},
       [y_sorted = y_sorted.detach(), gates = gates.detach(), positions = order.slot_positions,
-       sorted_slots = order.sorted_slots, tokens, k, d](const Tensor& g) {
+       tokens, k, d](const Tensor& g) {
         detail::GradList grads{Tensor::empty(y_sorted.shape(), DType::f32, g.device()),
                                Tensor::empty(gates.shape(), DType::f32, g.device())};
         (detail::on_cuda(g) ? detail::cuda_backend().combine_slots_backward
                             : detail::cpu::combine_slots_backward)(
             g.device_data<float>(), y_sorted.device_data<float>(), positions.device_data<int32_t>(),
-            sorted_slots.device_data<int32_t>(), gates.device_data<float>(),
-            grads[0].device_data<float>(), grads[1].device_data<float>(), tokens, k, d);
+            gates.device_data<float>(), grads[0].device_data<float>(),
+            grads[1].device_data<float>(), tokens, k, d);
         return grads;
       });
 }

@@ -72,23 +72,23 @@ inline void combine_slots(const float* y_sorted, const int32_t* positions, const
   });
 }
 
-// Its backward: d_y_sorted row p = g[token] * gates[slot] (slot = sorted_slots[p]); d_gates[s] =
-// the sum over c of g[t, c] * y_sorted[positions[s], c] in the order of the kernel's warp: sum l
+// Its backward: d_y_sorted row positions[s] = g[t] * gates[s] for each slot s of token t = s / k;
+// d_gates[s] = the sum over c of g[t, c] * y_sorted[positions[s], c] in the order of the kernel's
+// warp: sum l
 // (of 32) adds the products at columns l, l + 32, ... from 0, then the sums meet in a butterfly,
 // each becoming itself plus the one 16, 8, 4, 2, then 1 away (the products through memory, as
 // above).
 inline void combine_slots_backward(const float* g, const float* y_sorted, const int32_t* positions,
-                                   const int32_t* sorted_slots, const float* gates,
-                                   float* d_y_sorted, float* d_gates, int64_t tokens, int64_t k,
-                                   int64_t d) {
+                                   const float* gates, float* d_y_sorted, float* d_gates,
+                                   int64_t tokens, int64_t k, int64_t d) {
   for_each_run(tokens * k, 2 * d, [&](int64_t first, int64_t last) {
     std::vector<float> product(static_cast<size_t>(d));
-    for (int64_t p = first; p < last; ++p) {
-      const int64_t s = sorted_slots[p];
+    for (int64_t s = first; s < last; ++s) {
       const float* g_row = g + s / k * d;
       const float gate = gates[s];
+      const int64_t p = positions[s];
       for (int64_t c = 0; c < d; ++c) d_y_sorted[p * d + c] = g_row[c] * gate;
-      const float* y_row = y_sorted + static_cast<int64_t>(positions[s]) * d;
+      const float* y_row = y_sorted + p * d;
       for (int64_t c = 0; c < d; ++c) product[static_cast<size_t>(c)] = g_row[c] * y_row[c];
       std::array<float, 32> lanes{}, next{};
       for (int64_t c = 0; c < d; ++c)

@@ -249,13 +249,12 @@ struct CudaBackend {
   // y_sorted[positions[t k + j]] * gates[t k + j], each product rounded, added in j order from 0.
   void (*combine_slots)(const float* y_sorted, const int32_t* positions, const float* gates,
                         float* y, int64_t tokens, int64_t k, int64_t d);
-  // Its backward for g [tokens, d]: d_y_sorted [tokens k, d], row p = g[t] * gates[s] for the slot
-  // s = sorted_slots[p] of token t = s / k; d_gates [tokens k], d_gates[s] = the sum over c of
-  // g[t, c] * y_sorted[positions[s], c], in cpu::combine_slots_backward's order (a
-  // warp's).
+  // Its backward for g [tokens, d]: d_y_sorted [tokens k, d], row positions[s] = g[t] * gates[s]
+  // for each slot s of token t = s / k; d_gates [tokens k], d_gates[s] = the sum over c of
+  // g[t, c] * y_sorted[positions[s], c], in cpu::combine_slots_backward's order (a warp's).
   void (*combine_slots_backward)(const float* g, const float* y_sorted, const int32_t* positions,
-                                 const int32_t* sorted_slots, const float* gates, float* d_y_sorted,
-                                 float* d_gates, int64_t tokens, int64_t k, int64_t d);
+                                 const float* gates, float* d_y_sorted, float* d_gates,
+                                 int64_t tokens, int64_t k, int64_t d);
   // The load-balancing loss: loss[0] = scale * the sum over e (in order, from 0) of shares[e] *
   // (the sum over t of probs[t, e], in order from 0, times 1 / tokens), each product rounded.
   void (*balance_loss)(const float* probs, const float* shares, float* loss, int64_t tokens,
