@@ -1,5 +1,6 @@
 // Elementwise kernels: unary ops and their backward, binary ops and select with broadcasting,
-// broadcast_copy, sum_to, the fused swiglu, and add_pairs (many gradient additions in one launch).
+// broadcast_copy, sum_to, the fused swiglu, add_pairs (many gradient additions in one launch) and
+// sum_of (a chain of additions in one pass).
 //
 // Every kernel is a grid-stride loop with one thread per output element (blocks_for(n) blocks of
 // kThreads), so consecutive threads touch consecutive elements and reads and writes coalesce.
@@ -114,6 +115,32 @@ void binary(BinaryOp op, const float* a, const float* b, float* out, const CudaB
     REX_LAUNCH(binary_flat_kernel, blocks_for(n), kThreads, 0, op, a, a_step, b, b_step, out, n);
   } else {
     REX_LAUNCH(binary_strided_kernel, blocks_for(n), kThreads, 0, op, a, b, out, index, n);
+  }
+}
+
+struct SumTerms {
+  const float* term[rex::detail::kSumTermsPerLaunch];
+  int count;
+};
+
+__global__ void sum_of_kernel(SumTerms terms, float* out, int64_t n) {
+  for (int64_t i = thread_index(); i < n; i += thread_count()) {
+    float sum = terms.term[0][i];
+    for (int j = 1; j < terms.count; ++j) sum = __fadd_rn(sum, terms.term[j][i]);
+    out[i] = sum;
+  }
+}
+
+// kSumTermsPerLaunch terms a launch; each launch after the first starts from the sum so far (out,
+// read and written element by element in place), so the adds stay in order.
+void sum_of(const float* const* host_terms, int64_t count, float* out, int64_t n) {
+  if (n == 0) return;
+  for (int64_t done = 0; done < count;) {
+    SumTerms terms{};
+    if (done > 0) terms.term[terms.count++] = out;
+    while (terms.count < rex::detail::kSumTermsPerLaunch && done < count)
+      terms.term[terms.count++] = host_terms[done++];
+    REX_LAUNCH(sum_of_kernel, blocks_for(n), kThreads, 0, terms, out, n);
   }
 }
 
@@ -298,6 +325,7 @@ void register_elementwise(rex::detail::CudaBackend& table) {
   table.unary_backward = unary_backward;
   table.binary = binary;
   table.add_pairs = add_pairs;
+  table.sum_of = sum_of;
   table.select = select;
   table.broadcast_copy = broadcast_copy;
   table.sum_to = sum_to;

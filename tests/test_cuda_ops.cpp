@@ -286,6 +286,14 @@ TEST_CASE("cuda ops: the caching allocator stops calling cudaMalloc in steady st
 TEST_CASE("cuda ops: elementwise, broadcasting and scalar forms") {
   if (gpu_missing()) return;
   Generator gen(2);
+  // sum_of: the same chain of adds on both devices, so the same bits; 40 terms take two launches
+  // (kSumTermsPerLaunch = 32), the second starting from the first's sum.
+  for (const int count : {2, 40}) {
+    std::vector<Input> terms;
+    for (int i = 0; i < count; ++i) terms.push_back(param({5, 9}, gen, -8.0f, 8.0f));
+    compare_op(
+        "sum_of " + std::to_string(count), terms, [](const auto& t) { return sum_of(t); }, 0.0);
+  }
   const std::vector<std::pair<std::string, Fn>> binaries = {
       {"add", [](const auto& t) { return add(t[0], t[1]); }},
       {"sub", [](const auto& t) { return sub(t[0], t[1]); }},

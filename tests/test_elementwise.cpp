@@ -325,3 +325,27 @@ TEST_CASE(
     CHECK(db[i] == doctest::Approx(g[i] * ad * sd).epsilon(one_side));
   }
 }
+
+TEST_CASE("sum_of is the adds chained left to right, bit for bit, and passes g to every term") {
+  rex::Generator gen(41);
+  for (const int count : {1, 2, 5, 40}) {
+    CAPTURE(count);
+    std::vector<Tensor> terms, leaves;
+    for (int i = 0; i < count; ++i) {
+      // Magnitudes apart by 2^i, so that a different order of the adds rounds differently.
+      terms.push_back(rex::normal(rex::Shape{3, 7}, gen) * std::ldexp(1.0f, i % 24));
+      leaves.push_back(terms.back().detach().requires_grad_());
+    }
+    Tensor chained = terms[0];
+    for (int i = 1; i < count; ++i) chained = chained + terms[static_cast<size_t>(i)];
+    const Tensor sum = rex::sum_of(leaves);
+    CHECK(rex::testing::same_bytes(sum, chained));
+    const Tensor g = rex::normal(rex::Shape{3, 7}, gen);
+    sum.backward(g);
+    for (const Tensor& leaf : leaves) CHECK(rex::testing::same_bytes(leaf.grad(), g));
+  }
+  CHECK(rex::testing::error_message([] { rex::sum_of({}); }).find("sum_of: no terms") == 0);
+  CHECK(rex::testing::error_message([] {
+          rex::sum_of({rex::zeros(rex::Shape{2}), rex::zeros(rex::Shape{3})});
+        }).find("sum_of: the terms' shapes differ: [2] and [3]") == 0);
+}

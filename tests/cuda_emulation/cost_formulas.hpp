@@ -992,11 +992,17 @@ inline Counts training_step(const rex::train::RunConfig& config,
       per_expert(r, D, F, 1);  // down
     }
     plan.launch("combine_slots_kernel", combine_slots(M, K, D));  // back to the tokens, gated
-    // The balance loss (with the routing plan's shares), one kernel; added to the running total
-    // from the second layer on. The residual, with the next norm (the last layer's: the head's).
+    // The balance loss (with the routing plan's shares), one kernel. The residual, with the next
+    // norm (the last layer's: the head's).
     plan.launch("balance_loss_kernel", balance_loss(M, P));
     add_rms_norm(M);
-    if (layer > 0) add(1);
+  }
+  // The layers' balance losses added in one pass (sum_of), kSumTermsPerLaunch terms a launch, each
+  // launch after the first starting from the sum so far.
+  for (i64 done = 0; L > 1 && done < L;) {
+    const i64 terms = std::min<i64>(rex::detail::kSumTermsPerLaunch - (done > 0), L - done);
+    plan.launch("sum_of_kernel", elementwise(1, static_cast<int>(terms + (done > 0)), 0));
+    done += terms;
   }
   // The head: logits, cross-entropy (its bad-target flag and count read back), the total loss;
   // the train step reads both losses back in one copy.

@@ -215,6 +215,7 @@ class TransformerLM : public Module {
   // The logits [B T, V] and what the MoE layers measured (no losses); `cache` as in decode.
   LmOutput run(const Tensor& ids, const RoutingStep& at, KvCache* cache) const {
     LmOutput out;
+    std::vector<Tensor> aux_losses;  // the MoE layers', added in layer order by one op
     Tensor h = embed->forward(ids);
     Tensor normed = (layers.empty() ? *norm : *layers.front()->attn_norm).forward(h);
     for (size_t l = 0; l < layers.size(); ++l) {
@@ -224,10 +225,11 @@ class TransformerLM : public Module {
       h = std::move(block.h);
       normed = std::move(block.next_input);
       if (!block.aux_loss.defined()) continue;  // a dense or decoding block measures nothing
-      out.aux_loss = out.aux_loss.defined() ? out.aux_loss + block.aux_loss : block.aux_loss;
+      aux_losses.push_back(std::move(block.aux_loss));
       out.expert_counts.push_back(std::move(block.expert_counts));
       out.candidates = block.candidates;  // the same N_t in every layer
     }
+    if (!aux_losses.empty()) out.aux_loss = sum_of(aux_losses);
     out.logits =
         linear(reshape(normed, {-1, config_.d_model}), lm_head ? lm_head->weight : embed->weight);
     return out;

@@ -85,6 +85,29 @@ inline Tensor add(const Tensor& a, const Tensor& b) {
   return detail::record_add(detail::binary_values<detail::BinaryOp::add>(a, b, "add"), a, b);
 }
 
+// ((terms[0] + terms[1]) + terms[2]) + ... for same-shape f32 tensors on one device: the bits of
+// the adds chained left to right, in one pass (on CUDA one launch, where the chain takes one an
+// add: the MoE layers' auxiliary losses). Every term's gradient is the output's.
+inline Tensor sum_of(const std::vector<Tensor>& terms) {
+  REX_CHECK(!terms.empty(), "sum_of: no terms to add");
+  for (const Tensor& t : terms) {
+    detail::check_f32("sum_of", t);
+    REX_CHECK(t.shape() == terms[0].shape(), "sum_of: the terms' shapes differ: ", terms[0].shape(),
+              " and ", t.shape());
+    detail::common_device("sum_of", {terms[0], t});
+  }
+  if (terms.size() == 1) return terms[0];
+  Tensor out = Tensor::empty(terms[0].shape(), DType::f32, terms[0].device());
+  std::vector<const float*> pointers;
+  for (const Tensor& t : terms) pointers.push_back(t.device_data<float>());
+  (detail::on_cuda(out) ? detail::cuda_backend().sum_of : detail::cpu::sum_of)(
+      pointers.data(), static_cast<int64_t>(pointers.size()), out.device_data<float>(),
+      out.numel());
+  return detail::record(out, "sum_of", terms, [count = terms.size()](const Tensor& g) {
+    return detail::GradList(count, g);
+  });
+}
+
 inline Tensor sub(const Tensor& a, const Tensor& b) {
   detail::check_f32("sub", a), detail::check_f32("sub", b);
   Tensor out = detail::binary_values<detail::BinaryOp::sub>(a, b, "sub");

@@ -1,8 +1,8 @@
 // CPU kernels for elementwise work (the CPU side of kernels/elementwise.cu): map (one input), zip
 // (two inputs, broadcast), the broadcast iterator that zip, sum_to, broadcast_to and where share,
-// and the entries cpu::add, broadcast_copy, sum_to, select, swiglu and swiglu_backward, which take
-// the arguments of their rex/backend/cuda/backend.hpp counterparts (shapes in place of the CUDA
-// launch description).
+// and the entries cpu::add, sum_of, broadcast_copy, sum_to, select, swiglu and swiglu_backward,
+// which take the arguments of their rex/backend/cuda/backend.hpp counterparts (shapes in place of
+// the CUDA launch description).
 //
 // Broadcasting follows NumPy (rex/backend/broadcast.hpp). The iterator walks the output in
 // row-major order and keeps, per input, the element offset, with stride 0 on stretched axes; the
@@ -136,6 +136,18 @@ namespace cpu {
 inline void add(const float* a, const float* b, float* out, int64_t n) {
   for_each_chunk(n, [&](int64_t first, int64_t count) {
     for (int64_t i = first; i < first + count; ++i) out[i] = a[i] + b[i];
+  });
+}
+
+// out = ((terms[0] + terms[1]) + terms[2]) + ... over n elements (count >= 1 arrays): the sums of
+// add chained left to right, in one pass.
+inline void sum_of(const float* const* terms, int64_t count, float* out, int64_t n) {
+  for_each_chunk(n, [&](int64_t first, int64_t length) {
+    for (int64_t i = first; i < first + length; ++i) {
+      float sum = terms[0][i];
+      for (int64_t j = 1; j < count; ++j) sum += terms[j][i];
+      out[i] = sum;
+    }
   });
 }
 

@@ -52,6 +52,9 @@ struct AddPair {
 
 // The most pairs one add_pairs launch takes (they travel as a kernel argument).
 inline constexpr int kAddPairsPerLaunch = 96;
+// The most terms one sum_of launch adds (the pointers travel as a kernel argument); a longer sum
+// goes on from the partial sum in the next launch.
+inline constexpr int kSumTermsPerLaunch = 32;
 
 // One parameter's range [begin, end) of an optimiser arena (element offsets), its decay factor
 // (keep = 1 for parameters without weight decay) and its index, under which adamw_prepare left
@@ -161,6 +164,10 @@ struct CudaBackend {
   // pass's additions of one node's gradients into their leaves, kAddPairsPerLaunch to a launch
   // (the same sums, bit for bit, as binary's add of each pair).
   void (*add_pairs)(const AddPair* host_pairs, int64_t count);
+  // out = ((terms[0] + terms[1]) + terms[2]) + ... over n elements, for `count` >= 1 arrays whose
+  // device pointers host_terms holds: binary's adds chained left to right (their bits), in one
+  // launch per kSumTermsPerLaunch terms.
+  void (*sum_of)(const float* const* host_terms, int64_t count, float* out, int64_t n);
   // out = cond != 0 ? a : b; cond is f32 or i32 (cond_is_i32); strides[0..2] for cond, a, b.
   void (*select)(const void* cond, bool cond_is_i32, const float* a, const float* b, float* out,
                  const CudaBroadcast& index);
