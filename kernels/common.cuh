@@ -83,6 +83,31 @@ class Scratch {
   void* ptr_;
 };
 
+// The last block finishes: a launch whose blocks each make a part of a result (partial sums) can
+// combine the parts itself, where a second launch would otherwise. Each block, its part written,
+// takes a ticket from a counter; the block that takes the last one reads every part and combines
+// them in an order the shape fixes, so the result does not depend on which block that is. The
+// counters come from completion_counters: zero before a launch, and put back to zero by the block
+// that finishes, so launches (one after another on rex's one stream) can share them.
+//
+// completion_counters(n): n counters, zero, on the device, kept for the process.
+unsigned int* completion_counters(int64_t n);
+
+// Whether this block is the last of `arrivals` to finish a part counted by *counter (every thread
+// of the block calls it, after writing its share of the part). Every thread fences its writes
+// before thread 0 takes the ticket, so the last block sees every part.
+__device__ inline bool last_to_finish(unsigned int* counter, unsigned int arrivals) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(counter, 1u) == arrivals - 1;
+    if (last) *counter = 0;  // every block has arrived: ready for the next launch
+  }
+  __syncthreads();
+  return last;
+}
+
 // Device flag for index checks inside kernels: a kernel that meets a bad index at position p does
 // atomicMin(flag.device(), p). read() copies it to the host (a synchronisation) and returns the
 // first bad position, or -1 when there was none.

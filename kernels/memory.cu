@@ -6,6 +6,7 @@
 // its first step. All work runs on one stream in order, so a block released by one op can be given
 // to the next op at once: the stream finishes the old reader before the new writer starts. When
 // cudaMalloc runs out of memory, the cache is returned to the driver and the call is retried once.
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -269,6 +270,20 @@ void upload(void* dst, const void* src, size_t bytes) {
 
 Scratch::Scratch(size_t bytes) : ptr_(allocate(bytes)) {}
 Scratch::~Scratch() { release(ptr_); }
+
+unsigned int* completion_counters(int64_t n) {
+  // Grown by a new buffer (never freed: launches still queued may use the old one).
+  static std::mutex mutex;
+  static unsigned int* counters = nullptr;
+  static int64_t capacity = 0;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (n > capacity) {
+    capacity = std::max<int64_t>(n, 4096);
+    counters = static_cast<unsigned int*>(allocate(static_cast<size_t>(capacity) * 4));
+    REX_CUDA(cudaMemsetAsync(counters, 0, static_cast<size_t>(capacity) * 4, stream()));
+  }
+  return counters;
+}
 
 ErrorFlag::ErrorFlag() : flag_(sizeof(unsigned long long)) {
   REX_CUDA(cudaMemsetAsync(flag_.as<void>(), 0xFF, sizeof(unsigned long long), stream()));

@@ -15,12 +15,12 @@
 //   The gradient is first multiplied by the clip factor, read from device memory once per thread
 //   (a factor of 1 leaves it as it is): the same rounding as scaling the gradient in place first.
 //   A NaN factor (the norm was not finite) makes every thread return at once: nothing is updated.
-// - clip_factor: deterministic two-pass reduction in double. A fixed grid (kBlocks blocks of
-//   kThreads threads, whatever n is): each thread sums the squares of its strided elements in
-//   order, each block combines its threads with a fixed shared-memory tree into one partial, then
-//   a single block combines the kBlocks partials with the same tree and its thread 0 writes the
-//   norm and the clip factor (NaN for a non-finite norm) to device memory. Nothing comes back to
-//   the host.
+// - clip_factor: deterministic two-level reduction in double, in one launch. A fixed grid (kBlocks
+//   blocks of kThreads threads, whatever n is): each thread sums the squares of its strided
+//   elements in order, each block combines its threads with a fixed shared-memory tree into one
+//   partial, then the last block to finish (last_to_finish, common.cuh) combines the kBlocks
+//   partials with the same tree and its thread 0 writes the norm and the clip factor (NaN for a
+//   non-finite norm) to device memory. Nothing comes back to the host.
 // - sum_squares: the same reduction for each of several arrays, all the sums read back to the host
 //   in one copy (one synchronisation per call, not per array): the free function
 //   rex::optim::clip_grad_norm and the error path that names a non-finite gradient.
@@ -153,7 +153,12 @@ __device__ void block_tree_sum(double* shared) {
   __syncthreads();
 }
 
-__global__ void sum_squares_partials_kernel(const float* x, int64_t n, double* partials) {
+// The sum of x's squares in double, in one launch of kBlocks blocks: each block sums its strided
+// elements and combines its threads by block_tree_sum into partials[blockIdx.x]; the last block to
+// finish (last_to_finish) combines the kBlocks partials with the same tree. Returns true in thread
+// 0 of that block, with the sum in *total.
+__device__ bool sum_of_squares(const float* x, int64_t n, double* partials, unsigned int* counter,
+                               double* total) {
   __shared__ double shared[kThreads];
   double acc = 0.0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
@@ -164,38 +169,38 @@ __global__ void sum_squares_partials_kernel(const float* x, int64_t n, double* p
   shared[threadIdx.x] = acc;
   block_tree_sum(shared);
   if (threadIdx.x == 0) partials[blockIdx.x] = shared[0];
-}
-
-__global__ void sum_partials_kernel(const double* partials, double* total) {
-  __shared__ double shared[kThreads];
-  double acc = 0.0;
+  if (!last_to_finish(counter, kBlocks)) return false;
+  acc = 0.0;
   for (int i = static_cast<int>(threadIdx.x); i < kBlocks; i += kThreads) acc += partials[i];
   shared[threadIdx.x] = acc;
   block_tree_sum(shared);
-  if (threadIdx.x == 0) *total = shared[0];
+  *total = shared[0];
+  return threadIdx.x == 0;
 }
 
-__global__ void clip_factor_kernel(const double* partials, double max_norm, double* norm,
+__global__ void sum_squares_kernel(const float* x, int64_t n, double* partials,
+                                   unsigned int* counter, double* sum) {
+  double total = 0.0;
+  if (sum_of_squares(x, n, partials, counter, &total)) *sum = total;
+}
+
+__global__ void clip_factor_kernel(const float* grad, int64_t n, double* partials,
+                                   unsigned int* counter, double max_norm, double* norm,
                                    float* factor) {
-  __shared__ double shared[kThreads];
-  double acc = 0.0;
-  for (int i = static_cast<int>(threadIdx.x); i < kBlocks; i += kThreads) acc += partials[i];
-  shared[threadIdx.x] = acc;
-  block_tree_sum(shared);
-  if (threadIdx.x == 0) {
-    const double total = sqrt(shared[0]);
-    const double coef = max_norm / (total + 1e-6);
-    *norm = total;
-    const bool finite = total - total == 0.0;  // false for an infinity or a NaN
-    // NaN when the norm is not finite: adamw_segments then updates nothing
-    *factor = !finite ? nanf("") : max_norm > 0.0 && coef < 1.0 ? static_cast<float>(coef) : 1.0f;
-  }
+  double squares = 0.0;
+  if (!sum_of_squares(grad, n, partials, counter, &squares)) return;
+  const double total = sqrt(squares);
+  const double coef = max_norm / (total + 1e-6);
+  *norm = total;
+  const bool finite = total - total == 0.0;  // false for an infinity or a NaN
+  // NaN when the norm is not finite: adamw_segments then updates nothing
+  *factor = !finite ? nanf("") : max_norm > 0.0 && coef < 1.0 ? static_cast<float>(coef) : 1.0f;
 }
 
 void clip_factor(const float* grad, int64_t n, double max_norm, double* norm, float* factor) {
   const Scratch partials(kBlocks * sizeof(double));
-  REX_LAUNCH(sum_squares_partials_kernel, kBlocks, kThreads, 0, grad, n, partials.as<double>());
-  REX_LAUNCH(clip_factor_kernel, 1, kThreads, 0, partials.as<double>(), max_norm, norm, factor);
+  REX_LAUNCH(clip_factor_kernel, kBlocks, kThreads, 0, grad, n, partials.as<double>(),
+             completion_counters(1), max_norm, norm, factor);
 }
 
 void sum_squares(const float* const* host_arrays, const int64_t* host_sizes, int64_t count,
@@ -207,9 +212,8 @@ void sum_squares(const float* const* host_arrays, const int64_t* host_sizes, int
       cudaMemsetAsync(sums.as<double>(), 0, static_cast<size_t>(count) * sizeof(double), stream()));
   for (int64_t i = 0; i < count; ++i) {
     if (host_sizes[i] == 0) continue;
-    REX_LAUNCH(sum_squares_partials_kernel, kBlocks, kThreads, 0, host_arrays[i], host_sizes[i],
-               partials.as<double>());
-    REX_LAUNCH(sum_partials_kernel, 1, kThreads, 0, partials.as<double>(), sums.as<double>() + i);
+    REX_LAUNCH(sum_squares_kernel, kBlocks, kThreads, 0, host_arrays[i], host_sizes[i],
+               partials.as<double>(), completion_counters(1), sums.as<double>() + i);
   }
   REX_CUDA(cudaMemcpyAsync(host_sums, sums.as<double>(),
                            static_cast<size_t>(count) * sizeof(double), cudaMemcpyDeviceToHost,

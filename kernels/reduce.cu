@@ -12,9 +12,10 @@
 // instead of throwing. sum_axis and max_axis over a middle axis (inner > 1) give each output
 // element one thread that walks the axis in order, exactly as the CPU loop does (coalesced across
 // the inner index); over the last axis (inner == 1) they use the row scheme. cross_entropy writes
-// per-row losses, then one block sums them in double in a fixed tree; bad targets are reported
+// per-row losses, then its last block sums them in double in a fixed tree; bad targets are reported
 // through an ErrorFlag. rms_norm's dw is a column sum: rows are cut into fixed chunks whose partial
-// sums (double, in row order) are made beside dx and added in chunk order by a second kernel.
+// sums (double, in row order) are made beside dx and added in chunk order by the last block to
+// finish them (last_to_finish, common.cuh).
 #include <algorithm>
 #include <cmath>
 
@@ -296,10 +297,13 @@ void log_softmax_backward(const float* g, const float* y, float* dx, int64_t row
 // ---- cross_entropy ----
 
 // Per row: lse and the row's loss lse - logit[target] (double); both 0 on ignored rows and on rows
-// with a bad target, whose index goes to the flag.
-__global__ void cross_entropy_rows_kernel(const float* logits, const int32_t* targets, int64_t rows,
-                                          int64_t classes, int32_t ignore_index, double* lse,
-                                          double* row_loss, unsigned long long* bad) {
+// with a bad target, whose index goes to the flag. Then the last block to finish (last_to_finish)
+// writes the mean of the row losses over the counted rows, summed in double by its threads (rows
+// strided over them, then block_reduce: a tree the shape fixes) and their number.
+__global__ void cross_entropy_kernel(const float* logits, const int32_t* targets, int64_t rows,
+                                     int64_t classes, int32_t ignore_index, double* lse,
+                                     double* row_loss, unsigned long long* bad, float* loss,
+                                     int64_t* count, unsigned int* counter) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int32_t t = targets[r];  // the same for the whole block: no divergence below
     if (t == ignore_index || t < 0 || t >= classes) {
@@ -318,12 +322,7 @@ __global__ void cross_entropy_rows_kernel(const float* logits, const int32_t* ta
       row_loss[r] = row_lse - row[t];
     }
   }
-}
-
-// One block: the mean of the row losses over the counted rows, summed in double in a fixed tree.
-__global__ void cross_entropy_mean_kernel(const double* row_loss, const int32_t* targets,
-                                          int64_t rows, int32_t ignore_index, float* loss,
-                                          int64_t* count) {
+  if (!last_to_finish(counter, gridDim.x)) return;
   double total = 0.0;
   int64_t counted = 0;
   for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
@@ -355,13 +354,10 @@ int64_t cross_entropy(const float* logits, const int32_t* targets, int64_t rows,
   Scratch row_loss(static_cast<size_t>(rows) * sizeof(double));
   Scratch status(sizeof(Status));
   REX_CUDA(cudaMemsetAsync(status.as<void>(), 0xFF, sizeof(unsigned long long), stream()));
-  if (rows > 0) {
-    REX_LAUNCH(cross_entropy_rows_kernel, row_blocks(rows), row_threads(classes), 0, logits,
-               targets, rows, classes, ignore_index, lse, row_loss.as<double>(),
-               &status.as<Status>()->bad_row);
-  }
-  REX_LAUNCH(cross_entropy_mean_kernel, 1, kThreads, 0, row_loss.as<double>(), targets, rows,
-             ignore_index, loss, &status.as<Status>()->counted);
+  REX_LAUNCH(cross_entropy_kernel, std::max(row_blocks(rows), 1u), row_threads(classes), 0, logits,
+             targets, rows, classes, ignore_index, lse, row_loss.as<double>(),
+             &status.as<Status>()->bad_row, loss, &status.as<Status>()->counted,
+             completion_counters(1));
   if (known_count >= 0) return known_count;
   Status host{};
   read_back(&host, status.as<void>(), sizeof host);
@@ -458,9 +454,10 @@ void add_rms_norm(const float* a, const float* b, const float* w, float* sum, fl
              n, eps);
 }
 
-// rms_norm's backward is two launches: rms_norm_backward_kernel makes dx and the partial column
-// sums of dw at once (its first blocks take the rows, the others the partials: both read g, x and
-// rstd and write apart), then rms_norm_dw_finish_kernel adds the partials.
+// rms_norm's backward is one launch: its first blocks make dx, the others dw. dw is a column sum:
+// the rows are cut into chunks, a block sums one chunk of one tile of columns (a column per
+// thread), and the last block to finish a tile adds that tile's chunk partials in chunk order
+// (last_to_finish). Both parts read g, x and rstd and write apart.
 
 // dx = r * (g w - xhat * mean(g w xhat)) for rows first, first + stride, ... (a block each), xhat =
 // x r; with plus, dx is added to it.
@@ -481,46 +478,45 @@ __device__ void rms_norm_dx_rows(const float* g, const float* x, const float* w,
   }
 }
 
-// partial[c, j] = sum over the rows of chunk c (in order, double) of g * xhat at column j, for the
-// items c n + j = first, first + stride, ...
-__device__ void rms_norm_dw_partials(const float* g, const float* x, const float* rstd,
-                                     double* partial, int64_t rows, int64_t n,
-                                     int64_t rows_per_chunk, int64_t chunks, int64_t first,
-                                     int64_t stride) {
-  for (int64_t item = first; item < chunks * n; item += stride) {
-    const int64_t j = item % n, chunk_first = item / n * rows_per_chunk;
+// For the (chunk, tile) pairs first, first + stride, ...: partial[chunk, j] = the sum over the
+// chunk's rows (in order, double) of g * xhat at column j, for the tile's columns j (a thread
+// each); the last of a tile's chunks to finish writes dw[j] = the sum of its partials in chunk
+// order (counters: one per tile).
+__device__ void rms_norm_dw_chunks(const float* g, const float* x, const float* rstd,
+                                   double* partial, float* dw, unsigned int* counters, int64_t rows,
+                                   int64_t n, int64_t rows_per_chunk, int64_t chunks, int64_t first,
+                                   int64_t stride) {
+  const int64_t tiles = (n + blockDim.x - 1) / blockDim.x;
+  for (int64_t pair = first; pair < chunks * tiles; pair += stride) {
+    const int64_t chunk = pair / tiles, tile = pair % tiles;
+    const int64_t j = tile * blockDim.x + threadIdx.x;
+    const int64_t chunk_first = chunk * rows_per_chunk;
     const int64_t last = min(rows, chunk_first + rows_per_chunk);
-    double s = 0.0;
-    for (int64_t r = chunk_first; r < last; ++r)
-      s += static_cast<double>(g[r * n + j]) * (x[r * n + j] * rstd[r]);
-    partial[item] = s;
+    if (j < n) {
+      double s = 0.0;
+      for (int64_t r = chunk_first; r < last; ++r)
+        s += static_cast<double>(g[r * n + j]) * (x[r * n + j] * rstd[r]);
+      partial[chunk * n + j] = s;
+    }
+    if (last_to_finish(&counters[tile], static_cast<unsigned int>(chunks)) && j < n) {
+      double total = 0.0;
+      for (int64_t c = 0; c < chunks; ++c) total += partial[c * n + j];
+      dw[j] = static_cast<float>(total);
+    }
   }
 }
 
-// Blocks [0, dx_blocks) make dx (none when dx is null), the rest the partials of dw (none when
-// partial is null).
+// Blocks [0, dx_blocks) make dx (none when dx is null), the rest dw (none when dw is null).
 __global__ void rms_norm_backward_kernel(const float* g, const float* x, const float* w,
                                          const float* rstd, const float* plus, float* dx,
-                                         double* partial, int64_t rows, int64_t n,
-                                         int64_t rows_per_chunk, int64_t chunks,
-                                         int64_t dx_blocks) {
+                                         double* partial, float* dw, unsigned int* counters,
+                                         int64_t rows, int64_t n, int64_t rows_per_chunk,
+                                         int64_t chunks, int64_t dx_blocks) {
   if (blockIdx.x < dx_blocks) {
     rms_norm_dx_rows(g, x, w, rstd, plus, dx, rows, n, blockIdx.x, dx_blocks);
   } else {
-    const int64_t partial_threads = (gridDim.x - dx_blocks) * static_cast<int64_t>(blockDim.x);
-    rms_norm_dw_partials(g, x, rstd, partial, rows, n, rows_per_chunk, chunks,
-                         (blockIdx.x - dx_blocks) * static_cast<int64_t>(blockDim.x) + threadIdx.x,
-                         partial_threads);
-  }
-}
-
-// dw[j] = sum of the chunk partials in chunk order (0 when there are no rows).
-__global__ void rms_norm_dw_finish_kernel(const double* partial, float* dw, int64_t n,
-                                          int64_t chunks) {
-  for (int64_t j = thread_index(); j < n; j += thread_count()) {
-    double s = 0.0;
-    for (int64_t c = 0; c < chunks; ++c) s += partial[c * n + j];
-    dw[j] = static_cast<float>(s);
+    rms_norm_dw_chunks(g, x, rstd, partial, dw, counters, rows, n, rows_per_chunk, chunks,
+                       blockIdx.x - dx_blocks, gridDim.x - dx_blocks);
   }
 }
 
@@ -533,18 +529,16 @@ void rms_norm_backward(const float* g, const float* x, const float* w, const flo
       std::max<int64_t>(16, (rows * n + kTargetItems - 1) / kTargetItems);
   const int64_t chunks = dw == nullptr ? 0 : (rows + rows_per_chunk - 1) / rows_per_chunk;
   const int threads = row_threads(n);
+  const int64_t tiles = (n + threads - 1) / threads;
   const int64_t dx_blocks = dx == nullptr ? 0 : row_blocks(rows);
-  const int64_t partial_blocks =
-      std::min<int64_t>((chunks * n + threads - 1) / threads, 65535 * 32);
+  const int64_t dw_blocks = std::min<int64_t>(chunks * tiles, 65535 * 32);
+  if (dw != nullptr && chunks == 0)  // no rows: dw is zero (all of whose bits are 0)
+    REX_CUDA(cudaMemsetAsync(dw, 0, static_cast<size_t>(n) * sizeof(float), stream()));
+  if (dx_blocks + dw_blocks == 0) return;
   Scratch partial(static_cast<size_t>(chunks * n) * sizeof(double));
-  if (dx_blocks + partial_blocks > 0) {
-    REX_LAUNCH(rms_norm_backward_kernel, static_cast<unsigned int>(dx_blocks + partial_blocks),
-               threads, 0, g, x, w, rstd, dx_plus, dx, partial.as<double>(), rows, n,
-               rows_per_chunk, chunks, dx_blocks);
-  }
-  if (dw == nullptr) return;
-  REX_LAUNCH(rms_norm_dw_finish_kernel, blocks_for(n), kThreads, 0, partial.as<double>(), dw, n,
-             chunks);
+  REX_LAUNCH(rms_norm_backward_kernel, static_cast<unsigned int>(dx_blocks + dw_blocks), threads, 0,
+             g, x, w, rstd, dx_plus, dx, partial.as<double>(), dw, completion_counters(tiles), rows,
+             n, rows_per_chunk, chunks, dx_blocks);
 }
 
 }  // namespace

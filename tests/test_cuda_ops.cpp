@@ -984,6 +984,15 @@ TEST_CASE("cuda ops: edge shapes of every launch scheme") {
       "rms_norm over 300 rows (19 column chunks)",
       {param({300, 8}, gen), param({8}, gen, 0.5f, 1.5f)},
       [](const auto& t) { return rms_norm(t[0], t[1], 1e-5f); }, rms_norm_bound(1e-5f));
+  // dw's column tiles are each finished by the last of their chunks' blocks: several of both, and
+  // no rows at all (dw then zero).
+  compare_op(
+      "rms_norm over 40 rows of 700 (3 chunks of 6 column tiles, the last one partial)",
+      {param({40, 700}, gen), param({700}, gen, 0.5f, 1.5f)},
+      [](const auto& t) { return rms_norm(t[0], t[1], 1e-5f); }, rms_norm_bound(1e-5f));
+  compare_op(
+      "rms_norm of [0, 6]", {param({0, 6}, gen), param({6}, gen, 0.5f, 1.5f)},
+      [](const auto& t) { return rms_norm(t[0], t[1], 1e-5f); }, 0.0);
   compare_op(
       "topk with k = n", {param({3, 40}, gen)}, [](const auto& t) { return topk(t[0], 40).values; },
       0.0);

@@ -239,6 +239,18 @@ inline void store_per_row(KernelCounts& k, i64 rows, i64 count, int bytes = 4) {
   k.global.store_bytes += static_cast<uint64_t>(rows * count * bytes);
 }
 
+// `arrivals` calls of last_to_finish (common.cuh) by blocks of `threads`, `finishes` of them last:
+// thread 0's ticket (an atomic) and its flag in shared memory, which every warp reads; the counter
+// put back to zero by each finishing block.
+inline void last_to_finish(KernelCounts& k, i64 arrivals, int threads, i64 finishes) {
+  k.global_atomics += static_cast<uint64_t>(arrivals);
+  k.shared.store_requests += static_cast<uint64_t>(arrivals);
+  k.shared.store_wavefronts += static_cast<uint64_t>(arrivals);
+  k.shared.load_requests += static_cast<uint64_t>(arrivals * threads / 32);
+  k.shared.load_wavefronts += static_cast<uint64_t>(arrivals * threads / 32);
+  store_per_row(k, finishes, 1);
+}
+
 // gather_rows_kernel: out [m, d] = x [index[i], :]; index read once per warp of a row.
 inline KernelCounts gather_rows(i64 m, i64 d) {
   KernelCounts k;
@@ -604,8 +616,6 @@ inline KernelCounts adamw_prepare(const std::vector<i64>& gates) {
   return k;
 }
 
-// sum_squares_partials_kernel (256 blocks of 256 over n, a tree in shared doubles) and
-// sum_partials_kernel (one block over the 256 partials).
 // optim.cu's block_tree_sum in each of `blocks` blocks of 256: the 256 doubles stored, then 8
 // halvings, `width` threads loading two and storing one (a double a lane: 2 words).
 inline void block_tree_sum(KernelCounts& k, uint64_t blocks) {
@@ -620,16 +630,15 @@ inline void block_tree_sum(KernelCounts& k, uint64_t blocks) {
     k.shared.store_wavefronts += blocks * warps * wavefronts;
   }
 }
-inline KernelCounts sum_squares_partials(i64 n) {
+// clip_factor_kernel (256 blocks of 256 over n, a tree in shared doubles): each block's partial,
+// then the last block's sum of the 256 partials with the same tree, the norm (a double) and the
+// factor stored.
+inline KernelCounts clip_factor(i64 n) {
   KernelCounts k;
   load_stream(k, n);
   block_tree_sum(k, 256);
   store_per_row(k, 256, 1, 8);  // each block's partial
-  return k;
-}
-// clip_factor_kernel: sum_partials_kernel's sum, then the norm (a double) and the factor stored.
-inline KernelCounts clip_factor() {
-  KernelCounts k;
+  last_to_finish(k, 256, 256, 1);
   load_stream(k, 256, 8);
   block_tree_sum(k, 1);
   store_per_row(k, 1, 1, 8);
@@ -921,8 +930,8 @@ inline Counts training_step(const rex::train::RunConfig& config,
     store_per_row(k, rows, 1);  // rstd
     plan.launch("add_rms_norm_kernel", k);
   };
-  // One launch for dx and dw's chunk partials, then their sum. With `plus`, dx is added to the
-  // gradient waiting for x (read once).
+  // One launch for dx, dw's chunk partials, and their sum by the last block of each tile of
+  // columns. With `plus`, dx is added to the gradient waiting for x (read once).
   auto rms_norm_backward = [&](i64 rows, bool plus) {
     KernelCounts dx = row_kernel(rows, D, plus ? 7 : 6, 1, 1);  // g, w, x twice each
     // rstd[r], read by every thread of the row's block: a request and a sector a warp.
@@ -930,15 +939,15 @@ inline Counts training_step(const rex::train::RunConfig& config,
     plan.launch("rms_norm_backward_kernel", dx);
     const i64 rows_per_chunk = std::max<i64>(16, (rows * D + (1 << 18) - 1) / (1 << 18));
     const i64 chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
-    KernelCounts partial;  // per chunk and column, the chunk's rows of g and x, rstd broadcast
-    load_stream(partial, 2 * rows * D);
-    load_broadcast(partial, rows * D);
-    store_stream(partial, chunks * D, 8);
-    plan.also("rms_norm_backward_kernel", partial);
-    KernelCounts finish;
-    load_stream(finish, chunks * D, 8);
-    store_stream(finish, D);
-    plan.launch("rms_norm_dw_finish_kernel", finish);
+    const i64 tiles = (D + row_threads(D) - 1) / row_threads(D);
+    KernelCounts dw;  // per chunk and column, the chunk's rows of g and x, rstd broadcast
+    load_stream(dw, 2 * rows * D);
+    load_broadcast(dw, rows * D);
+    store_stream(dw, chunks * D, 8);
+    last_to_finish(dw, chunks * tiles, row_threads(D), tiles);
+    load_stream(dw, chunks * D, 8);  // the finishing blocks' sums
+    store_stream(dw, D);
+    plan.also("rms_norm_backward_kernel", dw);
   };
   // RoPE of a projection's heads, time first (forward), or of their gradients.
   auto rope = [&](i64 heads) {
@@ -1012,13 +1021,15 @@ inline Counts training_step(const rex::train::RunConfig& config,
   load_per_row(rows_kernel, M, 1);                       // the target's logit
   store_per_row(rows_kernel, M, 2, 8);                   // lse and the row's loss
   rows_kernel.arithmetic.special_functions = static_cast<uint64_t>(M * (V + 1));
-  plan.launch("cross_entropy_rows_kernel", rows_kernel);
-  KernelCounts mean;  // one block of 256 over the rows' losses (double) and targets
-  load_stream(mean, M, 8);
-  load_stream(mean, M);
-  block_reduce(mean, 1, 256);
-  block_reduce(mean, 1, 256);
-  plan.launch("cross_entropy_mean_kernel", mean);
+  // Then its last block over the rows' losses (double) and targets.
+  last_to_finish(rows_kernel, M, row_threads(V), 1);
+  load_stream(rows_kernel, M, 8);
+  load_stream(rows_kernel, M);
+  block_reduce(rows_kernel, 1, row_threads(V));
+  block_reduce(rows_kernel, 1, row_threads(V));
+  store_per_row(rows_kernel, 1, 1, 4);  // the loss
+  store_per_row(rows_kernel, 1, 1, 8);  // the count
+  plan.launch("cross_entropy_kernel", rows_kernel);
   // (the targets came from the host, which checked and counted them: nothing is read back)
   add(1);
 
@@ -1113,8 +1124,7 @@ inline Counts training_step(const rex::train::RunConfig& config,
       gates.push_back(grouped ? std::min(moe.reuse, L - table * moe.reuse) : 0);
     }
   const i64 arena = std::accumulate(parameters.begin(), parameters.end(), i64{0});
-  plan.launch("sum_squares_partials_kernel", sum_squares_partials(arena));
-  plan.launch("clip_factor_kernel", clip_factor());
+  plan.launch("clip_factor_kernel", clip_factor(arena));
   plan.launch("adamw_prepare_kernel", adamw_prepare(gates));
   const auto per_launch = static_cast<size_t>(rex::detail::kAdamWSegmentsPerLaunch);
   for (size_t first = 0; first < parameters.size(); first += per_launch) {

@@ -139,6 +139,10 @@ inline void __syncthreads(const char* file = __builtin_FILE(),
   ::cuda_emulation::detail::syncthreads({file, line});
 }
 
+// A fence that orders this thread's writes before its later ones for the whole device. Blocks run
+// one after another here, so every write of an earlier block is visible before a later one starts.
+inline void __threadfence() {}
+
 template <class T>
 T __shfl_sync(unsigned int mask, T var, int src_lane, int width = warpSize,
               const char* file = __builtin_FILE(), unsigned int line = __builtin_LINE()) {
