@@ -29,6 +29,7 @@
 namespace rex::cuda::detail {
 namespace {
 
+using rex::detail::AttentionRows;
 using rex::detail::AttentionShape;
 
 constexpr int kBlock = 128;
@@ -74,13 +75,15 @@ __device__ float* block_workspace(float* spill, int64_t workspace_floats) {
                : dynamic_shared<float>();
 }
 
-// Where query row `row` (of B Hq T) starts in q, out, g and dq, and where the k and v head it reads
-// starts.
-__device__ inline int64_t query_row_start(const AttentionShape& shape, int64_t row) {
-  return shape.query_start(row / shape.time) + row % shape.time * shape.query_stride();
+// Where query row `row` (of B Hq T) starts in `rows`' tensor (q and dq, or out and g), and where
+// the head it reads starts in `kv_rows`' (k or v).
+__device__ inline int64_t query_row_start(const AttentionShape& shape, AttentionRows rows,
+                                          int64_t row) {
+  return shape.start(rows, row / shape.time) + row % shape.time * shape.stride(rows);
 }
-__device__ inline int64_t kv_head_start(const AttentionShape& shape, int64_t row) {
-  return shape.kv_start(shape.kv_head_of(row / shape.time));
+__device__ inline int64_t kv_head_start(const AttentionShape& shape, AttentionRows kv_rows,
+                                        int64_t row) {
+  return shape.start(kv_rows, shape.kv_head_of(row / shape.time));
 }
 
 // rows = B * Hq * T; workspace: q_i [D], p [T].
@@ -88,22 +91,26 @@ __global__ void attention_forward_kernel(const float* q, const float* k, const f
                                          float* lse, AttentionShape shape, float scale,
                                          float* spill, int64_t workspace_floats) {
   const int64_t rows = shape.batch * shape.heads * shape.time, time = shape.time;
-  const int64_t head_dim = shape.head_dim, kv_stride = shape.kv_stride();
+  const int64_t head_dim = shape.head_dim;
+  const int64_t k_stride = shape.stride(AttentionRows::k),
+                v_stride = shape.stride(AttentionRows::v);
   __shared__ float max_partial[kWarps];
   __shared__ double sum_partial[kWarps];
   float* q_row = block_workspace(spill, workspace_floats);
   float* p = q_row + head_dim;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t i = row % time, at = query_row_start(shape, row);
-    const float *k_h = k + kv_head_start(shape, row), *v_h = v + kv_head_start(shape, row);
-    for (int64_t d = tid; d < head_dim; d += kBlock) q_row[d] = q[at + d];
+    const int64_t i = row % time, q_at = query_row_start(shape, AttentionRows::q, row);
+    const int64_t out_at = query_row_start(shape, AttentionRows::out, row);
+    const float* k_h = k + kv_head_start(shape, AttentionRows::k, row);
+    const float* v_h = v + kv_head_start(shape, AttentionRows::v, row);
+    for (int64_t d = tid; d < head_dim; d += kBlock) q_row[d] = q[q_at + d];
     __syncthreads();
 
     float peak = -INFINITY;
     for (int64_t j = warp; j <= i; j += kWarps) {
       const float s =
-          __shfl_sync(0xffffffffu, warp_dot(q_row, k_h + j * kv_stride, head_dim, lane), 0) * scale;
+          __shfl_sync(0xffffffffu, warp_dot(q_row, k_h + j * k_stride, head_dim, lane), 0) * scale;
       if (lane == 0) p[j] = s;
       peak = fmaxf(peak, s);
     }
@@ -122,8 +129,8 @@ __global__ void attention_forward_kernel(const float* q, const float* k, const f
 
     for (int64_t d = tid; d < head_dim; d += kBlock) {
       float acc = 0.0f;
-      for (int64_t j = 0; j <= i; ++j) acc += p[j] * v_h[j * kv_stride + d];
-      out[at + d] = acc;
+      for (int64_t j = 0; j <= i; ++j) acc += p[j] * v_h[j * v_stride + d];
+      out[out_at + d] = acc;
     }
     if (tid == 0) lse[row] = peak + static_cast<float>(log(total));
     __syncthreads();  // the next row overwrites q_row and p
@@ -137,7 +144,9 @@ __global__ void attention_backward_query_kernel(const float* q, const float* k, 
                                                 float* delta, AttentionShape shape, float scale,
                                                 float* spill, int64_t workspace_floats) {
   const int64_t rows = shape.batch * shape.heads * shape.time, time = shape.time;
-  const int64_t head_dim = shape.head_dim, kv_stride = shape.kv_stride();
+  const int64_t head_dim = shape.head_dim;
+  const int64_t k_stride = shape.stride(AttentionRows::k),
+                v_stride = shape.stride(AttentionRows::v);
   __shared__ double sum_partial[kWarps];
   float* q_row = block_workspace(spill, workspace_floats);
   float* g_row = q_row + head_dim;
@@ -145,18 +154,20 @@ __global__ void attention_backward_query_kernel(const float* q, const float* k, 
   float* dp = p + time;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t i = row % time, at = query_row_start(shape, row);
-    const float *k_h = k + kv_head_start(shape, row), *v_h = v + kv_head_start(shape, row);
+    const int64_t i = row % time, q_at = query_row_start(shape, AttentionRows::q, row);
+    const int64_t g_at = query_row_start(shape, AttentionRows::out, row);
+    const float* k_h = k + kv_head_start(shape, AttentionRows::k, row);
+    const float* v_h = v + kv_head_start(shape, AttentionRows::v, row);
     for (int64_t d = tid; d < head_dim; d += kBlock) {
-      q_row[d] = q[at + d];
-      g_row[d] = g[at + d];
+      q_row[d] = q[q_at + d];
+      g_row[d] = g[g_at + d];
     }
     __syncthreads();
 
     const float lse_i = lse[row];
     for (int64_t j = warp; j <= i; j += kWarps) {
-      const float s = warp_dot(q_row, k_h + j * kv_stride, head_dim, lane);
-      const float dp_j = warp_dot(g_row, v_h + j * kv_stride, head_dim, lane);
+      const float s = warp_dot(q_row, k_h + j * k_stride, head_dim, lane);
+      const float dp_j = warp_dot(g_row, v_h + j * v_stride, head_dim, lane);
       if (lane == 0) {
         p[j] = expf(s * scale - lse_i);
         dp[j] = dp_j;
@@ -175,8 +186,8 @@ __global__ void attention_backward_query_kernel(const float* q, const float* k, 
       __syncthreads();
       for (int64_t d = tid; d < head_dim; d += kBlock) {
         float acc = 0.0f;
-        for (int64_t j = 0; j <= i; ++j) acc += dp[j] * k_h[j * kv_stride + d];
-        dq[at + d] = acc;
+        for (int64_t j = 0; j <= i; ++j) acc += dp[j] * k_h[j * k_stride + d];
+        dq[q_at + d] = acc;
       }
     }
     __syncthreads();  // the next row overwrites the workspace
@@ -190,7 +201,9 @@ __global__ void attention_backward_key_kernel(const float* q, const float* k, co
                                               float* dk, float* dv, AttentionShape shape,
                                               float scale, float* spill, int64_t workspace_floats) {
   const int64_t rows = shape.batch * shape.kv_heads * shape.time, time = shape.time;
-  const int64_t head_dim = shape.head_dim, group = shape.group(), q_stride = shape.query_stride();
+  const int64_t head_dim = shape.head_dim, group = shape.group();
+  const int64_t q_stride = shape.stride(AttentionRows::q),
+                g_stride = shape.stride(AttentionRows::out);
   float* k_row = block_workspace(spill, workspace_floats);
   float* v_row = k_row + head_dim;
   float* p = v_row + head_dim;
@@ -198,22 +211,23 @@ __global__ void attention_backward_key_kernel(const float* q, const float* k, co
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t bkv = row / time, j = row % time;
-    const int64_t key_at = shape.kv_start(bkv) + j * shape.kv_stride();
+    const int64_t k_at = shape.start(AttentionRows::k, bkv) + j * shape.stride(AttentionRows::k);
+    const int64_t v_at = shape.start(AttentionRows::v, bkv) + j * shape.stride(AttentionRows::v);
     for (int64_t d = tid; d < head_dim; d += kBlock) {
-      k_row[d] = k[key_at + d];
-      v_row[d] = v[key_at + d];
+      k_row[d] = k[k_at + d];
+      v_row[d] = v[v_at + d];
     }
     __syncthreads();
 
     for (int64_t member = 0; member < group; ++member) {
       const int64_t bh = bkv * group + member;  // = b * Hq + kv head * G + member
-      const float* q_h = q + shape.query_start(bh);
-      const float* g_h = g + shape.query_start(bh);
+      const float* q_h = q + shape.start(AttentionRows::q, bh);
+      const float* g_h = g + shape.start(AttentionRows::out, bh);
       const float* lse_h = lse + bh * time;
       const float* delta_h = delta + bh * time;
       for (int64_t i = j + warp; i < time; i += kWarps) {
         const float s = warp_dot(q_h + i * q_stride, k_row, head_dim, lane);
-        const float dp_i = dk ? warp_dot(g_h + i * q_stride, v_row, head_dim, lane) : 0.0f;
+        const float dp_i = dk ? warp_dot(g_h + i * g_stride, v_row, head_dim, lane) : 0.0f;
         if (lane == 0) {
           const float p_i = expf(s * scale - lse_h[i]);
           p[i] = p_i;
@@ -223,16 +237,15 @@ __global__ void attention_backward_key_kernel(const float* q, const float* k, co
       __syncthreads();
 
       for (int64_t d = tid; d < head_dim; d += kBlock) {
-        const int64_t at = key_at + d;
         if (dv) {
           float acc = 0.0f;
-          for (int64_t i = j; i < time; ++i) acc += p[i] * g_h[i * q_stride + d];
-          dv[at] = member == 0 ? acc : dv[at] + acc;
+          for (int64_t i = j; i < time; ++i) acc += p[i] * g_h[i * g_stride + d];
+          dv[v_at + d] = member == 0 ? acc : dv[v_at + d] + acc;
         }
         if (dk) {
           float acc = 0.0f;
           for (int64_t i = j; i < time; ++i) acc += ds[i] * q_h[i * q_stride + d];
-          dk[at] = member == 0 ? acc : dk[at] + acc;
+          dk[k_at + d] = member == 0 ? acc : dk[k_at + d] + acc;
         }
       }
       __syncthreads();  // the next member (or row) overwrites p and ds

@@ -42,6 +42,7 @@
 namespace rex::cuda::detail {
 namespace {
 
+using rex::detail::AttentionRows;
 using rex::detail::AttentionShape;
 
 constexpr int kWarps = 8;
@@ -260,14 +261,18 @@ template <int D>
 __global__ void flash_forward_kernel(const float* q, const float* k, const float* v, float* out,
                                      float* lse, AttentionShape shape, float scale) {
   constexpr int R = kForwardRowBlocks;
-  const int64_t time = shape.time, q_stride = shape.query_stride(), kv_stride = shape.kv_stride();
+  const int64_t time = shape.time, q_stride = shape.stride(AttentionRows::q);
+  const int64_t k_stride = shape.stride(AttentionRows::k),
+                v_stride = shape.stride(AttentionRows::v);
   __shared__ __align__(16) uint16_t k_tile[kForwardKeys<D> * kPadded<D>];
   __shared__ __align__(16) uint16_t v_tile[kForwardKeys<D> * kPadded<D>];
   const TileOf tile = block_tile(time, kForwardRows, true);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t first = tile.first + warp * 16 * R;  // this warp's first query row
-  const int64_t kv_offset = shape.kv_start(shape.kv_head_of(tile.head));
-  const float* q_h = q + shape.query_start(tile.head);
+  const int64_t kv_head = shape.kv_head_of(tile.head);
+  const float* k_h = k + shape.start(AttentionRows::k, kv_head);
+  const float* v_h = v + shape.start(AttentionRows::v, kv_head);
+  const float* q_h = q + shape.start(AttentionRows::q, tile.head);
 
   uint32_t q_frag[R][D / 16][4];
   float o[R][D / 8][4];
@@ -284,8 +289,8 @@ __global__ void flash_forward_kernel(const float* q, const float* k, const float
   for (int64_t key_first = 0; key_first < tile.first + kForwardRows && key_first < time;
        key_first += kForwardKeys<D>) {
     __syncthreads();  // the previous tile is no longer read
-    load_tile<D, kForwardKeys<D>>(k_tile, k + kv_offset, kv_stride, key_first, time);
-    load_tile<D, kForwardKeys<D>>(v_tile, v + kv_offset, kv_stride, key_first, time);
+    load_tile<D, kForwardKeys<D>>(k_tile, k_h, k_stride, key_first, time);
+    load_tile<D, kForwardKeys<D>>(v_tile, v_h, v_stride, key_first, time);
     __syncthreads();
     if (key_first > first + 16 * R - 1) continue;  // every key is past this warp's rows
 
@@ -314,8 +319,8 @@ __global__ void flash_forward_kernel(const float* q, const float* k, const float
       if (t == 0 && row < time)
         lse[tile.head * time + row] = (m[b][half] + log2f(l[b][half])) * kLn2;
     }
-    store_rows(out + shape.query_start(tile.head), q_stride, o[b], first + 16 * b, time, inverse[0],
-               inverse[1]);
+    store_rows(out + shape.start(AttentionRows::out, tile.head), shape.stride(AttentionRows::out),
+               o[b], first + 16 * b, time, inverse[0], inverse[1]);
   }
 }
 
@@ -325,7 +330,10 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
                                            float* dk, float* dv, AttentionShape shape,
                                            float scale) {
   constexpr int R = kRowBlocks<D>;
-  const int64_t time = shape.time, q_stride = shape.query_stride(), kv_stride = shape.kv_stride();
+  const int64_t time = shape.time, q_stride = shape.stride(AttentionRows::q);
+  const int64_t g_stride = shape.stride(AttentionRows::out);
+  const int64_t k_stride = shape.stride(AttentionRows::k),
+                v_stride = shape.stride(AttentionRows::v);
   const int64_t heads = shape.heads, kv_heads = shape.kv_heads, group = shape.group();
   __shared__ __align__(16) uint16_t q_tile[kBackwardTile * kPadded<D>];
   __shared__ __align__(16) uint16_t g_tile[kBackwardTile * kPadded<D>];
@@ -334,14 +342,15 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
   const TileOf tile = block_tile(time, kBlockRows<D>, false);  // tile.head is the kv head
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g_row = lane / 4, t = lane % 4;
   const int64_t first = tile.first + warp * 16 * R;  // this warp's first key
-  const int64_t kv_offset = shape.kv_start(tile.head);
+  const int64_t k_offset = shape.start(AttentionRows::k, tile.head);
+  const int64_t v_offset = shape.start(AttentionRows::v, tile.head);
   const float scale_log2 = scale * kLog2e;
 
   uint32_t k_frag[R][D / 16][4], v_frag[R][D / 16][4];
   float dk_acc[R][D / 8][4], dv_acc[R][D / 8][4];
   for (int b = 0; b < R; ++b) {
-    load_rows_as_a<D>(k_frag[b], k + kv_offset, kv_stride, first + 16 * b, time);
-    load_rows_as_a<D>(v_frag[b], v + kv_offset, kv_stride, first + 16 * b, time);
+    load_rows_as_a<D>(k_frag[b], k + k_offset, k_stride, first + 16 * b, time);
+    load_rows_as_a<D>(v_frag[b], v + v_offset, v_stride, first + 16 * b, time);
     zero(dk_acc[b]);
     zero(dv_acc[b]);
   }
@@ -350,8 +359,10 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
     const int64_t bh = (tile.head / kv_heads) * heads + (tile.head % kv_heads) * group + member;
     for (int64_t query_first = tile.first; query_first < time; query_first += kBackwardTile) {
       __syncthreads();
-      load_tile<D, kBackwardTile>(q_tile, q + shape.query_start(bh), q_stride, query_first, time);
-      load_tile<D, kBackwardTile>(g_tile, g + shape.query_start(bh), q_stride, query_first, time);
+      load_tile<D, kBackwardTile>(q_tile, q + shape.start(AttentionRows::q, bh), q_stride,
+                                  query_first, time);
+      load_tile<D, kBackwardTile>(g_tile, g + shape.start(AttentionRows::out, bh), g_stride,
+                                  query_first, time);
       for (int i = threadIdx.x; i < kBackwardTile; i += kFlashThreads) {
         const int64_t row = query_first + i;
         lse_tile[i] = row < time ? lse[bh * time + row] * kLog2e : 0.0f;
@@ -399,8 +410,8 @@ __global__ void flash_backward_keys_kernel(const float* q, const float* k, const
     }
   }
   for (int b = 0; b < R; ++b) {
-    store_rows(dk + kv_offset, kv_stride, dk_acc[b], first + 16 * b, time, scale, scale);
-    store_rows(dv + kv_offset, kv_stride, dv_acc[b], first + 16 * b, time, 1.0f, 1.0f);
+    store_rows(dk + k_offset, k_stride, dk_acc[b], first + 16 * b, time, scale, scale);
+    store_rows(dv + v_offset, v_stride, dv_acc[b], first + 16 * b, time, 1.0f, 1.0f);
   }
 }
 
@@ -410,14 +421,20 @@ __global__ void flash_backward_queries_kernel(const float* q, const float* k, co
                                               float* delta, float* dq, AttentionShape shape,
                                               float scale) {
   constexpr int R = kRowBlocks<D>;
-  const int64_t time = shape.time, q_stride = shape.query_stride(), kv_stride = shape.kv_stride();
+  const int64_t time = shape.time, q_stride = shape.stride(AttentionRows::q);
+  const int64_t g_stride = shape.stride(AttentionRows::out);
+  const int64_t k_stride = shape.stride(AttentionRows::k),
+                v_stride = shape.stride(AttentionRows::v);
   __shared__ __align__(16) uint16_t k_tile[kBackwardTile * kPadded<D>];
   __shared__ __align__(16) uint16_t v_tile[kBackwardTile * kPadded<D>];
   const TileOf tile = block_tile(time, kBlockRows<D>, true);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g_row = lane / 4, t = lane % 4;
   const int64_t first = tile.first + warp * 16 * R;  // this warp's first query row
-  const int64_t kv_offset = shape.kv_start(shape.kv_head_of(tile.head));
-  const int64_t q_offset = shape.query_start(tile.head);
+  const int64_t kv_head = shape.kv_head_of(tile.head);
+  const float* k_h = k + shape.start(AttentionRows::k, kv_head);
+  const float* v_h = v + shape.start(AttentionRows::v, kv_head);
+  const int64_t q_offset = shape.start(AttentionRows::q, tile.head);
+  const int64_t g_offset = shape.start(AttentionRows::out, tile.head);
   const float scale_log2 = scale * kLog2e;
 
   uint32_t q_frag[R][D / 16][4], g_frag[R][D / 16][4];
@@ -427,7 +444,7 @@ __global__ void flash_backward_queries_kernel(const float* q, const float* k, co
   for (int b = 0; b < R; ++b) {
     load_rows_as_a<D>(q_frag[b], q + q_offset, q_stride, first + 16 * b, time);
     // delta = g . o of this warp's rows, for this kernel and (written) for the keys kernel
-    load_rows_as_a<D>(g_frag[b], g + q_offset, q_stride, first + 16 * b, time, out + q_offset,
+    load_rows_as_a<D>(g_frag[b], g + g_offset, g_stride, first + 16 * b, time, out + g_offset,
                       row_delta[b]);
     for (int half = 0; half < 2; ++half) {
       const int64_t row = first + 16 * b + g_row + 8 * half;
@@ -440,8 +457,8 @@ __global__ void flash_backward_queries_kernel(const float* q, const float* k, co
   for (int64_t key_first = 0; key_first < tile.first + kBlockRows<D> && key_first < time;
        key_first += kBackwardTile) {
     __syncthreads();
-    load_tile<D, kBackwardTile>(k_tile, k + kv_offset, kv_stride, key_first, time);
-    load_tile<D, kBackwardTile>(v_tile, v + kv_offset, kv_stride, key_first, time);
+    load_tile<D, kBackwardTile>(k_tile, k_h, k_stride, key_first, time);
+    load_tile<D, kBackwardTile>(v_tile, v_h, v_stride, key_first, time);
     __syncthreads();
     for (int sub = 0; sub < kBackwardTile; sub += 16) {
       // every key past this warp's rows, or past time

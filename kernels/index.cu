@@ -26,7 +26,8 @@
 // - permute: one thread per output element; extents and input strides are passed by value.
 // - rope: one thread per (row, i) pair of the "rotate half" convention (i paired with i + D/2, as
 //   rope_rotate on the CPU), each row at its position (heads or time first:
-//   rex::detail::RopeRows); products and sums use _rn intrinsics so that no FMA is contracted and
+//   rex::detail::RopeRows, which also packs q and k for rope_qk, or unpacks their gradients);
+//   products and sums use _rn intrinsics so that no FMA is contracted and
 //   the float operations are those the CPU writes.
 #include <vector>
 
@@ -221,26 +222,31 @@ void permute(const void* x, void* out, int32_t rank, const int64_t* host_dims,
 
 // ---- rope ----
 
-__global__ void rope_kernel(const float* x, const float* cos, const float* sin, float* y,
-                            rex::detail::RopeRows rows, int64_t half, float direction) {
+__global__ void rope_kernel(const float* x, const float* x_second, const float* cos,
+                            const float* sin, float* y, float* y_second, rex::detail::RopeRows rows,
+                            int64_t half, float direction) {
   const int64_t total = rows.count() * half;
   for (int64_t e = thread_index(); e < total; e += thread_count()) {
     const int64_t row = e / half, i = e - row * half;
-    const int64_t t = rows.position(row), at = row * 2 * half;
+    const int64_t t = rows.position(row), packed = row * 2 * half;
+    const int64_t apart = rows.apart_row(row) * 2 * half;
+    const bool second = rows.in_second(row);
+    const float* in = x_second ? (second ? x_second : x) + apart : x + packed;
+    float* out = y_second ? (second ? y_second : y) + apart : y + packed;
     const float c = cos[t * half + i];
     const float sn = __fmul_rn(direction, sin[t * half + i]);
-    const float a = x[at + i], b = x[at + i + half];
-    y[at + i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
-    y[at + i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, sn));
+    const float a = in[i], b = in[i + half];
+    out[i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
+    out[i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, sn));
   }
 }
 
-void rope(const float* x, const float* cos, const float* sin, float* y, rex::detail::RopeRows rows,
-          int64_t head_dim, float direction) {
+void rope(const float* x, const float* x_second, const float* cos, const float* sin, float* y,
+          float* y_second, rex::detail::RopeRows rows, int64_t head_dim, float direction) {
   const int64_t half = head_dim / 2;
   if (rows.count() == 0 || half == 0) return;
-  REX_LAUNCH(rope_kernel, blocks_for(rows.count() * half), kThreads, 0, x, cos, sin, y, rows, half,
-             direction);
+  REX_LAUNCH(rope_kernel, blocks_for(rows.count() * half), kThreads, 0, x, x_second, cos, sin, y,
+             y_second, rows, half, direction);
 }
 
 // ---- psr_keep_rows ----

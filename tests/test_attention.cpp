@@ -266,9 +266,10 @@ TEST_CASE("causal_attention follows the matmul precision in bf16 only, as on CUD
   CHECK(in[1] != fp32);
 }
 
-TEST_CASE("causal_attention time first gives the bits of heads first, gradients included") {
-  // The CPU copies a time-first head into a [T, D] buffer, so the arithmetic is the same; in bf16
-  // too (attention_gemm rounds the same operands).
+TEST_CASE(
+    "causal_attention time first or packed gives the bits of heads first, gradients included") {
+  // The CPU copies a time-first (or packed) head into a [T, D] buffer, so the arithmetic is the
+  // same; in bf16 too (attention_gemm rounds the same operands).
   rex::Generator gen(21);
   for (const char* precision : {"fp32", "bf16"}) {
     CAPTURE(precision);

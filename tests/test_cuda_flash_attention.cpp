@@ -287,7 +287,8 @@ TEST_CASE("flash attention: forward and backward on edge shapes, against exact a
       check_shape({2, 4, dim == 64 ? 1 : (dim == 32 ? 2 : 4), time, dim}, seed++);
 }
 
-TEST_CASE("flash attention time first gives the bits of heads first, gradients included") {
+TEST_CASE(
+    "flash attention time first or packed gives the bits of heads first, gradients included") {
   if (gpu_missing()) return;
   Generator gen(31);
   set_matmul_precision(Device::cuda(), "bf16");

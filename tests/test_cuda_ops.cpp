@@ -504,6 +504,9 @@ TEST_CASE("cuda ops: rope and causal attention with grouped-query heads") {
       "rope_heads", {param({2, 9, 24}, gen)},
       [](const auto& t) { return rope_heads(t[0], 3, 500.0f, 7); },
       rounding_bound(3, 0, std::sqrt(2.0)));
+  // rope_qk: the bits of rope_heads of q and of k side by side, on the device itself.
+  testing::check_rope_qk(2, 9, 4, 2, 8, kGpu, gen);
+  testing::check_rope_qk(1, 1, 3, 1, 2, kGpu, gen);
   for (const auto& [heads, kv_heads, time, dim] :
        std::vector<std::array<int64_t, 4>>{{4, 2, 13, 8}, {2, 2, 1, 4}, {6, 3, 70, 40}}) {
     compare_op(
@@ -521,7 +524,8 @@ TEST_CASE("cuda ops: rope and causal attention with grouped-query heads") {
       {param({1, 2, 9, 4}, gen), param({1, 1, 9, 4}, gen), param({1, 1, 9, 4}, gen)},
       [](const auto& t) { return causal_attention_reference(t[0], t[1], t[2]); },
       attention_bound(2, 9, 4));
-  // Time first (as the model calls it): the bits of heads first, gradients included.
+  // Time first, and with q and k packed (as the model calls it): the bits of heads first,
+  // gradients included.
   testing::check_time_first_attention({2, 13, 4, 8}, {2, 13, 2, 8}, kGpu, gen);
   testing::check_time_first_attention({1, 1, 2, 4}, {1, 1, 2, 4}, kGpu, gen);
   testing::check_time_first_attention({2, 70, 6, 40}, {2, 70, 3, 40}, kGpu, gen);

@@ -196,3 +196,19 @@ TEST_CASE("rope_heads: the bits of rope over the permuted heads, time first, gra
           rex::rope_heads(rex::zeros(Shape{1, 2, 9}), 3);
         }).find("rope_heads: expected x [B, T, H D] with an even head size") == 0);
 }
+
+TEST_CASE("rope_qk: the bits of rope_heads of q and of k side by side, gradients included") {
+  rex::Generator gen(12);
+  rex::testing::check_rope_qk(2, 7, 4, 2, 6, rex::Device::cpu(), gen);
+  rex::testing::check_rope_qk(1, 1, 1, 1, 2, rex::Device::cpu(), gen);
+  rex::testing::check_rope_qk(3, 20, 3, 3, 16, rex::Device::cpu(), gen);
+  const Tensor q = rex::normal(Shape{2, 3, 8}, gen).requires_grad_();
+  const Tensor k = rex::normal(Shape{2, 3, 4}, gen).requires_grad_();
+  CHECK_GRADIENTS(
+      [](const std::vector<Tensor>& in) { return rex::rope_qk(in[0], in[1], 2, 1, 50.0f, 3); },
+      {q, k});
+  CHECK(error_message([] {
+          rex::rope_qk(rex::zeros(Shape{1, 2, 8}), rex::zeros(Shape{1, 2, 6}), 2, 1);
+        }).find("rope_qk: expected q [B, T, Hq D] and k [B, T, Hkv D] with one even head size") ==
+        0);
+}

@@ -112,23 +112,67 @@ inline void check_time_first_attention(const Shape& q_shape, const Shape& kv_sha
   const std::vector<Tensor> inputs{normal(q_shape, gen), normal(kv_shape, gen),
                                    normal(kv_shape, gen)};
   const Tensor g = normal(q_shape, gen);
+  const int64_t heads = q_shape[2], kv_heads = kv_shape[2];
   const auto heads_first = [](const Tensor& t) { return permute(t, {0, 2, 1, 3}); };
-  const auto run = [&](bool time_first) {
+  enum class Form { heads_first, time_first, packed };
+  // out, dq, dk, dv as bytes.
+  const auto run = [&](Form form) {
     std::vector<Tensor> x;
     for (const Tensor& input : inputs) x.push_back(input.copy_to(device).requires_grad_());
-    const Tensor out = time_first ? causal_attention(x[0], x[1], x[2], AttentionLayout::time_first)
-                                  : heads_first(causal_attention(
-                                        heads_first(x[0]), heads_first(x[1]), heads_first(x[2])));
+    std::vector<std::string> bytes;
+    const auto keep = [&](const Tensor& t) { bytes.push_back(raw_bytes(t.to(Device::cpu()))); };
+    if (form == Form::packed) {  // q and k in one leaf, its gradient cut apart afterwards
+      const Tensor qk = concat({inputs[0], inputs[1]}, 2).copy_to(device).requires_grad_();
+      const Tensor out = causal_attention_packed(qk, x[2], heads);
+      out.backward(g.copy_to(device));
+      const Tensor dqk = qk.grad().to(Device::cpu());
+      keep(out);
+      keep(slice(dqk, 2, 0, heads));
+      keep(slice(dqk, 2, heads, heads + kv_heads));
+      keep(x[2].grad());
+      return bytes;
+    }
+    const Tensor out = form == Form::time_first
+                           ? causal_attention(x[0], x[1], x[2], AttentionLayout::time_first)
+                           : heads_first(causal_attention(heads_first(x[0]), heads_first(x[1]),
+                                                          heads_first(x[2])));
     out.backward(g.copy_to(device));
-    std::vector<std::string> bytes{raw_bytes(out.to(Device::cpu()))};
-    for (const Tensor& leaf : x) bytes.push_back(raw_bytes(leaf.grad().to(Device::cpu())));
+    keep(out);
+    for (const Tensor& leaf : x) keep(leaf.grad());
     return bytes;
   };
-  const std::vector<std::string> time_first = run(true), composed = run(false);
+  const std::vector<std::string> composed = run(Form::heads_first);
+  const std::vector<std::string> time_first = run(Form::time_first), packed = run(Form::packed);
   const char* names[] = {"out", "dq", "dk", "dv"};
   for (size_t i = 0; i < 4; ++i) {
     CAPTURE(names[i]);
     CHECK(time_first[i] == composed[i]);
+    CHECK(packed[i] == composed[i]);
+  }
+}
+
+// rope_qk(q, k) against rope_heads of each, packed by concat, on `device`: the same bits, and so
+// are both gradients (from one random gradient of the packed tensor).
+inline void check_rope_qk(int64_t batch, int64_t time, int64_t heads, int64_t kv_heads,
+                          int64_t head_dim, Device device, Generator& gen) {
+  const Tensor q = normal(Shape{batch, time, heads * head_dim}, gen);
+  const Tensor k = normal(Shape{batch, time, kv_heads * head_dim}, gen);
+  const Tensor g = normal(Shape{batch, time, heads + kv_heads, head_dim}, gen);
+  const auto run = [&](bool fused) {
+    const Tensor dq = q.copy_to(device).requires_grad_(), dk = k.copy_to(device).requires_grad_();
+    const Tensor out =
+        fused ? rope_qk(dq, dk, heads, kv_heads, 500.0f, 3)
+              : concat({rope_heads(dq, heads, 500.0f, 3), rope_heads(dk, kv_heads, 500.0f, 3)}, 2);
+    out.backward(g.copy_to(device));
+    return std::vector<std::string>{raw_bytes(out.to(Device::cpu())),
+                                    raw_bytes(dq.grad().to(Device::cpu())),
+                                    raw_bytes(dk.grad().to(Device::cpu()))};
+  };
+  const std::vector<std::string> fused = run(true), composed = run(false);
+  const char* names[] = {"out", "dq", "dk"};
+  for (size_t i = 0; i < 3; ++i) {
+    CAPTURE(names[i]);
+    CHECK(fused[i] == composed[i]);
   }
 }
 

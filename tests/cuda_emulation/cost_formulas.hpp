@@ -949,7 +949,7 @@ inline Counts training_step(const rex::train::RunConfig& config,
     store_stream(dw, D);
     plan.also("rms_norm_backward_kernel", dw);
   };
-  // RoPE of a projection's heads, time first (forward), or of their gradients.
+  // RoPE of the projections' heads, time first (forward), or of their gradients.
   auto rope = [&](i64 heads) {
     plan.launch("rope_kernel", cost_formulas::rope(B, heads, T, hd / 2, true));
   };
@@ -960,13 +960,12 @@ inline Counts training_step(const rex::train::RunConfig& config,
   // Each residual add is made with the norm after it (add_rms_norm); the embedding's norm alone.
   rms_norm(M);
   for (i64 layer = 0; layer < L; ++layer) {
-    // Attention: q, k, v projections, RoPE on q and k (its tables cached on the device), the
-    // kernel on the heads time first (no permute), the output projection, the residual and the
-    // MoE's norm.
+    // Attention: q, k, v projections, RoPE on q and k into one tensor (rope_qk; its tables cached
+    // on the device), the kernel on the heads time first (no permute; q and k packed), the output
+    // projection, the residual and the MoE's norm.
     linear(M, D, D);
-    rope(H);
     linear(M, D, G * hd);
-    rope(G);
+    rope(H + G);
     linear(M, D, G * hd);
     if (flash) {
       for (const auto& [kernel, one] : flash_counts.forward)
@@ -1097,9 +1096,8 @@ inline Counts training_step(const rex::train::RunConfig& config,
       plan.launch("attention_backward_key_kernel", attention_backward_key(B * H, B * G * T, T, hd));
     }
     linear_backward(M, D, G * hd);  // dv
-    rope(G);                        // dk, rotated back
+    rope(H + G);                    // dq and dk, rotated back and apart
     linear_backward(M, D, G * hd, true);
-    rope(H);  // dq likewise
     linear_backward(M, D, D, true);
     rms_norm_backward(M, true);
   }

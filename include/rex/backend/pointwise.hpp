@@ -93,17 +93,28 @@ REX_HOST_DEVICE inline bool ranks_before(float a, int64_t i, float b, int64_t j)
   return i < j;
 }
 
-// Where rope reads and writes (rex/ops/rope.hpp): batch x heads x time rows of head_dim, x and y
-// alike, stored heads first ([B, H, T, D]) or time first ([B, T, H, D], as a projection leaves
-// them, and as attention reads them with AttentionLayout::time_first).
+// Where rope reads and writes (rex/ops/rope.hpp): batch x heads x time rows of head_dim, stored
+// heads first ([B, H, T, D]) or time first ([B, T, H, D], as a projection leaves them, and as
+// attention reads them with AttentionLayout::time_first). With second_heads (time first only), the
+// rows of two tensors, [B, T, heads, D] and [B, T, second_heads, D], packed into one: at each
+// position the first's heads, then the second's (rope_qk: q's, then k's). Row r counts in the
+// packed order; apart_row gives where it lies in its own tensor.
 struct RopeRows {
   int64_t batch = 0, heads = 0, time = 0;
   bool time_first = false;
+  int64_t second_heads = 0;
 
-  REX_HOST_DEVICE int64_t count() const { return batch * heads * time; }
+  REX_HOST_DEVICE int64_t count() const { return batch * (heads + second_heads) * time; }
   // The position of row r.
   REX_HOST_DEVICE int64_t position(int64_t r) const {
-    return time_first ? r / heads % time : r % time;
+    return time_first ? r / (heads + second_heads) % time : r % time;
+  }
+  // Whether packed row r is one of the second tensor's, and its row in its own tensor.
+  REX_HOST_DEVICE bool in_second(int64_t r) const { return r % (heads + second_heads) >= heads; }
+  REX_HOST_DEVICE int64_t apart_row(int64_t r) const {
+    const int64_t per_position = heads + second_heads, at = r / per_position;
+    const int64_t h = r % per_position;
+    return h < heads ? at * heads + h : at * second_heads + h - heads;
   }
 };
 

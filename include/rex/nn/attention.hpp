@@ -1,10 +1,11 @@
 // Causal self-attention with RoPE and grouped-query heads, and its KV cache for decoding.
 //
 // x [B, T, d] -> q = x Wq^T, k = x Wk^T, v = x Wv^T, read as heads [B, T, H, D] (D = d / H; k
-// and v have Hkv heads, each shared by H / Hkv query heads), RoPE on q and k (rope_heads), the
-// fused causal attention of rex/ops/attention.hpp in that time-first layout, its output read as
-// [B, T, d], output projection Wo. No head is moved: every step between the projections is a
-// reshape, where heads first ([B, H, T, D]) would take a permute each way for v and the output.
+// and v have Hkv heads, each shared by H / Hkv query heads), RoPE on q and k into one tensor
+// (rope_qk, one launch), the fused causal attention of rex/ops/attention.hpp in that time-first
+// layout (causal_attention_packed), its output read as [B, T, d], output projection Wo. No head is
+// moved: every step between the projections is a reshape, where heads first ([B, H, T, D]) would
+// take a permute each way for v and the output.
 //
 // Decoding (inference, one sequence): given a KvCacheLayer, the keys (after RoPE) and values of
 // the tokens are kept. An empty cache takes a whole window (the prefill: the computation above,
@@ -79,10 +80,17 @@ class CausalSelfAttention : public Module {
     auto heads_first = [&](const Tensor& t, int64_t n) {
       return time == 1 ? reshape(t, {batch, n, 1, head_dim_}) : permute(t, {0, 2, 1, 3});
     };
+    if (!cache) {  // q and k rotated into one tensor, which attention reads as it is
+      const Tensor q_raw = q->forward(x), k_raw = k->forward(x);
+      const Tensor qk = rope_qk(q_raw, k_raw, heads_, kv_heads_, rope_theta_);
+      const Tensor vh = reshape(v->forward(x), {batch, time, kv_heads_, head_dim_});
+      return o->forward(
+          reshape(causal_attention_packed(qk, vh, heads_), {batch, time, heads_ * head_dim_}));
+    }
     const Tensor qh = rope_heads(q->forward(x), heads_, rope_theta_, past);
     const Tensor kh = rope_heads(k->forward(x), kv_heads_, rope_theta_, past);
     const Tensor vh = reshape(v->forward(x), {batch, time, kv_heads_, head_dim_});
-    if (cache) cache->append(heads_first(kh, kv_heads_), heads_first(vh, kv_heads_));
+    cache->append(heads_first(kh, kv_heads_), heads_first(vh, kv_heads_));
     // After a prefill, the token attends to every cached key and value, its own included.
     const Tensor heads_out = past == 0 ? causal_attention(qh, kh, vh, AttentionLayout::time_first)
                                        : newest_query(qh, slice(cache->keys, 2, 0, past + 1),
@@ -106,8 +114,8 @@ class CausalSelfAttention : public Module {
     weights.times(x, q->weight, qk_raw);
     weights.times(x, k->weight, qk_raw + dim);
     weights.times(x, v->weight, v_new);
-    detail::cpu::rope(qk_raw, rope_cos, rope_sin, qk, detail::RopeRows{1, heads_ + kv_heads_, 1},
-                      head_dim_, 1.0f);
+    detail::cpu::rope(qk_raw, nullptr, rope_cos, rope_sin, qk, nullptr,
+                      detail::RopeRows{1, heads_ + kv_heads_, 1}, head_dim_, 1.0f);
     // Head h's key and value go to position p of head h's [capacity, D] block.
     float* keys = cache.keys.data<float>();
     float* values = cache.values.data<float>();

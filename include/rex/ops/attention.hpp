@@ -4,7 +4,8 @@
 // q is [B, Hq, T, D]; k and v are [B, Hkv, T, D] with Hq = G * Hkv: query head h reads kv head h /
 // G. Or time first (AttentionLayout::time_first): q [B, T, Hq, D], k and v [B, T, Hkv, D] and the
 // output [B, T, Hq, D], the order of the projections' outputs, so that a model needs no permute
-// around attention; the arithmetic is the same, so are the bits. Per (b, h), with s = 1/sqrt(D) and
+// around attention; the arithmetic is the same, so are the bits. causal_attention_packed takes q
+// and k time first in one tensor (rope_qk's output). Per (b, h), with s = 1/sqrt(D) and
 // the causal mask (query t sees keys 0..t):
 //   S = s q k^T,  P = softmax(S) over the unmasked keys of each row (masked entries are exactly 0),
 //   O = P v.
@@ -75,10 +76,13 @@ inline bool attention_is_flash(const Tensor& q) {
   return true;
 }
 
+// out has q's shape, or [B, T, Hq, D] when q and k are packed.
 inline AttentionValues attention_values(const Tensor& q, const Tensor& k, const Tensor& v,
                                         const AttentionShape& shape, float scale, bool flash) {
+  const Shape out_shape =
+      shape.packed_qk ? Shape{shape.batch, shape.time, shape.heads, shape.head_dim} : q.shape();
   AttentionValues out{
-      Tensor::empty(q.shape(), DType::f32, q.device()),
+      Tensor::empty(out_shape, DType::f32, q.device()),
       Tensor::empty(Shape{shape.batch, shape.heads, shape.time}, DType::f32, q.device())};
   (flash        ? cuda_backend().flash_attention
    : on_cuda(q) ? cuda_backend().attention
@@ -90,6 +94,7 @@ inline AttentionValues attention_values(const Tensor& q, const Tensor& k, const 
 
 // The gradients of q, k and v (each left undefined where `needs` says it is not wanted); `out` is
 // the forward's output, which flash attention's backward reads (the fp32 kernels recompute it).
+// With q and k packed (q and k the same tensor), dq and dk are one tensor too.
 inline GradList attention_grads(const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v,
                                 const AttentionValues& values, const AttentionShape& shape,
                                 float scale, bool flash, const std::vector<bool>& needs) {
@@ -97,7 +102,10 @@ inline GradList attention_grads(const Tensor& g, const Tensor& q, const Tensor& 
   const Tensor* inputs[] = {&q, &k, &v};
   // Flash attention writes all three.
   for (size_t i = 0; i < 3; ++i)
-    if (needs[i] || flash) grads[i] = Tensor::empty(inputs[i]->shape(), DType::f32, q.device());
+    if (needs[i] || flash)
+      grads[i] = i == 1 && shape.packed_qk && grads[0].defined()
+                     ? grads[0]
+                     : Tensor::empty(inputs[i]->shape(), DType::f32, q.device());
   auto pointer = [](const Tensor& t) { return t.defined() ? t.device_data<float>() : nullptr; };
   const float *pq = q.device_data<float>(), *pk = k.device_data<float>(),
               *pv = v.device_data<float>(), *lse = values.lse.device_data<float>();
@@ -136,6 +144,36 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
                          shape, scale, flash](const Tensor& g, const std::vector<bool>& needs) {
                           return detail::attention_grads(g, q, k, v, values, shape, scale, flash,
                                                          needs);
+                        });
+}
+
+// causal_attention with q and k packed in one tensor, time first: qk [B, T, Hq + Hkv, D] (each
+// position's Hq query heads, then its Hkv key heads: rope_qk's output) and v [B, T, Hkv, D]; the
+// output is [B, T, Hq, D] and the gradient of qk is packed alike. The same arithmetic as
+// causal_attention on q and k apart, so the same bits, without a kernel to make them apart.
+inline Tensor causal_attention_packed(const Tensor& qk, const Tensor& v, int64_t heads) {
+  detail::check_f32("causal_attention_packed", qk), detail::check_f32("causal_attention_packed", v);
+  detail::common_device("causal_attention_packed", {qk, v});
+  REX_CHECK(
+      qk.rank() == 4 && v.rank() == 4 && heads > 0 && v.dim(2) > 0 && heads % v.dim(2) == 0 &&
+          qk.dim(2) == heads + v.dim(2) && qk.dim(0) == v.dim(0) && qk.dim(1) == v.dim(1) &&
+          qk.dim(3) == v.dim(3),
+      "causal_attention_packed: expected qk [B, T, Hq + Hkv, D] and v [B, T, Hkv, D] with Hq = ",
+      heads, " a multiple of Hkv, got qk ", qk.shape(), " and v ", v.shape());
+  const detail::AttentionShape shape{
+      qk.dim(0), heads, v.dim(2), qk.dim(1), qk.dim(3), /*time_first=*/true, /*packed_qk=*/true};
+  const float scale = 1.0f / std::sqrt(static_cast<float>(qk.dim(3)));
+  const bool flash = detail::attention_is_flash(qk);
+  detail::AttentionValues values = detail::attention_values(qk, qk, v, shape, scale, flash);
+  Tensor out = values.out;
+  values.out = flash ? out.detach() : Tensor();
+  return detail::record(out, "causal_attention_packed", {qk, v},
+                        [qk = qk.detach(), v = v.detach(), values = std::move(values), shape, scale,
+                         flash](const Tensor& g, const std::vector<bool>& needs) {
+                          detail::GradList grads =
+                              detail::attention_grads(g, qk, qk, v, values, shape, scale, flash,
+                                                      {needs[0], needs[0], needs[1]});
+                          return detail::GradList{grads[0], grads[2]};
                         });
 }
 

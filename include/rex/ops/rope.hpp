@@ -16,7 +16,8 @@
 //   dx[i] = g[i] cos + g[i + h] sin,   dx[i + h] = g[i + h] cos - g[i] sin.
 // rope_heads takes a projection's output [B, T, H D] and gives its rotated heads time first,
 // [B, T, H, D]: the layout attention reads with AttentionLayout::time_first, so a model moves no
-// head anywhere (x's rows in their own order, and the gradient's the same).
+// head anywhere (x's rows in their own order, and the gradient's the same). rope_qk does q and k
+// at once into one tensor, [B, T, Hq + Hkv, D], which causal_attention_packed reads.
 #pragma once
 
 #include <cmath>
@@ -84,8 +85,9 @@ inline Tensor rope_rotate(const Tensor& x, const RopeTable& table, RopeRows rows
                           const Shape& out_shape, float direction) {
   Tensor out = Tensor::empty(out_shape, DType::f32, x.device());
   (on_cuda(x) ? cuda_backend().rope : cpu::rope)(
-      x.device_data<float>(), table.cos.device_data<float>(), table.sin.device_data<float>(),
-      out.device_data<float>(), rows, table.cos.dim(1) * 2, direction);
+      x.device_data<float>(), nullptr, table.cos.device_data<float>(),
+      table.sin.device_data<float>(), out.device_data<float>(), nullptr, rows, table.cos.dim(1) * 2,
+      direction);
   return out;
 }
 
@@ -124,6 +126,42 @@ inline Tensor rope_heads(const Tensor& x, int64_t heads, float theta = 10000.0f,
       detail::rope_rotate(x, table, rows, Shape{batch, time, heads, head_dim}, 1.0f), "rope_heads",
       {x}, [table, rows, shape = x.shape()](const Tensor& g) {
         return detail::GradList{detail::rope_rotate(g, table, rows, shape, -1.0f)};
+      });
+}
+
+// q [B, T, Hq D] and k [B, T, Hkv D] (the projections' outputs) rotated and packed time first
+// into one tensor [B, T, Hq + Hkv, D], each position's query heads then its key heads: the values
+// of rope_heads(q, Hq) and rope_heads(k, Hkv) side by side, in one kernel (and one for both
+// gradients) where the two take two each. causal_attention_packed reads it as it is.
+inline Tensor rope_qk(const Tensor& q, const Tensor& k, int64_t heads, int64_t kv_heads,
+                      float theta = 10000.0f, int64_t position_offset = 0) {
+  detail::check_f32("rope_qk", q), detail::check_f32("rope_qk", k);
+  detail::common_device("rope_qk", {q, k});
+  REX_CHECK(
+      q.rank() == 3 && k.rank() == 3 && heads > 0 && kv_heads > 0 && q.dim(2) % (2 * heads) == 0 &&
+          q.dim(0) == k.dim(0) && q.dim(1) == k.dim(1) && k.dim(2) == q.dim(2) / heads * kv_heads,
+      "rope_qk: expected q [B, T, Hq D] and k [B, T, Hkv D] with one even head size D for Hq = ",
+      heads, " and Hkv = ", kv_heads, " heads, got q ", q.shape(), " and k ", k.shape());
+  REX_CHECK(theta > 0.0f, "rope_qk: theta must be positive, got ", theta);
+  const int64_t batch = q.dim(0), time = q.dim(1), head_dim = q.dim(2) / heads;
+  const detail::RopeTable table =
+      detail::cached_rope_table(time, head_dim, theta, position_offset, q.device());
+  const detail::RopeRows rows{batch, heads, time, /*time_first=*/true, kv_heads};
+  Tensor packed =
+      Tensor::empty(Shape{batch, time, heads + kv_heads, head_dim}, DType::f32, q.device());
+  const auto rope = detail::on_cuda(q) ? detail::cuda_backend().rope : detail::cpu::rope;
+  const float *cos = table.cos.device_data<float>(), *sin = table.sin.device_data<float>();
+  rope(q.device_data<float>(), k.device_data<float>(), cos, sin, packed.device_data<float>(),
+       nullptr, rows, head_dim, 1.0f);
+  return detail::record(
+      packed, "rope_qk", {q, k},
+      [table, rows, rope, head_dim, q_shape = q.shape(), k_shape = k.shape()](const Tensor& g) {
+        Tensor dq = Tensor::empty(q_shape, DType::f32, g.device());
+        Tensor dk = Tensor::empty(k_shape, DType::f32, g.device());
+        rope(g.device_data<float>(), nullptr, table.cos.device_data<float>(),
+             table.sin.device_data<float>(), dq.device_data<float>(), dk.device_data<float>(), rows,
+             head_dim, -1.0f);
+        return detail::GradList{dq, dk};
       });
 }
 

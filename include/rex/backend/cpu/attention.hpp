@@ -2,14 +2,14 @@
 // arguments of their rex/backend/cuda/backend.hpp counterparts; the formulas are in the file-top
 // comment of rex/ops/attention.hpp.
 //
-// Layouts: rex/backend/attention_shape.hpp (heads first or time first; lse is [B, Hq, T]). A head
-// whose rows are not contiguous (time first) is copied into a [T, D] buffer, and its results out of
-// one, so the arithmetic is the same in both layouts. Per head, the scores are one Eigen GEMM and
-// the softmax rows go through Eigen's vectorised exp, with the row sums in double. The forward runs
-// its (b, h) loop in parallel; the backward runs (b, kv head) in parallel and the group inside, so
-// each iteration writes disjoint parts of dq, dk and dv. With a single head the loop stays serial
-// and Eigen's GEMM uses the threads instead. The score buffers are Eigen arrays, not std::vector
-// (see rex/backend/cpu/arrays.hpp).
+// Layouts: rex/backend/attention_shape.hpp (heads first, time first, or time first with q and k
+// packed; lse is [B, Hq, T]). A head whose rows are not contiguous is copied into a [T, D] buffer,
+// and its results out of one, so the arithmetic is the same in every layout. Per head, the scores
+// are one Eigen GEMM and the softmax rows go through Eigen's vectorised exp, with the row sums in
+// double. The forward runs its (b, h) loop in parallel; the backward runs (b, kv head) in parallel
+// and the group inside, so each iteration writes disjoint parts of dq, dk and dv. With a single
+// head the loop stays serial and Eigen's GEMM uses the threads instead. The score buffers are Eigen
+// arrays, not std::vector (see rex/backend/cpu/arrays.hpp).
 #pragma once
 
 #include <algorithm>
@@ -41,45 +41,46 @@ inline void attention_scores(const float* q, const float* k, float* s, int64_t t
     for (int64_t j = 0; j <= i; ++j) s[i * time + j] *= scale;
 }
 
-// Head `head` (of n per batch) of x as a contiguous [T, D] matrix: x's own rows when heads come
-// first, else a copy of them in `copy`.
-inline const float* head_rows(const float* x, int64_t head, int64_t n, const AttentionShape& shape,
-                              Eigen::ArrayXf& copy) {
-  const float* first = x + shape.head_start(head, n);
-  if (!shape.time_first) return first;
+// Head `head` of x (whose rows lie as `rows` says) as a contiguous [T, D] matrix: x's own rows
+// when they are contiguous (heads first), else a copy of them in `copy`.
+inline const float* head_rows(const float* x, AttentionRows rows, int64_t head,
+                              const AttentionShape& shape, Eigen::ArrayXf& copy) {
+  const float* first = x + shape.start(rows, head);
+  if (shape.stride(rows) == shape.head_dim) return first;
   copy.resize(shape.time * shape.head_dim);
   for (int64_t t = 0; t < shape.time; ++t)
-    std::copy_n(first + t * shape.row_stride(n), shape.head_dim, copy.data() + t * shape.head_dim);
+    std::copy_n(first + t * shape.stride(rows), shape.head_dim, copy.data() + t * shape.head_dim);
   return copy.data();
 }
 
 // Where head `head` of a result x is computed as a contiguous [T, D] matrix (x's rows, or
-// `staging` when time comes first), and store_head_rows, which then moves it into x's rows.
-inline float* head_result(float* x, int64_t head, int64_t n, const AttentionShape& shape,
+// `staging` when they are apart), and store_head_rows, which then moves it into x's rows.
+inline float* head_result(float* x, AttentionRows rows, int64_t head, const AttentionShape& shape,
                           Eigen::ArrayXf& staging) {
-  if (!shape.time_first) return x + shape.head_start(head, n);
+  if (shape.stride(rows) == shape.head_dim) return x + shape.start(rows, head);
   staging.resize(shape.time * shape.head_dim);
   return staging.data();
 }
-inline void store_head_rows(const Eigen::ArrayXf& staging, float* x, int64_t head, int64_t n,
-                            const AttentionShape& shape) {
-  if (!shape.time_first) return;
-  float* first = x + shape.head_start(head, n);
+inline void store_head_rows(const Eigen::ArrayXf& staging, float* x, AttentionRows rows,
+                            int64_t head, const AttentionShape& shape) {
+  if (shape.stride(rows) == shape.head_dim) return;
+  float* first = x + shape.start(rows, head);
   for (int64_t t = 0; t < shape.time; ++t)
     std::copy_n(staging.data() + t * shape.head_dim, shape.head_dim,
-                first + t * shape.row_stride(n));
+                first + t * shape.stride(rows));
 }
 
 inline void attention(const float* q, const float* k, const float* v, float* out, float* lse,
                       AttentionShape shape, float scale) {
-  const int64_t heads = shape.heads, kv_heads = shape.kv_heads, time = shape.time;
-  const int64_t head_dim = shape.head_dim, batch_heads = shape.batch * heads;
+  const int64_t time = shape.time, head_dim = shape.head_dim;
+  const int64_t batch_heads = shape.batch * shape.heads;
   REX_PARALLEL_FOR(if (batch_heads > 1))
   for (int64_t bh = 0; bh < batch_heads; ++bh) {
     const int64_t kv = shape.kv_head_of(bh);
     Eigen::ArrayXf p(time * time), q_copy, k_copy, v_copy, out_staging;
-    attention_scores(head_rows(q, bh, heads, shape, q_copy),
-                     head_rows(k, kv, kv_heads, shape, k_copy), p.data(), time, head_dim, scale);
+    attention_scores(head_rows(q, AttentionRows::q, bh, shape, q_copy),
+                     head_rows(k, AttentionRows::k, kv, shape, k_copy), p.data(), time, head_dim,
+                     scale);
     for (int64_t i = 0; i < time; ++i) {
       float* row = p.data() + i * time;
       ArrayMap visible(row, i + 1);  // the keys query i may see
@@ -90,10 +91,10 @@ inline void attention(const float* q, const float* k, const float* v, float* out
       std::fill(row + i + 1, row + time, 0.0f);
       lse[bh * time + i] = peak + static_cast<float>(std::log(total));
     }
-    attention_gemm(p.data(), head_rows(v, kv, kv_heads, shape, v_copy),
-                   head_result(out, bh, heads, shape, out_staging), time, head_dim, time, false,
-                   false);
-    store_head_rows(out_staging, out, bh, heads, shape);
+    attention_gemm(p.data(), head_rows(v, AttentionRows::v, kv, shape, v_copy),
+                   head_result(out, AttentionRows::out, bh, shape, out_staging), time, head_dim,
+                   time, false, false);
+    store_head_rows(out_staging, out, AttentionRows::out, bh, shape);
   }
 }
 
@@ -101,22 +102,24 @@ inline void attention(const float* q, const float* k, const float* v, float* out
 inline void attention_backward(const float* q, const float* k, const float* v, const float* lse,
                                const float* g, float* dq, float* dk, float* dv,
                                AttentionShape shape, float scale) {
-  const int64_t heads = shape.heads, kv_heads = shape.kv_heads, time = shape.time;
+  const int64_t kv_heads = shape.kv_heads, time = shape.time;
   const int64_t head_dim = shape.head_dim, group = shape.group();
   REX_PARALLEL_FOR(if (shape.batch * kv_heads > 1))
   for (int64_t bkv = 0; bkv < shape.batch * kv_heads; ++bkv) {
     Eigen::ArrayXf p(time * time), ds(dq != nullptr || dk != nullptr ? time * time : 0);
     Eigen::ArrayXf k_copy, v_copy, q_copy, g_copy, dq_staging, dk_staging, dv_staging;
-    const float* k_h = head_rows(k, bkv, kv_heads, shape, k_copy);
-    const float* v_h = head_rows(v, bkv, kv_heads, shape, v_copy);
-    float* dk_h = dk != nullptr ? head_result(dk, bkv, kv_heads, shape, dk_staging) : nullptr;
-    float* dv_h = dv != nullptr ? head_result(dv, bkv, kv_heads, shape, dv_staging) : nullptr;
+    const float* k_h = head_rows(k, AttentionRows::k, bkv, shape, k_copy);
+    const float* v_h = head_rows(v, AttentionRows::v, bkv, shape, v_copy);
+    float* dk_h =
+        dk != nullptr ? head_result(dk, AttentionRows::k, bkv, shape, dk_staging) : nullptr;
+    float* dv_h =
+        dv != nullptr ? head_result(dv, AttentionRows::v, bkv, shape, dv_staging) : nullptr;
     if (dk_h != nullptr) std::fill(dk_h, dk_h + time * head_dim, 0.0f);
     if (dv_h != nullptr) std::fill(dv_h, dv_h + time * head_dim, 0.0f);
     for (int64_t member = 0; member < group; ++member) {
       const int64_t bh = bkv * group + member;  // = b * Hq + kv head * G + member
-      const float* q_h = head_rows(q, bh, heads, shape, q_copy);
-      const float* g_h = head_rows(g, bh, heads, shape, g_copy);
+      const float* q_h = head_rows(q, AttentionRows::q, bh, shape, q_copy);
+      const float* g_h = head_rows(g, AttentionRows::out, bh, shape, g_copy);
       // P from the saved log-sum-exp; zero above the diagonal.
       attention_scores(q_h, k_h, p.data(), time, head_dim, scale);
       for (int64_t i = 0; i < time; ++i) {
@@ -138,15 +141,15 @@ inline void attention_backward(const float* q, const float* k, const float* v, c
         std::fill(ds.data() + i * time + i + 1, ds.data() + (i + 1) * time, 0.0f);
       }
       if (dq != nullptr) {
-        attention_gemm(ds.data(), k_h, head_result(dq, bh, heads, shape, dq_staging), time,
-                       head_dim, time, false, false);
-        store_head_rows(dq_staging, dq, bh, heads, shape);
+        attention_gemm(ds.data(), k_h, head_result(dq, AttentionRows::q, bh, shape, dq_staging),
+                       time, head_dim, time, false, false);
+        store_head_rows(dq_staging, dq, AttentionRows::q, bh, shape);
       }
       if (dk_h != nullptr)
         attention_gemm(ds.data(), q_h, dk_h, time, head_dim, time, true, false, true);
     }
-    if (dk != nullptr) store_head_rows(dk_staging, dk, bkv, kv_heads, shape);
-    if (dv != nullptr) store_head_rows(dv_staging, dv, bkv, kv_heads, shape);
+    if (dk != nullptr) store_head_rows(dk_staging, dk, AttentionRows::k, bkv, shape);
+    if (dv != nullptr) store_head_rows(dv_staging, dv, AttentionRows::v, bkv, shape);
   }
 }
 

@@ -145,15 +145,18 @@ inline void permute(const float* x, float* out, int64_t rank, const int64_t* dim
 
 // The rows.count() rows of x rotated by `direction` (+1, or -1 for the backward) through the [time,
 // head_dim / 2] cos and sin tables, at the positions `rows` gives (RopeRows); element i pairs with
-// i + head_dim / 2.
-inline void rope(const float* x, const float* cos_table, const float* sin_table, float* y,
-                 RopeRows rows, int64_t head_dim, float direction) {
+// i + head_dim / 2. With rows.second_heads, x_second (or y_second) set means x (or y) is the two
+// tensors apart (the CUDA table's rope).
+inline void rope(const float* x, const float* x_second, const float* cos_table,
+                 const float* sin_table, float* y, float* y_second, RopeRows rows, int64_t head_dim,
+                 float direction) {
   const int64_t half = head_dim / 2;
   REX_PARALLEL_FOR()
   for (int64_t r = 0; r < rows.count(); ++r) {
-    const int64_t t = rows.position(r);
-    const float* in = x + r * head_dim;
-    float* o = y + r * head_dim;
+    const int64_t t = rows.position(r), apart = rows.apart_row(r) * head_dim;
+    const bool second = rows.in_second(r);
+    const float* in = x_second ? (second ? x_second : x) + apart : x + r * head_dim;
+    float* o = y_second ? (second ? y_second : y) + apart : y + r * head_dim;
     const float* c = cos_table + t * half;
     const float* s = sin_table + t * half;
     for (int64_t i = 0; i < half; ++i) {

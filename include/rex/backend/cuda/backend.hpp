@@ -287,9 +287,10 @@ struct CudaBackend {
   // RoPE, "rotate half" as rex/ops/rope.hpp: element i pairs with i + head_dim/2 (NOT 2i, 2i+1);
   // x and y hold rows.count() rows of head_dim in the orders `rows` gives, cos and sin are [time,
   // head_dim / 2]; y = rotation by `direction` (+1 forward, -1 for the backward), exactly
-  // rope_rotate's formula.
-  void (*rope)(const float* x, const float* cos, const float* sin, float* y, RopeRows rows,
-               int64_t head_dim, float direction);
+  // rope_rotate's formula. With rows.second_heads, x_second (or y_second) set says that x (or y)
+  // is the two tensors apart: x the first's rows, x_second the second's; the other is packed.
+  void (*rope)(const float* x, const float* x_second, const float* cos, const float* sin, float* y,
+               float* y_second, RopeRows rows, int64_t head_dim, float direction);
 
   // ---- attention (kernels/attention.cu) ----
   // Causal softmax(q k^T * scale) v with grouped-query heads, in either layout of `shape`
