@@ -88,22 +88,23 @@ void gather_rows_unchecked(const float* x, const int32_t* index, float* out, int
 
 // ---- scatter_add_rows ----
 
-// Output row r sums src rows order[offsets[r]], ..., order[offsets[r + 1] - 1] in that order.
+// Output row r sums src rows order[offsets[r]], ..., order[offsets[r + 1] - 1] in that order (then
+// is plus's row r plus that sum, when plus is set).
 __global__ void scatter_add_rows_kernel(const float* src, const int64_t* offsets,
-                                        const int64_t* order, float* out, int64_t num_rows,
-                                        int64_t d) {
+                                        const int64_t* order, const float* plus, float* out,
+                                        int64_t num_rows, int64_t d) {
   for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
     const int64_t begin = offsets[r], end = offsets[r + 1];
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
       float acc = 0.0f;
       for (int64_t s = begin; s < end; ++s) acc += src[order[s] * d + j];
-      out[r * d + j] = acc;
+      out[r * d + j] = plus ? __fadd_rn(plus[r * d + j], acc) : acc;
     }
   }
 }
 
-void scatter_add_rows(const float* src, const int32_t* index, const int32_t* host_index, float* out,
-                      int64_t m, int64_t d, int64_t num_rows) {
+void scatter_add_rows(const float* src, const int32_t* index, const int32_t* host_index,
+                      const float* plus, float* out, int64_t m, int64_t d, int64_t num_rows) {
   std::vector<int32_t> read_back;
   if (!host_index && m > 0) {
     read_back.resize(static_cast<size_t>(m));
@@ -128,7 +129,7 @@ void scatter_add_rows(const float* src, const int32_t* index, const int32_t* hos
   const int threads = static_cast<int>(d >= kThreads ? kThreads : (d + 31) / 32 * 32);
   const auto blocks = static_cast<unsigned int>(num_rows < 65535 * 32 ? num_rows : 65535 * 32);
   REX_LAUNCH(scatter_add_rows_kernel, blocks, threads, 0, src, device_offsets.as<int64_t>(),
-             device_order.as<int64_t>(), out, num_rows, d);
+             device_order.as<int64_t>(), plus, out, num_rows, d);
 }
 
 // ---- topk ----

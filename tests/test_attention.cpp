@@ -266,8 +266,7 @@ TEST_CASE("causal_attention follows the matmul precision in bf16 only, as on CUD
   CHECK(in[1] != fp32);
 }
 
-TEST_CASE(
-    "causal_attention time first or packed gives the bits of heads first, gradients included") {
+TEST_CASE("causal_attention time first or packed: the bits of heads first, with gradients") {
   // The CPU copies a time-first (or packed) head into a [T, D] buffer, so the arithmetic is the
   // same; in bf16 too (attention_gemm rounds the same operands).
   rex::Generator gen(21);

@@ -531,6 +531,28 @@ TEST_CASE("cuda ops: rope and causal attention with grouped-query heads") {
   testing::check_time_first_attention({2, 70, 6, 40}, {2, 70, 3, 40}, kGpu, gen);
 }
 
+// A tied embedding (the model's): the head's product gives the weight its gradient first, and the
+// embedding's scatter then adds its rows into that gradient in its own launch. The result must be
+// the bits of the two gradients made apart and added (the engine's add, before).
+TEST_CASE(
+    "cuda ops: a tied embedding adds its rows into the weight's gradient inside the scatter") {
+  if (gpu_missing()) return;
+  Generator gen(17);
+  const Tensor weight = normal(Shape{9, 4}, gen), ids = ids_tensor({12}, 9, gen);
+  const Tensor g = normal(Shape{12, 9}, gen).to(kGpu);
+  const Tensor gpu_ids = ids.to(kGpu);
+  // Together: x = embedding(W, ids), logits = x W^T.
+  const Tensor w = weight.to(kGpu).requires_grad_();
+  matmul(embedding(w, gpu_ids), w, {.transpose_b = true}).backward(g);
+  // Apart: the head's gradient with x held fixed, x's gradient scattered, then added.
+  const Tensor head_w = weight.to(kGpu).requires_grad_();
+  const Tensor x = embedding(weight.to(kGpu), gpu_ids).detach().requires_grad_();
+  matmul(x, head_w, {.transpose_b = true}).backward(g);
+  const Tensor apart = head_w.grad() + scatter_add_rows(x.grad(), gpu_ids, 9);
+  CHECK(testing::raw_bytes(w.grad().to(Device::cpu())) ==
+        testing::raw_bytes(apart.to(Device::cpu())));
+}
+
 TEST_CASE("cuda ops: gather, scatter, embedding, where, masked_fill and topk") {
   if (gpu_missing()) return;
   Generator gen(7);

@@ -292,7 +292,8 @@ inline KernelCounts rope(i64 batch, i64 heads, i64 time, i64 half, bool time_fir
 
 // scatter_add_rows_kernel: out [rows, d] sums m source rows of d (d <= 256 threads a block: a
 // multiple of 32 here), with the CSR offsets (2 per row) and order (1 per source) in int64.
-inline KernelCounts scatter_add_rows(i64 rows, i64 m, i64 d) {
+// With `plus`, each output element first reads plus's (the gradient it is added into).
+inline KernelCounts scatter_add_rows(i64 rows, i64 m, i64 d, bool plus = false) {
   KernelCounts k;
   const i64 warps_per_row = static_cast<i64>(ceil_div(std::min<i64>(d, 256), 32));
   const i64 column_passes = static_cast<i64>(ceil_div(d, 256));
@@ -305,6 +306,7 @@ inline KernelCounts scatter_add_rows(i64 rows, i64 m, i64 d) {
   k.global.load_bytes +=
       static_cast<uint64_t>(rows * column_passes * warps_per_row * 32 * 16 + m * d * 4 +
                             m * column_passes * warps_per_row * 32 * 8);
+  if (plus) load_stream(k, rows * d);
   store_stream(k, rows * d);
   return k;
 }
@@ -1102,9 +1104,9 @@ inline Counts training_step(const rex::train::RunConfig& config,
     rms_norm_backward(M, true);
   }
   // The embedding's rows back (a scatter-add planned on the host from the token ids' host copy,
-  // its plan uploaded), added to the tied head's. The step's losses stay on the device.
-  plan.launch("scatter_add_rows_kernel", scatter_add_rows(V, M, D));
-  add(V * D);
+  // its plan uploaded), added by the same launch into the tied head's gradient. The step's losses
+  // stay on the device.
+  plan.launch("scatter_add_rows_kernel", scatter_add_rows(V, M, D, true));
 
   // The optimiser over its arena (every parameter has a gradient here, and every size is a
   // multiple of 16 floats, so the arena has no padding): the sum of squares of the whole gradient

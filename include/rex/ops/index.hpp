@@ -81,13 +81,18 @@ inline Tensor gather_rows_values(const Tensor& x, const Tensor& index, bool chec
   return out;
 }
 
-inline Tensor scatter_add_rows_values(const Tensor& src, const Tensor& index, int64_t num_rows) {
+// On CUDA, with `into` ([num_rows, d] on the device) the sums are added into it in place, each
+// row's sum then into's row: into + the result, as the engine would add them, in one launch.
+inline Tensor scatter_add_rows_values(const Tensor& src, const Tensor& index, int64_t num_rows,
+                                      Tensor into = Tensor()) {
   const int64_t m = src.dim(0), d = src.dim(1);
   if (common_device("scatter_add_rows", {src, index}).is_cuda()) {
-    Tensor out = Tensor::empty(Shape{num_rows, d}, DType::f32, src.device());
+    Tensor out =
+        into.defined() ? into : Tensor::empty(Shape{num_rows, d}, DType::f32, src.device());
     cuda_backend().scatter_add_rows(src.device_data<float>(), index.device_data<int32_t>(),
-                                    index.host_values<int32_t>(), out.device_data<float>(), m, d,
-                                    num_rows);
+                                    index.host_values<int32_t>(),
+                                    into.defined() ? into.device_data<float>() : nullptr,
+                                    out.device_data<float>(), m, d, num_rows);
     return out;
   }
   Tensor out = zeros(Shape{num_rows, d});
@@ -103,15 +108,21 @@ inline Tensor scatter_add_rows_values(const Tensor& src, const Tensor& index, in
 }
 
 // gather_rows with its checks reported under the name `op` (gather_rows itself, or embedding).
+// When x is a leaf that has a gradient already (a tied embedding's, from the head), the backward
+// adds into it on CUDA (adds_to_leaf_grads): the scatter's launch, without the engine's add.
 inline Tensor gather_rows_as(std::string_view op, const Tensor& x, const Tensor& index) {
   check_f32(op, x);
   REX_CHECK(x.rank() == 2, op, ": rows are taken from a 2-d [N, d] tensor, got shape ", x.shape());
   const int64_t num_rows = x.dim(0);
   const bool checked = check_row_indices(op, index, num_rows);
-  return record(gather_rows_values(x, index, checked, op), "gather_rows", {x},
-                [index = index.detach(), num_rows](const Tensor& g) {
-                  return GradList{scatter_add_rows_values(g, index, num_rows)};
-                });
+  Tensor rows = record(gather_rows_values(x, index, checked, op), "gather_rows", {x},
+                       [index = index.detach(), num_rows](const Tensor& g, const std::vector<bool>&,
+                                                          GradList& waiting) {
+                         Tensor into = on_cuda(g) ? std::move(waiting[0]) : Tensor();
+                         return GradList{scatter_add_rows_values(g, index, num_rows, into)};
+                       });
+  if (rows.impl().autograd) rows.impl().autograd->grad_fn->adds_to_leaf_grads = true;
+  return rows;
 }
 
 }  // namespace detail

@@ -235,9 +235,9 @@ struct CudaBackend {
   // out [num_rows, d] = 0, then out[index[i]] += src[i] for i in increasing order (exactly the
   // CPU's order, so results are bit-identical run to run); bad indices throw. The order is planned
   // on the host, from host_index (the same values, already on the host) when it is not null, else
-  // from index read back (a wait).
+  // from index read back (a wait). With plus (which may be out), out = plus + those sums.
   void (*scatter_add_rows)(const float* src, const int32_t* index, const int32_t* host_index,
-                           float* out, int64_t m, int64_t d, int64_t num_rows);
+                           const float* plus, float* out, int64_t m, int64_t d, int64_t num_rows);
   // ---- the MoE routing plan (kernels/routing.cu) ----
   // The `slots` entries of indices (slot s is token s / k's choice s % k, an expert in [0, pool))
   // stably sorted by expert, as the host's counting sort: sorted_slots[p] is the slot at sorted
