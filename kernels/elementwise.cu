@@ -121,26 +121,34 @@ void binary(BinaryOp op, const float* a, const float* b, float* out, const CudaB
 struct SumTerms {
   const float* term[rex::detail::kSumTermsPerLaunch];
   int count;
+  int prefix_at;  // the term after whose add the sum goes to prefix_out (-1: none)
 };
 
-__global__ void sum_of_kernel(SumTerms terms, float* out, int64_t n) {
+__global__ void sum_of_kernel(SumTerms terms, float* out, int64_t n, float* prefix_out) {
   for (int64_t i = thread_index(); i < n; i += thread_count()) {
     float sum = terms.term[0][i];
-    for (int j = 1; j < terms.count; ++j) sum = __fadd_rn(sum, terms.term[j][i]);
+    for (int j = 1; j < terms.count; ++j) {
+      sum = __fadd_rn(sum, terms.term[j][i]);
+      if (j == terms.prefix_at) prefix_out[i] = sum;
+    }
     out[i] = sum;
   }
 }
 
 // kSumTermsPerLaunch terms a launch; each launch after the first starts from the sum so far (out,
 // read and written element by element in place), so the adds stay in order.
-void sum_of(const float* const* host_terms, int64_t count, float* out, int64_t n) {
+void sum_of(const float* const* host_terms, int64_t count, float* out, int64_t n, float* prefix_out,
+            int64_t prefix) {
   if (n == 0) return;
   for (int64_t done = 0; done < count;) {
     SumTerms terms{};
+    terms.prefix_at = -1;
     if (done > 0) terms.term[terms.count++] = out;
-    while (terms.count < rex::detail::kSumTermsPerLaunch && done < count)
+    while (terms.count < rex::detail::kSumTermsPerLaunch && done < count) {
+      if (prefix_out && done + 1 == prefix) terms.prefix_at = terms.count;
       terms.term[terms.count++] = host_terms[done++];
-    REX_LAUNCH(sum_of_kernel, blocks_for(n), kThreads, 0, terms, out, n);
+    }
+    REX_LAUNCH(sum_of_kernel, blocks_for(n), kThreads, 0, terms, out, n, prefix_out);
   }
 }
 

@@ -293,6 +293,13 @@ TEST_CASE("cuda ops: elementwise, broadcasting and scalar forms") {
     for (int i = 0; i < count; ++i) terms.push_back(param({5, 9}, gen, -8.0f, 8.0f));
     compare_op(
         "sum_of " + std::to_string(count), terms, [](const auto& t) { return sum_of(t); }, 0.0);
+    // The partial sum written beside it, in the first launch and in the second.
+    for (const size_t prefix : {size_t{2}, size_t{33}}) {
+      if (prefix >= static_cast<size_t>(count)) continue;
+      compare_op(
+          "sum_of_with_prefix " + std::to_string(count) + ", " + std::to_string(prefix), terms,
+          [prefix](const auto& t) { return sum_of_with_prefix(t, prefix).prefix; }, 0.0);
+    }
   }
   const std::vector<std::pair<std::string, Fn>> binaries = {
       {"add", [](const auto& t) { return add(t[0], t[1]); }},

@@ -326,6 +326,36 @@ TEST_CASE(
   }
 }
 
+// The prefix is the chain's partial sum: the bits of sum_of over the first terms; its gradient goes
+// to those terms only, the sum's to all of them.
+TEST_CASE("sum_of_with_prefix gives sum_of of the first terms beside the sum, gradients included") {
+  rex::Generator gen(42);
+  for (const auto& [count, prefix] : std::vector<std::pair<size_t, size_t>>{
+           {5, 3}, {5, 1}, {5, 5}, {2, 1}, {40, 33}, {40, 32}, {40, 2}}) {
+    CAPTURE(count);
+    CAPTURE(prefix);
+    std::vector<Tensor> terms;
+    for (size_t i = 0; i < count; ++i) {
+      const float magnitude = std::ldexp(1.0f, static_cast<int>(i % 24));
+      terms.push_back((rex::normal(rex::Shape{4, 3}, gen) * magnitude).detach().requires_grad_());
+    }
+    const rex::SumAndPrefix sums = rex::sum_of_with_prefix(terms, prefix);
+    CHECK(rex::testing::same_bytes(sums.sum, rex::sum_of(terms)));
+    const std::vector<Tensor> first(terms.begin(), terms.begin() + static_cast<long>(prefix));
+    CHECK(rex::testing::same_bytes(sums.prefix, rex::sum_of(first)));
+    const Tensor g = rex::normal(rex::Shape{4, 3}, gen);
+    sums.prefix.backward(g);
+    for (size_t i = 0; i < count; ++i) {
+      CAPTURE(i);
+      if (i < prefix) {
+        CHECK(rex::testing::same_bytes(terms[i].grad(), g));
+      } else {
+        CHECK_FALSE(terms[i].grad().defined());
+      }
+    }
+  }
+}
+
 TEST_CASE("sum_of is the adds chained left to right, bit for bit, and passes g to every term") {
   rex::Generator gen(41);
   for (const int count : {1, 2, 5, 40}) {
@@ -345,6 +375,9 @@ TEST_CASE("sum_of is the adds chained left to right, bit for bit, and passes g t
     for (const Tensor& leaf : leaves) CHECK(rex::testing::same_bytes(leaf.grad(), g));
   }
   CHECK(rex::testing::error_message([] { rex::sum_of({}); }).find("sum_of: no terms") == 0);
+  CHECK(rex::testing::error_message([] {
+          rex::sum_of_with_prefix({rex::zeros(rex::Shape{2})}, 2);
+        }).find("sum_of: a prefix of 2 of 1 terms") == 0);
   CHECK(rex::testing::error_message([] {
           rex::sum_of({rex::zeros(rex::Shape{2}), rex::zeros(rex::Shape{3})});
         }).find("sum_of: the terms' shapes differ: [2] and [3]") == 0);

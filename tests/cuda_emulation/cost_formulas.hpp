@@ -1007,13 +1007,6 @@ inline Counts training_step(const rex::train::RunConfig& config,
     plan.launch("balance_loss_kernel", balance_loss(M, P));
     add_rms_norm(M);
   }
-  // The layers' balance losses added in one pass (sum_of), kSumTermsPerLaunch terms a launch, each
-  // launch after the first starting from the sum so far.
-  for (i64 done = 0; L > 1 && done < L;) {
-    const i64 terms = std::min<i64>(rex::detail::kSumTermsPerLaunch - (done > 0), L - done);
-    plan.launch("sum_of_kernel", elementwise(1, static_cast<int>(terms + (done > 0)), 0));
-    done += terms;
-  }
   // The head: logits, cross-entropy (its bad-target flag and count read back), the total loss;
   // the train step reads both losses back in one copy.
   linear(M, D, V);
@@ -1032,7 +1025,17 @@ inline Counts training_step(const rex::train::RunConfig& config,
   store_per_row(rows_kernel, 1, 1, 8);  // the count
   plan.launch("cross_entropy_kernel", rows_kernel);
   // (the targets came from the host, which checked and counted them: nothing is read back)
-  add(1);
+  // The layers' balance losses and the language-model loss added in one pass (sum_of_with_prefix:
+  // the balance losses' sum written on the way), kSumTermsPerLaunch terms a launch, each launch
+  // after the first starting from the sum so far; the partial sum's store in the launch that
+  // passes it.
+  for (i64 done = 0; done < L + 1;) {
+    const i64 terms = std::min<i64>(rex::detail::kSumTermsPerLaunch - (done > 0), L + 1 - done);
+    KernelCounts sum = elementwise(1, static_cast<int>(terms + (done > 0)), 0);
+    if (L > 1 && done < L && L <= done + terms) store_per_row(sum, 1, 1);
+    plan.launch("sum_of_kernel", sum);
+    done += terms;
+  }
 
   // Backward. The loss's gradient, then each layer's balance loss back to its probabilities.
   plan.launch("fill32_kernel", elementwise(1, 0, 0));

@@ -56,7 +56,7 @@ struct Budget {
 // activation for the backward instead of recomputing it, 4 more; since the grouped weight products
 // add into the expert table's gradients that the later layers made (no add_pairs), 3 more; since
 // one sum_of adds the MoE layers' auxiliary losses, 2 more.
-constexpr Budget kBudgets[] = {{117, 0, 63}, {117, 0, 63}};
+constexpr Budget kBudgets[] = {{116, 0, 63}, {116, 0, 63}};
 constexpr int kSteps = 3;
 
 }  // namespace

@@ -170,12 +170,26 @@ class TransformerLM : public Module {
     REX_CHECK(ids.rank() == 2 && ids.dim(1) >= 1 && ids.dim(1) <= config_.context,
               "TransformerLM: ids must be [B, T] with 1 <= T <= context (", config_.context,
               "), got ", ids.shape());
-    LmOutput out = run(ids, at, nullptr);
-    if (!targets.defined()) return out;
+    std::vector<Tensor> aux_losses;
+    LmOutput out = run(ids, at, nullptr, &aux_losses);
+    if (!targets.defined()) {
+      if (!aux_losses.empty()) out.aux_loss = sum_of(aux_losses);
+      return out;
+    }
     REX_CHECK(targets.shape() == ids.shape(), "TransformerLM: targets ", targets.shape(),
               " do not match ids ", ids.shape());
     out.lm_loss = cross_entropy(out.logits, reshape(targets, {-1}));
-    out.loss = out.aux_loss.defined() ? out.lm_loss + out.aux_loss : out.lm_loss;
+    if (aux_losses.empty()) {
+      out.loss = out.lm_loss;
+      return out;
+    }
+    // aux = the layers' losses added in layer order, and loss = aux + lm (= lm + aux: an add's
+    // bits do not depend on its order), both from one pass.
+    const size_t layers_with_aux = aux_losses.size();
+    aux_losses.push_back(out.lm_loss);
+    SumAndPrefix sums = sum_of_with_prefix(aux_losses, layers_with_aux);
+    out.aux_loss = std::move(sums.prefix);
+    out.loss = std::move(sums.sum);
     return out;
   }
 
@@ -201,7 +215,7 @@ class TransformerLM : public Module {
       cache.layers.assign(layers.size(), empty);
     }
     if (cached > 0 && embed->weight.device().is_cpu()) return step_on_cpu(ids, cache, at);
-    return run(ids, at, &cache).logits;
+    return run(ids, at, &cache, nullptr).logits;
   }
 
   const ModelConfig& config() const { return config_; }
@@ -212,10 +226,11 @@ class TransformerLM : public Module {
   std::shared_ptr<Linear> lm_head;  // null when tied to embed
 
  private:
-  // The logits [B T, V] and what the MoE layers measured (no losses); `cache` as in decode.
-  LmOutput run(const Tensor& ids, const RoutingStep& at, KvCache* cache) const {
+  // The logits [B T, V] and what the MoE layers measured, their auxiliary losses in layer order
+  // into aux_losses (when given; no other losses); `cache` as in decode.
+  LmOutput run(const Tensor& ids, const RoutingStep& at, KvCache* cache,
+               std::vector<Tensor>* aux_losses) const {
     LmOutput out;
-    std::vector<Tensor> aux_losses;  // the MoE layers', added in layer order by one op
     Tensor h = embed->forward(ids);
     Tensor normed = (layers.empty() ? *norm : *layers.front()->attn_norm).forward(h);
     for (size_t l = 0; l < layers.size(); ++l) {
@@ -225,11 +240,10 @@ class TransformerLM : public Module {
       h = std::move(block.h);
       normed = std::move(block.next_input);
       if (!block.aux_loss.defined()) continue;  // a dense or decoding block measures nothing
-      aux_losses.push_back(std::move(block.aux_loss));
+      if (aux_losses) aux_losses->push_back(std::move(block.aux_loss));
       out.expert_counts.push_back(std::move(block.expert_counts));
       out.candidates = block.candidates;  // the same N_t in every layer
     }
-    if (!aux_losses.empty()) out.aux_loss = sum_of(aux_losses);
     out.logits =
         linear(reshape(normed, {-1, config_.d_model}), lm_head ? lm_head->weight : embed->weight);
     return out;

@@ -85,27 +85,60 @@ inline Tensor add(const Tensor& a, const Tensor& b) {
   return detail::record_add(detail::binary_values<detail::BinaryOp::add>(a, b, "add"), a, b);
 }
 
-// ((terms[0] + terms[1]) + terms[2]) + ... for same-shape f32 tensors on one device: the bits of
-// the adds chained left to right, in one pass (on CUDA one launch, where the chain takes one an
-// add: the MoE layers' auxiliary losses). Every term's gradient is the output's.
-inline Tensor sum_of(const std::vector<Tensor>& terms) {
+struct SumAndPrefix {
+  Tensor sum;     // of all the terms
+  Tensor prefix;  // of the first `prefix` terms
+};
+
+// sum_of(terms), and beside it the sum of the first `prefix` terms (1 <= prefix <= terms.size())
+// from the same pass: the chain's partial sum there, so the bits of sum_of of those terms. The
+// graph is that of add(sum_of(the later terms...), prefix) without its launches: the prefix's
+// node takes the first terms, the sum's the later terms and then the prefix (the order in which
+// the engine walks them, as add(lm, aux) listed them). The model's loss and its auxiliary part in
+// one launch: sum_of_with_prefix({aux_1, ..., aux_L, lm}, L).
+inline SumAndPrefix sum_of_with_prefix(const std::vector<Tensor>& terms, size_t prefix) {
   REX_CHECK(!terms.empty(), "sum_of: no terms to add");
+  REX_CHECK(prefix >= 1 && prefix <= terms.size(), "sum_of: a prefix of ", prefix, " of ",
+            terms.size(), " terms");
   for (const Tensor& t : terms) {
     detail::check_f32("sum_of", t);
     REX_CHECK(t.shape() == terms[0].shape(), "sum_of: the terms' shapes differ: ", terms[0].shape(),
               " and ", t.shape());
     detail::common_device("sum_of", {terms[0], t});
   }
-  if (terms.size() == 1) return terms[0];
+  if (terms.size() == 1) return {terms[0], terms[0]};
   Tensor out = Tensor::empty(terms[0].shape(), DType::f32, terms[0].device());
+  // A prefix of one term is that term, and of all of them the sum.
+  const bool own_prefix = prefix >= 2 && prefix < terms.size();
+  Tensor partial = own_prefix ? Tensor::empty(terms[0].shape(), DType::f32, terms[0].device())
+                              : (prefix == 1 ? terms[0] : Tensor());
   std::vector<const float*> pointers;
   for (const Tensor& t : terms) pointers.push_back(t.device_data<float>());
   (detail::on_cuda(out) ? detail::cuda_backend().sum_of : detail::cpu::sum_of)(
-      pointers.data(), static_cast<int64_t>(pointers.size()), out.device_data<float>(),
-      out.numel());
-  return detail::record(out, "sum_of", terms, [count = terms.size()](const Tensor& g) {
-    return detail::GradList(count, g);
-  });
+      pointers.data(), static_cast<int64_t>(pointers.size()), out.device_data<float>(), out.numel(),
+      own_prefix ? partial.device_data<float>() : nullptr, static_cast<int64_t>(prefix));
+  const auto passes_g = [](size_t count) {
+    return [count](const Tensor& g) { return detail::GradList(count, g); };
+  };
+  if (prefix == terms.size()) {
+    out = detail::record(out, "sum_of", terms, passes_g(terms.size()));
+    return {out, out};
+  }
+  const auto first_later = terms.begin() + static_cast<std::ptrdiff_t>(prefix);
+  if (own_prefix)
+    partial = detail::record(partial, "sum_of", std::vector<Tensor>(terms.begin(), first_later),
+                             passes_g(prefix));
+  std::vector<Tensor> inputs(first_later, terms.end());
+  inputs.push_back(partial);
+  out = detail::record(out, "sum_of", inputs, passes_g(inputs.size()));
+  return {out, partial};
+}
+
+// ((terms[0] + terms[1]) + terms[2]) + ... for same-shape f32 tensors on one device: the bits of
+// the adds chained left to right, in one pass (on CUDA one launch, where the chain takes one an
+// add: the MoE layers' auxiliary losses). Every term's gradient is the output's.
+inline Tensor sum_of(const std::vector<Tensor>& terms) {
+  return sum_of_with_prefix(terms, terms.size()).sum;
 }
 
 inline Tensor sub(const Tensor& a, const Tensor& b) {

@@ -141,11 +141,15 @@ inline void add(const float* a, const float* b, float* out, int64_t n) {
 
 // out = ((terms[0] + terms[1]) + terms[2]) + ... over n elements (count >= 1 arrays): the sums of
 // add chained left to right, in one pass.
-inline void sum_of(const float* const* terms, int64_t count, float* out, int64_t n) {
+inline void sum_of(const float* const* terms, int64_t count, float* out, int64_t n,
+                   float* prefix_out, int64_t prefix) {
   for_each_chunk(n, [&](int64_t first, int64_t length) {
     for (int64_t i = first; i < first + length; ++i) {
       float sum = terms[0][i];
-      for (int64_t j = 1; j < count; ++j) sum += terms[j][i];
+      for (int64_t j = 1; j < count; ++j) {
+        sum += terms[j][i];
+        if (prefix_out && j + 1 == prefix) prefix_out[i] = sum;
+      }
       out[i] = sum;
     }
   });

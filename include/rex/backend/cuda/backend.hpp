@@ -166,8 +166,10 @@ struct CudaBackend {
   void (*add_pairs)(const AddPair* host_pairs, int64_t count);
   // out = ((terms[0] + terms[1]) + terms[2]) + ... over n elements, for `count` >= 1 arrays whose
   // device pointers host_terms holds: binary's adds chained left to right (their bits), in one
-  // launch per kSumTermsPerLaunch terms.
-  void (*sum_of)(const float* const* host_terms, int64_t count, float* out, int64_t n);
+  // launch per kSumTermsPerLaunch terms. With prefix_out, the chain's sum of the first `prefix`
+  // terms (2 <= prefix < count) is written there too.
+  void (*sum_of)(const float* const* host_terms, int64_t count, float* out, int64_t n,
+                 float* prefix_out, int64_t prefix);
   // out = cond != 0 ? a : b; cond is f32 or i32 (cond_is_i32); strides[0..2] for cond, a, b.
   void (*select)(const void* cond, bool cond_is_i32, const float* a, const float* b, float* out,
                  const CudaBroadcast& index);
