@@ -76,10 +76,6 @@ class CausalSelfAttention : public Module {
         !cache || (batch == 1 && (past == 0 || time == 1)),
         "CausalSelfAttention: a KV cache takes one sequence, and one token once filled; got x ",
         x.shape(), " after ", past, " cached tokens");
-    // [B, T, n, D] -> [B, n, T, D], the cache's order (with T = 1 the same order of elements).
-    auto heads_first = [&](const Tensor& t, int64_t n) {
-      return time == 1 ? reshape(t, {batch, n, 1, head_dim_}) : permute(t, {0, 2, 1, 3});
-    };
     if (!cache) {  // q and k rotated into one tensor, which attention reads as it is
       const Tensor q_raw = q->forward(x), k_raw = k->forward(x);
       const Tensor qk = rope_qk(q_raw, k_raw, heads_, kv_heads_, rope_theta_);
@@ -87,6 +83,10 @@ class CausalSelfAttention : public Module {
       return o->forward(
           reshape(causal_attention_packed(qk, vh, heads_), {batch, time, heads_ * head_dim_}));
     }
+    // [B, T, n, D] -> [B, n, T, D], the cache's order (with T = 1 the same order of elements).
+    auto heads_first = [&](const Tensor& t, int64_t n) {
+      return time == 1 ? reshape(t, {batch, n, 1, head_dim_}) : permute(t, {0, 2, 1, 3});
+    };
     const Tensor qh = rope_heads(q->forward(x), heads_, rope_theta_, past);
     const Tensor kh = rope_heads(k->forward(x), kv_heads_, rope_theta_, past);
     const Tensor vh = reshape(v->forward(x), {batch, time, kv_heads_, head_dim_});
